@@ -1,0 +1,294 @@
+"""The Canvalo chat backend: routes, lifespan and error handling in one place.
+
+A request enters through the middleware in ``web/`` (request id and access log, CORS, body limit), reaches one of
+the route functions below, which parse input (``web/inputs.py``), identify the caller (``services/auth.py``) and
+call one service (``services/``). Long-lived resources (the store, the model client) are created in ``lifespan``
+and reach routes through ``request.state``. Every non-2xx response is the envelope from ``errors.AppError.body``.
+
+Run it with ``python app.py`` or ``uvicorn app:app``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator
+from typing import Any, TypedDict
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from errors import AppError, MethodNotAllowed, NotFound
+from services.agents import SUPERVISOR, Assistant
+from services.auth import Authenticator, TrustClaimedUser
+from services.chat import ChatService, chunk
+from services.local_model import LocalModel
+from services.model import ChatModel
+from services.sqlite_store import SQLiteStore
+from services.store import Caller, Store
+from settings import ConfigError, Settings
+from web import inputs
+from web.middleware import BodyLimit, RequestContext
+from web.sse import EventStreamResponse
+
+SERVICE_NAME = "Canvalo Multi-Agent Chat API"
+VERSION = "2.0.0"
+
+logger = logging.getLogger("canvalo")
+
+
+class State(TypedDict):
+    settings: Settings
+    store: Store
+    model: ChatModel
+    auth: Authenticator
+    chat: ChatService
+
+
+# -- routes -------------------------------------------------------------------------------------------------------
+
+
+async def root(request: Request) -> Response:
+    return JSONResponse({"status": "ok", "service": SERVICE_NAME, "version": VERSION})
+
+
+async def health(request: Request) -> Response:
+    """Probes the store; says which store, model provider and auth mode are active. Nothing secret."""
+    settings: Settings = request.state.settings
+    model: ChatModel = request.state.model
+    store_ok = await _store_reachable(request.state.store)
+    body = {
+        "status": "healthy" if store_ok else "unhealthy",
+        "service": SERVICE_NAME,
+        "version": VERSION,
+        "environment": settings.environment,
+        "store": {"kind": request.state.store.kind, "reachable": store_ok},
+        "model": {
+            "provider": model.provider,
+            "model_id": model.model_id,
+            "configured": True,
+            "is_llm": model.is_llm,
+            "note": "an Amazon Bedrock model" if model.is_llm else "built-in deterministic responder, not an LLM",
+        },
+        "auth": {"mode": request.state.auth.mode},
+        # The earlier service's keys, kept for existing dashboards and probes.
+        "supabase_configured": bool(settings.supabase_url),
+        "bedrock_model": settings.bedrock_model_id if model.is_llm else None,
+    }
+    return JSONResponse(body, status_code=200 if store_ok else 503)
+
+
+async def chat_stream(request: Request) -> Response:
+    chat = inputs.chat_input(await inputs.json_body(request))
+    caller = await _caller(request, chat.user_id)
+    turn = await request.state.chat.start_turn(caller, chat.conversation_id, chat.message)
+    return EventStreamResponse(  # type: ignore[return-value]
+        turn.chunks(),
+        ping_interval=request.state.settings.heartbeat_seconds,
+        shutdown_chunk=SHUTDOWN_CHUNK,
+    )
+
+
+async def list_conversations(request: Request) -> Response:
+    caller = await _caller(request, inputs.query_uuid(request, "user_id"))
+    limit = inputs.query_int(request, "limit", 50, 1, 100)
+    offset = inputs.query_int(request, "offset", 0, 0)
+    page = await request.state.store.list_conversations(caller, limit, offset)
+    return JSONResponse(
+        {
+            "conversations": [c.to_json() for c in page.conversations],
+            "total": page.total,
+            "limit": limit,
+            "offset": offset,
+            "has_more": offset + len(page.conversations) < page.total,
+        }
+    )
+
+
+async def create_conversation(request: Request) -> Response:
+    body = await inputs.json_body(request)
+    caller = await _caller(request, inputs.uuid_value(inputs.required(body, "user_id"), "user_id"))
+    conversation = await request.state.store.create_conversation(caller, inputs.title_value(body))
+    return JSONResponse(conversation.to_json(), status_code=201)
+
+
+async def get_conversation(request: Request) -> Response:
+    conversation_id = inputs.uuid_value(request.path_params["conversation_id"], "conversation_id")
+    caller = await _caller(request, inputs.query_uuid(request, "user_id"))
+    limit = inputs.query_int(request, "message_limit", 100, 1, 500)
+    offset = inputs.query_int(request, "message_offset", 0, 0)
+    store: Store = request.state.store
+    conversation = await store.get_conversation(caller, conversation_id)
+    messages = await store.list_messages(caller, conversation_id, limit, offset)
+    return JSONResponse({**conversation.to_json(), "messages": [m.to_json() for m in messages]})
+
+
+async def delete_conversation(request: Request) -> Response:
+    conversation_id = inputs.uuid_value(request.path_params["conversation_id"], "conversation_id")
+    caller = await _caller(request, inputs.query_uuid(request, "user_id"))
+    await request.state.store.delete_conversation(caller, conversation_id)
+    return JSONResponse({"status": "deleted", "conversation_id": conversation_id})
+
+
+async def _caller(request: Request, claimed_user_id: str) -> Caller:
+    auth: Authenticator = request.state.auth
+    return await auth.authenticate(request.headers.get("authorization"), claimed_user_id)
+
+
+async def _store_reachable(store: Store) -> bool:
+    with anyio.move_on_after(3):
+        try:
+            await store.ping()
+        except AppError:
+            return False
+        return True
+    return False
+
+
+SHUTDOWN_CHUNK = chunk(
+    "error",
+    SUPERVISOR,
+    error="The server is restarting. Please send your message again.",
+    code="SERVER_SHUTTING_DOWN",
+    retryable=True,
+)
+
+# -- errors -------------------------------------------------------------------------------------------------------
+
+
+async def app_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, AppError)
+    headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after is not None else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 (unknown route) and 405 (wrong method), in our envelope."""
+    assert isinstance(exc, HTTPException)
+    error: AppError = MethodNotAllowed() if exc.status_code == 405 else NotFound()
+    if exc.status_code not in (404, 405):
+        error = AppError(f"HTTP {exc.status_code}.", code=f"HTTP_{exc.status_code}", retryable=False)
+        error.status = exc.status_code
+    return JSONResponse(error.body(), status_code=error.status, headers=exc.headers)
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    """An unexpected exception: a generic 500, never the exception text (uvicorn logs the traceback)."""
+    error = AppError()
+    return JSONResponse(error.body(), status_code=500)
+
+
+routes = [
+    Route("/", root, methods=["GET"]),
+    Route("/health", health, methods=["GET"]),
+    Route("/api/chat/stream", chat_stream, methods=["POST"]),
+    Route("/api/conversations", list_conversations, methods=["GET"]),
+    Route("/api/conversations", create_conversation, methods=["POST"]),
+    Route("/api/conversations/{conversation_id}", get_conversation, methods=["GET"]),
+    Route("/api/conversations/{conversation_id}", delete_conversation, methods=["DELETE"]),
+]
+
+exception_handlers: dict[Any, Any] = {AppError: app_error, HTTPException: http_error, Exception: server_error}
+
+
+# -- wiring -------------------------------------------------------------------------------------------------------
+
+
+def build_store(settings: Settings) -> Store:
+    return SQLiteStore(settings.sqlite_path)
+
+
+def build_model(settings: Settings) -> ChatModel:
+    return LocalModel(token_delay=settings.local_token_delay)
+
+
+def build_auth(settings: Settings) -> Authenticator:
+    return TrustClaimedUser()
+
+
+def create_app(settings: Settings | None = None, *, model: ChatModel | None = None) -> Starlette:
+    """Build the app. ``model`` replaces the configured provider (tests pass scripted models this way)."""
+    settings = settings or Settings.from_environ(os.environ)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[State]:
+        store, auth = build_store(settings), build_auth(settings)
+        chat_model = model or build_model(settings)
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(store.aclose)
+            stack.push_async_callback(chat_model.aclose)
+            stack.push_async_callback(auth.aclose)
+            await store.open()  # type: ignore[attr-defined]
+            chat = ChatService(
+                store, Assistant(chat_model), settings.history_max_messages, settings.history_token_budget
+            )
+            logger.info(
+                "Started: store=%s model=%s auth=%s environment=%s",
+                store.kind,
+                chat_model.provider,
+                auth.mode,
+                settings.environment,
+            )
+            yield {"settings": settings, "store": store, "model": chat_model, "auth": auth, "chat": chat}
+
+    middleware = [
+        Middleware(RequestContext),
+        Middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            # Credentials with a wildcard origin would let any site act as the user; never combine them.
+            allow_credentials="*" not in settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        ),
+        Middleware(BodyLimit, max_bytes=settings.max_request_bytes),
+    ]
+    return Starlette(routes=routes, middleware=middleware, exception_handlers=exception_handlers, lifespan=lifespan)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+
+
+def _load_settings() -> Settings:
+    try:
+        return Settings.from_environ(os.environ)
+    except ConfigError as exc:
+        print(f"canvalo: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def __getattr__(name: str) -> Starlette:
+    """``uvicorn app:app`` builds the app on first access, so importing this module reads no environment."""
+    if name != "app":
+        raise AttributeError(name)
+    settings = _load_settings()
+    configure_logging(settings.log_level)
+    application = create_app(settings)
+    globals()["app"] = application
+    return application
+
+
+if __name__ == "__main__":
+    import uvicorn
+
+    settings = _load_settings()
+    configure_logging(settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_level=settings.log_level.lower(),
+        access_log=False,  # RequestContext logs each request without the query string (it holds user ids)
+        # After this grace period uvicorn cancels open streams; each then ends with a retryable error chunk.
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
+    )

@@ -1,0 +1,206 @@
+"""The service's one error hierarchy and the one JSON envelope every non-2xx response uses.
+
+    AppError                      500 INTERNAL_ERROR
+    ├── BadRequest                400 (malformed JSON, ...)
+    ├── Unauthorized              401 (MISSING_TOKEN, MALFORMED_TOKEN, INVALID_TOKEN, EXPIRED_TOKEN)
+    ├── Forbidden                 403 (USER_ID_MISMATCH)
+    ├── NotFound                  404
+    ├── MethodNotAllowed          405
+    ├── PayloadTooLarge           413
+    ├── UnsupportedMediaType      415
+    ├── ValidationFailed          422 (missing fields, bad ids, out-of-range values)
+    ├── RateLimited               429 (RATE_LIMIT_EXCEEDED, carries retry_after)
+    └── UpstreamError             502 (a dependency answered with something we cannot use)
+        ├── UpstreamUnavailable   503 (connection refused, 5xx, throttled: worth retrying)
+        └── UpstreamTimeout       504 (no answer in time: worth retrying)
+
+Services raise only these. Foreign exceptions (httpx, botocore, sqlite3) are translated once, at the boundary
+that calls the foreign library, with ``raise Ours(...) from exc``. ``message`` is a safe technical summary written
+by us: exception text from libraries, SQL, file paths and stack traces never reach a client.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AppError(Exception):
+    """Base class: an error the service expected and knows how to explain."""
+
+    status = 500
+    code = "INTERNAL_ERROR"
+    message = "An internal error occurred."
+    user_message = "Something went wrong on our side. Please try again."
+    suggested_actions: tuple[str, ...] = ("Try again", "Contact support if the problem persists")
+    retryable = True
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        code: str | None = None,
+        user_message: str | None = None,
+        suggested_actions: tuple[str, ...] | None = None,
+        retryable: bool | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        # Instance values shadow the class defaults only where given, so subclasses stay declarative.
+        if message is not None:
+            self.message = message
+        if code is not None:
+            self.code = code
+        if user_message is not None:
+            self.user_message = user_message
+        if suggested_actions is not None:
+            self.suggested_actions = suggested_actions
+        if retryable is not None:
+            self.retryable = retryable
+        self.retry_after = retry_after
+        super().__init__(self.message)
+
+    def body(self) -> dict[str, Any]:
+        """The envelope: ``{"error": {code, message, userMessage, suggestedActions, retryable[, retryAfter]}}``.
+
+        Callers may add keys inside ``error`` but must never remove these five; the frontend relies on them.
+        """
+        error: dict[str, Any] = {
+            "code": self.code,
+            "message": self.message,
+            "userMessage": self.user_message,
+            "suggestedActions": list(self.suggested_actions),
+            "retryable": self.retryable,
+        }
+        if self.retry_after is not None:
+            error["retryAfter"] = max(1, round(self.retry_after))
+        return {"error": error}
+
+
+class BadRequest(AppError):
+    """The request could not be read at all (malformed JSON, unreadable body)."""
+
+    status = 400
+    code = "BAD_REQUEST"
+    message = "The request could not be read."
+    user_message = "Your request could not be processed. Please try again."
+    suggested_actions = ("Check the request format",)
+    retryable = False
+
+
+class Unauthorized(AppError):
+    """No usable credentials: missing, malformed, invalid or expired token."""
+
+    status = 401
+    code = "INVALID_TOKEN"
+    message = "Authentication failed."
+    user_message = "Your session is invalid. Please log in again."
+    suggested_actions = ("Log in again",)
+    retryable = False
+
+
+class Forbidden(AppError):
+    """Credentials are valid but do not allow this request."""
+
+    status = 403
+    code = "FORBIDDEN"
+    message = "This request is not allowed."
+    user_message = "You are not authorized to perform this action."
+    suggested_actions = ("Log in with the right account",)
+    retryable = False
+
+
+class NotFound(AppError):
+    """The resource does not exist or belongs to someone else (the two are deliberately indistinguishable)."""
+
+    status = 404
+    code = "NOT_FOUND"
+    message = "The requested resource was not found."
+    user_message = "We couldn't find what you were looking for."
+    suggested_actions = ("Check the link or refresh the list",)
+    retryable = False
+
+
+class MethodNotAllowed(AppError):
+    """The route exists but not for this HTTP method."""
+
+    status = 405
+    code = "METHOD_NOT_ALLOWED"
+    message = "This method is not allowed on this route."
+    user_message = "This action is not supported."
+    suggested_actions = ("Check the API documentation",)
+    retryable = False
+
+
+class PayloadTooLarge(AppError):
+    """The request body is larger than MAX_REQUEST_BYTES."""
+
+    status = 413
+    code = "PAYLOAD_TOO_LARGE"
+    message = "The request body is too large."
+    user_message = "Your request is too large. Please send something shorter."
+    suggested_actions = ("Try a shorter message",)
+    retryable = False
+
+
+class UnsupportedMediaType(AppError):
+    """The request body is not JSON."""
+
+    status = 415
+    code = "UNSUPPORTED_MEDIA_TYPE"
+    message = "The request body must be application/json."
+    user_message = "Your request could not be processed. Please try again."
+    suggested_actions = ("Send the body as application/json",)
+    retryable = False
+
+
+class ValidationFailed(AppError):
+    """The request was readable but a field is missing, malformed or out of range."""
+
+    status = 422
+    code = "VALIDATION_ERROR"
+    message = "The request is invalid."
+    user_message = "Some of the information sent was not valid. Please check it and try again."
+    suggested_actions = ("Check your input and try again",)
+    retryable = False
+
+
+class RateLimited(AppError):
+    """The caller exceeded a per-user limit; ``retry_after`` says when to come back."""
+
+    status = 429
+    code = "RATE_LIMIT_EXCEEDED"
+    message = "Too many requests."
+    user_message = "You've made too many requests. Please wait a moment."
+    suggested_actions = ("Wait a moment before trying again", "Reduce the frequency of your requests")
+    retryable = True
+
+
+class UpstreamError(AppError):
+    """A dependency (model or database) answered with something we cannot use; retrying will not help."""
+
+    status = 502
+    code = "UPSTREAM_ERROR"
+    message = "A service we depend on returned an error."
+    user_message = "The assistant couldn't complete your request. Please try again."
+    retryable = False
+
+
+class UpstreamUnavailable(UpstreamError):
+    """A dependency is down, overloaded or throttling: worth retrying after a pause."""
+
+    status = 503
+    code = "SERVICE_UNAVAILABLE"
+    message = "A service we depend on is unavailable."
+    user_message = "The service is temporarily unavailable. Please try again in a moment."
+    suggested_actions = ("Try again in a moment", "Contact support if the problem persists")
+    retryable = True
+
+
+class UpstreamTimeout(UpstreamError):
+    """A dependency did not answer in time: worth retrying."""
+
+    status = 504
+    code = "TIMEOUT"
+    message = "A service we depend on did not answer in time."
+    user_message = "The request took too long. Please try again."
+    suggested_actions = ("Try again in a moment", "Try a shorter or simpler request")
+    retryable = True

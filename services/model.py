@@ -1,0 +1,66 @@
+"""The interface between the agents and a language model, shaped after Bedrock's Converse API.
+
+A ``ModelRequest`` holds a system prompt, Converse-format ``messages`` (alternating user/assistant turns whose
+content blocks are ``{"text"}``, ``{"toolUse"}`` or ``{"toolResult"}``) and Converse ``toolSpec`` entries. A model
+streams ``ModelEvent`` values: text as it arrives, complete tool calls, usage, and exactly one ``Stop``. Both
+providers speak this interface: ``LocalModel`` (built in, deterministic, not an LLM) and ``BedrockModel``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolUse:
+    tool_use_id: str
+    name: str
+    input: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    input_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """Converse stop reasons: end_turn, tool_use, max_tokens, stop_sequence, guardrail_intervened, content_filtered."""
+
+    reason: str
+
+
+ModelEvent = TextDelta | ToolUse | Usage | Stop
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRequest:
+    system: str
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] = field(default_factory=list)
+
+
+class ChatModel(Protocol):
+    provider: str
+    model_id: str
+    is_llm: bool
+
+    def stream(self, request: ModelRequest) -> AsyncIterator[ModelEvent]:
+        """Stream one model call. Raises ``errors.AppError`` subclasses only."""
+        ...
+
+    async def aclose(self) -> None:
+        ...
+
+
+def estimate_tokens(text: str) -> int:
+    """A cheap, provider-neutral estimate (about four characters a token) for budgets, never for billing."""
+    return len(text) // 4 + 1

@@ -1,0 +1,303 @@
+"""The embedded store: SQLite from the standard library, on a small thread pool of its own.
+
+sqlite3 calls block, so each runs on one of ``workers`` threads that each hold their own connection (a sqlite3
+connection must stay on the thread that made it); the event loop only awaits the result. WAL mode lets readers
+proceed while one writer writes. Writes use ``BEGIN IMMEDIATE`` so two writers queue on ``busy_timeout`` instead of
+deadlocking on a lock upgrade. Every query is scoped to the caller's ``user_id``.
+
+The schema is migrated at startup from ``MIGRATIONS``; ``PRAGMA user_version`` records how far a file has come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from errors import NotFound, UpstreamError, UpstreamUnavailable
+from services.store import Caller, Conversation, Message, NewMessage, Page, utc_now
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MIGRATIONS: list[str] = [
+    # 1: conversations and messages, compatible with the earlier service's agent_conversations/agent_messages.
+    """
+    CREATE TABLE agent_conversations (
+        id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        title TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        last_message_at TEXT,
+        message_count INTEGER NOT NULL DEFAULT 0,
+        metadata TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX idx_agent_conversations_user_activity ON agent_conversations (user_id, updated_at DESC, id);
+    CREATE TABLE agent_messages (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        conversation_id TEXT NOT NULL REFERENCES agent_conversations (id) ON DELETE CASCADE,
+        role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+        content TEXT NOT NULL,
+        agent_type TEXT,
+        metadata TEXT NOT NULL DEFAULT '{}',
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX idx_agent_messages_conversation ON agent_messages (conversation_id, seq);
+    -- Keeps the list order (most recent activity first) and the counters right without a second round trip.
+    CREATE TRIGGER agent_messages_touch_conversation AFTER INSERT ON agent_messages
+    BEGIN
+        UPDATE agent_conversations
+           SET updated_at = NEW.created_at, last_message_at = NEW.created_at, message_count = message_count + 1
+         WHERE id = NEW.conversation_id;
+    END;
+    """,
+]
+
+_CONVERSATION_COLUMNS = "id, user_id, title, created_at, updated_at, last_message_at, message_count, metadata"
+_MESSAGE_COLUMNS = "id, conversation_id, role, content, agent_type, metadata, created_at"
+
+
+class SQLiteStore:
+    kind = "sqlite"
+
+    def __init__(self, path: str, workers: int = 4) -> None:
+        self._path = path
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sqlite")
+
+    async def open(self) -> None:
+        """Create the directory and the schema; called once from the app's lifespan."""
+        directory = os.path.dirname(os.path.abspath(self._path))
+        await self._run(lambda db: os.makedirs(directory, exist_ok=True))
+        await self._run(self._migrate)
+
+    async def aclose(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._shutdown)
+
+    def _shutdown(self) -> None:
+        self._executor.shutdown(wait=True)
+        with self._connections_lock:
+            for connection in self._connections:
+                connection.close()
+            self._connections.clear()
+
+    # -- plumbing ----------------------------------------------------------------------------------------------
+
+    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work`` on a store thread. A cancelled caller does not stop a write already under way."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._call, work)
+
+    def _call(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        with _sqlite_errors():
+            return work(self._connection())
+
+    def _connection(self) -> sqlite3.Connection:
+        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self._path)), exist_ok=True)
+            # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE) where a write needs one.
+            # check_same_thread=False only so _shutdown can close it; it is otherwise used by this thread alone.
+            connection = sqlite3.connect(self._path, isolation_level=None, timeout=5.0, check_same_thread=False)
+            connection.row_factory = sqlite3.Row
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.execute("PRAGMA synchronous = NORMAL")
+            connection.execute("PRAGMA foreign_keys = ON")
+            connection.execute("PRAGMA busy_timeout = 5000")
+            self._local.connection = connection
+            with self._connections_lock:
+                self._connections.append(connection)
+        return connection
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            logger.info("Applying SQLite migration %d", number)
+            db.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {number}; COMMIT;")
+
+    # -- conversations -----------------------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        """Open the file afresh (read-write, never create) so a lost volume shows up, not a cached handle."""
+
+        def work(db: sqlite3.Connection) -> None:
+            probe = sqlite3.connect(f"file:{os.path.abspath(self._path)}?mode=rw", uri=True, timeout=2.0)
+            try:
+                probe.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            finally:
+                probe.close()
+
+        await self._run(work)
+
+    async def list_conversations(self, caller: Caller, limit: int, offset: int) -> Page:
+        def work(db: sqlite3.Connection) -> Page:
+            total = db.execute("SELECT count(*) FROM agent_conversations WHERE user_id = ?", (caller.user_id,))
+            rows = db.execute(
+                f"SELECT {_CONVERSATION_COLUMNS} FROM agent_conversations WHERE user_id = ?"
+                " ORDER BY updated_at DESC, id LIMIT ? OFFSET ?",
+                (caller.user_id, limit, offset),
+            )
+            return Page([_conversation(r) for r in rows.fetchall()], total.fetchone()[0])
+
+        return await self._run(work)
+
+    async def create_conversation(
+        self, caller: Caller, title: str | None, conversation_id: str | None = None
+    ) -> Conversation:
+        new_id = conversation_id or str(uuid.uuid4())
+
+        def work(db: sqlite3.Connection) -> Conversation:
+            now = utc_now()
+            db.execute(
+                f"INSERT INTO agent_conversations ({_CONVERSATION_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL, 0, '{{}}')",
+                (new_id, caller.user_id, title, now, now),
+            )
+            return _fetch_conversation(db, caller, new_id)
+
+        return await self._run(work)
+
+    async def get_conversation(self, caller: Caller, conversation_id: str) -> Conversation:
+        return await self._run(lambda db: _fetch_conversation(db, caller, conversation_id))
+
+    async def ensure_conversation(self, caller: Caller, conversation_id: str, title: str) -> Conversation:
+        def work(db: sqlite3.Connection) -> Conversation:
+            now = utc_now()
+            # INSERT OR IGNORE is atomic: a concurrent first turn on the same new id cannot create it twice,
+            # and an id owned by someone else is left untouched (the scoped fetch then says NotFound).
+            db.execute(
+                f"INSERT OR IGNORE INTO agent_conversations ({_CONVERSATION_COLUMNS})"
+                " VALUES (?, ?, ?, ?, ?, NULL, 0, '{}')",
+                (conversation_id, caller.user_id, title, now, now),
+            )
+            return _fetch_conversation(db, caller, conversation_id)
+
+        return await self._run(work)
+
+    async def delete_conversation(self, caller: Caller, conversation_id: str) -> None:
+        def work(db: sqlite3.Connection) -> int:
+            cursor = db.execute(
+                "DELETE FROM agent_conversations WHERE id = ? AND user_id = ?", (conversation_id, caller.user_id)
+            )
+            return cursor.rowcount
+
+        if await self._run(work) == 0:
+            raise NotFound("Conversation not found.", code="CONVERSATION_NOT_FOUND")
+
+    # -- messages ----------------------------------------------------------------------------------------------
+
+    async def list_messages(self, caller: Caller, conversation_id: str, limit: int, offset: int) -> list[Message]:
+        def work(db: sqlite3.Connection) -> list[Message]:
+            _fetch_conversation(db, caller, conversation_id)
+            rows = db.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM agent_messages WHERE conversation_id = ?"
+                " ORDER BY seq LIMIT ? OFFSET ?",
+                (conversation_id, limit, offset),
+            )
+            return [_message(r) for r in rows.fetchall()]
+
+        return await self._run(work)
+
+    async def recent_messages(self, caller: Caller, conversation_id: str, limit: int) -> list[Message]:
+        def work(db: sqlite3.Connection) -> list[Message]:
+            _fetch_conversation(db, caller, conversation_id)
+            rows = db.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM agent_messages WHERE conversation_id = ? ORDER BY seq DESC LIMIT ?",
+                (conversation_id, limit),
+            )
+            return [_message(r) for r in reversed(rows.fetchall())]
+
+        return await self._run(work)
+
+    async def add_message(self, caller: Caller, message: NewMessage) -> Message:
+        def work(db: sqlite3.Connection) -> Message:
+            with _transaction(db):
+                _fetch_conversation(db, caller, message.conversation_id)
+                # OR IGNORE on the client-generated id makes a retried insert a no-op instead of a duplicate.
+                db.execute(
+                    f"INSERT OR IGNORE INTO agent_messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        message.id,
+                        message.conversation_id,
+                        message.role,
+                        message.content,
+                        message.agent_type,
+                        json.dumps(message.metadata),
+                        utc_now(),
+                    ),
+                )
+                row = db.execute(f"SELECT {_MESSAGE_COLUMNS} FROM agent_messages WHERE id = ?", (message.id,))
+                return _message(row.fetchone())
+
+        return await self._run(work)
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+@contextlib.contextmanager
+def _sqlite_errors() -> Iterator[None]:
+    """Translate sqlite3 errors at the boundary; their text (SQL, paths) goes to the log, never to a client."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        logger.error("SQLite operational error: %s", exc)
+        raise UpstreamUnavailable("The database is unavailable.", code="STORE_UNAVAILABLE") from exc
+    except sqlite3.Error as exc:
+        logger.error("SQLite error: %s", exc)
+        raise UpstreamError("The database rejected the request.", code="STORE_ERROR") from exc
+
+
+def _fetch_conversation(db: sqlite3.Connection, caller: Caller, conversation_id: str) -> Conversation:
+    row = db.execute(
+        f"SELECT {_CONVERSATION_COLUMNS} FROM agent_conversations WHERE id = ? AND user_id = ?",
+        (conversation_id, caller.user_id),
+    ).fetchone()
+    if row is None:
+        raise NotFound("Conversation not found.", code="CONVERSATION_NOT_FOUND")
+    return _conversation(row)
+
+
+def _conversation(row: sqlite3.Row) -> Conversation:
+    return Conversation(
+        id=row["id"],
+        user_id=row["user_id"],
+        title=row["title"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        last_message_at=row["last_message_at"],
+        message_count=row["message_count"],
+        metadata=json.loads(row["metadata"]),
+    )
+
+
+def _message(row: sqlite3.Row) -> Message:
+    return Message(
+        id=row["id"],
+        conversation_id=row["conversation_id"],
+        role=row["role"],
+        content=row["content"],
+        agent_type=row["agent_type"],
+        metadata=json.loads(row["metadata"]),
+        created_at=row["created_at"],
+    )

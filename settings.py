@@ -1,0 +1,166 @@
+"""Settings: one typed, immutable object read from the environment once, at startup.
+
+Every field maps to the environment variable of the same name in upper case (``api_port`` is ``API_PORT``).
+``Settings.from_environ`` parses and checks every value and raises ``ConfigError`` naming the variable, so a
+misconfigured deployment stops at startup instead of failing on the first request. Secrets are held in
+``starlette.datastructures.Secret`` so ``repr(settings)`` and tracebacks never show them.
+
+README.md documents every field; ``tests/test_settings.py`` fails when one is missing there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from starlette.datastructures import Secret
+
+Environment = Literal["development", "production"]
+LLMProvider = Literal["local", "bedrock"]
+StoreKind = Literal["sqlite", "supabase"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+DEFAULT_CORS_ORIGINS = (
+    "http://localhost:3000",
+    "http://localhost:5173",
+    "http://127.0.0.1:3000",
+    "http://127.0.0.1:5173",
+)
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message names the variable and never echoes a secret."""
+
+
+def _secret(default: str = "") -> Secret:
+    return field(default_factory=lambda: Secret(default))
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Service
+    environment: Environment = "development"
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    log_level: LogLevel = "INFO"
+    cors_origins: tuple[str, ...] = DEFAULT_CORS_ORIGINS
+    max_request_bytes: int = 262_144
+    shutdown_grace_seconds: float = 20.0
+
+    # Storage
+    store: StoreKind = "sqlite"
+    sqlite_path: str = "./data/canvalo.db"
+    supabase_url: str = ""
+    supabase_schema: str = "api"
+    supabase_publishable_key: Secret = _secret()
+    supabase_anon_key: Secret = _secret()
+    supabase_jwt_secret: Secret = _secret()
+
+    # Model
+    llm_provider: LLMProvider = "local"
+    local_token_delay: float = 0.02
+    aws_region: str = "us-east-1"
+    bedrock_model_id: str = "amazon.nova-lite-v1:0"
+    bedrock_endpoint_url: str = ""
+    bedrock_max_tokens: int = 2048
+    bedrock_temperature: float = 0.3
+    bedrock_connect_timeout: float = 5.0
+    bedrock_first_event_timeout: float = 30.0
+    bedrock_idle_timeout: float = 30.0
+
+    # Chat turn
+    history_max_messages: int = 50
+    history_token_budget: int = 12_000
+    heartbeat_seconds: float = 15.0
+
+    # Retry (the seed's "exponential backoff, 3 attempts")
+    max_retry_attempts: int = 3
+    retry_base_delay: float = 0.5
+    retry_max_delay: float = 4.0
+    retry_max_total: float = 10.0
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> Settings:
+        """Build settings from an environment mapping; tests pass a plain dict instead of patching os.environ."""
+        hints = typing.get_type_hints(cls)
+        values: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f.name.upper())
+            if raw is not None and raw.strip() != "":
+                values[f.name] = _parse(f.name.upper(), raw.strip(), hints[f.name])
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Cross-field checks; each problem is named so an operator can fix all of them in one pass."""
+        problems = [p for p in self._range_problems() + self._production_problems() if p]
+        if problems:
+            raise ConfigError("Invalid configuration: " + "; ".join(problems))
+
+    def _range_problems(self) -> list[str]:
+        checks = [
+            (1 <= self.api_port <= 65535, "API_PORT must be between 1 and 65535"),
+            (self.max_request_bytes >= 16_384, "MAX_REQUEST_BYTES must be at least 16384"),
+            (self.max_retry_attempts >= 1, "MAX_RETRY_ATTEMPTS must be at least 1"),
+            (self.retry_base_delay >= 0, "RETRY_BASE_DELAY must not be negative"),
+            (self.retry_max_delay >= self.retry_base_delay, "RETRY_MAX_DELAY must be at least RETRY_BASE_DELAY"),
+            (self.retry_max_total >= 0, "RETRY_MAX_TOTAL must not be negative"),
+            (0 < self.heartbeat_seconds <= 60, "HEARTBEAT_SECONDS must be in (0, 60]"),
+            (self.history_max_messages >= 1, "HISTORY_MAX_MESSAGES must be at least 1"),
+            (self.history_token_budget >= 500, "HISTORY_TOKEN_BUDGET must be at least 500"),
+            (self.local_token_delay >= 0, "LOCAL_TOKEN_DELAY must not be negative"),
+            (self.shutdown_grace_seconds >= 0, "SHUTDOWN_GRACE_SECONDS must not be negative"),
+            (self.bedrock_max_tokens >= 1, "BEDROCK_MAX_TOKENS must be at least 1"),
+            (0 <= self.bedrock_temperature <= 1, "BEDROCK_TEMPERATURE must be in [0, 1]"),
+            ("*" not in self.cors_origins or len(self.cors_origins) == 1, "CORS_ORIGINS cannot mix * with origins"),
+        ]
+        return [message for ok, message in checks if not ok]
+
+    def _production_problems(self) -> list[str]:
+        if self.environment != "production":
+            return []
+        problems = []
+        if not self.auth_enabled:
+            problems.append("ENVIRONMENT=production requires authentication: set SUPABASE_JWT_SECRET or SUPABASE_URL")
+        if self.store == "supabase" and not self.supabase_url:
+            problems.append("STORE=supabase requires SUPABASE_URL")
+        if self.store == "supabase" and not self.publishable_key:
+            problems.append("STORE=supabase requires SUPABASE_PUBLISHABLE_KEY (or the legacy SUPABASE_ANON_KEY)")
+        return problems
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(str(self.supabase_jwt_secret)) or bool(self.supabase_url)
+
+    @property
+    def publishable_key(self) -> str:
+        return str(self.supabase_publishable_key) or str(self.supabase_anon_key)
+
+
+def _parse(name: str, raw: str, kind: object) -> object:
+    """Cast one raw environment value to the field's type, naming the variable (never the value) on failure."""
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        choices = typing.get_args(kind)
+        value = raw.upper() if all(c.isupper() for c in choices) else raw.lower()
+        if value not in choices:
+            raise ConfigError(f"{name} must be one of: {', '.join(choices)}")
+        return value
+    if origin is tuple:
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
+    if kind is Secret:
+        return Secret(raw)
+    if kind is bool:
+        if raw.lower() not in ("true", "1", "false", "0"):
+            raise ConfigError(f"{name} must be true, false, 1 or 0")
+        return raw.lower() in ("true", "1")
+    if kind in (int, float):
+        try:
+            return kind(raw)  # type: ignore[operator]
+        except ValueError:
+            raise ConfigError(f"{name} must be a number") from None
+    return raw

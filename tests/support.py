@@ -1,0 +1,103 @@
+"""Test helpers shared by every suite: settings, a real uvicorn server on loopback, and an SSE parser."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+
+from settings import Settings
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def make_settings(tmp_path: Any, **overrides: str) -> Settings:
+    """Settings from an environment dict, as the service reads them; tests never patch os.environ."""
+    environ = {"SQLITE_PATH": str(tmp_path / "canvalo.db"), "LOCAL_TOKEN_DELAY": "0", "LOG_LEVEL": "WARNING"}
+    environ.update(overrides)
+    return Settings.from_environ(environ)
+
+
+@dataclass
+class LiveServer:
+    url: str
+    server: uvicorn.Server
+    thread: threading.Thread = field(repr=False)
+
+
+@contextlib.contextmanager
+def serve(app: Any, *, graceful_timeout: int | None = None) -> Iterator[LiveServer]:
+    """Serve ``app`` with uvicorn on 127.0.0.1 in a thread (the pattern of httpx's and uvicorn's own suites)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=graceful_timeout
+    )
+    server = uvicorn.Server(config)
+    # Signals belong to the main thread; the test drives shutdown through should_exit instead.
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("test server did not start")
+        time.sleep(0.01)
+    try:
+        yield LiveServer(f"http://127.0.0.1:{port}", server, thread)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@dataclass
+class SSEEvent:
+    data: str | None = None
+    comments: list[str] = field(default_factory=list)
+
+    def json(self) -> dict[str, Any]:
+        assert self.data is not None
+        return json.loads(self.data)  # type: ignore[no-any-return]
+
+
+def parse_sse(text: str) -> list[SSEEvent]:
+    """Events in the order sent, following the WHATWG rules we rely on (modelled on httpx-sse's decoder).
+
+    A comment-only block (``: ping``) becomes an event with ``data is None``, so tests can see heartbeats.
+    """
+    events: list[SSEEvent] = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        if not block.strip():
+            continue
+        event = SSEEvent()
+        data_lines = []
+        for line in block.split("\n"):
+            if line.startswith(":"):
+                event.comments.append(line[1:].strip())
+            elif line.startswith("data:"):
+                data_lines.append(line[5:].removeprefix(" "))
+        event.data = "\n".join(data_lines) if data_lines else None
+        events.append(event)
+    return events
+
+
+def chunks(text: str) -> list[dict[str, Any]]:
+    """Only the data events, decoded."""
+    return [event.json() for event in parse_sse(text) if event.data is not None]
+
+
+def streamed_text(items: list[dict[str, Any]]) -> str:
+    return "".join(item["content"] for item in items if item["type"] == "token")

@@ -1,0 +1,106 @@
+"""Pure-ASGI middleware (Starlette documents why ``BaseHTTPMiddleware`` must not wrap streaming responses).
+
+``RequestContext`` gives every request an id (a sane ``X-Request-ID`` from the client or proxy is kept, otherwise
+one is generated), echoes it, adds security headers to non-streaming responses, and writes one log line per request:
+method, route template, status, duration, request id. The query string and body are never logged: they hold user
+ids and message text.
+
+``BodyLimit`` refuses bodies larger than ``max_bytes``, from ``Content-Length`` up front or while reading a
+chunked body, with a 413 in the error envelope.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from errors import PayloadTooLarge
+
+logger = logging.getLogger("canvalo.access")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+    "Cache-Control": "no-store",
+}
+
+
+class RequestContext:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        supplied = Headers(scope=scope).get("x-request-id", "")
+        request_id = supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = MutableHeaders(scope=message)
+                headers["X-Request-ID"] = request_id
+                if not headers.get("content-type", "").startswith("text/event-stream"):
+                    for name, value in SECURITY_HEADERS.items():
+                        headers.setdefault(name, value)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            route = scope.get("route")
+            logger.info(
+                "%s %s %d %.1fms request_id=%s",
+                scope["method"],
+                getattr(route, "path", "<unmatched>"),
+                status,
+                (time.perf_counter() - started) * 1000,
+                request_id,
+            )
+
+
+class BodyLimit:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await _too_large(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise PayloadTooLarge()
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _too_large(scope: Scope, receive: Receive, send: Send) -> None:
+    error = PayloadTooLarge()
+    await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
