@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -15,6 +15,8 @@ from app import create_app  # noqa: E402
 from settings import Settings  # noqa: E402
 from tests.support import make_settings, new_id  # noqa: E402
 
+AuthHeaders = Callable[[str], dict[str, str]]
+
 
 @pytest.fixture
 def anyio_backend() -> str:
@@ -22,8 +24,20 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-def settings(tmp_path: Any) -> Settings:
-    return make_settings(tmp_path)
+def service_env() -> dict[str, str]:
+    """Extra environment for the service under test: the store and auth backends hook in here."""
+    return {}
+
+
+@pytest.fixture
+def auth_headers() -> AuthHeaders:
+    """Headers that authenticate as a user; none while auth is off."""
+    return lambda user_id: {}
+
+
+@pytest.fixture
+def settings(tmp_path: Any, service_env: dict[str, str]) -> Settings:
+    return make_settings(tmp_path, **service_env)
 
 
 @pytest.fixture
