@@ -29,7 +29,7 @@ from starlette.routing import Route
 from errors import AppError, MethodNotAllowed, NotFound
 from services.agents import SUPERVISOR, Assistant
 from services.auth import Authenticator, TrustClaimedUser
-from services.chat import ChatService, chunk
+from services.chat import SAVE_ON_CANCEL_SECONDS, ChatService, chunk
 from services.local_model import LocalModel
 from services.model import ChatModel
 from services.sqlite_store import SQLiteStore
@@ -37,7 +37,7 @@ from services.store import Caller, Store
 from settings import ConfigError, Settings
 from web import inputs
 from web.middleware import BodyLimit, RequestContext
-from web.sse import EventStreamResponse
+from web.sse import EventStreamResponse, OpenStreams
 
 SERVICE_NAME = "Canvalo Multi-Agent Chat API"
 VERSION = "2.0.0"
@@ -51,6 +51,7 @@ class State(TypedDict):
     model: ChatModel
     auth: Authenticator
     chat: ChatService
+    streams: OpenStreams
 
 
 # -- routes -------------------------------------------------------------------------------------------------------
@@ -94,6 +95,7 @@ async def chat_stream(request: Request) -> Response:
         turn.chunks(),
         ping_interval=request.state.settings.heartbeat_seconds,
         shutdown_chunk=SHUTDOWN_CHUNK,
+        tracker=request.state.streams,
     )
 
 
@@ -237,7 +239,17 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
                 auth.mode,
                 settings.environment,
             )
-            yield {"settings": settings, "store": store, "model": chat_model, "auth": auth, "chat": chat}
+            streams = OpenStreams()
+            yield {
+                "settings": settings,
+                "store": store,
+                "model": chat_model,
+                "auth": auth,
+                "chat": chat,
+                "streams": streams,
+            }
+            # Streams cancelled at the end of the grace period are still saving their partial answers.
+            await streams.drain(timeout=SAVE_ON_CANCEL_SECONDS + 5)
 
     middleware = [
         Middleware(RequestContext),

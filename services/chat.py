@@ -166,7 +166,10 @@ class Turn:
         return await self._store.add_message(self._caller, message)
 
     async def _save_quietly(self) -> None:
+        """Save on a failure path, where a second failure must not replace the first (or a cancellation)."""
         try:
             await self._save()
         except AppError as exc:
             logger.error("Could not save the partial assistant message: %s", exc.code)
+        except Exception:
+            logger.exception("Could not save the partial assistant message")

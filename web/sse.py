@@ -62,6 +62,35 @@ def merge_tokens(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return merged
 
 
+class OpenStreams:
+    """Counts streams in flight so shutdown can wait for their cleanup (saving partial answers) to finish.
+
+    uvicorn cancels streams still open when its graceful-shutdown timeout expires and then, without waiting for
+    them, runs the lifespan shutdown that closes the store; the lifespan calls ``drain`` first.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = anyio.Event()
+        self._idle.set()
+
+    def opened(self) -> None:
+        self.count += 1
+        if self._idle.is_set():
+            self._idle = anyio.Event()
+
+    def closed(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def drain(self, timeout: float) -> None:
+        with anyio.move_on_after(timeout):
+            await self._idle.wait()
+        if self.count:
+            logger.warning("%d streams still open at shutdown", self.count)
+
+
 class EventStreamResponse:
     def __init__(
         self,
@@ -69,14 +98,23 @@ class EventStreamResponse:
         *,
         ping_interval: float,
         shutdown_chunk: dict[str, Any],
+        tracker: OpenStreams,
         headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         self._chunks = chunks
         self._ping_interval = ping_interval
         self._shutdown_chunk = shutdown_chunk
+        self._tracker = tracker
         self._headers = SSE_HEADERS + (headers or [])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._tracker.opened()
+        try:
+            await self._stream(receive, send)
+        finally:
+            self._tracker.closed()
+
+    async def _stream(self, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self._headers})
         sender, receiver = anyio.create_memory_object_stream[dict[str, Any]](max_buffer_size=math.inf)
         try:

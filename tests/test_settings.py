@@ -1,0 +1,71 @@
+"""Settings: typed parsing, errors that name the variable, production refusals, and README coverage."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import pytest
+
+from settings import ConfigError, Settings
+
+README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_defaults_run_the_embedded_service() -> None:
+    settings = Settings.from_environ({})
+    assert (settings.environment, settings.store, settings.llm_provider) == ("development", "sqlite", "local")
+    assert settings.max_retry_attempts == 3
+
+
+def test_values_are_cast_to_their_types() -> None:
+    settings = Settings.from_environ(
+        {"API_PORT": "9000", "RETRY_BASE_DELAY": "0.25", "CORS_ORIGINS": "https://a.example, https://b.example",
+         "LLM_PROVIDER": "Bedrock", "LOG_LEVEL": "debug"}
+    )
+    assert settings.api_port == 9000 and settings.retry_base_delay == 0.25
+    assert settings.cors_origins == ("https://a.example", "https://b.example")
+    assert settings.llm_provider == "bedrock" and settings.log_level == "DEBUG"
+
+
+@pytest.mark.parametrize(
+    ("environ", "named"),
+    [
+        ({"API_PORT": "eighty"}, "API_PORT"),
+        ({"API_PORT": "70000"}, "API_PORT"),
+        ({"LLM_PROVIDER": "openai"}, "LLM_PROVIDER"),
+        ({"STORE": "mongo"}, "STORE"),
+        ({"MAX_RETRY_ATTEMPTS": "0"}, "MAX_RETRY_ATTEMPTS"),
+        ({"RETRY_BASE_DELAY": "2", "RETRY_MAX_DELAY": "1"}, "RETRY_MAX_DELAY"),
+        ({"CORS_ORIGINS": "*,https://a.example"}, "CORS_ORIGINS"),
+        ({"ENVIRONMENT": "staging"}, "ENVIRONMENT"),
+    ],
+)
+def test_invalid_values_stop_startup_naming_the_variable(environ: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        Settings.from_environ(environ)
+
+
+def test_production_refuses_to_start_without_auth() -> None:
+    with pytest.raises(ConfigError, match="SUPABASE_JWT_SECRET"):
+        Settings.from_environ({"ENVIRONMENT": "production"})
+
+
+def test_production_with_supabase_names_each_missing_piece() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_environ({"ENVIRONMENT": "production", "STORE": "supabase", "SUPABASE_JWT_SECRET": "s" * 32})
+    assert "SUPABASE_URL" in str(caught.value) and "SUPABASE_PUBLISHABLE_KEY" in str(caught.value)
+
+
+def test_secrets_never_appear_in_repr_or_errors() -> None:
+    settings = Settings.from_environ({"SUPABASE_JWT_SECRET": "super-secret-value-123"})
+    assert "super-secret-value-123" not in repr(settings)
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_environ({"SUPABASE_JWT_SECRET": "super-secret-value-123", "API_PORT": "x"})
+    assert "super-secret-value-123" not in str(caught.value)
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = README.read_text()
+    missing = [f.name.upper() for f in dataclasses.fields(Settings) if f"`{f.name.upper()}`" not in readme]
+    assert missing == []
