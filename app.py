@@ -30,6 +30,7 @@ from errors import AppError, MethodNotAllowed, NotFound
 from services.agents import SUPERVISOR, Assistant
 from services.auth import Authenticator, TrustClaimedUser
 from services.chat import SAVE_ON_CANCEL_SECONDS, ChatService, chunk
+from services.domains import DOMAINS
 from services.local_model import LocalModel
 from services.model import ChatModel
 from services.sqlite_store import SQLiteStore
@@ -209,7 +210,8 @@ def build_store(settings: Settings) -> Store:
 
 
 def build_model(settings: Settings) -> ChatModel:
-    return LocalModel(token_delay=settings.local_token_delay)
+    keywords = {domain.agent_type: domain.keywords for domain in DOMAINS}
+    return LocalModel(token_delay=settings.local_token_delay, keywords=keywords)
 
 
 def build_auth(settings: Settings) -> Authenticator:
@@ -230,7 +232,7 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
             stack.push_async_callback(auth.aclose)
             await store.open()  # type: ignore[attr-defined]
             chat = ChatService(
-                store, Assistant(chat_model), settings.history_max_messages, settings.history_token_budget
+                store, Assistant(chat_model, store), settings.history_max_messages, settings.history_token_budget
             )
             logger.info(
                 "Started: store=%s model=%s auth=%s environment=%s",

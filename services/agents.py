@@ -1,25 +1,68 @@
-"""The assistant: turns a conversation into a stream of agent events.
+"""The assistant: a supervisor that answers or hands over, and specialists that answer with tools.
 
-For now one agent, the supervisor, answers every message. ``AgentEvent`` values carry the ``agent_type`` of
-the agent that produced them, so the chat stream labels text with whoever wrote it.
+One turn costs one supervisor call plus one specialist loop, never two full loops. The supervisor sees the
+conversation and a single ``transfer_to_specialist`` tool. If it writes text (a greeting, help, something out of
+scope, a clarifying question), that text streams as ``supervisor``. If it hands over, the specialist runs its own
+tool loop on the same conversation and its text streams straight to the client labelled with its own
+``agent_type``; nobody rewrites it afterwards (the earlier design ran a second LLM loop inside a tool and then had
+the supervisor regenerate its output, paying for the answer twice).
+
+The loop is bounded: at most ``max_iterations`` model calls per specialist and ``tool_seconds`` of tool time per
+turn. Tools run as the request's ``Caller`` through the store.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
+
 from errors import UpstreamError
-from services.model import ChatModel, ModelRequest, Stop, TextDelta, Usage
-from services.store import Caller
+from services.domains import DOMAINS, Domain
+from services.model import ChatModel, ModelEvent, ModelRequest, Stop, TextDelta, ToolUse, Usage
+from services.store import Caller, Store
+from services.tools import Tool, ToolResult, run_tool, tools_for
 
 SUPERVISOR = "supervisor"
+HANDOFF_TOOL = "transfer_to_specialist"
 
-SUPERVISOR_PROMPT = (
-    "You are Canvalo's assistant for painting contractors. Answer briefly and plainly. "
-    "Never invent business data you have not been given."
-)
+# What the user is told when a model stops for a reason other than finishing its answer.
+STOP_NOTES = {
+    "max_tokens": "\n\n(The answer was cut short because it reached the length limit. Ask me to continue.)",
+    "content_filtered": "\n\n(The answer was stopped by a content filter.)",
+    "guardrail_intervened": "\n\n(The answer was stopped by a content filter.)",
+}
+UNROUTED_NOTE = "Sorry, I couldn't tell which part of your business that is about. Could you rephrase it?"
+LOOP_LIMIT_NOTE = "\n\n(I had to stop before finishing: the request needed too many steps. Please try a narrower request.)"
+
+
+def supervisor_prompt(domains: tuple[Domain, ...]) -> str:
+    specialists = "\n".join(f"- {d.agent_type}: {d.description}" for d in domains)
+    return (
+        "You are the supervisor of Canvalo's assistant for painting contractors. Specialists:\n"
+        f"{specialists}\n"
+        f"When the user's request belongs to one specialist, call {HANDOFF_TOOL} with that specialist and write "
+        "nothing else: the specialist answers the user directly. When the user greets you, asks what you can do, or "
+        "asks about something none of the specialists covers, answer briefly yourself. When the request is "
+        "ambiguous or could belong to several specialists, ask one short clarifying question instead."
+    )
+
+
+def handoff_spec(domains: tuple[Domain, ...]) -> dict[str, Any]:
+    schema = {
+        "type": "object",
+        "properties": {
+            "agent": {"type": "string", "enum": [d.agent_type for d in domains]},
+            "reason": {"type": "string", "description": "One short sentence on why"},
+        },
+        "required": ["agent"],
+        "additionalProperties": False,
+    }
+    description = "Hand the conversation to the specialist that owns the user's request."
+    return {"toolSpec": {"name": HANDOFF_TOOL, "description": description, "inputSchema": {"json": schema}}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,16 +91,113 @@ class AgentDone:
 AgentEvent = AgentText | AgentToolCall | AgentDone
 
 
+@dataclass(frozen=True, slots=True)
+class AgentLimits:
+    max_iterations: int = 6
+    tool_seconds: float = 20.0
+
+
 class Assistant:
-    def __init__(self, model: ChatModel) -> None:
+    def __init__(
+        self,
+        model: ChatModel,
+        store: Store,
+        domains: tuple[Domain, ...] = DOMAINS,
+        limits: AgentLimits = AgentLimits(),
+    ) -> None:
         self._model = model
+        self._store = store
+        self._domains = {d.agent_type: d for d in domains}
+        self._tools = {d.agent_type: tools_for(d) for d in domains}
+        self._supervisor = ModelRequest(supervisor_prompt(domains), [], [handoff_spec(domains)])
+        self._limits = limits
 
     async def respond(self, caller: Caller, turns: list[dict[str, Any]]) -> AsyncIterator[AgentEvent]:
         done = AgentDone(agent_type=SUPERVISOR, stop_reason="")
-        request = ModelRequest(system=SUPERVISOR_PROMPT, messages=turns)
-        async for event in self._model.stream(request):
+        handoff: Domain | None = None
+        request = ModelRequest(self._supervisor.system, turns, self._supervisor.tools)
+        async for event in self._call(request, done):
             if isinstance(event, TextDelta):
                 yield AgentText(SUPERVISOR, event.text)
+            elif event.name == HANDOFF_TOOL:
+                handoff = self._domains.get(str(event.input.get("agent")))
+        if handoff is None:
+            note = STOP_NOTES.get(done.stop_reason) or (UNROUTED_NOTE if done.stop_reason == "tool_use" else "")
+            if note:
+                yield AgentText(SUPERVISOR, note)
+            yield done
+            return
+        yield AgentToolCall(SUPERVISOR, HANDOFF_TOOL, {"status": "success", "agent": handoff.agent_type})
+        done.agent_type = handoff.agent_type
+        async for agent_event in self._specialist(caller, handoff, turns, done):
+            yield agent_event
+        yield done
+
+    async def _specialist(
+        self, caller: Caller, domain: Domain, turns: list[dict[str, Any]], done: AgentDone
+    ) -> AsyncIterator[AgentEvent]:
+        tools = {tool.name: tool for tool in self._tools[domain.agent_type]}
+        specs = [tool.spec() for tool in tools.values()]
+        messages = list(turns)
+        tool_deadline = _Budget(self._limits.tool_seconds)
+        for _ in range(self._limits.max_iterations):
+            text: list[str] = []
+            calls: list[ToolUse] = []
+            async for event in self._call(ModelRequest(domain.instructions, messages, specs), done):
+                if isinstance(event, TextDelta):
+                    text.append(event.text)
+                    yield AgentText(domain.agent_type, event.text)
+                else:
+                    calls.append(event)
+            if done.stop_reason != "tool_use" or not calls:
+                if done.stop_reason in STOP_NOTES:
+                    yield AgentText(domain.agent_type, STOP_NOTES[done.stop_reason])
+                return
+            messages.append(_assistant_turn(text, calls))
+            results = []
+            for call in calls:
+                async for item in self._run_tool(caller, domain, tools.get(call.name), call, tool_deadline, done):
+                    if isinstance(item, AgentToolCall):
+                        yield item
+                    else:
+                        results.append(item)
+            messages.append({"role": "user", "content": results})
+        done.stop_reason = "max_iterations"
+        yield AgentText(domain.agent_type, LOOP_LIMIT_NOTE)
+
+    async def _run_tool(
+        self, caller: Caller, domain: Domain, tool: Tool | None, call: ToolUse, budget: _Budget, done: AgentDone
+    ) -> AsyncIterator[AgentToolCall | dict[str, Any]]:
+        started = {"status": "started", "tool_use_id": call.tool_use_id, "agent": domain.agent_type}
+        if tool is not None and tool.shows_arguments:
+            started["arguments"] = call.input
+        yield AgentToolCall(domain.agent_type, call.name, started)
+        began = time.monotonic()
+        result = await self._execute(caller, tool, call, budget)
+        duration_ms = round((time.monotonic() - began) * 1000)
+        summary = {"name": call.name, "agent": domain.agent_type, "status": result.status, "duration_ms": duration_ms}
+        done.tool_calls.append(summary)
+        finished = {**started, "status": result.status, "duration_ms": duration_ms}
+        finished.pop("arguments", None)
+        yield AgentToolCall(domain.agent_type, call.name, finished)
+        yield {"toolResult": {"toolUseId": call.tool_use_id, "content": [{"json": result.content}], "status": result.status}}
+
+    async def _execute(self, caller: Caller, tool: Tool | None, call: ToolUse, budget: _Budget) -> ToolResult:
+        if tool is None:
+            return ToolResult("error", {"error": f"There is no tool named {call.name}."})
+        if budget.remaining() <= 0:
+            return ToolResult("error", {"error": "The time allowed for tools in this turn is used up."})
+        with anyio.move_on_after(budget.remaining()):
+            return await run_tool(self._store, caller, tool, call.input)
+        return ToolResult("error", {"error": "The tool took too long and was stopped."})
+
+    async def _call(self, request: ModelRequest, done: AgentDone) -> AsyncIterator[TextDelta | ToolUse]:
+        """One model call: text and tool calls pass through; usage and the stop reason are recorded in ``done``."""
+        done.stop_reason = ""
+        event: ModelEvent
+        async for event in self._model.stream(request):
+            if isinstance(event, (TextDelta, ToolUse)):
+                yield event
             elif isinstance(event, Usage):
                 done.usage["input_tokens"] += event.input_tokens
                 done.usage["output_tokens"] += event.output_tokens
@@ -65,4 +205,17 @@ class Assistant:
                 done.stop_reason = event.reason
         if not done.stop_reason:
             raise UpstreamError("The model stream ended without a stop event.", code="MODEL_STREAM_INCOMPLETE")
-        yield done
+
+
+class _Budget:
+    def __init__(self, seconds: float) -> None:
+        self._deadline = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return self._deadline - time.monotonic()
+
+
+def _assistant_turn(text: list[str], calls: list[ToolUse]) -> dict[str, Any]:
+    content: list[dict[str, Any]] = [{"text": "".join(text)}] if "".join(text).strip() else []
+    content += [{"toolUse": {"toolUseId": c.tool_use_id, "name": c.name, "input": c.input}} for c in calls]
+    return {"role": "assistant", "content": content}

@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from errors import NotFound, UpstreamError, UpstreamUnavailable
+from services import sqlite_records
+from services.domains import Domain
 from services.store import Caller, Conversation, Message, NewMessage, Page, utc_now
 
 logger = logging.getLogger(__name__)
@@ -83,6 +85,7 @@ class SQLiteStore:
         directory = os.path.dirname(os.path.abspath(self._path))
         await self._run(lambda db: os.makedirs(directory, exist_ok=True))
         await self._run(self._migrate)
+        await self._run(sqlite_records.create_tables)
 
     async def aclose(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._shutdown)
@@ -242,6 +245,27 @@ class SQLiteStore:
                 return _message(row.fetchone())
 
         return await self._run(work)
+
+    # -- business records (the agents' tools) ------------------------------------------------------------------
+
+    async def list_records(
+        self, caller: Caller, domain: Domain, filters: dict[str, Any], limit: int
+    ) -> list[dict[str, Any]]:
+        return await self._run(lambda db: sqlite_records.list_records(db, caller, domain, filters, limit))
+
+    async def get_record(self, caller: Caller, domain: Domain, record_id: str) -> dict[str, Any]:
+        return await self._run(lambda db: sqlite_records.get_record(db, caller, domain, record_id))
+
+    async def insert_record(self, caller: Caller, domain: Domain, values: dict[str, Any]) -> dict[str, Any]:
+        return await self._run(lambda db: sqlite_records.insert_record(db, caller, domain, values))
+
+    async def update_record(
+        self, caller: Caller, domain: Domain, record_id: str, values: dict[str, Any]
+    ) -> dict[str, Any]:
+        return await self._run(lambda db: sqlite_records.update_record(db, caller, domain, record_id, values))
+
+    async def delete_record(self, caller: Caller, domain: Domain, record_id: str) -> None:
+        await self._run(lambda db: sqlite_records.delete_record(db, caller, domain, record_id))
 
 
 @contextlib.contextmanager

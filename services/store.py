@@ -12,7 +12,10 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from services.domains import Domain
 
 Role = Literal["user", "assistant"]
 
@@ -124,6 +127,28 @@ class Store(Protocol):
 
     async def aclose(self) -> None:
         """Release connections."""
+
+    # Business records (invoices, appointments, ...): the agents' tools read and write them only through these.
+    # Table and column names come from the ``Domain`` declaration, never from user or model input.
+
+    async def list_records(
+        self, caller: Caller, domain: Domain, filters: dict[str, Any], limit: int
+    ) -> list[dict[str, Any]]:
+        """The caller's records matching every equality filter, in the domain's stable order."""
+
+    async def get_record(self, caller: Caller, domain: Domain, record_id: str) -> dict[str, Any]:
+        """One of the caller's records, or ``NotFound``."""
+
+    async def insert_record(self, caller: Caller, domain: Domain, values: dict[str, Any]) -> dict[str, Any]:
+        """Insert a record owned by the caller; ``values`` holds ``id`` (client-generated) and the columns."""
+
+    async def update_record(
+        self, caller: Caller, domain: Domain, record_id: str, values: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Change some columns of one of the caller's records, or ``NotFound``."""
+
+    async def delete_record(self, caller: Caller, domain: Domain, record_id: str) -> None:
+        """Delete one of the caller's records, or ``NotFound``."""
 
 
 def utc_now() -> str:

@@ -54,3 +54,22 @@ class ScriptedModel:
             raise
         finally:
             self.finished.set()
+
+
+@dataclass
+class ScriptedCalls:
+    """A model whose Nth call plays ``calls[N]`` (the last script repeats); records every request it was sent."""
+
+    calls: list[list[ModelEvent]]
+    provider: str = "scripted"
+    model_id: str = "scripted-calls"
+    is_llm: bool = False
+    requests: list[ModelRequest] = field(default_factory=list)
+
+    async def aclose(self) -> None:
+        return None
+
+    async def stream(self, request: ModelRequest) -> AsyncIterator[ModelEvent]:
+        self.requests.append(request)
+        for event in self.calls[min(len(self.requests), len(self.calls)) - 1]:
+            yield event

@@ -1,0 +1,244 @@
+"""The multi-agent assistant: routing, the tool loop, its limits, failures, and the stream it produces."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from app import create_app
+from services import sample_data
+from services.agents import HANDOFF_TOOL, LOOP_LIMIT_NOTE
+from services.domains import BY_AGENT, DOMAINS
+from services.model import Stop, TextDelta, ToolUse, Usage
+from services.store import Caller
+from services.tools import tools_for
+from settings import Settings
+from tests.conftest import AuthHeaders
+from tests.scripted_model import ScriptedCalls
+from tests.support import chunks, new_id, streamed_text
+
+
+def handoff(agent: str) -> list[Any]:
+    return [ToolUse("h1", HANDOFF_TOOL, {"agent": agent}), Stop("tool_use"), Usage(10, 3)]
+
+
+def send(client: TestClient, auth: AuthHeaders, user: str, message: str, conversation: str | None = None) -> list[dict]:  # type: ignore[type-arg]
+    body = {"message": message, "conversation_id": conversation or new_id(), "user_id": user}
+    response = client.post("/api/chat/stream", json=body, headers=auth(user))
+    assert response.status_code == 200, response.text
+    return chunks(response.text)
+
+
+@pytest.fixture
+def scripted(settings: Settings) -> Iterator[Any]:
+    """A client factory for an app whose model plays a script."""
+    clients: list[TestClient] = []
+
+    def make(model: ScriptedCalls) -> TestClient:
+        client = TestClient(create_app(settings, model=model))
+        clients.append(client.__enter__())
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+# -- on the embedded default (local responder) -------------------------------------------------------------------
+
+
+def test_local_invoice_question_answers_from_the_users_rows(
+    client: TestClient, auth_headers: AuthHeaders, user_id: str
+) -> None:
+    seed(client, auth_headers, user_id)
+    items = send(client, auth_headers, user_id, "What invoices do I have?")
+    kinds = [(i["type"], i["tool_name"], (i["tool_call"] or {}).get("status"), i["agent_type"]) for i in items]
+    assert kinds[:3] == [
+        ("tool_call", HANDOFF_TOOL, "success", "supervisor"),
+        ("tool_call", "list_invoices", "started", "invoices"),
+        ("tool_call", "list_invoices", "success", "invoices"),
+    ]
+    assert {k[0] for k in kinds[3:-1]} == {"token"} and all(k[3] == "invoices" for k in kinds[3:])
+    assert kinds[-1][0] == "complete"
+    text = streamed_text(items)
+    assert "INV-1042" in text and "INV-1043" in text and "INV-1041" in text
+    assert "not an AI model" in text
+
+
+def test_local_status_words_become_filters(client: TestClient, auth_headers: AuthHeaders, user_id: str) -> None:
+    seed(client, auth_headers, user_id)
+    items = send(client, auth_headers, user_id, "Do I have any overdue invoices?")
+    assert items[1]["tool_call"]["arguments"] == {"status": "overdue"}
+    text = streamed_text(items)
+    assert "INV-1042" in text and "INV-1043" not in text
+
+
+def test_local_routing_by_keywords(client: TestClient, auth_headers: AuthHeaders, user_id: str) -> None:
+    routed = {agent: send(client, auth_headers, user_id, f"show my {domain.keywords[0]}")
+              for agent, domain in BY_AGENT.items()}
+    for agent, items in routed.items():
+        assert items[0]["tool_call"] == {"status": "success", "agent": agent}, agent
+        assert items[-1]["agent_type"] == agent
+    ambiguous = send(client, auth_headers, user_id, "show my invoices and projects")
+    assert ambiguous[0]["type"] == "token" and streamed_text(ambiguous).startswith("Do you mean your invoices or projects")
+    greeting = send(client, auth_headers, user_id, "hello there")
+    assert {i["agent_type"] for i in greeting} == {"supervisor"} and "Hello" in streamed_text(greeting)
+
+
+def test_answer_is_stored_with_its_agent_and_a_tool_summary(
+    client: TestClient, auth_headers: AuthHeaders, user_id: str
+) -> None:
+    conversation = new_id()
+    send(client, auth_headers, user_id, "list my tasks", conversation)
+    stored = client.get(f"/api/conversations/{conversation}", params={"user_id": user_id}, headers=auth_headers(user_id))
+    answer = stored.json()["messages"][-1]
+    assert answer["agent_type"] == "tasks"
+    calls = answer["metadata"]["tool_calls"]
+    assert [(c["name"], c["agent"], c["status"]) for c in calls] == [("list_tasks", "tasks", "success")]
+    assert isinstance(calls[0]["duration_ms"], int)
+
+
+def test_tools_never_reach_another_users_rows(client: TestClient, auth_headers: AuthHeaders) -> None:
+    alice, bob = new_id(), new_id()
+    seed(client, auth_headers, alice)
+    text = streamed_text(send(client, auth_headers, bob, "What invoices do I have?"))
+    assert "INV-10" not in text and "don't have any invoices" in text
+
+
+# -- with a scripted model: the loop, its cap, failures ------------------------------------------------------------
+
+
+def test_one_specialist_loop_per_turn_with_tool_results_fed_back(
+    scripted: Any, auth_headers: AuthHeaders, user_id: str
+) -> None:
+    model = ScriptedCalls([
+        handoff("invoices"),
+        [ToolUse("t1", "list_invoices", {"status": "overdue"}), Stop("tool_use"), Usage(50, 5)],
+        [TextDelta("One overdue "), TextDelta("invoice."), Stop("end_turn"), Usage(80, 4)],
+    ])
+    client = scripted(model)
+    items = send(client, auth_headers, user_id, "overdue?")
+    assert len(model.requests) == 3  # supervisor, specialist with tools, specialist after the tool result
+    supervisor, first, second = model.requests
+    assert [t["toolSpec"]["name"] for t in supervisor.tools] == [HANDOFF_TOOL]
+    assert "list_invoices" in [t["toolSpec"]["name"] for t in first.tools]
+    assert second.messages[-2]["content"][0]["toolUse"]["name"] == "list_invoices"
+    result = second.messages[-1]["content"][0]["toolResult"]
+    assert result["toolUseId"] == "t1" and result["status"] == "success"
+    assert result["content"][0]["json"] == {"table": "invoices", "count": 0, "rows": []}
+    assert streamed_text(items) == "One overdue invoice."
+    assert items[-1]["usage"] == {"input_tokens": 140, "output_tokens": 12}
+    assert items[-1]["agent_type"] == "invoices"
+
+
+def test_tool_loop_stops_at_the_iteration_cap(scripted: Any, auth_headers: AuthHeaders, user_id: str) -> None:
+    forever = [ToolUse("t", "list_tasks", {}), Stop("tool_use")]
+    model = ScriptedCalls([handoff("tasks"), forever])
+    items = send(scripted(model), auth_headers, user_id, "loop")
+    assert len(model.requests) == 1 + 6
+    assert streamed_text(items) == LOOP_LIMIT_NOTE
+    assert items[-1]["type"] == "complete" and items[-1]["stop_reason"] == "max_iterations"
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (ToolUse("t", "get_invoice", {"id": "00000000-0000-4000-8000-000000000000"}), "No invoice with that id"),
+        (ToolUse("t", "get_invoice", {"id": "1 OR 1=1"}), "must be a record id"),
+        (ToolUse("t", "create_invoice", {"client_name": "X"}), "invoice_number is required"),
+        (ToolUse("t", "update_invoice", {"id": "00000000-0000-4000-8000-000000000000",
+                                         "changes": {"user_id": "someone-else"}}), "user_id is not a known field"),
+        (ToolUse("t", "delete_invoice", {"id": "00000000-0000-4000-8000-000000000000", "confirm": False}),
+         "not confirmed"),
+        (ToolUse("t", "list_invoices", {"limit": 500}), "at most 100"),
+        (ToolUse("t", "drop_tables", {}), "no tool named"),
+    ],
+)
+def test_failing_tools_return_safe_errors_to_the_model(
+    scripted: Any, auth_headers: AuthHeaders, user_id: str, call: ToolUse, message: str
+) -> None:
+    model = ScriptedCalls([handoff("invoices"), [call, Stop("tool_use")], [TextDelta("Sorry."), Stop("end_turn")]])
+    items = send(scripted(model), auth_headers, user_id, "do it")
+    finished = [i for i in items if i["type"] == "tool_call" and i["tool_call"]["status"] not in ("started",)][-1]
+    assert finished["tool_call"]["status"] == "error"
+    result = model.requests[-1].messages[-1]["content"][0]["toolResult"]
+    assert result["status"] == "error" and message in result["content"][0]["json"]["error"]
+    assert items[-1]["type"] == "complete"
+
+
+def test_create_update_delete_through_tools(scripted: Any, auth_headers: AuthHeaders, user_id: str) -> None:
+    new = {"invoice_number": "INV-2001", "client_name": "Ada", "due_date": "2026-12-01", "total_amount": 120}
+    model = ScriptedCalls([handoff("invoices"), [ToolUse("c", "create_invoice", new), Stop("tool_use")],
+                           [TextDelta("Created."), Stop("end_turn")]])
+    client = scripted(model)
+    send(client, auth_headers, user_id, "create")
+    created = model.requests[-1].messages[-1]["content"][0]["toolResult"]["content"][0]["json"]["created"]
+    assert created["status"] == "draft" and created["amount_paid"] == 0  # defaults applied
+    assert "user_id" not in created
+    record_id = created["id"]
+    model.calls[1:] = [[ToolUse("u", "update_invoice", {"id": record_id, "changes": {"status": "paid"}}),
+                        Stop("tool_use")], [TextDelta("Updated."), Stop("end_turn")]]
+    model.requests.clear()
+    send(client, auth_headers, user_id, "mark paid")
+    updated = model.requests[-1].messages[-1]["content"][0]["toolResult"]["content"][0]["json"]["updated"]
+    assert updated["status"] == "paid" and updated["invoice_number"] == "INV-2001"
+
+
+# -- the tool schemas ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("domain", DOMAINS, ids=[d.agent_type for d in DOMAINS])
+def test_every_domain_has_five_tools_that_never_expose_system_columns(domain: Any) -> None:
+    tools = tools_for(domain)
+    assert [t.action for t in tools] == ["list", "get", "create", "update", "delete"]
+    create = tools[2].schema
+    assert set(create["required"]) == set(domain.required)
+    for system in ("id", "user_id", "created_at", "updated_at"):
+        assert system not in create["properties"]
+        assert system not in tools[3].schema["properties"]["changes"]["properties"]
+    assert tools[0].schema["properties"]["limit"]["maximum"] == 100
+
+
+def seed(client: TestClient, auth: AuthHeaders, user: str) -> None:
+    """Load the documented sample data for ``user`` through the running app's own store, acting as that user."""
+    token = auth(user).get("Authorization", "").removeprefix("Bearer ") or None
+    portal = client.portal
+    assert portal is not None
+    portal.call(sample_data.load, client.app_state["store"], Caller(user_id=user, access_token=token))
+
+
+@pytest.mark.parametrize("domain", DOMAINS, ids=[d.agent_type for d in DOMAINS])
+def test_every_domain_round_trips_through_its_tools(
+    client: TestClient, auth_headers: AuthHeaders, user_id: str, domain: Any
+) -> None:
+    from services.tools import run_tool
+
+    token = auth_headers(user_id).get("Authorization", "").removeprefix("Bearer ") or None
+    caller = Caller(user_id=user_id, access_token=token)
+    store = client.app_state["store"]
+    list_tool, get_tool, create_tool, update_tool, delete_tool = tools_for(domain)
+    sample = sample_data.SAMPLE[domain.agent_type][0]
+
+    def run(tool: Any, arguments: dict[str, Any]) -> Any:
+        assert client.portal is not None
+        return client.portal.call(run_tool, store, caller, tool, arguments)
+
+    created = run(create_tool, sample)
+    assert created.status == "success", created.content
+    record = created.content["created"]
+    assert run(get_tool, {"id": record["id"]}).content["record"]["id"] == record["id"]
+    first_required = domain.required[0]
+    changed = run(update_tool, {"id": record["id"], "changes": {first_required: "Renamed"}})
+    assert changed.content["updated"][first_required] == "Renamed"
+    listed = run(list_tool, {})
+    assert [r["id"] for r in listed.content["rows"]] == [record["id"]]
+    other = Caller(user_id=new_id(), access_token=None)
+    assert client.portal is not None
+    if token is None:  # without auth, scoping is by user id alone; prove another user sees nothing
+        hidden = client.portal.call(run_tool, store, other, get_tool, {"id": record["id"]})
+        assert hidden.status == "error"
+    assert run(delete_tool, {"id": record["id"], "confirm": True}).content == {"deleted": record["id"]}
+    assert run(get_tool, {"id": record["id"]}).status == "error"
