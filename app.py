@@ -29,6 +29,7 @@ from starlette.routing import Route
 from errors import AppError, MethodNotAllowed, NotFound
 from services.agents import SUPERVISOR, Assistant
 from services.auth import Authenticator, TrustClaimedUser
+from services.bedrock import BedrockModel
 from services.chat import SAVE_ON_CANCEL_SECONDS, ChatService, chunk
 from services.domains import DOMAINS
 from services.local_model import LocalModel
@@ -210,6 +211,8 @@ def build_store(settings: Settings) -> Store:
 
 
 def build_model(settings: Settings) -> ChatModel:
+    if settings.llm_provider == "bedrock":
+        return BedrockModel(settings)
     keywords = {domain.agent_type: domain.keywords for domain in DOMAINS}
     return LocalModel(token_delay=settings.local_token_delay, keywords=keywords)
 

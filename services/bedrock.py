@@ -1,0 +1,669 @@
+"""Amazon Bedrock ConverseStream over one shared async HTTP client: the ``ChatModel`` behind ``LLM_PROVIDER=bedrock``.
+
+Why raw HTTP instead of boto3: boto3 is synchronous, so every open stream would hold a thread (Strands does this
+with ``asyncio.to_thread``). Here a stream is one ``httpx`` request signed with botocore's ``SigV4Auth`` and one
+``EventStreamBuffer`` that decodes frames as bytes arrive, so thousands of streams need no threads at all. Only
+resolving or refreshing credentials, which may do network I/O (IMDS, STS, SSO), runs in a worker thread.
+
+A call has two phases. Until the first model event that would reach the user (text, a tool call, a stop), the call
+is invisible, so the whole attempt (send, HTTP status, in-stream exception frames, time to first event) is retried
+under ``services/retry.py``. After that nothing is retried, so a retry can never duplicate text; later failures end
+the stream with a typed error and the chat layer saves the partial answer.
+
+Every Bedrock failure becomes one of our ``AppError``s through ``FAILURES`` (the README's "Amazon Bedrock" table):
+a ``code``, a plain-language ``user_message``, ``suggested_actions`` and ``retryable``. Bedrock's own error text is
+used only to tell "input too long" and "model not enabled" apart; it never reaches a client or a log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+from urllib.parse import quote
+
+import anyio
+import anyio.to_thread
+import botocore.session
+import httpx
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials, ReadOnlyCredentials, RefreshableCredentials
+from botocore.eventstream import EventStreamBuffer, ParserError
+from botocore.exceptions import BotoCoreError, ClientError
+
+from errors import AppError, UpstreamError, UpstreamTimeout, UpstreamUnavailable, ValidationFailed
+from services.model import ModelEvent, ModelRequest, Stop, TextDelta, ToolUse, Usage
+from services.retry import RetryPolicy, with_retry
+from settings import ConfigError, Settings
+
+logger = logging.getLogger(__name__)
+
+SIGNING_NAME = "bedrock"  # the service model's signingName; the endpoint prefix is bedrock-runtime
+EVENT_STREAM_TYPE = "application/vnd.amazon.eventstream"
+MAX_ERROR_BODY = 64 * 1024  # an error body is a short JSON document; never buffer a misrouted HTML page whole
+# During the advisory refresh window botocore keeps valid credentials when a refresh fails; without this pause every
+# request would wait for another failing IMDS/STS call while the metadata service is down.
+REFRESH_RETRY_SECONDS = 10.0
+
+
+# -- the error table ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """One row of the error table: what the user sees and whether the call may be retried."""
+
+    kind: type[AppError]
+    code: str
+    user_message: str
+    suggested_actions: tuple[str, ...]
+    retryable: bool
+
+    def error(self, message: str) -> AppError:
+        return self.kind(
+            message,
+            code=self.code,
+            user_message=self.user_message,
+            suggested_actions=self.suggested_actions,
+            retryable=self.retryable,
+        )
+
+
+_TRY_AGAIN = ("Try again in a moment", "Contact support if the problem persists")
+_SUPPORT = ("Contact support",)
+_CONFIG_PROBLEM = "The assistant isn't available right now because of a configuration problem on our side."
+
+FAILURES: dict[str, Failure] = {
+    f.code: f
+    for f in (
+        Failure(
+            UpstreamUnavailable,
+            "MODEL_THROTTLED",
+            "The assistant is handling a lot of requests right now. Please wait a moment and try again.",
+            ("Wait a few seconds and try again",),
+            True,
+        ),
+        Failure(
+            UpstreamTimeout,
+            "MODEL_TIMEOUT",
+            "The assistant took too long to answer. Please try again.",
+            ("Try again", "Try a shorter or simpler question"),
+            True,
+        ),
+        Failure(
+            UpstreamUnavailable,
+            "MODEL_UNAVAILABLE",
+            "The assistant is temporarily unavailable. Please try again in a moment.",
+            _TRY_AGAIN,
+            True,
+        ),
+        Failure(
+            UpstreamUnavailable,
+            "MODEL_INTERNAL_ERROR",
+            "The AI service had a temporary problem. Please try again.",
+            _TRY_AGAIN,
+            True,
+        ),
+        Failure(
+            UpstreamUnavailable,
+            "MODEL_STREAM_ERROR",
+            "The answer was interrupted by a problem with the AI service. Please try again.",
+            _TRY_AGAIN,
+            True,
+        ),
+        Failure(
+            UpstreamUnavailable,
+            "MODEL_STREAM_INCOMPLETE",
+            "The answer was cut off before it finished. Please try again.",
+            _TRY_AGAIN,
+            True,
+        ),
+        Failure(
+            UpstreamUnavailable,
+            "MODEL_NOT_READY",
+            "The AI model is starting up. Please try again in a minute.",
+            ("Try again in a minute",),
+            True,
+        ),
+        Failure(
+            UpstreamUnavailable,
+            "MODEL_NETWORK_ERROR",
+            "We couldn't reach the AI service. Please try again in a moment.",
+            _TRY_AGAIN,
+            True,
+        ),
+        Failure(
+            ValidationFailed,
+            "MODEL_INPUT_TOO_LONG",
+            "This conversation is too long for the assistant to read at once. Please start a new conversation "
+            "or send a shorter message.",
+            ("Start a new conversation", "Send a shorter message"),
+            False,
+        ),
+        Failure(
+            UpstreamError,
+            "MODEL_REQUEST_REJECTED",
+            "The assistant couldn't process this message. Please rephrase it and try again.",
+            ("Rephrase your message", "Start a new conversation"),
+            False,
+        ),
+        Failure(
+            UpstreamError,
+            "MODEL_ERROR",
+            "The AI model couldn't process this message. Please rephrase it and try again.",
+            ("Rephrase your message", "Contact support if the problem persists"),
+            False,
+        ),
+        Failure(UpstreamError, "MODEL_ACCESS_DENIED", _CONFIG_PROBLEM, _SUPPORT, False),
+        Failure(UpstreamError, "MODEL_NOT_ENABLED", _CONFIG_PROBLEM, _SUPPORT, False),
+        Failure(UpstreamError, "MODEL_NOT_FOUND", _CONFIG_PROBLEM, _SUPPORT, False),
+        Failure(UpstreamError, "MODEL_CREDENTIALS_MISSING", _CONFIG_PROBLEM, _SUPPORT, False),
+        Failure(UpstreamError, "MODEL_CREDENTIALS_EXPIRED", _CONFIG_PROBLEM, _SUPPORT, False),
+        Failure(UpstreamError, "MODEL_CREDENTIALS_INVALID", _CONFIG_PROBLEM, _SUPPORT, False),
+    )
+}
+
+# Bedrock error types, lower-cased: HTTP errors name them in PascalCase (x-amzn-ErrorType), in-stream exception
+# frames in camelCase (:exception-type), so one lower-case key serves both.
+BEDROCK_ERRORS: dict[str, str] = {
+    "throttlingexception": "MODEL_THROTTLED",
+    "toomanyrequestsexception": "MODEL_THROTTLED",
+    "servicequotaexceededexception": "MODEL_THROTTLED",
+    "modeltimeoutexception": "MODEL_TIMEOUT",
+    "serviceunavailableexception": "MODEL_UNAVAILABLE",
+    "internalserverexception": "MODEL_INTERNAL_ERROR",
+    "internalfailure": "MODEL_INTERNAL_ERROR",
+    "modelstreamerrorexception": "MODEL_STREAM_ERROR",
+    "modelnotreadyexception": "MODEL_NOT_READY",
+    "modelerrorexception": "MODEL_ERROR",
+    "validationexception": "MODEL_REQUEST_REJECTED",
+    "accessdeniedexception": "MODEL_ACCESS_DENIED",
+    "resourcenotfoundexception": "MODEL_NOT_FOUND",
+    "expiredtokenexception": "MODEL_CREDENTIALS_EXPIRED",
+    "unrecognizedclientexception": "MODEL_CREDENTIALS_INVALID",
+    "invalidsignatureexception": "MODEL_CREDENTIALS_INVALID",
+    "incompletesignatureexception": "MODEL_CREDENTIALS_INVALID",
+    "missingauthenticationtokenexception": "MODEL_CREDENTIALS_INVALID",
+}
+
+# Bedrock reports both as a generic type; only the message says which ("Input is too long for requested model",
+# "You don't have access to the model with the specified model ID", "Model use case details have not been submitted").
+_TOO_LONG = re.compile(r"too long|context window|context length|too many input tokens", re.IGNORECASE)
+_NOT_ENABLED = re.compile(r"access to the model|use case|not enabled|not subscribed|subscription", re.IGNORECASE)
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def failure(code: str, message: str) -> AppError:
+    return FAILURES[code].error(message)
+
+
+def bedrock_error(error_type: str, status: int | None, upstream_message: str = "") -> AppError:
+    """Our error for a Bedrock error type (HTTP or in-stream), falling back on the HTTP status for unknown types."""
+    name = _SAFE_NAME.sub("", error_type.split(":", 1)[0].split("#")[-1])[:64]
+    code = BEDROCK_ERRORS.get(name.lower()) or _code_for_status(status)
+    if code == "MODEL_REQUEST_REJECTED" and _TOO_LONG.search(upstream_message):
+        code = "MODEL_INPUT_TOO_LONG"
+    elif code in ("MODEL_ACCESS_DENIED", "MODEL_NOT_FOUND") and _NOT_ENABLED.search(upstream_message):
+        code = "MODEL_NOT_ENABLED"
+    where = f"HTTP {status}" if status is not None else "in the stream"
+    return failure(code, f"Bedrock returned {name or 'an unnamed error'} ({where}).")
+
+
+def _code_for_status(status: int | None) -> str:
+    if status is None:
+        return "MODEL_STREAM_ERROR"
+    if status == 429:
+        return "MODEL_THROTTLED"
+    if status in (408, 504):
+        return "MODEL_TIMEOUT"
+    if status == 503:
+        return "MODEL_UNAVAILABLE"
+    if status >= 500:
+        return "MODEL_INTERNAL_ERROR"
+    if status in (401, 403):
+        return "MODEL_ACCESS_DENIED"
+    if status == 404:
+        return "MODEL_NOT_FOUND"
+    return "MODEL_REQUEST_REJECTED"
+
+
+def _transport_error(exc: httpx.TransportError) -> AppError:
+    if isinstance(exc, httpx.TimeoutException):
+        return failure("MODEL_TIMEOUT", f"Bedrock did not answer in time ({type(exc).__name__}).")
+    return failure("MODEL_NETWORK_ERROR", f"Could not talk to Bedrock ({type(exc).__name__}).")
+
+
+# -- credentials ---------------------------------------------------------------------------------------------------
+
+
+class CredentialCache:
+    """botocore's credential chain, resolved and refreshed in a worker thread so the event loop never blocks.
+
+    The fast path (credentials frozen and not near expiry) is an attribute check; a stream never takes a thread.
+    Pass ``credentials`` to skip the chain (tests pass explicit test keys this way).
+    """
+
+    def __init__(self, credentials: Credentials | None = None) -> None:
+        self._source = credentials
+        self._frozen: ReadOnlyCredentials | None = None
+        self._next_refresh = 0.0
+        self._lock = anyio.Lock()
+
+    async def get(self) -> ReadOnlyCredentials:
+        frozen = self._frozen
+        if frozen is not None and not self._refresh_due():
+            return frozen
+        if self._source is not None and not isinstance(self._source, RefreshableCredentials):
+            self._frozen = self._source.get_frozen_credentials()  # static keys: no I/O, so no thread
+            return self._frozen
+        async with self._lock:  # one resolution at a time; the others then find fresh credentials
+            if self._frozen is None or self._refresh_due():
+                self._next_refresh = time.monotonic() + REFRESH_RETRY_SECONDS
+                self._frozen = await anyio.to_thread.run_sync(self._resolve)
+            return self._frozen
+
+    def _refresh_due(self) -> bool:
+        source = self._source
+        return (
+            isinstance(source, RefreshableCredentials)
+            and time.monotonic() >= self._next_refresh
+            and source.refresh_needed()
+        )
+
+    def _resolve(self) -> ReadOnlyCredentials:
+        """Runs in a worker thread: the chain and refreshes may call IMDS, STS or SSO."""
+        if self._source is None:
+            try:
+                self._source = botocore.session.get_session().get_credentials()
+            except (BotoCoreError, ClientError) as exc:
+                raise failure("MODEL_CREDENTIALS_MISSING", "Loading AWS credentials failed.") from exc
+            if self._source is None:
+                raise failure("MODEL_CREDENTIALS_MISSING", "No AWS credentials found in botocore's chain.")
+        try:
+            return self._source.get_frozen_credentials()
+        except (BotoCoreError, ClientError) as exc:
+            raise failure("MODEL_CREDENTIALS_EXPIRED", "Refreshing AWS credentials failed.") from exc
+
+
+# -- the request ---------------------------------------------------------------------------------------------------
+
+
+def endpoint_url(settings: Settings) -> str:
+    if settings.bedrock_endpoint_url:
+        return settings.bedrock_endpoint_url.rstrip("/")
+    suffix = "amazonaws.com.cn" if settings.aws_region.startswith("cn-") else "amazonaws.com"
+    return f"https://bedrock-runtime.{settings.aws_region}.{suffix}"
+
+
+def model_path(model_id: str) -> str:
+    """The request path, with the model id as one percent-encoded segment, as botocore's serializer writes it.
+
+    ``:`` becomes ``%3A`` and an ARN's ``/`` becomes ``%2F``; a raw ``/`` would split the path and miss the route.
+    """
+    return f"/model/{quote(model_id, safe='')}/converse-stream"
+
+
+def converse_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Turns Bedrock accepts: blank text blocks dropped, same-role neighbours merged, first and last turn the user's.
+
+    The prompt builder already does this for stored text; this guards every caller (tool turns included) so a
+    ValidationException can never come from our own history.
+    """
+    turns: list[dict[str, Any]] = []
+    for message in messages:
+        role = message.get("role")
+        content = [block for block in message.get("content", ()) if not _blank(block)]
+        if role not in ("user", "assistant") or not content:
+            continue
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"].extend(content)
+        else:
+            turns.append({"role": role, "content": content})
+    while turns and turns[0]["role"] != "user":
+        turns.pop(0)
+    while turns and turns[-1]["role"] != "user":
+        turns.pop()
+    return turns
+
+
+def _blank(block: dict[str, Any]) -> bool:
+    return "text" in block and not str(block["text"]).strip()
+
+
+def request_body(request: ModelRequest, max_tokens: int, temperature: float) -> bytes:
+    messages = converse_messages(request.messages)
+    if not messages:
+        raise ValidationFailed("There is no user message to send to the model.", code="EMPTY_PROMPT")
+    body: dict[str, Any] = {
+        "messages": messages,
+        # Always send maxTokens: Bedrock reserves quota for it up front, and the model's maximum would reserve more.
+        "inferenceConfig": {"maxTokens": max_tokens, "temperature": temperature},
+    }
+    if request.system.strip():
+        body["system"] = [{"text": request.system}]
+    if request.tools:
+        body["toolConfig"] = {"tools": request.tools}
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def signed_headers(url: str, body: bytes, credentials: ReadOnlyCredentials, region: str) -> dict[str, str]:
+    """SigV4 headers (Authorization, X-Amz-Date, X-Amz-Security-Token) for one POST; pure CPU, no I/O."""
+    request = AWSRequest(method="POST", url=url, data=body, headers={"Content-Type": "application/json"})
+    SigV4Auth(credentials, SIGNING_NAME, region).add_auth(request)
+    headers = dict(request.headers.items())
+    # Unsigned, as botocore sends it: the event stream is binary framing that compression would only slow down.
+    headers["Accept-Encoding"] = "identity"
+    return headers
+
+
+# -- the response --------------------------------------------------------------------------------------------------
+
+
+class ConverseStreamDecoder:
+    """Bytes in, ``ModelEvent``s out: the ConverseStream event protocol over botocore's ``EventStreamBuffer``.
+
+    ``feed`` returns the events one network read completed, with all their text joined into one ``TextDelta`` (the
+    relay's cost is per event, not per frame), in order. An exception frame or a corrupt frame sets ``failure``
+    instead of raising, so the text decoded before it still reaches the user. Unknown events and fields (real
+    Bedrock pads payloads with a ``p`` field) are ignored. Payloads are read with ``json.loads``: botocore's
+    ``EventStreamJSONParser`` would only rebuild the same dicts from the service model, much more slowly.
+    """
+
+    __slots__ = ("_buffer", "_tools", "failure", "frames", "stop_reason")
+
+    def __init__(self) -> None:
+        self._buffer = EventStreamBuffer()
+        self._tools: dict[int, tuple[str, str, list[str]]] = {}  # open toolUse blocks: index -> (id, name, input)
+        self.failure: AppError | None = None
+        self.frames = 0
+        self.stop_reason: str | None = None
+
+    def feed(self, data: bytes) -> list[ModelEvent]:
+        events: list[ModelEvent] = []
+        text: list[str] = []
+        self._buffer.add_data(data)
+        try:
+            for message in self._buffer:
+                self.frames += 1
+                headers = message.headers
+                if headers.get(":message-type") != "event":
+                    self.failure = _frame_error(headers, message.payload)
+                    break
+                name = headers.get(":event-type")
+                if name == "contentBlockDelta":  # the hot path: one per token
+                    payload = json.loads(message.payload)
+                    delta = payload["delta"]
+                    if "text" in delta:
+                        piece = delta["text"]
+                        if type(piece) is not str:  # checked here so joining below can never fail
+                            raise TypeError("text delta is not a string")
+                        text.append(piece)
+                    elif "toolUse" in delta:
+                        self._tool_input(payload["contentBlockIndex"], delta["toolUse"])
+                    continue
+                handler = _HANDLERS.get(name)
+                if handler is not None:
+                    event = handler(self, json.loads(message.payload or b"{}"))
+                    if event is not None:
+                        _flush(text, events)
+                        events.append(event)
+        except (ParserError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            # A corrupt frame (bad CRC, bad JSON, a payload of the wrong shape): nothing after it can be trusted.
+            self.failure = failure("MODEL_STREAM_ERROR", f"Bedrock sent an unreadable event ({type(exc).__name__}).")
+            self.failure.__cause__ = exc
+        _flush(text, events)  # the text before a failure is valid and reaches the user
+        return events
+
+    def _tool_input(self, index: int, delta: dict[str, Any]) -> None:
+        block = self._tools.get(index)
+        if block is not None:  # a fragment for a block we never saw start carries nothing we could use
+            block[2].append(delta["input"])
+
+    def _block_start(self, payload: dict[str, Any]) -> None:
+        tool = payload.get("start", {}).get("toolUse")
+        if tool is not None:
+            self._tools[payload["contentBlockIndex"]] = (tool["toolUseId"], tool["name"], [])
+
+    def _block_stop(self, payload: dict[str, Any]) -> ModelEvent | None:
+        block = self._tools.pop(payload.get("contentBlockIndex", -1), None)
+        if block is None:
+            return None
+        tool_use_id, name, fragments = block
+        raw = "".join(fragments)
+        tool_input = json.loads(raw) if raw.strip() else {}
+        if not isinstance(tool_input, dict):
+            raise TypeError("tool input is not a JSON object")
+        return ToolUse(tool_use_id=tool_use_id, name=name, input=tool_input)
+
+    def _message_stop(self, payload: dict[str, Any]) -> ModelEvent:
+        # Every stopReason passes through (end_turn, tool_use, max_tokens, stop_sequence, guardrail_intervened,
+        # content_filtered, malformed_model_output, malformed_tool_use, model_context_window_exceeded, and any
+        # added later): the answer so far is valid and the chat layer records why it ended.
+        self.stop_reason = str(payload["stopReason"])
+        return Stop(self.stop_reason)
+
+    def _metadata(self, payload: dict[str, Any]) -> ModelEvent | None:
+        usage = payload.get("usage")
+        if not usage:
+            return None
+        return Usage(int(usage.get("inputTokens", 0)), int(usage.get("outputTokens", 0)))
+
+
+# Events other than contentBlockDelta; messageStart carries only the role, and unknown events are skipped.
+_HANDLERS: dict[str, Callable[[ConverseStreamDecoder, dict[str, Any]], ModelEvent | None]] = {
+    "contentBlockStart": ConverseStreamDecoder._block_start,
+    "contentBlockStop": ConverseStreamDecoder._block_stop,
+    "messageStop": ConverseStreamDecoder._message_stop,
+    "metadata": ConverseStreamDecoder._metadata,
+}
+
+
+def _flush(text: list[str], events: list[ModelEvent]) -> None:
+    if text:
+        joined = "".join(text)
+        text.clear()
+        if joined:
+            events.append(TextDelta(joined))
+
+
+def _frame_error(headers: dict[str, Any], payload: bytes) -> AppError:
+    """An ``exception`` frame (modeled: ``:exception-type``) or an ``error`` frame (unmodeled: ``:error-code``)."""
+    if headers.get(":message-type") == "exception":
+        try:
+            message = str(json.loads(payload or b"{}").get("message", ""))
+        except (ValueError, AttributeError):
+            message = ""
+        return bedrock_error(str(headers.get(":exception-type", "")), None, message)
+    return bedrock_error(str(headers.get(":error-code", "")), None, str(headers.get(":error-message", "")))
+
+
+class _Reader:
+    """One open response: reads under the first-event and idle deadlines and feeds the decoder."""
+
+    __slots__ = ("_chunks", "_idle", "_response", "decoder", "deadline")
+
+    def __init__(self, response: httpx.Response, first_event_deadline: float, idle_timeout: float) -> None:
+        self._response = response
+        self._chunks = response.aiter_bytes()
+        self._idle = idle_timeout
+        self.decoder = ConverseStreamDecoder()
+        self.deadline = first_event_deadline
+
+    async def read(self) -> list[ModelEvent] | None:
+        """The events of the next network read, or None at the end of the body."""
+        with anyio.CancelScope(deadline=self.deadline) as scope:
+            try:
+                data = await self._chunks.__anext__()
+            except StopAsyncIteration:
+                return None
+            except httpx.TransportError as exc:
+                raise _transport_error(exc) from exc
+        if scope.cancelled_caught:
+            raise self._timed_out()
+        frames = self.decoder.frames
+        events = self.decoder.feed(data)
+        if self.decoder.frames != frames:
+            self.deadline = anyio.current_time() + self._idle
+        return events
+
+    async def first_events(self) -> list[ModelEvent]:
+        """Read until there is something to show the user; everything before that can still be retried."""
+        while True:
+            events = await self.read()
+            if events is None:
+                raise failure("MODEL_STREAM_INCOMPLETE", "Bedrock ended the stream before any output.")
+            if events:
+                return events
+            if self.decoder.failure is not None:
+                raise self.decoder.failure
+
+    def finish(self) -> None:
+        if self.decoder.stop_reason is None:
+            raise failure("MODEL_STREAM_INCOMPLETE", "Bedrock's stream ended without messageStop.")
+
+    def _timed_out(self) -> AppError:
+        if self.decoder.frames == 0:
+            return failure("MODEL_TIMEOUT", "Bedrock sent no event within BEDROCK_FIRST_EVENT_TIMEOUT.")
+        return failure("MODEL_TIMEOUT", "Bedrock's stream stalled for longer than BEDROCK_IDLE_TIMEOUT.")
+
+    async def aclose(self) -> None:
+        await _close(self._response)
+
+
+async def _close(response: httpx.Response) -> None:
+    # Shielded: this runs while a client disconnect is cancelling the stream, and closing the connection is what
+    # tells Bedrock to stop generating.
+    with anyio.CancelScope(shield=True):
+        await response.aclose()
+
+
+async def _error_body(response: httpx.Response) -> dict[str, Any]:
+    raw = b""
+    async for chunk in response.aiter_bytes():
+        raw += chunk
+        if len(raw) > MAX_ERROR_BODY:
+            return {}
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+# -- the model -----------------------------------------------------------------------------------------------------
+
+
+class BedrockModel:
+    """``ChatModel`` for Amazon Bedrock's ConverseStream; one per process, created at startup, closed on shutdown."""
+
+    provider = "bedrock"
+    is_llm = True
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        credentials: Credentials | None = None,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.model_id = settings.bedrock_model_id
+        self._region = settings.aws_region
+        self._url = endpoint_url(settings) + model_path(self.model_id)
+        if not self._url.startswith(("https://", "http://")):
+            raise ConfigError("BEDROCK_ENDPOINT_URL must start with https:// or http://")
+        self._max_tokens = settings.bedrock_max_tokens
+        self._temperature = settings.bedrock_temperature
+        self._first_event_timeout = settings.bedrock_first_event_timeout
+        self._idle_timeout = settings.bedrock_idle_timeout
+        self._retry = RetryPolicy.from_settings(settings)
+        self._credentials = CredentialCache(credentials)
+        self._owns_client = client is None
+        self._client = client or _client(settings)
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
+
+    async def stream(self, request: ModelRequest) -> AsyncIterator[ModelEvent]:
+        body = request_body(request, self._max_tokens, self._temperature)
+        reader, events = await with_retry(partial(self._open, body), self._retry, what="Bedrock ConverseStream")
+        try:
+            decoder = reader.decoder
+            while events is not None:
+                for event in events:
+                    yield event
+                if decoder.failure is not None:
+                    raise decoder.failure
+                events = await reader.read()
+            reader.finish()
+        finally:
+            await reader.aclose()
+
+    async def _open(self, body: bytes) -> tuple[_Reader, list[ModelEvent]]:
+        """One attempt: sign, send, check the status and read up to the first output. Safe to retry."""
+        credentials = await self._credentials.get()
+        headers = signed_headers(self._url, body, credentials, self._region)
+        deadline = anyio.current_time() + self._first_event_timeout
+        request = self._client.build_request("POST", self._url, content=body, headers=headers)
+        response = await self._send(request, deadline)
+        try:
+            if response.status_code != 200:
+                raise await self._http_error(response, deadline)
+            if not response.headers.get("content-type", "").startswith(EVENT_STREAM_TYPE):
+                raise failure("MODEL_STREAM_ERROR", "Bedrock answered 200 without an event stream.")
+            reader = _Reader(response, deadline, self._idle_timeout)
+            return reader, await reader.first_events()
+        except BaseException:
+            await _close(response)
+            raise
+
+    async def _send(self, request: httpx.Request, deadline: float) -> httpx.Response:
+        with anyio.CancelScope(deadline=deadline):
+            try:
+                return await self._client.send(request, stream=True)
+            except httpx.TransportError as exc:
+                raise _transport_error(exc) from exc
+        raise failure("MODEL_TIMEOUT", "Bedrock sent no response within BEDROCK_FIRST_EVENT_TIMEOUT.")
+
+    async def _http_error(self, response: httpx.Response, deadline: float) -> AppError:
+        """An error before the stream: the type from ``x-amzn-ErrorType`` (as botocore reads it), else the body."""
+        body: dict[str, Any] = {}
+        with anyio.CancelScope(deadline=deadline):
+            try:
+                body = await _error_body(response)
+            except httpx.TransportError:
+                pass  # the status and header are enough to classify the failure
+        error_type = response.headers.get("x-amzn-errortype") or str(body.get("__type") or body.get("code") or "")
+        message = str(body.get("message") or body.get("Message") or "")
+        error = bedrock_error(error_type, response.status_code, message)
+        logger.warning(
+            "Bedrock answered HTTP %s: %s (request id %s)",
+            response.status_code,
+            error.code,
+            response.headers.get("x-amzn-requestid", "-"),
+        )
+        return error
+
+
+def _client(settings: Settings) -> httpx.AsyncClient:
+    """The process's one HTTP client for Bedrock.
+
+    No read timeout here: ``_Reader`` enforces BEDROCK_FIRST_EVENT_TIMEOUT and BEDROCK_IDLE_TIMEOUT between events
+    itself. No connection cap: every open stream holds one HTTP/1.1 connection, and a cap would queue streams
+    behind each other (httpx's default is 100); idle connections expire after 30 s.
+    """
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(
+            connect=settings.bedrock_connect_timeout,
+            read=None,
+            write=settings.bedrock_connect_timeout,
+            pool=settings.bedrock_connect_timeout,
+        ),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=30.0),
+    )
