@@ -11,6 +11,7 @@ Run it with ``python app.py`` or ``uvicorn app:app``.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import os
 import sys
@@ -26,19 +27,24 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from errors import AppError, MethodNotAllowed, NotFound
+from errors import AppError, Forbidden, MethodNotAllowed, NotFound, Unauthorized
 from services.agents import SUPERVISOR, Assistant
-from services.auth import Authenticator, TrustClaimedUser
+from services.auth import Authenticator, build_authenticator
 from services.bedrock import BedrockModel
 from services.chat import SAVE_ON_CANCEL_SECONDS, ChatService, chunk
 from services.domains import DOMAINS
 from services.local_model import LocalModel
+from services.metrics import Metrics
 from services.model import ChatModel
+from services.postgrest import PostgrestStore
+from services.postgrest_client import PostgrestClient
+from services.ratelimit import LimitStore, RateLimiter
+from services.retry import RetryPolicy
 from services.sqlite_store import SQLiteStore
 from services.store import Caller, Store
 from settings import ConfigError, Settings
 from web import inputs
-from web.middleware import BodyLimit, RequestContext
+from web.middleware import AfterResponse, BodyLimit, RequestContext, after_response
 from web.sse import EventStreamResponse, OpenStreams
 
 SERVICE_NAME = "Canvalo Multi-Agent Chat API"
@@ -54,6 +60,8 @@ class State(TypedDict):
     auth: Authenticator
     chat: ChatService
     streams: OpenStreams
+    metrics: Metrics
+    limiter: RateLimiter
 
 
 # -- routes -------------------------------------------------------------------------------------------------------
@@ -142,9 +150,32 @@ async def delete_conversation(request: Request) -> Response:
     return JSONResponse({"status": "deleted", "conversation_id": conversation_id})
 
 
+async def metrics(request: Request) -> Response:
+    """Prometheus text format. Off (404) unless METRICS_TOKEN is set; then it takes ``Authorization: Bearer``."""
+    token = str(request.state.settings.metrics_token)
+    if not token:
+        raise NotFound()
+    supplied = request.headers.get("authorization", "").encode()
+    if not hmac.compare_digest(supplied, f"Bearer {token}".encode()):
+        raise Unauthorized("A valid metrics token is required.", code="INVALID_TOKEN")
+    text = request.state.metrics.render()
+    return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
 async def _caller(request: Request, claimed_user_id: str) -> Caller:
+    """Who is calling, counted against their rate limits; a chat turn also holds a stream slot until it ends."""
     auth: Authenticator = request.state.auth
-    return await auth.authenticate(request.headers.get("authorization"), claimed_user_id)
+    limiter: RateLimiter = request.state.limiter
+    try:
+        caller = await auth.authenticate(request.headers.get("authorization"), claimed_user_id)
+    except (Unauthorized, Forbidden):
+        # No trustworthy user to count against: count the client address, so guessing credentials is limited too.
+        await limiter.admit_unauthenticated(request.client.host if request.client else "unknown")
+        raise
+    lease = await limiter.admit(caller, chat=request.scope.get("endpoint") is chat_stream)
+    if lease is not None:
+        after_response(request.scope, lease.release)
+    return caller
 
 
 async def _store_reachable(store: Store) -> bool:
@@ -193,6 +224,7 @@ async def server_error(request: Request, exc: Exception) -> Response:
 routes = [
     Route("/", root, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
     Route("/api/chat/stream", chat_stream, methods=["POST"]),
     Route("/api/conversations", list_conversations, methods=["GET"]),
     Route("/api/conversations", create_conversation, methods=["POST"]),
@@ -207,6 +239,15 @@ exception_handlers: dict[Any, Any] = {AppError: app_error, HTTPException: http_e
 
 
 def build_store(settings: Settings) -> Store:
+    if settings.store == "supabase":
+        client = PostgrestClient(
+            settings.supabase_url,
+            settings.supabase_schema,
+            settings.publishable_key,
+            retry=RetryPolicy.from_settings(settings),
+            timeout=settings.supabase_timeout,
+        )
+        return PostgrestStore(client)
     return SQLiteStore(settings.sqlite_path)
 
 
@@ -218,7 +259,7 @@ def build_model(settings: Settings) -> ChatModel:
 
 
 def build_auth(settings: Settings) -> Authenticator:
-    return TrustClaimedUser()
+    return build_authenticator(settings)
 
 
 def create_app(settings: Settings | None = None, *, model: ChatModel | None = None) -> Starlette:
@@ -234,6 +275,7 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
             stack.push_async_callback(chat_model.aclose)
             stack.push_async_callback(auth.aclose)
             await store.open()  # type: ignore[attr-defined]
+            registry, limiter = await _open_metrics_and_limits(settings, store, stack)
             chat = ChatService(
                 store, Assistant(chat_model, store), settings.history_max_messages, settings.history_token_budget
             )
@@ -252,6 +294,8 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
                 "auth": auth,
                 "chat": chat,
                 "streams": streams,
+                "metrics": registry,
+                "limiter": limiter,
             }
             # Streams cancelled at the end of the grace period are still saving their partial answers.
             await streams.drain(timeout=SAVE_ON_CANCEL_SECONDS + 5)
@@ -268,8 +312,36 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
             expose_headers=["X-Request-ID", "Retry-After"],
         ),
         Middleware(BodyLimit, max_bytes=settings.max_request_bytes),
+        Middleware(AfterResponse),
     ]
     return Starlette(routes=routes, middleware=middleware, exception_handlers=exception_handlers, lifespan=lifespan)
+
+
+async def _open_metrics_and_limits(
+    settings: Settings, store: Store, stack: contextlib.AsyncExitStack
+) -> tuple[Metrics, RateLimiter]:
+    """The metrics (snapshotted to METRICS_DIR in the background) and the rate limiter over the shared store."""
+    registry = Metrics(settings.metrics_dir)
+    stack.callback(registry.flush_quietly)  # runs last on exit: this worker's final numbers stay in the merge
+    group = await stack.enter_async_context(anyio.create_task_group())
+    group.start_soon(registry.flush_periodically)
+    stack.callback(group.cancel_scope.cancel)
+    if hasattr(store, "set_query_observer"):
+        store.set_query_observer(registry.store_call)
+    limit_store = store if isinstance(store, LimitStore) else None
+    if limit_store is None:
+        if settings.environment == "production":
+            raise ConfigError(f"STORE={store.kind} cannot enforce shared rate limits yet (no rate_limit_hit)")
+        logger.warning("Rate limits are off: store %s keeps no shared limit state", store.kind)
+    limiter = RateLimiter(
+        limit_store,
+        registry,
+        chat_per_window=settings.rate_limit_chat_per_minute,
+        api_per_window=settings.rate_limit_api_per_minute,
+        streams_per_user=settings.max_streams_per_user,
+        window_seconds=settings.rate_limit_window_seconds,
+    )
+    return registry, limiter
 
 
 def configure_logging(level: str) -> None:

@@ -58,6 +58,7 @@ class Settings:
     supabase_publishable_key: Secret = _secret()
     supabase_anon_key: Secret = _secret()
     supabase_jwt_secret: Secret = _secret()
+    supabase_timeout: float = 10.0
 
     # Model
     llm_provider: LLMProvider = "local"
@@ -82,6 +83,14 @@ class Settings:
     retry_max_delay: float = 4.0
     retry_max_total: float = 10.0
 
+    # Production limits and metrics (services/ratelimit.py, services/metrics.py)
+    rate_limit_chat_per_minute: int = 10
+    rate_limit_api_per_minute: int = 120
+    rate_limit_window_seconds: int = 60  # the *_PER_MINUTE limits apply per window; tests shorten it
+    max_streams_per_user: int = 3
+    metrics_token: Secret = _secret()  # GET /metrics is off (404) until this is set
+    metrics_dir: str = ""  # per-worker snapshots merged at scrape; required with several workers
+
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> Settings:
         """Build settings from an environment mapping; tests pass a plain dict instead of patching os.environ."""
@@ -97,7 +106,7 @@ class Settings:
 
     def validate(self) -> None:
         """Cross-field checks; each problem is named so an operator can fix all of them in one pass."""
-        problems = [p for p in self._range_problems() + self._production_problems() if p]
+        problems = [p for p in self._range_problems() + self._limit_problems() + self._production_problems() if p]
         if problems:
             raise ConfigError("Invalid configuration: " + "; ".join(problems))
 
@@ -120,6 +129,16 @@ class Settings:
         ]
         return [message for ok, message in checks if not ok]
 
+    def _limit_problems(self) -> list[str]:
+        checks = [
+            (self.rate_limit_chat_per_minute >= 1, "RATE_LIMIT_CHAT_PER_MINUTE must be at least 1"),
+            (self.rate_limit_api_per_minute >= 1, "RATE_LIMIT_API_PER_MINUTE must be at least 1"),
+            (1 <= self.rate_limit_window_seconds <= 3600, "RATE_LIMIT_WINDOW_SECONDS must be between 1 and 3600"),
+            (self.max_streams_per_user >= 1, "MAX_STREAMS_PER_USER must be at least 1"),
+            (str(self.metrics_token) == "" or len(str(self.metrics_token)) >= 16, "METRICS_TOKEN must be at least 16 characters"),
+        ]
+        return [message for ok, message in checks if not ok]
+
     def _production_problems(self) -> list[str]:
         if self.environment != "production":
             return []
@@ -130,6 +149,19 @@ class Settings:
             problems.append("STORE=supabase requires SUPABASE_URL")
         if self.store == "supabase" and not self.publishable_key:
             problems.append("STORE=supabase requires SUPABASE_PUBLISHABLE_KEY (or the legacy SUPABASE_ANON_KEY)")
+        problems.extend(self._production_deployment_problems())
+        return problems
+
+    def _production_deployment_problems(self) -> list[str]:
+        """What a real deployment needs beyond auth: the browser origins, the real model and a shared store."""
+        local = ("*", "localhost", "127.0.0.1", "[::1]")
+        problems = []
+        if not self.cors_origins or any(marker in origin for origin in self.cors_origins for marker in local):
+            problems.append("ENVIRONMENT=production requires CORS_ORIGINS set to the frontend's origins (not * or localhost)")
+        if self.llm_provider != "bedrock":
+            problems.append("ENVIRONMENT=production requires LLM_PROVIDER=bedrock (local is a rule-based stand-in)")
+        if self.store != "supabase":
+            problems.append("ENVIRONMENT=production requires STORE=supabase (SQLite cannot be shared across machines)")
         return problems
 
     @property

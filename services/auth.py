@@ -1,14 +1,52 @@
 """Who is calling: turns a request's credentials and claimed ``user_id`` into a ``Caller``.
 
-Without authentication configured (development only; production refuses to start), the claimed ``user_id`` is
-trusted, and every store call is still scoped to it.
+Three modes, picked from settings by ``build_authenticator``:
+
+* ``none``: no auth configured (development only; production refuses to start). The claimed ``user_id`` is trusted,
+  and every store call is still scoped to it.
+* ``jwt``: Supabase access tokens signed with the project's legacy HS256 secret (``SUPABASE_JWT_SECRET``) are
+  verified here, with the standard library and a constant-time compare. No network round trip.
+* ``supabase-auth``: for projects on asymmetric signing keys (ES256/RS256), the token is checked by Supabase Auth
+  (``GET {SUPABASE_URL}/auth/v1/user``) and the answer cached, bounded in size, never past the token's ``exp``.
+  With a secret configured too, HS256 tokens are still verified locally (``jwt+supabase-auth``).
+
+Every token is checked the same way before anything else: three base64url parts, an ``alg`` on a fixed allow-list
+(never ``none``; ``HS256`` only when verified with the secret), ``exp``/``nbf``/``iat`` with at most 30 s leeway,
+``aud`` containing ``authenticated``, ``iss`` equal to ``{SUPABASE_URL}/auth/v1`` when the URL is known, ``role``
+``authenticated`` and a UUID ``sub``. The claimed ``user_id`` must then equal ``sub``. Failures are
+``Unauthorized``/``Forbidden`` with the codes ``MISSING_TOKEN``, ``MALFORMED_TOKEN``, ``INVALID_TOKEN``,
+``EXPIRED_TOKEN`` and ``USER_ID_MISMATCH``; messages never echo the token or its claims, and tokens are never logged.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+import httpx
+
+from errors import Forbidden, Unauthorized, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from services.retry import RetryPolicy, with_retry
 from services.store import Caller
+from settings import ConfigError, Settings
+
+logger = logging.getLogger(__name__)
+
+LEEWAY_SECONDS = 30  # PostgREST's own clock-skew allowance; the most the issue allows
+AUDIENCE = "authenticated"
+REMOTE_ALGORITHMS = frozenset({"ES256", "RS256", "HS256"})  # what Supabase Auth signs with; never "none"
+CACHE_SIZE = 1024
+CACHE_MAX_SECONDS = 60.0  # a revoked session is noticed within a minute even if its token lives an hour
 
 
 class Authenticator(Protocol):
@@ -32,3 +70,274 @@ class TrustClaimedUser:
 
     async def aclose(self) -> None:
         return None
+
+
+# -- errors --------------------------------------------------------------------------------------------------------
+
+
+def missing_token() -> Unauthorized:
+    return Unauthorized(
+        "An Authorization: Bearer token is required.",
+        code="MISSING_TOKEN",
+        user_message="Authentication required. Please log in.",
+    )
+
+
+def malformed_token() -> Unauthorized:
+    return Unauthorized(
+        "The Authorization header is not a well-formed Bearer JWT.",
+        code="MALFORMED_TOKEN",
+        user_message="Invalid authentication format. Please log in again.",
+    )
+
+
+def invalid_token() -> Unauthorized:
+    return Unauthorized("The access token is not valid.", code="INVALID_TOKEN")
+
+
+def expired_token() -> Unauthorized:
+    return Unauthorized(
+        "The access token has expired.",
+        code="EXPIRED_TOKEN",
+        user_message="Your session has expired. Please log in again.",
+    )
+
+
+def user_id_mismatch() -> Forbidden:
+    return Forbidden(
+        "user_id does not match the access token.",
+        code="USER_ID_MISMATCH",
+        user_message="You are not authorized to access this user's data.",
+    )
+
+
+# -- token parsing and claim checks -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    raw: str
+    header: dict[str, Any]
+    claims: dict[str, Any]
+    signing_input: bytes
+    signature: bytes
+
+
+def bearer_token(authorization: str | None) -> str:
+    """The token of ``Authorization: Bearer <token>`` (scheme case-insensitive, RFC 7235)."""
+    if authorization is None or not authorization.strip():
+        raise missing_token()
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or " " in token:
+        raise malformed_token()
+    return token
+
+
+def parse_token(raw: str) -> Token:
+    parts = raw.split(".")
+    if len(parts) != 3 or not all(parts[:2]):
+        raise malformed_token()
+    try:
+        header = json.loads(_b64url(parts[0]))
+        claims = json.loads(_b64url(parts[1]))
+        signature = _b64url(parts[2])
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise malformed_token() from None
+    if not isinstance(header, dict) or not isinstance(claims, dict):
+        raise malformed_token()
+    return Token(raw, header, claims, f"{parts[0]}.{parts[1]}".encode("ascii"), signature)
+
+
+def check_claims(claims: dict[str, Any], *, now: float, issuer: str | None) -> str:
+    """Validate the registered and Supabase claims; return the user id (``sub``) in canonical form."""
+    exp = claims.get("exp")
+    if not _is_number(exp):
+        raise invalid_token()
+    if now > exp + LEEWAY_SECONDS:
+        raise expired_token()
+    for name in ("nbf", "iat"):
+        value = claims.get(name)
+        if value is not None and (not _is_number(value) or value > now + LEEWAY_SECONDS):
+            raise invalid_token()
+    audience = claims.get("aud")
+    audiences = audience if isinstance(audience, list) else [audience]
+    if AUDIENCE not in audiences:
+        raise invalid_token()
+    if issuer is not None and claims.get("iss") != issuer:
+        raise invalid_token()
+    if claims.get("role", AUDIENCE) != AUDIENCE:
+        raise invalid_token()
+    try:
+        return str(uuid.UUID(str(claims["sub"])))
+    except (KeyError, ValueError):
+        raise invalid_token() from None
+
+
+def _b64url(part: str) -> bytes:
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _matching_caller(user_id: str, token: str, claimed_user_id: str) -> Caller:
+    if claimed_user_id.lower() != user_id:
+        raise user_id_mismatch()
+    return Caller(user_id=user_id, access_token=token)
+
+
+# -- verifiers ----------------------------------------------------------------------------------------------------
+
+
+class HS256Verifier:
+    """The legacy shared secret: HMAC-SHA256 with the standard library, compared in constant time."""
+
+    def __init__(self, secret: str) -> None:
+        self._key = secret.encode("utf-8")
+
+    def verify(self, token: Token) -> None:
+        expected = hmac.new(self._key, token.signing_input, hashlib.sha256).digest()
+        if not hmac.compare_digest(expected, token.signature):
+            raise invalid_token()
+
+
+class SupabaseUserLookup:
+    """Asks Supabase Auth whether a token is good (``GET /auth/v1/user``); caches yes-answers, bounded, ≤ ``exp``.
+
+    Supabase Auth verifies the signature with the project's current keys and also rejects logged-out sessions.
+    Its 401/403 are the token's fault (``INVALID_TOKEN``); its 5xx or silence are ours (503/504, retryable).
+    """
+
+    def __init__(
+        self,
+        supabase_url: str,
+        api_key: str,
+        retry: RetryPolicy,
+        *,
+        timeout: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        clock: Callable[[], float] = time.time,
+        cache_size: int = CACHE_SIZE,
+    ) -> None:
+        self._http = httpx.AsyncClient(
+            base_url=supabase_url.rstrip("/") + "/auth/v1/",
+            headers={"apikey": api_key},
+            timeout=httpx.Timeout(timeout, connect=min(5.0, timeout)),
+            limits=httpx.Limits(max_connections=20, max_keepalive_connections=5, keepalive_expiry=5.0),
+            transport=transport,
+        )
+        self._retry = retry
+        self._clock = clock
+        self._cache: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._cache_size = cache_size
+
+    async def user_id(self, token: Token, expires_at: float) -> str:
+        key = hashlib.sha256(token.raw.encode("utf-8")).hexdigest()  # the cache never holds a usable token
+        now = self._clock()
+        cached = self._cache.get(key)
+        if cached is not None and cached[1] > now:
+            self._cache.move_to_end(key)
+            return cached[0]
+        self._cache.pop(key, None)
+        user_id = await with_retry(lambda: self._fetch(token.raw), self._retry, what="Supabase Auth /user")
+        self._remember(key, user_id, min(expires_at, now + CACHE_MAX_SECONDS))
+        return user_id
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _fetch(self, raw: str) -> str:
+        try:
+            response = await self._http.get("user", headers={"Authorization": f"Bearer {raw}"})
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout("Supabase Auth did not answer in time.", code="AUTH_TIMEOUT") from exc
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailable("Supabase Auth is unreachable.", code="AUTH_UNAVAILABLE") from exc
+        if response.status_code in (401, 403):
+            logger.info("Supabase Auth rejected a token (%s)", response.status_code)
+            raise invalid_token()
+        if response.status_code >= 500 or response.status_code == 429:
+            logger.warning("Supabase Auth answered %s", response.status_code)
+            raise UpstreamUnavailable("Supabase Auth is unavailable.", code="AUTH_UNAVAILABLE")
+        if response.status_code == 200:
+            try:
+                return str(uuid.UUID(str(response.json()["id"])))
+            except (ValueError, KeyError, TypeError):
+                pass
+        logger.warning("Supabase Auth answered %s with an unexpected body", response.status_code)
+        raise UpstreamError("Supabase Auth gave an unexpected answer.", code="AUTH_UPSTREAM_ERROR")
+
+    def _remember(self, key: str, user_id: str, expires_at: float) -> None:
+        self._cache[key] = (user_id, expires_at)
+        self._cache.move_to_end(key)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+
+class SupabaseJWTAuth:
+    """Bearer tokens from Supabase Auth: verified locally (HS256 secret) and/or by Supabase Auth (signing keys)."""
+
+    def __init__(
+        self,
+        *,
+        hs256: HS256Verifier | None,
+        remote: SupabaseUserLookup | None,
+        issuer: str | None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if hs256 is None and remote is None:
+            raise ConfigError("JWT authentication needs SUPABASE_JWT_SECRET or SUPABASE_URL")
+        self._hs256 = hs256
+        self._remote = remote
+        self._issuer = issuer
+        self._clock = clock
+        self.mode = "+".join(name for name, part in (("jwt", hs256), ("supabase-auth", remote)) if part)
+
+    async def authenticate(self, authorization: str | None, claimed_user_id: str) -> Caller:
+        token = parse_token(bearer_token(authorization))
+        algorithm = token.header.get("alg")
+        if algorithm == "HS256" and self._hs256 is not None:
+            self._hs256.verify(token)  # signature first: claims of an unsigned token mean nothing
+            user_id = check_claims(token.claims, now=self._clock(), issuer=self._issuer)
+        elif algorithm in REMOTE_ALGORITHMS and self._remote is not None:
+            # Cheap local checks first (they can only reject), then Supabase Auth for the signature.
+            user_id = check_claims(token.claims, now=self._clock(), issuer=self._issuer)
+            if await self._remote.user_id(token, float(token.claims["exp"])) != user_id:
+                raise invalid_token()
+        else:
+            raise invalid_token()  # "none", an unknown algorithm, or one we have no key for
+        return _matching_caller(user_id, token.raw, claimed_user_id)
+
+    async def aclose(self) -> None:
+        if self._remote is not None:
+            await self._remote.aclose()
+
+
+def build_authenticator(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> Authenticator:
+    """``none`` without auth settings; otherwise local HS256 and/or Supabase Auth, as configured."""
+    secret = str(settings.supabase_jwt_secret)
+    url = settings.supabase_url.rstrip("/")
+    if not secret and not url:
+        return TrustClaimedUser()
+    remote = None
+    if url:
+        if not settings.publishable_key:
+            raise ConfigError(
+                "Verifying tokens with Supabase Auth (SUPABASE_URL) requires SUPABASE_PUBLISHABLE_KEY "
+                "(or the legacy SUPABASE_ANON_KEY)"
+            )
+        remote = SupabaseUserLookup(
+            url,
+            settings.publishable_key,
+            RetryPolicy.from_settings(settings),
+            timeout=settings.supabase_timeout,
+            transport=transport,
+        )
+    return SupabaseJWTAuth(
+        hs256=HS256Verifier(secret) if secret else None,
+        remote=remote,
+        issuer=f"{url}/auth/v1" if url else None,
+    )
+

@@ -19,6 +19,7 @@ from typing import TypeVar
 import anyio
 
 from errors import AppError
+from services.metrics import record_retry
 from settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ async def with_retry(
             logger.warning(
                 "%s failed with %s (attempt %d of %d); retrying in %.2fs", what, exc.code, attempt, policy.attempts, delay
             )
+            # Counted through the request's metrics context (services/metrics.py says why this is not an argument).
+            record_retry(exc.code)
             if on_retry is not None:
                 on_retry(exc)
             await anyio.sleep(delay)

@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from errors import NotFound, UpstreamError, UpstreamUnavailable
-from services import sqlite_records
+from services import sqlite_limits, sqlite_records
 from services.domains import Domain
 from services.store import Caller, Conversation, Message, NewMessage, Page, utc_now
 
@@ -72,6 +74,8 @@ _MESSAGE_COLUMNS = "id, conversation_id, role, content, agent_type, metadata, cr
 
 class SQLiteStore:
     kind = "sqlite"
+    # Told how long each store call took (store kind, operation, seconds); set by the app for its metrics.
+    _query_observer: Callable[[str, str, float], None] | None = None
 
     def __init__(self, path: str, workers: int = 4) -> None:
         self._path = path
@@ -84,8 +88,7 @@ class SQLiteStore:
         """Create the directory and the schema; called once from the app's lifespan."""
         directory = os.path.dirname(os.path.abspath(self._path))
         await self._run(lambda db: os.makedirs(directory, exist_ok=True))
-        await self._run(self._migrate)
-        await self._run(sqlite_records.create_tables)
+        await self._run(self._prepare_schema)
 
     async def aclose(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._shutdown)
@@ -102,7 +105,12 @@ class SQLiteStore:
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` on a store thread. A cancelled caller does not stop a write already under way."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._call, work)
+        started = time.perf_counter()
+        try:
+            return await loop.run_in_executor(self._executor, self._call, work)
+        finally:
+            if self._query_observer is not None:
+                self._query_observer(self.kind, _operation(work), time.perf_counter() - started)
 
     def _call(self, work: Callable[[sqlite3.Connection], T]) -> T:
         with _sqlite_errors():
@@ -124,6 +132,15 @@ class SQLiteStore:
             with self._connections_lock:
                 self._connections.append(connection)
         return connection
+
+    def _prepare_schema(self, db: sqlite3.Connection) -> None:
+        """Migrate and create derived tables under a file lock: several workers may start on a new file at once,
+        and reading the version or a table's columns before changing them would race without it."""
+        with open(f"{os.path.abspath(self._path)}.schema-lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._migrate(db)
+            sqlite_records.create_tables(db)
+            sqlite_limits.create_tables(db)
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -266,6 +283,28 @@ class SQLiteStore:
 
     async def delete_record(self, caller: Caller, domain: Domain, record_id: str) -> None:
         await self._run(lambda db: sqlite_records.delete_record(db, caller, domain, record_id))
+
+    # -- rate limits, stream leases and query timing (services/ratelimit.py, services/metrics.py) ----------------
+
+    def set_query_observer(self, observer: Callable[[str, str, float], None]) -> None:
+        self._query_observer = observer
+
+    async def rate_limit_hit(self, caller: Caller, bucket: str, window_seconds: int, limit: int) -> tuple[bool, float]:
+        return await self._run(lambda db: sqlite_limits.hit(db, caller.user_id, bucket, window_seconds, limit))
+
+    async def stream_lease_acquire(self, caller: Caller, lease_id: str, limit: int, ttl_seconds: int) -> bool:
+        return await self._run(
+            lambda db: sqlite_limits.acquire_lease(db, caller.user_id, lease_id, limit, ttl_seconds)
+        )
+
+    async def stream_lease_release(self, caller: Caller, lease_id: str) -> None:
+        await self._run(lambda db: sqlite_limits.release_lease(db, caller.user_id, lease_id))
+
+
+def _operation(work: Callable[..., object]) -> str:
+    """The store method a unit of work belongs to, from its qualified name (``SQLiteStore.<method>.<locals>...``)."""
+    parts = getattr(work, "__qualname__", "").split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "SQLiteStore" else "other"
 
 
 @contextlib.contextmanager

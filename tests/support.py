@@ -23,7 +23,14 @@ def new_id() -> str:
 
 def make_settings(tmp_path: Any, **overrides: str) -> Settings:
     """Settings from an environment dict, as the service reads them; tests never patch os.environ."""
-    environ = {"SQLITE_PATH": str(tmp_path / "canvalo.db"), "LOCAL_TOKEN_DELAY": "0", "LOG_LEVEL": "WARNING"}
+    environ = {
+        "SQLITE_PATH": str(tmp_path / "canvalo.db"),
+        "LOCAL_TOKEN_DELAY": "0",
+        "LOG_LEVEL": "WARNING",
+        # Suites send many turns as one user; the limit tests set their own, small limits.
+        "RATE_LIMIT_CHAT_PER_MINUTE": "1000",
+        "RATE_LIMIT_API_PER_MINUTE": "10000",
+    }
     environ.update(overrides)
     return Settings.from_environ(environ)
 

@@ -5,6 +5,14 @@ one is generated), echoes it, adds security headers to non-streaming responses, 
 method, route template, status, duration, request id. The query string and body are never logged: they hold user
 ids and message text.
 
+It also records each request in the app's metrics (``scope["state"]["metrics"]``, from the lifespan) by route
+template, never by raw path, so unknown URLs cannot create unbounded series, and makes that registry the
+request's ``services.metrics.current`` for code too deep to be handed it (``with_retry``).
+
+``AfterResponse`` runs callbacks a route registered with ``after_response`` once the response is over, however it
+ended: finished, failed, cancelled at shutdown, or never started because the client left. Stream slots are
+released this way (``services/ratelimit.py``).
+
 ``BodyLimit`` refuses bodies larger than ``max_bytes``, from ``Content-Length`` up front or while reading a
 chunked body, with a 413 in the error envelope.
 """
@@ -15,12 +23,14 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from errors import PayloadTooLarge
+from services import metrics as metrics_context
 
 logger = logging.getLogger("canvalo.access")
 
@@ -45,8 +55,12 @@ class RequestContext:
             return
         supplied = Headers(scope=scope).get("x-request-id", "")
         request_id = supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
         started = time.perf_counter()
+        state["request_started"] = started  # time to first token is measured from here (web/sse.py)
+        metrics = state.get("metrics")
+        context = metrics_context.current.set(metrics)
         status = 500
 
         async def send_with_headers(message: Message) -> None:
@@ -63,15 +77,40 @@ class RequestContext:
         try:
             await self.app(scope, receive, send_with_headers)
         finally:
-            route = scope.get("route")
+            metrics_context.current.reset(context)
+            route = getattr(scope.get("route"), "path", "<unmatched>")
+            duration = time.perf_counter() - started
+            if metrics is not None:
+                metrics.http_requests.inc(scope["method"], route, str(status))
+                metrics.http_duration.observe(duration, scope["method"], route, str(status))
             logger.info(
-                "%s %s %d %.1fms request_id=%s",
-                scope["method"],
-                getattr(route, "path", "<unmatched>"),
-                status,
-                (time.perf_counter() - started) * 1000,
-                request_id,
+                "%s %s %d %.1fms request_id=%s", scope["method"], route, status, duration * 1000, request_id
             )
+
+
+AfterResponseCallback = Callable[[], Awaitable[None]]
+_AFTER_RESPONSE = "after_response"
+
+
+def after_response(scope: Scope, callback: AfterResponseCallback) -> None:
+    """Have ``AfterResponse`` await ``callback`` when this request's response is over."""
+    scope["state"].setdefault(_AFTER_RESPONSE, []).append(callback)
+
+
+class AfterResponse:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            # Callbacks shield themselves when they must outlive a cancellation (see StreamLease.release).
+            for callback in scope.get("state", {}).pop(_AFTER_RESPONSE, []):
+                await callback()
 
 
 class BodyLimit:

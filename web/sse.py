@@ -11,6 +11,9 @@ response runs the producer as its own task, so:
 - chunks that are already waiting are sent together in one write, and adjacent ``token`` chunks from the same
   agent are merged into one event, without ever waiting for more;
 - if the server cancels the request (graceful-shutdown timeout), a final retryable ``error`` chunk is sent.
+
+Stream metrics (open streams, duration by outcome, time to first token, model tokens, error codes) are measured
+here, as chunks actually go out, by ``_StreamMetrics``; the registry comes from the lifespan state in the scope.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,6 +29,8 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from starlette.types import Receive, Scope, Send
+
+from services.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -108,11 +114,13 @@ class EventStreamResponse:
         self._headers = SSE_HEADERS + (headers or [])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._observed = _StreamMetrics(scope)
         self._tracker.opened()
         try:
             await self._stream(receive, send)
         finally:
             self._tracker.closed()
+            self._observed.closed()
 
     async def _stream(self, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self._headers})
@@ -125,6 +133,7 @@ class EventStreamResponse:
                 group.cancel_scope.cancel()
         except anyio.get_cancelled_exc_class():
             # Cancelled from outside (the server's graceful-shutdown timeout): tell the client to retry.
+            self._observed.outcome = "shutdown"
             with anyio.CancelScope(shield=True), anyio.move_on_after(1):
                 await send({"type": "http.response.body", "body": encode(self._shutdown_chunk), "more_body": False})
             raise
@@ -149,6 +158,7 @@ class EventStreamResponse:
                 except anyio.EndOfStream:
                     return
                 body = b"".join(encode(item) for item in merge_tokens(batch)) if batch else PING
+                self._observed.sent(batch)
                 await send({"type": "http.response.body", "body": body, "more_body": True})
 
     async def _next_batch(self, receiver: MemoryObjectReceiveStream[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -156,6 +166,41 @@ class EventStreamResponse:
         with anyio.move_on_after(self._ping_interval):
             return [await receiver.receive(), *_drain(receiver)]
         return []
+
+
+class _StreamMetrics:
+    """What one stream tells the metrics as its chunks go out; a no-op when the app has no registry."""
+
+    def __init__(self, scope: Scope) -> None:
+        state = scope.get("state", {})
+        self._metrics: Metrics | None = state.get("metrics")
+        self._started = state.get("request_started", time.perf_counter())
+        self._opened = time.perf_counter()
+        self._first_token_seen = False
+        self.outcome = "disconnected"  # until a terminal chunk is sent
+        if self._metrics is not None:
+            self._metrics.open_streams.inc()
+
+    def sent(self, batch: list[dict[str, Any]]) -> None:
+        if self._metrics is None:
+            return
+        for item in batch:
+            if item["type"] == "token" and not self._first_token_seen:
+                self._first_token_seen = True
+                self._metrics.first_token.observe(time.perf_counter() - self._started)
+            elif item["type"] == "complete":
+                self.outcome = "complete"
+                usage = item.get("usage") or {}
+                self._metrics.llm_tokens.inc("input", amount=usage.get("input_tokens") or 0)
+                self._metrics.llm_tokens.inc("output", amount=usage.get("output_tokens") or 0)
+            elif item["type"] == "error":
+                self.outcome = "error"
+                self._metrics.llm_errors.inc(str(item.get("code") or "UNKNOWN"))
+
+    def closed(self) -> None:
+        if self._metrics is not None:
+            self._metrics.open_streams.inc(amount=-1)
+            self._metrics.stream_duration.observe(time.perf_counter() - self._opened, self.outcome)
 
 
 def _drain(receiver: MemoryObjectReceiveStream[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,0 +1,249 @@
+"""Prometheus metrics without a dependency: counters, gauges, fixed-bucket histograms and the text exposition.
+
+Why hand-written: the service needs a dozen metrics and one text format (Prometheus exposition format 0.0.4);
+``prometheus_client`` would be the only runtime dependency for that.
+
+Several workers (``uvicorn --workers N``) each keep their own numbers in memory, and a scrape reaches one of them.
+So that a scrape shows the service's totals and not one worker's, each worker writes a snapshot of its numbers to
+``METRICS_DIR`` (one JSON file per worker, written atomically every ``FLUSH_SECONDS`` and at shutdown), and the
+worker answering a scrape merges every snapshot with its own live numbers: counters and histograms are summed
+over all files (a worker that exited still counts), gauges only over workers that wrote recently (a dead worker's
+open streams are not open). This is the approach of prometheus_client's multiprocess mode. Without ``METRICS_DIR``
+a scrape shows the answering worker alone, which is right for one worker. ``METRICS_DIR`` is per machine or
+container: every machine is scraped on its own, and the directory is emptied when the container starts.
+
+The per-request ``ContextVar`` below exists for one caller: ``services/retry.py``'s ``with_retry`` runs deep inside
+the store and model clients, and threading a registry through all of their signatures would change modules that
+do not care about metrics. ``RequestContext`` sets it for each request, so two apps in one process (tests) keep
+their numbers apart, which a module-level registry would not.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import anyio
+
+logger = logging.getLogger(__name__)
+
+# How often a worker writes its snapshot; a gauge from a snapshot older than STALE_AFTER is left out of a merge.
+FLUSH_SECONDS = 1.0
+STALE_AFTER = 5 * FLUSH_SECONDS
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+STREAM_BUCKETS = (0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+TOKEN_BUCKETS = (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0)
+
+Labels = tuple[str, ...]
+
+
+class Counter:
+    kind = "counter"
+
+    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
+        self.name, self.help, self.labelnames = name, help_text, tuple(labelnames)
+        self.values: dict[Labels, float] = {}
+
+    def inc(self, *labels: str, amount: float = 1.0) -> None:
+        self.values[labels] = self.values.get(labels, 0.0) + amount
+
+    def get(self, *labels: str) -> float:
+        return self.values.get(labels, 0.0)
+
+    def dump(self) -> list[list[Any]]:
+        return [[list(labels), value] for labels, value in self.values.items()]
+
+
+class Gauge(Counter):
+    kind = "gauge"
+
+    def set(self, value: float, *labels: str) -> None:
+        self.values[labels] = value
+
+
+class Histogram:
+    kind = "histogram"
+
+    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = (), buckets: Sequence[float] = ()) -> None:
+        self.name, self.help, self.labelnames = name, help_text, tuple(labelnames)
+        self.buckets = tuple(buckets)
+        # Per label set: non-cumulative counts per bucket (last one is +Inf), then the sum of observations.
+        self.values: dict[Labels, list[float]] = {}
+
+    def observe(self, value: float, *labels: str) -> None:
+        row = self.values.setdefault(labels, [0.0] * (len(self.buckets) + 2))
+        index = next((i for i, bound in enumerate(self.buckets) if value <= bound), len(self.buckets))
+        row[index] += 1
+        row[-1] += value
+
+    def count(self, *labels: str) -> float:
+        row = self.values.get(labels)
+        return sum(row[:-1]) if row else 0.0
+
+    def dump(self) -> list[list[Any]]:
+        return [[list(labels), row] for labels, row in self.values.items()]
+
+
+Metric = Counter | Gauge | Histogram
+
+
+class Metrics:
+    """The service's metrics. One per app, created in the lifespan and reached through ``request.state.metrics``."""
+
+    def __init__(self, directory: str = "") -> None:
+        self.directory = directory
+        self.instance = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.http_requests = Counter(
+            "canvalo_http_requests_total", "HTTP requests by method, route template and status.",
+            ("method", "route", "status"),
+        )
+        self.http_duration = Histogram(
+            "canvalo_http_request_duration_seconds",
+            "Time from request to the end of the response (for the chat route, the whole stream).",
+            ("method", "route", "status"), LATENCY_BUCKETS,
+        )
+        self.open_streams = Gauge("canvalo_open_streams", "Chat streams open now.")
+        self.stream_duration = Histogram(
+            "canvalo_stream_duration_seconds", "Chat stream duration by how it ended.", ("outcome",), STREAM_BUCKETS
+        )
+        self.first_token = Histogram(
+            "canvalo_time_to_first_token_seconds", "Time from request to the first token sent.", (), TOKEN_BUCKETS
+        )
+        self.llm_tokens = Counter("canvalo_llm_tokens_total", "Model tokens by kind (input, output).", ("kind",))
+        self.llm_errors = Counter(
+            "canvalo_llm_errors_total", "Chat turns that ended with an error chunk, by error code.", ("code",)
+        )
+        self.retries = Counter("canvalo_retries_total", "Retries of transient model and store failures, by code.", ("code",))
+        self.store_duration = Histogram(
+            "canvalo_store_query_duration_seconds", "Store call latency by store and operation.",
+            ("store", "operation"), LATENCY_BUCKETS,
+        )
+        self.rate_limited = Counter(
+            "canvalo_rate_limit_rejections_total", "Requests refused with 429, by limit (chat, api, streams).", ("limit",)
+        )
+        self.all: list[Metric] = [
+            self.http_requests, self.http_duration, self.open_streams, self.stream_duration, self.first_token,
+            self.llm_tokens, self.llm_errors, self.retries, self.store_duration, self.rate_limited,
+        ]
+
+    # -- recording (small named helpers, so callers need not know label order) ----------------------------------
+
+    def store_call(self, store: str, operation: str, seconds: float) -> None:
+        self.store_duration.observe(seconds, store, operation)
+
+    def retry(self, code: str) -> None:
+        self.retries.inc(code)
+
+    # -- snapshots and exposition ------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"instance": self.instance, "written_at": time.time(), "metrics": {m.name: m.dump() for m in self.all}}
+
+    def flush(self) -> None:
+        """Write this worker's snapshot to ``directory`` atomically (write, then rename)."""
+        if not self.directory:
+            return
+        os.makedirs(self.directory, exist_ok=True)
+        path = os.path.join(self.directory, f"{self.instance}.json")
+        temporary = f"{path}.tmp"
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(self.snapshot(), handle, separators=(",", ":"))
+        os.replace(temporary, path)
+
+    async def flush_periodically(self) -> None:
+        while True:
+            await anyio.sleep(FLUSH_SECONDS)
+            self.flush_quietly()
+
+    def flush_quietly(self) -> None:
+        try:
+            self.flush()
+        except OSError as exc:
+            logger.warning("Could not write the metrics snapshot: %s", exc.strerror)
+
+    def render(self) -> str:
+        """The Prometheus text exposition of every worker's numbers merged (this worker's live ones included)."""
+        snapshots = [self.snapshot(), *self._other_snapshots()]
+        now = time.time()
+        lines: list[str] = []
+        for metric in self.all:
+            live = [s for s in snapshots if metric.kind != "gauge" or now - s["written_at"] <= STALE_AFTER]
+            merged = _merge(metric, (s["metrics"].get(metric.name, []) for s in live))
+            lines.extend(_exposition(metric, merged))
+        return "\n".join(lines) + "\n"
+
+    def _other_snapshots(self) -> list[dict[str, Any]]:
+        if not self.directory or not os.path.isdir(self.directory):
+            return []
+        snapshots = []
+        for name in sorted(os.listdir(self.directory)):
+            if not name.endswith(".json") or name == f"{self.instance}.json":
+                continue
+            try:
+                with open(os.path.join(self.directory, name), encoding="utf-8") as handle:
+                    snapshots.append(json.load(handle))
+            except (OSError, ValueError):
+                continue  # a file being replaced right now; the next scrape reads it
+        return snapshots
+
+
+def _merge(metric: Metric, dumps: Iterable[list[list[Any]]]) -> dict[Labels, Any]:
+    merged: dict[Labels, Any] = {}
+    for dump in dumps:
+        for labels, value in dump:
+            key = tuple(labels)
+            if isinstance(value, list):
+                previous = merged.get(key) or [0.0] * len(value)
+                merged[key] = [a + b for a, b in zip(previous, value, strict=True)]
+            else:
+                merged[key] = merged.get(key, 0.0) + value
+    if not merged and not metric.labelnames and metric.kind != "histogram":
+        merged[()] = 0.0  # an unlabelled counter or gauge is always shown, so dashboards see 0, not "no data"
+    return merged
+
+
+def _exposition(metric: Metric, merged: dict[Labels, Any]) -> list[str]:
+    lines = [f"# HELP {metric.name} {metric.help}", f"# TYPE {metric.name} {metric.kind}"]
+    for labels, value in sorted(merged.items()):
+        pairs = list(zip(metric.labelnames, labels, strict=True))
+        if isinstance(metric, Histogram):
+            cumulative = 0.0
+            for bound, count in zip([*metric.buckets, math.inf], value[:-1], strict=True):
+                cumulative += count
+                le = "+Inf" if bound == math.inf else repr(float(bound))
+                lines.append(f"{metric.name}_bucket{_labels([*pairs, ('le', le)])} {_number(cumulative)}")
+            lines.append(f"{metric.name}_sum{_labels(pairs)} {_number(value[-1])}")
+            lines.append(f"{metric.name}_count{_labels(pairs)} {_number(cumulative)}")
+        else:
+            lines.append(f"{metric.name}{_labels(pairs)} {_number(value)}")
+    return lines
+
+
+def _labels(pairs: Sequence[tuple[str, str]]) -> str:
+    if not pairs:
+        return ""
+    escaped = (value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"') for _, value in pairs)
+    return "{" + ",".join(f'{name}="{value}"' for (name, _), value in zip(pairs, escaped, strict=True)) + "}"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+# -- the per-request registry for with_retry (see the module docstring for why this one is a ContextVar) ----------
+
+current: contextvars.ContextVar[Metrics | None] = contextvars.ContextVar("canvalo_metrics", default=None)
+
+
+def record_retry(code: str) -> None:
+    metrics = current.get()
+    if metrics is not None:
+        metrics.retry(code)

@@ -1,0 +1,326 @@
+"""PostgREST request plumbing shared by every store that talks to Supabase's Data API (``/rest/v1``).
+
+One pooled ``httpx.AsyncClient`` (HTTP/1.1, explicit timeouts and limits) per process. Every request carries
+``apikey: <publishable or legacy anon key>`` and ``Authorization: Bearer <the caller's own access token>``, so
+PostgREST runs as role ``authenticated`` and PostgreSQL's row-level security decides what the caller may touch. A
+request without a user token is refused here rather than sent as ``anon``, and a secret/service-role key is refused
+at construction: it would bypass row-level security.
+
+What this layer owns, so stores (and the business tables of a later issue) only say *what* to read or write:
+
+* ``Accept-Profile``/``Content-Profile`` for the configured schema;
+* ``Prefer`` (``return=representation``, ``count=exact``, ``resolution=ignore-duplicates``);
+* ``Content-Range`` parsing into a total;
+* error translation, once, from PostgREST's ``{code, message, details, hint}`` (both the pre-v13 and the v13+
+  codes) and from httpx exceptions into ``errors.AppError`` subclasses; the upstream detail goes to the log, never to
+  a client, and stays reachable as ``exc.__cause__`` (a ``PostgrestFailure``) for a store that needs to refine it;
+* retries through ``services.retry.with_retry``, only for transient failures (503, 504, 520, connection errors) and
+  only for idempotent requests. Reads, deletes and updates are idempotent; an insert is only when the caller says so
+  (a client-generated primary key with ``resolution=ignore-duplicates``, so a replay inserts nothing).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from errors import AppError, Forbidden, NotFound, Unauthorized, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from services.retry import RetryPolicy, with_retry
+from services.store import Caller
+from settings import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Statuses worth another attempt: PostgREST's own 503 (PGRST000-002, 08*, 53*, 57P01) and 504 (PGRST003), and
+# Cloudflare's 520 in front of Supabase. Everything else is an answer, and asking again gives the same answer.
+TRANSIENT_STATUSES = frozenset({503, 504, 520})
+
+SCHEMA_CODES = frozenset({"PGRST200", "PGRST202", "PGRST204", "PGRST205", "PGRST106", "42P01", "42703", "42883"})
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """A successful response: the rows (``[]`` for ``return=minimal``) and, when a count was asked for, the total."""
+
+    rows: list[dict[str, Any]]
+    total: int | None
+    status: int
+
+
+class PostgrestFailure(Exception):
+    """What PostgREST (or the gateway in front of it) said, kept as the ``__cause__`` of the error we raise.
+
+    Never shown to clients: ``message`` can quote SQL values.
+    """
+
+    def __init__(self, status: int, code: str, message: str, *, transient: bool) -> None:
+        super().__init__(f"HTTP {status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.transient = transient
+
+
+def postgrest_failure(error: AppError) -> PostgrestFailure | None:
+    """The upstream failure behind ``error``, for a store that refines the generic translation."""
+    cause = error.__cause__
+    return cause if isinstance(cause, PostgrestFailure) else None
+
+
+def is_rls_violation(error: AppError) -> bool:
+    """A write rejected by a row-level security policy (not a missing grant, which is a deployment fault)."""
+    failure = postgrest_failure(error)
+    return failure is not None and failure.code == "42501" and "row-level security" in failure.message
+
+
+class PostgrestClient:
+    def __init__(
+        self,
+        supabase_url: str,
+        schema: str,
+        api_key: str,
+        *,
+        retry: RetryPolicy,
+        timeout: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if not supabase_url or not api_key:
+            raise ConfigError("The Supabase store needs SUPABASE_URL and SUPABASE_PUBLISHABLE_KEY")
+        if _is_privileged_key(api_key):
+            raise ConfigError(
+                "SUPABASE_PUBLISHABLE_KEY holds a secret or service-role key; user data is only read with the "
+                "publishable (or legacy anon) key and the user's own token"
+            )
+        if timeout <= 0:
+            raise ConfigError("SUPABASE_TIMEOUT must be positive")
+        self._schema = schema
+        self._api_key = api_key
+        self._retry = retry
+        self._http = httpx.AsyncClient(
+            base_url=supabase_url.rstrip("/") + "/rest/v1/",
+            http1=True,
+            http2=False,
+            timeout=httpx.Timeout(timeout, connect=min(5.0, timeout), pool=min(5.0, timeout)),
+            limits=httpx.Limits(max_connections=50, max_keepalive_connections=10, keepalive_expiry=5.0),
+            transport=transport,
+            follow_redirects=False,
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # -- verbs --------------------------------------------------------------------------------------------------
+
+    async def select(self, caller: Caller, table: str, params: Mapping[str, str], *, count: bool = False) -> Result:
+        prefer = ["count=exact"] if count else []
+        return await self.request(caller, "GET", table, params=params, prefer=prefer)
+
+    async def insert(
+        self,
+        caller: Caller,
+        table: str,
+        row: Mapping[str, Any],
+        *,
+        select: str,
+        on_conflict: str | None = None,
+    ) -> Result:
+        """Insert one row and return it. With ``on_conflict`` a duplicate key is skipped (``rows == []``), which
+        makes the insert idempotent, so only then is it retried."""
+        params = {"select": select}
+        prefer = ["return=representation"]
+        if on_conflict is not None:
+            params["on_conflict"] = on_conflict
+            prefer.append("resolution=ignore-duplicates")
+        return await self.request(
+            caller, "POST", table, params=params, json_body=dict(row), prefer=prefer, idempotent=on_conflict is not None
+        )
+
+    async def delete(self, caller: Caller, table: str, params: Mapping[str, str], *, select: str = "id") -> Result:
+        """Delete the matching rows (always pass a primary-key filter) and return them; ``[]`` when none matched."""
+        return await self.request(
+            caller, "DELETE", table, params={**params, "select": select}, prefer=["return=representation"]
+        )
+
+    async def probe(self, table: str) -> None:
+        """Is PostgREST up and does it know ``table``? Sent with the API key alone (role ``anon``).
+
+        ``anon`` has no grant on our tables, so PostgREST answering 42501 proves the database answered and the table
+        exists; a 2xx (a project that granted ``anon`` more) proves the same.
+        """
+        async def attempt() -> None:
+            response = await self._send("GET", table, {"select": "id", "limit": "0"}, self._headers(None, "GET", []))
+            if response.is_success:
+                return
+            failure = _failure(response)
+            if failure.code == "42501":
+                return
+            raise _translate(failure) from failure
+
+        await with_retry(attempt, self._retry, what="PostgREST probe", retryable=_is_transient)
+
+    async def request(
+        self,
+        caller: Caller,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        json_body: Any = None,
+        prefer: list[str] | None = None,
+        idempotent: bool | None = None,
+    ) -> Result:
+        """One PostgREST call as ``caller``. ``idempotent`` defaults to true for every method but POST."""
+        if not caller.access_token:
+            raise Unauthorized("No access token to act as the user.", code="MISSING_TOKEN")
+        headers = self._headers(caller.access_token, method, prefer or [])
+        replayable = idempotent if idempotent is not None else method != "POST"
+
+        async def attempt() -> Result:
+            response = await self._send(method, path, dict(params or {}), headers, json_body)
+            if not response.is_success:
+                failure = _failure(response)
+                raise _translate(failure, response.headers.get("retry-after")) from failure
+            return Result(_rows(response), parse_total(response.headers.get("content-range")), response.status_code)
+
+        if not replayable:
+            return await attempt()
+        return await with_retry(attempt, self._retry, what=f"PostgREST {method} {path}", retryable=_is_transient)
+
+    # -- plumbing -----------------------------------------------------------------------------------------------
+
+    def _headers(self, token: str | None, method: str, prefer: list[str]) -> dict[str, str]:
+        profile = "Accept-Profile" if method in ("GET", "HEAD") else "Content-Profile"
+        headers = {"apikey": self._api_key, profile: self._schema, "Accept": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        if prefer:
+            headers["Prefer"] = ", ".join(prefer)
+        return headers
+
+    async def _send(
+        self, method: str, path: str, params: dict[str, str], headers: dict[str, str], json_body: Any = None
+    ) -> httpx.Response:
+        try:
+            return await self._http.request(method, path, params=params, headers=headers, json=json_body)
+        except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            # Nothing reached PostgREST: as safe to retry as a refused connection.
+            raise _timeout() from _transport(exc, transient=True)
+        except httpx.TimeoutException as exc:
+            # Sent, but no answer in time: the statement may still be running, so it is not retried here.
+            raise _timeout() from _transport(exc, transient=False)
+        except httpx.TransportError as exc:
+            # Refused, reset, or a kept-alive connection the server had closed (RemoteProtocolError).
+            raise UpstreamUnavailable("The database is unreachable.", code="STORE_UNAVAILABLE") from _transport(
+                exc, transient=True
+            )
+
+
+def parse_total(content_range: str | None) -> int | None:
+    """The total of ``Content-Range: 0-24/3573458`` (``*/0``, ``*/*``, ...); ``None`` when absent or ``*``."""
+    if not content_range or "/" not in content_range:
+        return None
+    total = content_range.rsplit("/", 1)[1].strip()
+    return int(total) if total.isdigit() else None
+
+
+def _rows(response: httpx.Response) -> list[dict[str, Any]]:
+    if response.status_code == 204 or not response.content:
+        return []
+    try:
+        body = response.json()
+    except ValueError as exc:
+        raise UpstreamError("The database returned an unreadable response.", code="STORE_BAD_RESPONSE") from exc
+    if isinstance(body, dict):
+        return [body]
+    if not isinstance(body, list) or not all(isinstance(row, dict) for row in body):
+        raise UpstreamError("The database returned an unexpected response.", code="STORE_BAD_RESPONSE")
+    return body
+
+
+def _failure(response: httpx.Response) -> PostgrestFailure:
+    """PostgREST's error JSON, or a synthesized one for gateway/proxy bodies (HTML 520, plain-text 414, ...)."""
+    code, message = f"HTTP{response.status_code}", response.text[:200]
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        code = str(body.get("code") or body.get("error_code") or code)
+        message = str(body.get("message") or body.get("msg") or "")
+    return PostgrestFailure(response.status_code, code, message, transient=response.status_code in TRANSIENT_STATUSES)
+
+
+def _translate(failure: PostgrestFailure, retry_after: str | None = None) -> AppError:
+    """PostgREST/PostgreSQL error → ours. Log the detail here, once; clients get only our code and message."""
+    status, code = failure.status, failure.code
+    log = logger.warning if status < 500 else logger.error
+    # PostgREST's message names tables, constraints and SQL types; row values live in `details`, never read here.
+    log("PostgREST answered %s %s: %s", status, code, failure.message[:200])
+    if status == 401 and code.startswith("PGRST3"):
+        # The user's token, as PostgREST judged it. Pre-v13 said PGRST301 for every JWT problem, expiry included.
+        if "expired" in failure.message.lower():
+            return Unauthorized("The access token has expired.", code="EXPIRED_TOKEN",
+                                user_message="Your session has expired. Please log in again.")
+        return Unauthorized("The access token was rejected.", code="INVALID_TOKEN")
+    if code == "42501":
+        if "row-level security" in failure.message:
+            return Forbidden("The database refused the write.", code="STORE_FORBIDDEN")
+        return UpstreamError("The database denied access; check the migration's grants.",
+                             code="STORE_PERMISSION_DENIED")
+    if status == 401 or status == 403:
+        # No PostgREST code: the API gateway rejected our apikey. A deployment fault, not the user's.
+        return UpstreamError("The database rejected the service's API key.", code="STORE_MISCONFIGURED")
+    if code in SCHEMA_CODES:
+        return UpstreamError("The database schema is missing or not exposed; apply the migration.", code="STORE_SCHEMA")
+    if code == "PGRST116":
+        return NotFound("Not found.")
+    if code == "57014" or status == 504:
+        return _timeout()
+    if status in TRANSIENT_STATUSES or code.startswith(("PGRST0", "08", "53")) or code == "57P01":
+        return UpstreamUnavailable(
+            "The database is unavailable.", code="STORE_UNAVAILABLE", retry_after=_seconds(retry_after)
+        )
+    return UpstreamError("The database rejected the request.", code="STORE_ERROR")
+
+
+def _timeout() -> UpstreamTimeout:
+    return UpstreamTimeout("The database did not answer in time.", code="STORE_TIMEOUT")
+
+
+def _transport(exc: httpx.TransportError, *, transient: bool) -> PostgrestFailure:
+    logger.warning("PostgREST request failed: %s", type(exc).__name__)
+    failure = PostgrestFailure(0, type(exc).__name__, "transport error", transient=transient)
+    failure.__cause__ = exc
+    return failure
+
+
+def _is_transient(error: AppError) -> bool:
+    failure = error.__cause__
+    return isinstance(failure, PostgrestFailure) and failure.transient
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
+def _is_privileged_key(key: str) -> bool:
+    """``sb_secret_...`` or a legacy JWT key whose role is ``service_role``: both bypass row-level security."""
+    if key.startswith("sb_secret_"):
+        return True
+    parts = key.split(".")
+    if len(parts) != 3:
+        return False
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except ValueError:
+        return False
+    return isinstance(payload, dict) and payload.get("role") == "service_role"

@@ -1,0 +1,351 @@
+"""Authentication: the HS256 verifier, the Supabase-Auth-backed verifier and its cache, the mode picked from
+settings, and the codes every /api route answers with (on both stores, through the shared fixtures)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from errors import Forbidden, Unauthorized, UpstreamUnavailable
+from services.auth import (
+    CACHE_MAX_SECONDS,
+    HS256Verifier,
+    SupabaseJWTAuth,
+    SupabaseUserLookup,
+    TrustClaimedUser,
+    build_authenticator,
+)
+from services.retry import RetryPolicy
+from settings import ConfigError, Settings
+from tests.conftest import AuthHeaders
+from tests.tokens import MISSING, TEST_JWT_SECRET, b64url, bearer, claims_for, encode, mint
+from tests.support import new_id
+
+pytestmark = pytest.mark.anyio
+
+ISSUER = "https://project.supabase.co/auth/v1"
+FAST = RetryPolicy(attempts=3, base_delay=0, max_delay=0, max_total=5)
+
+
+def local_auth(issuer: str | None = ISSUER) -> SupabaseJWTAuth:
+    return SupabaseJWTAuth(hs256=HS256Verifier(TEST_JWT_SECRET), remote=None, issuer=issuer)
+
+
+async def rejected(auth: Any, header: str | None, user: str) -> Unauthorized | Forbidden:
+    with pytest.raises((Unauthorized, Forbidden)) as caught:
+        await auth.authenticate(header, user)
+    error = caught.value
+    if header and " " in header.strip():
+        token = header.split()[-1]
+        assert token not in error.message and token not in error.user_message  # never echo the token
+    return error  # type: ignore[return-value]
+
+
+# -- local HS256 ----------------------------------------------------------------------------------------------------
+
+
+async def test_a_valid_token_gives_the_caller_with_the_token_to_forward() -> None:
+    user = new_id()
+    token = mint(user, issuer=ISSUER)
+    caller = await local_auth().authenticate(f"Bearer {token}", user.upper())
+    assert caller.user_id == user and caller.access_token == token
+    assert token not in repr(caller)
+
+
+@pytest.mark.parametrize(
+    ("header", "code"),
+    [
+        (None, "MISSING_TOKEN"),
+        ("", "MISSING_TOKEN"),
+        ("Basic dXNlcjpwYXNz", "MALFORMED_TOKEN"),
+        ("Bearer", "MALFORMED_TOKEN"),
+        ("Bearer only.two", "MALFORMED_TOKEN"),
+        ("Bearer a.b.c.d", "MALFORMED_TOKEN"),
+        ("Bearer !!!.???.***", "MALFORMED_TOKEN"),
+        (f"Bearer {b64url(b'[1]')}.{b64url(b'{}')}.x", "MALFORMED_TOKEN"),
+    ],
+)
+async def test_missing_and_malformed_headers(header: str | None, code: str) -> None:
+    error = await rejected(local_auth(), header, new_id())
+    assert (error.status, error.code) == (401, code)
+
+
+def _tampered(user: str, other: str) -> str:
+    header, _, signature = mint(user, issuer=ISSUER).split(".")
+    payload = b64url(json.dumps(claims_for(other, issuer=ISSUER)).encode())
+    return f"{header}.{payload}.{signature}"
+
+
+@pytest.mark.parametrize(
+    ("make", "code"),
+    [
+        (lambda u: mint(u, "another-projects-secret-of-32-characters", issuer=ISSUER), "INVALID_TOKEN"),
+        (lambda u: _tampered(new_id(), u), "INVALID_TOKEN"),
+        (lambda u: encode(claims_for(u, issuer=ISSUER), alg="none"), "INVALID_TOKEN"),
+        (lambda u: encode(claims_for(u, issuer=ISSUER), alg="HS512"), "INVALID_TOKEN"),
+        (lambda u: encode(claims_for(u, issuer=ISSUER), alg="RS256"), "INVALID_TOKEN"),
+        (lambda u: mint(u, issuer=ISSUER, exp=int(time.time()) - 31), "EXPIRED_TOKEN"),
+        (lambda u: mint(u, issuer=ISSUER, exp=MISSING), "INVALID_TOKEN"),
+        (lambda u: mint(u, issuer=ISSUER, nbf=int(time.time()) + 60), "INVALID_TOKEN"),
+        (lambda u: mint(u, issuer=ISSUER, iat=int(time.time()) + 60), "INVALID_TOKEN"),
+        (lambda u: mint(u, issuer=ISSUER, aud="anon"), "INVALID_TOKEN"),
+        (lambda u: mint(u, issuer=ISSUER, aud=MISSING), "INVALID_TOKEN"),
+        (lambda u: mint(u, issuer="https://other.supabase.co/auth/v1"), "INVALID_TOKEN"),
+        (lambda u: mint(u, issuer=None), "INVALID_TOKEN"),
+        (lambda u: mint(u, issuer=ISSUER, sub=MISSING), "INVALID_TOKEN"),
+        (lambda u: mint(u, issuer=ISSUER, sub="not-a-uuid"), "INVALID_TOKEN"),
+        (lambda u: mint(u, issuer=ISSUER, role="service_role"), "INVALID_TOKEN"),
+        # The legacy anon key is an HS256 JWT from the same secret, with no sub or aud.
+        (lambda u: encode({"iss": "supabase", "role": "anon", "exp": int(time.time()) + 99}), "INVALID_TOKEN"),
+    ],
+    ids=[
+        "forged", "tampered", "alg-none", "alg-hs512", "alg-rs256-without-remote", "expired", "no-exp", "nbf-future",
+        "iat-future", "other-audience", "no-audience", "other-issuer", "no-issuer", "no-sub", "sub-not-uuid",
+        "service-role", "anon-key",
+    ],
+)
+async def test_bad_tokens_are_rejected_with_their_code(make: Any, code: str) -> None:
+    user = new_id()
+    error = await rejected(local_auth(), f"Bearer {make(user)}", user)
+    assert (error.status, error.code) == (401, code)
+
+
+async def test_expiry_and_not_before_allow_30_seconds_of_clock_skew() -> None:
+    user, now = new_id(), int(time.time())
+    token = mint(user, issuer=ISSUER, exp=now - 20, nbf=now + 20, iat=now + 20)
+    assert (await local_auth().authenticate(f"Bearer {token}", user)).user_id == user
+
+
+async def test_audience_may_be_a_list_and_issuer_is_optional_without_a_url() -> None:
+    user = new_id()
+    token = mint(user, aud=["authenticated", "other"])
+    assert (await local_auth(issuer=None).authenticate(f"bearer {token}", user)).user_id == user
+
+
+async def test_user_id_must_match_the_tokens_subject() -> None:
+    error = await rejected(local_auth(), f"Bearer {mint(new_id(), issuer=ISSUER)}", new_id())
+    assert (error.status, error.code) == (403, "USER_ID_MISMATCH")
+
+
+async def test_trust_claimed_user_is_the_development_mode() -> None:
+    caller = await TrustClaimedUser().authenticate(None, "u")
+    assert caller.user_id == "u" and caller.access_token is None
+
+
+# -- Supabase Auth (asymmetric signing keys) ---------------------------------------------------------------------
+
+
+class AuthServer:
+    """``GET /auth/v1/user`` as Supabase Auth answers it, with a request counter."""
+
+    def __init__(self, answers: list[httpx.Response] | None = None, user: str | None = None) -> None:
+        self.answers = answers or []
+        self.user = user
+        self.calls: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.calls.append(request)
+        if self.answers:
+            return self.answers.pop(0)
+        return httpx.Response(200, json={"id": self.user, "aud": "authenticated", "role": "authenticated"})
+
+
+def es256_token(user: str, **changes: Any) -> str:
+    """Shaped like a token from Supabase's ES256 signing keys; only Supabase Auth could check its signature."""
+    header = b64url(json.dumps({"alg": "ES256", "kid": "key-1", "typ": "JWT"}).encode())
+    payload = b64url(json.dumps(claims_for(user, issuer=ISSUER, **changes)).encode())
+    return f"{header}.{payload}.{b64url(b'r' * 32 + b's' * 32)}"
+
+
+def remote_auth(server: AuthServer, clock: Any = time.time, cache_size: int = 1024) -> SupabaseJWTAuth:
+    lookup = SupabaseUserLookup(
+        "https://project.supabase.co", "sb_publishable_x", FAST,
+        transport=httpx.MockTransport(server), clock=clock, cache_size=cache_size,
+    )
+    return SupabaseJWTAuth(hs256=None, remote=lookup, issuer=ISSUER, clock=clock)
+
+
+async def test_asymmetric_tokens_are_checked_by_supabase_auth_with_the_publishable_key() -> None:
+    user = new_id()
+    server = AuthServer(user=user)
+    auth = remote_auth(server)
+    token = es256_token(user)
+    caller = await auth.authenticate(f"Bearer {token}", user)
+    assert caller.user_id == user and caller.access_token == token
+    (call,) = server.calls
+    assert call.url == "https://project.supabase.co/auth/v1/user"
+    assert call.headers["apikey"] == "sb_publishable_x" and call.headers["authorization"] == f"Bearer {token}"
+    await auth.aclose()
+
+
+async def test_answers_are_cached_no_longer_than_the_cap_or_the_tokens_expiry() -> None:
+    user, now = new_id(), [1_000_000.0]
+    server = AuthServer(user=user)
+    auth = remote_auth(server, clock=lambda: now[0])
+    long_lived = es256_token(user, exp=int(now[0]) + 3600, iat=int(now[0]))
+    for _ in range(3):
+        await auth.authenticate(f"Bearer {long_lived}", user)
+    assert len(server.calls) == 1
+    now[0] += CACHE_MAX_SECONDS + 1
+    await auth.authenticate(f"Bearer {long_lived}", user)
+    assert len(server.calls) == 2
+
+    short_lived = es256_token(user, exp=int(now[0]) + 5, iat=int(now[0]))
+    await auth.authenticate(f"Bearer {short_lived}", user)
+    now[0] += 10  # past exp (within the 30 s leeway): the cached yes has lapsed with the token
+    await auth.authenticate(f"Bearer {short_lived}", user)
+    assert len(server.calls) == 4
+    await auth.aclose()
+
+
+async def test_the_cache_is_bounded() -> None:
+    user = new_id()
+    server = AuthServer(user=user)
+    auth = remote_auth(server, cache_size=2)
+    tokens = [es256_token(user, session_id=str(i)) for i in range(3)]
+    for token in tokens:
+        await auth.authenticate(f"Bearer {token}", user)
+    await auth.authenticate(f"Bearer {tokens[0]}", user)  # evicted by the third
+    await auth.authenticate(f"Bearer {tokens[2]}", user)  # still cached
+    assert len(server.calls) == 4
+    await auth.aclose()
+
+
+@pytest.mark.parametrize(
+    ("answer", "code"),
+    [
+        (httpx.Response(403, json={"code": 403, "error_code": "bad_jwt", "msg": "invalid JWT"}), "INVALID_TOKEN"),
+        (httpx.Response(403, json={"code": 403, "error_code": "session_not_found"}), "INVALID_TOKEN"),
+        (httpx.Response(401, json={"code": 401, "error_code": "no_authorization"}), "INVALID_TOKEN"),
+        (httpx.Response(200, json={"id": "00000000-0000-4000-8000-000000000001"}), "INVALID_TOKEN"),
+    ],
+)
+async def test_supabase_auth_refusals_and_other_users_are_invalid(answer: httpx.Response, code: str) -> None:
+    user = new_id()
+    auth = remote_auth(AuthServer([answer]))
+    error = await rejected(auth, f"Bearer {es256_token(user)}", user)
+    assert (error.status, error.code) == (401, code)
+    await auth.aclose()
+
+
+async def test_supabase_auth_outages_are_503_after_retries_not_401() -> None:
+    user = new_id()
+    server = AuthServer([httpx.Response(500, text="oops")] * 3)
+    auth = remote_auth(server)
+    with pytest.raises(UpstreamUnavailable):
+        await auth.authenticate(f"Bearer {es256_token(user)}", user)
+    assert len(server.calls) == 3
+    await auth.aclose()
+
+
+async def test_local_claim_checks_run_before_any_network_call() -> None:
+    user = new_id()
+    server = AuthServer(user=user)
+    auth = remote_auth(server)
+    for token, code in [
+        (es256_token(user, exp=int(time.time()) - 60), "EXPIRED_TOKEN"),
+        (es256_token(user, aud="anon"), "INVALID_TOKEN"),
+        (encode(claims_for(user, issuer=ISSUER), alg="none"), "INVALID_TOKEN"),
+    ]:
+        assert (await rejected(auth, f"Bearer {token}", user)).code == code
+    assert server.calls == []
+    await auth.aclose()
+
+
+# -- choosing the mode ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("environ", "mode"),
+    [
+        ({}, "none"),
+        ({"SUPABASE_JWT_SECRET": "s"}, "jwt"),
+        ({"SUPABASE_URL": "https://p.supabase.co", "SUPABASE_PUBLISHABLE_KEY": "k"}, "supabase-auth"),
+        ({"SUPABASE_URL": "https://p.supabase.co", "SUPABASE_ANON_KEY": "k"}, "supabase-auth"),
+        ({"SUPABASE_URL": "https://p.supabase.co", "SUPABASE_PUBLISHABLE_KEY": "k", "SUPABASE_JWT_SECRET": "s"},
+         "jwt+supabase-auth"),
+    ],
+)
+async def test_the_mode_follows_the_settings(environ: dict[str, str], mode: str) -> None:
+    auth = build_authenticator(Settings.from_environ(environ))
+    assert auth.mode == mode
+    await auth.aclose()
+
+
+def test_supabase_auth_without_a_key_refuses_to_start() -> None:
+    with pytest.raises(ConfigError, match="SUPABASE_PUBLISHABLE_KEY"):
+        build_authenticator(Settings.from_environ({"SUPABASE_URL": "https://p.supabase.co"}))
+
+
+@pytest.mark.parametrize(
+    ("environ", "named"),
+    [
+        ({"ENVIRONMENT": "production"}, "SUPABASE_JWT_SECRET"),
+        ({"ENVIRONMENT": "production", "STORE": "supabase", "SUPABASE_JWT_SECRET": "s"}, "SUPABASE_URL"),
+        ({"ENVIRONMENT": "production", "STORE": "supabase", "SUPABASE_URL": "https://p.supabase.co"},
+         "SUPABASE_PUBLISHABLE_KEY"),
+    ],
+)
+def test_production_refuses_to_start_without_auth_or_store_settings(environ: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        Settings.from_environ(environ)
+
+
+# -- over HTTP, on every store -------------------------------------------------------------------------------------
+
+
+def _routes(user: str) -> list[tuple[str, str, dict[str, Any]]]:
+    conversation = new_id()
+    return [
+        ("GET", "/api/conversations", {"params": {"user_id": user}}),
+        ("POST", "/api/conversations", {"json": {"user_id": user, "title": "t"}}),
+        ("GET", f"/api/conversations/{conversation}", {"params": {"user_id": user}}),
+        ("DELETE", f"/api/conversations/{conversation}", {"params": {"user_id": user}}),
+        ("POST", "/api/chat/stream", {"json": {"user_id": user, "conversation_id": conversation, "message": "hi"}}),
+    ]
+
+
+def test_every_api_route_requires_a_bearer_token(client: TestClient, user_id: str) -> None:
+    for method, path, kwargs in _routes(user_id):
+        response = client.request(method, path, **kwargs)
+        assert response.status_code == 401, (method, path)
+        assert response.json()["error"]["code"] == "MISSING_TOKEN"
+
+
+def test_every_api_route_checks_the_user_id_against_the_token(
+    client: TestClient, auth_headers: AuthHeaders, user_id: str
+) -> None:
+    intruder = auth_headers(new_id())
+    for method, path, kwargs in _routes(user_id):
+        response = client.request(method, path, headers=intruder, **kwargs)
+        assert response.status_code == 403, (method, path)
+        assert response.json()["error"]["code"] == "USER_ID_MISMATCH"
+
+
+def test_health_stays_open_and_names_the_mode(client: TestClient) -> None:
+    assert client.get("/health").json()["auth"]["mode"].startswith("jwt")
+
+
+def test_bad_tokens_over_http_get_the_envelope_with_their_code(
+    client: TestClient, settings: Settings, user_id: str
+) -> None:
+    issuer = f"{settings.supabase_url}/auth/v1" if settings.supabase_url else None
+    cases = [
+        (mint(user_id, "wrong-secret-wrong-secret-wrong-secret", issuer=issuer), "INVALID_TOKEN"),
+        (mint(user_id, issuer=issuer, exp=int(time.time()) - 120), "EXPIRED_TOKEN"),
+        (mint(user_id, issuer=issuer, aud="somebody-else"), "INVALID_TOKEN"),
+        (encode(claims_for(user_id, issuer=issuer), alg="none"), "INVALID_TOKEN"),
+        (mint(user_id, issuer=issuer, sub=MISSING), "INVALID_TOKEN"),
+        ("not-a-jwt", "MALFORMED_TOKEN"),
+    ]
+    for token, code in cases:
+        response = client.get("/api/conversations", params={"user_id": user_id}, headers=bearer(token))
+        assert response.status_code == 401
+        error = response.json()["error"]
+        assert error["code"] == code and isinstance(error["userMessage"], str)
+        assert token not in response.text

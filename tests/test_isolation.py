@@ -1,0 +1,178 @@
+"""Tenant isolation: user B can never list, read, append to, rename or delete user A's conversations.
+
+Two layers are attacked. Through the service's API (on both stores, with real tokens), by every route and by
+guessing ids. And directly at the Data API with B's own valid token, the way any Supabase client could call it:
+there the only guard is PostgreSQL's row-level security from the migration, running for real under the fake
+PostgREST's role switch, so these tests fail if a policy or grant is wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from tests.conftest import DATABASE, AuthHeaders
+from tests.support import chunks, new_id
+from tests.tokens import TEST_PUBLISHABLE_KEY, mint
+
+REST = "/rest/v1/"
+
+
+def _chat(client: TestClient, auth: AuthHeaders, user: str, conversation: str, text: str) -> httpx.Response:
+    body = {"message": text, "conversation_id": conversation, "user_id": user}
+    return client.post("/api/chat/stream", json=body, headers=auth(user))
+
+
+def _alice_with_history(client: TestClient, auth: AuthHeaders) -> tuple[str, str]:
+    alice, conversation = new_id(), new_id()
+    response = _chat(client, auth, alice, conversation, "alice's private question")
+    assert response.status_code == 200 and chunks(response.text)[-1]["type"] == "complete"
+    return alice, conversation
+
+
+# -- through the service ------------------------------------------------------------------------------------------
+
+
+def test_bob_cannot_reach_alices_conversation_by_any_route(client: TestClient, auth_headers: AuthHeaders) -> None:
+    alice, conversation = _alice_with_history(client, auth_headers)
+    bob = new_id()
+    as_bob = {"params": {"user_id": bob}, "headers": auth_headers(bob)}
+
+    listed = client.get("/api/conversations", **as_bob).json()  # type: ignore[arg-type]
+    assert (listed["conversations"], listed["total"]) == ([], 0)
+    for method in ("GET", "DELETE"):
+        response = client.request(method, f"/api/conversations/{conversation}", **as_bob)  # type: ignore[arg-type]
+        assert (response.status_code, response.json()["error"]["code"]) == (404, "CONVERSATION_NOT_FOUND")
+    appended = _chat(client, auth_headers, bob, conversation, "bob writes into alice's chat")
+    assert (appended.status_code, appended.json()["error"]["code"]) == (404, "CONVERSATION_NOT_FOUND")
+
+    mine = client.get(f"/api/conversations/{conversation}", params={"user_id": alice}, headers=auth_headers(alice))
+    body = mine.json()
+    assert body["message_count"] == 2 and body["title"] == "AI Chat"
+    assert [m["content"] for m in body["messages"] if m["role"] == "user"] == ["alice's private question"]
+
+
+def test_bob_cannot_act_as_alice_with_his_own_token(client: TestClient, auth_headers: AuthHeaders) -> None:
+    alice, conversation = _alice_with_history(client, auth_headers)
+    bob_headers = auth_headers(new_id())
+    as_alice_with_bobs_token = [
+        client.get("/api/conversations", params={"user_id": alice}, headers=bob_headers),
+        client.get(f"/api/conversations/{conversation}", params={"user_id": alice}, headers=bob_headers),
+        client.delete(f"/api/conversations/{conversation}", params={"user_id": alice}, headers=bob_headers),
+        client.post("/api/conversations", json={"user_id": alice}, headers=bob_headers),
+        client.post("/api/chat/stream", json={"message": "x", "conversation_id": conversation, "user_id": alice},
+                    headers=bob_headers),
+    ]
+    assert [r.status_code for r in as_alice_with_bobs_token] == [403] * 5
+    assert {r.json()["error"]["code"] for r in as_alice_with_bobs_token} == {"USER_ID_MISMATCH"}
+
+
+def test_guessed_ids_reveal_nothing(client: TestClient, auth_headers: AuthHeaders) -> None:
+    alice, conversation = _alice_with_history(client, auth_headers)
+    bob = new_id()
+    guesses = [conversation, conversation.upper(), new_id()]
+    answers = [
+        client.get(f"/api/conversations/{guess}", params={"user_id": bob}, headers=auth_headers(bob))
+        for guess in guesses
+    ]
+    # A real id of someone else's and an id nobody uses look exactly alike.
+    assert {(r.status_code, r.json()["error"]["code"], r.json()["error"]["message"]) for r in answers} == {
+        (404, "CONVERSATION_NOT_FOUND", "Conversation not found.")
+    }
+
+
+# -- directly at the Data API with Bob's own valid token (real row-level security) -------------------------------
+
+
+@pytest.fixture
+def data_api(supabase_url: str, fake_postgrest: Any, register_user: Callable[[str], None]) -> Callable[..., Any]:
+    def call(method: str, table: str, user: str | None, **kwargs: Any) -> httpx.Response:
+        headers = {"apikey": TEST_PUBLISHABLE_KEY, "Prefer": "return=representation", **kwargs.pop("headers", {})}
+        if user is not None:
+            register_user(user)
+            headers["Authorization"] = f"Bearer {mint(user)}"
+        return httpx.request(method, f"{supabase_url}{REST}{table}", headers=headers, timeout=10, **kwargs)
+
+    return call
+
+
+@pytest.fixture
+def alices(data_api: Callable[..., httpx.Response]) -> tuple[str, str, str]:
+    alice, conversation, message = new_id(), new_id(), new_id()
+    created = data_api("POST", "agent_conversations", alice, json={"id": conversation, "user_id": alice, "title": "A"})
+    assert created.status_code == 201, created.text
+    sent = data_api("POST", "agent_messages", alice,
+                    json={"id": message, "conversation_id": conversation, "role": "user", "content": "secret"})
+    assert sent.status_code == 201, sent.text
+    return alice, conversation, message
+
+
+def test_rls_hides_alices_rows_from_bobs_reads(data_api: Callable[..., httpx.Response], alices: Any) -> None:
+    _, conversation, message = alices
+    bob = new_id()
+    reads = [
+        data_api("GET", "agent_conversations", bob),
+        data_api("GET", "agent_conversations", bob, params={"id": f"eq.{conversation}"}),
+        data_api("GET", "agent_messages", bob),
+        data_api("GET", "agent_messages", bob, params={"conversation_id": f"eq.{conversation}"}),
+        data_api("GET", "agent_messages", bob, params={"id": f"eq.{message}"}),
+    ]
+    assert [(r.status_code, r.json()) for r in reads] == [(200, [])] * 5
+    counted = data_api("GET", "agent_messages", bob, headers={"Prefer": "count=exact"})
+    assert counted.headers["content-range"] == "*/0"
+
+
+def test_rls_stops_bobs_writes_to_alices_rows(
+    data_api: Callable[..., httpx.Response], alices: Any, pg_cluster: Any
+) -> None:
+    alice, conversation, message = alices
+    bob = new_id()
+    renamed = data_api("PATCH", "agent_conversations", bob, params={"id": f"eq.{conversation}"}, json={"title": "B"})
+    edited = data_api("PATCH", "agent_messages", bob, params={"id": f"eq.{message}"}, json={"content": "B"})
+    deleted = data_api("DELETE", "agent_conversations", bob, params={"id": f"eq.{conversation}"})
+    deleted_message = data_api("DELETE", "agent_messages", bob, params={"id": f"eq.{message}"})
+    # Hidden rows are not errors in PostgREST: the writes simply touch nothing.
+    assert [(r.status_code, r.json()) for r in (renamed, edited, deleted, deleted_message)] == [(200, [])] * 4
+
+    # Appending to Alice's conversation: the foreign key alone would allow it; the insert policy does not.
+    # return=minimal, so the select policy (which RETURNING would also apply) cannot be what stops it.
+    appended = data_api("POST", "agent_messages", bob,
+                        json={"id": new_id(), "conversation_id": conversation, "role": "user", "content": "B"},
+                        headers={"Prefer": "return=minimal"})
+    assert (appended.status_code, appended.json()["code"]) == (403, "42501")
+    as_alice = data_api("POST", "agent_conversations", bob, json={"id": new_id(), "user_id": alice},
+                        headers={"Prefer": "return=minimal"})
+    assert (as_alice.status_code, as_alice.json()["code"]) == (403, "42501")
+    # Taking over Alice's id by upsert: ignored as a duplicate, nothing merged into her row.
+    taken = data_api("POST", "agent_conversations", bob, json={"id": conversation, "user_id": bob, "title": "B"},
+                     params={"on_conflict": "id"},
+                     headers={"Prefer": "return=representation,resolution=ignore-duplicates"})
+    assert (taken.status_code, taken.json()) == (201, [])
+    merged = data_api("POST", "agent_conversations", bob, json={"id": conversation, "user_id": bob, "title": "B"},
+                      params={"on_conflict": "id"},
+                      headers={"Prefer": "return=representation,resolution=merge-duplicates"})
+    assert merged.status_code in (403, 409) and merged.json()["code"] in ("42501", "23505")
+
+    with pg_cluster.connect(DATABASE) as db:
+        row = db.execute("select user_id::text, title, message_count from api.agent_conversations where id = %s",
+                         (conversation,)).fetchone()
+        content = db.execute("select content from api.agent_messages where conversation_id = %s", (conversation,))
+        assert row == (alice, "A", 1) and content.fetchall() == [("secret",)]
+
+
+def test_the_publishable_key_alone_reads_and_writes_nothing(
+    data_api: Callable[..., httpx.Response], alices: Any
+) -> None:
+    _, conversation, _ = alices
+    for method, table, kwargs in [
+        ("GET", "agent_conversations", {}),
+        ("GET", "agent_messages", {}),
+        ("POST", "agent_conversations", {"json": {"id": new_id(), "user_id": new_id()}}),
+        ("DELETE", "agent_conversations", {"params": {"id": f"eq.{conversation}"}}),
+    ]:
+        response = data_api(method, table, None, **kwargs)
+        assert (response.status_code, response.json()["code"]) == (401, "42501"), (method, table)

@@ -1,0 +1,220 @@
+"""Per-user rate limits and the open-stream cap, shared through the store by several workers.
+
+"Two workers" are two app instances, each with its own uvicorn server, store connections and memory, on one
+SQLite file: what ``uvicorn --workers 2`` runs. Windows are shortened to 2 s so recovery is quick to show.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from app import create_app
+from services.sqlite_store import SQLiteStore
+from services.store import Caller
+from tests.scripted_model import ScriptedModel
+from tests.support import LiveServer, chunks, make_settings, new_id, serve
+from tests.tokens import TEST_JWT_SECRET, bearer, mint
+
+WINDOW = 2
+
+
+def at_window_start(window: int = WINDOW) -> None:
+    """Wait until a fixed window has just begun, so a burst of requests cannot straddle two windows."""
+    time.sleep(window - (time.time() % window) + 0.02)
+
+
+def chat(url: str, user: str) -> httpx.Response:
+    body = {"message": "hello", "conversation_id": new_id(), "user_id": user, "history": []}
+    return httpx.post(f"{url}/api/chat/stream", json=body, timeout=20)
+
+
+@contextlib.contextmanager
+def two_workers(tmp_path: Path, model: Any = None, **env: str) -> Iterator[tuple[LiveServer, LiveServer]]:
+    settings = make_settings(tmp_path, RATE_LIMIT_WINDOW_SECONDS=str(WINDOW), **env)
+    with serve(create_app(settings, model=model)) as first, serve(create_app(settings, model=model)) as second:
+        yield first, second
+
+
+def assert_rate_limited(response: httpx.Response) -> int:
+    assert response.status_code == 429, response.text
+    error = response.json()["error"]
+    assert error["code"] == "RATE_LIMIT_EXCEEDED" and error["retryable"] is True
+    assert 1 <= int(response.headers["retry-after"]) <= WINDOW
+    assert error["retryAfter"] == int(response.headers["retry-after"])
+    return int(response.headers["retry-after"])
+
+
+def test_chat_limit_is_shared_by_two_workers_and_recovers_after_the_window(tmp_path: Path) -> None:
+    user, other = new_id(), new_id()
+    with two_workers(tmp_path, RATE_LIMIT_CHAT_PER_MINUTE="3") as (first, second):
+        at_window_start()
+        assert [chat(url, user).status_code for url in (first.url, second.url, first.url)] == [200, 200, 200]
+        retry_after = assert_rate_limited(chat(second.url, user))  # the 4th turn, on the other worker
+        assert_rate_limited(chat(first.url, user))
+        assert chat(first.url, other).status_code == 200  # limits are per user
+        deadline = time.monotonic() + retry_after + 1
+        while (response := chat(second.url, user)).status_code == 429:
+            assert time.monotonic() < deadline, "still limited after Retry-After"
+            time.sleep(0.2)
+    assert chunks(response.text)[-1]["type"] == "complete"
+
+
+def test_other_api_requests_have_their_own_limit(tmp_path: Path) -> None:
+    user = new_id()
+    settings = make_settings(tmp_path, RATE_LIMIT_API_PER_MINUTE="3", RATE_LIMIT_WINDOW_SECONDS=str(WINDOW))
+    with TestClient(create_app(settings)) as client:
+        at_window_start()
+        statuses = [client.get("/api/conversations", params={"user_id": user}).status_code for _ in range(4)]
+        chat_status = client.post(
+            "/api/chat/stream", json={"message": "hi", "conversation_id": new_id(), "user_id": user}
+        ).status_code
+        health = client.get("/health").status_code  # not an /api route: never limited
+    assert statuses == [200, 200, 200, 429]
+    assert chat_status == 200 and health == 200
+
+
+def test_failed_authentication_is_limited_by_client_address(tmp_path: Path) -> None:
+    user = new_id()
+    settings = make_settings(
+        tmp_path, SUPABASE_JWT_SECRET=TEST_JWT_SECRET, RATE_LIMIT_API_PER_MINUTE="2",
+        RATE_LIMIT_WINDOW_SECONDS=str(WINDOW),
+    )
+    with TestClient(create_app(settings)) as client:
+        at_window_start()
+        forged = bearer(mint(user, secret="x" * 40))
+        statuses = [client.get("/api/conversations", params={"user_id": user}, headers=forged).status_code
+                    for _ in range(3)]
+        genuine = client.get("/api/conversations", params={"user_id": user}, headers=bearer(mint(user)))
+    assert statuses == [401, 401, 429]
+    assert genuine.status_code == 200  # the signed-in user has an allowance of their own
+
+
+def test_open_streams_are_capped_per_user_across_workers(tmp_path: Path) -> None:
+    user = new_id()
+    model = ScriptedModel(pieces=[f"w{i} " for i in range(15)], pause=0.05)
+    with two_workers(tmp_path, model=model, MAX_STREAMS_PER_USER="1") as (first, second):
+        body = {"message": "long", "conversation_id": new_id(), "user_id": user, "history": []}
+        with httpx.stream("POST", f"{first.url}/api/chat/stream", json=body, timeout=20) as open_stream:
+            pieces = open_stream.iter_bytes()
+            next(pieces)  # the stream is under way on the first worker
+            refused = chat(second.url, user)
+            assert chat(second.url, new_id()).status_code == 200  # another user is not affected
+            assert b'"type":"complete"' in b"".join(pieces)
+        time.sleep(0.1)  # the slot is released once the first response has fully ended
+        after = chat(second.url, user)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "RATE_LIMIT_EXCEEDED"
+    assert int(refused.headers["retry-after"]) >= 1
+    assert after.status_code == 200
+
+
+def test_a_lease_left_by_a_dead_worker_lapses(tmp_path: Path) -> None:
+    async def scenario() -> list[bool]:
+        store = SQLiteStore(str(tmp_path / "leases.db"))
+        await store.open()
+        caller = Caller(new_id())
+        try:
+            taken = await store.stream_lease_acquire(caller, new_id(), 1, ttl_seconds=1)  # never released
+            refused = await store.stream_lease_acquire(caller, new_id(), 1, ttl_seconds=1)
+            await anyio.sleep(1.1)
+            lapsed = await store.stream_lease_acquire(caller, new_id(), 1, ttl_seconds=1)
+        finally:
+            await store.aclose()
+        return [taken, refused, lapsed]
+
+    assert anyio.run(scenario) == [True, False, True]
+
+
+def test_counting_is_atomic_across_store_instances(tmp_path: Path) -> None:
+    """40 simultaneous hits through two stores (two workers' connections) on one file: exactly the limit passes."""
+    caller = Caller(new_id())
+    results: list[bool] = []
+    lock = threading.Lock()
+
+    async def migrate() -> None:  # once, first: concurrent first-time migration is not what this test is about
+        store = SQLiteStore(str(tmp_path / "shared.db"))
+        await store.open()
+        await store.aclose()
+
+    anyio.run(migrate)
+
+    def worker() -> None:
+        async def hits() -> None:
+            store = SQLiteStore(str(tmp_path / "shared.db"))
+            await store.open()
+            try:
+                async with anyio.create_task_group() as group:
+                    for _ in range(20):
+                        group.start_soon(one, store)
+            finally:
+                await store.aclose()
+
+        async def one(store: SQLiteStore) -> None:
+            allowed, _ = await store.rate_limit_hit(caller, "chat", 3600, 10)
+            with lock:
+                results.append(allowed)
+
+        anyio.run(hits)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(results) == 40 and results.count(True) == 10
+
+
+# -- the Postgres functions (migrations/003_rate_limits.sql) on a real PostgreSQL with Supabase's auth.uid() ------
+
+
+def as_user(db: Any, user: str | None) -> None:
+    db.execute("set local role authenticated" if user else "set local role anon")
+    db.execute("select set_config('request.jwt.claims', %s, true)", [f'{{"sub": "{user}"}}' if user else "{}"])
+
+
+def test_postgres_rate_limit_function_counts_per_user(pg_cluster: Any) -> None:
+    from tests.conftest import DATABASE
+
+    alice, bob = new_id(), new_id()
+
+    def hit(user: str, window: int = 3600, limit: int = 2) -> tuple[bool, float]:
+        with pg_cluster.connect(DATABASE) as db, db.transaction():
+            as_user(db, user)
+            row = db.execute("select allowed, retry_after from api.rate_limit_hit('chat', %s, %s)", [window, limit])
+            return row.fetchone()  # type: ignore[no-any-return]
+
+    results = [hit(alice)[0], hit(alice)[0], hit(alice)[0]]
+    hit(alice, window=1)  # another window length is another row: calling it directly cannot reset the count
+    assert results == [True, True, False] and hit(alice)[0] is False
+    assert hit(bob)[0] is True
+    assert 0 < hit(alice)[1] <= 3600
+
+
+def test_postgres_stream_leases_cap_release_and_refuse_anon(pg_cluster: Any) -> None:
+    import psycopg
+
+    from tests.conftest import DATABASE
+
+    user = new_id()
+
+    def call(sql: str, *args: Any, who: str | None = user) -> Any:
+        with pg_cluster.connect(DATABASE) as db, db.transaction():
+            as_user(db, who)
+            return db.execute(sql, list(args)).fetchone()[0]
+
+    first, second = new_id(), new_id()
+    assert call("select api.stream_lease_acquire(%s, 1, 60)", first) is True
+    assert call("select api.stream_lease_acquire(%s, 1, 60)", second) is False
+    call("select api.stream_lease_release(%s)", first)
+    assert call("select api.stream_lease_acquire(%s, 1, 60)", second) is True
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        call("select api.stream_lease_acquire(%s, 1, 60)", new_id(), who=None)

@@ -1,0 +1,173 @@
+"""Production readiness: startup validation, nothing secret in /health or the logs, and the Docker image's command.
+
+The image cannot be built here (no Docker daemon), so the Dockerfile is checked for what it must contain and its
+exact CMD is run locally: two uvicorn workers, the settings it expands, and SIGTERM during an open stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from app import create_app
+from services.sqlite_store import SQLiteStore
+from settings import ConfigError, Settings
+from tests.support import chunks, make_settings, new_id
+from tests.tokens import TEST_JWT_SECRET, bearer, mint
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = ROOT / "Dockerfile"
+GOOD_PRODUCTION = {
+    "ENVIRONMENT": "production",
+    "STORE": "supabase",
+    "SUPABASE_URL": "https://project.supabase.co",
+    "SUPABASE_PUBLISHABLE_KEY": "sb_publishable_x",
+    "SUPABASE_JWT_SECRET": TEST_JWT_SECRET,
+    "LLM_PROVIDER": "bedrock",
+    "CORS_ORIGINS": "https://app.canvalo.example",
+}
+
+
+def test_a_complete_production_configuration_starts() -> None:
+    Settings.from_environ(GOOD_PRODUCTION)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"CORS_ORIGINS": ""}, "CORS_ORIGINS"),  # empty falls back to the localhost defaults
+        ({"CORS_ORIGINS": "*"}, "CORS_ORIGINS"),
+        ({"CORS_ORIGINS": "https://app.canvalo.example,http://localhost:3000"}, "CORS_ORIGINS"),
+        ({"LLM_PROVIDER": "local"}, "LLM_PROVIDER=bedrock"),
+        ({"STORE": "sqlite"}, "STORE=supabase"),
+        ({"SUPABASE_JWT_SECRET": "", "SUPABASE_URL": "", "STORE": "sqlite"}, "requires authentication"),
+        ({"METRICS_TOKEN": "short"}, "METRICS_TOKEN"),
+    ],
+)
+def test_production_names_each_problem(change: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        Settings.from_environ({**GOOD_PRODUCTION, **change})
+
+
+def test_every_problem_is_named_at_once() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_environ({"ENVIRONMENT": "production"})
+    message = str(caught.value)
+    assert all(name in message for name in ("SUPABASE_JWT_SECRET", "CORS_ORIGINS", "LLM_PROVIDER", "STORE"))
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("RATE_LIMIT_CHAT_PER_MINUTE", "0"), ("RATE_LIMIT_API_PER_MINUTE", "0"), ("MAX_STREAMS_PER_USER", "0"),
+     ("RATE_LIMIT_WINDOW_SECONDS", "0")],
+)
+def test_limit_settings_are_checked(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        Settings.from_environ({variable: value})
+
+
+def test_health_and_logs_reveal_no_secret(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    metrics_token = "metrics-token-secret-4242"
+    user = new_id()
+    token = mint(user)
+    settings = make_settings(tmp_path, SUPABASE_JWT_SECRET=TEST_JWT_SECRET, METRICS_TOKEN=metrics_token, LOG_LEVEL="DEBUG")
+    caplog.set_level(logging.DEBUG)
+    with TestClient(create_app(settings)) as client:
+        health = client.get("/health")
+        client.get("/api/conversations", params={"user_id": user}, headers=bearer(token))
+        client.get("/api/conversations", params={"user_id": user}, headers=bearer(token + "tampered"))
+        client.post("/api/chat/stream", headers=bearer(token),
+                    json={"message": "my secret plan", "conversation_id": new_id(), "user_id": user})
+        client.get("/metrics", headers={"Authorization": f"Bearer {metrics_token}"})
+    assert health.status_code == 200
+    for secret in (TEST_JWT_SECRET, metrics_token, token):
+        assert secret not in health.text
+    client_side = ("httpx", "httpcore")  # the test's own HTTP client logs its URLs; the service is what is checked
+    logged = "\n".join(r.getMessage() for r in caplog.records if not r.name.startswith(client_side))
+    assert "/api/conversations 200" in logged  # the access line is there ...
+    for secret in (TEST_JWT_SECRET, metrics_token, token, token.split(".")[2], "my secret plan", user):
+        assert secret not in logged  # ... without tokens, keys, message text or the query string
+
+
+# -- the Docker image ----------------------------------------------------------------------------------------------
+
+
+def docker_command() -> list[str]:
+    found = re.search(r"^CMD (\[.*\])$", DOCKERFILE.read_text(), re.M)
+    assert found is not None
+    return json.loads(found.group(1))  # type: ignore[no-any-return]
+
+
+def test_dockerfile_is_slim_non_root_with_a_health_check() -> None:
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^FROM python:3\.11-slim", text, re.M)
+    user = re.search(r"^USER (\S+)$", text, re.M)
+    assert user is not None and user.group(1) not in ("root", "0")
+    assert re.search(r"^HEALTHCHECK .*\n?.*/health", text, re.M)
+    command = " ".join(docker_command())
+    assert "exec uvicorn app:app" in command and "--timeout-graceful-shutdown" in command
+    assert "tests/" in (ROOT / ".dockerignore").read_text() and ".env" in (ROOT / ".dockerignore").read_text()
+
+
+def test_the_image_command_serves_with_two_workers_and_drains_on_sigterm(tmp_path: Path) -> None:
+    """The Dockerfile's CMD as is: SIGTERM mid-stream ends the stream with a retryable error after the grace."""
+    database = str(tmp_path / "canvalo.db")
+
+    async def migrate() -> None:  # the file is created once, before two workers open it
+        store = SQLiteStore(database)
+        await store.open()
+        await store.aclose()
+
+    anyio.run(migrate)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {
+        **os.environ,
+        "PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}",  # uvicorn of this interpreter
+        "API_HOST": "127.0.0.1", "API_PORT": str(port), "SQLITE_PATH": database,
+        "METRICS_DIR": str(tmp_path / "metrics"), "SHUTDOWN_GRACE_SECONDS": "1", "WEB_CONCURRENCY": "2",
+        "LOCAL_TOKEN_DELAY": "0.2", "LOG_LEVEL": "WARNING",
+    }
+    process = subprocess.Popen(docker_command(), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, "the image command did not start"
+            time.sleep(0.1)
+        body = {"message": "hello", "conversation_id": new_id(), "user_id": new_id(), "history": []}
+        received = b""
+        with httpx.stream("POST", f"{url}/api/chat/stream", json=body, timeout=20) as response:
+            pieces = response.iter_bytes()
+            received += next(pieces)
+            process.send_signal(signal.SIGTERM)  # what `docker stop` sends to PID 1 (exec'd uvicorn)
+            signalled = time.monotonic()
+            received += b"".join(pieces)
+            ended_after = time.monotonic() - signalled
+        assert process.wait(timeout=20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    items = chunks(received.decode())
+    assert items[-1]["type"] == "error" and items[-1]["code"] == "SERVER_SHUTTING_DOWN" and items[-1]["retryable"]
+    assert 0.8 <= ended_after < 5  # the grace period passed, then the stream was ended rather than left running
