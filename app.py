@@ -99,7 +99,7 @@ async def health(request: Request) -> Response:
 
 async def chat_stream(request: Request) -> Response:
     chat = inputs.chat_input(await inputs.json_body(request))
-    caller = await _caller(request, chat.user_id)
+    caller = await _caller(request, chat.user_id, chat_turn=True)
     turn = await request.state.chat.start_turn(caller, chat.conversation_id, chat.message)
     return EventStreamResponse(  # type: ignore[return-value]
         turn.chunks(),
@@ -162,7 +162,7 @@ async def metrics(request: Request) -> Response:
     return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-async def _caller(request: Request, claimed_user_id: str) -> Caller:
+async def _caller(request: Request, claimed_user_id: str, *, chat_turn: bool = False) -> Caller:
     """Who is calling, counted against their rate limits; a chat turn also holds a stream slot until it ends."""
     auth: Authenticator = request.state.auth
     limiter: RateLimiter = request.state.limiter
@@ -172,7 +172,7 @@ async def _caller(request: Request, claimed_user_id: str) -> Caller:
         # No trustworthy user to count against: count the client address, so guessing credentials is limited too.
         await limiter.admit_unauthenticated(request.client.host if request.client else "unknown")
         raise
-    lease = await limiter.admit(caller, chat=request.scope.get("endpoint") is chat_stream)
+    lease = await limiter.admit(caller, chat=chat_turn)
     if lease is not None:
         after_response(request.scope, lease.release)
     return caller
