@@ -47,4 +47,5 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
 # METRICS_DIR is emptied first: snapshots of a previous run's workers must not be added to this run's totals.
 # uvicorn reads WEB_CONCURRENCY (workers) and FORWARDED_ALLOW_IPS (proxies whose X-Forwarded-For it trusts) itself.
 # Its access log is off because it prints query strings (user ids); the service logs each request without them.
-CMD ["sh", "-c", "rm -rf \"${METRICS_DIR:?}\"/* && exec uvicorn app:app --host \"$API_HOST\" --port \"$API_PORT\" --proxy-headers --timeout-graceful-shutdown \"${SHUTDOWN_GRACE_SECONDS%.*}\" --no-access-log"]
+# --http web.tcp:NoDelayH11Protocol: with several workers uvicorn's socket leaves Nagle on; see web/tcp.py.
+CMD ["sh", "-c", "rm -rf \"${METRICS_DIR:?}\"/* && exec uvicorn app:app --host \"$API_HOST\" --port \"$API_PORT\" --proxy-headers --timeout-graceful-shutdown \"${SHUTDOWN_GRACE_SECONDS%.*}\" --no-access-log --http web.tcp:NoDelayH11Protocol"]

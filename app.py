@@ -46,6 +46,7 @@ from settings import ConfigError, Settings
 from web import inputs
 from web.middleware import AfterResponse, BodyLimit, RequestContext, after_response
 from web.sse import EventStreamResponse, OpenStreams
+from web.tcp import NoDelayH11Protocol
 
 SERVICE_NAME = "Canvalo Multi-Agent Chat API"
 VERSION = "2.0.0"
@@ -378,6 +379,7 @@ if __name__ == "__main__":
         port=settings.api_port,
         log_level=settings.log_level.lower(),
         access_log=False,  # RequestContext logs each request without the query string (it holds user ids)
+        http=NoDelayH11Protocol,  # TCP_NODELAY on every connection (web/tcp.py)
         # After this grace period uvicorn cancels open streams; each then ends with a retryable error chunk.
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
     )

@@ -124,6 +124,7 @@ class Settings:
             (self.local_token_delay >= 0, "LOCAL_TOKEN_DELAY must not be negative"),
             (self.shutdown_grace_seconds >= 0, "SHUTDOWN_GRACE_SECONDS must not be negative"),
             (self.bedrock_max_tokens >= 1, "BEDROCK_MAX_TOKENS must be at least 1"),
+            (self.supabase_timeout > 0, "SUPABASE_TIMEOUT must be positive"),
             (0 <= self.bedrock_temperature <= 1, "BEDROCK_TEMPERATURE must be in [0, 1]"),
             ("*" not in self.cors_origins or len(self.cors_origins) == 1, "CORS_ORIGINS cannot mix * with origins"),
         ]

@@ -15,6 +15,7 @@ from typing import Any
 import uvicorn
 
 from settings import Settings
+from web.tcp import NoDelayH11Protocol
 
 
 def new_id() -> str:
@@ -49,8 +50,15 @@ def serve(app: Any, *, graceful_timeout: int | None = None) -> Iterator[LiveServ
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
+    # The socket is made like uvicorn's own multi-worker bind (proto 0, so asyncio leaves Nagle on), and served with
+    # the protocol production uses, which turns Nagle off per connection (web/tcp.py says why).
     config = uvicorn.Config(
-        app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=graceful_timeout
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=graceful_timeout,
+        http=NoDelayH11Protocol,
     )
     server = uvicorn.Server(config)
     # Signals belong to the main thread; the test drives shutdown through should_exit instead.

@@ -173,3 +173,18 @@ def test_nginx_accepts_the_shipped_config(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=20,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_refusals_made_by_nginx_use_the_error_envelope(tmp_path: Path, backend: LiveServer) -> None:
+    upstream = int(backend.url.rsplit(":", 1)[1])
+    with run_nginx(tmp_path, upstream) as url:
+        too_large = httpx.post(f"{url}/api/chat/stream", content=b"x" * 300_000,
+                               headers={"content-type": "application/json"}, timeout=10)
+        with httpx.Client(timeout=10) as client:  # kept alive, so 80 requests take well under a second
+            statuses = [client.get(f"{url}/") for _ in range(80)]  # burst 40 over 20 r/s
+    assert too_large.status_code == 413
+    assert too_large.json()["error"]["code"] == "PAYLOAD_TOO_LARGE"
+    refused = [r for r in statuses if r.status_code == 429]
+    assert refused, "the edge limit never refused"
+    assert refused[0].json()["error"]["code"] == "RATE_LIMIT_EXCEEDED"
+    assert refused[0].headers["retry-after"] == "1"
