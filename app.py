@@ -86,7 +86,7 @@ async def health(request: Request) -> Response:
         "model": {
             "provider": model.provider,
             "model_id": model.model_id,
-            "configured": True,
+            "configured": model.configured,
             "is_llm": model.is_llm,
             "note": "an Amazon Bedrock model" if model.is_llm else "built-in deterministic responder, not an LLM",
         },
@@ -276,6 +276,7 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
             stack.push_async_callback(chat_model.aclose)
             stack.push_async_callback(auth.aclose)
             await store.open()  # type: ignore[attr-defined]
+            await chat_model.open()
             registry, limiter = await _open_metrics_and_limits(settings, store, stack)
             chat = ChatService(
                 store, Assistant(chat_model, store), settings.history_max_messages, settings.history_token_budget

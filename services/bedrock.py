@@ -40,6 +40,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from errors import AppError, UpstreamError, UpstreamTimeout, UpstreamUnavailable, ValidationFailed
 from services.model import ModelEvent, ModelRequest, Stop, TextDelta, ToolUse, Usage
 from services.retry import RetryPolicy, with_retry
+from services.stream_pool import stream_transport
 from settings import ConfigError, Settings
 
 logger = logging.getLogger(__name__)
@@ -252,6 +253,7 @@ class CredentialCache:
     def __init__(self, credentials: Credentials | None = None) -> None:
         self._source = credentials
         self._frozen: ReadOnlyCredentials | None = None
+        self.available = credentials is not None
         self._next_refresh = 0.0
         self._lock = anyio.Lock()
 
@@ -265,7 +267,12 @@ class CredentialCache:
         async with self._lock:  # one resolution at a time; the others then find fresh credentials
             if self._frozen is None or self._refresh_due():
                 self._next_refresh = time.monotonic() + REFRESH_RETRY_SECONDS
-                self._frozen = await anyio.to_thread.run_sync(self._resolve)
+                try:
+                    self._frozen = await anyio.to_thread.run_sync(self._resolve)
+                except AppError:
+                    self.available = False
+                    raise
+                self.available = True
             return self._frozen
 
     def _refresh_due(self) -> bool:
@@ -586,6 +593,18 @@ class BedrockModel:
         self._owns_client = client is None
         self._client = client or _client(settings)
 
+    @property
+    def configured(self) -> bool:
+        """Whether AWS credentials could be resolved (last checked at startup or on the latest request)."""
+        return self._credentials.available
+
+    async def open(self) -> None:
+        """Resolve credentials at startup, so a deployment without them says so in its log and in /health."""
+        try:
+            await self._credentials.get()
+        except AppError as exc:
+            logger.warning("Bedrock credentials are not available (%s); chat turns will fail until they are", exc.code)
+
     async def aclose(self) -> None:
         if self._owns_client:
             await self._client.aclose()
@@ -656,7 +675,8 @@ def _client(settings: Settings) -> httpx.AsyncClient:
 
     No read timeout here: ``_Reader`` enforces BEDROCK_FIRST_EVENT_TIMEOUT and BEDROCK_IDLE_TIMEOUT between events
     itself. No connection cap: every open stream holds one HTTP/1.1 connection, and a cap would queue streams
-    behind each other (httpx's default is 100); idle connections expire after 30 s.
+    behind each other (httpx's default is 100); idle connections expire after 30 s. The pool is ``StreamPool``:
+    httpcore's own costs O(open connections) per request, which at thousands of streams took most of the CPU.
     """
     return httpx.AsyncClient(
         timeout=httpx.Timeout(
@@ -665,5 +685,5 @@ def _client(settings: Settings) -> httpx.AsyncClient:
             write=settings.bedrock_connect_timeout,
             pool=settings.bedrock_connect_timeout,
         ),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=30.0),
+        transport=stream_transport(keepalive_expiry=30.0),
     )

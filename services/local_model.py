@@ -36,6 +36,11 @@ class LocalModel:
         self._token_delay = token_delay
         self._keywords = dict(keywords or {})
 
+    configured = True
+
+    async def open(self) -> None:
+        return None
+
     async def aclose(self) -> None:
         return None
 

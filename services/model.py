@@ -53,6 +53,15 @@ class ChatModel(Protocol):
     model_id: str
     is_llm: bool
 
+    @property
+    def configured(self) -> bool:
+        """Whether the provider can be called (for Bedrock: credentials resolved); reported by /health."""
+        ...
+
+    async def open(self) -> None:
+        """Called once at startup, before the first request."""
+        ...
+
     def stream(self, request: ModelRequest) -> AsyncIterator[ModelEvent]:
         """Stream one model call. Raises ``errors.AppError`` subclasses only."""
         ...

@@ -30,6 +30,11 @@ class ScriptedModel:
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
 
+    configured: bool = True
+
+    async def open(self) -> None:
+        return None
+
     async def aclose(self) -> None:
         return None
 
@@ -65,6 +70,11 @@ class ScriptedCalls:
     model_id: str = "scripted-calls"
     is_llm: bool = False
     requests: list[ModelRequest] = field(default_factory=list)
+
+    configured: bool = True
+
+    async def open(self) -> None:
+        return None
 
     async def aclose(self) -> None:
         return None

@@ -524,10 +524,34 @@ def test_provider_setting_selects_bedrock(
 ) -> None:
     env = {**service_env, **bedrock_env, "BEDROCK_MODEL_ID": "us.amazon.nova-lite-v1:0"}
     settings = settings_for(tmp_path, env, fake_bedrock[1])
-    assert isinstance(build_model(settings), BedrockModel)
-    with TestClient(create_app(settings)) as client:
+    built = build_model(settings)  # constructing resolves nothing: credentials are resolved at startup (open)
+    assert isinstance(built, BedrockModel) and built.model_id == "us.amazon.nova-lite-v1:0"
+    # The app gets test credentials: resolving botocore's real chain here could reach the EC2 metadata address.
+    with TestClient(create_app(settings, model=BedrockModel(settings, credentials=CREDS))) as client:
         model = client.get("/health").json()["model"]
     assert (model["provider"], model["model_id"], model["is_llm"]) == ("bedrock", "us.amazon.nova-lite-v1:0", True)
+    assert model["configured"] is True
+
+
+def test_health_says_when_bedrock_credentials_cannot_be_resolved(
+    tmp_path: Any,
+    service_env: dict[str, str],
+    bedrock_env: dict[str, str],
+    fake_bedrock: tuple[FakeBedrock, LiveServer],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def refresh() -> dict[str, str]:
+        raise CredentialRetrievalError(provider="test", error_msg="SSO session expired")
+
+    settings = settings_for(tmp_path, {**service_env, **bedrock_env}, fake_bedrock[1])
+    expired = _refreshable(refresh, timedelta(minutes=-1))
+    with caplog.at_level(logging.WARNING), TestClient(
+        create_app(settings, model=BedrockModel(settings, credentials=expired))
+    ) as client:
+        model = client.get("/health").json()["model"]
+    assert model["configured"] is False
+    assert "MODEL_CREDENTIALS_EXPIRED" in caplog.text  # said at startup, not on the first chat
+    assert fake_bedrock[0].requests == []
 
 
 def test_throttled_then_successful_call_is_retried_without_duplicating_text(
