@@ -17,16 +17,28 @@ Semantics match ``SQLiteStore`` exactly:
 
 Counters and timestamps are kept by the database's trigger. Timestamps are normalised to the SQLite store's format
 (``2026-11-24T01:49:20.911133Z``): PostgREST renders ``timestamptz`` as ``...+00:00`` and drops trailing zeros.
+
+Business records (``migrations/002_business_tables.sql``) follow ``services/sqlite_records.py``: equality filters,
+the domain's order then ``id`` (NULLs sorted as SQLite sorts them), a missing or someone else's record is
+``NotFound(code="RECORD_NOT_FOUND")``, inserts are idempotent by their client-generated id, and rows come back with
+SQLite's keys, key order and value types (numbers as floats, times as ``HH:MM``, timestamps as above).
+
+Rate limits and stream leases (``services/ratelimit.py``) are the RPC functions of ``migrations/003_rate_limits.sql``,
+called as the user so they count against ``auth.uid()``.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from errors import AppError, NotFound, UpstreamError
+from services.domains import Column, Domain
 from services.postgrest_client import PostgrestClient, is_rls_violation, postgrest_failure
 from services.store import Caller, Conversation, Message, NewMessage, Page
 
@@ -42,15 +54,49 @@ OLDEST_FIRST = "created_at.asc,seq.asc"
 NEWEST_FIRST = "created_at.desc,seq.desc"
 
 
+P = ParamSpec("P")
+T = TypeVar("T")
+Observer = Callable[[str, str, float], None]
+
+
 def conversation_not_found() -> NotFound:
     return NotFound("Conversation not found.", code="CONVERSATION_NOT_FOUND")
 
 
+def record_not_found(domain: Domain) -> NotFound:
+    return NotFound(f"No such {domain.singular}.", code="RECORD_NOT_FOUND")
+
+
+def observed(
+    method: Callable[Concatenate[PostgrestStore, P], Awaitable[T]],
+) -> Callable[Concatenate[PostgrestStore, P], Awaitable[T]]:
+    """Report how long a store method took to the app's query observer (store latency metrics), as SQLite does.
+
+    Only the public methods are wrapped; they call each other's private parts, so one call is reported once.
+    """
+
+    @functools.wraps(method)
+    async def timed(self: PostgrestStore, *args: P.args, **kwargs: P.kwargs) -> T:
+        started = time.perf_counter()
+        try:
+            return await method(self, *args, **kwargs)
+        finally:
+            if self._query_observer is not None:
+                self._query_observer(self.kind, method.__name__, time.perf_counter() - started)
+
+    return timed
+
+
 class PostgrestStore:
     kind = "supabase"
+    # Told how long each store call took (store kind, operation, seconds); set by the app for its metrics.
+    _query_observer: Observer | None = None
 
     def __init__(self, client: PostgrestClient) -> None:
         self._rest = client
+
+    def set_query_observer(self, observer: Observer) -> None:
+        self._query_observer = observer
 
     async def open(self) -> None:
         """Nothing to open: the HTTP pool connects lazily, and a down database must not stop the service starting."""
@@ -58,11 +104,13 @@ class PostgrestStore:
     async def aclose(self) -> None:
         await self._rest.aclose()
 
+    @observed
     async def ping(self) -> None:
         await self._rest.probe(CONVERSATIONS)
 
     # -- conversations -----------------------------------------------------------------------------------------
 
+    @observed
     async def list_conversations(self, caller: Caller, limit: int, offset: int) -> Page:
         params = {
             "select": CONVERSATION_COLUMNS,
@@ -85,6 +133,7 @@ class PostgrestStore:
         total = result.total if result.total is not None else offset + len(result.rows)
         return Page([_conversation(row) for row in result.rows], total)
 
+    @observed
     async def create_conversation(
         self, caller: Caller, title: str | None, conversation_id: str | None = None
     ) -> Conversation:
@@ -95,19 +144,24 @@ class PostgrestStore:
         if result.rows:
             return _conversation(result.rows[0])
         # Nothing inserted: our own earlier attempt (a retry) or an id already taken. Same answer as SQLite's.
-        return await self.get_conversation(caller, new_id)
+        return await self._fetch_conversation(caller, new_id)
 
+    @observed
     async def get_conversation(self, caller: Caller, conversation_id: str) -> Conversation:
+        return await self._fetch_conversation(caller, conversation_id)
+
+    async def _fetch_conversation(self, caller: Caller, conversation_id: str) -> Conversation:
         params = {"select": CONVERSATION_COLUMNS, "id": f"eq.{conversation_id}", "user_id": f"eq.{caller.user_id}"}
         result = await self._rest.select(caller, CONVERSATIONS, params)
         if not result.rows:
             raise conversation_not_found()
         return _conversation(result.rows[0])
 
+    @observed
     async def ensure_conversation(self, caller: Caller, conversation_id: str, title: str) -> Conversation:
         # Read first: after its first turn a conversation exists, so this is usually the only round trip.
         try:
-            return await self.get_conversation(caller, conversation_id)
+            return await self._fetch_conversation(caller, conversation_id)
         except NotFound:
             pass
         row = {"id": conversation_id, "user_id": caller.user_id, "title": title}
@@ -117,11 +171,12 @@ class PostgrestStore:
         # ON CONFLICT DO NOTHING skipped it: a concurrent first turn created it (found now), or another user owns
         # the id (RLS hides it: NotFound, and nothing was written).
         try:
-            return await self.get_conversation(caller, conversation_id)
+            return await self._fetch_conversation(caller, conversation_id)
         except NotFound:
             logger.warning("Conversation %s belongs to another user; nothing written", conversation_id)
             raise
 
+    @observed
     async def delete_conversation(self, caller: Caller, conversation_id: str) -> None:
         params = {"id": f"eq.{conversation_id}", "user_id": f"eq.{caller.user_id}"}
         result = await self._rest.delete(caller, CONVERSATIONS, params)
@@ -130,8 +185,9 @@ class PostgrestStore:
 
     # -- messages ----------------------------------------------------------------------------------------------
 
+    @observed
     async def list_messages(self, caller: Caller, conversation_id: str, limit: int, offset: int) -> list[Message]:
-        await self.get_conversation(caller, conversation_id)
+        await self._fetch_conversation(caller, conversation_id)
         params = {
             "select": MESSAGE_COLUMNS,
             "conversation_id": f"eq.{conversation_id}",
@@ -142,8 +198,9 @@ class PostgrestStore:
         result = await self._rest.select(caller, MESSAGES, params)
         return [_message(row) for row in result.rows]
 
+    @observed
     async def recent_messages(self, caller: Caller, conversation_id: str, limit: int) -> list[Message]:
-        await self.get_conversation(caller, conversation_id)
+        await self._fetch_conversation(caller, conversation_id)
         params = {
             "select": MESSAGE_COLUMNS,
             "conversation_id": f"eq.{conversation_id}",
@@ -153,6 +210,7 @@ class PostgrestStore:
         result = await self._rest.select(caller, MESSAGES, params)
         return [_message(row) for row in reversed(result.rows)]
 
+    @observed
     async def add_message(self, caller: Caller, message: NewMessage) -> Message:
         row = {
             "id": message.id,
@@ -182,6 +240,105 @@ class PostgrestStore:
         if not stored.rows:
             raise conversation_not_found()
         return _message(stored.rows[0])
+
+    # -- business records (services/domains.py; migrations/002_business_tables.sql) -------------------------------
+
+    @observed
+    async def list_records(
+        self, caller: Caller, domain: Domain, filters: dict[str, Any], limit: int
+    ) -> list[dict[str, Any]]:
+        params = {"select": record_columns(domain), "user_id": f"eq.{caller.user_id}"}
+        for name, value in filters.items():
+            params[_filter_column(domain, name)] = f"eq.{filter_value(value)}"
+        params.update(order=record_order(domain), limit=str(limit))
+        result = await self._rest.select(caller, domain.table, params)
+        return [_record(domain, row) for row in result.rows]
+
+    @observed
+    async def get_record(self, caller: Caller, domain: Domain, record_id: str) -> dict[str, Any]:
+        return await self._fetch_record(caller, domain, record_id)
+
+    @observed
+    async def insert_record(self, caller: Caller, domain: Domain, values: dict[str, Any]) -> dict[str, Any]:
+        row = {**values, "user_id": caller.user_id}
+        # ON CONFLICT (id) DO NOTHING: a retried insert is a no-op, and the scoped read below answers it (NotFound if
+        # the id is someone else's, as SQLite's INSERT OR IGNORE + scoped read).
+        result = await self._rest.insert(caller, domain.table, row, select=record_columns(domain), on_conflict="id")
+        if result.rows:
+            return _record(domain, result.rows[0])
+        return await self._fetch_record(caller, domain, str(values["id"]))
+
+    @observed
+    async def update_record(
+        self, caller: Caller, domain: Domain, record_id: str, values: dict[str, Any]
+    ) -> dict[str, Any]:
+        if not _is_uuid(record_id):
+            raise record_not_found(domain)
+        if not values:
+            return await self._fetch_record(caller, domain, record_id)
+        params = {"select": record_columns(domain), **_owned(caller, record_id)}
+        result = await self._rest.request(
+            caller, "PATCH", domain.table, params=params, json_body=values, prefer=["return=representation"]
+        )
+        if not result.rows:  # missing, or hidden by row-level security: the same answer
+            raise record_not_found(domain)
+        return _record(domain, result.rows[0])
+
+    @observed
+    async def delete_record(self, caller: Caller, domain: Domain, record_id: str) -> None:
+        if not _is_uuid(record_id):
+            raise record_not_found(domain)
+        result = await self._rest.delete(caller, domain.table, _owned(caller, record_id))
+        if not result.rows:
+            raise record_not_found(domain)
+
+    async def _fetch_record(self, caller: Caller, domain: Domain, record_id: str) -> dict[str, Any]:
+        if not _is_uuid(record_id):  # SQLite finds nothing; PostgreSQL would refuse to compare it with a uuid
+            raise record_not_found(domain)
+        params = {"select": record_columns(domain), **_owned(caller, record_id)}
+        result = await self._rest.select(caller, domain.table, params)
+        if not result.rows:
+            raise record_not_found(domain)
+        return _record(domain, result.rows[0])
+
+    # -- rate limits and stream leases (services/ratelimit.py; migrations/003_rate_limits.sql) --------------------
+    # A caller without an access token cannot be counted as a user here (the functions key on auth.uid()); that is
+    # only the address-keyed count of a failed authentication, which the edge (nginx limit_req) limits instead.
+
+    @observed
+    async def rate_limit_hit(self, caller: Caller, bucket: str, window_seconds: int, limit: int) -> tuple[bool, float]:
+        if not caller.access_token:
+            return True, 0.0
+        args = {"p_bucket": bucket, "p_window_seconds": window_seconds, "p_max_hits": limit}
+        # Not retried: a replay after a lost response would count the request twice.
+        rows = await self._rest.rpc(caller, "rate_limit_hit", args, idempotent=False)
+        try:
+            (row,) = rows
+            return bool(row["allowed"]), float(row["retry_after"])
+        except (TypeError, ValueError, KeyError) as exc:
+            raise UpstreamError("The database returned an unexpected result.", code="STORE_BAD_RESPONSE") from exc
+
+    @observed
+    async def stream_lease_acquire(self, caller: Caller, lease_id: str, limit: int, ttl_seconds: int) -> bool:
+        if not caller.access_token:
+            return True
+        args = {"p_lease_id": lease_id, "p_max_streams": limit, "p_ttl_seconds": ttl_seconds}
+        # Retried: the lease id is ours, so a replay inserts nothing twice.
+        taken = await self._rest.rpc(caller, "stream_lease_acquire", args, idempotent=True)
+        if not isinstance(taken, bool):
+            raise UpstreamError("The database returned an unexpected result.", code="STORE_BAD_RESPONSE")
+        if not taken:
+            # A replay whose first attempt had committed sees its own lease and refuses; give that slot back.
+            await self._release(caller, lease_id)
+        return taken
+
+    @observed
+    async def stream_lease_release(self, caller: Caller, lease_id: str) -> None:
+        await self._release(caller, lease_id)
+
+    async def _release(self, caller: Caller, lease_id: str) -> None:
+        if caller.access_token:
+            await self._rest.rpc(caller, "stream_lease_release", {"p_lease_id": lease_id}, idempotent=True)
 
 
 def utc_timestamp(value: str | None) -> str | None:
@@ -231,3 +388,73 @@ def _message(row: dict[str, Any]) -> Message:
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise UpstreamError("The database returned an unexpected row.", code="STORE_BAD_RESPONSE") from exc
+
+
+# -- business-record rows ---------------------------------------------------------------------------------------
+
+
+def record_columns(domain: Domain) -> str:
+    """The ``select`` of a domain: SQLite's column order (id, owner, declared columns, timestamps), nothing else."""
+    return ",".join(("id", "user_id", *(c.name for c in domain.columns), "created_at", "updated_at"))
+
+
+def record_order(domain: Domain) -> str:
+    """The domain's order, then id. NULLs go where SQLite puts them: first ascending, last descending."""
+    terms = [f"{name}.{direction}.{'nullsfirst' if direction == 'asc' else 'nullslast'}"
+             for name, direction in domain.order_by]
+    return ",".join([*terms, "id.asc"])
+
+
+def filter_value(value: Any) -> str:
+    """A value for ``col=eq.<value>``. PostgREST takes everything after ``eq.`` verbatim (``pSingleVal``), so commas,
+    dots, parentheses and quotes need no quoting (quotes would become part of the value); httpx percent-encodes it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _filter_column(domain: Domain, name: str) -> str:
+    if domain.column(name) is None:
+        # The tools only pass declared filters; anything else is a programming error, never sent as a parameter.
+        raise ValueError(f"{name!r} is not a column of {domain.table}")
+    return name
+
+
+def _owned(caller: Caller, record_id: str) -> dict[str, str]:
+    """The primary-key filter, plus the owner (defence in depth: row-level security already hides other users')."""
+    return {"id": f"eq.{record_id}", "user_id": f"eq.{caller.user_id}"}
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except (ValueError, TypeError, AttributeError):
+        return False
+    return True
+
+
+def _record(domain: Domain, row: dict[str, Any]) -> dict[str, Any]:
+    """A PostgREST row as SQLite's ``_decode`` returns it: same keys in the same order, same value types."""
+    try:
+        record: dict[str, Any] = {"id": row["id"], "user_id": row["user_id"]}
+        for column in domain.columns:
+            record[column.name] = _value(column, row[column.name])
+        record["created_at"] = utc_timestamp(row["created_at"])
+        record["updated_at"] = utc_timestamp(row["updated_at"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise UpstreamError("The database returned an unexpected row.", code="STORE_BAD_RESPONSE") from exc
+    return record
+
+
+def _value(column: Column, value: Any) -> Any:
+    """numeric → float (SQLite's REAL; PostgREST sends numerics as JSON numbers, ints when whole); time → ``HH:MM``
+    (PostgreSQL renders ``09:30:00``); dates, uuids, text and jsonb already read as SQLite's do."""
+    if value is None:
+        return None
+    if column.type == "number":
+        return float(value)
+    if column.type == "integer":
+        return int(value)
+    if column.type == "time":
+        return str(value)[:5]
+    return value

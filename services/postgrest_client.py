@@ -6,10 +6,11 @@ PostgREST runs as role ``authenticated`` and PostgreSQL's row-level security dec
 request without a user token is refused here rather than sent as ``anon``, and a secret/service-role key is refused
 at construction: it would bypass row-level security.
 
-What this layer owns, so stores (and the business tables of a later issue) only say *what* to read or write:
+What this layer owns, so the store (conversations, business records, rate limits) only says *what* to read or write:
 
 * ``Accept-Profile``/``Content-Profile`` for the configured schema;
 * ``Prefer`` (``return=representation``, ``count=exact``, ``resolution=ignore-duplicates``);
+* RPC (``POST rpc/<function>`` with named arguments), whose result may be an array, an object or a bare scalar;
 * ``Content-Range`` parsing into a total;
 * error translation, once, from PostgREST's ``{code, message, details, hint}`` (both the pre-v13 and the v13+
   codes) and from httpx exceptions into ``errors.AppError`` subclasses; the upstream detail goes to the log, never to
@@ -176,17 +177,45 @@ class PostgrestClient:
         idempotent: bool | None = None,
     ) -> Result:
         """One PostgREST call as ``caller``. ``idempotent`` defaults to true for every method but POST."""
+        replayable = idempotent if idempotent is not None else method != "POST"
+        response = await self._exchange(caller, method, path, params, json_body, prefer or [], replayable)
+        return Result(_rows(response), parse_total(response.headers.get("content-range")), response.status_code)
+
+    async def rpc(self, caller: Caller, function: str, args: Mapping[str, Any], *, idempotent: bool) -> Any:
+        """Call the function ``{schema}.{function}`` with named arguments as ``caller``; its decoded JSON result.
+
+        PostgREST answers a table function with an array of objects, a scalar function with the bare JSON value and a
+        ``void`` one with 204 (``None`` here). Only a caller that says the call is safe to repeat gets retries.
+        """
+        response = await self._exchange(caller, "POST", f"rpc/{function}", None, dict(args), [], idempotent)
+        if response.status_code == 204 or not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise UpstreamError("The database returned an unreadable response.", code="STORE_BAD_RESPONSE") from exc
+
+    async def _exchange(
+        self,
+        caller: Caller,
+        method: str,
+        path: str,
+        params: Mapping[str, str] | None,
+        json_body: Any,
+        prefer: list[str],
+        replayable: bool,
+    ) -> httpx.Response:
+        """Send as ``caller``, translate a failure once, and retry transient ones when the request is replayable."""
         if not caller.access_token:
             raise Unauthorized("No access token to act as the user.", code="MISSING_TOKEN")
-        headers = self._headers(caller.access_token, method, prefer or [])
-        replayable = idempotent if idempotent is not None else method != "POST"
+        headers = self._headers(caller.access_token, method, prefer)
 
-        async def attempt() -> Result:
+        async def attempt() -> httpx.Response:
             response = await self._send(method, path, dict(params or {}), headers, json_body)
             if not response.is_success:
                 failure = _failure(response)
                 raise _translate(failure, response.headers.get("retry-after")) from failure
-            return Result(_rows(response), parse_total(response.headers.get("content-range")), response.status_code)
+            return response
 
         if not replayable:
             return await attempt()

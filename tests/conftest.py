@@ -30,12 +30,9 @@ STORES = ("sqlite", "supabase")
 DATABASE = "canvalo_test"
 
 # Suites that exercise store methods the Supabase store does not have yet run on SQLite only, by name here rather
-# than by a silent skip. The business records (invoices, ...) reach PostgREST with the business-tables issue; a module
-# can also choose its stores itself with a module-level ``STORES = ("sqlite",)``.
-SUPABASE_PENDING = {
-    "test_agents": "business-record tables are not in the Supabase migration yet",
-    "test_agents_bedrock": "business-record tables are not in the Supabase migration yet",
-}
+# than by a silent skip (module name -> reason). Empty: every store method now exists on both stores. A module can
+# also choose its stores itself with a module-level ``STORES = ("sqlite",)``.
+SUPABASE_PENDING: dict[str, str] = {}
 
 
 @pytest.fixture

@@ -19,7 +19,13 @@ What it imitates, and pins (each checked by ``tests/test_postgrest.py``):
   an unexposed one → 406 PGRST106. Unknown table → 404 PGRST205 (42P01 with ``pre_v13=True``).
 * URL grammar subset: ``select=a,b``; filters ``eq neq gt gte lt lte in is`` with ``not.``; ``in.()`` with
   double-quoted values; ``order=col.asc|desc[.nullsfirst|.nullslast]``; ``limit``/``offset``; ``on_conflict``;
-  ``columns``. Embedding and RPC are not implemented (the store does not use them): 400 PGRST100.
+  ``columns``. Embedding is not implemented (the store does not use it): 400 PGRST100. Filter values after ``eq.``
+  are taken verbatim, as PostgREST's ``pSingleVal`` does (only ``in.()`` lists read double quotes).
+* RPC: ``POST /rest/v1/rpc/<function>`` with a JSON object of named arguments, resolved like PostgREST (arguments
+  with defaults may be left out; unknown function or argument names → 404 PGRST202, several overloads → 300
+  PGRST203, another method → 405 PGRST101) and run as the request's role with its claims set; a set-returning or
+  ``returns table`` function answers a JSON array of objects, a single composite an object, a scalar function the
+  bare JSON value (``true``) and a ``void`` one 204.
 * ``Prefer``: ``return=minimal|representation``, ``count=exact|planned|estimated`` (all exact here),
   ``resolution=ignore-duplicates|merge-duplicates``, echoed in ``Preference-Applied``.
 * Statuses and ``Content-Range`` by PostgREST's ``RangeQuery.hs`` formula: GET 200, or 206 when a count shows a
@@ -30,7 +36,8 @@ What it imitates, and pins (each checked by ``tests/test_postgrest.py``):
   Bulk inserts whose objects have different keys → 400 PGRST102; an unknown payload key → 400 PGRST204.
 * Fault injection for client tests: ``fail_next`` answers the next matching request(s) with 503 PGRST002 (with
   ``Retry-After``), 504 PGRST003 or Cloudflare's 520 HTML, either before running the statement or *after*
-  committing it (a lost response, to prove retried writes are idempotent).
+  committing it (a lost response, to prove retried writes are idempotent); by method and path (table requests
+  only unless an ``rpc/<function>`` path is named).
 
 Every request is recorded (method, path, query and the auth-relevant headers) so tests can assert what was sent.
 """
@@ -101,6 +108,7 @@ class Fault:
     method: str | None
     after: bool
     times: int
+    path: str | None = None
 
 
 @dataclass
@@ -137,9 +145,16 @@ class FakePostgrest:
 
     # -- test controls ---------------------------------------------------------------------------------------------
 
-    def fail_next(self, status: int, *, method: str | None = None, after: bool = False, times: int = 1) -> None:
-        """Answer the next ``times`` matching requests with ``status`` (503, 504 or 520), before or after running."""
-        self.faults.append(Fault(status, method, after, times))
+    def fail_next(
+        self, status: int, *, method: str | None = None, after: bool = False, times: int = 1, path: str | None = None
+    ) -> None:
+        """Answer the next ``times`` matching requests with ``status`` (503, 504 or 520), before or after running.
+
+        ``path`` is what follows ``/rest/v1/`` (``"agent_messages"``, ``"rpc/rate_limit_hit"``). Without it a fault
+        matches table requests only: the service calls the rate-limit functions around every request, and they must
+        not absorb a fault a test aimed at the data.
+        """
+        self.faults.append(Fault(status, method, after, times, path))
 
     def reset(self) -> None:
         self.requests.clear()
@@ -156,7 +171,11 @@ class FakePostgrest:
                 self._pool.clear()
 
         methods = ["GET", "HEAD", "POST", "PATCH", "DELETE"]
-        return Starlette(routes=[Route("/rest/v1/{table}", self.handle, methods=methods)], lifespan=lifespan)
+        routes = [
+            Route("/rest/v1/rpc/{function}", self.handle, methods=methods),
+            Route("/rest/v1/{table}", self.handle, methods=methods),
+        ]
+        return Starlette(routes=routes, lifespan=lifespan)
 
     # -- request handling --------------------------------------------------------------------------------------
 
@@ -171,7 +190,8 @@ class FakePostgrest:
                  if k in ("apikey", "authorization", "prefer", "accept-profile", "content-profile")},
             )
         )
-        fault = self._take_fault(method, after=False)
+        target = request.url.path.removeprefix("/rest/v1/")
+        fault = self._take_fault(method, target, after=False)
         if fault is not None:
             return _fault_response(fault)
         try:
@@ -184,12 +204,13 @@ class FakePostgrest:
             if "code" not in exc.body:
                 headers = exc.headers
             return _json(exc.body, exc.status, headers)
-        fault = self._take_fault(method, after=True)
+        fault = self._take_fault(method, target, after=True)
         return _fault_response(fault) if fault is not None else response
 
-    def _take_fault(self, method: str, *, after: bool) -> Fault | None:
+    def _take_fault(self, method: str, target: str, *, after: bool) -> Fault | None:
         for fault in self.faults:
-            if fault.after == after and fault.method in (None, method) and fault.times > 0:
+            aimed = target == fault.path if fault.path is not None else not target.startswith("rpc/")
+            if fault.after == after and fault.method in (None, method) and aimed and fault.times > 0:
                 fault.times -= 1
                 if fault.times == 0:
                     self.faults.remove(fault)
@@ -254,6 +275,8 @@ class FakePostgrest:
         return schema
 
     async def _dispatch(self, request: Request, auth: Auth, schema: str) -> Response:
+        if "function" in request.path_params:
+            return await self._rpc(request, auth, schema, request.path_params["function"])
         table = request.path_params["table"]
         columns = await self._table_columns(schema, table)
         prefer = _prefer(request.headers.get("prefer", ""))
@@ -381,6 +404,28 @@ class FakePostgrest:
             return Response(b"", status, headers)
         return Response(body.encode(), status, headers, media_type="application/json; charset=utf-8")
 
+    # -- RPC ---------------------------------------------------------------------------------------------------
+
+    async def _rpc(self, request: Request, auth: Auth, schema: str, function: str) -> Response:
+        """``POST /rpc/<function>`` with named arguments, run like PostgREST's ``callProcF``: the JSON body becomes a
+        record (``json_to_record``) whose fields are passed by name, as the request's role with its claims set."""
+        if request.method != "POST":
+            raise pgrst(405, "PGRST101", "Only POST calls to functions are imitated here")
+        body = await request.body()
+        try:
+            args = json.loads(body) if body else {}
+        except ValueError:
+            raise pgrst(400, "PGRST102", "Empty or invalid json") from None
+        if not isinstance(args, dict):
+            raise pgrst(400, "PGRST102", "Empty or invalid json")
+        async with self._transaction(request, auth, schema, read_only=False) as db:
+            target = await _find_function(db, schema, function, sorted(args))
+            statement, shape = _call_statement(schema, function, target, args)
+            result = (await _one(db, statement))[0]
+        if shape == "void":
+            return Response(b"", 204)
+        return Response(result.encode(), 200, media_type="application/json; charset=utf-8")
+
     # -- database ----------------------------------------------------------------------------------------------
 
     @asynccontextmanager
@@ -442,6 +487,68 @@ class FakePostgrest:
                 (f'"{schema}"."{table}"',),
             )
             return [row[0] for row in await cursor.fetchall()]
+
+
+# -- functions (RPC) -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Function:
+    arguments: dict[str, str]  # input argument name -> its SQL type, in declaration order
+    returns_set: bool
+    composite: bool
+    void: bool
+
+
+async def _find_function(
+    db: psycopg.AsyncConnection[Any], schema: str, name: str, given: list[str]
+) -> Function:
+    """The one overload of ``schema.name`` whose input arguments the body names (those with defaults may be left
+    out), as PostgREST resolves it; none → 404 PGRST202, several → 300 PGRST203."""
+    cursor = await db.execute(
+        "select coalesce(p.proargnames, '{}'), coalesce(p.proargmodes::text[], '{}'),"
+        " array(select format_type(t, null) from unnest(p.proargtypes::oid[]) t), p.pronargdefaults, p.proretset,"
+        " r.typtype = 'c' or p.prorettype = 'record'::regtype, p.prorettype = 'void'::regtype"
+        " from pg_proc p join pg_namespace n on n.oid = p.pronamespace join pg_type r on r.oid = p.prorettype"
+        " where n.nspname = %s and p.proname = %s",
+        (schema, name),
+    )
+    matches = []
+    for names, modes, types, defaults, returns_set, composite, void in await cursor.fetchall():
+        inputs = [n for i, n in enumerate(names) if not modes or modes[i] in ("i", "b", "v")][: len(types)]
+        required = inputs[: len(inputs) - defaults]
+        if set(given) <= set(inputs) and set(required) <= set(given):
+            matches.append(Function(dict(zip(inputs, types)), returns_set, composite, void))
+    if not matches:
+        raise pgrst(404, "PGRST202",
+                    f"Could not find the function {schema}.{name}({', '.join(given)}) in the schema cache")
+    if len(matches) > 1:
+        raise pgrst(300, "PGRST203", f"Could not choose the best candidate function between: {schema}.{name}")
+    return matches[0]
+
+
+def _call_statement(
+    schema: str, name: str, function: Function, args: dict[str, Any]
+) -> tuple[sql.Composable, str]:
+    """The SQL for one call and the response's shape: a set → JSON array, a single composite → object, a scalar →
+    the bare JSON value, ``void`` → nothing (204)."""
+    given = [n for n in function.arguments if n in args]
+    record = sql.SQL(", ").join(
+        sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(function.arguments[n])) for n in given
+    )
+    named = sql.SQL(", ").join(sql.SQL("{0} => _a.{0}").format(sql.Identifier(n)) for n in given)
+    call = sql.SQL("{}({})").format(sql.Identifier(schema, name), named)
+    source = (
+        sql.SQL("json_to_record({}::json) as _a({})").format(sql.Literal(json.dumps(args)), record)
+        if given else sql.SQL("(select) as _a")
+    )
+    if function.void:
+        return sql.SQL("select {}::text from {}").format(call, source), "void"
+    if function.returns_set:
+        return sql.SQL("select coalesce(json_agg(_r), '[]')::text from {}, lateral {} _r").format(source, call), "set"
+    if function.composite:
+        return sql.SQL("select to_json(_r)::text from {}, lateral {} _r").format(source, call), "object"
+    return sql.SQL("select to_json({})::text from {}").format(call, source), "scalar"
 
 
 # -- URL grammar --------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tenant isolation: user B can never list, read, append to, rename or delete user A's conversations.
+"""Tenant isolation: user B can never list, read, append to, rename or delete user A's conversations or records.
 
 Two layers are attacked. Through the service's API (on both stores, with real tokens), by every route and by
 guessing ids. And directly at the Data API with B's own valid token, the way any Supabase client could call it:
@@ -8,6 +8,7 @@ PostgREST's role switch, so these tests fail if a policy or grant is wrong.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,10 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
+from services import sample_data
+from services.domains import DOMAINS
+from services.store import Caller
+from services.tools import run_tool, tools_for
 from tests.conftest import DATABASE, AuthHeaders
 from tests.support import chunks, new_id
 from tests.tokens import TEST_PUBLISHABLE_KEY, mint
@@ -83,6 +88,35 @@ def test_guessed_ids_reveal_nothing(client: TestClient, auth_headers: AuthHeader
     assert {(r.status_code, r.json()["error"]["code"], r.json()["error"]["message"]) for r in answers} == {
         (404, "CONVERSATION_NOT_FOUND", "Conversation not found.")
     }
+
+
+def test_tools_act_only_on_the_callers_own_records(client: TestClient, auth_headers: AuthHeaders) -> None:
+    """Every tool, run as Bob through the service's store with Bob's own token, on Alice's records in every domain:
+    nothing is listed, read, changed or deleted (on Supabase under real row-level security; the Data API tests below
+    show the policies hold without the store's own owner filters)."""
+    alice, bob = _caller(auth_headers, new_id()), _caller(auth_headers, new_id())
+    store = client.app_state["store"]
+    assert client.portal is not None
+    run = functools.partial(client.portal.call, run_tool, store)
+    for domain in DOMAINS:
+        list_tool, get_tool, create_tool, update_tool, delete_tool = tools_for(domain)
+        created = run(alice, create_tool, sample_data.SAMPLE[domain.agent_type][0])
+        assert created.status == "success", created.content
+        record = created.content["created"]
+        assert run(bob, list_tool, {}).content == {"table": domain.table, "count": 0, "rows": []}
+        changes = {domain.required[0]: "Bob was here"}
+        attempts = ((get_tool, {"id": record["id"]}), (update_tool, {"id": record["id"], "changes": changes}),
+                    (delete_tool, {"id": record["id"], "confirm": True}))
+        for tool, arguments in attempts:
+            refused = run(bob, tool, arguments)
+            assert refused.status == "error" and "No " in refused.content["error"], (tool.name, refused.content)
+        assert run(alice, get_tool, {"id": record["id"]}).content == {"record": record}  # untouched
+        assert [r["id"] for r in run(alice, list_tool, {}).content["rows"]] == [record["id"]]
+
+
+def _caller(auth: AuthHeaders, user: str) -> Caller:
+    token = auth(user).get("Authorization", "").removeprefix("Bearer ") or None
+    return Caller(user_id=user, access_token=token)
 
 
 # -- directly at the Data API with Bob's own valid token (real row-level security) -------------------------------
@@ -176,3 +210,26 @@ def test_the_publishable_key_alone_reads_and_writes_nothing(
     ]:
         response = data_api(method, table, None, **kwargs)
         assert (response.status_code, response.json()["code"]) == (401, "42501"), (method, table)
+
+
+@pytest.mark.parametrize("domain", DOMAINS, ids=[d.table for d in DOMAINS])
+def test_rls_keeps_every_business_table_per_user(data_api: Callable[..., httpx.Response], domain: Any) -> None:
+    """Bob, with his own token and no owner filter, cannot see, change, delete, hand over or forge Alice's records."""
+    alice, bob = new_id(), new_id()
+    record = {**sample_data.SAMPLE[domain.agent_type][0], "id": new_id(), "user_id": alice}
+    created = data_api("POST", domain.table, alice, json=record)
+    assert created.status_code == 201, created.text
+    by_id = {"id": f"eq.{record['id']}"}
+    change = {domain.required[0]: "Bob was here"}
+    for method, kwargs in (("GET", {}), ("GET", {"params": by_id}), ("PATCH", {"params": by_id, "json": change}),
+                           ("DELETE", {"params": by_id})):
+        hidden = data_api(method, domain.table, bob, **{"params": {}, **kwargs})
+        assert (hidden.status_code, hidden.json()) == (200, []), method
+    forged = data_api("POST", domain.table, bob, json={**record, "id": new_id()}, headers={"Prefer": "return=minimal"})
+    assert (forged.status_code, forged.json()["code"]) == (403, "42501")  # the insert policy: user_id must be his
+    handed_over = data_api("PATCH", domain.table, alice, params=by_id, json={"user_id": bob})
+    assert (handed_over.status_code, handed_over.json()["code"]) == (403, "42501")  # no update grant on user_id
+    anon = data_api("GET", domain.table, None)
+    assert (anon.status_code, anon.json()["code"]) == (401, "42501")
+    mine = data_api("GET", domain.table, alice, params={**by_id, "select": f"user_id,{domain.required[0]}"})
+    assert mine.json() == [{"user_id": alice, domain.required[0]: record[domain.required[0]]}]

@@ -1,7 +1,9 @@
 """Per-user rate limits and the open-stream cap, shared through the store by several workers.
 
 "Two workers" are two app instances, each with its own uvicorn server, store connections and memory, on one
-SQLite file: what ``uvicorn --workers 2`` runs. Windows are shortened to 2 s so recovery is quick to show.
+SQLite file or one Supabase project (the fake PostgREST over real PostgreSQL, limits kept by the RPC functions of
+``migrations/003_rate_limits.sql``): what ``uvicorn --workers 2`` runs. Windows are shortened to 2 s so recovery is
+quick to show.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ from services.sqlite_store import SQLiteStore
 from services.store import Caller
 from tests.scripted_model import ScriptedModel
 from tests.support import LiveServer, chunks, make_settings, new_id, serve
-from tests.tokens import TEST_JWT_SECRET, bearer, mint
+from tests.tokens import TEST_JWT_SECRET, TEST_PUBLISHABLE_KEY, bearer, mint
 
 WINDOW = 2
 
@@ -33,9 +36,34 @@ def at_window_start(window: int = WINDOW) -> None:
     time.sleep(window - (time.time() % window) + 0.02)
 
 
-def chat(url: str, user: str) -> httpx.Response:
+def chat(url: str, user: str, headers: dict[str, str] | None = None) -> httpx.Response:
     body = {"message": "hello", "conversation_id": new_id(), "user_id": user, "history": []}
-    return httpx.post(f"{url}/api/chat/stream", json=body, timeout=20)
+    return httpx.post(f"{url}/api/chat/stream", json=body, headers=headers, timeout=20)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where two workers keep their shared limits, and how a request authenticates there."""
+
+    env: dict[str, str]
+    headers: Callable[[str], dict[str, str]]
+
+
+@pytest.fixture(params=["sqlite", "supabase"])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    if request.param == "sqlite":
+        return Backend({}, lambda user: {})  # auth off: the claimed user_id is counted
+    request.getfixturevalue("fake_postgrest")
+    url: str = request.getfixturevalue("supabase_url")
+    register: Callable[[str], None] = request.getfixturevalue("register_user")
+    env = {"STORE": "supabase", "SUPABASE_URL": url, "SUPABASE_PUBLISHABLE_KEY": TEST_PUBLISHABLE_KEY,
+           "SUPABASE_JWT_SECRET": TEST_JWT_SECRET}
+
+    def headers(user: str) -> dict[str, str]:
+        register(user)
+        return bearer(mint(user, TEST_JWT_SECRET, issuer=f"{url}/auth/v1"))
+
+    return Backend(env, headers)
 
 
 @contextlib.contextmanager
@@ -54,16 +82,17 @@ def assert_rate_limited(response: httpx.Response) -> int:
     return int(response.headers["retry-after"])
 
 
-def test_chat_limit_is_shared_by_two_workers_and_recovers_after_the_window(tmp_path: Path) -> None:
+def test_chat_limit_is_shared_by_two_workers_and_recovers_after_the_window(tmp_path: Path, backend: Backend) -> None:
     user, other = new_id(), new_id()
-    with two_workers(tmp_path, RATE_LIMIT_CHAT_PER_MINUTE="3") as (first, second):
+    mine, theirs = backend.headers(user), backend.headers(other)
+    with two_workers(tmp_path, RATE_LIMIT_CHAT_PER_MINUTE="3", **backend.env) as (first, second):
         at_window_start()
-        assert [chat(url, user).status_code for url in (first.url, second.url, first.url)] == [200, 200, 200]
-        retry_after = assert_rate_limited(chat(second.url, user))  # the 4th turn, on the other worker
-        assert_rate_limited(chat(first.url, user))
-        assert chat(first.url, other).status_code == 200  # limits are per user
+        assert [chat(url, user, mine).status_code for url in (first.url, second.url, first.url)] == [200, 200, 200]
+        retry_after = assert_rate_limited(chat(second.url, user, mine))  # the 4th turn, on the other worker
+        assert_rate_limited(chat(first.url, user, mine))
+        assert chat(first.url, other, theirs).status_code == 200  # limits are per user
         deadline = time.monotonic() + retry_after + 1
-        while (response := chat(second.url, user)).status_code == 429:
+        while (response := chat(second.url, user, mine)).status_code == 429:
             assert time.monotonic() < deadline, "still limited after Retry-After"
             time.sleep(0.2)
     assert chunks(response.text)[-1]["type"] == "complete"
@@ -99,19 +128,20 @@ def test_failed_authentication_is_limited_by_client_address(tmp_path: Path) -> N
     assert genuine.status_code == 200  # the signed-in user has an allowance of their own
 
 
-def test_open_streams_are_capped_per_user_across_workers(tmp_path: Path) -> None:
-    user = new_id()
+def test_open_streams_are_capped_per_user_across_workers(tmp_path: Path, backend: Backend) -> None:
+    user, other = new_id(), new_id()
+    mine = backend.headers(user)
     model = ScriptedModel(pieces=[f"w{i} " for i in range(15)], pause=0.05)
-    with two_workers(tmp_path, model=model, MAX_STREAMS_PER_USER="1") as (first, second):
+    with two_workers(tmp_path, model=model, MAX_STREAMS_PER_USER="1", **backend.env) as (first, second):
         body = {"message": "long", "conversation_id": new_id(), "user_id": user, "history": []}
-        with httpx.stream("POST", f"{first.url}/api/chat/stream", json=body, timeout=20) as open_stream:
+        with httpx.stream("POST", f"{first.url}/api/chat/stream", json=body, headers=mine, timeout=20) as open_stream:
             pieces = open_stream.iter_bytes()
             next(pieces)  # the stream is under way on the first worker
-            refused = chat(second.url, user)
-            assert chat(second.url, new_id()).status_code == 200  # another user is not affected
+            refused = chat(second.url, user, mine)
+            assert chat(second.url, other, backend.headers(other)).status_code == 200  # another user is not affected
             assert b'"type":"complete"' in b"".join(pieces)
         time.sleep(0.1)  # the slot is released once the first response has fully ended
-        after = chat(second.url, user)
+        after = chat(second.url, user, mine)
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "RATE_LIMIT_EXCEEDED"
     assert int(refused.headers["retry-after"]) >= 1
     assert after.status_code == 200

@@ -8,10 +8,12 @@ semantics (the same as SQLite's); and the migration itself (triggers, grants, re
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
 from errors import (
@@ -23,9 +25,12 @@ from errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from services import sample_data
+from services.domains import BY_AGENT, DOMAINS, Domain
 from services.postgrest import PostgrestStore, utc_timestamp
 from services.postgrest_client import PostgrestClient, parse_total
 from services.retry import RetryPolicy
+from services.sqlite_store import SQLiteStore
 from services.store import Caller, NewMessage
 from settings import ConfigError
 from tests.conftest import DATABASE
@@ -476,6 +481,244 @@ async def test_an_expired_token_at_postgrest_is_expired_token(
     assert caught.value.code == "EXPIRED_TOKEN"
 
 
+# -- business records: the same semantics as SQLite's ----------------------------------------------------------
+
+
+def _public(record: dict[str, Any]) -> dict[str, Any]:
+    """A record without its timestamps, which differ between two stores by construction."""
+    return {k: v for k, v in record.items() if k not in ("created_at", "updated_at")}
+
+
+ODD_NAME = 'Smith, J. (Jr.) "Bo" \\ 50% & co: eq.x'
+
+
+async def test_records_read_back_exactly_as_sqlite_returns_them(
+    store: PostgrestStore, new_caller: Callable[[], Caller], tmp_path: Any
+) -> None:
+    """Sample data in both stores, same ids: every domain lists the same rows, in the same order, with the same keys,
+    key order and value types (floats for numerics, HH:MM times, decoded JSON, NULLs sorted as SQLite sorts them)."""
+    caller = new_caller()
+    extra = {"tasks": [{"title": "No due date", "priority": "low"}, {"title": "Also none"}],
+             "contacts": [{"name": ODD_NAME, "contact_type": "lead"}],
+             "invoices": [{"invoice_number": "INV-9", "client_name": "Lines", "due_date": "2026-03-01",
+                           "total_amount": 10, "line_items": [{"item": "Primer", "qty": 2, "price": 5.25}]}]}
+    sqlite = SQLiteStore(str(tmp_path / "parity.db"))
+    await sqlite.open()
+    try:
+        for target in (sqlite, store):
+            await sample_data.load(target, caller)
+            for agent, rows in extra.items():
+                domain = BY_AGENT[agent]
+                for index, row in enumerate(rows):
+                    record_id = str(uuid.uuid5(uuid.UUID(caller.user_id), f"extra-{agent}-{index}"))
+                    await target.insert_record(caller, domain, {**_defaults(domain), **row, "id": record_id})
+        for domain in DOMAINS:
+            expected = await sqlite.list_records(caller, domain, {}, 100)
+            actual = await store.list_records(caller, domain, {}, 100)
+            assert [_public(r) for r in actual] == [_public(r) for r in expected], domain.table
+            assert [list(r) for r in actual] == [list(r) for r in expected], domain.table
+            assert [[type(v) for v in r.values()] for r in actual] == [[type(v) for v in r.values()] for r in expected]
+            assert all(r["created_at"].endswith("Z") and len(r["created_at"]) == 27 for r in actual)
+    finally:
+        await sqlite.aclose()
+
+
+def _defaults(domain: Domain) -> dict[str, Any]:
+    return {c.name: c.default for c in domain.columns if c.default is not None}
+
+
+async def test_record_filters_are_equality_on_every_declared_filter(
+    store: PostgrestStore, new_caller: Callable[[], Caller]
+) -> None:
+    caller = new_caller()
+    contacts, reviews, appointments = BY_AGENT["contacts"], BY_AGENT["reviews"], BY_AGENT["appointments"]
+    for name in (ODD_NAME, "Smith", "Smith, J."):
+        await store.insert_record(caller, contacts, {**_defaults(contacts), "id": new_id(), "name": name})
+    for rating in (4, 5, 5):
+        await store.insert_record(caller, reviews, {**_defaults(reviews), "id": new_id(), "reviewer_name": "R",
+                                                    "rating": rating})
+    visit = await store.insert_record(caller, appointments, {**_defaults(appointments), "id": new_id(),
+                                                             "client_name": "Ann", "scheduled_date": "2026-05-04",
+                                                             "scheduled_time": "07:05"})
+    assert [r["name"] for r in await store.list_records(caller, contacts, {"name": ODD_NAME}, 10)] == [ODD_NAME]
+    assert [r["name"] for r in await store.list_records(caller, contacts, {"name": "Smith"}, 10)] == ["Smith"]
+    assert len(await store.list_records(caller, reviews, {"rating": 5}, 10)) == 2
+    assert len(await store.list_records(caller, reviews, {"rating": 5, "status": "published"}, 10)) == 0
+    assert len(await store.list_records(caller, reviews, {}, 2)) == 2  # limit
+    on_day = await store.list_records(caller, appointments, {"scheduled_date": "2026-05-04"}, 10)
+    assert [r["id"] for r in on_day] == [visit["id"]] and visit["scheduled_time"] == "07:05"
+
+
+async def test_records_of_another_user_are_not_found_and_untouched(
+    store: PostgrestStore, new_caller: Callable[[], Caller]
+) -> None:
+    alice, bob = new_caller(), new_caller()
+    tasks = BY_AGENT["tasks"]
+    mine = await store.insert_record(alice, tasks, {**_defaults(tasks), "id": new_id(), "title": "Alice's"})
+    for record_id in (mine["id"], new_id(), "not-a-uuid"):
+        for call in (
+            store.get_record(bob, tasks, record_id),
+            store.update_record(bob, tasks, record_id, {"title": "Bob was here"}),
+            store.delete_record(bob, tasks, record_id),
+        ):
+            with pytest.raises(NotFound) as caught:
+                await call
+            assert caught.value.code == "RECORD_NOT_FOUND"
+    # Bob re-using Alice's id inserts nothing (ON CONFLICT DO NOTHING) and sees nothing.
+    with pytest.raises(NotFound):
+        await store.insert_record(bob, tasks, {**_defaults(tasks), "id": mine["id"], "title": "Bob's"})
+    assert await store.list_records(bob, tasks, {}, 10) == []
+    assert await store.get_record(alice, tasks, mine["id"]) == mine
+
+
+async def test_record_writes_are_idempotent_and_keep_the_system_columns(
+    store: PostgrestStore, new_caller: Callable[[], Caller]
+) -> None:
+    caller = new_caller()
+    goals = BY_AGENT["settings"]
+    values = {**_defaults(goals), "id": new_id(), "title": "Grow", "target_value": 1000}
+    first = await store.insert_record(caller, goals, values)
+    assert await store.insert_record(caller, goals, values) == first  # a replay inserts nothing and reads the row
+    assert first["user_id"] == caller.user_id and first["target_value"] == 1000.0 and first["progress"] == 0
+    updated = await store.update_record(caller, goals, first["id"], {"progress": 40, "current_value": 400.5})
+    assert (updated["progress"], updated["current_value"], updated["title"]) == (40, 400.5, "Grow")
+    assert updated["created_at"] == first["created_at"] and updated["updated_at"] > first["updated_at"]
+    await store.delete_record(caller, goals, first["id"])
+    with pytest.raises(NotFound):
+        await store.delete_record(caller, goals, first["id"])
+    assert await store.list_records(caller, goals, {}, 10) == []
+
+
+async def test_record_inserts_survive_a_lost_response(
+    store: PostgrestStore, fake_postgrest: FakePostgrest, new_caller: Callable[[], Caller]
+) -> None:
+    caller = new_caller()
+    tasks = BY_AGENT["tasks"]
+    fake_postgrest.fail_next(503, method="POST", after=True)  # committed, then the answer is lost
+    created = await store.insert_record(caller, tasks, {**_defaults(tasks), "id": new_id(), "title": "Once"})
+    assert [r["id"] for r in await store.list_records(caller, tasks, {}, 10)] == [created["id"]]
+    posts = [r for r in fake_postgrest.requests if r.method == "POST"]
+    assert len(posts) == 2 and "on_conflict=id" in posts[0].query
+    assert "resolution=ignore-duplicates" in posts[0].headers["prefer"]
+
+
+async def test_record_requests_send_the_filter_order_and_owner(
+    store: PostgrestStore, fake_postgrest: FakePostgrest, new_caller: Callable[[], Caller]
+) -> None:
+    caller = new_caller()
+    await store.list_records(caller, BY_AGENT["tasks"], {"status": "todo"}, 7)
+    (sent,) = fake_postgrest.requests
+    query = dict(httpx.QueryParams(sent.query))
+    assert query["order"] == "due_date.asc.nullsfirst,created_at.asc.nullsfirst,id.asc"
+    assert (query["status"], query["user_id"], query["limit"]) == ("eq.todo", f"eq.{caller.user_id}", "7")
+    assert sent.headers["authorization"] == f"Bearer {caller.access_token}"
+
+
+async def test_store_calls_are_reported_to_the_query_observer(
+    store: PostgrestStore, new_caller: Callable[[], Caller]
+) -> None:
+    seen: list[tuple[str, str]] = []
+    store.set_query_observer(lambda kind, operation, seconds: seen.append((kind, operation)))
+    caller = new_caller()
+    conversation = await store.ensure_conversation(caller, new_id(), "AI Chat")
+    await store.list_messages(caller, conversation.id, 10, 0)
+    await store.list_records(caller, BY_AGENT["invoices"], {}, 5)
+    await store.rate_limit_hit(caller, "api", 60, 100)
+    # Once per public call, never again for the calls they make inside (list_messages reads the conversation).
+    assert seen == [("supabase", "ensure_conversation"), ("supabase", "list_messages"),
+                    ("supabase", "list_records"), ("supabase", "rate_limit_hit")]
+
+
+# -- rate limits and stream leases through RPC ------------------------------------------------------------------
+
+
+async def test_rate_limit_hits_count_per_user_through_rpc(
+    store: PostgrestStore, fake_postgrest: FakePostgrest, new_caller: Callable[[], Caller]
+) -> None:
+    alice, bob = new_caller(), new_caller()
+    results = [await store.rate_limit_hit(alice, "chat", 3600, 2) for _ in range(3)]
+    assert [allowed for allowed, _ in results] == [True, True, False]
+    assert all(0 < retry_after <= 3600 for _, retry_after in results)
+    assert (await store.rate_limit_hit(bob, "chat", 3600, 2))[0] is True
+    assert {r.path for r in fake_postgrest.requests} == {"/rest/v1/rpc/rate_limit_hit"}
+    # No token, no user to count: the address-keyed count of a failed authentication is the edge's job here.
+    assert await store.rate_limit_hit(Caller("addr:127.0.0.1"), "api", 60, 1) == (True, 0.0)
+
+
+async def test_a_counted_hit_is_never_replayed(
+    store: PostgrestStore, fake_postgrest: FakePostgrest, new_caller: Callable[[], Caller]
+) -> None:
+    caller = new_caller()
+    fake_postgrest.fail_next(503, path="rpc/rate_limit_hit", after=True)
+    with pytest.raises(UpstreamUnavailable):
+        await store.rate_limit_hit(caller, "api", 3600, 2)
+    assert len(fake_postgrest.requests) == 1
+    assert [(await store.rate_limit_hit(caller, "api", 3600, 2))[0] for _ in range(2)] == [True, False]
+
+
+async def test_stream_leases_cap_and_release_through_rpc(
+    store: PostgrestStore, new_caller: Callable[[], Caller]
+) -> None:
+    caller, other = new_caller(), new_caller()
+    first, second = new_id(), new_id()
+    assert await store.stream_lease_acquire(caller, first, 1, 60) is True
+    assert await store.stream_lease_acquire(caller, second, 1, 60) is False
+    assert await store.stream_lease_acquire(other, new_id(), 1, 60) is True
+    await store.stream_lease_release(caller, first)
+    await store.stream_lease_release(caller, first)  # idempotent
+    assert await store.stream_lease_acquire(caller, second, 1, 60) is True
+
+
+async def test_a_lease_whose_grant_was_lost_does_not_hold_the_slot(
+    store: PostgrestStore, fake_postgrest: FakePostgrest, new_caller: Callable[[], Caller]
+) -> None:
+    caller = new_caller()
+    fake_postgrest.fail_next(503, path="rpc/stream_lease_acquire", after=True)  # taken, but the answer is lost
+    # The replay sees its own lease at the cap and refuses; the store gives that slot back.
+    assert await store.stream_lease_acquire(caller, new_id(), 1, 60) is False
+    assert await store.stream_lease_acquire(caller, new_id(), 1, 60) is True
+
+
+async def test_fake_rpc_answers_like_postgrest(raw: Any, new_caller: Callable[[], Caller]) -> None:
+    token = new_caller().access_token
+    table = raw("POST", "rpc/rate_limit_hit", token,
+                json={"p_bucket": "api", "p_window_seconds": 60, "p_max_hits": 5})
+    assert table.status_code == 200 and list(table.json()[0]) == ["allowed", "retry_after"]
+    scalar = raw("POST", "rpc/stream_lease_acquire", token,
+                 json={"p_lease_id": new_id(), "p_max_streams": 1, "p_ttl_seconds": 60})
+    assert (scalar.status_code, scalar.json()) == (200, True)
+    void = raw("POST", "rpc/stream_lease_release", token, json={"p_lease_id": new_id()})
+    assert (void.status_code, void.content) == (204, b"")
+    unknown = raw("POST", "rpc/rate_limit_hit", token, json={"bucket": "api"})
+    assert (unknown.status_code, unknown.json()["code"]) == (404, "PGRST202")
+    anon = raw("POST", "rpc/rate_limit_hit", None, json={"p_bucket": "api", "p_window_seconds": 60, "p_max_hits": 5})
+    assert (anon.status_code, anon.json()["code"]) == (401, "42501")  # execute is granted to authenticated only
+    invalid = raw("POST", "rpc/rate_limit_hit", token,
+                  json={"p_bucket": "nope", "p_window_seconds": 60, "p_max_hits": 5})
+    assert (invalid.status_code, invalid.json()["code"]) == (400, "22023")
+    got = raw("GET", "rpc/rate_limit_hit", token)
+    assert (got.status_code, got.json()["code"]) == (405, "PGRST101")
+
+
+def test_fake_rpc_resolves_overloads_and_argument_free_calls(raw: Any, pg_cluster: Any) -> None:
+    user = new_id()
+    with pg_cluster.connect(DATABASE) as db:
+        db.execute("insert into auth.users (id) values (%s)", (user,))
+        db.execute("create function api.fake_rpc_probe(a integer) returns integer language sql as 'select a'")
+        db.execute("create function api.fake_rpc_probe(a text) returns text language sql as 'select a'")
+        db.execute("create function api.fake_rpc_series() returns setof integer language sql as"
+                   " 'select * from generate_series(1, 3)'")
+        db.execute("grant execute on function api.fake_rpc_series() to authenticated")
+    try:
+        ambiguous = raw("POST", "rpc/fake_rpc_probe", mint(user), json={"a": 1})
+        assert (ambiguous.status_code, ambiguous.json()["code"]) == (300, "PGRST203")
+        series = raw("POST", "rpc/fake_rpc_series", mint(user))
+        assert (series.status_code, series.json()) == (200, [1, 2, 3])
+    finally:
+        with pg_cluster.connect(DATABASE) as db:
+            db.execute("drop function api.fake_rpc_probe(integer), api.fake_rpc_probe(text), api.fake_rpc_series()")
+
+
 # -- the migration ------------------------------------------------------------------------------------------------
 
 
@@ -494,7 +737,8 @@ def test_grants_go_to_authenticated_only_and_protect_counters(pg_cluster: Any) -
                 "select has_column_privilege('authenticated', 'api.agent_conversations', %s, 'update')", (column,)
             ).fetchone() == (False,)
         policies = db.execute("select count(*) from pg_policies where schemaname = 'api'").fetchone()
-        assert policies == (8,)  # applied twice, still one policy per table and command
+        # Applied twice, still one policy per table and command: 2 chat tables + 9 business tables, 4 commands each.
+        assert policies == (4 * (2 + len(DOMAINS)),)
 
 
 async def test_users_cannot_forge_counters_through_postgrest(
@@ -559,5 +803,121 @@ def test_the_migration_upgrades_the_earlier_services_schema_and_keeps_history(pg
                            (conversation,))
         assert [row[0] for row in order.fetchall()] == ["old0", "old1", "new"]
         policies = db.execute("select policyname from pg_policies where schemaname = 'api'").fetchall()
-        assert ("Enable all for authenticated users",) not in policies and len(policies) == 8
+        assert ("Enable all for authenticated users",) not in policies and len(policies) == 4 * (2 + len(DOMAINS))
         assert db.execute("select has_table_privilege('anon', 'api.agent_messages', 'select')").fetchone() == (False,)
+
+
+# -- the business tables (migrations/002_business_tables.sql) -----------------------------------------------------
+
+PG_TYPES = {"text": "text", "email": "text", "date": "date", "time": "time without time zone", "integer": "integer",
+            "number": "numeric", "uuid": "uuid", "json": "jsonb"}
+SYSTEM = {"id": ("uuid", "NO"), "user_id": ("uuid", "NO"), "created_at": ("timestamp with time zone", "NO"),
+          "updated_at": ("timestamp with time zone", "NO")}
+
+
+@pytest.mark.parametrize("domain", DOMAINS, ids=[d.table for d in DOMAINS])
+def test_business_tables_have_exactly_the_declared_columns(pg_cluster: Any, domain: Domain) -> None:
+    """A domain added or changed in services/domains.py without the migration fails here, by table and column."""
+    expected = {**SYSTEM, **{c.name: (PG_TYPES[c.type], "NO" if c.required else "YES") for c in domain.columns}}
+    with pg_cluster.connect(DATABASE) as db:
+        rows = db.execute(
+            "select column_name, data_type, is_nullable from information_schema.columns"
+            " where table_schema = 'api' and table_name = %s", (domain.table,)
+        ).fetchall()
+    assert {name: (kind, nullable) for name, kind, nullable in rows} == expected
+
+
+@pytest.mark.parametrize("domain", DOMAINS, ids=[d.table for d in DOMAINS])
+def test_business_tables_grant_authenticated_only_and_protect_system_columns(pg_cluster: Any, domain: Domain) -> None:
+    table = f"api.{domain.table}"
+    with pg_cluster.connect(DATABASE) as db:
+        def allowed(role: str, privilege: str, column: str | None = None) -> bool:
+            if column is None:
+                query = "select has_table_privilege(%s, %s, %s)"
+                return bool(db.execute(query, (role, table, privilege)).fetchone()[0])
+            column_query = "select has_column_privilege(%s, %s, %s, %s)"
+            return bool(db.execute(column_query, (role, table, column, privilege)).fetchone()[0])
+
+        assert not any(allowed("anon", p) for p in ("select", "insert", "update", "delete"))
+        assert allowed("authenticated", "select") and allowed("authenticated", "delete")
+        for column in ("id", "user_id", "created_at", "updated_at"):
+            assert not allowed("authenticated", "update", column), column
+        assert not allowed("authenticated", "insert", "created_at")
+        assert all(allowed("authenticated", "update", c.name) for c in domain.columns)
+        assert all(allowed("authenticated", "insert", c) for c in ("id", "user_id", *(c.name for c in domain.columns)))
+        secured = db.execute("select relrowsecurity from pg_class where oid = %s::regclass", (table,)).fetchone()
+        policies = db.execute("select cmd, roles::text, qual, with_check from pg_policies where schemaname = 'api'"
+                              " and tablename = %s order by cmd", (domain.table,)).fetchall()
+        indexed = db.execute("select indexdef from pg_indexes where schemaname = 'api' and tablename = %s"
+                             " and indexname = %s", (domain.table, f"{domain.table}_user_order_idx")).fetchone()
+    assert secured == (True,)
+    assert [(cmd, roles) for cmd, roles, _, _ in policies] == [
+        ("DELETE", "{authenticated}"), ("INSERT", "{authenticated}"), ("SELECT", "{authenticated}"),
+        ("UPDATE", "{authenticated}")]
+    assert all("auth.uid()" in (qual or "") + (check or "") for _, _, qual, check in policies)
+    assert indexed is not None and f"(user_id, {domain.order_by[0][0]}" in indexed[0]
+
+
+LEGACY_BUSINESS_SCHEMA = """
+create schema if not exists api;
+create table api.invoices (
+    id uuid primary key default gen_random_uuid(), invoice_number text unique, client_name text not null,
+    due_date date not null, total_amount numeric not null, amount_paid numeric default 0,
+    balance_due numeric generated always as (total_amount - amount_paid) stored,
+    status text default 'draft' check (status in ('draft','sent','viewed','partial','paid','overdue','cancelled')),
+    created_at timestamptz, updated_at timestamptz);
+alter table api.invoices add column if not exists user_id uuid references auth.users(id);
+create table api.projects (id uuid primary key default gen_random_uuid(), name text not null, client_name text,
+    created_at timestamptz default now(), updated_at timestamptz default now());
+alter table api.projects add column if not exists user_id uuid references auth.users(id);
+create function public.update_updated_at_column() returns trigger language plpgsql as $$
+begin new.updated_at = now(); return new; end $$;
+create trigger update_invoices_updated_at before update on api.invoices
+    for each row execute function public.update_updated_at_column();
+alter table api.invoices enable row level security;
+alter table api.projects enable row level security;
+create policy "Enable all for authenticated users" on api.invoices for all using (auth.role() = 'authenticated');
+create policy "Users can view own projects" on api.projects for select to authenticated using (auth.uid() = user_id);
+grant usage on schema api to anon, authenticated;
+grant select on all tables in schema api to anon;
+grant select, insert, update, delete on all tables in schema api to authenticated;
+"""
+
+
+def test_the_migration_upgrades_the_earlier_business_tables_and_keeps_their_rows(pg_cluster: Any) -> None:
+    name = "legacy_business"
+    create_supabase_database(pg_cluster, name, migrate=False)
+    owner = new_id()
+    with pg_cluster.connect(name) as db:
+        db.execute(LEGACY_BUSINESS_SCHEMA)
+        db.execute("insert into auth.users (id) values (%s)", (owner,))
+        db.execute("insert into api.invoices (invoice_number, client_name, due_date, total_amount, user_id)"
+                   " values ('INV-1', 'Old', '2025-01-01', 100, %s), ('INV-2', 'Ownerless', '2025-01-02', 50, null)",
+                   (owner,))
+        db.execute("insert into api.projects (name, user_id) values ('Old job', %s)", (owner,))
+        apply_migrations(db, times=2)
+
+        columns = {r[0] for r in db.execute("select column_name from information_schema.columns"
+                                            " where table_schema = 'api' and table_name = 'invoices'").fetchall()}
+        assert {c.name for c in BY_AGENT["invoices"].columns} <= columns and "balance_due" in columns
+        kept = db.execute("select invoice_number, line_items, status from api.invoices order by invoice_number")
+        assert kept.fetchall() == [("INV-1", [], "draft"), ("INV-2", [], "draft")]
+        policies = db.execute("select tablename, policyname from pg_policies where schemaname = 'api'"
+                              " and tablename in ('invoices', 'projects') order by 1, 2").fetchall()
+        assert policies == [(t, f"{t}_{cmd}") for t in ("invoices", "projects")
+                            for cmd in ("delete", "insert", "select", "update")]
+        assert db.execute("select has_table_privilege('anon', 'api.invoices', 'select')").fetchone() == (False,)
+        # Every project has an owner: NOT NULL. An ownerless invoice is kept, and a NOT VALID check refuses new ones.
+        nullable = db.execute("select table_name, is_nullable from information_schema.columns where table_schema ="
+                              " 'api' and column_name = 'user_id' and table_name in ('invoices', 'projects')"
+                              " order by 1").fetchall()
+        assert nullable == [("invoices", "YES"), ("projects", "NO")]
+        with pytest.raises(psycopg.errors.CheckViolation):
+            db.execute("insert into api.invoices (invoice_number, client_name, due_date, total_amount)"
+                       " values ('INV-3', 'New', '2025-01-03', 1)")
+        triggers = db.execute("select tgname from pg_trigger where tgrelid = 'api.invoices'::regclass"
+                              " and not tgisinternal").fetchall()
+        assert triggers == [("invoices_set_updated_at",)]
+        db.execute("update api.invoices set status = 'paid' where invoice_number = 'INV-1'")
+        stamped = db.execute("select updated_at is not null from api.invoices where invoice_number = 'INV-1'")
+        assert stamped.fetchone() == (True,)
