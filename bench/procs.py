@@ -1,0 +1,153 @@
+"""Processes of a benchmark run: start them pinned to a core, wait until they answer, read their CPU and memory.
+
+What: ``launch`` starts a server (the service, the baseline or the floor) on the server core with a raised fd limit
+and waits for ``GET /`` to answer; ``fake_upstream`` starts ``bench/fake_upstream.py`` on the benchmark's own core;
+``cpu_seconds`` and ``rss_bytes`` read ``/proc/<pid>/stat`` (utime + stime, all threads) and ``/proc/<pid>/status``
+(VmRSS). Every process is stopped with SIGTERM, then SIGKILL after a few seconds: the baseline's worker threads do
+not stop when their clients leave, and nothing may outlive the run.
+
+Why pinning: on a 2-core machine the server gets core 0 alone and the fake plus the load generator share core 1, so
+the server's figures are not distorted by the load it is given.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_KB = 1024
+_LIVE: set[subprocess.Popen[bytes]] = set()  # every process started here, stopped at exit whatever happened
+
+
+_AVAILABLE = sorted(os.sched_getaffinity(0))  # read at import, before this process pins itself to one core
+
+
+def cores() -> tuple[int | None, int | None]:
+    """(server core, benchmark core), or (None, None) when fewer than two cores are available to pin."""
+    if len(_AVAILABLE) < 2:
+        return None, None
+    return _AVAILABLE[0], _AVAILABLE[1]
+
+
+def raise_fd_limit() -> None:
+    """5,000 streams need 10,000+ descriptors in the server (client + upstream sockets) and in the benchmark."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def pin_self_to_bench_core() -> None:
+    _, bench_core = cores()
+    if bench_core is not None:
+        os.sched_setaffinity(0, {bench_core})
+
+
+def _server_preexec() -> None:
+    server_core, _ = cores()
+    if server_core is not None:
+        os.sched_setaffinity(0, {server_core})
+    raise_fd_limit()
+    os.setpgrp()  # its own process group, so stopping it never signals the benchmark
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the whole process (every thread), in seconds."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # fields 14 and 15 of proc(5)
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * PAGE_KB
+    return 0
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            return sock.recv(64).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
+def stop(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    _LIVE.discard(proc)
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@atexit.register
+def stop_all() -> None:
+    for proc in list(_LIVE):
+        stop(proc, grace=2.0)
+
+
+def _started(proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+    _LIVE.add(proc)
+    return proc
+
+
+@contextlib.contextmanager
+def launch(
+    command: Sequence[str], env: Mapping[str, str], port: int, log: Path, ready_timeout: float = 60.0
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start a server on the server core; yield it once ``GET /`` answers 200; always stop it."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = _started(
+            subprocess.Popen(
+                list(command), cwd=REPO, env=dict(env), stdout=out, stderr=subprocess.STDOUT, preexec_fn=_server_preexec
+            )
+        )
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while not _answers(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{command[1]} did not start; see {log}")
+            time.sleep(0.05)
+        yield proc
+    finally:
+        stop(proc)
+
+
+@contextlib.contextmanager
+def fake_upstream(ttft: float, tokens: int, interval: float, log: Path) -> Iterator[int]:
+    """Start the fake Bedrock on the benchmark's core; yield its port."""
+    command = [sys.executable, "-m", "bench.fake_upstream", "--ttft", str(ttft), "--tokens", str(tokens)]
+    command += ["--interval", str(interval)]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as err:
+        proc = _started(subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=err))
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"the fake upstream did not start; see {log}")
+        yield int(line.split()[1])
+    finally:
+        stop(proc)
