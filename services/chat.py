@@ -79,10 +79,12 @@ class ChatService:
         self._token_budget = token_budget
 
     async def start_turn(self, caller: Caller, conversation_id: str, text: str) -> Turn:
-        """Everything before the first byte: ownership, the user's message saved, the prompt built."""
-        await self._store.ensure_conversation(caller, conversation_id, AUTO_TITLE)
-        user_message = await self._store.add_message(caller, NewMessage(conversation_id, "user", text))
-        history = await self._store.recent_messages(caller, conversation_id, self._history_max_messages)
+        """Everything before the first byte: ownership, the user's message saved, the prompt built.
+
+        One store call (``Store.begin_turn``), not three: it sits on every turn's time to first token.
+        """
+        message = NewMessage(conversation_id, "user", text)
+        user_message, history = await self._store.begin_turn(caller, AUTO_TITLE, message, self._history_max_messages)
         turns = build_turns(history, self._token_budget)
         return Turn(self._store, self._assistant, caller, user_message, turns)
 

@@ -159,6 +159,9 @@ class PostgrestStore:
 
     @observed
     async def ensure_conversation(self, caller: Caller, conversation_id: str, title: str) -> Conversation:
+        return await self._ensure_conversation(caller, conversation_id, title)
+
+    async def _ensure_conversation(self, caller: Caller, conversation_id: str, title: str) -> Conversation:
         # Read first: after its first turn a conversation exists, so this is usually the only round trip.
         try:
             return await self._fetch_conversation(caller, conversation_id)
@@ -175,6 +178,16 @@ class PostgrestStore:
         except NotFound:
             logger.warning("Conversation %s belongs to another user; nothing written", conversation_id)
             raise
+
+    @observed
+    async def begin_turn(
+        self, caller: Caller, title: str, message: NewMessage, history_limit: int
+    ) -> tuple[Message, list[Message]]:
+        # ensure_conversation, add_message, recent_messages in turn, reported as one store call. The history read
+        # skips recent_messages' own ownership check: the conversation was just found (or made) as the caller.
+        await self._ensure_conversation(caller, message.conversation_id, title)
+        saved = await self._add_message(caller, message)
+        return saved, await self._newest_messages(caller, message.conversation_id, history_limit)
 
     @observed
     async def delete_conversation(self, caller: Caller, conversation_id: str) -> None:
@@ -201,6 +214,9 @@ class PostgrestStore:
     @observed
     async def recent_messages(self, caller: Caller, conversation_id: str, limit: int) -> list[Message]:
         await self._fetch_conversation(caller, conversation_id)
+        return await self._newest_messages(caller, conversation_id, limit)
+
+    async def _newest_messages(self, caller: Caller, conversation_id: str, limit: int) -> list[Message]:
         params = {
             "select": MESSAGE_COLUMNS,
             "conversation_id": f"eq.{conversation_id}",
@@ -212,6 +228,9 @@ class PostgrestStore:
 
     @observed
     async def add_message(self, caller: Caller, message: NewMessage) -> Message:
+        return await self._add_message(caller, message)
+
+    async def _add_message(self, caller: Caller, message: NewMessage) -> Message:
         row = {
             "id": message.id,
             "conversation_id": message.conversation_id,
@@ -307,6 +326,26 @@ class PostgrestStore:
 
     @observed
     async def rate_limit_hit(self, caller: Caller, bucket: str, window_seconds: int, limit: int) -> tuple[bool, float]:
+        return await self._rate_limit_hit(caller, bucket, window_seconds, limit)
+
+    @observed
+    async def admit_chat(
+        self,
+        caller: Caller,
+        lease_id: str,
+        *,
+        window_seconds: int,
+        chat_limit: int,
+        stream_limit: int,
+        ttl_seconds: int,
+    ) -> tuple[bool, float, bool]:
+        # The two RPCs in turn (reported as one store call); a refused hit takes no slot, as in SQLite.
+        allowed, retry_after = await self._rate_limit_hit(caller, "chat", window_seconds, chat_limit)
+        if not allowed:
+            return False, retry_after, False
+        return True, retry_after, await self._stream_lease_acquire(caller, lease_id, stream_limit, ttl_seconds)
+
+    async def _rate_limit_hit(self, caller: Caller, bucket: str, window_seconds: int, limit: int) -> tuple[bool, float]:
         if not caller.access_token:
             return True, 0.0
         args = {"p_bucket": bucket, "p_window_seconds": window_seconds, "p_max_hits": limit}
@@ -320,6 +359,9 @@ class PostgrestStore:
 
     @observed
     async def stream_lease_acquire(self, caller: Caller, lease_id: str, limit: int, ttl_seconds: int) -> bool:
+        return await self._stream_lease_acquire(caller, lease_id, limit, ttl_seconds)
+
+    async def _stream_lease_acquire(self, caller: Caller, lease_id: str, limit: int, ttl_seconds: int) -> bool:
         if not caller.access_token:
             return True
         args = {"p_lease_id": lease_id, "p_max_streams": limit, "p_ttl_seconds": ttl_seconds}

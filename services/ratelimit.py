@@ -56,6 +56,22 @@ class LimitStore(Protocol):
         """Give the slot back (idempotent)."""
         ...
 
+    async def admit_chat(
+        self,
+        caller: Caller,
+        lease_id: str,
+        *,
+        window_seconds: int,
+        chat_limit: int,
+        stream_limit: int,
+        ttl_seconds: int,
+    ) -> tuple[bool, float, bool]:
+        """``rate_limit_hit`` on the ``chat`` bucket and, only if that allowed it, ``stream_lease_acquire``, as one
+        store call (a chat turn's admission is on its time to first token). Returns (allowed by the chat limit,
+        seconds until its window resets, stream slot taken); a refused hit still counts and takes no slot.
+        """
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class StreamLease:
@@ -98,12 +114,22 @@ class RateLimiter:
         """Count the request; raise ``RateLimited`` over a limit. A chat turn also gets a stream slot to release."""
         if self._store is None:
             return None
-        bucket, limit = ("chat", self._chat_limit) if chat else ("api", self._api_limit)
-        await self._count(caller, bucket, limit)
         if not chat:
+            await self._count(caller, "api", self._api_limit)
             return None
         lease = StreamLease(self._store, caller, str(uuid.uuid4()))
-        if not await self._store.stream_lease_acquire(caller, lease.lease_id, self._stream_limit, STREAM_LEASE_SECONDS):
+        allowed, retry_after, taken = await self._store.admit_chat(
+            caller,
+            lease.lease_id,
+            window_seconds=self._window,
+            chat_limit=self._chat_limit,
+            stream_limit=self._stream_limit,
+            ttl_seconds=STREAM_LEASE_SECONDS,
+        )
+        if not allowed:
+            self._metrics.rate_limited.inc("chat")
+            raise RateLimited(retry_after=max(1.0, retry_after))
+        if not taken:
             self._metrics.rate_limited.inc("streams")
             raise RateLimited(
                 "Too many open streams for this user.",

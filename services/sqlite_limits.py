@@ -9,8 +9,10 @@ connection (see ``SQLiteStore._run``).
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
+from collections.abc import Iterator
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rate_limits (
@@ -53,18 +55,52 @@ def hit(db: sqlite3.Connection, subject: str, bucket: str, window_seconds: int, 
 
 def acquire_lease(db: sqlite3.Connection, subject: str, lease_id: str, limit: int, ttl_seconds: int) -> bool:
     """Count-then-insert inside BEGIN IMMEDIATE: the write lock is taken first, so the count cannot go stale."""
+    with _immediate(db):
+        return _take_lease(db, subject, lease_id, limit, ttl_seconds)
+
+
+def admit_chat(
+    db: sqlite3.Connection,
+    subject: str,
+    lease_id: str,
+    *,
+    window_seconds: int,
+    chat_limit: int,
+    stream_limit: int,
+    ttl_seconds: int,
+) -> tuple[bool, float, bool]:
+    """``hit`` on the chat bucket, then, only if that allowed it, ``acquire_lease``: one write transaction.
+
+    Returns (allowed by the chat limit, seconds until its window ends, stream slot taken). A refused hit still
+    counts (as ``hit`` alone does) and takes no slot.
+    """
+    with _immediate(db):
+        allowed, retry_after = hit(db, subject, "chat", window_seconds, chat_limit)
+        taken = allowed and _take_lease(db, subject, lease_id, stream_limit, ttl_seconds)
+    return allowed, retry_after, taken
+
+
+def _take_lease(db: sqlite3.Connection, subject: str, lease_id: str, limit: int, ttl_seconds: int) -> bool:
+    """Clear this subject's lapsed leases, then take one slot if fewer than ``limit`` are held. In a write lock."""
     now = time.time()
+    db.execute("DELETE FROM stream_leases WHERE subject = ? AND expires_at <= ?", (subject, now))
+    held = db.execute("SELECT count(*) FROM stream_leases WHERE subject = ?", (subject,)).fetchone()[0]
+    if held >= limit:
+        return False
+    db.execute("INSERT INTO stream_leases (id, subject, expires_at) VALUES (?, ?, ?)", (lease_id, subject, now + ttl_seconds))
+    return True
+
+
+@contextlib.contextmanager
+def _immediate(db: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction whose lock is taken up front (BEGIN IMMEDIATE), rolled back on any exception."""
     db.execute("BEGIN IMMEDIATE")
     try:
-        db.execute("DELETE FROM stream_leases WHERE subject = ? AND expires_at <= ?", (subject, now))
-        held = db.execute("SELECT count(*) FROM stream_leases WHERE subject = ?", (subject,)).fetchone()[0]
-        if held < limit:
-            db.execute("INSERT INTO stream_leases (id, subject, expires_at) VALUES (?, ?, ?)", (lease_id, subject, now + ttl_seconds))
+        yield
     except BaseException:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
-    return bool(held < limit)
 
 
 def release_lease(db: sqlite3.Connection, subject: str, lease_id: str) -> None:

@@ -125,6 +125,15 @@ class Store(Protocol):
     async def add_message(self, caller: Caller, message: NewMessage) -> Message:
         """Append a message to the caller's conversation (``NotFound`` if it is not theirs)."""
 
+    async def begin_turn(
+        self, caller: Caller, title: str, message: NewMessage, history_limit: int
+    ) -> tuple[Message, list[Message]]:
+        """Everything a chat turn needs before the model is called, as one store call (one round trip, one thread
+        hop, one transaction where the store has them): ``ensure_conversation(message.conversation_id, title)``,
+        ``add_message(message)``, then ``recent_messages(history_limit)``. Returns (the saved message, the history
+        including it, oldest first). ``NotFound`` if someone else owns the conversation; nothing is written then.
+        """
+
     async def aclose(self) -> None:
         """Release connections."""
 

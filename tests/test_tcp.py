@@ -30,7 +30,7 @@ def test_set_nodelay_turns_nagle_off_on_a_socket_asyncio_would_leave_alone() -> 
 def test_connections_served_by_the_protocol_have_nagle_off() -> None:
     async def app(scope: dict, receive: Any, send: Any) -> None:  # type: ignore[type-arg]
         if scope["type"] == "lifespan":
-            while (message := await receive())["type"] != "lifespan.shutdown":
+            while (await receive())["type"] != "lifespan.shutdown":
                 await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
             return
