@@ -41,6 +41,19 @@ RETURNING hits, window_start
 """
 
 
+@contextlib.contextmanager
+def write_transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction whose lock is taken up front (BEGIN IMMEDIATE), so two writers queue on busy_timeout
+    instead of deadlocking on a lock upgrade; rolled back on any exception. Shared by the store and the limits."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 def create_tables(db: sqlite3.Connection) -> None:
     db.executescript(SCHEMA)
 
@@ -55,7 +68,7 @@ def hit(db: sqlite3.Connection, subject: str, bucket: str, window_seconds: int, 
 
 def acquire_lease(db: sqlite3.Connection, subject: str, lease_id: str, limit: int, ttl_seconds: int) -> bool:
     """Count-then-insert inside BEGIN IMMEDIATE: the write lock is taken first, so the count cannot go stale."""
-    with _immediate(db):
+    with write_transaction(db):
         return _take_lease(db, subject, lease_id, limit, ttl_seconds)
 
 
@@ -74,7 +87,7 @@ def admit_chat(
     Returns (allowed by the chat limit, seconds until its window ends, stream slot taken). A refused hit still
     counts (as ``hit`` alone does) and takes no slot.
     """
-    with _immediate(db):
+    with write_transaction(db):
         allowed, retry_after = hit(db, subject, "chat", window_seconds, chat_limit)
         taken = allowed and _take_lease(db, subject, lease_id, stream_limit, ttl_seconds)
     return allowed, retry_after, taken
@@ -89,18 +102,6 @@ def _take_lease(db: sqlite3.Connection, subject: str, lease_id: str, limit: int,
         return False
     db.execute("INSERT INTO stream_leases (id, subject, expires_at) VALUES (?, ?, ?)", (lease_id, subject, now + ttl_seconds))
     return True
-
-
-@contextlib.contextmanager
-def _immediate(db: sqlite3.Connection) -> Iterator[None]:
-    """A write transaction whose lock is taken up front (BEGIN IMMEDIATE), rolled back on any exception."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
 
 
 def release_lease(db: sqlite3.Connection, subject: str, lease_id: str) -> None:

@@ -235,7 +235,7 @@ class SQLiteStore:
 
     async def add_message(self, caller: Caller, message: NewMessage) -> Message:
         def work(db: sqlite3.Connection) -> Message:
-            with _transaction(db):
+            with sqlite_limits.write_transaction(db):
                 _fetch_conversation(db, caller, message.conversation_id)
                 return _insert_message(db, message)
 
@@ -247,7 +247,7 @@ class SQLiteStore:
         # One thread hop and one write transaction instead of three of each: each hop costs more (a wake-up, then
         # waiting for the event loop to give up the GIL) than the statements it runs.
         def work(db: sqlite3.Connection) -> tuple[Message, list[Message]]:
-            with _transaction(db):
+            with sqlite_limits.write_transaction(db):
                 # INSERT OR IGNORE: a concurrent first turn on the same new id cannot create it twice, and an id
                 # owned by someone else is left untouched; the scoped fetch then raises NotFound and rolls back.
                 _insert_conversation(db, caller, message.conversation_id, title, ignore_existing=True)
@@ -325,17 +325,6 @@ def _operation(work: Callable[..., object]) -> str:
     """The store method a unit of work belongs to, from its qualified name (``SQLiteStore.<method>.<locals>...``)."""
     parts = getattr(work, "__qualname__", "").split(".")
     return parts[1] if len(parts) > 1 and parts[0] == "SQLiteStore" else "other"
-
-
-@contextlib.contextmanager
-def _transaction(db: sqlite3.Connection) -> Iterator[None]:
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
 
 
 @contextlib.contextmanager
