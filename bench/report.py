@@ -27,28 +27,26 @@ def _num(value: Any, digits: int = 0, unit: str = "") -> str:
     return str(value)
 
 
-def _field(figure: str, key: str, digits: int = 0, unit: str = "") -> Callable[[dict[str, Any]], str]:
+def _cell(figure: str, render: Callable[[dict[str, Any]], str]) -> Callable[[dict[str, Any]], str]:
+    """A table cell for ``figure``: "-" when it was not run, "FAILED" when it failed, else ``render(data)``."""
+
     def cell(results: dict[str, Any]) -> str:
         data = results.get(figure)
         if data is None:
             return "-"
         if "failed" in data:
             return "FAILED"
-        return _num(data.get(key), digits, unit)
+        return render(data)
 
     return cell
+
+
+def _field(figure: str, key: str, digits: int = 0, unit: str = "") -> Callable[[dict[str, Any]], str]:
+    return _cell(figure, lambda data: _num(data.get(key), digits, unit))
 
 
 def _completed(figure: str) -> Callable[[dict[str, Any]], str]:
-    def cell(results: dict[str, Any]) -> str:
-        data = results.get(figure)
-        if data is None:
-            return "-"
-        if "failed" in data:
-            return "FAILED"
-        return f"{data['completed']:,}/{data['streams']:,}"
-
-    return cell
+    return _cell(figure, lambda data: f"{data['completed']:,}/{data['streams']:,}")
 
 
 def rows(document: dict[str, Any]) -> list[tuple[str, Cell]]:

@@ -17,26 +17,30 @@ from errors import AppError
 from services.model import ModelEvent, ModelRequest, Stop, TextDelta, Usage
 
 
-@dataclass
-class ScriptedModel:
-    pieces: list[str]
-    pause: float = 0.0
-    fail_with: AppError | None = None
-    first_pause: float = 0.0
-    provider: str = "scripted"
-    model_id: str = "scripted-test-model"
-    is_llm: bool = False
-    requests: list[ModelRequest] = field(default_factory=list)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    finished: threading.Event = field(default_factory=threading.Event)
+class _Scripted:
+    """What both scripted models share of the ``ChatModel`` interface: no provider to open, check or close."""
 
-    configured: bool = True
+    provider = "scripted"
+    is_llm = False
+    configured = True
 
     async def open(self) -> None:
         return None
 
     async def aclose(self) -> None:
         return None
+
+
+@dataclass
+class ScriptedModel(_Scripted):
+    pieces: list[str]
+    pause: float = 0.0
+    fail_with: AppError | None = None
+    first_pause: float = 0.0
+    requests: list[ModelRequest] = field(default_factory=list)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)
+    model_id = "scripted-test-model"
 
     async def stream(self, request: ModelRequest) -> AsyncIterator[ModelEvent]:
         self.requests.append(request)
@@ -62,22 +66,12 @@ class ScriptedModel:
 
 
 @dataclass
-class ScriptedCalls:
+class ScriptedCalls(_Scripted):
     """A model whose Nth call plays ``calls[N]`` (the last script repeats); records every request it was sent."""
 
     calls: list[list[ModelEvent]]
-    provider: str = "scripted"
-    model_id: str = "scripted-calls"
-    is_llm: bool = False
     requests: list[ModelRequest] = field(default_factory=list)
-
-    configured: bool = True
-
-    async def open(self) -> None:
-        return None
-
-    async def aclose(self) -> None:
-        return None
+    model_id = "scripted-calls"
 
     async def stream(self, request: ModelRequest) -> AsyncIterator[ModelEvent]:
         self.requests.append(request)
