@@ -14,6 +14,7 @@ import contextlib
 import hmac
 import logging
 import os
+import secrets
 import sys
 from collections.abc import AsyncIterator
 from typing import Any, TypedDict
@@ -24,14 +25,13 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from errors import AppError, Forbidden, MethodNotAllowed, NotFound, Unauthorized
-from services.agents import SUPERVISOR, Assistant
+from errors import AppError, MethodNotAllowed, NotFound, Unauthorized
+from services.agents import Assistant
 from services.auth import Authenticator, build_authenticator
 from services.bedrock import BedrockModel
-from services.chat import SAVE_ON_CANCEL_SECONDS, ChatService, chunk
 from services.domains import DOMAINS
 from services.local_model import LocalModel
 from services.metrics import Metrics
@@ -39,13 +39,14 @@ from services.model import ChatModel
 from services.postgrest import PostgrestStore
 from services.postgrest_client import PostgrestClient
 from services.ratelimit import LimitStore, RateLimiter
+from services.runs import RunManager, shutdown_frame
 from services.retry import RetryPolicy
 from services.sqlite_store import SQLiteStore
-from services.store import Caller, Store
+from services.store import AUTO_TITLE, Caller, NewRun, Store
 from settings import ConfigError, Settings
 from web import inputs
-from web.middleware import AfterResponse, BodyLimit, RequestContext, after_response
-from web.sse import EventStreamResponse, OpenStreams
+from web.middleware import BodyLimit, RequestContext
+from web.sse import EventStreamResponse, Feed
 from web.tcp import NoDelayH11Protocol
 
 SERVICE_NAME = "Canvalo Multi-Agent Chat API"
@@ -59,8 +60,7 @@ class State(TypedDict):
     store: Store
     model: ChatModel
     auth: Authenticator
-    chat: ChatService
-    streams: OpenStreams
+    runs: RunManager
     metrics: Metrics
     limiter: RateLimiter
 
@@ -73,16 +73,23 @@ async def root(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    """Probes the store; says which store, model provider and auth mode are active. Nothing secret."""
+    """Probes the store (a read and a write); says which store, model provider and auth mode are active, and whether
+    the model can answer. 503 when the store cannot read or write; ``degraded`` (200) when the model is not
+    configured. Nothing secret."""
     settings: Settings = request.state.settings
     model: ChatModel = request.state.model
-    store_ok = await _store_reachable(request.state.store)
+    store: Store = request.state.store
+    readable = await _store_reachable(store)
+    writable = await _store_writable(store) if readable else False
+    store_ok = readable and writable is not False
+    status = "unhealthy" if not store_ok else "healthy" if model.configured else "degraded"
     body = {
-        "status": "healthy" if store_ok else "unhealthy",
+        "status": status,
         "service": SERVICE_NAME,
         "version": VERSION,
         "environment": settings.environment,
-        "store": {"kind": request.state.store.kind, "reachable": store_ok},
+        # writable is null where the store cannot check it (Supabase: PostgREST acts only as signed-in users).
+        "store": {"kind": store.kind, "reachable": readable, "readable": readable, "writable": writable},
         "model": {
             "provider": model.provider,
             "model_id": model.model_id,
@@ -99,14 +106,43 @@ async def health(request: Request) -> Response:
 
 
 async def chat_stream(request: Request) -> Response:
+    """Start a chat run and follow it from its first event. A repeated ``client_message_id`` follows the run that
+    id started instead, from its first event, without starting another or counting against any limit."""
     chat = inputs.chat_input(await inputs.json_body(request))
-    caller = await _caller(request, chat.user_id, chat_turn=True)
-    turn = await request.state.chat.start_turn(caller, chat.conversation_id, chat.message)
+    caller = await _caller(request, chat.user_id, counted=False)  # begin_run counts the turn, after deduplication
+    runs: RunManager = request.state.runs
+    new = NewRun(chat.conversation_id, chat.message, AUTO_TITLE, chat.client_message_id)
+    limits = request.state.limiter.turn_limits(runs.stale_seconds, runs.events_ttl)
+    begun = await runs.begin(caller, new, limits, request.state.request_started)
+    if begun.run is None:
+        raise request.state.limiter.refused(begun)
+    return _event_stream(request, await runs.feed(caller, begun.run.id), begun.run.id, after=0)
+
+
+async def run_events(request: Request) -> Response:
+    """Follow a run from after ``Last-Event-ID`` (or ``?after=N``): replay what was missed, then live to its end."""
+    run_id = inputs.uuid_value(request.path_params["run_id"], "run_id")
+    after = inputs.last_event_id(request)
+    caller = await _caller(request, inputs.query_uuid(request, "user_id"))
+    return _event_stream(request, await request.state.runs.feed(caller, run_id), run_id, after=after)
+
+
+async def stop_run(request: Request) -> Response:
+    """Stop a run wherever it generates; the answer is saved cut to ``seen_chars`` and returned."""
+    run_id = inputs.uuid_value(request.path_params["run_id"], "run_id")
+    stop = inputs.stop_input(await inputs.json_body(request))
+    caller = await _caller(request, stop.user_id)
+    message = await request.state.runs.stop(caller, run_id, stop.seen_chars)
+    return JSONResponse(message.to_json())
+
+
+def _event_stream(request: Request, feed: Feed, run_id: str, *, after: int) -> Response:
     return EventStreamResponse(  # type: ignore[return-value]
-        turn.chunks(),
+        feed,
+        after=after,
         ping_interval=request.state.settings.heartbeat_seconds,
-        shutdown_chunk=SHUTDOWN_CHUNK,
-        tracker=request.state.streams,
+        shutdown_frame=shutdown_frame(),
+        headers=[(b"x-run-id", run_id.encode())],
     )
 
 
@@ -139,9 +175,13 @@ async def get_conversation(request: Request) -> Response:
     limit = inputs.query_int(request, "message_limit", 100, 1, 500)
     offset = inputs.query_int(request, "message_offset", 0, 0)
     store: Store = request.state.store
+    runs: RunManager = request.state.runs
     conversation = await store.get_conversation(caller, conversation_id)
     messages = await store.list_messages(caller, conversation_id, limit, offset)
-    return JSONResponse({**conversation.to_json(), "messages": [m.to_json() for m in messages]})
+    if await runs.end_dead_runs(caller, messages):
+        messages = await store.list_messages(caller, conversation_id, limit, offset)
+    shown = runs.overlay(messages)
+    return JSONResponse({**conversation.to_json(), "messages": [m.to_json() for m in shown]})
 
 
 async def delete_conversation(request: Request) -> Response:
@@ -149,6 +189,24 @@ async def delete_conversation(request: Request) -> Response:
     caller = await _caller(request, inputs.query_uuid(request, "user_id"))
     await request.state.store.delete_conversation(caller, conversation_id)
     return JSONResponse({"status": "deleted", "conversation_id": conversation_id})
+
+
+PLAYGROUND_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "playground.html")
+
+
+async def playground(request: Request) -> Response:
+    """A small chat page for trying the API in a browser: development only, unless PLAYGROUND=1."""
+    settings: Settings = request.state.settings
+    if settings.environment != "development" and not settings.playground:
+        raise NotFound()
+    with open(PLAYGROUND_PAGE, encoding="utf-8") as page:
+        html = page.read()
+    nonce = secrets.token_urlsafe(16)  # the page's one inline script and style run; nothing else does
+    policy = (
+        f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; connect-src 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    )
+    return HTMLResponse(html.replace("{{nonce}}", nonce), headers={"Content-Security-Policy": policy})
 
 
 async def metrics(request: Request) -> Response:
@@ -163,20 +221,37 @@ async def metrics(request: Request) -> Response:
     return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-async def _caller(request: Request, claimed_user_id: str, *, chat_turn: bool = False) -> Caller:
-    """Who is calling, counted against their rate limits; a chat turn also holds a stream slot until it ends."""
+async def _caller(request: Request, claimed_user_id: str, *, counted: bool = True) -> Caller:
+    """Who is calling, counted against their API rate limit unless ``counted`` is False (chat turns are counted by
+    ``Store.begin_run``)."""
     auth: Authenticator = request.state.auth
     limiter: RateLimiter = request.state.limiter
+    address = _address(request)
     try:
-        caller = await auth.authenticate(request.headers.get("authorization"), claimed_user_id)
-    except (Unauthorized, Forbidden):
-        # No trustworthy user to count against: count the client address, so guessing credentials is limited too.
-        await limiter.admit_unauthenticated(request.client.host if request.client else "unknown")
+        # An address refused too often is stopped in process before Supabase Auth is asked (a token checked
+        # locally or from the cache is not stopped: a genuine user keeps their own allowance).
+        caller = await auth.authenticate(
+            request.headers.get("authorization"), claimed_user_id, lambda: limiter.check_address(address)
+        )
+    except AppError:
+        # No trustworthy user to count against (a bad token, or Supabase Auth could not say): count the client
+        # address, so guessing credentials is limited too.
+        await limiter.admit_unauthenticated(address)
         raise
-    lease = await limiter.admit(caller, chat=chat_turn)
-    if lease is not None:
-        after_response(request.scope, lease.release)
+    request.state.authenticated = True
+    if counted:
+        await limiter.admit(caller)
     return caller
+
+
+def _address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+async def _store_writable(store: Store) -> bool | None:
+    with anyio.move_on_after(3):
+        return await store.probe_write()
+    return False
 
 
 async def _store_reachable(store: Store) -> bool:
@@ -189,19 +264,18 @@ async def _store_reachable(store: Store) -> bool:
     return False
 
 
-SHUTDOWN_CHUNK = chunk(
-    "error",
-    SUPERVISOR,
-    error="The server is restarting. Please send your message again.",
-    code="SERVER_SHUTTING_DOWN",
-    retryable=True,
-)
-
 # -- errors -------------------------------------------------------------------------------------------------------
+
+# Client errors that can happen before authentication: an unreadable, oversized, non-JSON or invalid body.
+PRE_AUTH_FAILURES = (400, 413, 415, 422)
 
 
 async def app_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, AppError)
+    if exc.status in PRE_AUTH_FAILURES and not getattr(request.state, "authenticated", False):
+        # A request that failed before its caller was known (a malformed body, say) counts against its address,
+        # like a failed authentication, so a flood of them is refused before it costs more.
+        request.state.limiter.failed_before_auth(_address(request))
     headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after is not None else None
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
@@ -226,7 +300,10 @@ routes = [
     Route("/", root, methods=["GET"]),
     Route("/health", health, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
+    Route("/playground", playground, methods=["GET"]),
     Route("/api/chat/stream", chat_stream, methods=["POST"]),
+    Route("/api/chat/runs/{run_id}/events", run_events, methods=["GET"]),
+    Route("/api/chat/runs/{run_id}/stop", stop_run, methods=["POST"]),
     Route("/api/conversations", list_conversations, methods=["GET"]),
     Route("/api/conversations", create_conversation, methods=["POST"]),
     Route("/api/conversations/{conversation_id}", get_conversation, methods=["GET"]),
@@ -278,9 +355,19 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
             await store.open()  # type: ignore[attr-defined]
             await chat_model.open()
             registry, limiter = await _open_metrics_and_limits(settings, store, stack)
-            chat = ChatService(
-                store, Assistant(chat_model, store), settings.history_max_messages, settings.history_token_budget
+            runs = RunManager(
+                store,
+                Assistant(chat_model, store),
+                registry,
+                history_max_messages=settings.history_max_messages,
+                history_token_budget=settings.history_token_budget,
+                max_seconds=settings.run_max_seconds,
+                stale_seconds=settings.run_stale_seconds,
+                events_ttl=settings.run_events_ttl,
             )
+            await runs.open()
+            # Runs still generating at shutdown end as interrupted and are saved before the store closes.
+            stack.push_async_callback(runs.aclose)
             logger.info(
                 "Started: store=%s model=%s auth=%s environment=%s",
                 store.kind,
@@ -288,19 +375,15 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
                 auth.mode,
                 settings.environment,
             )
-            streams = OpenStreams()
             yield {
                 "settings": settings,
                 "store": store,
                 "model": chat_model,
                 "auth": auth,
-                "chat": chat,
-                "streams": streams,
+                "runs": runs,
                 "metrics": registry,
                 "limiter": limiter,
             }
-            # Streams cancelled at the end of the grace period are still saving their partial answers.
-            await streams.drain(timeout=SAVE_ON_CANCEL_SECONDS + 5)
 
     middleware = [
         Middleware(RequestContext),
@@ -310,11 +393,10 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
             # Credentials with a wildcard origin would let any site act as the user; never combine them.
             allow_credentials="*" not in settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-            expose_headers=["X-Request-ID", "Retry-After"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID", "Last-Event-ID"],
+            expose_headers=["X-Request-ID", "X-Run-ID", "Retry-After"],
         ),
         Middleware(BodyLimit, max_bytes=settings.max_request_bytes),
-        Middleware(AfterResponse),
     ]
     return Starlette(routes=routes, middleware=middleware, exception_handlers=exception_handlers, lifespan=lifespan)
 
@@ -347,12 +429,24 @@ async def _open_metrics_and_limits(
 
 
 def configure_logging(level: str) -> None:
+    """Root logging at ``level``, with the loggers that would write request URLs held at WARNING whatever it is.
+
+    httpx logs every PostgREST request URL at INFO (its filters are user data, ``name=eq.Maria+Lopez``, and ids) and
+    httpcore more at DEBUG; uvicorn's access log writes each request line with its query string (``?user_id=``).
+    ``RequestContext`` logs every request without its query instead. Set here, not only with uvicorn's
+    ``access_log=False``, so ``uvicorn app:app`` (which configures uvicorn's loggers before it imports the app) is
+    covered too.
+    """
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    for name in ("httpx", "httpcore", "uvicorn.access"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _load_settings() -> Settings:
     try:
-        return Settings.from_environ(os.environ)
+        settings = Settings.from_environ(os.environ)
+        settings.check_sqlite_path()  # here, not in Settings.validate: it touches the disk
+        return settings
     except ConfigError as exc:
         print(f"canvalo: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -8,8 +8,10 @@
     ├── MethodNotAllowed          405
     ├── PayloadTooLarge           413
     ├── UnsupportedMediaType      415
+    ├── Conflict                  409 (RUN_IN_PROGRESS, IDEMPOTENCY_CONFLICT)
     ├── ValidationFailed          422 (missing fields, bad ids, out-of-range values)
     ├── RateLimited               429 (RATE_LIMIT_EXCEEDED, carries retry_after)
+    ├── ClientClosedRequest       499 (the client left before its request was read; nobody sees the answer)
     └── UpstreamError             502 (a dependency answered with something we cannot use)
         ├── UpstreamUnavailable   503 (connection refused, 5xx, throttled: worth retrying)
         └── UpstreamTimeout       504 (no answer in time: worth retrying)
@@ -43,6 +45,7 @@ class AppError(Exception):
         suggested_actions: tuple[str, ...] | None = None,
         retryable: bool | None = None,
         retry_after: float | None = None,
+        details: dict[str, Any] | None = None,
     ) -> None:
         # Instance values shadow the class defaults only where given, so subclasses stay declarative.
         if message is not None:
@@ -56,6 +59,8 @@ class AppError(Exception):
         if retryable is not None:
             self.retryable = retryable
         self.retry_after = retry_after
+        # Extra keys for the envelope's ``error`` object (camelCase, like the rest of it), e.g. ``runId``.
+        self.details = details or {}
         super().__init__(self.message)
 
     def body(self) -> dict[str, Any]:
@@ -72,6 +77,7 @@ class AppError(Exception):
         }
         if self.retry_after is not None:
             error["retryAfter"] = max(1, round(self.retry_after))
+        error.update(self.details)
         return {"error": error}
 
 
@@ -152,6 +158,18 @@ class UnsupportedMediaType(AppError):
     retryable = False
 
 
+class Conflict(AppError):
+    """The request clashes with the current state: an answer is already being generated, or an idempotency key
+    was reused for a different message."""
+
+    status = 409
+    code = "CONFLICT"
+    message = "The request conflicts with the current state."
+    user_message = "This conflicts with something already in progress."
+    suggested_actions = ("Wait for the current answer to finish, or stop it",)
+    retryable = False
+
+
 class ValidationFailed(AppError):
     """The request was readable but a field is missing, malformed or out of range."""
 
@@ -171,6 +189,17 @@ class RateLimited(AppError):
     message = "Too many requests."
     user_message = "You've made too many requests. Please wait a moment."
     suggested_actions = ("Wait a moment before trying again", "Reduce the frequency of your requests")
+    retryable = True
+
+
+class ClientClosedRequest(AppError):
+    """The client closed the connection before sending the body it announced (nginx's 499): not a server error."""
+
+    status = 499
+    code = "CLIENT_CLOSED_REQUEST"
+    message = "The client closed the connection before the request was read."
+    user_message = "The request was interrupted. Please try again."
+    suggested_actions = ("Try again",)
     retryable = True
 
 

@@ -11,6 +11,8 @@ README.md documents every field; ``tests/test_settings.py`` fails when one is mi
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -77,6 +79,12 @@ class Settings:
     history_token_budget: int = 12_000
     heartbeat_seconds: float = 15.0
 
+    # Chat runs (services/runs.py)
+    run_max_seconds: float = 300.0  # a run still generating after this ends with RUN_TIMEOUT
+    run_stale_seconds: float = 30.0  # a running run without a heartbeat for this long is dead (its worker died)
+    run_events_ttl: float = 3600.0  # a finished run's events are kept this long for resumes, then deleted
+    playground: bool = False  # serve /playground outside development too
+
     # Retry (the seed's "exponential backoff, 3 attempts")
     max_retry_attempts: int = 3
     retry_base_delay: float = 0.5
@@ -119,6 +127,9 @@ class Settings:
             (self.retry_max_delay >= self.retry_base_delay, "RETRY_MAX_DELAY must be at least RETRY_BASE_DELAY"),
             (self.retry_max_total >= 0, "RETRY_MAX_TOTAL must not be negative"),
             (0 < self.heartbeat_seconds <= 60, "HEARTBEAT_SECONDS must be in (0, 60]"),
+            (1 <= self.run_max_seconds <= 3600, "RUN_MAX_SECONDS must be between 1 and 3600"),
+            (2 <= self.run_stale_seconds <= 600, "RUN_STALE_SECONDS must be between 2 and 600"),
+            (self.run_events_ttl >= 0, "RUN_EVENTS_TTL must not be negative"),
             (self.history_max_messages >= 1, "HISTORY_MAX_MESSAGES must be at least 1"),
             (self.history_token_budget >= 500, "HISTORY_TOKEN_BUDGET must be at least 500"),
             (self.local_token_delay >= 0, "LOCAL_TOKEN_DELAY must not be negative"),
@@ -165,6 +176,20 @@ class Settings:
             problems.append("ENVIRONMENT=production requires STORE=supabase (SQLite cannot be shared across machines)")
         return problems
 
+    def check_sqlite_path(self) -> None:
+        """At startup, refuse a SQLITE_PATH the SQLite store could not open, naming it (not a lifespan traceback).
+
+        Not part of ``validate``: building ``Settings`` (as every test does) must not touch the disk. Nothing is
+        created: the nearest existing directory is probed with an unnamed temporary file, because ``os.access``
+        answers yes to root almost anywhere (``/proc`` included), where a real write would fail.
+        """
+        if self.store != "sqlite":
+            return
+        path = os.path.abspath(self.sqlite_path)
+        problem = _sqlite_file_problem(path) if os.path.lexists(path) else _sqlite_directory_problem(path)
+        if problem:
+            raise ConfigError(f"SQLITE_PATH {self.sqlite_path!r} {problem}")
+
     @property
     def auth_enabled(self) -> bool:
         return bool(str(self.supabase_jwt_secret)) or bool(self.supabase_url)
@@ -172,6 +197,29 @@ class Settings:
     @property
     def publishable_key(self) -> str:
         return str(self.supabase_publishable_key) or str(self.supabase_anon_key)
+
+
+def _sqlite_file_problem(path: str) -> str | None:
+    if not os.path.isfile(path):
+        return "is not a regular file"
+    try:
+        with open(path, "r+b"):
+            return None
+    except OSError as exc:
+        return f"cannot be opened for writing ({exc.strerror})"
+
+
+def _sqlite_directory_problem(path: str) -> str | None:
+    ancestor = os.path.dirname(path)
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        return f"is under {ancestor!r}, which is not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            return None
+    except OSError as exc:
+        return f"cannot be created: {ancestor!r} is not writable ({exc.strerror})"
 
 
 def _parse(name: str, raw: str, kind: object) -> object:

@@ -4,7 +4,7 @@ What: ``open_clients`` opens N keep-alive connections before any clock starts; `
 request on each, all at once, and records per stream the time the request was written, the arrival time of every
 token and whether the stream ended with a ``complete`` event; ``run_requests`` drives GET requests over keep-alive
 connections for a fixed time. Responses are parsed incrementally (status line, headers, chunked or Content-Length
-body, SSE events split on blank lines); only ``data:`` events are JSON-decoded.
+body, SSE events split on blank lines); only events with a ``data:`` line are JSON-decoded.
 
 Why by hand: an HTTP client library (httpx, aiohttp) costs tens of microseconds per event in the client, which at
 5,000 streams would make the load generator, not the server, the thing being measured.
@@ -148,9 +148,10 @@ class Client(asyncio.Protocol):
         self.sse += data
         *events, self.sse = self.sse.split(b"\n\n")
         for event in events:
-            if not event.startswith(b"data:"):
+            data_at = event.find(b"data:")  # after the event's "id:" line, if it has one
+            if data_at < 0:
                 continue  # a ": ping" comment
-            item = json.loads(event[5:])
+            item = json.loads(event[data_at + 5 :])
             result.events += 1
             kind = item.get("type")
             if kind == "token":

@@ -171,7 +171,7 @@ grant select, delete on api.agent_conversations, api.agent_messages to authentic
 grant insert (id, user_id, title, metadata) on api.agent_conversations to authenticated;
 grant update (title, metadata) on api.agent_conversations to authenticated;
 grant insert (id, conversation_id, role, content, agent_type, metadata) on api.agent_messages to authenticated;
-grant update (content, metadata) on api.agent_messages to authenticated;
+grant update (content, metadata, agent_type) on api.agent_messages to authenticated;  -- agent_type: chat runs (004)
 
 commit;
 

@@ -8,12 +8,16 @@ Three modes, picked from settings by ``build_authenticator``:
   verified here, with the standard library and a constant-time compare. No network round trip.
 * ``supabase-auth``: for projects on asymmetric signing keys (ES256/RS256), the token is checked by Supabase Auth
   (``GET {SUPABASE_URL}/auth/v1/user``) and the answer cached, bounded in size, never past the token's ``exp``.
+  Forged tokens must not turn into load on Supabase Auth: its refusals are cached too (briefly), one call at a time
+  is made per token (concurrent requests share it), and a 429 from it is never retried.
   With a secret configured too, HS256 tokens are still verified locally (``jwt+supabase-auth``).
 
-Every token is checked the same way before anything else: three base64url parts, an ``alg`` on a fixed allow-list
-(never ``none``; ``HS256`` only when verified with the secret), ``exp``/``nbf``/``iat`` with at most 30 s leeway,
-``aud`` containing ``authenticated``, ``iss`` equal to ``{SUPABASE_URL}/auth/v1`` when the URL is known, ``role``
-``authenticated`` and a UUID ``sub``. The claimed ``user_id`` must then equal ``sub``. Failures are
+Every token is checked the same way before anything else: three parts in unpadded base64url (RFC 7515 section 2:
+that alphabet only, no padding, canonical, so a token has one spelling), a JSON object header with a string ``alg``
+on a fixed allow-list (never ``none``; ``HS256`` only when verified with the secret) and string ``typ``/``kid`` if
+present, a JSON object of claims, ``exp``/``nbf``/``iat`` finite numbers with at most 30 s leeway, ``aud``
+containing ``authenticated``, ``iss`` equal to ``{SUPABASE_URL}/auth/v1`` when the URL is known, ``role``
+``authenticated`` (required) and a string UUID ``sub``. The claimed ``user_id`` must then equal ``sub``. Failures are
 ``Unauthorized``/``Forbidden`` with the codes ``MISSING_TOKEN``, ``MALFORMED_TOKEN``, ``INVALID_TOKEN``,
 ``EXPIRED_TOKEN`` and ``USER_ID_MISMATCH``; messages never echo the token or its claims, and tokens are never logged.
 """
@@ -26,16 +30,18 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
 
+import anyio
 import httpx
 
-from errors import Forbidden, Unauthorized, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from errors import AppError, Forbidden, Unauthorized, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from services.retry import RetryPolicy, with_retry
 from services.store import Caller
 from settings import ConfigError, Settings
@@ -47,13 +53,20 @@ AUDIENCE = "authenticated"
 REMOTE_ALGORITHMS = frozenset({"ES256", "RS256", "HS256"})  # what Supabase Auth signs with; never "none"
 CACHE_SIZE = 1024
 CACHE_MAX_SECONDS = 60.0  # a revoked session is noticed within a minute even if its token lives an hour
+NEGATIVE_CACHE_SECONDS = 60.0  # a refused token is refused again without asking Supabase Auth, for this long
+MAX_TIME = 2**53  # a NumericDate past this is no real time (and float() of a huge int raises OverflowError)
+
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")  # fullmatch only
 
 
 class Authenticator(Protocol):
     mode: str
 
-    async def authenticate(self, authorization: str | None, claimed_user_id: str) -> Caller:
-        """Return the caller, or raise ``Unauthorized``/``Forbidden``."""
+    async def authenticate(
+        self, authorization: str | None, claimed_user_id: str, before_remote: Callable[[], None] | None = None
+    ) -> Caller:
+        """Return the caller, or raise ``Unauthorized``/``Forbidden``. ``before_remote`` runs (and may raise) just
+        before a call to Supabase Auth, never when the token is checked locally or from the cache."""
         ...
 
     async def aclose(self) -> None:
@@ -65,7 +78,9 @@ class TrustClaimedUser:
 
     mode = "none"
 
-    async def authenticate(self, authorization: str | None, claimed_user_id: str) -> Caller:
+    async def authenticate(
+        self, authorization: str | None, claimed_user_id: str, before_remote: Callable[[], None] | None = None
+    ) -> Caller:
         return Caller(user_id=claimed_user_id)
 
     async def aclose(self) -> None:
@@ -139,26 +154,27 @@ def parse_token(raw: str) -> Token:
     if len(parts) != 3 or not all(parts[:2]):
         raise malformed_token()
     try:
-        header = json.loads(_b64url(parts[0]))
-        claims = json.loads(_b64url(parts[1]))
+        header = _json_object(_b64url(parts[0]))
+        claims = _json_object(_b64url(parts[1]))
         signature = _b64url(parts[2])
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, binascii.Error, RecursionError):  # RecursionError: JSON nested past Python's limit
         raise malformed_token() from None
-    if not isinstance(header, dict) or not isinstance(claims, dict):
-        raise malformed_token()
+    if not isinstance(header.get("alg"), str) or any(
+        name in header and not isinstance(header[name], str) for name in ("typ", "kid")
+    ):
+        raise malformed_token()  # a list or object here used to reach a set lookup: 500 "unhashable type"
     return Token(raw, header, claims, f"{parts[0]}.{parts[1]}".encode("ascii"), signature)
 
 
 def check_claims(claims: dict[str, Any], *, now: float, issuer: str | None) -> str:
     """Validate the registered and Supabase claims; return the user id (``sub``) in canonical form."""
     exp = claims.get("exp")
-    if not _is_number(exp):
+    if not _is_time(exp):
         raise invalid_token()
     if now > exp + LEEWAY_SECONDS:
         raise expired_token()
     for name in ("nbf", "iat"):
-        value = claims.get(name)
-        if value is not None and (not _is_number(value) or value > now + LEEWAY_SECONDS):
+        if name in claims and (not _is_time(claims[name]) or claims[name] > now + LEEWAY_SECONDS):
             raise invalid_token()
     audience = claims.get("aud")
     audiences = audience if isinstance(audience, list) else [audience]
@@ -166,20 +182,56 @@ def check_claims(claims: dict[str, Any], *, now: float, issuer: str | None) -> s
         raise invalid_token()
     if issuer is not None and claims.get("iss") != issuer:
         raise invalid_token()
-    if claims.get("role", AUDIENCE) != AUDIENCE:
+    if claims.get("role") != AUDIENCE:
+        raise invalid_token()  # required: README promises it, and PostgREST acts as the role the token names
+    subject = claims.get("sub")
+    if not isinstance(subject, str) or not _is_canonical_uuid(subject):
         raise invalid_token()
-    try:
-        return str(uuid.UUID(str(claims["sub"])))
-    except (KeyError, ValueError):
-        raise invalid_token() from None
+    return subject.lower()
 
 
 def _b64url(part: str) -> bytes:
-    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+    """Unpadded base64url, strictly: Python's decoder skips stray characters and ignores padding and unused bits."""
+    if not _B64URL.fullmatch(part) or len(part) % 4 == 1:
+        raise ValueError("not unpadded base64url")
+    data = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+    if base64.urlsafe_b64encode(data).rstrip(b"=") != part.encode("ascii"):
+        raise ValueError("not the canonical spelling")  # nonzero unused bits in the last character
+    return data
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _json_object(data: bytes) -> dict[str, Any]:
+    """A JSON object in strict UTF-8, without NaN/Infinity or repeated names (which one would count is a guess)."""
+    value = json.loads(data.decode("utf-8"), parse_constant=_refuse, object_pairs_hook=_unique_names)
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
+
+
+def _refuse(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("repeated name")
+    return result
+
+
+def _is_time(value: object) -> bool:
+    """A JSON NumericDate we can compute with: an int or float (not a bool) within ``MAX_TIME``.
+
+    The range check also refuses NaN (every comparison is false) and the infinity JSON's ``1e999`` decodes to.
+    """
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and -MAX_TIME <= value <= MAX_TIME
+
+
+def _is_canonical_uuid(value: str) -> bool:
+    try:
+        return str(uuid.UUID(value)) == value.lower()  # uuid.UUID also takes "{...}", "urn:uuid:..." and bare hex
+    except ValueError:
+        return False
 
 
 def _matching_caller(user_id: str, token: str, claimed_user_id: str) -> Caller:
@@ -203,11 +255,57 @@ class HS256Verifier:
             raise invalid_token()
 
 
+T = TypeVar("T")
+
+
+class _ExpiringCache(Generic[T]):
+    """A bounded map (least recently used out first) whose entries each lapse at their own time."""
+
+    def __init__(self, size: int) -> None:
+        self._entries: OrderedDict[str, tuple[T, float]] = OrderedDict()
+        self._size = size
+
+    def get(self, key: str, now: float) -> T | None:
+        entry = self._entries.get(key)
+        if entry is None or entry[1] <= now:
+            self._entries.pop(key, None)
+            return None
+        self._entries.move_to_end(key)
+        return entry[0]
+
+    def put(self, key: str, value: T, expires_at: float) -> None:
+        self._entries[key] = (value, expires_at)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+
+@dataclass
+class _Lookup:
+    """One call to Supabase Auth in flight; requests with the same token wait for it instead of calling too."""
+
+    done: anyio.Event = field(default_factory=anyio.Event)
+    user_id: str | None = None
+    error: AppError | None = None
+
+
+def _worth_retrying(error: AppError) -> bool:
+    # A 429 means Supabase Auth wants fewer calls: retrying it would triple the load that caused it.
+    return error.retryable and error.code != "AUTH_THROTTLED"
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after", "")
+    return float(value) if value.isascii() and value.isdigit() and len(value) <= 5 else None
+
+
 class SupabaseUserLookup:
     """Asks Supabase Auth whether a token is good (``GET /auth/v1/user``); caches yes-answers, bounded, ≤ ``exp``.
 
     Supabase Auth verifies the signature with the project's current keys and also rejects logged-out sessions.
-    Its 401/403 are the token's fault (``INVALID_TOKEN``); its 5xx or silence are ours (503/504, retryable).
+    Its 401/403 are the token's fault (``INVALID_TOKEN``), remembered for ``NEGATIVE_CACHE_SECONDS``; its 5xx or
+    silence are ours (503/504, retried); its 429 is a 503 with its ``Retry-After``, not retried. Concurrent
+    requests with one token share one call. Caches are keyed by a hash: they never hold a usable token.
     """
 
     def __init__(
@@ -230,20 +328,51 @@ class SupabaseUserLookup:
         )
         self._retry = retry
         self._clock = clock
-        self._cache: OrderedDict[str, tuple[str, float]] = OrderedDict()
-        self._cache_size = cache_size
+        self._known: _ExpiringCache[str] = _ExpiringCache(cache_size)
+        self._refused: _ExpiringCache[bool] = _ExpiringCache(cache_size)
+        self._lookups: dict[str, _Lookup] = {}
 
-    async def user_id(self, token: Token, expires_at: float) -> str:
-        key = hashlib.sha256(token.raw.encode("utf-8")).hexdigest()  # the cache never holds a usable token
-        now = self._clock()
-        cached = self._cache.get(key)
-        if cached is not None and cached[1] > now:
-            self._cache.move_to_end(key)
-            return cached[0]
-        self._cache.pop(key, None)
-        user_id = await with_retry(lambda: self._fetch(token.raw), self._retry, what="Supabase Auth /user")
-        self._remember(key, user_id, min(expires_at, now + CACHE_MAX_SECONDS))
-        return user_id
+    async def user_id(self, token: Token, expires_at: float, before_remote: Callable[[], None] | None = None) -> str:
+        key = hashlib.sha256(token.raw.encode("utf-8")).hexdigest()
+        while True:
+            now = self._clock()
+            if self._refused.get(key, now):
+                raise invalid_token()
+            known = self._known.get(key, now)
+            if known is not None:
+                return known
+            lookup = self._lookups.get(key)
+            if lookup is None:
+                if before_remote is not None:
+                    before_remote()
+                return await self._look_up(key, token.raw, min(expires_at, now + CACHE_MAX_SECONDS))
+            await lookup.done.wait()
+            if lookup.user_id is not None:
+                return lookup.user_id
+            if lookup.error is not None:
+                raise lookup.error
+            # The request that was asking was cancelled before an answer came: ask again (one of us will).
+
+    async def _look_up(self, key: str, raw: str, keep_until: float) -> str:
+        lookup = self._lookups[key] = _Lookup()
+        try:
+            user_id = await with_retry(
+                lambda: self._fetch(raw), self._retry, what="Supabase Auth /user", retryable=_worth_retrying
+            )
+            self._known.put(key, user_id, keep_until)
+            lookup.user_id = user_id
+            return user_id
+        except Unauthorized as exc:
+            self._refused.put(key, True, self._clock() + NEGATIVE_CACHE_SECONDS)
+            lookup.error = exc
+            raise
+        except AppError as exc:
+            lookup.error = exc
+            raise
+        finally:
+            # Also on cancellation: the waiters then find neither answer nor error and ask themselves.
+            del self._lookups[key]
+            lookup.done.set()
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -258,7 +387,12 @@ class SupabaseUserLookup:
         if response.status_code in (401, 403):
             logger.info("Supabase Auth rejected a token (%s)", response.status_code)
             raise invalid_token()
-        if response.status_code >= 500 or response.status_code == 429:
+        if response.status_code == 429:
+            logger.warning("Supabase Auth answered 429 (not retried)")
+            raise UpstreamUnavailable(
+                "Supabase Auth is rate limiting token checks.", code="AUTH_THROTTLED", retry_after=_retry_after(response)
+            )
+        if response.status_code >= 500:
             logger.warning("Supabase Auth answered %s", response.status_code)
             raise UpstreamUnavailable("Supabase Auth is unavailable.", code="AUTH_UNAVAILABLE")
         if response.status_code == 200:
@@ -268,12 +402,6 @@ class SupabaseUserLookup:
                 pass
         logger.warning("Supabase Auth answered %s with an unexpected body", response.status_code)
         raise UpstreamError("Supabase Auth gave an unexpected answer.", code="AUTH_UPSTREAM_ERROR")
-
-    def _remember(self, key: str, user_id: str, expires_at: float) -> None:
-        self._cache[key] = (user_id, expires_at)
-        self._cache.move_to_end(key)
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
 
 
 class SupabaseJWTAuth:
@@ -295,7 +423,9 @@ class SupabaseJWTAuth:
         self._clock = clock
         self.mode = "+".join(name for name, part in (("jwt", hs256), ("supabase-auth", remote)) if part)
 
-    async def authenticate(self, authorization: str | None, claimed_user_id: str) -> Caller:
+    async def authenticate(
+        self, authorization: str | None, claimed_user_id: str, before_remote: Callable[[], None] | None = None
+    ) -> Caller:
         token = parse_token(bearer_token(authorization))
         algorithm = token.header.get("alg")
         if algorithm == "HS256" and self._hs256 is not None:
@@ -304,7 +434,7 @@ class SupabaseJWTAuth:
         elif algorithm in REMOTE_ALGORITHMS and self._remote is not None:
             # Cheap local checks first (they can only reject), then Supabase Auth for the signature.
             user_id = check_claims(token.claims, now=self._clock(), issuer=self._issuer)
-            if await self._remote.user_id(token, float(token.claims["exp"])) != user_id:
+            if await self._remote.user_id(token, float(token.claims["exp"]), before_remote) != user_id:
                 raise invalid_token()
         else:
             raise invalid_token()  # "none", an unknown algorithm, or one we have no key for

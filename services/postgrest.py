@@ -23,12 +23,19 @@ the domain's order then ``id`` (NULLs sorted as SQLite sorts them), a missing or
 ``NotFound(code="RECORD_NOT_FOUND")``, inserts are idempotent by their client-generated id, and rows come back with
 SQLite's keys, key order and value types (numbers as floats, times as ``HH:MM``, timestamps as above).
 
-Rate limits and stream leases (``services/ratelimit.py``) are the RPC functions of ``migrations/003_rate_limits.sql``,
-called as the user so they count against ``auth.uid()``.
+Chat runs (``services/sqlite_runs.py`` is the reference) are the RPC functions of ``migrations/004_agent_runs.sql``,
+one request and one transaction per store call, SECURITY INVOKER so row-level security keeps users to their own runs.
+They write the same rows, frames and metadata as SQLite; run times come back as Unix seconds. Two differences follow
+from acting only as users: ``flush_runs`` writes one transaction per user (each with that user's token), and
+``maintain_runs`` without a caller does nothing, so a dead run is ended when its user next touches it.
+
+Rate limits (``services/ratelimit.py``) are the RPC function of ``migrations/003_rate_limits.sql``, called as the user
+so they count against ``auth.uid()``; ``agent_run_begin`` counts a chat turn through the same function.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -40,7 +47,22 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from errors import AppError, NotFound, UpstreamError
 from services.domains import Column, Domain
 from services.postgrest_client import PostgrestClient, is_rls_violation, postgrest_failure
-from services.store import Caller, Conversation, Message, NewMessage, Page
+from services.store import (
+    BeginOutcome,
+    Caller,
+    Conversation,
+    EventBatch,
+    Message,
+    NewMessage,
+    NewRun,
+    Page,
+    Run,
+    RunBegun,
+    RunControl,
+    RunUpdate,
+    RunView,
+    TurnLimits,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +87,10 @@ def conversation_not_found() -> NotFound:
 
 def record_not_found(domain: Domain) -> NotFound:
     return NotFound(f"No such {domain.singular}.", code="RECORD_NOT_FOUND")
+
+
+def run_not_found() -> NotFound:
+    return NotFound("Run not found.", code="RUN_NOT_FOUND")
 
 
 def observed(
@@ -107,6 +133,10 @@ class PostgrestStore:
     @observed
     async def ping(self) -> None:
         await self._rest.probe(CONVERSATIONS)
+
+    async def probe_write(self) -> bool | None:
+        # Every write here acts as a signed-in user and a health probe has none, so there is nothing to try.
+        return None
 
     # -- conversations -----------------------------------------------------------------------------------------
 
@@ -178,16 +208,6 @@ class PostgrestStore:
         except NotFound:
             logger.warning("Conversation %s belongs to another user; nothing written", conversation_id)
             raise
-
-    @observed
-    async def begin_turn(
-        self, caller: Caller, title: str, message: NewMessage, history_limit: int
-    ) -> tuple[Message, list[Message]]:
-        # ensure_conversation, add_message, recent_messages in turn, reported as one store call. The history read
-        # skips recent_messages' own ownership check: the conversation was just found (or made) as the caller.
-        await self._ensure_conversation(caller, message.conversation_id, title)
-        saved = await self._add_message(caller, message)
-        return saved, await self._newest_messages(caller, message.conversation_id, history_limit)
 
     @observed
     async def delete_conversation(self, caller: Caller, conversation_id: str) -> None:
@@ -320,32 +340,115 @@ class PostgrestStore:
             raise record_not_found(domain)
         return _record(domain, result.rows[0])
 
-    # -- rate limits and stream leases (services/ratelimit.py; migrations/003_rate_limits.sql) --------------------
-    # A caller without an access token cannot be counted as a user here (the functions key on auth.uid()); that is
+    # -- chat runs (services/runs.py; migrations/004_agent_runs.sql) ------------------------------------------------
+    # Each store call is one RPC, so one request and one transaction, as the signed-in user: the functions are
+    # SECURITY INVOKER and row-level security keeps every user to their own runs.
+
+    @observed
+    async def begin_run(self, caller: Caller, new: NewRun, limits: TurnLimits, history_limit: int) -> RunBegun:
+        args = {
+            "p_run_id": new.id,
+            "p_conversation_id": new.conversation_id,
+            "p_text": new.text,
+            "p_title": new.title,
+            "p_user_message_id": new.user_message_id,
+            "p_assistant_message_id": new.assistant_message_id,
+            "p_stale_seconds": limits.stale_seconds,
+            "p_events_ttl": limits.events_ttl,
+            "p_window_seconds": limits.window_seconds,
+            "p_history_limit": history_limit,
+            "p_client_message_id": new.client_message_id,
+            "p_chat_limit": limits.chat_limit,
+            "p_stream_limit": limits.stream_limit,
+        }
+        # Retried: every id is ours, so a replay whose first attempt committed finds its own run and answers as the
+        # first would have, counting and writing nothing. (A refusal whose answer was lost counts its hit twice.)
+        result = await self._rest.rpc(caller, "agent_run_begin", args, idempotent=True)
+        if isinstance(result, dict) and result.get("outcome") == "not_found":
+            raise conversation_not_found()
+        return _run_begun(result)
+
+    @observed
+    async def flush_runs(self, updates: list[RunUpdate]) -> dict[str, RunControl]:
+        # A request acts as one user, so the runs are flushed per user, each group with its user's token, all at
+        # once. One user's failure (an expired token, say) must not hold up the others' runs: their controls are
+        # returned, and the failed ones, missing from the result, are flushed again next time.
+        groups: dict[str, list[RunUpdate]] = {}
+        for update in updates:
+            groups.setdefault(update.caller.user_id, []).append(update)
+        flushes = (self._flush_user(group) for group in groups.values())
+        results = await asyncio.gather(*flushes, return_exceptions=True)
+        controls: dict[str, RunControl] = {}
+        failures: list[AppError] = []
+        for result in results:
+            if isinstance(result, AppError):
+                failures.append(result)
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                controls.update(result)
+        if failures and len(failures) == len(groups):
+            raise failures[0]
+        for failure in failures:
+            logger.warning("Could not flush one user's chat runs (%s)", failure.code)
+        return controls
+
+    async def _flush_user(self, updates: list[RunUpdate]) -> dict[str, RunControl]:
+        # The last update's caller: runs are listed in the order they started, so it holds the freshest token.
+        caller = updates[-1].caller
+        args = {"p_updates": [_update_json(update) for update in updates]}
+        # Retried: events are keyed by (run, seq), the text is overwritten and the end is written once.
+        rows = await self._rest.rpc(caller, "agent_runs_flush", args, idempotent=True)
+        try:
+            return {
+                str(row["run_id"]): RunControl(
+                    stop=bool(row["stop"]),
+                    seen_chars=None if row["seen_chars"] is None else int(row["seen_chars"]),
+                    gone=bool(row["gone"]),
+                )
+                for row in rows
+            }
+        except (TypeError, ValueError, KeyError) as exc:
+            raise _bad_response() from exc
+
+    @observed
+    async def read_run(self, caller: Caller, run_id: str, after: int | None) -> RunView:
+        if not _is_uuid(run_id):  # SQLite finds nothing; PostgreSQL would refuse to compare it with a uuid
+            raise run_not_found()
+        result = await self._rest.rpc(caller, "agent_run_read", {"p_run_id": run_id, "p_after": after}, idempotent=True)
+        if result is None:  # missing, or hidden by row-level security: the same answer
+            raise run_not_found()
+        try:
+            batches = [EventBatch(int(b["first_seq"]), int(b["last_seq"]), str(b["frames"])) for b in result["batches"]]
+            return RunView(_run(result["run"]), _message(result["message"]), batches)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise _bad_response() from exc
+
+    @observed
+    async def request_stop(self, caller: Caller, run_id: str, seen_chars: int | None) -> None:
+        if not _is_uuid(run_id):
+            raise run_not_found()
+        args = {"p_run_id": run_id, "p_seen_chars": seen_chars}
+        found = await self._rest.rpc(caller, "agent_run_stop", args, idempotent=True)
+        if found is not True:
+            raise run_not_found()
+
+    @observed
+    async def maintain_runs(self, caller: Caller | None, stale_seconds: float, events_ttl: float) -> None:
+        if caller is None:
+            # Every user's runs would need rights beyond any one user's, and this store never holds a service key.
+            # Dead runs are ended when their user next touches them (begin_run, or a viewer finding one stale).
+            return
+        args = {"p_stale_seconds": stale_seconds, "p_events_ttl": events_ttl}
+        # Retried: a run is ended once (claimed while still running) and a purge deletes nothing twice.
+        await self._rest.rpc(caller, "agent_runs_maintain", args, idempotent=True)
+
+    # -- rate limits (services/ratelimit.py; migrations/003_rate_limits.sql) --------------------------------------
+    # A caller without an access token cannot be counted as a user here (the function keys on auth.uid()); that is
     # only the address-keyed count of a failed authentication, which the edge (nginx limit_req) limits instead.
 
     @observed
     async def rate_limit_hit(self, caller: Caller, bucket: str, window_seconds: int, limit: int) -> tuple[bool, float]:
-        return await self._rate_limit_hit(caller, bucket, window_seconds, limit)
-
-    @observed
-    async def admit_chat(
-        self,
-        caller: Caller,
-        lease_id: str,
-        *,
-        window_seconds: int,
-        chat_limit: int,
-        stream_limit: int,
-        ttl_seconds: int,
-    ) -> tuple[bool, float, bool]:
-        # The two RPCs in turn (reported as one store call); a refused hit takes no slot, as in SQLite.
-        allowed, retry_after = await self._rate_limit_hit(caller, "chat", window_seconds, chat_limit)
-        if not allowed:
-            return False, retry_after, False
-        return True, retry_after, await self._stream_lease_acquire(caller, lease_id, stream_limit, ttl_seconds)
-
-    async def _rate_limit_hit(self, caller: Caller, bucket: str, window_seconds: int, limit: int) -> tuple[bool, float]:
         if not caller.access_token:
             return True, 0.0
         args = {"p_bucket": bucket, "p_window_seconds": window_seconds, "p_max_hits": limit}
@@ -355,32 +458,7 @@ class PostgrestStore:
             (row,) = rows
             return bool(row["allowed"]), float(row["retry_after"])
         except (TypeError, ValueError, KeyError) as exc:
-            raise UpstreamError("The database returned an unexpected result.", code="STORE_BAD_RESPONSE") from exc
-
-    @observed
-    async def stream_lease_acquire(self, caller: Caller, lease_id: str, limit: int, ttl_seconds: int) -> bool:
-        return await self._stream_lease_acquire(caller, lease_id, limit, ttl_seconds)
-
-    async def _stream_lease_acquire(self, caller: Caller, lease_id: str, limit: int, ttl_seconds: int) -> bool:
-        if not caller.access_token:
-            return True
-        args = {"p_lease_id": lease_id, "p_max_streams": limit, "p_ttl_seconds": ttl_seconds}
-        # Retried: the lease id is ours, so a replay inserts nothing twice.
-        taken = await self._rest.rpc(caller, "stream_lease_acquire", args, idempotent=True)
-        if not isinstance(taken, bool):
-            raise UpstreamError("The database returned an unexpected result.", code="STORE_BAD_RESPONSE")
-        if not taken:
-            # A replay whose first attempt had committed sees its own lease and refuses; give that slot back.
-            await self._release(caller, lease_id)
-        return taken
-
-    @observed
-    async def stream_lease_release(self, caller: Caller, lease_id: str) -> None:
-        await self._release(caller, lease_id)
-
-    async def _release(self, caller: Caller, lease_id: str) -> None:
-        if caller.access_token:
-            await self._rest.rpc(caller, "stream_lease_release", {"p_lease_id": lease_id}, idempotent=True)
+            raise _bad_response() from exc
 
 
 def utc_timestamp(value: str | None) -> str | None:
@@ -430,6 +508,71 @@ def _message(row: dict[str, Any]) -> Message:
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise UpstreamError("The database returned an unexpected row.", code="STORE_BAD_RESPONSE") from exc
+
+
+# -- chat-run rows ----------------------------------------------------------------------------------------------
+
+BEGIN_OUTCOMES: frozenset[BeginOutcome] = frozenset(
+    ("started", "existing", "conflict", "in_progress", "rate_limited", "streams_full")
+)
+
+
+def _run_begun(result: Any) -> RunBegun:
+    """``agent_run_begin``'s answer as ``RunBegun`` (its ``not_found`` is raised by the caller)."""
+    try:
+        outcome = result["outcome"]
+        if outcome not in BEGIN_OUTCOMES:
+            raise ValueError(f"unknown outcome {outcome!r}")
+        run = _run(result["run"]) if result.get("run") is not None else None
+        history = [_message(row) for row in result.get("history") or []]
+        return RunBegun(outcome, run, history, float(result.get("retry_after") or 0.0))
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise _bad_response() from exc
+
+
+def _run(row: dict[str, Any]) -> Run:
+    try:
+        return Run(
+            id=row["id"],
+            conversation_id=row["conversation_id"],
+            user_message_id=row["user_message_id"],
+            assistant_message_id=row["assistant_message_id"],
+            client_message_id=row["client_message_id"],
+            status=row["status"],
+            last_seq=int(row["last_seq"]),
+            heartbeat_at=_epoch(row["heartbeat_at"]),
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise _bad_response() from exc
+
+
+def _epoch(value: str) -> float:
+    """A ``timestamptz`` as JSON renders it (``2026-11-24T01:49:20.9111+00:00``) in Unix seconds, as SQLite keeps it."""
+    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.timestamp()
+
+
+def _update_json(update: RunUpdate) -> dict[str, Any]:
+    """One element of ``agent_runs_flush``'s ``p_updates``; the batch is flattened into its three fields."""
+    batch = update.batch
+    return {
+        "run_id": update.run_id,
+        "message_id": update.message_id,
+        "first_seq": batch.first_seq if batch is not None else None,
+        "last_seq": batch.last_seq if batch is not None else None,
+        "frames": batch.frames if batch is not None else None,
+        "content": update.content,
+        "metadata": update.metadata,
+        "agent_type": update.agent_type,
+        "heartbeat": update.heartbeat,
+        "final_status": update.final_status,
+    }
+
+
+def _bad_response() -> UpstreamError:
+    return UpstreamError("The database returned an unexpected result.", code="STORE_BAD_RESPONSE")
 
 
 # -- business-record rows ---------------------------------------------------------------------------------------

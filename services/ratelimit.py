@@ -8,8 +8,10 @@ the Supabase store calls the Postgres functions in ``migrations/003_rate_limits.
   ``RATE_LIMIT_CHAT_PER_MINUTE``, every other ``/api`` request against ``RATE_LIMIT_API_PER_MINUTE``. A refused
   request still counts (a client hammering the API stays refused until the window ends). Fixed windows allow up
   to twice the limit across a window boundary; that is the price of one row per user and one statement per check.
-- Open streams are leases: a row per stream with an expiry. A stream's lease is released when its response ends;
-  a lease whose worker died lapses after ``STREAM_LEASE_SECONDS``, so a crash cannot lock a user out for good.
+- Stream slots are the user's running chat runs (``services/runs.py``): a slot frees when its run ends, and the
+  run of a worker that died stops counting when its heartbeat lapses (``RUN_STALE_SECONDS``), so a crash cannot
+  lock a user out. A chat turn's limits are checked inside ``Store.begin_run``'s transaction (``turn_limits``),
+  after the idempotency check, so a repeated send costs nothing.
 - The subject is the authenticated caller (``Caller.user_id``). A request whose authentication failed is counted
   against its client address instead (``addr:<ip>``), so guessing tokens is limited too.
 """
@@ -17,23 +19,16 @@ the Supabase store calls the Postgres functions in ``migrations/003_rate_limits.
 from __future__ import annotations
 
 import logging
-import uuid
-from dataclasses import dataclass
+import time
 from typing import Protocol, runtime_checkable
 
-import anyio
-
-from errors import AppError, RateLimited
+from errors import RateLimited, UpstreamUnavailable
 from services.metrics import Metrics
-from services.store import Caller
+from services.store import Caller, RunBegun, TurnLimits
 
 logger = logging.getLogger(__name__)
 
-# Longer than any stream runs (a turn is bounded by the model's max tokens and idle timeouts); only a lease whose
-# worker died ever reaches it.
-STREAM_LEASE_SECONDS = 900
-# When a stream slot frees up is unknowable; this is how soon a refused client should try again.
-STREAM_RETRY_AFTER_SECONDS = 5.0
+FALLBACK_LOG_SECONDS = 60.0  # while limits are counted in memory, say so at most this often
 
 
 @runtime_checkable
@@ -47,45 +42,6 @@ class LimitStore(Protocol):
         access token; the edge (nginx ``limit_req``) limits anonymous traffic there.
         """
         ...
-
-    async def stream_lease_acquire(self, caller: Caller, lease_id: str, limit: int, ttl_seconds: int) -> bool:
-        """Take a stream slot unless ``caller`` already holds ``limit`` unexpired ones."""
-        ...
-
-    async def stream_lease_release(self, caller: Caller, lease_id: str) -> None:
-        """Give the slot back (idempotent)."""
-        ...
-
-    async def admit_chat(
-        self,
-        caller: Caller,
-        lease_id: str,
-        *,
-        window_seconds: int,
-        chat_limit: int,
-        stream_limit: int,
-        ttl_seconds: int,
-    ) -> tuple[bool, float, bool]:
-        """``rate_limit_hit`` on the ``chat`` bucket and, only if that allowed it, ``stream_lease_acquire``, as one
-        store call (a chat turn's admission is on its time to first token). Returns (allowed by the chat limit,
-        seconds until its window resets, stream slot taken); a refused hit still counts and takes no slot.
-        """
-        ...
-
-
-@dataclass(frozen=True, slots=True)
-class StreamLease:
-    store: LimitStore
-    caller: Caller
-    lease_id: str
-
-    async def release(self) -> None:
-        """Shielded and bounded: runs while the request may be cancelled; on failure the lease lapses by expiry."""
-        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            try:
-                await self.store.stream_lease_release(self.caller, self.lease_id)
-            except (AppError, RuntimeError) as exc:  # RuntimeError: the store was closed at shutdown
-                logger.warning("Could not release a stream lease (%s); it lapses on its own", type(exc).__name__)
 
 
 class RateLimiter:
@@ -105,47 +61,113 @@ class RateLimiter:
         self._api_limit = api_per_window
         self._stream_limit = streams_per_user
         self._window = window_seconds
+        self._failures = WindowCounter()
+        self._fallback = WindowCounter()
+        self._fallback_logged = -FALLBACK_LOG_SECONDS
 
     @property
     def enabled(self) -> bool:
         return self._store is not None
 
-    async def admit(self, caller: Caller, *, chat: bool) -> StreamLease | None:
-        """Count the request; raise ``RateLimited`` over a limit. A chat turn also gets a stream slot to release."""
-        if self._store is None:
-            return None
-        if not chat:
+    async def admit(self, caller: Caller) -> None:
+        """Count one ``/api`` request; raise ``RateLimited`` over the limit. Chat turns use ``turn_limits``."""
+        if self._store is not None:
             await self._count(caller, "api", self._api_limit)
-            return None
-        lease = StreamLease(self._store, caller, str(uuid.uuid4()))
-        allowed, retry_after, taken = await self._store.admit_chat(
-            caller,
-            lease.lease_id,
-            window_seconds=self._window,
-            chat_limit=self._chat_limit,
-            stream_limit=self._stream_limit,
-            ttl_seconds=STREAM_LEASE_SECONDS,
-        )
-        if not allowed:
+
+    def turn_limits(self, stale_seconds: float, events_ttl: float) -> TurnLimits:
+        """What ``Store.begin_run`` checks for a chat turn (no counts when limits are off)."""
+        if self._store is None:
+            return TurnLimits(stale_seconds, events_ttl)
+        return TurnLimits(stale_seconds, events_ttl, self._window, self._chat_limit, self._stream_limit)
+
+    def refused(self, begun: RunBegun) -> RateLimited:
+        """The 429 for a turn ``begin_run`` refused (``rate_limited`` or ``streams_full``), counted in the metrics."""
+        retry_after = max(1.0, begun.retry_after)
+        if begun.outcome == "rate_limited":
             self._metrics.rate_limited.inc("chat")
+            return RateLimited(retry_after=retry_after)
+        self._metrics.rate_limited.inc("streams")
+        return RateLimited(
+            "Too many answers in progress for this user.",
+            user_message="You already have the maximum number of answers in progress. Please wait for one to finish.",
+            retry_after=retry_after,
+        )
+
+    def check_address(self, address: str) -> None:
+        """Refuse an address whose requests failed before authentication ``API`` times this window, in process and
+        before any remote call: a flood of forged tokens must not reach Supabase Auth (which limits by our address,
+        so one attacker would break sign-in checks for everyone)."""
+        if self._store is None:
+            return
+        allowed, retry_after = self._failures.peek(f"addr:{address}", self._window, self._api_limit)
+        if not allowed:
+            self._metrics.rate_limited.inc("api")
             raise RateLimited(retry_after=max(1.0, retry_after))
-        if not taken:
-            self._metrics.rate_limited.inc("streams")
-            raise RateLimited(
-                "Too many open streams for this user.",
-                user_message="You already have the maximum number of answers in progress. Please wait for one to finish.",
-                retry_after=STREAM_RETRY_AFTER_SECONDS,
-            )
-        return lease
+
+    def failed_before_auth(self, address: str) -> None:
+        """Count a request that failed before its caller was known (a bad body, a bad token) in process."""
+        if self._store is not None:
+            self._failures.hit(f"addr:{address}", self._window, self._api_limit)
 
     async def admit_unauthenticated(self, address: str) -> None:
-        """Count a request whose authentication failed against its client address."""
+        """Count a request whose authentication failed against its client address, in process and in the store
+        (shared by every worker where the store can count anonymous subjects)."""
         if self._store is not None:
+            self.failed_before_auth(address)
             await self._count(Caller(user_id=f"addr:{address}"), "api", self._api_limit)
 
     async def _count(self, subject: Caller, bucket: str, limit: int) -> None:
         assert self._store is not None
-        allowed, retry_after = await self._store.rate_limit_hit(subject, bucket, self._window, limit)
+        try:
+            allowed, retry_after = await self._store.rate_limit_hit(subject, bucket, self._window, limit)
+        except UpstreamUnavailable as exc:
+            # The store cannot write (disk full, read-only, down): reads must keep working, so this worker counts
+            # in memory until it can again. Limits then hold per worker, not across workers.
+            self._log_fallback(exc.code)
+            allowed, retry_after = self._fallback.hit(f"{subject.user_id}:{bucket}", self._window, limit)
         if not allowed:
             self._metrics.rate_limited.inc(bucket)
             raise RateLimited(retry_after=max(1.0, retry_after))
+
+    def _log_fallback(self, code: str) -> None:
+        now = time.monotonic()
+        if now - self._fallback_logged >= FALLBACK_LOG_SECONDS:
+            self._fallback_logged = now
+            logger.warning("Rate limits are counted in this worker's memory: the store cannot count them (%s)", code)
+
+
+class WindowCounter:
+    """Fixed-window counts in this worker's memory, bounded in size: the failed-authentication guard, and the
+    rate-limit fallback while the store cannot write."""
+
+    def __init__(self, max_keys: int = 10_000) -> None:
+        self._counts: dict[str, tuple[float, int]] = {}
+        self._max_keys = max_keys
+
+    def hit(self, key: str, window_seconds: int, limit: int) -> tuple[bool, float]:
+        """Count one; (allowed, seconds until the window ends)."""
+        start, remaining = _window(window_seconds)
+        held = self._counts.get(key)
+        hits = held[1] + 1 if held is not None and held[0] == start else 1
+        if held is None and len(self._counts) >= self._max_keys:
+            self._forget_before(start)
+        self._counts[key] = (start, hits)
+        return hits <= limit, remaining
+
+    def peek(self, key: str, window_seconds: int, limit: int) -> tuple[bool, float]:
+        """Would one more be allowed? Counts nothing."""
+        start, remaining = _window(window_seconds)
+        held = self._counts.get(key)
+        hits = held[1] if held is not None and held[0] == start else 0
+        return hits < limit, remaining
+
+    def _forget_before(self, start: float) -> None:
+        self._counts = {key: held for key, held in self._counts.items() if held[0] >= start}
+        if len(self._counts) >= self._max_keys:  # all current: forget them rather than grow without bound
+            self._counts.clear()
+
+
+def _window(window_seconds: int) -> tuple[float, float]:
+    now = time.time()
+    start = float(int(now // window_seconds) * window_seconds)
+    return start, start + window_seconds - now

@@ -1,4 +1,4 @@
-"""Rate-limit counters and stream leases in SQLite: the shared state behind ``services/ratelimit.py``.
+"""Rate-limit counters in SQLite: the shared state behind ``services/ratelimit.py``.
 
 Every worker process (and every app instance) that opens the same SQLite file sees the same rows, and each
 decision is one write transaction, so two workers can never both take the last slot. The tables hold disposable
@@ -22,12 +22,11 @@ CREATE TABLE IF NOT EXISTS rate_limits (
     hits INTEGER NOT NULL,
     PRIMARY KEY (subject, bucket)
 );
-CREATE TABLE IF NOT EXISTS stream_leases (
-    id TEXT PRIMARY KEY,
-    subject TEXT NOT NULL,
-    expires_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS idx_stream_leases_subject ON stream_leases (subject, expires_at);
+-- Stream slots were leases here until chat runs (services/sqlite_runs.py) became the slots; dropped so an upgraded
+-- file keeps no dead table.
+DROP TABLE IF EXISTS stream_leases;
+-- One row that /health rewrites to learn whether the database can take a write (disk full, read-only).
+CREATE TABLE IF NOT EXISTS store_probe (id INTEGER PRIMARY KEY CHECK (id = 1), written_at REAL NOT NULL);
 """
 
 # One statement, so atomic on its own: a new window resets the count, the current one adds to it. ``max`` keeps a
@@ -64,45 +63,3 @@ def hit(db: sqlite3.Connection, subject: str, bucket: str, window_seconds: int, 
     window_start = float(int(now // window_seconds) * window_seconds)
     hits, current_start = db.execute(_HIT, (subject, bucket, window_start)).fetchone()
     return hits <= limit, max(0.0, current_start + window_seconds - now)
-
-
-def acquire_lease(db: sqlite3.Connection, subject: str, lease_id: str, limit: int, ttl_seconds: int) -> bool:
-    """Count-then-insert inside BEGIN IMMEDIATE: the write lock is taken first, so the count cannot go stale."""
-    with write_transaction(db):
-        return _take_lease(db, subject, lease_id, limit, ttl_seconds)
-
-
-def admit_chat(
-    db: sqlite3.Connection,
-    subject: str,
-    lease_id: str,
-    *,
-    window_seconds: int,
-    chat_limit: int,
-    stream_limit: int,
-    ttl_seconds: int,
-) -> tuple[bool, float, bool]:
-    """``hit`` on the chat bucket, then, only if that allowed it, ``acquire_lease``: one write transaction.
-
-    Returns (allowed by the chat limit, seconds until its window ends, stream slot taken). A refused hit still
-    counts (as ``hit`` alone does) and takes no slot.
-    """
-    with write_transaction(db):
-        allowed, retry_after = hit(db, subject, "chat", window_seconds, chat_limit)
-        taken = allowed and _take_lease(db, subject, lease_id, stream_limit, ttl_seconds)
-    return allowed, retry_after, taken
-
-
-def _take_lease(db: sqlite3.Connection, subject: str, lease_id: str, limit: int, ttl_seconds: int) -> bool:
-    """Clear this subject's lapsed leases, then take one slot if fewer than ``limit`` are held. In a write lock."""
-    now = time.time()
-    db.execute("DELETE FROM stream_leases WHERE subject = ? AND expires_at <= ?", (subject, now))
-    held = db.execute("SELECT count(*) FROM stream_leases WHERE subject = ?", (subject,)).fetchone()[0]
-    if held >= limit:
-        return False
-    db.execute("INSERT INTO stream_leases (id, subject, expires_at) VALUES (?, ?, ?)", (lease_id, subject, now + ttl_seconds))
-    return True
-
-
-def release_lease(db: sqlite3.Connection, subject: str, lease_id: str) -> None:
-    db.execute("DELETE FROM stream_leases WHERE id = ? AND subject = ?", (lease_id, subject))

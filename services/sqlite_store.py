@@ -3,7 +3,7 @@
 sqlite3 calls block, so each runs on one of ``workers`` threads that each hold their own connection (a sqlite3
 connection must stay on the thread that made it); the event loop only awaits the result, so a slow disk or a
 lock held by another worker never stalls the streams the loop is serving. A hop costs about 0.15 ms of CPU on one
-core, so a chat turn makes as few as it can (``begin_turn``, ``admit_chat``: one hop and one transaction each).
+core, so a chat turn makes as few as it can (``begin_run``: one hop and one transaction to admit and begin it).
 WAL mode lets readers proceed while one writer writes. Writes use ``BEGIN IMMEDIATE`` so two writers queue on
 ``busy_timeout`` instead of deadlocking on a lock upgrade. Every query is scoped to the caller's ``user_id``.
 
@@ -27,9 +27,23 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from errors import NotFound, UpstreamError, UpstreamUnavailable
-from services import sqlite_limits, sqlite_records
+from services import sqlite_limits, sqlite_records, sqlite_runs
+from services.sqlite_messages import MESSAGE_COLUMNS, insert_message, message_row, recent_messages
 from services.domains import Domain
-from services.store import Caller, Conversation, Message, NewMessage, Page, utc_now
+from services.store import (
+    Caller,
+    Conversation,
+    Message,
+    NewMessage,
+    NewRun,
+    Page,
+    RunBegun,
+    RunControl,
+    RunUpdate,
+    RunView,
+    TurnLimits,
+    utc_now,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +82,11 @@ MIGRATIONS: list[str] = [
          WHERE id = NEW.conversation_id;
     END;
     """,
+    # 2: chat runs and their event log (services/sqlite_runs.py).
+    sqlite_runs.MIGRATION,
 ]
 
 _CONVERSATION_COLUMNS = "id, user_id, title, created_at, updated_at, last_message_at, message_count, metadata"
-_MESSAGE_COLUMNS = "id, conversation_id, role, content, agent_type, metadata, created_at"
 
 
 class SQLiteStore:
@@ -167,6 +182,17 @@ class SQLiteStore:
 
         await self._run(work)
 
+    async def probe_write(self) -> bool | None:
+        def work(db: sqlite3.Connection) -> None:
+            with sqlite_limits.write_transaction(db):
+                db.execute("INSERT OR REPLACE INTO store_probe (id, written_at) VALUES (1, ?)", (time.time(),))
+
+        try:
+            await self._run(work)
+        except UpstreamError:
+            return False
+        return True
+
     async def list_conversations(self, caller: Caller, limit: int, offset: int) -> Page:
         def work(db: sqlite3.Connection) -> Page:
             total = db.execute("SELECT count(*) FROM agent_conversations WHERE user_id = ?", (caller.user_id,))
@@ -218,18 +244,18 @@ class SQLiteStore:
         def work(db: sqlite3.Connection) -> list[Message]:
             _fetch_conversation(db, caller, conversation_id)
             rows = db.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM agent_messages WHERE conversation_id = ?"
+                f"SELECT {MESSAGE_COLUMNS} FROM agent_messages WHERE conversation_id = ?"
                 " ORDER BY seq LIMIT ? OFFSET ?",
                 (conversation_id, limit, offset),
             )
-            return [_message(r) for r in rows.fetchall()]
+            return [message_row(r) for r in rows.fetchall()]
 
         return await self._run(work)
 
     async def recent_messages(self, caller: Caller, conversation_id: str, limit: int) -> list[Message]:
         def work(db: sqlite3.Connection) -> list[Message]:
             _fetch_conversation(db, caller, conversation_id)
-            return _recent_messages(db, conversation_id, limit)
+            return recent_messages(db, conversation_id, limit)
 
         return await self._run(work)
 
@@ -237,25 +263,30 @@ class SQLiteStore:
         def work(db: sqlite3.Connection) -> Message:
             with sqlite_limits.write_transaction(db):
                 _fetch_conversation(db, caller, message.conversation_id)
-                return _insert_message(db, message)
+                return insert_message(db, message)
 
         return await self._run(work)
 
-    async def begin_turn(
-        self, caller: Caller, title: str, message: NewMessage, history_limit: int
-    ) -> tuple[Message, list[Message]]:
-        # One thread hop and one write transaction instead of three of each: each hop costs more (a wake-up, then
-        # waiting for the event loop to give up the GIL) than the statements it runs.
-        def work(db: sqlite3.Connection) -> tuple[Message, list[Message]]:
-            with sqlite_limits.write_transaction(db):
-                # INSERT OR IGNORE: a concurrent first turn on the same new id cannot create it twice, and an id
-                # owned by someone else is left untouched; the scoped fetch then raises NotFound and rolls back.
-                _insert_conversation(db, caller, message.conversation_id, title, ignore_existing=True)
-                _fetch_conversation(db, caller, message.conversation_id)
-                saved = _insert_message(db, message)
-                return saved, _recent_messages(db, message.conversation_id, history_limit)
+    # -- chat runs (services/sqlite_runs.py) -------------------------------------------------------------------
 
-        return await self._run(work)
+    async def begin_run(
+        self, caller: Caller, new: NewRun, limits: TurnLimits, history_limit: int
+    ) -> RunBegun:
+        # One thread hop and one write transaction for the turn's admission and start: each hop costs more (a
+        # wake-up, then waiting for the event loop to give up the GIL) than the statements it runs.
+        return await self._run(lambda db: sqlite_runs.begin_run(db, caller, new, limits, history_limit))
+
+    async def flush_runs(self, updates: list[RunUpdate]) -> dict[str, RunControl]:
+        return await self._run(lambda db: sqlite_runs.flush_runs(db, updates))
+
+    async def read_run(self, caller: Caller, run_id: str, after: int | None) -> RunView:
+        return await self._run(lambda db: sqlite_runs.read_run(db, caller, run_id, after))
+
+    async def request_stop(self, caller: Caller, run_id: str, seen_chars: int | None) -> None:
+        await self._run(lambda db: sqlite_runs.request_stop(db, caller, run_id, seen_chars))
+
+    async def maintain_runs(self, caller: Caller | None, stale_seconds: float, events_ttl: float) -> None:
+        await self._run(lambda db: sqlite_runs.maintain_runs(db, caller, stale_seconds, events_ttl))
 
     # -- business records (the agents' tools) ------------------------------------------------------------------
 
@@ -278,7 +309,7 @@ class SQLiteStore:
     async def delete_record(self, caller: Caller, domain: Domain, record_id: str) -> None:
         await self._run(lambda db: sqlite_records.delete_record(db, caller, domain, record_id))
 
-    # -- rate limits, stream leases and query timing (services/ratelimit.py, services/metrics.py) ----------------
+    # -- rate limits and query timing (services/ratelimit.py, services/metrics.py) -------------------------------
 
     def set_query_observer(self, observer: Callable[[str, str, float], None]) -> None:
         self._query_observer = observer
@@ -287,38 +318,6 @@ class SQLiteStore:
         return await self._run(
             lambda db: sqlite_limits.hit(db, caller.user_id, bucket, window_seconds, limit)
         )
-
-    async def stream_lease_acquire(self, caller: Caller, lease_id: str, limit: int, ttl_seconds: int) -> bool:
-        return await self._run(
-            lambda db: sqlite_limits.acquire_lease(db, caller.user_id, lease_id, limit, ttl_seconds)
-        )
-
-    async def stream_lease_release(self, caller: Caller, lease_id: str) -> None:
-        await self._run(lambda db: sqlite_limits.release_lease(db, caller.user_id, lease_id))
-
-    async def admit_chat(
-        self,
-        caller: Caller,
-        lease_id: str,
-        *,
-        window_seconds: int,
-        chat_limit: int,
-        stream_limit: int,
-        ttl_seconds: int,
-    ) -> tuple[bool, float, bool]:
-        # One thread hop and one transaction for the chat-limit hit and the stream slot (see begin_turn for why).
-        def work(db: sqlite3.Connection) -> tuple[bool, float, bool]:
-            return sqlite_limits.admit_chat(
-                db,
-                caller.user_id,
-                lease_id,
-                window_seconds=window_seconds,
-                chat_limit=chat_limit,
-                stream_limit=stream_limit,
-                ttl_seconds=ttl_seconds,
-            )
-
-        return await self._run(work)
 
 
 def _operation(work: Callable[..., object]) -> str:
@@ -355,35 +354,6 @@ def _insert_conversation(
     )
 
 
-def _insert_message(db: sqlite3.Connection, message: NewMessage) -> Message:
-    """Insert into a conversation already checked to be the caller's; inside the caller's transaction."""
-    # OR IGNORE on the client-generated id makes a retried insert a no-op instead of a duplicate; the stored row
-    # is what is returned either way.
-    db.execute(
-        f"INSERT OR IGNORE INTO agent_messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (
-            message.id,
-            message.conversation_id,
-            message.role,
-            message.content,
-            message.agent_type,
-            json.dumps(message.metadata),
-            utc_now(),
-        ),
-    )
-    row = db.execute(f"SELECT {_MESSAGE_COLUMNS} FROM agent_messages WHERE id = ?", (message.id,))
-    return _message(row.fetchone())
-
-
-def _recent_messages(db: sqlite3.Connection, conversation_id: str, limit: int) -> list[Message]:
-    """The newest ``limit`` messages, oldest first; the caller has checked the conversation is theirs."""
-    rows = db.execute(
-        f"SELECT {_MESSAGE_COLUMNS} FROM agent_messages WHERE conversation_id = ? ORDER BY seq DESC LIMIT ?",
-        (conversation_id, limit),
-    )
-    return [_message(r) for r in reversed(rows.fetchall())]
-
-
 def _fetch_conversation(db: sqlite3.Connection, caller: Caller, conversation_id: str) -> Conversation:
     row = db.execute(
         f"SELECT {_CONVERSATION_COLUMNS} FROM agent_conversations WHERE id = ? AND user_id = ?",
@@ -404,16 +374,4 @@ def _conversation(row: sqlite3.Row) -> Conversation:
         last_message_at=row["last_message_at"],
         message_count=row["message_count"],
         metadata=json.loads(row["metadata"]),
-    )
-
-
-def _message(row: sqlite3.Row) -> Message:
-    return Message(
-        id=row["id"],
-        conversation_id=row["conversation_id"],
-        role=row["role"],
-        content=row["content"],
-        agent_type=row["agent_type"],
-        metadata=json.loads(row["metadata"]),
-        created_at=row["created_at"],
     )

@@ -89,6 +89,106 @@ class NewMessage:
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
 
+RunStatus = Literal["running", "complete", "error", "interrupted", "stopped"]
+
+
+@dataclass(frozen=True, slots=True)
+class NewRun:
+    """A chat turn to begin: the user's message, the answer's placeholder and the run that writes it.
+
+    Every id is generated here, so a retried ``begin_run`` inserts nothing twice.
+    """
+
+    conversation_id: str
+    text: str
+    title: str
+    client_message_id: str | None = None
+    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    user_message_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    assistant_message_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+
+@dataclass(frozen=True, slots=True)
+class TurnLimits:
+    """The caller's chat-turn limits, checked inside ``begin_run``'s transaction; None limits are not counted."""
+
+    stale_seconds: float  # a running run whose heartbeat is older is dead: it ends and frees its slot
+    events_ttl: float  # the caller's runs that ended longer ago lose their events (see ``maintain_runs``)
+    window_seconds: int = 60
+    chat_limit: int | None = None
+    stream_limit: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    id: str
+    conversation_id: str
+    user_message_id: str
+    assistant_message_id: str
+    client_message_id: str | None
+    status: RunStatus
+    last_seq: int  # the last event written; kept up to date once the run has ended
+    heartbeat_at: float  # Unix time of the generating worker's last heartbeat
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.id,
+            "conversation_id": self.conversation_id,
+            "message_id": self.assistant_message_id,
+            "status": self.status,
+            "last_seq": self.last_seq,
+        }
+
+
+BeginOutcome = Literal["started", "existing", "conflict", "in_progress", "rate_limited", "streams_full"]
+
+
+@dataclass(frozen=True, slots=True)
+class RunBegun:
+    outcome: BeginOutcome
+    run: Run | None = None  # started: the new run; existing/conflict: the earlier one; in_progress: the running one
+    history: list[Message] = field(default_factory=list)  # started only
+    retry_after: float = 0.0  # rate_limited, streams_full
+
+
+@dataclass(frozen=True, slots=True)
+class EventBatch:
+    """Events ``first_seq..last_seq`` of a run as SSE frames (``services/run_log.py``), written in one flush."""
+
+    first_seq: int
+    last_seq: int
+    frames: str
+
+
+@dataclass(frozen=True, slots=True)
+class RunView:
+    run: Run
+    message: Message
+    batches: list[EventBatch]
+
+
+@dataclass(frozen=True, slots=True)
+class RunUpdate:
+    """One run's part of a flush. Empty parts are skipped; an update with nothing to write still reads controls."""
+
+    caller: Caller
+    run_id: str
+    message_id: str
+    batch: EventBatch | None = None
+    content: str | None = None  # the answer so far (with ``metadata`` and ``agent_type``), or the final answer
+    metadata: dict[str, Any] | None = None
+    agent_type: str | None = None
+    heartbeat: bool = False
+    final_status: RunStatus | None = None  # the run ended: status, ``ended_at`` and ``last_seq`` are set
+
+
+@dataclass(frozen=True, slots=True)
+class RunControl:
+    stop: bool = False
+    seen_chars: int | None = None
+    gone: bool = False  # deleted with its conversation, or ended by another worker: stop generating
+
+
 @dataclass(frozen=True, slots=True)
 class Page:
     conversations: list[Conversation]
@@ -99,7 +199,11 @@ class Store(Protocol):
     kind: str
 
     async def ping(self) -> None:
-        """Raise ``UpstreamUnavailable`` when the store cannot answer."""
+        """Raise ``UpstreamUnavailable`` when the store cannot answer a read."""
+
+    async def probe_write(self) -> bool | None:
+        """Whether a small write commits now (a full disk or a read-only database says False while reads still
+        work), or None where the store cannot check (PostgREST acts only as signed-in users)."""
 
     async def list_conversations(self, caller: Caller, limit: int, offset: int) -> Page:
         """The caller's conversations, most recent activity first."""
@@ -125,14 +229,46 @@ class Store(Protocol):
     async def add_message(self, caller: Caller, message: NewMessage) -> Message:
         """Append a message to the caller's conversation (``NotFound`` if it is not theirs)."""
 
-    async def begin_turn(
-        self, caller: Caller, title: str, message: NewMessage, history_limit: int
-    ) -> tuple[Message, list[Message]]:
-        """Everything a chat turn needs before the model is called, as one store call (one round trip, one thread
-        hop, one transaction where the store has them): ``ensure_conversation(message.conversation_id, title)``,
-        ``add_message(message)``, then ``recent_messages(history_limit)``. Returns (the saved message, the history
-        including it, oldest first). ``NotFound`` if someone else owns the conversation; nothing is written then.
+    # Chat runs (services/runs.py): a chat turn's generation, its event log and its controls, shared by every worker
+    # through the store. ``services/run_log.py`` holds the formats both stores write.
+
+    async def begin_run(
+        self, caller: Caller, new: NewRun, limits: TurnLimits, history_limit: int
+    ) -> RunBegun:
+        """Admit and begin a chat turn as one store call and one transaction, in this order:
+
+        1. ``new.client_message_id`` already used by the caller: ``existing`` (same conversation and text) or
+           ``conflict``; nothing is written and nothing counted (a repeat must not cost the user a turn).
+        2. ``maintain_runs`` for the caller: their dead runs end (freeing conversations and slots), and their
+           expired events go.
+        3. Someone else's conversation: ``NotFound``, nothing written. A run still going in this one: ``in_progress``.
+        4. Limits that are set: the chat-rate hit is counted (and stays counted when refused: ``rate_limited``), then the
+           caller's running runs are the stream slots: ``streams_full`` at ``limits.stream_limit``, with
+           ``retry_after`` the time until the soonest of them would lapse without a heartbeat.
+        5. ``started``: the conversation (created with ``new.title`` if the id is unused), the user's message, the
+           history (newest ``history_limit`` messages, oldest first, ending with the user's message), then the
+           assistant's placeholder message (``status: streaming``, empty) and the run row.
         """
+
+    async def flush_runs(self, updates: list[RunUpdate]) -> dict[str, RunControl]:
+        """Write each update (new event frames, the answer so far, a heartbeat, the final state), each only while its
+        run is still ``running``, and read back the controls of those runs (a stop asked, the run gone). One
+        transaction for all where the store can; a store acting per user writes one transaction per user. Returns
+        the control of every run whose update was committed; a run missing from the result was not written."""
+
+    async def read_run(self, caller: Caller, run_id: str, after: int | None) -> RunView:
+        """The caller's run with its assistant message and, unless ``after`` is None, the event batches holding
+        events after ``after``; ``NotFound`` (``RUN_NOT_FOUND``) if it is missing or someone else's."""
+
+    async def request_stop(self, caller: Caller, run_id: str, seen_chars: int | None) -> None:
+        """Ask the worker generating the caller's run to stop it; nothing happens to a run that has ended.
+        ``NotFound`` (``RUN_NOT_FOUND``) if it is missing or someone else's."""
+
+    async def maintain_runs(self, caller: Caller | None, stale_seconds: float, events_ttl: float) -> None:
+        """End the runs whose heartbeat is older than ``stale_seconds`` (``interrupted``, or ``stopped`` cut to the
+        seen characters when a stop was asked) with their last saved text and a terminal event, and delete the event
+        batches of runs that ended more than ``events_ttl`` seconds ago but their terminal event. ``caller`` None
+        means every user's runs, which a store acting only as users (PostgREST) cannot do and skips."""
 
     async def aclose(self) -> None:
         """Release connections."""

@@ -5,11 +5,17 @@ unknown fields, wrong types, values outside the vocabulary and missing required 
 ``user_id`` and timestamps are not in any writable schema, so they cannot be written. Identity comes from the
 request's ``Caller``, never from tool arguments. A failure returns a safe message for the model; exception text
 never leaves this module.
+
+``validate`` implements the subset of JSON Schema the schemas use, every keyword at every depth (inside arrays too).
+``null`` is a value like any other, accepted only where a schema's ``type`` lists ``"null"``: an optional filter or
+field, or a change that clears a column that is not required, not a vocabulary and has no default. Beyond the
+schemas, every number must be finite and every string, property names included, is bounded.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import uuid
 from dataclasses import dataclass
@@ -26,8 +32,18 @@ Action = Literal["list", "get", "create", "update", "delete"]
 
 MAX_LIST_LIMIT = 100
 DEFAULT_LIST_LIMIT = 20
-MAX_TEXT = 2000
+MAX_TEXT = 2000  # also the bound of a string whose schema gives none
 MAX_JSON_ITEMS = 100
+MAX_NAME = 64  # an undeclared property name (a line item's keys)
+MAX_DEPTH = 8  # our deepest schema is 4 (input, changes, line_items, an item)
+MAX_EMAIL = 254  # RFC 5321's limit on a forward path, less its angle brackets
+
+# One entry of a JSON column (an invoice's line_items): a flat object of short scalars, e.g. item, qty, price.
+JSON_ITEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "maxProperties": 20,
+    "additionalProperties": {"type": ["string", "number", "boolean", "null"], "maxLength": 500},
+}
 
 
 class ToolInputError(Exception):
@@ -63,7 +79,7 @@ class ToolResult:
 def column_schema(column: Column) -> dict[str, Any]:
     schema: dict[str, Any]
     if column.enum:
-        schema = {"type": "string", "enum": list(column.enum)}
+        schema = {"type": "string", "enum": list(column.enum), "maxLength": max(map(len, column.enum))}
     elif column.type in ("integer", "number"):
         schema = {"type": column.type}
         if column.minimum is not None:
@@ -71,12 +87,12 @@ def column_schema(column: Column) -> dict[str, Any]:
         if column.maximum is not None:
             schema["maximum"] = column.maximum
     elif column.type == "json":
-        schema = {"type": "array", "items": {"type": "object"}, "maxItems": MAX_JSON_ITEMS}
+        schema = {"type": "array", "items": JSON_ITEM_SCHEMA, "maxItems": MAX_JSON_ITEMS}
     else:
-        formats = {"date": "date", "time": "time", "uuid": "uuid", "email": "email"}
-        schema = {"type": "string", "maxLength": MAX_TEXT}
-        if column.type in formats:
-            schema["format"] = formats[column.type]
+        lengths = {"date": 10, "time": 5, "uuid": 36, "email": MAX_EMAIL}
+        schema = {"type": "string", "maxLength": lengths.get(column.type, MAX_TEXT)}
+        if column.type in lengths:
+            schema["format"] = column.type
     description = column.description or {"date": "YYYY-MM-DD", "time": "HH:MM"}.get(column.type, "")
     if description:
         schema["description"] = description
@@ -87,21 +103,34 @@ def _object(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
     return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
 
 
-ID_SCHEMA = {"type": "string", "format": "uuid", "description": "The record's id"}
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` or null. Enums are left as they are: ``validate`` applies no other keyword to an allowed null."""
+    return {**schema, "type": [schema["type"], "null"]}
+
+
+def _clearable(column: Column) -> bool:
+    """Whether an update may set the column to null: not a required field, a vocabulary or one with a default."""
+    return not column.required and not column.enum and column.default is None
+
+
+ID_SCHEMA = {"type": "string", "format": "uuid", "maxLength": 36, "description": "The record's id"}
 
 
 def tools_for(domain: Domain) -> list[Tool]:
     columns = {c.name: column_schema(c) for c in domain.columns}
-    filters = {name: columns[name] for name in domain.filters}
+    # In a list or a create, null means "not given": no filter, or the column's default.
+    filters = {name: _nullable(columns[name]) for name in domain.filters}
+    optional = {c.name: columns[c.name] if c.required else _nullable(columns[c.name]) for c in domain.columns}
     limit = {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT, "description": f"At most {MAX_LIST_LIMIT}"}
-    changes = {**_object(columns, []), "minProperties": 1}
+    changeable = {c.name: _nullable(columns[c.name]) if _clearable(c) else columns[c.name] for c in domain.columns}
+    changes = {**_object(changeable, []), "minProperties": 1}
     plural, one = domain.table, domain.singular
     return [
         Tool(f"list_{plural}", "list", domain, f"List the user's {plural}, optionally filtered.",
-             _object({**filters, "limit": limit}, [])),
+             _object({**filters, "limit": _nullable(limit)}, [])),
         Tool(f"get_{one}", "get", domain, f"Get one {one} by id.", _object({"id": ID_SCHEMA}, ["id"])),
         Tool(f"create_{one}", "create", domain, f"Create a {one}. Required: {', '.join(domain.required)}.",
-             _object(columns, list(domain.required))),
+             _object(optional, list(domain.required))),
         Tool(f"update_{one}", "update", domain, f"Change some fields of a {one}.",
              _object({"id": ID_SCHEMA, "changes": changes}, ["id", "changes"])),
         Tool(f"delete_{one}", "delete", domain,
@@ -112,82 +141,117 @@ def tools_for(domain: Domain) -> list[Tool]:
 
 # -- validation ---------------------------------------------------------------------------------------------------
 
-_TIME = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
-_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+# Used with fullmatch only: with re.match, "$" also accepts a trailing newline.
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")  # date.fromisoformat alone also takes 2026-W01-1 and 20260101
+_TIME = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]")
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 _TYPES: dict[str, tuple[type, ...]] = {
     "string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,), "object": (dict,), "array": (list,),
+    "null": (type(None),),
 }
 
 
-def validate(schema: dict[str, Any], value: Any, path: str = "input") -> None:
-    """Check ``value`` against the subset of JSON Schema our tool schemas use; raise ``ToolInputError``."""
+def validate(schema: dict[str, Any], value: Any, path: str = "input", depth: int = 0) -> None:
+    """Check ``value`` against the subset of JSON Schema our tool schemas use; raise ``ToolInputError``.
+
+    Keywords: ``type`` (a name or a list), ``enum``, ``minimum``, ``maximum``, ``maxLength``, ``maxItems``,
+    ``format`` (date, time, uuid, email), ``properties``, ``required``, ``additionalProperties`` (false or a schema),
+    ``minProperties``, ``maxProperties`` and ``items``; each applies to values of its kind, at any depth. A null
+    the ``type`` allows means "no value", so no other keyword applies to it.
+    """
+    if depth > MAX_DEPTH:
+        raise ToolInputError(f"{path} is nested too deeply")
     expected = schema.get("type")
     if expected is not None and not _is_type(value, expected):
-        raise ToolInputError(f"{path} must be of type {expected}")
+        names = expected if isinstance(expected, list) else [expected]
+        raise ToolInputError(f"{path} must be of type {' or '.join(names)}")
+    if value is None:
+        return
     if "enum" in schema and value not in schema["enum"]:
         raise ToolInputError(f"{path} must be one of: {', '.join(schema['enum'])}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ToolInputError(f"{path} must be a finite number")  # NaN passes every minimum and maximum
     _check_bounds(schema, value, path)
     if isinstance(value, str):
         _check_format(schema.get("format"), value, path)
-    if isinstance(value, dict):
-        _check_object(schema, value, path)
-    if isinstance(value, list):
+    elif isinstance(value, dict):
+        _check_object(schema, value, path, depth)
+    elif isinstance(value, list):
         for index, item in enumerate(value):
-            validate(schema.get("items", {}), item, f"{path}[{index}]")
+            validate(schema.get("items", {}), item, f"{path}[{index}]", depth + 1)
 
 
-def _is_type(value: Any, expected: str) -> bool:
+def _is_type(value: Any, expected: str | list[str]) -> bool:
+    if isinstance(expected, list):
+        return any(_is_type(value, name) for name in expected)
     if isinstance(value, bool) and expected in ("integer", "number"):
         return False  # JSON true is not a number, although Python's bool is an int
     return isinstance(value, _TYPES[expected])
 
 
 def _check_bounds(schema: dict[str, Any], value: Any, path: str) -> None:
-    if "minimum" in schema and value < schema["minimum"]:
-        raise ToolInputError(f"{path} must be at least {schema['minimum']}")
-    if "maximum" in schema and value > schema["maximum"]:
-        raise ToolInputError(f"{path} must be at most {schema['maximum']}")
-    if "maxLength" in schema and len(value) > schema["maxLength"]:
-        raise ToolInputError(f"{path} must be at most {schema['maxLength']} characters")
-    if "maxItems" in schema and len(value) > schema["maxItems"]:
+    """The bounds of ``value``'s own kind (JSON Schema: a keyword ignores values it does not describe)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if "minimum" in schema and value < schema["minimum"]:
+            raise ToolInputError(f"{path} must be at least {schema['minimum']}")
+        if "maximum" in schema and value > schema["maximum"]:
+            raise ToolInputError(f"{path} must be at most {schema['maximum']}")
+    elif isinstance(value, str):
+        limit = schema.get("maxLength", MAX_TEXT)  # every string is bounded, described or not
+        if len(value) > limit:
+            raise ToolInputError(f"{path} must be at most {limit} characters")
+    elif isinstance(value, list) and "maxItems" in schema and len(value) > schema["maxItems"]:
         raise ToolInputError(f"{path} must have at most {schema['maxItems']} items")
+    elif isinstance(value, dict):
+        if len(value) < schema.get("minProperties", 0):
+            raise ToolInputError(f"{path} must not be empty")
+        if "maxProperties" in schema and len(value) > schema["maxProperties"]:
+            raise ToolInputError(f"{path} must have at most {schema['maxProperties']} fields")
 
 
 def _check_format(kind: str | None, value: str, path: str) -> None:
-    if kind == "date":
-        try:
-            date.fromisoformat(value)
-        except ValueError:
-            raise ToolInputError(f"{path} must be a date written YYYY-MM-DD") from None
-        if len(value) != 10:
-            raise ToolInputError(f"{path} must be a date written YYYY-MM-DD")
-    elif kind == "time" and not _TIME.match(value):
+    if kind == "date" and not _is_date(value):
+        raise ToolInputError(f"{path} must be a date written YYYY-MM-DD")
+    if kind == "time" and not _TIME.fullmatch(value):
         raise ToolInputError(f"{path} must be a time written HH:MM")
-    elif kind == "uuid":
-        try:
-            uuid.UUID(value)
-        except ValueError:
-            raise ToolInputError(f"{path} must be a record id (UUID)") from None
-    elif kind == "email" and not _EMAIL.match(value):
+    if kind == "uuid" and not _is_uuid(value):
+        raise ToolInputError(f"{path} must be a record id (UUID)")
+    if kind == "email" and not _EMAIL.fullmatch(value):
         raise ToolInputError(f"{path} must be an email address")
 
 
-def _check_object(schema: dict[str, Any], value: dict[str, Any], path: str) -> None:
-    properties = schema.get("properties")
+def _is_date(value: str) -> bool:
+    if not _DATE.fullmatch(value):
+        return False
+    try:
+        date.fromisoformat(value)  # the calendar: no 2026-02-30
+    except ValueError:
+        return False
+    return True
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        return str(uuid.UUID(value)) == value.lower()  # uuid.UUID also takes "{...}", "urn:uuid:..." and bare hex
+    except ValueError:
+        return False
+
+
+def _check_object(schema: dict[str, Any], value: dict[str, Any], path: str, depth: int) -> None:
     for name in schema.get("required", []):
         if value.get(name) is None:
             raise ToolInputError(f"{path}.{name} is required")
-    if len(value) < schema.get("minProperties", 0):
-        raise ToolInputError(f"{path} must not be empty")
-    if properties is None:
-        return
+    properties = schema.get("properties", {})
+    additional = schema.get("additionalProperties", {})  # JSON Schema's default: any value, under our bounds
     for name, item in value.items():
-        if name not in properties:
-            if schema.get("additionalProperties") is False:
-                raise ToolInputError(f"{path}.{name} is not a known field")
+        if name in properties:
+            validate(properties[name], item, f"{path}.{name}", depth + 1)
             continue
-        if item is not None:
-            validate(properties[name], item, f"{path}.{name}")
+        if len(name) > MAX_NAME:
+            raise ToolInputError(f"{path} has a field name longer than {MAX_NAME} characters")
+        if additional is False:
+            raise ToolInputError(f"{path}.{name} is not a known field")
+        validate(additional if isinstance(additional, dict) else {}, item, f"{path}.{name}", depth + 1)
 
 
 # -- execution ----------------------------------------------------------------------------------------------------
@@ -213,7 +277,7 @@ async def run_tool(store: Store, caller: Caller, tool: Tool, arguments: Any) -> 
 async def _execute(store: Store, caller: Caller, tool: Tool, arguments: dict[str, Any]) -> dict[str, Any]:
     domain = tool.domain
     if tool.action == "list":
-        limit = arguments.get("limit", DEFAULT_LIST_LIMIT)
+        limit = arguments.get("limit") or DEFAULT_LIST_LIMIT  # null means the default; the schema refuses 0
         filters = {k: v for k, v in arguments.items() if k != "limit" and v is not None}
         rows = await store.list_records(caller, domain, filters, limit)
         return {"table": domain.table, "count": len(rows), "rows": [_public(r) for r in rows]}

@@ -25,7 +25,8 @@ What it imitates, and pins (each checked by ``tests/test_postgrest.py``):
   with defaults may be left out; unknown function or argument names → 404 PGRST202, several overloads → 300
   PGRST203, another method → 405 PGRST101) and run as the request's role with its claims set; a set-returning or
   ``returns table`` function answers a JSON array of objects, a single composite an object, a scalar function the
-  bare JSON value (``true``) and a ``void`` one 204.
+  bare JSON value (``true``; ``null`` for SQL NULL) and a ``void`` one 204. ``json``/``jsonb`` arguments take the
+  body's nested JSON as it is.
 * ``Prefer``: ``return=minimal|representation``, ``count=exact|planned|estimated`` (all exact here),
   ``resolution=ignore-duplicates|merge-duplicates``, echoed in ``Preference-Applied``.
 * Statuses and ``Content-Range`` by PostgREST's ``RangeQuery.hs`` formula: GET 200, or 206 when a count shows a
@@ -548,7 +549,8 @@ def _call_statement(
         return sql.SQL("select coalesce(json_agg(_r), '[]')::text from {}, lateral {} _r").format(source, call), "set"
     if function.composite:
         return sql.SQL("select to_json(_r)::text from {}, lateral {} _r").format(source, call), "object"
-    return sql.SQL("select to_json({})::text from {}").format(call, source), "scalar"
+    # A scalar function's NULL is the JSON ``null`` (PostgREST answers 200 with the body ``null``).
+    return sql.SQL("select coalesce(to_json({})::text, 'null') from {}").format(call, source), "scalar"
 
 
 # -- URL grammar --------------------------------------------------------------------------------------------------

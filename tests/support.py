@@ -81,6 +81,7 @@ def serve(app: Any, *, graceful_timeout: int | None = None) -> Iterator[LiveServ
 @dataclass
 class SSEEvent:
     data: str | None = None
+    id: str | None = None
     comments: list[str] = field(default_factory=list)
 
     def json(self) -> dict[str, Any]:
@@ -104,6 +105,8 @@ def parse_sse(text: str) -> list[SSEEvent]:
                 event.comments.append(line[1:].strip())
             elif line.startswith("data:"):
                 data_lines.append(line[5:].removeprefix(" "))
+            elif line.startswith("id:"):
+                event.id = line[3:].removeprefix(" ")
         event.data = "\n".join(data_lines) if data_lines else None
         events.append(event)
     return events
@@ -112,6 +115,11 @@ def parse_sse(text: str) -> list[SSEEvent]:
 def chunks(text: str) -> list[dict[str, Any]]:
     """Only the data events, decoded."""
     return [event.json() for event in parse_sse(text) if event.data is not None]
+
+
+def event_ids(text: str) -> list[int]:
+    """The ids of the data events, in order (a frame without one, such as the shutdown notice, is left out)."""
+    return [int(event.id) for event in parse_sse(text) if event.data is not None and event.id is not None]
 
 
 def streamed_text(items: list[dict[str, Any]]) -> str:

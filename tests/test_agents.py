@@ -242,3 +242,115 @@ def test_every_domain_round_trips_through_its_tools(
         assert hidden.status == "error"
     assert run(delete_tool, {"id": record["id"], "confirm": True}).content == {"deleted": record["id"]}
     assert run(get_tool, {"id": record["id"]}).status == "error"
+
+
+# -- argument validation (issue 11) --------------------------------------------------------------------------------
+
+
+def _tool(agent: str, action: str) -> Any:
+    return next(t for t in tools_for(BY_AGENT[agent]) if t.action == action)
+
+
+RECORD = "0b5c52b5-8a53-4c4e-9a35-0b2a0e0c8f11"
+INVOICE = {"invoice_number": "INV-1", "client_name": "Ada", "due_date": "2026-12-01", "total_amount": 10}
+
+
+@pytest.mark.parametrize(
+    ("agent", "action", "arguments", "message"),
+    [
+        # null is a value like any other: required and vocabulary columns cannot be cleared
+        ("invoices", "update", {"id": RECORD, "changes": {"status": None}}, "changes.status must be of type string"),
+        ("invoices", "update", {"id": RECORD, "changes": {"client_name": None}}, "changes.client_name must be"),
+        ("invoices", "update", {"id": RECORD, "changes": {"total_amount": None}}, "changes.total_amount must be"),
+        ("invoices", "update", {"id": RECORD, "changes": {"line_items": None}}, "changes.line_items must be"),
+        ("tasks", "update", {"id": RECORD, "changes": {"priority": None}}, "changes.priority must be"),
+        ("invoices", "update", {"id": None, "changes": {"notes": "x"}}, "input.id is required"),
+        # numbers must be finite
+        ("invoices", "create", {**INVOICE, "total_amount": float("nan")}, "finite"),
+        ("invoices", "create", {**INVOICE, "total_amount": float("inf")}, "finite"),
+        ("invoices", "create", {**INVOICE, "subtotal": float("-inf")}, "finite"),
+        ("reviews", "create", {"reviewer_name": "Bo", "rating": float("nan")}, "must be of type integer"),
+        # objects inside arrays are validated, and every string is bounded
+        ("invoices", "create", {**INVOICE, "line_items": [{"item": "x" * 5_000_000}]}, "at most 500 characters"),
+        ("invoices", "create", {**INVOICE, "line_items": [{"item": {"nested": "x"}}]}, "must be of type"),
+        ("invoices", "create", {**INVOICE, "line_items": [{"qty": float("nan")}]}, "finite"),
+        ("invoices", "create", {**INVOICE, "line_items": [{"k" * 65: 1}]}, "field name longer than 64"),
+        ("invoices", "create", {**INVOICE, "line_items": [{str(i): i for i in range(21)}]}, "at most 20 fields"),
+        ("invoices", "create", {**INVOICE, "line_items": ["text"]}, "must be of type object"),
+        ("invoices", "create", {**INVOICE, "notes": "x" * 2001}, "at most 2000 characters"),
+        ("invoices", "get", {"id": RECORD + "0" * 5_000_000}, "at most 36 characters"),
+        # dates are YYYY-MM-DD only; times, emails and ids match whole, with nothing after them
+        ("invoices", "create", {**INVOICE, "due_date": "2026-W01-1"}, "YYYY-MM-DD"),
+        ("invoices", "create", {**INVOICE, "due_date": "20260101"}, "YYYY-MM-DD"),
+        ("invoices", "create", {**INVOICE, "due_date": "2026-02-30"}, "YYYY-MM-DD"),
+        ("invoices", "create", {**INVOICE, "due_date": "2026-12-01\n"}, "YYYY-MM-DD|at most 10 characters"),
+        ("appointments", "create", {"client_name": "Ada", "scheduled_date": "2026-12-01", "scheduled_time": "10:00\n"},
+         "HH:MM|at most 5 characters"),
+        ("contacts", "create", {"name": "Ada", "email": "ada@example.com\n"}, "email address"),
+        ("invoices", "get", {"id": RECORD + "\n"}, "UUID|at most 36 characters"),
+        ("invoices", "get", {"id": "urn:uuid:" + RECORD}, "UUID|at most 36 characters"),
+        ("invoices", "get", {"id": "{" + RECORD.replace("-", "") + "}"}, "UUID"),
+        ("invoices", "get", {"id": RECORD.replace("-", "")}, "UUID"),
+        ("invoices", "list", {"limit": float("nan")}, "must be of type integer"),
+    ],
+)
+def test_tool_arguments_are_validated_at_every_depth(agent: str, action: str, arguments: Any, message: str) -> None:
+    from services.tools import ToolInputError, validate
+
+    with pytest.raises(ToolInputError, match=message.replace("[", r"\[")):
+        validate(_tool(agent, action).schema, arguments)
+
+
+@pytest.mark.parametrize(
+    ("agent", "action", "arguments"),
+    [
+        ("invoices", "update", {"id": RECORD, "changes": {"notes": None, "paid_date": None, "client_email": None}}),
+        ("invoices", "create", {**INVOICE, "status": None, "notes": None, "line_items": [{"item": "Primer", "qty": 2,
+                                                                                          "price": 5.25}]}),
+        ("invoices", "list", {"status": None, "limit": None}),
+        ("invoices", "list", {"status": "overdue", "limit": 5}),
+        ("appointments", "create", {"client_name": "Ada", "scheduled_date": "2026-12-01", "scheduled_time": "23:59"}),
+        ("contacts", "create", {"name": "Ada", "email": "ada@example.com"}),
+        ("invoices", "get", {"id": RECORD.upper()}),
+    ],
+)
+def test_valid_tool_arguments_pass(agent: str, action: str, arguments: Any) -> None:
+    from services.tools import validate
+
+    validate(_tool(agent, action).schema, arguments)
+
+
+@pytest.mark.parametrize("domain", DOMAINS, ids=[d.agent_type for d in DOMAINS])
+def test_every_string_in_every_tool_schema_has_a_max_length(domain: Any) -> None:
+    def strings(schema: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        types = schema.get("type")
+        if "string" in (types if isinstance(types, list) else [types]):
+            yield schema
+        for child in [*schema.get("properties", {}).values(), schema.get("items"), schema.get("additionalProperties")]:
+            if isinstance(child, dict):
+                yield from strings(child)
+
+    for tool in tools_for(domain):
+        for schema in strings(tool.schema):
+            assert isinstance(schema.get("maxLength"), int), (tool.name, schema)
+
+
+def test_a_null_change_to_a_required_column_writes_nothing(
+    scripted: Any, auth_headers: AuthHeaders, user_id: str
+) -> None:
+    new = {"invoice_number": "INV-3001", "client_name": "Ada", "due_date": "2026-12-01", "total_amount": 120}
+    model = ScriptedCalls([handoff("invoices"), [ToolUse("c", "create_invoice", new), Stop("tool_use")],
+                           [TextDelta("Created."), Stop("end_turn")]])
+    client = scripted(model)
+    send(client, auth_headers, user_id, "create")
+    record_id = model.requests[-1].messages[-1]["content"][0]["toolResult"]["content"][0]["json"]["created"]["id"]
+    model.calls[1:] = [[ToolUse("u", "update_invoice", {"id": record_id, "changes": {"status": None}}),
+                        Stop("tool_use")],
+                       [ToolUse("g", "get_invoice", {"id": record_id}), Stop("tool_use")],
+                       [TextDelta("Checked."), Stop("end_turn")]]
+    model.requests.clear()
+    send(client, auth_headers, user_id, "clear the status")
+    results = {block["toolResult"]["toolUseId"]: block["toolResult"] for r in model.requests
+               for m in r.messages for block in m["content"] if "toolResult" in block}
+    assert results["u"]["status"] == "error"
+    assert results["g"]["content"][0]["json"]["record"]["status"] == "draft"

@@ -7,6 +7,7 @@ import json
 import time
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from starlette.testclient import TestClient
@@ -14,6 +15,7 @@ from starlette.testclient import TestClient
 from errors import Forbidden, Unauthorized, UpstreamUnavailable
 from services.auth import (
     CACHE_MAX_SECONDS,
+    NEGATIVE_CACHE_SECONDS,
     HS256Verifier,
     SupabaseJWTAuth,
     SupabaseUserLookup,
@@ -349,3 +351,211 @@ def test_bad_tokens_over_http_get_the_envelope_with_their_code(
         error = response.json()["error"]
         assert error["code"] == code and isinstance(error["userMessage"], str)
         assert token not in response.text
+
+
+# -- hardening (issue 11): token shapes, strict base64url, role, and the cost of forged tokens ------------------------
+
+
+def _segment(value: Any) -> str:
+    return b64url(json.dumps(value).encode())
+
+
+def _shaped(header: Any, claims: Any) -> str:
+    return f"{_segment(header)}.{_segment(claims)}.{b64url(b's' * 32)}"
+
+
+ODD_VALUES: list[Any] = [["HS256"], {"alg": "HS256"}, 256, None, True, 1.5]
+
+
+def _malformed_shapes(user: str) -> list[str]:
+    claims = claims_for(user, issuer=ISSUER)
+    headers: list[Any] = [{"typ": "JWT"}, [], "HS256", 1, None]
+    for name in ("alg", "typ", "kid"):
+        for value in ODD_VALUES:
+            headers.append({"alg": "ES256", "typ": "JWT", "kid": "key-1", name: value})
+    tokens = [_shaped(header, claims) for header in headers]
+    tokens += [_shaped({"alg": "ES256", "typ": "JWT"}, not_an_object) for not_an_object in ([], "x", 1, None, True)]
+    deep = b64url(b'{"a":' * 5000 + b"1" + b"}" * 5000)  # past Python's recursion limit in json.loads
+    tokens += [f"{deep}.{_segment(claims)}.{b64url(b's')}", f"{_segment({'alg': 'ES256'})}.{deep}.{b64url(b's')}"]
+    return tokens
+
+
+async def test_headers_and_claims_of_every_shape_are_malformed_never_a_crash() -> None:
+    user = new_id()
+    server = AuthServer(user=user)
+    for auth in (local_auth(), remote_auth(server)):
+        for token in _malformed_shapes(user):
+            error = await rejected(auth, f"Bearer {token}", user)
+            assert (error.status, error.code) == (401, "MALFORMED_TOKEN"), token
+    assert server.calls == []
+
+
+def _respelled(token: str) -> list[str]:
+    """The same token spelled differently: each decodes to the same bytes under a lenient base64 decoder."""
+    header, payload, signature = token.split(".")
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    # 32 signature bytes leave 2 unused bits in the last character; a lenient decoder ignores them.
+    last = alphabet[alphabet.index(signature[-1]) + 1]
+    return [
+        f"{token}!!",
+        f"{token}==",
+        f"{header}=.{payload}.{signature}",
+        f"{header}.{payload}==.{signature}",
+        f"{header}.{payload}.{signature}=",
+        f"{header}.{payload}.{signature[:-1]}{last}",
+        f"{header}.{payload}.{signature[:10]}+{signature[11:]}",
+        f"{header}.{payload}.{signature[:10]}/{signature[11:]}",
+        f"{header}.{payload[:8]}\n{payload[8:]}.{signature}",
+        f"{header}.{payload}.{signature}\x00",
+        f"{header}.{payload}.{signature}ab",  # 4n+1 characters cannot be base64 at all
+    ]
+
+
+async def test_base64url_is_strict_one_token_one_spelling() -> None:
+    user = new_id()
+    token = mint(user, issuer=ISSUER)
+    assert (await local_auth().authenticate(f"Bearer {token}", user)).user_id == user
+    for variant in _respelled(token):
+        error = await rejected(local_auth(), f"Bearer {variant}", user)
+        assert (error.status, error.code) == (401, "MALFORMED_TOKEN"), variant
+
+
+@pytest.mark.parametrize("role", [MISSING, None, ["authenticated"], {"role": "authenticated"}, 1, "anon", ""])
+async def test_the_role_claim_is_required_and_must_be_authenticated(role: Any) -> None:
+    user = new_id()
+    error = await rejected(local_auth(), f"Bearer {mint(user, issuer=ISSUER, role=role)}", user)
+    assert (error.status, error.code) == (401, "INVALID_TOKEN")
+
+
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat", "aud", "iss", "sub", "role"])
+async def test_claim_values_of_every_type_are_a_401_never_a_crash(claim: str) -> None:
+    user = new_id()
+    server = AuthServer(user=user)
+    values: list[Any] = [*ODD_VALUES, "", 10**400, -(10**400), float("inf"), float("nan"), -1, "x" * 1000, 2**63]
+    for value in values:
+        for auth, token in ((local_auth(), mint(user, issuer=ISSUER, **{claim: value})),
+                            (remote_auth(server), es256_token(user, **{claim: value}))):
+            try:
+                caller = await auth.authenticate(f"Bearer {token}", user)
+            except (Unauthorized, Forbidden):
+                continue
+            # Only a time in the past where a past time is fine may pass; every other odd value is refused.
+            past = claim in ("nbf", "iat") and type(value) in (int, float) and -(2**53) <= value <= 2**53
+            assert past and caller.user_id == user, (claim, value)
+
+
+@pytest.mark.parametrize("value", [10**400, float("inf"), float("nan"), "1e999"])
+async def test_non_finite_or_huge_times_are_refused(value: Any) -> None:
+    user = new_id()
+    error = await rejected(remote_auth(AuthServer(user=user)), f"Bearer {es256_token(user, exp=value)}", user)
+    assert error.status == 401
+
+
+def test_a_list_as_alg_over_http_is_a_401(client: TestClient, user_id: str) -> None:
+    token = _shaped({"alg": ["HS256"], "typ": "JWT"}, claims_for(user_id))
+    response = client.get("/api/conversations", params={"user_id": user_id}, headers=bearer(token))
+    assert response.status_code == 401, response.text
+    assert response.json()["error"]["code"] == "MALFORMED_TOKEN"
+
+
+async def test_a_throttled_supabase_auth_is_never_retried() -> None:
+    user = new_id()
+    server = AuthServer([httpx.Response(429, headers={"Retry-After": "7"}, json={"msg": "slow down"})] * 3)
+    auth = remote_auth(server)
+    with pytest.raises(UpstreamUnavailable) as caught:
+        await auth.authenticate(f"Bearer {es256_token(user)}", user)
+    assert len(server.calls) == 1
+    assert caught.value.retry_after == 7
+    await auth.aclose()
+
+
+async def test_150_forged_tokens_against_a_throttled_auth_cost_at_most_150_calls() -> None:
+    user = new_id()
+    server = AuthServer([httpx.Response(429)] * 1000)
+    auth = remote_auth(server)
+    for i in range(150):
+        with pytest.raises(UpstreamUnavailable):
+            await auth.authenticate(f"Bearer {es256_token(user, session_id=str(i))}", user)
+    assert len(server.calls) <= 150
+    await auth.aclose()
+
+
+async def test_refusals_are_remembered_briefly_and_boundedly() -> None:
+    user, now = new_id(), [1_000_000.0]
+    refusal = httpx.Response(403, json={"code": 403, "error_code": "bad_jwt"})
+    server = AuthServer([refusal] * 100)
+    auth = remote_auth(server, clock=lambda: now[0], cache_size=2)
+    forged = [es256_token(user, session_id=str(i), exp=int(now[0]) + 3600, iat=int(now[0])) for i in range(3)]
+    for _ in range(3):
+        assert (await rejected(auth, f"Bearer {forged[0]}", user)).code == "INVALID_TOKEN"
+    assert len(server.calls) == 1
+    now[0] += NEGATIVE_CACHE_SECONDS + 1  # a refusal is not remembered for ever
+    await rejected(auth, f"Bearer {forged[0]}", user)
+    assert len(server.calls) == 2
+    for token in forged[1:]:
+        await rejected(auth, f"Bearer {token}", user)
+    await rejected(auth, f"Bearer {forged[0]}", user)  # evicted by the two after it: the cache is bounded
+    assert len(server.calls) == 5
+    await auth.aclose()
+
+
+class GatedAuthServer(AuthServer):
+    """Answers only when the test opens the gate, so concurrent requests overlap."""
+
+    def __init__(self, answers: list[httpx.Response] | None = None, user: str | None = None) -> None:
+        super().__init__(answers, user)
+        self.gate = anyio.Event()
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:  # type: ignore[override]
+        response = super().__call__(request)
+        await self.gate.wait()
+        return response
+
+
+@pytest.mark.parametrize("refused", [False, True])
+async def test_concurrent_requests_with_one_token_share_one_call(refused: bool) -> None:
+    user = new_id()
+    answers = [httpx.Response(403, json={"error_code": "bad_jwt"})] if refused else []
+    server = GatedAuthServer(answers, user=user)
+    auth = remote_auth(server)
+    token = es256_token(user)
+    outcomes: list[str] = []
+
+    async def one() -> None:
+        try:
+            outcomes.append((await auth.authenticate(f"Bearer {token}", user)).user_id)
+        except Unauthorized as exc:
+            outcomes.append(exc.code)
+
+    async with anyio.create_task_group() as group:
+        for _ in range(10):
+            group.start_soon(one)
+        await anyio.sleep(0.05)
+        server.gate.set()
+    assert len(server.calls) == 1
+    assert outcomes == ["INVALID_TOKEN" if refused else user] * 10
+    await auth.aclose()
+
+
+async def test_a_cancelled_first_request_does_not_strand_the_others() -> None:
+    user = new_id()
+    server = GatedAuthServer(user=user)
+    auth = remote_auth(server)
+    token = es256_token(user)
+    results: list[str] = []
+
+    async def first() -> None:
+        with anyio.move_on_after(0.05):
+            await auth.authenticate(f"Bearer {token}", user)
+
+    async def second() -> None:
+        await anyio.sleep(0.01)
+        results.append((await auth.authenticate(f"Bearer {token}", user)).user_id)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(first)
+        group.start_soon(second)
+        await anyio.sleep(0.1)
+        server.gate.set()
+    assert results == [user]
+    await auth.aclose()

@@ -682,7 +682,7 @@ def test_text_reaches_the_client_as_bedrock_sends_it(
     assert streamed_text(rest) == ", world" and rest[-1]["type"] == "complete"
 
 
-def test_client_disconnect_closes_the_bedrock_stream_and_keeps_the_partial_answer(
+def test_stop_closes_the_bedrock_stream_and_keeps_what_was_seen(
     live_api: tuple[LiveServer, FakeBedrock], auth_headers: AuthHeaders, user_id: str
 ) -> None:
     service, fake = live_api
@@ -694,15 +694,17 @@ def test_client_disconnect_closes_the_bedrock_stream_and_keeps_the_partial_answe
         with httpx.Client(base_url=service.url, timeout=5) as client:
             with client.stream("POST", "/api/chat/stream", json=body, headers=auth_headers(user_id)) as response:
                 assert _read_until_token(response.iter_lines())["content"] == "Half an ans"
-            # Leaving the block closed our connection; the service must now hang up on Bedrock.
+                run_id = response.headers["x-run-id"]
+            # Leaving did not stop the answer: Bedrock is still streaming to the service.
             (request,) = fake.requests
+            assert not request.closed_early.wait(0.3)
+            stop = {"user_id": user_id, "seen_chars": 4}
+            stopped = client.post(f"/api/chat/runs/{run_id}/stop", json=stop, headers=auth_headers(user_id)).json()
+            # The stop must hang up on Bedrock, not leave the model generating for nobody.
             assert request.closed_early.wait(5)
-            stored: dict[str, Any] = {}
-            deadline = time.monotonic() + 5
-            while stored.get("role") != "assistant" and time.monotonic() < deadline:
-                stored = last_message(client, auth_headers, user_id, conversation)
-                time.sleep(0.02)
+            stored = last_message(client, auth_headers, user_id, conversation)
     finally:
         never.set()
-    assert stored["role"] == "assistant" and stored["content"] == "Half an ans"
-    assert stored["metadata"]["status"] == "interrupted"
+    assert stored == stopped
+    assert stored["role"] == "assistant" and stored["content"] == "Half"
+    assert stored["metadata"]["status"] == "stopped"

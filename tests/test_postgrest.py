@@ -25,17 +25,28 @@ from errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from services import sample_data
+from services import run_log, sample_data
 from services.domains import BY_AGENT, DOMAINS, Domain
 from services.postgrest import PostgrestStore, utc_timestamp
 from services.postgrest_client import PostgrestClient, parse_total
 from services.retry import RetryPolicy
 from services.sqlite_store import SQLiteStore
-from services.store import Caller, NewMessage
+from services.store import (
+    Caller,
+    EventBatch,
+    NewMessage,
+    NewRun,
+    Run,
+    RunControl,
+    RunStatus,
+    RunUpdate,
+    Store,
+    TurnLimits,
+)
 from settings import ConfigError
 from tests.conftest import DATABASE
 from tests.fake_postgrest import FakePostgrest
-from tests.pg import apply_migrations, create_supabase_database
+from tests.pg import MIGRATIONS_DIR, apply_migrations, create_supabase_database
 from tests.support import new_id, serve
 from tests.tokens import TEST_JWT_SECRET, TEST_PUBLISHABLE_KEY, encode, mint
 
@@ -629,7 +640,7 @@ async def test_store_calls_are_reported_to_the_query_observer(
                     ("supabase", "list_records"), ("supabase", "rate_limit_hit")]
 
 
-# -- rate limits and stream leases through RPC ------------------------------------------------------------------
+# -- rate limits through RPC --------------------------------------------------------------------------------------
 
 
 async def test_rate_limit_hits_count_per_user_through_rpc(
@@ -656,38 +667,16 @@ async def test_a_counted_hit_is_never_replayed(
     assert [(await store.rate_limit_hit(caller, "api", 3600, 2))[0] for _ in range(2)] == [True, False]
 
 
-async def test_stream_leases_cap_and_release_through_rpc(
-    store: PostgrestStore, new_caller: Callable[[], Caller]
-) -> None:
-    caller, other = new_caller(), new_caller()
-    first, second = new_id(), new_id()
-    assert await store.stream_lease_acquire(caller, first, 1, 60) is True
-    assert await store.stream_lease_acquire(caller, second, 1, 60) is False
-    assert await store.stream_lease_acquire(other, new_id(), 1, 60) is True
-    await store.stream_lease_release(caller, first)
-    await store.stream_lease_release(caller, first)  # idempotent
-    assert await store.stream_lease_acquire(caller, second, 1, 60) is True
-
-
-async def test_a_lease_whose_grant_was_lost_does_not_hold_the_slot(
-    store: PostgrestStore, fake_postgrest: FakePostgrest, new_caller: Callable[[], Caller]
-) -> None:
-    caller = new_caller()
-    fake_postgrest.fail_next(503, path="rpc/stream_lease_acquire", after=True)  # taken, but the answer is lost
-    # The replay sees its own lease at the cap and refuses; the store gives that slot back.
-    assert await store.stream_lease_acquire(caller, new_id(), 1, 60) is False
-    assert await store.stream_lease_acquire(caller, new_id(), 1, 60) is True
-
-
 async def test_fake_rpc_answers_like_postgrest(raw: Any, new_caller: Callable[[], Caller]) -> None:
     token = new_caller().access_token
     table = raw("POST", "rpc/rate_limit_hit", token,
                 json={"p_bucket": "api", "p_window_seconds": 60, "p_max_hits": 5})
     assert table.status_code == 200 and list(table.json()[0]) == ["allowed", "retry_after"]
-    scalar = raw("POST", "rpc/stream_lease_acquire", token,
-                 json={"p_lease_id": new_id(), "p_max_streams": 1, "p_ttl_seconds": 60})
-    assert (scalar.status_code, scalar.json()) == (200, True)
-    void = raw("POST", "rpc/stream_lease_release", token, json={"p_lease_id": new_id()})
+    scalar = raw("POST", "rpc/agent_run_stop", token, json={"p_run_id": new_id(), "p_seen_chars": None})
+    assert (scalar.status_code, scalar.json()) == (200, False)
+    null = raw("POST", "rpc/agent_run_read", token, json={"p_run_id": new_id()})  # p_after left to its default
+    assert (null.status_code, null.content) == (200, b"null")
+    void = raw("POST", "rpc/agent_runs_maintain", token, json={"p_stale_seconds": 30, "p_events_ttl": 3600})
     assert (void.status_code, void.content) == (204, b"")
     unknown = raw("POST", "rpc/rate_limit_hit", token, json={"bucket": "api"})
     assert (unknown.status_code, unknown.json()["code"]) == (404, "PGRST202")
@@ -698,6 +687,297 @@ async def test_fake_rpc_answers_like_postgrest(raw: Any, new_caller: Callable[[]
     assert (invalid.status_code, invalid.json()["code"]) == (400, "22023")
     got = raw("GET", "rpc/rate_limit_hit", token)
     assert (got.status_code, got.json()["code"]) == (405, "PGRST101")
+
+
+# -- chat runs through RPC (migrations/004_agent_runs.sql; services/sqlite_runs.py is the reference) ---------------
+
+LIMITS = TurnLimits(stale_seconds=30, events_ttl=3600)
+
+
+async def _start(store: Store, caller: Caller, conversation_id: str | None = None, text: str = "hello") -> Run:
+    begun = await store.begin_run(caller, NewRun(conversation_id or new_id(), text, "AI Chat"), LIMITS, 50)
+    assert begun.outcome == "started" and begun.run is not None
+    return begun.run
+
+
+def _update(caller: Caller, run: Run, **parts: Any) -> RunUpdate:
+    return RunUpdate(caller, run.id, run.assistant_message_id, **parts)
+
+
+async def _end(store: Store, caller: Caller, run: Run, status: RunStatus = "complete") -> None:
+    await store.flush_runs([_update(caller, run, content="done", metadata={"status": status, "run_id": run.id},
+                                    agent_type="supervisor", final_status=status)])
+
+
+def _tokens(run: Run, first: int, *texts: str) -> EventBatch:
+    frames = "".join(run_log.frame(first + i, run_log.chunk("token", "invoices", content=text, run_id=run.id))
+                     for i, text in enumerate(texts))
+    return EventBatch(first, first + len(texts) - 1, frames)
+
+
+def _age(pg_cluster: Any, runs: list[Run], seconds: float) -> None:
+    """Make runs look as if their worker stopped heartbeating ``seconds`` ago (it died)."""
+    with pg_cluster.connect(DATABASE) as db:
+        db.execute("update api.agent_runs set heartbeat_at = now() - make_interval(secs => %s)"
+                   " where id = any(%s::uuid[])", (seconds, [run.id for run in runs]))
+
+
+async def test_begin_run_starts_a_turn_in_one_rpc(
+    store: PostgrestStore, fake_postgrest: FakePostgrest, new_caller: Callable[[], Caller]
+) -> None:
+    caller = new_caller()
+    new = NewRun(new_id(), "What invoices do I have?", "AI Chat")
+    begun = await store.begin_run(caller, new, LIMITS, 50)
+    assert [r.path for r in fake_postgrest.requests] == [f"{REST}rpc/agent_run_begin"]
+    assert begun.outcome == "started" and begun.retry_after == 0.0 and begun.run is not None
+    run = begun.run
+    assert (run.id, run.conversation_id, run.user_message_id, run.assistant_message_id, run.client_message_id,
+            run.status, run.last_seq) == (new.id, new.conversation_id, new.user_message_id,
+                                          new.assistant_message_id, None, "running", 0)
+    assert abs(run.heartbeat_at - time.time()) < 5
+    assert [(m.id, m.role, m.content) for m in begun.history] == [(new.user_message_id, "user", new.text)]
+    conversation = await store.get_conversation(caller, new.conversation_id)
+    assert (conversation.title, conversation.message_count) == ("AI Chat", 2)
+    placeholder = (await store.list_messages(caller, new.conversation_id, 10, 0))[-1]
+    assert (placeholder.id, placeholder.role, placeholder.content, placeholder.metadata) == (
+        new.assistant_message_id, "assistant", "", {"status": "streaming", "run_id": new.id, "seq": 0})
+    await _end(store, caller, run)
+    following = await store.begin_run(caller, NewRun(new.conversation_id, "And paid ones?", "AI Chat"), LIMITS, 2)
+    # The newest two, oldest first, ending with the user's message; the new placeholder is not history.
+    assert [(m.role, m.content) for m in following.history] == [("assistant", "done"), ("user", "And paid ones?")]
+
+
+async def _begin_outcomes(store: Store, caller: Caller) -> list[str]:
+    """One scenario through every outcome of ``begin_run``; chat limit 3, one stream slot."""
+    limits = TurnLimits(30, 3600, window_seconds=3600, chat_limit=3, stream_limit=1)
+
+    async def begin(new: NewRun) -> str:
+        begun = await store.begin_run(caller, new, limits, 50)
+        assert (begun.run is None) == (begun.outcome in ("rate_limited", "streams_full"))
+        if begun.outcome == "streams_full":
+            assert 25 < begun.retry_after <= 30  # until the running run's heartbeat would lapse
+        if begun.outcome == "rate_limited":
+            assert 0 < begun.retry_after <= 3600
+        return begun.outcome
+
+    first = NewRun(new_id(), "one", "AI Chat", client_message_id=new_id())
+    refused = NewRun(new_id(), "two", "AI Chat")
+    outcomes = [
+        await begin(first),  # counted: 1
+        await begin(NewRun(first.conversation_id, "one", "AI Chat", first.client_message_id)),  # a repeat: free
+        await begin(NewRun(new_id(), "one", "AI Chat", first.client_message_id)),  # reused for another message
+        await begin(NewRun(first.conversation_id, "two", "AI Chat")),  # still generating there: free
+        await begin(refused),  # counted: 2, then refused by the stream slot
+    ]
+    with pytest.raises(NotFound):  # a refused turn creates nothing
+        await store.get_conversation(caller, refused.conversation_id)
+    run = (await store.begin_run(caller, first, limits, 50)).run
+    assert run is not None and run.id == first.id
+    await _end(store, caller, run)
+    outcomes += [await begin(NewRun(new_id(), "three", "AI Chat")),  # counted: 3
+                 await begin(NewRun(new_id(), "four", "AI Chat"))]  # counted: 4, over the limit
+    return outcomes
+
+
+async def test_begin_run_outcomes_are_sqlites(
+    store: PostgrestStore, new_caller: Callable[[], Caller], tmp_path: Any
+) -> None:
+    expected = ["started", "existing", "conflict", "in_progress", "streams_full", "started", "rate_limited"]
+    sqlite = SQLiteStore(str(tmp_path / "runs.db"))
+    await sqlite.open()
+    try:
+        assert await _begin_outcomes(sqlite, new_caller()) == expected
+    finally:
+        await sqlite.aclose()
+    assert await _begin_outcomes(store, new_caller()) == expected
+
+
+async def test_begin_run_in_another_users_conversation_is_not_found_and_counts_nothing(
+    store: PostgrestStore, new_caller: Callable[[], Caller]
+) -> None:
+    alice, bob = new_caller(), new_caller()
+    run = await _start(store, alice)
+    limits = TurnLimits(30, 3600, window_seconds=3600, chat_limit=1, stream_limit=1)
+    with pytest.raises(NotFound) as caught:
+        await store.begin_run(bob, NewRun(run.conversation_id, "sneaky", "AI Chat"), limits, 50)
+    assert caught.value.code == "CONVERSATION_NOT_FOUND"
+    assert (await store.get_conversation(alice, run.conversation_id)).message_count == 2
+    assert (await store.begin_run(bob, NewRun(new_id(), "mine", "AI Chat"), limits, 50)).outcome == "started"
+
+
+async def test_a_begin_whose_response_was_lost_is_retried_without_a_second_turn(
+    store: PostgrestStore, fake_postgrest: FakePostgrest, new_caller: Callable[[], Caller]
+) -> None:
+    caller = new_caller()
+    limits = TurnLimits(30, 3600, window_seconds=3600, chat_limit=2)
+    new = NewRun(new_id(), "once", "AI Chat", client_message_id=new_id())
+    fake_postgrest.fail_next(503, path="rpc/agent_run_begin", after=True)  # committed, then the answer is lost
+    begun = await store.begin_run(caller, new, limits, 50)
+    # The replay finds its own run: started (nobody generates it yet), not a repeat of some earlier message.
+    assert [r.path for r in fake_postgrest.requests] == [f"{REST}rpc/agent_run_begin"] * 2
+    assert begun.outcome == "started" and begun.run is not None and begun.run.id == new.id
+    assert [m.content for m in begun.history] == ["once"]
+    assert (await store.get_conversation(caller, new.conversation_id)).message_count == 2
+    # Counted once: one more turn fits the limit of two.
+    assert (await store.begin_run(caller, NewRun(new_id(), "b", "AI Chat"), limits, 50)).outcome == "started"
+    assert (await store.begin_run(caller, NewRun(new_id(), "c", "AI Chat"), limits, 50)).outcome == "rate_limited"
+
+
+async def test_flush_writes_events_text_and_end_only_while_the_run_is_running(
+    store: PostgrestStore, fake_postgrest: FakePostgrest, new_caller: Callable[[], Caller]
+) -> None:
+    caller = new_caller()
+    run = await _start(store, caller)
+    tokens = _tokens(run, 1, "Hel", "lo")
+    streaming = {"status": "streaming", "run_id": run.id, "seq": 2}
+    controls = await store.flush_runs([_update(caller, run, batch=tokens, content="Hello", metadata=streaming,
+                                               agent_type="invoices", heartbeat=True)])
+    assert controls == {run.id: RunControl()}
+    view = await store.read_run(caller, run.id, 0)
+    assert view.batches == [tokens] and view.run.heartbeat_at >= run.heartbeat_at
+    assert (view.message.content, view.message.metadata, view.message.agent_type) == ("Hello", streaming, "invoices")
+    assert (await store.read_run(caller, run.id, None)).batches == []
+    assert (await store.read_run(caller, run.id, 2)).batches == []
+
+    end = EventBatch(3, 3, run_log.frame(3, run_log.complete_chunk(run.id, run.assistant_message_id,
+                                                                   run.conversation_id, "invoices")))
+    final = _update(caller, run, batch=end, content="Hello!", metadata={"status": "complete", "run_id": run.id},
+                    agent_type="invoices", heartbeat=True, final_status="complete")
+    fake_postgrest.fail_next(503, path="rpc/agent_runs_flush", after=True)  # the end is saved, the answer lost
+    assert await store.flush_runs([final]) == {run.id: RunControl(gone=True)}  # ended, as SQLite says too
+    ended = await store.read_run(caller, run.id, 0)
+    assert (ended.run.status, ended.run.last_seq, ended.batches) == ("complete", 3, [tokens, end])
+    assert (ended.message.content, ended.message.metadata["status"]) == ("Hello!", "complete")
+
+    late = _update(caller, run, batch=_tokens(run, 4, "more"), content="rewritten", metadata={}, agent_type="x",
+                   heartbeat=True, final_status="error")
+    assert await store.flush_runs([late]) == {run.id: RunControl(gone=True)}
+    assert await store.read_run(caller, run.id, 0) == ended
+
+
+async def test_flush_is_one_rpc_per_user_and_returns_what_committed(
+    store: PostgrestStore, fake_postgrest: FakePostgrest, new_caller: Callable[[], Caller]
+) -> None:
+    alice, bob = new_caller(), new_caller()
+    first, theirs, second = await _start(store, alice), await _start(store, bob), await _start(store, alice)
+    fake_postgrest.reset()
+    updates = [_update(alice, first, heartbeat=True), _update(bob, theirs, heartbeat=True),
+               _update(alice, second, batch=_tokens(second, 1, "hi"))]
+    assert await store.flush_runs(updates) == {first.id: RunControl(), theirs.id: RunControl(),
+                                               second.id: RunControl()}
+    sent = sorted((r.path, r.headers["authorization"]) for r in fake_postgrest.requests)
+    assert sent == sorted((f"{REST}rpc/agent_runs_flush", f"Bearer {c.access_token}") for c in (alice, bob))
+    # Bob's token is refused: Alice's runs are still flushed, and Bob's are left out (not written).
+    expired = Caller(bob.user_id, mint(bob.user_id, exp=int(time.time()) - 60))
+    mixed = [_update(alice, first, heartbeat=True), _update(expired, theirs, batch=_tokens(theirs, 1, "x"))]
+    assert await store.flush_runs(mixed) == {first.id: RunControl()}
+    assert (await store.read_run(bob, theirs.id, 0)).batches == []
+    with pytest.raises(Unauthorized):  # nothing committed at all: the error
+        await store.flush_runs([_update(expired, theirs, heartbeat=True)])
+    assert await store.flush_runs([]) == {}
+
+
+async def test_runs_are_private_to_their_user(
+    store: PostgrestStore, raw: Any, new_caller: Callable[[], Caller]
+) -> None:
+    alice, bob = new_caller(), new_caller()
+    run = await _start(store, alice)
+    for call in (
+        store.read_run(bob, run.id, 0),
+        store.request_stop(bob, run.id, 3),
+        store.read_run(alice, new_id(), None),
+        store.request_stop(alice, new_id(), None),
+        store.read_run(alice, "not-a-uuid", None),
+    ):
+        with pytest.raises(NotFound) as caught:
+            await call
+        assert caught.value.code == "RUN_NOT_FOUND"
+    forged = _update(bob, run, batch=_tokens(run, 1, "Bob"), content="Bob was here", metadata={}, agent_type="x",
+                     heartbeat=True, final_status="complete")
+    assert await store.flush_runs([forged]) == {run.id: RunControl(gone=True)}  # to Bob it does not exist
+    await store.maintain_runs(bob, 30, 0)
+    view = await store.read_run(alice, run.id, 0)
+    assert (view.run.status, view.batches, view.message.content) == ("running", [], "")
+    assert await store.flush_runs([_update(alice, run)]) == {run.id: RunControl()}  # and Bob's stop did not land
+    # The tables themselves, as any client of the project could reach them: nothing of Alice's for Bob.
+    assert raw("GET", "agent_runs", bob.access_token, params={"id": f"eq.{run.id}"}).json() == []
+    patched = raw("PATCH", "agent_runs", bob.access_token, params={"id": f"eq.{run.id}"}, json={"status": "error"},
+                  headers={"Prefer": "return=representation"})
+    assert (patched.status_code, patched.json()) == (200, [])
+    event = {"run_id": run.id, "seq": 9, "last_seq": 9, "frames": "id: 9\ndata: {}\n\n"}
+    inserted = raw("POST", "agent_run_events", bob.access_token, json=event)
+    assert (inserted.status_code, inserted.json()["code"]) == (403, "42501")
+    anon = raw("POST", "rpc/agent_run_read", None, json={"p_run_id": run.id, "p_after": 0})
+    assert (anon.status_code, anon.json()["code"]) == (401, "42501")
+
+
+async def test_a_stop_reaches_the_next_flush_and_an_ended_run_is_left_alone(
+    store: PostgrestStore, new_caller: Callable[[], Caller]
+) -> None:
+    caller = new_caller()
+    run = await _start(store, caller)
+    await store.request_stop(caller, run.id, 3)
+    assert await store.flush_runs([_update(caller, run)]) == {run.id: RunControl(stop=True, seen_chars=3)}
+    await _end(store, caller, run, "stopped")
+    await store.request_stop(caller, run.id, 1)  # ended: nothing changes, and no error
+    assert await store.flush_runs([_update(caller, run)]) == {run.id: RunControl(stop=True, seen_chars=3, gone=True)}
+    assert (await store.read_run(caller, run.id, None)).run.status == "stopped"
+
+
+async def test_maintain_ends_only_the_callers_dead_runs_as_sqlite_does(
+    store: PostgrestStore, new_caller: Callable[[], Caller], pg_cluster: Any
+) -> None:
+    alice, bob = new_caller(), new_caller()
+    stopped, interrupted, alive = await _start(store, alice), await _start(store, alice), await _start(store, alice)
+    theirs = await _start(store, bob)
+    streaming = {"status": "streaming"}
+    await store.flush_runs([
+        _update(alice, stopped, batch=_tokens(stopped, 1, "Hel", "lo"), content="Hello", metadata=streaming,
+                agent_type="invoices"),
+        _update(alice, interrupted, content="Partial", metadata=streaming, agent_type="projects"),
+    ])
+    await store.request_stop(alice, stopped.id, 3)
+    _age(pg_cluster, [stopped, interrupted, theirs], 120)
+    await store.maintain_runs(None, 30, 3600)  # no caller: no rights over every user's runs, so nothing happens
+    assert (await store.read_run(alice, stopped.id, None)).run.status == "running"
+
+    await store.maintain_runs(alice, 30, 3600)
+    await store.maintain_runs(alice, 30, 3600)  # a second pass (another worker) ends nothing twice
+    view = await store.read_run(alice, stopped.id, 0)
+    complete = run_log.complete_chunk(stopped.id, stopped.assistant_message_id, stopped.conversation_id, "invoices",
+                                      status="stopped", stop_reason="stopped")
+    assert (view.run.status, view.run.last_seq) == ("stopped", 3)
+    assert view.batches[1:] == [EventBatch(3, 3, run_log.frame(3, complete))]  # SQLite's characters exactly
+    assert (view.message.content, view.message.metadata) == ("Hel", {"status": "stopped", "run_id": stopped.id})
+    view = await store.read_run(alice, interrupted.id, 0)
+    assert (view.run.status, view.run.last_seq) == ("interrupted", 1)
+    assert view.batches == [EventBatch(1, 1, run_log.frame(1, run_log.interrupted_chunk(interrupted.id)))]
+    assert (view.message.content, view.message.metadata) == (
+        "Partial", {"status": "interrupted", "run_id": interrupted.id, "error_code": "RUN_INTERRUPTED"})
+    assert (await store.read_run(alice, alive.id, None)).run.status == "running"  # its heartbeat is fresh
+    assert (await store.read_run(bob, theirs.id, None)).run.status == "running"  # not Alice's to end
+    # Bob's next turn ends his dead run first, and its slot with it.
+    limits = TurnLimits(30, 3600, stream_limit=1)
+    assert (await store.begin_run(bob, NewRun(new_id(), "again", "AI Chat"), limits, 50)).outcome == "started"
+    assert (await store.read_run(bob, theirs.id, None)).run.status == "interrupted"
+
+
+async def test_maintain_purges_expired_events_but_each_runs_last_batch(
+    store: PostgrestStore, new_caller: Callable[[], Caller], pg_cluster: Any
+) -> None:
+    alice, bob = new_caller(), new_caller()
+    old, recent = await _start(store, alice), await _start(store, alice)
+    for run in (old, recent):
+        await store.flush_runs([_update(alice, run, batch=_tokens(run, 1, "a", "b"))])
+        await store.flush_runs([_update(alice, run, batch=_tokens(run, 3, "c"), content="abc", metadata={},
+                                        agent_type="supervisor", final_status="complete")])
+    with pg_cluster.connect(DATABASE) as db:
+        db.execute("update api.agent_runs set ended_at = now() - interval '2 hours' where id = %s", (old.id,))
+    await store.maintain_runs(bob, 30, 3600)  # Bob's maintenance purges only Bob's
+    assert len((await store.read_run(alice, old.id, 0)).batches) == 2
+    await store.maintain_runs(alice, 30, 3600)
+    assert (await store.read_run(alice, old.id, 0)).batches == [_tokens(old, 3, "c")]
+    assert len((await store.read_run(alice, recent.id, 0)).batches) == 2
 
 
 def test_fake_rpc_resolves_overloads_and_argument_free_calls(raw: Any, pg_cluster: Any) -> None:
@@ -721,6 +1001,17 @@ def test_fake_rpc_resolves_overloads_and_argument_free_calls(raw: Any, pg_cluste
 
 # -- the migration ------------------------------------------------------------------------------------------------
 
+# 004's policies: select, insert and update on agent_runs; select, insert and delete on agent_run_events.
+RUN_POLICIES = 6
+RUN_FUNCTIONS = (
+    "api.agent_run_begin(uuid, uuid, text, text, uuid, uuid, double precision, double precision, integer, integer,"
+    " uuid, integer, integer)",
+    "api.agent_runs_flush(jsonb)",
+    "api.agent_run_read(uuid, integer)",
+    "api.agent_run_stop(uuid, integer)",
+    "api.agent_runs_maintain(double precision, double precision)",
+)
+
 
 def test_grants_go_to_authenticated_only_and_protect_counters(pg_cluster: Any) -> None:
     with pg_cluster.connect(DATABASE) as db:
@@ -737,8 +1028,9 @@ def test_grants_go_to_authenticated_only_and_protect_counters(pg_cluster: Any) -
                 "select has_column_privilege('authenticated', 'api.agent_conversations', %s, 'update')", (column,)
             ).fetchone() == (False,)
         policies = db.execute("select count(*) from pg_policies where schemaname = 'api'").fetchone()
-        # Applied twice, still one policy per table and command: 2 chat tables + 9 business tables, 4 commands each.
-        assert policies == (4 * (2 + len(DOMAINS)),)
+        # Applied twice, still one policy per table and command: 2 chat tables + 9 business tables, 4 commands each,
+        # and the runs' own (004).
+        assert policies == (4 * (2 + len(DOMAINS)) + RUN_POLICIES,)
 
 
 async def test_users_cannot_forge_counters_through_postgrest(
@@ -803,8 +1095,49 @@ def test_the_migration_upgrades_the_earlier_services_schema_and_keeps_history(pg
                            (conversation,))
         assert [row[0] for row in order.fetchall()] == ["old0", "old1", "new"]
         policies = db.execute("select policyname from pg_policies where schemaname = 'api'").fetchall()
-        assert ("Enable all for authenticated users",) not in policies and len(policies) == 4 * (2 + len(DOMAINS))
+        assert ("Enable all for authenticated users",) not in policies
+        assert len(policies) == 4 * (2 + len(DOMAINS)) + RUN_POLICIES
         assert db.execute("select has_table_privilege('anon', 'api.agent_messages', 'select')").fetchone() == (False,)
+
+
+def test_the_runs_migration_applies_twice_and_replaces_the_stream_leases(pg_cluster: Any) -> None:
+    name = "runs_migration"
+    create_supabase_database(pg_cluster, name, migrate=False)
+    runs = MIGRATIONS_DIR / "004_agent_runs.sql"
+    earlier = [path for path in sorted(MIGRATIONS_DIR.glob("*.sql")) if path.name < runs.name]
+    with pg_cluster.connect(name) as db:
+        for path in earlier:
+            db.execute(path.read_text())  # type: ignore[arg-type]
+        db.execute("insert into canvalo_private.stream_leases values (gen_random_uuid(), gen_random_uuid(), now())")
+        db.execute(runs.read_text())  # type: ignore[arg-type]
+        db.execute(runs.read_text())  # type: ignore[arg-type]
+
+        def one(query: str, *args: Any) -> Any:
+            return db.execute(query, args).fetchone()[0]  # type: ignore[index]
+
+        assert one("select to_regclass('canvalo_private.stream_leases')") is None
+        assert one("select to_regprocedure('api.stream_lease_acquire(uuid, integer, integer)')") is None
+        assert one("select to_regprocedure('api.stream_lease_release(uuid)')") is None
+        for table in ("api.agent_runs", "api.agent_run_events"):
+            assert one("select relrowsecurity from pg_class where oid = %s::regclass", table) is True
+            assert not any(one("select has_table_privilege('anon', %s, %s)", table, p)
+                           for p in ("select", "insert", "update", "delete"))
+        indexes = {row[0] for row in db.execute("select indexname from pg_indexes where tablename = 'agent_runs'")}
+        assert {"agent_runs_one_running_per_conversation", "agent_runs_client_message", "agent_runs_running",
+                "agent_runs_events_kept"} <= indexes
+        policies = one("select count(*) from pg_policies where tablename in ('agent_runs', 'agent_run_events')")
+        assert policies == RUN_POLICIES
+
+        def may_update(table: str, column: str) -> bool:
+            return bool(one("select has_column_privilege('authenticated', %s, %s, 'update')", table, column))
+
+        assert may_update("api.agent_messages", "agent_type")  # the run writes the answering agent
+        assert not any(may_update("api.agent_runs", c) for c in ("id", "user_id", "conversation_id", "created_at"))
+        assert all(may_update("api.agent_runs", c) for c in ("status", "heartbeat_at", "stop_requested"))
+        for function in RUN_FUNCTIONS:
+            assert one("select has_function_privilege('authenticated', %s, 'execute')", function) is True
+            assert one("select has_function_privilege('anon', %s, 'execute')", function) is False
+            assert one("select prosecdef from pg_proc where oid = %s::regprocedure", function) is False  # as the user
 
 
 # -- the business tables (migrations/002_business_tables.sql) -----------------------------------------------------

@@ -1,6 +1,6 @@
-"""The store calls a chat turn makes before its first token, on both stores: ``Store.begin_turn`` (ensure the
-conversation, save the user's message, read the history) and ``LimitStore.admit_chat`` (count the chat turn, take a
-stream slot). Each must answer exactly as the separate calls it replaces, and write nothing it should not.
+"""The store calls of a chat run, on both stores, as the contract in ``services/store.py`` states them:
+``begin_run`` (admit and start a turn in one call), ``flush_runs``, ``read_run``, ``request_stop`` and
+``maintain_runs``. Each must write exactly what it says and nothing for a caller it should not.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import anyio
 import pytest
 
 from errors import NotFound
@@ -15,7 +16,8 @@ from services.postgrest import PostgrestStore
 from services.postgrest_client import PostgrestClient
 from services.retry import RetryPolicy
 from services.sqlite_store import SQLiteStore
-from services.store import Caller, NewMessage
+from services.run_log import chunk, frame
+from services.store import Caller, EventBatch, NewRun, RunUpdate, TurnLimits
 from tests.support import new_id
 from tests.tokens import TEST_PUBLISHABLE_KEY, mint
 
@@ -54,73 +56,154 @@ def new_caller(store: Store, request: pytest.FixtureRequest) -> Callable[[], Cal
     return make
 
 
-async def test_begin_turn_creates_the_conversation_saves_the_message_and_returns_the_history(
+
+OPEN = TurnLimits(stale_seconds=30, events_ttl=3600)
+
+
+def tokens(first: int, *texts: str) -> EventBatch:
+    frames = "".join(frame(first + i, chunk("token", "supervisor", content=t)) for i, t in enumerate(texts))
+    return EventBatch(first, first + len(texts) - 1, frames)
+
+
+async def start(store: Store, caller: Caller, conversation_id: str | None = None, text: str = "hello",
+                limits: TurnLimits = OPEN, **extra: str) -> NewRun:
+    new = NewRun(conversation_id or new_id(), text, "AI Chat", **extra)
+    begun = await store.begin_run(caller, new, limits, 50)
+    assert begun.outcome == "started", begun
+    return new
+
+
+async def finish(store: Store, caller: Caller, new: NewRun, text: str = "done") -> None:
+    done = RunUpdate(caller, new.id, new.assistant_message_id, content=text, metadata={"status": "complete"},
+                     agent_type="supervisor", final_status="complete")
+    assert (await store.flush_runs([done]))[new.id].gone  # ended: it takes no more writes
+
+
+async def test_begin_run_creates_the_conversation_the_question_and_a_streaming_placeholder(
+    store: Store, new_caller: Callable[[], Caller]
+) -> None:
+    caller = new_caller()
+    new = NewRun(new_id(), "What invoices do I have?", "AI Chat")
+    begun = await store.begin_run(caller, new, OPEN, 50)
+    assert begun.outcome == "started" and begun.run is not None and begun.run.status == "running"
+    assert [(m.role, m.content, m.id) for m in begun.history] == [("user", new.text, new.user_message_id)]
+    messages = await store.list_messages(caller, new.conversation_id, 10, 0)
+    assert [m.role for m in messages] == ["user", "assistant"]
+    placeholder = messages[1]
+    assert placeholder.id == new.assistant_message_id and placeholder.content == ""
+    assert placeholder.metadata == {"status": "streaming", "run_id": new.id, "seq": 0}
+    assert (await store.get_conversation(caller, new.conversation_id)).title == "AI Chat"
+
+
+async def test_history_is_the_newest_messages_oldest_first_without_the_placeholder(
     store: Store, new_caller: Callable[[], Caller]
 ) -> None:
     caller = new_caller()
     conversation_id = new_id()
-    message = NewMessage(conversation_id, "user", "first question")
-    saved, history = await store.begin_turn(caller, "AI Chat", message, 50)
-    assert (saved.id, saved.role, saved.content, saved.conversation_id) == (message.id, "user", "first question", conversation_id)
-    assert [m.id for m in history] == [saved.id] and history[0] == saved
-    conversation = await store.get_conversation(caller, conversation_id)
-    assert (conversation.title, conversation.user_id, conversation.message_count) == ("AI Chat", caller.user_id, 1)
+    for text in ("one", "two", "three"):
+        new = await start(store, caller, conversation_id, text)
+        await finish(store, caller, new, f"answer to {text}")
+    begun = await store.begin_run(caller, NewRun(conversation_id, "four", "AI Chat"), OPEN, 3)
+    assert [m.content for m in begun.history] == ["three", "answer to three", "four"]
 
 
-async def test_begin_turn_on_an_existing_conversation_returns_the_newest_messages_oldest_first(
-    store: Store, new_caller: Callable[[], Caller]
-) -> None:
-    caller = new_caller()
-    conversation = await store.create_conversation(caller, "Mine")
-    for i in range(4):
-        await store.add_message(caller, NewMessage(conversation.id, "user" if i % 2 == 0 else "assistant", f"m{i}"))
-    saved, history = await store.begin_turn(caller, "AI Chat", NewMessage(conversation.id, "user", "m4"), 3)
-    assert [m.content for m in history] == ["m2", "m3", "m4"] and history[-1] == saved
-    # The same answer as the three calls it replaces; the existing title is kept.
-    assert history == await store.recent_messages(caller, conversation.id, 3)
-    assert (await store.get_conversation(caller, conversation.id)).title == "Mine"
-
-
-async def test_begin_turn_is_idempotent_by_the_message_id(store: Store, new_caller: Callable[[], Caller]) -> None:
-    caller = new_caller()
-    message = NewMessage(new_id(), "user", "once")
-    first, _ = await store.begin_turn(caller, "AI Chat", message, 50)
-    again, history = await store.begin_turn(caller, "AI Chat", message, 50)
-    assert again == first and [m.id for m in history] == [first.id]
-
-
-async def test_begin_turn_on_another_users_conversation_is_not_found_and_writes_nothing(
-    store: Store, new_caller: Callable[[], Caller]
-) -> None:
-    alice, bob = new_caller(), new_caller()
-    conversation = await store.create_conversation(alice, "Alice's")
-    with pytest.raises(NotFound) as caught:
-        await store.begin_turn(bob, "AI Chat", NewMessage(conversation.id, "user", "sneaky"), 50)
-    assert caught.value.code == "CONVERSATION_NOT_FOUND"
-    assert await store.list_messages(alice, conversation.id, 10, 0) == []
-    assert (await store.list_conversations(bob, 10, 0)).total == 0
-
-
-async def test_admit_chat_counts_the_turn_and_takes_a_slot_until_a_limit_refuses(
+async def test_a_client_message_id_repeats_the_run_and_conflicts_when_the_message_differs(
     store: Store, new_caller: Callable[[], Caller]
 ) -> None:
     caller, other = new_caller(), new_caller()
+    key = new_id()
+    new = await start(store, caller, client_message_id=key)
+    limits = TurnLimits(30, 3600, chat_limit=1, stream_limit=1)  # a repeat is neither counted nor a second slot
+    again = await store.begin_run(caller, NewRun(new.conversation_id, new.text, "AI Chat", key), limits, 50)
+    assert again.outcome == "existing" and again.run is not None and again.run.id == new.id
+    changed = await store.begin_run(caller, NewRun(new.conversation_id, "other", "AI Chat", key), OPEN, 50)
+    assert changed.outcome == "conflict"
+    assert len(await store.list_messages(caller, new.conversation_id, 10, 0)) == 2  # nothing written twice
+    await start(store, other, text=new.text, client_message_id=key)  # another user's key space
 
-    async def admit(who: Caller, lease_id: str, chat_limit: int = 100, stream_limit: int = 1) -> tuple[bool, float, bool]:
-        return await store.admit_chat(
-            who, lease_id, window_seconds=3600, chat_limit=chat_limit, stream_limit=stream_limit, ttl_seconds=60
-        )
 
-    first, second = new_id(), new_id()
-    allowed, retry_after, taken = await admit(caller, first)
-    assert allowed and taken and 0 < retry_after <= 3600
-    assert (await admit(caller, second))[::2] == (True, False)  # counted, but no slot: the stream cap
-    assert (await admit(other, new_id()))[::2] == (True, True)  # another user's slots are their own
-    await store.stream_lease_release(caller, first)
-    assert (await admit(caller, second))[::2] == (True, True)
-    await store.stream_lease_release(caller, second)
-    # Three hits so far; with a chat limit of 3 the fourth is refused, still counted, and takes no slot.
-    refused = await admit(caller, new_id(), chat_limit=3, stream_limit=5)
-    assert refused[0] is False and refused[2] is False and refused[1] > 0
-    assert (await store.rate_limit_hit(caller, "chat", 3600, 4))[0] is False  # the 5th hit: the refusal counted
-    assert await store.stream_lease_acquire(caller, new_id(), 1, 60) is True  # and it held no slot
+async def test_one_running_run_per_conversation(store: Store, new_caller: Callable[[], Caller]) -> None:
+    caller = new_caller()
+    new = await start(store, caller)
+    busy = await store.begin_run(caller, NewRun(new.conversation_id, "again", "AI Chat"), OPEN, 50)
+    assert busy.outcome == "in_progress" and busy.run is not None and busy.run.id == new.id
+    await finish(store, caller, new)
+    await start(store, caller, new.conversation_id, "again")
+
+
+async def test_chat_limit_counts_refusals_and_running_runs_are_the_stream_slots(
+    store: Store, new_caller: Callable[[], Caller]
+) -> None:
+    caller = new_caller()
+    slots = TurnLimits(30, 3600, window_seconds=3600, chat_limit=100, stream_limit=1)
+    first = await start(store, caller, limits=slots)
+    full = await store.begin_run(caller, NewRun(new_id(), "hi", "AI Chat"), slots, 50)
+    assert full.outcome == "streams_full" and 0 < full.retry_after <= 30
+    await finish(store, caller, first)
+    await start(store, caller, limits=slots)  # the slot freed with the run
+    rate = TurnLimits(30, 3600, window_seconds=3600, chat_limit=3, stream_limit=100)
+    refused = await store.begin_run(caller, NewRun(new_id(), "hi", "AI Chat"), rate, 50)
+    assert refused.outcome == "rate_limited" and refused.retry_after > 0  # three turns counted so far, refusals too
+
+
+async def test_someone_elses_conversation_is_not_found_and_nothing_is_written(
+    store: Store, new_caller: Callable[[], Caller]
+) -> None:
+    owner, intruder = new_caller(), new_caller()
+    new = await start(store, owner)
+    await finish(store, owner, new)
+    with pytest.raises(NotFound):
+        await store.begin_run(intruder, NewRun(new.conversation_id, "mine now", "AI Chat"), OPEN, 50)
+    assert len(await store.list_messages(owner, new.conversation_id, 10, 0)) == 2
+
+
+async def test_flush_writes_events_text_and_the_end_and_reads_back_stops(
+    store: Store, new_caller: Callable[[], Caller]
+) -> None:
+    caller, intruder = new_caller(), new_caller()
+    new = await start(store, caller)
+    streaming = {"status": "streaming", "run_id": new.id, "seq": 2}
+    update = RunUpdate(caller, new.id, new.assistant_message_id, tokens(1, "Hel", "lo"), "Hello", streaming,
+                       "supervisor", heartbeat=True)
+    controls = await store.flush_runs([update])
+    assert not controls[new.id].stop and not controls[new.id].gone
+    view = await store.read_run(caller, new.id, 0)
+    assert view.message.content == "Hello" and view.message.metadata == streaming
+    assert [(b.first_seq, b.last_seq) for b in view.batches] == [(1, 2)]
+    assert (await store.read_run(caller, new.id, 1)).batches[0].last_seq == 2  # batches holding events after 1
+    await store.request_stop(caller, new.id, 3)
+    control = (await store.flush_runs([RunUpdate(caller, new.id, new.assistant_message_id)]))[new.id]
+    assert control.stop and control.seen_chars == 3 and not control.gone
+    with pytest.raises(NotFound):
+        await store.read_run(intruder, new.id, None)
+    with pytest.raises(NotFound):
+        await store.request_stop(intruder, new.id, None)
+    await finish(store, caller, new, "Hel")
+    ended = await store.read_run(caller, new.id, 0)
+    assert ended.run.status == "complete" and ended.message.content == "Hel"
+    late = RunUpdate(caller, new.id, new.assistant_message_id, tokens(3, "late"), "late text", {})
+    assert (await store.flush_runs([late]))[new.id].gone
+    assert (await store.read_run(caller, new.id, 0)).message.content == "Hel"  # an ended run takes no writes
+
+
+async def test_maintenance_ends_dead_runs_with_their_saved_text_and_expires_events(
+    store: Store, new_caller: Callable[[], Caller]
+) -> None:
+    caller = new_caller()
+    dead, stopped = await start(store, caller), await start(store, caller)
+    for new in (dead, stopped):
+        saved = RunUpdate(caller, new.id, new.assistant_message_id, tokens(1, "Half ", "an answer"),
+                          "Half an answer", {"status": "streaming", "run_id": new.id, "seq": 2}, "supervisor")
+        await store.flush_runs([saved])
+    await store.request_stop(caller, stopped.id, 4)
+    await anyio.sleep(0.05)
+    await store.maintain_runs(caller, 0.01, 3600)  # both runs are older than that without a heartbeat: dead
+    interrupted = await store.read_run(caller, dead.id, 0)
+    assert interrupted.run.status == "interrupted" and interrupted.run.last_seq == 3
+    assert interrupted.message.content == "Half an answer"
+    assert interrupted.message.metadata["status"] == "interrupted"
+    assert '"code":"RUN_INTERRUPTED"' in interrupted.batches[-1].frames.replace(" ", "")
+    cut_short = await store.read_run(caller, stopped.id, 0)
+    assert cut_short.run.status == "stopped" and cut_short.message.content == "Half"
+    await store.maintain_runs(caller, 30, 0)  # expired at once: only each run's last batch (its end) stays
+    assert [(b.first_seq, b.last_seq) for b in (await store.read_run(caller, dead.id, 0)).batches] == [(3, 3)]

@@ -9,10 +9,6 @@ It also records each request in the app's metrics (``scope["state"]["metrics"]``
 template, never by raw path, so unknown URLs cannot create unbounded series, and makes that registry the
 request's ``services.metrics.current`` for code too deep to be handed it (``with_retry``).
 
-``AfterResponse`` runs callbacks a route registered with ``after_response`` once the response is over, however it
-ended: finished, failed, cancelled at shutdown, or never started because the client left. Stream slots are
-released this way (``services/ratelimit.py``).
-
 ``BodyLimit`` refuses bodies larger than ``max_bytes``, from ``Content-Length`` up front or while reading a
 chunked body, with a 413 in the error envelope.
 """
@@ -23,7 +19,6 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import JSONResponse
@@ -34,7 +29,7 @@ from services import metrics as metrics_context
 
 logger = logging.getLogger("canvalo.access")
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # fullmatch only: with re.match, "$" allows a trailing "\n"
 
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -54,7 +49,7 @@ class RequestContext:
             await self.app(scope, receive, send)
             return
         supplied = Headers(scope=scope).get("x-request-id", "")
-        request_id = supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
+        request_id = supplied if _REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         started = time.perf_counter()
@@ -86,31 +81,6 @@ class RequestContext:
             logger.info(
                 "%s %s %d %.1fms request_id=%s", scope["method"], route, status, duration * 1000, request_id
             )
-
-
-AfterResponseCallback = Callable[[], Awaitable[None]]
-_AFTER_RESPONSE = "after_response"
-
-
-def after_response(scope: Scope, callback: AfterResponseCallback) -> None:
-    """Have ``AfterResponse`` await ``callback`` when this request's response is over."""
-    scope["state"].setdefault(_AFTER_RESPONSE, []).append(callback)
-
-
-class AfterResponse:
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            # Callbacks shield themselves when they must outlive a cancellation (see StreamLease.release).
-            for callback in scope.get("state", {}).pop(_AFTER_RESPONSE, []):
-                await callback()
 
 
 class BodyLimit:

@@ -1,0 +1,93 @@
+"""What a chat run's event log holds, in the form both stores write and every viewer reads.
+
+An event is one SSE frame, ``id: <seq>\\ndata: <chunk JSON>\\n\\n``, encoded once when the run emits it: live
+viewers, the store and replays all send those same characters. Compact JSON never holds a raw newline, so a frame
+has exactly one ``data:`` line and frames split on blank lines.
+
+Chunks keep the earlier service's six keys (``type, content, tool_name, tool_call, error, agent_type``) so an
+existing frontend keeps working, and add ``run_id`` everywhere, ``message_id``/``usage``/``status`` on ``complete``
+and ``code``/``retryable`` on ``error``. Every run ends with exactly one ``complete`` or ``error`` chunk.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from errors import AppError
+from services.store import EventBatch
+
+SUPERVISOR = "supervisor"
+
+# The terminal chunk of a run whose worker stopped heartbeating (crashed, killed, lost its store).
+INTERRUPTED_MESSAGE = "The answer was interrupted because the server generating it stopped. Please send your message again."
+
+
+def chunk(kind: str, agent_type: str | None, **fields: Any) -> dict[str, Any]:
+    """A chunk with the six keys the earlier service always sent, plus any extra ``fields``."""
+    base: dict[str, Any] = {
+        "type": kind,
+        "content": None,
+        "tool_name": None,
+        "tool_call": None,
+        "error": None,
+        "agent_type": agent_type,
+    }
+    base.update(fields)
+    return base
+
+
+def error_chunk(error: AppError, agent_type: str | None, **fields: Any) -> dict[str, Any]:
+    return chunk("error", agent_type, error=error.user_message, code=error.code, retryable=error.retryable, **fields)
+
+
+def interrupted_chunk(run_id: str) -> dict[str, Any]:
+    return chunk(
+        "error", SUPERVISOR, error=INTERRUPTED_MESSAGE, code="RUN_INTERRUPTED", retryable=True, run_id=run_id
+    )
+
+
+def complete_chunk(
+    run_id: str,
+    message_id: str,
+    conversation_id: str,
+    agent_type: str | None,
+    *,
+    status: str = "complete",
+    usage: dict[str, Any] | None = None,
+    stop_reason: str | None = None,
+) -> dict[str, Any]:
+    return chunk(
+        "complete",
+        agent_type,
+        run_id=run_id,
+        message_id=message_id,
+        conversation_id=conversation_id,
+        usage=usage,
+        stop_reason=stop_reason,
+        status=status,
+    )
+
+
+def frame(seq: int | None, item: dict[str, Any]) -> str:
+    """One SSE event. ``seq`` None: a frame outside the run's log (the shutdown notice), so it carries no id and a
+    client's ``Last-Event-ID`` stays at the last event it really got."""
+    data = json.dumps(item, separators=(",", ":"), ensure_ascii=False)
+    return f"data: {data}\n\n" if seq is None else f"id: {seq}\ndata: {data}\n\n"
+
+
+def frames_after(batch: EventBatch, after: int) -> str:
+    """The frames of ``batch`` whose id is above ``after``."""
+    if batch.first_seq > after:
+        return batch.frames
+    kept = [f"{text}\n\n" for text in batch.frames.split("\n\n") if text and _frame_id(text) > after]
+    return "".join(kept)
+
+
+def cut(text: str, seen_chars: int | None) -> str:
+    """The answer as the user saw it: its first ``seen_chars`` characters (Unicode code points)."""
+    return text if seen_chars is None else text[:seen_chars]
+
+
+def _frame_id(text: str) -> int:
+    return int(text[4 : text.index("\n")])

@@ -1,0 +1,508 @@
+"""Chat runs: a turn's generation lives in a task of its own, apart from any connection, with its events in the store.
+
+``RunManager.begin`` admits and starts a turn in one store call (``Store.begin_run``); the answer is then generated
+by ``_drive`` whatever happens to the request that asked for it. Viewers (the POST that started it, a resume after
+a reload, a second tab) read the run through a feed: ``LiveFeed`` from this worker's memory while the run generates
+here, ``StoredFeed`` from the store otherwise, so a run can be followed from any worker or machine.
+
+What reaches the store, and when:
+
+- One flush every ``FLUSH_SECONDS`` writes the new event frames of every run on this worker in one store call, one
+  transaction (per user on PostgREST): never a write per token. A run's end is flushed at once, and its terminal
+  chunk reaches viewers only after that flush, so ``complete`` always points at a saved answer.
+- The answer's text is saved in its message every ``TEXT_SAVE_SECONDS`` (the message shows ``status: streaming``,
+  the ``run_id`` and ``seq``, the last event its text includes); a heartbeat every ``HEARTBEAT_SECONDS``.
+- Each flush reads back the runs' controls: a stop asked on another worker, or a run gone (its conversation was
+  deleted, or another worker declared it dead). So a stop from anywhere lands within one flush interval.
+- A run whose heartbeat is older than ``RUN_STALE_SECONDS`` is dead: any worker that notices (at startup, every
+  ``MAINTAIN_SECONDS``, or when its user touches it) ends it as ``interrupted`` with its last saved text. A SIGKILL
+  therefore loses at most the last ``TEXT_SAVE_SECONDS`` of text, plus the flush interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+
+from errors import AppError, Conflict, UpstreamUnavailable
+from services.agents import Assistant
+from services.chat import Turn
+from services.metrics import Metrics
+from services.prompt import build_turns
+from services.run_log import SUPERVISOR, complete_chunk, cut, error_chunk, frame, frames_after, interrupted_chunk
+from services.store import Caller, EventBatch, Message, NewRun, Run, RunBegun, RunUpdate, Store, TurnLimits
+
+logger = logging.getLogger(__name__)
+
+FLUSH_SECONDS = 0.25
+TEXT_SAVE_SECONDS = 1.0
+HEARTBEAT_SECONDS = 5.0
+MAINTAIN_SECONDS = 10.0
+POLL_SECONDS = 0.25  # how often a viewer of a run on another worker reads the store
+FINAL_SAVE_SECONDS = 30.0  # how long a finished run waits for its final flush before giving up on the store
+STOP_WAIT_SECONDS = 5.0  # how long a stop waits for the run's worker to save the stopped answer
+
+
+class RunTimedOut(AppError):
+    status = 504
+    code = "RUN_TIMEOUT"
+    message = "The answer took longer than RUN_MAX_SECONDS."
+    user_message = "The answer took too long and was stopped. Please try a shorter or simpler request."
+    retryable = False
+
+
+class ShuttingDown(AppError):
+    status = 503
+    code = "SERVER_SHUTTING_DOWN"
+    message = "The server is shutting down."
+    user_message = "The server is restarting. Please send your message again."
+    retryable = True
+
+
+def shutdown_frame() -> str:
+    """What a viewer still open when the server stops is told last: no id, as it is not part of the run's log."""
+    return frame(None, error_chunk(ShuttingDown(), SUPERVISOR))
+
+
+class LiveRun:
+    """A run generating on this worker: its frames (event ``seq`` is ``frames[seq - 1]``), its text, its viewers."""
+
+    def __init__(self, run: Run, caller: Caller) -> None:
+        self.run = run
+        self.caller = caller
+        self.frames: list[str] = []
+        self.visible = 0  # frames viewers may see: the terminal frame only once it is saved
+        self.ended = False  # everything visible is everything there will be
+        self.status = "running"
+        self.parts: list[str] = []  # the answer's text, as streamed
+        self.agent_type = SUPERVISOR  # whose text came last
+        self.stop_asked = False
+        self.seen_chars: int | None = None
+        self.final: RunUpdate | None = None  # set when the run has ended, until its final flush commits
+        self.saved = asyncio.Event()
+        self.scope: anyio.CancelScope | None = None  # the generation's, once it has started
+        self.cancelled = False  # stopped or abandoned: generation ends (at its start, if it has not started yet)
+        self.task: asyncio.Task[None] | None = None
+        self._flushed = 0
+        self._text_saved_at = 0.0
+        self._saved_parts = 0
+        self._taken_parts = 0
+        self._heartbeat_at = time.monotonic()
+        self._waiters: list[asyncio.Future[None]] = []
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def emit(self, item: dict[str, Any]) -> None:
+        item["run_id"] = self.run.id
+        self.frames.append(frame(len(self.frames) + 1, item))
+        if item["type"] == "token":
+            self.parts.append(item["content"])
+            self.agent_type = item["agent_type"]
+        self.visible = len(self.frames)
+        self._wake()
+
+    def stop(self, seen_chars: int | None) -> None:
+        """Stop generating; the answer is saved cut to ``seen_chars``. A second stop changes nothing."""
+        if self.stop_asked or self.final is not None:
+            return
+        self.stop_asked, self.seen_chars = True, seen_chars
+        self._cancel()
+
+    def abandon(self) -> None:
+        """The run is gone from the store (its conversation deleted, or declared dead): stop generating."""
+        if self.final is None:
+            self._cancel()
+
+    def _cancel(self) -> None:
+        self.cancelled = True
+        if self.scope is not None:
+            self.scope.cancel()
+
+    def finish(self, status: str, item: dict[str, Any], content: str, metadata: dict[str, Any], agent_type: str) -> None:
+        """Append the terminal chunk (hidden until saved) and hand the final state to the next flush."""
+        self.status = status
+        item["run_id"] = self.run.id
+        self.frames.append(frame(len(self.frames) + 1, item))
+        self.final = RunUpdate(self.caller, self.run.id, self.run.assistant_message_id, content=content,
+                               metadata=metadata, agent_type=agent_type, final_status=status)  # type: ignore[arg-type]
+
+    def publish_end(self, replacement: str | None = None) -> None:
+        """Show the terminal frame (or, when it could not be saved, ``replacement`` in its place) and wake viewers."""
+        if replacement is not None:
+            self.frames[-1] = replacement
+        self.visible, self.ended = len(self.frames), True
+        self._wake()
+
+    # -- flushing -----------------------------------------------------------------------------------------------
+
+    def take_update(self, now: float) -> RunUpdate:
+        """What the next flush writes for this run; nothing changes here until ``committed``."""
+        upto = len(self.frames)
+        batch = EventBatch(self._flushed + 1, upto, "".join(self.frames[self._flushed:upto])) if upto > self._flushed else None
+        heartbeat = now - self._heartbeat_at >= HEARTBEAT_SECONDS
+        if self.final is not None:
+            return RunUpdate(self.caller, self.run.id, self.run.assistant_message_id, batch, self.final.content,
+                             self.final.metadata, self.final.agent_type, True, self.final.final_status)
+        self._taken_parts = len(self.parts)
+        content = metadata = None
+        if self._taken_parts != self._saved_parts and now - self._text_saved_at >= TEXT_SAVE_SECONDS:
+            content = self.text
+            metadata = {"status": "streaming", "run_id": self.run.id, "seq": upto}
+        return RunUpdate(self.caller, self.run.id, self.run.assistant_message_id, batch, content, metadata,
+                         self.agent_type, heartbeat)
+
+    def committed(self, update: RunUpdate, now: float) -> None:
+        if update.batch is not None:
+            self._flushed = update.batch.last_seq
+        if update.content is not None:
+            self._text_saved_at, self._saved_parts = now, self._taken_parts
+        if update.heartbeat:
+            self._heartbeat_at = now
+        if update.final_status is not None:
+            self.saved.set()
+
+    # -- viewers ------------------------------------------------------------------------------------------------
+
+    async def wait(self, timeout: float) -> None:
+        """Until a new frame is visible, the run ends, or ``timeout`` passes."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(waiter)
+        timer = loop.call_later(timeout, _resolve, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            _resolve(waiter)
+
+
+class LiveFeed:
+    """A viewer of a run generating on this worker, from memory."""
+
+    def __init__(self, live: LiveRun) -> None:
+        self._live = live
+
+    @property
+    def outcome(self) -> str:
+        return self._live.status
+
+    async def next_frames(self, after: int, timeout: float) -> tuple[str, int, bool]:
+        """Frames after ``after`` (waiting up to ``timeout`` for one), the new cursor, and whether the run is over."""
+        live = self._live
+        if after >= live.visible and not live.ended:
+            await live.wait(timeout)
+        upto = live.visible
+        text = "".join(live.frames[after:upto]) if upto > after else ""
+        return text, max(after, upto), live.ended and max(after, upto) >= len(live.frames)
+
+
+class StoredFeed:
+    """A viewer of a run generating elsewhere (another worker or machine) or already over, from the store."""
+
+    def __init__(self, store: Store, caller: Caller, run_id: str, maintain: Callable[[Caller], Any]) -> None:
+        self._store = store
+        self._caller = caller
+        self._run_id = run_id
+        self._maintain = maintain
+        self.outcome = "running"
+
+    async def next_frames(self, after: int, timeout: float) -> tuple[str, int, bool]:
+        deadline = time.monotonic() + timeout
+        while True:
+            view = await self._store.read_run(self._caller, self._run_id, after)
+            text = "".join(frames_after(batch, after) for batch in view.batches)
+            if view.batches:
+                after = max(after, view.batches[-1].last_seq)
+            self.outcome = view.run.status
+            over = view.run.status != "running"
+            if text or over:
+                return text, after, over and after >= view.run.last_seq
+            if await self._maintain(self._caller, view.run):
+                continue  # it was dead and has just been ended: read its terminal event
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return "", after, False
+            await anyio.sleep(min(POLL_SECONDS, remaining))
+
+
+Feed = LiveFeed | StoredFeed
+
+
+class RunManager:
+    """Owns this worker's runs: starting them, flushing them, stopping them, and ending dead ones anywhere."""
+
+    def __init__(
+        self,
+        store: Store,
+        assistant: Assistant,
+        metrics: Metrics,
+        *,
+        history_max_messages: int,
+        history_token_budget: int,
+        max_seconds: float,
+        stale_seconds: float,
+        events_ttl: float,
+    ) -> None:
+        self._store = store
+        self._assistant = assistant
+        self._metrics = metrics
+        self._history_max_messages = history_max_messages
+        self._token_budget = history_token_budget
+        self._max_seconds = max_seconds
+        self.stale_seconds = stale_seconds
+        self.events_ttl = events_ttl
+        self._live: dict[str, LiveRun] = {}
+        self._urgent = asyncio.Event()
+        self._background: list[asyncio.Task[None]] = []
+
+    async def open(self) -> None:
+        """End the runs that died while no worker was up, then start flushing and the periodic maintenance."""
+        await self._maintain_quietly()
+        loop = asyncio.get_running_loop()
+        self._background = [loop.create_task(self._flush_loop()), loop.create_task(self._maintain_loop())]
+
+    async def aclose(self) -> None:
+        """Shutdown: the runs still generating end as ``interrupted`` and are saved; then the background stops."""
+        tasks = [live.task for live in self._live.values() if live.task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=FINAL_SAVE_SECONDS)
+            await self._flush()  # a run cancelled while waiting for its final flush is still in the batch
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    # -- starting ------------------------------------------------------------------------------------------------
+
+    async def begin(self, caller: Caller, new: NewRun, limits: TurnLimits, request_started: float) -> RunBegun:
+        """Admit and start a turn. ``started`` and ``existing`` give the run to view; the limits' refusals are
+        returned for the caller to turn into a 429; a conflict is raised as a 409."""
+        begun = await self._store.begin_run(caller, new, limits, self._history_max_messages)
+        if begun.outcome == "started":
+            assert begun.run is not None
+            self._start(caller, begun.run, build_turns(begun.history, self._token_budget), request_started)
+        elif begun.outcome == "in_progress":
+            assert begun.run is not None
+            raise Conflict(
+                "An answer is still being generated in this conversation.",
+                code="RUN_IN_PROGRESS",
+                user_message="An answer is still being written in this conversation. Wait for it, or stop it.",
+                details={"runId": begun.run.id},
+            )
+        elif begun.outcome == "conflict":
+            raise Conflict(
+                "client_message_id was already used for a different message.",
+                code="IDEMPOTENCY_CONFLICT",
+                user_message="This message could not be sent. Please try again.",
+                suggested_actions=("Send a new client_message_id with each new message",),
+            )
+        return begun
+
+    def _start(self, caller: Caller, run: Run, turns: list[dict[str, Any]], request_started: float) -> None:
+        live = LiveRun(run, caller)
+        self._live[run.id] = live
+        turn = Turn(self._assistant, caller, turns)
+        live.task = asyncio.get_running_loop().create_task(self._drive(live, turn, request_started))
+
+    async def _drive(self, live: LiveRun, turn: Turn, request_started: float) -> None:
+        try:
+            try:
+                status, item, code = await self._generate(live, turn, request_started)
+            except asyncio.CancelledError:
+                # Shutdown: save what was produced, shielded from the cancellation and bounded.
+                with anyio.CancelScope(shield=True):
+                    self._end(live, turn, "interrupted", error_chunk(ShuttingDown(), turn.agent_type), "SERVER_SHUTTING_DOWN")
+                    await self._published(live)
+                raise
+            self._end(live, turn, status, item, code)
+            await self._published(live)
+        finally:
+            if live.ended:  # else cancelled at shutdown before its final flush: aclose flushes it once more
+                self._live.pop(live.run.id, None)
+
+    async def _generate(
+        self, live: LiveRun, turn: Turn, request_started: float
+    ) -> tuple[str, dict[str, Any], str | None]:
+        """Run the turn to its end; (status, terminal chunk, error code)."""
+        first_token = True
+        with anyio.CancelScope() as scope:
+            live.scope = scope
+            if live.cancelled:
+                scope.cancel()
+            try:
+                with anyio.move_on_after(self._max_seconds) as deadline:
+                    async for item in turn.chunks():
+                        if first_token and item["type"] == "token":
+                            first_token = False
+                            self._metrics.first_token.observe(time.perf_counter() - request_started)
+                        live.emit(item)
+            except AppError as exc:
+                logger.warning("Chat run failed: %s (%s)", exc.code, exc.message)
+                return "error", error_chunk(exc, turn.agent_type), exc.code
+            except Exception:
+                # A bug, not an expected failure: logged with its traceback; the partial answer is still saved and
+                # the stream still ends with one error chunk.
+                logger.exception("Unexpected error in chat run")
+                return "error", error_chunk(AppError(), turn.agent_type), "INTERNAL_ERROR"
+            if deadline.cancelled_caught:
+                return "error", error_chunk(RunTimedOut(), turn.agent_type), RunTimedOut.code
+            run = live.run
+            done = complete_chunk(run.id, run.assistant_message_id, run.conversation_id, turn.agent_type,
+                                  usage=turn.usage, stop_reason=turn.stop_reason)
+            return "complete", done, None
+        run = live.run
+        if live.stop_asked:
+            stopped = complete_chunk(run.id, run.assistant_message_id, run.conversation_id, turn.agent_type,
+                                     status="stopped", usage=turn.usage, stop_reason="stopped")
+            return "stopped", stopped, None
+        return "interrupted", interrupted_chunk(run.id), "RUN_INTERRUPTED"
+
+    def _end(self, live: LiveRun, turn: Turn, status: str, item: dict[str, Any], code: str | None) -> None:
+        text = cut(live.text, live.seen_chars) if status == "stopped" else live.text
+        metadata = {**turn.metadata(status, code), "run_id": live.run.id}
+        live.finish(status, item, text, metadata, turn.agent_type)
+        if code is not None:
+            self._metrics.llm_errors.inc(code)
+        usage = turn.usage or {}
+        self._metrics.llm_tokens.inc("input", amount=usage.get("input_tokens") or 0)
+        self._metrics.llm_tokens.inc("output", amount=usage.get("output_tokens") or 0)
+        self._urgent.set()
+
+    async def _published(self, live: LiveRun) -> None:
+        """Wait for the final flush, then show viewers the terminal chunk. If the store stays down, viewers get a
+        retryable error instead, and the run is left for ``maintain_runs`` to end with its last saved text."""
+        with anyio.move_on_after(FINAL_SAVE_SECONDS):
+            await live.saved.wait()
+        if live.saved.is_set():
+            live.publish_end()
+            return
+        logger.error("Could not save the end of a chat run; it will be marked interrupted")
+        error = UpstreamUnavailable("The database is unavailable.", code="STORE_UNAVAILABLE")
+        live.publish_end(frame(len(live.frames), error_chunk(error, SUPERVISOR, run_id=live.run.id)))
+
+    # -- viewing, stopping ---------------------------------------------------------------------------------------
+
+    async def feed(self, caller: Caller, run_id: str) -> Feed:
+        """A viewer of the caller's run: from memory when it generates here, from the store otherwise."""
+        live = self._live.get(run_id)
+        if live is not None and live.caller.user_id == caller.user_id:
+            return LiveFeed(live)
+        await self._store.read_run(caller, run_id, None)  # NotFound unless it is the caller's
+        return StoredFeed(self._store, caller, run_id, self._end_if_dead)
+
+    async def stop(self, caller: Caller, run_id: str, seen_chars: int | None) -> Message:
+        """Stop the caller's run wherever it generates and return its saved answer. Idempotent: a run that has
+        already ended is left as it is."""
+        live = self._live.get(run_id)
+        if live is not None and live.caller.user_id == caller.user_id:
+            live.stop(seen_chars)
+            with anyio.move_on_after(STOP_WAIT_SECONDS):
+                await live.saved.wait()
+        else:
+            await self._store.request_stop(caller, run_id, seen_chars)
+            await self._await_end(caller, run_id)
+        return (await self._store.read_run(caller, run_id, None)).message
+
+    async def _await_end(self, caller: Caller, run_id: str) -> None:
+        """Wait for another worker to end the run (it sees the stop at its next flush), or end it if that worker
+        is dead."""
+        with anyio.move_on_after(STOP_WAIT_SECONDS):
+            while True:
+                view = await self._store.read_run(caller, run_id, None)
+                if view.run.status != "running" or await self._end_if_dead(caller, view.run):
+                    return
+                await anyio.sleep(FLUSH_SECONDS / 2)
+
+    def overlay(self, messages: list[Message]) -> list[Message]:
+        """Messages with the answers generating on this worker shown as they are now, not as last saved."""
+        shown = []
+        for message in messages:
+            live = self._live.get(str(message.metadata.get("run_id"))) if message.metadata.get("status") == "streaming" else None
+            if live is not None and live.final is None:
+                metadata = {**message.metadata, "seq": len(live.frames)}
+                message = Message(message.id, message.conversation_id, message.role, live.text,
+                                  live.agent_type, metadata, message.created_at)
+            shown.append(message)
+        return shown
+
+    async def end_dead_runs(self, caller: Caller, messages: list[Message]) -> bool:
+        """When a conversation shows an answer as streaming that no worker here generates, end its run if it is
+        dead; True if any was (the caller reads the messages again)."""
+        ended = False
+        for message in messages:
+            run_id = message.metadata.get("run_id")
+            if message.metadata.get("status") == "streaming" and run_id not in self._live:
+                view = await self._store.read_run(caller, str(run_id), None)
+                ended = await self._end_if_dead(caller, view.run) or ended
+        return ended
+
+    async def _end_if_dead(self, caller: Caller, run: Run) -> bool:
+        if run.status != "running" or time.time() - run.heartbeat_at < self.stale_seconds:
+            return False
+        await self._store.maintain_runs(caller, self.stale_seconds, self.events_ttl)
+        return True
+
+    # -- background ----------------------------------------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        while True:
+            with anyio.move_on_after(FLUSH_SECONDS):
+                await self._urgent.wait()
+            self._urgent.clear()
+            try:
+                await self._flush()
+            except Exception:  # a bug must not end flushing for every run on this worker
+                logger.exception("Unexpected error while flushing chat runs")
+
+    async def _flush(self) -> None:
+        lives = list(self._live.values())
+        if not lives:
+            return
+        now = time.monotonic()
+        updates = [live.take_update(now) for live in lives]
+        try:
+            controls = await self._store.flush_runs(updates)
+        except AppError as exc:
+            logger.warning("Could not flush %d chat runs (%s); retrying", len(updates), exc.code)
+            return
+        for live, update in zip(lives, updates):
+            control = controls.get(live.run.id)
+            if control is None:
+                continue
+            live.committed(update, now)
+            if control.stop:
+                live.stop(control.seen_chars)
+            elif control.gone:
+                live.abandon()
+
+    async def _maintain_loop(self) -> None:
+        while True:
+            await anyio.sleep(MAINTAIN_SECONDS)
+            await self._maintain_quietly()
+
+    async def _maintain_quietly(self) -> None:
+        try:
+            await self._store.maintain_runs(None, self.stale_seconds, self.events_ttl)
+        except AppError as exc:
+            logger.warning("Could not end dead chat runs (%s)", exc.code)
+        except Exception:
+            logger.exception("Unexpected error while ending dead chat runs")
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

@@ -1,0 +1,59 @@
+"""Message rows in SQLite, shared by the store (``services/sqlite_store.py``) and its runs (``sqlite_runs.py``).
+
+Functions run on a store thread with its connection, inside the caller's transaction where they write.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+from services.store import Message, NewMessage, utc_now
+
+MESSAGE_COLUMNS = "id, conversation_id, role, content, agent_type, metadata, created_at"
+
+
+def insert_message(db: sqlite3.Connection, message: NewMessage) -> Message:
+    """Insert into a conversation already checked to be the caller's; inside the caller's transaction."""
+    # OR IGNORE on the client-generated id makes a retried insert a no-op instead of a duplicate; the stored row
+    # is what is returned either way.
+    db.execute(
+        f"INSERT OR IGNORE INTO agent_messages ({MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            message.id,
+            message.conversation_id,
+            message.role,
+            message.content,
+            message.agent_type,
+            json.dumps(message.metadata),
+            utc_now(),
+        ),
+    )
+    row = db.execute(f"SELECT {MESSAGE_COLUMNS} FROM agent_messages WHERE id = ?", (message.id,))
+    return message_row(row.fetchone())
+
+
+def recent_messages(db: sqlite3.Connection, conversation_id: str, limit: int) -> list[Message]:
+    """The newest ``limit`` messages, oldest first; the caller has checked the conversation is theirs."""
+    rows = db.execute(
+        f"SELECT {MESSAGE_COLUMNS} FROM agent_messages WHERE conversation_id = ? ORDER BY seq DESC LIMIT ?",
+        (conversation_id, limit),
+    )
+    return [message_row(r) for r in reversed(rows.fetchall())]
+
+
+def message_row(row: sqlite3.Row) -> Message:
+    return Message(
+        id=row["id"],
+        conversation_id=row["conversation_id"],
+        role=row["role"],
+        content=row["content"],
+        agent_type=row["agent_type"],
+        metadata=json.loads(row["metadata"]),
+        created_at=row["created_at"],
+    )
+
+
+def fetch_message(db: sqlite3.Connection, message_id: str) -> Message:
+    row = db.execute(f"SELECT {MESSAGE_COLUMNS} FROM agent_messages WHERE id = ?", (message_id,))
+    return message_row(row.fetchone())

@@ -1,0 +1,309 @@
+"""Chat runs in SQLite: ``begin_run``, ``flush_runs``, ``read_run``, ``request_stop`` and ``maintain_runs`` of the
+``Store`` interface (``services/store.py`` says what each must do), as functions on a store thread's connection.
+
+The tables (``MIGRATION``, applied by ``SQLiteStore`` as migration 2): ``agent_runs``, one row per chat turn, and
+``agent_run_events``, one row per flush of a run holding that flush's SSE frames. A partial unique index allows one
+``running`` run per conversation, and another one run per ``(user_id, client_message_id)``, so the rules hold even
+between worker processes that race. Times are Unix seconds (``time.time()``).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from typing import Any
+
+from errors import NotFound
+from services import run_log, sqlite_limits
+from services.sqlite_limits import write_transaction
+from services.sqlite_messages import fetch_message, insert_message, recent_messages
+from services.store import (
+    Caller,
+    EventBatch,
+    NewMessage,
+    NewRun,
+    Run,
+    RunBegun,
+    RunControl,
+    RunUpdate,
+    RunView,
+    TurnLimits,
+    utc_now,
+)
+
+MIGRATION = """
+CREATE TABLE agent_runs (
+    id TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    conversation_id TEXT NOT NULL REFERENCES agent_conversations (id) ON DELETE CASCADE,
+    user_message_id TEXT NOT NULL,
+    assistant_message_id TEXT NOT NULL,
+    client_message_id TEXT,
+    status TEXT NOT NULL CHECK (status IN ('running', 'complete', 'error', 'interrupted', 'stopped')),
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    stop_requested INTEGER NOT NULL DEFAULT 0,
+    stop_seen_chars INTEGER,
+    created_at REAL NOT NULL,
+    heartbeat_at REAL NOT NULL,
+    ended_at REAL,
+    events_purged INTEGER NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX agent_runs_one_running_per_conversation ON agent_runs (conversation_id) WHERE status = 'running';
+CREATE UNIQUE INDEX agent_runs_client_message ON agent_runs (user_id, client_message_id)
+    WHERE client_message_id IS NOT NULL;
+CREATE INDEX agent_runs_running ON agent_runs (user_id, heartbeat_at) WHERE status = 'running';
+-- Only ended runs whose events are still kept: what the retention sweep reads stays small however many runs exist.
+CREATE INDEX agent_runs_events_kept ON agent_runs (ended_at) WHERE ended_at IS NOT NULL AND events_purged = 0;
+CREATE TABLE agent_run_events (
+    run_id TEXT NOT NULL REFERENCES agent_runs (id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    frames TEXT NOT NULL,
+    PRIMARY KEY (run_id, seq)
+) WITHOUT ROWID;
+"""
+
+_RUN_COLUMNS = (
+    "id, conversation_id, user_message_id, assistant_message_id, client_message_id, status, last_seq, heartbeat_at"
+)
+_STREAMING = "streaming"
+# SQLite's default limit on bound parameters is 32766 (3.32+); IN lists are chunked well below it.
+_IN_CHUNK = 500
+
+
+def begin_run(
+    db: sqlite3.Connection,
+    caller: Caller,
+    new: NewRun,
+    limits: TurnLimits,
+    history_limit: int,
+) -> RunBegun:
+    """See ``Store.begin_run``."""
+    now = time.time()
+    with write_transaction(db):
+        if new.client_message_id is not None:
+            earlier = _run_for_client_message(db, caller, new.client_message_id)
+            if earlier is not None:
+                run, conversation_id, text = earlier
+                same = conversation_id == new.conversation_id and text == new.text
+                return RunBegun("existing" if same else "conflict", run)
+        _maintain(db, now, limits.stale_seconds, limits.events_ttl, caller.user_id)
+        owner = db.execute("SELECT user_id FROM agent_conversations WHERE id = ?", (new.conversation_id,)).fetchone()
+        if owner is not None and owner[0] != caller.user_id:
+            raise NotFound("Conversation not found.", code="CONVERSATION_NOT_FOUND")
+        running = db.execute(
+            f"SELECT {_RUN_COLUMNS} FROM agent_runs WHERE conversation_id = ? AND status = 'running'",
+            (new.conversation_id,),
+        ).fetchone()
+        if running is not None:
+            return RunBegun("in_progress", _run(running))
+        refused = _refusal(db, caller, limits, now)
+        if refused is not None:
+            return refused
+        if owner is None:
+            db.execute(
+                "INSERT INTO agent_conversations (id, user_id, title, created_at, updated_at, last_message_at,"
+                " message_count, metadata) VALUES (?, ?, ?, ?, ?, NULL, 0, '{}')",
+                (new.conversation_id, caller.user_id, new.title, utc_now(), utc_now()),
+            )
+        return _start(db, caller, new, history_limit, now)
+
+
+def _refusal(db: sqlite3.Connection, caller: Caller, limits: TurnLimits, now: float) -> RunBegun | None:
+    """The chat-rate hit (counted even when refused) and the stream slots (the caller's running runs)."""
+    if limits.chat_limit is not None:
+        allowed, retry_after = sqlite_limits.hit(db, caller.user_id, "chat", limits.window_seconds, limits.chat_limit)
+        if not allowed:
+            return RunBegun("rate_limited", retry_after=retry_after)
+    if limits.stream_limit is None:
+        return None
+    held, oldest = db.execute(
+        "SELECT count(*), min(heartbeat_at) FROM agent_runs WHERE user_id = ? AND status = 'running'",
+        (caller.user_id,),
+    ).fetchone()
+    if held >= limits.stream_limit:
+        return RunBegun("streams_full", retry_after=max(0.0, oldest + limits.stale_seconds - now))
+    return None
+
+
+def _start(db: sqlite3.Connection, caller: Caller, new: NewRun, history_limit: int, now: float) -> RunBegun:
+    insert_message(db, NewMessage(new.conversation_id, "user", new.text, id=new.user_message_id))
+    history = recent_messages(db, new.conversation_id, history_limit)
+    placeholder = NewMessage(
+        new.conversation_id,
+        "assistant",
+        "",
+        metadata={"status": _STREAMING, "run_id": new.id, "seq": 0},
+        id=new.assistant_message_id,
+    )
+    insert_message(db, placeholder)
+    db.execute(
+        "INSERT INTO agent_runs (id, user_id, conversation_id, user_message_id, assistant_message_id,"
+        " client_message_id, status, created_at, heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?)",
+        (new.id, caller.user_id, new.conversation_id, new.user_message_id, new.assistant_message_id,
+         new.client_message_id, now, now),
+    )
+    run = Run(new.id, new.conversation_id, new.user_message_id, new.assistant_message_id, new.client_message_id,
+              "running", 0, now)
+    return RunBegun("started", run, history)
+
+
+def flush_runs(db: sqlite3.Connection, updates: list[RunUpdate]) -> dict[str, RunControl]:
+    """See ``Store.flush_runs``: every update in one write transaction, then the controls of the same runs."""
+    now = time.time()
+    with write_transaction(db):
+        for update in updates:
+            _apply(db, update, now)
+        controls = _controls(db, [u.run_id for u in updates])
+    return {u.run_id: controls.get(u.run_id, RunControl(gone=True)) for u in updates}
+
+
+def _apply(db: sqlite3.Connection, update: RunUpdate, now: float) -> None:
+    # Each write is guarded by the run still running: a run another worker ended (or whose conversation was
+    # deleted) takes no more writes, and its owner learns that from the controls.
+    if update.batch is not None:
+        db.execute(
+            "INSERT OR IGNORE INTO agent_run_events (run_id, seq, last_seq, frames)"
+            " SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM agent_runs WHERE id = ? AND status = 'running')",
+            (update.run_id, update.batch.first_seq, update.batch.last_seq, update.batch.frames, update.run_id),
+        )
+    if update.content is not None:
+        db.execute(
+            "UPDATE agent_messages SET content = ?, metadata = ?, agent_type = ? WHERE id = ?"
+            " AND EXISTS (SELECT 1 FROM agent_runs WHERE id = ? AND status = 'running')",
+            (update.content, json.dumps(update.metadata or {}), update.agent_type, update.message_id, update.run_id),
+        )
+    if update.final_status is not None:
+        last_seq = update.batch.last_seq if update.batch is not None else None
+        db.execute(
+            "UPDATE agent_runs SET status = ?, ended_at = ?, heartbeat_at = ?,"
+            " last_seq = coalesce(?, (SELECT max(last_seq) FROM agent_run_events WHERE run_id = ?), 0)"
+            " WHERE id = ? AND status = 'running'",
+            (update.final_status, now, now, last_seq, update.run_id, update.run_id),
+        )
+    elif update.heartbeat:
+        db.execute("UPDATE agent_runs SET heartbeat_at = ? WHERE id = ? AND status = 'running'", (now, update.run_id))
+
+
+def _controls(db: sqlite3.Connection, run_ids: list[str]) -> dict[str, RunControl]:
+    """The controls of the runs that still exist; a run that ended counts as gone unless a stop ended it here."""
+    controls: dict[str, RunControl] = {}
+    for start in range(0, len(run_ids), _IN_CHUNK):
+        part = run_ids[start : start + _IN_CHUNK]
+        rows = db.execute(
+            f"SELECT id, status, stop_requested, stop_seen_chars FROM agent_runs"
+            f" WHERE id IN ({','.join('?' * len(part))})",
+            part,
+        )
+        for run_id, status, stop, seen in rows:
+            controls[run_id] = RunControl(stop=bool(stop), seen_chars=seen, gone=status != "running")
+    return controls
+
+
+def read_run(db: sqlite3.Connection, caller: Caller, run_id: str, after: int | None) -> RunView:
+    row = db.execute(
+        f"SELECT {_RUN_COLUMNS} FROM agent_runs WHERE id = ? AND user_id = ?", (run_id, caller.user_id)
+    ).fetchone()
+    if row is None:
+        raise run_not_found()
+    run = _run(row)
+    batches: list[EventBatch] = []
+    if after is not None:
+        rows = db.execute(
+            "SELECT seq, last_seq, frames FROM agent_run_events WHERE run_id = ? AND last_seq > ? ORDER BY seq",
+            (run_id, after),
+        )
+        batches = [EventBatch(first, last, frames) for first, last, frames in rows]
+    return RunView(run, fetch_message(db, run.assistant_message_id), batches)
+
+
+def request_stop(db: sqlite3.Connection, caller: Caller, run_id: str, seen_chars: int | None) -> None:
+    with write_transaction(db):
+        found = db.execute("SELECT 1 FROM agent_runs WHERE id = ? AND user_id = ?", (run_id, caller.user_id))
+        if found.fetchone() is None:
+            raise run_not_found()
+        db.execute(
+            "UPDATE agent_runs SET stop_requested = 1, stop_seen_chars = ? WHERE id = ? AND status = 'running'",
+            (seen_chars, run_id),
+        )
+
+
+def maintain_runs(db: sqlite3.Connection, caller: Caller | None, stale_seconds: float, events_ttl: float) -> None:
+    with write_transaction(db):
+        _maintain(db, time.time(), stale_seconds, events_ttl, caller.user_id if caller is not None else None)
+
+
+def _maintain(db: sqlite3.Connection, now: float, stale_seconds: float, events_ttl: float, user_id: str | None) -> None:
+    _reap(db, now, stale_seconds, user_id)
+    expired = db.execute(
+        "SELECT id, last_seq FROM agent_runs WHERE ended_at < ? AND events_purged = 0 AND (? IS NULL OR user_id = ?)",
+        (now - events_ttl, user_id, user_id),
+    ).fetchall()
+    # Keep each expired run's last batch (it holds the terminal event), so a late resume still ends cleanly.
+    db.executemany("DELETE FROM agent_run_events WHERE run_id = ? AND last_seq < ?", expired)
+    db.executemany("UPDATE agent_runs SET events_purged = 1 WHERE id = ?", [(run_id,) for run_id, _ in expired])
+
+
+def _reap(db: sqlite3.Connection, now: float, stale_seconds: float, user_id: str | None) -> None:
+    """End runs whose worker stopped heartbeating, with their last saved text and a terminal event."""
+    stale = db.execute(
+        "SELECT r.id, r.conversation_id, r.assistant_message_id, r.stop_requested, r.stop_seen_chars,"
+        " m.content, m.agent_type, coalesce((SELECT max(last_seq) FROM agent_run_events e WHERE e.run_id = r.id), 0)"
+        " FROM agent_runs r JOIN agent_messages m ON m.id = r.assistant_message_id"
+        " WHERE r.status = 'running' AND r.heartbeat_at < ? AND (? IS NULL OR r.user_id = ?)",
+        (now - stale_seconds, user_id, user_id),
+    ).fetchall()
+    for run_id, conversation_id, message_id, stop, seen, content, agent_type, last_seq in stale:
+        status = "stopped" if stop else "interrupted"
+        if stop:
+            item = run_log.complete_chunk(run_id, message_id, conversation_id, agent_type, status="stopped",
+                                          stop_reason="stopped")
+        else:
+            item = run_log.interrupted_chunk(run_id)
+        seq = last_seq + 1
+        metadata: dict[str, Any] = {"status": status, "run_id": run_id}
+        if not stop:
+            metadata["error_code"] = "RUN_INTERRUPTED"
+        db.execute(
+            "INSERT OR IGNORE INTO agent_run_events (run_id, seq, last_seq, frames) VALUES (?, ?, ?, ?)",
+            (run_id, seq, seq, run_log.frame(seq, item)),
+        )
+        db.execute(
+            "UPDATE agent_messages SET content = ?, metadata = ? WHERE id = ?",
+            (run_log.cut(content, seen if stop else None), json.dumps(metadata), message_id),
+        )
+        db.execute(
+            "UPDATE agent_runs SET status = ?, ended_at = ?, last_seq = ? WHERE id = ?", (status, now, seq, run_id)
+        )
+
+
+def _run_for_client_message(
+    db: sqlite3.Connection, caller: Caller, client_message_id: str
+) -> tuple[Run, str, str] | None:
+    row = db.execute(
+        f"SELECT {', '.join('r.' + c for c in _RUN_COLUMNS.split(', '))}, m.content"
+        " FROM agent_runs r JOIN agent_messages m ON m.id = r.user_message_id"
+        " WHERE r.user_id = ? AND r.client_message_id = ?",
+        (caller.user_id, client_message_id),
+    ).fetchone()
+    if row is None:
+        return None
+    return _run(row), row["conversation_id"], row["content"]
+
+
+def run_not_found() -> NotFound:
+    return NotFound("Run not found.", code="RUN_NOT_FOUND")
+
+
+def _run(row: sqlite3.Row) -> Run:
+    return Run(
+        id=row["id"],
+        conversation_id=row["conversation_id"],
+        user_message_id=row["user_message_id"],
+        assistant_message_id=row["assistant_message_id"],
+        client_message_id=row["client_message_id"],
+        status=row["status"],
+        last_seq=row["last_seq"],
+        heartbeat_at=row["heartbeat_at"],
+    )

@@ -1,0 +1,433 @@
+"""Durable chat runs over real uvicorn servers, on both stores: a run outlives its connection, resumes from
+``Last-Event-ID`` on any server sharing the store, stops from anywhere, deduplicates repeated sends, allows one run
+per conversation, and survives a SIGKILL of its worker as ``interrupted`` with its saved text.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from app import create_app
+from tests.conftest import AuthHeaders
+from tests.scripted_model import ScriptedModel
+from tests.support import LiveServer, chunks, event_ids, make_settings, new_id, serve, streamed_text
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def slow_model(pieces: int = 60, pause: float = 0.02) -> ScriptedModel:
+    return ScriptedModel(pieces=[f"w{i} " for i in range(pieces)], pause=pause)
+
+
+def chat_body(user: str, conversation: str, message: str = "tell me everything", **extra: Any) -> dict[str, Any]:
+    return {"message": message, "conversation_id": conversation, "user_id": user, **extra}
+
+
+def read_until(url: str, body: dict[str, Any], headers: dict[str, str], events: int) -> tuple[str, str]:
+    """POST a chat turn and leave after ``events`` events; (what was received, the run id)."""
+    received = ""
+    with httpx.stream("POST", f"{url}/api/chat/stream", json=body, headers=headers, timeout=30) as response:
+        assert response.status_code == 200, response.read()
+        run_id = response.headers["x-run-id"]
+        for text in response.iter_text():
+            received += text
+            if len(event_ids(received)) >= events:
+                break
+    return received, run_id
+
+
+def resume(url: str, run_id: str, user: str, headers: dict[str, str], last_event_id: int | None = None,
+           **params: Any) -> httpx.Response:
+    extra = {"Last-Event-ID": str(last_event_id)} if last_event_id is not None else {}
+    return httpx.get(f"{url}/api/chat/runs/{run_id}/events", params={"user_id": user, **params},
+                     headers={**headers, **extra}, timeout=30)
+
+
+def conversation(url: str, user: str, conversation_id: str, headers: dict[str, str]) -> dict[str, Any]:
+    response = httpx.get(f"{url}/api/conversations/{conversation_id}", params={"user_id": user}, headers=headers)
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def answer(url: str, user: str, conversation_id: str, headers: dict[str, str]) -> dict[str, Any]:
+    return conversation(url, user, conversation_id, headers)["messages"][-1]  # type: ignore[no-any-return]
+
+
+def wait_for(condition: Any, timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+    return result
+
+
+@pytest.fixture
+def pair(tmp_path: Path, service_env: dict[str, str]) -> Iterator[tuple[LiveServer, LiveServer, ScriptedModel]]:
+    """Two servers sharing one store, as two workers or machines would: the first generates (slowly)."""
+    settings = make_settings(tmp_path, **service_env)
+    model = slow_model()
+    with serve(create_app(settings, model=model)) as first, serve(create_app(settings, model=slow_model())) as second:
+        yield first, second, model
+
+
+# -- a run outlives its connection and resumes anywhere -----------------------------------------------------------
+
+
+def test_a_disconnected_client_resumes_from_last_event_id_without_gaps_or_duplicates(
+    pair: tuple[LiveServer, LiveServer, ScriptedModel], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    first, _, model = pair
+    conversation_id = new_id()
+    received, run_id = read_until(first.url, chat_body(user_id, conversation_id), auth_headers(user_id), 5)
+    seen_ids = event_ids(received)
+    rest = resume(first.url, run_id, user_id, auth_headers(user_id), last_event_id=seen_ids[-1])
+    assert rest.status_code == 200 and rest.headers["x-run-id"] == run_id
+    ids = seen_ids + event_ids(rest.text)
+    assert ids == list(range(1, len(ids) + 1))
+    items = chunks(received) + chunks(rest.text)
+    assert items[-1]["type"] == "complete" and items[-1]["run_id"] == run_id
+    stored = answer(first.url, user_id, conversation_id, auth_headers(user_id))
+    assert stored["content"] == streamed_text(items) == "".join(model.pieces)
+    assert stored["metadata"]["status"] == "complete" and stored["metadata"]["run_id"] == run_id
+    assert not model.cancelled.is_set()
+
+
+def test_a_second_server_replays_and_follows_a_run_generating_on_the_first(
+    pair: tuple[LiveServer, LiveServer, ScriptedModel], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    first, second, model = pair
+    conversation_id = new_id()
+    received, run_id = read_until(first.url, chat_body(user_id, conversation_id), auth_headers(user_id), 3)
+    # ?after= works as Last-Event-ID does; here from after event 2, on the other server, while the run goes on.
+    rest = resume(second.url, run_id, user_id, auth_headers(user_id), after=2)
+    assert rest.status_code == 200
+    ids = event_ids(rest.text)
+    assert ids == list(range(3, 3 + len(ids)))
+    full = chunks(received)[:2] + chunks(rest.text)
+    assert full[-1]["type"] == "complete"
+    assert streamed_text(full) == "".join(model.pieces)
+    assert len(model.requests) == 1  # the second server generated nothing
+
+
+def test_a_finished_run_replays_and_ends_and_a_resume_past_its_end_is_empty(
+    pair: tuple[LiveServer, LiveServer, ScriptedModel], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    first, second, _ = pair
+    response = httpx.post(f"{first.url}/api/chat/stream", json=chat_body(user_id, new_id()),
+                          headers=auth_headers(user_id), timeout=30)
+    run_id = response.headers["x-run-id"]
+    for server in (first, second):
+        replay = resume(server.url, run_id, user_id, auth_headers(user_id))
+        assert replay.text == response.text  # the same events, byte for byte
+    last = event_ids(response.text)[-1]
+    assert resume(second.url, run_id, user_id, auth_headers(user_id), last_event_id=last).text == ""
+
+
+def test_a_reloaded_page_finds_the_running_answer_and_attaches_where_its_text_ends(
+    tmp_path: Path, service_env: dict[str, str], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    model = slow_model(pieces=60, pause=0.08)  # about 5 s, so both looks happen mid-answer
+    settings = make_settings(tmp_path, **service_env)
+    conversation_id = new_id()
+    with serve(create_app(settings, model=model)) as first, serve(create_app(settings)) as second:
+        _, run_id = read_until(first.url, chat_body(user_id, conversation_id), auth_headers(user_id), 10)
+        time.sleep(1.1)  # a text save has happened since
+        # The generating worker shows the answer live; another shows the last saved text; both say where it ends.
+        looks = [answer(server.url, user_id, conversation_id, auth_headers(user_id)) for server in (first, second)]
+        for server, shown in zip((first, second), looks):
+            meta = shown["metadata"]
+            assert (meta["status"], meta["run_id"]) == ("streaming", run_id)
+            assert meta["seq"] >= 10 and shown["content"]
+            rest = chunks(resume(server.url, run_id, user_id, auth_headers(user_id), after=meta["seq"]).text)
+            assert shown["content"] + streamed_text(rest) == "".join(model.pieces)
+
+
+# -- stop ---------------------------------------------------------------------------------------------------------
+
+
+def test_stop_from_another_server_cancels_the_model_and_keeps_what_was_seen(
+    pair: tuple[LiveServer, LiveServer, ScriptedModel], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    first, second, model = pair
+    conversation_id = new_id()
+    received, run_id = read_until(first.url, chat_body(user_id, conversation_id), auth_headers(user_id), 4)
+    seen = len(streamed_text(chunks(received))) - 2
+    stop = {"user_id": user_id, "seen_chars": seen}
+    url = f"{second.url}/api/chat/runs/{run_id}/stop"
+    started = time.monotonic()
+    stopped = httpx.post(url, json=stop, headers=auth_headers(user_id), timeout=30)
+    took = time.monotonic() - started
+    assert stopped.status_code == 200, stopped.text
+    message = stopped.json()
+    assert message["metadata"]["status"] == "stopped"
+    assert message["content"] == streamed_text(chunks(received))[:seen]
+    assert took < 4  # seen by the generating worker's next flush, not by the stop's own give-up deadline
+    wait_for(model.cancelled.is_set)
+    assert answer(first.url, user_id, conversation_id, auth_headers(user_id)) == message
+    again = httpx.post(url, json={"user_id": user_id, "seen_chars": 1}, headers=auth_headers(user_id), timeout=30)
+    assert again.status_code == 200 and again.json() == message  # idempotent: the first stop stands
+    tail = chunks(resume(second.url, run_id, user_id, auth_headers(user_id)).text)[-1]
+    assert (tail["type"], tail["status"], tail["stop_reason"]) == ("complete", "stopped", "stopped")
+
+
+def test_stop_on_the_generating_server_and_after_the_end(
+    pair: tuple[LiveServer, LiveServer, ScriptedModel], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    first, _, model = pair
+    conversation_id = new_id()
+    received, run_id = read_until(first.url, chat_body(user_id, conversation_id), auth_headers(user_id), 3)
+    stopped = httpx.post(f"{first.url}/api/chat/runs/{run_id}/stop", json={"user_id": user_id},
+                         headers=auth_headers(user_id), timeout=30).json()
+    assert stopped["metadata"]["status"] == "stopped"
+    assert stopped["content"].startswith(streamed_text(chunks(received)))  # no seen_chars: all that was made
+    assert model.cancelled.wait(5)
+    finished = httpx.post(f"{first.url}/api/chat/stream", json=chat_body(user_id, new_id(), "hi"),
+                          headers=auth_headers(user_id), timeout=30)
+    late = httpx.post(f"{first.url}/api/chat/runs/{finished.headers['x-run-id']}/stop",
+                      json={"user_id": user_id, "seen_chars": 1}, headers=auth_headers(user_id), timeout=30).json()
+    assert late["metadata"]["status"] == "complete" and late["content"] == streamed_text(chunks(finished.text))
+
+
+# -- idempotent sends, one run per conversation ------------------------------------------------------------------
+
+
+def test_a_repeated_client_message_id_attaches_to_the_same_run_without_a_second_generation(
+    tmp_path: Path, service_env: dict[str, str], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    model = slow_model(pieces=20)
+    settings = make_settings(tmp_path, **{**service_env, "RATE_LIMIT_CHAT_PER_MINUTE": "1"})
+    conversation_id, client_message_id = new_id(), new_id()
+    body = chat_body(user_id, conversation_id, client_message_id=client_message_id)
+    with serve(create_app(settings, model=model)) as live:
+        first, run_id = read_until(live.url, body, auth_headers(user_id), 2)  # still running when repeated
+        repeated = httpx.post(f"{live.url}/api/chat/stream", json=body, headers=auth_headers(user_id), timeout=30)
+        after_end = httpx.post(f"{live.url}/api/chat/stream", json=body, headers=auth_headers(user_id), timeout=30)
+        messages = conversation(live.url, user_id, conversation_id, auth_headers(user_id))["messages"]
+    assert repeated.status_code == after_end.status_code == 200  # not counted: the chat limit is 1
+    assert repeated.headers["x-run-id"] == after_end.headers["x-run-id"] == run_id
+    assert repeated.text == after_end.text and event_ids(repeated.text)[0] == 1  # replayed from the start
+    assert streamed_text(chunks(repeated.text)) == "".join(model.pieces)
+    assert len(model.requests) == 1
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert first.startswith("id: 1\n")
+
+
+def test_a_client_message_id_reused_for_another_message_is_a_conflict(
+    pair: tuple[LiveServer, LiveServer, ScriptedModel], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    first, _, _ = pair
+    client_message_id = new_id()
+    body = chat_body(user_id, new_id(), "hi", client_message_id=client_message_id)
+    assert httpx.post(f"{first.url}/api/chat/stream", json=body, headers=auth_headers(user_id), timeout=30).is_success
+    for changed in ({"message": "something else"}, {"conversation_id": new_id()}):
+        refused = httpx.post(f"{first.url}/api/chat/stream", json={**body, **changed}, headers=auth_headers(user_id))
+        assert refused.status_code == 409
+        assert refused.json()["error"]["code"] == "IDEMPOTENCY_CONFLICT"
+    other_user = new_id()  # the same id from another user is theirs alone
+    mine = {**body, "user_id": other_user, "conversation_id": new_id()}
+    assert httpx.post(f"{first.url}/api/chat/stream", json=mine, headers=auth_headers(other_user), timeout=30).is_success
+
+
+def test_one_run_per_conversation_even_when_sends_race(
+    pair: tuple[LiveServer, LiveServer, ScriptedModel], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    first, second, _ = pair
+    conversation_id = new_id()
+    headers = auth_headers(user_id)
+    results: list[httpx.Response] = []
+
+    def send(url: str, index: int) -> None:
+        body = chat_body(user_id, conversation_id, f"question {index}")
+        results.append(httpx.post(f"{url}/api/chat/stream", json=body, headers=headers, timeout=30))
+
+    threads = [threading.Thread(target=send, args=(server.url, i)) for i in range(5) for server in (first, second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    started = [r for r in results if r.status_code == 200]
+    refused = [r for r in results if r.status_code == 409]
+    assert len(started) + len(refused) == len(results) and started and refused
+    assert all(r.json()["error"]["code"] == "RUN_IN_PROGRESS" for r in refused)
+    winners = {r.headers["x-run-id"] for r in started}
+    assert all(r.json()["error"]["runId"] in winners for r in refused)
+    messages = conversation(first.url, user_id, conversation_id, headers)["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"] * len(started)  # each answer after its question
+
+
+# -- bounds, ownership, bad input -----------------------------------------------------------------------------------
+
+
+def test_a_run_is_bounded_by_run_max_seconds(
+    tmp_path: Path, service_env: dict[str, str], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    model = slow_model(pieces=100, pause=0.05)
+    settings = make_settings(tmp_path, **{**service_env, "RUN_MAX_SECONDS": "1"})
+    conversation_id = new_id()
+    with serve(create_app(settings, model=model)) as live:
+        response = httpx.post(f"{live.url}/api/chat/stream", json=chat_body(user_id, conversation_id),
+                              headers=auth_headers(user_id), timeout=30)
+        stored = answer(live.url, user_id, conversation_id, auth_headers(user_id))
+    last = chunks(response.text)[-1]
+    assert (last["type"], last["code"], last["retryable"]) == ("error", "RUN_TIMEOUT", False)
+    assert stored["metadata"]["status"] == "error" and stored["metadata"]["error_code"] == "RUN_TIMEOUT"
+    assert stored["content"] == streamed_text(chunks(response.text)) != ""
+    assert model.cancelled.is_set()
+
+
+def test_deleting_the_conversation_stops_its_run(
+    pair: tuple[LiveServer, LiveServer, ScriptedModel], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    first, second, model = pair
+    conversation_id = new_id()
+    read_until(first.url, chat_body(user_id, conversation_id), auth_headers(user_id), 2)
+    deleted = httpx.delete(f"{second.url}/api/conversations/{conversation_id}", params={"user_id": user_id},
+                           headers=auth_headers(user_id))
+    assert deleted.status_code == 200
+    assert model.cancelled.wait(5)
+
+
+def test_runs_are_private_and_bad_resume_input_is_a_4xx(
+    pair: tuple[LiveServer, LiveServer, ScriptedModel], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    first, _, _ = pair
+    response = httpx.post(f"{first.url}/api/chat/stream", json=chat_body(user_id, new_id(), "hi"),
+                          headers=auth_headers(user_id), timeout=30)
+    run_id = response.headers["x-run-id"]
+    intruder = new_id()
+    for attempt in (
+        resume(first.url, run_id, intruder, auth_headers(intruder)),
+        httpx.post(f"{first.url}/api/chat/runs/{run_id}/stop", json={"user_id": intruder},
+                   headers=auth_headers(intruder)),
+        resume(first.url, new_id(), user_id, auth_headers(user_id)),
+    ):
+        assert attempt.status_code == 404 and attempt.json()["error"]["code"] == "RUN_NOT_FOUND"
+    bad = [
+        resume(first.url, run_id, user_id, auth_headers(user_id), last_event_id=None, after="-1"),
+        resume(first.url, run_id, user_id, auth_headers(user_id), after="x"),
+        httpx.get(f"{first.url}/api/chat/runs/{run_id}/events", params={"user_id": user_id},
+                  headers={**auth_headers(user_id), "Last-Event-ID": "1e3"}),
+        httpx.get(f"{first.url}/api/chat/runs/not-a-uuid/events", params={"user_id": user_id},
+                  headers=auth_headers(user_id)),
+        httpx.post(f"{first.url}/api/chat/runs/{run_id}/stop", json={"user_id": user_id, "seen_chars": -1},
+                   headers=auth_headers(user_id)),
+        httpx.post(f"{first.url}/api/chat/runs/{run_id}/stop", json={"user_id": user_id, "seen_chars": True},
+                   headers=auth_headers(user_id)),
+        httpx.post(f"{first.url}/api/chat/stream", json=chat_body(user_id, new_id(), client_message_id="nope"),
+                   headers=auth_headers(user_id)),
+    ]
+    for refused in bad:
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["error"]["code"] == "VALIDATION_ERROR"
+
+
+# -- what reaches the store, and when --------------------------------------------------------------------------------
+
+
+def test_events_are_written_in_batches_not_one_write_per_token(tmp_path: Path, user_id: str) -> None:
+    model = slow_model(pieces=60, pause=0.02)  # about 1.2 s of tokens
+    settings = make_settings(tmp_path)
+    conversation_id = new_id()
+    with serve(create_app(settings, model=model)) as live:
+        response = httpx.post(f"{live.url}/api/chat/stream", json=chat_body(user_id, conversation_id), timeout=30)
+    run_id = response.headers["x-run-id"]
+    with sqlite3.connect(settings.sqlite_path) as db:
+        batches = db.execute("SELECT seq, last_seq FROM agent_run_events WHERE run_id = ? ORDER BY seq",
+                             (run_id,)).fetchall()
+    events = len(event_ids(response.text))
+    assert events == 61
+    assert 2 <= len(batches) <= 1.2 / 0.25 + 3  # a flush every 250 ms at most, not a write per token
+    assert [first for first, _ in batches] == [1] + [last + 1 for _, last in batches[:-1]]  # contiguous
+    assert batches[-1][1] == events
+
+
+def test_finished_runs_lose_their_events_after_the_ttl_but_still_end_a_resume(
+    tmp_path: Path, auth_headers: AuthHeaders, user_id: str, service_env: dict[str, str]
+) -> None:
+    settings = make_settings(tmp_path, **{**service_env, "RUN_EVENTS_TTL": "0"})
+    conversation_id = new_id()
+    with serve(create_app(settings, model=slow_model(pieces=40))) as live:
+        response = httpx.post(f"{live.url}/api/chat/stream", json=chat_body(user_id, conversation_id),
+                              headers=auth_headers(user_id), timeout=30)
+        run_id = response.headers["x-run-id"]
+        # The next turn of the same user sweeps what has expired (and, on SQLite, so does every worker's periodic
+        # maintenance, which this test does not wait for).
+        httpx.post(f"{live.url}/api/chat/stream", json=chat_body(user_id, conversation_id, "again"),
+                   headers=auth_headers(user_id), timeout=30)
+        replay = resume(live.url, run_id, user_id, auth_headers(user_id))
+        kept = answer(live.url, user_id, conversation_id, auth_headers(user_id))
+    assert chunks(replay.text)[-1]["type"] == "complete"
+    assert len(event_ids(replay.text)) < len(event_ids(response.text))
+    assert kept["metadata"]["status"] == "complete"
+
+
+# -- a worker killed mid-run ---------------------------------------------------------------------------------------
+
+
+def start_service(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
+    full = {**os.environ, **env, "API_HOST": "127.0.0.1", "API_PORT": str(port), "LOG_LEVEL": "WARNING"}
+    process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=full,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code in (200, 503):
+                return process
+        except httpx.TransportError:
+            pass
+        assert process.poll() is None and time.monotonic() < deadline, "the service did not start"
+        time.sleep(0.1)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_sigkill_mid_run_leaves_it_interrupted_with_its_saved_text_and_frees_the_slot(
+    tmp_path: Path, service_env: dict[str, str], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    env = {**service_env, "SQLITE_PATH": str(tmp_path / "canvalo.db"), "LOCAL_TOKEN_DELAY": "0.3",
+           "RUN_STALE_SECONDS": "2", "MAX_STREAMS_PER_USER": "1"}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    conversation_id = new_id()
+    process = start_service(env, port)
+    try:
+        received, run_id = read_until(url, chat_body(user_id, conversation_id, "hello"), auth_headers(user_id), 5)
+        time.sleep(1.5)  # past a text save (every second)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    process = start_service(env, port)
+    try:
+        time.sleep(2.5)  # the dead run's heartbeat lapses (RUN_STALE_SECONDS)
+        stored = answer(url, user_id, conversation_id, auth_headers(user_id))
+        replay = chunks(resume(url, run_id, user_id, auth_headers(user_id)).text)
+        again = httpx.post(f"{url}/api/chat/stream", json=chat_body(user_id, conversation_id, "hello again"),
+                           headers=auth_headers(user_id), timeout=30)
+    finally:
+        process.kill()
+        process.wait()
+    seen = streamed_text(chunks(received))
+    assert stored["metadata"]["status"] == "interrupted" and stored["metadata"]["run_id"] == run_id
+    assert stored["content"].startswith(seen)  # at least what the viewer had, saved before the kill
+    assert (replay[-1]["type"], replay[-1]["code"], replay[-1]["retryable"]) == ("error", "RUN_INTERRUPTED", True)
+    assert again.status_code == 200, again.text  # the conversation and the user's one stream slot are free
+    assert chunks(again.text)[-1]["type"] == "complete"
