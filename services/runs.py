@@ -34,7 +34,16 @@ from services.agents import Assistant
 from services.chat import Turn
 from services.metrics import Metrics
 from services.prompt import build_turns
-from services.run_log import SUPERVISOR, complete_chunk, cut, error_chunk, frame, frames_after, interrupted_chunk
+from services.run_log import (
+    SUPERVISOR,
+    chunk,
+    complete_chunk,
+    cut,
+    error_chunk,
+    frame,
+    frames_after,
+    interrupted_chunk,
+)
 from services.store import Caller, EventBatch, Message, NewRun, Run, RunBegun, RunUpdate, Store, TurnLimits
 
 logger = logging.getLogger(__name__)
@@ -72,6 +81,12 @@ def shutdown_frame() -> str:
 class LiveRun:
     """A run generating on this worker: its frames (event ``seq`` is ``frames[seq - 1]``), its text, its viewers."""
 
+    __slots__ = (
+        "_flushed", "_heartbeat_at", "_pending", "_saved_parts", "_taken_parts", "_text_saved_at", "_waiters",
+        "agent_type", "caller", "cancelled", "ended", "final", "frames", "parts", "run", "saved", "scope",
+        "seen_chars", "status", "stop_asked", "task", "visible",
+    )
+
     def __init__(self, run: Run, caller: Caller) -> None:
         self.run = run
         self.caller = caller
@@ -80,6 +95,7 @@ class LiveRun:
         self.ended = False  # everything visible is everything there will be
         self.status = "running"
         self.parts: list[str] = []  # the answer's text, as streamed
+        self._pending: list[str] = []  # token text emitted since the last frame (see ``seal``)
         self.agent_type = SUPERVISOR  # whose text came last
         self.stop_asked = False
         self.seen_chars: int | None = None
@@ -100,11 +116,29 @@ class LiveRun:
         return "".join(self.parts)
 
     def emit(self, item: dict[str, Any]) -> None:
+        if item["type"] != "token":
+            self.seal()
+            self._append(item)
+            return
+        if self._pending and item["agent_type"] != self.agent_type:
+            self.seal()
+        self.parts.append(item["content"])
+        self._pending.append(item["content"])
+        self.agent_type = item["agent_type"]
+        self._wake()
+
+    def seal(self) -> None:
+        """Frame the tokens emitted since the last frame as one event. Called when the frames are needed (a viewer
+        reads, a flush writes), so tokens that arrive while nobody is looking merge into one event: fewer events
+        to encode, send and store, and every viewer and replay still sees the same numbered events."""
+        if self._pending:
+            content = "".join(self._pending)
+            self._pending.clear()
+            self._append(chunk("token", self.agent_type, content=content))
+
+    def _append(self, item: dict[str, Any]) -> None:
         item["run_id"] = self.run.id
         self.frames.append(frame(len(self.frames) + 1, item))
-        if item["type"] == "token":
-            self.parts.append(item["content"])
-            self.agent_type = item["agent_type"]
         self.visible = len(self.frames)
         self._wake()
 
@@ -127,6 +161,7 @@ class LiveRun:
 
     def finish(self, status: str, item: dict[str, Any], content: str, metadata: dict[str, Any], agent_type: str) -> None:
         """Append the terminal chunk (hidden until saved) and hand the final state to the next flush."""
+        self.seal()
         self.status = status
         item["run_id"] = self.run.id
         self.frames.append(frame(len(self.frames) + 1, item))
@@ -144,6 +179,7 @@ class LiveRun:
 
     def take_update(self, now: float) -> RunUpdate:
         """What the next flush writes for this run; nothing changes here until ``committed``."""
+        self.seal()
         upto = len(self.frames)
         batch = EventBatch(self._flushed + 1, upto, "".join(self.frames[self._flushed:upto])) if upto > self._flushed else None
         heartbeat = now - self._heartbeat_at >= HEARTBEAT_SECONDS
@@ -202,8 +238,10 @@ class LiveFeed:
     async def next_frames(self, after: int, timeout: float) -> tuple[str, int, bool]:
         """Frames after ``after`` (waiting up to ``timeout`` for one), the new cursor, and whether the run is over."""
         live = self._live
+        live.seal()
         if after >= live.visible and not live.ended:
             await live.wait(timeout)
+            live.seal()
         upto = live.visible
         text = "".join(live.frames[after:upto]) if upto > after else ""
         return text, max(after, upto), live.ended and max(after, upto) >= len(live.frames)
@@ -433,6 +471,7 @@ class RunManager:
         for message in messages:
             live = self._live.get(str(message.metadata.get("run_id"))) if message.metadata.get("status") == "streaming" else None
             if live is not None and live.final is None:
+                live.seal()
                 metadata = {**message.metadata, "seq": len(live.frames)}
                 message = Message(message.id, message.conversation_id, message.role, live.text,
                                   live.agent_type, metadata, message.created_at)

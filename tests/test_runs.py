@@ -348,7 +348,8 @@ def test_events_are_written_in_batches_not_one_write_per_token(tmp_path: Path, u
         batches = db.execute("SELECT seq, last_seq FROM agent_run_events WHERE run_id = ? ORDER BY seq",
                              (run_id,)).fetchall()
     events = len(event_ids(response.text))
-    assert events == 61
+    assert streamed_text(chunks(response.text)) == "".join(model.pieces)
+    assert events > 20  # tokens 20 ms apart reach a reading viewer as events of their own (waiting ones merge)
     assert 2 <= len(batches) <= 1.2 / 0.25 + 3  # a flush every 250 ms at most, not a write per token
     assert [first for first, _ in batches] == [1] + [last + 1 for _, last in batches[:-1]]  # contiguous
     assert batches[-1][1] == events
