@@ -1,0 +1,244 @@
+"""The browser playground (``web/playground.html`` at ``/playground``) in a real headless Chromium, driven by Playwright,
+against a real uvicorn server in development mode with a slow scripted model (80 pieces, 0.05 s apart: about 4 s per
+answer, time to act mid-answer).
+
+The page must stream an answer and end showing exactly the stored message; resume after a reload mid-answer with no
+text duplicated or missing; keep exactly what it showed when stopped; and run under its nonce-only CSP without a
+single violation. ``/playground`` is 404 outside development unless ``PLAYGROUND=1``.
+
+Chromium is Debian's ``chromium`` package (``/usr/bin/chromium``), not a Playwright browser download.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, ConsoleMessage, Page, Request, Route, expect, sync_playwright
+from starlette.testclient import TestClient
+
+from app import create_app
+from tests.scripted_model import ScriptedModel
+from tests.support import LiveServer, make_settings, serve
+
+
+def _find_chromium() -> str | None:
+    for candidate in (os.environ.get("CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
+                      shutil.which("chromium-browser")):
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+CHROMIUM = _find_chromium()
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+browser_only = pytest.mark.skipif(
+    CHROMIUM is None, reason="no Chromium: /usr/bin/chromium is missing and none is on PATH (apt-get install chromium)"
+)
+
+# Astral characters (two UTF-16 units, one code point) all along: Stop must count what it shows as code points.
+PIECES = [f"w{i}{'🎨' if i % 4 == 0 else ''} " for i in range(79)] + ["done: ünïcødé."]
+FULL_TEXT = "".join(PIECES)
+TIMEOUT_MS = 15_000
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    settings = make_settings(tmp_path_factory.mktemp("playground"))  # development: no auth, playground on
+    with serve(create_app(settings, model=ScriptedModel(pieces=PIECES, pause=0.05))) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    assert CHROMIUM is not None
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+class Watched:
+    """A fresh browser context (its own localStorage, so its own user) with every console message, page error and
+    request recorded."""
+
+    def __init__(self, page: Page) -> None:
+        self.page = page
+        self.console: list[str] = []
+        self.errors: list[str] = []
+        self.requests: list[Request] = []
+        page.on("console", self._console)
+        page.on("pageerror", lambda error: self.errors.append(str(error)))
+        page.on("request", lambda request: self.requests.append(request))
+
+    def _console(self, message: ConsoleMessage) -> None:
+        self.console.append(f"{message.type}: {message.text}")
+
+    def assert_clean(self) -> None:
+        assert not [line for line in self.console if "Content Security Policy" in line], self.console
+        assert not self.errors, self.errors
+        assert not [line for line in self.console if line.startswith("error")], self.console
+
+
+@pytest.fixture
+def watched(browser: Browser, live: LiveServer) -> Iterator[Watched]:
+    context = browser.new_context()
+    context.set_default_timeout(TIMEOUT_MS)
+    page = Watched(context.new_page())
+    page.page.goto(f"{live.url}/playground")
+    expect(page.page.locator("#status")).to_have_text("idle")
+    try:
+        yield page
+        page.assert_clean()  # no CSP violation, script error or failed request in the page's console
+    finally:
+        context.close()
+
+
+def user_of(page: Page) -> str:
+    return page.locator("#user-id").inner_text()
+
+
+def answer_text(page: Page) -> str:
+    return page.locator("#answer .content").text_content() or ""
+
+
+def ask(page: Page, message: str = "tell me everything") -> None:
+    page.fill("#message", message)
+    page.click("#send")
+    expect(page.locator("#answer")).to_have_attribute("data-status", "streaming")
+
+
+def wait_for_text(page: Page, chars: int) -> None:
+    page.wait_for_function("n => (document.querySelector('#answer .content')?.textContent || '').length >= n", arg=chars)
+
+
+def stored_conversation(live: LiveServer, page: Page) -> dict[str, Any]:
+    user = user_of(page)
+    conversation_id = page.evaluate("u => localStorage.getItem('canvalo.playground.conversation.' + u)", user)
+    response = httpx.get(f"{live.url}/api/conversations/{conversation_id}", params={"user_id": user})
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+# -- in the browser -----------------------------------------------------------------------------------------------
+
+
+@browser_only
+def test_the_page_streams_an_answer_and_ends_showing_the_stored_message(watched: Watched, live: LiveServer) -> None:
+    page = watched.page
+    expect(page.locator("#model-note")).to_be_visible()  # ScriptedModel.is_llm is False, as the local responder's
+    expect(page.locator("#model-note")).to_contain_text("not an LLM")
+    ask(page)
+    wait_for_text(page, 20)
+    assert len(answer_text(page)) < len(FULL_TEXT)  # seen growing, not only at the end
+    expect(page.locator("#answer")).to_have_attribute("data-status", "complete")
+    shown = answer_text(page)
+    stored = stored_conversation(live, page)["messages"]
+    assert [m["role"] for m in stored] == ["user", "assistant"]
+    assert stored[-1]["metadata"]["status"] == "complete"
+    assert shown == stored[-1]["content"] == FULL_TEXT
+    # The conversation is listed; opening it from the list shows the same text.
+    entry = page.locator("#conversations button[data-conversation-id]")
+    expect(entry).to_have_count(1)
+    entry.click()
+    expect(page.locator("#answer")).to_have_attribute("data-status", "complete")
+    assert answer_text(page) == FULL_TEXT
+    expect(page.locator("#error")).to_be_hidden()
+
+
+@browser_only
+def test_a_reload_mid_answer_resumes_without_duplicated_or_missing_text(watched: Watched, live: LiveServer) -> None:
+    page = watched.page
+    user = user_of(page)
+    ask(page)
+    wait_for_text(page, 40)
+    page.reload()
+    # The same user and conversation come back with the answer still running, and the page follows it.
+    assert user_of(page) == user
+    expect(page.locator("#answer")).to_have_attribute("data-status", "streaming")
+    partial = answer_text(page)
+    assert partial and FULL_TEXT.startswith(partial) and partial != FULL_TEXT
+    expect(page.locator("#answer")).to_have_attribute("data-status", "complete")
+    shown = answer_text(page)
+    stored = stored_conversation(live, page)["messages"][-1]
+    assert stored["metadata"]["status"] == "complete"
+    assert shown == stored["content"] == FULL_TEXT
+    resumes = [r for r in watched.requests if "/api/chat/runs/" in r.url and r.url.split("?")[0].endswith("/events")]
+    assert len(resumes) == 1
+    assert resumes[0].url.split("/api/chat/runs/")[1].split("/")[0] == stored["metadata"]["run_id"]
+    assert int(resumes[0].headers["last-event-id"]) > 0  # attached after the events its text already held
+
+
+@browser_only
+def test_stop_keeps_exactly_what_was_displayed(watched: Watched, live: LiveServer) -> None:
+    page = watched.page
+    # The stop request is held back 0.3 s on its way out, so tokens keep arriving after the click: the page must not
+    # show them, since the server keeps only what had been displayed.
+    def held_back(route: Route) -> None:
+        time.sleep(0.3)
+        route.continue_()
+
+    page.route("**/api/chat/runs/*/stop", held_back)
+    ask(page)
+    wait_for_text(page, 30)
+    expect(page.locator("#stop")).to_be_enabled()
+    # Read the text and press Stop in one task of the page, so no token can land in between.
+    seen = page.evaluate(
+        "() => { const t = document.querySelector('#answer .content').textContent;"
+        " document.querySelector('#stop').click(); return t; }"
+    )
+    expect(page.locator("#answer")).to_have_attribute("data-status", "stopped")
+    assert seen and FULL_TEXT.startswith(seen) and seen != FULL_TEXT
+    stored = stored_conversation(live, page)["messages"][-1]
+    assert stored["metadata"]["status"] == "stopped"
+    assert answer_text(page) == stored["content"] == seen
+    page.wait_for_timeout(300)
+    assert answer_text(page) == seen  # and nothing comes after
+    expect(page.locator("#stop")).to_be_disabled()
+    expect(page.locator("#send")).to_be_enabled()
+
+
+# -- the route ----------------------------------------------------------------------------------------------------
+
+
+def test_the_playground_is_served_in_development_with_a_nonce_only_policy(tmp_path: Path) -> None:
+    with TestClient(create_app(make_settings(tmp_path))) as client:
+        first, second = client.get("/playground"), client.get("/playground")
+    assert first.status_code == 200 and first.headers["content-type"].startswith("text/html")
+    policy = first.headers["content-security-policy"]
+    nonce = re.search(r"script-src 'nonce-([^']+)'", policy).group(1)  # type: ignore[union-attr]
+    assert f"style-src 'nonce-{nonce}'" in policy and "default-src 'none'" in policy and "unsafe" not in policy
+    assert nonce not in second.headers["content-security-policy"]  # a new nonce per response
+    html = first.text
+    assert "{{nonce}}" not in html
+    assert html.count(f'nonce="{nonce}"') == 2  # the one script and the one style
+    # Nothing the policy would block: no external files, no inline handlers or style attributes, no eval.
+    assert not re.search(r"<(script|link)\b[^>]*\b(src|href)=", html)
+    assert not re.search(r"\son[a-z]+\s*=", html) and not re.search(r"\sstyle\s*=", html)
+    assert "eval(" not in html and "new Function" not in html
+
+
+def test_the_playground_is_not_found_outside_development_unless_enabled(tmp_path: Path) -> None:
+    development = make_settings(tmp_path)
+    # Production settings proper need Supabase and Bedrock; the route only reads these two fields.
+    production = dataclasses.replace(development, environment="production")
+    for settings, status in (
+        (production, 404),
+        (dataclasses.replace(production, playground=True), 200),
+        (make_settings(tmp_path, PLAYGROUND="1"), 200),
+    ):
+        with TestClient(create_app(settings)) as client:
+            response = client.get("/playground")
+        assert response.status_code == status, (settings.environment, settings.playground)
+        if status == 404:
+            assert response.json()["error"]["code"] == "NOT_FOUND"
+            assert "<script" not in response.text
