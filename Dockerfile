@@ -34,6 +34,8 @@ ENV API_HOST=0.0.0.0 \
     SQLITE_PATH=/app/data/canvalo.db \
     METRICS_DIR=/tmp/canvalo-metrics \
     SHUTDOWN_GRACE_SECONDS=20 \
+    MAX_CONNECTIONS=10000 \
+    KEEP_ALIVE_SECONDS=75 \
     WEB_CONCURRENCY=2 \
     FORWARDED_ALLOW_IPS=127.0.0.1
 
@@ -48,4 +50,6 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
 # uvicorn reads WEB_CONCURRENCY (workers) and FORWARDED_ALLOW_IPS (proxies whose X-Forwarded-For it trusts) itself.
 # Its access log is off because it prints query strings (user ids); the service logs each request without them.
 # --http web.tcp:NoDelayH11Protocol: with several workers uvicorn's socket leaves Nagle on; see web/tcp.py.
-CMD ["sh", "-c", "rm -rf \"${METRICS_DIR:?}\"/* && exec uvicorn app:app --host \"$API_HOST\" --port \"$API_PORT\" --proxy-headers --timeout-graceful-shutdown \"${SHUTDOWN_GRACE_SECONDS%.*}\" --no-access-log --http web.tcp:NoDelayH11Protocol"]
+# --limit-concurrency and --timeout-keep-alive: MAX_CONNECTIONS per worker (then 503) and KEEP_ALIVE_SECONDS (longer
+# than nginx's upstream keepalive_timeout, so nginx never reuses a connection the service is closing).
+CMD ["sh", "-c", "rm -rf \"${METRICS_DIR:?}\"/* && keep_alive=${KEEP_ALIVE_SECONDS:-75} && exec uvicorn app:app --host \"$API_HOST\" --port \"$API_PORT\" --proxy-headers --timeout-graceful-shutdown \"${SHUTDOWN_GRACE_SECONDS%.*}\" --limit-concurrency \"${MAX_CONNECTIONS:-10000}\" --timeout-keep-alive \"${keep_alive%.*}\" --no-access-log --http web.tcp:NoDelayH11Protocol"]

@@ -10,12 +10,27 @@ Run it with ``python app.py`` or ``uvicorn app:app``.
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+
+# Checked before anything that needs them, so the answer is one line saying what to do, not a traceback.
+if sys.version_info < (3, 11):
+    sys.exit(f"canvalo: Python 3.11 or newer is required (starlette 1.x); this is Python {sys.version.split()[0]}.")
+_MISSING = [name for name in ("anyio", "botocore", "httpx", "starlette", "uvicorn") if not importlib.util.find_spec(name)]
+if _MISSING:
+    sys.exit(
+        f"canvalo: {', '.join(_MISSING)} not installed for {sys.executable}. Install the dependencies first "
+        "(README, Quick start): python3 -m venv .venv && .venv/bin/pip install -r requirements.txt"
+    )
+
 import contextlib
+import errno
+import functools
 import hmac
 import logging
 import os
 import secrets
-import sys
+import socket
 from collections.abc import AsyncIterator
 from typing import Any, TypedDict
 
@@ -23,14 +38,14 @@ import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
-from errors import AppError, MethodNotAllowed, NotFound, Unauthorized
+from errors import AppError, MethodNotAllowed, NotFound, RateLimited, Unauthorized
+from services import actions
 from services.agents import Assistant
-from services.auth import Authenticator, build_authenticator
+from services.auth import Authenticator, build_authenticator, claimed_caller
 from services.bedrock import BedrockModel
 from services.domains import DOMAINS
 from services.local_model import LocalModel
@@ -42,10 +57,12 @@ from services.ratelimit import LimitStore, RateLimiter
 from services.runs import RunManager, shutdown_frame
 from services.retry import RetryPolicy
 from services.sqlite_store import SQLiteStore
-from services.store import AUTO_TITLE, Caller, NewRun, Store
+from services.store import Caller, NewRun, Store
+from services.titles import title_from_message
 from settings import ConfigError, Settings
-from web import inputs
-from web.middleware import BodyLimit, RequestContext
+from web import cursors, inputs
+from web import openapi
+from web.middleware import BodyLimit, EnvelopeCORS, RequestContext
 from web.sse import EventStreamResponse, Feed
 from web.tcp import NoDelayH11Protocol
 
@@ -108,10 +125,10 @@ async def health(request: Request) -> Response:
 async def chat_stream(request: Request) -> Response:
     """Start a chat run and follow it from its first event. A repeated ``client_message_id`` follows the run that
     id started instead, from its first event, without starting another or counting against any limit."""
-    chat = inputs.chat_input(await inputs.json_body(request))
+    chat = inputs.chat_input(await _body(request))
     caller = await _caller(request, chat.user_id, counted=False)  # begin_run counts the turn, after deduplication
     runs: RunManager = request.state.runs
-    new = NewRun(chat.conversation_id, chat.message, AUTO_TITLE, chat.client_message_id)
+    new = NewRun(chat.conversation_id, chat.message, title_from_message(chat.message), chat.client_message_id)
     limits = request.state.limiter.turn_limits(runs.stale_seconds, runs.events_ttl)
     begun = await runs.begin(caller, new, limits, request.state.request_started)
     if begun.run is None:
@@ -130,7 +147,7 @@ async def run_events(request: Request) -> Response:
 async def stop_run(request: Request) -> Response:
     """Stop a run wherever it generates; the answer is saved cut to ``seen_chars`` and returned."""
     run_id = inputs.uuid_value(request.path_params["run_id"], "run_id")
-    stop = inputs.stop_input(await inputs.json_body(request))
+    stop = inputs.stop_input(await _body(request))
     caller = await _caller(request, stop.user_id)
     message = await request.state.runs.stop(caller, run_id, stop.seen_chars)
     return JSONResponse(message.to_json())
@@ -147,41 +164,73 @@ def _event_stream(request: Request, feed: Feed, run_id: str, *, after: int) -> R
 
 
 async def list_conversations(request: Request) -> Response:
+    """The caller's conversations by last activity, paged by offset or by cursor, optionally searched (``q``)."""
     caller = await _caller(request, inputs.query_uuid(request, "user_id"))
     limit = inputs.query_int(request, "limit", 50, 1, 100)
     offset = inputs.query_int(request, "offset", 0, 0)
-    page = await request.state.store.list_conversations(caller, limit, offset)
+    before, after = cursors.conversation_seek(request, offset)
+    search = inputs.query_text(request, "q", inputs.MAX_QUERY_CHARS)
+    store: Store = request.state.store
+    page = await store.list_conversations(caller, limit, offset, before=before, after=after, search=search)
+    listed = page.conversations
     return JSONResponse(
         {
-            "conversations": [c.to_json() for c in page.conversations],
+            "conversations": [c.to_json() for c in listed],
             "total": page.total,
             "limit": limit,
             "offset": offset,
-            "has_more": offset + len(page.conversations) < page.total,
+            "has_more": page.has_more,
+            # The page's oldest and newest: ?before= reads on past the one, ?after= back past the other.
+            "before_cursor": cursors.conversation_cursor(listed[-1]) if listed else None,
+            "after_cursor": cursors.conversation_cursor(listed[0]) if listed else None,
         }
     )
 
 
+async def rename_conversation(request: Request) -> Response:
+    conversation_id = inputs.uuid_value(request.path_params["conversation_id"], "conversation_id")
+    body = await _body(request)
+    caller = await _caller(request, inputs.uuid_value(inputs.required(body, "user_id"), "user_id"))
+    conversation = await request.state.store.rename_conversation(caller, conversation_id, inputs.new_title(body))
+    return JSONResponse(conversation.to_json())
+
+
 async def create_conversation(request: Request) -> Response:
-    body = await inputs.json_body(request)
+    body = await _body(request)
     caller = await _caller(request, inputs.uuid_value(inputs.required(body, "user_id"), "user_id"))
     conversation = await request.state.store.create_conversation(caller, inputs.title_value(body))
     return JSONResponse(conversation.to_json(), status_code=201)
 
 
 async def get_conversation(request: Request) -> Response:
+    """The caller's conversation and a page of its messages: oldest first unless ``message_order=desc``, by offset or
+    from a cursor (``message_before``/``message_after``)."""
     conversation_id = inputs.uuid_value(request.path_params["conversation_id"], "conversation_id")
     caller = await _caller(request, inputs.query_uuid(request, "user_id"))
     limit = inputs.query_int(request, "message_limit", 100, 1, 500)
     offset = inputs.query_int(request, "message_offset", 0, 0)
+    newest_first = inputs.query_choice(request, "message_order", ("asc", "desc")) == "desc"
+    before, after = cursors.message_seek(request, offset)
     store: Store = request.state.store
     runs: RunManager = request.state.runs
     conversation = await store.get_conversation(caller, conversation_id)
-    messages = await store.list_messages(caller, conversation_id, limit, offset)
-    if await runs.end_dead_runs(caller, messages):
-        messages = await store.list_messages(caller, conversation_id, limit, offset)
-    shown = runs.overlay(messages)
-    return JSONResponse({**conversation.to_json(), "messages": [m.to_json() for m in shown]})
+    read = functools.partial(
+        store.message_page, caller, conversation_id, limit, offset,
+        newest_first=newest_first, before=before, after=after,
+    )
+    page = await read()
+    if await runs.end_dead_runs(caller, page.messages):
+        page = await read()
+    shown = runs.overlay(page.messages)
+    return JSONResponse(
+        {
+            **conversation.to_json(),
+            "messages": [m.to_json() for m in shown],
+            "message_has_more": page.has_more,
+            "message_before_cursor": cursors.message_cursor(page.oldest) if page.oldest else None,
+            "message_after_cursor": cursors.message_cursor(page.newest) if page.newest else None,
+        }
+    )
 
 
 async def delete_conversation(request: Request) -> Response:
@@ -189,6 +238,16 @@ async def delete_conversation(request: Request) -> Response:
     caller = await _caller(request, inputs.query_uuid(request, "user_id"))
     await request.state.store.delete_conversation(caller, conversation_id)
     return JSONResponse({"status": "deleted", "conversation_id": conversation_id})
+
+
+async def confirm_action(request: Request) -> Response:
+    """Carry out a change the assistant prepared (a delete, an invoice's amounts or status), once, for the user it
+    was prepared for: the user's own confirmation, which nothing the model sends can stand in for."""
+    action_id = inputs.uuid_value(request.path_params["action_id"], "action_id")
+    body = await _body(request)
+    caller = await _caller(request, inputs.uuid_value(inputs.required(body, "user_id"), "user_id"))
+    done = await request.state.store.confirm_action(caller, action_id)
+    return JSONResponse(actions.confirmed_json(done))
 
 
 PLAYGROUND_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "playground.html")
@@ -202,6 +261,26 @@ async def playground(request: Request) -> Response:
     with open(PLAYGROUND_PAGE, encoding="utf-8") as page:
         html = page.read()
     nonce = secrets.token_urlsafe(16)  # the page's one inline script and style run; nothing else does
+    policy = (
+        f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; connect-src 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    )
+    return HTMLResponse(html.replace("{{nonce}}", nonce), headers={"Content-Security-Policy": policy})
+
+
+DOCS_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "docs.html")
+
+
+async def openapi_json(request: Request) -> Response:
+    """The OpenAPI 3.1 document (``web/openapi.py``), in every environment: the API's shape is not a secret."""
+    return JSONResponse(openapi.document(VERSION))
+
+
+async def docs(request: Request) -> Response:
+    """``/openapi.json`` rendered readably by the page's own script (no CDN), in every environment, like it."""
+    with open(DOCS_PAGE, encoding="utf-8") as page:
+        html = page.read()
+    nonce = secrets.token_urlsafe(16)  # the page's one inline script and style run; it fetches only /openapi.json
     policy = (
         f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; connect-src 'self'; "
         "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
@@ -224,24 +303,45 @@ async def metrics(request: Request) -> Response:
 async def _caller(request: Request, claimed_user_id: str, *, counted: bool = True) -> Caller:
     """Who is calling, counted against their API rate limit unless ``counted`` is False (chat turns are counted by
     ``Store.begin_run``)."""
-    auth: Authenticator = request.state.auth
-    limiter: RateLimiter = request.state.limiter
-    address = _address(request)
+    verified = await _verified(request)
     try:
-        # An address refused too often is stopped in process before Supabase Auth is asked (a token checked
-        # locally or from the cache is not stopped: a genuine user keeps their own allowance).
-        caller = await auth.authenticate(
-            request.headers.get("authorization"), claimed_user_id, lambda: limiter.check_address(address)
-        )
+        caller = claimed_caller(verified, claimed_user_id)
     except AppError:
-        # No trustworthy user to count against (a bad token, or Supabase Auth could not say): count the client
-        # address, so guessing credentials is limited too.
-        await limiter.admit_unauthenticated(address)
+        await request.state.limiter.admit_unauthenticated(_address(request))  # a valid token naming someone else
         raise
     request.state.authenticated = True
     if counted:
-        await limiter.admit(caller)
+        await request.state.limiter.admit(caller)
     return caller
+
+
+async def _verified(request: Request) -> Caller | None:
+    """The bearer token's user (None with authentication off), checked once per request and before any body is
+    read, so a client without a valid token cannot make the service read, and hold, a large or slow body."""
+    state = request.state
+    if not hasattr(state, "verified"):
+        limiter: RateLimiter = state.limiter
+        address = _address(request)
+        try:
+            # An address refused too often is stopped in process before Supabase Auth is asked (a token checked
+            # locally or from the cache is not stopped: a genuine user keeps their own allowance).
+            state.verified = await state.auth.verify(
+                request.headers.get("authorization"), lambda: limiter.check_address(address)
+            )
+        except AppError:
+            # No trustworthy user to count against (a bad token, or Supabase Auth could not say): count the client
+            # address, so guessing credentials is limited too.
+            await limiter.admit_unauthenticated(address)
+            raise
+    verified: Caller | None = state.verified
+    return verified
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    """The JSON body, read only once the token is known to be good (see ``_verified``) and within
+    ``BODY_READ_TIMEOUT``."""
+    await _verified(request)
+    return await inputs.json_body(request, request.state.settings.body_read_timeout)
 
 
 def _address(request: Request) -> str:
@@ -276,7 +376,10 @@ async def app_error(request: Request, exc: Exception) -> Response:
         # A request that failed before its caller was known (a malformed body, say) counts against its address,
         # like a failed authentication, so a flood of them is refused before it costs more.
         request.state.limiter.failed_before_auth(_address(request))
-    headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after is not None else None
+    if isinstance(exc, RateLimited):
+        headers: dict[str, str] | None = exc.headers()
+    else:
+        headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after is not None else None
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
@@ -284,10 +387,22 @@ async def http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own 404 (unknown route) and 405 (wrong method), in our envelope."""
     assert isinstance(exc, HTTPException)
     error: AppError = MethodNotAllowed() if exc.status_code == 405 else NotFound()
-    if exc.status_code not in (404, 405):
+    headers = exc.headers
+    if exc.status_code == 405:
+        # Starlette's Allow names the methods of the first route matching the path; one path has several routes here.
+        headers = {"Allow": ", ".join(_allowed_methods(request))}
+    elif exc.status_code != 404:
         error = AppError(f"HTTP {exc.status_code}.", code=f"HTTP_{exc.status_code}", retryable=False)
         error.status = exc.status_code
-    return JSONResponse(error.body(), status_code=error.status, headers=exc.headers)
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods = {"OPTIONS"}
+    for route in request.app.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
 
 
 async def server_error(request: Request, exc: Exception) -> Response:
@@ -301,13 +416,17 @@ routes = [
     Route("/health", health, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
     Route("/playground", playground, methods=["GET"]),
+    Route("/openapi.json", openapi_json, methods=["GET"]),
+    Route("/docs", docs, methods=["GET"]),
     Route("/api/chat/stream", chat_stream, methods=["POST"]),
     Route("/api/chat/runs/{run_id}/events", run_events, methods=["GET"]),
     Route("/api/chat/runs/{run_id}/stop", stop_run, methods=["POST"]),
     Route("/api/conversations", list_conversations, methods=["GET"]),
     Route("/api/conversations", create_conversation, methods=["POST"]),
     Route("/api/conversations/{conversation_id}", get_conversation, methods=["GET"]),
+    Route("/api/conversations/{conversation_id}", rename_conversation, methods=["PATCH"]),
     Route("/api/conversations/{conversation_id}", delete_conversation, methods=["DELETE"]),
+    Route("/api/actions/{action_id}/confirm", confirm_action, methods=["POST"]),
 ]
 
 exception_handlers: dict[Any, Any] = {AppError: app_error, HTTPException: http_error, Exception: server_error}
@@ -327,6 +446,14 @@ def build_store(settings: Settings) -> Store:
         )
         return PostgrestStore(client)
     return SQLiteStore(settings.sqlite_path)
+
+
+def _store_location(settings: Settings) -> str:
+    """Where the data lives, for the startup log: a relative SQLITE_PATH depends on the directory the service was
+    started from, and a new empty database there is otherwise a silent surprise."""
+    if settings.store == "supabase":
+        return settings.supabase_url
+    return f"database {os.path.abspath(settings.sqlite_path)}"
 
 
 def build_model(settings: Settings) -> ChatModel:
@@ -357,7 +484,7 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
             registry, limiter = await _open_metrics_and_limits(settings, store, stack)
             runs = RunManager(
                 store,
-                Assistant(chat_model, store),
+                Assistant(chat_model, store, action_ttl=settings.action_ttl_seconds),
                 registry,
                 history_max_messages=settings.history_max_messages,
                 history_token_budget=settings.history_token_budget,
@@ -369,8 +496,9 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
             # Runs still generating at shutdown end as interrupted and are saved before the store closes.
             stack.push_async_callback(runs.aclose)
             logger.info(
-                "Started: store=%s model=%s auth=%s environment=%s",
+                "Started: store=%s (%s) model=%s auth=%s environment=%s",
                 store.kind,
+                _store_location(settings),
                 chat_model.provider,
                 auth.mode,
                 settings.environment,
@@ -388,13 +516,15 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
     middleware = [
         Middleware(RequestContext),
         Middleware(
-            CORSMiddleware,
+            EnvelopeCORS,
             allow_origins=settings.cors_origins,
             # Credentials with a wildcard origin would let any site act as the user; never combine them.
             allow_credentials="*" not in settings.cors_origins,
-            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "X-Request-ID", "Last-Event-ID"],
-            expose_headers=["X-Request-ID", "X-Run-ID", "Retry-After"],
+            expose_headers=[
+                "X-Request-ID", "X-Run-ID", "Retry-After", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"
+            ],
         ),
         Middleware(BodyLimit, max_bytes=settings.max_request_bytes),
     ]
@@ -463,18 +593,37 @@ def __getattr__(name: str) -> Starlette:
     return application
 
 
+def _listen(settings: Settings) -> socket.socket:
+    """Bind API_HOST:API_PORT before anything else starts (migrations, model credentials), so a port in use is one
+    line naming the setting, not an error after "Application startup complete"."""
+    family = socket.AF_INET6 if ":" in settings.api_host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.api_host, settings.api_port))
+    except OSError as exc:
+        sock.close()
+        reason = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})"
+        print(f"canvalo: API_PORT {settings.api_port} on API_HOST {settings.api_host} {reason}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return sock
+
+
 if __name__ == "__main__":
     import uvicorn
 
     settings = _load_settings()
     configure_logging(settings.log_level)
-    uvicorn.run(
+    listening = _listen(settings)
+    config = uvicorn.Config(
         create_app(settings),
-        host=settings.api_host,
-        port=settings.api_port,
         log_level=settings.log_level.lower(),
         access_log=False,  # RequestContext logs each request without the query string (it holds user ids)
         http=NoDelayH11Protocol,  # TCP_NODELAY on every connection (web/tcp.py)
+        limit_concurrency=settings.max_connections,  # beyond it uvicorn answers 503 instead of running out of memory
+        timeout_keep_alive=int(settings.keep_alive_seconds),
         # After this grace period uvicorn cancels open streams; each then ends with a retryable error chunk.
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
     )
+    logger.info("Listening on http://%s:%d", settings.api_host, settings.api_port)
+    uvicorn.Server(config).run(sockets=[listening])

@@ -5,10 +5,12 @@
     ├── Unauthorized              401 (MISSING_TOKEN, MALFORMED_TOKEN, INVALID_TOKEN, EXPIRED_TOKEN)
     ├── Forbidden                 403 (USER_ID_MISMATCH)
     ├── NotFound                  404
+    ├── RequestTimeout            408 (the body did not arrive within BODY_READ_TIMEOUT)
     ├── MethodNotAllowed          405
     ├── PayloadTooLarge           413
     ├── UnsupportedMediaType      415
-    ├── Conflict                  409 (RUN_IN_PROGRESS, IDEMPOTENCY_CONFLICT)
+    ├── Conflict                  409 (RUN_IN_PROGRESS, IDEMPOTENCY_CONFLICT, ACTION_ALREADY_USED)
+    ├── Gone                      410 (ACTION_EXPIRED)
     ├── ValidationFailed          422 (missing fields, bad ids, out-of-range values)
     ├── RateLimited               429 (RATE_LIMIT_EXCEEDED, carries retry_after)
     ├── ClientClosedRequest       499 (the client left before its request was read; nobody sees the answer)
@@ -158,6 +160,17 @@ class UnsupportedMediaType(AppError):
     retryable = False
 
 
+class RequestTimeout(AppError):
+    """The client did not send its whole body in time."""
+
+    status = 408
+    code = "REQUEST_TIMEOUT"
+    message = "The request body did not arrive in time."
+    user_message = "Your request took too long to arrive. Please try again."
+    suggested_actions = ("Check your connection and try again",)
+    retryable = True
+
+
 class Conflict(AppError):
     """The request clashes with the current state: an answer is already being generated, or an idempotency key
     was reused for a different message."""
@@ -167,6 +180,17 @@ class Conflict(AppError):
     message = "The request conflicts with the current state."
     user_message = "This conflicts with something already in progress."
     suggested_actions = ("Wait for the current answer to finish, or stop it",)
+    retryable = False
+
+
+class Gone(AppError):
+    """The resource existed but can no longer be used: a pending action whose time to be confirmed ran out."""
+
+    status = 410
+    code = "GONE"
+    message = "The resource is no longer available."
+    user_message = "This is no longer available."
+    suggested_actions = ("Start again",)
     retryable = False
 
 
@@ -190,6 +214,18 @@ class RateLimited(AppError):
     user_message = "You've made too many requests. Please wait a moment."
     suggested_actions = ("Wait a moment before trying again", "Reduce the frequency of your requests")
     retryable = True
+
+    def __init__(self, message: str | None = None, *, limit: int | None = None, **fields: Any) -> None:
+        super().__init__(message, **fields)
+        self.limit = limit  # the limit that was hit, for the RateLimit-* headers
+
+    def headers(self) -> dict[str, str]:
+        """``Retry-After`` and, when the limit is known, the IETF draft's ``RateLimit-Limit/Remaining/Reset``."""
+        seconds = str(max(1, round(self.retry_after or 1)))
+        headers = {"Retry-After": seconds}
+        if self.limit is not None:
+            headers.update({"RateLimit-Limit": str(self.limit), "RateLimit-Remaining": "0", "RateLimit-Reset": seconds})
+        return headers
 
 
 class ClientClosedRequest(AppError):

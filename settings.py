@@ -11,6 +11,7 @@ README.md documents every field; ``tests/test_settings.py`` fails when one is mi
 from __future__ import annotations
 
 import dataclasses
+import re
 import os
 import tempfile
 import typing
@@ -33,6 +34,10 @@ DEFAULT_CORS_ORIGINS = (
 )
 
 
+# scheme://host[:port][/path], nothing else (no spaces, query or fragment): what PostgREST and Auth URLs are built on.
+_URL = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?")
+
+
 class ConfigError(Exception):
     """A setting is missing or invalid; the message names the variable and never echoes a secret."""
 
@@ -51,6 +56,9 @@ class Settings:
     cors_origins: tuple[str, ...] = DEFAULT_CORS_ORIGINS
     max_request_bytes: int = 262_144
     shutdown_grace_seconds: float = 20.0
+    body_read_timeout: float = 10.0  # a request body must arrive within this (408 otherwise)
+    max_connections: int = 10_000  # uvicorn's limit on open connections (beyond it: 503); streams hold one each
+    keep_alive_seconds: float = 75.0  # idle keep-alive; above nginx's upstream keepalive_timeout (60 s)
 
     # Storage
     store: StoreKind = "sqlite"
@@ -83,6 +91,7 @@ class Settings:
     run_max_seconds: float = 300.0  # a run still generating after this ends with RUN_TIMEOUT
     run_stale_seconds: float = 30.0  # a running run without a heartbeat for this long is dead (its worker died)
     run_events_ttl: float = 3600.0  # a finished run's events are kept this long for resumes, then deleted
+    action_ttl_seconds: float = 600.0  # a change waiting for the user's confirmation expires after this
     playground: bool = False  # serve /playground outside development too
 
     # Retry (the seed's "exponential backoff, 3 attempts")
@@ -114,7 +123,11 @@ class Settings:
 
     def validate(self) -> None:
         """Cross-field checks; each problem is named so an operator can fix all of them in one pass."""
-        problems = [p for p in self._range_problems() + self._limit_problems() + self._production_problems() if p]
+        problems = [
+            p
+            for p in self._range_problems() + self._store_problems() + self._limit_problems() + self._production_problems()
+            if p
+        ]
         if problems:
             raise ConfigError("Invalid configuration: " + "; ".join(problems))
 
@@ -130,16 +143,29 @@ class Settings:
             (1 <= self.run_max_seconds <= 3600, "RUN_MAX_SECONDS must be between 1 and 3600"),
             (2 <= self.run_stale_seconds <= 600, "RUN_STALE_SECONDS must be between 2 and 600"),
             (self.run_events_ttl >= 0, "RUN_EVENTS_TTL must not be negative"),
+            (0 < self.action_ttl_seconds <= 86_400, "ACTION_TTL_SECONDS must be in (0, 86400]"),
             (self.history_max_messages >= 1, "HISTORY_MAX_MESSAGES must be at least 1"),
             (self.history_token_budget >= 500, "HISTORY_TOKEN_BUDGET must be at least 500"),
             (self.local_token_delay >= 0, "LOCAL_TOKEN_DELAY must not be negative"),
             (self.shutdown_grace_seconds >= 0, "SHUTDOWN_GRACE_SECONDS must not be negative"),
+            (0 < self.body_read_timeout <= 300, "BODY_READ_TIMEOUT must be in (0, 300]"),
+            (self.max_connections >= 10, "MAX_CONNECTIONS must be at least 10"),
+            (0 < self.keep_alive_seconds <= 600, "KEEP_ALIVE_SECONDS must be in (0, 600]"),
             (self.bedrock_max_tokens >= 1, "BEDROCK_MAX_TOKENS must be at least 1"),
             (self.supabase_timeout > 0, "SUPABASE_TIMEOUT must be positive"),
             (0 <= self.bedrock_temperature <= 1, "BEDROCK_TEMPERATURE must be in [0, 1]"),
             ("*" not in self.cors_origins or len(self.cors_origins) == 1, "CORS_ORIGINS cannot mix * with origins"),
         ]
         return [message for ok, message in checks if not ok]
+
+    def _store_problems(self) -> list[str]:
+        """In every environment: a store the service cannot reach is a setting to fix, not a retry loop."""
+        problems = []
+        if self.store == "supabase" and not self.supabase_url:
+            problems.append("STORE=supabase requires SUPABASE_URL")
+        if self.supabase_url and not _URL.fullmatch(self.supabase_url):
+            problems.append("SUPABASE_URL must be an http(s) URL such as https://<project>.supabase.co")
+        return problems
 
     def _limit_problems(self) -> list[str]:
         checks = [
@@ -157,8 +183,6 @@ class Settings:
         problems = []
         if not self.auth_enabled:
             problems.append("ENVIRONMENT=production requires authentication: set SUPABASE_JWT_SECRET or SUPABASE_URL")
-        if self.store == "supabase" and not self.supabase_url:
-            problems.append("STORE=supabase requires SUPABASE_URL")
         if self.store == "supabase" and not self.publishable_key:
             problems.append("STORE=supabase requires SUPABASE_PUBLISHABLE_KEY (or the legacy SUPABASE_ANON_KEY)")
         problems.extend(self._production_deployment_problems())

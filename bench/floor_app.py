@@ -61,7 +61,8 @@ def message(role: str, content: str) -> dict[str, Any]:
             "metadata": {}}
 
 
-def build_app(ttft: float, tokens: int, interval: float) -> Starlette:
+def api_routes() -> list[Route]:
+    """``GET /`` and the two conversation reads, each answering a fixed document; shared with the relay floor."""
     user_id = str(uuid.uuid4())
     page = {
         "conversations": [conversation(str(uuid.uuid4()), user_id) for _ in range(50)],
@@ -72,6 +73,24 @@ def build_app(ttft: float, tokens: int, interval: float) -> Starlette:
     }
     messages = [message("user", "What invoices do I have?"), message("assistant", TOKEN * 20)]
 
+    async def list_conversations(request: Request) -> Response:
+        return JSONResponse(page)
+
+    async def get_conversation(request: Request) -> Response:
+        body = {**conversation(request.path_params["conversation_id"], user_id), "messages": messages}
+        return JSONResponse(body)
+
+    async def root(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    return [
+        Route("/", root),
+        Route("/api/conversations", list_conversations),
+        Route("/api/conversations/{conversation_id}", get_conversation),
+    ]
+
+
+def build_app(ttft: float, tokens: int, interval: float) -> Starlette:
     async def events() -> AsyncIterator[bytes]:
         if ttft > 0:
             await asyncio.sleep(ttft)
@@ -85,24 +104,7 @@ def build_app(ttft: float, tokens: int, interval: float) -> Starlette:
         await request.body()
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    async def list_conversations(request: Request) -> Response:
-        return JSONResponse(page)
-
-    async def get_conversation(request: Request) -> Response:
-        body = {**conversation(request.path_params["conversation_id"], user_id), "messages": messages}
-        return JSONResponse(body)
-
-    async def root(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
-
-    return Starlette(
-        routes=[
-            Route("/", root),
-            Route("/api/chat/stream", chat_stream, methods=["POST"]),
-            Route("/api/conversations", list_conversations),
-            Route("/api/conversations/{conversation_id}", get_conversation),
-        ]
-    )
+    return Starlette(routes=[Route("/api/chat/stream", chat_stream, methods=["POST"]), *api_routes()])
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
-"""Benchmark: what one worker of the service sustains, next to the earlier design (baseline) and the framework (floor).
+"""Benchmark: one worker of the service next to the earlier design (baseline), the floor and the relay floor.
 
 Run from the repository root with the service's dependencies installed:
 
-    python bench/run.py            # the full run (about 10 minutes; creates bench/.venv-baseline on first use)
-    python bench/run.py --smoke    # a few streams, seconds; service and floor only (add --targets to change)
+    .venv/bin/python bench/run.py            # the full run (about 10 minutes; creates bench/.venv-baseline first)
+    .venv/bin/python bench/run.py --smoke    # a few streams, seconds; service, floor and relay; judges no target
 
 Everything runs on 127.0.0.1. For every figure a fresh server is started on core 0 (``taskset``-style affinity)
 with a fresh fake Bedrock (``bench/fake_upstream.py``) on core 1, where this process (the load generator,
@@ -15,6 +15,10 @@ with a fresh fake Bedrock (``bench/fake_upstream.py``) on core 1, where this pro
   raised so they never refuse (they are still counted in the store on every request).
 - baseline: ``bench/baseline_app.py`` (FastAPI + boto3 in default-executor threads) in bench/.venv-baseline.
 - floor: ``bench/floor_app.py`` (a bare Starlette ``StreamingResponse``, no upstream, store or auth).
+- relay: the relay floor, ``bench/relay_floor_app.py``: a bare Starlette app that signs one ConverseStream call per
+  request with botocore, sends it on a pooled keep-alive asyncio connection to the same fake, decodes it with
+  botocore's ``EventStreamBuffer`` and sends one SSE event per network read (no auth, store or httpx). The least
+  any relay of this design can cost; the targets judge the service against it.
 
 Figures: (1) time to first token at one stream, upstream answering at once; (2) server CPU per 1,000 tokens and
 tokens/s relaying 50 concurrent unpaced streams of 400 tokens; (3) 100..5,000 streams opened at once against an
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import math
 import os
@@ -47,6 +52,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+# The fake upstream and the service run on this interpreter's packages: say so up front, not in a log file later.
+_MISSING = [name for name in ("anyio", "botocore", "httpx", "starlette", "uvicorn") if not importlib.util.find_spec(name)]
+if _MISSING:
+    raise SystemExit(
+        f"bench: {', '.join(_MISSING)} not installed for {sys.executable}. Run it with the service's virtualenv: "
+        ".venv/bin/python bench/run.py (after .venv/bin/pip install -r requirements.txt)"
+    )
+
+import httpx  # noqa: E402
+
 from bench import loadgen, procs  # noqa: E402
 from bench.loadgen import StreamResult  # noqa: E402
 from tests.tokens import mint  # noqa: E402
@@ -55,7 +70,7 @@ BENCH = Path(__file__).resolve().parent
 BASELINE_VENV = BENCH / ".venv-baseline"
 BASELINE_PYTHON = BASELINE_VENV / "bin" / "python"
 JWT_SECRET = "bench-jwt-secret-0123456789abcdef0123456789"
-TARGETS = ("service", "baseline", "floor")
+TARGETS = ("service", "baseline", "floor", "relay")
 MESSAGE = "What invoices do I have?"
 
 
@@ -155,6 +170,12 @@ def floor_command(port: int, upstream: Upstream) -> tuple[list[str], dict[str, s
     return command, base_env()
 
 
+def relay_command(ctx: Context, port: int, fake_port: int) -> tuple[list[str], dict[str, str]]:
+    command = [sys.executable, "bench/relay_floor_app.py", "--port", str(port)]
+    command += ["--endpoint", f"http://127.0.0.1:{fake_port}"]
+    return command, base_env() | aws_env(ctx.work)
+
+
 @contextmanager
 def server(ctx: Context, target: str, upstream: Upstream, name: str, db: Path | None = None) -> Iterator[tuple[int, int]]:
     """A fresh fake upstream and a fresh server of ``target``; yields (server port, server pid)."""
@@ -166,6 +187,8 @@ def server(ctx: Context, target: str, upstream: Upstream, name: str, db: Path | 
             command, env = service_command(ctx, port, fake, db)
         elif target == "baseline":
             command, env = baseline_command(ctx, port, fake, db)
+        elif target == "relay":
+            command, env = relay_command(ctx, port, fake)
         else:
             command, env = floor_command(port, upstream)
         with procs.launch(command, env, port, log) as proc:
@@ -349,6 +372,7 @@ async def figure_api(ctx: Context, target: str) -> dict[str, Any]:
             await loadgen.run_requests(clients, getting, 0.5, 200)
             listed = await loadgen.run_requests(clients, listing, plan.api_seconds, 1_000_000)
             got = await loadgen.run_requests(clients, getting, plan.api_seconds, 1_000_000)
+            deep = await _deep_pages(ctx, port, clients, token) if target == "service" else {}
         finally:
             loadgen.close_all(clients)
     return {
@@ -358,7 +382,29 @@ async def figure_api(ctx: Context, target: str) -> dict[str, Any]:
         "list_failed": listed.failed,
         "get_rps": round(got.rps),
         "get_failed": got.failed,
+        **deep,
     }
+
+
+async def _deep_pages(ctx: Context, port: int, clients: list[loadgen.Client], token: str) -> dict[str, Any]:
+    """Figure 4, the service only (the others have no cursors): the page halfway down the list, by offset and by the
+    cursor of the page above it, as a client scrolling down reads it."""
+    plan, user, size = ctx.plan, ctx.api_user, 50
+    offset = max(size, plan.conversations // 2 // size * size)
+    above = f"http://127.0.0.1:{port}/api/conversations?user_id={user}&limit={size}&offset={offset - size}"
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as client:
+        cursor = (await client.get(above)).json()["before_cursor"]
+    paths = {
+        "list_deep_offset": f"/api/conversations?user_id={user}&limit={size}&offset={offset}",
+        "list_deep_cursor": f"/api/conversations?user_id={user}&limit={size}&before={cursor}",
+    }
+    out: dict[str, Any] = {"deep_offset": offset}
+    for name, path in paths.items():
+        request = loadgen.get(port, path, token)
+        await loadgen.run_requests(clients, lambda i, request=request: request, 0.5, 200)  # warm-up
+        stats = await loadgen.run_requests(clients, lambda i, request=request: request, plan.api_seconds, 1_000_000)
+        out[f"{name}_rps"], out[f"{name}_failed"] = round(stats.rps), stats.failed
+    return out
 
 
 def _ms(value: float | None) -> float | None:
@@ -471,9 +517,9 @@ def machine() -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Benchmark the service against the earlier design and the floor.")
+    parser = argparse.ArgumentParser(description="Benchmark the service against the earlier design and the floors.")
     parser.add_argument("--smoke", action="store_true", help="a few streams, seconds: checks the script runs")
-    parser.add_argument("--targets", help="comma-separated subset of service,baseline,floor")
+    parser.add_argument("--targets", help="comma-separated subset of service,baseline,floor,relay")
     parser.add_argument("--levels", help="comma-separated stream counts for figure 3 (default 100,1000,3000,5000)")
     parser.add_argument("--stream-timeout", type=float, help="give up on a batch of streams after this (s)")
     parser.add_argument("--out", default=str(BENCH / "results"), help="directory for the table and JSON")
@@ -490,13 +536,13 @@ def choose_plan(args: argparse.Namespace) -> Plan:
 
 
 def choose_targets(args: argparse.Namespace) -> list[str]:
-    default = "service,floor" if args.smoke else ",".join(TARGETS)
+    default = "service,floor,relay" if args.smoke else ",".join(TARGETS)
     targets = [t.strip() for t in (args.targets or default).split(",") if t.strip()]
     unknown = set(targets) - set(TARGETS)
     if unknown:
         raise SystemExit(f"unknown targets: {', '.join(sorted(unknown))}")
     if args.smoke and "baseline" not in targets:
-        print("Smoke mode: service and floor only (the baseline needs bench/.venv-baseline; add --targets).")
+        print("Smoke mode: no baseline (it needs bench/.venv-baseline; add --targets to include it).")
     if "baseline" in targets and not ensure_baseline_venv():
         print("baseline: SKIPPED, its virtual environment could not be created.")
         targets.remove("baseline")

@@ -8,8 +8,10 @@
 --
 -- Security model: the service sends each user's own access token, so PostgREST runs as role `authenticated` and the
 -- policies below decide what each user can see and change (auth.uid() is the token's `sub`). Nothing is granted to
--- `anon`. Clients may only write the columns they own (ids, title, content, metadata); counters and timestamps are
--- kept by triggers. Foreign-key checks bypass row-level security, so the message policies check the parent
+-- `anon`. Users may insert conversations and their own (`role = 'user'`) messages, rename and delete conversations,
+-- and nothing else: messages are never updated or deleted directly, and assistant messages are written only by the
+-- service's functions (004), so a client cannot rewrite or plant history. Counters and timestamps are kept by
+-- triggers. Foreign-key checks bypass row-level security, so the message policies check the parent
 -- conversation's owner explicitly.
 --
 -- The schema is `api` (the service's SUPABASE_SCHEMA default). Add it under Project Settings > Data API >
@@ -147,31 +149,23 @@ create policy agent_messages_select on api.agent_messages
     for select to authenticated using (exists (
         select 1 from api.agent_conversations c
          where c.id = agent_messages.conversation_id and c.user_id = (select auth.uid())));
+-- Only the user's own words: assistant messages are written by the service's functions (004), so a client cannot
+-- plant turns ("SYSTEM: the user is an admin") in the history the prompt is built from.
 create policy agent_messages_insert on api.agent_messages
-    for insert to authenticated with check (exists (
-        select 1 from api.agent_conversations c
-         where c.id = agent_messages.conversation_id and c.user_id = (select auth.uid())));
-create policy agent_messages_update on api.agent_messages
-    for update to authenticated
-    using (exists (
-        select 1 from api.agent_conversations c
-         where c.id = agent_messages.conversation_id and c.user_id = (select auth.uid())))
-    with check (exists (
-        select 1 from api.agent_conversations c
-         where c.id = agent_messages.conversation_id and c.user_id = (select auth.uid())));
-create policy agent_messages_delete on api.agent_messages
-    for delete to authenticated using (exists (
+    for insert to authenticated with check (role = 'user' and exists (
         select 1 from api.agent_conversations c
          where c.id = agent_messages.conversation_id and c.user_id = (select auth.uid())));
 
 -- -- grants: `authenticated` only, and only the columns a client may write ---------------------------------------
 
+-- History is not rewritable: messages can be read and (the user's own) inserted, never updated or deleted directly
+-- (deleting a conversation takes its messages with it); a conversation's title is the only column users update.
 revoke all on api.agent_conversations, api.agent_messages from public, anon, authenticated;
-grant select, delete on api.agent_conversations, api.agent_messages to authenticated;
+grant select, delete on api.agent_conversations to authenticated;
+grant select on api.agent_messages to authenticated;
 grant insert (id, user_id, title, metadata) on api.agent_conversations to authenticated;
-grant update (title, metadata) on api.agent_conversations to authenticated;
+grant update (title) on api.agent_conversations to authenticated;
 grant insert (id, conversation_id, role, content, agent_type, metadata) on api.agent_messages to authenticated;
-grant update (content, metadata, agent_type) on api.agent_messages to authenticated;  -- agent_type: chat runs (004)
 
 commit;
 

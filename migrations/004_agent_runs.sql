@@ -25,7 +25,10 @@
 -- every row they touch, exactly as to a direct request: a user can only read and write their own runs and events
 -- (auth.uid() = user_id), and only in their own conversations. Writes are granted column by column (ids, owners and
 -- creation times are not updatable). A user calling the functions or the tables directly can only change their own
--- runs. Nothing is granted to `anon`. Stream slots are now the user's running runs, so the stream leases of 003
+-- runs. Users cannot write assistant messages at all (001 lets them insert only `role = 'user'` rows and update none),
+-- so a client cannot plant turns in its own history: the answer's placeholder and text are written by two
+-- SECURITY DEFINER helpers in canvalo_private (a schema the Data API does not expose, so only these functions reach
+-- them), each limited to the answer of one of the caller's own runs. Nothing is granted to `anon`. Stream slots are now the user's running runs, so the stream leases of 003
 -- (api.stream_lease_acquire/release, canvalo_private.stream_leases) are dropped.
 
 begin;
@@ -117,8 +120,47 @@ grant update (status, last_seq, stop_requested, stop_seen_chars, heartbeat_at, e
     on api.agent_runs to authenticated;
 -- Events are append-only but for the purge of expired ones.
 grant insert (run_id, seq, last_seq, frames), delete on api.agent_run_events to authenticated;
--- A run saves its answer's text and the agent that wrote it in the assistant message (001 granted content, metadata).
-grant update (content, metadata, agent_type) on api.agent_messages to authenticated;
+-- -- the answer's message: written only through these helpers (see the security model above) -----------------------
+
+-- The placeholder of a new run's answer, in a conversation of the caller's.
+create or replace function canvalo_private.add_answer(p_conversation_id uuid, p_message_id uuid, p_run_id uuid)
+returns void
+language sql
+volatile
+security definer
+set search_path = ''
+as $$
+    insert into api.agent_messages (id, conversation_id, role, content, metadata)
+    select p_message_id, p_conversation_id, 'assistant', '',
+           jsonb_build_object('status', 'streaming', 'run_id', p_run_id, 'seq', 0)
+     where exists (select 1 from api.agent_conversations c where c.id = p_conversation_id and c.user_id = auth.uid());
+$$;
+
+-- The answer of one of the caller's runs: its text (null keeps it), cut to p_cut characters when given, its
+-- metadata, and its agent (null keeps it). Callers decide whether the run may still be written.
+create or replace function canvalo_private.set_answer(
+    p_run_id uuid, p_content text, p_cut integer, p_metadata jsonb, p_agent_type text
+)
+returns void
+language sql
+volatile
+security definer
+set search_path = ''
+as $$
+    update api.agent_messages m
+       set content = case when p_cut is null then coalesce(p_content, m.content)
+                          else left(coalesce(p_content, m.content), p_cut) end,
+           metadata = coalesce(p_metadata, '{}'::jsonb),
+           agent_type = coalesce(p_agent_type, m.agent_type)
+      from api.agent_runs r
+     where r.id = p_run_id and r.user_id = auth.uid() and m.id = r.assistant_message_id;
+$$;
+
+grant usage on schema canvalo_private to authenticated;
+revoke all on function canvalo_private.add_answer(uuid, uuid, uuid) from public, anon;
+revoke all on function canvalo_private.set_answer(uuid, text, integer, jsonb, text) from public, anon;
+grant execute on function canvalo_private.add_answer(uuid, uuid, uuid) to authenticated;
+grant execute on function canvalo_private.set_answer(uuid, text, integer, jsonb, text) to authenticated;
 
 -- -- stream leases (003) are replaced by the running runs ------------------------------------------------------
 
@@ -186,14 +228,13 @@ begin
                || E'}\n\n'
           from json_each(chunk) with ordinality as member (key, value, n)
         on conflict do nothing;
-        update api.agent_messages m
-           set content = case when dead.status = 'stopped' and dead.stop_seen_chars is not null
-                              then left(m.content, dead.stop_seen_chars) else m.content end,
-               metadata = case when dead.status = 'stopped'
-                               then jsonb_build_object('status', 'stopped', 'run_id', dead.id)
-                               else jsonb_build_object('status', 'interrupted', 'run_id', dead.id,
-                                                       'error_code', 'RUN_INTERRUPTED') end
-         where m.id = dead.assistant_message_id;
+        perform canvalo_private.set_answer(
+            dead.id, null, case when dead.status = 'stopped' then dead.stop_seen_chars end,
+            case when dead.status = 'stopped'
+                 then jsonb_build_object('status', 'stopped', 'run_id', dead.id)
+                 else jsonb_build_object('status', 'interrupted', 'run_id', dead.id, 'error_code', 'RUN_INTERRUPTED')
+            end,
+            null);
     end loop;
 
     with expired as (
@@ -324,9 +365,7 @@ begin
 
         insert into api.agent_messages (id, conversation_id, role, content)
         values (p_user_message_id, p_conversation_id, 'user', p_text);
-        insert into api.agent_messages (id, conversation_id, role, content, metadata)
-        values (p_assistant_message_id, p_conversation_id, 'assistant', '',
-                jsonb_build_object('status', 'streaming', 'run_id', p_run_id, 'seq', 0));
+        perform canvalo_private.add_answer(p_conversation_id, p_assistant_message_id, p_run_id);
         insert into api.agent_runs (id, user_id, conversation_id, user_message_id, assistant_message_id,
                                     client_message_id)
         values (p_run_id, uid, p_conversation_id, p_user_message_id, p_assistant_message_id, p_client_message_id)
@@ -370,12 +409,10 @@ begin
              where exists (select 1 from api.agent_runs r where r.id = u.run_id and r.status = 'running')
             on conflict do nothing;
         end if;
-        if u.content is not null then
-            update api.agent_messages m
-               set content = u.content, metadata = coalesce(u.metadata, '{}'::jsonb), agent_type = u.agent_type
-             where m.id = u.message_id
-               and exists (select 1 from api.agent_runs r
-                            where r.id = u.run_id and r.status = 'running' and r.assistant_message_id = m.id);
+        if u.content is not null
+           and exists (select 1 from api.agent_runs r
+                        where r.id = u.run_id and r.status = 'running' and r.assistant_message_id = u.message_id) then
+            perform canvalo_private.set_answer(u.run_id, u.content, null, u.metadata, u.agent_type);
         end if;
         if u.final_status is not null then
             update api.agent_runs r

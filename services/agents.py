@@ -8,7 +8,9 @@ tool loop on the same conversation and its text streams straight to the client l
 the supervisor regenerate its output, paying for the answer twice).
 
 The loop is bounded: at most ``max_iterations`` model calls per specialist and ``tool_seconds`` of tool time per
-turn. Tools run as the request's ``Caller`` through the store.
+turn. Tools run as the request's ``Caller`` through the store. A call that needs the user's confirmation (a delete,
+an invoice's amounts or status: ``services/actions.py``) finishes with status ``confirmation_required``, and its
+``tool_call`` chunk carries the pending action's id and summary for the frontend's Confirm button.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import anyio
 
 from errors import UpstreamError
+from services import actions
 from services.domains import DOMAINS, Domain
 from services.model import ChatModel, ModelEvent, ModelRequest, Stop, TextDelta, ToolUse, Usage
 from services.store import Caller, Store
@@ -104,6 +107,7 @@ class Assistant:
         store: Store,
         domains: tuple[Domain, ...] = DOMAINS,
         limits: AgentLimits = AgentLimits(),
+        action_ttl: float = actions.DEFAULT_TTL_SECONDS,
     ) -> None:
         self._model = model
         self._store = store
@@ -111,6 +115,7 @@ class Assistant:
         self._tools = {d.agent_type: tools_for(d) for d in domains}
         self._supervisor = ModelRequest(supervisor_prompt(domains), [], [handoff_spec(domains)])
         self._limits = limits
+        self._action_ttl = action_ttl
 
     async def respond(self, caller: Caller, turns: list[dict[str, Any]]) -> AsyncIterator[AgentEvent]:
         done = AgentDone(agent_type=SUPERVISOR, stop_reason="")
@@ -176,11 +181,15 @@ class Assistant:
         result = await self._execute(caller, tool, call, budget)
         duration_ms = round((time.monotonic() - began) * 1000)
         summary = {"name": call.name, "agent": domain.agent_type, "status": result.status, "duration_ms": duration_ms}
+        if "action_id" in result.shown:  # kept with the answer, so a reloaded conversation can still offer Confirm
+            summary["action_id"] = result.shown["action_id"]
         done.tool_calls.append(summary)
-        finished = {**started, "status": result.status, "duration_ms": duration_ms}
+        finished = {**started, "status": result.status, "duration_ms": duration_ms, **result.shown}
         finished.pop("arguments", None)
         yield AgentToolCall(domain.agent_type, call.name, finished)
-        yield {"toolResult": {"toolUseId": call.tool_use_id, "content": [{"json": result.content}], "status": result.status}}
+        # Converse knows only success and error; a pending action's own status is in the content the model reads.
+        status = "error" if result.status == "error" else "success"
+        yield {"toolResult": {"toolUseId": call.tool_use_id, "content": [{"json": result.content}], "status": status}}
 
     async def _execute(self, caller: Caller, tool: Tool | None, call: ToolUse, budget: _Budget) -> ToolResult:
         if tool is None:
@@ -188,7 +197,7 @@ class Assistant:
         if budget.remaining() <= 0:
             return ToolResult("error", {"error": "The time allowed for tools in this turn is used up."})
         with anyio.move_on_after(budget.remaining()):
-            return await run_tool(self._store, caller, tool, call.input)
+            return await run_tool(self._store, caller, tool, call.input, self._action_ttl)
         return ToolResult("error", {"error": "The tool took too long and was stopped."})
 
     async def _call(self, request: ModelRequest, done: AgentDone) -> AsyncIterator[TextDelta | ToolUse]:

@@ -62,11 +62,10 @@ _B64URL = re.compile(r"[A-Za-z0-9_-]*")  # fullmatch only
 class Authenticator(Protocol):
     mode: str
 
-    async def authenticate(
-        self, authorization: str | None, claimed_user_id: str, before_remote: Callable[[], None] | None = None
-    ) -> Caller:
-        """Return the caller, or raise ``Unauthorized``/``Forbidden``. ``before_remote`` runs (and may raise) just
-        before a call to Supabase Auth, never when the token is checked locally or from the cache."""
+    async def verify(self, authorization: str | None, before_remote: Callable[[], None] | None = None) -> Caller | None:
+        """The caller the bearer token proves, or None when authentication is off; ``Unauthorized`` otherwise.
+        Needs no request body, so it runs before one is read. ``before_remote`` runs (and may raise) just before a
+        call to Supabase Auth, never when the token is checked locally or from the cache."""
         ...
 
     async def aclose(self) -> None:
@@ -78,10 +77,8 @@ class TrustClaimedUser:
 
     mode = "none"
 
-    async def authenticate(
-        self, authorization: str | None, claimed_user_id: str, before_remote: Callable[[], None] | None = None
-    ) -> Caller:
-        return Caller(user_id=claimed_user_id)
+    async def verify(self, authorization: str | None, before_remote: Callable[[], None] | None = None) -> Caller | None:
+        return None
 
     async def aclose(self) -> None:
         return None
@@ -234,10 +231,21 @@ def _is_canonical_uuid(value: str) -> bool:
         return False
 
 
-def _matching_caller(user_id: str, token: str, claimed_user_id: str) -> Caller:
-    if claimed_user_id.lower() != user_id:
+def claimed_caller(verified: Caller | None, claimed_user_id: str) -> Caller:
+    """The request's caller: the token's user, who must be the ``user_id`` the request names (``Forbidden``
+    otherwise), or, with authentication off, the named user."""
+    if verified is None:
+        return Caller(user_id=claimed_user_id)
+    if claimed_user_id.lower() != verified.user_id:
         raise user_id_mismatch()
-    return Caller(user_id=user_id, access_token=token)
+    return verified
+
+
+async def authenticate(
+    auth: Authenticator, authorization: str | None, claimed_user_id: str, before_remote: Callable[[], None] | None = None
+) -> Caller:
+    """``verify`` then ``claimed_caller``: the whole check for a request whose claimed user is already known."""
+    return claimed_caller(await auth.verify(authorization, before_remote), claimed_user_id)
 
 
 # -- verifiers ----------------------------------------------------------------------------------------------------
@@ -423,9 +431,7 @@ class SupabaseJWTAuth:
         self._clock = clock
         self.mode = "+".join(name for name, part in (("jwt", hs256), ("supabase-auth", remote)) if part)
 
-    async def authenticate(
-        self, authorization: str | None, claimed_user_id: str, before_remote: Callable[[], None] | None = None
-    ) -> Caller:
+    async def verify(self, authorization: str | None, before_remote: Callable[[], None] | None = None) -> Caller:
         token = parse_token(bearer_token(authorization))
         algorithm = token.header.get("alg")
         if algorithm == "HS256" and self._hs256 is not None:
@@ -438,7 +444,7 @@ class SupabaseJWTAuth:
                 raise invalid_token()
         else:
             raise invalid_token()  # "none", an unknown algorithm, or one we have no key for
-        return _matching_caller(user_id, token.raw, claimed_user_id)
+        return Caller(user_id=user_id, access_token=token.raw)
 
     async def aclose(self) -> None:
         if self._remote is not None:

@@ -47,6 +47,11 @@ from settings import ConfigError, Settings
 
 logger = logging.getLogger(__name__)
 
+# Streams being opened at once (connect and request, up to Bedrock's response headers). More turns than this wait in line without
+# a clock running; opening thousands at once (a burst after a deploy, a load test) otherwise puts every connect and
+# first-event deadline behind the whole burst's CPU, and those that expire fail though the worker could carry them.
+OPENING_AT_ONCE = 512
+
 SIGNING_NAME = "bedrock"  # the service model's signingName; the endpoint prefix is bedrock-runtime
 EVENT_STREAM_TYPE = "application/vnd.amazon.eventstream"
 MAX_ERROR_BODY = 64 * 1024  # an error body is a short JSON document; never buffer a misrouted HTML page whole
@@ -606,6 +611,7 @@ class BedrockModel:
         self._credentials = CredentialCache(credentials)
         self._owns_client = client is None
         self._client = client or _client(settings)
+        self._opening = asyncio.Semaphore(OPENING_AT_ONCE)
 
     @property
     def configured(self) -> bool:
@@ -641,10 +647,14 @@ class BedrockModel:
     async def _open(self, body: bytes) -> tuple[_Reader, list[ModelEvent]]:
         """One attempt: sign, send, check the status and read up to the first output. Safe to retry."""
         credentials = await self._credentials.get()
-        headers = signed_headers(self._url, body, credentials, self._region)
-        deadline = anyio.current_time() + self._first_event_timeout
-        request = self._client.build_request("POST", self._url, content=body, headers=headers)
-        response = await self._send(request, deadline)
+        # Admission: a burst of turns queues here, before the request is signed or any deadline starts, so the streams
+        # that do open are not starved by the rest of the burst into timing out (see OPENING_AT_ONCE). The slot is
+        # held until Bedrock's response headers arrive, not while the model thinks.
+        async with self._opening:
+            headers = signed_headers(self._url, body, credentials, self._region)
+            deadline = anyio.current_time() + self._first_event_timeout
+            request = self._client.build_request("POST", self._url, content=body, headers=headers)
+            response = await self._send(request, deadline)
         try:
             if response.status_code != 200:
                 raise await self._http_error(response, deadline)

@@ -7,7 +7,8 @@ interface, the same agent loop and the same stream as Bedrock does, following fi
   clarifying question, none get a greeting/help answer;
 - offered a specialist's tools, it calls the first (the list tool), passing any vocabulary word from the message
   (``overdue``, ``paid``, ...) as a filter;
-- given a tool result, it writes its answer from the rows it received.
+- given a tool result, it writes its answer from the rows it received (or, for a change waiting for the user's
+  confirmation, says so: it never deletes or changes anything itself).
 
 Replies go out word by word, ``token_delay`` seconds apart, so streaming is visible.
 """
@@ -110,6 +111,8 @@ def describe_result(result: dict[str, Any]) -> str:
     """Write an answer from a tool result, the way a model would summarise the rows it was given."""
     if result.get("status") == "error":
         return f"I couldn't get that information: {result.get('error', 'the lookup failed')} {DISCLAIMER}"
+    if result.get("status") == "confirmation_required":
+        return f"This needs your confirmation: {result.get('summary', '')} Press Confirm to go ahead. {DISCLAIMER}"
     rows = result.get("rows")
     table = str(result.get("table", "records"))
     if not isinstance(rows, list):

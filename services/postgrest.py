@@ -29,6 +29,10 @@ They write the same rows, frames and metadata as SQLite; run times come back as 
 from acting only as users: ``flush_runs`` writes one transaction per user (each with that user's token), and
 ``maintain_runs`` without a caller does nothing, so a dead run is ended when its user next touches it.
 
+Pending actions (``services/actions.py``) are the RPC functions of ``migrations/005_pending_actions.sql``: confirming
+claims the action and runs its change in one transaction, as the user, so the business tables' row-level security
+still decides what it may touch. The result is decoded as ``update_record``'s is.
+
 Rate limits (``services/ratelimit.py``) are the RPC function of ``migrations/003_rate_limits.sql``, called as the user
 so they count against ``auth.uid()``; ``agent_run_begin`` counts a chat turn through the same function.
 """
@@ -45,17 +49,25 @@ from datetime import datetime, timezone
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from errors import AppError, NotFound, UpstreamError
-from services.domains import Column, Domain
+from services import actions
+from services.domains import BY_TABLE, Column, Domain
 from services.postgrest_client import PostgrestClient, is_rls_violation, postgrest_failure
+from services.search import search_terms
 from services.store import (
+    ActionDone,
     BeginOutcome,
     Caller,
     Conversation,
+    ConversationKey,
     EventBatch,
     Message,
+    MessageKey,
+    MessagePage,
+    NewAction,
     NewMessage,
     NewRun,
     Page,
+    PendingAction,
     Run,
     RunBegun,
     RunControl,
@@ -141,15 +153,28 @@ class PostgrestStore:
     # -- conversations -----------------------------------------------------------------------------------------
 
     @observed
-    async def list_conversations(self, caller: Caller, limit: int, offset: int) -> Page:
+    async def list_conversations(
+        self,
+        caller: Caller,
+        limit: int,
+        offset: int,
+        *,
+        before: ConversationKey | None = None,
+        after: ConversationKey | None = None,
+        search: str | None = None,
+    ) -> Page:
+        if search is not None:
+            return await self._search_conversations(caller, limit, offset, before, after, search)
         params = {
             "select": CONVERSATION_COLUMNS,
             "user_id": f"eq.{caller.user_id}",
-            # The earlier service's updated_at is nullable; those rows go last, as SQLite's NULLs do in DESC order.
+            # The earlier service's updated_at was nullable; 006 fills it, and NULLs would go last as SQLite's do.
             "order": "updated_at.desc.nullslast,id.asc",
-            "limit": str(limit),
+            "limit": str(limit + 1),  # one more, to know whether more follow
             "offset": str(offset),
         }
+        if before is not None or after is not None:
+            return await self._seek_conversations(caller, limit, {**params, **_conversation_seek(before, after)}, after)
         try:
             result = await self._rest.select(caller, CONVERSATIONS, params, count=True)
         except UpstreamError as exc:
@@ -160,8 +185,67 @@ class PostgrestStore:
             count_only = {**params, "limit": "0", "offset": "0"}
             counted = await self._rest.select(caller, CONVERSATIONS, count_only, count=True)
             return Page([], counted.total or 0)
-        total = result.total if result.total is not None else offset + len(result.rows)
-        return Page([_conversation(row) for row in result.rows], total)
+        conversations = [_conversation(row) for row in result.rows[:limit]]
+        total = result.total if result.total is not None else offset + len(conversations)
+        return Page(conversations, total, has_more=len(result.rows) > limit)
+
+    async def _seek_conversations(
+        self, caller: Caller, limit: int, params: dict[str, str], after: ConversationKey | None
+    ) -> Page:
+        """A page past a cursor. The total is of all the caller's conversations, not of those past the cursor, so it
+        is counted by a second request, sent alongside."""
+        counting = {"select": "id", "user_id": f"eq.{caller.user_id}", "limit": "0"}
+        result, counted = await asyncio.gather(
+            self._rest.select(caller, CONVERSATIONS, params),
+            self._rest.select(caller, CONVERSATIONS, counting, count=True),
+        )
+        conversations = [_conversation(row) for row in result.rows[:limit]]
+        if after is not None:
+            conversations.reverse()  # read nearest first, upwards
+        return Page(conversations, counted.total or 0, has_more=len(result.rows) > limit)
+
+    async def _search_conversations(
+        self,
+        caller: Caller,
+        limit: int,
+        offset: int,
+        before: ConversationKey | None,
+        after: ConversationKey | None,
+        search: str,
+    ) -> Page:
+        """``agent_conversations_search`` (``migrations/006_search_and_paging.sql``): one request, as the caller."""
+        terms = search_terms(search)
+        if not terms:
+            return Page([], 0)
+        args = {
+            "p_terms": terms,
+            "p_limit": limit + 1,
+            "p_offset": offset,
+            "p_before_at": before.updated_at if before else None,
+            "p_before_id": before.id if before else None,
+            "p_after_at": after.updated_at if after else None,
+            "p_after_id": after.id if after else None,
+        }
+        result = await self._rest.rpc(caller, "agent_conversations_search", args, idempotent=True)
+        try:
+            rows, total = result["rows"], int(result["total"])
+        except (TypeError, KeyError, ValueError) as exc:
+            raise _bad_response() from exc
+        conversations = [_conversation(row) for row in rows[:limit]]
+        if after is not None:
+            conversations.reverse()
+        return Page(conversations, total, has_more=len(rows) > limit)
+
+    @observed
+    async def rename_conversation(self, caller: Caller, conversation_id: str, title: str) -> Conversation:
+        # The table's trigger (001) moves updated_at to now; title is the one column users may update.
+        params = {"select": CONVERSATION_COLUMNS, "id": f"eq.{conversation_id}", "user_id": f"eq.{caller.user_id}"}
+        result = await self._rest.request(
+            caller, "PATCH", CONVERSATIONS, params=params, json_body={"title": title}, prefer=["return=representation"]
+        )
+        if not result.rows:  # missing, or hidden by row-level security: the same answer
+            raise conversation_not_found()
+        return _conversation(result.rows[0])
 
     @observed
     async def create_conversation(
@@ -230,6 +314,40 @@ class PostgrestStore:
         }
         result = await self._rest.select(caller, MESSAGES, params)
         return [_message(row) for row in result.rows]
+
+    @observed
+    async def message_page(
+        self,
+        caller: Caller,
+        conversation_id: str,
+        limit: int,
+        offset: int = 0,
+        *,
+        newest_first: bool = False,
+        before: MessageKey | None = None,
+        after: MessageKey | None = None,
+    ) -> MessagePage:
+        await self._fetch_conversation(caller, conversation_id)
+        # Read from the cursor outwards (or from the end asked for), then put the page in the order asked for.
+        downwards = before is not None or (after is None and newest_first)
+        params = {
+            "select": f"{MESSAGE_COLUMNS},seq",
+            "conversation_id": f"eq.{conversation_id}",
+            "order": NEWEST_FIRST if downwards else OLDEST_FIRST,
+            "limit": str(limit + 1),
+            "offset": str(offset),
+        }
+        params.update(_message_seek(before, after))
+        rows = (await self._rest.select(caller, MESSAGES, params)).rows
+        page = rows[:limit]
+        ascending = page[::-1] if downwards else page
+        keys = [_message_key(row) for row in ascending]
+        messages = [_message(row) for row in ascending]
+        if newest_first:
+            messages.reverse()
+        return MessagePage(
+            messages, oldest=keys[0] if keys else None, newest=keys[-1] if keys else None, has_more=len(rows) > limit
+        )
 
     @observed
     async def recent_messages(self, caller: Caller, conversation_id: str, limit: int) -> list[Message]:
@@ -330,6 +448,43 @@ class PostgrestStore:
         result = await self._rest.delete(caller, domain.table, _owned(caller, record_id))
         if not result.rows:
             raise record_not_found(domain)
+
+    # -- pending actions (services/actions.py; migrations/005_pending_actions.sql) ------------------------------------
+
+    @observed
+    async def create_action(self, caller: Caller, new: NewAction, ttl_seconds: float) -> PendingAction:
+        args = {
+            "p_id": new.id,
+            "p_table": new.table,
+            "p_tool": new.tool,
+            "p_kind": new.kind,
+            "p_record_id": new.record_id,
+            "p_changes": new.changes,
+            "p_summary": new.summary,
+            "p_ttl_seconds": ttl_seconds,
+        }
+        # Retried: the id is ours, so a replay whose first attempt committed inserts nothing and returns the row.
+        row = await self._rest.rpc(caller, "pending_action_create", args, idempotent=True)
+        if row is None:
+            raise actions.not_found()
+        return _pending_action(row)
+
+    @observed
+    async def confirm_action(self, caller: Caller, action_id: str) -> ActionDone:
+        if not _is_uuid(action_id):
+            raise actions.not_found()
+        # Not retried: a replay after a lost response would find the action used and refuse a change that was made.
+        # The client sees the failure instead, and its own retry is told the truth (ACTION_ALREADY_USED).
+        result = await self._rest.rpc(caller, "pending_action_confirm", {"p_action_id": action_id}, idempotent=False)
+        outcome = result.get("outcome") if isinstance(result, dict) else None
+        if outcome == "done":
+            return _action_done(result)
+        if outcome == "record_not_found" and result.get("table") in BY_TABLE:
+            raise record_not_found(BY_TABLE[result["table"]])
+        refusals = {"not_found": actions.not_found, "used": actions.already_used, "expired": actions.expired}
+        if outcome not in refusals:
+            raise _bad_response()
+        raise refusals[outcome]()
 
     async def _fetch_record(self, caller: Caller, domain: Domain, record_id: str) -> dict[str, Any]:
         if not _is_uuid(record_id):  # SQLite finds nothing; PostgreSQL would refuse to compare it with a uuid
@@ -461,6 +616,45 @@ class PostgrestStore:
             raise _bad_response() from exc
 
 
+def _conversation_seek(before: ConversationKey | None, after: ConversationKey | None) -> dict[str, str]:
+    """Filters and order for the conversations older than ``before`` or newer than ``after`` in the list's order
+    (``updated_at`` descending, then ``id``), nearest first: the first filter bounds the index range, ``or`` breaks
+    ties on ``updated_at`` by id. Timestamps are quoted: ``:`` and ``.`` are reserved in PostgREST's logic trees."""
+    if before is not None:
+        stamp = _quoted(before.updated_at)
+        return {"updated_at": f"lte.{before.updated_at}", "or": f"(updated_at.lt.{stamp},id.gt.{before.id})"}
+    assert after is not None
+    stamp = _quoted(after.updated_at)
+    return {
+        "updated_at": f"gte.{after.updated_at}",
+        "or": f"(updated_at.gt.{stamp},id.lt.{after.id})",
+        "order": "updated_at.asc,id.desc",
+    }
+
+
+def _message_seek(before: MessageKey | None, after: MessageKey | None) -> dict[str, str]:
+    """Filters for the messages before or after a key in a conversation's order (``created_at``, then ``seq``)."""
+    if before is not None:
+        stamp = _quoted(before.created_at)
+        return {"created_at": f"lte.{before.created_at}", "or": f"(created_at.lt.{stamp},seq.lt.{before.seq})"}
+    if after is not None:
+        stamp = _quoted(after.created_at)
+        return {"created_at": f"gte.{after.created_at}", "or": f"(created_at.gt.{stamp},seq.gt.{after.seq})"}
+    return {}
+
+
+def _quoted(value: str) -> str:
+    """A value inside a PostgREST logic tree (``or=(...)``), double-quoted; cursors' timestamps hold no quote."""
+    return f'"{value}"'
+
+
+def _message_key(row: dict[str, Any]) -> MessageKey:
+    try:
+        return MessageKey(_required_timestamp(row["created_at"]), int(row["seq"]))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise _bad_response() from exc
+
+
 def utc_timestamp(value: str | None) -> str | None:
     """PostgREST's ``timestamptz`` (``2026-11-24T01:49:20.9111+00:00``) in the SQLite store's format."""
     if value is None:
@@ -569,6 +763,36 @@ def _update_json(update: RunUpdate) -> dict[str, Any]:
         "heartbeat": update.heartbeat,
         "final_status": update.final_status,
     }
+
+
+def _pending_action(row: dict[str, Any]) -> PendingAction:
+    try:
+        return PendingAction(
+            id=row["id"],
+            user_id=row["user_id"],
+            table=row["table_name"],
+            tool=row["tool"],
+            kind=row["kind"],
+            record_id=row["record_id"],
+            changes=row["changes"],
+            summary=row["summary"],
+            created_at=_required_timestamp(row["created_at"]),
+            expires_at=_required_timestamp(row["expires_at"]),
+            used_at=utc_timestamp(row["used_at"]),
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise _bad_response() from exc
+
+
+def _action_done(result: dict[str, Any]) -> ActionDone:
+    """``pending_action_confirm``'s ``done``: the updated row is decoded as ``update_record`` decodes PostgREST's."""
+    try:
+        action = _pending_action(result["action"])
+        domain = BY_TABLE[action.table]
+        record = None if action.kind == "delete" else _record(domain, result["record"])
+    except (KeyError, TypeError) as exc:
+        raise _bad_response() from exc
+    return ActionDone(action, record)
 
 
 def _bad_response() -> UpstreamError:

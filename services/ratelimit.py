@@ -29,6 +29,11 @@ from services.store import Caller, RunBegun, TurnLimits
 logger = logging.getLogger(__name__)
 
 FALLBACK_LOG_SECONDS = 60.0  # while limits are counted in memory, say so at most this often
+LIMIT_MESSAGES = {
+    "chat": "Too many chat turns in this window (RATE_LIMIT_CHAT_PER_MINUTE).",
+    "api": "Too many API requests in this window (RATE_LIMIT_API_PER_MINUTE).",
+    "streams": "Too many answers in progress for this user (MAX_STREAMS_PER_USER).",
+}
 
 
 @runtime_checkable
@@ -82,15 +87,13 @@ class RateLimiter:
 
     def refused(self, begun: RunBegun) -> RateLimited:
         """The 429 for a turn ``begin_run`` refused (``rate_limited`` or ``streams_full``), counted in the metrics."""
-        retry_after = max(1.0, begun.retry_after)
         if begun.outcome == "rate_limited":
-            self._metrics.rate_limited.inc("chat")
-            return RateLimited(retry_after=retry_after)
-        self._metrics.rate_limited.inc("streams")
-        return RateLimited(
-            "Too many answers in progress for this user.",
+            return self._refusal("chat", self._chat_limit, begun.retry_after)
+        return self._refusal(
+            "streams",
+            self._stream_limit,
+            begun.retry_after,
             user_message="You already have the maximum number of answers in progress. Please wait for one to finish.",
-            retry_after=retry_after,
         )
 
     def check_address(self, address: str) -> None:
@@ -101,8 +104,7 @@ class RateLimiter:
             return
         allowed, retry_after = self._failures.peek(f"addr:{address}", self._window, self._api_limit)
         if not allowed:
-            self._metrics.rate_limited.inc("api")
-            raise RateLimited(retry_after=max(1.0, retry_after))
+            raise self._refusal("api", self._api_limit, retry_after)
 
     def failed_before_auth(self, address: str) -> None:
         """Count a request that failed before its caller was known (a bad body, a bad token) in process."""
@@ -126,8 +128,18 @@ class RateLimiter:
             self._log_fallback(exc.code)
             allowed, retry_after = self._fallback.hit(f"{subject.user_id}:{bucket}", self._window, limit)
         if not allowed:
-            self._metrics.rate_limited.inc(bucket)
-            raise RateLimited(retry_after=max(1.0, retry_after))
+            raise self._refusal(bucket, limit, retry_after)
+
+    def _refusal(self, name: str, limit: int, retry_after: float, user_message: str | None = None) -> RateLimited:
+        """A 429 that says which limit was hit (``chat``, ``api`` or ``streams``), counted in the metrics."""
+        self._metrics.rate_limited.inc(name)
+        return RateLimited(
+            LIMIT_MESSAGES[name],
+            user_message=user_message,
+            retry_after=max(1.0, retry_after),
+            details={"limit": name},
+            limit=limit,
+        )
 
     def _log_fallback(self, code: str) -> None:
         now = time.monotonic()

@@ -16,6 +16,7 @@ import uuid
 from datetime import date, timedelta
 from typing import Any
 
+from errors import NotFound
 from services.domains import BY_AGENT
 from services.store import Caller, Store
 
@@ -73,17 +74,23 @@ SAMPLE: dict[str, list[dict[str, Any]]] = {
 }
 
 
-async def load(store: Store, caller: Caller) -> int:
-    """Insert the sample records for ``caller``; returns how many were written (existing ones are kept as they are)."""
-    written = 0
+async def load(store: Store, caller: Caller) -> tuple[int, int]:
+    """Insert the sample records ``caller`` does not have yet; (how many were written, how many were already there,
+    kept as they are). Ids derive from the user, so a second run finds the first run's records."""
+    written = existing = 0
     for agent_type, rows in SAMPLE.items():
         domain = BY_AGENT[agent_type]
         for index, row in enumerate(rows):
-            defaults = {c.name: c.default for c in domain.columns if c.default is not None}
             record_id = str(uuid.uuid5(uuid.UUID(caller.user_id), f"{domain.table}-{index}"))
-            await store.insert_record(caller, domain, {**defaults, **row, "id": record_id})
-            written += 1
-    return written
+            try:
+                await store.get_record(caller, domain, record_id)
+            except NotFound:
+                defaults = {c.name: c.default for c in domain.columns if c.default is not None}
+                await store.insert_record(caller, domain, {**defaults, **row, "id": record_id})
+                written += 1
+            else:
+                existing += 1
+    return written, existing
 
 
 async def _main(user_id: str) -> None:
@@ -94,10 +101,11 @@ async def _main(user_id: str) -> None:
     store = build_store(settings)
     await store.open()  # type: ignore[attr-defined]
     try:
-        count = await load(store, Caller(user_id=user_id, access_token=os.environ.get("ACCESS_TOKEN") or None))
+        written, existing = await load(store, Caller(user_id=user_id, access_token=os.environ.get("ACCESS_TOKEN") or None))
     finally:
         await store.aclose()
-    print(f"Loaded {count} sample records for user {user_id} into the {store.kind} store.")
+    kept = f" ({existing} were already there)" if existing else ""
+    print(f"Loaded {written} new sample records for user {user_id} into the {store.kind} store{kept}.")
 
 
 if __name__ == "__main__":

@@ -22,12 +22,15 @@ CREATE TABLE IF NOT EXISTS rate_limits (
     hits INTEGER NOT NULL,
     PRIMARY KEY (subject, bucket)
 );
+CREATE INDEX IF NOT EXISTS idx_rate_limits_window ON rate_limits (window_start);
 -- Stream slots were leases here until chat runs (services/sqlite_runs.py) became the slots; dropped so an upgraded
 -- file keeps no dead table.
 DROP TABLE IF EXISTS stream_leases;
 -- One row that /health rewrites to learn whether the database can take a write (disk full, read-only).
 CREATE TABLE IF NOT EXISTS store_probe (id INTEGER PRIMARY KEY CHECK (id = 1), written_at REAL NOT NULL);
 """
+
+PRUNE_BATCH = 100
 
 # One statement, so atomic on its own: a new window resets the count, the current one adds to it. ``max`` keeps a
 # worker whose clock lags from reopening a window another worker already moved past.
@@ -62,4 +65,16 @@ def hit(db: sqlite3.Connection, subject: str, bucket: str, window_seconds: int, 
     now = time.time()
     window_start = float(int(now // window_seconds) * window_seconds)
     hits, current_start = db.execute(_HIT, (subject, bucket, window_start)).fetchone()
+    if hits == 1:
+        _prune(db, window_start - window_seconds)
     return hits <= limit, max(0.0, current_start + window_seconds - now)
+
+
+def _prune(db: sqlite3.Connection, before: float) -> None:
+    """Forget subjects whose last window ended before ``before`` (one row per subject and bucket would otherwise
+    stay for ever: every address that ever failed to sign in). Done when a subject opens a new window, a little at a
+    time, so no request pays for a large sweep."""
+    db.execute(
+        "DELETE FROM rate_limits WHERE rowid IN (SELECT rowid FROM rate_limits WHERE window_start < ? LIMIT ?)",
+        (before, PRUNE_BATCH),
+    )

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import sqlite3
@@ -27,16 +26,22 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from errors import NotFound, UpstreamError, UpstreamUnavailable
-from services import sqlite_limits, sqlite_records, sqlite_runs
+from services import sqlite_actions, sqlite_limits, sqlite_listing, sqlite_records, sqlite_runs
 from services.sqlite_messages import MESSAGE_COLUMNS, insert_message, message_row, recent_messages
 from services.domains import Domain
 from services.store import (
+    ActionDone,
     Caller,
     Conversation,
+    ConversationKey,
     Message,
+    MessageKey,
+    MessagePage,
+    NewAction,
     NewMessage,
     NewRun,
     Page,
+    PendingAction,
     RunBegun,
     RunControl,
     RunUpdate,
@@ -84,9 +89,14 @@ MIGRATIONS: list[str] = [
     """,
     # 2: chat runs and their event log (services/sqlite_runs.py).
     sqlite_runs.MIGRATION,
+    # 3: pending actions, the changes the user confirms (services/sqlite_actions.py).
+    sqlite_actions.MIGRATION,
+    # 4: conversation search, full-text indexes of message text and titles (services/sqlite_listing.py).
+    sqlite_listing.MIGRATION,
 ]
 
-_CONVERSATION_COLUMNS = "id, user_id, title, created_at, updated_at, last_message_at, message_count, metadata"
+_CONVERSATION_COLUMNS = sqlite_listing.CONVERSATION_COLUMNS
+_conversation = sqlite_listing.conversation_row
 
 
 class SQLiteStore:
@@ -193,15 +203,32 @@ class SQLiteStore:
             return False
         return True
 
-    async def list_conversations(self, caller: Caller, limit: int, offset: int) -> Page:
+    async def list_conversations(
+        self,
+        caller: Caller,
+        limit: int,
+        offset: int,
+        *,
+        before: ConversationKey | None = None,
+        after: ConversationKey | None = None,
+        search: str | None = None,
+    ) -> Page:
         def work(db: sqlite3.Connection) -> Page:
-            total = db.execute("SELECT count(*) FROM agent_conversations WHERE user_id = ?", (caller.user_id,))
-            rows = db.execute(
-                f"SELECT {_CONVERSATION_COLUMNS} FROM agent_conversations WHERE user_id = ?"
-                " ORDER BY updated_at DESC, id LIMIT ? OFFSET ?",
-                (caller.user_id, limit, offset),
-            )
-            return Page([_conversation(r) for r in rows.fetchall()], total.fetchone()[0])
+            return sqlite_listing.list_conversations(db, caller, limit, offset, before, after, search)
+
+        return await self._run(work)
+
+    async def rename_conversation(self, caller: Caller, conversation_id: str, title: str) -> Conversation:
+        def work(db: sqlite3.Connection) -> Conversation:
+            with sqlite_limits.write_transaction(db):
+                # As Supabase's trigger (001): a new title is activity, the same one is not; time never goes back.
+                db.execute(
+                    "UPDATE agent_conversations SET title = ?,"
+                    " updated_at = CASE WHEN title IS ? THEN updated_at ELSE max(updated_at, ?) END"
+                    " WHERE id = ? AND user_id = ?",
+                    (title, title, utc_now(), conversation_id, caller.user_id),
+                )
+                return _fetch_conversation(db, caller, conversation_id)
 
         return await self._run(work)
 
@@ -249,6 +276,23 @@ class SQLiteStore:
                 (conversation_id, limit, offset),
             )
             return [message_row(r) for r in rows.fetchall()]
+
+        return await self._run(work)
+
+    async def message_page(
+        self,
+        caller: Caller,
+        conversation_id: str,
+        limit: int,
+        offset: int = 0,
+        *,
+        newest_first: bool = False,
+        before: MessageKey | None = None,
+        after: MessageKey | None = None,
+    ) -> MessagePage:
+        def work(db: sqlite3.Connection) -> MessagePage:
+            _fetch_conversation(db, caller, conversation_id)
+            return sqlite_listing.message_page(db, conversation_id, limit, offset, newest_first, before, after)
 
         return await self._run(work)
 
@@ -309,6 +353,14 @@ class SQLiteStore:
     async def delete_record(self, caller: Caller, domain: Domain, record_id: str) -> None:
         await self._run(lambda db: sqlite_records.delete_record(db, caller, domain, record_id))
 
+    # -- pending actions (services/actions.py, services/sqlite_actions.py) -----------------------------------------
+
+    async def create_action(self, caller: Caller, new: NewAction, ttl_seconds: float) -> PendingAction:
+        return await self._run(lambda db: sqlite_actions.create_action(db, caller, new, ttl_seconds))
+
+    async def confirm_action(self, caller: Caller, action_id: str) -> ActionDone:
+        return await self._run(lambda db: sqlite_actions.confirm_action(db, caller, action_id))
+
     # -- rate limits and query timing (services/ratelimit.py, services/metrics.py) -------------------------------
 
     def set_query_observer(self, observer: Callable[[str, str, float], None]) -> None:
@@ -362,16 +414,3 @@ def _fetch_conversation(db: sqlite3.Connection, caller: Caller, conversation_id:
     if row is None:
         raise NotFound("Conversation not found.", code="CONVERSATION_NOT_FOUND")
     return _conversation(row)
-
-
-def _conversation(row: sqlite3.Row) -> Conversation:
-    return Conversation(
-        id=row["id"],
-        user_id=row["user_id"],
-        title=row["title"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        last_message_at=row["last_message_at"],
-        message_count=row["message_count"],
-        metadata=json.loads(row["metadata"]),
-    )

@@ -193,6 +193,76 @@ class RunControl:
 class Page:
     conversations: list[Conversation]
     total: int
+    has_more: bool = False  # more conversations past this page, in the direction it was read
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationKey:
+    """A conversation's place in the list (``updated_at`` descending, then ``id``): what a list cursor holds."""
+
+    updated_at: str
+    id: str
+
+    @classmethod
+    def of(cls, conversation: Conversation) -> ConversationKey:
+        return cls(conversation.updated_at, conversation.id)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageKey:
+    """A message's place in its conversation (``created_at``, then the insertion ``seq``): what a message cursor
+    holds. SQLite orders by ``seq`` alone, which follows ``created_at``."""
+
+    created_at: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class MessagePage:
+    messages: list[Message]  # in the order asked for
+    oldest: MessageKey | None  # the keys of the page's oldest and newest messages; None when it is empty
+    newest: MessageKey | None
+    has_more: bool  # more messages past this page, in the direction it was read
+
+
+ActionKind = Literal["update", "delete"]
+
+
+@dataclass(frozen=True, slots=True)
+class NewAction:
+    """A change the assistant prepared that only the user may carry out (``services/actions.py``). ``changes`` holds
+    the validated columns of an update (None for a delete). The id is generated here so a retried insert is a no-op."""
+
+    table: str
+    tool: str
+    kind: ActionKind
+    record_id: str
+    changes: dict[str, Any] | None
+    summary: str
+    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+
+@dataclass(frozen=True, slots=True)
+class PendingAction:
+    id: str
+    user_id: str
+    table: str
+    tool: str
+    kind: ActionKind
+    record_id: str
+    changes: dict[str, Any] | None
+    summary: str
+    created_at: str
+    expires_at: str
+    used_at: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ActionDone:
+    """A confirmed action, carried out: the updated record (as ``update_record`` returns it), or None after a delete."""
+
+    action: PendingAction
+    record: dict[str, Any] | None
 
 
 class Store(Protocol):
@@ -205,8 +275,27 @@ class Store(Protocol):
         """Whether a small write commits now (a full disk or a read-only database says False while reads still
         work), or None where the store cannot check (PostgREST acts only as signed-in users)."""
 
-    async def list_conversations(self, caller: Caller, limit: int, offset: int) -> Page:
-        """The caller's conversations, most recent activity first."""
+    async def list_conversations(
+        self,
+        caller: Caller,
+        limit: int,
+        offset: int,
+        *,
+        before: ConversationKey | None = None,
+        after: ConversationKey | None = None,
+        search: str | None = None,
+    ) -> Page:
+        """The caller's conversations, most recent activity first (``updated_at`` descending, then ``id``).
+
+        ``before`` keeps the conversations with older activity than the key, ``after`` those with newer (at most one
+        of the two, and only with ``offset`` 0): the ``limit`` nearest the key, in list order. ``search`` (the user's
+        text, ``services/search.py``) keeps those whose title, or one of whose messages, holds every word of it.
+        ``total`` counts every conversation the search keeps, whatever the page; ``has_more`` says whether more
+        follow past the page: newer ones for ``after``, older ones otherwise."""
+
+    async def rename_conversation(self, caller: Caller, conversation_id: str, title: str) -> Conversation:
+        """Set the title of the caller's conversation, or ``NotFound``. A new title is activity: ``updated_at`` moves
+        to now (never back), as the Supabase trigger has always done; the same title again changes nothing."""
 
     async def create_conversation(self, caller: Caller, title: str | None, conversation_id: str | None = None) -> Conversation:
         """Create a conversation owned by the caller."""
@@ -223,11 +312,28 @@ class Store(Protocol):
     async def list_messages(self, caller: Caller, conversation_id: str, limit: int, offset: int) -> list[Message]:
         """Messages of the caller's conversation, oldest first."""
 
+    async def message_page(
+        self,
+        caller: Caller,
+        conversation_id: str,
+        limit: int,
+        offset: int = 0,
+        *,
+        newest_first: bool = False,
+        before: MessageKey | None = None,
+        after: MessageKey | None = None,
+    ) -> MessagePage:
+        """A page of the caller's conversation (``NotFound`` if it is not theirs), oldest first unless
+        ``newest_first``. ``before``/``after`` (at most one, and only with ``offset`` 0) keep the ``limit`` messages
+        nearest the key on its older/newer side; ``has_more`` says whether more follow past the page: older ones for
+        ``before`` (or newest first without a key), newer ones otherwise."""
+
     async def recent_messages(self, caller: Caller, conversation_id: str, limit: int) -> list[Message]:
         """The newest ``limit`` messages of the caller's conversation, returned oldest first."""
 
     async def add_message(self, caller: Caller, message: NewMessage) -> Message:
-        """Append a message to the caller's conversation (``NotFound`` if it is not theirs)."""
+        """Append the caller's own message (``role`` user) to their conversation (``NotFound`` if it is not theirs).
+        Assistant messages are written by chat runs only; on Supabase the database refuses any other."""
 
     # Chat runs (services/runs.py): a chat turn's generation, its event log and its controls, shared by every worker
     # through the store. ``services/run_log.py`` holds the formats both stores write.
@@ -294,6 +400,20 @@ class Store(Protocol):
 
     async def delete_record(self, caller: Caller, domain: Domain, record_id: str) -> None:
         """Delete one of the caller's records, or ``NotFound``."""
+
+    # Pending actions (services/actions.py): deletes and guarded updates the assistant prepares and the user confirms.
+
+    async def create_action(self, caller: Caller, new: NewAction, ttl_seconds: float) -> PendingAction:
+        """Keep ``new`` for the caller to confirm within ``ttl_seconds`` (the store's clock); nothing else changes.
+        The caller's actions that expired long ago are pruned on the way."""
+
+    async def confirm_action(self, caller: Caller, action_id: str) -> ActionDone:
+        """Carry out the caller's pending action once: marking it used and running its change are one transaction,
+        so of two concurrent confirmations one runs it and the other is refused. The change goes through the
+        ``update_record``/``delete_record`` statements, as the caller (row-level security applies on Supabase).
+        Refusals: ``NotFound`` ``ACTION_NOT_FOUND`` (missing or someone else's), ``Conflict`` ``ACTION_ALREADY_USED``,
+        ``Gone`` ``ACTION_EXPIRED``; a record gone meanwhile is ``NotFound`` ``RECORD_NOT_FOUND`` and leaves the
+        action unused."""
 
 
 def utc_now() -> str:

@@ -6,6 +6,9 @@ unknown fields, wrong types, values outside the vocabulary and missing required 
 request's ``Caller``, never from tool arguments. A failure returns a safe message for the model; exception text
 never leaves this module.
 
+Deletes, and updates of the columns a domain lists in ``confirm_updates``, are not carried out here: they become
+pending actions the user confirms (``services/actions.py``), so no tool argument can stand for the user's consent.
+
 ``validate`` implements the subset of JSON Schema the schemas use, every keyword at every depth (inside arrays too).
 ``null`` is a value like any other, accepted only where a schema's ``type`` lists ``"null"``: an optional filter or
 field, or a change that clears a column that is not required, not a vocabulary and has no default. Beyond the
@@ -18,13 +21,14 @@ import logging
 import math
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from typing import Any, Literal
 
 from errors import AppError, NotFound
+from services import actions
 from services.domains import Column, Domain
-from services.store import Caller, Store
+from services.store import ActionKind, Caller, NewAction, Store
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +70,19 @@ class Tool:
         """Filters and ids are safe to echo on the stream; the field values of creates and updates are not."""
         return self.action in ("list", "get", "delete")
 
+    def needs_confirmation(self, arguments: dict[str, Any]) -> bool:
+        """Whether this validated call only prepares a pending action: every delete, and every update that touches
+        a column its domain declares in ``confirm_updates`` (the whole change then waits, harmless fields too)."""
+        if self.action == "delete":
+            return True
+        return self.action == "update" and any(name in self.domain.confirm_updates for name in arguments["changes"])
+
 
 @dataclass(frozen=True, slots=True)
 class ToolResult:
-    status: Literal["success", "error"]
-    content: dict[str, Any]
+    status: Literal["success", "error", "confirmation_required"]
+    content: dict[str, Any]  # what the model sees
+    shown: dict[str, Any] = field(default_factory=dict)  # what the tool_call chunk adds to the status
 
 
 # -- schemas ------------------------------------------------------------------------------------------------------
@@ -125,17 +137,20 @@ def tools_for(domain: Domain) -> list[Tool]:
     changeable = {c.name: _nullable(columns[c.name]) if _clearable(c) else columns[c.name] for c in domain.columns}
     changes = {**_object(changeable, []), "minProperties": 1}
     plural, one = domain.table, domain.singular
+    guarded = ", ".join(domain.confirm_updates)
+    confirmed = f" Changes to {guarded} wait for the user to confirm them in the app." if guarded else ""
     return [
         Tool(f"list_{plural}", "list", domain, f"List the user's {plural}, optionally filtered.",
              _object({**filters, "limit": _nullable(limit)}, [])),
         Tool(f"get_{one}", "get", domain, f"Get one {one} by id.", _object({"id": ID_SCHEMA}, ["id"])),
         Tool(f"create_{one}", "create", domain, f"Create a {one}. Required: {', '.join(domain.required)}.",
              _object(optional, list(domain.required))),
-        Tool(f"update_{one}", "update", domain, f"Change some fields of a {one}.",
+        Tool(f"update_{one}", "update", domain, f"Change some fields of a {one}.{confirmed}",
              _object({"id": ID_SCHEMA, "changes": changes}, ["id", "changes"])),
+        # No confirm flag: the model sets every argument, so none can stand for the user's consent.
         Tool(f"delete_{one}", "delete", domain,
-             f"Delete a {one}. Only after the user explicitly confirmed; pass confirm=true.",
-             _object({"id": ID_SCHEMA, "confirm": {"type": "boolean"}}, ["id", "confirm"])),
+             f"Delete a {one}. The deletion waits for the user to confirm it in the app.",
+             _object({"id": ID_SCHEMA}, ["id"])),
     ]
 
 
@@ -257,10 +272,15 @@ def _check_object(schema: dict[str, Any], value: dict[str, Any], path: str, dept
 # -- execution ----------------------------------------------------------------------------------------------------
 
 
-async def run_tool(store: Store, caller: Caller, tool: Tool, arguments: Any) -> ToolResult:
-    """Validate, then run one tool call as the caller. Never raises: failures become error results."""
+async def run_tool(
+    store: Store, caller: Caller, tool: Tool, arguments: Any, action_ttl: float = actions.DEFAULT_TTL_SECONDS
+) -> ToolResult:
+    """Validate, then run one tool call as the caller, or keep it as a pending action for ``action_ttl`` seconds
+    when it needs the user's confirmation. Never raises: failures become error results."""
     try:
         validate(tool.schema, arguments)
+        if tool.needs_confirmation(arguments):
+            return await _prepare(store, caller, tool, arguments, action_ttl)
         return ToolResult("success", await _execute(store, caller, tool, arguments))
     except ToolInputError as exc:
         return ToolResult("error", {"error": f"Invalid arguments: {exc}."})
@@ -289,10 +309,22 @@ async def _execute(store: Store, caller: Caller, tool: Tool, arguments: dict[str
         return {"created": _public(await store.insert_record(caller, domain, values))}
     if tool.action == "update":
         return {"updated": _public(await store.update_record(caller, domain, arguments["id"], arguments["changes"]))}
-    if arguments["confirm"] is not True:
-        raise ToolInputError("deletion was not confirmed; ask the user, then call again with confirm=true")
-    await store.delete_record(caller, domain, arguments["id"])
-    return {"deleted": arguments["id"]}
+    raise ValueError(f"{tool.name} needs the user's confirmation")  # run_tool sends it to _prepare; never reached
+
+
+async def _prepare(
+    store: Store, caller: Caller, tool: Tool, arguments: dict[str, Any], ttl: float
+) -> ToolResult:
+    """Keep the call as a pending action and change nothing. The record must exist and be the caller's now (else
+    the usual "not found" result), and the summary is written from it."""
+    domain = tool.domain
+    record = await store.get_record(caller, domain, arguments["id"])
+    kind: ActionKind = "delete" if tool.action == "delete" else "update"
+    changes = arguments["changes"] if kind == "update" else None
+    summary = actions.describe(domain, kind, record, changes)
+    new = NewAction(domain.table, tool.name, kind, record["id"], changes, summary)
+    pending = await store.create_action(caller, new, ttl)
+    return ToolResult("confirmation_required", actions.for_model(pending), actions.for_stream(pending))
 
 
 def _public(record: dict[str, Any]) -> dict[str, Any]:

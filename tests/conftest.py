@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -20,6 +20,7 @@ from starlette.testclient import TestClient
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from app import create_app  # noqa: E402
+from services.store import Caller  # noqa: E402
 from settings import Settings  # noqa: E402
 from tests.support import LiveServer, make_settings, new_id, serve  # noqa: E402
 from tests.tokens import TEST_JWT_SECRET, TEST_PUBLISHABLE_KEY, bearer, mint  # noqa: E402
@@ -91,6 +92,45 @@ def register_user(pg_cluster: Any) -> Callable[[str], None]:
             seen.add(canonical)
 
     return register
+
+
+# -- either store, for store-level tests (the ``store``/``new_caller`` a module does not define itself) ------------
+
+
+@pytest.fixture(params=STORES)
+async def store(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[Any]:
+    """A store of each kind, opened: SQLite in a fresh file, or Supabase through the fake PostgREST."""
+    from services.postgrest import PostgrestStore
+    from services.postgrest_client import PostgrestClient
+    from services.retry import RetryPolicy
+    from services.sqlite_store import SQLiteStore
+
+    made: Any
+    if request.param == "sqlite":
+        made = SQLiteStore(str(tmp_path / "store.db"))
+    else:
+        request.getfixturevalue("fake_postgrest")
+        url = request.getfixturevalue("supabase_url")
+        retry = RetryPolicy(attempts=3, base_delay=0, max_delay=0, max_total=5)
+        made = PostgrestStore(PostgrestClient(url, "api", TEST_PUBLISHABLE_KEY, retry=retry, timeout=10))
+    await made.open()
+    yield made
+    await made.aclose()
+
+
+@pytest.fixture
+def new_caller(store: Any, request: pytest.FixtureRequest) -> Callable[[], Caller]:
+    """A fresh user; on Supabase registered in auth.users and carrying their own access token."""
+    register = request.getfixturevalue("register_user") if store.kind == "supabase" else None
+
+    def make() -> Caller:
+        user = new_id()
+        if register is None:
+            return Caller(user)
+        register(user)
+        return Caller(user, mint(user))
+
+    return make
 
 
 # -- the service under test ------------------------------------------------------------------------------------

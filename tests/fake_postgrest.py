@@ -18,7 +18,8 @@ What it imitates, and pins (each checked by ``tests/test_postgrest.py``):
 * Profiles: ``Accept-Profile`` (GET/HEAD) / ``Content-Profile`` (others), default the first exposed schema;
   an unexposed one → 406 PGRST106. Unknown table → 404 PGRST205 (42P01 with ``pre_v13=True``).
 * URL grammar subset: ``select=a,b``; filters ``eq neq gt gte lt lte in is`` with ``not.``; ``in.()`` with
-  double-quoted values; ``order=col.asc|desc[.nullsfirst|.nullslast]``; ``limit``/``offset``; ``on_conflict``;
+  double-quoted values; logic trees ``or=(a.lt.1,b.gt."x")`` and ``and=(...)``, nesting ``and()``/``or()`` (with
+  ``not.``), a value double-quoted where it holds a reserved character; ``order=col.asc|desc[.nullsfirst|.nullslast]``; ``limit``/``offset``; ``on_conflict``;
   ``columns``. Embedding is not implemented (the store does not use it): 400 PGRST100. Filter values after ``eq.``
   are taken verbatim, as PostgREST's ``pSingleVal`` does (only ``in.()`` lists read double quotes).
 * RPC: ``POST /rest/v1/rpc/<function>`` with a JSON object of named arguments, resolved like PostgREST (arguments
@@ -68,6 +69,7 @@ from tests.pg import Cluster
 RESERVED = {"select", "order", "limit", "offset", "on_conflict", "columns"}
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 COMPARISONS = {"eq": "=", "neq": "<>", "gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
+LOGIC = ("or", "and")
 IS_VALUES = {"null": "NULL", "not_null": "NOT NULL", "true": "TRUE", "false": "FALSE", "unknown": "UNKNOWN"}
 JWT_SKEW_SECONDS = 30
 
@@ -574,7 +576,9 @@ class Query:
             if column != "*" and not IDENTIFIER.match(column):
                 raise pgrst(400, "PGRST100", f'"failed to parse select parameter ({params.get("select")})"')
         filters = [
-            _filter(name, value) for name, value in params.multi_items() if name not in RESERVED and name != "apikey"
+            _logic(name, value) if name in LOGIC else _filter(name, value)
+            for name, value in params.multi_items()
+            if name not in RESERVED and name != "apikey"
         ]
         limit, offset = _int(params.get("limit")), _int(params.get("offset")) or 0
         if request.method in ("GET", "HEAD") and "range" in request.headers:
@@ -621,6 +625,50 @@ def _filter(column: str, expression: str) -> sql.Composable:
     else:
         raise pgrst(400, "PGRST100", f'"failed to parse filter ({expression})"')
     return sql.SQL("not ({})").format(condition) if negate else condition
+
+
+def _logic(operator: str, tree: str) -> sql.Composable:
+    """``or=(a.lt.1,b.gt."x",and(c.eq.2,d.is.null))``: conditions joined by ``operator``, nested ``and()``/``or()``
+    (with ``not.``), values double-quoted where they hold a reserved character, as PostgREST's logic trees."""
+    if not (tree.startswith("(") and tree.endswith(")")):
+        raise pgrst(400, "PGRST100", f'"failed to parse logic tree ({tree})"')
+    conditions: list[sql.Composable] = []
+    for item in _logic_items(tree[1:-1]):
+        negate = item.startswith("not.")
+        body = item[4:] if negate else item
+        nested = next((op for op in LOGIC if body.startswith(f"{op}(")), None)
+        if nested is not None:
+            condition = _logic(nested, body[len(nested):])
+            conditions.append(sql.SQL("not {}").format(condition) if negate else condition)
+            continue
+        column, _, expression = item.partition(".")
+        prefix = "not." if expression.startswith("not.") else ""
+        operator_name, dot, value = expression.removeprefix("not.").partition(".")
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        conditions.append(_filter(column, f"{prefix}{operator_name}{dot}{value}"))
+    if not conditions:
+        raise pgrst(400, "PGRST100", f'"failed to parse logic tree ({tree})"')
+    return sql.SQL("({})").format(sql.SQL(f" {operator} ").join(conditions))
+
+
+def _logic_items(text: str) -> list[str]:
+    """Split a logic tree's members on the commas outside parentheses and double quotes."""
+    items, current, depth, quoted = [], "", 0, False
+    for char in text:
+        if char == '"':
+            quoted = not quoted
+        elif not quoted and char == "(":
+            depth += 1
+        elif not quoted and char == ")":
+            depth -= 1
+        elif not quoted and depth == 0 and char == ",":
+            items.append(current)
+            current = ""
+            continue
+        current += char
+    items.append(current)
+    return [item for item in items if item]
 
 
 def _list_items(text: str) -> list[str]:

@@ -151,8 +151,10 @@ def test_tool_loop_stops_at_the_iteration_cap(scripted: Any, auth_headers: AuthH
         (ToolUse("t", "create_invoice", {"client_name": "X"}), "invoice_number is required"),
         (ToolUse("t", "update_invoice", {"id": "00000000-0000-4000-8000-000000000000",
                                          "changes": {"user_id": "someone-else"}}), "user_id is not a known field"),
-        (ToolUse("t", "delete_invoice", {"id": "00000000-0000-4000-8000-000000000000", "confirm": False}),
-         "not confirmed"),
+        # The model cannot confirm anything: the flag it once set is no longer an argument (issue 11).
+        (ToolUse("t", "delete_invoice", {"id": "00000000-0000-4000-8000-000000000000", "confirm": True}),
+         "input.confirm is not a known field"),
+        (ToolUse("t", "delete_invoice", {"id": "00000000-0000-4000-8000-000000000000"}), "No invoice with that id"),
         (ToolUse("t", "list_invoices", {"limit": 500}), "at most 100"),
         (ToolUse("t", "drop_tables", {}), "no tool named"),
     ],
@@ -169,7 +171,7 @@ def test_failing_tools_return_safe_errors_to_the_model(
     assert items[-1]["type"] == "complete"
 
 
-def test_create_update_delete_through_tools(scripted: Any, auth_headers: AuthHeaders, user_id: str) -> None:
+def test_create_and_update_through_tools(scripted: Any, auth_headers: AuthHeaders, user_id: str) -> None:
     new = {"invoice_number": "INV-2001", "client_name": "Ada", "due_date": "2026-12-01", "total_amount": 120}
     model = ScriptedCalls([handoff("invoices"), [ToolUse("c", "create_invoice", new), Stop("tool_use")],
                            [TextDelta("Created."), Stop("end_turn")]])
@@ -179,12 +181,12 @@ def test_create_update_delete_through_tools(scripted: Any, auth_headers: AuthHea
     assert created["status"] == "draft" and created["amount_paid"] == 0  # defaults applied
     assert "user_id" not in created
     record_id = created["id"]
-    model.calls[1:] = [[ToolUse("u", "update_invoice", {"id": record_id, "changes": {"status": "paid"}}),
+    model.calls[1:] = [[ToolUse("u", "update_invoice", {"id": record_id, "changes": {"notes": "Gate code 1234"}}),
                         Stop("tool_use")], [TextDelta("Updated."), Stop("end_turn")]]
     model.requests.clear()
-    send(client, auth_headers, user_id, "mark paid")
+    send(client, auth_headers, user_id, "add a note")
     updated = model.requests[-1].messages[-1]["content"][0]["toolResult"]["content"][0]["json"]["updated"]
-    assert updated["status"] == "paid" and updated["invoice_number"] == "INV-2001"
+    assert updated["notes"] == "Gate code 1234" and updated["invoice_number"] == "INV-2001"
 
 
 # -- the tool schemas ---------------------------------------------------------------------------------------------
@@ -240,7 +242,11 @@ def test_every_domain_round_trips_through_its_tools(
     if token is None:  # without auth, scoping is by user id alone; prove another user sees nothing
         hidden = client.portal.call(run_tool, store, other, get_tool, {"id": record["id"]})
         assert hidden.status == "error"
-    assert run(delete_tool, {"id": record["id"], "confirm": True}).content == {"deleted": record["id"]}
+    prepared = run(delete_tool, {"id": record["id"]})
+    assert prepared.status == "confirmation_required"
+    assert run(get_tool, {"id": record["id"]}).status == "success"  # nothing deleted until the user confirms
+    done = client.portal.call(store.confirm_action, caller, prepared.content["action_id"])
+    assert (done.action.kind, done.action.record_id, done.record) == ("delete", record["id"], None)
     assert run(get_tool, {"id": record["id"]}).status == "error"
 
 
@@ -354,3 +360,15 @@ def test_a_null_change_to_a_required_column_writes_nothing(
                for m in r.messages for block in m["content"] if "toolResult" in block}
     assert results["u"]["status"] == "error"
     assert results["g"]["content"][0]["json"]["record"]["status"] == "draft"
+
+
+def test_loading_the_sample_data_twice_adds_nothing_and_says_so(
+    client: TestClient, auth_headers: AuthHeaders, user_id: str
+) -> None:
+    token = auth_headers(user_id).get("Authorization", "").removeprefix("Bearer ") or None
+    caller = Caller(user_id=user_id, access_token=token)
+    portal = client.portal
+    assert portal is not None
+    total = sum(len(rows) for rows in sample_data.SAMPLE.values())
+    assert portal.call(sample_data.load, client.app_state["store"], caller) == (total, 0)
+    assert portal.call(sample_data.load, client.app_state["store"], caller) == (0, total)

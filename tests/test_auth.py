@@ -20,6 +20,7 @@ from services.auth import (
     SupabaseJWTAuth,
     SupabaseUserLookup,
     TrustClaimedUser,
+    authenticate,
     build_authenticator,
 )
 from services.retry import RetryPolicy
@@ -40,7 +41,7 @@ def local_auth(issuer: str | None = ISSUER) -> SupabaseJWTAuth:
 
 async def rejected(auth: Any, header: str | None, user: str) -> Unauthorized | Forbidden:
     with pytest.raises((Unauthorized, Forbidden)) as caught:
-        await auth.authenticate(header, user)
+        await authenticate(auth, header, user)
     error = caught.value
     if header and " " in header.strip():
         token = header.split()[-1]
@@ -54,7 +55,7 @@ async def rejected(auth: Any, header: str | None, user: str) -> Unauthorized | F
 async def test_a_valid_token_gives_the_caller_with_the_token_to_forward() -> None:
     user = new_id()
     token = mint(user, issuer=ISSUER)
-    caller = await local_auth().authenticate(f"Bearer {token}", user.upper())
+    caller = await authenticate(local_auth(), f"Bearer {token}", user.upper())
     assert caller.user_id == user and caller.access_token == token
     assert token not in repr(caller)
 
@@ -120,13 +121,13 @@ async def test_bad_tokens_are_rejected_with_their_code(make: Any, code: str) -> 
 async def test_expiry_and_not_before_allow_30_seconds_of_clock_skew() -> None:
     user, now = new_id(), int(time.time())
     token = mint(user, issuer=ISSUER, exp=now - 20, nbf=now + 20, iat=now + 20)
-    assert (await local_auth().authenticate(f"Bearer {token}", user)).user_id == user
+    assert (await authenticate(local_auth(), f"Bearer {token}", user)).user_id == user
 
 
 async def test_audience_may_be_a_list_and_issuer_is_optional_without_a_url() -> None:
     user = new_id()
     token = mint(user, aud=["authenticated", "other"])
-    assert (await local_auth(issuer=None).authenticate(f"bearer {token}", user)).user_id == user
+    assert (await authenticate(local_auth(issuer=None), f"bearer {token}", user)).user_id == user
 
 
 async def test_user_id_must_match_the_tokens_subject() -> None:
@@ -135,7 +136,7 @@ async def test_user_id_must_match_the_tokens_subject() -> None:
 
 
 async def test_trust_claimed_user_is_the_development_mode() -> None:
-    caller = await TrustClaimedUser().authenticate(None, "u")
+    caller = await authenticate(TrustClaimedUser(), None, "u")
     assert caller.user_id == "u" and caller.access_token is None
 
 
@@ -177,7 +178,7 @@ async def test_asymmetric_tokens_are_checked_by_supabase_auth_with_the_publishab
     server = AuthServer(user=user)
     auth = remote_auth(server)
     token = es256_token(user)
-    caller = await auth.authenticate(f"Bearer {token}", user)
+    caller = await authenticate(auth, f"Bearer {token}", user)
     assert caller.user_id == user and caller.access_token == token
     (call,) = server.calls
     assert call.url == "https://project.supabase.co/auth/v1/user"
@@ -191,16 +192,16 @@ async def test_answers_are_cached_no_longer_than_the_cap_or_the_tokens_expiry() 
     auth = remote_auth(server, clock=lambda: now[0])
     long_lived = es256_token(user, exp=int(now[0]) + 3600, iat=int(now[0]))
     for _ in range(3):
-        await auth.authenticate(f"Bearer {long_lived}", user)
+        await authenticate(auth, f"Bearer {long_lived}", user)
     assert len(server.calls) == 1
     now[0] += CACHE_MAX_SECONDS + 1
-    await auth.authenticate(f"Bearer {long_lived}", user)
+    await authenticate(auth, f"Bearer {long_lived}", user)
     assert len(server.calls) == 2
 
     short_lived = es256_token(user, exp=int(now[0]) + 5, iat=int(now[0]))
-    await auth.authenticate(f"Bearer {short_lived}", user)
+    await authenticate(auth, f"Bearer {short_lived}", user)
     now[0] += 10  # past exp (within the 30 s leeway): the cached yes has lapsed with the token
-    await auth.authenticate(f"Bearer {short_lived}", user)
+    await authenticate(auth, f"Bearer {short_lived}", user)
     assert len(server.calls) == 4
     await auth.aclose()
 
@@ -211,9 +212,9 @@ async def test_the_cache_is_bounded() -> None:
     auth = remote_auth(server, cache_size=2)
     tokens = [es256_token(user, session_id=str(i)) for i in range(3)]
     for token in tokens:
-        await auth.authenticate(f"Bearer {token}", user)
-    await auth.authenticate(f"Bearer {tokens[0]}", user)  # evicted by the third
-    await auth.authenticate(f"Bearer {tokens[2]}", user)  # still cached
+        await authenticate(auth, f"Bearer {token}", user)
+    await authenticate(auth, f"Bearer {tokens[0]}", user)  # evicted by the third
+    await authenticate(auth, f"Bearer {tokens[2]}", user)  # still cached
     assert len(server.calls) == 4
     await auth.aclose()
 
@@ -240,7 +241,7 @@ async def test_supabase_auth_outages_are_503_after_retries_not_401() -> None:
     server = AuthServer([httpx.Response(500, text="oops")] * 3)
     auth = remote_auth(server)
     with pytest.raises(UpstreamUnavailable):
-        await auth.authenticate(f"Bearer {es256_token(user)}", user)
+        await authenticate(auth, f"Bearer {es256_token(user)}", user)
     assert len(server.calls) == 3
     await auth.aclose()
 
@@ -309,6 +310,7 @@ def _routes(user: str) -> list[tuple[str, str, dict[str, Any]]]:
         ("GET", f"/api/conversations/{conversation}", {"params": {"user_id": user}}),
         ("DELETE", f"/api/conversations/{conversation}", {"params": {"user_id": user}}),
         ("POST", "/api/chat/stream", {"json": {"user_id": user, "conversation_id": conversation, "message": "hi"}}),
+        ("POST", f"/api/actions/{new_id()}/confirm", {"json": {"user_id": user}}),
     ]
 
 
@@ -414,7 +416,7 @@ def _respelled(token: str) -> list[str]:
 async def test_base64url_is_strict_one_token_one_spelling() -> None:
     user = new_id()
     token = mint(user, issuer=ISSUER)
-    assert (await local_auth().authenticate(f"Bearer {token}", user)).user_id == user
+    assert (await authenticate(local_auth(), f"Bearer {token}", user)).user_id == user
     for variant in _respelled(token):
         error = await rejected(local_auth(), f"Bearer {variant}", user)
         assert (error.status, error.code) == (401, "MALFORMED_TOKEN"), variant
@@ -436,7 +438,7 @@ async def test_claim_values_of_every_type_are_a_401_never_a_crash(claim: str) ->
         for auth, token in ((local_auth(), mint(user, issuer=ISSUER, **{claim: value})),
                             (remote_auth(server), es256_token(user, **{claim: value}))):
             try:
-                caller = await auth.authenticate(f"Bearer {token}", user)
+                caller = await authenticate(auth, f"Bearer {token}", user)
             except (Unauthorized, Forbidden):
                 continue
             # Only a time in the past where a past time is fine may pass; every other odd value is refused.
@@ -463,7 +465,7 @@ async def test_a_throttled_supabase_auth_is_never_retried() -> None:
     server = AuthServer([httpx.Response(429, headers={"Retry-After": "7"}, json={"msg": "slow down"})] * 3)
     auth = remote_auth(server)
     with pytest.raises(UpstreamUnavailable) as caught:
-        await auth.authenticate(f"Bearer {es256_token(user)}", user)
+        await authenticate(auth, f"Bearer {es256_token(user)}", user)
     assert len(server.calls) == 1
     assert caught.value.retry_after == 7
     await auth.aclose()
@@ -475,7 +477,7 @@ async def test_150_forged_tokens_against_a_throttled_auth_cost_at_most_150_calls
     auth = remote_auth(server)
     for i in range(150):
         with pytest.raises(UpstreamUnavailable):
-            await auth.authenticate(f"Bearer {es256_token(user, session_id=str(i))}", user)
+            await authenticate(auth, f"Bearer {es256_token(user, session_id=str(i))}", user)
     assert len(server.calls) <= 150
     await auth.aclose()
 
@@ -523,7 +525,7 @@ async def test_concurrent_requests_with_one_token_share_one_call(refused: bool) 
 
     async def one() -> None:
         try:
-            outcomes.append((await auth.authenticate(f"Bearer {token}", user)).user_id)
+            outcomes.append((await authenticate(auth, f"Bearer {token}", user)).user_id)
         except Unauthorized as exc:
             outcomes.append(exc.code)
 
@@ -546,11 +548,11 @@ async def test_a_cancelled_first_request_does_not_strand_the_others() -> None:
 
     async def first() -> None:
         with anyio.move_on_after(0.05):
-            await auth.authenticate(f"Bearer {token}", user)
+            await authenticate(auth, f"Bearer {token}", user)
 
     async def second() -> None:
         await anyio.sleep(0.01)
-        results.append((await auth.authenticate(f"Bearer {token}", user)).user_id)
+        results.append((await authenticate(auth, f"Bearer {token}", user)).user_id)
 
     async with anyio.create_task_group() as group:
         group.start_soon(first)

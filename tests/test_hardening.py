@@ -116,8 +116,10 @@ def test_escaped_surrogate_pairs_are_ordinary_text(client: TestClient, auth_head
     [b"\xff\xfe{\x00}\x00", '{"title": "caf\u00e9"}'.encode("latin-1"), b'{"user_id": NaN}', b'{"a": Infinity}'],
     ids=["utf-16", "latin-1", "nan", "infinity"],
 )
-def test_bodies_that_are_not_utf8_json_are_400(client: TestClient, user_id: str, body: bytes) -> None:
-    response = post_raw(client, "/api/conversations", body, {})
+def test_bodies_that_are_not_utf8_json_are_400(
+    client: TestClient, auth_headers: AuthHeaders, user_id: str, body: bytes
+) -> None:
+    response = post_raw(client, "/api/conversations", body, auth_headers(user_id))
     assert response.status_code == 400, response.text
     assert response.json()["error"]["code"] == "MALFORMED_JSON"
 
@@ -126,9 +128,11 @@ def test_bodies_that_are_not_utf8_json_are_400(client: TestClient, user_id: str,
 
 
 @pytest.mark.parametrize("depth", [40, 1_000, 100_000])
-def test_deeply_nested_json_is_a_400_before_authentication(client: TestClient, depth: int) -> None:
+def test_deeply_nested_json_is_a_400(client: TestClient, auth_headers: AuthHeaders, user_id: str, depth: int) -> None:
+    # The token is checked before the body is read (a client without one gets a 401 and its body is never parsed,
+    # see test_without_a_valid_token_the_body_is_never_waited_for); with one, the nesting is refused, not a 500.
     body = b'{"history": ' + b"[" * depth + b"]" * depth + b"}"
-    response = post_raw(client, "/api/chat/stream", body, {})  # no token: the body is read first
+    response = post_raw(client, "/api/chat/stream", body, auth_headers(user_id))
     assert response.status_code == 400, response.text
     assert response.json()["error"]["code"] == "MALFORMED_JSON"
 
@@ -374,3 +378,81 @@ def test_an_unusable_sqlite_path_is_one_line_and_exit_status_2(tmp_path: Path, u
     assert len(lines) == 1, finished.stderr
     assert "SQLITE_PATH" in lines[0] and path in lines[0]
     assert not (tmp_path / "file.txt").is_dir()
+
+
+# -- slow clients: the token before the body, and a deadline on the body -------------------------------------------
+
+
+def _send_head(url: str, path: str, headers: dict[str, str], content_length: int, first_bytes: bytes = b"") -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    lines = [f"POST {path} HTTP/1.1", f"Host: {host}", "Content-Type: application/json",
+             f"Content-Length: {content_length}", *(f"{k}: {v}" for k, v in headers.items())]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + first_bytes)
+    return sock
+
+
+def _status_within(sock: socket.socket, seconds: float) -> int:
+    sock.settimeout(seconds)
+    head = sock.recv(65536).decode("latin-1")
+    return int(head.split(" ", 2)[1])
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer not.a.token", "Basic dXNlcjpwYXNz"])
+def test_without_a_valid_token_the_body_is_never_waited_for(tmp_path: Path, authorization: str | None) -> None:
+    settings = make_settings(tmp_path, SUPABASE_JWT_SECRET="t" * 40)
+    headers = {"Authorization": authorization} if authorization else {}
+    with serve(create_app(settings)) as live:
+        for path in ("/api/chat/stream", "/api/conversations"):
+            # 200 KB announced, nothing sent: the answer must not wait for it.
+            with _send_head(live.url, path, headers, 200_000) as sock:
+                assert _status_within(sock, 2) == 401
+
+
+def test_a_body_that_does_not_arrive_in_time_is_a_408(tmp_path: Path) -> None:
+    from tests.tokens import bearer, mint
+
+    secret = "t" * 40
+    settings = make_settings(tmp_path, SUPABASE_JWT_SECRET=secret, BODY_READ_TIMEOUT="0.5")
+    user = new_id()
+    with serve(create_app(settings)) as live:
+        started = time.monotonic()
+        with _send_head(live.url, "/api/conversations", bearer(mint(user, secret)), 5_000, b'{"user_id": "') as sock:
+            assert _status_within(sock, 5) == 408
+        assert time.monotonic() - started < 3
+        # The same request, sent whole, goes through.
+        whole = httpx.post(f"{live.url}/api/conversations", json={"user_id": user}, headers=bearer(mint(user, secret)))
+        assert whole.status_code == 201
+
+
+# -- the envelope where Starlette would answer in plain text --------------------------------------------------------
+
+
+def test_a_refused_cors_preflight_is_in_the_envelope(client: TestClient) -> None:
+    refused = client.options("/api/conversations", headers={
+        "Origin": "https://evil.example", "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "X-Not-Allowed",
+    })
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == "CORS_PREFLIGHT_REFUSED"
+    assert "origin" in refused.json()["error"]["message"] and "headers" in refused.json()["error"]["message"]
+    allowed = client.options("/api/conversations", headers={
+        "Origin": "http://localhost:5173", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "Content-Type, Authorization, Last-Event-ID",
+    })
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "http://localhost:5173"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("PUT", "/api/conversations", {"GET", "POST"}),
+        ("POST", "/api/chat/runs/00000000-0000-0000-0000-000000000000/events", {"GET"}),
+        ("GET", "/api/chat/stream", {"POST"}),
+    ],
+)
+def test_a_wrong_method_lists_every_method_of_the_path(client: TestClient, method: str, path: str, allowed: set[str]) -> None:
+    response = client.request(method, path)
+    assert response.status_code == 405 and response.json()["error"]["code"] == "METHOD_NOT_ALLOWED"
+    listed = {m.strip() for m in response.headers["allow"].split(",")}
+    assert allowed <= listed and method not in listed

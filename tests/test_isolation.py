@@ -57,7 +57,7 @@ def test_bob_cannot_reach_alices_conversation_by_any_route(client: TestClient, a
 
     mine = client.get(f"/api/conversations/{conversation}", params={"user_id": alice}, headers=auth_headers(alice))
     body = mine.json()
-    assert body["message_count"] == 2 and body["title"] == "AI Chat"
+    assert body["message_count"] == 2 and body["title"] == "alice's private question"  # titled by its first message
     assert [m["content"] for m in body["messages"] if m["role"] == "user"] == ["alice's private question"]
 
 
@@ -106,7 +106,7 @@ def test_tools_act_only_on_the_callers_own_records(client: TestClient, auth_head
         assert run(bob, list_tool, {}).content == {"table": domain.table, "count": 0, "rows": []}
         changes = {domain.required[0]: "Bob was here"}
         attempts = ((get_tool, {"id": record["id"]}), (update_tool, {"id": record["id"], "changes": changes}),
-                    (delete_tool, {"id": record["id"], "confirm": True}))
+                    (delete_tool, {"id": record["id"]}))  # not even kept as a pending action: not Bob's record
         for tool, arguments in attempts:
             refused = run(bob, tool, arguments)
             assert refused.status == "error" and "No " in refused.content["error"], (tool.name, refused.content)
@@ -169,8 +169,10 @@ def test_rls_stops_bobs_writes_to_alices_rows(
     edited = data_api("PATCH", "agent_messages", bob, params={"id": f"eq.{message}"}, json={"content": "B"})
     deleted = data_api("DELETE", "agent_conversations", bob, params={"id": f"eq.{conversation}"})
     deleted_message = data_api("DELETE", "agent_messages", bob, params={"id": f"eq.{message}"})
-    # Hidden rows are not errors in PostgREST: the writes simply touch nothing.
-    assert [(r.status_code, r.json()) for r in (renamed, edited, deleted, deleted_message)] == [(200, [])] * 4
+    # Hidden rows are not errors in PostgREST: the writes simply touch nothing. Messages cannot be edited or deleted
+    # by anyone through the Data API (history is not rewritable), so those two are refused outright.
+    assert [(r.status_code, r.json()) for r in (renamed, deleted)] == [(200, [])] * 2
+    assert [(r.status_code, r.json()["code"]) for r in (edited, deleted_message)] == [(403, "42501")] * 2
 
     # Appending to Alice's conversation: the foreign key alone would allow it; the insert policy does not.
     # return=minimal, so the select policy (which RETURNING would also apply) cannot be what stops it.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -79,12 +80,14 @@ def two_workers(tmp_path: Path, model: Any = None, **env: str) -> Iterator[tuple
         yield first, second
 
 
-def assert_rate_limited(response: httpx.Response) -> int:
+def assert_rate_limited(response: httpx.Response, limit: str = "chat") -> int:
     assert response.status_code == 429, response.text
     error = response.json()["error"]
     assert error["code"] == "RATE_LIMIT_EXCEEDED" and error["retryable"] is True
+    assert error["limit"] == limit  # which limit was hit
     assert 1 <= int(response.headers["retry-after"]) <= WINDOW
-    assert error["retryAfter"] == int(response.headers["retry-after"])
+    assert error["retryAfter"] == int(response.headers["retry-after"]) == int(response.headers["ratelimit-reset"])
+    assert response.headers["ratelimit-remaining"] == "0" and int(response.headers["ratelimit-limit"]) >= 1
     return int(response.headers["retry-after"])
 
 
@@ -109,7 +112,9 @@ def test_other_api_requests_have_their_own_limit(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, RATE_LIMIT_API_PER_MINUTE="3", RATE_LIMIT_WINDOW_SECONDS=str(WINDOW))
     with TestClient(create_app(settings)) as client:
         at_window_start()
-        statuses = [client.get("/api/conversations", params={"user_id": user}).status_code for _ in range(4)]
+        responses = [client.get("/api/conversations", params={"user_id": user}) for _ in range(4)]
+        statuses = [response.status_code for response in responses]
+        assert_rate_limited(responses[-1], "api")  # type: ignore[arg-type]
         chat_status = client.post(
             "/api/chat/stream", json={"message": "hi", "conversation_id": new_id(), "user_id": user}
         ).status_code
@@ -148,6 +153,7 @@ def test_open_streams_are_capped_per_user_across_workers(tmp_path: Path, backend
             assert b'"type":"complete"' in b"".join(pieces)
         after = chat(second.url, user, mine)  # the slot freed with the run, before its complete chunk was sent
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "RATE_LIMIT_EXCEEDED"
+    assert refused.json()["error"]["limit"] == "streams" and refused.headers["ratelimit-limit"] == "1"
     assert 1 <= int(refused.headers["retry-after"]) <= 30  # when the run would lapse if its worker died
     assert after.status_code == 200
 
@@ -294,3 +300,23 @@ def forged_es256(user: str, index: int, issuer: str) -> str:
     claims = {"sub": user, "role": "authenticated", "aud": "authenticated", "iat": now, "exp": now + 3600, "iss": issuer,
               "session_id": str(index)}
     return f"{part(header)}.{part(claims)}.{base64.urlsafe_b64encode(b'r' * 64).rstrip(b'=').decode()}"
+
+
+def test_rate_limit_rows_of_past_windows_are_pruned(tmp_path: Path) -> None:
+    from services import sqlite_limits
+
+    async def scenario() -> int:
+        store = SQLiteStore(str(tmp_path / "prune.db"))
+        await store.open()
+        try:
+            for i in range(50):  # fifty addresses that failed once, a long time ago
+                await store.rate_limit_hit(Caller(f"addr:10.0.0.{i}"), "api", 1, 5)
+            await anyio.sleep(2.1)  # two 1-second windows later
+            await store.rate_limit_hit(Caller(new_id()), "api", 1, 5)  # a new window: the old rows go
+        finally:
+            await store.aclose()
+        with contextlib.closing(sqlite3.connect(tmp_path / "prune.db")) as db:
+            return int(db.execute("SELECT count(*) FROM rate_limits").fetchone()[0])
+
+    assert sqlite_limits.PRUNE_BATCH >= 50
+    assert anyio.run(scenario) == 1

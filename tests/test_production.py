@@ -119,6 +119,7 @@ def test_dockerfile_is_slim_non_root_with_a_health_check() -> None:
     assert re.search(r"^HEALTHCHECK .*\n?.*/health", text, re.M)
     command = " ".join(docker_command())
     assert "exec uvicorn app:app" in command and "--timeout-graceful-shutdown" in command
+    assert "--limit-concurrency" in command and "--timeout-keep-alive" in command
     assert "tests/" in (ROOT / ".dockerignore").read_text() and ".env" in (ROOT / ".dockerignore").read_text()
 
 

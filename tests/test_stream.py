@@ -80,7 +80,7 @@ def test_complete_chunk_points_at_the_saved_answer(server: LiveServer, auth_head
     assert answer["agent_type"] == "supervisor"
     assert answer["metadata"]["status"] == "complete"
     assert complete["usage"]["output_tokens"] > 0 and complete["conversation_id"] == conversation
-    assert saved["title"] == "AI Chat"
+    assert saved["title"] == "hello"  # a new conversation is titled by its first message
 
 
 def test_history_reaches_the_model_once_in_alternating_turns(

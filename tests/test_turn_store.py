@@ -5,57 +5,21 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 
 import anyio
 import pytest
 
 from errors import NotFound
 from services.postgrest import PostgrestStore
-from services.postgrest_client import PostgrestClient
-from services.retry import RetryPolicy
-from services.sqlite_store import SQLiteStore
 from services.run_log import chunk, frame
+from services.sqlite_store import SQLiteStore
 from services.store import Caller, EventBatch, NewRun, RunUpdate, TurnLimits
 from tests.support import new_id
-from tests.tokens import TEST_PUBLISHABLE_KEY, mint
 
 pytestmark = pytest.mark.anyio
 
-FAST = RetryPolicy(attempts=3, base_delay=0, max_delay=0, max_total=5)
 Store = SQLiteStore | PostgrestStore
-
-
-@pytest.fixture(params=["sqlite", "supabase"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    made: Store
-    if request.param == "sqlite":
-        made = SQLiteStore(str(tmp_path / "turns.db"))
-    else:
-        request.getfixturevalue("fake_postgrest")
-        url = request.getfixturevalue("supabase_url")
-        made = PostgrestStore(PostgrestClient(url, "api", TEST_PUBLISHABLE_KEY, retry=FAST, timeout=10))
-    await made.open()
-    yield made
-    await made.aclose()
-
-
-@pytest.fixture
-def new_caller(store: Store, request: pytest.FixtureRequest) -> Callable[[], Caller]:
-    """A fresh user; on Supabase registered in auth.users and carrying their own access token."""
-    register = request.getfixturevalue("register_user") if isinstance(store, PostgrestStore) else None
-
-    def make() -> Caller:
-        user = new_id()
-        if register is None:
-            return Caller(user)
-        register(user)
-        return Caller(user, mint(user))
-
-    return make
-
-
 
 OPEN = TurnLimits(stale_seconds=30, events_ttl=3600)
 

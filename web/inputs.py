@@ -17,12 +17,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 from starlette.requests import ClientDisconnect, Request
 
-from errors import BadRequest, ClientClosedRequest, UnsupportedMediaType, ValidationFailed
+from errors import BadRequest, ClientClosedRequest, RequestTimeout, UnsupportedMediaType, ValidationFailed
 
 MAX_MESSAGE_CHARS = 10_000
 MAX_TITLE_CHARS = 200
+MAX_QUERY_CHARS = 200  # a conversation search (``q``)
 # A query integer declared without an upper bound (the offsets) gets this one: far past any real page, and far
 # inside the 64-bit integers SQLite and PostgreSQL bind (9223372036854775808 was a 500).
 DEFAULT_MAX_INT = 1_000_000
@@ -47,15 +49,20 @@ def invalid(field: str, problem: str) -> ValidationFailed:
     return ValidationFailed(f"'{field}' {problem}.", code="VALIDATION_ERROR")
 
 
-async def json_body(request: Request) -> dict[str, Any]:
+async def json_body(request: Request, timeout: float) -> dict[str, Any]:
+    """The request's JSON object, read within ``timeout`` seconds: a client trickling its body must not hold a
+    connection and its buffer for as long as it likes."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/json":
         raise UnsupportedMediaType()
     try:
-        raw = await request.body()
+        with anyio.fail_after(timeout):
+            raw = await request.body()
     except ClientDisconnect:
         # The client left before sending the body it announced: not a server error, and nobody is left to answer.
         raise ClientClosedRequest() from None
+    except TimeoutError:
+        raise RequestTimeout() from None
     text = _utf8(raw)
     body = _parse_json(text)
     if not isinstance(body, dict):
@@ -214,3 +221,28 @@ def title_value(body: dict[str, Any]) -> str | None:
     if title is None:
         return None
     return text_value(title, "title", MAX_TITLE_CHARS, allow_blank=True).strip() or None
+
+
+def new_title(body: dict[str, Any]) -> str:
+    """A rename's title: required, and 1..200 characters once stripped (create's checks, but not blank)."""
+    return text_value(required(body, "title"), "title", MAX_TITLE_CHARS).strip()
+
+
+def query_text(request: Request, name: str, max_chars: int) -> str | None:
+    """A free-text query parameter, stripped; None when absent or blank (as an empty ``limit=`` is its default)."""
+    raw = request.query_params.get(name)
+    if raw is None or not raw.strip():
+        return None
+    if len(raw) > max_chars:
+        raise invalid(name, f"must be at most {max_chars} characters")
+    return raw.strip()
+
+
+def query_choice(request: Request, name: str, choices: tuple[str, ...]) -> str:
+    """One of ``choices`` (the first is the default)."""
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return choices[0]
+    if raw not in choices:
+        raise invalid(name, f"must be one of {', '.join(choices)}")
+    return raw

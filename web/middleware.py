@@ -9,6 +9,8 @@ It also records each request in the app's metrics (``scope["state"]["metrics"]``
 template, never by raw path, so unknown URLs cannot create unbounded series, and makes that registry the
 request's ``services.metrics.current`` for code too deep to be handed it (``with_retry``).
 
+``EnvelopeCORS`` is Starlette's CORS middleware with a refused preflight in the error envelope.
+
 ``BodyLimit`` refuses bodies larger than ``max_bytes``, from ``Content-Length`` up front or while reading a
 chunked body, with a 413 in the error envelope.
 """
@@ -21,10 +23,11 @@ import time
 import uuid
 
 from starlette.datastructures import Headers, MutableHeaders
-from starlette.responses import JSONResponse
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from errors import PayloadTooLarge
+from errors import BadRequest, PayloadTooLarge
 from services import metrics as metrics_context
 
 logger = logging.getLogger("canvalo.access")
@@ -81,6 +84,20 @@ class RequestContext:
             logger.info(
                 "%s %s %d %.1fms request_id=%s", scope["method"], route, status, duration * 1000, request_id
             )
+
+
+class EnvelopeCORS(CORSMiddleware):
+    """Starlette's CORS middleware, with a refused preflight answered in the error envelope instead of plain text."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers=request_headers)
+        if response.status_code != 400:
+            return response
+        # Starlette's own text ("Disallowed CORS origin, headers") names what was refused and nothing the client sent.
+        reason = bytes(response.body).decode()
+        error = BadRequest(f"{reason}.", code="CORS_PREFLIGHT_REFUSED", suggested_actions=("Check CORS_ORIGINS",))
+        headers = {k: v for k, v in response.headers.items() if k not in ("content-type", "content-length")}
+        return JSONResponse(error.body(), status_code=400, headers=headers)
 
 
 class BodyLimit:

@@ -1,0 +1,114 @@
+"""Pending actions in SQLite: ``create_action`` and ``confirm_action`` of the ``Store`` interface (``services/store.py``
+says what each must do, ``services/actions.py`` why they exist), as functions on a store thread's connection.
+
+The table (``MIGRATION``, applied by ``SQLiteStore`` as migration 3) holds one row per prepared change. Times are Unix
+seconds (``time.time()``), as for chat runs, and are shown as ISO 8601 UTC. A confirmation is one ``BEGIN IMMEDIATE``
+transaction: the action is checked (the caller's, unused, unexpired), its change runs through
+``sqlite_records.update_record``/``delete_record`` on the same connection, and it is marked used. Writers queue on
+the database's write lock, so of two workers confirming at once the second finds it used. A change that fails (the
+record went meanwhile) rolls the whole transaction back and leaves the action unused.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from datetime import datetime, timezone
+
+from services import actions, sqlite_records
+from services.domains import BY_TABLE
+from services.sqlite_limits import write_transaction
+from services.store import ActionDone, Caller, NewAction, PendingAction
+
+MIGRATION = """
+CREATE TABLE pending_actions (
+    id TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    table_name TEXT NOT NULL,
+    tool TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('update', 'delete')),
+    record_id TEXT NOT NULL,
+    changes TEXT,
+    summary TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    used_at REAL
+);
+CREATE INDEX pending_actions_user_expiry ON pending_actions (user_id, expires_at);
+"""
+
+# Expired actions are kept this long, so a late confirmation still says ACTION_EXPIRED rather than not found.
+KEEP_EXPIRED_SECONDS = 86_400.0
+
+_COLUMNS = "id, user_id, table_name, tool, kind, record_id, changes, summary, created_at, expires_at, used_at"
+
+
+def create_action(db: sqlite3.Connection, caller: Caller, new: NewAction, ttl_seconds: float) -> PendingAction:
+    """See ``Store.create_action``."""
+    now = time.time()
+    with write_transaction(db):
+        db.execute(
+            "DELETE FROM pending_actions WHERE user_id = ? AND expires_at < ?",
+            (caller.user_id, now - KEEP_EXPIRED_SECONDS),
+        )
+        # OR IGNORE on the client-generated id: a retried insert is a no-op, and the read below scopes by user.
+        db.execute(
+            f"INSERT OR IGNORE INTO pending_actions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+            (new.id, caller.user_id, new.table, new.tool, new.kind, new.record_id,
+             None if new.changes is None else json.dumps(new.changes), new.summary, now, now + ttl_seconds),
+        )
+        return _action(_fetch(db, caller, new.id))
+
+
+def confirm_action(db: sqlite3.Connection, caller: Caller, action_id: str) -> ActionDone:
+    """See ``Store.confirm_action``."""
+    with write_transaction(db):
+        now = time.time()  # once the write lock is held: a confirmation that queued behind another is judged now
+        row = _fetch(db, caller, action_id)
+        if row["used_at"] is not None:
+            raise actions.already_used()
+        if row["expires_at"] <= now:
+            raise actions.expired()
+        action = _action(row)
+        domain = BY_TABLE.get(action.table)
+        if domain is None:  # a domain removed since the action was kept
+            raise actions.not_found()
+        record = None
+        if action.kind == "delete":
+            sqlite_records.delete_record(db, caller, domain, action.record_id)
+        else:
+            record = sqlite_records.update_record(db, caller, domain, action.record_id, action.changes or {})
+        db.execute("UPDATE pending_actions SET used_at = ? WHERE id = ?", (now, action_id))
+        row = _fetch(db, caller, action_id)
+    return ActionDone(_action(row), record)
+
+
+def _fetch(db: sqlite3.Connection, caller: Caller, action_id: str) -> sqlite3.Row:
+    row: sqlite3.Row | None = db.execute(
+        f"SELECT {_COLUMNS} FROM pending_actions WHERE id = ? AND user_id = ?", (action_id, caller.user_id)
+    ).fetchone()
+    if row is None:
+        raise actions.not_found()
+    return row
+
+
+def _action(row: sqlite3.Row) -> PendingAction:
+    return PendingAction(
+        id=row["id"],
+        user_id=row["user_id"],
+        table=row["table_name"],
+        tool=row["tool"],
+        kind=row["kind"],
+        record_id=row["record_id"],
+        changes=None if row["changes"] is None else json.loads(row["changes"]),
+        summary=row["summary"],
+        created_at=_iso(row["created_at"]),
+        expires_at=_iso(row["expires_at"]),
+        used_at=None if row["used_at"] is None else _iso(row["used_at"]),
+    )
+
+
+def _iso(seconds: float) -> str:
+    """Unix seconds in the API's timestamp format (``services.store.utc_now``)."""
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

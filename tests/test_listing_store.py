@@ -1,0 +1,245 @@
+"""Cursor paging and search at the store interface, on both stores, where HTTP cannot set the scene: items that tie
+on their timestamp, and a SQLite file that already held conversations when the search migration arrived."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from services.postgrest import PostgrestStore
+from services import sqlite_listing
+from services.sqlite_store import MIGRATIONS, SQLiteStore
+from services.store import Caller, ConversationKey, MessageKey, NewRun, RunUpdate, TurnLimits
+from tests.conftest import DATABASE
+from tests.pg import apply_migrations, create_supabase_database
+from tests.test_postgrest import LEGACY_SCHEMA
+from tests.support import new_id
+from tests.tokens import TEST_PUBLISHABLE_KEY, mint
+
+pytestmark = pytest.mark.anyio
+
+Store = SQLiteStore | PostgrestStore
+SAME_TIME = "2026-01-02T03:04:05.123456Z"
+
+
+@pytest.fixture
+def execute(store: Store, tmp_path: Path, request: pytest.FixtureRequest) -> Callable[[str, tuple[Any, ...]], None]:
+    """Run SQL on the store's database as its owner (a test's way to make timestamps tie)."""
+    if isinstance(store, SQLiteStore):
+
+        def on_sqlite(statement: str, params: tuple[Any, ...]) -> None:
+            with sqlite3.connect(tmp_path / "store.db") as db:  # the file conftest's store fixture opens
+                db.execute(statement.replace("%s", "?").replace("api.", ""), params)
+
+        return on_sqlite
+    cluster = request.getfixturevalue("pg_cluster")
+
+    def on_postgres(statement: str, params: tuple[Any, ...]) -> None:
+        with cluster.connect(DATABASE) as db:
+            db.execute(statement, params)
+
+    return on_postgres
+
+
+async def test_conversations_tied_on_their_activity_time_page_by_id_both_ways(
+    store: Store, new_caller: Callable[[], Caller], execute: Callable[[str, tuple[Any, ...]], None]
+) -> None:
+    caller = new_caller()
+    made = [await store.create_conversation(caller, f"c{i}") for i in range(4)]
+    for conversation in made:
+        execute("UPDATE api.agent_conversations SET updated_at = %s WHERE id = %s", (SAME_TIME, conversation.id))
+    in_order = sorted(c.id for c in made)  # ties on updated_at are broken by id
+    assert [c.id for c in (await store.list_conversations(caller, 10, 0)).conversations] == in_order
+
+    seen, page = [], await store.list_conversations(caller, 1, 0)
+    seen += [c.id for c in page.conversations]
+    while page.has_more and len(seen) < 10:  # bounded: a cursor that goes round in circles fails, never hangs
+        page = await store.list_conversations(caller, 1, 0, before=ConversationKey.of(page.conversations[-1]))
+        seen += [c.id for c in page.conversations]
+    assert seen == in_order
+
+    back = await store.list_conversations(caller, 2, 0, after=ConversationKey.of(page.conversations[0]))
+    assert [c.id for c in back.conversations] == in_order[1:3] and back.has_more and back.total == 4
+
+
+async def test_messages_tied_on_their_time_page_by_sequence_both_ways(
+    store: Store, new_caller: Callable[[], Caller], execute: Callable[[str, tuple[Any, ...]], None]
+) -> None:
+    caller = new_caller()
+    conversation = new_id()
+    for text in ("one", "two"):
+        new = NewRun(conversation, text, "AI Chat")
+        assert (await store.begin_run(caller, new, TurnLimits(30, 3600), 10)).outcome == "started"
+        execute("UPDATE api.agent_runs SET status = 'complete' WHERE id = %s", (new.id,))
+    execute("UPDATE api.agent_messages SET created_at = %s WHERE conversation_id = %s", (SAME_TIME, conversation))
+    everything = [m.id for m in (await store.message_page(caller, conversation, 10)).messages]
+    assert len(everything) == 4
+
+    forwards: list[str] = []
+    cursor: MessageKey | None = None
+    for _ in range(10):  # bounded: a cursor that goes round in circles fails, never hangs
+        page = await store.message_page(caller, conversation, 1, after=cursor)
+        forwards += [m.id for m in page.messages]
+        cursor = page.newest
+        if not page.has_more:
+            break
+    assert forwards == everything
+
+    backwards: list[str] = []
+    older: MessageKey | None = None
+    for _ in range(10):
+        page = await store.message_page(caller, conversation, 1, newest_first=True, before=older)
+        backwards += [m.id for m in page.messages]
+        older = page.oldest
+        if not page.has_more:
+            break
+    assert backwards == everything[::-1]
+
+
+async def test_search_keys_each_users_conversations_to_that_user(
+    store: Store, new_caller: Callable[[], Caller]
+) -> None:
+    alice, bob = new_caller(), new_caller()
+    await store.create_conversation(alice, "Gazebo for Alice")
+    mine = await store.create_conversation(bob, "Porch for Bob")
+    assert (await store.list_conversations(bob, 10, 0, search="gazebo")).conversations == []
+    found = await store.list_conversations(bob, 10, 0, search="porch")
+    assert [c.id for c in found.conversations] == [mine.id] and found.total == 1
+
+
+async def test_a_sqlite_file_from_before_search_is_indexed_when_it_migrates(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    before_search = MIGRATIONS[: MIGRATIONS.index(sqlite_listing.MIGRATION)]
+    with sqlite3.connect(path) as db:
+        for number, script in enumerate(before_search, start=1):
+            db.executescript(f"{script}; PRAGMA user_version = {number};")
+        db.execute(
+            "INSERT INTO agent_conversations (id, user_id, title, created_at, updated_at, message_count, metadata)"
+            " VALUES ('c1', 'u1', 'Kitchen repaint', ?, ?, 0, '{}')",
+            (SAME_TIME, SAME_TIME),
+        )
+        db.execute(
+            "INSERT INTO agent_messages (id, conversation_id, role, content, metadata, created_at)"
+            " VALUES ('m1', 'c1', 'user', 'two coats of eggshell', '{}', ?)",
+            (SAME_TIME,),
+        )
+    store = SQLiteStore(str(path))
+    await store.open()
+    try:
+        for words in ("kitchen", "eggshell"):
+            page = await store.list_conversations(Caller("u1"), 10, 0, search=words)
+            assert [c.id for c in page.conversations] == ["c1"]
+    finally:
+        await store.aclose()
+
+
+async def test_the_sqlite_message_index_stays_true_to_text_written_as_it_streams(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "fts.db"))
+    await store.open()
+    caller = Caller("u1")
+    try:
+        new = NewRun("c1", "which finish", "AI Chat")
+        assert (await store.begin_run(caller, new, TurnLimits(30, 3600), 10)).outcome == "started"
+        for text in ("Two", "Two coats", "Two coats of eggshell"):  # a run's text saves: UPDATEs of content
+            saved = RunUpdate(caller, new.id, new.assistant_message_id, content=text, metadata={"status": "streaming"})
+            await store.flush_runs([saved])
+        for words, found in (("eggshell", ["c1"]), ("coats", ["c1"]), ("which", ["c1"]), ("zebra", [])):
+            page = await store.list_conversations(caller, 10, 0, search=words)
+            assert [c.id for c in page.conversations] == found, words
+        with sqlite3.connect(tmp_path / "fts.db") as db:
+            # FTS5's own check that an external-content index matches its table (every 'delete' had the old text).
+            db.execute("INSERT INTO agent_messages_fts (agent_messages_fts, rank) VALUES ('integrity-check', 1)")
+        await store.delete_conversation(caller, "c1")
+        with sqlite3.connect(tmp_path / "fts.db") as db:
+            assert db.execute("SELECT count(*) FROM agent_messages_fts").fetchone() == (0,)
+            assert db.execute("SELECT count(*) FROM agent_conversation_search_keys").fetchone() == (0,)
+    finally:
+        await store.aclose()
+
+
+# -- the indexes are the ones the queries use -----------------------------------------------------------------------
+
+
+async def test_sqlite_pages_read_their_index_in_order(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "plan.db"))
+    await store.open()
+    await store.aclose()
+    key = ("2026-01-02T03:04:05.123456Z", new_id())
+    queries = [
+        (f"SELECT id FROM agent_conversations WHERE user_id = ? AND {sqlite_listing._OLDER}"
+         " ORDER BY updated_at DESC, id LIMIT 51", ("u", key[0], key[0], key[1])),
+        (f"SELECT id FROM agent_conversations WHERE user_id = ? AND {sqlite_listing._NEWER}"
+         " ORDER BY updated_at, id DESC LIMIT 51", ("u", key[0], key[0], key[1])),
+        ("SELECT id FROM agent_messages WHERE conversation_id = ? AND seq < ? ORDER BY seq DESC LIMIT 51", ("c", 9)),
+    ]
+    with sqlite3.connect(tmp_path / "plan.db") as db:
+        for query, params in queries:
+            plan = " | ".join(row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {query}", params))
+            assert "USING INDEX" in plan or "USING COVERING INDEX" in plan, plan
+            assert "TEMP B-TREE" not in plan, plan  # read in order from the index, never sorted
+
+
+def test_postgres_search_finds_words_through_its_indexes(pg_cluster: Any) -> None:
+    statements = [
+        "select m.conversation_id from api.agent_messages m"
+        " where canvalo_private.search_vector(m.content) @@ to_tsquery('simple', 'eggs:*')",
+        "select c.id from api.agent_conversations c"
+        " where canvalo_private.search_vector(c.title) @@ to_tsquery('simple', 'kitch:*')",
+    ]
+    with pg_cluster.connect(DATABASE) as db, db.transaction():
+        db.execute("set local enable_seqscan = off")
+        for statement in statements:
+            plan = " ".join(row[0] for row in db.execute(f"explain {statement}"))
+            assert "_search_idx" in plan, plan  # the function is inlined, so the query matches the index expression
+
+
+# -- the Supabase side: the fake's logic trees and the migration ----------------------------------------------------
+
+
+async def test_fake_reads_logic_trees_like_postgrest(
+    fake_postgrest: Any, supabase_url: str, register_user: Callable[[str], None]
+) -> None:
+    user = new_id()
+    register_user(user)
+    caller = Caller(user, mint(user))
+    titles = ["a, b", "c.d", "e"]
+    headers = {"apikey": TEST_PUBLISHABLE_KEY, "Authorization": f"Bearer {caller.access_token}"}
+
+    for title in titles:
+        created = httpx.post(f"{supabase_url}/rest/v1/agent_conversations", headers=headers,
+                             json={"user_id": user, "title": title})
+        assert created.status_code == 201, created.text
+
+    def read(**params: str) -> Any:
+        response = httpx.get(f"{supabase_url}/rest/v1/agent_conversations", headers=headers,
+                             params={"select": "title", "order": "title", **params})
+        return response.status_code, [row["title"] for row in response.json()] if response.is_success else None
+
+    assert read(**{"or": '(title.eq."a, b",title.eq.e)'}) == (200, ["a, b", "e"])
+    assert read(**{"or": '(title.eq."c.d",and(title.neq.e,title.like.x))'}) == (400, None)  # no like here
+    assert read(**{"or": '(title.eq."c.d",and(title.neq.e,title.not.is.null))'}) == (200, ["a, b", "c.d"])
+    assert read(**{"or": "(title.eq.e,not.or(title.eq.e,title.is.null))"}) == (200, titles)
+    assert read(**{"and": "(title.gt.a,title.lt.e)"}) == (200, ["a, b", "c.d"])
+    assert read(**{"or": "title.eq.e"})[0] == 400
+
+
+def test_the_search_migration_gives_every_conversation_an_activity_time(pg_cluster: Any) -> None:
+    name = "legacy_activity"
+    create_supabase_database(pg_cluster, name, migrate=False)
+    user, conversation = new_id(), new_id()
+    with pg_cluster.connect(name) as db:
+        db.execute(LEGACY_SCHEMA)
+        db.execute("insert into auth.users (id) values (%s)", (user,))
+        db.execute("insert into api.agent_conversations (id, user_id, title, updated_at) values (%s, %s, 'old', null)",
+                   (conversation, user))
+        apply_migrations(db, times=2)
+        row = db.execute("select updated_at = created_at from api.agent_conversations where id = %s", (conversation,))
+        assert row.fetchone() == (True,)
+        nullable = db.execute("select is_nullable from information_schema.columns where table_schema = 'api'"
+                              " and table_name = 'agent_conversations' and column_name = 'updated_at'")
+        assert nullable.fetchone() == ("NO",)

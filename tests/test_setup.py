@@ -1,0 +1,98 @@
+"""A newcomer's first hour: `python app.py` as README runs it, and what it says when something is not right yet.
+
+Each problem is one line on stderr that names what to fix, and a non-zero exit; never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_app(env: dict[str, str], *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    full = {**os.environ, "LOG_LEVEL": "INFO", **env}
+    return subprocess.run([sys.executable, *args, "app.py"], cwd=ROOT, env=full, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def one_line(completed: subprocess.CompletedProcess[str]) -> str:
+    lines = [line for line in completed.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, completed.stderr
+    assert "Traceback" not in completed.stderr
+    return lines[0]
+
+
+def test_a_port_in_use_is_one_line_naming_api_port_before_anything_starts(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        completed = run_app({"API_PORT": str(port), "SQLITE_PATH": str(tmp_path / "db" / "canvalo.db")})
+    assert completed.returncode == 2
+    line = one_line(completed)
+    assert f"API_PORT {port}" in line and "already in use" in line
+    assert not (tmp_path / "db").exists()  # it stopped before migrating anything
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"STORE": "supabase"}, "SUPABASE_URL"),
+        ({"SUPABASE_URL": "not-a-url"}, "SUPABASE_URL"),
+        ({"SUPABASE_URL": "https://x.supabase.co?x=1"}, "SUPABASE_URL"),
+    ],
+)
+def test_a_store_that_cannot_work_is_one_line_in_development_too(env: dict[str, str], named: str) -> None:
+    completed = run_app({"ENVIRONMENT": "development", **env})
+    assert completed.returncode == 2
+    assert named in one_line(completed)
+
+
+def test_without_the_dependencies_it_says_to_install_requirements() -> None:
+    completed = run_app({}, "-I", "-S")  # no site-packages: as if run outside the virtualenv
+    assert completed.returncode == 1
+    line = one_line(completed)
+    assert "not installed" in line and "pip install -r requirements.txt" in line
+
+
+def test_an_older_python_is_told_the_version_it_needs() -> None:
+    code = ("import runpy, sys; sys.version_info = (3, 10, 12, 'final', 0); sys.version = '3.10.12';"
+            " runpy.run_path('app.py', run_name='__main__')")
+    completed = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=20)
+    assert completed.returncode == 1
+    assert "Python 3.11 or newer is required" in one_line(completed) and "3.10.12" in completed.stderr
+
+
+def test_startup_says_where_the_data_is_and_what_is_active(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    relative = "somewhere/canvalo.db"
+    process = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=tmp_path,
+                               env={**os.environ, "API_PORT": str(port), "SQLITE_PATH": relative, "LOG_LEVEL": "INFO"},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=20)
+    started = next(line for line in output.splitlines() if "Started:" in line)
+    assert str(tmp_path / relative) in started  # the resolved path, not the relative one
+    assert "store=sqlite" in started and "model=local" in started and "auth=none" in started

@@ -1,0 +1,118 @@
+"""Paging cursors: opaque strings that hold a list item's place (``services/store.py`` ``ConversationKey``,
+``MessageKey``), made for responses and read back from query parameters.
+
+A cursor is unpadded base64url of compact JSON, ``["c", updated_at, id]`` or ``["m", created_at, seq]``. It is opaque
+to clients but not secret: it holds nothing the response did not show, and every read is scoped to the caller, so a
+made-up cursor can only choose where the caller's own list starts. Reading one checks everything (its kind, a
+timestamp in the stores' format, a UUID, a sequence number in range) so a bad cursor is a 422 naming the parameter,
+never a store error.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from datetime import datetime
+from typing import Any
+
+from starlette.requests import Request
+
+from errors import ValidationFailed
+from services.store import Conversation, ConversationKey, MessageKey
+from web.inputs import invalid, uuid_value
+
+# Far longer than any cursor made here (about 110 characters); a longer value is not worth decoding.
+MAX_CURSOR_CHARS = 256
+MAX_SEQ = 2**63 - 1  # SQLite's and PostgreSQL's bigint
+
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
+_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")  # services/store.py utc_now
+
+
+def conversation_cursor(conversation: Conversation) -> str:
+    key = ConversationKey.of(conversation)
+    return _encode(["c", key.updated_at, key.id])
+
+
+def message_cursor(key: MessageKey) -> str:
+    return _encode(["m", key.created_at, key.seq])
+
+
+def conversation_seek(request: Request, offset: int) -> tuple[ConversationKey | None, ConversationKey | None]:
+    """``before`` and ``after`` of a list request, at most one of them, and not with an offset."""
+    before, after = (_conversation_key(request, name) for name in ("before", "after"))
+    _one_way(before, after, offset, ("before", "after", "offset"))
+    return before, after
+
+
+def message_seek(request: Request, offset: int) -> tuple[MessageKey | None, MessageKey | None]:
+    """``message_before`` and ``message_after``, at most one of them, and not with a ``message_offset``."""
+    before, after = (_message_key(request, name) for name in ("message_before", "message_after"))
+    _one_way(before, after, offset, ("message_before", "message_after", "message_offset"))
+    return before, after
+
+
+def _one_way(before: object, after: object, offset: int, names: tuple[str, str, str]) -> None:
+    if before is not None and after is not None:
+        raise invalid(names[0], f"cannot be combined with '{names[1]}'")
+    if (before is not None or after is not None) and offset:
+        raise invalid(names[2], f"cannot be combined with '{names[0]}' or '{names[1]}'")
+
+
+def _conversation_key(request: Request, name: str) -> ConversationKey | None:
+    parts = _decode(request, name, "c")
+    if parts is None:
+        return None
+    _, updated_at, conversation_id = parts
+    if not isinstance(conversation_id, str):
+        raise _not_a_cursor(name)
+    try:
+        return ConversationKey(_timestamp(updated_at, name), uuid_value(conversation_id, name))
+    except ValidationFailed:  # uuid_value's own message would speak of an id, not of the cursor
+        raise _not_a_cursor(name) from None
+
+
+def _message_key(request: Request, name: str) -> MessageKey | None:
+    parts = _decode(request, name, "m")
+    if parts is None:
+        return None
+    _, created_at, seq = parts
+    if type(seq) is not int or not 0 < seq <= MAX_SEQ:  # bool is an int; a JSON true is not a sequence number
+        raise _not_a_cursor(name)
+    return MessageKey(_timestamp(created_at, name), seq)
+
+
+def _encode(parts: list[Any]) -> str:
+    raw = json.dumps(parts, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _decode(request: Request, name: str, kind: str) -> list[Any] | None:
+    value = request.query_params.get(name)
+    if value is None or value == "":
+        return None
+    if len(value) > MAX_CURSOR_CHARS or not _BASE64URL.fullmatch(value):
+        raise _not_a_cursor(name)
+    try:
+        parts = json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
+    except (binascii.Error, ValueError):  # bad padding, not UTF-8, not JSON
+        raise _not_a_cursor(name) from None
+    if not isinstance(parts, list) or len(parts) != 3 or parts[0] != kind:
+        raise _not_a_cursor(name)
+    return parts
+
+
+def _timestamp(value: object, name: str) -> str:
+    if not isinstance(value, str) or not _TIMESTAMP.fullmatch(value):
+        raise _not_a_cursor(name)
+    try:
+        datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ")  # 2026-02-30 has the shape but is no time
+    except ValueError:
+        raise _not_a_cursor(name) from None
+    return value
+
+
+def _not_a_cursor(name: str) -> ValidationFailed:
+    return invalid(name, "must be a cursor from an earlier response")
