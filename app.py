@@ -250,7 +250,7 @@ async def confirm_action(request: Request) -> Response:
     return JSONResponse(actions.confirmed_json(done))
 
 
-PLAYGROUND_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "playground.html")
+WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
 
 
 async def playground(request: Request) -> Response:
@@ -258,17 +258,7 @@ async def playground(request: Request) -> Response:
     settings: Settings = request.state.settings
     if settings.environment != "development" and not settings.playground:
         raise NotFound()
-    with open(PLAYGROUND_PAGE, encoding="utf-8") as page:
-        html = page.read()
-    nonce = secrets.token_urlsafe(16)  # the page's one inline script and style run; nothing else does
-    policy = (
-        f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; connect-src 'self'; "
-        "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
-    )
-    return HTMLResponse(html.replace("{{nonce}}", nonce), headers={"Content-Security-Policy": policy})
-
-
-DOCS_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "docs.html")
+    return _page("playground.html")
 
 
 async def openapi_json(request: Request) -> Response:
@@ -278,9 +268,15 @@ async def openapi_json(request: Request) -> Response:
 
 async def docs(request: Request) -> Response:
     """``/openapi.json`` rendered readably by the page's own script (no CDN), in every environment, like it."""
-    with open(DOCS_PAGE, encoding="utf-8") as page:
+    return _page("docs.html")
+
+
+def _page(name: str) -> Response:
+    """One of ``web/``'s self-contained pages, whose one inline script and one style run under a fresh nonce; the
+    policy allows nothing else, and requests only to this origin (the API, ``/openapi.json``)."""
+    with open(os.path.join(WEB_DIR, name), encoding="utf-8") as page:
         html = page.read()
-    nonce = secrets.token_urlsafe(16)  # the page's one inline script and style run; it fetches only /openapi.json
+    nonce = secrets.token_urlsafe(16)
     policy = (
         f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; connect-src 'self'; "
         "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
