@@ -47,3 +47,12 @@ def test_ci_runs_the_readme_test_command_exactly() -> None:
     assert "\n" not in command  # one command
     ci = (ROOT / ".ci" / "run").read_text()
     assert command in ci.splitlines()
+
+
+def test_the_layout_names_every_module_of_the_service() -> None:
+    layout = README.split("## Layout", 1)[1].split("```", 2)[1]
+    named = set(re.findall(r"[\w]+\.(?:py|html)", layout))
+    for folder in ("services", "web"):
+        for path in (ROOT / folder).iterdir():
+            if path.suffix in (".py", ".html") and path.name != "__init__.py":
+                assert path.name in named, f"README's Layout does not name {folder}/{path.name}"
