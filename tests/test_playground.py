@@ -17,6 +17,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -242,3 +243,54 @@ def test_the_playground_is_not_found_outside_development_unless_enabled(tmp_path
         if status == 404:
             assert response.json()["error"]["code"] == "NOT_FOUND"
             assert "<script" not in response.text
+
+
+@browser_only
+def test_with_auth_on_the_token_names_the_user_and_a_prepared_change_runs_on_confirm(
+    browser: Browser, tmp_path: Path
+) -> None:
+    from services.model import Stop, TextDelta, ToolUse
+    from services.store import Caller
+    from tests.scripted_model import ScriptedCalls
+    from tests.test_actions import add_contacts, record
+    from tests.test_agents import handoff
+    from tests.tokens import TEST_JWT_SECRET, mint
+    from tests.support import new_id
+
+    def off_thread(work: Any, *args: Any) -> Any:
+        """Playwright's sync API keeps an event loop in this thread: store calls run their own in another."""
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(work, *args).result()
+
+    settings = make_settings(tmp_path, SUPABASE_JWT_SECRET=TEST_JWT_SECRET)  # auth on
+    user = new_id()
+    token = mint(user, TEST_JWT_SECRET)
+    (maria,) = off_thread(add_contacts, settings, Caller(user, token), "Maria Lopez")
+    model = ScriptedCalls([
+        handoff("contacts"),
+        [ToolUse("d", "delete_contact", {"id": maria}), Stop("tool_use")],
+        [TextDelta("Confirm to delete Maria."), Stop("end_turn")],
+    ])
+    context = browser.new_context()
+    context.set_default_timeout(TIMEOUT_MS)
+    # As if the token had been pasted in this tab before: the page reads it at load (and keeps it over reloads).
+    context.add_init_script(f"sessionStorage.setItem('canvalo.playground.token', '{token}')")
+    watched = Watched(context.new_page())
+    page = watched.page
+    try:
+        with serve(create_app(settings, model=model)) as server:
+            page.goto(f"{server.url}/playground")
+            expect(page.locator("#user-id")).to_have_text(user)  # the token's subject is the page's user
+            page.fill("#message", "delete Maria")
+            page.click("#send")
+            confirm = page.locator("[data-testid=confirm]")
+            expect(confirm).to_have_text('Confirm: Delete contact "Maria Lopez".')
+            assert off_thread(record, settings, Caller(user, token), "contacts", maria) is not None  # not yet
+            confirm.click()
+            expect(page.locator("#status")).to_have_text("done")
+            assert off_thread(record, settings, Caller(user, token), "contacts", maria) is None
+            sent = [r for r in watched.requests if "/api/" in r.url]
+            assert sent and all(r.headers.get("authorization") == f"Bearer {token}" for r in sent)
+        watched.assert_clean()
+    finally:
+        context.close()
