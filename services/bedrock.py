@@ -1,8 +1,9 @@
 """Amazon Bedrock ConverseStream over one shared async HTTP client: the ``ChatModel`` behind ``LLM_PROVIDER=bedrock``.
 
 Why raw HTTP instead of boto3: boto3 is synchronous, so every open stream would hold a thread (Strands does this
-with ``asyncio.to_thread``). Here a stream is one ``httpx`` request signed with botocore's ``SigV4Auth`` and one
-``EventStreamBuffer`` that decodes frames as bytes arrive, so thousands of streams need no threads at all. Only
+with ``asyncio.to_thread``). Here a stream is one HTTP/1.1 request (``services/stream_client.py``) signed with
+botocore's ``SigV4Auth`` and one ``EventStreamBuffer`` that decodes frames as bytes arrive, so thousands of streams
+need no threads at all. Only
 resolving or refreshing credentials, which may do network I/O (IMDS, STS, SSO), runs in a worker thread.
 
 A call has two phases. Until the first model event that would reach the user (text, a tool call, a stop), the call
@@ -31,7 +32,6 @@ from urllib.parse import quote
 import anyio
 import anyio.to_thread
 import botocore.session
-import httpcore
 import httpx
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
@@ -42,7 +42,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from errors import AppError, UpstreamError, UpstreamTimeout, UpstreamUnavailable, ValidationFailed
 from services.model import ModelEvent, ModelRequest, Stop, TextDelta, ToolUse, Usage
 from services.retry import RetryPolicy, with_retry
-from services.stream_pool import BODY_EXTENSION, stream_transport
+from services.stream_client import ConnectTimeout, StreamClient, StreamClientError, StreamResponse
 from settings import ConfigError, Settings
 
 logger = logging.getLogger(__name__)
@@ -241,11 +241,11 @@ def _code_for_status(status: int | None) -> str:
     return "MODEL_REQUEST_REJECTED"
 
 
-def _transport_error(exc: httpx.TransportError | httpcore.ReadError | Exception) -> AppError:
-    """Our error for an httpx exception or, when the body is read below httpx (``BODY_EXTENSION``), an httpcore one."""
-    if isinstance(exc, (httpx.TimeoutException, httpcore.TimeoutException)):
-        return failure("MODEL_TIMEOUT", f"Bedrock did not answer in time ({type(exc).__name__}).")
-    return failure("MODEL_NETWORK_ERROR", f"Could not talk to Bedrock ({type(exc).__name__}).")
+def _transport_error(exc: StreamClientError) -> AppError:
+    # The client's message says what broke (refused, reset, malformed response) and holds nothing from the request.
+    if isinstance(exc, ConnectTimeout):
+        return failure("MODEL_TIMEOUT", "Connecting to Bedrock timed out (BEDROCK_CONNECT_TIMEOUT).")
+    return failure("MODEL_NETWORK_ERROR", f"Could not talk to Bedrock: {exc}.")
 
 
 # -- credentials ---------------------------------------------------------------------------------------------------
@@ -503,39 +503,32 @@ class _Reader:
 
     Per network read this costs one ``asyncio.timeout_at`` (a timer handle), not an anyio cancel scope: creating
     an anyio scope asks sniffio for the running library and walks the task's scope state, which py-spy showed as a
-    large share of the relay's CPU. The body is read from ``StreamPool``'s stream when the transport offers it.
+    large share of the relay's CPU.
     """
 
-    __slots__ = ("_chunks", "_idle", "_response", "decoder", "deadline")
+    __slots__ = ("_idle", "_response", "decoder", "deadline")
 
-    # What a read below httpx can raise instead of ``httpx.TransportError``.
-    _ERRORS = (httpx.TransportError, httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError)
-
-    def __init__(self, response: httpx.Response, first_event_deadline: float, idle_timeout: float) -> None:
+    def __init__(self, response: StreamResponse, first_event_deadline: float, idle_timeout: float) -> None:
         self._response = response
-        body = response.extensions.get(BODY_EXTENSION)
-        self._chunks: AsyncIterator[bytes] = body.__aiter__() if body is not None else response.aiter_bytes()
         self._idle = idle_timeout
         self.decoder = ConverseStreamDecoder()
-        self.deadline = first_event_deadline  # on the event loop's clock (anyio.current_time)
+        self.deadline = first_event_deadline  # on the event loop's clock
 
     async def read(self) -> list[ModelEvent] | None:
         """The events of the next network read, or None at the end of the body."""
         try:
             async with asyncio.timeout_at(self.deadline):
-                data = await self._chunks.__anext__()
-        except StopAsyncIteration:
-            return None
+                data = await self._response.read()
         except TimeoutError:
             raise self._timed_out() from None
-        except self._ERRORS as exc:
+        except StreamClientError as exc:
             raise _transport_error(exc) from exc
         if not data:
-            return []
+            return None
         frames = self.decoder.frames
         events = self.decoder.feed(data)
         if self.decoder.frames != frames:
-            self.deadline = asyncio.get_running_loop().time() + self._idle  # anyio.current_time's clock, cheaper
+            self.deadline = asyncio.get_running_loop().time() + self._idle
         return events
 
     async def first_events(self) -> list[ModelEvent]:
@@ -558,20 +551,15 @@ class _Reader:
             return failure("MODEL_TIMEOUT", "Bedrock sent no event within BEDROCK_FIRST_EVENT_TIMEOUT.")
         return failure("MODEL_TIMEOUT", "Bedrock's stream stalled for longer than BEDROCK_IDLE_TIMEOUT.")
 
-    async def aclose(self) -> None:
-        await _close(self._response)
+    def close(self) -> None:
+        # Synchronous, so a client disconnect cancelling the stream cannot interrupt it: closing the connection
+        # mid-body is what tells Bedrock to stop generating.
+        self._response.close()
 
 
-async def _close(response: httpx.Response) -> None:
-    # Shielded: this runs while a client disconnect is cancelling the stream, and closing the connection is what
-    # tells Bedrock to stop generating.
-    with anyio.CancelScope(shield=True):
-        await response.aclose()
-
-
-async def _error_body(response: httpx.Response) -> dict[str, Any]:
+async def _error_body(response: StreamResponse) -> dict[str, Any]:
     raw = b""
-    async for chunk in response.aiter_bytes():
+    while chunk := await response.read():
         raw += chunk
         if len(raw) > MAX_ERROR_BODY:
             return {}
@@ -591,26 +579,28 @@ class BedrockModel:
     provider = "bedrock"
     is_llm = True
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        credentials: Credentials | None = None,
-        client: httpx.AsyncClient | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings, *, credentials: Credentials | None = None) -> None:
         self.model_id = settings.bedrock_model_id
         self._region = settings.aws_region
-        self._url = endpoint_url(settings) + model_path(self.model_id)
-        if not self._url.startswith(("https://", "http://")):
+        endpoint = endpoint_url(settings)
+        if not endpoint.startswith(("https://", "http://")):
             raise ConfigError("BEDROCK_ENDPOINT_URL must start with https:// or http://")
+        self._path = model_path(self.model_id)
+        self._url = endpoint + self._path  # what SigV4 signs
         self._max_tokens = settings.bedrock_max_tokens
         self._temperature = settings.bedrock_temperature
         self._first_event_timeout = settings.bedrock_first_event_timeout
         self._idle_timeout = settings.bedrock_idle_timeout
         self._retry = RetryPolicy.from_settings(settings)
         self._credentials = CredentialCache(credentials)
-        self._owns_client = client is None
-        self._client = client or _client(settings)
+        # No cap on connections: every open stream holds one, and a cap would queue streams behind each other.
+        # Idle ones expire after 30 s; Bedrock's own idle timeout is longer.
+        self._client = StreamClient(
+            endpoint,
+            connect_timeout=settings.bedrock_connect_timeout,
+            keepalive_expiry=30.0,
+            ssl_context=httpx.create_ssl_context(),  # the CA bundle the rest of the service trusts (certifi)
+        )
         self._opening = asyncio.Semaphore(OPENING_AT_ONCE)
 
     @property
@@ -626,8 +616,7 @@ class BedrockModel:
             logger.warning("Bedrock credentials are not available (%s); chat turns will fail until they are", exc.code)
 
     async def aclose(self) -> None:
-        if self._owns_client:
-            await self._client.aclose()
+        self._client.close()
 
     async def stream(self, request: ModelRequest) -> AsyncIterator[ModelEvent]:
         body = request_body(request, self._max_tokens, self._temperature)
@@ -642,7 +631,7 @@ class BedrockModel:
                 events = await reader.read()
             reader.finish()
         finally:
-            await reader.aclose()
+            reader.close()
 
     async def _open(self, body: bytes) -> tuple[_Reader, list[ModelEvent]]:
         """One attempt: sign, send, check the status and read up to the first output. Safe to retry."""
@@ -652,62 +641,43 @@ class BedrockModel:
         # held until Bedrock's response headers arrive, not while the model thinks.
         async with self._opening:
             headers = signed_headers(self._url, body, credentials, self._region)
-            deadline = anyio.current_time() + self._first_event_timeout
-            request = self._client.build_request("POST", self._url, content=body, headers=headers)
-            response = await self._send(request, deadline)
+            deadline = asyncio.get_running_loop().time() + self._first_event_timeout
+            response = await self._send(headers, body, deadline)
         try:
-            if response.status_code != 200:
+            if response.status != 200:
                 raise await self._http_error(response, deadline)
             if not response.headers.get("content-type", "").startswith(EVENT_STREAM_TYPE):
                 raise failure("MODEL_STREAM_ERROR", "Bedrock answered 200 without an event stream.")
             reader = _Reader(response, deadline, self._idle_timeout)
             return reader, await reader.first_events()
         except BaseException:
-            await _close(response)
+            response.close()
             raise
 
-    async def _send(self, request: httpx.Request, deadline: float) -> httpx.Response:
-        with anyio.CancelScope(deadline=deadline):
-            try:
-                return await self._client.send(request, stream=True)
-            except httpx.TransportError as exc:
-                raise _transport_error(exc) from exc
-        raise failure("MODEL_TIMEOUT", "Bedrock sent no response within BEDROCK_FIRST_EVENT_TIMEOUT.")
+    async def _send(self, headers: dict[str, str], body: bytes, deadline: float) -> StreamResponse:
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self._client.post(self._path, headers, body)
+        except TimeoutError:
+            raise failure("MODEL_TIMEOUT", "Bedrock sent no response within BEDROCK_FIRST_EVENT_TIMEOUT.") from None
+        except StreamClientError as exc:
+            raise _transport_error(exc) from exc
 
-    async def _http_error(self, response: httpx.Response, deadline: float) -> AppError:
+    async def _http_error(self, response: StreamResponse, deadline: float) -> AppError:
         """An error before the stream: the type from ``x-amzn-ErrorType`` (as botocore reads it), else the body."""
         body: dict[str, Any] = {}
-        with anyio.CancelScope(deadline=deadline):
-            try:
+        try:
+            async with asyncio.timeout_at(deadline):
                 body = await _error_body(response)
-            except httpx.TransportError:
-                pass  # the status and header are enough to classify the failure
+        except (TimeoutError, StreamClientError):
+            pass  # the status and header are enough to classify the failure
         error_type = response.headers.get("x-amzn-errortype") or str(body.get("__type") or body.get("code") or "")
         message = str(body.get("message") or body.get("Message") or "")
-        error = bedrock_error(error_type, response.status_code, message)
+        error = bedrock_error(error_type, response.status, message)
         logger.warning(
             "Bedrock answered HTTP %s: %s (request id %s)",
-            response.status_code,
+            response.status,
             error.code,
             response.headers.get("x-amzn-requestid", "-"),
         )
         return error
-
-
-def _client(settings: Settings) -> httpx.AsyncClient:
-    """The process's one HTTP client for Bedrock.
-
-    No read timeout here: ``_Reader`` enforces BEDROCK_FIRST_EVENT_TIMEOUT and BEDROCK_IDLE_TIMEOUT between events
-    itself. No connection cap: every open stream holds one HTTP/1.1 connection, and a cap would queue streams
-    behind each other (httpx's default is 100); idle connections expire after 30 s. The pool is ``StreamPool``:
-    httpcore's own costs O(open connections) per request, which at thousands of streams took most of the CPU.
-    """
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(
-            connect=settings.bedrock_connect_timeout,
-            read=None,
-            write=settings.bedrock_connect_timeout,
-            pool=settings.bedrock_connect_timeout,
-        ),
-        transport=stream_transport(keepalive_expiry=30.0),
-    )

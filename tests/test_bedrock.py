@@ -453,7 +453,8 @@ async def test_idle_gap_after_text_times_out_without_a_retry(
     error_, seen = await failing(BedrockModel(settings, credentials=CREDS))
     assert (error_.code, error_.retryable, len(fake.requests)) == ("MODEL_TIMEOUT", True, 1)
     assert seen == [TextDelta("Partial")]
-    assert fake.requests[0].closed_early.wait(2)
+    # The socket closes on the event loop's next turn, so wait without blocking the loop.
+    assert await anyio.to_thread.run_sync(fake.requests[0].closed_early.wait, 2)
 
 
 async def test_open_streams_hold_no_threads(
