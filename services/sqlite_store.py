@@ -1,11 +1,16 @@
 """The embedded store: SQLite from the standard library, on a small thread pool of its own.
 
-sqlite3 calls block, so each runs on one of ``workers`` threads that each hold their own connection (a sqlite3
+sqlite3 calls block, so each runs on a thread of the store's own, each holding its own connection (a sqlite3
 connection must stay on the thread that made it); the event loop only awaits the result, so a slow disk or a
 lock held by another worker never stalls the streams the loop is serving. A hop costs about 0.15 ms of CPU on one
 core, so a chat turn makes as few as it can (``begin_run``: one hop and one transaction to admit and begin it).
-WAL mode lets readers proceed while one writer writes. Writes use ``BEGIN IMMEDIATE`` so two writers queue on
-``busy_timeout`` instead of deadlocking on a lock upgrade. Every query is scoped to the caller's ``user_id``.
+
+Reads run on ``workers`` threads; every write runs on one writer thread (``_write``), in order. SQLite lets one
+writer in at a time anyway, and writers of one process queueing on its lock wait in SQLite's busy handler, which
+sleeps 1, 2, 5, 10 ms... between tries: under a burst of chat turns the lock sat idle while the next writer slept
+(py-spy: most of the store threads' time in ``BEGIN IMMEDIATE``). Writes from other processes still queue on
+``busy_timeout``. WAL mode lets readers proceed while the writer writes. Writes use ``BEGIN IMMEDIATE`` so two
+writers never deadlock on a lock upgrade. Every query is scoped to the caller's ``user_id``.
 
 The schema is migrated at startup from ``MIGRATIONS``; ``PRAGMA user_version`` records how far a file has come.
 """
@@ -109,19 +114,21 @@ class SQLiteStore:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sqlite")
+        self._readers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sqlite")
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
 
     async def open(self) -> None:
         """Create the directory and the schema; called once from the app's lifespan."""
         directory = os.path.dirname(os.path.abspath(self._path))
-        await self._run(lambda db: os.makedirs(directory, exist_ok=True))
-        await self._run(self._prepare_schema)
+        await self._write(lambda db: os.makedirs(directory, exist_ok=True))
+        await self._write(self._prepare_schema)
 
     async def aclose(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._shutdown)
 
     def _shutdown(self) -> None:
-        self._executor.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+        self._writer.shutdown(wait=True)
         with self._connections_lock:
             for connection in self._connections:
                 connection.close()
@@ -129,11 +136,19 @@ class SQLiteStore:
 
     # -- plumbing ----------------------------------------------------------------------------------------------
 
-    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``work`` on a store thread. A cancelled caller does not stop a write already under way."""
+    async def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work``, which only reads, on a reader thread."""
+        return await self._run(work, self._readers)
+
+    async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work``, which writes, on the writer thread after the writes before it."""
+        return await self._run(work, self._writer)
+
+    async def _run(self, work: Callable[[sqlite3.Connection], T], executor: ThreadPoolExecutor) -> T:
+        """A cancelled caller does not stop a write already under way."""
         started = time.perf_counter()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, work)
+            return await asyncio.get_running_loop().run_in_executor(executor, self._call, work)
         finally:
             if self._query_observer is not None:
                 self._query_observer(self.kind, _operation(work), time.perf_counter() - started)
@@ -190,7 +205,7 @@ class SQLiteStore:
             finally:
                 probe.close()
 
-        await self._run(work)
+        await self._read(work)
 
     async def probe_write(self) -> bool | None:
         def work(db: sqlite3.Connection) -> None:
@@ -198,7 +213,7 @@ class SQLiteStore:
                 db.execute("INSERT OR REPLACE INTO store_probe (id, written_at) VALUES (1, ?)", (time.time(),))
 
         try:
-            await self._run(work)
+            await self._write(work)
         except UpstreamError:
             return False
         return True
@@ -216,7 +231,7 @@ class SQLiteStore:
         def work(db: sqlite3.Connection) -> Page:
             return sqlite_listing.list_conversations(db, caller, limit, offset, before, after, search)
 
-        return await self._run(work)
+        return await self._read(work)
 
     async def rename_conversation(self, caller: Caller, conversation_id: str, title: str) -> Conversation:
         def work(db: sqlite3.Connection) -> Conversation:
@@ -230,7 +245,7 @@ class SQLiteStore:
                 )
                 return _fetch_conversation(db, caller, conversation_id)
 
-        return await self._run(work)
+        return await self._write(work)
 
     async def create_conversation(
         self, caller: Caller, title: str | None, conversation_id: str | None = None
@@ -241,10 +256,10 @@ class SQLiteStore:
             _insert_conversation(db, caller, new_id, title, ignore_existing=False)
             return _fetch_conversation(db, caller, new_id)
 
-        return await self._run(work)
+        return await self._write(work)
 
     async def get_conversation(self, caller: Caller, conversation_id: str) -> Conversation:
-        return await self._run(lambda db: _fetch_conversation(db, caller, conversation_id))
+        return await self._read(lambda db: _fetch_conversation(db, caller, conversation_id))
 
     async def ensure_conversation(self, caller: Caller, conversation_id: str, title: str) -> Conversation:
         def work(db: sqlite3.Connection) -> Conversation:
@@ -253,7 +268,7 @@ class SQLiteStore:
             _insert_conversation(db, caller, conversation_id, title, ignore_existing=True)
             return _fetch_conversation(db, caller, conversation_id)
 
-        return await self._run(work)
+        return await self._write(work)
 
     async def delete_conversation(self, caller: Caller, conversation_id: str) -> None:
         def work(db: sqlite3.Connection) -> int:
@@ -262,7 +277,7 @@ class SQLiteStore:
             )
             return cursor.rowcount
 
-        if await self._run(work) == 0:
+        if await self._write(work) == 0:
             raise NotFound("Conversation not found.", code="CONVERSATION_NOT_FOUND")
 
     # -- messages ----------------------------------------------------------------------------------------------
@@ -277,7 +292,7 @@ class SQLiteStore:
             )
             return [message_row(r) for r in rows.fetchall()]
 
-        return await self._run(work)
+        return await self._read(work)
 
     async def message_page(
         self,
@@ -294,14 +309,14 @@ class SQLiteStore:
             _fetch_conversation(db, caller, conversation_id)
             return sqlite_listing.message_page(db, conversation_id, limit, offset, newest_first, before, after)
 
-        return await self._run(work)
+        return await self._read(work)
 
     async def recent_messages(self, caller: Caller, conversation_id: str, limit: int) -> list[Message]:
         def work(db: sqlite3.Connection) -> list[Message]:
             _fetch_conversation(db, caller, conversation_id)
             return recent_messages(db, conversation_id, limit)
 
-        return await self._run(work)
+        return await self._read(work)
 
     async def add_message(self, caller: Caller, message: NewMessage) -> Message:
         def work(db: sqlite3.Connection) -> Message:
@@ -309,7 +324,7 @@ class SQLiteStore:
                 _fetch_conversation(db, caller, message.conversation_id)
                 return insert_message(db, message)
 
-        return await self._run(work)
+        return await self._write(work)
 
     # -- chat runs (services/sqlite_runs.py) -------------------------------------------------------------------
 
@@ -318,48 +333,48 @@ class SQLiteStore:
     ) -> RunBegun:
         # One thread hop and one write transaction for the turn's admission and start: each hop costs more (a
         # wake-up, then waiting for the event loop to give up the GIL) than the statements it runs.
-        return await self._run(lambda db: sqlite_runs.begin_run(db, caller, new, limits, history_limit))
+        return await self._write(lambda db: sqlite_runs.begin_run(db, caller, new, limits, history_limit))
 
     async def flush_runs(self, updates: list[RunUpdate]) -> dict[str, RunControl]:
-        return await self._run(lambda db: sqlite_runs.flush_runs(db, updates))
+        return await self._write(lambda db: sqlite_runs.flush_runs(db, updates))
 
     async def read_run(self, caller: Caller, run_id: str, after: int | None) -> RunView:
-        return await self._run(lambda db: sqlite_runs.read_run(db, caller, run_id, after))
+        return await self._read(lambda db: sqlite_runs.read_run(db, caller, run_id, after))
 
     async def request_stop(self, caller: Caller, run_id: str, seen_chars: int | None) -> None:
-        await self._run(lambda db: sqlite_runs.request_stop(db, caller, run_id, seen_chars))
+        await self._write(lambda db: sqlite_runs.request_stop(db, caller, run_id, seen_chars))
 
     async def maintain_runs(self, caller: Caller | None, stale_seconds: float, events_ttl: float) -> None:
-        await self._run(lambda db: sqlite_runs.maintain_runs(db, caller, stale_seconds, events_ttl))
+        await self._write(lambda db: sqlite_runs.maintain_runs(db, caller, stale_seconds, events_ttl))
 
     # -- business records (the agents' tools) ------------------------------------------------------------------
 
     async def list_records(
         self, caller: Caller, domain: Domain, filters: dict[str, Any], limit: int
     ) -> list[dict[str, Any]]:
-        return await self._run(lambda db: sqlite_records.list_records(db, caller, domain, filters, limit))
+        return await self._read(lambda db: sqlite_records.list_records(db, caller, domain, filters, limit))
 
     async def get_record(self, caller: Caller, domain: Domain, record_id: str) -> dict[str, Any]:
-        return await self._run(lambda db: sqlite_records.get_record(db, caller, domain, record_id))
+        return await self._read(lambda db: sqlite_records.get_record(db, caller, domain, record_id))
 
     async def insert_record(self, caller: Caller, domain: Domain, values: dict[str, Any]) -> dict[str, Any]:
-        return await self._run(lambda db: sqlite_records.insert_record(db, caller, domain, values))
+        return await self._write(lambda db: sqlite_records.insert_record(db, caller, domain, values))
 
     async def update_record(
         self, caller: Caller, domain: Domain, record_id: str, values: dict[str, Any]
     ) -> dict[str, Any]:
-        return await self._run(lambda db: sqlite_records.update_record(db, caller, domain, record_id, values))
+        return await self._write(lambda db: sqlite_records.update_record(db, caller, domain, record_id, values))
 
     async def delete_record(self, caller: Caller, domain: Domain, record_id: str) -> None:
-        await self._run(lambda db: sqlite_records.delete_record(db, caller, domain, record_id))
+        await self._write(lambda db: sqlite_records.delete_record(db, caller, domain, record_id))
 
     # -- pending actions (services/actions.py, services/sqlite_actions.py) -----------------------------------------
 
     async def create_action(self, caller: Caller, new: NewAction, ttl_seconds: float) -> PendingAction:
-        return await self._run(lambda db: sqlite_actions.create_action(db, caller, new, ttl_seconds))
+        return await self._write(lambda db: sqlite_actions.create_action(db, caller, new, ttl_seconds))
 
     async def confirm_action(self, caller: Caller, action_id: str) -> ActionDone:
-        return await self._run(lambda db: sqlite_actions.confirm_action(db, caller, action_id))
+        return await self._write(lambda db: sqlite_actions.confirm_action(db, caller, action_id))
 
     # -- rate limits and query timing (services/ratelimit.py, services/metrics.py) -------------------------------
 
@@ -367,7 +382,7 @@ class SQLiteStore:
         self._query_observer = observer
 
     async def rate_limit_hit(self, caller: Caller, bucket: str, window_seconds: int, limit: int) -> tuple[bool, float]:
-        return await self._run(
+        return await self._write(
             lambda db: sqlite_limits.hit(db, caller.user_id, bucket, window_seconds, limit)
         )
 
