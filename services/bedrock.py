@@ -42,7 +42,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from errors import AppError, UpstreamError, UpstreamTimeout, UpstreamUnavailable, ValidationFailed
 from services.model import ModelEvent, ModelRequest, Stop, TextDelta, ToolUse, Usage
 from services.retry import RetryPolicy, with_retry
-from services.stream_client import ConnectTimeout, StreamClient, StreamClientError, StreamResponse
+from services.stream_client import ConnectTimeout, ReadInterrupted, StreamClient, StreamClientError, StreamResponse
 from settings import ConfigError, Settings
 
 logger = logging.getLogger(__name__)
@@ -501,25 +501,41 @@ def _frame_error(headers: dict[str, Any], payload: bytes) -> AppError:
 class _Reader:
     """One open response: reads under the first-event and idle deadlines and feeds the decoder.
 
-    Per network read this costs one ``asyncio.timeout_at`` (a timer handle), not an anyio cancel scope: creating
-    an anyio scope asks sniffio for the running library and walks the task's scope state, which py-spy showed as a
-    large share of the relay's CPU.
+    The deadlines are kept by one timer per stream that re-arms itself when it fires early, not a timeout per
+    network read: a frame only moves ``deadline`` forward (an attribute write), so a stream of hundreds of reads
+    costs a handful of timer callbacks. When the deadline passes, the waiting read is interrupted.
     """
 
-    __slots__ = ("_idle", "_response", "decoder", "deadline")
+    __slots__ = ("_idle", "_loop", "_response", "_timer", "decoder", "deadline")
 
     def __init__(self, response: StreamResponse, first_event_deadline: float, idle_timeout: float) -> None:
         self._response = response
         self._idle = idle_timeout
+        self._loop = asyncio.get_running_loop()
         self.decoder = ConverseStreamDecoder()
         self.deadline = first_event_deadline  # on the event loop's clock
+        self._timer: asyncio.TimerHandle | None = None
+        self._arm()
+
+    def _arm(self) -> None:
+        self._timer = self._loop.call_at(self.deadline, self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        if self._loop.time() < self.deadline:
+            self._arm()  # frames arrived since it was armed
+        else:
+            self._response.interrupt(_DeadlinePassed())  # a waiting read ends; the next one checks the clock
 
     async def read(self) -> list[ModelEvent] | None:
         """The events of the next network read, or None at the end of the body."""
+        if self._timer is None:
+            if self._loop.time() >= self.deadline:
+                raise self._timed_out()
+            self._arm()
         try:
-            async with asyncio.timeout_at(self.deadline):
-                data = await self._response.read()
-        except TimeoutError:
+            data = await self._response.read()
+        except _DeadlinePassed:
             raise self._timed_out() from None
         except StreamClientError as exc:
             raise _transport_error(exc) from exc
@@ -528,7 +544,11 @@ class _Reader:
         frames = self.decoder.frames
         events = self.decoder.feed(data)
         if self.decoder.frames != frames:
-            self.deadline = asyncio.get_running_loop().time() + self._idle
+            self.deadline = self._loop.time() + self._idle
+            timer = self._timer
+            if timer is not None and timer.when() > self.deadline:  # the idle deadline comes before the first-event one
+                timer.cancel()
+                self._arm()
         return events
 
     async def first_events(self) -> list[ModelEvent]:
@@ -554,7 +574,14 @@ class _Reader:
     def close(self) -> None:
         # Synchronous, so a client disconnect cancelling the stream cannot interrupt it: closing the connection
         # mid-body is what tells Bedrock to stop generating.
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._response.close()
+
+
+class _DeadlinePassed(ReadInterrupted):
+    """The first-event or idle deadline passed while a read waited (never leaves this module)."""
 
 
 async def _error_body(response: StreamResponse) -> dict[str, Any]:
@@ -648,10 +675,14 @@ class BedrockModel:
                 raise await self._http_error(response, deadline)
             if not response.headers.get("content-type", "").startswith(EVENT_STREAM_TYPE):
                 raise failure("MODEL_STREAM_ERROR", "Bedrock answered 200 without an event stream.")
-            reader = _Reader(response, deadline, self._idle_timeout)
-            return reader, await reader.first_events()
         except BaseException:
             response.close()
+            raise
+        reader = _Reader(response, deadline, self._idle_timeout)
+        try:
+            return reader, await reader.first_events()
+        except BaseException:
+            reader.close()
             raise
 
     async def _send(self, headers: dict[str, str], body: bytes, deadline: float) -> StreamResponse:

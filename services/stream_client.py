@@ -42,6 +42,10 @@ class ConnectTimeout(StreamClientError):
     """No connection within ``connect_timeout``."""
 
 
+class ReadInterrupted(StreamClientError):
+    """``StreamResponse.interrupt`` ended a read: the caller's own deadline passed."""
+
+
 class _Chunked:
     """The chunked transfer coding, decoded incrementally; ``done`` after the last chunk and its trailers."""
 
@@ -211,6 +215,11 @@ class _Connection(asyncio.Protocol):
                 self.transport.pause_reading()
         self._wake()
 
+    def interrupt(self, error: StreamClientError) -> None:
+        """End a read that is waiting, with ``error``; a read that is not waiting is not affected."""
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(error)
+
     def _fail(self, error: StreamClientError) -> None:
         if self._error is None:
             self._error = error
@@ -282,6 +291,12 @@ class StreamResponse:
         if self._connection is None:
             return b""
         return await self._connection.read()
+
+    def interrupt(self, error: ReadInterrupted) -> None:
+        """Make a ``read`` that is waiting raise ``error``: how a caller with its own clock enforces a deadline
+        without arming a timer per read."""
+        if self._connection is not None:
+            self._connection.interrupt(error)
 
     def close(self) -> None:
         """Back to the pool when the body was read to its end, else closed (which tells the server to stop)."""

@@ -12,12 +12,12 @@ encoder accepts, so such text is refused here rather than failing at the write.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
 from starlette.requests import ClientDisconnect, Request
 
 from errors import BadRequest, ClientClosedRequest, RequestTimeout, UnsupportedMediaType, ValidationFailed
@@ -56,7 +56,7 @@ async def json_body(request: Request, timeout: float) -> dict[str, Any]:
     if content_type != "application/json":
         raise UnsupportedMediaType()
     try:
-        with anyio.fail_after(timeout):
+        async with asyncio.timeout(timeout):  # asyncio's own: an anyio scope costs several times more per request
             raw = await request.body()
     except ClientDisconnect:
         # The client left before sending the body it announced: not a server error, and nobody is left to answer.
