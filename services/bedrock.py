@@ -530,7 +530,9 @@ class _Reader:
     async def read(self) -> list[ModelEvent] | None:
         """The events of the next network read, or None at the end of the body."""
         if self._timer is None:
-            if self._loop.time() >= self.deadline:
+            # The deadline passed while no read waited. Bytes that arrived meanwhile still count: the stream was
+            # not idle, only this side was busy.
+            if self._loop.time() >= self.deadline and not self._response.ready:
                 raise self._timed_out()
             self._arm()
         try:

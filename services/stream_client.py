@@ -49,12 +49,13 @@ class ReadInterrupted(StreamClientError):
 class _Chunked:
     """The chunked transfer coding, decoded incrementally; ``done`` after the last chunk and its trailers."""
 
-    __slots__ = ("_buffer", "_left", "done")
+    __slots__ = ("_buffer", "_left", "done", "overrun")
 
     def __init__(self) -> None:
         self._buffer = b""
         self._left = -1  # > 0: data bytes to go; 0: the CRLF after data; -1: a size line; -2: trailer lines
         self.done = False
+        self.overrun = False  # bytes came after the end
 
     def feed(self, data: bytes) -> bytes:
         buffer = self._buffer + data if self._buffer else data
@@ -81,9 +82,8 @@ class _Chunked:
             elif eol == pos:  # the blank line that ends the (usually absent) trailers
                 self.done = True
             pos = eol + 2
-        if self.done and pos < end:
-            raise StreamClientError("bytes after the end of the response")
-        self._buffer = buffer[pos:]
+        self.overrun = self.done and pos < end
+        self._buffer = buffer[pos:] if not self.done else b""
         return b"".join(out) if len(out) != 1 else out[0]
 
 
@@ -123,15 +123,14 @@ class _Connection(asyncio.Protocol):
         try:
             if self._reading_head:
                 self._receive_head(data)
-            elif self._body is not None or not self.complete:
-                self._receive_body(data)
             else:
-                raise StreamClientError("the server sent bytes with no request in flight")
+                self._receive_body(data)
         except StreamClientError as exc:
             self._fail(exc)
             self._close()
 
     def eof_received(self) -> bool:
+        self.closed = True  # never reused, even before connection_lost arrives (TLS waits for close_notify)
         if self._body is None and not self._reading_head and not self.complete:
             self.complete = True  # a body delimited by the end of the connection ends here
             self._wake()
@@ -160,10 +159,10 @@ class _Connection(asyncio.Protocol):
     async def read(self) -> bytes:
         """The body bytes that arrived since the last read (waiting for some), or b"" at the end of the body."""
         while not self._unread:
+            if self.complete:
+                return b""  # (a later error, such as bytes after the end, only keeps the connection from reuse)
             if self._error is not None:
                 raise self._error
-            if self.complete:
-                return b""
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
@@ -187,7 +186,7 @@ class _Connection(asyncio.Protocol):
         head, rest = self._head[:end], self._head[end + 4 :]
         self._head, self._reading_head = b"", False
         status, headers, http10 = _parse_head(head)
-        self._body = _body_framing(headers)
+        self._body = 0 if status in (204, 304) else _body_framing(headers)
         self.keep_alive = not http10 and self._body is not None and "close" not in headers.get("connection", "").lower()
         if self._body == 0:
             self._body, self.complete = None, True
@@ -197,14 +196,19 @@ class _Connection(asyncio.Protocol):
             self._receive_body(rest)
 
     def _receive_body(self, data: bytes) -> None:
+        """Body bytes for the caller; bytes after the body's end are the server's error: the response keeps its
+        body, the connection is dropped (they must never be read as the next response)."""
         body = self._body
-        if isinstance(body, _Chunked):
+        overrun = False
+        if body is None and self.complete:
+            overrun, data = True, b""
+        elif isinstance(body, _Chunked):
             data = body.feed(data)
+            overrun = body.overrun
             if body.done:
                 self._body, self.complete = None, True
         elif isinstance(body, int):
-            if len(data) > body:
-                raise StreamClientError("more body than Content-Length")
+            overrun, data = len(data) > body, data[:body]
             self._body = body - len(data) or None
             self.complete = self._body is None
         if data:
@@ -214,6 +218,13 @@ class _Connection(asyncio.Protocol):
                 self._paused = True
                 self.transport.pause_reading()
         self._wake()
+        if overrun:
+            raise StreamClientError("bytes after the end of the response, or with no request in flight")
+
+    @property
+    def ready(self) -> bool:
+        """Whether a read would return (or raise) without waiting for the network."""
+        return bool(self._unread) or self.complete or self._error is not None
 
     def interrupt(self, error: StreamClientError) -> None:
         """End a read that is waiting, with ``error``; a read that is not waiting is not affected."""
@@ -232,13 +243,27 @@ class _Connection(asyncio.Protocol):
             self._waiter.set_result(None)
 
     def _close(self) -> None:
+        """Drop the connection at once. ``abort``, not ``close``: on TLS, ``close`` sends close_notify and keeps the
+        socket open until the peer answers (up to 30 s), so a stopped stream would not reach Bedrock as a hang-up."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()
         self.closed = True
-        if self.transport is not None:
-            self.transport.close()
 
     @property
     def reusable(self) -> bool:
-        return self.complete and self.keep_alive and not self.closed and self._error is None
+        """Only a connection whose exchange ended cleanly: its whole body read by the caller, nothing unsent."""
+        transport = self.transport
+        return (
+            self.complete
+            and self.keep_alive
+            and not self.closed
+            and self._error is None
+            and not self._unread  # the caller stopped before reading it all: these bytes belong to no one else
+            and not self._paused
+            and transport is not None
+            and not transport.is_closing()
+            and transport.get_write_buffer_size() == 0  # the server answered before reading the whole request
+        )
 
 
 def _parse_head(head: bytes) -> tuple[int, dict[str, str], bool]:
@@ -246,7 +271,7 @@ def _parse_head(head: bytes) -> tuple[int, dict[str, str], bool]:
     lines = head.decode("latin-1").split("\r\n")
     version, _, rest = lines[0].partition(" ")
     status = rest[:3]
-    if version not in ("HTTP/1.1", "HTTP/1.0") or not status.isdigit() or rest[3:4] not in ("", " "):
+    if version not in ("HTTP/1.1", "HTTP/1.0") or not _digits(status) or rest[3:4] not in ("", " "):
         raise StreamClientError("a response that is not HTTP/1.1")
     headers: dict[str, str] = {}
     for line in lines[1:]:
@@ -270,9 +295,13 @@ def _body_framing(headers: dict[str, str]) -> _Chunked | int | None:
     length = headers.get("content-length")
     if length is None:
         return None
-    if not length.isdigit() or len(length) > 18:
+    if not _digits(length) or len(length) > 18:
         raise StreamClientError("a bad Content-Length")
     return int(length)
+
+
+def _digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()  # str.isdigit alone accepts "²", which int() refuses
 
 
 class StreamResponse:
@@ -291,6 +320,11 @@ class StreamResponse:
         if self._connection is None:
             return b""
         return await self._connection.read()
+
+    @property
+    def ready(self) -> bool:
+        """Whether ``read`` would return without waiting: bytes have arrived that the caller has not read yet."""
+        return self._connection is None or self._connection.ready
 
     def interrupt(self, error: ReadInterrupted) -> None:
         """Make a ``read`` that is waiting raise ``error``: how a caller with its own clock enforces a deadline
@@ -314,6 +348,8 @@ class StreamClient:
         parts = urlsplit(url)
         if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
             raise ValueError("the URL must be http:// or https:// with a host")
+        if parts.scheme == "https" and ssl_context is None:
+            raise ValueError("https needs an ssl_context")
         self._host = parts.hostname
         self._port = parts.port or DEFAULT_PORTS[parts.scheme]
         self._ssl = ssl_context if parts.scheme == "https" else None
@@ -341,7 +377,7 @@ class StreamClient:
         now = time.monotonic()
         while self._idle:
             connection = self._idle.pop()  # the most recently used: the least likely to have been closed
-            if not connection.closed and now - connection.idle_since < self._keepalive_expiry:
+            if connection.reusable and now - connection.idle_since < self._keepalive_expiry:
                 return connection
             connection._close()
         return None

@@ -457,6 +457,23 @@ async def test_idle_gap_after_text_times_out_without_a_retry(
     assert await anyio.to_thread.run_sync(fake.requests[0].closed_early.wait, 2)
 
 
+async def test_a_busy_reader_is_not_timed_out_for_bytes_that_already_arrived(
+    tmp_path: Any, bedrock_env: dict[str, str], fake_bedrock: tuple[FakeBedrock, LiveServer]
+) -> None:
+    """The idle deadline is about Bedrock going quiet, not about this side taking its time between reads."""
+    fake, live = fake_bedrock
+    fake.replies = [Reply.stream(text_reply("First", " and the rest"))]
+    settings = settings_for(tmp_path, bedrock_env, live, BEDROCK_IDLE_TIMEOUT="0.2")
+    model = BedrockModel(settings, credentials=CREDS)
+    stream = model.stream(HELLO)
+    events = [await stream.__anext__()]
+    await anyio.sleep(0.5)  # everything has arrived meanwhile, and the idle deadline has passed
+    events += [event async for event in stream]
+    await model.aclose()
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "First and the rest"
+    assert Stop("end_turn") in events
+
+
 async def test_open_streams_hold_no_threads(
     tmp_path: Any, bedrock_env: dict[str, str], fake_bedrock: tuple[FakeBedrock, LiveServer]
 ) -> None:

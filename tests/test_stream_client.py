@@ -146,13 +146,13 @@ MALFORMED = {
     "header": b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n",
     "folded": b"HTTP/1.1 200 OK\r\n Folded: x\r\n\r\n",
     "length": b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
-    "over-length": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\ntoo long",
     "chunk-size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
     "chunk-end": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabX\r\n",
     "chunk-line": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1" * 2000,
-    "after-end": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nextra",
     "head-size": b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70_000 + b"\r\n\r\n",
     "cut": b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",  # and the server closes
+    "non-ascii-length": "HTTP/1.1 200 OK\r\nContent-Length: \u00b2\r\n\r\n".encode("latin-1"),
+    "non-ascii-status": "HTTP/1.1 \u00b200 OK\r\n\r\n".encode("latin-1"),
 }
 
 
@@ -173,6 +173,51 @@ async def test_a_malformed_or_cut_response_is_an_error_and_the_connection_is_not
             await read_all(stream_client)
         await asyncio.wait_for(server.closed_by_client.wait(), 2)
         assert server.connections == 1
+
+
+@pytest.mark.parametrize(
+    ("reply", "body"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nSTALE", b""),  # in the same read as the head
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokSTALE", b"ok"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\nSTALE", b"ok"),
+    ],
+    ids=["empty", "length", "chunked"],
+)
+async def test_bytes_after_a_complete_response_never_reach_the_next_request(reply: bytes, body: bytes) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.read_request(reader)
+            writer.write(reply if server.connections == 1 else b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfresh")
+            await writer.drain()
+
+    async with serving(handler) as (server, port):
+        stream_client = client(port)
+        assert (await read_all(stream_client))[2] == body  # the response keeps its body
+        assert (await read_all(stream_client))[2] == b"fresh"
+        assert server.connections == 2  # the connection that carried the stray bytes was dropped
+        stream_client.close()
+
+
+@pytest.mark.parametrize("size", [10, HIGH_WATER + 1000], ids=["small", "over-high-water"])
+async def test_a_body_not_read_to_its_end_is_never_handed_to_the_next_request(size: int) -> None:
+    """The user pressed Stop after Bedrock had sent everything: the rest of that answer belongs to no one."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            request = await server.read_request(reader)
+            body = (b"first:" + b"x" * size) if len(server.requests) == 1 else request[-6:]
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+
+    async with serving(handler) as (server, port):
+        stream_client = client(port)
+        response = await stream_client.post("/", {}, b"")
+        await asyncio.sleep(0.1)  # the whole body (or up to the high-water mark) has arrived, unread
+        response.close()  # before reading it
+        assert (await read_all(stream_client, b"second"))[2] == b"second"
+        assert server.connections == 2
+        stream_client.close()
 
 
 async def test_bytes_read_before_a_broken_connection_are_delivered_first() -> None:
@@ -290,7 +335,7 @@ async def test_https_verifies_the_server_certificate() -> None:
         writer.write(CHUNKED)
         await writer.drain()
         await server.read_request(reader)
-        writer.write(CHUNKED)
+        writer.write(CHUNKED[: CHUNKED.index(b"1;ext")])  # then silence, like a model thinking
         await writer.drain()
         await server.wait_for_close(reader)
 
@@ -299,20 +344,25 @@ async def test_https_verifies_the_server_certificate() -> None:
         authority.configure_trust(trusting)
         stream_client = client(port, "https", trusting)
         assert (await read_all(stream_client))[2] == b"hello world!"
-        assert (await read_all(stream_client))[2] == b"hello world!"
+        response = await stream_client.post("/", {}, b"")
+        assert await response.read() == b"hello"
         assert server.connections == 1
-        stream_client.close()
+        response.close()  # Stop mid-answer: the server sees the hang-up at once, not after a TLS shutdown
+        await asyncio.wait_for(server.closed_by_client.wait(), 1)
         with pytest.raises(StreamClientError, match="SSLCertVerificationError"):
             await client(port, "https", ssl.create_default_context()).post("/", {}, b"")
 
 
 def test_the_host_header_is_the_one_sigv4_signs() -> None:
-    def host(url: str) -> str:
-        return StreamClient(url, connect_timeout=1, keepalive_expiry=1, ssl_context=None).host_header
+    def host(url: str, context: ssl.SSLContext | None = None) -> str:
+        return StreamClient(url, connect_timeout=1, keepalive_expiry=1, ssl_context=context).host_header
 
-    assert host("https://bedrock-runtime.us-east-1.amazonaws.com") == "bedrock-runtime.us-east-1.amazonaws.com"
-    assert host("https://Example.com:443") == "example.com"
+    tls = ssl.create_default_context()
+    assert host("https://bedrock-runtime.us-east-1.amazonaws.com", tls) == "bedrock-runtime.us-east-1.amazonaws.com"
+    assert host("https://Example.com:443", tls) == "example.com"
     assert host("http://127.0.0.1:8001") == "127.0.0.1:8001"
     assert host("http://[::1]:80") == "[::1]"
     with pytest.raises(ValueError):
         host("ftp://example.com")
+    with pytest.raises(ValueError, match="ssl_context"):
+        host("https://example.com")
