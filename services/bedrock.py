@@ -648,8 +648,10 @@ class BedrockModel:
         self._client.close()
 
     async def stream(self, request: ModelRequest) -> AsyncIterator[ModelEvent]:
-        body = request_body(request, self._max_tokens, self._temperature)
-        reader, events = await with_retry(partial(self._open, body), self._retry, what="Bedrock ConverseStream")
+        # The body is not kept in this generator's frame: it would stay in memory for the whole answer.
+        attempt = partial(self._open, request_body(request, self._max_tokens, self._temperature))
+        reader, events = await with_retry(attempt, self._retry, what="Bedrock ConverseStream")
+        del attempt
         try:
             decoder = reader.decoder
             while events is not None:

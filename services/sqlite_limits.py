@@ -46,7 +46,18 @@ RETURNING hits, window_start
 @contextlib.contextmanager
 def write_transaction(db: sqlite3.Connection) -> Iterator[None]:
     """A write transaction whose lock is taken up front (BEGIN IMMEDIATE), so two writers queue on busy_timeout
-    instead of deadlocking on a lock upgrade; rolled back on any exception. Shared by the store and the limits."""
+    instead of deadlocking on a lock upgrade; rolled back on any exception. Shared by the store and the limits.
+    Inside a group of writes committed together (services/sqlite_writer.py) it is a savepoint of that transaction."""
+    if db.in_transaction:
+        db.execute("SAVEPOINT write_transaction")
+        try:
+            yield
+        except BaseException:
+            db.execute("ROLLBACK TO write_transaction")
+            db.execute("RELEASE write_transaction")
+            raise
+        db.execute("RELEASE write_transaction")
+        return
     db.execute("BEGIN IMMEDIATE")
     try:
         yield

@@ -5,11 +5,11 @@ connection must stay on the thread that made it); the event loop only awaits the
 lock held by another worker never stalls the streams the loop is serving. A hop costs about 0.15 ms of CPU on one
 core, so a chat turn makes as few as it can (``begin_run``: one hop and one transaction to admit and begin it).
 
-Reads run on ``workers`` threads; every write runs on one writer thread (``_write``), in order. SQLite lets one
-writer in at a time anyway, and writers of one process queueing on its lock wait in SQLite's busy handler, which
-sleeps 1, 2, 5, 10 ms... between tries: under a burst of chat turns the lock sat idle while the next writer slept
-(py-spy: most of the store threads' time in ``BEGIN IMMEDIATE``). Writes from other processes still queue on
-``busy_timeout``. WAL mode lets readers proceed while the writer writes. Writes use ``BEGIN IMMEDIATE`` so two
+Reads run on ``workers`` threads; every write runs on one writer thread (``_write``, ``services/sqlite_writer.py``),
+in order, and writes that queue up together commit together. SQLite lets one writer in at a time anyway, and
+writers of one process queueing on its lock wait in SQLite's busy handler, which sleeps 1, 2, 5, 10 ms... between
+tries: under a burst of chat turns the lock sat idle while the next writer slept (py-spy: most of the store threads'
+time in ``BEGIN IMMEDIATE``). Writes from other processes still queue on ``busy_timeout``. WAL mode lets readers proceed while the writer writes. Writes use ``BEGIN IMMEDIATE`` so two
 writers never deadlock on a lock upgrade. Every query is scoped to the caller's ``user_id``.
 
 The schema is migrated at startup from ``MIGRATIONS``; ``PRAGMA user_version`` records how far a file has come.
@@ -27,12 +27,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from errors import NotFound, UpstreamError, UpstreamUnavailable
 from services import sqlite_actions, sqlite_limits, sqlite_listing, sqlite_records, sqlite_runs
 from services.sqlite_messages import MESSAGE_COLUMNS, insert_message, message_row, recent_messages
+from services.sqlite_writer import GroupWriter
 from services.domains import Domain
 from services.store import (
     ActionDone,
@@ -115,7 +116,7 @@ class SQLiteStore:
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         self._readers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sqlite")
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
+        self._writer = GroupWriter(self._connection, _store_error)
 
     async def open(self) -> None:
         """Create the directory and the schema; called once from the app's lifespan."""
@@ -128,7 +129,7 @@ class SQLiteStore:
 
     def _shutdown(self) -> None:
         self._readers.shutdown(wait=True)
-        self._writer.shutdown(wait=True)
+        self._writer.shutdown()
         with self._connections_lock:
             for connection in self._connections:
                 connection.close()
@@ -138,17 +139,17 @@ class SQLiteStore:
 
     async def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work``, which only reads, on a reader thread."""
-        return await self._run(work, self._readers)
+        return await self._run(work, lambda: self._readers.submit(self._call, work))
 
     async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work``, which writes, on the writer thread after the writes before it."""
-        return await self._run(work, self._writer)
+        return await self._run(work, lambda: self._writer.submit(work))
 
-    async def _run(self, work: Callable[[sqlite3.Connection], T], executor: ThreadPoolExecutor) -> T:
+    async def _run(self, work: Callable[[sqlite3.Connection], T], submit: Callable[[], Future[T]]) -> T:
         """A cancelled caller does not stop a write already under way."""
         started = time.perf_counter()
         try:
-            return await asyncio.get_running_loop().run_in_executor(executor, self._call, work)
+            return await asyncio.wrap_future(submit())
         finally:
             if self._query_observer is not None:
                 self._query_observer(self.kind, _operation(work), time.perf_counter() - started)
