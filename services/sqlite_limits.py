@@ -14,6 +14,8 @@ import sqlite3
 import time
 from collections.abc import Iterator
 
+from services.sqlite_writer import in_group
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rate_limits (
     subject TEXT NOT NULL,
@@ -48,7 +50,7 @@ def write_transaction(db: sqlite3.Connection) -> Iterator[None]:
     """A write transaction whose lock is taken up front (BEGIN IMMEDIATE), so two writers queue on busy_timeout
     instead of deadlocking on a lock upgrade; rolled back on any exception. Shared by the store and the limits.
     Inside a group of writes committed together (services/sqlite_writer.py) it is a savepoint of that transaction."""
-    if db.in_transaction:
+    if in_group():
         db.execute("SAVEPOINT write_transaction")
         try:
             yield
@@ -61,10 +63,11 @@ def write_transaction(db: sqlite3.Connection) -> Iterator[None]:
     db.execute("BEGIN IMMEDIATE")
     try:
         yield
+        db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        if db.in_transaction:  # a failed COMMIT (busy, a deferred constraint) can leave it open
+            db.execute("ROLLBACK")
         raise
-    db.execute("COMMIT")
 
 
 def create_tables(db: sqlite3.Connection) -> None:

@@ -122,7 +122,7 @@ class SQLiteStore:
         """Create the directory and the schema; called once from the app's lifespan."""
         directory = os.path.dirname(os.path.abspath(self._path))
         await self._write(lambda db: os.makedirs(directory, exist_ok=True))
-        await self._write(self._prepare_schema)
+        await self._write(self._prepare_schema, alone=True)  # executescript would commit a group's transaction
 
     async def aclose(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._shutdown)
@@ -141,9 +141,9 @@ class SQLiteStore:
         """Run ``work``, which only reads, on a reader thread."""
         return await self._run(work, lambda: self._readers.submit(self._call, work))
 
-    async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``work``, which writes, on the writer thread after the writes before it."""
-        return await self._run(work, lambda: self._writer.submit(work))
+    async def _write(self, work: Callable[[sqlite3.Connection], T], *, alone: bool = False) -> T:
+        """Run ``work``, which writes, on the writer thread after the writes before it (``alone``: never grouped)."""
+        return await self._run(work, lambda: self._writer.submit(work, alone=alone))
 
     async def _run(self, work: Callable[[sqlite3.Connection], T], submit: Callable[[], Future[T]]) -> T:
         """A cancelled caller does not stop a write already under way."""

@@ -137,3 +137,66 @@ def test_shutdown_finishes_what_was_submitted(tmp_path: Path, database: tuple[Gr
     writer.shutdown()
     assert all(future.done() for future in futures)
     assert len(names(path)) == 200
+
+
+def test_a_transaction_left_open_or_a_failed_commit_never_swallows_later_writes(
+    database: tuple[GroupWriter, Path],
+) -> None:
+    writer, path = database
+
+    def leaves_it_open(db: sqlite3.Connection) -> None:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("INSERT INTO item (name) VALUES ('open')")
+
+    with pytest.raises(RuntimeError, match="open"):
+        writer.submit(leaves_it_open).result(5)
+    # A lone write whose own COMMIT fails (a deferred foreign key is checked there) is rolled back, not left open.
+    with pytest.raises(StoreError, match="IntegrityError"):
+        writer.submit(insert("orphan", parent=42)).result(5)
+    assert writer.submit(insert("b")).result(5) == ("b", False)
+    assert names(path) == ["b"]  # committed: another connection sees it, and nothing of the failed ones
+
+
+def test_a_write_that_must_run_alone_is_never_grouped_and_keeps_its_place(database: tuple[GroupWriter, Path]) -> None:
+    writer, path = database
+    order: list[str] = []
+
+    def schema(db: sqlite3.Connection) -> bool:
+        order.append("schema")
+        db.executescript("CREATE TABLE IF NOT EXISTS extra (id INTEGER);")  # commits any open transaction
+        return db.in_transaction
+
+    def recorded(name: str) -> Any:
+        def work(db: sqlite3.Connection) -> Any:
+            order.append(name)
+            return insert(name)(db)
+
+        return work
+
+    release, started = threading.Event(), threading.Event()
+    writer.submit(lambda db: (started.set(), release.wait(5)))
+    assert started.wait(5)
+    futures = [writer.submit(recorded("a")), writer.submit(schema, alone=True), writer.submit(recorded("c"))]
+    release.set()
+    assert [f.result(5) for f in futures] == [("a", False), False, ("c", False)]
+    assert order == ["a", "schema", "c"]
+    assert names(path) == ["a", "c"]
+
+
+def test_the_writer_survives_any_exception_and_refuses_work_once_shut(database: tuple[GroupWriter, Path]) -> None:
+    writer, path = database
+
+    def interrupted(db: sqlite3.Connection) -> None:
+        raise KeyboardInterrupt
+
+    futures = queue_behind_a_held_write(writer, insert("a"), interrupted, insert("c"))
+    for future in futures:
+        with pytest.raises(KeyboardInterrupt):
+            future.result(5)  # the group could not finish: none of it happened
+    with pytest.raises(KeyboardInterrupt):
+        writer.submit(interrupted).result(5)
+    assert writer.submit(insert("d")).result(5) == ("d", False)
+    assert names(path) == ["d"]
+    writer.shutdown()
+    with pytest.raises(RuntimeError, match="closed"):
+        writer.submit(insert("late"))
