@@ -3,8 +3,8 @@
 Why raw HTTP instead of boto3: boto3 is synchronous, so every open stream would hold a thread (Strands does this
 with ``asyncio.to_thread``). Here a stream is one HTTP/1.1 request (``services/stream_client.py``) signed with
 botocore's ``SigV4Auth`` and one ``EventStreamBuffer`` that decodes frames as bytes arrive, so thousands of streams
-need no threads at all. Only
-resolving or refreshing credentials, which may do network I/O (IMDS, STS, SSO), runs in a worker thread.
+need no threads at all. Only resolving or refreshing credentials, which may do network I/O (IMDS, STS, SSO), runs
+in a worker thread.
 
 A call has two phases. Until the first model event that would reach the user (text, a tool call, a stop), the call
 is invisible, so the whole attempt (send, HTTP status, in-stream exception frames, time to first event) is retried

@@ -9,8 +9,8 @@ Reads run on ``workers`` threads; every write runs on one writer thread (``_writ
 in order, and writes that queue up together commit together. SQLite lets one writer in at a time anyway, and
 writers of one process queueing on its lock wait in SQLite's busy handler, which sleeps 1, 2, 5, 10 ms... between
 tries: under a burst of chat turns the lock sat idle while the next writer slept (py-spy: most of the store threads'
-time in ``BEGIN IMMEDIATE``). Writes from other processes still queue on ``busy_timeout``. WAL mode lets readers proceed while the writer writes. Writes use ``BEGIN IMMEDIATE`` so two
-writers never deadlock on a lock upgrade. Every query is scoped to the caller's ``user_id``.
+time in ``BEGIN IMMEDIATE``). Writes from other processes still queue on ``busy_timeout``. WAL mode lets readers
+proceed while the writer writes. Writes use ``BEGIN IMMEDIATE`` so two writers never deadlock on a lock upgrade. Every query is scoped to the caller's ``user_id``.
 
 The schema is migrated at startup from ``MIGRATIONS``; ``PRAGMA user_version`` records how far a file has come.
 """

@@ -139,13 +139,8 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self._reading_head or not self.complete:
-            self._fail(StreamClientError(f"the connection closed mid-response ({type(exc or EOFError()).__name__})"))
-
-    def pause_writing(self) -> None:  # a request body larger than the socket buffer: asyncio keeps the rest
-        pass
-
-    def resume_writing(self) -> None:
-        pass
+            why = type(exc).__name__ if exc is not None else "end of stream"
+            self._fail(StreamClientError(f"the connection closed mid-response ({why})"))
 
     # -- one exchange --------------------------------------------------------------------------------------------
 
