@@ -14,6 +14,7 @@ Run by ``bench/run.py`` as ``python bench/floor_app.py --port N ...``, pinned to
 from __future__ import annotations
 
 import argparse
+import gc
 import asyncio
 import json
 import uuid
@@ -115,6 +116,10 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=0.1)
     args = parser.parse_args()
     app = build_app(args.ttft, args.tokens, args.interval)
+    # The service's collector settings (app.py, tune_gc), so the comparison measures the relay, not the GC.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 10)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 

@@ -19,6 +19,7 @@ credentials and region from the environment), pinned to the server core, under u
 from __future__ import annotations
 
 import argparse
+import gc
 import asyncio
 import json
 import os
@@ -314,6 +315,10 @@ def main() -> None:
     args = parser.parse_args()
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     app = build_app(Relay(args.endpoint, credentials_from_env(), region))
+    # The service's collector settings (app.py, tune_gc), so the comparison measures the relay, not the GC.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 10)
     uvicorn.run(app, host="127.0.0.1", port=args.port, loop="asyncio", http="h11", log_level="warning",
                 access_log=False)
 

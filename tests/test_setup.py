@@ -5,6 +5,7 @@ Each problem is one line on stderr that names what to fix, and a non-zero exit; 
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import subprocess
@@ -96,3 +97,21 @@ def test_startup_says_where_the_data_is_and_what_is_active(tmp_path: Path) -> No
     started = next(line for line in output.splitlines() if "Started:" in line)
     assert str(tmp_path / relative) in started  # the resolved path, not the relative one
     assert "store=sqlite" in started and "model=local" in started and "auth=none" in started
+
+
+def test_the_collector_is_tuned_once_the_app_has_started(tmp_path: Path) -> None:
+    # bench/RESULTS.md: with CPython's defaults a burst of streams spends a fifth of its CPU in the collector.
+    from app import GC_THRESHOLDS, create_app
+    from tests.support import make_settings, serve
+
+    before = gc.get_threshold()
+    gc.unfreeze()
+    gc.set_threshold(700, 10, 10)
+    try:
+        with serve(create_app(make_settings(tmp_path))) as live:
+            assert httpx.get(f"{live.url}/health").status_code == 200
+            assert gc.get_threshold() == GC_THRESHOLDS
+            assert gc.get_freeze_count() > 0  # what startup made is out of every later collection
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
