@@ -199,7 +199,7 @@ def _b64url(part: str) -> bytes:
 
 def _json_object(data: bytes) -> dict[str, Any]:
     """A JSON object in strict UTF-8, without NaN/Infinity or repeated names (which one would count is a guess)."""
-    value = json.loads(data.decode("utf-8"), parse_constant=_refuse, object_pairs_hook=_unique_names)
+    value = _STRICT_JSON.decode(data.decode("utf-8"))
     if not isinstance(value, dict):
         raise ValueError("not a JSON object")
     return value
@@ -214,6 +214,9 @@ def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     if len(result) != len(pairs):
         raise ValueError("repeated name")
     return result
+
+
+_STRICT_JSON = json.JSONDecoder(parse_constant=_refuse, object_pairs_hook=_unique_names)  # json.loads builds one per call
 
 
 def _is_time(value: object) -> bool:

@@ -206,16 +206,12 @@ class LiveRun:
 
     # -- viewers ------------------------------------------------------------------------------------------------
 
-    async def wait(self, timeout: float) -> None:
-        """Until a new frame is visible, the run ends, or ``timeout`` passes."""
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
+    async def wait(self, waiter: asyncio.Future[None]) -> None:
+        """Until a new frame is visible or the run ends, or someone else resolves ``waiter`` (a viewer's ping)."""
         self._waiters.append(waiter)
-        timer = loop.call_later(timeout, _resolve, waiter)
         try:
             await waiter
         finally:
-            timer.cancel()
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
 
@@ -226,10 +222,19 @@ class LiveRun:
 
 
 class LiveFeed:
-    """A viewer of a run generating on this worker, from memory."""
+    """A viewer of a run generating on this worker, from memory.
+
+    Its timeout timer is lazy: armed once, and moved on only when it fires early, instead of set and cancelled
+    around every frame (a timer per token was 4% of the CPU of a burst of streams, bench/RESULTS.md).
+    """
+
+    __slots__ = ("_due", "_live", "_timer", "_waiter")
 
     def __init__(self, live: LiveRun) -> None:
         self._live = live
+        self._waiter: asyncio.Future[None] | None = None  # while waiting
+        self._due = 0.0  # loop time at which the current wait times out
+        self._timer: asyncio.TimerHandle | None = None  # fires at or before ``_due``
 
     @property
     def outcome(self) -> str:
@@ -240,11 +245,45 @@ class LiveFeed:
         live = self._live
         live.seal()
         if after >= live.visible and not live.ended:
-            await live.wait(timeout)
+            await self._wait(timeout)
             live.seal()
         upto = live.visible
         text = "".join(live.frames[after:upto]) if upto > after else ""
-        return text, max(after, upto), live.ended and max(after, upto) >= len(live.frames)
+        over = live.ended and max(after, upto) >= len(live.frames)
+        if over:
+            self._disarm()
+        return text, max(after, upto), over
+
+    async def _wait(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._due = loop.time() + timeout
+        if self._timer is None or self._timer.when() > self._due:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_at(self._due, self._timed_out)
+        self._waiter = loop.create_future()
+        try:
+            await self._live.wait(self._waiter)
+        except asyncio.CancelledError:
+            self._disarm()  # the viewer is leaving: its timer would only keep this run's frames in memory
+            raise
+        finally:
+            self._waiter = None
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._waiter is None:
+            return  # not waiting (the viewer is sending, or has left): the next wait arms a timer again
+        loop = self._waiter.get_loop()
+        if loop.time() < self._due:
+            self._timer = loop.call_at(self._due, self._timed_out)  # frames came since it was set: not due yet
+        else:
+            _resolve(self._waiter)
 
 
 class StoredFeed:

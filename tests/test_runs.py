@@ -432,3 +432,80 @@ def test_sigkill_mid_run_leaves_it_interrupted_with_its_saved_text_and_frees_the
     assert (replay[-1]["type"], replay[-1]["code"], replay[-1]["retryable"]) == ("error", "RUN_INTERRUPTED", True)
     assert again.status_code == 200, again.text  # the conversation and the user's one stream slot are free
     assert chunks(again.text)[-1]["type"] == "complete"
+
+
+def test_a_live_viewer_times_out_only_after_a_quiet_timeout_whatever_its_earlier_waits() -> None:
+    # The viewer's timer is set once and moved on lazily (services/runs.py, LiveFeed): a timer left from an earlier,
+    # shorter-lived wait must neither end a later wait early nor hold a shorter one back.
+    import asyncio
+
+    from services.run_log import chunk
+    from services.runs import LiveFeed, LiveRun
+    from services.store import Caller, Run
+
+    async def scenario() -> list[tuple[bool, float]]:
+        loop = asyncio.get_running_loop()
+        run = Run(new_id(), new_id(), new_id(), new_id(), None, "running", 0, time.time())
+        live = LiveRun(run, Caller(new_id()))
+        feed = LiveFeed(live)
+        waits: list[tuple[bool, float]] = []
+        cursor = 0
+
+        async def wait(timeout: float, frame_after: float | None) -> None:
+            nonlocal cursor
+            if frame_after is not None:
+                loop.call_later(frame_after, live.emit, chunk("token", "supervisor", content="x"))
+            started = loop.time()
+            text, cursor, _ = await feed.next_frames(cursor, timeout)
+            waits.append((bool(text), loop.time() - started))
+
+        await wait(0.3, 0.2)  # a frame before the timeout: its timer is due at 0.3
+        await wait(0.3, None)  # no frame: that timer fires 0.1 into this wait, which must go on to 0.3
+        await wait(5.0, 0.05)  # a long timeout answered by a frame
+        await wait(0.1, None)  # a shorter timeout than the timer left armed: due at 0.1, not at 5
+        return waits
+
+    waits = asyncio.run(scenario())
+    assert [framed for framed, _ in waits] == [True, False, True, False]
+    assert 0.15 <= waits[0][1] < 0.3
+    assert 0.28 <= waits[1][1] < 0.5
+    assert 0.08 <= waits[3][1] < 0.5
+
+
+def test_a_live_viewer_keeps_nothing_in_memory_once_the_run_is_over_or_it_leaves() -> None:
+    # An armed timer would hold the feed, and through it the run's frames, until it fired.
+    import asyncio
+    import gc
+    import weakref
+
+    from services.run_log import chunk
+    from services.runs import LiveFeed, LiveRun
+    from services.store import Caller, Run
+
+    class Held:  # held by the run (as its caller's token), so a weak reference shows whether the run is kept
+        pass
+
+    def live_run() -> LiveRun:
+        run = Run(new_id(), new_id(), new_id(), new_id(), None, "running", 0, time.time())
+        return LiveRun(run, Caller(new_id(), Held()))  # type: ignore[arg-type]
+
+    async def scenario() -> list[weakref.ref[Held]]:
+        loop = asyncio.get_running_loop()
+        ended = live_run()
+        feed = LiveFeed(ended)
+        loop.call_later(0.05, ended.emit, chunk("token", "supervisor", content="x"))
+        _, cursor, _ = await feed.next_frames(0, 30)
+        ended.publish_end()
+        assert (await feed.next_frames(cursor, 30))[2]  # over
+
+        left = live_run()
+        viewing = asyncio.ensure_future(LiveFeed(left).next_frames(0, 30))
+        await asyncio.sleep(0.05)
+        viewing.cancel()
+        await asyncio.gather(viewing, return_exceptions=True)
+        refs = [weakref.ref(ended.caller.access_token), weakref.ref(left.caller.access_token)]  # type: ignore[arg-type]
+        del feed, ended, left, viewing
+        gc.collect()
+        return refs  # checked while the loop, and any timer on it, is still alive
+
+    assert [ref() for ref in asyncio.run(scenario())] == [None, None]
