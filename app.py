@@ -571,8 +571,6 @@ def tune_gc() -> None:
         gc.collect()
         gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
-    if os.environ.get("SWI"):
-        sys.setswitchinterval(float(os.environ["SWI"]))
 
 
 def configure_logging(level: str) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -225,10 +226,12 @@ class LiveFeed:
     """A viewer of a run generating on this worker, from memory.
 
     Its timeout timer is lazy: armed once, and moved on only when it fires early, instead of set and cancelled
-    around every frame (a timer per token was 4% of the CPU of a burst of streams, bench/RESULTS.md).
+    around every frame (``call_later`` per frame was ~3% of the event loop's CPU in a burst, bench/RESULTS.md).
+    The timer holds the feed weakly: a viewer that leaves at any point (even while sending) leaves nothing that
+    keeps the run's frames in memory until the timer is due.
     """
 
-    __slots__ = ("_due", "_live", "_timer", "_waiter")
+    __slots__ = ("__weakref__", "_due", "_live", "_timer", "_waiter")
 
     def __init__(self, live: LiveRun) -> None:
         self._live = live
@@ -258,15 +261,11 @@ class LiveFeed:
         loop = asyncio.get_running_loop()
         self._due = loop.time() + timeout
         if self._timer is None or self._timer.when() > self._due:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = loop.call_at(self._due, self._timed_out)
+            self._disarm()
+            self._timer = loop.call_at(self._due, _feed_timed_out, weakref.ref(self))
         self._waiter = loop.create_future()
         try:
             await self._live.wait(self._waiter)
-        except asyncio.CancelledError:
-            self._disarm()  # the viewer is leaving: its timer would only keep this run's frames in memory
-            raise
         finally:
             self._waiter = None
 
@@ -281,9 +280,15 @@ class LiveFeed:
             return  # not waiting (the viewer is sending, or has left): the next wait arms a timer again
         loop = self._waiter.get_loop()
         if loop.time() < self._due:
-            self._timer = loop.call_at(self._due, self._timed_out)  # frames came since it was set: not due yet
+            self._timer = loop.call_at(self._due, _feed_timed_out, weakref.ref(self))  # frames came since: not due
         else:
             _resolve(self._waiter)
+
+
+def _feed_timed_out(feed: weakref.ref[LiveFeed]) -> None:
+    viewer = feed()
+    if viewer is not None:  # else the viewer is gone: nothing to time out
+        viewer._timed_out()
 
 
 class StoredFeed:

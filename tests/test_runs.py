@@ -509,3 +509,49 @@ def test_a_live_viewer_keeps_nothing_in_memory_once_the_run_is_over_or_it_leaves
         return refs  # checked while the loop, and any timer on it, is still alive
 
     assert [ref() for ref in asyncio.run(scenario())] == [None, None]
+
+
+def test_a_live_viewer_that_leaves_while_sending_keeps_nothing_in_memory() -> None:
+    # The client disconnects while the response is blocked writing to it (a slow client, a full socket buffer): the
+    # viewer leaves from inside send, not from a wait, and its timer must not keep the run's frames alive.
+    import asyncio
+    import gc
+    import weakref
+
+    from services.run_log import chunk
+    from services.runs import LiveFeed, LiveRun
+    from services.store import Caller, Run
+    from web.sse import EventStreamResponse
+
+    class Held:
+        pass
+
+    async def scenario() -> weakref.ref[Held]:
+        run = Run(new_id(), new_id(), new_id(), new_id(), None, "running", 0, time.time())
+        live = LiveRun(run, Caller(new_id(), Held()))  # type: ignore[arg-type]
+        sending, left = asyncio.Event(), asyncio.Event()
+
+        async def send(message: dict[str, Any]) -> None:
+            if message.get("body"):
+                sending.set()
+                await asyncio.sleep(3600)  # the client reads nothing
+
+        async def receive() -> dict[str, Any]:
+            await left.wait()
+            return {"type": "http.disconnect"}
+
+        response = EventStreamResponse(LiveFeed(live), after=0, ping_interval=30, shutdown_frame="")
+        viewing = asyncio.ensure_future(response({"type": "http"}, receive, send))
+        await asyncio.sleep(0.01)
+        live.emit(chunk("token", "supervisor", content="x"))
+        await sending.wait()
+        left.set()
+        await viewing
+        live.finish("complete", chunk("complete", "supervisor"), "x", {}, "supervisor")
+        live.publish_end()
+        held = weakref.ref(live.caller.access_token)  # type: ignore[arg-type]
+        del live, response, viewing
+        gc.collect()
+        return held  # checked while the loop, and any timer on it, is still alive
+
+    assert asyncio.run(scenario())() is None
