@@ -236,9 +236,10 @@ def maintain_runs(db: sqlite3.Connection, caller: Caller | None, stale_seconds: 
 
 def _maintain(db: sqlite3.Connection, now: float, stale_seconds: float, events_ttl: float, user_id: str | None) -> None:
     _reap(db, now, stale_seconds, user_id)
+    of_user, user = _of_user(user_id)
     expired = db.execute(
-        "SELECT id, last_seq FROM agent_runs WHERE ended_at < ? AND events_purged = 0 AND (? IS NULL OR user_id = ?)",
-        (now - events_ttl, user_id, user_id),
+        f"SELECT id, last_seq FROM agent_runs WHERE ended_at < ? AND events_purged = 0 {of_user}",
+        (now - events_ttl, *user),
     ).fetchall()
     # Keep each expired run's last batch (it holds the terminal event), so a late resume still ends cleanly.
     db.executemany("DELETE FROM agent_run_events WHERE run_id = ? AND last_seq < ?", expired)
@@ -247,12 +248,13 @@ def _maintain(db: sqlite3.Connection, now: float, stale_seconds: float, events_t
 
 def _reap(db: sqlite3.Connection, now: float, stale_seconds: float, user_id: str | None) -> None:
     """End runs whose worker stopped heartbeating, with their last saved text and a terminal event."""
+    of_user, user = _of_user(user_id, "r.")
     stale = db.execute(
         "SELECT r.id, r.conversation_id, r.assistant_message_id, r.stop_requested, r.stop_seen_chars,"
         " m.content, m.agent_type, coalesce((SELECT max(last_seq) FROM agent_run_events e WHERE e.run_id = r.id), 0)"
         " FROM agent_runs r JOIN agent_messages m ON m.id = r.assistant_message_id"
-        " WHERE r.status = 'running' AND r.heartbeat_at < ? AND (? IS NULL OR r.user_id = ?)",
-        (now - stale_seconds, user_id, user_id),
+        f" WHERE r.status = 'running' AND r.heartbeat_at < ? {of_user}",
+        (now - stale_seconds, *user),
     ).fetchall()
     for run_id, conversation_id, message_id, stop, seen, content, agent_type, last_seq in stale:
         status = "stopped" if stop else "interrupted"
@@ -277,6 +279,13 @@ def _reap(db: sqlite3.Connection, now: float, stale_seconds: float, user_id: str
             "UPDATE agent_runs SET status = ?, ended_at = ?, last_seq = ? WHERE id = ?", (status, now, seq, run_id)
         )
 
+
+
+def _of_user(user_id: str | None, table: str = "") -> tuple[str, tuple[str, ...]]:
+    """The condition limiting maintenance to one user's runs (none for the periodic sweep of all). Written out, not
+    as "(? IS NULL OR user_id = ?)": with that SQLite cannot use the (user_id, heartbeat_at) index, and every turn's
+    admission scanned every running run (quadratic in a burst of turns)."""
+    return (f"AND {table}user_id = ?", (user_id,)) if user_id is not None else ("", ())
 
 def _run_for_client_message(
     db: sqlite3.Connection, caller: Caller, client_message_id: str

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import anyio
 import pytest
@@ -171,3 +172,36 @@ async def test_maintenance_ends_dead_runs_with_their_saved_text_and_expires_even
     assert cut_short.run.status == "stopped" and cut_short.message.content == "Half"
     await store.maintain_runs(caller, 30, 0)  # expired at once: only each run's last batch (its end) stays
     assert [(b.first_seq, b.last_seq) for b in (await store.read_run(caller, dead.id, 0)).batches] == [(3, 3)]
+
+
+async def test_admitting_a_turn_reads_through_indexes_not_across_every_run(tmp_path: Path) -> None:
+    # Every statement a turn's admission and start runs (SQLite) is planned as an index search or a write by key:
+    # a scan of the running runs in each admission made a burst of turns quadratic (the per-user reap once did).
+    import sqlite3
+
+    from services import sqlite_runs
+
+    store = SQLiteStore(str(tmp_path / "plan.db"))
+    await store.open()
+    try:
+        for _ in range(3):  # other users' runs, running and ended
+            other = Caller(new_id())
+            await finish(store, other, await start(store, other))
+            await start(store, other)
+    finally:
+        await store.aclose()
+    db = sqlite3.connect(str(tmp_path / "plan.db"), isolation_level=None)
+    db.row_factory = sqlite3.Row
+    statements: list[str] = []
+    db.set_trace_callback(statements.append)
+    begun = sqlite_runs.begin_run(db, Caller(new_id()), NewRun(new_id(), "hello", "AI Chat"), OPEN, 50)
+    db.set_trace_callback(None)
+    assert begun.outcome == "started"
+    plans = {}
+    for sql in statements:
+        own = sql.split(None, 1)[0].upper() in ("SELECT", "UPDATE", "DELETE", "INSERT")
+        if own and "_fts_" not in sql:  # not FTS5's reads of its own one-row config tables
+            plans[sql] = [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}")]
+    assert plans, statements
+    scans = {sql: plan for sql, plan in plans.items() if any(step.startswith("SCAN") for step in plan)}
+    assert scans == {}
