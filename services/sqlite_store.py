@@ -28,6 +28,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 from errors import NotFound, UpstreamError, UpstreamUnavailable
@@ -111,7 +112,10 @@ class SQLiteStore:
     _query_observer: Callable[[str, str, float], None] | None = None
 
     def __init__(self, path: str, workers: int = 4) -> None:
-        self._path = path
+        # Resolved once: a relative SQLITE_PATH means the directory the service started from. Resolved at each use it
+        # would follow a chdir to another database, or fail (FileNotFoundError) once that directory is removed.
+        self._path = os.path.abspath(path)
+        self._opened = False  # once open, a connection never creates the file: a vanished database is an error
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
@@ -120,9 +124,10 @@ class SQLiteStore:
 
     async def open(self) -> None:
         """Create the directory and the schema; called once from the app's lifespan."""
-        directory = os.path.dirname(os.path.abspath(self._path))
+        directory = os.path.dirname(self._path)
         await self._write(lambda db: os.makedirs(directory, exist_ok=True))
         await self._write(self._prepare_schema, alone=True)  # executescript would commit a group's transaction
+        self._opened = True
 
     async def aclose(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._shutdown)
@@ -166,10 +171,16 @@ class SQLiteStore:
         return connection
 
     def _connect(self) -> sqlite3.Connection:
-        os.makedirs(os.path.dirname(os.path.abspath(self._path)), exist_ok=True)
+        if not self._opened:
+            os.makedirs(os.path.dirname(self._path), exist_ok=True)
+        # Read-write without create once open: a thread's first connection after the file was deleted would
+        # otherwise make a new empty database and answer from it as if every conversation were gone.
         # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE) where a write needs one.
         # check_same_thread=False only so _shutdown can close it; it is otherwise used by one thread alone.
-        connection = sqlite3.connect(self._path, isolation_level=None, timeout=5.0, check_same_thread=False)
+        connection = sqlite3.connect(
+            self._uri("rw" if self._opened else "rwc"), uri=True, isolation_level=None, timeout=5.0,
+            check_same_thread=False,
+        )
         connection.row_factory = sqlite3.Row
         connection.execute("PRAGMA journal_mode = WAL")
         connection.execute("PRAGMA synchronous = NORMAL")
@@ -179,10 +190,13 @@ class SQLiteStore:
             self._connections.append(connection)
         return connection
 
+    def _uri(self, mode: str) -> str:
+        return f"{Path(self._path).as_uri()}?mode={mode}"  # as_uri escapes "?", "#" and "%" in the path
+
     def _prepare_schema(self, db: sqlite3.Connection) -> None:
         """Migrate and create derived tables under a file lock: several workers may start on a new file at once,
         and reading the version or a table's columns before changing them would race without it."""
-        with open(f"{os.path.abspath(self._path)}.schema-lock", "a") as lock:
+        with open(f"{self._path}.schema-lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._migrate(db)
             sqlite_records.create_tables(db)
@@ -200,7 +214,7 @@ class SQLiteStore:
         """Open the file afresh (read-write, never create) so a lost volume shows up, not a cached handle."""
 
         def work(db: sqlite3.Connection) -> None:
-            probe = sqlite3.connect(f"file:{os.path.abspath(self._path)}?mode=rw", uri=True, timeout=2.0)
+            probe = sqlite3.connect(self._uri("rw"), uri=True, timeout=2.0)
             try:
                 probe.execute("SELECT count(*) FROM sqlite_master").fetchone()
             finally:
@@ -396,15 +410,17 @@ def _operation(work: Callable[..., object]) -> str:
 
 @contextlib.contextmanager
 def _sqlite_errors() -> Iterator[None]:
-    """Translate sqlite3 errors at the boundary; their text (SQL, paths) goes to the log, never to a client."""
+    """Translate the store's errors at the boundary; their text (SQL, paths) goes to the log, never to a client."""
     try:
         yield
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, OSError) as exc:
         raise _store_error(exc) from exc
 
 
-def _store_error(exc: sqlite3.Error) -> UpstreamError:
-    if isinstance(exc, sqlite3.OperationalError):
+def _store_error(exc: sqlite3.Error | OSError) -> UpstreamError:
+    """sqlite3's errors, and the file system's (the database's directory, lock or probe files): a database that
+    cannot be reached is unavailable (503); one that refuses a statement is a store error."""
+    if isinstance(exc, (sqlite3.OperationalError, OSError)):
         logger.error("SQLite operational error: %s", exc)
         return UpstreamUnavailable("The database is unavailable.", code="STORE_UNAVAILABLE")
     logger.error("SQLite error: %s", exc)

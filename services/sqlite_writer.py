@@ -38,10 +38,10 @@ def in_group() -> bool:
 
 class GroupWriter:
     """``submit(work)`` runs ``work(connection)`` on the writer thread; ``connect`` gives that thread's connection
-    and ``translate`` turns a sqlite3 error into the store's own (both run on the writer thread)."""
+    and ``translate`` turns a sqlite3 or file-system error into the store's own (both run on the writer thread)."""
 
     def __init__(
-        self, connect: Callable[[], sqlite3.Connection], translate: Callable[[sqlite3.Error], Exception]
+        self, connect: Callable[[], sqlite3.Connection], translate: Callable[[sqlite3.Error | OSError], Exception]
     ) -> None:
         self._connect = connect
         self._translate = translate
@@ -148,7 +148,7 @@ class GroupWriter:
         return db
 
     def _ours(self, error: BaseException) -> BaseException:
-        if not isinstance(error, sqlite3.Error):
+        if not isinstance(error, (sqlite3.Error, OSError)):
             return error
         translated = self._translate(error)
         translated.__cause__ = error

@@ -115,3 +115,86 @@ def test_the_collector_is_tuned_once_the_app_has_started(tmp_path: Path) -> None
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_a_relative_sqlite_path_keeps_its_database_when_the_start_directory_goes(tmp_path: Path) -> None:
+    # SQLITE_PATH is resolved once, against the directory the service started from: removing that directory later
+    # (a release directory swapped out, a temporary checkout cleaned) neither loses the database nor gives a 500.
+    started_in = tmp_path / "release"
+    started_in.mkdir()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "API_PORT": str(port), "SQLITE_PATH": "../shared/canvalo.db"}
+    process = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=started_in, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    user = "8a0c6a44-2a55-4b9e-9d53-4e2f1f3c6a11"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        created = httpx.post(f"{url}/api/conversations", json={"user_id": user, "title": "Kept"}, timeout=5)
+        assert created.status_code in (200, 201), created.text
+        started_in.rmdir()
+        health = httpx.get(f"{url}/health", timeout=5)
+        listed = httpx.get(f"{url}/api/conversations", params={"user_id": user}, timeout=5)
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=20)
+    assert health.status_code == 200 and health.json()["store"]["writable"] is True, health.text
+    assert [c["title"] for c in listed.json()["conversations"]] == ["Kept"]
+    assert "Traceback" not in output
+
+
+@pytest.mark.parametrize("directory", ["a?b#c", "100% done", "plain"])
+def test_the_store_uses_its_database_at_its_path_and_never_makes_a_new_one_once_open(
+    tmp_path: Path, directory: str
+) -> None:
+    # The store opens its file by URI: a "?" or "#" in the path once cut it short, so the health probe opened (and
+    # created) another file and called the database reachable. And once open, a database deleted underneath must
+    # be an error, never a new empty database answering as if every conversation were gone.
+    import asyncio
+
+    from errors import AppError
+    from services.sqlite_store import SQLiteStore
+    from services.store import Caller
+    from tests.support import new_id
+
+    path = tmp_path / directory / "canvalo.db"
+
+    async def probed() -> bool | None:
+        store = SQLiteStore(str(path))
+        await store.open()
+        try:
+            await store.ping()
+            return await store.probe_write()
+        finally:
+            await store.aclose()
+
+    async def deleted_underneath() -> list[str]:
+        store = SQLiteStore(str(path))
+        await store.open()  # no read yet: each reader thread connects after the file is gone
+        refused: list[str] = []
+        try:
+            for leftover in path.parent.iterdir():
+                leftover.unlink()
+            for attempt in (store.list_conversations(Caller(new_id()), 10, 0), store.ping()):
+                try:
+                    await attempt
+                except AppError as exc:
+                    refused.append(exc.code)
+        finally:
+            await store.aclose()
+        return refused
+
+    assert asyncio.run(probed()) is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == [directory]  # nothing made beside it
+    assert asyncio.run(deleted_underneath()) == ["STORE_UNAVAILABLE", "STORE_UNAVAILABLE"]
+    assert not path.exists()  # no new empty database

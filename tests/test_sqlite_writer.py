@@ -200,3 +200,16 @@ def test_the_writer_survives_any_exception_and_refuses_work_once_shut(database: 
     writer.shutdown()
     with pytest.raises(RuntimeError, match="closed"):
         writer.submit(insert("late"))
+
+
+def test_a_file_system_error_is_translated_like_a_sqlite_one(database: tuple[GroupWriter, Path]) -> None:
+    # The store's writes touch the file system too (its directory, a lock file): an OSError there is the database
+    # being unavailable, and must reach the caller as the store's error, not as a 500 with a traceback.
+    writer, path = database
+
+    def unreachable(db: Any) -> None:
+        raise FileNotFoundError("the database's directory is gone")
+
+    with pytest.raises(StoreError, match="FileNotFoundError"):
+        writer.submit(unreachable).result(5)
+    assert writer.submit(insert("a")).result(5) == ("a", False)
