@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import uvicorn
 
 from settings import Settings
@@ -41,6 +43,20 @@ class LiveServer:
     url: str
     server: uvicorn.Server
     thread: threading.Thread = field(repr=False)
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen[Any], timeout: float = 20) -> None:
+    """Poll ``url``/health until it answers 200; fail if ``process`` exits or ``timeout`` passes first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert process.poll() is None, f"the server exited with status {process.returncode}"
+        assert time.monotonic() < deadline, f"no healthy answer from {url} within {timeout} s"
+        time.sleep(0.1)
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ from starlette.testclient import TestClient
 from app import create_app
 from services.sqlite_store import SQLiteStore
 from settings import ConfigError, Settings
-from tests.support import chunks, make_settings, new_id
+from tests.support import chunks, make_settings, new_id, wait_until_healthy
 from tests.tokens import TEST_JWT_SECRET, bearer, mint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,15 +146,7 @@ def test_the_image_command_serves_with_two_workers_and_drains_on_sigterm(tmp_pat
     process = subprocess.Popen(docker_command(), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, "the image command did not start"
-            time.sleep(0.1)
+        wait_until_healthy(url, process)  # the image command started
         body = {"message": "hello", "conversation_id": new_id(), "user_id": new_id(), "history": []}
         received = b""
         with httpx.stream("POST", f"{url}/api/chat/stream", json=body, timeout=20) as response:

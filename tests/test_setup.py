@@ -16,6 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support import make_settings, new_id, serve, wait_until_healthy
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -82,15 +84,7 @@ def test_startup_says_where_the_data_is_and_what_is_active(tmp_path: Path) -> No
                                env={**os.environ, "API_PORT": str(port), "SQLITE_PATH": relative, "LOG_LEVEL": "INFO"},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_until_healthy(f"http://127.0.0.1:{port}", process)
     finally:
         process.terminate()
         output, _ = process.communicate(timeout=20)
@@ -102,7 +96,6 @@ def test_startup_says_where_the_data_is_and_what_is_active(tmp_path: Path) -> No
 def test_the_collector_is_tuned_once_the_app_has_started(tmp_path: Path) -> None:
     # bench/RESULTS.md: with CPython's defaults a burst of streams spends a fifth of its CPU in the collector.
     from app import GC_THRESHOLDS, create_app
-    from tests.support import make_settings, serve
 
     before = gc.get_threshold()
     gc.unfreeze()
@@ -131,15 +124,7 @@ def test_a_relative_sqlite_path_keeps_its_database_when_the_start_directory_goes
     url = f"http://127.0.0.1:{port}"
     user = "8a0c6a44-2a55-4b9e-9d53-4e2f1f3c6a11"
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_until_healthy(url, process)
         created = httpx.post(f"{url}/api/conversations", json={"user_id": user, "title": "Kept"}, timeout=5)
         assert created.status_code in (200, 201), created.text
         started_in.rmdir()
@@ -165,7 +150,6 @@ def test_the_store_uses_its_database_at_its_path_and_never_makes_a_new_one_once_
     from errors import AppError
     from services.sqlite_store import SQLiteStore
     from services.store import Caller
-    from tests.support import new_id
 
     path = tmp_path / directory / "canvalo.db"
 
