@@ -45,7 +45,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -443,7 +443,9 @@ def seed_conversations(ctx: Context) -> None:
     asyncio.run(migrate())
     user = str(uuid.uuid4())
     ids = [str(uuid.uuid4()) for _ in range(ctx.plan.conversations)]
-    with sqlite3.connect(path) as db:
+    # Closed, not only committed: the file is copied next, and the rows reach it from the WAL only when the last
+    # connection closes (an unclosed sqlite3 connection waits for the cyclic garbage collector to close it).
+    with closing(sqlite3.connect(path)) as db, db:
         base = time.time() - len(ids)
         stamps = [time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(base + i)) + ".000000Z" for i in range(len(ids))]
         db.executemany(
