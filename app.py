@@ -26,7 +26,6 @@ if _MISSING:
 import contextlib
 import errno
 import functools
-import gc
 import hmac
 import logging
 import os
@@ -63,6 +62,7 @@ from services.titles import title_from_message
 from settings import ConfigError, Settings
 from web import cursors, inputs
 from web import openapi
+from web.collector import tune_gc
 from web.middleware import BodyLimit, EnvelopeCORS, RequestContext
 from web.sse import EventStreamResponse, Feed
 from web.tcp import NoDelayH11Protocol
@@ -555,22 +555,6 @@ async def _open_metrics_and_limits(
         window_seconds=settings.rate_limit_window_seconds,
     )
     return registry, limiter
-
-
-# Young-generation collections every 50,000 net container allocations instead of 700, and older ones rarer. Measured
-# in bench/RESULTS.md: with CPython's defaults a burst of 1,000 streams spent ~0.55 of its ~2.9 CPU-seconds in the
-# collector, most in full collections walking every live stream's objects (~80 ms each, every stream stalled).
-GC_THRESHOLDS = (50_000, 20, 10)
-
-
-def tune_gc() -> None:
-    """Once per process, after startup: freeze what startup created (modules, routes, settings: alive for good, so
-    no collection need walk them again) and make collections rarer. Almost all garbage here is freed by reference
-    counting; the collector is only for the cycles left (exceptions with their tracebacks, closed coroutines)."""
-    if gc.get_freeze_count() == 0:  # a process that starts apps repeatedly (the tests) freezes only the first time
-        gc.collect()
-        gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def configure_logging(level: str) -> None:

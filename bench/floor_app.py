@@ -14,9 +14,10 @@ Run by ``bench/run.py`` as ``python bench/floor_app.py --port N ...``, pinned to
 from __future__ import annotations
 
 import argparse
-import gc
 import asyncio
 import json
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -26,6 +27,10 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from web.collector import tune_gc  # noqa: E402
 
 TOKEN = " token"  # the text the fake upstream sends per delta
 STAMP = "2026-11-24T01:49:20.911133Z"
@@ -116,10 +121,7 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=0.1)
     args = parser.parse_args()
     app = build_app(args.ttft, args.tokens, args.interval)
-    # The service's collector settings (app.py, tune_gc), so the comparison measures the relay, not the GC.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 10)
+    tune_gc()  # the service's collector settings, so the comparison measures the relay, not the collector
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 

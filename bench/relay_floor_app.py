@@ -19,7 +19,6 @@ credentials and region from the environment), pinned to the server core, under u
 from __future__ import annotations
 
 import argparse
-import gc
 import asyncio
 import json
 import os
@@ -42,6 +41,7 @@ from starlette.routing import Route
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.floor_app import api_routes, chunk, sse  # noqa: E402
+from web.collector import tune_gc  # noqa: E402
 
 # The service's defaults (settings.py): BEDROCK_MODEL_ID, BEDROCK_MAX_TOKENS, BEDROCK_TEMPERATURE.
 MODEL_ID = "amazon.nova-lite-v1:0"
@@ -315,10 +315,7 @@ def main() -> None:
     args = parser.parse_args()
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     app = build_app(Relay(args.endpoint, credentials_from_env(), region))
-    # The service's collector settings (app.py, tune_gc), so the comparison measures the relay, not the GC.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 10)
+    tune_gc()  # the service's collector settings, so the comparison measures the relay, not the collector
     uvicorn.run(app, host="127.0.0.1", port=args.port, loop="asyncio", http="h11", log_level="warning",
                 access_log=False)
 

@@ -95,7 +95,8 @@ def test_startup_says_where_the_data_is_and_what_is_active(tmp_path: Path) -> No
 
 def test_the_collector_is_tuned_once_the_app_has_started(tmp_path: Path) -> None:
     # bench/RESULTS.md: with CPython's defaults a burst of streams spends a fifth of its CPU in the collector.
-    from app import GC_THRESHOLDS, create_app
+    from app import create_app
+    from web.collector import GC_THRESHOLDS
 
     before = gc.get_threshold()
     gc.unfreeze()
