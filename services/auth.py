@@ -216,7 +216,8 @@ def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-_STRICT_JSON = json.JSONDecoder(parse_constant=_refuse, object_pairs_hook=_unique_names)  # json.loads builds one per call
+# Made once: json.loads with options builds a decoder per call.
+_STRICT_JSON = json.JSONDecoder(parse_constant=_refuse, object_pairs_hook=_unique_names)
 
 
 def _is_time(value: object) -> bool:

@@ -280,12 +280,12 @@ def _reap(db: sqlite3.Connection, now: float, stale_seconds: float, user_id: str
         )
 
 
-
 def _of_user(user_id: str | None, table: str = "") -> tuple[str, tuple[str, ...]]:
     """The condition limiting maintenance to one user's runs (none for the periodic sweep of all). Written out, not
     as "(? IS NULL OR user_id = ?)": with that SQLite cannot use the (user_id, heartbeat_at) index, and every turn's
     admission scanned every running run (quadratic in a burst of turns)."""
     return (f"AND {table}user_id = ?", (user_id,)) if user_id is not None else ("", ())
+
 
 def _run_for_client_message(
     db: sqlite3.Connection, caller: Caller, client_message_id: str

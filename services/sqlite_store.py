@@ -10,7 +10,8 @@ in order, and writes that queue up together commit together. SQLite lets one wri
 writers of one process queueing on its lock wait in SQLite's busy handler, which sleeps 1, 2, 5, 10 ms... between
 tries: under a burst of chat turns the lock sat idle while the next writer slept (py-spy: most of the store threads'
 time in ``BEGIN IMMEDIATE``). Writes from other processes still queue on ``busy_timeout``. WAL mode lets readers
-proceed while the writer writes. Writes use ``BEGIN IMMEDIATE`` so two writers never deadlock on a lock upgrade. Every query is scoped to the caller's ``user_id``.
+proceed while the writer writes. Writes use ``BEGIN IMMEDIATE`` so two writers never deadlock on a lock upgrade.
+Every query is scoped to the caller's ``user_id``.
 
 The schema is migrated at startup from ``MIGRATIONS``; ``PRAGMA user_version`` records how far a file has come.
 """
@@ -123,9 +124,8 @@ class SQLiteStore:
         self._writer = GroupWriter(self._connection, _store_error)
 
     async def open(self) -> None:
-        """Create the directory and the schema; called once from the app's lifespan."""
-        directory = os.path.dirname(self._path)
-        await self._write(lambda db: os.makedirs(directory, exist_ok=True))
+        """Create the directory (the writer's first connection does) and the schema; called once from the app's
+        lifespan."""
         await self._write(self._prepare_schema, alone=True)  # executescript would commit a group's transaction
         self._opened = True
 
