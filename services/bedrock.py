@@ -40,6 +40,7 @@ from botocore.eventstream import EventStreamBuffer, ParserError
 from botocore.exceptions import BotoCoreError, ClientError
 
 from errors import AppError, UpstreamError, UpstreamTimeout, UpstreamUnavailable, ValidationFailed
+from services.deadline import Deadline
 from services.model import ModelEvent, ModelRequest, Stop, TextDelta, ToolUse, Usage
 from services.retry import RetryPolicy, with_retry
 from services.stream_client import ConnectTimeout, ReadInterrupted, StreamClient, StreamClientError, StreamResponse
@@ -501,40 +502,32 @@ def _frame_error(headers: dict[str, Any], payload: bytes) -> AppError:
 class _Reader:
     """One open response: reads under the first-event and idle deadlines and feeds the decoder.
 
-    The deadlines are kept by one timer per stream that re-arms itself when it fires early, not a timeout per
-    network read: a frame only moves ``deadline`` forward (an attribute write), so a stream of hundreds of reads
-    costs a handful of timer callbacks. When the deadline passes, the waiting read is interrupted.
+    The deadlines are one ``Deadline`` per stream (services/deadline.py), not a timeout per network read: a frame
+    only moves it forward. When it passes, the waiting read is interrupted.
     """
 
-    __slots__ = ("_idle", "_loop", "_response", "_timer", "decoder", "deadline")
+    __slots__ = ("__weakref__", "_deadline", "_idle", "_loop", "_response", "decoder")
 
     def __init__(self, response: StreamResponse, first_event_deadline: float, idle_timeout: float) -> None:
         self._response = response
         self._idle = idle_timeout
         self._loop = asyncio.get_running_loop()
         self.decoder = ConverseStreamDecoder()
-        self.deadline = first_event_deadline  # on the event loop's clock
-        self._timer: asyncio.TimerHandle | None = None
-        self._arm()
+        self._deadline = Deadline(self._expired, first_event_deadline)
+        self._deadline.arm()
 
-    def _arm(self) -> None:
-        self._timer = self._loop.call_at(self.deadline, self._check_deadline)
-
-    def _check_deadline(self) -> None:
-        self._timer = None
-        if self._loop.time() < self.deadline:
-            self._arm()  # frames arrived since it was armed
-        else:
-            self._response.interrupt(_DeadlinePassed())  # a waiting read ends; the next one checks the clock
+    def _expired(self) -> None:
+        self._response.interrupt(_DeadlinePassed())  # a waiting read ends; the next one checks the clock
 
     async def read(self) -> list[ModelEvent] | None:
         """The events of the next network read, or None at the end of the body."""
-        if self._timer is None:
+        deadline = self._deadline
+        if not deadline.armed:
             # The deadline passed while no read waited. Bytes that arrived meanwhile still count: the stream was
             # not idle, only this side was busy.
-            if self._loop.time() >= self.deadline and not self._response.ready:
+            if self._loop.time() >= deadline.at and not self._response.ready:
                 raise self._timed_out()
-            self._arm()
+            deadline.arm()
         try:
             data = await self._response.read()
         except _DeadlinePassed:
@@ -546,11 +539,7 @@ class _Reader:
         frames = self.decoder.frames
         events = self.decoder.feed(data)
         if self.decoder.frames != frames:
-            self.deadline = self._loop.time() + self._idle
-            timer = self._timer
-            if timer is not None and timer.when() > self.deadline:  # the idle deadline comes before the first-event one
-                timer.cancel()
-                self._arm()
+            deadline.move(self._loop.time() + self._idle)
         return events
 
     async def first_events(self) -> list[ModelEvent]:
@@ -576,9 +565,7 @@ class _Reader:
     def close(self) -> None:
         # Synchronous, so a client disconnect cancelling the stream cannot interrupt it: closing the connection
         # mid-body is what tells Bedrock to stop generating.
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline.cancel()
         self._response.close()
 
 

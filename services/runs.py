@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +32,7 @@ import anyio
 from errors import AppError, Conflict, UpstreamUnavailable
 from services.agents import Assistant
 from services.chat import Turn
+from services.deadline import Deadline
 from services.metrics import Metrics
 from services.prompt import build_turns
 from services.run_log import (
@@ -223,21 +223,15 @@ class LiveRun:
 
 
 class LiveFeed:
-    """A viewer of a run generating on this worker, from memory.
+    """A viewer of a run generating on this worker, from memory. Its timeout is a ``Deadline``: one timer however
+    many frames come, held weakly (services/deadline.py)."""
 
-    Its timeout timer is lazy: armed once, and moved on only when it fires early, instead of set and cancelled
-    around every frame (``call_later`` per frame was ~3% of the event loop's CPU in a burst, bench/RESULTS.md).
-    The timer holds the feed weakly: a viewer that leaves at any point (even while sending) leaves nothing that
-    keeps the run's frames in memory until the timer is due.
-    """
-
-    __slots__ = ("__weakref__", "_due", "_live", "_timer", "_waiter")
+    __slots__ = ("__weakref__", "_deadline", "_live", "_waiter")
 
     def __init__(self, live: LiveRun) -> None:
         self._live = live
         self._waiter: asyncio.Future[None] | None = None  # while waiting
-        self._due = 0.0  # loop time at which the current wait times out
-        self._timer: asyncio.TimerHandle | None = None  # fires at or before ``_due``
+        self._deadline = Deadline(self._timed_out)
 
     @property
     def outcome(self) -> str:
@@ -254,41 +248,22 @@ class LiveFeed:
         text = "".join(live.frames[after:upto]) if upto > after else ""
         over = live.ended and max(after, upto) >= len(live.frames)
         if over:
-            self._disarm()
+            self._deadline.cancel()
         return text, max(after, upto), over
 
     async def _wait(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
-        self._due = loop.time() + timeout
-        if self._timer is None or self._timer.when() > self._due:
-            self._disarm()
-            self._timer = loop.call_at(self._due, _feed_timed_out, weakref.ref(self))
+        self._deadline.move(loop.time() + timeout)
+        self._deadline.arm()
         self._waiter = loop.create_future()
         try:
             await self._live.wait(self._waiter)
         finally:
             self._waiter = None
 
-    def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
     def _timed_out(self) -> None:
-        self._timer = None
-        if self._waiter is None:
-            return  # not waiting (the viewer is sending, or has left): the next wait arms a timer again
-        loop = self._waiter.get_loop()
-        if loop.time() < self._due:
-            self._timer = loop.call_at(self._due, _feed_timed_out, weakref.ref(self))  # frames came since: not due
-        else:
+        if self._waiter is not None:  # else the viewer is sending, or has left: its next wait arms it again
             _resolve(self._waiter)
-
-
-def _feed_timed_out(feed: weakref.ref[LiveFeed]) -> None:
-    viewer = feed()
-    if viewer is not None:  # else the viewer is gone: nothing to time out
-        viewer._timed_out()
 
 
 class StoredFeed:
