@@ -14,9 +14,15 @@ MESSAGE_COLUMNS = "id, conversation_id, role, content, agent_type, metadata, cre
 
 
 def insert_message(db: sqlite3.Connection, message: NewMessage) -> Message:
-    """Insert into a conversation already checked to be the caller's; inside the caller's transaction."""
-    # OR IGNORE on the client-generated id makes a retried insert a no-op instead of a duplicate; the stored row
-    # is what is returned either way.
+    """Insert into a conversation already checked to be the caller's; inside the caller's transaction. Returns the
+    stored row: after a retried insert (OR IGNORE on the client-generated id), the first one."""
+    write_message(db, message)
+    return fetch_message(db, message.id)
+
+
+def write_message(db: sqlite3.Connection, message: NewMessage) -> None:
+    """``insert_message`` without reading the row back, for writers that do not use it (a chat turn's admission,
+    where every statement costs the writer thread a round trip for the GIL)."""
     db.execute(
         f"INSERT OR IGNORE INTO agent_messages ({MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
         (
@@ -29,8 +35,6 @@ def insert_message(db: sqlite3.Connection, message: NewMessage) -> Message:
             utc_now(),
         ),
     )
-    row = db.execute(f"SELECT {MESSAGE_COLUMNS} FROM agent_messages WHERE id = ?", (message.id,))
-    return message_row(row.fetchone())
 
 
 def recent_messages(db: sqlite3.Connection, conversation_id: str, limit: int) -> list[Message]:

@@ -17,7 +17,7 @@ from typing import Any
 from errors import NotFound
 from services import run_log, sqlite_limits
 from services.sqlite_limits import write_transaction
-from services.sqlite_messages import fetch_message, insert_message, recent_messages
+from services.sqlite_messages import fetch_message, recent_messages, write_message
 from services.store import (
     Caller,
     EventBatch,
@@ -92,7 +92,8 @@ def begin_run(
         owner = db.execute("SELECT user_id FROM agent_conversations WHERE id = ?", (new.conversation_id,)).fetchone()
         if owner is not None and owner[0] != caller.user_id:
             raise NotFound("Conversation not found.", code="CONVERSATION_NOT_FOUND")
-        running = db.execute(
+        # A conversation that does not exist yet has no runs: one statement fewer for a new conversation's turn.
+        running = None if owner is None else db.execute(
             f"SELECT {_RUN_COLUMNS} FROM agent_runs WHERE conversation_id = ? AND status = 'running'",
             (new.conversation_id,),
         ).fetchone()
@@ -128,7 +129,7 @@ def _refusal(db: sqlite3.Connection, caller: Caller, limits: TurnLimits, now: fl
 
 
 def _start(db: sqlite3.Connection, caller: Caller, new: NewRun, history_limit: int, now: float) -> RunBegun:
-    insert_message(db, NewMessage(new.conversation_id, "user", new.text, id=new.user_message_id))
+    write_message(db, NewMessage(new.conversation_id, "user", new.text, id=new.user_message_id))
     history = recent_messages(db, new.conversation_id, history_limit)
     placeholder = NewMessage(
         new.conversation_id,
@@ -137,7 +138,7 @@ def _start(db: sqlite3.Connection, caller: Caller, new: NewRun, history_limit: i
         metadata={"status": _STREAMING, "run_id": new.id, "seq": 0},
         id=new.assistant_message_id,
     )
-    insert_message(db, placeholder)
+    write_message(db, placeholder)
     db.execute(
         "INSERT INTO agent_runs (id, user_id, conversation_id, user_message_id, assistant_message_id,"
         " client_message_id, status, created_at, heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?)",
