@@ -106,10 +106,12 @@ class LiveRun:
         self.cancelled = False  # stopped or abandoned: generation ends (at its start, if it has not started yet)
         self.task: asyncio.Task[None] | None = None
         self._flushed = 0
-        self._text_saved_at = 0.0
+        # Admission saved the empty placeholder and the run's heartbeat: the text's first save, like every later one,
+        # waits TEXT_SAVE_SECONDS. Saving at the first flush instead put a burst's text saves (an UPDATE and a
+        # re-index for search each) on the writer thread just when the burst's first tokens were going out.
+        self._text_saved_at = self._heartbeat_at = time.monotonic()
         self._saved_parts = 0
         self._taken_parts = 0
-        self._heartbeat_at = time.monotonic()
         self._waiters: list[asyncio.Future[None]] = []
 
     @property

@@ -434,6 +434,29 @@ def test_sigkill_mid_run_leaves_it_interrupted_with_its_saved_text_and_frees_the
     assert chunks(again.text)[-1]["type"] == "complete"
 
 
+def test_a_runs_text_is_saved_every_text_save_seconds_counted_from_its_start() -> None:
+    # Admission saved the empty placeholder, so the first text save waits one interval like every later one: saving
+    # at the first flush put a burst's text saves on the writer thread just as its first tokens went out.
+    import asyncio
+
+    from services.run_log import chunk
+    from services.runs import TEXT_SAVE_SECONDS, LiveRun
+    from services.store import Caller, Run
+
+    async def scenario() -> list[str | None]:
+        live = LiveRun(Run(new_id(), new_id(), new_id(), new_id(), None, "running", 0, time.time()), Caller(new_id()))
+        start = time.monotonic()
+        saved = []
+        for at, token in ((0.1, "a"), (TEXT_SAVE_SECONDS + 0.1, "b"), (TEXT_SAVE_SECONDS + 0.5, "c")):
+            live.emit(chunk("token", "supervisor", content=token))
+            update = live.take_update(start + at)
+            live.committed(update, start + at)
+            saved.append(update.content)
+        return saved
+
+    assert asyncio.run(scenario()) == [None, "ab", None]
+
+
 def test_a_live_viewer_times_out_only_after_a_quiet_timeout_whatever_its_earlier_waits() -> None:
     # The viewer's timer is set once and moved on lazily (services/runs.py, LiveFeed): a timer left from an earlier,
     # shorter-lived wait must neither end a later wait early nor hold a shorter one back.
