@@ -45,6 +45,13 @@ class LiveServer:
     thread: threading.Thread = field(repr=False)
 
 
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now, for a server the test starts as a process."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def wait_until_healthy(url: str, process: subprocess.Popen[Any], timeout: float = 20) -> None:
     """Poll ``url``/health until it answers 200; fail if ``process`` exits or ``timeout`` passes first."""
     deadline = time.monotonic() + timeout

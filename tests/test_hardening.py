@@ -26,7 +26,7 @@ import app as app_module
 from app import create_app
 from settings import Settings
 from tests.conftest import AuthHeaders
-from tests.support import make_settings, new_id, serve
+from tests.support import free_port, make_settings, new_id, serve
 from web.middleware import RequestContext
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -316,16 +316,10 @@ def test_query_string_values_never_reach_the_log(
     assert user_id not in logged and conversation not in logged, logged
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_uvicorn_app_app_logs_no_request_line_with_its_query_string(
     service_env: dict[str, str], auth_headers: AuthHeaders, user_id: str, tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port = free_port()
     env = {
         "PATH": os.environ.get("PATH", ""),
         **service_env,
@@ -357,7 +351,7 @@ def test_uvicorn_app_app_logs_no_request_line_with_its_query_string(
 
 
 def _start(sqlite_path: str) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": os.environ.get("PATH", ""), "SQLITE_PATH": sqlite_path, "API_PORT": str(_free_port())}
+    env = {"PATH": os.environ.get("PATH", ""), "SQLITE_PATH": sqlite_path, "API_PORT": str(free_port())}
     return subprocess.run(
         [sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False
     )

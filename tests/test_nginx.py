@@ -25,7 +25,7 @@ import pytest
 from app import create_app
 from settings import Settings
 from tests.scripted_model import ScriptedModel
-from tests.support import LiveServer, make_settings, new_id, serve
+from tests.support import LiveServer, free_port, make_settings, new_id, serve
 
 SITE = Path(__file__).resolve().parent.parent / "deploy" / "nginx" / "canvalo.conf"
 PIECES, PAUSE = 12, 0.1  # the answer takes about 1.1 s to produce
@@ -52,12 +52,6 @@ def nginx_binary() -> str:
     found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
     assert found, "nginx is not installed: apt-get install -y nginx (.ci/run installs it)"
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def render_site(upstream_port: int, listen_port: int, *, undo: tuple[tuple[str, str], ...] = ()) -> str:

@@ -11,7 +11,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from starlette.testclient import TestClient
 from app import create_app
 from services.sqlite_store import SQLiteStore
 from settings import ConfigError, Settings
-from tests.support import chunks, make_settings, new_id, wait_until_healthy
+from tests.support import chunks, free_port, make_settings, new_id, wait_until_healthy
 from tests.tokens import TEST_JWT_SECRET, bearer, mint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,9 +132,7 @@ def test_the_image_command_serves_with_two_workers_and_drains_on_sigterm(tmp_pat
         await store.aclose()
 
     anyio.run(migrate)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {
         **os.environ,
         "PATH": f"{os.path.dirname(sys.executable)}:{os.environ.get('PATH', '')}",  # uvicorn of this interpreter

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -25,9 +26,7 @@ def fenced_block_after(heading: str) -> str:
 
 
 def test_the_walk_through_runs_as_pasted(tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     script = fenced_block_after("## Walk-through").replace("localhost:8000", f"localhost:{port}")
     script = script.replace(".venv/bin/python", sys.executable)
     script = "trap 'kill ${APP_PID:-} 2>/dev/null || true' EXIT\n" + script  # no server left behind if a step fails

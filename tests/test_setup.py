@@ -10,13 +10,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support import make_settings, new_id, serve, wait_until_healthy
+from tests.support import free_port, make_settings, new_id, serve, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,9 +75,7 @@ def test_an_older_python_is_told_the_version_it_needs() -> None:
 
 
 def test_startup_says_where_the_data_is_and_what_is_active(tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     relative = "somewhere/canvalo.db"
     process = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=tmp_path,
                                env={**os.environ, "API_PORT": str(port), "SQLITE_PATH": relative, "LOG_LEVEL": "INFO"},
@@ -116,9 +113,7 @@ def test_a_relative_sqlite_path_keeps_its_database_when_the_start_directory_goes
     # (a release directory swapped out, a temporary checkout cleaned) neither loses the database nor gives a 500.
     started_in = tmp_path / "release"
     started_in.mkdir()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "API_PORT": str(port), "SQLITE_PATH": "../shared/canvalo.db"}
     process = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=started_in, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
