@@ -5,14 +5,16 @@ per conversation, and survives a SIGKILL of its worker as ``interrupted`` with i
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,13 @@ import httpx
 import pytest
 
 from app import create_app
+from services.run_log import chunk
+from services.runs import TEXT_SAVE_SECONDS, LiveFeed, LiveRun
+from services.store import Caller, Run
 from tests.conftest import AuthHeaders
 from tests.scripted_model import ScriptedModel
-from tests.support import LiveServer, chunks, event_ids, make_settings, new_id, serve, streamed_text
+from tests.support import LiveServer, chunks, event_ids, free_port, make_settings, new_id, serve, streamed_text
+from web.sse import EventStreamResponse
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -393,12 +399,6 @@ def start_service(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
         time.sleep(0.1)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_sigkill_mid_run_leaves_it_interrupted_with_its_saved_text_and_frees_the_slot(
     tmp_path: Path, service_env: dict[str, str], auth_headers: AuthHeaders, user_id: str
 ) -> None:
@@ -434,17 +434,21 @@ def test_sigkill_mid_run_leaves_it_interrupted_with_its_saved_text_and_frees_the
     assert chunks(again.text)[-1]["type"] == "complete"
 
 
+class Held:
+    """Given to a run as its caller's token: a weak reference to it shows whether the run is still kept in memory."""
+
+
+def live_run(token: Held | None = None) -> LiveRun:
+    """A run generating on this worker, outside any server: for its viewers' and its flushes' own behaviour."""
+    run = Run(new_id(), new_id(), new_id(), new_id(), None, "running", 0, time.time())
+    return LiveRun(run, Caller(new_id(), token))  # type: ignore[arg-type]
+
+
 def test_a_runs_text_is_saved_every_text_save_seconds_counted_from_its_start() -> None:
     # Admission saved the empty placeholder, so the first text save waits one interval like every later one: saving
     # at the first flush put a burst's text saves on the writer thread just as its first tokens went out.
-    import asyncio
-
-    from services.run_log import chunk
-    from services.runs import TEXT_SAVE_SECONDS, LiveRun
-    from services.store import Caller, Run
-
     async def scenario() -> list[str | None]:
-        live = LiveRun(Run(new_id(), new_id(), new_id(), new_id(), None, "running", 0, time.time()), Caller(new_id()))
+        live = live_run()
         start = time.monotonic()
         saved = []
         for at, token in ((0.1, "a"), (TEXT_SAVE_SECONDS + 0.1, "b"), (TEXT_SAVE_SECONDS + 0.5, "c")):
@@ -460,16 +464,9 @@ def test_a_runs_text_is_saved_every_text_save_seconds_counted_from_its_start() -
 def test_a_live_viewer_times_out_only_after_a_quiet_timeout_whatever_its_earlier_waits() -> None:
     # The viewer's timer is set once and moved on lazily (services/runs.py, LiveFeed): a timer left from an earlier,
     # shorter-lived wait must neither end a later wait early nor hold a shorter one back.
-    import asyncio
-
-    from services.run_log import chunk
-    from services.runs import LiveFeed, LiveRun
-    from services.store import Caller, Run
-
     async def scenario() -> list[tuple[bool, float]]:
         loop = asyncio.get_running_loop()
-        run = Run(new_id(), new_id(), new_id(), new_id(), None, "running", 0, time.time())
-        live = LiveRun(run, Caller(new_id()))
+        live = live_run()
         feed = LiveFeed(live)
         waits: list[tuple[bool, float]] = []
         cursor = 0
@@ -497,31 +494,16 @@ def test_a_live_viewer_times_out_only_after_a_quiet_timeout_whatever_its_earlier
 
 def test_a_live_viewer_keeps_nothing_in_memory_once_the_run_is_over_or_it_leaves() -> None:
     # An armed timer would hold the feed, and through it the run's frames, until it fired.
-    import asyncio
-    import gc
-    import weakref
-
-    from services.run_log import chunk
-    from services.runs import LiveFeed, LiveRun
-    from services.store import Caller, Run
-
-    class Held:  # held by the run (as its caller's token), so a weak reference shows whether the run is kept
-        pass
-
-    def live_run() -> LiveRun:
-        run = Run(new_id(), new_id(), new_id(), new_id(), None, "running", 0, time.time())
-        return LiveRun(run, Caller(new_id(), Held()))  # type: ignore[arg-type]
-
     async def scenario() -> list[weakref.ref[Held]]:
         loop = asyncio.get_running_loop()
-        ended = live_run()
+        ended = live_run(Held())
         feed = LiveFeed(ended)
         loop.call_later(0.05, ended.emit, chunk("token", "supervisor", content="x"))
         _, cursor, _ = await feed.next_frames(0, 30)
         ended.publish_end()
         assert (await feed.next_frames(cursor, 30))[2]  # over
 
-        left = live_run()
+        left = live_run(Held())
         viewing = asyncio.ensure_future(LiveFeed(left).next_frames(0, 30))
         await asyncio.sleep(0.05)
         viewing.cancel()
@@ -537,21 +519,8 @@ def test_a_live_viewer_keeps_nothing_in_memory_once_the_run_is_over_or_it_leaves
 def test_a_live_viewer_that_leaves_while_sending_keeps_nothing_in_memory() -> None:
     # The client disconnects while the response is blocked writing to it (a slow client, a full socket buffer): the
     # viewer leaves from inside send, not from a wait, and its timer must not keep the run's frames alive.
-    import asyncio
-    import gc
-    import weakref
-
-    from services.run_log import chunk
-    from services.runs import LiveFeed, LiveRun
-    from services.store import Caller, Run
-    from web.sse import EventStreamResponse
-
-    class Held:
-        pass
-
     async def scenario() -> weakref.ref[Held]:
-        run = Run(new_id(), new_id(), new_id(), new_id(), None, "running", 0, time.time())
-        live = LiveRun(run, Caller(new_id(), Held()))  # type: ignore[arg-type]
+        live = live_run(Held())
         sending, left = asyncio.Event(), asyncio.Event()
 
         async def send(message: dict[str, Any]) -> None:
