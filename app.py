@@ -23,6 +23,7 @@ if _MISSING:
         "(README, Quick start): python3 -m venv .venv && .venv/bin/pip install -r requirements.txt"
     )
 
+import asyncio
 import contextlib
 import errno
 import functools
@@ -219,10 +220,10 @@ async def get_conversation(request: Request) -> Response:
         store.message_page, caller, conversation_id, limit, offset,
         newest_first=newest_first, before=before, after=after,
     )
-    page = await read()
-    if await runs.end_dead_runs(caller, page.messages):
-        page = await read()
-    shown = runs.overlay(page.messages)
+    page, run = await asyncio.gather(read(), store.running_run(caller, conversation_id))
+    if await runs.end_if_dead(caller, run):
+        page, run = await read(), None
+    shown = runs.overlay(page.messages, run)
     return JSONResponse(
         {
             **conversation.to_json(),

@@ -482,7 +482,8 @@ _HANDLERS: dict[str, Callable[[ConverseStreamDecoder, dict[str, Any]], ModelEven
 
 def _flush(text: list[str], events: list[ModelEvent]) -> None:
     if text:
-        joined = "".join(text)
+        # A NUL is valid JSON text but no PostgreSQL text can hold it: shown as U+FFFD, the same on both stores.
+        joined = "".join(text).replace("\x00", "\ufffd")
         text.clear()
         if joined:
             events.append(TextDelta(joined))

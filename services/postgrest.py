@@ -1,18 +1,17 @@
 """The Supabase store: the ``Store`` interface over PostgREST, acting as the signed-in user.
 
-Every call forwards the caller's own access token (``services/postgrest_client.py``), so PostgreSQL's row-level
-security (``migrations/001_agent_chat.sql``) is what keeps users apart; the ``user_id`` filters added here are
-defence in depth, not the guarantee. The tables are the earlier service's ``agent_conversations`` and
-``agent_messages`` in ``SUPABASE_SCHEMA``, so an existing project keeps its history.
+Every call forwards the caller's own access token (``services/postgrest_client.py``), so the database knows who is
+asking. The user reads their chat rows through the Data API under row-level security (``migrations/001``); every
+write to them is one of the checked functions of ``migrations/007_checked_writes.sql``, which name the caller
+(``auth.uid()``) in every row they touch. The ``user_id`` filters added to reads here are defence in depth, not the
+guarantee. The tables are the earlier service's ``agent_conversations`` and ``agent_messages`` in
+``SUPABASE_SCHEMA``, so an existing project keeps its history.
 
 Semantics match ``SQLiteStore`` exactly:
 
 * a conversation that is missing or someone else's is ``NotFound(code="CONVERSATION_NOT_FOUND")`` (RLS hides the
   row, so the two cases look the same from here too);
-* ``ensure_conversation`` inserts with ``on_conflict=id`` + ``resolution=ignore-duplicates`` (``ON CONFLICT DO
-  NOTHING``): an id already taken, even by a row RLS hides, inserts nothing and raises nothing, and the scoped read
-  that follows says ``NotFound``;
-* ``add_message`` uses the client-generated message id the same way, so a retried insert is a no-op;
+* ``create_conversation`` with an id already taken, even by someone else, writes nothing and says ``NotFound``;
 * messages come oldest first, ties broken by the insertion sequence; lists by ``updated_at`` descending.
 
 Counters and timestamps are kept by the database's trigger. Timestamps are normalised to the SQLite store's format
@@ -23,9 +22,10 @@ the domain's order then ``id`` (NULLs sorted as SQLite sorts them), a missing or
 ``NotFound(code="RECORD_NOT_FOUND")``, inserts are idempotent by their client-generated id, and rows come back with
 SQLite's keys, key order and value types (numbers as floats, times as ``HH:MM``, timestamps as above).
 
-Chat runs (``services/sqlite_runs.py`` is the reference) are the RPC functions of ``migrations/004_agent_runs.sql``,
-one request and one transaction per store call, SECURITY INVOKER so row-level security keeps users to their own runs.
-They write the same rows, frames and metadata as SQLite; run times come back as Unix seconds. Two differences follow
+Chat runs (``services/sqlite_runs.py`` is the reference) are the RPC functions of ``migrations/004_agent_runs.sql``
+as 007 checks them, one request and one transaction per store call. They write the same rows, frames and metadata as
+SQLite; run times come back as Unix seconds. A run is written only with its write key, which ``begin_run`` makes
+and this store keeps until the run ends: a client holding the user's own token cannot write the service's runs. Two differences follow
 from acting only as users: ``flush_runs`` writes one transaction per user (each with that user's token), and
 ``maintain_runs`` without a caller does nothing, so a dead run is ended when its user next touches it.
 
@@ -42,16 +42,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from errors import AppError, NotFound, UpstreamError
+from errors import AppError, NotFound, RateLimited, UpstreamError
 from services import actions
 from services.domains import BY_TABLE, Column, Domain
-from services.postgrest_client import PostgrestClient, is_rls_violation, postgrest_failure
+from services.postgrest_client import PostgrestClient, postgrest_failure
 from services.search import search_terms
 from services.store import (
     ActionDone,
@@ -64,7 +65,6 @@ from services.store import (
     MessageKey,
     MessagePage,
     NewAction,
-    NewMessage,
     NewRun,
     Page,
     PendingAction,
@@ -82,6 +82,8 @@ CONVERSATIONS = "agent_conversations"
 MESSAGES = "agent_messages"
 CONVERSATION_COLUMNS = "id,user_id,title,created_at,updated_at,last_message_at,message_count,metadata"
 MESSAGE_COLUMNS = "id,conversation_id,role,content,agent_type,metadata,created_at"
+RUNS = "agent_runs"
+RUN_COLUMNS = "id,conversation_id,user_message_id,assistant_message_id,client_message_id,status,last_seq,heartbeat_at"
 # seq is the insertion order (an identity column); created_at comes first so the earlier service's rows, which got
 # their seq when the migration added the column, still read in the order they were written.
 OLDEST_FIRST = "created_at.asc,seq.asc"
@@ -103,6 +105,12 @@ def record_not_found(domain: Domain) -> NotFound:
 
 def run_not_found() -> NotFound:
     return NotFound("Run not found.", code="RUN_NOT_FOUND")
+
+
+def write_ceiling(result: dict[str, Any]) -> RateLimited:
+    """The database's own ceiling on how fast one user adds rows (007), which the service's limits stay inside unless
+    an operator raised them past it."""
+    return RateLimited(retry_after=float(result.get("retry_after") or 1.0))
 
 
 def observed(
@@ -132,6 +140,9 @@ class PostgrestStore:
 
     def __init__(self, client: PostgrestClient) -> None:
         self._rest = client
+        # The write key of every run this worker generates (007): made here for each begin_run, sent with each of the
+        # run's flushes, forgotten once the run has ended. It never leaves the service, so no client can write a run.
+        self._write_keys: dict[str, str] = {}
 
     def set_query_observer(self, observer: Observer) -> None:
         self._query_observer = observer
@@ -238,27 +249,29 @@ class PostgrestStore:
 
     @observed
     async def rename_conversation(self, caller: Caller, conversation_id: str, title: str) -> Conversation:
-        # The table's trigger (001) moves updated_at to now; title is the one column users may update.
-        params = {"select": CONVERSATION_COLUMNS, "id": f"eq.{conversation_id}", "user_id": f"eq.{caller.user_id}"}
-        result = await self._rest.request(
-            caller, "PATCH", CONVERSATIONS, params=params, json_body={"title": title}, prefer=["return=representation"]
+        # The table's trigger (001) moves updated_at to now.
+        row = await self._rest.rpc(
+            caller, "agent_conversation_rename", {"p_id": conversation_id, "p_title": title}, idempotent=True
         )
-        if not result.rows:  # missing, or hidden by row-level security: the same answer
+        if row is None:  # missing, or someone else's: the same answer
             raise conversation_not_found()
-        return _conversation(result.rows[0])
+        return _conversation(row)
 
     @observed
     async def create_conversation(
         self, caller: Caller, title: str | None, conversation_id: str | None = None
     ) -> Conversation:
-        # A client-generated id makes the insert idempotent, so a retry after a lost response creates nothing twice.
-        new_id = conversation_id or str(uuid.uuid4())
-        row = {"id": new_id, "user_id": caller.user_id, "title": title}
-        result = await self._rest.insert(caller, CONVERSATIONS, row, select=CONVERSATION_COLUMNS, on_conflict="id")
-        if result.rows:
-            return _conversation(result.rows[0])
-        # Nothing inserted: our own earlier attempt (a retry) or an id already taken. Same answer as SQLite's.
-        return await self._fetch_conversation(caller, new_id)
+        # A service-generated id makes the call idempotent, so a retry after a lost response creates nothing twice.
+        args = {"p_id": conversation_id or str(uuid.uuid4()), "p_title": title}
+        result = await self._rest.rpc(caller, "agent_conversation_create", args, idempotent=True)
+        outcome = result.get("outcome") if isinstance(result, dict) else None
+        if outcome == "done":
+            return _conversation(result["conversation"])
+        if outcome == "not_found":  # the id is someone else's: SQLite's answer
+            raise conversation_not_found()
+        if outcome == "rate_limited":
+            raise write_ceiling(result)
+        raise _bad_response()
 
     @observed
     async def get_conversation(self, caller: Caller, conversation_id: str) -> Conversation:
@@ -272,32 +285,9 @@ class PostgrestStore:
         return _conversation(result.rows[0])
 
     @observed
-    async def ensure_conversation(self, caller: Caller, conversation_id: str, title: str) -> Conversation:
-        return await self._ensure_conversation(caller, conversation_id, title)
-
-    async def _ensure_conversation(self, caller: Caller, conversation_id: str, title: str) -> Conversation:
-        # Read first: after its first turn a conversation exists, so this is usually the only round trip.
-        try:
-            return await self._fetch_conversation(caller, conversation_id)
-        except NotFound:
-            pass
-        row = {"id": conversation_id, "user_id": caller.user_id, "title": title}
-        result = await self._rest.insert(caller, CONVERSATIONS, row, select=CONVERSATION_COLUMNS, on_conflict="id")
-        if result.rows:
-            return _conversation(result.rows[0])
-        # ON CONFLICT DO NOTHING skipped it: a concurrent first turn created it (found now), or another user owns
-        # the id (RLS hides it: NotFound, and nothing was written).
-        try:
-            return await self._fetch_conversation(caller, conversation_id)
-        except NotFound:
-            logger.warning("Conversation %s belongs to another user; nothing written", conversation_id)
-            raise
-
-    @observed
     async def delete_conversation(self, caller: Caller, conversation_id: str) -> None:
-        params = {"id": f"eq.{conversation_id}", "user_id": f"eq.{caller.user_id}"}
-        result = await self._rest.delete(caller, CONVERSATIONS, params)
-        if not result.rows:
+        deleted = await self._rest.rpc(caller, "agent_conversation_delete", {"p_id": conversation_id}, idempotent=False)
+        if deleted is not True:
             raise conversation_not_found()
 
     # -- messages ----------------------------------------------------------------------------------------------
@@ -363,40 +353,6 @@ class PostgrestStore:
         }
         result = await self._rest.select(caller, MESSAGES, params)
         return [_message(row) for row in reversed(result.rows)]
-
-    @observed
-    async def add_message(self, caller: Caller, message: NewMessage) -> Message:
-        return await self._add_message(caller, message)
-
-    async def _add_message(self, caller: Caller, message: NewMessage) -> Message:
-        row = {
-            "id": message.id,
-            "conversation_id": message.conversation_id,
-            "role": message.role,
-            "content": message.content,
-            "agent_type": message.agent_type,
-            "metadata": message.metadata,
-        }
-        try:
-            result = await self._rest.insert(caller, MESSAGES, row, select=MESSAGE_COLUMNS, on_conflict="id")
-        except AppError as exc:
-            # The insert policy checks that the conversation is the caller's; the foreign key that it exists.
-            failure = postgrest_failure(exc)
-            if is_rls_violation(exc) or (failure is not None and failure.code == "23503"):
-                raise conversation_not_found() from exc
-            raise
-        if result.rows:
-            return _message(result.rows[0])
-        # A replay of an insert that had succeeded: return the stored row.
-        params = {
-            "select": MESSAGE_COLUMNS,
-            "id": f"eq.{message.id}",
-            "conversation_id": f"eq.{message.conversation_id}",
-        }
-        stored = await self._rest.select(caller, MESSAGES, params)
-        if not stored.rows:
-            raise conversation_not_found()
-        return _message(stored.rows[0])
 
     # -- business records (services/domains.py; migrations/002_business_tables.sql) -------------------------------
 
@@ -515,13 +471,18 @@ class PostgrestStore:
             "p_client_message_id": new.client_message_id,
             "p_chat_limit": limits.chat_limit,
             "p_stream_limit": limits.stream_limit,
+            "p_write_key": secrets.token_hex(32),
         }
-        # Retried: every id is ours, so a replay whose first attempt committed finds its own run and answers as the
-        # first would have, counting and writing nothing. (A refusal whose answer was lost counts its hit twice.)
+        # Retried: every id and the key are ours, so a replay whose first attempt committed finds its own run and
+        # answers as the first would have, counting and writing nothing. (A refusal whose answer was lost counts its
+        # hit twice.)
         result = await self._rest.rpc(caller, "agent_run_begin", args, idempotent=True)
         if isinstance(result, dict) and result.get("outcome") == "not_found":
             raise conversation_not_found()
-        return _run_begun(result)
+        begun = _run_begun(result)
+        if begun.outcome == "started":
+            self._write_keys[new.id] = args["p_write_key"]
+        return begun
 
     @observed
     async def flush_runs(self, updates: list[RunUpdate]) -> dict[str, RunControl]:
@@ -551,11 +512,12 @@ class PostgrestStore:
     async def _flush_user(self, updates: list[RunUpdate]) -> dict[str, RunControl]:
         # The last update's caller: runs are listed in the order they started, so it holds the freshest token.
         caller = updates[-1].caller
-        args = {"p_updates": [_update_json(update) for update in updates]}
-        # Retried: events are keyed by (run, seq), the text is overwritten and the end is written once.
+        args = {"p_updates": [_update_json(update, self._write_keys.get(update.run_id)) for update in updates]}
+        # Retried: events only go forward (a batch already stored is skipped), the text is overwritten and the end
+        # is written once.
         rows = await self._rest.rpc(caller, "agent_runs_flush", args, idempotent=True)
         try:
-            return {
+            controls = {
                 str(row["run_id"]): RunControl(
                     stop=bool(row["stop"]),
                     seen_chars=None if row["seen_chars"] is None else int(row["seen_chars"]),
@@ -565,6 +527,11 @@ class PostgrestStore:
             }
         except (TypeError, ValueError, KeyError) as exc:
             raise _bad_response() from exc
+        for update in updates:
+            control = controls.get(update.run_id)
+            if control is not None and (control.gone or update.final_status is not None):
+                self._write_keys.pop(update.run_id, None)  # ended: nothing more to write
+        return controls
 
     @observed
     async def read_run(self, caller: Caller, run_id: str, after: int | None) -> RunView:
@@ -578,6 +545,17 @@ class PostgrestStore:
             return RunView(_run(result["run"]), _message(result["message"]), batches)
         except (TypeError, ValueError, KeyError) as exc:
             raise _bad_response() from exc
+
+    @observed
+    async def running_run(self, caller: Caller, conversation_id: str) -> Run | None:
+        params = {
+            "select": RUN_COLUMNS,
+            "conversation_id": f"eq.{conversation_id}",
+            "user_id": f"eq.{caller.user_id}",
+            "status": "eq.running",
+        }
+        rows = (await self._rest.select(caller, RUNS, params)).rows
+        return _run(rows[0]) if rows else None
 
     @observed
     async def request_stop(self, caller: Caller, run_id: str, seen_chars: int | None) -> None:
@@ -748,12 +726,13 @@ def _epoch(value: str) -> float:
     return parsed.timestamp()
 
 
-def _update_json(update: RunUpdate) -> dict[str, Any]:
-    """One element of ``agent_runs_flush``'s ``p_updates``; the batch is flattened into its three fields."""
+def _update_json(update: RunUpdate, write_key: str | None) -> dict[str, Any]:
+    """One element of ``agent_runs_flush``'s ``p_updates``; the batch is flattened into its three fields. The run's
+    answer is the one its begin wrote, so the message id is not sent."""
     batch = update.batch
     return {
         "run_id": update.run_id,
-        "message_id": update.message_id,
+        "write_key": write_key,
         "first_seq": batch.first_seq if batch is not None else None,
         "last_seq": batch.last_seq if batch is not None else None,
         "frames": batch.frames if batch is not None else None,

@@ -486,29 +486,28 @@ class RunManager:
                     return
                 await anyio.sleep(FLUSH_SECONDS / 2)
 
-    def overlay(self, messages: list[Message]) -> list[Message]:
-        """Messages with the answers generating on this worker shown as they are now, not as last saved."""
+    def overlay(self, messages: list[Message], run: Run | None) -> list[Message]:
+        """Messages with the answer of ``run`` (their conversation's running run, from ``Store.running_run``) shown
+        as it is now when it generates on this worker, not as last saved."""
+        live = self._live.get(run.id) if run is not None else None
+        if run is None or live is None or live.final is not None:
+            return messages
+        live.seal()
         shown = []
         for message in messages:
-            live = self._live.get(str(message.metadata.get("run_id"))) if message.metadata.get("status") == "streaming" else None
-            if live is not None and live.final is None:
-                live.seal()
+            if message.id == run.assistant_message_id:
                 metadata = {**message.metadata, "seq": len(live.frames)}
                 message = Message(message.id, message.conversation_id, message.role, live.text,
                                   live.agent_type, metadata, message.created_at)
             shown.append(message)
         return shown
 
-    async def end_dead_runs(self, caller: Caller, messages: list[Message]) -> bool:
-        """When a conversation shows an answer as streaming that no worker here generates, end its run if it is
-        dead; True if any was (the caller reads the messages again)."""
-        ended = False
-        for message in messages:
-            run_id = message.metadata.get("run_id")
-            if message.metadata.get("status") == "streaming" and run_id not in self._live:
-                view = await self._store.read_run(caller, str(run_id), None)
-                ended = await self._end_if_dead(caller, view.run) or ended
-        return ended
+    async def end_if_dead(self, caller: Caller, run: Run | None) -> bool:
+        """End ``run`` (a conversation's running run) if no worker generates it any more; True if it was ended (the
+        caller reads the messages again)."""
+        if run is None or run.id in self._live:
+            return False
+        return await self._end_if_dead(caller, run)
 
     async def _end_if_dead(self, caller: Caller, run: Run) -> bool:
         if run.status != "running" or time.time() - run.heartbeat_at < self.stale_seconds:

@@ -13,16 +13,10 @@ from services.store import Message, NewMessage, utc_now
 MESSAGE_COLUMNS = "id, conversation_id, role, content, agent_type, metadata, created_at"
 
 
-def insert_message(db: sqlite3.Connection, message: NewMessage) -> Message:
-    """Insert into a conversation already checked to be the caller's; inside the caller's transaction. Returns the
-    stored row: after a retried insert (OR IGNORE on the client-generated id), the first one."""
-    write_message(db, message)
-    return fetch_message(db, message.id)
-
-
 def write_message(db: sqlite3.Connection, message: NewMessage) -> None:
-    """``insert_message`` without reading the row back, for writers that do not use it (a chat turn's admission,
-    where every statement costs the writer thread a round trip for the GIL)."""
+    """Insert into a conversation already checked to be the caller's, inside the caller's transaction (a chat turn's
+    admission, which writes every message); OR IGNORE on the service-generated id, so a retry writes nothing twice.
+    The row is not read back: every statement costs the writer thread a round trip for the GIL."""
     db.execute(
         f"INSERT OR IGNORE INTO agent_messages ({MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
         (

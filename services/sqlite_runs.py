@@ -219,6 +219,14 @@ def read_run(db: sqlite3.Connection, caller: Caller, run_id: str, after: int | N
     return RunView(run, fetch_message(db, run.assistant_message_id), batches)
 
 
+def running_run(db: sqlite3.Connection, caller: Caller, conversation_id: str) -> Run | None:
+    row = db.execute(
+        f"SELECT {_RUN_COLUMNS} FROM agent_runs WHERE conversation_id = ? AND user_id = ? AND status = 'running'",
+        (conversation_id, caller.user_id),
+    ).fetchone()
+    return None if row is None else _run(row)
+
+
 def request_stop(db: sqlite3.Connection, caller: Caller, run_id: str, seen_chars: int | None) -> None:
     with write_transaction(db):
         found = db.execute("SELECT 1 FROM agent_runs WHERE id = ? AND user_id = ?", (run_id, caller.user_id))

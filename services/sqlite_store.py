@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 from errors import NotFound, UpstreamError, UpstreamUnavailable
 from services import sqlite_actions, sqlite_limits, sqlite_listing, sqlite_records, sqlite_runs
-from services.sqlite_messages import MESSAGE_COLUMNS, insert_message, message_row, recent_messages
+from services.sqlite_messages import MESSAGE_COLUMNS, message_row, recent_messages
 from services.sqlite_writer import GroupWriter
 from services.domains import Domain
 from services.store import (
@@ -46,10 +46,10 @@ from services.store import (
     MessageKey,
     MessagePage,
     NewAction,
-    NewMessage,
     NewRun,
     Page,
     PendingAction,
+    Run,
     RunBegun,
     RunControl,
     RunUpdate,
@@ -268,22 +268,13 @@ class SQLiteStore:
         new_id = conversation_id or str(uuid.uuid4())
 
         def work(db: sqlite3.Connection) -> Conversation:
-            _insert_conversation(db, caller, new_id, title, ignore_existing=False)
+            _insert_conversation(db, caller, new_id, title)
             return _fetch_conversation(db, caller, new_id)
 
         return await self._write(work)
 
     async def get_conversation(self, caller: Caller, conversation_id: str) -> Conversation:
         return await self._read(lambda db: _fetch_conversation(db, caller, conversation_id))
-
-    async def ensure_conversation(self, caller: Caller, conversation_id: str, title: str) -> Conversation:
-        def work(db: sqlite3.Connection) -> Conversation:
-            # INSERT OR IGNORE is atomic: a concurrent first turn on the same new id cannot create it twice,
-            # and an id owned by someone else is left untouched (the scoped fetch then says NotFound).
-            _insert_conversation(db, caller, conversation_id, title, ignore_existing=True)
-            return _fetch_conversation(db, caller, conversation_id)
-
-        return await self._write(work)
 
     async def delete_conversation(self, caller: Caller, conversation_id: str) -> None:
         def work(db: sqlite3.Connection) -> int:
@@ -333,14 +324,6 @@ class SQLiteStore:
 
         return await self._read(work)
 
-    async def add_message(self, caller: Caller, message: NewMessage) -> Message:
-        def work(db: sqlite3.Connection) -> Message:
-            with sqlite_limits.write_transaction(db):
-                _fetch_conversation(db, caller, message.conversation_id)
-                return insert_message(db, message)
-
-        return await self._write(work)
-
     # -- chat runs (services/sqlite_runs.py) -------------------------------------------------------------------
 
     async def begin_run(
@@ -355,6 +338,9 @@ class SQLiteStore:
 
     async def read_run(self, caller: Caller, run_id: str, after: int | None) -> RunView:
         return await self._read(lambda db: sqlite_runs.read_run(db, caller, run_id, after))
+
+    async def running_run(self, caller: Caller, conversation_id: str) -> Run | None:
+        return await self._read(lambda db: sqlite_runs.running_run(db, caller, conversation_id))
 
     async def request_stop(self, caller: Caller, run_id: str, seen_chars: int | None) -> None:
         await self._write(lambda db: sqlite_runs.request_stop(db, caller, run_id, seen_chars))
@@ -427,13 +413,12 @@ def _store_error(exc: sqlite3.Error | OSError) -> UpstreamError:
     return UpstreamError("The database rejected the request.", code="STORE_ERROR")
 
 
-def _insert_conversation(
-    db: sqlite3.Connection, caller: Caller, conversation_id: str, title: str | None, *, ignore_existing: bool
-) -> None:
+def _insert_conversation(db: sqlite3.Connection, caller: Caller, conversation_id: str, title: str | None) -> None:
+    """OR IGNORE: a retry creates nothing twice, and an id that is someone else's is left untouched (the scoped fetch
+    that follows says NotFound, as the Supabase store does)."""
     now = utc_now()
-    verb = "INSERT OR IGNORE" if ignore_existing else "INSERT"
     db.execute(
-        f"{verb} INTO agent_conversations ({_CONVERSATION_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL, 0, '{{}}')",
+        f"INSERT OR IGNORE INTO agent_conversations ({_CONVERSATION_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL, 0, '{{}}')",
         (conversation_id, caller.user_id, title, now, now),
     )
 

@@ -303,9 +303,6 @@ class Store(Protocol):
     async def get_conversation(self, caller: Caller, conversation_id: str) -> Conversation:
         """The caller's conversation, or ``NotFound``."""
 
-    async def ensure_conversation(self, caller: Caller, conversation_id: str, title: str) -> Conversation:
-        """Return the caller's conversation, creating it if the id is unused; ``NotFound`` if someone else owns it."""
-
     async def delete_conversation(self, caller: Caller, conversation_id: str) -> None:
         """Delete the caller's conversation and its messages, or raise ``NotFound``."""
 
@@ -330,10 +327,6 @@ class Store(Protocol):
 
     async def recent_messages(self, caller: Caller, conversation_id: str, limit: int) -> list[Message]:
         """The newest ``limit`` messages of the caller's conversation, returned oldest first."""
-
-    async def add_message(self, caller: Caller, message: NewMessage) -> Message:
-        """Append the caller's own message (``role`` user) to their conversation (``NotFound`` if it is not theirs).
-        Assistant messages are written by chat runs only; on Supabase the database refuses any other."""
 
     # Chat runs (services/runs.py): a chat turn's generation, its event log and its controls, shared by every worker
     # through the store. ``services/run_log.py`` holds the formats both stores write.
@@ -365,6 +358,10 @@ class Store(Protocol):
     async def read_run(self, caller: Caller, run_id: str, after: int | None) -> RunView:
         """The caller's run with its assistant message and, unless ``after`` is None, the event batches holding
         events after ``after``; ``NotFound`` (``RUN_NOT_FOUND``) if it is missing or someone else's."""
+
+    async def running_run(self, caller: Caller, conversation_id: str) -> Run | None:
+        """The run still generating an answer in the caller's conversation (there is at most one), or None; found in
+        the runs' own table, never through a message's metadata, which says what was written, not who may read it."""
 
     async def request_stop(self, caller: Caller, run_id: str, seen_chars: int | None) -> None:
         """Ask the worker generating the caller's run to stop it; nothing happens to a run that has ended.

@@ -215,6 +215,8 @@ def _check_bounds(schema: dict[str, Any], value: Any, path: str) -> None:
         limit = schema.get("maxLength", MAX_TEXT)  # every string is bounded, described or not
         if len(value) > limit:
             raise ToolInputError(f"{path} must be at most {limit} characters")
+        if "\x00" in value:  # PostgreSQL's text cannot hold it: refused on both stores alike
+            raise ToolInputError(f"{path} must not contain a NUL character")
     elif isinstance(value, list) and "maxItems" in schema and len(value) > schema["maxItems"]:
         raise ToolInputError(f"{path} must have at most {schema['maxItems']} items")
     elif isinstance(value, dict):

@@ -21,11 +21,12 @@ import pytest
 from starlette.testclient import TestClient
 
 from app import build_store, create_app
-from errors import Conflict, Gone, NotFound
+from errors import Conflict, Gone, NotFound, UpstreamError
 from services.domains import BY_AGENT, BY_TABLE, DOMAINS
 from services.local_model import describe_result
 from services.model import Stop, TextDelta, ToolUse
 from services.postgrest import PostgrestStore
+from services.postgrest_client import postgrest_failure
 from services.sqlite_store import SQLiteStore
 from services.store import Caller, NewAction
 from services.tools import tools_for
@@ -421,10 +422,11 @@ async def test_row_level_security_keeps_actions_to_their_owner(
     rest = store._rest
     assert (await rest.select(other, "pending_actions", {"id": f"eq.{kept.id}"})).rows == []
     await store.confirm_action(caller, kept.id)
-    # Single use holds for direct requests too: a used action cannot be unmarked, even by its owner.
-    reset = await rest.request(caller, "PATCH", "pending_actions", params={"id": f"eq.{kept.id}"},
-                               json_body={"used_at": None}, prefer=["return=representation"])
-    assert reset.rows == []
+    # Single use holds for direct requests too: the Data API writes no action, so not even its owner unmarks it.
+    with pytest.raises(UpstreamError) as refused:
+        await rest.request(caller, "PATCH", "pending_actions", params={"id": f"eq.{kept.id}"},
+                           json_body={"used_at": None}, prefer=["return=representation"])
+    assert postgrest_failure(refused.value).code == "42501"  # type: ignore[union-attr]
     with pytest.raises(Conflict):
         await store.confirm_action(caller, kept.id)
 
@@ -446,4 +448,7 @@ def test_the_pending_actions_migration_grants_nothing_to_anon(pg_cluster: Any) -
                                                               " jsonb, text, double precision)"):
             assert not one("select has_function_privilege('anon', %s, 'execute')", function)
             assert one("select has_function_privilege('authenticated', %s, 'execute')", function)
-        assert one("select count(*) from pg_policies where tablename = 'pending_actions'") == 4
+        # Read only through the Data API (007): one policy, for select; the functions write.
+        assert [one("select has_table_privilege('authenticated', 'api.pending_actions', %s)", p)
+                for p in ("select", "insert", "update", "delete")] == [True, False, False, False]
+        assert one("select count(*) from pg_policies where tablename = 'pending_actions'") == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from typing import Any
@@ -284,6 +285,23 @@ def test_overlong_or_non_string_title_is_422(client: TestClient, auth_headers: A
     for title in ("t" * 201, 12):
         body = {"user_id": user_id, "title": title}
         assert_envelope(client.post("/api/conversations", json=body, headers=auth_headers(user_id)), 422)
+
+
+def test_nul_is_refused_alike_on_both_stores(client: TestClient, auth_headers: AuthHeaders) -> None:
+    user = new_id()
+    headers = {**auth_headers(user), "Content-Type": "application/json"}
+    bodies = [
+        ("/api/chat/stream", {"message": "a\u0000b", "conversation_id": new_id(), "user_id": user}, "message"),
+        ("/api/conversations", {"title": "a\u0000b", "user_id": user}, "title"),
+    ]
+    for path, body, field in bodies:
+        response = client.post(path, content=json.dumps(body), headers=headers)
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["code"] == "VALIDATION_ERROR" and field in response.json()["error"]["message"]
+    # A backslash and "u0000" typed as text are not a NUL.
+    typed = client.post("/api/conversations", content=json.dumps({"title": "\\u0000", "user_id": user}),
+                        headers=headers)
+    assert typed.status_code == 201 and typed.json()["title"] == "\\u0000"
 
 
 def test_unknown_route_and_wrong_method_use_the_envelope(client: TestClient) -> None:

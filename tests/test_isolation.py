@@ -136,12 +136,13 @@ def data_api(supabase_url: str, fake_postgrest: Any, register_user: Callable[[st
 
 @pytest.fixture
 def alices(data_api: Callable[..., httpx.Response]) -> tuple[str, str, str]:
+    """Alice's conversation with her message in it, written as the service writes a turn: through agent_run_begin."""
     alice, conversation, message = new_id(), new_id(), new_id()
-    created = data_api("POST", "agent_conversations", alice, json={"id": conversation, "user_id": alice, "title": "A"})
-    assert created.status_code == 201, created.text
-    sent = data_api("POST", "agent_messages", alice,
-                    json={"id": message, "conversation_id": conversation, "role": "user", "content": "secret"})
-    assert sent.status_code == 201, sent.text
+    begun = data_api("POST", "rpc/agent_run_begin", alice, json={
+        "p_run_id": new_id(), "p_conversation_id": conversation, "p_text": "secret", "p_title": "A",
+        "p_user_message_id": message, "p_assistant_message_id": new_id(), "p_stale_seconds": 30,
+        "p_events_ttl": 3600, "p_window_seconds": 60, "p_history_limit": 10, "p_write_key": "k" * 64})
+    assert begun.status_code == 200 and begun.json()["outcome"] == "started", begun.text
     return alice, conversation, message
 
 
@@ -163,41 +164,37 @@ def test_rls_hides_alices_rows_from_bobs_reads(data_api: Callable[..., httpx.Res
 def test_rls_stops_bobs_writes_to_alices_rows(
     data_api: Callable[..., httpx.Response], alices: Any, pg_cluster: Any
 ) -> None:
+    """The chat tables take no write through the Data API at all (007; tests/test_data_api.py tries every one): Bob's
+    attempts are refused outright, whether or not row-level security would have hidden the row."""
     alice, conversation, message = alices
     bob = new_id()
-    renamed = data_api("PATCH", "agent_conversations", bob, params={"id": f"eq.{conversation}"}, json={"title": "B"})
-    edited = data_api("PATCH", "agent_messages", bob, params={"id": f"eq.{message}"}, json={"content": "B"})
-    deleted = data_api("DELETE", "agent_conversations", bob, params={"id": f"eq.{conversation}"})
-    deleted_message = data_api("DELETE", "agent_messages", bob, params={"id": f"eq.{message}"})
-    # Hidden rows are not errors in PostgREST: the writes simply touch nothing. Messages cannot be edited or deleted
-    # by anyone through the Data API (history is not rewritable), so those two are refused outright.
-    assert [(r.status_code, r.json()) for r in (renamed, deleted)] == [(200, [])] * 2
-    assert [(r.status_code, r.json()["code"]) for r in (edited, deleted_message)] == [(403, "42501")] * 2
-
-    # Appending to Alice's conversation: the foreign key alone would allow it; the insert policy does not.
-    # return=minimal, so the select policy (which RETURNING would also apply) cannot be what stops it.
-    appended = data_api("POST", "agent_messages", bob,
-                        json={"id": new_id(), "conversation_id": conversation, "role": "user", "content": "B"},
-                        headers={"Prefer": "return=minimal"})
-    assert (appended.status_code, appended.json()["code"]) == (403, "42501")
-    as_alice = data_api("POST", "agent_conversations", bob, json={"id": new_id(), "user_id": alice},
-                        headers={"Prefer": "return=minimal"})
-    assert (as_alice.status_code, as_alice.json()["code"]) == (403, "42501")
-    # Taking over Alice's id by upsert: ignored as a duplicate, nothing merged into her row.
-    taken = data_api("POST", "agent_conversations", bob, json={"id": conversation, "user_id": bob, "title": "B"},
-                     params={"on_conflict": "id"},
-                     headers={"Prefer": "return=representation,resolution=ignore-duplicates"})
-    assert (taken.status_code, taken.json()) == (201, [])
-    merged = data_api("POST", "agent_conversations", bob, json={"id": conversation, "user_id": bob, "title": "B"},
-                      params={"on_conflict": "id"},
-                      headers={"Prefer": "return=representation,resolution=merge-duplicates"})
-    assert merged.status_code in (403, 409) and merged.json()["code"] in ("42501", "23505")
+    attempts = [
+        data_api("PATCH", "agent_conversations", bob, params={"id": f"eq.{conversation}"}, json={"title": "B"}),
+        data_api("PATCH", "agent_messages", bob, params={"id": f"eq.{message}"}, json={"content": "B"}),
+        data_api("DELETE", "agent_conversations", bob, params={"id": f"eq.{conversation}"}),
+        data_api("DELETE", "agent_messages", bob, params={"id": f"eq.{message}"}),
+        # Appending to Alice's conversation (the foreign key alone would allow it), posing as her, taking her id.
+        data_api("POST", "agent_messages", bob, headers={"Prefer": "return=minimal"},
+                 json={"id": new_id(), "conversation_id": conversation, "role": "user", "content": "B"}),
+        data_api("POST", "agent_conversations", bob, json={"id": new_id(), "user_id": alice},
+                 headers={"Prefer": "return=minimal"}),
+        data_api("POST", "agent_conversations", bob, json={"id": conversation, "user_id": bob, "title": "B"},
+                 params={"on_conflict": "id"},
+                 headers={"Prefer": "return=representation,resolution=merge-duplicates"}),
+    ]
+    assert [(r.status_code, r.json()["code"]) for r in attempts] == [(403, "42501")] * len(attempts)
+    # Through the functions, Alice's ids are simply not Bob's.
+    renamed = data_api("POST", "rpc/agent_conversation_rename", bob, json={"p_id": conversation, "p_title": "B"})
+    deleted = data_api("POST", "rpc/agent_conversation_delete", bob, json={"p_id": conversation})
+    taken = data_api("POST", "rpc/agent_conversation_create", bob, json={"p_id": conversation, "p_title": "B"})
+    assert [r.json() for r in (renamed, deleted, taken)] == [None, False, {"outcome": "not_found"}]
 
     with pg_cluster.connect(DATABASE) as db:
         row = db.execute("select user_id::text, title, message_count from api.agent_conversations where id = %s",
                          (conversation,)).fetchone()
-        content = db.execute("select content from api.agent_messages where conversation_id = %s", (conversation,))
-        assert row == (alice, "A", 1) and content.fetchall() == [("secret",)]
+        content = db.execute("select content from api.agent_messages where conversation_id = %s and role = 'user'",
+                             (conversation,))
+        assert row == (alice, "A", 2) and content.fetchall() == [("secret",)]
 
 
 def test_the_publishable_key_alone_reads_and_writes_nothing(

@@ -237,7 +237,8 @@ def test_postgres_running_runs_are_the_stream_slots_under_a_per_user_lock(pg_clu
 
     def begin(db: Any, who: str | None = user) -> Any:
         as_user(db, who)
-        call = "select api.agent_run_begin(%s, %s, 'hi', 'AI Chat', %s, %s, 30, 3600, 60, 50, p_stream_limit => 1)"
+        call = ("select api.agent_run_begin(%s, %s, 'hi', 'AI Chat', %s, %s, 30, 3600, 60, 50, repeat('k', 64),"
+                " p_stream_limit => 1)")
         return db.execute(call, [new_id(), new_id(), new_id(), new_id()]).fetchone()[0]
 
     def begin_alone(who: str | None = user) -> Any:

@@ -6,8 +6,9 @@ frontend, of any length (the body-size cap bounds it) or null, and ignored: the 
 only.
 
 A JSON body must be UTF-8 (RFC 8259 section 8.1), nested at most ``MAX_JSON_DEPTH`` deep, and hold no lone surrogate
-in any string: Python decodes ``\\ud800`` (and, from bytes, ``ED A0 80``) into a ``str`` that no database and no UTF-8
-encoder accepts, so such text is refused here rather than failing at the write.
+and no NUL (U+0000) in any string: Python decodes ``\\ud800`` (and, from bytes, ``ED A0 80``) into a ``str`` that no
+database and no UTF-8 encoder accepts, and PostgreSQL's text cannot hold a NUL, so such text is refused here, the
+same on both stores, rather than failing at the write. (A search's ``q`` is not held to this: it is never stored, and only its words reach a store.)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncio
 import json
 import re
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
@@ -38,8 +40,10 @@ MAX_EVENT_ID = 10_000_000
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 # ASCII digits only: int() also takes " 1", "1_0" and other scripts' digits, many spellings of one value.
 _INTEGER = re.compile(r"-?[0-9]{1,20}")
-_SURROGATE = re.compile("[\ud800-\udfff]")
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # in strict UTF-8 text, the only way to spell a surrogate
+# Text no store can keep: a lone surrogate, or NUL. In a JSON body, strict UTF-8 leaves a \u escape as the only way
+# to spell either (a raw NUL is a control character JSON refuses).
+_UNSTORABLE = re.compile("[\ud800-\udfff\x00]")
+_UNSTORABLE_ESCAPE = re.compile(r"\\u(?:[dD][89a-fA-F]|0000)")
 
 
 _DIGITS = re.compile(r"[0-9]{1,9}")
@@ -69,8 +73,8 @@ async def json_body(request: Request, timeout: float) -> dict[str, Any]:
         raise ValidationFailed("The request body must be a JSON object.")
     if _nesting(body) > MAX_JSON_DEPTH:
         raise _too_deep()
-    if _SURROGATE_ESCAPE.search(text):
-        _refuse_lone_surrogates(body)
+    if _UNSTORABLE_ESCAPE.search(text):
+        _refuse_unstorable(body)
     return body
 
 
@@ -118,14 +122,30 @@ def _nesting(value: dict[str, Any]) -> int:
     return depth
 
 
-def _refuse_lone_surrogates(body: dict[str, Any]) -> None:
-    """422 naming the top-level field whose text (values or names, at any depth) holds a lone surrogate."""
+def _refuse_unstorable(body: dict[str, Any]) -> None:
+    """422 naming the top-level field whose text (values or names, at any depth) holds a lone surrogate or a NUL."""
     for name, value in body.items():
-        if _SURROGATE.search(name):
+        if _UNSTORABLE.search(name):
             raise ValidationFailed("A field name in the request body is not valid Unicode text.")
-        # json.dumps writes every nested string and name out as it is: one pass in C instead of a walk in Python.
-        if _SURROGATE.search(json.dumps(value, ensure_ascii=False)):
-            raise invalid(_shown(name), "must be valid Unicode text (it contains a lone surrogate)")
+        if any(_UNSTORABLE.search(text) for text in _strings(value)):
+            raise invalid(_shown(name), _UNSTORABLE_PROBLEM)
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in ``value``, names included, at any depth (bounded by ``MAX_JSON_DEPTH``). Walked only for a body
+    that spells an escape we refuse, so the usual body never pays for it."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            yield name
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+_UNSTORABLE_PROBLEM = "must be valid Unicode text without NUL characters (U+0000) or lone surrogates"
 
 
 def _shown(name: str) -> str:

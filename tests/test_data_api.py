@@ -1,0 +1,378 @@
+"""What a signed-in user can do at the Data API: read their own chat rows, and write only through checked functions.
+
+Every call here is what any browser holding a session can send: the publishable key and the user's own access token,
+straight to PostgREST (the stand-in over real PostgreSQL 15 with migrations 001-007, ``tests/fake_postgrest.py``).
+The world is built by the service's own store (``PostgrestStore``), so the rows are the ones production writes. Each
+test compares the two users' rows before and after the attack: a refusal that still changed something fails too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from services import run_log
+from services.domains import BY_TABLE
+from services.postgrest import PostgrestStore
+from services.postgrest_client import PostgrestClient
+from services.retry import RetryPolicy
+from services.store import Caller, EventBatch, NewAction, NewRun, Run, RunUpdate, TurnLimits
+from tests.conftest import DATABASE, AuthHeaders
+from tests.support import new_id
+from tests.tokens import TEST_PUBLISHABLE_KEY, mint
+
+pytestmark = pytest.mark.anyio
+
+REST = "/rest/v1/"
+LIMITS = TurnLimits(stale_seconds=30, events_ttl=3600)
+CHAT_TABLES = ("agent_conversations", "agent_messages", "agent_runs", "agent_run_events", "pending_actions")
+# Every function a user can call through the Data API. A new one fails test_every_api_function_is_attacked until it
+# is added to ATTACKS below, so no write path goes untried.
+API_FUNCTIONS = {
+    "agent_conversation_create", "agent_conversation_delete", "agent_conversation_rename",
+    "agent_conversations_search", "agent_run_begin", "agent_run_read", "agent_run_stop", "agent_runs_flush",
+    "agent_runs_maintain", "pending_action_confirm", "pending_action_create", "rate_limit_hit",
+}
+
+
+@dataclass
+class Account:
+    """One user's world, written by the service's store: a finished turn, a turn still generating, an invoice and a
+    pending change to it."""
+
+    caller: Caller
+    conversation: str
+    done: Run  # complete, with events
+    running: Run  # still generating, in a second conversation
+    write_key: str  # the running run's, as the store keeps it
+    invoice: str
+    action: str
+
+
+@pytest.fixture
+async def store(fake_postgrest: Any, supabase_url: str) -> AsyncIterator[PostgrestStore]:
+    retry = RetryPolicy(attempts=3, base_delay=0, max_delay=0, max_total=5)
+    made = PostgrestStore(PostgrestClient(supabase_url, "api", TEST_PUBLISHABLE_KEY, retry=retry, timeout=10))
+    await made.open()
+    yield made
+    await made.aclose()
+
+
+@pytest.fixture
+def rest(supabase_url: str) -> Callable[..., httpx.Response]:
+    """A request as ``caller``: the publishable key and their own token, nothing else."""
+
+    def call(method: str, path: str, caller: Caller, **kwargs: Any) -> httpx.Response:
+        headers = {"apikey": TEST_PUBLISHABLE_KEY, "Authorization": f"Bearer {caller.access_token}",
+                   "Prefer": "return=representation", **kwargs.pop("headers", {})}
+        return httpx.request(method, f"{supabase_url}{REST}{path}", headers=headers, timeout=10, **kwargs)
+
+    return call
+
+
+@pytest.fixture
+def account(store: PostgrestStore, register_user: Callable[[str], None]) -> Callable[[], Any]:
+    async def make() -> Account:
+        user = new_id()
+        register_user(user)
+        caller = Caller(user, mint(user))
+        done = await _begin(store, caller, new_id(), "What invoices do I have?")
+        frames = run_log.frame(1, run_log.chunk("token", "invoices", content="You have one.", run_id=done.id))
+        await store.flush_runs([RunUpdate(caller, done.id, done.assistant_message_id, EventBatch(1, 1, frames),
+                                          "You have one.", {"status": "complete", "run_id": done.id}, "invoices",
+                                          True, "complete")])
+        running = await _begin(store, caller, new_id(), "And proposals?")
+        invoice = new_id()
+        await store.insert_record(caller, BY_TABLE["invoices"], {
+            "id": invoice, "invoice_number": "INV-1", "client_name": "Ada", "due_date": "2026-12-01",
+            "total_amount": 50, "status": "draft"})
+        action = await store.create_action(caller, NewAction("invoices", "update_invoice", "update", invoice,
+                                                             {"status": "paid"}, "Mark INV-1 paid"), 600)
+        return Account(caller, done.conversation_id, done, running, store._write_keys[running.id], invoice, action.id)
+
+    return make
+
+
+async def _begin(store: PostgrestStore, caller: Caller, conversation: str, text: str) -> Run:
+    begun = await store.begin_run(caller, NewRun(conversation, text, text), LIMITS, 20)
+    assert begun.outcome == "started" and begun.run is not None
+    return begun.run
+
+
+@pytest.fixture
+def rows(pg_cluster: Any) -> Callable[..., list[str]]:
+    """Every row the given users own, anywhere the chat lives (and their invoices and run keys), as text."""
+
+    def read(*callers: Caller) -> list[str]:
+        users = [c.user_id for c in callers]
+        owned = {
+            "api.agent_conversations t": "t.user_id = any(%(u)s::uuid[])",
+            "api.agent_messages t": "t.conversation_id in (select id from api.agent_conversations"
+                                    " where user_id = any(%(u)s::uuid[]))",
+            "api.agent_runs t": "t.user_id = any(%(u)s::uuid[])",
+            "api.agent_run_events t": "t.run_id in (select id from api.agent_runs where user_id = any(%(u)s::uuid[]))",
+            "api.pending_actions t": "t.user_id = any(%(u)s::uuid[])",
+            "api.invoices t": "t.user_id = any(%(u)s::uuid[])",
+            "canvalo_private.run_keys t": "t.run_id in (select id from api.agent_runs"
+                                          " where user_id = any(%(u)s::uuid[]))",
+        }
+        with pg_cluster.connect(DATABASE) as db:
+            found = []
+            for table, condition in owned.items():
+                query = f"select '{table}: ' || to_jsonb(t)::text from {table} where {condition}"
+                found += [row[0] for row in db.execute(query, {"u": users})]  # type: ignore[arg-type]
+        return sorted(found)
+
+    return read
+
+
+# -- the tables: SELECT and nothing more -----------------------------------------------------------------------------
+
+
+def _direct_writes(victim: Account, attacker: Account) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """INSERT, UPDATE and DELETE on every chat table, aimed at the victim's rows and at the attacker's own."""
+    for target in (victim, attacker):
+        by_id = {
+            "agent_conversations": target.conversation, "agent_messages": target.done.assistant_message_id,
+            "agent_runs": target.done.id, "pending_actions": target.action,
+        }
+        inserts = {
+            "agent_conversations": {"id": new_id(), "user_id": attacker.caller.user_id, "title": "planted"},
+            "agent_messages": {"id": new_id(), "conversation_id": target.conversation, "role": "user",
+                               "content": "planted", "metadata": {"status": "streaming", "run_id": victim.running.id}},
+            "agent_runs": {"id": new_id(), "user_id": attacker.caller.user_id, "conversation_id": target.conversation,
+                           "user_message_id": target.done.user_message_id,
+                           "assistant_message_id": victim.done.assistant_message_id},
+            "agent_run_events": {"run_id": target.running.id, "seq": 1, "last_seq": 1, "frames": "id: 1\ndata: {}\n\n"},
+            "pending_actions": {"id": new_id(), "user_id": attacker.caller.user_id, "table_name": "invoices",
+                                "tool": "delete_invoice", "kind": "delete", "record_id": target.invoice,
+                                "summary": "planted", "expires_at": "2099-01-01T00:00:00Z"},
+        }
+        changes = {
+            "agent_conversations": {"title": "renamed"}, "agent_messages": {"content": "rewritten"},
+            "agent_runs": {"status": "running", "assistant_message_id": victim.done.user_message_id},
+            "agent_run_events": {"frames": "forged"}, "pending_actions": {"used_at": None},
+        }
+        for table in CHAT_TABLES:
+            row_filter = ({"run_id": f"eq.{target.done.id}"} if table == "agent_run_events"
+                          else {"id": f"eq.{by_id[table]}"})
+            yield "POST", table, {"json": inserts[table]}
+            key = "run_id,seq" if table == "agent_run_events" else "id"
+            yield "POST", table, {"json": inserts[table], "params": {"on_conflict": key},
+                                  "headers": {"Prefer": "resolution=merge-duplicates"}}
+            yield "PATCH", table, {"params": row_filter, "json": changes[table]}
+            yield "DELETE", table, {"params": row_filter}
+
+
+async def test_the_chat_tables_are_read_only_through_the_data_api(
+    account: Callable[[], Any], rest: Callable[..., httpx.Response], rows: Callable[..., list[str]]
+) -> None:
+    alice, bob = await account(), await account()
+    before = rows(alice.caller, bob.caller)
+    for method, table, kwargs in _direct_writes(alice, bob):
+        for caller in (bob.caller, alice.caller):
+            response = rest(method, table, caller, **kwargs)
+            assert (response.status_code, response.json()["code"]) == (403, "42501"), (method, table, kwargs)
+    assert rows(alice.caller, bob.caller) == before
+    # Reading stays as it was: each sees their own rows, never the other's.
+    for table in CHAT_TABLES:
+        mine = rest("GET", table, alice.caller, params={"select": "*"}).json()
+        assert mine and all(_owner(row, alice) for row in mine), table
+
+
+def _owner(row: dict[str, Any], account: Account) -> bool:
+    return (row.get("user_id") == account.caller.user_id or row.get("conversation_id") == account.conversation
+            or row.get("conversation_id") == account.running.conversation_id
+            or row.get("run_id") in (account.done.id, account.running.id))
+
+
+def test_the_migration_leaves_authenticated_only_select_on_chat_tables(pg_cluster: Any) -> None:
+    with pg_cluster.connect(DATABASE) as db:
+        for table in CHAT_TABLES:
+            granted = [privilege for privilege in ("select", "insert", "update", "delete", "truncate")
+                       if db.execute("select has_table_privilege('authenticated', %s, %s)",
+                                     (f"api.{table}", privilege)).fetchone()[0]]  # type: ignore[index]
+            columns = db.execute(
+                "select count(*) from information_schema.column_privileges where table_schema = 'api'"
+                " and table_name = %s and grantee in ('authenticated', 'anon', 'PUBLIC')"
+                " and privilege_type <> 'SELECT'", (table,)).fetchone()
+            assert (granted, columns) == (["select"], (0,)), table
+        private = db.execute("select has_schema_privilege('authenticated', 'canvalo_private', 'usage')").fetchone()
+        assert private == (False,)
+
+
+# -- the functions: each checks the caller owns every row it touches --------------------------------------------------
+
+
+def _begin_args(conversation: str, **overrides: Any) -> dict[str, Any]:
+    args = {"p_run_id": new_id(), "p_conversation_id": conversation, "p_text": "hi", "p_title": "hi",
+            "p_user_message_id": new_id(), "p_assistant_message_id": new_id(), "p_stale_seconds": 30,
+            "p_events_ttl": 3600, "p_window_seconds": 60, "p_history_limit": 10, "p_write_key": "k" * 64}
+    return {**args, **overrides}
+
+
+def _flush(run: Run, key: str | None, **update: Any) -> dict[str, Any]:
+    return {"p_updates": [{"run_id": run.id, "write_key": key, **update}]}
+
+
+def _attacks(alice: Account, bob: Account) -> list[tuple[str, Caller, dict[str, Any]]]:
+    """(function, as whom, arguments): Bob with Alice's ids, and Alice with her own ids in wrong combinations."""
+    frames = "id: 2\ndata: {\"type\":\"token\",\"content\":\"SYSTEM NOTE: confirm your card\"}\n\n"
+    forged = {"first_seq": 1, "last_seq": 1, "frames": frames, "content": "SYSTEM NOTE: confirm your card",
+              "metadata": {"status": "complete"}, "final_status": "complete", "heartbeat": True}
+    a, b = alice.caller, bob.caller
+    return [
+        ("agent_conversation_create", b, {"p_id": alice.conversation, "p_title": "mine now"}),
+        ("agent_conversation_rename", b, {"p_id": alice.conversation, "p_title": "renamed"}),
+        ("agent_conversation_delete", b, {"p_id": alice.conversation}),
+        ("agent_conversations_search", b, {"p_terms": ["invoices"], "p_limit": 10}),
+        ("agent_run_begin", b, _begin_args(alice.conversation)),
+        ("agent_run_begin", b, _begin_args(new_id(), p_run_id=alice.running.id)),
+        ("agent_run_begin", b, _begin_args(new_id(), p_user_message_id=alice.done.user_message_id)),
+        ("agent_run_begin", b, _begin_args(new_id(), p_assistant_message_id=alice.done.assistant_message_id)),
+        ("agent_run_begin", a, _begin_args(alice.conversation, p_assistant_message_id=alice.done.user_message_id)),
+        ("agent_run_begin", a, _begin_args(new_id(), p_run_id=alice.running.id, p_write_key="x" * 64)),
+        ("agent_runs_flush", b, _flush(alice.running, alice.write_key, **forged)),
+        ("agent_runs_flush", b, _flush(alice.done, alice.write_key, **forged)),
+        ("agent_runs_flush", a, _flush(alice.running, None, **forged)),  # no key: the service's run is not hers
+        ("agent_runs_flush", a, _flush(alice.running, "x" * 64, **forged)),
+        ("agent_runs_flush", a, _flush(alice.done, alice.write_key, **forged)),  # ended: written once
+        ("agent_runs_flush", a, {"p_updates": [{"run_id": alice.running.id, "write_key": alice.write_key,
+                                                "first_seq": 5, "last_seq": 5, "frames": frames}]}),  # a gap
+        ("agent_runs_flush", a, _flush(alice.running, alice.write_key, final_status="running")),
+        ("agent_run_read", b, {"p_run_id": alice.running.id, "p_after": 0}),
+        ("agent_run_stop", b, {"p_run_id": alice.running.id, "p_seen_chars": 0}),
+        ("agent_runs_maintain", b, {"p_stale_seconds": 0.001, "p_events_ttl": 0}),
+        ("pending_action_create", b, {"p_id": new_id(), "p_table": "invoices", "p_tool": "delete_invoice",
+                                      "p_kind": "delete", "p_record_id": alice.invoice, "p_changes": None,
+                                      "p_summary": "x", "p_ttl_seconds": 600}),
+        ("pending_action_create", b, {"p_id": alice.action, "p_table": "invoices", "p_tool": "delete_invoice",
+                                      "p_kind": "delete", "p_record_id": bob.invoice, "p_changes": None,
+                                      "p_summary": "x", "p_ttl_seconds": 600}),
+        ("pending_action_create", a, {"p_id": new_id(), "p_table": "invoices", "p_tool": "update_invoice",
+                                      "p_kind": "update", "p_record_id": alice.invoice,
+                                      "p_changes": {"user_id": bob.caller.user_id}, "p_summary": "hand over",
+                                      "p_ttl_seconds": 600}),
+        ("pending_action_create", a, {"p_id": new_id(), "p_table": "agent_messages", "p_tool": "x",
+                                      "p_kind": "delete", "p_record_id": alice.done.user_message_id,
+                                      "p_changes": None, "p_summary": "x", "p_ttl_seconds": 600}),
+        ("pending_action_confirm", b, {"p_action_id": alice.action}),
+        ("rate_limit_hit", b, {"p_bucket": "chat", "p_window_seconds": 60, "p_max_hits": 1}),
+    ]
+
+
+async def test_every_api_function_is_attacked(pg_cluster: Any, account: Callable[[], Any]) -> None:
+    with pg_cluster.connect(DATABASE) as db:
+        callable_by_users = {
+            name for (name,) in db.execute(
+                "select p.proname from pg_proc p join pg_namespace n on n.oid = p.pronamespace"
+                " where n.nspname = 'api' and has_function_privilege('authenticated', p.oid, 'execute')")
+        }
+    alice, bob = await account(), await account()
+    assert callable_by_users == API_FUNCTIONS == {name for name, _, _ in _attacks(alice, bob)}
+
+
+async def test_no_function_writes_another_users_rows_or_breaks_a_reference(
+    account: Callable[[], Any], rest: Callable[..., httpx.Response], rows: Callable[..., list[str]]
+) -> None:
+    alice, bob = await account(), await account()
+    before = rows(alice.caller)
+    answers = []
+    for function, caller, args in _attacks(alice, bob):
+        response = rest("POST", f"rpc/{function}", caller, json=args)
+        assert response.status_code < 500, (function, response.text)
+        answers.append((function, response.status_code, response.text))
+    assert rows(alice.caller) == before, answers
+    # And nothing leaked on the way: Bob's reads of Alice's ids found nothing.
+    found = {function: text for function, status, text in answers if status == 200}
+    assert json.loads(found["agent_run_read"]) is None
+    searched = json.loads(found["agent_conversations_search"])["rows"]
+    assert searched and {row["user_id"] for row in searched} == {bob.caller.user_id}
+
+
+async def test_a_run_is_written_only_by_the_worker_that_began_it(
+    store: PostgrestStore, account: Callable[[], Any], rest: Callable[..., httpx.Response],
+    rows: Callable[..., list[str]],
+) -> None:
+    alice = await account()
+    run = alice.running
+    # Alice, calling the function the service calls, with her own token: nothing she sends without the key lands.
+    forged = {"first_seq": 1, "last_seq": 1, "frames": "id: 1\ndata: {}\n\n", "content": "forged", "heartbeat": True}
+    before = rows(alice.caller)
+    answer = rest("POST", "rpc/agent_runs_flush", alice.caller, json=_flush(run, None, **forged))
+    assert answer.json() == [{"run_id": run.id, "stop": False, "seen_chars": None, "gone": False}]
+    assert rows(alice.caller) == before
+    # The service's flushes, which carry the key, do; and only forward.
+    tokens = [run_log.frame(i, run_log.chunk("token", "invoices", content=f"t{i}", run_id=run.id)) for i in (1, 2, 3)]
+    first = RunUpdate(alice.caller, run.id, run.assistant_message_id, EventBatch(1, 2, "".join(tokens[:2])), "t1t2",
+                      {"status": "streaming", "run_id": run.id, "seq": 2}, "invoices")
+    assert (await store.flush_runs([first]))[run.id].gone is False
+    # A flush whose answer was lost is sent again with what came since: the new event is kept, nothing twice.
+    again = RunUpdate(alice.caller, run.id, run.assistant_message_id, EventBatch(1, 3, "".join(tokens)))
+    await store.flush_runs([again])
+    view = await store.read_run(alice.caller, run.id, 0)
+    assert [(b.first_seq, b.last_seq) for b in view.batches] == [(1, 2), (3, 3)]
+    assert "".join(b.frames for b in view.batches) == "".join(tokens)
+    assert view.message.content == "t1t2"
+
+
+async def test_a_user_calling_begin_directly_gets_only_a_run_of_their_own(
+    account: Callable[[], Any], rest: Callable[..., httpx.Response], rows: Callable[..., list[str]],
+) -> None:
+    alice, bob = await account(), await account()
+    before = rows(bob.caller)
+    args = _begin_args(alice.conversation)
+    own = rest("POST", "rpc/agent_run_begin", alice.caller, json=args).json()
+    assert own["outcome"] == "started" and own["run"]["user_id"] == alice.caller.user_id
+    assert rows(bob.caller) == before
+
+
+async def test_the_database_keeps_its_own_write_ceiling(
+    pg_cluster: Any, account: Callable[[], Any], rest: Callable[..., httpx.Response]
+) -> None:
+    alice = await account()  # four rows added already: two turns, an action
+    with pg_cluster.connect(DATABASE) as db:
+        db.execute("update canvalo_private.settings set value = 5 where name = 'writes_per_minute'")
+    try:
+        answers = [rest("POST", "rpc/agent_conversation_create", alice.caller,
+                        json={"p_id": new_id(), "p_title": None}).json()["outcome"] for _ in range(3)]
+        turn = rest("POST", "rpc/agent_run_begin", alice.caller, json=_begin_args(new_id())).json()
+    finally:
+        with pg_cluster.connect(DATABASE) as db:
+            db.execute("update canvalo_private.settings set value = 240 where name = 'writes_per_minute'")
+    assert answers[-1] == "rate_limited" and turn["outcome"] == "rate_limited" and turn["retry_after"] > 0
+
+
+# -- reading a conversation: runs are found in their own table, once ------------------------------------------------
+
+STORES = ("supabase",)
+
+
+def test_planted_metadata_neither_costs_reads_nor_shows_another_users_answer(
+    client: TestClient, auth_headers: AuthHeaders, fake_postgrest: Any, pg_cluster: Any
+) -> None:
+    alice, conversation = new_id(), new_id()
+    sent = client.post("/api/chat/stream", json={"message": "Hello", "conversation_id": conversation,
+                                                 "user_id": alice}, headers=auth_headers(alice))
+    assert sent.status_code == 200
+    bobs_run = new_id()
+    # What 001-006 let a user insert: 500 messages that say an answer is streaming, one naming another user's run.
+    with pg_cluster.connect(DATABASE) as db:
+        db.execute("insert into api.agent_messages (conversation_id, role, content, metadata)"
+                   " select %s, 'user', 'planted ' || g, jsonb_build_object('status', 'streaming', 'run_id',"
+                   " case when g = 1 then %s else gen_random_uuid()::text end) from generate_series(1, 500) g",
+                   (conversation, bobs_run))
+    fake_postgrest.reset()
+    shown = client.get(f"/api/conversations/{conversation}",
+                       params={"user_id": alice, "message_limit": 500, "message_order": "desc"},
+                       headers=auth_headers(alice))
+    assert shown.status_code == 200
+    paths = [r.path.removeprefix(REST) for r in fake_postgrest.requests]
+    assert sum(p.startswith(("agent_runs", "rpc/agent_run")) for p in paths) == 1, paths
+    assert [m["content"] for m in reversed(shown.json()["messages"])] == [f"planted {g}" for g in range(1, 501)]
