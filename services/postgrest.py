@@ -25,9 +25,9 @@ SQLite's keys, key order and value types (numbers as floats, times as ``HH:MM``,
 Chat runs (``services/sqlite_runs.py`` is the reference) are the RPC functions of ``migrations/004_agent_runs.sql``
 as 007 checks them, one request and one transaction per store call. They write the same rows, frames and metadata as
 SQLite; run times come back as Unix seconds. A run is written only with its write key, which ``begin_run`` makes
-and this store keeps until the run ends: a client holding the user's own token cannot write the service's runs. Two differences follow
-from acting only as users: ``flush_runs`` writes one transaction per user (each with that user's token), and
-``maintain_runs`` without a caller does nothing, so a dead run is ended when its user next touches it.
+and this store keeps until the run ends: a client holding the user's own token cannot write the service's runs. Two
+differences follow from acting only as users: ``flush_runs`` writes one transaction per user (each with that user's
+token), and ``maintain_runs`` without a caller does nothing, so a dead run is ended when its user next touches it.
 
 Pending actions (``services/actions.py``) are the RPC functions of ``migrations/005_pending_actions.sql``: confirming
 claims the action and runs its change in one transaction, as the user, so the business tables' row-level security
@@ -286,7 +286,8 @@ class PostgrestStore:
 
     @observed
     async def delete_conversation(self, caller: Caller, conversation_id: str) -> None:
-        deleted = await self._rest.rpc(caller, "agent_conversation_delete", {"p_id": conversation_id}, idempotent=False)
+        # Retried, as a DELETE was: a replay whose first attempt committed says NotFound, as a second delete does.
+        deleted = await self._rest.rpc(caller, "agent_conversation_delete", {"p_id": conversation_id}, idempotent=True)
         if deleted is not True:
             raise conversation_not_found()
 

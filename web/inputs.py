@@ -8,7 +8,8 @@ only.
 A JSON body must be UTF-8 (RFC 8259 section 8.1), nested at most ``MAX_JSON_DEPTH`` deep, and hold no lone surrogate
 and no NUL (U+0000) in any string: Python decodes ``\\ud800`` (and, from bytes, ``ED A0 80``) into a ``str`` that no
 database and no UTF-8 encoder accepts, and PostgreSQL's text cannot hold a NUL, so such text is refused here, the
-same on both stores, rather than failing at the write. (A search's ``q`` is not held to this: it is never stored, and only its words reach a store.)
+same on both stores, rather than failing at the write. (A search's ``q`` is not held to this: it is never stored,
+and only its words reach a store.)
 """
 
 from __future__ import annotations
