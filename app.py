@@ -151,8 +151,10 @@ async def stop_run(request: Request) -> Response:
     run_id = inputs.uuid_value(request.path_params["run_id"], "run_id")
     stop = inputs.stop_input(await _body(request))
     caller = await _caller(request, stop.user_id)
-    message = await request.state.runs.stop(caller, run_id, stop.seen_chars)
-    return JSONResponse(message.to_json())
+    view = await request.state.runs.stop(caller, run_id, stop.seen_chars)
+    # 202: the stop is asked but the run has not ended yet (its worker is slow, or has just died and the run ends
+    # stopped once its heartbeat lapses); the message is as saved so far. Never a 200 for a state not yet stored.
+    return JSONResponse(view.message.to_json(), status_code=202 if view.run.status == "running" else 200)
 
 
 def _event_stream(request: Request, feed: Feed, run_id: str, *, after: int) -> Response:

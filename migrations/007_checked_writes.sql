@@ -264,10 +264,13 @@ begin
         raise exception 'invalid run maintenance arguments' using errcode = '22023';
     end if;
     for dead in
+        -- The terminal event's id is past every id a viewer can have been shown: a worker shows at most 1,000
+        -- events past its last saved one (services/run_log.py, UNSAVED_EVENTS_MAX and reaped_seq).
         update api.agent_runs r
            set status = case when r.stop_requested then 'stopped' else 'interrupted' end,
                ended_at = now(),
-               last_seq = coalesce((select max(e.last_seq) from api.agent_run_events e where e.run_id = r.id), 0) + 1
+               last_seq = coalesce((select max(e.last_seq) from api.agent_run_events e where e.run_id = r.id), 0)
+                          + 1001
          where r.user_id = uid
            and r.status = 'running'
            and r.heartbeat_at < now() - make_interval(secs => p_stale_seconds)
@@ -528,7 +531,8 @@ begin
                    'run_id', passed.run_id,
                    'stop', coalesce(r.stop_requested, false),
                    'seen_chars', r.stop_seen_chars,
-                   'gone', r.status is distinct from 'running'))
+                   'gone', r.status is distinct from 'running',
+                   'deleted', r.id is null))
           from (select distinct x.run_id from jsonb_to_recordset(p_updates) as x (run_id uuid)) passed
           left join api.agent_runs r on r.id = passed.run_id and r.user_id = uid), '[]'::jsonb);
 end;

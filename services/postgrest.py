@@ -523,6 +523,7 @@ class PostgrestStore:
                     stop=bool(row["stop"]),
                     seen_chars=None if row["seen_chars"] is None else int(row["seen_chars"]),
                     gone=bool(row["gone"]),
+                    deleted=bool(row.get("deleted")),
                 )
                 for row in rows
             }

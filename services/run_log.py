@@ -19,6 +19,18 @@ from services.store import EventBatch
 
 SUPERVISOR = "supervisor"
 
+# A worker shows viewers at most this many events past the last one it saved (services/runs.py holds the rest back
+# until a flush saves them). A run whose worker died therefore ends at the last saved id + this + 1 (``reaped_seq``):
+# an id no viewer can have been shown, so an id a client holds never names other content, and its resume from any
+# id it holds reaches the end. migrations/007_checked_writes.sql writes the same number.
+UNSAVED_EVENTS_MAX = 1000
+
+
+def reaped_seq(saved: int) -> int:
+    """The id of the terminal event of a run whose worker died, ``saved`` being its last saved event."""
+    return saved + UNSAVED_EVENTS_MAX + 1
+
+
 # The terminal chunk of a run whose worker stopped heartbeating (crashed, killed, lost its store).
 INTERRUPTED_MESSAGE = "The answer was interrupted because the server generating it stopped. Please send your message again."
 

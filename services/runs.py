@@ -29,7 +29,7 @@ from typing import Any
 
 import anyio
 
-from errors import AppError, Conflict, UpstreamUnavailable
+from errors import AppError, Conflict, NotFound, UpstreamUnavailable
 from services.agents import Assistant
 from services.chat import Turn
 from services.deadline import Deadline
@@ -37,6 +37,7 @@ from services.metrics import Metrics
 from services.prompt import build_turns
 from services.run_log import (
     SUPERVISOR,
+    UNSAVED_EVENTS_MAX,
     chunk,
     complete_chunk,
     cut,
@@ -45,7 +46,7 @@ from services.run_log import (
     frames_after,
     interrupted_chunk,
 )
-from services.store import Caller, EventBatch, Message, NewRun, Run, RunBegun, RunUpdate, Store, TurnLimits
+from services.store import Caller, EventBatch, Message, NewRun, Run, RunBegun, RunUpdate, RunView, Store, TurnLimits
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,22 @@ class RunTimedOut(AppError):
     retryable = False
 
 
+class ConversationDeleted(AppError):
+    """The run's conversation was deleted while it generated or was watched: its answer is gone with it."""
+
+    status = 410
+    code = "CONVERSATION_DELETED"
+    message = "The conversation was deleted."
+    user_message = "This conversation was deleted, so its answer was stopped and not kept."
+    suggested_actions = ("Start a new conversation",)
+    retryable = False
+
+
+def deleted_frame(run_id: str) -> str:
+    """What a viewer of a run whose conversation was deleted is told last: no id, as the run's log went with it."""
+    return frame(None, error_chunk(ConversationDeleted(), SUPERVISOR, run_id=run_id))
+
+
 class ShuttingDown(AppError):
     status = 503
     code = "SERVER_SHUTTING_DOWN"
@@ -84,7 +101,7 @@ class LiveRun:
 
     __slots__ = (
         "_flushed", "_heartbeat_at", "_pending", "_saved_parts", "_taken_parts", "_text_saved_at", "_waiters",
-        "agent_type", "caller", "cancelled", "ended", "final", "frames", "parts", "run", "saved", "scope",
+        "agent_type", "caller", "cancelled", "deleted", "ended", "final", "frames", "parts", "run", "saved", "scope",
         "seen_chars", "status", "stop_asked", "task", "visible",
     )
 
@@ -104,6 +121,7 @@ class LiveRun:
         self.saved = asyncio.Event()
         self.scope: anyio.CancelScope | None = None  # the generation's, once it has started
         self.cancelled = False  # stopped or abandoned: generation ends (at its start, if it has not started yet)
+        self.deleted = False  # abandoned because its conversation was deleted
         self.task: asyncio.Task[None] | None = None
         self._flushed = 0
         # Admission saved the empty placeholder and the run's heartbeat: the text's first save, like every later one,
@@ -142,7 +160,13 @@ class LiveRun:
     def _append(self, item: dict[str, Any]) -> None:
         item["run_id"] = self.run.id
         self.frames.append(frame(len(self.frames) + 1, item))
-        self.visible = len(self.frames)
+        self._show()
+
+    def _show(self) -> None:
+        """Let viewers see the frames so far but the terminal one (shown once saved), and at most
+        ``UNSAVED_EVENTS_MAX`` past the last saved one: the id a dead worker's run ends at is above all of them."""
+        framed = len(self.frames) - (1 if self.final is not None else 0)
+        self.visible = min(framed, self._flushed + UNSAVED_EVENTS_MAX)
         self._wake()
 
     def stop(self, seen_chars: int | None) -> None:
@@ -152,9 +176,10 @@ class LiveRun:
         self.stop_asked, self.seen_chars = True, seen_chars
         self._cancel()
 
-    def abandon(self) -> None:
-        """The run is gone from the store (its conversation deleted, or declared dead): stop generating."""
+    def abandon(self, deleted: bool) -> None:
+        """The run is gone from the store (its conversation ``deleted``, or declared dead): stop generating."""
         if self.final is None:
+            self.deleted = deleted
             self._cancel()
 
     def _cancel(self) -> None:
@@ -172,9 +197,12 @@ class LiveRun:
                                metadata=metadata, agent_type=agent_type, final_status=status)  # type: ignore[arg-type]
 
     def publish_end(self, replacement: str | None = None) -> None:
-        """Show the terminal frame (or, when it could not be saved, ``replacement`` in its place) and wake viewers."""
+        """Show the terminal frame and wake viewers. ``replacement``, a frame without an id, ends them instead when
+        the end could not be saved: nothing past what they could already see is shown, so the terminal event the
+        run gets once it is declared dead has an id above every id they hold."""
         if replacement is not None:
-            self.frames[-1] = replacement
+            del self.frames[self.visible:]
+            self.frames.append(replacement)
         self.visible, self.ended = len(self.frames), True
         self._wake()
 
@@ -200,6 +228,8 @@ class LiveRun:
     def committed(self, update: RunUpdate, now: float) -> None:
         if update.batch is not None:
             self._flushed = update.batch.last_seq
+            if not self.ended:
+                self._show()  # frames held back for want of a save may now be seen
         if update.content is not None:
             self._text_saved_at, self._saved_parts = now, self._taken_parts
         if update.heartbeat:
@@ -243,14 +273,22 @@ class LiveFeed:
         """Frames after ``after`` (waiting up to ``timeout`` for one), the new cursor, and whether the run is over."""
         live = self._live
         live.seal()
-        if after >= live.visible and not live.ended:
-            await self._wait(timeout)
+        # A viewer resuming past what is visible waits for a frame after its own cursor, not for any new frame:
+        # otherwise every frame in between would wake it for nothing but a ping.
+        ends = asyncio.get_running_loop().time() + timeout
+        while after >= live.visible and not live.ended:
+            remaining = ends - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            await self._wait(remaining)
             live.seal()
         upto = live.visible
         text = "".join(live.frames[after:upto]) if upto > after else ""
         over = live.ended and max(after, upto) >= len(live.frames)
         if over:
             self._deadline.cancel()
+            # A resume at or past the end still ends with the terminal event, so the client learns the run is over.
+            text = text or live.frames[-1]
         return text, max(after, upto), over
 
     async def _wait(self, timeout: float) -> None:
@@ -279,6 +317,20 @@ class StoredFeed:
         self.outcome = "running"
 
     async def next_frames(self, after: int, timeout: float) -> tuple[str, int, bool]:
+        try:
+            return await self._next_frames(after, timeout)
+        except NotFound:
+            # The run went with its conversation while being watched: say so, and end.
+            self.outcome = "deleted"
+            return deleted_frame(self._run_id), after, True
+        except AppError as exc:
+            # The store failed mid-stream: the stream ends with a retryable error (no id: not part of the run's log),
+            # never cut without a word; the client resumes from its Last-Event-ID.
+            logger.warning("Could not read a chat run for its viewer (%s)", exc.code)
+            self.outcome = "error"
+            return frame(None, error_chunk(exc, SUPERVISOR, run_id=self._run_id)), after, True
+
+    async def _next_frames(self, after: int, timeout: float) -> tuple[str, int, bool]:
         deadline = time.monotonic() + timeout
         while True:
             view = await self._store.read_run(self._caller, self._run_id, after)
@@ -287,6 +339,9 @@ class StoredFeed:
                 after = max(after, view.batches[-1].last_seq)
             self.outcome = view.run.status
             over = view.run.status != "running"
+            if over and not text and view.run.last_seq > 0:
+                # A resume at or past the end still ends with the terminal event, so the client learns it is over.
+                text = await self._terminal_frame(view.run.last_seq)
             if text or over:
                 return text, after, over and after >= view.run.last_seq
             if await self._maintain(self._caller, view.run):
@@ -295,6 +350,10 @@ class StoredFeed:
             if remaining <= 0:
                 return "", after, False
             await anyio.sleep(min(POLL_SECONDS, remaining))
+
+    async def _terminal_frame(self, last_seq: int) -> str:
+        view = await self._store.read_run(self._caller, self._run_id, last_seq - 1)
+        return "".join(frames_after(batch, last_seq - 1) for batch in view.batches)
 
 
 Feed = LiveFeed | StoredFeed
@@ -424,6 +483,8 @@ class RunManager:
                                   usage=turn.usage, stop_reason=turn.stop_reason)
             return "complete", done, None
         run = live.run
+        if live.deleted:
+            return "error", error_chunk(ConversationDeleted(), turn.agent_type), ConversationDeleted.code
         if live.stop_asked:
             stopped = complete_chunk(run.id, run.assistant_message_id, run.conversation_id, turn.agent_type,
                                      status="stopped", usage=turn.usage, stop_reason="stopped")
@@ -451,7 +512,7 @@ class RunManager:
             return
         logger.error("Could not save the end of a chat run; it will be marked interrupted")
         error = UpstreamUnavailable("The database is unavailable.", code="STORE_UNAVAILABLE")
-        live.publish_end(frame(len(live.frames), error_chunk(error, SUPERVISOR, run_id=live.run.id)))
+        live.publish_end(frame(None, error_chunk(error, SUPERVISOR, run_id=live.run.id)))
 
     # -- viewing, stopping ---------------------------------------------------------------------------------------
 
@@ -463,9 +524,10 @@ class RunManager:
         await self._store.read_run(caller, run_id, None)  # NotFound unless it is the caller's
         return StoredFeed(self._store, caller, run_id, self._end_if_dead)
 
-    async def stop(self, caller: Caller, run_id: str, seen_chars: int | None) -> Message:
-        """Stop the caller's run wherever it generates and return its saved answer. Idempotent: a run that has
-        already ended is left as it is."""
+    async def stop(self, caller: Caller, run_id: str, seen_chars: int | None) -> RunView:
+        """Stop the caller's run wherever it generates and return it with its saved answer: ended, or still
+        ``running`` when its worker has not ended it within ``STOP_WAIT_SECONDS`` (a dead worker's run ends stopped
+        once its heartbeat lapses). Idempotent: a run that has already ended is left as it is."""
         live = self._live.get(run_id)
         if live is not None and live.caller.user_id == caller.user_id:
             live.stop(seen_chars)
@@ -474,7 +536,7 @@ class RunManager:
         else:
             await self._store.request_stop(caller, run_id, seen_chars)
             await self._await_end(caller, run_id)
-        return (await self._store.read_run(caller, run_id, None)).message
+        return await self._store.read_run(caller, run_id, None)
 
     async def _await_end(self, caller: Caller, run_id: str) -> None:
         """Wait for another worker to end the run (it sees the stop at its next flush), or end it if that worker
@@ -546,7 +608,7 @@ class RunManager:
             if control.stop:
                 live.stop(control.seen_chars)
             elif control.gone:
-                live.abandon()
+                live.abandon(control.deleted)
 
     async def _maintain_loop(self) -> None:
         while True:

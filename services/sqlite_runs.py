@@ -157,7 +157,7 @@ def flush_runs(db: sqlite3.Connection, updates: list[RunUpdate]) -> dict[str, Ru
         for update in updates:
             _apply(db, update, now)
         controls = _controls(db, [u.run_id for u in updates])
-    return {u.run_id: controls.get(u.run_id, RunControl(gone=True)) for u in updates}
+    return {u.run_id: controls.get(u.run_id, RunControl(gone=True, deleted=True)) for u in updates}
 
 
 def _apply(db: sqlite3.Connection, update: RunUpdate, now: float) -> None:
@@ -272,7 +272,7 @@ def _reap(db: sqlite3.Connection, now: float, stale_seconds: float, user_id: str
                                           stop_reason="stopped")
         else:
             item = run_log.interrupted_chunk(run_id)
-        seq = last_seq + 1
+        seq = run_log.reaped_seq(last_seq)
         metadata: dict[str, Any] = {"status": status, "run_id": run_id}
         if not stop:
             metadata["error_code"] = "RUN_INTERRUPTED"

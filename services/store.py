@@ -187,6 +187,7 @@ class RunControl:
     stop: bool = False
     seen_chars: int | None = None
     gone: bool = False  # deleted with its conversation, or ended by another worker: stop generating
+    deleted: bool = False  # gone because its row is: the conversation was deleted
 
 
 @dataclass(frozen=True, slots=True)

@@ -282,9 +282,20 @@ def test_bad_create_bodies_are_422(client: TestClient, auth_headers: AuthHeaders
 
 
 def test_overlong_or_non_string_title_is_422(client: TestClient, auth_headers: AuthHeaders, user_id: str) -> None:
-    for title in ("t" * 201, 12):
+    for title in ("t" * 201, " " + "t" * 201, 12):
         body = {"user_id": user_id, "title": title}
         assert_envelope(client.post("/api/conversations", json=body, headers=auth_headers(user_id)), 422)
+
+
+def test_a_title_is_measured_once_trimmed(client: TestClient, auth_headers: AuthHeaders, user_id: str) -> None:
+    """README: 1..200 characters once trimmed; the spaces around it are not the title."""
+    title = "t" * 200
+    created = client.post("/api/conversations", json={"user_id": user_id, "title": f"  {title}\n"},
+                          headers=auth_headers(user_id))
+    assert created.status_code == 201 and created.json()["title"] == title
+    renamed = client.patch(f"/api/conversations/{created.json()['id']}", json={"user_id": user_id, "title": f" {title} "},
+                           headers=auth_headers(user_id))
+    assert renamed.status_code == 200 and renamed.json()["title"] == title
 
 
 def test_nul_is_refused_alike_on_both_stores(client: TestClient, auth_headers: AuthHeaders) -> None:

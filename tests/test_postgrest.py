@@ -905,7 +905,7 @@ async def test_runs_are_private_to_their_user(
         assert caught.value.code == "RUN_NOT_FOUND"
     forged = _update(bob, run, batch=_tokens(run, 1, "Bob"), content="Bob was here", metadata={}, agent_type="x",
                      heartbeat=True, final_status="complete")
-    assert await store.flush_runs([forged]) == {run.id: RunControl(gone=True)}  # to Bob it does not exist
+    assert await store.flush_runs([forged]) == {run.id: RunControl(gone=True, deleted=True)}  # to Bob: no such run
     await store.maintain_runs(bob, 30, 0)
     view = await store.read_run(alice, run.id, 0)
     assert (view.run.status, view.batches, view.message.content) == ("running", [], "")
@@ -957,12 +957,13 @@ async def test_maintain_ends_only_the_callers_dead_runs_as_sqlite_does(
     view = await store.read_run(alice, stopped.id, 0)
     complete = run_log.complete_chunk(stopped.id, stopped.assistant_message_id, stopped.conversation_id, "invoices",
                                       status="stopped", stop_reason="stopped")
-    assert (view.run.status, view.run.last_seq) == ("stopped", 3)
-    assert view.batches[1:] == [EventBatch(3, 3, run_log.frame(3, complete))]  # SQLite's characters exactly
+    # The end is past every id a viewer can have been shown (run_log.reaped_seq): 2 saved, then 2 + 1,000 + 1.
+    assert (view.run.status, view.run.last_seq) == ("stopped", 1003)
+    assert view.batches[1:] == [EventBatch(1003, 1003, run_log.frame(1003, complete))]  # SQLite's characters exactly
     assert (view.message.content, view.message.metadata) == ("Hel", {"status": "stopped", "run_id": stopped.id})
     view = await store.read_run(alice, interrupted.id, 0)
-    assert (view.run.status, view.run.last_seq) == ("interrupted", 1)
-    assert view.batches == [EventBatch(1, 1, run_log.frame(1, run_log.interrupted_chunk(interrupted.id)))]
+    assert (view.run.status, view.run.last_seq) == ("interrupted", 1001)
+    assert view.batches == [EventBatch(1001, 1001, run_log.frame(1001, run_log.interrupted_chunk(interrupted.id)))]
     assert (view.message.content, view.message.metadata) == (
         "Partial", {"status": "interrupted", "run_id": interrupted.id, "error_code": "RUN_INTERRUPTED"})
     assert (await store.read_run(alice, alive.id, None)).run.status == "running"  # its heartbeat is fresh

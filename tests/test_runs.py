@@ -23,7 +23,8 @@ import httpx
 import pytest
 
 from app import create_app
-from services.run_log import chunk
+from services import run_log
+from services.run_log import UNSAVED_EVENTS_MAX, chunk, reaped_seq
 from services.runs import TEXT_SAVE_SECONDS, LiveFeed, LiveRun
 from services.store import Caller, Run
 from tests.conftest import AuthHeaders
@@ -128,7 +129,7 @@ def test_a_second_server_replays_and_follows_a_run_generating_on_the_first(
     assert len(model.requests) == 1  # the second server generated nothing
 
 
-def test_a_finished_run_replays_and_ends_and_a_resume_past_its_end_is_empty(
+def test_a_finished_run_replays_and_a_resume_at_or_past_its_end_still_gets_its_terminal_event(
     pair: tuple[LiveServer, LiveServer, ScriptedModel], auth_headers: AuthHeaders, user_id: str
 ) -> None:
     first, second, _ = pair
@@ -138,8 +139,32 @@ def test_a_finished_run_replays_and_ends_and_a_resume_past_its_end_is_empty(
     for server in (first, second):
         replay = resume(server.url, run_id, user_id, auth_headers(user_id))
         assert replay.text == response.text  # the same events, byte for byte
+    terminal = response.text.rstrip("\n").rsplit("\n\n", 1)[-1] + "\n\n"
     last = event_ids(response.text)[-1]
-    assert resume(second.url, run_id, user_id, auth_headers(user_id), last_event_id=last).text == ""
+    # A client that missed the end (or sends any id past it) learns the run is over, instead of reconnecting forever.
+    for server in (first, second):
+        for cursor in (last, last + 1, 10_000):
+            assert resume(server.url, run_id, user_id, auth_headers(user_id), last_event_id=cursor).text == terminal
+
+
+def test_a_resume_past_the_last_event_of_a_running_run_waits_for_its_own_cursor_without_pinging(
+    pair: tuple[LiveServer, LiveServer, ScriptedModel], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    """From this worker's memory and from the store: ahead of the run, a viewer is woken by no event before its own
+    id (a ping per event was the bug: 63 pings in 3.2 s), and still ends with the run's terminal event."""
+    first, second, model = pair
+    _, run_id = read_until(first.url, chat_body(user_id, new_id()), auth_headers(user_id), 2)
+    answers: dict[str, httpx.Response] = {}
+    viewers = [threading.Thread(target=lambda s=server: answers.__setitem__(
+        s.url, resume(s.url, run_id, user_id, auth_headers(user_id), last_event_id=10_000))) for server in pair[:2]]
+    for viewer in viewers:
+        viewer.start()
+    for viewer in viewers:
+        viewer.join(30)
+    for url, response in answers.items():
+        assert response.status_code == 200 and response.text.count(": ping") == 0, (url, response.text)
+        assert [c["type"] for c in chunks(response.text)] == ["complete"], (url, response.text)
+    assert len(answers) == 2 and len(model.requests) == 1
 
 
 def test_a_reloaded_page_finds_the_running_answer_and_attaches_where_its_text_ends(
@@ -294,16 +319,51 @@ def test_a_run_is_bounded_by_run_max_seconds(
     assert model.cancelled.is_set()
 
 
-def test_deleting_the_conversation_stops_its_run(
+def test_deleting_the_conversation_stops_its_run_and_tells_every_viewer_so(
     pair: tuple[LiveServer, LiveServer, ScriptedModel], auth_headers: AuthHeaders, user_id: str
 ) -> None:
+    """The viewer on the generating worker (from memory) and one on another worker (from the store) both end with
+    one error chunk that says the conversation was deleted, not retryable: no "server stopped, send again", no
+    connection cut without a word, no exception in the server."""
     first, second, model = pair
     conversation_id = new_id()
-    read_until(first.url, chat_body(user_id, conversation_id), auth_headers(user_id), 2)
+    _, run_id = read_until(first.url, chat_body(user_id, conversation_id), auth_headers(user_id), 1)
+    answers: dict[str, httpx.Response] = {}
+    viewers = [threading.Thread(target=lambda s=server: answers.__setitem__(
+        s.url, resume(s.url, run_id, user_id, auth_headers(user_id), last_event_id=1))) for server in (first, second)]
+    for viewer in viewers:
+        viewer.start()
+    time.sleep(0.3)
     deleted = httpx.delete(f"{second.url}/api/conversations/{conversation_id}", params={"user_id": user_id},
                            headers=auth_headers(user_id))
     assert deleted.status_code == 200
     assert model.cancelled.wait(5)
+    for viewer in viewers:
+        viewer.join(30)
+    for url, response in answers.items():
+        last = chunks(response.text)[-1]
+        assert (last["type"], last["code"], last["retryable"]) == ("error", "CONVERSATION_DELETED", False), url
+    assert len(answers) == 2
+
+
+def test_a_stop_whose_run_has_not_ended_is_a_202_with_the_message_as_saved(
+    client: Any, auth_headers: AuthHeaders, user_id: str
+) -> None:
+    """A run no worker here generates and whose heartbeat is fresh (its worker is slow, or has just died): the stop
+    is asked and the answer says so, instead of a 200 for an answer that still says streaming."""
+    store = client.app_state["store"]
+    from services.store import NewRun, TurnLimits
+
+    begun = client.portal.call(store.begin_run, Caller(user_id, _token(auth_headers, user_id)),
+                               NewRun(new_id(), "hello", "hello"), TurnLimits(30, 3600), 10)
+    stopped = client.post(f"/api/chat/runs/{begun.run.id}/stop", json={"user_id": user_id, "seen_chars": 5.0},
+                          headers=auth_headers(user_id))
+    assert stopped.status_code == 202, stopped.text
+    assert (stopped.json()["metadata"]["status"], stopped.json()["id"]) == ("streaming", begun.run.assistant_message_id)
+
+
+def _token(auth: AuthHeaders, user: str) -> str | None:
+    return auth(user).get("Authorization", "").removeprefix("Bearer ") or None
 
 
 def test_runs_are_private_and_bad_resume_input_is_a_4xx(
@@ -331,6 +391,8 @@ def test_runs_are_private_and_bad_resume_input_is_a_4xx(
         httpx.post(f"{first.url}/api/chat/runs/{run_id}/stop", json={"user_id": user_id, "seen_chars": -1},
                    headers=auth_headers(user_id)),
         httpx.post(f"{first.url}/api/chat/runs/{run_id}/stop", json={"user_id": user_id, "seen_chars": True},
+                   headers=auth_headers(user_id)),
+        httpx.post(f"{first.url}/api/chat/runs/{run_id}/stop", json={"user_id": user_id, "seen_chars": 1.5},
                    headers=auth_headers(user_id)),
         httpx.post(f"{first.url}/api/chat/stream", json=chat_body(user_id, new_id(), client_message_id="nope"),
                    headers=auth_headers(user_id)),
@@ -421,6 +483,8 @@ def test_sigkill_mid_run_leaves_it_interrupted_with_its_saved_text_and_frees_the
         time.sleep(2.5)  # the dead run's heartbeat lapses (RUN_STALE_SECONDS)
         stored = answer(url, user_id, conversation_id, auth_headers(user_id))
         replay = chunks(resume(url, run_id, user_id, auth_headers(user_id)).text)
+        # From the highest id the viewer held: the end, under an id it has never seen.
+        tail = resume(url, run_id, user_id, auth_headers(user_id), last_event_id=event_ids(received)[-1]).text
         again = httpx.post(f"{url}/api/chat/stream", json=chat_body(user_id, conversation_id, "hello again"),
                            headers=auth_headers(user_id), timeout=30)
     finally:
@@ -430,6 +494,7 @@ def test_sigkill_mid_run_leaves_it_interrupted_with_its_saved_text_and_frees_the
     assert stored["metadata"]["status"] == "interrupted" and stored["metadata"]["run_id"] == run_id
     assert stored["content"].startswith(seen)  # at least what the viewer had, saved before the kill
     assert (replay[-1]["type"], replay[-1]["code"], replay[-1]["retryable"]) == ("error", "RUN_INTERRUPTED", True)
+    assert chunks(tail)[-1] == replay[-1] and event_ids(tail)[-1] > event_ids(received)[-1]
     assert again.status_code == 200, again.text  # the conversation and the user's one stream slot are free
     assert chunks(again.text)[-1]["type"] == "complete"
 
@@ -442,6 +507,23 @@ def live_run(token: Held | None = None) -> LiveRun:
     """A run generating on this worker, outside any server: for its viewers' and its flushes' own behaviour."""
     run = Run(new_id(), new_id(), new_id(), new_id(), None, "running", 0, time.time())
     return LiveRun(run, Caller(new_id(), token))  # type: ignore[arg-type]
+
+
+def test_viewers_are_shown_no_more_than_unsaved_events_max_past_the_last_save() -> None:
+    """So the end a dead worker's run is given (run_log.reaped_seq: the last saved id + UNSAVED_EVENTS_MAX + 1) has an
+    id no viewer can hold: a client's Last-Event-ID never names other content, and its resume reaches the end."""
+    live = live_run()
+    for _ in range(UNSAVED_EVENTS_MAX + 5):
+        live.emit(chunk("tool_call", "invoices", tool_name="list_invoices"))
+    assert (len(live.frames), live.visible) == (UNSAVED_EVENTS_MAX + 5, UNSAVED_EVENTS_MAX)
+    assert reaped_seq(0) > live.visible
+    live.committed(live.take_update(time.monotonic()), time.monotonic())  # saved: all may be seen
+    assert live.visible == UNSAVED_EVENTS_MAX + 5
+    # An end that could not be saved shows nothing more than was visible, under no id.
+    live.emit(chunk("tool_call", "invoices", tool_name="list_invoices"))
+    live.finish("complete", chunk("complete", "invoices"), "", {}, "invoices")
+    live.publish_end(run_log.frame(None, chunk("error", "supervisor", code="STORE_UNAVAILABLE")))
+    assert live.frames[-1].startswith("data: ") and len(live.frames) == live.visible == UNSAVED_EVENTS_MAX + 7
 
 
 def test_a_runs_text_is_saved_every_text_save_seconds_counted_from_its_start() -> None:

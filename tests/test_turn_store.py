@@ -13,7 +13,7 @@ import pytest
 
 from errors import NotFound
 from services.postgrest import PostgrestStore
-from services.run_log import chunk, frame
+from services.run_log import chunk, frame, reaped_seq
 from services.sqlite_store import SQLiteStore
 from services.store import Caller, EventBatch, NewRun, RunUpdate, TurnLimits
 from tests.support import new_id
@@ -164,14 +164,15 @@ async def test_maintenance_ends_dead_runs_with_their_saved_text_and_expires_even
     await anyio.sleep(0.05)
     await store.maintain_runs(caller, 0.01, 3600)  # both runs are older than that without a heartbeat: dead
     interrupted = await store.read_run(caller, dead.id, 0)
-    assert interrupted.run.status == "interrupted" and interrupted.run.last_seq == 3
+    # Ended past every id a viewer can have been shown: the 2 saved, then 2 + UNSAVED_EVENTS_MAX + 1.
+    assert interrupted.run.status == "interrupted" and interrupted.run.last_seq == reaped_seq(2) == 1003
     assert interrupted.message.content == "Half an answer"
     assert interrupted.message.metadata["status"] == "interrupted"
     assert '"code":"RUN_INTERRUPTED"' in interrupted.batches[-1].frames.replace(" ", "")
     cut_short = await store.read_run(caller, stopped.id, 0)
     assert cut_short.run.status == "stopped" and cut_short.message.content == "Half"
     await store.maintain_runs(caller, 30, 0)  # expired at once: only each run's last batch (its end) stays
-    assert [(b.first_seq, b.last_seq) for b in (await store.read_run(caller, dead.id, 0)).batches] == [(3, 3)]
+    assert [(b.first_seq, b.last_seq) for b in (await store.read_run(caller, dead.id, 0)).batches] == [(1003, 1003)]
 
 
 async def test_admitting_a_turn_reads_through_indexes_not_across_every_run(tmp_path: Path) -> None:

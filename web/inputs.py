@@ -222,7 +222,9 @@ class StopInput:
 
 def stop_input(body: dict[str, Any]) -> StopInput:
     seen = body.get("seen_chars")
-    # bool is an int in Python; a JSON true is not a character count.
+    # JSON Schema's integer, as /openapi.json declares it: 5.0 is one; a JSON true (a Python int) is not.
+    if isinstance(seen, float) and seen.is_integer():
+        seen = int(seen)
     if seen is not None and (not isinstance(seen, int) or isinstance(seen, bool) or not 0 <= seen <= MAX_ANSWER_CHARS):
         raise invalid("seen_chars", f"must be an integer between 0 and {MAX_ANSWER_CHARS}")
     return StopInput(uuid_value(required(body, "user_id"), "user_id"), seen)
@@ -241,15 +243,22 @@ def last_event_id(request: Request) -> int:
 
 
 def title_value(body: dict[str, Any]) -> str | None:
+    """A new conversation's title: at most 200 characters once stripped; blank is none."""
     title = body.get("title")
     if title is None:
         return None
-    return text_value(title, "title", MAX_TITLE_CHARS, allow_blank=True).strip() or None
+    return _stripped_title(title, allow_blank=True) or None
 
 
 def new_title(body: dict[str, Any]) -> str:
     """A rename's title: required, and 1..200 characters once stripped (create's checks, but not blank)."""
-    return text_value(required(body, "title"), "title", MAX_TITLE_CHARS).strip()
+    return _stripped_title(required(body, "title"), allow_blank=False)
+
+
+def _stripped_title(value: object, *, allow_blank: bool) -> str:
+    # Stripped before it is measured: the limit is on the title kept, not on the spaces around it.
+    return text_value(value.strip() if isinstance(value, str) else value, "title", MAX_TITLE_CHARS,
+                      allow_blank=allow_blank)
 
 
 def query_text(request: Request, name: str, max_chars: int) -> str | None:

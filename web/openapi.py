@@ -762,7 +762,12 @@ def _paths() -> dict[str, Schema]:
                     "(status stopped). Idempotent: a second stop, or one after the run ended, changes nothing.",
                     "parameters": _params("RunId"),
                     "requestBody": _body("StopRequest"),
-                    "responses": _json_ok("The saved assistant message.", "Message"),
+                    "responses": {
+                        **_json_ok("The run has ended: the saved assistant message.", "Message"),
+                        **_json_ok("The stop is asked but the run has not ended yet (its worker is slow, or died and "
+                                   "the run ends stopped once its heartbeat lapses): the message as saved so far, "
+                                   "metadata.status streaming.", "Message", "202"),
+                    },
                 },
                 "404", body=True,
             )
