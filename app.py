@@ -117,6 +117,8 @@ async def health(request: Request) -> Response:
             "note": "an Amazon Bedrock model" if model.is_llm else "built-in deterministic responder, not an LLM",
         },
         "auth": {"mode": request.state.auth.mode},
+        # Answers still in this worker's memory: generating, or ended but not yet saved (the store refuses writes).
+        "runs": request.state.runs.health(),
         # The earlier service's keys, kept for existing dashboards and probes.
         "supabase_configured": bool(settings.supabase_url),
         "bedrock_model": settings.bedrock_model_id if model.is_llm else None,

@@ -16,7 +16,11 @@ What reaches the store, and when:
   deleted, or another worker declared it dead). So a stop from anywhere lands within one flush interval.
 - A run whose heartbeat is older than ``RUN_STALE_SECONDS`` is dead: any worker that notices (at startup, every
   ``MAINTAIN_SECONDS``, or when its user touches it) ends it as ``interrupted`` with its last saved text. A SIGKILL
-  therefore loses at most the last ``TEXT_SAVE_SECONDS`` of text, plus the flush interval.
+  therefore loses at most the last ``TEXT_SAVE_SECONDS`` of text, plus the flush interval. Its end's event id is past
+  every id a viewer can hold: viewers see at most ``UNSAVED_EVENTS_MAX`` events past the last saved one.
+- A store that refuses writes loses nothing a viewer saw: a run whose end cannot be saved ends its viewers with a
+  retryable error after ``FINAL_SAVE_SECONDS`` but stays here, whole, and is saved by the first flush the store takes
+  (for up to ``UNSAVED_KEEP_SECONDS``); a worker whose flushes fail ends no run as dead meanwhile.
 """
 
 from __future__ import annotations
@@ -55,7 +59,10 @@ TEXT_SAVE_SECONDS = 1.0
 HEARTBEAT_SECONDS = 5.0
 MAINTAIN_SECONDS = 10.0
 POLL_SECONDS = 0.25  # how often a viewer of a run on another worker reads the store
-FINAL_SAVE_SECONDS = 30.0  # how long a finished run waits for its final flush before giving up on the store
+FINAL_SAVE_SECONDS = 30.0  # how long viewers wait for a run's final flush before they are told the store is down
+# How long an ended run whose end the store refuses is kept in memory and retried. A full disk is usually freed within
+# minutes; a store that refuses one user for good (their token expired mid-run) must not hold the run forever.
+UNSAVED_KEEP_SECONDS = 600.0
 STOP_WAIT_SECONDS = 5.0  # how long a stop waits for the run's worker to save the stopped answer
 
 
@@ -101,7 +108,8 @@ class LiveRun:
 
     __slots__ = (
         "_flushed", "_heartbeat_at", "_pending", "_saved_parts", "_taken_parts", "_text_saved_at", "_waiters",
-        "agent_type", "caller", "cancelled", "deleted", "ended", "final", "frames", "parts", "run", "saved", "scope",
+        "agent_type", "caller", "cancelled", "deleted", "ended", "farewell", "farewell_at", "final", "frames", "parts",
+        "run", "saved", "scope",
         "seen_chars", "status", "stop_asked", "task", "visible",
     )
 
@@ -111,6 +119,8 @@ class LiveRun:
         self.frames: list[str] = []
         self.visible = 0  # frames viewers may see: the terminal frame only once it is saved
         self.ended = False  # everything visible is everything there will be
+        self.farewell: str | None = None  # what ends viewers when the end could not be saved (no id)
+        self.farewell_at = 0.0  # when (monotonic)
         self.status = "running"
         self.parts: list[str] = []  # the answer's text, as streamed
         self._pending: list[str] = []  # token text emitted since the last frame (see ``seal``)
@@ -196,14 +206,13 @@ class LiveRun:
         self.final = RunUpdate(self.caller, self.run.id, self.run.assistant_message_id, content=content,
                                metadata=metadata, agent_type=agent_type, final_status=status)  # type: ignore[arg-type]
 
-    def publish_end(self, replacement: str | None = None) -> None:
-        """Show the terminal frame and wake viewers. ``replacement``, a frame without an id, ends them instead when
-        the end could not be saved: nothing past what they could already see is shown, so the terminal event the
-        run gets once it is declared dead has an id above every id they hold."""
-        if replacement is not None:
-            del self.frames[self.visible:]
-            self.frames.append(replacement)
-        self.visible, self.ended = len(self.frames), True
+    def publish_end(self, farewell: str | None = None) -> None:
+        """Show the terminal frame and wake viewers. ``farewell``, a frame without an id, ends them instead when the
+        end could not be saved yet: they are shown nothing past what they could already see (the run keeps every
+        frame and is saved once the store takes it), so no id they hold can later name other content."""
+        if farewell is None:
+            self.visible = len(self.frames)
+        self.farewell, self.farewell_at, self.ended = farewell, time.monotonic(), True
         self._wake()
 
     # -- flushing -----------------------------------------------------------------------------------------------
@@ -284,11 +293,11 @@ class LiveFeed:
             live.seal()
         upto = live.visible
         text = "".join(live.frames[after:upto]) if upto > after else ""
-        over = live.ended and max(after, upto) >= len(live.frames)
+        over = live.ended and max(after, upto) >= (upto if live.farewell is not None else len(live.frames))
         if over:
             self._deadline.cancel()
             # A resume at or past the end still ends with the terminal event, so the client learns the run is over.
-            text = text or live.frames[-1]
+            text = text + live.farewell if live.farewell is not None else text or live.frames[-1]
         return text, max(after, upto), over
 
     async def _wait(self, timeout: float) -> None:
@@ -385,6 +394,7 @@ class RunManager:
         self._live: dict[str, LiveRun] = {}
         self._urgent = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
+        self._flushing = True  # the last flush went through (see ``_maintain_loop``)
 
     async def open(self) -> None:
         """End the runs that died while no worker was up, then start flushing and the periodic maintenance."""
@@ -449,7 +459,9 @@ class RunManager:
             self._end(live, turn, status, item, code)
             await self._published(live)
         finally:
-            if live.ended:  # else cancelled at shutdown before its final flush: aclose flushes it once more
+            # A run whose end is not saved yet (the store is failing, or shutdown cancelled the wait) stays, every
+            # frame and its text in memory, and the flush loop saves it once the store takes it (``_flush``).
+            if live.saved.is_set():
                 self._live.pop(live.run.id, None)
 
     async def _generate(
@@ -504,13 +516,14 @@ class RunManager:
 
     async def _published(self, live: LiveRun) -> None:
         """Wait for the final flush, then show viewers the terminal chunk. If the store stays down, viewers get a
-        retryable error instead, and the run is left for ``maintain_runs`` to end with its last saved text."""
+        retryable error instead (their resume finds the end once it is saved), and the run stays in memory, still
+        flushed every ``FLUSH_SECONDS`` until the store takes it."""
         with anyio.move_on_after(FINAL_SAVE_SECONDS):
             await live.saved.wait()
         if live.saved.is_set():
             live.publish_end()
             return
-        logger.error("Could not save the end of a chat run; it will be marked interrupted")
+        logger.error("Could not save the end of a chat run yet; it stays in memory and is retried")
         error = UpstreamUnavailable("The database is unavailable.", code="STORE_UNAVAILABLE")
         live.publish_end(frame(None, error_chunk(error, SUPERVISOR, run_id=live.run.id)))
 
@@ -589,31 +602,55 @@ class RunManager:
             except Exception:  # a bug must not end flushing for every run on this worker
                 logger.exception("Unexpected error while flushing chat runs")
 
-    async def _flush(self) -> None:
+    async def _flush(self) -> bool:
+        """Write every live run's update in one store call; False when the store refused it."""
+        now = time.monotonic()
+        self._forget_unsavable(now)
         lives = list(self._live.values())
         if not lives:
-            return
-        now = time.monotonic()
+            return True
         updates = [live.take_update(now) for live in lives]
         try:
             controls = await self._store.flush_runs(updates)
         except AppError as exc:
             logger.warning("Could not flush %d chat runs (%s); retrying", len(updates), exc.code)
-            return
+            self._flushing = False
+            return False
         for live, update in zip(lives, updates):
             control = controls.get(live.run.id)
             if control is None:
                 continue
             live.committed(update, now)
+            if live.ended and live.saved.is_set():
+                self._live.pop(live.run.id, None)  # its end, kept while the store refused it, is saved at last
             if control.stop:
                 live.stop(control.seen_chars)
             elif control.gone:
                 live.abandon(control.deleted)
+        self._flushing = len(controls) >= len(lives)
+        return self._flushing
+
+    def _forget_unsavable(self, now: float) -> None:
+        """Give up the ended runs whose end the store has refused for ``UNSAVED_KEEP_SECONDS``."""
+        for live in list(self._live.values()):
+            if live.farewell is not None and not live.saved.is_set() and now - live.farewell_at > UNSAVED_KEEP_SECONDS:
+                logger.error("Gave up saving the end of a chat run after %.0f s; it will end interrupted",
+                             UNSAVED_KEEP_SECONDS)
+                self._live.pop(live.run.id, None)
 
     async def _maintain_loop(self) -> None:
         while True:
             await anyio.sleep(MAINTAIN_SECONDS)
-            await self._maintain_quietly()
+            # Only while this worker's own flushes go through: when the store refuses them (a full disk), its live
+            # runs' heartbeats lapse too, and a sweep the moment the store came back would end them as dead, with
+            # only their last saved text, before the next flush could save what they still hold.
+            if self._flushing:
+                await self._maintain_quietly()
+
+    def health(self) -> dict[str, int]:
+        """For /health: the runs generating here, and those that ended but wait for the store to save their end."""
+        waiting = sum(1 for live in self._live.values() if live.ended and not live.saved.is_set())
+        return {"generating": len(self._live) - waiting, "unsaved": waiting}
 
     async def _maintain_quietly(self) -> None:
         try:

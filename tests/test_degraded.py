@@ -10,14 +10,17 @@ import contextlib
 import os
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from app import create_app
-from tests.support import LiveServer, make_settings, new_id, serve
+from services import runs
+from tests.scripted_model import ScriptedModel
+from tests.support import LiveServer, chunks, event_ids, make_settings, new_id, serve, streamed_text
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root (CI runs as root)")
 
@@ -78,3 +81,48 @@ def test_reads_survive_a_full_disk_and_writes_recover_without_a_restart(small_di
         with full(small_disk):
             check_degraded(live, user, conversation)
         check_recovered(live, user)
+
+
+def test_an_answer_streaming_when_the_disk_fills_is_kept_in_memory_and_saved_when_space_returns(
+    small_disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The user saw the answer stream; the disk filled before it could be saved. Nothing of it is lost: viewers are
+    told the store is down (retryable, no id), the run keeps every frame and its text in memory, /health says so, no
+    sweep ends it as dead meanwhile, and the first flush once space returns saves the whole answer."""
+    # Our own timing constants, shortened so the outage outlasts both many times over within a few seconds.
+    monkeypatch.setattr(runs, "FINAL_SAVE_SECONDS", 1.0)
+    monkeypatch.setattr(runs, "MAINTAIN_SECONDS", 0.2)
+    settings = make_settings(small_disk, SQLITE_PATH=str(small_disk / "canvalo.db"), RUN_STALE_SECONDS="2")
+    model = ScriptedModel(pieces=[f"w{i} " for i in range(30)], pause=0.05)
+    user, conversation = new_id(), new_id()
+    body = {"message": "hello", "conversation_id": conversation, "user_id": user}
+    with serve(create_app(settings, model=model)) as live:
+        received = ""
+        with httpx.stream("POST", f"{live.url}/api/chat/stream", json=body, timeout=30) as response:
+            run_id = response.headers["x-run-id"]
+            stream = response.iter_text()
+            while len(event_ids(received)) < 3:
+                received += next(stream)
+            with full(small_disk):
+                received += "".join(stream)  # to its end, while the disk is full
+                health = httpx.get(f"{live.url}/health")
+                time.sleep(3)  # fifteen maintenance rounds, the run's heartbeat long past RUN_STALE_SECONDS
+                assert httpx.get(f"{live.url}/health").json()["runs"] == {"generating": 0, "unsaved": 1}
+        wait_for(lambda: httpx.get(f"{live.url}/health").json()["runs"]["unsaved"] == 0)
+        stored = httpx.get(f"{live.url}/api/conversations/{conversation}", params={"user_id": user}).json()
+        replay = httpx.get(f"{live.url}/api/chat/runs/{run_id}/events", params={"user_id": user}, timeout=30).text
+    seen = chunks(received)
+    assert (seen[-1]["code"], seen[-1]["retryable"]) == ("STORE_UNAVAILABLE", True)
+    assert received.rstrip("\n").rsplit("\n\n", 1)[-1].startswith("data: ")  # no id: not part of the run's log
+    assert (health.status_code, health.json()["runs"]["unsaved"]) == (503, 1)
+    answer = stored["messages"][-1]
+    assert answer["content"] == streamed_text(seen) == "".join(model.pieces)
+    assert answer["metadata"]["status"] == "complete"
+    assert chunks(replay)[-1]["type"] == "complete" and streamed_text(chunks(replay)) == answer["content"]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)

@@ -519,11 +519,18 @@ def test_viewers_are_shown_no_more_than_unsaved_events_max_past_the_last_save() 
     assert reaped_seq(0) > live.visible
     live.committed(live.take_update(time.monotonic()), time.monotonic())  # saved: all may be seen
     assert live.visible == UNSAVED_EVENTS_MAX + 5
-    # An end that could not be saved shows nothing more than was visible, under no id.
+    # An end that could not be saved shows nothing more than was visible, then a farewell under no id; every frame
+    # is kept, to be saved once the store takes it.
     live.emit(chunk("tool_call", "invoices", tool_name="list_invoices"))
     live.finish("complete", chunk("complete", "invoices"), "", {}, "invoices")
-    live.publish_end(run_log.frame(None, chunk("error", "supervisor", code="STORE_UNAVAILABLE")))
-    assert live.frames[-1].startswith("data: ") and len(live.frames) == live.visible == UNSAVED_EVENTS_MAX + 7
+    farewell = run_log.frame(None, chunk("error", "supervisor", code="STORE_UNAVAILABLE"))
+    live.publish_end(farewell)
+    assert (len(live.frames), live.visible) == (UNSAVED_EVENTS_MAX + 7, UNSAVED_EVENTS_MAX + 6)
+
+    async def view() -> tuple[str, int, bool]:
+        return await LiveFeed(live).next_frames(UNSAVED_EVENTS_MAX + 5, 1.0)
+
+    assert asyncio.run(view()) == (live.frames[UNSAVED_EVENTS_MAX + 5] + farewell, UNSAVED_EVENTS_MAX + 6, True)
 
 
 def test_a_runs_text_is_saved_every_text_save_seconds_counted_from_its_start() -> None:

@@ -153,6 +153,16 @@ def _schemas() -> dict[str, Schema]:
                     }
                 ),
                 "auth": _closed({"mode": {"enum": ["none", "jwt", "supabase-auth", "jwt+supabase-auth"]}}),
+                "runs": _closed(
+                    {
+                        "generating": {"type": "integer", "minimum": 0},
+                        "unsaved": {
+                            "type": "integer", "minimum": 0,
+                            "description": "Answers that ended on this worker but wait for the store to save them "
+                            "(kept in memory, retried every 250 ms).",
+                        },
+                    }
+                ),
                 "supabase_configured": {"type": "boolean"},
                 "bedrock_model": _nullable({"type": "string"}),
             },
