@@ -167,6 +167,15 @@ grant insert (id, user_id, title, metadata) on api.agent_conversations to authen
 grant update (title) on api.agent_conversations to authenticated;
 grant insert (id, conversation_id, role, content, agent_type, metadata) on api.agent_messages to authenticated;
 
+-- A deployment that has applied 007 keeps only checked writes when this file runs again (007_checked_writes.sql).
+do $$
+begin
+    if pg_catalog.to_regprocedure('canvalo_private.lock_chat_writes()') is not null then
+        perform canvalo_private.lock_chat_writes();
+    end if;
+end;
+$$;
+
 commit;
 
 -- Tell PostgREST to reload its schema cache so the new tables and columns are visible at once.

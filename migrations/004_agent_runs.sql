@@ -488,6 +488,15 @@ grant execute on function api.agent_runs_flush(jsonb) to authenticated;
 grant execute on function api.agent_run_read(uuid, integer) to authenticated;
 grant execute on function api.agent_run_stop(uuid, integer) to authenticated;
 
+-- A deployment that has applied 007 keeps only checked writes when this file runs again (007_checked_writes.sql).
+do $$
+begin
+    if pg_catalog.to_regprocedure('canvalo_private.lock_chat_writes()') is not null then
+        perform canvalo_private.lock_chat_writes();
+    end if;
+end;
+$$;
+
 commit;
 
 -- Tell PostgREST to reload its schema cache so the new tables and functions are visible at once.

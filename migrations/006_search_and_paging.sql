@@ -148,6 +148,15 @@ grant execute on function canvalo_private.matching_conversations(tsquery) to aut
 grant execute on function api.agent_conversations_search(text[], integer, integer, timestamptz, uuid, timestamptz,
                                                          uuid) to authenticated;
 
+-- A deployment that has applied 007 keeps only checked writes when this file runs again (007_checked_writes.sql).
+do $$
+begin
+    if pg_catalog.to_regprocedure('canvalo_private.lock_chat_writes()') is not null then
+        perform canvalo_private.lock_chat_writes();
+    end if;
+end;
+$$;
+
 commit;
 
 -- Tell PostgREST to reload its schema cache so the new function is visible at once.

@@ -32,23 +32,15 @@ begin;
 
 -- -- the Data API: read only on the chat tables -----------------------------------------------------------------------
 
--- REVOKE on a table takes its column privileges with it, so 001-005's column grants go too.
-revoke all on api.agent_conversations, api.agent_messages, api.agent_runs, api.agent_run_events, api.pending_actions
-    from public, anon, authenticated;
-grant select on api.agent_conversations, api.agent_messages, api.agent_runs, api.agent_run_events, api.pending_actions
-    to authenticated;
-
-drop policy if exists agent_conversations_insert on api.agent_conversations;
-drop policy if exists agent_conversations_update on api.agent_conversations;
-drop policy if exists agent_conversations_delete on api.agent_conversations;
-drop policy if exists agent_messages_insert on api.agent_messages;
-drop policy if exists agent_runs_insert on api.agent_runs;
-drop policy if exists agent_runs_update on api.agent_runs;
-drop policy if exists agent_run_events_insert on api.agent_run_events;
-drop policy if exists agent_run_events_delete on api.agent_run_events;
-drop policy if exists pending_actions_insert on api.pending_actions;
-drop policy if exists pending_actions_update on api.pending_actions;
-drop policy if exists pending_actions_delete on api.pending_actions;
+-- Runs that 004's grants let a user write pointing across conversations or users (at another user's messages, say):
+-- removed with their events, so no function below meets a reference it did not check itself.
+delete from api.agent_runs r
+ where not exists (select 1 from api.agent_conversations c where c.id = r.conversation_id and c.user_id = r.user_id)
+    or not exists (select 1 from api.agent_messages m
+                    where m.id = r.user_message_id and m.conversation_id = r.conversation_id and m.role = 'user')
+    or not exists (select 1 from api.agent_messages m
+                    where m.id = r.assistant_message_id and m.conversation_id = r.conversation_id
+                      and m.role = 'assistant');
 
 -- Helpers from 004 and 006 that trusted rows a user could write, or that the invoker functions needed.
 drop function if exists canvalo_private.add_answer(uuid, uuid, uuid);
@@ -56,8 +48,6 @@ drop function if exists canvalo_private.set_answer(uuid, text, integer, jsonb, t
 drop function if exists canvalo_private.matching_conversations(tsquery);
 
 -- -- canvalo_private: the write keys of runs and the database's own ceiling -------------------------------------------
-
-revoke all on schema canvalo_private from public, anon, authenticated;
 
 -- A run's write key, hashed: agent_run_begin stores it, agent_runs_flush requires it.
 create table if not exists canvalo_private.run_keys (
@@ -77,7 +67,48 @@ alter table canvalo_private.rate_limits drop constraint if exists rate_limits_bu
 alter table canvalo_private.rate_limits add constraint rate_limits_bucket_check
     check (bucket in ('chat', 'api', 'writes'));
 
-revoke all on all tables in schema canvalo_private from public, anon, authenticated;
+-- The Data API surface of the chat tables: SELECT for `authenticated` under row-level security, nothing more, and
+-- canvalo_private closed. Called at the end of this file, and at the end of 001, 004, 005 and 006 once this file has
+-- run: running one of those again alone would otherwise bring back its grants, write policies and SECURITY INVOKER
+-- functions that trust rows. Such a function (an earlier version of one of 007's) stays closed, with a warning,
+-- until this file runs again. REVOKE on a table takes its column privileges with it.
+create or replace function canvalo_private.lock_chat_writes()
+returns void
+language plpgsql
+set search_path = ''
+as $$
+declare
+    p record;
+    f record;
+begin
+    revoke all on api.agent_conversations, api.agent_messages, api.agent_runs, api.agent_run_events,
+                  api.pending_actions from public, anon, authenticated;
+    grant select on api.agent_conversations, api.agent_messages, api.agent_runs, api.agent_run_events,
+                    api.pending_actions to authenticated;
+    for p in
+        select pol.policyname, pol.tablename from pg_catalog.pg_policies pol
+         where pol.schemaname = 'api' and pol.cmd <> 'SELECT'
+           and pol.tablename in ('agent_conversations', 'agent_messages', 'agent_runs', 'agent_run_events',
+                                 'pending_actions')
+    loop
+        execute format('drop policy %I on api.%I', p.policyname, p.tablename);
+    end loop;
+    revoke all on schema canvalo_private from public, anon, authenticated;
+    revoke all on all tables in schema canvalo_private from public, anon, authenticated;
+    revoke all on all functions in schema canvalo_private from public, anon, authenticated;
+    for f in
+        select fn.oid::pg_catalog.regprocedure as signature
+          from pg_catalog.pg_proc fn join pg_catalog.pg_namespace n on n.oid = fn.pronamespace
+         where n.nspname = 'api' and not fn.prosecdef
+           and fn.proname in ('agent_run_begin', 'agent_runs_flush', 'agent_runs_maintain', 'agent_run_stop',
+                              'pending_action_create', 'pending_action_confirm', 'agent_conversations_search')
+    loop
+        execute format('revoke all on function %s from public, anon, authenticated', f.signature);
+        raise warning 'canvalo: % comes from an earlier migration and is closed: apply 007_checked_writes.sql again',
+            f.signature;
+    end loop;
+end;
+$$;
 
 -- The signed-in caller, or 42501.
 create or replace function canvalo_private.caller()
@@ -157,8 +188,6 @@ as $$
                 'agent_type', 'supervisor', 'code', 'RUN_INTERRUPTED', 'retryable', true, 'run_id', p_run_id)
            end) with ordinality as member (key, value, n)
 $$;
-
-revoke all on all functions in schema canvalo_private from public, anon, authenticated;
 
 -- -- conversations ------------------------------------------------------------------------------------------------
 
@@ -291,7 +320,7 @@ begin
                canvalo_private.terminal_frame(dead.id, dead.last_seq, dead.status, m.agent_type,
                                               dead.assistant_message_id, dead.conversation_id)
           from api.agent_messages m
-         where m.id = dead.assistant_message_id
+         where m.id = dead.assistant_message_id and m.conversation_id = dead.conversation_id
         on conflict do nothing;
     end loop;
 
@@ -373,7 +402,8 @@ begin
             select * into run from api.agent_runs r
              where r.user_id = uid and r.client_message_id = p_client_message_id;
             if found then
-                select m.content into earlier_text from api.agent_messages m where m.id = run.user_message_id;
+                select m.content into earlier_text from api.agent_messages m
+                 where m.id = run.user_message_id and m.conversation_id = run.conversation_id;
                 return jsonb_build_object(
                     'outcome', case when run.conversation_id = p_conversation_id
                                      and earlier_text is not distinct from p_text then 'existing' else 'conflict' end,
@@ -473,7 +503,9 @@ declare
     cut integer;
     tail text;
 begin
-    if jsonb_typeof(p_updates) is distinct from 'array' then
+    -- Bounds far above what the service sends (a worker's runs of one user, each a few hundred milliseconds of
+    -- events) and far below what would make one call expensive.
+    if jsonb_typeof(p_updates) is distinct from 'array' or jsonb_array_length(p_updates) > 100 then
         raise exception 'invalid flush' using errcode = '22023';
     end if;
     for u in
@@ -489,11 +521,14 @@ begin
         if not found then
             continue;
         end if;
-        if u.final_status is not null and u.final_status not in ('complete', 'error', 'interrupted', 'stopped') then
-            raise exception 'invalid final status' using errcode = '22023';
+        if (u.final_status is not null and u.final_status not in ('complete', 'error', 'interrupted', 'stopped'))
+           or u.last_seq > 10000000 or octet_length(u.frames) > 8388608 or char_length(u.content) > 2000000 then
+            raise exception 'invalid run update' using errcode = '22023';
         end if;
         if u.frames is not null then
-            select coalesce(max(e.last_seq), 0) into stored from api.agent_run_events e where e.run_id = run.id;
+            -- Events only go forward, so the last stored is the one with the highest seq: one index probe.
+            select coalesce((select e.last_seq from api.agent_run_events e where e.run_id = run.id
+                              order by e.seq desc limit 1), 0) into stored;
             if u.first_seq <= stored + 1 and u.last_seq > stored and u.last_seq >= u.first_seq then
                 if u.first_seq <= stored then
                     -- The batch re-sends events already stored (the flush that stored them lost its answer) and
@@ -511,8 +546,11 @@ begin
             end if;
         end if;
         if u.content is not null then
+            -- The metadata names this run whatever the update says, so it can point nowhere else.
             update api.agent_messages m
-               set content = u.content, metadata = coalesce(u.metadata, '{}'::jsonb),
+               set content = u.content,
+                   metadata = case when jsonb_typeof(u.metadata) = 'object' then u.metadata else '{}'::jsonb end
+                              || jsonb_build_object('run_id', run.id),
                    agent_type = coalesce(u.agent_type, m.agent_type)
              where m.id = run.assistant_message_id and m.conversation_id = run.conversation_id
                and m.role = 'assistant';
@@ -520,7 +558,8 @@ begin
         if u.final_status is not null then
             update api.agent_runs r
                set status = u.final_status, ended_at = now(), heartbeat_at = now(),
-                   last_seq = coalesce((select max(e.last_seq) from api.agent_run_events e where e.run_id = r.id), 0)
+                   last_seq = coalesce((select e.last_seq from api.agent_run_events e where e.run_id = r.id
+                                         order by e.seq desc limit 1), 0)
              where r.id = run.id;
         elsif coalesce(u.heartbeat, false) then
             update api.agent_runs r set heartbeat_at = now() where r.id = run.id;
@@ -604,7 +643,6 @@ as $$
                                                      p_column, 'UPDATE')
                 else false end
 $$;
-revoke all on function canvalo_private.updatable(text, text) from public, anon, authenticated;
 
 -- Store.create_action (sqlite_actions.create_action): keep the caller's action for p_ttl_seconds, after deleting
 -- their actions that expired over a day ago (kept that long so a late confirmation still says `expired`). A replay
@@ -837,6 +875,8 @@ grant execute on function api.pending_action_create(uuid, text, text, text, uuid
 grant execute on function api.pending_action_confirm(uuid) to authenticated;
 grant execute on function api.agent_conversations_search(text[], integer, integer, timestamptz, uuid, timestamptz,
                                                          uuid) to authenticated;
+
+select canvalo_private.lock_chat_writes();
 
 commit;
 

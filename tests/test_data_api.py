@@ -24,6 +24,7 @@ from services.postgrest_client import PostgrestClient
 from services.retry import RetryPolicy
 from services.store import Caller, EventBatch, NewAction, NewRun, Run, RunUpdate, TurnLimits
 from tests.conftest import DATABASE, AuthHeaders
+from tests.pg import MIGRATIONS_DIR, create_supabase_database
 from tests.support import new_id
 from tests.tokens import TEST_PUBLISHABLE_KEY, mint
 
@@ -246,6 +247,10 @@ def _attacks(alice: Account, bob: Account) -> list[tuple[str, Caller, dict[str, 
         ("agent_runs_flush", a, {"p_updates": [{"run_id": alice.running.id, "write_key": alice.write_key,
                                                 "first_seq": 5, "last_seq": 5, "frames": frames}]}),  # a gap
         ("agent_runs_flush", a, _flush(alice.running, alice.write_key, final_status="running")),
+        # Bounds on one call: a thousand updates, an id near the integer's end (which would have wedged the run).
+        ("agent_runs_flush", a, {"p_updates": [{"run_id": alice.running.id, "write_key": alice.write_key}] * 101}),
+        ("agent_runs_flush", a, _flush(alice.running, alice.write_key, first_seq=1, last_seq=2147483647,
+                                       frames=frames)),
         ("agent_run_read", b, {"p_run_id": alice.running.id, "p_after": 0}),
         ("agent_run_stop", b, {"p_run_id": alice.running.id, "p_seen_chars": 0}),
         ("agent_runs_maintain", b, {"p_stale_seconds": 0.001, "p_events_ttl": 0}),
@@ -325,12 +330,87 @@ async def test_a_run_is_written_only_by_the_worker_that_began_it(
 async def test_a_user_calling_begin_directly_gets_only_a_run_of_their_own(
     account: Callable[[], Any], rest: Callable[..., httpx.Response], rows: Callable[..., list[str]],
 ) -> None:
+    """README says so: a user who calls the functions themselves can write an answer of their own making, in their
+    own conversation, as they could type anything; it names only its own run and touches nothing else."""
     alice, bob = await account(), await account()
     before = rows(bob.caller)
     args = _begin_args(alice.conversation)
     own = rest("POST", "rpc/agent_run_begin", alice.caller, json=args).json()
     assert own["outcome"] == "started" and own["run"]["user_id"] == alice.caller.user_id
+    pointed = {"status": "streaming", "run_id": bob.running.id}
+    flushed = rest("POST", "rpc/agent_runs_flush", alice.caller,
+                   json=_flush(Run(args["p_run_id"], "", "", "", None, "running", 0, 0), args["p_write_key"],
+                               content="my own words", metadata=pointed))
+    assert flushed.json()[0]["gone"] is False
+    answer = rest("GET", "agent_messages", alice.caller, params={"id": f"eq.{args['p_assistant_message_id']}"}).json()
+    assert (answer[0]["content"], answer[0]["metadata"]["run_id"]) == ("my own words", args["p_run_id"])
     assert rows(bob.caller) == before
+
+
+def test_running_an_earlier_migration_again_keeps_every_write_checked(pg_cluster: Any) -> None:
+    """Every migration is safe to run again, alone too: 001, 004, 005 and 006 bring back their grants, write
+    policies and SECURITY INVOKER functions, and 007's lock closes them again (a reviewer reopened the cross-user
+    overwrite by running 004 again after 007)."""
+    name = "rerun_earlier"
+    create_supabase_database(pg_cluster, name)
+    warnings: list[str] = []
+    with pg_cluster.connect(name) as db:
+        db.add_notice_handler(lambda notice: warnings.append(notice.message_primary or ""))
+
+        def surface() -> tuple[set[str], int, set[str]]:
+            writable = {table for table in CHAT_TABLES for privilege in ("insert", "update", "delete")
+                        if db.execute("select has_table_privilege('authenticated', %s, %s)",
+                                      (f"api.{table}", privilege)).fetchone()[0]}  # type: ignore[index]
+            policies = db.execute("select count(*) from pg_policies where schemaname = 'api' and cmd <> 'SELECT'"
+                                  " and tablename = any(%s)", (list(CHAT_TABLES),)).fetchone()[0]  # type: ignore[index]
+            invokers = {row[0] for row in db.execute(
+                "select p.proname from pg_proc p join pg_namespace n on n.oid = p.pronamespace where n.nspname = 'api'"
+                " and not p.prosecdef and has_function_privilege('authenticated', p.oid, 'execute')")}
+            return writable, policies, invokers
+
+        # Each alone: only the one reader that runs as the caller stays open; old writers stay closed until 007.
+        for early in ("001_agent_chat.sql", "004_agent_runs.sql", "005_pending_actions.sql",
+                      "006_search_and_paging.sql"):
+            db.execute((MIGRATIONS_DIR / early).read_text())  # type: ignore[arg-type]
+            assert surface() == (set(), 0, {"agent_run_read"}), early
+        assert any("apply 007_checked_writes.sql again" in warning for warning in warnings)
+        db.execute((MIGRATIONS_DIR / "007_checked_writes.sql").read_text())  # type: ignore[arg-type]
+        assert surface() == (set(), 0, {"agent_run_read"})
+        executable = {row[0] for row in db.execute(
+            "select p.proname from pg_proc p join pg_namespace n on n.oid = p.pronamespace where n.nspname = 'api'"
+            " and has_function_privilege('authenticated', p.oid, 'execute')")}
+        assert executable == API_FUNCTIONS
+
+
+def test_007_removes_runs_that_earlier_grants_let_a_user_point_at_another_users_messages(pg_cluster: Any) -> None:
+    """Rows planted under 004's grants survive no upgrade: a run of Bob's pointing at Alice's messages (her text
+    could be guessed through it, her answer's agent read) is removed; Alice's own run is kept."""
+    name = "legacy_crossing_runs"
+    create_supabase_database(pg_cluster, name, migrate=False)
+    alice, bob = new_id(), new_id()
+    ids = {key: new_id() for key in ("run", "conversation", "user_message", "answer", "bobs", "bobs_run")}
+    with pg_cluster.connect(name) as db:
+        for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
+            if path.name < "007":
+                db.execute(path.read_text())  # type: ignore[arg-type]
+        db.execute("insert into auth.users (id) values (%s), (%s)", (alice, bob))
+        _as(db, alice)
+        db.execute("select api.agent_run_begin(%(run)s, %(conversation)s, 'my bank pin is 4821', 'A',"
+                   " %(user_message)s, %(answer)s, 30, 3600, 60, 10)", ids)
+        _as(db, bob)
+        db.execute("insert into api.agent_conversations (id, user_id) values (%s, %s)", (ids["bobs"], bob))
+        db.execute("insert into api.agent_runs (id, user_id, conversation_id, user_message_id, assistant_message_id,"
+                   " client_message_id) values (%s, %s, %s, %s, %s, %s)",
+                   (ids["bobs_run"], bob, ids["bobs"], ids["user_message"], ids["answer"], new_id()))
+        db.execute("reset role")
+        db.execute((MIGRATIONS_DIR / "007_checked_writes.sql").read_text())  # type: ignore[arg-type]
+        kept = {row[0] for row in db.execute("select id::text from api.agent_runs")}
+    assert kept == {ids["run"]}
+
+
+def _as(db: Any, user: str) -> None:
+    db.execute("set role authenticated")
+    db.execute("select set_config('request.jwt.claims', %s, false)", (json.dumps({"sub": user}),))
 
 
 async def test_the_database_keeps_its_own_write_ceiling(
