@@ -288,6 +288,7 @@ as $$
 declare
     uid uuid := canvalo_private.caller();
     dead record;
+    streamed text;
 begin
     if p_stale_seconds is null or p_stale_seconds <= 0 or p_events_ttl is null or p_events_ttl < 0 then
         raise exception 'invalid run maintenance arguments' using errcode = '22023';
@@ -305,10 +306,20 @@ begin
            and r.heartbeat_at < now() - make_interval(secs => p_stale_seconds)
         returning r.id, r.conversation_id, r.assistant_message_id, r.status, r.stop_seen_chars, r.last_seq
     loop
+        -- The answer its saved events stream (they run ahead of the text saved every second), so its stored text
+        -- and its replay say the same (services/run_log.py, streamed_text: the token chunks' content, in order).
+        select string_agg(case when strpos(part.frame, E'\ndata: {"type":"token",') > 0
+                               then (substr(part.frame, strpos(part.frame, 'data: ') + 6)::jsonb) ->> 'content' end,
+                          '' order by e.seq, part.n)
+          into streamed
+          from api.agent_run_events e
+         cross join lateral regexp_split_to_table(e.frames, E'\n\n') with ordinality as part (frame, n)
+         where e.run_id = dead.id;
         -- The run's own answer: begin wrote it in the run's conversation, and no one else can repoint a run.
         update api.agent_messages m
            set content = case when dead.status = 'stopped' and dead.stop_seen_chars is not null
-                              then left(m.content, dead.stop_seen_chars) else m.content end,
+                              then left(coalesce(streamed, m.content), dead.stop_seen_chars)
+                              else coalesce(streamed, m.content) end,
                metadata = case when dead.status = 'stopped'
                                then jsonb_build_object('status', 'stopped', 'run_id', dead.id)
                                else jsonb_build_object('status', 'interrupted', 'run_id', dead.id,

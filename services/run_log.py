@@ -96,6 +96,16 @@ def frames_after(batch: EventBatch, after: int) -> str:
     return "".join(kept)
 
 
+def streamed_text(frames: str) -> str:
+    """The answer the frames stream: the content of their token chunks, in order (what a replay shows)."""
+    text = []
+    for part in frames.split("\n\n"):
+        data = part[part.find("data: ") + 6:] if part else ""
+        if data.startswith('{"type":"token"'):  # compact JSON, "type" first: chunk() builds it so
+            text.append(json.loads(data)["content"])
+    return "".join(text)
+
+
 def cut(text: str, seen_chars: int | None) -> str:
     """The answer as the user saw it: its first ``seen_chars`` characters (Unicode code points)."""
     return text if seen_chars is None else text[:seen_chars]

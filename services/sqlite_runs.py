@@ -273,6 +273,10 @@ def _reap(db: sqlite3.Connection, now: float, stale_seconds: float, user_id: str
         else:
             item = run_log.interrupted_chunk(run_id)
         seq = run_log.reaped_seq(last_seq)
+        # The answer its saved events stream (they run ahead of the text saved every second): its stored text and
+        # its replay then say the same.
+        frames = db.execute("SELECT frames FROM agent_run_events WHERE run_id = ? ORDER BY seq", (run_id,))
+        content = run_log.streamed_text("".join(row[0] for row in frames)) or content
         metadata: dict[str, Any] = {"status": status, "run_id": run_id}
         if not stop:
             metadata["error_code"] = "RUN_INTERRUPTED"

@@ -493,6 +493,7 @@ def test_sigkill_mid_run_leaves_it_interrupted_with_its_saved_text_and_frees_the
     seen = streamed_text(chunks(received))
     assert stored["metadata"]["status"] == "interrupted" and stored["metadata"]["run_id"] == run_id
     assert stored["content"].startswith(seen)  # at least what the viewer had, saved before the kill
+    assert stored["content"] == streamed_text(replay)  # and exactly what the replay shows
     assert (replay[-1]["type"], replay[-1]["code"], replay[-1]["retryable"]) == ("error", "RUN_INTERRUPTED", True)
     assert chunks(tail)[-1] == replay[-1] and event_ids(tail)[-1] > event_ids(received)[-1]
     assert again.status_code == 200, again.text  # the conversation and the user's one stream slot are free

@@ -13,7 +13,7 @@ import pytest
 
 from errors import NotFound
 from services.postgrest import PostgrestStore
-from services.run_log import chunk, frame, reaped_seq
+from services.run_log import chunk, frame, reaped_seq, streamed_text
 from services.sqlite_store import SQLiteStore
 from services.store import Caller, EventBatch, NewRun, RunUpdate, TurnLimits
 from tests.support import new_id
@@ -173,6 +173,26 @@ async def test_maintenance_ends_dead_runs_with_their_saved_text_and_expires_even
     assert cut_short.run.status == "stopped" and cut_short.message.content == "Half"
     await store.maintain_runs(caller, 30, 0)  # expired at once: only each run's last batch (its end) stays
     assert [(b.first_seq, b.last_seq) for b in (await store.read_run(caller, dead.id, 0)).batches] == [(1003, 1003)]
+
+
+async def test_a_dead_runs_stored_answer_is_what_its_replay_streams(
+    store: Store, new_caller: Callable[[], Caller]
+) -> None:
+    """Events are saved every 250 ms, the text every second, so at a crash the events run ahead: the run is ended
+    with the text they stream, stopped ones cut to what the user saw, and the stored answer and the replay agree."""
+    caller = new_caller()
+    dead, stopped = await start(store, caller), await start(store, caller)
+    for new in (dead, stopped):
+        ahead = RunUpdate(caller, new.id, new.assistant_message_id, tokens(1, "Half ", "an answer", " and more"),
+                          "Half an answer", {"status": "streaming", "run_id": new.id, "seq": 3}, "supervisor")
+        await store.flush_runs([ahead])
+    await store.request_stop(caller, stopped.id, 12)
+    await anyio.sleep(0.05)
+    await store.maintain_runs(caller, 0.01, 3600)
+    view = await store.read_run(caller, dead.id, 0)
+    replayed = streamed_text("".join(batch.frames for batch in view.batches))
+    assert view.message.content == replayed == "Half an answer and more"
+    assert (await store.read_run(caller, stopped.id, 0)).message.content == "Half an answ"  # its first 12
 
 
 async def test_admitting_a_turn_reads_through_indexes_not_across_every_run(tmp_path: Path) -> None:
