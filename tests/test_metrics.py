@@ -160,3 +160,13 @@ def test_retries_are_counted_by_code_in_the_request_context() -> None:
 
     assert anyio.run(scenario) == "ok"
     assert registry.retries.get("MODEL_THROTTLED") == 2
+
+
+def test_a_clients_own_methods_make_no_new_series(tmp_path: Path) -> None:
+    """h11 and nginx take any token as a method: 200 made-up ones (4 KB each in the review) must not grow /metrics."""
+    with serve(create_app(make_settings(tmp_path, METRICS_TOKEN=TOKEN))) as live:
+        for i in range(200):
+            assert httpx.request(f"X{i}" + "M" * 1000, f"{live.url}/health").status_code == 405
+        text = httpx.get(f"{live.url}/metrics", headers=AUTH).text
+    assert "MMMM" not in text
+    assert sample(text, "canvalo_http_requests_total", method="OTHER", route="/health", status="405") == 200

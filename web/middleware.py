@@ -42,6 +42,9 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 
+# The methods labelled by name in metrics and the access log; any other is "OTHER".
+HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+
 
 class RequestContext:
     def __init__(self, app: ASGIApp) -> None:
@@ -77,13 +80,13 @@ class RequestContext:
         finally:
             metrics_context.current.reset(context)
             route = getattr(scope.get("route"), "path", "<unmatched>")
+            # Any token is a method to h11 and nginx: a client's own would be a new series each, without bound.
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "OTHER"
             duration = time.perf_counter() - started
             if metrics is not None:
-                metrics.http_requests.inc(scope["method"], route, str(status))
-                metrics.http_duration.observe(duration, scope["method"], route, str(status))
-            logger.info(
-                "%s %s %d %.1fms request_id=%s", scope["method"], route, status, duration * 1000, request_id
-            )
+                metrics.http_requests.inc(method, route, str(status))
+                metrics.http_duration.observe(duration, method, route, str(status))
+            logger.info("%s %s %d %.1fms request_id=%s", method, route, status, duration * 1000, request_id)
 
 
 class EnvelopeCORS(CORSMiddleware):
