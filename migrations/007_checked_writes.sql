@@ -496,9 +496,9 @@ $$;
 
 -- Store.flush_runs for one user (sqlite_runs.flush_runs): apply each update in order, each only to a run of the
 -- caller's that is still running and whose write key it carries, then read back the controls of every run passed;
--- `gone` is a run missing, someone else's, or no longer running. Events only go forward: a batch at or before the
--- last one stored (a retry of a flush whose answer was lost) is skipped. The text goes to the run's own answer; a
--- terminal status is written once, and takes no more writes after it.
+-- `gone` is a run missing, someone else's, or no longer running; `applied`, that its update was written. Events only
+-- go forward: a batch at or before the last one stored (a retry of a flush whose answer was lost) is skipped. The
+-- text goes to the run's own answer; a terminal status is written once, and takes no more writes after it.
 create or replace function api.agent_runs_flush(p_updates jsonb)
 returns jsonb
 language plpgsql
@@ -513,6 +513,7 @@ declare
     stored integer;
     cut integer;
     tail text;
+    applied uuid[] := '{}';
 begin
     -- Bounds far above what the service sends (a worker's runs of one user, each a few hundred milliseconds of
     -- events) and far below what would make one call expensive.
@@ -530,8 +531,15 @@ begin
            and k.key_hash = canvalo_private.key_hash(u.write_key)
            for update of r;
         if not found then
+            -- This very end, already written (a retry after the first answer was lost), counts as written.
+            if exists (select 1 from api.agent_runs r join canvalo_private.run_keys k on k.run_id = r.id
+                        where r.id = u.run_id and r.user_id = uid and r.status = u.final_status
+                          and r.last_seq = u.last_seq and k.key_hash = canvalo_private.key_hash(u.write_key)) then
+                applied := applied || u.run_id;
+            end if;
             continue;
         end if;
+        applied := applied || run.id;
         if (u.final_status is not null and u.final_status not in ('complete', 'error', 'interrupted', 'stopped'))
            or u.last_seq > 10000000 or octet_length(u.frames) > 8388608 or char_length(u.content) > 2000000 then
             raise exception 'invalid run update' using errcode = '22023';
@@ -582,7 +590,8 @@ begin
                    'stop', coalesce(r.stop_requested, false),
                    'seen_chars', r.stop_seen_chars,
                    'gone', r.status is distinct from 'running',
-                   'deleted', r.id is null))
+                   'deleted', r.id is null,
+                   'applied', passed.run_id = any (applied)))
           from (select distinct x.run_id from jsonb_to_recordset(p_updates) as x (run_id uuid)) passed
           left join api.agent_runs r on r.id = passed.run_id and r.user_id = uid), '[]'::jsonb);
 end;

@@ -524,6 +524,7 @@ class PostgrestStore:
                     seen_chars=None if row["seen_chars"] is None else int(row["seen_chars"]),
                     gone=bool(row["gone"]),
                     deleted=bool(row.get("deleted")),
+                    applied=bool(row.get("applied")),
                 )
                 for row in rows
             }
@@ -531,8 +532,8 @@ class PostgrestStore:
             raise _bad_response() from exc
         for update in updates:
             control = controls.get(update.run_id)
-            if control is not None and (control.gone or update.final_status is not None):
-                self._write_keys.pop(update.run_id, None)  # ended: nothing more to write
+            if control is not None and control.gone:
+                self._write_keys.pop(update.run_id, None)  # ended, here or elsewhere: nothing more to write
         return controls
 
     @observed

@@ -108,8 +108,8 @@ class LiveRun:
 
     __slots__ = (
         "_flushed", "_heartbeat_at", "_pending", "_saved_parts", "_taken_parts", "_text_saved_at", "_waiters",
-        "agent_type", "caller", "cancelled", "deleted", "ended", "farewell", "farewell_at", "final", "frames", "parts",
-        "run", "saved", "scope",
+        "agent_type", "caller", "cancelled", "deleted", "elsewhere", "ended", "farewell", "farewell_at", "final",
+        "frames", "parts", "run", "saved", "scope",
         "seen_chars", "status", "stop_asked", "task", "visible",
     )
 
@@ -132,6 +132,7 @@ class LiveRun:
         self.scope: anyio.CancelScope | None = None  # the generation's, once it has started
         self.cancelled = False  # stopped or abandoned: generation ends (at its start, if it has not started yet)
         self.deleted = False  # abandoned because its conversation was deleted
+        self.elsewhere = False  # ended in the store without this worker: nothing more of it is saved
         self.task: asyncio.Task[None] | None = None
         self._flushed = 0
         # Admission saved the empty placeholder and the run's heartbeat: the text's first save, like every later one,
@@ -191,6 +192,20 @@ class LiveRun:
         if self.final is None:
             self.deleted = deleted
             self._cancel()
+
+    def ended_elsewhere(self, deleted: bool) -> None:
+        """The store ended this run without this worker (another worker declared it dead, or its conversation was
+        deleted), so nothing more of it is saved: generation stops, and once it has ended, viewers keep what they
+        could see and get its end under no id (the store's end has its own)."""
+        self.elsewhere = True
+        self.abandon(deleted)
+        if self.final is not None:
+            self.saved.set()
+
+    def held_unsaved(self, now: float, seconds: float) -> bool:
+        """Whether the store has taken nothing of this run for ``seconds`` (its heartbeat is that late) or refused
+        its end: a sweep would end it as dead, with only what was saved."""
+        return self.farewell is not None or now - self._heartbeat_at > seconds
 
     def _cancel(self) -> None:
         self.cancelled = True
@@ -419,6 +434,7 @@ class RunManager:
     async def begin(self, caller: Caller, new: NewRun, limits: TurnLimits, request_started: float) -> RunBegun:
         """Admit and start a turn. ``started`` and ``existing`` give the run to view; the limits' refusals are
         returned for the caller to turn into a 429; a conflict is raised as a 409."""
+        self._refuse_while_held(caller)
         begun = await self._store.begin_run(caller, new, limits, self._history_max_messages)
         if begun.outcome == "started":
             assert begun.run is not None
@@ -439,6 +455,25 @@ class RunManager:
                 suggested_actions=("Send a new client_message_id with each new message",),
             )
         return begun
+
+    def _refuse_while_held(self, caller: Caller) -> None:
+        """A turn's admission ends the caller's dead runs: while this worker holds one of theirs that the store has
+        not taken (it refuses writes, or the run's token expired), refuse, retryably, rather than let it be ended
+        with only what was saved. The caller's fresh token goes to those runs, so a token that expired stops
+        blocking their flushes."""
+        now, late = time.monotonic(), max(self.stale_seconds / 2, 2 * HEARTBEAT_SECONDS)
+        held = [live for live in self._live.values()
+                if live.caller.user_id == caller.user_id and live.held_unsaved(now, late)]
+        if not held:
+            return
+        for live in held:
+            live.caller = caller
+        raise UpstreamUnavailable(
+            "An earlier answer of this user is still waiting to be saved.",
+            code="STORE_UNAVAILABLE",
+            user_message="Your previous answer is still being saved. Please try again in a moment.",
+            retry_after=1,
+        )
 
     def _start(self, caller: Caller, run: Run, turns: list[dict[str, Any]], request_started: float) -> None:
         live = LiveRun(run, caller)
@@ -521,7 +556,7 @@ class RunManager:
         with anyio.move_on_after(FINAL_SAVE_SECONDS):
             await live.saved.wait()
         if live.saved.is_set():
-            live.publish_end()
+            live.publish_end(_elsewhere_end(live) if live.elsewhere else None)
             return
         logger.error("Could not save the end of a chat run yet; it stays in memory and is retried")
         error = UpstreamUnavailable("The database is unavailable.", code="STORE_UNAVAILABLE")
@@ -565,7 +600,8 @@ class RunManager:
         """Messages with the answer of ``run`` (their conversation's running run, from ``Store.running_run``) shown
         as it is now when it generates on this worker, not as last saved."""
         live = self._live.get(run.id) if run is not None else None
-        if run is None or live is None or live.final is not None:
+        # Not while frames are held back for want of a save: the answer as shown must be what viewers may see.
+        if run is None or live is None or live.final is not None or live.visible < len(live.frames):
             return messages
         live.seal()
         shown = []
@@ -608,6 +644,7 @@ class RunManager:
         self._forget_unsavable(now)
         lives = list(self._live.values())
         if not lives:
+            self._flushing = True
             return True
         updates = [live.take_update(now) for live in lives]
         try:
@@ -620,13 +657,14 @@ class RunManager:
             control = controls.get(live.run.id)
             if control is None:
                 continue
-            live.committed(update, now)
-            if live.ended and live.saved.is_set():
-                self._live.pop(live.run.id, None)  # its end, kept while the store refused it, is saved at last
+            if control.applied:
+                live.committed(update, now)
+            elif control.gone:
+                live.ended_elsewhere(control.deleted)  # what it held past the last save is not the store's any more
             if control.stop:
                 live.stop(control.seen_chars)
-            elif control.gone:
-                live.abandon(control.deleted)
+            if live.ended and live.saved.is_set():
+                self._live.pop(live.run.id, None)  # its end, kept while the store refused it, is settled at last
         self._flushing = len(controls) >= len(lives)
         return self._flushing
 
@@ -659,6 +697,14 @@ class RunManager:
             logger.warning("Could not end dead chat runs (%s)", exc.code)
         except Exception:
             logger.exception("Unexpected error while ending dead chat runs")
+
+
+def _elsewhere_end(live: LiveRun) -> str:
+    """What viewers of a run the store ended without this worker are told last: what the store holds (its
+    conversation deleted, or the run interrupted), under no id, since the store's end has its own."""
+    if live.deleted:
+        return deleted_frame(live.run.id)
+    return frame(None, interrupted_chunk(live.run.id))
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from dataclasses import replace
 from typing import Any
 
 from errors import NotFound
@@ -154,15 +155,23 @@ def flush_runs(db: sqlite3.Connection, updates: list[RunUpdate]) -> dict[str, Ru
     """See ``Store.flush_runs``: every update in one write transaction, then the controls of the same runs."""
     now = time.time()
     with write_transaction(db):
-        for update in updates:
-            _apply(db, update, now)
+        applied = {update.run_id for update in updates if _apply(db, update, now)}
         controls = _controls(db, [u.run_id for u in updates])
-    return {u.run_id: controls.get(u.run_id, RunControl(gone=True, deleted=True)) for u in updates}
+    return {
+        u.run_id: replace(controls.get(u.run_id, RunControl(gone=True, deleted=True)), applied=u.run_id in applied)
+        for u in updates
+    }
 
 
-def _apply(db: sqlite3.Connection, update: RunUpdate, now: float) -> None:
-    # Each write is guarded by the run still running: a run another worker ended (or whose conversation was
-    # deleted) takes no more writes, and its owner learns that from the controls.
+def _apply(db: sqlite3.Connection, update: RunUpdate, now: float) -> bool:
+    """Write the update if its run is still running; whether it was. A run another worker ended (or whose
+    conversation was deleted) takes no more writes, and its owner learns that from the controls."""
+    row = db.execute("SELECT status, last_seq FROM agent_runs WHERE id = ?", (update.run_id,)).fetchone()
+    if row is None:
+        return False
+    if row[0] != "running":
+        # This very end, already written (a retry after the first answer was lost), counts as written.
+        return update.final_status == row[0] and update.batch is not None and update.batch.last_seq == row[1]
     if update.batch is not None:
         db.execute(
             "INSERT OR IGNORE INTO agent_run_events (run_id, seq, last_seq, frames)"
@@ -185,6 +194,7 @@ def _apply(db: sqlite3.Connection, update: RunUpdate, now: float) -> None:
         )
     elif update.heartbeat:
         db.execute("UPDATE agent_runs SET heartbeat_at = ? WHERE id = ? AND status = 'running'", (now, update.run_id))
+    return True
 
 
 def _controls(db: sqlite3.Connection, run_ids: list[str]) -> dict[str, RunControl]:

@@ -188,6 +188,7 @@ class RunControl:
     seen_chars: int | None = None
     gone: bool = False  # deleted with its conversation, or ended by another worker: stop generating
     deleted: bool = False  # gone because its row is: the conversation was deleted
+    applied: bool = False  # this update was written (the run was still running when it came)
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,7 +355,8 @@ class Store(Protocol):
         """Write each update (new event frames, the answer so far, a heartbeat, the final state), each only while its
         run is still ``running``, and read back the controls of those runs (a stop asked, the run gone). One
         transaction for all where the store can; a store acting per user writes one transaction per user. Returns
-        the control of every run whose update was committed; a run missing from the result was not written."""
+        the control of every run whose transaction committed, ``applied`` when its update was written (it was still
+        running); a run missing from the result was not written and is sent again."""
 
     async def read_run(self, caller: Caller, run_id: str, after: int | None) -> RunView:
         """The caller's run with its assistant message and, unless ``after`` is None, the event batches holding

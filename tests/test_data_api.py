@@ -311,7 +311,8 @@ async def test_a_run_is_written_only_by_the_worker_that_began_it(
     forged = {"first_seq": 1, "last_seq": 1, "frames": "id: 1\ndata: {}\n\n", "content": "forged", "heartbeat": True}
     before = rows(alice.caller)
     answer = rest("POST", "rpc/agent_runs_flush", alice.caller, json=_flush(run, None, **forged))
-    assert answer.json() == [{"run_id": run.id, "stop": False, "seen_chars": None, "gone": False, "deleted": False}]
+    assert answer.json() == [{"run_id": run.id, "stop": False, "seen_chars": None, "gone": False, "deleted": False,
+                              "applied": False}]
     assert rows(alice.caller) == before
     # The service's flushes, which carry the key, do; and only forward.
     tokens = [run_log.frame(i, run_log.chunk("token", "invoices", content=f"t{i}", run_id=run.id)) for i in (1, 2, 3)]

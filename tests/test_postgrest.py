@@ -843,7 +843,7 @@ async def test_flush_writes_events_text_and_end_only_while_the_run_is_running(
     streaming = {"status": "streaming", "run_id": run.id, "seq": 2}
     controls = await store.flush_runs([_update(caller, run, batch=tokens, content="Hello", metadata=streaming,
                                                agent_type="invoices", heartbeat=True)])
-    assert controls == {run.id: RunControl()}
+    assert controls == {run.id: RunControl(applied=True)}
     view = await store.read_run(caller, run.id, 0)
     assert view.batches == [tokens] and view.run.heartbeat_at >= run.heartbeat_at
     assert (view.message.content, view.message.metadata, view.message.agent_type) == ("Hello", streaming, "invoices")
@@ -855,7 +855,8 @@ async def test_flush_writes_events_text_and_end_only_while_the_run_is_running(
     final = _update(caller, run, batch=end, content="Hello!", metadata={"status": "complete", "run_id": run.id},
                     agent_type="invoices", heartbeat=True, final_status="complete")
     fake_postgrest.fail_next(503, path="rpc/agent_runs_flush", after=True)  # the end is saved, the answer lost
-    assert await store.flush_runs([final]) == {run.id: RunControl(gone=True)}  # ended, as SQLite says too
+    # Ended, as SQLite says too; and written, though the retry found it so.
+    assert await store.flush_runs([final]) == {run.id: RunControl(gone=True, applied=True)}
     ended = await store.read_run(caller, run.id, 0)
     assert (ended.run.status, ended.run.last_seq, ended.batches) == ("complete", 3, [tokens, end])
     assert (ended.message.content, ended.message.metadata["status"]) == ("Hello!", "complete")
@@ -874,14 +875,14 @@ async def test_flush_is_one_rpc_per_user_and_returns_what_committed(
     fake_postgrest.reset()
     updates = [_update(alice, first, heartbeat=True), _update(bob, theirs, heartbeat=True),
                _update(alice, second, batch=_tokens(second, 1, "hi"))]
-    assert await store.flush_runs(updates) == {first.id: RunControl(), theirs.id: RunControl(),
-                                               second.id: RunControl()}
+    written = RunControl(applied=True)
+    assert await store.flush_runs(updates) == {first.id: written, theirs.id: written, second.id: written}
     sent = sorted((r.path, r.headers["authorization"]) for r in fake_postgrest.requests)
     assert sent == sorted((f"{REST}rpc/agent_runs_flush", f"Bearer {c.access_token}") for c in (alice, bob))
     # Bob's token is refused: Alice's runs are still flushed, and Bob's are left out (not written).
     expired = Caller(bob.user_id, mint(bob.user_id, exp=int(time.time()) - 60))
     mixed = [_update(alice, first, heartbeat=True), _update(expired, theirs, batch=_tokens(theirs, 1, "x"))]
-    assert await store.flush_runs(mixed) == {first.id: RunControl()}
+    assert await store.flush_runs(mixed) == {first.id: written}
     assert (await store.read_run(bob, theirs.id, 0)).batches == []
     with pytest.raises(Unauthorized):  # nothing committed at all: the error
         await store.flush_runs([_update(expired, theirs, heartbeat=True)])
@@ -889,7 +890,7 @@ async def test_flush_is_one_rpc_per_user_and_returns_what_committed(
 
 
 async def test_runs_are_private_to_their_user(
-    store: PostgrestStore, raw: Any, new_caller: Callable[[], Caller]
+    store: PostgrestStore, raw: Any, new_caller: Callable[[], Caller], supabase_url: str
 ) -> None:
     alice, bob = new_caller(), new_caller()
     run = await _start(store, alice)
@@ -905,11 +906,15 @@ async def test_runs_are_private_to_their_user(
         assert caught.value.code == "RUN_NOT_FOUND"
     forged = _update(bob, run, batch=_tokens(run, 1, "Bob"), content="Bob was here", metadata={}, agent_type="x",
                      heartbeat=True, final_status="complete")
-    assert await store.flush_runs([forged]) == {run.id: RunControl(gone=True, deleted=True)}  # to Bob: no such run
+    # Bob's own worker (it cannot hold the key of Alice's run): to Bob there is no such run.
+    bobs = PostgrestStore(PostgrestClient(supabase_url, "api", TEST_PUBLISHABLE_KEY, retry=FAST, timeout=10))
+    assert await bobs.flush_runs([forged]) == {run.id: RunControl(gone=True, deleted=True)}
+    await bobs.aclose()
     await store.maintain_runs(bob, 30, 0)
     view = await store.read_run(alice, run.id, 0)
     assert (view.run.status, view.batches, view.message.content) == ("running", [], "")
-    assert await store.flush_runs([_update(alice, run)]) == {run.id: RunControl()}  # and Bob's stop did not land
+    # And Bob's stop did not land.
+    assert await store.flush_runs([_update(alice, run)]) == {run.id: RunControl(applied=True)}
     # The tables themselves, as any client of the project could reach them: nothing of Alice's for Bob.
     assert raw("GET", "agent_runs", bob.access_token, params={"id": f"eq.{run.id}"}).json() == []
     patched = raw("PATCH", "agent_runs", bob.access_token, params={"id": f"eq.{run.id}"}, json={"status": "error"},
@@ -928,7 +933,7 @@ async def test_a_stop_reaches_the_next_flush_and_an_ended_run_is_left_alone(
     caller = new_caller()
     run = await _start(store, caller)
     await store.request_stop(caller, run.id, 3)
-    assert await store.flush_runs([_update(caller, run)]) == {run.id: RunControl(stop=True, seen_chars=3)}
+    assert await store.flush_runs([_update(caller, run)]) == {run.id: RunControl(stop=True, seen_chars=3, applied=True)}
     await _end(store, caller, run, "stopped")
     await store.request_stop(caller, run.id, 1)  # ended: nothing changes, and no error
     assert await store.flush_runs([_update(caller, run)]) == {run.id: RunControl(stop=True, seen_chars=3, gone=True)}

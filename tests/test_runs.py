@@ -23,10 +23,15 @@ import httpx
 import pytest
 
 from app import create_app
+from errors import UpstreamUnavailable
 from services import run_log
+from services import runs as runs_module
+from services.agents import Assistant
+from services.metrics import Metrics
 from services.run_log import UNSAVED_EVENTS_MAX, chunk, reaped_seq
-from services.runs import TEXT_SAVE_SECONDS, LiveFeed, LiveRun
-from services.store import Caller, Run
+from services.runs import TEXT_SAVE_SECONDS, LiveFeed, LiveRun, RunManager
+from services.sqlite_store import SQLiteStore
+from services.store import Caller, NewRun, Run, TurnLimits
 from tests.conftest import AuthHeaders
 from tests.scripted_model import ScriptedModel
 from tests.support import LiveServer, chunks, event_ids, free_port, make_settings, new_id, serve, streamed_text
@@ -637,3 +642,138 @@ def test_a_live_viewer_that_leaves_while_sending_keeps_nothing_in_memory() -> No
         return held  # checked while the loop, and any timer on it, is still alive
 
     assert asyncio.run(scenario())() is None
+
+
+# -- a store that refuses this worker's flushes (a full disk, an expired token): the run manager over real SQLite ----
+
+
+class Refusing:
+    """The real SQLite store, but for ``flush_runs``, which fails while ``refuse`` is set, as a full disk does."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.refuse = inner, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def flush_runs(self, updates: list[Any]) -> Any:
+        if self.refuse:
+            raise UpstreamUnavailable("The database is unavailable.", code="STORE_UNAVAILABLE")
+        return await self.inner.flush_runs(updates)
+
+
+async def _manager(tmp_path: Path, model: Any, stale: float = 30.0) -> tuple[Any, Refusing, RunManager]:
+    inner = SQLiteStore(str(tmp_path / "runs.db"))
+    await inner.open()
+    store = Refusing(inner)
+    manager = RunManager(store, Assistant(model, store, action_ttl=600), Metrics(""), history_max_messages=20,  # type: ignore[arg-type]
+                         history_token_budget=10_000, max_seconds=120, stale_seconds=stale, events_ttl=3600)
+    await manager.open()
+    return inner, store, manager
+
+
+async def _begin(manager: RunManager, caller: Caller, conversation: str | None = None) -> Run:
+    new = NewRun(conversation or new_id(), "hello", "hello")
+    begun = await manager.begin(caller, new, TurnLimits(manager.stale_seconds, 3600), time.perf_counter())
+    assert begun.run is not None
+    return begun.run
+
+
+def test_a_run_reaped_elsewhere_while_this_worker_could_not_save_reuses_no_id_its_viewers_hold(tmp_path: Path) -> None:
+    """This worker's flushes fail, another worker (sharing the store) ends the run as dead: its end's id is one no
+    viewer was shown, and the viewer here is told what the store holds (interrupted), under no id."""
+
+    async def scenario() -> tuple[list[int], str, int]:
+        inner, store, manager = await _manager(tmp_path, ScriptedModel([f"w{i} " for i in range(2500)], pause=0.002))
+        caller = Caller(new_id())
+        run = await _begin(manager, caller)
+        live = manager._live[run.id]
+        feed, received = LiveFeed(live), []
+
+        async def view() -> None:
+            cursor, over = 0, False
+            while not over:
+                text, cursor, over = await feed.next_frames(cursor, 1.0)
+                received.append(text)
+
+        viewer = asyncio.get_running_loop().create_task(view())
+        while len(live.frames) < 50:
+            await asyncio.sleep(0.01)
+        store.refuse = True
+        while len(live.frames) < live.visible + 300:  # well past what viewers may see unsaved
+            await asyncio.sleep(0.01)
+        await inner.maintain_runs(None, 0.2, 3600)  # another worker: the heartbeat is past its RUN_STALE_SECONDS
+        end = (await inner.read_run(caller, run.id, None)).run.last_seq
+        store.refuse = False
+        await asyncio.wait_for(viewer, 20)
+        await manager.aclose()
+        await inner.aclose()
+        return event_ids("".join(received)), "".join(received), end
+
+    seen, text, end = asyncio.run(scenario())
+    assert max(seen) < end  # every id the viewer holds is below the stored end's
+    last = chunks(text)[-1]
+    assert (last["code"], last["retryable"]) == ("RUN_INTERRUPTED", True)
+    assert text.rstrip("\n").rsplit("\n\n", 1)[-1].startswith("data: ")
+
+
+def test_a_turn_is_refused_while_this_worker_holds_an_unsaved_answer_of_the_user(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Admitting a turn ends the user's dead runs: while this worker holds one the store has not taken, the turn is
+    a retryable 503 (not an admission that would end it with what was saved), and once the store takes it again the
+    whole answer is saved and the retry is admitted."""
+    monkeypatch.setattr(runs_module, "FINAL_SAVE_SECONDS", 1.0)  # our own timing, so viewers are let go sooner
+
+    async def scenario() -> tuple[str, str, str, int]:
+        model = ScriptedModel([f"w{i} " for i in range(40)], pause=0.02)
+        inner, store, manager = await _manager(tmp_path, model, stale=2.0)
+        caller = Caller(new_id())
+        run = await _begin(manager, caller)
+        live = manager._live[run.id]
+        while len(live.parts) < 5:
+            await asyncio.sleep(0.01)
+        store.refuse = True
+        while live.farewell is None:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(2.2)  # its heartbeat is past RUN_STALE_SECONDS
+        with pytest.raises(UpstreamUnavailable) as refused:
+            await _begin(manager, caller, run.conversation_id)
+        store.refuse = False
+        while run.id in manager._live:
+            await asyncio.sleep(0.05)
+        stored = (await inner.read_run(caller, run.id, None)).message
+        again = await _begin(manager, caller, run.conversation_id)
+        await manager.aclose()
+        await inner.aclose()
+        return refused.value.code, stored.content, stored.metadata["status"], len(again.id)
+
+    code, content, status, admitted = asyncio.run(scenario())
+    assert code == "STORE_UNAVAILABLE"
+    assert (content, status) == ("".join(f"w{i} " for i in range(40)), "complete")
+    assert admitted == 36
+
+
+def test_sweeps_resume_once_this_worker_holds_nothing_unsaved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker whose last held run was given up (UNSAVED_KEEP_SECONDS) sweeps again: a dead run elsewhere ends."""
+    monkeypatch.setattr(runs_module, "FINAL_SAVE_SECONDS", 0.2)
+    monkeypatch.setattr(runs_module, "UNSAVED_KEEP_SECONDS", 0.3)
+    monkeypatch.setattr(runs_module, "MAINTAIN_SECONDS", 0.2)
+
+    async def scenario() -> str:
+        inner, store, manager = await _manager(tmp_path, ScriptedModel(["a", "b"]), stale=2.0)
+        caller = Caller(new_id())
+        orphan = (await inner.begin_run(caller, NewRun(new_id(), "x", "x"), TurnLimits(2, 3600), 10)).run
+        assert orphan is not None  # no worker generates it: it dies once its heartbeat is 2 s old
+        run = await _begin(manager, caller)
+        store.refuse = True
+        while run.id in manager._live:  # ended, refused, kept, then given up
+            await asyncio.sleep(0.05)
+        store.refuse = False
+        await asyncio.sleep(3)
+        status = (await inner.read_run(caller, orphan.id, None)).run.status
+        await manager.aclose()
+        await inner.aclose()
+        return status
+
+    assert asyncio.run(scenario()) == "interrupted"
