@@ -130,8 +130,8 @@ class LiveRun:
         self.final: RunUpdate | None = None  # set when the run has ended, until its final flush commits
         self.saved = asyncio.Event()
         self.scope: anyio.CancelScope | None = None  # the generation's, once it has started
-        self.cancelled = False  # stopped or abandoned: generation ends (at its start, if it has not started yet)
-        self.deleted = False  # abandoned because its conversation was deleted
+        self.cancelled = False  # stopped or ended elsewhere: generation ends (at its start, if not started yet)
+        self.deleted = False  # ended elsewhere because its conversation was deleted
         self.elsewhere = False  # ended in the store without this worker: nothing more of it is saved
         self.task: asyncio.Task[None] | None = None
         self._flushed = 0
@@ -187,19 +187,15 @@ class LiveRun:
         self.stop_asked, self.seen_chars = True, seen_chars
         self._cancel()
 
-    def abandon(self, deleted: bool) -> None:
-        """The run is gone from the store (its conversation ``deleted``, or declared dead): stop generating."""
+    def ended_elsewhere(self, deleted: bool) -> None:
+        """The store ended this run without this worker (another worker declared it dead, or its conversation was
+        ``deleted``), so nothing more of it is saved: generation stops, and once it has ended, viewers keep what they
+        could see and get its end under no id (the store's end has its own)."""
+        self.elsewhere = True
         if self.final is None:
             self.deleted = deleted
             self._cancel()
-
-    def ended_elsewhere(self, deleted: bool) -> None:
-        """The store ended this run without this worker (another worker declared it dead, or its conversation was
-        deleted), so nothing more of it is saved: generation stops, and once it has ended, viewers keep what they
-        could see and get its end under no id (the store's end has its own)."""
-        self.elsewhere = True
-        self.abandon(deleted)
-        if self.final is not None:
+        else:
             self.saved.set()
 
     def held_unsaved(self, now: float, seconds: float) -> bool:
