@@ -43,7 +43,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Match, Route
 
-from errors import AppError, MethodNotAllowed, NotFound, RateLimited, Unauthorized
+from errors import AppError, Conflict, MethodNotAllowed, NotFound, RateLimited, Unauthorized
 from services import actions
 from services.agents import Assistant
 from services.auth import Authenticator, build_authenticator, claimed_caller
@@ -134,9 +134,17 @@ async def chat_stream(request: Request) -> Response:
     runs: RunManager = request.state.runs
     new = NewRun(chat.conversation_id, chat.message, title_from_message(chat.message), chat.client_message_id)
     limits = request.state.limiter.turn_limits(runs.stale_seconds, runs.events_ttl)
-    begun = await runs.begin(caller, new, limits, request.state.request_started)
+    try:
+        begun = await runs.begin(caller, new, limits, request.state.request_started)
+    except (Conflict, NotFound):
+        # A refused turn (409, 404) is no chat turn, but it is a request: counted as one, so a client cannot send
+        # refusals without bound.
+        await request.state.limiter.admit(caller)
+        raise
     if begun.run is None:
         raise request.state.limiter.refused(begun)
+    if begun.outcome == "existing":
+        await request.state.limiter.admit(caller)  # a repeat attaches to its turn: a request, not a second turn
     return _event_stream(request, await runs.feed(caller, begun.run.id), begun.run.id, after=0)
 
 

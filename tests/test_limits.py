@@ -123,6 +123,25 @@ def test_other_api_requests_have_their_own_limit(tmp_path: Path) -> None:
     assert chat_status == 200 and health == 200
 
 
+def test_repeated_and_refused_turns_count_as_api_requests(tmp_path: Path) -> None:
+    """A repeated client_message_id attaches without a second turn, and a refused turn (409, 404) starts nothing,
+    but each is a request: a client sending them in a loop (435 a second in a review) meets the API limit."""
+    user, other = new_id(), new_id()
+    settings = make_settings(tmp_path, RATE_LIMIT_API_PER_MINUTE="3", RATE_LIMIT_WINDOW_SECONDS=str(WINDOW))
+    body = {"message": "hi", "conversation_id": new_id(), "user_id": user, "client_message_id": new_id()}
+    with TestClient(create_app(settings)) as client:
+        at_window_start()
+        theirs = new_id()
+        assert client.post("/api/chat/stream", json={**body, "user_id": other, "conversation_id": theirs,
+                                                     "client_message_id": new_id()}).status_code == 200
+        statuses = [client.post("/api/chat/stream", json=body).status_code]  # the turn: a chat turn, not a request
+        statuses += [client.post("/api/chat/stream", json=body).status_code for _ in range(2)]  # repeats
+        statuses.append(client.post("/api/chat/stream", json={**body, "message": "other"}).status_code)  # 409
+        refused = client.post("/api/chat/stream", json={**body, "conversation_id": theirs, "client_message_id": None})
+    assert statuses == [200, 200, 200, 409]
+    assert_rate_limited(refused, "api")  # type: ignore[arg-type]  # the fourth request: over, not a 404
+
+
 def test_failed_authentication_is_limited_by_client_address(tmp_path: Path) -> None:
     user = new_id()
     settings = make_settings(
