@@ -74,12 +74,6 @@ def postgrest_failure(error: AppError) -> PostgrestFailure | None:
     return cause if isinstance(cause, PostgrestFailure) else None
 
 
-def is_rls_violation(error: AppError) -> bool:
-    """A write rejected by a row-level security policy (not a missing grant, which is a deployment fault)."""
-    failure = postgrest_failure(error)
-    return failure is not None and failure.code == "42501" and "row-level security" in failure.message
-
-
 class PostgrestClient:
     def __init__(
         self,

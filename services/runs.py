@@ -634,21 +634,21 @@ class RunManager:
             except Exception:  # a bug must not end flushing for every run on this worker
                 logger.exception("Unexpected error while flushing chat runs")
 
-    async def _flush(self) -> bool:
-        """Write every live run's update in one store call; False when the store refused it."""
+    async def _flush(self) -> None:
+        """Write every live run's update in one store call; ``_flushing`` says whether the store took them all."""
         now = time.monotonic()
         self._forget_unsavable(now)
         lives = list(self._live.values())
         if not lives:
             self._flushing = True
-            return True
+            return
         updates = [live.take_update(now) for live in lives]
         try:
             controls = await self._store.flush_runs(updates)
         except AppError as exc:
             logger.warning("Could not flush %d chat runs (%s); retrying", len(updates), exc.code)
             self._flushing = False
-            return False
+            return
         for live, update in zip(lives, updates):
             control = controls.get(live.run.id)
             if control is None:
@@ -662,7 +662,6 @@ class RunManager:
             if live.ended and live.saved.is_set():
                 self._live.pop(live.run.id, None)  # its end, kept while the store refused it, is settled at last
         self._flushing = len(controls) >= len(lives)
-        return self._flushing
 
     def _forget_unsavable(self, now: float) -> None:
         """Give up the ended runs whose end the store has refused for ``UNSAVED_KEEP_SECONDS``."""
