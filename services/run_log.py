@@ -100,10 +100,33 @@ def streamed_text(frames: str) -> str:
     """The answer the frames stream: the content of their token chunks, in order (what a replay shows)."""
     text = []
     for part in frames.split("\n\n"):
-        data = part[part.find("data: ") + 6:] if part else ""
+        data = _frame_data(part) if part else ""
         if data.startswith('{"type":"token"'):  # compact JSON, "type" first: chunk() builds it so
             text.append(json.loads(data)["content"])
     return "".join(text)
+
+
+def stopped_replay(frames: list[str], kept_chars: int) -> list[str]:
+    """The frames of a run stopped with its answer cut to ``kept_chars`` characters, the last one being its terminal
+    frame, as a replay shows them: the log as it stood when its viewer had seen that much text, then the end. The
+    token frame that crosses the cut keeps its id and loses only the text past it; the frames after it but the
+    terminal one become empty strings, so ``frames[seq - 1]`` still names event ``seq``. The stored answer and the
+    replay then say the same text, under the ids the run's viewers were given."""
+    shown: list[str] = []
+    left, past = kept_chars, False
+    for text in frames[:-1]:
+        data = _frame_data(text)
+        if past or not data.startswith('{"type":"token"'):
+            shown.append("" if past else text)
+            continue
+        item = json.loads(data)
+        if len(item["content"]) <= left:
+            shown.append(text)
+            left -= len(item["content"])
+            continue
+        past = True
+        shown.append(frame(_frame_id(text), {**item, "content": item["content"][:left]}) if left else "")
+    return shown + frames[-1:]
 
 
 def cut(text: str, seen_chars: int | None) -> str:
@@ -113,3 +136,8 @@ def cut(text: str, seen_chars: int | None) -> str:
 
 def _frame_id(text: str) -> int:
     return int(text[4 : text.index("\n")])
+
+
+def _frame_data(text: str) -> str:
+    """The chunk JSON of one frame (``text`` with or without its closing blank line)."""
+    return text[text.find("data: ") + 6:].rstrip("\n")

@@ -48,6 +48,7 @@ from services.run_log import (
     error_chunk,
     frame,
     frames_after,
+    stopped_replay,
     interrupted_chunk,
 )
 from services.store import Caller, EventBatch, Message, NewRun, Run, RunBegun, RunUpdate, RunView, Store, TurnLimits
@@ -109,7 +110,7 @@ class LiveRun:
     __slots__ = (
         "_flushed", "_heartbeat_at", "_pending", "_saved_parts", "_taken_parts", "_text_saved_at", "_waiters",
         "agent_type", "caller", "cancelled", "deleted", "elsewhere", "ended", "farewell", "farewell_at", "final",
-        "frames", "parts", "run", "saved", "scope",
+        "frames", "parts", "run", "saved", "scope", "shown",
         "seen_chars", "status", "stop_asked", "task", "visible",
     )
 
@@ -117,6 +118,7 @@ class LiveRun:
         self.run = run
         self.caller = caller
         self.frames: list[str] = []
+        self.shown = self.frames  # the frames as viewers read them: a stopped run's are cut once it ends
         self.visible = 0  # frames viewers may see: the terminal frame only once it is saved
         self.ended = False  # everything visible is everything there will be
         self.farewell: str | None = None  # what ends viewers when the end could not be saved (no id)
@@ -214,6 +216,8 @@ class LiveRun:
         self.status = status
         item["run_id"] = self.run.id
         self.frames.append(frame(len(self.frames) + 1, item))
+        if status == "stopped":  # its replay shows the text its answer keeps, as a replay from the store does
+            self.shown = stopped_replay(self.frames, len(content))
         self.final = RunUpdate(self.caller, self.run.id, self.run.assistant_message_id, content=content,
                                metadata=metadata, agent_type=agent_type, final_status=status)  # type: ignore[arg-type]
 
@@ -303,7 +307,7 @@ class LiveFeed:
             await self._wait(remaining)
             live.seal()
         upto = live.visible
-        text = "".join(live.frames[after:upto]) if upto > after else ""
+        text = "".join(live.shown[after:upto]) if upto > after else ""
         over = live.ended and max(after, upto) >= (upto if live.farewell is not None else len(live.frames))
         if over:
             self._deadline.cancel()
@@ -354,6 +358,8 @@ class StoredFeed:
         deadline = time.monotonic() + timeout
         while True:
             view = await self._store.read_run(self._caller, self._run_id, after)
+            if view.run.status == "stopped":
+                return await self._stopped(view, after)
             text = "".join(frames_after(batch, after) for batch in view.batches)
             if view.batches:
                 after = max(after, view.batches[-1].last_seq)
@@ -370,6 +376,19 @@ class StoredFeed:
             if remaining <= 0:
                 return "", after, False
             await anyio.sleep(min(POLL_SECONDS, remaining))
+
+    async def _stopped(self, view: RunView, after: int) -> tuple[str, int, bool]:
+        """A stopped run's events after ``after``, cut as its stored answer is (``stopped_replay``): read from its
+        first event, as the cut is counted in characters from there."""
+        self.outcome = "stopped"
+        if after > 0:
+            view = await self._store.read_run(self._caller, self._run_id, 0)
+        frames = [f"{text}\n\n" for batch in view.batches for text in batch.frames.split("\n\n") if text]
+        shown = [text for text in stopped_replay(frames, len(view.message.content)) if text]
+        text = "".join(frames_after(EventBatch(1, view.run.last_seq, "".join(shown)), after))
+        if not text and shown:
+            text = shown[-1]  # a resume at or past the end still ends with the terminal event
+        return text, max(after, view.run.last_seq), True
 
     async def _terminal_frame(self, last_seq: int) -> str:
         view = await self._store.read_run(self._caller, self._run_id, last_seq - 1)

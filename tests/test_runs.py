@@ -217,6 +217,16 @@ def test_stop_from_another_server_cancels_the_model_and_keeps_what_was_seen(
     assert again.status_code == 200 and again.json() == message  # idempotent: the first stop stands
     tail = chunks(resume(second.url, run_id, user_id, auth_headers(user_id)).text)[-1]
     assert (tail["type"], tail["status"], tail["stop_reason"]) == ("complete", "stopped", "stopped")
+    # Its replay says what its stored answer says, from the first event or from any id a viewer holds.
+    held = event_ids(received)
+    for server in (first, second):
+        replay = resume(server.url, run_id, user_id, auth_headers(user_id)).text
+        assert streamed_text(chunks(replay)) == message["content"] and chunks(replay)[-1] == tail
+        assert event_ids(replay) == sorted(set(event_ids(replay))) and event_ids(replay)[:len(held) - 1] == held[:-1]
+        for cursor in held[:-1]:
+            rest = resume(server.url, run_id, user_id, auth_headers(user_id), last_event_id=cursor).text
+            before = chunks(received)[:held.index(cursor) + 1]
+            assert streamed_text(before + chunks(rest)) == message["content"] and chunks(rest)[-1] == tail
 
 
 def test_stop_on_the_generating_server_and_after_the_end(
@@ -466,23 +476,34 @@ def start_service(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
         time.sleep(0.1)
 
 
+@pytest.mark.parametrize("stopped", [False, True], ids=["dead", "dead-then-stopped"])
 def test_sigkill_mid_run_leaves_it_interrupted_with_its_saved_text_and_frees_the_slot(
-    tmp_path: Path, service_env: dict[str, str], auth_headers: AuthHeaders, user_id: str
+    tmp_path: Path, service_env: dict[str, str], auth_headers: AuthHeaders, user_id: str, stopped: bool
 ) -> None:
+    """And a stop sent to the run of a dead worker, through another one, ends it ``stopped`` (once its heartbeat
+    lapses) cut where its viewer saw, and its replay says the same."""
     env = {**service_env, "SQLITE_PATH": str(tmp_path / "canvalo.db"), "LOCAL_TOKEN_DELAY": "0.3",
            "RUN_STALE_SECONDS": "2", "MAX_STREAMS_PER_USER": "1"}
-    port = free_port()
+    port, other_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     conversation_id = new_id()
     process = start_service(env, port)
+    other = start_service(env, other_port) if stopped else None
     try:
         received, run_id = read_until(url, chat_body(user_id, conversation_id, "hello"), auth_headers(user_id), 5)
         time.sleep(1.5)  # past a text save (every second)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=10)
+        cut = len(streamed_text(chunks(received))) - 1
+        if other is not None:
+            stop = httpx.post(f"http://127.0.0.1:{other_port}/api/chat/runs/{run_id}/stop",
+                              json={"user_id": user_id, "seen_chars": cut}, headers=auth_headers(user_id), timeout=30)
+            assert stop.status_code == 200 and stop.json()["metadata"]["status"] == "stopped", stop.text
     finally:
-        if process.poll() is None:
-            process.kill()
+        for started in (process, other):
+            if started is not None and started.poll() is None:
+                started.kill()
+                started.wait()
     process = start_service(env, port)
     try:
         time.sleep(2.5)  # the dead run's heartbeat lapses (RUN_STALE_SECONDS)
@@ -496,10 +517,15 @@ def test_sigkill_mid_run_leaves_it_interrupted_with_its_saved_text_and_frees_the
         process.kill()
         process.wait()
     seen = streamed_text(chunks(received))
-    assert stored["metadata"]["status"] == "interrupted" and stored["metadata"]["run_id"] == run_id
-    assert stored["content"].startswith(seen)  # at least what the viewer had, saved before the kill
-    assert stored["content"] == streamed_text(replay)  # and exactly what the replay shows
-    assert (replay[-1]["type"], replay[-1]["code"], replay[-1]["retryable"]) == ("error", "RUN_INTERRUPTED", True)
+    assert stored["metadata"]["run_id"] == run_id
+    assert stored["content"] == streamed_text(replay)  # exactly what the replay shows
+    if stopped:
+        assert stored["metadata"]["status"] == "stopped" and stored["content"] == seen[:cut]
+        assert (replay[-1]["type"], replay[-1]["status"]) == ("complete", "stopped")
+    else:
+        assert stored["metadata"]["status"] == "interrupted"
+        assert stored["content"].startswith(seen)  # at least what the viewer had, saved before the kill
+        assert (replay[-1]["type"], replay[-1]["code"], replay[-1]["retryable"]) == ("error", "RUN_INTERRUPTED", True)
     assert chunks(tail)[-1] == replay[-1] and event_ids(tail)[-1] > event_ids(received)[-1]
     assert again.status_code == 200, again.text  # the conversation and the user's one stream slot are free
     assert chunks(again.text)[-1]["type"] == "complete"
@@ -537,6 +563,39 @@ def test_viewers_are_shown_no_more_than_unsaved_events_max_past_the_last_save() 
         return await LiveFeed(live).next_frames(UNSAVED_EVENTS_MAX + 5, 1.0)
 
     assert asyncio.run(view()) == (live.frames[UNSAVED_EVENTS_MAX + 5] + farewell, UNSAVED_EVENTS_MAX + 6, True)
+
+
+def test_a_stopped_runs_replay_is_its_log_up_to_the_cut_then_its_end() -> None:
+    """run_log.stopped_replay, which both a live viewer and a replay from the store use: the frame that crosses
+    the cut keeps its id and its text up to the cut; later frames but the terminal one are left out."""
+    live = live_run()
+    for item in (chunk("token", "invoices", content="ab"), chunk("tool_call", "invoices", tool_name="list_invoices"),
+                 chunk("token", "invoices", content="cdé"), chunk("token", "invoices", content="fg"),
+                 chunk("tool_call", "invoices", tool_name="list_invoices")):
+        live.emit(item)
+        live.seal()
+    live.finish("complete", chunk("complete", "invoices", status="stopped"), "", {}, "invoices")
+    frames = live.frames  # 1 "ab", 2 a tool call, 3 "cdé", 4 "fg", 5 a tool call, 6 the end
+    trimmed = run_log.frame(3, {**chunks(frames[2])[0], "content": "cd"})
+    for kept, expected in ((0, ["", "", "", "", ""]), (2, frames[:2] + ["", "", ""]), (4, frames[:2] + [trimmed, "", ""]),
+                           (5, frames[:3] + ["", ""]), (7, frames[:5]), (99, frames[:5])):
+        replay = run_log.stopped_replay(frames, kept)
+        assert replay == expected + frames[-1:], kept
+        assert run_log.streamed_text("".join(replay)) == "abcdéfg"[:kept]
+    # A live viewer of a run that ended stopped here reads it so too, from the start or from any id it holds.
+    stopped = live_run()
+    for token in ("one ", "two ", "three"):
+        stopped.emit(chunk("token", "invoices", content=token))
+        stopped.seal()
+    stopped.finish("stopped", chunk("complete", "invoices", status="stopped"), "one tw", {}, "invoices")
+    stopped.publish_end()
+
+    async def view(after: int) -> tuple[str, int, bool]:
+        return await LiveFeed(stopped).next_frames(after, 1.0)
+
+    whole, cursor, over = asyncio.run(view(0))
+    assert run_log.streamed_text(whole) == "one tw" and (cursor, over) == (4, True)
+    assert event_ids(whole) == [1, 2, 4] and asyncio.run(view(2))[0] == stopped.frames[-1]
 
 
 def test_a_runs_text_is_saved_every_text_save_seconds_counted_from_its_start() -> None:
