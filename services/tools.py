@@ -12,7 +12,8 @@ pending actions the user confirms (``services/actions.py``), so no tool argument
 ``validate`` implements the subset of JSON Schema the schemas use, every keyword at every depth (inside arrays too).
 ``null`` is a value like any other, accepted only where a schema's ``type`` lists ``"null"``: an optional filter or
 field, or a change that clears a column that is not required, not a vocabulary and has no default. Beyond the
-schemas, every number must be finite and every string, property names included, is bounded.
+schemas, every number must be finite and within ``MAX_NUMBER`` (one both stores hold as sent), and every string,
+property names included, is bounded.
 """
 
 from __future__ import annotations
@@ -41,12 +42,19 @@ MAX_JSON_ITEMS = 100
 MAX_NAME = 64  # an undeclared property name (a line item's keys)
 MAX_DEPTH = 8  # our deepest schema is 4 (input, changes, line_items, an item)
 MAX_EMAIL = 254  # RFC 5321's limit on a forward path, less its angle brackets
+# Every number, at any depth, must be one both stores hold as sent, so a confirmation never meets one they refuse.
+# SQLite keeps a number column as REAL (a double: every whole number up to 2**53 is exact, and binding an int past
+# 2**63 fails) and PostgreSQL an integer column as a 32-bit integer. 10**15 is past any amount a painting business
+# records and still exact in a double; integer columns keep PostgreSQL's range unless they declare a narrower one.
+MAX_NUMBER = 10**15
+MAX_INTEGER = 2**31 - 1
 
 # One entry of a JSON column (an invoice's line_items): a flat object of short scalars, e.g. item, qty, price.
 JSON_ITEM_SCHEMA: dict[str, Any] = {
     "type": "object",
     "maxProperties": 20,
-    "additionalProperties": {"type": ["string", "number", "boolean", "null"], "maxLength": 500},
+    "additionalProperties": {"type": ["string", "number", "boolean", "null"], "maxLength": 500,
+                             "minimum": -MAX_NUMBER, "maximum": MAX_NUMBER},
 }
 
 
@@ -93,11 +101,11 @@ def column_schema(column: Column) -> dict[str, Any]:
     if column.enum:
         schema = {"type": "string", "enum": list(column.enum), "maxLength": max(map(len, column.enum))}
     elif column.type in ("integer", "number"):
-        schema = {"type": column.type}
-        if column.minimum is not None:
-            schema["minimum"] = column.minimum
-        if column.maximum is not None:
-            schema["maximum"] = column.maximum
+        largest = MAX_INTEGER if column.type == "integer" else MAX_NUMBER
+        # Always both bounds, so the model is told the range validate enforces.
+        schema = {"type": column.type,
+                  "minimum": -largest if column.minimum is None else column.minimum,
+                  "maximum": largest if column.maximum is None else column.maximum}
     elif column.type == "json":
         schema = {"type": "array", "items": JSON_ITEM_SCHEMA, "maxItems": MAX_JSON_ITEMS}
     else:
@@ -207,10 +215,13 @@ def _is_type(value: Any, expected: str | list[str]) -> bool:
 def _check_bounds(schema: dict[str, Any], value: Any, path: str) -> None:
     """The bounds of ``value``'s own kind (JSON Schema: a keyword ignores values it does not describe)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if "minimum" in schema and value < schema["minimum"]:
-            raise ToolInputError(f"{path} must be at least {schema['minimum']}")
-        if "maximum" in schema and value > schema["maximum"]:
-            raise ToolInputError(f"{path} must be at most {schema['maximum']}")
+        # A number no schema bounds is still bounded: Python's ints have no size, JSON's numbers no range.
+        low = max(schema.get("minimum", -MAX_NUMBER), -MAX_NUMBER)
+        high = min(schema.get("maximum", MAX_NUMBER), MAX_NUMBER)
+        if value < low:
+            raise ToolInputError(f"{path} must be at least {low}")
+        if value > high:
+            raise ToolInputError(f"{path} must be at most {high}")
     elif isinstance(value, str):
         limit = schema.get("maxLength", MAX_TEXT)  # every string is bounded, described or not
         if len(value) > limit:

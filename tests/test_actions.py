@@ -9,6 +9,7 @@ once, before it expires. Everything here runs on both stores (SQLite, and Supaba
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -452,3 +453,87 @@ def test_the_pending_actions_migration_grants_nothing_to_anon(pg_cluster: Any) -
         assert [one("select has_table_privilege('authenticated', 'api.pending_actions', %s)", p)
                 for p in ("select", "insert", "update", "delete")] == [True, False, False, False]
         assert one("select count(*) from pg_policies where tablename = 'pending_actions'") == 1
+
+
+# -- numbers a store cannot hold (outside review, third item) -----------------------------------------------------
+
+HUGE = int("9" * 401)
+TOO_BIG: list[Any] = [HUGE, -HUGE, 2**63, -(2**63) - 1, 10**16, 1e308, -1e308, 1e16, float("nan"), float("inf"),
+                      float("-inf")]
+
+
+def _numeric_columns() -> list[tuple[Any, Any]]:
+    return [(d, c) for d in DOMAINS for c in d.columns if c.type in ("integer", "number")]
+
+
+@pytest.mark.parametrize(("domain", "column"), _numeric_columns(),
+                         ids=[f"{d.table}.{c.name}" for d, c in _numeric_columns()])
+def test_every_number_a_store_cannot_hold_is_refused_in_every_numeric_column(domain: Any, column: Any) -> None:
+    from services.tools import ToolInputError, validate
+
+    tools = {t.action: t for t in tools_for(domain)}
+    for value in TOO_BIG:
+        with pytest.raises(ToolInputError):
+            validate(tools["update"].schema, {"id": new_id(), "changes": {column.name: value}})
+    for value in (-0.0, 0, 1, 0.1):  # these both stores hold (negative zero as zero)
+        if (column.minimum is None or value >= column.minimum) and (column.maximum is None or value <= column.maximum):
+            if column.type == "number" or isinstance(value, int):
+                validate(tools["update"].schema, {"id": new_id(), "changes": {column.name: value}})
+
+
+@pytest.mark.parametrize("domain", DOMAINS, ids=[d.agent_type for d in DOMAINS])
+def test_every_number_in_every_tool_schema_is_bounded_to_what_both_stores_hold(domain: Any) -> None:
+    from services.tools import MAX_INTEGER, MAX_NUMBER
+
+    def numbers(schema: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any]]]:
+        types = schema.get("type")
+        types = types if isinstance(types, list) else [types]
+        if "integer" in types or "number" in types:
+            yield (MAX_INTEGER if "integer" in types else MAX_NUMBER), schema
+        for child in [*schema.get("properties", {}).values(), schema.get("items"), schema.get("additionalProperties")]:
+            if isinstance(child, dict):
+                yield from numbers(child)
+
+    for tool in tools_for(domain):
+        for largest, schema in numbers(tool.schema):
+            assert -largest <= schema["minimum"] <= schema["maximum"] <= largest, (tool.name, schema)
+
+
+@pytest.mark.parametrize("raw", ["NaN", "Infinity", "-Infinity", "1e400", "-1e400", "9" * 401, "1e308", "1e16"])
+def test_numbers_as_the_model_writes_them_are_refused_at_any_depth(raw: str) -> None:
+    from services.tools import ToolInputError, validate
+
+    tool = next(t for t in tools_for(BY_AGENT["invoices"]) if t.action == "update")
+    for changes in (f'{{"amount_paid": {raw}}}', f'{{"line_items": [{{"price": {raw}}}]}}'):
+        arguments = json.loads(f'{{"id": "{new_id()}", "changes": {changes}}}')  # as services/bedrock.py reads it
+        with pytest.raises(ToolInputError):
+            validate(tool.schema, arguments)
+
+
+def test_a_huge_number_is_a_tool_error_never_a_failed_confirmation(
+    app_with: Callable[..., TestClient], settings: Settings, auth_headers: AuthHeaders, user_id: str
+) -> None:
+    caller = caller_for(auth_headers, user_id)
+    invoice = add_invoice(settings, caller)
+    model = ScriptedCalls([
+        handoff("invoices"),
+        [ToolUse("h", "update_invoice", {"id": invoice, "changes": {"amount_paid": HUGE}}),
+         ToolUse("l", "update_invoice", {"id": invoice, "changes": {"line_items": [{"price": 1e308}]}}),
+         ToolUse("c", "create_invoice", {"invoice_number": "INV-9", "client_name": "Ada", "due_date": "2026-12-01",
+                                         "total_amount": -HUGE}),
+         ToolUse("z", "update_invoice", {"id": invoice, "changes": {"discount_amount": -0.0}}), Stop("tool_use")],
+        [TextDelta("Done."), Stop("end_turn")],
+    ])
+    client = app_with(model)
+    items = send(client, auth_headers, user_id, "pay")
+    huge, line, zero = finished_calls(items, "update_invoice")
+    (created,) = finished_calls(items, "create_invoice")
+    assert (huge["status"], line["status"], created["status"]) == ("error",) * 3
+    results = {block["toolResult"]["toolUseId"]: block["toolResult"]["content"][0]["json"]
+               for message in model.requests[-1].messages for block in message["content"] if "toolResult" in block}
+    assert "at most" in results["h"]["error"] and "at most" in results["l"]["error"]
+    assert "at least" in results["c"]["error"]
+    assert zero["status"] == "confirmation_required"
+    done = confirm(client, auth_headers, user_id, zero["action_id"])
+    assert done.status_code == 200, done.text
+    assert done.json()["result"]["updated"]["discount_amount"] == 0
