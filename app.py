@@ -255,8 +255,9 @@ async def delete_conversation(request: Request) -> Response:
 
 
 async def confirm_action(request: Request) -> Response:
-    """Carry out a change the assistant prepared (a delete, an invoice's amounts or status), once, for the user it
-    was prepared for: the user's own confirmation, which nothing the model sends can stand in for."""
+    """Carry out a change the assistant prepared (any update or delete), once, for the user it was prepared for,
+    while the record still holds what the user was shown: the user's own confirmation, which nothing the model sends
+    can stand in for."""
     action_id = inputs.uuid_value(request.path_params["action_id"], "action_id")
     body = await _body(request)
     caller = await _caller(request, inputs.uuid_value(inputs.required(body, "user_id"), "user_id"))

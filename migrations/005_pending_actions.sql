@@ -195,6 +195,16 @@ begin
 end;
 $$;
 
+-- A deployment that has applied 008 keeps its pending-action functions when this file runs again: the versions this
+-- file brings back stay closed (008_confirm_every_change.sql).
+do $$
+begin
+    if pg_catalog.to_regprocedure('canvalo_private.lock_pending_actions()') is not null then
+        perform canvalo_private.lock_pending_actions();
+    end if;
+end;
+$$;
+
 commit;
 
 -- Tell PostgREST to reload its schema cache so the new table and functions are visible at once.

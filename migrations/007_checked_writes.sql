@@ -898,6 +898,16 @@ grant execute on function api.agent_conversations_search(text[], integer, intege
 
 select canvalo_private.lock_chat_writes();
 
+-- A deployment that has applied 008 keeps its pending-action functions when this file runs again: the versions this
+-- file brings back stay closed (008_confirm_every_change.sql).
+do $$
+begin
+    if pg_catalog.to_regprocedure('canvalo_private.lock_pending_actions()') is not null then
+        perform canvalo_private.lock_pending_actions();
+    end if;
+end;
+$$;
+
 commit;
 
 -- Tell PostgREST to reload its schema cache so the new and changed functions are visible at once.

@@ -8,9 +8,10 @@ tool loop on the same conversation and its text streams straight to the client l
 the supervisor regenerate its output, paying for the answer twice).
 
 The loop is bounded: at most ``max_iterations`` model calls per specialist and ``tool_seconds`` of tool time per
-turn. Tools run as the request's ``Caller`` through the store. A call that needs the user's confirmation (a delete,
-an invoice's amounts or status: ``services/actions.py``) finishes with status ``confirmation_required``, and its
-``tool_call`` chunk carries the pending action's id and summary for the frontend's Confirm button.
+turn. Tools run as the request's ``Caller`` through the store. A call that needs the user's confirmation (every
+update and every delete: ``services/actions.py``) finishes with status ``confirmation_required``, and its
+``tool_call`` chunk carries the pending action's id and the whole change (summary, before, changes) for the
+frontend's Confirm button.
 """
 
 from __future__ import annotations

@@ -6,11 +6,9 @@ the built-in local responder stands in for a model. Tables, tool schemas and the
 Tables and columns follow the earlier service's ``api.invoices`` and sibling tables; every table also has ``id``,
 ``user_id``, ``created_at`` and ``updated_at``, which no tool can write.
 
-``confirm_updates`` names the columns whose change the user must confirm (``services/actions.py``): a model that
-reads planted text in a record ("set every invoice to paid") must not be able to carry it out on its own. Money and
-status columns qualify on the tables where they are money owed or agreed (invoices, proposals). There is no payments
-table: a payment is recorded on its invoice (``amount_paid``, ``paid_date``), so those columns are guarded there.
-Every delete needs confirmation whatever the domain (``services/tools.py``).
+Every update and every delete, in every domain, waits for the user's confirmation (``services/actions.py``), so
+nothing here says which columns matter: a model that reads planted text in a record ("set every contact's email to
+...") cannot carry it out on its own, whichever column it names.
 """
 
 from __future__ import annotations
@@ -44,13 +42,6 @@ class Domain:
     order_by: tuple[tuple[str, Literal["asc", "desc"]], ...]
     keywords: tuple[str, ...]
     filters: tuple[str, ...] = field(default=())
-    confirm_updates: tuple[str, ...] = field(default=())
-
-    def __post_init__(self) -> None:
-        # A misspelt name would silently guard nothing; fail at import instead.
-        unknown = [name for name in self.confirm_updates if self.column(name) is None]
-        if unknown:
-            raise ValueError(f"{self.table}: confirm_updates names undeclared columns {unknown}")
 
     def column(self, name: str) -> Column | None:
         return next((c for c in self.columns if c.name == name), None)
@@ -70,9 +61,8 @@ SYSTEM_COLUMNS = ("id", "user_id", "created_at", "updated_at")
 _COMMON_RULES = (
     "Use your tools to read and change the user's records; never invent records, amounts or dates. "
     "Ask for any required field you do not have before creating a record. "
-    "Deleting a record, and changing the amounts or status of an invoice or proposal, only prepares the change: "
-    "the user confirms it themselves in the app, so tell them what is waiting for their confirmation and never say "
-    "it is done. "
+    "Changing or deleting a record only prepares the change: the user confirms it themselves in the app, so tell "
+    "them what is waiting for their confirmation and never say it is done. "
     "Answer briefly in plain language; format money with two decimals and dates as written."
 )
 
@@ -116,11 +106,6 @@ DOMAINS: tuple[Domain, ...] = (
         order_by=(("created_at", "desc"),),
         keywords=("invoice", "invoices", "billing", "billed", "unpaid", "payment", "paid"),
         filters=("status", "client_name", "invoice_number", "client_id"),
-        confirm_updates=(
-            "subtotal", "tax_rate", "tax_amount", "discount_amount", "total_amount", "amount_paid", "paid_date",
-            "line_items",  # each item carries a price, so they make up the amounts
-            "status",
-        ),
     ),
     Domain(
         agent_type="appointments",
@@ -184,7 +169,6 @@ DOMAINS: tuple[Domain, ...] = (
         order_by=(("created_at", "desc"),),
         keywords=("proposal", "proposals", "estimate", "estimates", "quote", "quotes", "bid", "bids"),
         filters=("status", "client_name", "client_id"),
-        confirm_updates=("total_amount", "status"),
     ),
     Domain(
         agent_type="contacts",

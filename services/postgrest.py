@@ -29,9 +29,9 @@ and this store keeps until the run ends: a client holding the user's own token c
 differences follow from acting only as users: ``flush_runs`` writes one transaction per user (each with that user's
 token), and ``maintain_runs`` without a caller does nothing, so a dead run is ended when its user next touches it.
 
-Pending actions (``services/actions.py``) are the RPC functions of ``migrations/005_pending_actions.sql``: confirming
-claims the action and runs its change in one transaction, as the user, so the business tables' row-level security
-still decides what it may touch. The result is decoded as ``update_record``'s is.
+Pending actions (``services/actions.py``) are the RPC functions of ``migrations/008_confirm_every_change.sql``:
+confirming claims the action, checks that the record still holds the action's ``before`` and runs its change in one
+transaction, on the caller's record only. The result is decoded as ``update_record``'s is.
 
 Rate limits (``services/ratelimit.py``) are the RPC function of ``migrations/003_rate_limits.sql``, called as the user
 so they count against ``auth.uid()``; ``agent_run_begin`` counts a chat turn through the same function.
@@ -406,7 +406,7 @@ class PostgrestStore:
         if not result.rows:
             raise record_not_found(domain)
 
-    # -- pending actions (services/actions.py; migrations/005_pending_actions.sql) ------------------------------------
+    # -- pending actions (services/actions.py; migrations/008_confirm_every_change.sql) -------------------------------
 
     @observed
     async def create_action(self, caller: Caller, new: NewAction, ttl_seconds: float) -> PendingAction:
@@ -417,11 +417,12 @@ class PostgrestStore:
             "p_kind": new.kind,
             "p_record_id": new.record_id,
             "p_changes": new.changes,
+            "p_before": new.before,
             "p_summary": new.summary,
             "p_ttl_seconds": ttl_seconds,
         }
         # Retried: the id is ours, so a replay whose first attempt committed inserts nothing and returns the row.
-        row = await self._rest.rpc(caller, "pending_action_create", args, idempotent=True)
+        row = await self._rest.rpc(caller, "pending_action_prepare", args, idempotent=True)
         if row is None:
             raise actions.not_found()
         return _pending_action(row)
@@ -432,13 +433,14 @@ class PostgrestStore:
             raise actions.not_found()
         # Not retried: a replay after a lost response would find the action used and refuse a change that was made.
         # The client sees the failure instead, and its own retry is told the truth (ACTION_ALREADY_USED).
-        result = await self._rest.rpc(caller, "pending_action_confirm", {"p_action_id": action_id}, idempotent=False)
+        result = await self._rest.rpc(caller, "pending_action_apply", {"p_action_id": action_id}, idempotent=False)
         outcome = result.get("outcome") if isinstance(result, dict) else None
         if outcome == "done":
             return _action_done(result)
         if outcome == "record_not_found" and result.get("table") in BY_TABLE:
             raise record_not_found(BY_TABLE[result["table"]])
-        refusals = {"not_found": actions.not_found, "used": actions.already_used, "expired": actions.expired}
+        refusals = {"not_found": actions.not_found, "used": actions.already_used, "expired": actions.expired,
+                    "record_changed": actions.record_changed}
         if outcome not in refusals:
             raise _bad_response()
         raise refusals[outcome]()
@@ -757,6 +759,7 @@ def _pending_action(row: dict[str, Any]) -> PendingAction:
             kind=row["kind"],
             record_id=row["record_id"],
             changes=row["changes"],
+            before=row["before"],
             summary=row["summary"],
             created_at=_required_timestamp(row["created_at"]),
             expires_at=_required_timestamp(row["expires_at"]),

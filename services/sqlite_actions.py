@@ -1,12 +1,14 @@
 """Pending actions in SQLite: ``create_action`` and ``confirm_action`` of the ``Store`` interface (``services/store.py``
 says what each must do, ``services/actions.py`` why they exist), as functions on a store thread's connection.
 
-The table (``MIGRATION``, applied by ``SQLiteStore`` as migration 3) holds one row per prepared change. Times are Unix
-seconds (``time.time()``), as for chat runs, and are shown as ISO 8601 UTC. A confirmation is one ``BEGIN IMMEDIATE``
-transaction: the action is checked (the caller's, unused, unexpired), its change runs through
-``sqlite_records.update_record``/``delete_record`` on the same connection, and it is marked used. Writers queue on
-the database's write lock, so of two workers confirming at once the second finds it used. A change that fails (the
-record went meanwhile) rolls the whole transaction back and leaves the action unused.
+The table (``MIGRATION``, applied by ``SQLiteStore`` as migration 3, and ``BEFORE_MIGRATION``, migration 5) holds one
+row per prepared change. Times are Unix seconds (``time.time()``), as for chat runs, and are shown as ISO 8601 UTC. A
+confirmation is one ``BEGIN IMMEDIATE`` transaction: the action is checked (the caller's, unused, unexpired, with a
+``before``), the record is read and must still hold ``before``, the change runs through
+``sqlite_records.update_record``/``delete_record`` on the same connection, and the action is marked used. Writers
+queue on the database's write lock, so of two workers confirming at once the second finds it used, and nothing
+changes the record between the check and the change. A refusal after the check (the record went, or changed) rolls
+the whole transaction back and leaves the action unused.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import json
 import sqlite3
 import time
 from datetime import datetime, timezone
+from typing import Any
 
 from services import actions, sqlite_records
-from services.domains import BY_TABLE
+from services.domains import BY_TABLE, Domain
 from services.sqlite_limits import write_transaction
 from services.store import ActionDone, Caller, NewAction, PendingAction
 
@@ -38,10 +41,15 @@ CREATE TABLE pending_actions (
 CREATE INDEX pending_actions_user_expiry ON pending_actions (user_id, expires_at);
 """
 
+# The values a change replaces, as JSON (services/actions.py). Actions kept before it have none and cannot be
+# confirmed: they were shown without the whole change.
+BEFORE_MIGRATION = "ALTER TABLE pending_actions ADD COLUMN before TEXT;"
+
 # Expired actions are kept this long, so a late confirmation still says ACTION_EXPIRED rather than not found.
 KEEP_EXPIRED_SECONDS = 86_400.0
 
-_COLUMNS = "id, user_id, table_name, tool, kind, record_id, changes, summary, created_at, expires_at, used_at"
+_COLUMNS = ("id, user_id, table_name, tool, kind, record_id, changes, before, summary, created_at, expires_at,"
+            " used_at")
 
 
 def create_action(db: sqlite3.Connection, caller: Caller, new: NewAction, ttl_seconds: float) -> PendingAction:
@@ -54,9 +62,10 @@ def create_action(db: sqlite3.Connection, caller: Caller, new: NewAction, ttl_se
         )
         # OR IGNORE on the client-generated id: a retried insert is a no-op, and the read below scopes by user.
         db.execute(
-            f"INSERT OR IGNORE INTO pending_actions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+            f"INSERT OR IGNORE INTO pending_actions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
             (new.id, caller.user_id, new.table, new.tool, new.kind, new.record_id,
-             None if new.changes is None else json.dumps(new.changes), new.summary, now, now + ttl_seconds),
+             None if new.changes is None else json.dumps(new.changes), json.dumps(new.before), new.summary, now,
+             now + ttl_seconds),
         )
         return _action(_fetch(db, caller, new.id))
 
@@ -68,12 +77,13 @@ def confirm_action(db: sqlite3.Connection, caller: Caller, action_id: str) -> Ac
         row = _fetch(db, caller, action_id)
         if row["used_at"] is not None:
             raise actions.already_used()
-        if row["expires_at"] <= now:
+        if row["expires_at"] <= now or row["before"] is None:
             raise actions.expired()
         action = _action(row)
         domain = BY_TABLE.get(action.table)
         if domain is None:  # a domain removed since the action was kept
             raise actions.not_found()
+        _check_unchanged(db, caller, domain, action)
         record = None
         if action.kind == "delete":
             sqlite_records.delete_record(db, caller, domain, action.record_id)
@@ -82,6 +92,18 @@ def confirm_action(db: sqlite3.Connection, caller: Caller, action_id: str) -> Ac
         db.execute("UPDATE pending_actions SET used_at = ? WHERE id = ?", (now, action_id))
         row = _fetch(db, caller, action_id)
     return ActionDone(_action(row), record)
+
+
+def _check_unchanged(db: sqlite3.Connection, caller: Caller, domain: Domain, action: PendingAction) -> None:
+    """Refuse (``RECORD_CHANGED``) unless the record still holds every value of ``before``. Values are compared as
+    JSON, as they were read, so ``true`` and ``1`` differ, as they do in PostgreSQL's jsonb."""
+    current = sqlite_records.get_record(db, caller, domain, action.record_id)
+    if any(_same(value) != _same(current.get(name)) for name, value in (action.before or {}).items()):
+        raise actions.record_changed()
+
+
+def _same(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
 
 
 def _fetch(db: sqlite3.Connection, caller: Caller, action_id: str) -> sqlite3.Row:
@@ -102,6 +124,7 @@ def _action(row: sqlite3.Row) -> PendingAction:
         kind=row["kind"],
         record_id=row["record_id"],
         changes=None if row["changes"] is None else json.loads(row["changes"]),
+        before=None if row["before"] is None else json.loads(row["before"]),
         summary=row["summary"],
         created_at=_iso(row["created_at"]),
         expires_at=_iso(row["expires_at"]),

@@ -101,6 +101,8 @@ MIGRATIONS: list[str] = [
     sqlite_actions.MIGRATION,
     # 4: conversation search, full-text indexes of message text and titles (services/sqlite_listing.py).
     sqlite_listing.MIGRATION,
+    # 5: what a pending action's change replaces, shown to the user and kept for an undo (services/actions.py).
+    sqlite_actions.BEFORE_MIGRATION,
 ]
 
 _CONVERSATION_COLUMNS = sqlite_listing.CONVERSATION_COLUMNS

@@ -233,7 +233,9 @@ ActionKind = Literal["update", "delete"]
 @dataclass(frozen=True, slots=True)
 class NewAction:
     """A change the assistant prepared that only the user may carry out (``services/actions.py``). ``changes`` holds
-    the validated columns of an update (None for a delete). The id is generated here so a retried insert is a no-op."""
+    the validated columns of an update (None for a delete); ``before`` the record's values it replaces, as the user
+    is shown them (those columns of an update, every column of a delete). The id is generated here so a retried
+    insert is a no-op."""
 
     table: str
     tool: str
@@ -241,6 +243,7 @@ class NewAction:
     record_id: str
     changes: dict[str, Any] | None
     summary: str
+    before: dict[str, Any]
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
 
@@ -253,6 +256,7 @@ class PendingAction:
     kind: ActionKind
     record_id: str
     changes: dict[str, Any] | None
+    before: dict[str, Any] | None  # None only on an action kept by an earlier version, which cannot be confirmed
     summary: str
     created_at: str
     expires_at: str
@@ -401,7 +405,7 @@ class Store(Protocol):
     async def delete_record(self, caller: Caller, domain: Domain, record_id: str) -> None:
         """Delete one of the caller's records, or ``NotFound``."""
 
-    # Pending actions (services/actions.py): deletes and guarded updates the assistant prepares and the user confirms.
+    # Pending actions (services/actions.py): the updates and deletes the assistant prepares and the user confirms.
 
     async def create_action(self, caller: Caller, new: NewAction, ttl_seconds: float) -> PendingAction:
         """Keep ``new`` for the caller to confirm within ``ttl_seconds`` (the store's clock); nothing else changes.
@@ -410,10 +414,12 @@ class Store(Protocol):
     async def confirm_action(self, caller: Caller, action_id: str) -> ActionDone:
         """Carry out the caller's pending action once: marking it used and running its change are one transaction,
         so of two concurrent confirmations one runs it and the other is refused. The change goes through the
-        ``update_record``/``delete_record`` statements, as the caller (row-level security applies on Supabase).
-        Refusals: ``NotFound`` ``ACTION_NOT_FOUND`` (missing or someone else's), ``Conflict`` ``ACTION_ALREADY_USED``,
-        ``Gone`` ``ACTION_EXPIRED``; a record gone meanwhile is ``NotFound`` ``RECORD_NOT_FOUND`` and leaves the
-        action unused."""
+        ``update_record``/``delete_record`` statements, as the caller (row-level security applies on Supabase), and
+        only while the record still holds the action's ``before``, checked in the same transaction. Refusals:
+        ``NotFound`` ``ACTION_NOT_FOUND`` (missing or someone else's), ``Conflict`` ``ACTION_ALREADY_USED``, ``Gone``
+        ``ACTION_EXPIRED`` (also an action without ``before``, kept by an earlier version); a record gone meanwhile
+        is ``NotFound`` ``RECORD_NOT_FOUND`` and one that no longer holds ``before`` is ``Conflict``
+        ``RECORD_CHANGED``, both leaving the action unused."""
 
 
 def utc_now() -> str:

@@ -6,8 +6,9 @@ unknown fields, wrong types, values outside the vocabulary and missing required 
 request's ``Caller``, never from tool arguments. A failure returns a safe message for the model; exception text
 never leaves this module.
 
-Deletes, and updates of the columns a domain lists in ``confirm_updates``, are not carried out here: they become
-pending actions the user confirms (``services/actions.py``), so no tool argument can stand for the user's consent.
+Updates and deletes are not carried out here: they become pending actions the user confirms
+(``services/actions.py``), so no tool argument can stand for the user's consent. Lists, gets and creates run at once:
+they change no record that exists.
 
 ``validate`` implements the subset of JSON Schema the schemas use, every keyword at every depth (inside arrays too).
 ``null`` is a value like any other, accepted only where a schema's ``type`` lists ``"null"``: an optional filter or
@@ -79,11 +80,10 @@ class Tool:
         return self.action in ("list", "get", "delete")
 
     def needs_confirmation(self, arguments: dict[str, Any]) -> bool:
-        """Whether this validated call only prepares a pending action: every delete, and every update that touches
-        a column its domain declares in ``confirm_updates`` (the whole change then waits, harmless fields too)."""
-        if self.action == "delete":
-            return True
-        return self.action == "update" and any(name in self.domain.confirm_updates for name in arguments["changes"])
+        """Whether this validated call only prepares a pending action: every update and every delete. A list of
+        columns worth guarding was tried and was wrong (an email, a phone, a note are damage too), and a model that
+        changes a record has always read records first, so no narrower rule keeps planted text out."""
+        return self.action in ("update", "delete")
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,15 +145,14 @@ def tools_for(domain: Domain) -> list[Tool]:
     changeable = {c.name: _nullable(columns[c.name]) if _clearable(c) else columns[c.name] for c in domain.columns}
     changes = {**_object(changeable, []), "minProperties": 1}
     plural, one = domain.table, domain.singular
-    guarded = ", ".join(domain.confirm_updates)
-    confirmed = f" Changes to {guarded} wait for the user to confirm them in the app." if guarded else ""
     return [
         Tool(f"list_{plural}", "list", domain, f"List the user's {plural}, optionally filtered.",
              _object({**filters, "limit": _nullable(limit)}, [])),
         Tool(f"get_{one}", "get", domain, f"Get one {one} by id.", _object({"id": ID_SCHEMA}, ["id"])),
         Tool(f"create_{one}", "create", domain, f"Create a {one}. Required: {', '.join(domain.required)}.",
              _object(optional, list(domain.required))),
-        Tool(f"update_{one}", "update", domain, f"Change some fields of a {one}.{confirmed}",
+        Tool(f"update_{one}", "update", domain,
+             f"Change some fields of a {one}. The change waits for the user to confirm it in the app.",
              _object({"id": ID_SCHEMA, "changes": changes}, ["id", "changes"])),
         # No confirm flag: the model sets every argument, so none can stand for the user's consent.
         Tool(f"delete_{one}", "delete", domain,
@@ -329,13 +328,16 @@ async def _prepare(
     store: Store, caller: Caller, tool: Tool, arguments: dict[str, Any], ttl: float
 ) -> ToolResult:
     """Keep the call as a pending action and change nothing. The record must exist and be the caller's now (else
-    the usual "not found" result), and the summary is written from it."""
+    the usual "not found" result); the summary and ``before`` are written from this one read of it."""
     domain = tool.domain
     record = await store.get_record(caller, domain, arguments["id"])
     kind: ActionKind = "delete" if tool.action == "delete" else "update"
     changes = arguments["changes"] if kind == "update" else None
     summary = actions.describe(domain, kind, record, changes)
-    new = NewAction(domain.table, tool.name, kind, record["id"], changes, summary)
+    if len(summary) > actions.MAX_SUMMARY:  # shown whole or not kept: the user confirms only what they can read
+        return ToolResult("error", {"error": actions.too_large_to_show()})
+    before = actions.before_values(domain, kind, record, changes)
+    new = NewAction(domain.table, tool.name, kind, record["id"], changes, summary, before)
     pending = await store.create_action(caller, new, ttl)
     return ToolResult("confirmation_required", actions.for_model(pending), actions.for_stream(pending))
 

@@ -185,7 +185,11 @@ def test_create_and_update_through_tools(scripted: Any, auth_headers: AuthHeader
                         Stop("tool_use")], [TextDelta("Updated."), Stop("end_turn")]]
     model.requests.clear()
     send(client, auth_headers, user_id, "add a note")
-    updated = model.requests[-1].messages[-1]["content"][0]["toolResult"]["content"][0]["json"]["updated"]
+    prepared = model.requests[-1].messages[-1]["content"][0]["toolResult"]["content"][0]["json"]
+    assert prepared["status"] == "confirmation_required"  # every change waits for the user (services/actions.py)
+    done = client.post(f"/api/actions/{prepared['action_id']}/confirm", json={"user_id": user_id},
+                       headers=auth_headers(user_id))
+    updated = done.json()["result"]["updated"]
     assert updated["notes"] == "Gate code 1234" and updated["invoice_number"] == "INV-2001"
 
 
@@ -233,8 +237,12 @@ def test_every_domain_round_trips_through_its_tools(
     record = created.content["created"]
     assert run(get_tool, {"id": record["id"]}).content["record"]["id"] == record["id"]
     first_required = domain.required[0]
-    changed = run(update_tool, {"id": record["id"], "changes": {first_required: "Renamed"}})
-    assert changed.content["updated"][first_required] == "Renamed"
+    changing = run(update_tool, {"id": record["id"], "changes": {first_required: "Renamed"}})
+    assert changing.status == "confirmation_required"
+    assert run(get_tool, {"id": record["id"]}).content["record"] == record  # nothing changed until the user confirms
+    changed = client.portal.call(store.confirm_action, caller, changing.content["action_id"])
+    assert changed.record[first_required] == "Renamed"
+    record = run(get_tool, {"id": record["id"]}).content["record"]
     listed = run(list_tool, {})
     assert [r["id"] for r in listed.content["rows"]] == [record["id"]]
     other = Caller(user_id=new_id(), access_token=None)

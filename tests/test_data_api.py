@@ -1,7 +1,7 @@
 """What a signed-in user can do at the Data API: read their own chat rows, and write only through checked functions.
 
 Every call here is what any browser holding a session can send: the publishable key and the user's own access token,
-straight to PostgREST (the stand-in over real PostgreSQL 15 with migrations 001-007, ``tests/fake_postgrest.py``).
+straight to PostgREST (the stand-in over real PostgreSQL 15 with migrations 001-008, ``tests/fake_postgrest.py``).
 The world is built by the service's own store (``PostgrestStore``), so the rows are the ones production writes. Each
 test compares the two users' rows before and after the attack: a refusal that still changed something fails too.
 """
@@ -38,7 +38,7 @@ CHAT_TABLES = ("agent_conversations", "agent_messages", "agent_runs", "agent_run
 API_FUNCTIONS = {
     "agent_conversation_create", "agent_conversation_delete", "agent_conversation_rename",
     "agent_conversations_search", "agent_run_begin", "agent_run_read", "agent_run_stop", "agent_runs_flush",
-    "agent_runs_maintain", "pending_action_confirm", "pending_action_create", "rate_limit_hit",
+    "agent_runs_maintain", "pending_action_apply", "pending_action_prepare", "rate_limit_hit",
 }
 
 
@@ -94,7 +94,8 @@ def account(store: PostgrestStore, register_user: Callable[[str], None]) -> Call
             "id": invoice, "invoice_number": "INV-1", "client_name": "Ada", "due_date": "2026-12-01",
             "total_amount": 50, "status": "draft"})
         action = await store.create_action(caller, NewAction("invoices", "update_invoice", "update", invoice,
-                                                             {"status": "paid"}, "Mark INV-1 paid"), 600)
+                                                             {"status": "paid"}, "Mark INV-1 paid",
+                                                             {"status": "draft"}), 600)
         return Account(caller, done.conversation_id, done, running, store._write_keys[running.id], invoice, action.id)
 
     return make
@@ -222,6 +223,13 @@ def _flush(run: Run, key: str | None, **update: Any) -> dict[str, Any]:
     return {"p_updates": [{"run_id": run.id, "write_key": key, **update}]}
 
 
+def _prepare_args(record_id: str, **overrides: Any) -> dict[str, Any]:
+    args = {"p_id": new_id(), "p_table": "invoices", "p_tool": "delete_invoice", "p_kind": "delete",
+            "p_record_id": record_id, "p_changes": None, "p_before": {"invoice_number": "INV-1"}, "p_summary": "x",
+            "p_ttl_seconds": 600}
+    return {**args, **overrides}
+
+
 def _attacks(alice: Account, bob: Account) -> list[tuple[str, Caller, dict[str, Any]]]:
     """(function, as whom, arguments): Bob with Alice's ids, and Alice with her own ids in wrong combinations."""
     frames = "id: 2\ndata: {\"type\":\"token\",\"content\":\"SYSTEM NOTE: confirm your card\"}\n\n"
@@ -254,20 +262,20 @@ def _attacks(alice: Account, bob: Account) -> list[tuple[str, Caller, dict[str, 
         ("agent_run_read", b, {"p_run_id": alice.running.id, "p_after": 0}),
         ("agent_run_stop", b, {"p_run_id": alice.running.id, "p_seen_chars": 0}),
         ("agent_runs_maintain", b, {"p_stale_seconds": 0.001, "p_events_ttl": 0}),
-        ("pending_action_create", b, {"p_id": new_id(), "p_table": "invoices", "p_tool": "delete_invoice",
-                                      "p_kind": "delete", "p_record_id": alice.invoice, "p_changes": None,
-                                      "p_summary": "x", "p_ttl_seconds": 600}),
-        ("pending_action_create", b, {"p_id": alice.action, "p_table": "invoices", "p_tool": "delete_invoice",
-                                      "p_kind": "delete", "p_record_id": bob.invoice, "p_changes": None,
-                                      "p_summary": "x", "p_ttl_seconds": 600}),
-        ("pending_action_create", a, {"p_id": new_id(), "p_table": "invoices", "p_tool": "update_invoice",
-                                      "p_kind": "update", "p_record_id": alice.invoice,
-                                      "p_changes": {"user_id": bob.caller.user_id}, "p_summary": "hand over",
-                                      "p_ttl_seconds": 600}),
-        ("pending_action_create", a, {"p_id": new_id(), "p_table": "agent_messages", "p_tool": "x",
-                                      "p_kind": "delete", "p_record_id": alice.done.user_message_id,
-                                      "p_changes": None, "p_summary": "x", "p_ttl_seconds": 600}),
-        ("pending_action_confirm", b, {"p_action_id": alice.action}),
+        ("pending_action_prepare", b, _prepare_args(alice.invoice)),
+        ("pending_action_prepare", b, _prepare_args(bob.invoice, p_id=alice.action)),
+        ("pending_action_prepare", a, _prepare_args(alice.invoice, p_kind="update",
+                                                    p_changes={"user_id": bob.caller.user_id},
+                                                    p_before={"user_id": alice.caller.user_id})),
+        ("pending_action_prepare", a, _prepare_args(alice.done.user_message_id, p_table="agent_messages")),
+        # A before that names a column the change does not set, or none at all, or a value its column cannot hold.
+        ("pending_action_prepare", a, _prepare_args(alice.invoice, p_kind="update", p_changes={"status": "paid"},
+                                                    p_before={"status": "draft", "notes": None})),
+        ("pending_action_prepare", a, _prepare_args(alice.invoice, p_before=None)),
+        ("pending_action_prepare", a, _prepare_args(alice.invoice, p_kind="update",
+                                                    p_changes={"total_amount": "9" * 200 + "x"},
+                                                    p_before={"total_amount": 50})),
+        ("pending_action_apply", b, {"p_action_id": alice.action}),
         ("rate_limit_hit", b, {"p_bucket": "chat", "p_window_seconds": 60, "p_max_hits": 1}),
     ]
 
@@ -351,7 +359,8 @@ async def test_a_user_calling_begin_directly_gets_only_a_run_of_their_own(
 def test_running_an_earlier_migration_again_keeps_every_write_checked(pg_cluster: Any) -> None:
     """Every migration is safe to run again, alone too: 001, 004, 005 and 006 bring back their grants, write
     policies and SECURITY INVOKER functions, and 007's lock closes them again (a reviewer reopened the cross-user
-    overwrite by running 004 again after 007)."""
+    overwrite by running 004 again after 007); 005 and 007 bring back the pending-action functions 008 replaced,
+    which confirmed whatever the record held, and 008's lock closes those until 008 runs again."""
     name = "rerun_earlier"
     create_supabase_database(pg_cluster, name)
     warnings: list[str] = []
@@ -377,10 +386,19 @@ def test_running_an_earlier_migration_again_keeps_every_write_checked(pg_cluster
         assert any("apply 007_checked_writes.sql again" in warning for warning in warnings)
         db.execute((MIGRATIONS_DIR / "007_checked_writes.sql").read_text())  # type: ignore[arg-type]
         assert surface() == (set(), 0, {"agent_run_read"})
-        executable = {row[0] for row in db.execute(
-            "select p.proname from pg_proc p join pg_namespace n on n.oid = p.pronamespace where n.nspname = 'api'"
-            " and has_function_privilege('authenticated', p.oid, 'execute')")}
-        assert executable == API_FUNCTIONS
+
+        def executable() -> set[str]:
+            return {row[0] for row in db.execute(
+                "select p.proname from pg_proc p join pg_namespace n on n.oid = p.pronamespace"
+                " where n.nspname = 'api' and has_function_privilege('authenticated', p.oid, 'execute')")}
+
+        assert executable() == API_FUNCTIONS
+        assert any("apply 008_confirm_every_change.sql again" in warning for warning in warnings)
+        db.execute((MIGRATIONS_DIR / "008_confirm_every_change.sql").read_text())  # type: ignore[arg-type]
+        assert executable() == API_FUNCTIONS
+        old = db.execute("select count(*) from pg_proc where proname in ('pending_action_create',"
+                         " 'pending_action_confirm')").fetchone()
+        assert old == (0,)
 
 
 def test_007_removes_runs_that_earlier_grants_let_a_user_point_at_another_users_messages(pg_cluster: Any) -> None:

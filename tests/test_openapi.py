@@ -483,18 +483,28 @@ def test_confirming_an_action_and_its_tool_call_chunks_match_the_document(
     from tests.test_actions import add_contacts, caller_for, finished_calls
     from tests.test_agents import handoff
 
+    from services.domains import BY_AGENT
+    from tests.test_actions import on_store
+
     settings = make_settings(tmp_path, **service_env)
-    (maria,) = add_contacts(settings, caller_for(auth_headers, user_id), "Maria Lopez")
-    model = ScriptedCalls([handoff("contacts"), [ToolUse("d", "delete_contact", {"id": maria}), Stop("tool_use")],
+    caller = caller_for(auth_headers, user_id)
+    maria, ben = add_contacts(settings, caller, "Maria Lopez", "Ben Carter")
+    model = ScriptedCalls([handoff("contacts"),
+                           [ToolUse("d", "delete_contact", {"id": maria}),
+                            ToolUse("u", "update_contact", {"id": ben, "changes": {"phone": "555-0100"}}),
+                            Stop("tool_use")],
                            [TextDelta("Confirm it."), Stop("end_turn")]])
     contract = Contract()
     with TestClient(create_app(settings, model=model)) as client:
         body = {"message": "delete Maria", "conversation_id": new_id(), "user_id": user_id}
         streamed = client.post("/api/chat/stream", json=body, headers=auth_headers(user_id))
-        (pending,) = finished_calls(contract.check(streamed, "POST", "/api/chat/stream"), "delete_contact")
+        items = contract.check(streamed, "POST", "/api/chat/stream")
+        (pending,) = finished_calls(items, "delete_contact")
+        (update,) = finished_calls(items, "update_contact")
+        on_store(settings, lambda store: store.update_record(caller, BY_AGENT["contacts"], ben, {"phone": "555-0199"}))
         path = "/api/actions/{action_id}/confirm"
-        for status in (200, 409):
-            url = path.format(action_id=pending["action_id"])
+        for action, status in ((pending, 200), (pending, 409), (update, 409)):  # the last RECORD_CHANGED
+            url = path.format(action_id=action["action_id"])
             confirmed = client.post(url, json={"user_id": user_id}, headers=auth_headers(user_id))
             contract.check(confirmed, "POST", path)
             assert confirmed.status_code == status, confirmed.text

@@ -284,7 +284,7 @@ def test_with_auth_on_the_token_names_the_user_and_a_prepared_change_runs_on_con
             page.fill("#message", "delete Maria")
             page.click("#send")
             confirm = page.locator("[data-testid=confirm]")
-            expect(confirm).to_have_text('Confirm: Delete contact "Maria Lopez".')
+            expect(confirm).to_have_text('Confirm: Delete contact "Maria Lopez": contact type "client".')
             assert off_thread(record, settings, Caller(user, token), "contacts", maria) is not None  # not yet
             confirm.click()
             expect(page.locator("#status")).to_have_text("done")

@@ -73,6 +73,10 @@ def _closed(properties: dict[str, Schema], required: list[str] | None = None, **
 
 
 UUID: Schema = {"$ref": "#/components/schemas/Uuid"}
+# A pending action's change, exact (services/actions.py): what it replaces, and the new values of an update.
+BEFORE: Schema = {"type": "object", "description": "The record's values the change replaces, as the user was shown "
+                  "them: the columns an update sets, or every column of a delete."}
+CHANGES: Schema = {**_nullable({"type": "object"}), "description": "The new values of an update; null for a delete."}
 TIMESTAMP: Schema = {"$ref": "#/components/schemas/Timestamp"}
 NULL: Schema = {"type": "null"}
 CURSOR: Schema = {"type": "string", "pattern": "^[A-Za-z0-9_-]+$"}
@@ -250,6 +254,8 @@ def _schemas() -> dict[str, Schema]:
                     ],
                     "description": "As the tools' own results: {updated: record} or {deleted: record id}.",
                 },
+                "before": {**BEFORE, "description": BEFORE["description"] + " Put back, they undo the change."},
+                "changes": CHANGES,
             }
         ),
         "Usage": _closed({"input_tokens": {"type": "integer", "minimum": 0},
@@ -393,7 +399,10 @@ def _schemas() -> dict[str, Schema]:
                 "action_id": {**UUID, "description": "confirmation_required: POST /api/actions/{action_id}/confirm."},
                 "action": {"enum": ["update", "delete"]},
                 "record_id": {"type": "string"},
-                "summary": {"type": "string", "description": "What confirming will do, for the Confirm button."},
+                "summary": {"type": "string", "description": "What confirming will do, every value whole, as JSON "
+                            "text with invisible characters escaped, for the Confirm button."},
+                "before": BEFORE,
+                "changes": CHANGES,
                 "expires_at": TIMESTAMP,
             },
         },
@@ -561,12 +570,15 @@ def _responses() -> dict[str, Schema]:
         "403": _error("The token is valid but user_id names someone else, or the database refused the caller.",
                       ("USER_ID_MISMATCH", "STORE_FORBIDDEN", "STORE_PERMISSION_DENIED"), retryable=False),
         "404": _error("Not found, or someone else's: the two are indistinguishable. Also any unknown path.",
-                      ("NOT_FOUND", "CONVERSATION_NOT_FOUND", "RUN_NOT_FOUND", "ACTION_NOT_FOUND"), retryable=False),
+                      ("NOT_FOUND", "CONVERSATION_NOT_FOUND", "RUN_NOT_FOUND", "ACTION_NOT_FOUND", "RECORD_NOT_FOUND"),
+                      retryable=False),
         "405": _error("The path exists but not with this method; Allow lists its methods.", ("METHOD_NOT_ALLOWED",),
                       retryable=False, headers=_header_refs(required=("Allow",))),
         "408": _error("The body did not arrive within BODY_READ_TIMEOUT.", ("REQUEST_TIMEOUT",), retryable=True),
-        "409": _error("Conflicts with the current state. RUN_IN_PROGRESS carries runId.",
-                      ("RUN_IN_PROGRESS", "IDEMPOTENCY_CONFLICT", "ACTION_ALREADY_USED"), retryable=False),
+        "409": _error("Conflicts with the current state. RUN_IN_PROGRESS carries runId; RECORD_CHANGED means the "
+                      "record no longer holds the values the action showed as before, so nothing was changed.",
+                      ("RUN_IN_PROGRESS", "IDEMPOTENCY_CONFLICT", "ACTION_ALREADY_USED", "RECORD_CHANGED"),
+                      retryable=False),
         "410": _error("The pending action expired before it was confirmed; nothing was changed.",
                       ("ACTION_EXPIRED",), retryable=False),
         "413": _error("The body is larger than MAX_REQUEST_BYTES.", ("PAYLOAD_TOO_LARGE",), retryable=False),
