@@ -835,7 +835,8 @@ def _record(domain: Domain, row: dict[str, Any]) -> dict[str, Any]:
             record[column.name] = _value(column, row[column.name])
         record["created_at"] = utc_timestamp(row["created_at"])
         record["updated_at"] = utc_timestamp(row["updated_at"])
-    except (KeyError, ValueError, TypeError) as exc:
+    # OverflowError: a numeric past a double's range, written by another client (the tools refuse one), is no float.
+    except (KeyError, ValueError, TypeError, OverflowError) as exc:
         raise UpstreamError("The database returned an unexpected row.", code="STORE_BAD_RESPONSE") from exc
     return record
 

@@ -461,6 +461,24 @@ async def test_row_level_security_keeps_actions_to_their_owner(
         await store.confirm_action(caller, kept.id)
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("store", ["supabase"], indirect=True)  # SQLite cannot store one: binding it fails
+async def test_a_number_no_double_holds_written_by_another_client_is_a_bad_response_not_a_crash(
+    store: Store, new_caller: Callable[[], Caller], pg_cluster: Any
+) -> None:
+    from tests.conftest import DATABASE
+
+    caller = new_caller()
+    invoice = await stored_invoice(store, caller)
+    kept = await store.create_action(caller, change(invoice, {"status": "paid"}), 600)
+    with pg_cluster.connect(DATABASE) as db:  # as the frontend could, through the Data API
+        db.execute("update api.invoices set total_amount = %s::numeric where id = %s", ("9" * 401, invoice))
+    for call in (store.get_record(caller, BY_TABLE["invoices"], invoice), store.confirm_action(caller, kept.id)):
+        with pytest.raises(UpstreamError) as bad:
+            await call
+        assert bad.value.code == "STORE_BAD_RESPONSE"
+
+
 def test_the_pending_actions_migration_grants_nothing_to_anon(pg_cluster: Any) -> None:
     from tests.conftest import DATABASE
 
