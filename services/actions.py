@@ -65,7 +65,7 @@ def describe(domain: Domain, kind: ActionKind, record: dict[str, Any], changes: 
 
 def shown(value: Any) -> str:
     """``value`` as JSON, whole, with every character that would not show escaped (``\\u200b``), so the text is the
-    value exactly and nothing in it is hidden; no value is ``(empty)``."""
+    value exactly and nothing in it is hidden. Only a missing value (null) reads ``(empty)``; ``""`` is itself."""
     if value is None:
         return "(empty)"
     text = json.dumps(_whole_numbers(value), ensure_ascii=False, separators=(", ", ": "))

@@ -707,6 +707,16 @@ def test_a_summary_shows_every_invisible_character_as_an_escape(char: str) -> No
     assert json.loads(shown) == f"a{char}b"  # the text shown is the value, exactly
 
 
+def test_a_summary_tells_an_empty_string_from_a_missing_value() -> None:
+    from services.actions import describe
+
+    contacts = BY_AGENT["contacts"]
+    assert describe(contacts, "update", {"name": "Ada", "notes": None}, {"notes": ""}) == (
+        'Change contact "Ada": notes (empty) → "".')
+    assert describe(contacts, "update", {"name": "Ada", "notes": "   "}, {"notes": None}) == (
+        'Change contact "Ada": notes "   " → (empty).')
+
+
 # -- numbers a store cannot hold (outside review, third item) -----------------------------------------------------
 
 HUGE = int("9" * 401)
