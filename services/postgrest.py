@@ -53,7 +53,7 @@ from errors import AppError, NotFound, RateLimited, UpstreamError
 from services import actions
 from services.domains import BY_TABLE, Column, Domain
 from services.postgrest_client import PostgrestClient, postgrest_failure
-from services.search import search_terms
+from services.search import MAX_TERMS
 from services.store import (
     ActionDone,
     BeginOutcome,
@@ -224,8 +224,10 @@ class PostgrestStore:
         after: ConversationKey | None,
         search: str,
     ) -> Page:
-        """``agent_conversations_search`` (``migrations/006_search_and_paging.sql``): one request, as the caller."""
-        terms = search_terms(search)
+        """``agent_conversations_search`` (``migrations/007_checked_writes.sql``): one request, as the caller. The
+        text goes as typed, split at spaces (NUL, which PostgreSQL's text cannot hold, is a space): the database folds
+        it into words with the function that folded the stored text (``migrations/008_search_folding.sql``)."""
+        terms = search.replace("\x00", " ").split()[:MAX_TERMS]
         if not terms:
             return Page([], 0)
         args = {
