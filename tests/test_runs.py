@@ -711,9 +711,14 @@ class Refusing:
 
     def __init__(self, inner: Any) -> None:
         self.inner, self.refuse = inner, False
+        self.sweeps = 0  # background sweeps (maintain_runs for every user) asked of the store
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+    async def maintain_runs(self, caller: Caller | None, stale_seconds: float, events_ttl: float) -> None:
+        self.sweeps += caller is None
+        await self.inner.maintain_runs(caller, stale_seconds, events_ttl)
 
     async def flush_runs(self, updates: list[Any]) -> Any:
         if self.refuse:
@@ -811,6 +816,35 @@ def test_a_turn_is_refused_while_this_worker_holds_an_unsaved_answer_of_the_user
     assert code == "STORE_UNAVAILABLE"
     assert (content, status) == ("".join(f"w{i} " for i in range(40)), "complete")
     assert admitted == 36
+
+
+def test_no_sweep_runs_while_this_workers_flushes_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its own runs' heartbeats lapse while the store refuses its flushes: a sweep then (the moment the store came
+    back, say) would end them as dead with their last saved text. Counted: sweeps asked in each phase."""
+    monkeypatch.setattr(runs_module, "MAINTAIN_SECONDS", 0.05)
+
+    async def scenario() -> tuple[int, int, str]:
+        inner, store, manager = await _manager(tmp_path, ScriptedModel(["a"] * 400, pause=0.01))
+        caller = Caller(new_id())
+        run = await _begin(manager, caller)
+        await asyncio.sleep(0.3)
+        assert store.sweeps > 0  # sweeping while flushes go through
+        store.refuse = True
+        await asyncio.sleep(0.3)  # the flush in flight settles
+        before = store.sweeps
+        await asyncio.sleep(1.0)  # 20 sweep intervals
+        refused = store.sweeps - before
+        store.refuse = False
+        await asyncio.sleep(0.5)
+        resumed = store.sweeps - before - refused
+        await manager.aclose()
+        status = (await inner.read_run(caller, run.id, None)).run.status
+        await inner.aclose()
+        return refused, resumed, status
+
+    refused, resumed, status = asyncio.run(scenario())
+    assert refused == 0 and resumed > 0
+    assert status in ("complete", "interrupted")  # saved by this worker, never ended as dead by its own sweep
 
 
 def test_sweeps_resume_once_this_worker_holds_nothing_unsaved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
