@@ -334,6 +334,35 @@ def test_a_run_is_bounded_by_run_max_seconds(
     assert model.cancelled.is_set()
 
 
+@pytest.mark.parametrize("ending", ["complete", "error", "timeout", "stopped"])
+def test_every_terminal_states_replay_says_what_its_stored_answer_says(
+    tmp_path: Path, service_env: dict[str, str], auth_headers: AuthHeaders, user_id: str, ending: str
+) -> None:
+    """From the worker that generated it and from another one (the store), from the first event and from each id a
+    viewer held. (``interrupted`` is the SIGKILL test's.)"""
+    model = slow_model(pieces=60 if ending == "timeout" else 30, pause=0.03)
+    if ending == "error":
+        model.fail_with = UpstreamUnavailable("The model is unavailable.", code="LLM_UNAVAILABLE")
+    settings = make_settings(tmp_path, **{**service_env, "RUN_MAX_SECONDS": "1" if ending == "timeout" else "60"})
+    conversation_id = new_id()
+    with serve(create_app(settings, model=model)) as first, serve(create_app(settings, model=slow_model())) as second:
+        received, run_id = read_until(first.url, chat_body(user_id, conversation_id), auth_headers(user_id), 3)
+        if ending == "stopped":
+            stop = {"user_id": user_id, "seen_chars": len(streamed_text(chunks(received))) - 1}
+            httpx.post(f"{first.url}/api/chat/runs/{run_id}/stop", json=stop, headers=auth_headers(user_id), timeout=30)
+        whole = resume(first.url, run_id, user_id, auth_headers(user_id)).text
+        stored = answer(first.url, user_id, conversation_id, auth_headers(user_id))
+        held = event_ids(whole)
+        for server in (first, second):
+            assert resume(server.url, run_id, user_id, auth_headers(user_id)).text == whole
+            for cursor in held[::4] + held[-2:]:
+                rest = resume(server.url, run_id, user_id, auth_headers(user_id), last_event_id=cursor).text
+                shown = streamed_text(chunks(whole)[:held.index(cursor) + 1] + chunks(rest))
+                assert shown == stored["content"] and chunks(rest)[-1] == chunks(whole)[-1], cursor
+    status = {"complete": "complete", "error": "error", "timeout": "error", "stopped": "stopped"}[ending]
+    assert stored["metadata"]["status"] == status and streamed_text(chunks(whole)) == stored["content"] != ""
+
+
 def test_deleting_the_conversation_stops_its_run_and_tells_every_viewer_so(
     pair: tuple[LiveServer, LiveServer, ScriptedModel], auth_headers: AuthHeaders, user_id: str
 ) -> None:
