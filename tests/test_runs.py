@@ -172,6 +172,41 @@ def test_a_resume_past_the_last_event_of_a_running_run_waits_for_its_own_cursor_
     assert len(answers) == 2 and len(model.requests) == 1
 
 
+def test_viewers_of_a_run_on_another_worker_share_its_store_reads(
+    tmp_path: Path, service_env: dict[str, str], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    """Counted in the store's read_run calls on the viewers' worker, 1 viewer against 20: each extra viewer costs
+    its own ownership check and end, not a read every POLL_SECONDS (100 viewers each polling cost 1.4 cores)."""
+    token = "m" * 32
+    settings = make_settings(tmp_path, **{**service_env, "METRICS_TOKEN": token})
+    metrics = {"Authorization": f"Bearer {token}"}
+
+    def reads(url: str) -> float:
+        text = httpx.get(f"{url}/metrics", headers=metrics, timeout=10).text
+        counts = [line.rsplit(" ", 1)[1] for line in text.splitlines()
+                  if line.startswith("canvalo_store_query_duration_seconds_count") and 'operation="read_run"' in line]
+        return sum(float(count) for count in counts)
+
+    def watch(url: str, viewers: int) -> float:
+        received, run_id = read_until(first.url, chat_body(user_id, new_id()), auth_headers(user_id), 1)
+        before = reads(url)
+        replies: list[httpx.Response] = []
+        threads = [threading.Thread(target=lambda: replies.append(resume(url, run_id, user_id, auth_headers(user_id))))
+                   for _ in range(viewers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(replies) == viewers and all(chunks(r.text)[-1]["type"] == "complete" for r in replies)
+        return reads(url) - before
+
+    model = slow_model(pieces=40, pause=0.05)  # about 2 s: 8 poll intervals
+    with serve(create_app(settings, model=model)) as first, serve(create_app(settings, model=slow_model())) as second:
+        alone = watch(second.url, 1)
+        crowd = watch(second.url, 20)
+    assert crowd - alone <= 3 * 19, (alone, crowd)
+
+
 def test_a_reloaded_page_finds_the_running_answer_and_attaches_where_its_text_ends(
     tmp_path: Path, service_env: dict[str, str], auth_headers: AuthHeaders, user_id: str
 ) -> None:
