@@ -7,7 +7,9 @@
 -- the stored text and the search (services/search.py says what a search means; SQLite folds alike, in Python):
 --
 --   canvalo_private.search_lexemes(text) -> text[]: NFKC, then lowercase by ICU's root locale (Unicode's rules,
---   whatever the database's locale), then the runs of letters and digits, distinct, at most 100 characters each.
+--   whatever the database's locale), then the runs of letters and digits, distinct, at most 100 characters each,
+--   the first 2,000 (a tsvector holds at most 1 MB: a longer text's later new words are not indexed, rather than its
+--   write failing).
 --
 -- The lexemes are made into a tsvector as they are (array_to_tsvector) and the search into a tsquery of quoted
 -- prefixes (a cast, which normalises nothing), so no parser, dictionary or locale stands between them. Requires
@@ -23,11 +25,15 @@ immutable
 parallel safe
 set search_path = ''
 as $$
-    select coalesce(pg_catalog.array_agg(distinct w.word), '{}')
-      from pg_catalog.regexp_split_to_table(
-               pg_catalog.lower(pg_catalog.normalize(coalesce(p_text, ''), 'NFKC') collate "und-x-icu"),
-               '[^[:alnum:]]+') as w (word)
-     where w.word <> '' and pg_catalog.char_length(w.word) <= 100
+    select coalesce(pg_catalog.array_agg(w.word order by w.first), '{}')
+      from (select s.word, pg_catalog.min(s.n) as first
+              from pg_catalog.regexp_split_to_table(
+                       pg_catalog.lower(pg_catalog.normalize(coalesce(p_text, ''), 'NFKC') collate "und-x-icu"),
+                       '[^[:alnum:]]+') with ordinality as s (word, n)
+             where s.word <> '' and pg_catalog.char_length(s.word) <= 100
+             group by s.word
+             order by first
+             limit 2000) as w
 $$;
 
 create or replace function canvalo_private.search_lexemes_vector(p_text text)

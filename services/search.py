@@ -22,16 +22,20 @@ import unicodedata
 MAX_TERMS = 32
 # Longer "words" (a pasted token, a run of digits) are not searched for; PostgreSQL refuses lexemes over 2 KB.
 MAX_WORD_CHARS = 100
+# A text's first this many distinct words are indexed, as in PostgreSQL, whose tsvector holds at most 1 MB.
+MAX_WORDS = 2000
 
 
 def search_words(text: str) -> list[str]:
-    """The distinct words of ``text`` in order, folded: NFKC (a combining accent joins its letter, compatibility
+    """The distinct words of ``text`` in order (the first ``MAX_WORDS``), folded: NFKC (a combining accent joins its letter, compatibility
     forms become plain ones), then lowercased by Unicode's rules ("İ" gives "i̇"), then split into runs of letters,
     marks and digits (the underscore and everything else separate words)."""
     words: dict[str, None] = {}
     for word in _runs(unicodedata.normalize("NFKC", text).lower()):
         if len(word) <= MAX_WORD_CHARS:
             words.setdefault(word)
+            if len(words) == MAX_WORDS:
+                break
     return list(words)
 
 

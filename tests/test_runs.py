@@ -33,6 +33,7 @@ from services.runs import TEXT_SAVE_SECONDS, LiveFeed, LiveRun, RunManager
 from services.sqlite_store import SQLiteStore
 from services.store import Caller, NewRun, Run, TurnLimits
 from tests.conftest import AuthHeaders
+from tests.tokens import mint
 from tests.scripted_model import ScriptedModel
 from tests.support import LiveServer, chunks, event_ids, free_port, make_settings, new_id, serve, streamed_text
 from web.sse import EventStreamResponse
@@ -396,6 +397,33 @@ def test_every_terminal_states_replay_says_what_its_stored_answer_says(
                 assert shown == stored["content"] and chunks(rest)[-1] == chunks(whole)[-1], cursor
     status = {"complete": "complete", "error": "error", "timeout": "error", "stopped": "stopped"}[ending]
     assert stored["metadata"]["status"] == status and streamed_text(chunks(whole)) == stored["content"] != ""
+
+
+def test_an_answer_outlives_its_users_access_token_and_is_saved(
+    tmp_path: Path, service_env: dict[str, str], auth_headers: AuthHeaders, user_id: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Tokens last an hour, runs up to RUN_MAX_SECONDS: on Supabase the run's write key, not the user's token, is
+    what saves it (migrations/009_keyed_flush.sql), so a token that expires mid-answer costs nothing of it."""
+    if service_env.get("STORE") == "supabase":
+        fake = request.getfixturevalue("fake_postgrest")
+        allowed, fake.jwt_skew_seconds = fake.jwt_skew_seconds, 0  # PostgREST allows 30 s; the answer lasts 5
+        request.addfinalizer(lambda: setattr(fake, "jwt_skew_seconds", allowed))
+    model = slow_model(pieces=80, pause=0.06)  # about 5 s, against a token with 2 to 3 s to live
+    settings = make_settings(tmp_path, **service_env)
+    conversation_id = new_id()
+    auth_headers(user_id)  # registers the user on Supabase
+    url = service_env.get("SUPABASE_URL")
+    expires = int(time.time() + 3)
+    token = mint(user_id, issuer=f"{url}/auth/v1" if url else None, exp=expires)
+    short = {"Authorization": f"Bearer {token}"}
+    with serve(create_app(settings, model=model)) as live:
+        streamed = httpx.post(f"{live.url}/api/chat/stream", json=chat_body(user_id, conversation_id),
+                              headers=short, timeout=30)
+        assert streamed.status_code == 200 and time.time() > expires + 1, streamed.text
+        stored = answer(live.url, user_id, conversation_id, auth_headers(user_id))
+    assert chunks(streamed.text)[-1]["type"] == "complete"
+    assert stored["metadata"]["status"] == "complete" and stored["content"] == "".join(model.pieces)
 
 
 def test_deleting_the_conversation_stops_its_run_and_tells_every_viewer_so(
