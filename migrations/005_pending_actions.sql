@@ -195,8 +195,8 @@ begin
 end;
 $$;
 
--- A deployment that has applied 008 keeps its pending-action functions when this file runs again: the versions this
--- file brings back stay closed (008_confirm_every_change.sql).
+-- A deployment that has applied 010 keeps its pending-action functions when this file runs again: the versions this
+-- file brings back stay closed (010_confirm_every_change.sql).
 do $$
 begin
     if pg_catalog.to_regprocedure('canvalo_private.lock_pending_actions()') is not null then

@@ -796,6 +796,20 @@ drop index if exists api.agent_conversations_search_idx;
 create index if not exists agent_messages_words_idx on api.agent_messages using gin (words);
 create index if not exists agent_conversations_words_idx on api.agent_conversations using gin (words);
 
+-- The search for every term as a quoted prefix, all required ('kitch':* & 'inv':*): nothing in a term is read as
+-- query syntax. 008_search_folding.sql replaces it, with the words column.
+create or replace function canvalo_private.search_query(p_terms text[])
+returns tsquery
+language sql
+stable
+set search_path = ''
+as $$
+    select pg_catalog.to_tsquery('pg_catalog.simple',
+                                 pg_catalog.string_agg(pg_catalog.quote_literal(t.term) || ':*', ' & '))
+      from pg_catalog.unnest(p_terms) as t (term)
+     where t.term <> ''
+$$;
+
 -- Store.list_conversations with a search (services/sqlite_listing.py is the reference): the caller's conversations
 -- holding every term as a word prefix in their title or one of their messages, by last activity (updated_at
 -- descending, then id), p_offset and p_limit of them, or those older than (p_before_at, p_before_id) or newer than
@@ -824,12 +838,7 @@ begin
        or (p_before_at is null) <> (p_before_id is null) or (p_after_at is null) <> (p_after_id is null) then
         raise exception 'invalid search page' using errcode = '22023';
     end if;
-    -- Every term a quoted prefix, all required ('kitch':* & 'inv':*): nothing in a term is read as query syntax.
-    select pg_catalog.to_tsquery('pg_catalog.simple',
-                                 pg_catalog.string_agg(pg_catalog.quote_literal(t.term) || ':*', ' & '))
-      into query
-      from pg_catalog.unnest(p_terms) as t (term)
-     where t.term <> '';
+    query := canvalo_private.search_query(p_terms);
     if query is null or pg_catalog.numnode(query) = 0 then
         return pg_catalog.jsonb_build_object('total', 0, 'rows', '[]'::jsonb);
     end if;
@@ -898,8 +907,8 @@ grant execute on function api.agent_conversations_search(text[], integer, intege
 
 select canvalo_private.lock_chat_writes();
 
--- A deployment that has applied 008 keeps its pending-action functions when this file runs again: the versions this
--- file brings back stay closed (008_confirm_every_change.sql).
+-- A deployment that has applied 010 keeps its pending-action functions when this file runs again: the versions this
+-- file brings back stay closed (010_confirm_every_change.sql).
 do $$
 begin
     if pg_catalog.to_regprocedure('canvalo_private.lock_pending_actions()') is not null then

@@ -27,7 +27,7 @@ from services.store import ActionDone, ActionKind, PendingAction
 
 DEFAULT_TTL_SECONDS = 600.0  # ACTION_TTL_SECONDS: long enough to read the summary, short enough to stay current
 # A summary is shown whole or not at all: a change that needs more to be shown is refused, not cut. The stores keep
-# up to this many characters (migrations/008_confirm_every_change.sql).
+# up to this many characters (migrations/010_confirm_every_change.sql).
 MAX_SUMMARY = 100_000
 
 # What the model is told with a pending action, so it reports the change as waiting rather than done.

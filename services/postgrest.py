@@ -29,7 +29,7 @@ and this store keeps until the run ends: a client holding the user's own token c
 differences follow from acting only as users: ``flush_runs`` writes one transaction per user (each with that user's
 token), and ``maintain_runs`` without a caller does nothing, so a dead run is ended when its user next touches it.
 
-Pending actions (``services/actions.py``) are the RPC functions of ``migrations/008_confirm_every_change.sql``:
+Pending actions (``services/actions.py``) are the RPC functions of ``migrations/010_confirm_every_change.sql``:
 confirming claims the action, checks that the record still holds the action's ``before`` and runs its change in one
 transaction, on the caller's record only. The result is decoded as ``update_record``'s is.
 
@@ -53,7 +53,7 @@ from errors import AppError, NotFound, RateLimited, UpstreamError
 from services import actions
 from services.domains import BY_TABLE, Column, Domain
 from services.postgrest_client import PostgrestClient, postgrest_failure
-from services.search import search_terms
+from services.search import MAX_TERMS
 from services.store import (
     ActionDone,
     BeginOutcome,
@@ -86,6 +86,9 @@ RUNS = "agent_runs"
 RUN_COLUMNS = "id,conversation_id,user_message_id,assistant_message_id,client_message_id,status,last_seq,heartbeat_at"
 # seq is the insertion order (an identity column); created_at comes first so the earlier service's rows, which got
 # their seq when the migration added the column, still read in the order they were written.
+# The most runs one agent_runs_flush call carries (the function's own bound): a worker's flush is one request per
+# this many runs generating on it, whatever the number of users.
+FLUSH_BATCH = 500
 OLDEST_FIRST = "created_at.asc,seq.asc"
 NEWEST_FIRST = "created_at.desc,seq.desc"
 
@@ -224,8 +227,10 @@ class PostgrestStore:
         after: ConversationKey | None,
         search: str,
     ) -> Page:
-        """``agent_conversations_search`` (``migrations/006_search_and_paging.sql``): one request, as the caller."""
-        terms = search_terms(search)
+        """``agent_conversations_search`` (``migrations/007_checked_writes.sql``): one request, as the caller. The
+        text goes as typed, split at spaces (NUL, which PostgreSQL's text cannot hold, is a space): the database folds
+        it into words with the function that folded the stored text (``migrations/008_search_folding.sql``)."""
+        terms = search.replace("\x00", " ").split()[:MAX_TERMS]
         if not terms:
             return Page([], 0)
         args = {
@@ -406,7 +411,7 @@ class PostgrestStore:
         if not result.rows:
             raise record_not_found(domain)
 
-    # -- pending actions (services/actions.py; migrations/008_confirm_every_change.sql) -------------------------------
+    # -- pending actions (services/actions.py; migrations/010_confirm_every_change.sql) -------------------------------
 
     @observed
     async def create_action(self, caller: Caller, new: NewAction, ttl_seconds: float) -> PendingAction:
@@ -489,53 +494,21 @@ class PostgrestStore:
 
     @observed
     async def flush_runs(self, updates: list[RunUpdate]) -> dict[str, RunControl]:
-        # A request acts as one user, so the runs are flushed per user, each group with its user's token, all at
-        # once. One user's failure (an expired token, say) must not hold up the others' runs: their controls are
-        # returned, and the failed ones, missing from the result, are flushed again next time.
-        groups: dict[str, list[RunUpdate]] = {}
-        for update in updates:
-            groups.setdefault(update.caller.user_id, []).append(update)
-        flushes = (self._flush_user(group) for group in groups.values())
-        results = await asyncio.gather(*flushes, return_exceptions=True)
-        controls: dict[str, RunControl] = {}
-        failures: list[AppError] = []
-        for result in results:
-            if isinstance(result, AppError):
-                failures.append(result)
-            elif isinstance(result, BaseException):
-                raise result
-            else:
-                controls.update(result)
-        if failures and len(failures) == len(groups):
-            raise failures[0]
-        for failure in failures:
-            logger.warning("Could not flush one user's chat runs (%s)", failure.code)
-        return controls
-
-    async def _flush_user(self, updates: list[RunUpdate]) -> dict[str, RunControl]:
-        # The last update's caller: runs are listed in the order they started, so it holds the freshest token.
-        caller = updates[-1].caller
-        args = {"p_updates": [_update_json(update, self._write_keys.get(update.run_id)) for update in updates]}
-        # Retried: events only go forward (a batch already stored is skipped), the text is overwritten and the end
-        # is written once.
-        rows = await self._rest.rpc(caller, "agent_runs_flush", args, idempotent=True)
-        try:
-            controls = {
-                str(row["run_id"]): RunControl(
-                    stop=bool(row["stop"]),
-                    seen_chars=None if row["seen_chars"] is None else int(row["seen_chars"]),
-                    gone=bool(row["gone"]),
-                    deleted=bool(row.get("deleted")),
-                    applied=bool(row.get("applied")),
-                )
-                for row in rows
-            }
-        except (TypeError, ValueError, KeyError) as exc:
-            raise _bad_response() from exc
-        for update in updates:
-            control = controls.get(update.run_id)
-            if control is not None and control.gone:
-                self._write_keys.pop(update.run_id, None)  # ended, here or elsewhere: nothing more to write
+        # Every run's write key is its authority (migrations/009_keyed_flush.sql), so all of this worker's runs, of
+        # any users, go in FLUSH_BATCH-sized calls with no user token: requests per flush do not grow with the users
+        # streaming, and an answer outlives its user's access token. Retried: events only go forward (a batch
+        # already stored is skipped), the text is overwritten and the end is written once.
+        # A run whose key is gone has ended (its end was answered as such): nothing more of it is written.
+        controls = {u.run_id: RunControl(gone=True) for u in updates if u.run_id not in self._write_keys}
+        keyed = [update for update in updates if update.run_id in self._write_keys]
+        for start in range(0, len(keyed), FLUSH_BATCH):
+            batch = keyed[start:start + FLUSH_BATCH]
+            args = {"p_updates": [_update_json(update, self._write_keys[update.run_id]) for update in batch]}
+            rows = await self._rest.rpc_by_key("agent_runs_flush", args, idempotent=True)
+            controls.update(_controls(rows))
+        for run_id, control in controls.items():
+            if control.gone:
+                self._write_keys.pop(run_id, None)  # ended, here or elsewhere: nothing more to write
         return controls
 
     @observed
@@ -731,7 +704,23 @@ def _epoch(value: str) -> float:
     return parsed.timestamp()
 
 
-def _update_json(update: RunUpdate, write_key: str | None) -> dict[str, Any]:
+def _controls(rows: Any) -> dict[str, RunControl]:
+    try:
+        return {
+            str(row["run_id"]): RunControl(
+                stop=bool(row["stop"]),
+                seen_chars=None if row["seen_chars"] is None else int(row["seen_chars"]),
+                gone=bool(row["gone"]),
+                deleted=bool(row.get("deleted")),
+                applied=bool(row.get("applied")),
+            )
+            for row in rows
+        }
+    except (TypeError, ValueError, KeyError) as exc:
+        raise _bad_response() from exc
+
+
+def _update_json(update: RunUpdate, write_key: str) -> dict[str, Any]:
     """One element of ``agent_runs_flush``'s ``p_updates``; the batch is flattened into its three fields. The run's
     answer is the one its begin wrote, so the message id is not sent."""
     batch = update.batch

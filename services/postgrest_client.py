@@ -3,7 +3,8 @@
 One pooled ``httpx.AsyncClient`` (HTTP/1.1, explicit timeouts and limits) per process. Every request carries
 ``apikey: <publishable or legacy anon key>`` and ``Authorization: Bearer <the caller's own access token>``, so
 PostgREST runs as role ``authenticated`` and PostgreSQL's row-level security decides what the caller may touch. A
-request without a user token is refused here rather than sent as ``anon``, and a secret/service-role key is refused
+request without a user token is refused here rather than sent as ``anon``, but for ``rpc_by_key``: a call to a
+function whose authority is a capability it checks itself (a run's write key). A secret/service-role key is refused
 at construction: it would bypass row-level security.
 
 What this layer owns, so the store (conversations, business records, rate limits) only says *what* to read or write:
@@ -181,17 +182,17 @@ class PostgrestClient:
         PostgREST answers a table function with an array of objects, a scalar function with the bare JSON value and a
         ``void`` one with 204 (``None`` here). Only a caller that says the call is safe to repeat gets retries.
         """
-        response = await self._exchange(caller, "POST", f"rpc/{function}", None, dict(args), [], idempotent)
-        if response.status_code == 204 or not response.content:
-            return None
-        try:
-            return response.json()
-        except ValueError as exc:
-            raise UpstreamError("The database returned an unreadable response.", code="STORE_BAD_RESPONSE") from exc
+        return _rpc_result(await self._exchange(caller, "POST", f"rpc/{function}", None, dict(args), [], idempotent))
+
+    async def rpc_by_key(self, function: str, args: Mapping[str, Any], *, idempotent: bool) -> Any:
+        """Call a function whose authority is a capability among its arguments (a run's write key), not a user: sent
+        with no user token, so PostgREST runs it as ``anon``, and no user's expired token can stop it. Only such
+        functions are granted to ``anon`` (``migrations/009_keyed_flush.sql``)."""
+        return _rpc_result(await self._exchange(None, "POST", f"rpc/{function}", None, dict(args), [], idempotent))
 
     async def _exchange(
         self,
-        caller: Caller,
+        caller: Caller | None,
         method: str,
         path: str,
         params: Mapping[str, str] | None,
@@ -199,10 +200,11 @@ class PostgrestClient:
         prefer: list[str],
         replayable: bool,
     ) -> httpx.Response:
-        """Send as ``caller``, translate a failure once, and retry transient ones when the request is replayable."""
-        if not caller.access_token:
+        """Send as ``caller`` (None: as no user, for ``rpc_by_key``), translate a failure once, and retry transient
+        ones when the request is replayable."""
+        if caller is not None and not caller.access_token:
             raise Unauthorized("No access token to act as the user.", code="MISSING_TOKEN")
-        headers = self._headers(caller.access_token, method, prefer)
+        headers = self._headers(caller.access_token if caller is not None else None, method, prefer)
 
         async def attempt() -> httpx.Response:
             response = await self._send(method, path, dict(params or {}), headers, json_body)
@@ -250,6 +252,16 @@ def parse_total(content_range: str | None) -> int | None:
         return None
     total = content_range.rsplit("/", 1)[1].strip()
     return int(total) if total.isdigit() else None
+
+
+def _rpc_result(response: httpx.Response) -> Any:
+    """An RPC's decoded JSON result: an array (table function), a bare value (scalar) or None (``void``, 204)."""
+    if response.status_code == 204 or not response.content:
+        return None
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise UpstreamError("The database returned an unreadable response.", code="STORE_BAD_RESPONSE") from exc
 
 
 def _rows(response: httpx.Response) -> list[dict[str, Any]]:

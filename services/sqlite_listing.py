@@ -6,11 +6,11 @@ as functions on a store thread's connection. A cursor is a key (``ConversationKe
 ``(user_id, updated_at DESC, id)``, messages by ``(conversation_id, seq)``) and turned round when the order asked for
 is the other one. One row more than the page is read, to know whether more follow.
 
-Search (``MIGRATION``, applied by ``SQLiteStore`` as a migration of its own): two FTS5 indexes, of message text and of
-conversation titles, kept in step by triggers. Assistant messages are inserted empty and written as they stream, so
-the message index follows every change of ``content``. A conversation's implicit rowid may change on ``VACUUM``, so
-the title index is keyed by ``agent_conversation_search_keys``, a stable integer per conversation. The search itself
-matches every word of the user's text as a quoted prefix (``services/search.py``) and is then scoped to the caller.
+Search (``MIGRATION``, applied by ``SQLiteStore`` as a migration of its own): two FTS5 indexes, of the words of
+message text and of conversation titles (``indexed_words``), kept in step by triggers. Assistant messages are inserted
+empty and written as they stream, so the message index follows every change of ``content``. Every token is led by
+its owner's search key, so the search matches every word of the user's text as a quoted prefix of the caller's own
+tokens (``services/search.py``): its cost follows the caller's text, never everyone's.
 """
 
 from __future__ import annotations
@@ -18,71 +18,122 @@ from __future__ import annotations
 import json
 import sqlite3
 
-from services.search import search_terms
+from services.search import search_terms, search_words
 from services.sqlite_messages import MESSAGE_COLUMNS, message_row
 from services.store import Caller, Conversation, ConversationKey, MessageKey, MessagePage, Page
 
-# No diacritic folding, so both stores match alike (PostgreSQL's 'simple' configuration keeps accents too).
-_TOKENIZER = "unicode61 remove_diacritics 0"
+# The words a search can find, folded once by services/search.py: the index is fed "<owner>_<word>" tokens, which
+# FTS5's ascii tokenizer (with "_" a token character) takes as they are: it splits at the spaces between them only
+# (every other character in them is a letter, a mark or a digit) and lowercases nothing that is not already.
+_TOKENIZER = "ascii tokenchars '_'"
+WORDS_FUNCTION = "canvalo_search_words"
 
+
+def indexed_words(owner: int | None, text: str | None) -> str:
+    """What the index holds for ``text`` of the user whose search key is ``owner``: each distinct word as one token
+    led by that key, so a user's search reads that user's words alone, whatever the others have written. Registered
+    on every connection as ``canvalo_search_words``; a write made without it (another tool's) fails, never skips
+    the index."""
+    if owner is None or not text:
+        return ""
+    return " ".join(f"{owner}_{word}" for word in search_words(text))
+
+
+# Replaces migration 4's indexes, whose tokenizer split and folded words its own way (Unicode 6.1: no Cherokee
+# case, no Adlam or Osage letters) and whose matches were over every user's text.
 MIGRATION = f"""
-CREATE VIRTUAL TABLE agent_messages_fts USING fts5(
-    content, content = 'agent_messages', content_rowid = 'seq', tokenize = '{_TOKENIZER}'
-);
-INSERT INTO agent_messages_fts (agent_messages_fts) VALUES ('rebuild');
-CREATE TRIGGER agent_messages_fts_insert AFTER INSERT ON agent_messages
-BEGIN
-    INSERT INTO agent_messages_fts (rowid, content) VALUES (NEW.seq, NEW.content);
-END;
-CREATE TRIGGER agent_messages_fts_delete AFTER DELETE ON agent_messages
-BEGIN
-    INSERT INTO agent_messages_fts (agent_messages_fts, rowid, content) VALUES ('delete', OLD.seq, OLD.content);
-END;
--- Only when the text changed: a run's flushes rewrite content with its metadata, often with the same text.
-CREATE TRIGGER agent_messages_fts_update AFTER UPDATE OF content ON agent_messages
-WHEN OLD.content IS NOT NEW.content
-BEGIN
-    INSERT INTO agent_messages_fts (agent_messages_fts, rowid, content) VALUES ('delete', OLD.seq, OLD.content);
-    INSERT INTO agent_messages_fts (rowid, content) VALUES (NEW.seq, NEW.content);
-END;
+DROP TRIGGER IF EXISTS agent_messages_fts_insert;
+DROP TRIGGER IF EXISTS agent_messages_fts_delete;
+DROP TRIGGER IF EXISTS agent_messages_fts_update;
+DROP TRIGGER IF EXISTS agent_conversations_fts_insert;
+DROP TRIGGER IF EXISTS agent_conversations_fts_update;
+DROP TRIGGER IF EXISTS agent_conversations_fts_delete;
+DROP TABLE IF EXISTS agent_messages_fts;
+DROP TABLE IF EXISTS agent_conversations_fts;
+DROP TABLE IF EXISTS agent_conversation_search_keys;
 
+-- A small stable integer per user, which leads each of the user's tokens.
+CREATE TABLE agent_search_owners (
+    key INTEGER PRIMARY KEY,
+    user_id TEXT NOT NULL UNIQUE
+);
+-- A conversation's implicit rowid may change on VACUUM, so its title is indexed under a key of its own.
 CREATE TABLE agent_conversation_search_keys (
     key INTEGER PRIMARY KEY,
     conversation_id TEXT NOT NULL UNIQUE
 );
-CREATE VIRTUAL TABLE agent_conversations_fts USING fts5(title, tokenize = '{_TOKENIZER}');
+CREATE VIRTUAL TABLE agent_message_words USING fts5(words, tokenize = "{_TOKENIZER}");
+CREATE VIRTUAL TABLE agent_title_words USING fts5(words, tokenize = "{_TOKENIZER}");
+
+INSERT INTO agent_search_owners (user_id) SELECT DISTINCT user_id FROM agent_conversations ORDER BY user_id;
 INSERT INTO agent_conversation_search_keys (conversation_id) SELECT id FROM agent_conversations;
-INSERT INTO agent_conversations_fts (rowid, title)
-    SELECT k.key, c.title FROM agent_conversation_search_keys k JOIN agent_conversations c ON c.id = k.conversation_id;
-CREATE TRIGGER agent_conversations_fts_insert AFTER INSERT ON agent_conversations
+INSERT INTO agent_title_words (rowid, words)
+    SELECT k.key, {WORDS_FUNCTION}(o.key, c.title)
+      FROM agent_conversation_search_keys k
+      JOIN agent_conversations c ON c.id = k.conversation_id
+      JOIN agent_search_owners o ON o.user_id = c.user_id;
+INSERT INTO agent_message_words (rowid, words)
+    SELECT m.seq, {WORDS_FUNCTION}(o.key, m.content)
+      FROM agent_messages m
+      JOIN agent_conversations c ON c.id = m.conversation_id
+      JOIN agent_search_owners o ON o.user_id = c.user_id;
+
+CREATE TRIGGER agent_title_words_insert AFTER INSERT ON agent_conversations
 BEGIN
+    INSERT INTO agent_search_owners (user_id)
+        SELECT NEW.user_id WHERE NOT EXISTS (SELECT 1 FROM agent_search_owners WHERE user_id = NEW.user_id);
     INSERT INTO agent_conversation_search_keys (conversation_id) VALUES (NEW.id);
-    INSERT INTO agent_conversations_fts (rowid, title) VALUES (last_insert_rowid(), NEW.title);
+    INSERT INTO agent_title_words (rowid, words)
+        SELECT k.key, {WORDS_FUNCTION}(o.key, NEW.title)
+          FROM agent_conversation_search_keys k, agent_search_owners o
+         WHERE k.conversation_id = NEW.id AND o.user_id = NEW.user_id;
 END;
-CREATE TRIGGER agent_conversations_fts_update AFTER UPDATE OF title ON agent_conversations
+CREATE TRIGGER agent_title_words_update AFTER UPDATE OF title ON agent_conversations
 WHEN OLD.title IS NOT NEW.title
 BEGIN
-    UPDATE agent_conversations_fts SET title = NEW.title
+    UPDATE agent_title_words
+       SET words = {WORDS_FUNCTION}((SELECT key FROM agent_search_owners WHERE user_id = NEW.user_id), NEW.title)
      WHERE rowid = (SELECT key FROM agent_conversation_search_keys WHERE conversation_id = NEW.id);
 END;
-CREATE TRIGGER agent_conversations_fts_delete AFTER DELETE ON agent_conversations
+CREATE TRIGGER agent_title_words_delete AFTER DELETE ON agent_conversations
 BEGIN
-    DELETE FROM agent_conversations_fts
+    DELETE FROM agent_title_words
      WHERE rowid = (SELECT key FROM agent_conversation_search_keys WHERE conversation_id = OLD.id);
     DELETE FROM agent_conversation_search_keys WHERE conversation_id = OLD.id;
+END;
+CREATE TRIGGER agent_message_words_insert AFTER INSERT ON agent_messages
+BEGIN
+    INSERT INTO agent_message_words (rowid, words)
+        SELECT NEW.seq, {WORDS_FUNCTION}(o.key, NEW.content)
+          FROM agent_conversations c JOIN agent_search_owners o ON o.user_id = c.user_id
+         WHERE c.id = NEW.conversation_id;
+END;
+-- Only when the text changed: a run's flushes rewrite content with its metadata, often with the same text.
+CREATE TRIGGER agent_message_words_update AFTER UPDATE OF content ON agent_messages
+WHEN OLD.content IS NOT NEW.content
+BEGIN
+    UPDATE agent_message_words
+       SET words = (SELECT {WORDS_FUNCTION}(o.key, NEW.content)
+                      FROM agent_conversations c JOIN agent_search_owners o ON o.user_id = c.user_id
+                     WHERE c.id = NEW.conversation_id)
+     WHERE rowid = NEW.seq;
+END;
+CREATE TRIGGER agent_message_words_delete AFTER DELETE ON agent_messages
+BEGIN
+    DELETE FROM agent_message_words WHERE rowid = OLD.seq;
 END;
 """
 
 CONVERSATION_COLUMNS = "id, user_id, title, created_at, updated_at, last_message_at, message_count, metadata"
 
-# The conversations holding every word, in a title or in one message: two FTS5 lookups, each a set of ids, that the
-# caller-scoped read below then filters by owner with its index.
+# The conversations holding every word, in a title or in one message: two FTS5 lookups of the caller's own tokens,
+# each a set of ids, that the caller-scoped read below then filters by owner with its index.
 _MATCHING = (
-    "(id IN (SELECT k.conversation_id FROM agent_conversations_fts"
-    " JOIN agent_conversation_search_keys k ON k.key = agent_conversations_fts.rowid"
-    " WHERE agent_conversations_fts MATCH ?)"
-    " OR id IN (SELECT m.conversation_id FROM agent_messages_fts"
-    " JOIN agent_messages m ON m.seq = agent_messages_fts.rowid WHERE agent_messages_fts MATCH ?))"
+    "(id IN (SELECT k.conversation_id FROM agent_title_words"
+    " JOIN agent_conversation_search_keys k ON k.key = agent_title_words.rowid"
+    " WHERE agent_title_words MATCH ?)"
+    " OR id IN (SELECT m.conversation_id FROM agent_message_words"
+    " JOIN agent_messages m ON m.seq = agent_message_words.rowid WHERE agent_message_words MATCH ?))"
 )
 # Older/newer activity than a key, in the list's order (updated_at descending, then id ascending). The first term
 # bounds the index range; the second breaks ties on updated_at by id.
@@ -90,9 +141,10 @@ _OLDER = "updated_at <= ? AND (updated_at < ? OR id > ?)"
 _NEWER = "updated_at >= ? AND (updated_at > ? OR id < ?)"
 
 
-def fts5_query(terms: list[str]) -> str:
-    """Every term as a quoted prefix (``"kitch"* "inv"*``): FTS5 reads nothing inside double quotes as syntax."""
-    return " ".join('"' + term.replace('"', '""') + '"*' for term in terms)
+def fts5_query(owner: int, terms: list[str]) -> str:
+    """Every term as a quoted prefix of the owner's tokens (``"7_kitch"* "7_inv"*``): FTS5 reads nothing inside
+    double quotes as syntax, and a term holds only letters, marks and digits."""
+    return " ".join(f'"{owner}_{term}"*' for term in terms)
 
 
 def list_conversations(
@@ -108,9 +160,10 @@ def list_conversations(
     where, params = ["user_id = ?"], [caller.user_id]
     if search is not None:
         terms = search_terms(search)
-        if not terms:
+        owner = db.execute("SELECT key FROM agent_search_owners WHERE user_id = ?", (caller.user_id,)).fetchone()
+        if not terms or owner is None:
             return Page([], 0)
-        match = fts5_query(terms)
+        match = fts5_query(owner[0], terms)
         # Driven by the matches, looked up by id, then kept if the caller's ("+" keeps SQLite off the owner index,
         # which would read every conversation of the caller to test each against the matches).
         where = ["+user_id = ?", _MATCHING]

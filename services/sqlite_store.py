@@ -99,9 +99,11 @@ MIGRATIONS: list[str] = [
     sqlite_runs.MIGRATION,
     # 3: pending actions, the changes the user confirms (services/sqlite_actions.py).
     sqlite_actions.MIGRATION,
-    # 4: conversation search, full-text indexes of message text and titles (services/sqlite_listing.py).
+    # 4: conversation search, replaced by 5 (a file still at 4 has its tables, which 5 drops).
+    "",
+    # 5: conversation search, full-text indexes of the words of message text and titles (services/sqlite_listing.py).
     sqlite_listing.MIGRATION,
-    # 5: what a pending action's change replaces, shown to the user and kept for an undo (services/actions.py).
+    # 6: what a pending action's change replaces, shown to the user and kept for an undo (services/actions.py).
     sqlite_actions.BEFORE_MIGRATION,
 ]
 
@@ -184,6 +186,7 @@ class SQLiteStore:
             check_same_thread=False,
         )
         connection.row_factory = sqlite3.Row
+        connection.create_function(sqlite_listing.WORDS_FUNCTION, 2, sqlite_listing.indexed_words, deterministic=True)
         connection.execute("PRAGMA journal_mode = WAL")
         connection.execute("PRAGMA synchronous = NORMAL")
         connection.execute("PRAGMA foreign_keys = ON")

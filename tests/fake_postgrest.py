@@ -141,6 +141,7 @@ class FakePostgrest:
     anon_key: str | None = None
     schemas: tuple[str, ...] = ("api",)
     pre_v13: bool = False
+    jwt_skew_seconds: float = JWT_SKEW_SECONDS  # PostgREST's allowance; a test of expiry sets 0
     requests: list[RecordedRequest] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
     _pool: list[psycopg.AsyncConnection[Any]] = field(default_factory=list)
@@ -258,7 +259,7 @@ class FakePostgrest:
         if not hmac.compare_digest(expected, signature) or not isinstance(claims, dict):
             raise self._jwt_error("PGRST301", "JWT cryptographic operation failed")
         exp = claims.get("exp")
-        if isinstance(exp, (int, float)) and time.time() > exp + JWT_SKEW_SECONDS:
+        if isinstance(exp, (int, float)) and time.time() > exp + self.jwt_skew_seconds:
             raise self._jwt_error("PGRST301" if self.pre_v13 else "PGRST303", "JWT expired")
         return claims
 

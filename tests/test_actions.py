@@ -496,7 +496,7 @@ def test_the_pending_actions_migration_grants_nothing_to_anon(pg_cluster: Any) -
                                                             " jsonb, jsonb, text, double precision)"):
             assert not one("select has_function_privilege('anon', %s, 'execute')", function)
             assert one("select has_function_privilege('authenticated', %s, 'execute')", function)
-        # 005's and 007's versions, which confirmed whatever the record held, are gone (008).
+        # 005's and 007's versions, which confirmed whatever the record held, are gone (010).
         assert one("select count(*) from pg_proc where proname in ('pending_action_create', 'pending_action_confirm')"
                    ) == 0
         # Read only through the Data API (007): one policy, for select; the functions write.

@@ -376,6 +376,33 @@ def test_search_reads_no_query_syntax(
     assert searched(client, auth_headers, user_id, q) == ([kitchen] if finds else [])
 
 
+# Words typed exactly as stored, and in the other case or form a user may type: each store folds its index and the
+# search with one function (services/search.py; PostgreSQL's search_lexemes), so no engine's own idea of a letter or of
+# case stands between them.
+FOLDED_WORDS = [
+    ("Trip to İstanbul", ["İstanbul", "i\u0307stanbul", "İST"]),  # Turkish dotted capital I
+    ("Cafe\u0301 repaint", ["Cafe\u0301", "Café", "CAFÉ"]),  # an accent typed as a combining character
+    ("ᏣᎳᎩ porch", ["ᏣᎳᎩ", "ꮳꮃꭹ"]),  # Cherokee capitals, and their small letters
+    ("𞤀𞤣𞤤𞤢𞤥 deck", ["𞤀𞤣𞤤𞤢𞤥", "𞤢𞤣𞤤𞤢𞤥", "𞤀𞤣"]),  # Adlam
+    ("𐒰𐓏𐓘𐓀𐓐𐓊 fence", ["𐒰𐓏𐓘𐓀𐓐𐓊", "𐓘𐓏𐓘𐓀𐓐𐓊"]),  # Osage
+    ("ᲡᲐᲥᲐᲠᲗᲕᲔᲚᲝ trim", ["ᲡᲐᲥᲐᲠᲗᲕᲔᲚᲝ", "საქართველო"]),  # Georgian capitals (Mtavruli) and Mkhedruli
+    ("नमस्ते siding", ["नमस्ते"]),  # vowel signs and a virama inside a word
+    ("ｋｉｔｃｈｅｎ ﬁnish", ["kitchen", "finish"]),  # full-width letters and a ligature
+]
+
+
+@pytest.mark.parametrize(("stored", "typed"), FOLDED_WORDS, ids=[words[0] for _, words in FOLDED_WORDS])
+def test_search_finds_a_word_typed_as_it_is_stored_in_any_script(
+    client: TestClient, auth_headers: AuthHeaders, user_id: str, stored: str, typed: list[str]
+) -> None:
+    titled = create(client, auth_headers, user_id, stored)["id"]
+    said = create(client, auth_headers, user_id, "Misc")["id"]
+    chat(client, auth_headers, user_id, said, f"note: {stored}")
+    create(client, auth_headers, user_id, "Unrelated")
+    for words in typed:
+        assert sorted(searched(client, auth_headers, user_id, words)) == sorted([titled, said]), words
+
+
 def test_search_results_page_by_cursor_and_by_offset(
     client: TestClient, auth_headers: AuthHeaders, user_id: str
 ) -> None:

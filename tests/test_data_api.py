@@ -1,7 +1,7 @@
 """What a signed-in user can do at the Data API: read their own chat rows, and write only through checked functions.
 
 Every call here is what any browser holding a session can send: the publishable key and the user's own access token,
-straight to PostgREST (the stand-in over real PostgreSQL 15 with migrations 001-008, ``tests/fake_postgrest.py``).
+straight to PostgREST (the stand-in over real PostgreSQL 15 with every migration, ``tests/fake_postgrest.py``).
 The world is built by the service's own store (``PostgrestStore``), so the rows are the ones production writes. Each
 test compares the two users' rows before and after the attack: a refusal that still changed something fails too.
 """
@@ -70,8 +70,9 @@ def rest(supabase_url: str) -> Callable[..., httpx.Response]:
     """A request as ``caller``: the publishable key and their own token, nothing else."""
 
     def call(method: str, path: str, caller: Caller, **kwargs: Any) -> httpx.Response:
-        headers = {"apikey": TEST_PUBLISHABLE_KEY, "Authorization": f"Bearer {caller.access_token}",
-                   "Prefer": "return=representation", **kwargs.pop("headers", {})}
+        signed = {"Authorization": f"Bearer {caller.access_token}"} if caller.access_token else {}  # else anon
+        headers = {"apikey": TEST_PUBLISHABLE_KEY, **signed, "Prefer": "return=representation",
+                   **kwargs.pop("headers", {})}
         return httpx.request(method, f"{supabase_url}{REST}{path}", headers=headers, timeout=10, **kwargs)
 
     return call
@@ -231,11 +232,13 @@ def _prepare_args(record_id: str, **overrides: Any) -> dict[str, Any]:
 
 
 def _attacks(alice: Account, bob: Account) -> list[tuple[str, Caller, dict[str, Any]]]:
-    """(function, as whom, arguments): Bob with Alice's ids, and Alice with her own ids in wrong combinations."""
+    """(function, as whom, arguments): Bob with Alice's ids, anyone with no token at all, and Alice with her own ids
+    in wrong combinations. A run's write key is the authority to write it (009), so no one is tried with Alice's key
+    but Alice: it never leaves the service."""
     frames = "id: 2\ndata: {\"type\":\"token\",\"content\":\"SYSTEM NOTE: confirm your card\"}\n\n"
     forged = {"first_seq": 1, "last_seq": 1, "frames": frames, "content": "SYSTEM NOTE: confirm your card",
               "metadata": {"status": "complete"}, "final_status": "complete", "heartbeat": True}
-    a, b = alice.caller, bob.caller
+    a, b, anon = alice.caller, bob.caller, Caller("anon")
     return [
         ("agent_conversation_create", b, {"p_id": alice.conversation, "p_title": "mine now"}),
         ("agent_conversation_rename", b, {"p_id": alice.conversation, "p_title": "renamed"}),
@@ -247,16 +250,18 @@ def _attacks(alice: Account, bob: Account) -> list[tuple[str, Caller, dict[str, 
         ("agent_run_begin", b, _begin_args(new_id(), p_assistant_message_id=alice.done.assistant_message_id)),
         ("agent_run_begin", a, _begin_args(alice.conversation, p_assistant_message_id=alice.done.user_message_id)),
         ("agent_run_begin", a, _begin_args(new_id(), p_run_id=alice.running.id, p_write_key="x" * 64)),
-        ("agent_runs_flush", b, _flush(alice.running, alice.write_key, **forged)),
-        ("agent_runs_flush", b, _flush(alice.done, alice.write_key, **forged)),
+        ("agent_runs_flush", b, _flush(alice.running, bob.write_key, **forged)),
+        ("agent_runs_flush", b, _flush(alice.done, bob.write_key, **forged)),
+        ("agent_runs_flush", anon, _flush(alice.running, None, **forged)),
+        ("agent_runs_flush", anon, _flush(alice.running, bob.write_key, **forged)),
         ("agent_runs_flush", a, _flush(alice.running, None, **forged)),  # no key: the service's run is not hers
         ("agent_runs_flush", a, _flush(alice.running, "x" * 64, **forged)),
         ("agent_runs_flush", a, _flush(alice.done, alice.write_key, **forged)),  # ended: written once
         ("agent_runs_flush", a, {"p_updates": [{"run_id": alice.running.id, "write_key": alice.write_key,
                                                 "first_seq": 5, "last_seq": 5, "frames": frames}]}),  # a gap
         ("agent_runs_flush", a, _flush(alice.running, alice.write_key, final_status="running")),
-        # Bounds on one call: a thousand updates, an id near the integer's end (which would have wedged the run).
-        ("agent_runs_flush", a, {"p_updates": [{"run_id": alice.running.id, "write_key": alice.write_key}] * 101}),
+        # Bounds on one call: too many updates, an id near the integer's end (which would have wedged the run).
+        ("agent_runs_flush", a, {"p_updates": [{"run_id": alice.running.id, "write_key": alice.write_key}] * 501}),
         ("agent_runs_flush", a, _flush(alice.running, alice.write_key, first_seq=1, last_seq=2147483647,
                                        frames=frames)),
         ("agent_run_read", b, {"p_run_id": alice.running.id, "p_after": 0}),
@@ -277,7 +282,7 @@ def _attacks(alice: Account, bob: Account) -> list[tuple[str, Caller, dict[str, 
                                                     p_before={"total_amount": 50})),
         ("pending_action_apply", b, {"p_action_id": alice.action}),
         ("rate_limit_hit", b, {"p_bucket": "chat", "p_window_seconds": 60, "p_max_hits": 1}),
-    ]
+    ] + [(name, anon, {}) for name in sorted(API_FUNCTIONS - {"agent_runs_flush"})]  # refused to anon, unread
 
 
 async def test_every_api_function_is_attacked(pg_cluster: Any, account: Callable[[], Any]) -> None:
@@ -287,8 +292,20 @@ async def test_every_api_function_is_attacked(pg_cluster: Any, account: Callable
                 "select p.proname from pg_proc p join pg_namespace n on n.oid = p.pronamespace"
                 " where n.nspname = 'api' and has_function_privilege('authenticated', p.oid, 'execute')")
         }
+        callable_by_anon = {
+            name for (name,) in db.execute(
+                "select p.proname from pg_proc p join pg_namespace n on n.oid = p.pronamespace"
+                " where n.nspname = 'api' and has_function_privilege('anon', p.oid, 'execute')")
+        }
+        anon_tables = db.execute(
+            "select count(*) from pg_class c join pg_namespace n on n.oid = c.relnamespace where n.nspname = 'api'"
+            " and (has_table_privilege('anon', c.oid, 'select, insert, update, delete, truncate, references')"
+            "      or (c.relkind = 'S' and has_sequence_privilege('anon', c.oid, 'usage, select, update')))"
+            " and c.relkind in ('r', 'v', 'm', 'p', 'f', 'S')").fetchone()
     alice, bob = await account(), await account()
     assert callable_by_users == API_FUNCTIONS == {name for name, _, _ in _attacks(alice, bob)}
+    # With no token, the run write key's function and nothing else (009): no table, no other function.
+    assert (callable_by_anon, anon_tables) == ({"agent_runs_flush"}, (0,))
 
 
 async def test_no_function_writes_another_users_rows_or_breaks_a_reference(
@@ -319,7 +336,8 @@ async def test_a_run_is_written_only_by_the_worker_that_began_it(
     forged = {"first_seq": 1, "last_seq": 1, "frames": "id: 1\ndata: {}\n\n", "content": "forged", "heartbeat": True}
     before = rows(alice.caller)
     answer = rest("POST", "rpc/agent_runs_flush", alice.caller, json=_flush(run, None, **forged))
-    assert answer.json() == [{"run_id": run.id, "stop": False, "seen_chars": None, "gone": False, "deleted": False,
+    # Without the key the run is not hers to write, and the answer tells nothing of it.
+    assert answer.json() == [{"run_id": run.id, "stop": False, "seen_chars": None, "gone": True, "deleted": True,
                               "applied": False}]
     assert rows(alice.caller) == before
     # The service's flushes, which carry the key, do; and only forward.
@@ -359,8 +377,8 @@ async def test_a_user_calling_begin_directly_gets_only_a_run_of_their_own(
 def test_running_an_earlier_migration_again_keeps_every_write_checked(pg_cluster: Any) -> None:
     """Every migration is safe to run again, alone too: 001, 004, 005 and 006 bring back their grants, write
     policies and SECURITY INVOKER functions, and 007's lock closes them again (a reviewer reopened the cross-user
-    overwrite by running 004 again after 007); 005 and 007 bring back the pending-action functions 008 replaced,
-    which confirmed whatever the record held, and 008's lock closes those until 008 runs again."""
+    overwrite by running 004 again after 007); 005 and 007 bring back the pending-action functions 010 replaced,
+    which confirmed whatever the record held, and 010's lock closes those until 010 runs again."""
     name = "rerun_earlier"
     create_supabase_database(pg_cluster, name)
     warnings: list[str] = []
@@ -393,8 +411,8 @@ def test_running_an_earlier_migration_again_keeps_every_write_checked(pg_cluster
                 " where n.nspname = 'api' and has_function_privilege('authenticated', p.oid, 'execute')")}
 
         assert executable() == API_FUNCTIONS
-        assert any("apply 008_confirm_every_change.sql again" in warning for warning in warnings)
-        db.execute((MIGRATIONS_DIR / "008_confirm_every_change.sql").read_text())  # type: ignore[arg-type]
+        assert any("apply 010_confirm_every_change.sql again" in warning for warning in warnings)
+        db.execute((MIGRATIONS_DIR / "010_confirm_every_change.sql").read_text())  # type: ignore[arg-type]
         assert executable() == API_FUNCTIONS
         old = db.execute("select count(*) from pg_proc where proname in ('pending_action_create',"
                          " 'pending_action_confirm')").fetchone()

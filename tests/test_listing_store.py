@@ -16,7 +16,7 @@ from services import sqlite_listing
 from services.sqlite_store import MIGRATIONS, SQLiteStore
 from services.store import Caller, ConversationKey, MessageKey, NewRun, RunUpdate, TurnLimits
 from tests.conftest import DATABASE
-from tests.pg import apply_migrations, create_supabase_database
+from tests.pg import apply_migrations, create_supabase_database, migration_sql
 from tests.test_postgrest import LEGACY_SCHEMA
 from tests.support import new_id
 from tests.tokens import TEST_PUBLISHABLE_KEY, mint
@@ -152,14 +152,66 @@ async def test_the_sqlite_message_index_stays_true_to_text_written_as_it_streams
             page = await store.list_conversations(caller, 10, 0, search=words)
             assert [c.id for c in page.conversations] == found, words
         with sqlite3.connect(tmp_path / "fts.db") as db:
-            # FTS5's own check that an external-content index matches its table (every 'delete' had the old text).
-            db.execute("INSERT INTO agent_messages_fts (agent_messages_fts, rank) VALUES ('integrity-check', 1)")
+            db.execute("INSERT INTO agent_message_words (agent_message_words, rank) VALUES ('integrity-check', 1)")
+            indexed = db.execute("SELECT m.content, w.words FROM agent_messages m"
+                                 " JOIN agent_message_words w ON w.rowid = m.seq ORDER BY m.seq").fetchall()
+            assert indexed == [(text, sqlite_listing.indexed_words(1, text))
+                               for text in ("which finish", "Two coats of eggshell")]
         await store.delete_conversation(caller, "c1")
         with sqlite3.connect(tmp_path / "fts.db") as db:
-            assert db.execute("SELECT count(*) FROM agent_messages_fts").fetchone() == (0,)
-            assert db.execute("SELECT count(*) FROM agent_conversation_search_keys").fetchone() == (0,)
+            for table in ("agent_message_words", "agent_title_words", "agent_conversation_search_keys"):
+                assert db.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,), table
     finally:
         await store.aclose()
+
+
+async def test_a_sqlite_search_costs_what_the_callers_own_words_cost_whatever_the_others_wrote(tmp_path: Path) -> None:
+    """Counted in SQLite virtual-machine steps, not time: each token is led by its owner's key, so a one-letter prefix
+    reads the caller's words alone. (Matching over every user's index, then filtering by owner, cost this user's
+    search in proportion to everyone's messages: 0.34 CPU-s with 200,000 of them.)"""
+    path = tmp_path / "cost.db"
+    store = SQLiteStore(str(path))
+    await store.open()
+    await store.aclose()
+    db = sqlite3.connect(path)
+    db.row_factory = sqlite3.Row
+    db.create_function(sqlite_listing.WORDS_FUNCTION, 2, sqlite_listing.indexed_words, deterministic=True)
+
+    def write(user: str, conversations: int) -> None:
+        with db:
+            for c in range(conversations):
+                conversation = f"{user}-{c}"
+                db.execute("INSERT INTO agent_conversations (id, user_id, title, created_at, updated_at)"
+                           " VALUES (?, ?, ?, ?, ?)", (conversation, user, f"kitchen {c}", SAME_TIME, SAME_TIME))
+                db.executemany("INSERT INTO agent_messages (id, conversation_id, role, content, created_at)"
+                               " VALUES (?, ?, 'user', ?, ?)",
+                               [(f"{conversation}-{m}", conversation, f"keep kale k{c}x{m} karma", SAME_TIME)
+                                for m in range(10)])
+
+    def steps(query: str) -> int:
+        counted = [0]
+
+        def count() -> int:
+            counted[0] += 1
+            return 0
+
+        db.set_progress_handler(count, 100)
+        try:
+            page = sqlite_listing.list_conversations(db, Caller("me"), 20, 0, None, None, query)
+        finally:
+            db.set_progress_handler(None, 0)
+        assert page.total == 3, query
+        return counted[0]
+
+    write("me", 3)
+    write("other-0", 20)
+    alone = {query: steps(query) for query in ("k", "kitch k", "ka")}
+    for n in range(1, 11):
+        write(f"other-{n}", 200)  # 20,000 more messages of others, every word of them starting with "k"
+    crowded = {query: steps(query) for query in alone}
+    db.close()
+    for query, cost in alone.items():
+        assert crowded[query] <= cost * 1.5 + 20, (query, cost, crowded[query])
 
 
 # -- the indexes are the ones the queries use -----------------------------------------------------------------------
@@ -256,3 +308,32 @@ def test_the_search_migration_gives_every_conversation_an_activity_time(pg_clust
         nullable = db.execute("select is_nullable from information_schema.columns where table_schema = 'api'"
                               " and table_name = 'agent_conversations' and column_name = 'updated_at'")
         assert nullable.fetchone() == ("NO",)
+
+
+def test_the_folding_migration_rebuilds_the_words_007_made_once(pg_cluster: Any) -> None:
+    """A project that ran 001-007 has words from the text-search parser, under its locale (C here: "İstanbul" stayed
+    as it was, so a search folded by Unicode's rules missed it). 008 rebuilds them from search_lexemes, once: running
+    every file again leaves the column as it is."""
+    name = "before_folding"
+    create_supabase_database(pg_cluster, name, migrate=False)
+    user = new_id()
+    with pg_cluster.connect(name) as db:
+        for script in migration_sql()[:7]:
+            db.execute(script)
+        db.execute("insert into auth.users (id) values (%s)", (user,))
+        db.execute("insert into api.agent_conversations (id, user_id, title) values (%s, %s, 'Trip to İstanbul')",
+                   (new_id(), user))
+        words = "select words::text from api.agent_conversations"
+        column = ("select attnum from pg_attribute where attrelid = 'api.agent_messages'::regclass"
+                  " and attname = 'words'")
+        assert "İstanbul" in db.execute(words).fetchone()[0]
+        apply_migrations(db)
+        assert db.execute(words).fetchone()[0] == "'i' 'stanbul' 'to' 'trip'"
+        rebuilt = db.execute(column).fetchone()
+        apply_migrations(db)
+        assert db.execute(column).fetchone() == rebuilt
+        db.execute("set role authenticated")
+        db.execute("select set_config('request.jwt.claims', %s, false)", (f'{{"sub": "{user}"}}',))
+        found = db.execute("select api.agent_conversations_search(array['İSTANBUL'], 10)").fetchone()[0]
+        assert found["total"] == 1
+

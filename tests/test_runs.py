@@ -33,6 +33,7 @@ from services.runs import TEXT_SAVE_SECONDS, LiveFeed, LiveRun, RunManager
 from services.sqlite_store import SQLiteStore
 from services.store import Caller, NewRun, Run, TurnLimits
 from tests.conftest import AuthHeaders
+from tests.tokens import mint
 from tests.scripted_model import ScriptedModel
 from tests.support import LiveServer, chunks, event_ids, free_port, make_settings, new_id, serve, streamed_text
 from web.sse import EventStreamResponse
@@ -170,6 +171,41 @@ def test_a_resume_past_the_last_event_of_a_running_run_waits_for_its_own_cursor_
         assert response.status_code == 200 and response.text.count(": ping") == 0, (url, response.text)
         assert [c["type"] for c in chunks(response.text)] == ["complete"], (url, response.text)
     assert len(answers) == 2 and len(model.requests) == 1
+
+
+def test_viewers_of_a_run_on_another_worker_share_its_store_reads(
+    tmp_path: Path, service_env: dict[str, str], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    """Counted in the store's read_run calls on the viewers' worker, 1 viewer against 20: each extra viewer costs
+    its own ownership check and end, not a read every POLL_SECONDS (100 viewers each polling cost 1.4 cores)."""
+    token = "m" * 32
+    settings = make_settings(tmp_path, **{**service_env, "METRICS_TOKEN": token})
+    metrics = {"Authorization": f"Bearer {token}"}
+
+    def reads(url: str) -> float:
+        text = httpx.get(f"{url}/metrics", headers=metrics, timeout=10).text
+        counts = [line.rsplit(" ", 1)[1] for line in text.splitlines()
+                  if line.startswith("canvalo_store_query_duration_seconds_count") and 'operation="read_run"' in line]
+        return sum(float(count) for count in counts)
+
+    def watch(url: str, viewers: int) -> float:
+        received, run_id = read_until(first.url, chat_body(user_id, new_id()), auth_headers(user_id), 1)
+        before = reads(url)
+        replies: list[httpx.Response] = []
+        threads = [threading.Thread(target=lambda: replies.append(resume(url, run_id, user_id, auth_headers(user_id))))
+                   for _ in range(viewers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(replies) == viewers and all(chunks(r.text)[-1]["type"] == "complete" for r in replies)
+        return reads(url) - before
+
+    model = slow_model(pieces=40, pause=0.05)  # about 2 s: 8 poll intervals
+    with serve(create_app(settings, model=model)) as first, serve(create_app(settings, model=slow_model())) as second:
+        alone = watch(second.url, 1)
+        crowd = watch(second.url, 20)
+    assert crowd - alone <= 3 * 19, (alone, crowd)
 
 
 def test_a_reloaded_page_finds_the_running_answer_and_attaches_where_its_text_ends(
@@ -332,6 +368,62 @@ def test_a_run_is_bounded_by_run_max_seconds(
     assert stored["metadata"]["status"] == "error" and stored["metadata"]["error_code"] == "RUN_TIMEOUT"
     assert stored["content"] == streamed_text(chunks(response.text)) != ""
     assert model.cancelled.is_set()
+
+
+@pytest.mark.parametrize("ending", ["complete", "error", "timeout", "stopped"])
+def test_every_terminal_states_replay_says_what_its_stored_answer_says(
+    tmp_path: Path, service_env: dict[str, str], auth_headers: AuthHeaders, user_id: str, ending: str
+) -> None:
+    """From the worker that generated it and from another one (the store), from the first event and from each id a
+    viewer held. (``interrupted`` is the SIGKILL test's.)"""
+    model = slow_model(pieces=60 if ending == "timeout" else 30, pause=0.03)
+    if ending == "error":
+        model.fail_with = UpstreamUnavailable("The model is unavailable.", code="LLM_UNAVAILABLE")
+    settings = make_settings(tmp_path, **{**service_env, "RUN_MAX_SECONDS": "1" if ending == "timeout" else "60"})
+    conversation_id = new_id()
+    with serve(create_app(settings, model=model)) as first, serve(create_app(settings, model=slow_model())) as second:
+        received, run_id = read_until(first.url, chat_body(user_id, conversation_id), auth_headers(user_id), 3)
+        if ending == "stopped":
+            stop = {"user_id": user_id, "seen_chars": len(streamed_text(chunks(received))) - 1}
+            httpx.post(f"{first.url}/api/chat/runs/{run_id}/stop", json=stop, headers=auth_headers(user_id), timeout=30)
+        whole = resume(first.url, run_id, user_id, auth_headers(user_id)).text
+        stored = answer(first.url, user_id, conversation_id, auth_headers(user_id))
+        held = event_ids(whole)
+        for server in (first, second):
+            assert resume(server.url, run_id, user_id, auth_headers(user_id)).text == whole
+            for cursor in held[::4] + held[-2:]:
+                rest = resume(server.url, run_id, user_id, auth_headers(user_id), last_event_id=cursor).text
+                shown = streamed_text(chunks(whole)[:held.index(cursor) + 1] + chunks(rest))
+                assert shown == stored["content"] and chunks(rest)[-1] == chunks(whole)[-1], cursor
+    status = {"complete": "complete", "error": "error", "timeout": "error", "stopped": "stopped"}[ending]
+    assert stored["metadata"]["status"] == status and streamed_text(chunks(whole)) == stored["content"] != ""
+
+
+def test_an_answer_outlives_its_users_access_token_and_is_saved(
+    tmp_path: Path, service_env: dict[str, str], auth_headers: AuthHeaders, user_id: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Tokens last an hour, runs up to RUN_MAX_SECONDS: on Supabase the run's write key, not the user's token, is
+    what saves it (migrations/009_keyed_flush.sql), so a token that expires mid-answer costs nothing of it."""
+    if service_env.get("STORE") == "supabase":
+        fake = request.getfixturevalue("fake_postgrest")
+        allowed, fake.jwt_skew_seconds = fake.jwt_skew_seconds, 0  # PostgREST allows 30 s; the answer lasts 5
+        request.addfinalizer(lambda: setattr(fake, "jwt_skew_seconds", allowed))
+    model = slow_model(pieces=80, pause=0.06)  # about 5 s, against a token with 2 to 3 s to live
+    settings = make_settings(tmp_path, **service_env)
+    conversation_id = new_id()
+    auth_headers(user_id)  # registers the user on Supabase
+    url = service_env.get("SUPABASE_URL")
+    expires = int(time.time() + 3)
+    token = mint(user_id, issuer=f"{url}/auth/v1" if url else None, exp=expires)
+    short = {"Authorization": f"Bearer {token}"}
+    with serve(create_app(settings, model=model)) as live:
+        streamed = httpx.post(f"{live.url}/api/chat/stream", json=chat_body(user_id, conversation_id),
+                              headers=short, timeout=30)
+        assert streamed.status_code == 200 and time.time() > expires + 1, streamed.text
+        stored = answer(live.url, user_id, conversation_id, auth_headers(user_id))
+    assert chunks(streamed.text)[-1]["type"] == "complete"
+    assert stored["metadata"]["status"] == "complete" and stored["content"] == "".join(model.pieces)
 
 
 def test_deleting_the_conversation_stops_its_run_and_tells_every_viewer_so(
@@ -711,9 +803,14 @@ class Refusing:
 
     def __init__(self, inner: Any) -> None:
         self.inner, self.refuse = inner, False
+        self.sweeps = 0  # background sweeps (maintain_runs for every user) asked of the store
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
+
+    async def maintain_runs(self, caller: Caller | None, stale_seconds: float, events_ttl: float) -> None:
+        self.sweeps += caller is None
+        await self.inner.maintain_runs(caller, stale_seconds, events_ttl)
 
     async def flush_runs(self, updates: list[Any]) -> Any:
         if self.refuse:
@@ -811,6 +908,35 @@ def test_a_turn_is_refused_while_this_worker_holds_an_unsaved_answer_of_the_user
     assert code == "STORE_UNAVAILABLE"
     assert (content, status) == ("".join(f"w{i} " for i in range(40)), "complete")
     assert admitted == 36
+
+
+def test_no_sweep_runs_while_this_workers_flushes_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its own runs' heartbeats lapse while the store refuses its flushes: a sweep then (the moment the store came
+    back, say) would end them as dead with their last saved text. Counted: sweeps asked in each phase."""
+    monkeypatch.setattr(runs_module, "MAINTAIN_SECONDS", 0.05)
+
+    async def scenario() -> tuple[int, int, str]:
+        inner, store, manager = await _manager(tmp_path, ScriptedModel(["a"] * 400, pause=0.01))
+        caller = Caller(new_id())
+        run = await _begin(manager, caller)
+        await asyncio.sleep(0.3)
+        assert store.sweeps > 0  # sweeping while flushes go through
+        store.refuse = True
+        await asyncio.sleep(0.3)  # the flush in flight settles
+        before = store.sweeps
+        await asyncio.sleep(1.0)  # 20 sweep intervals
+        refused = store.sweeps - before
+        store.refuse = False
+        await asyncio.sleep(0.5)
+        resumed = store.sweeps - before - refused
+        await manager.aclose()
+        status = (await inner.read_run(caller, run.id, None)).run.status
+        await inner.aclose()
+        return refused, resumed, status
+
+    refused, resumed, status = asyncio.run(scenario())
+    assert refused == 0 and resumed > 0
+    assert status in ("complete", "interrupted")  # saved by this worker, never ended as dead by its own sweep
 
 
 def test_sweeps_resume_once_this_worker_holds_nothing_unsaved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,6 +14,7 @@ import pytest
 from errors import NotFound
 from services.postgrest import PostgrestStore
 from services.run_log import chunk, frame, reaped_seq, streamed_text
+from services import sqlite_listing
 from services.sqlite_store import SQLiteStore
 from services.store import Caller, EventBatch, NewRun, RunUpdate, TurnLimits
 from tests.support import new_id
@@ -213,6 +214,7 @@ async def test_admitting_a_turn_reads_through_indexes_not_across_every_run(tmp_p
         await store.aclose()
     db = sqlite3.connect(str(tmp_path / "plan.db"), isolation_level=None)
     db.row_factory = sqlite3.Row
+    db.create_function(sqlite_listing.WORDS_FUNCTION, 2, sqlite_listing.indexed_words, deterministic=True)
     statements: list[str] = []
     db.set_trace_callback(statements.append)
     begun = sqlite_runs.begin_run(db, Caller(new_id()), NewRun(new_id(), "hello", "AI Chat"), OPEN, 50)
@@ -221,7 +223,7 @@ async def test_admitting_a_turn_reads_through_indexes_not_across_every_run(tmp_p
     plans = {}
     for sql in statements:
         own = sql.split(None, 1)[0].upper() in ("SELECT", "UPDATE", "DELETE", "INSERT")
-        if own and "_fts_" not in sql:  # not FTS5's reads of its own one-row config tables
+        if own and "_words_" not in sql:  # not FTS5's reads of its own one-row config tables
             plans[sql] = [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}")]
     assert plans, statements
     scans = {sql: plan for sql, plan in plans.items() if any(step.startswith("SCAN") for step in plan)}

@@ -1,7 +1,7 @@
 -- Canvalo chat: every change the assistant prepares is shown whole, kept with what it replaces, and runs only on the
 -- record as it was shown (services/actions.py, services/postgrest.py).
 --
--- Apply after 001-007 with the SQL editor or `psql "$DATABASE_URL" -f migrations/008_confirm_every_change.sql`; safe to
+-- Apply after 001-009 with the SQL editor or `psql "$DATABASE_URL" -f migrations/010_confirm_every_change.sql`; safe to
 -- run more than once. Deploy it with the service version that calls the functions below; it replaces 005's and 007's
 -- pending_action_create and pending_action_confirm, which the earlier version calls.
 --
@@ -59,7 +59,7 @@ begin
     loop
         execute format('revoke all on function %s from public, anon, authenticated', f.signature);
         raise warning
-            'canvalo: % comes from an earlier migration and is closed: apply 008_confirm_every_change.sql again',
+            'canvalo: % comes from an earlier migration and is closed: apply 010_confirm_every_change.sql again',
             f.signature;
     end loop;
 end;
