@@ -105,6 +105,8 @@ class Settings:
     rate_limit_api_per_minute: int = 120
     rate_limit_window_seconds: int = 60  # the *_PER_MINUTE limits apply per window; tests shorten it
     max_streams_per_user: int = 3
+    auth_lookups_per_minute: int = 600  # calls to Supabase Auth per worker per window, for tokens not in its cache
+    auth_lookup_concurrency: int = 10  # calls to Supabase Auth one worker has in flight at once
     metrics_token: Secret = _secret()  # GET /metrics is off (404) until this is set
     metrics_dir: str = ""  # per-worker snapshots merged at scrape; required with several workers
 
@@ -173,6 +175,8 @@ class Settings:
             (self.rate_limit_api_per_minute >= 1, "RATE_LIMIT_API_PER_MINUTE must be at least 1"),
             (1 <= self.rate_limit_window_seconds <= 3600, "RATE_LIMIT_WINDOW_SECONDS must be between 1 and 3600"),
             (self.max_streams_per_user >= 1, "MAX_STREAMS_PER_USER must be at least 1"),
+            (self.auth_lookups_per_minute >= 1, "AUTH_LOOKUPS_PER_MINUTE must be at least 1"),
+            (self.auth_lookup_concurrency >= 1, "AUTH_LOOKUP_CONCURRENCY must be at least 1"),
             (str(self.metrics_token) == "" or len(str(self.metrics_token)) >= 16, "METRICS_TOKEN must be at least 16 characters"),
         ]
         return [message for ok, message in checks if not ok]
