@@ -39,7 +39,9 @@ def is_closed(sock: socket.socket) -> bool:
         return True
 
 
-def count_closed(sockets: list[socket.socket], expected: int, within: float, trickle: list[socket.socket] = []) -> int:
+def count_closed(
+    sockets: list[socket.socket], expected: int, within: float, trickle: tuple[socket.socket, ...] = ()
+) -> int:
     """How many of ``sockets`` the server has closed, once ``expected`` are or ``within`` seconds pass. Meanwhile
     each socket of ``trickle`` sends one more header line every 0.1 s, as a slow client would."""
     deadline = time.monotonic() + within
@@ -85,7 +87,7 @@ def test_connections_that_do_not_complete_a_request_head_in_time_are_closed(tmp_
                 assert served_request(sock).startswith(b"HTTP/1.1 200")
             for sock in later:
                 sock.sendall(b"GET / HTTP/1.1\r\n")
-            closed = count_closed(idle + trickling + later, expected=10, within=5, trickle=trickling + later)
+            closed = count_closed(idle + trickling + later, expected=10, within=5, trickle=(*trickling, *later))
             assert closed == 10
             assert not is_closed(kept)  # idle after a response: KEEP_ALIVE_SECONDS applies, not the head timeout
             assert served_request(kept).startswith(b"HTTP/1.1 200")
