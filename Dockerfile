@@ -49,7 +49,9 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
 # METRICS_DIR is emptied first: snapshots of a previous run's workers must not be added to this run's totals.
 # uvicorn reads WEB_CONCURRENCY (workers) and FORWARDED_ALLOW_IPS (proxies whose X-Forwarded-For it trusts) itself.
 # Its access log is off because it prints query strings (user ids); the service logs each request without them.
-# --http web.tcp:NoDelayH11Protocol: with several workers uvicorn's socket leaves Nagle on; see web/tcp.py.
+# --http web.tcp:NoDelayH11Protocol: with several workers uvicorn's socket leaves Nagle on; the protocol also closes a
+# connection that has not sent its request head within HEADER_READ_TIMEOUT and caps MAX_CONNECTIONS_PER_ADDRESS (a
+# proxy in FORWARDED_ALLOW_IPS is exempt), which protects the port when it is published directly; see web/tcp.py.
 # --limit-concurrency and --timeout-keep-alive: MAX_CONNECTIONS per worker (then 503) and KEEP_ALIVE_SECONDS (longer
 # than nginx's upstream keepalive_timeout, so nginx never reuses a connection the service is closing).
 CMD ["sh", "-c", "rm -rf \"${METRICS_DIR:?}\"/* && keep_alive=${KEEP_ALIVE_SECONDS:-75} && exec uvicorn app:app --host \"$API_HOST\" --port \"$API_PORT\" --proxy-headers --timeout-graceful-shutdown \"${SHUTDOWN_GRACE_SECONDS%.*}\" --limit-concurrency \"${MAX_CONNECTIONS:-10000}\" --timeout-keep-alive \"${keep_alive%.*}\" --no-access-log --http web.tcp:NoDelayH11Protocol"]

@@ -66,7 +66,7 @@ from web import openapi
 from web.collector import tune_gc
 from web.middleware import BodyLimit, EnvelopeCORS, RequestContext
 from web.sse import EventStreamResponse, Feed
-from web.tcp import NoDelayH11Protocol
+from web.tcp import ConnectionGuard, NoDelayH11Protocol
 
 SERVICE_NAME = "Canvalo Multi-Agent Chat API"
 VERSION = "2.0.0"
@@ -82,6 +82,7 @@ class State(TypedDict):
     runs: RunManager
     metrics: Metrics
     limiter: RateLimiter
+    connections: ConnectionGuard  # read by the HTTP protocol (web/tcp.py) for every connection, not by routes
 
 
 # -- routes -------------------------------------------------------------------------------------------------------
@@ -524,6 +525,7 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
                 "runs": runs,
                 "metrics": registry,
                 "limiter": limiter,
+                "connections": ConnectionGuard(settings.header_read_timeout, settings.max_connections_per_address),
             }
 
     middleware = [

@@ -59,6 +59,8 @@ class Settings:
     body_read_timeout: float = 10.0  # a request body must arrive within this (408 otherwise)
     max_connections: int = 10_000  # uvicorn's limit on open connections (beyond it: 503); streams hold one each
     keep_alive_seconds: float = 75.0  # idle keep-alive; above nginx's upstream keepalive_timeout (60 s)
+    header_read_timeout: float = 10.0  # a connection must send a whole request head within this (closed otherwise)
+    max_connections_per_address: int = 100  # connections one client address may hold per worker; 0: no cap
 
     # Storage
     store: StoreKind = "sqlite"
@@ -105,6 +107,8 @@ class Settings:
     rate_limit_api_per_minute: int = 120
     rate_limit_window_seconds: int = 60  # the *_PER_MINUTE limits apply per window; tests shorten it
     max_streams_per_user: int = 3
+    auth_lookups_per_minute: int = 600  # calls to Supabase Auth per worker per window, for tokens not in its cache
+    auth_lookup_concurrency: int = 10  # calls to Supabase Auth one worker has in flight at once
     metrics_token: Secret = _secret()  # GET /metrics is off (404) until this is set
     metrics_dir: str = ""  # per-worker snapshots merged at scrape; required with several workers
 
@@ -151,6 +155,11 @@ class Settings:
             (0 < self.body_read_timeout <= 300, "BODY_READ_TIMEOUT must be in (0, 300]"),
             (self.max_connections >= 10, "MAX_CONNECTIONS must be at least 10"),
             (0 < self.keep_alive_seconds <= 600, "KEEP_ALIVE_SECONDS must be in (0, 600]"),
+            (0 < self.header_read_timeout <= 300, "HEADER_READ_TIMEOUT must be in (0, 300]"),
+            (
+                0 <= self.max_connections_per_address < self.max_connections,
+                "MAX_CONNECTIONS_PER_ADDRESS must be 0 (no cap) or more, and below MAX_CONNECTIONS",
+            ),
             (self.bedrock_max_tokens >= 1, "BEDROCK_MAX_TOKENS must be at least 1"),
             (self.supabase_timeout > 0, "SUPABASE_TIMEOUT must be positive"),
             (0 <= self.bedrock_temperature <= 1, "BEDROCK_TEMPERATURE must be in [0, 1]"),
@@ -173,6 +182,8 @@ class Settings:
             (self.rate_limit_api_per_minute >= 1, "RATE_LIMIT_API_PER_MINUTE must be at least 1"),
             (1 <= self.rate_limit_window_seconds <= 3600, "RATE_LIMIT_WINDOW_SECONDS must be between 1 and 3600"),
             (self.max_streams_per_user >= 1, "MAX_STREAMS_PER_USER must be at least 1"),
+            (self.auth_lookups_per_minute >= 1, "AUTH_LOOKUPS_PER_MINUTE must be at least 1"),
+            (self.auth_lookup_concurrency >= 1, "AUTH_LOOKUP_CONCURRENCY must be at least 1"),
             (str(self.metrics_token) == "" or len(str(self.metrics_token)) >= 16, "METRICS_TOKEN must be at least 16 characters"),
         ]
         return [message for ok, message in checks if not ok]

@@ -9,7 +9,9 @@ Three modes, picked from settings by ``build_authenticator``:
 * ``supabase-auth``: for projects on asymmetric signing keys (ES256/RS256), the token is checked by Supabase Auth
   (``GET {SUPABASE_URL}/auth/v1/user``) and the answer cached, bounded in size, never past the token's ``exp``.
   Forged tokens must not turn into load on Supabase Auth: its refusals are cached too (briefly), one call at a time
-  is made per token (concurrent requests share it), and a 429 from it is never retried.
+  is made per token (concurrent requests share it), a 429 from it is never retried, and the worker's calls are
+  bounded overall (``LookupBudget``: ``AUTH_LOOKUPS_PER_MINUTE`` per window and ``AUTH_LOOKUP_CONCURRENCY`` at once),
+  whatever the number of tokens or client addresses (the per-address limit is ``app.py``'s ``before_remote``).
   With a secret configured too, HS256 tokens are still verified locally (``jwt+supabase-auth``).
 
 Every token is checked the same way before anything else: three parts in unpadded base64url (RFC 7515 section 2:
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import json
@@ -34,7 +37,7 @@ import re
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -302,8 +305,67 @@ class _Lookup:
 
 
 def _worth_retrying(error: AppError) -> bool:
-    # A 429 means Supabase Auth wants fewer calls: retrying it would triple the load that caused it.
-    return error.retryable and error.code != "AUTH_THROTTLED"
+    # A 429 means Supabase Auth wants fewer calls: retrying it would triple the load that caused it. An exhausted
+    # budget stays exhausted until its window ends.
+    return error.retryable and error.code not in ("AUTH_THROTTLED", "AUTH_BUSY")
+
+
+def auth_busy(retry_after: float) -> UpstreamUnavailable:
+    return UpstreamUnavailable(
+        "This worker's calls to Supabase Auth are at their limit (AUTH_LOOKUPS_PER_MINUTE, AUTH_LOOKUP_CONCURRENCY).",
+        code="AUTH_BUSY",
+        retry_after=max(1.0, retry_after),
+    )
+
+
+class LookupBudget:
+    """This worker's calls to Supabase Auth, bounded overall: at most ``per_window`` in each fixed window of
+    ``window_seconds`` and ``concurrent`` at once (a call waits at most ``wait`` seconds for a free slot).
+
+    The per-address limit stops one client; this stops many addresses, or one rotating tokens, from making the
+    service call Supabase Auth without bound (it limits by our address: a flood would break sign-in for everyone).
+    Past the budget a token not already cached is a 503 ``AUTH_BUSY`` with ``Retry-After``; cached tokens, tokens
+    checked locally (HS256) and cached refusals cost nothing and are never refused by it.
+    """
+
+    def __init__(
+        self, per_window: int, window_seconds: float, concurrent: int, wait: float, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._per_window = per_window
+        self._window = window_seconds
+        self._slots = anyio.Semaphore(concurrent)
+        self._wait = wait
+        self._clock = clock
+        self._window_start = self._logged = -1.0
+        self._spent = 0
+
+    @contextlib.asynccontextmanager
+    async def call(self) -> AsyncIterator[None]:
+        """One call: a slot first (a caller that gives up waiting for one spends nothing), then one of the window's."""
+        await self._take_slot()
+        try:
+            self._spend()
+            yield
+        finally:
+            self._slots.release()
+
+    async def _take_slot(self) -> None:
+        with anyio.move_on_after(self._wait):
+            await self._slots.acquire()
+            return
+        raise auth_busy(1.0)
+
+    def _spend(self) -> None:
+        now = self._clock()
+        start = now - now % self._window
+        if start != self._window_start:
+            self._window_start, self._spent = start, 0
+        if self._spent >= self._per_window:
+            if self._logged != start:  # once per window: a flood must not become a flood of log lines
+                self._logged = start
+                logger.warning("Supabase Auth lookups reached AUTH_LOOKUPS_PER_MINUTE (%d) this window", self._per_window)
+            raise auth_busy(start + self._window - now)
+        self._spent += 1
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -330,6 +392,7 @@ class SupabaseUserLookup:
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.time,
         cache_size: int = CACHE_SIZE,
+        budget: LookupBudget | None = None,
     ) -> None:
         self._http = httpx.AsyncClient(
             base_url=supabase_url.rstrip("/") + "/auth/v1/",
@@ -343,6 +406,9 @@ class SupabaseUserLookup:
         self._known: _ExpiringCache[str] = _ExpiringCache(cache_size)
         self._refused: _ExpiringCache[bool] = _ExpiringCache(cache_size)
         self._lookups: dict[str, _Lookup] = {}
+        self._budget = budget or LookupBudget(
+            Settings.auth_lookups_per_minute, 60, Settings.auth_lookup_concurrency, timeout, clock
+        )
 
     async def user_id(self, token: Token, expires_at: float, before_remote: Callable[[], None] | None = None) -> str:
         key = hashlib.sha256(token.raw.encode("utf-8")).hexdigest()
@@ -391,7 +457,8 @@ class SupabaseUserLookup:
 
     async def _fetch(self, raw: str) -> str:
         try:
-            response = await self._http.get("user", headers={"Authorization": f"Bearer {raw}"})
+            async with self._budget.call():  # every attempt counts, retries included
+                response = await self._http.get("user", headers={"Authorization": f"Bearer {raw}"})
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout("Supabase Auth did not answer in time.", code="AUTH_TIMEOUT") from exc
         except httpx.TransportError as exc:
@@ -474,6 +541,12 @@ def build_authenticator(settings: Settings, *, transport: httpx.AsyncBaseTranspo
             RetryPolicy.from_settings(settings),
             timeout=settings.supabase_timeout,
             transport=transport,
+            budget=LookupBudget(
+                settings.auth_lookups_per_minute,
+                settings.rate_limit_window_seconds,
+                settings.auth_lookup_concurrency,
+                wait=settings.supabase_timeout,
+            ),
         )
     return SupabaseJWTAuth(
         hs256=HS256Verifier(secret) if secret else None,

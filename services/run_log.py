@@ -1,8 +1,10 @@
 """What a chat run's event log holds, in the form both stores write and every viewer reads.
 
-An event is one SSE frame, ``id: <seq>\\ndata: <chunk JSON>\\n\\n``, encoded once when the run emits it: live
-viewers, the store and replays all send those same characters. Compact JSON never holds a raw newline, so a frame
-has exactly one ``data:`` line and frames split on blank lines.
+An event is one SSE frame, ``id: <seq>\\ndata: <chunk JSON>\\n\\n``, encoded once when the run emits it (``frame``,
+the only encoder): live viewers, the store and replays all send those same characters. Compact JSON never holds a
+raw newline, so a frame has exactly one ``data:`` line and frames split on blank lines. Nor does it hold the
+characters other line readers break on (U+2028, U+2029 and the C1 controls, NEL U+0085 among them): ``frame``
+writes them as JSON escapes, which every JSON parser reads back as the same text.
 
 Chunks keep the earlier service's six keys (``type, content, tool_name, tool_call, error, agent_type``) so an
 existing frontend keeps working, and add ``run_id`` everywhere, ``message_id``/``usage``/``status`` on ``complete``
@@ -12,6 +14,7 @@ and ``code``/``retryable`` on ``error``. Every run ends with exactly one ``compl
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from errors import AppError
@@ -81,10 +84,21 @@ def complete_chunk(
     )
 
 
+# Characters json.dumps(ensure_ascii=False) leaves raw that some readers of the stream take as a line break: U+2028
+# and U+2029 (JavaScript before ES2019, and Python's str.splitlines) and NEL U+0085 (str.splitlines, XML 1.1, some
+# log and terminal tools), which is a C1 control; the other C1 controls go too, since no text needs them raw and
+# terminals act on some (U+009B starts an escape sequence). Below U+0020 json.dumps escapes everything already.
+_LINE_BREAKING = re.compile("[\u0080-\u009f\u2028\u2029]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
 def frame(seq: int | None, item: dict[str, Any]) -> str:
     """One SSE event. ``seq`` None: a frame outside the run's log (the shutdown notice), so it carries no id and a
     client's ``Last-Event-ID`` stays at the last event it really got."""
-    data = json.dumps(item, separators=(",", ":"), ensure_ascii=False)
+    data = _LINE_BREAKING.sub(_escape, json.dumps(item, separators=(",", ":"), ensure_ascii=False))
     return f"data: {data}\n\n" if seq is None else f"id: {seq}\ndata: {data}\n\n"
 
 

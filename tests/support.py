@@ -67,8 +67,11 @@ def wait_until_healthy(url: str, process: subprocess.Popen[Any], timeout: float 
 
 
 @contextlib.contextmanager
-def serve(app: Any, *, graceful_timeout: int | None = None) -> Iterator[LiveServer]:
-    """Serve ``app`` with uvicorn on 127.0.0.1 in a thread (the pattern of httpx's and uvicorn's own suites)."""
+def serve(
+    app: Any, *, graceful_timeout: int | None = None, limit_concurrency: int | None = None
+) -> Iterator[LiveServer]:
+    """Serve ``app`` with uvicorn on 127.0.0.1 in a thread (the pattern of httpx's and uvicorn's own suites);
+    ``limit_concurrency`` is what ``python app.py`` passes from MAX_CONNECTIONS."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -81,6 +84,7 @@ def serve(app: Any, *, graceful_timeout: int | None = None) -> Iterator[LiveServ
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=graceful_timeout,
+        limit_concurrency=limit_concurrency,
         http=NoDelayH11Protocol,
     )
     server = uvicorn.Server(config)

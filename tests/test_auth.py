@@ -17,6 +17,7 @@ from services.auth import (
     CACHE_MAX_SECONDS,
     NEGATIVE_CACHE_SECONDS,
     HS256Verifier,
+    LookupBudget,
     SupabaseJWTAuth,
     SupabaseUserLookup,
     TrustClaimedUser,
@@ -165,10 +166,12 @@ def es256_token(user: str, **changes: Any) -> str:
     return f"{header}.{payload}.{b64url(b'r' * 32 + b's' * 32)}"
 
 
-def remote_auth(server: AuthServer, clock: Any = time.time, cache_size: int = 1024) -> SupabaseJWTAuth:
+def remote_auth(
+    server: AuthServer, clock: Any = time.time, cache_size: int = 1024, budget: LookupBudget | None = None
+) -> SupabaseJWTAuth:
     lookup = SupabaseUserLookup(
         "https://project.supabase.co", "sb_publishable_x", FAST,
-        transport=httpx.MockTransport(server), clock=clock, cache_size=cache_size,
+        transport=httpx.MockTransport(server), clock=clock, cache_size=cache_size, budget=budget,
     )
     return SupabaseJWTAuth(hs256=None, remote=lookup, issuer=ISSUER, clock=clock)
 
@@ -560,4 +563,69 @@ async def test_a_cancelled_first_request_does_not_strand_the_others() -> None:
         await anyio.sleep(0.1)
         server.gate.set()
     assert results == [user]
+    await auth.aclose()
+
+
+# -- the worker's calls to Supabase Auth are bounded overall -------------------------------------------------------
+
+
+async def test_rotating_tokens_cost_at_most_the_windows_budget_of_calls_and_cached_answers_still_work() -> None:
+    user, now = new_id(), [999_980.0]  # 20 s into a 60 s window (999_960 = 16_666 * 60)
+    server = AuthServer(user=user)
+    budget = LookupBudget(per_window=10, window_seconds=60, concurrent=4, wait=1, clock=lambda: now[0])
+    auth = remote_auth(server, clock=lambda: now[0], budget=budget)
+    good = es256_token(user, exp=int(now[0]) + 3600, iat=int(now[0]))
+    await authenticate(auth, f"Bearer {good}", user)  # cached: needs no call later
+    server.answers = [httpx.Response(403, json={"error_code": "bad_jwt"})] * 1000
+    codes = []
+    for i in range(100):
+        forged = es256_token(user, session_id=str(i), exp=int(now[0]) + 3600, iat=int(now[0]))
+        with pytest.raises((Unauthorized, UpstreamUnavailable)) as caught:
+            await authenticate(auth, f"Bearer {forged}", user)
+        codes.append((caught.value.code, caught.value.retry_after))
+    assert len(server.calls) == 10  # the good token's and 9 forged ones
+    assert codes[:9] == [("INVALID_TOKEN", None)] * 9
+    assert set(codes[9:]) == {("AUTH_BUSY", 40.0)}  # retryable 503, after the window's end
+    assert (await authenticate(auth, f"Bearer {good}", user)).user_id == user  # the cache is not refused
+    now[0] += 40  # the next window
+    await rejected(auth, f"Bearer {es256_token(user, session_id='next', exp=int(now[0]) + 60, iat=int(now[0]))}", user)
+    assert len(server.calls) == 11
+    await auth.aclose()
+
+
+class CountingGatedAuthServer(GatedAuthServer):
+    """Also counts the calls it is answering at once."""
+
+    def __init__(self, user: str) -> None:
+        super().__init__(user=user)
+        self.in_flight = self.most_in_flight = 0
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:  # type: ignore[override]
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            return await super().__call__(request)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_concurrent_lookups_are_capped_and_a_caller_waits_for_a_slot_only_so_long() -> None:
+    user = new_id()
+    server = CountingGatedAuthServer(user)
+    auth = remote_auth(server, budget=LookupBudget(per_window=100, window_seconds=60, concurrent=3, wait=0.5))
+    outcomes: list[str] = []
+
+    async def one(i: int) -> None:
+        try:
+            outcomes.append((await authenticate(auth, f"Bearer {es256_token(user, session_id=str(i))}", user)).user_id)
+        except UpstreamUnavailable as exc:
+            outcomes.append(exc.code)
+
+    async with anyio.create_task_group() as group:
+        for i in range(20):
+            group.start_soon(one, i)
+        await anyio.sleep(0.8)  # past the wait: those not in a slot by then give up
+        server.gate.set()
+    assert server.most_in_flight == 3 and len(server.calls) == 3
+    assert sorted(outcomes) == sorted([user] * 3 + ["AUTH_BUSY"] * 17)
     await auth.aclose()

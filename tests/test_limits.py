@@ -295,12 +295,12 @@ def test_forged_tokens_are_refused_in_process_before_they_reach_supabase_auth(tm
         return JSONResponse({"code": 403, "error_code": "bad_jwt", "msg": "invalid JWT"}, status_code=403)
 
     fake_auth = Starlette(routes=[Route("/auth/v1/user", user_endpoint)])
-    user = new_id()
+    window, user = 10, new_id()  # 20 requests fit in one window even on a busy machine (in a 2 s one they may not)
     with serve(fake_auth) as auth_server:
         settings = make_settings(tmp_path, SUPABASE_URL=auth_server.url, SUPABASE_PUBLISHABLE_KEY="sb_publishable_x",
-                                 RATE_LIMIT_API_PER_MINUTE="5", RATE_LIMIT_WINDOW_SECONDS=str(WINDOW))
+                                 RATE_LIMIT_API_PER_MINUTE="5", RATE_LIMIT_WINDOW_SECONDS=str(window))
         with serve(create_app(settings)) as live:
-            at_window_start()
+            at_window_start(window)
             statuses = []
             for i in range(20):
                 token = forged_es256(user, i, f"{auth_server.url}/auth/v1")
@@ -309,6 +309,34 @@ def test_forged_tokens_are_refused_in_process_before_they_reach_supabase_auth(tm
                 statuses.append(response.status_code)
     assert statuses[:5] == [401] * 5 and set(statuses[5:]) == {429}
     assert len(calls) == 5
+
+
+def test_calls_to_supabase_auth_are_bounded_overall_whatever_the_number_of_addresses(tmp_path: Path) -> None:
+    """Twelve client addresses (127.0.0.2-13), each within its own allowance, rotating forged tokens: the service
+    calls Supabase Auth at most AUTH_LOOKUPS_PER_MINUTE times per window, then answers 503 AUTH_BUSY itself."""
+    calls: list[str] = []
+
+    async def user_endpoint(request: Request) -> JSONResponse:
+        calls.append(request.headers.get("authorization", ""))
+        return JSONResponse({"code": 403, "error_code": "bad_jwt", "msg": "invalid JWT"}, status_code=403)
+
+    window, user = 10, new_id()  # 36 requests fit in one window even on a busy machine
+    with serve(Starlette(routes=[Route("/auth/v1/user", user_endpoint)])) as auth_server:
+        settings = make_settings(tmp_path, SUPABASE_URL=auth_server.url, SUPABASE_PUBLISHABLE_KEY="sb_publishable_x",
+                                 RATE_LIMIT_API_PER_MINUTE="3", RATE_LIMIT_WINDOW_SECONDS=str(window),
+                                 AUTH_LOOKUPS_PER_MINUTE="10", AUTH_LOOKUP_CONCURRENCY="2")
+        with serve(create_app(settings)) as live:
+            at_window_start(window)
+            codes = []
+            for address in range(2, 14):
+                with httpx.Client(transport=httpx.HTTPTransport(local_address=f"127.0.0.{address}")) as client:
+                    for i in range(3):  # each address stays within its own allowance of failures
+                        token = forged_es256(user, address * 10 + i, f"{auth_server.url}/auth/v1")
+                        response = client.get(f"{live.url}/api/conversations", params={"user_id": user},
+                                              headers={"Authorization": f"Bearer {token}"})
+                        codes.append(response.json()["error"]["code"])
+    assert len(calls) == 10
+    assert codes == ["INVALID_TOKEN"] * 10 + ["AUTH_BUSY"] * 26
 
 
 def forged_es256(user: str, index: int, issuer: str) -> str:

@@ -1,6 +1,7 @@
 """The shipped nginx site config (deploy/nginx/canvalo.conf), run by a real nginx on 127.0.0.1 in front of the service.
 
-The config file is used as shipped; only its two addresses (listen and upstream) are substituted. A negative
+The config file is used as shipped; only its two addresses (listen and upstream) are substituted (and, for its HTTPS
+variant, the certificate's directory, with its "#tls " lines uncommented). A negative
 control runs the same file with its two safeguards undone (buffering forced on despite X-Accel-Buffering, and gzip
 applied to text/event-stream) and shows the test would notice: tokens then arrive in one burst at the end. On
 nginx 1.22 either safeguard alone is enough to keep this stream incremental, so the control undoes both.
@@ -11,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import select
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -35,7 +38,7 @@ daemon off;
 worker_processes 1;
 pid {tmp}/nginx.pid;
 error_log {tmp}/error.log warn;
-events {{ worker_connections 64; }}
+events {{ worker_connections {connections}; }}
 http {{
     access_log off;
     client_body_temp_path {tmp}/client_body;
@@ -54,13 +57,26 @@ def nginx_binary() -> str:
     return found
 
 
-def render_site(upstream_port: int, listen_port: int, *, undo: tuple[tuple[str, str], ...] = ()) -> str:
+def render_site(
+    upstream_port: int, listen_port: int, *, undo: tuple[tuple[str, str], ...] = (), tls: Path | None = None
+) -> str:
     """The shipped file with only its addresses changed (and every ``undo`` pair replaced wherever it occurs); fails if
-    the file no longer has exactly one upstream and one listen, or lacks something to undo."""
+    the file no longer has exactly one upstream and one listen, or lacks something to undo.
+
+    ``tls``: the HTTPS variant the file describes, its "#tls " lines uncommented (with the certificate and key in
+    that directory): the server on ``listen_port`` + 1 over TLS, the redirect on ``listen_port``."""
     site = SITE.read_text()
-    assert site.count("server 127.0.0.1:8000;") == 1 and site.count("listen 80;") == 1
+    listen = "\n    listen 80;\n"
+    assert site.count("server 127.0.0.1:8000;") == 1 and site.count(listen) == 1
     site = site.replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{upstream_port};")
-    site = site.replace("listen 80;", f"listen 127.0.0.1:{listen_port};")
+    if tls is None:
+        site = site.replace(listen, f"\n    listen 127.0.0.1:{listen_port};\n")
+    else:
+        site = site.replace(listen, "\n").replace("#tls ", "")
+        assert site.count("listen 443 ssl http2;") == 1 and site.count(listen) == 1  # the redirect's
+        site = site.replace("listen 443 ssl http2;", f"listen 127.0.0.1:{listen_port + 1} ssl http2;")
+        site = site.replace(listen, f"\n    listen 127.0.0.1:{listen_port};\n")
+        site = site.replace("/etc/letsencrypt/live/chat.example.com", str(tls))
     for shipped, replacement in undo:
         assert site.count(shipped) >= 1, shipped
         site = site.replace(shipped, replacement)
@@ -68,10 +84,17 @@ def render_site(upstream_port: int, listen_port: int, *, undo: tuple[tuple[str, 
 
 
 @contextlib.contextmanager
-def run_nginx(tmp_path: Path, upstream_port: int, *, undo: tuple[tuple[str, str], ...] = ()) -> Iterator[str]:
-    port = free_port()
-    (tmp_path / "canvalo.conf").write_text(render_site(upstream_port, port, undo=undo))
-    (tmp_path / "nginx.conf").write_text(MAIN.format(tmp=tmp_path))
+def run_nginx(
+    tmp_path: Path,
+    upstream_port: int,
+    *,
+    undo: tuple[tuple[str, str], ...] = (),
+    connections: int = 64,
+    tls: Path | None = None,
+) -> Iterator[str]:
+    port = free_port_pair() if tls is not None else free_port()
+    (tmp_path / "canvalo.conf").write_text(render_site(upstream_port, port, undo=undo, tls=tls))
+    (tmp_path / "nginx.conf").write_text(MAIN.format(tmp=tmp_path, connections=connections))
     process = subprocess.Popen(
         [nginx_binary(), "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -94,6 +117,19 @@ def run_nginx(tmp_path: Path, upstream_port: int, *, undo: tuple[tuple[str, str]
             process.wait()
         if process.stderr:
             process.stderr.close()
+
+
+def free_port_pair() -> int:
+    """A port on 127.0.0.1 such that it and the next one are free now (plain HTTP and HTTPS)."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+    raise AssertionError("no two free adjacent ports")
 
 
 @pytest.fixture
@@ -178,13 +214,14 @@ def test_shipped_config_keeps_sse_unbuffered_uncompressed_and_alive() -> None:
         read_timeout = re.search(r"proxy_read_timeout (\d+)s;", block)
         assert read_timeout is not None and int(read_timeout.group(1)) > Settings().heartbeat_seconds * 2
     assert "client_header_timeout" in site and "client_body_timeout" in site
+    assert "limit_conn canvalo_conn_per_address" in site and "\n    server_tokens off;" in site
     assert "text/event-stream" not in " ".join(re.findall(r"gzip_types ([^;]*);", site))
     assert "proxy_set_header X-Request-ID $canvalo_request_id;" in site
 
 
 def test_nginx_accepts_the_shipped_config(tmp_path: Path) -> None:
     (tmp_path / "canvalo.conf").write_text(render_site(free_port(), free_port()))
-    (tmp_path / "nginx.conf").write_text(MAIN.format(tmp=tmp_path))
+    (tmp_path / "nginx.conf").write_text(MAIN.format(tmp=tmp_path, connections=64))
     result = subprocess.run(
         [nginx_binary(), "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
         capture_output=True, text=True, timeout=20,
@@ -206,3 +243,118 @@ def test_refusals_made_by_nginx_use_the_error_envelope(tmp_path: Path, backend: 
     assert refused, "the edge limit never refused"
     assert refused[0].json()["error"]["code"] == "RATE_LIMIT_EXCEEDED"
     assert refused[0].headers["retry-after"] == "1"
+
+
+# -- one client cannot hold the edge ---------------------------------------------------------------------------------
+
+ATTACKER = "127.0.0.2"  # one client address; the well-behaved client connects from 127.0.0.1
+
+
+def half_sent_request(url: str) -> socket.socket:
+    """From ATTACKER: a whole head promising a 1000-byte body, and one byte of it."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.bind((ATTACKER, 0))
+    sock.connect((host, int(port)))
+    sock.sendall(b"POST /api/conversations HTTP/1.1\r\nHost: canvalo\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 1000\r\n\r\n{")
+    return sock
+
+
+def answer_now(sock: socket.socket) -> bytes | None:
+    """How nginx has answered ``sock`` so far: None (not yet), a status line, b"" (closed) or b"reset" (reset, as
+    nginx does to a connection it has no room for); waits for nothing."""
+    if not select.select([sock], [], [], 0)[0]:
+        return None
+    try:
+        return sock.recv(12, socket.MSG_PEEK)
+    except OSError:
+        return b"reset"
+
+
+def keep_sending(held: list[socket.socket]) -> None:
+    """One more body byte on each held request, so client_body_timeout (between two reads) never ends it."""
+    for sock in held:
+        with contextlib.suppress(OSError):
+            sock.sendall(b" ")
+
+
+def test_one_address_holding_half_sent_requests_does_not_lock_out_another_client(
+    tmp_path: Path, backend: LiveServer
+) -> None:
+    limit_match = re.search(r"limit_conn canvalo_conn_per_address (\d+);", SITE.read_text())
+    assert limit_match is not None
+    limit = int(limit_match.group(1))
+    extra = 18
+    upstream = int(backend.url.rsplit(":", 1)[1])
+    # nginx here has room for the limit and a few more connections, not for everything the one address attempts.
+    held: list[socket.socket] = []
+    answers: list[bytes] = []
+    served = 0
+
+    def drop_answered() -> None:
+        # A client whose request was answered goes away (nginx would otherwise linger on it up to lingering_timeout,
+        # 5 s, for the rest of the body).
+        for sock in list(held):
+            answer = answer_now(sock)
+            if answer is not None:
+                answers.append(answer)
+                held.remove(sock)
+                sock.close()
+
+    with run_nginx(tmp_path, upstream, connections=limit + 16) as url:
+        try:
+            for i in range(limit + extra):
+                held.append(half_sent_request(url))
+                if i >= 30:
+                    time.sleep(0.06)  # within limit_req's 20 r/s once its burst is used: only limit_conn may refuse
+                drop_answered()
+            deadline = time.monotonic() + 5
+            while len(answers) < extra and time.monotonic() < deadline:
+                drop_answered()
+                keep_sending(held)
+                time.sleep(0.2)
+            for _ in range(3):
+                keep_sending(held)
+                with contextlib.suppress(httpx.TransportError):
+                    served += httpx.get(f"{url}/health", timeout=3).status_code == 200
+        finally:
+            for sock in held:
+                sock.close()
+    assert answers == [b"HTTP/1.1 429"] * extra and len(held) == limit
+    assert served == 3
+
+
+def test_nginx_names_no_version(tmp_path: Path, backend: LiveServer) -> None:
+    version = subprocess.run([nginx_binary(), "-v"], capture_output=True, text=True).stderr.strip().rsplit("/", 1)[-1]
+    upstream = int(backend.url.rsplit(":", 1)[1])
+    with run_nginx(tmp_path, upstream) as url:
+        proxied = httpx.get(f"{url}/health")
+        refused_here = httpx.get(f"{url}/metrics")  # nginx's own error page
+    assert proxied.status_code == 200 and refused_here.status_code == 404
+    for response in (proxied, refused_here):
+        assert response.headers["server"] == "nginx"
+    assert version and version not in refused_here.text
+
+
+def test_the_https_variant_serves_tls_with_hsts_and_redirects_plain_http(tmp_path: Path, backend: LiveServer) -> None:
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(certs / "privkey.pem"),
+         "-out", str(certs / "fullchain.pem")],
+        check=True, capture_output=True, timeout=60,
+    )
+    upstream = int(backend.url.rsplit(":", 1)[1])
+    with run_nginx(tmp_path, upstream, tls=certs) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with httpx.Client(verify=ssl.create_default_context(cafile=certs / "fullchain.pem"), timeout=10) as client:
+            secure = client.get(f"https://127.0.0.1:{port + 1}/health")
+            too_large = client.post(f"https://127.0.0.1:{port + 1}/api/chat/stream", content=b"x" * 300_000,
+                                    headers={"content-type": "application/json"})
+        plain = httpx.get(f"{url}/health?probe=1", timeout=10)
+    assert secure.status_code == 200 and secure.json()["status"] in ("healthy", "degraded")
+    assert secure.headers["strict-transport-security"] == "max-age=31536000"
+    assert too_large.status_code == 413 and too_large.headers["strict-transport-security"] == "max-age=31536000"
+    assert plain.status_code == 301 and plain.headers["location"] == "https://127.0.0.1/health?probe=1"

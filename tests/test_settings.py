@@ -39,6 +39,10 @@ def test_values_are_cast_to_their_types() -> None:
         ({"RETRY_BASE_DELAY": "2", "RETRY_MAX_DELAY": "1"}, "RETRY_MAX_DELAY"),
         ({"CORS_ORIGINS": "*,https://a.example"}, "CORS_ORIGINS"),
         ({"ENVIRONMENT": "staging"}, "ENVIRONMENT"),
+        ({"HEADER_READ_TIMEOUT": "0"}, "HEADER_READ_TIMEOUT"),
+        ({"MAX_CONNECTIONS": "50", "MAX_CONNECTIONS_PER_ADDRESS": "50"}, "MAX_CONNECTIONS_PER_ADDRESS"),
+        ({"AUTH_LOOKUPS_PER_MINUTE": "0"}, "AUTH_LOOKUPS_PER_MINUTE"),
+        ({"AUTH_LOOKUP_CONCURRENCY": "0"}, "AUTH_LOOKUP_CONCURRENCY"),
     ],
 )
 def test_invalid_values_stop_startup_naming_the_variable(environ: dict[str, str], named: str) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
-from services.run_log import chunk, cut, frame, frames_after
+from services.run_log import chunk, cut, frame, frames_after, stopped_replay
 from services.store import EventBatch
 
 
@@ -21,6 +22,29 @@ from services.store import EventBatch
 )
 def test_a_frame_is_an_id_and_one_data_line_of_compact_json(seq: int | None, data: dict[str, Any], expected: str) -> None:
     assert frame(seq, data) == expected
+
+
+# Every character some line reader breaks a line on: the SSE ones (CR, LF), the other C0 ones str.splitlines knows
+# (VT, FF, FS, GS, RS), NEL and the other C1 controls, and the Unicode line and paragraph separators.
+LINE_BREAKERS = "\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029" + "".join(map(chr, range(0x80, 0xA0)))
+
+
+@pytest.mark.parametrize("character", sorted(set(LINE_BREAKERS)))
+def test_no_character_a_line_reader_breaks_on_goes_out_raw(character: str) -> None:
+    item = chunk("token", "supervisor", content=f"a{character}b")
+    encoded = frame(7, item)
+    id_line, data_line, _, _ = encoded.split("\n")
+    assert character not in data_line
+    assert encoded.splitlines() == [id_line, data_line, ""]  # Python's line splitting too sees one data line
+    assert json.loads(data_line.removeprefix("data: ")) == item  # the same text, read back by any JSON parser
+
+
+def test_a_stopped_replay_encodes_the_frame_it_cuts_as_a_live_frame_is_encoded() -> None:
+    token = chunk("token", "supervisor", content="one\u2028two\x85three")
+    frames = [frame(1, token), frame(2, chunk("complete", "supervisor"))]
+    cut_frame = stopped_replay(frames, len("one\u2028tw"))[0]
+    assert cut_frame == frame(1, {**token, "content": "one\u2028tw"})
+    assert "\u2028" not in cut_frame and "\\u2028" in cut_frame
 
 
 def test_a_resume_takes_only_the_frames_after_its_cursor() -> None:

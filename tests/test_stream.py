@@ -184,3 +184,32 @@ def test_shutdown_ends_open_streams_with_a_retryable_error_and_saves_the_partial
     assert answer["metadata"]["status"] == "interrupted"
     assert answer["content"].startswith(streamed_text(items[:-1]))
     assert model.cancelled.is_set()
+
+
+# Characters some reader of the stream takes for a line break (U+2028, U+2029, NEL) or acts on (the other C1
+# controls; U+009B starts a terminal escape), plus C0 ones JSON escapes anyway: each must leave as a JSON escape.
+LINE_BREAKERS = ["\u2028", "\u2029", "\x85", "\x9b", "\x80", "\x9f", "\x0b", "\x0c", "\x1c", "\r"]
+RAW_LINE_BREAKERS = [b"\xe2\x80\xa8", b"\xe2\x80\xa9", *(bytes([0xC2, low]) for low in range(0x80, 0xA0))]
+
+
+def test_line_breaking_characters_leave_escaped_and_replays_match_the_live_stream_byte_for_byte(
+    tmp_path: Any, auth_headers: AuthHeaders, user_id: str, service_env: dict[str, str]
+) -> None:
+    pieces = [f"{character}piece{i} " for i, character in enumerate(LINE_BREAKERS)]
+    settings = make_settings(tmp_path, **service_env)
+    with serve(create_app(settings, model=ScriptedModel(pieces=pieces))) as first, serve(create_app(settings)) as second:
+        live = post_chat(first, user_id, new_id(), "hello", auth_headers(user_id))
+        run_id = live.headers["x-run-id"]
+        # The first server replays from its memory, the second from the store's saved frames.
+        replays = [
+            httpx.get(f"{server.url}/api/chat/runs/{run_id}/events", params={"user_id": user_id},
+                      headers=auth_headers(user_id), timeout=30).content
+            for server in (first, second)
+        ]
+    assert live.status_code == 200
+    for body in (live.content, *replays):
+        assert [raw for raw in RAW_LINE_BREAKERS if raw in body] == []
+        # Even a reader splitting on every Unicode line break sees only id and data lines.
+        assert {line.split(" ", 1)[0] for line in body.decode().splitlines()} == {"id:", "data:", ""}
+    assert replays == [live.content, live.content]
+    assert streamed_text(chunks(live.text)) == "".join(pieces)  # the text itself is unchanged
