@@ -36,6 +36,10 @@ DEFAULT_CORS_ORIGINS = (
 
 # scheme://host[:port][/path], nothing else (no spaces, query or fragment): what PostgREST and Auth URLs are built on.
 _URL = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?")
+# Every form Bedrock's ConversationalModelId pattern accepts (base model and profile ids, ARNs) uses only these.
+_MODEL_ID = re.compile(r"[A-Za-z0-9._:/-]{1,2048}")
+# Each fallback tried costs a round trip before the first token, and each is a label value on the model metrics.
+MAX_FALLBACK_MODELS = 5
 
 
 class ConfigError(Exception):
@@ -77,6 +81,8 @@ class Settings:
     local_token_delay: float = 0.02
     aws_region: str = "us-east-1"
     bedrock_model_id: str = "amazon.nova-lite-v1:0"
+    # Tried in order before the first token when the model before is throttled or failing (services/bedrock.py)
+    bedrock_fallback_model_ids: tuple[str, ...] = ()
     bedrock_endpoint_url: str = ""
     bedrock_max_tokens: int = 2048
     bedrock_temperature: float = 0.3
@@ -129,7 +135,11 @@ class Settings:
         """Cross-field checks; each problem is named so an operator can fix all of them in one pass."""
         problems = [
             p
-            for p in self._range_problems() + self._store_problems() + self._limit_problems() + self._production_problems()
+            for p in self._range_problems()
+            + self._store_problems()
+            + self._model_problems()
+            + self._limit_problems()
+            + self._production_problems()
             if p
         ]
         if problems:
@@ -175,6 +185,17 @@ class Settings:
         if self.supabase_url and not _URL.fullmatch(self.supabase_url):
             problems.append("SUPABASE_URL must be an http(s) URL such as https://<project>.supabase.co")
         return problems
+
+    def _model_problems(self) -> list[str]:
+        fallbacks = self.bedrock_fallback_model_ids
+        name = "BEDROCK_FALLBACK_MODEL_IDS"
+        checks = [
+            (all(_MODEL_ID.fullmatch(m) for m in fallbacks), f"{name} must be model ids, profiles or ARNs, comma-separated"),
+            (len(set(fallbacks)) == len(fallbacks), f"{name} must not repeat a model"),
+            (self.bedrock_model_id not in fallbacks, f"{name} must not include BEDROCK_MODEL_ID"),
+            (len(fallbacks) <= MAX_FALLBACK_MODELS, f"{name} takes at most {MAX_FALLBACK_MODELS} models"),
+        ]
+        return [message for ok, message in checks if not ok]
 
     def _limit_problems(self) -> list[str]:
         checks = [

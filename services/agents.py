@@ -26,7 +26,7 @@ import anyio
 from errors import UpstreamError
 from services import actions
 from services.domains import DOMAINS, Domain
-from services.model import ChatModel, ModelEvent, ModelRequest, Stop, TextDelta, ToolUse, Usage
+from services.model import ChatModel, ModelEvent, ModelRequest, ModelUsed, Stop, TextDelta, ToolUse, Usage
 from services.store import Caller, Store
 from services.tools import Tool, ToolResult, run_tool, tools_for
 
@@ -84,15 +84,30 @@ class AgentToolCall:
     payload: dict[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class AgentModel:
+    """One of the turn's model calls was answered by ``model_id`` (a fallback's, perhaps), before its output."""
+
+    agent_type: str
+    model_id: str
+
+
 @dataclass(slots=True)
 class AgentDone:
     agent_type: str
     stop_reason: str
     usage: dict[str, int] = field(default_factory=lambda: {"input_tokens": 0, "output_tokens": 0})
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    # ``usage`` per model that answered, for the metrics: a fallback may answer some of a turn's calls only.
+    model_usage: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def add_usage(self, model_id: str, usage: Usage) -> None:
+        for totals in (self.usage, self.model_usage.setdefault(model_id, {"input_tokens": 0, "output_tokens": 0})):
+            totals["input_tokens"] += usage.input_tokens
+            totals["output_tokens"] += usage.output_tokens
 
 
-AgentEvent = AgentText | AgentToolCall | AgentDone
+AgentEvent = AgentText | AgentToolCall | AgentModel | AgentDone
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +140,8 @@ class Assistant:
         async for event in self._call(request, done):
             if isinstance(event, TextDelta):
                 yield AgentText(SUPERVISOR, event.text)
+            elif isinstance(event, ModelUsed):
+                yield AgentModel(SUPERVISOR, event.model_id)
             elif event.name == HANDOFF_TOOL:
                 handoff = self._domains.get(str(event.input.get("agent")))
         if handoff is None:
@@ -153,6 +170,8 @@ class Assistant:
                 if isinstance(event, TextDelta):
                     text.append(event.text)
                     yield AgentText(domain.agent_type, event.text)
+                elif isinstance(event, ModelUsed):
+                    yield AgentModel(domain.agent_type, event.model_id)
                 else:
                     calls.append(event)
             if done.stop_reason != "tool_use" or not calls:
@@ -201,16 +220,22 @@ class Assistant:
             return await run_tool(self._store, caller, tool, call.input, self._action_ttl)
         return ToolResult("error", {"error": "The tool took too long and was stopped."})
 
-    async def _call(self, request: ModelRequest, done: AgentDone) -> AsyncIterator[TextDelta | ToolUse]:
-        """One model call: text and tool calls pass through; usage and the stop reason are recorded in ``done``."""
+    async def _call(self, request: ModelRequest, done: AgentDone) -> AsyncIterator[TextDelta | ToolUse | ModelUsed]:
+        """One model call: first the model that answered, then text and tool calls as they come; usage and the stop
+        reason are recorded in ``done``."""
         done.stop_reason = ""
+        answered: str | None = None
         event: ModelEvent
         async for event in self._model.stream(request):
+            if answered is None:
+                # Bedrock names the model that answered (a fallback, perhaps); a provider that does not has answered
+                # as its configured model.
+                answered = event.model_id if isinstance(event, ModelUsed) else self._model.model_id
+                yield ModelUsed(answered)
             if isinstance(event, (TextDelta, ToolUse)):
                 yield event
             elif isinstance(event, Usage):
-                done.usage["input_tokens"] += event.input_tokens
-                done.usage["output_tokens"] += event.output_tokens
+                done.add_usage(answered, event)
             elif isinstance(event, Stop):
                 done.stop_reason = event.reason
         if not done.stop_reason:

@@ -11,6 +11,16 @@ is invisible, so the whole attempt (send, HTTP status, in-stream exception frame
 under ``services/retry.py``. After that nothing is retried, so a retry can never duplicate text; later failures end
 the stream with a typed error and the chat layer saves the partial answer.
 
+Fallbacks (``BEDROCK_FALLBACK_MODEL_IDS``) live in the first phase too. One attempt walks the list: the configured
+model, and when it fails in a way another model may not (``Failure.falls_back``: throttled, unavailable, 5xx, not
+ready, a stream error before any output), the next one at once, with no pause; an error that is the request's own
+(validation, access, input too long) or that another model would meet the same way (timeouts, the network) ends the
+attempt as before. Only when the last model fails too does the retry policy pause and start again from the
+configured model. Why not the existing retries per model: a throttled model's backoff is exactly the wait a fallback
+exists to avoid, and retries per model would multiply the attempts and the time a turn can wait before its first
+token; this way the time to first token under throttling is one more round trip per model, and ``RETRY_MAX_TOTAL``
+still bounds the pauses of the whole turn. The model that answered is the stream's first event (``ModelUsed``).
+
 Every Bedrock failure becomes one of our ``AppError``s through ``FAILURES`` (the README's "Amazon Bedrock" table):
 a ``code``, a plain-language ``user_message``, ``suggested_actions`` and ``retryable``. Bedrock's own error text is
 used only to tell "input too long" and "model not enabled" apart; it never reaches a client or a log.
@@ -41,7 +51,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from errors import AppError, UpstreamError, UpstreamTimeout, UpstreamUnavailable, ValidationFailed
 from services.deadline import Deadline
-from services.model import ModelEvent, ModelRequest, Stop, TextDelta, ToolUse, Usage
+from services.metrics import record_model_call
+from services.model import ModelEvent, ModelRequest, ModelUsed, Stop, TextDelta, ToolUse, Usage
 from services.retry import RetryPolicy, with_retry
 from services.stream_client import ConnectTimeout, ReadInterrupted, StreamClient, StreamClientError, StreamResponse
 from settings import ConfigError, Settings
@@ -66,13 +77,15 @@ REFRESH_RETRY_SECONDS = 10.0
 
 @dataclass(frozen=True, slots=True)
 class Failure:
-    """One row of the error table: what the user sees and whether the call may be retried."""
+    """One row of the error table: what the user sees, whether the call may be retried, and whether a fallback model
+    may be tried at once (the model is busy or failing; nothing about the request is wrong)."""
 
     kind: type[AppError]
     code: str
     user_message: str
     suggested_actions: tuple[str, ...]
     retryable: bool
+    falls_back: bool = False
 
     def error(self, message: str) -> AppError:
         return self.kind(
@@ -97,6 +110,7 @@ FAILURES: dict[str, Failure] = {
             "The assistant is handling a lot of requests right now. Please wait a moment and try again.",
             ("Wait a few seconds and try again",),
             True,
+            falls_back=True,
         ),
         Failure(
             UpstreamTimeout,
@@ -111,6 +125,7 @@ FAILURES: dict[str, Failure] = {
             "The assistant is temporarily unavailable. Please try again in a moment.",
             _TRY_AGAIN,
             True,
+            falls_back=True,
         ),
         Failure(
             UpstreamUnavailable,
@@ -118,6 +133,7 @@ FAILURES: dict[str, Failure] = {
             "The AI service had a temporary problem. Please try again.",
             _TRY_AGAIN,
             True,
+            falls_back=True,
         ),
         Failure(
             UpstreamUnavailable,
@@ -125,6 +141,7 @@ FAILURES: dict[str, Failure] = {
             "The answer was interrupted by a problem with the AI service. Please try again.",
             _TRY_AGAIN,
             True,
+            falls_back=True,
         ),
         Failure(
             UpstreamUnavailable,
@@ -139,6 +156,7 @@ FAILURES: dict[str, Failure] = {
             "The AI model is starting up. Please try again in a minute.",
             ("Try again in a minute",),
             True,
+            falls_back=True,
         ),
         Failure(
             UpstreamUnavailable,
@@ -210,6 +228,12 @@ _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
 
 def failure(code: str, message: str) -> AppError:
     return FAILURES[code].error(message)
+
+
+def falls_back(error: AppError) -> bool:
+    """Whether the next fallback model may answer instead (and at once) after ``error`` before any output."""
+    row = FAILURES.get(error.code)
+    return row is not None and row.falls_back
 
 
 def bedrock_error(error_type: str, status: int | None, upstream_message: str = "") -> AppError:
@@ -602,8 +626,9 @@ class BedrockModel:
         endpoint = endpoint_url(settings)
         if not endpoint.startswith(("https://", "http://")):
             raise ConfigError("BEDROCK_ENDPOINT_URL must start with https:// or http://")
-        self._path = model_path(self.model_id)
-        self._url = endpoint + self._path  # what SigV4 signs
+        self._models = (self.model_id, *settings.bedrock_fallback_model_ids)  # in the order they are tried
+        self._paths = {model_id: model_path(model_id) for model_id in self._models}
+        self._endpoint = endpoint  # + a model's path: the URL SigV4 signs
         self._max_tokens = settings.bedrock_max_tokens
         self._temperature = settings.bedrock_temperature
         self._first_event_timeout = settings.bedrock_first_event_timeout
@@ -637,10 +662,11 @@ class BedrockModel:
 
     async def stream(self, request: ModelRequest) -> AsyncIterator[ModelEvent]:
         # The body is not kept in this generator's frame: it would stay in memory for the whole answer.
-        attempt = partial(self._open, request_body(request, self._max_tokens, self._temperature))
-        reader, events = await with_retry(attempt, self._retry, what="Bedrock ConverseStream")
+        attempt = partial(self._first_answer, request_body(request, self._max_tokens, self._temperature))
+        model_id, reader, events = await with_retry(attempt, self._retry, what="Bedrock ConverseStream")
         del attempt
         try:
+            yield ModelUsed(model_id)
             decoder = reader.decoder
             while events is not None:
                 for event in events:
@@ -652,19 +678,42 @@ class BedrockModel:
         finally:
             reader.close()
 
-    async def _open(self, body: bytes) -> tuple[_Reader, list[ModelEvent]]:
-        """One attempt: sign, send, check the status and read up to the first output. Safe to retry."""
+    async def _first_answer(self, body: bytes) -> tuple[str, _Reader, list[ModelEvent]]:
+        """One attempt: the configured model, then each fallback at once while the one before fails in a way
+        another model may not (the module docstring says why at once, and how this combines with retries)."""
+        for model_id, fallback in zip(self._models, self._models[1:]):
+            try:
+                return await self._call(model_id, body)
+            except AppError as exc:
+                if not falls_back(exc):
+                    raise
+                logger.warning("Bedrock model %s failed with %s before any output; trying %s", model_id, exc.code,
+                               fallback)
+        return await self._call(self._models[-1], body)
+
+    async def _call(self, model_id: str, body: bytes) -> tuple[str, _Reader, list[ModelEvent]]:
+        try:
+            reader, events = await self._open(model_id, body)
+        except AppError as exc:
+            record_model_call(model_id, exc.code)
+            raise
+        record_model_call(model_id, "answered")
+        return model_id, reader, events
+
+    async def _open(self, model_id: str, body: bytes) -> tuple[_Reader, list[ModelEvent]]:
+        """One model's attempt: sign, send, check the status and read up to the first output. Safe to retry."""
         credentials = await self._credentials.get()
+        path = self._paths[model_id]
         # Admission: a burst of turns queues here, before the request is signed or any deadline starts, so the streams
         # that do open are not starved by the rest of the burst into timing out (see OPENING_AT_ONCE). The slot is
         # held until Bedrock's response headers arrive, not while the model thinks.
         async with self._opening:
-            headers = signed_headers(self._url, body, credentials, self._region)
+            headers = signed_headers(self._endpoint + path, body, credentials, self._region)
             deadline = asyncio.get_running_loop().time() + self._first_event_timeout
-            response = await self._send(headers, body, deadline)
+            response = await self._send(path, headers, body, deadline)
         try:
             if response.status != 200:
-                raise await self._http_error(response, deadline)
+                raise await self._http_error(model_id, response, deadline)
             if not response.headers.get("content-type", "").startswith(EVENT_STREAM_TYPE):
                 raise failure("MODEL_STREAM_ERROR", "Bedrock answered 200 without an event stream.")
         except BaseException:
@@ -677,16 +726,16 @@ class BedrockModel:
             reader.close()
             raise
 
-    async def _send(self, headers: dict[str, str], body: bytes, deadline: float) -> StreamResponse:
+    async def _send(self, path: str, headers: dict[str, str], body: bytes, deadline: float) -> StreamResponse:
         try:
             async with asyncio.timeout_at(deadline):
-                return await self._client.post(self._path, headers, body)
+                return await self._client.post(path, headers, body)
         except TimeoutError:
             raise failure("MODEL_TIMEOUT", "Bedrock sent no response within BEDROCK_FIRST_EVENT_TIMEOUT.") from None
         except StreamClientError as exc:
             raise _transport_error(exc) from exc
 
-    async def _http_error(self, response: StreamResponse, deadline: float) -> AppError:
+    async def _http_error(self, model_id: str, response: StreamResponse, deadline: float) -> AppError:
         """An error before the stream: the type from ``x-amzn-ErrorType`` (as botocore reads it), else the body."""
         body: dict[str, Any] = {}
         try:
@@ -698,8 +747,9 @@ class BedrockModel:
         message = str(body.get("message") or body.get("Message") or "")
         error = bedrock_error(error_type, response.status, message)
         logger.warning(
-            "Bedrock answered HTTP %s: %s (request id %s)",
+            "Bedrock answered HTTP %s for %s: %s (request id %s)",
             response.status,
+            model_id,
             error.code,
             response.headers.get("x-amzn-requestid", "-"),
         )

@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from services.agents import SUPERVISOR, AgentDone, AgentText, AgentToolCall, Assistant
+from services.agents import SUPERVISOR, AgentDone, AgentModel, AgentText, AgentToolCall, Assistant
 from services.run_log import chunk
 from services.store import Caller
 
@@ -24,6 +24,8 @@ class Turn:
         self._started = time.monotonic()
         self.agent_type = SUPERVISOR  # the agent whose text came last: the answer's agent_type
         self.done: AgentDone | None = None
+        self.models: list[str] = []  # the models that answered the turn's calls, in order of first use
+        self.model_id: str | None = None  # the one that answered the latest call
 
     async def chunks(self) -> AsyncIterator[dict[str, Any]]:
         """``token`` and ``tool_call`` chunks as the assistant produces them; errors propagate as ``AppError``."""
@@ -33,6 +35,10 @@ class Turn:
                 yield chunk("token", event.agent_type, content=event.text)
             elif isinstance(event, AgentToolCall):
                 yield chunk("tool_call", event.agent_type, tool_name=event.tool_name, tool_call=event.payload)
+            elif isinstance(event, AgentModel):
+                self.model_id = event.model_id
+                if event.model_id not in self.models:
+                    self.models.append(event.model_id)
             elif isinstance(event, AgentDone):
                 self.agent_type = event.agent_type
                 self.done = event
@@ -40,6 +46,11 @@ class Turn:
     @property
     def usage(self) -> dict[str, Any] | None:
         return self.done.usage if self.done is not None else None
+
+    @property
+    def model_usage(self) -> dict[str, dict[str, int]]:
+        """Token usage per model that answered, once the turn has finished (empty before: as ``usage``)."""
+        return self.done.model_usage if self.done is not None else {}
 
     @property
     def stop_reason(self) -> str | None:
@@ -50,6 +61,10 @@ class Turn:
         meta: dict[str, Any] = {"status": status, "duration_ms": round((time.monotonic() - self._started) * 1000)}
         if error_code:
             meta["error_code"] = error_code
+        if self.model_id is not None:
+            meta["model_id"] = self.model_id
+        if len(self.models) > 1:  # fallbacks answered some of the turn's calls, the configured model others
+            meta["model_ids"] = list(self.models)
         if self.done is not None:
             meta["stop_reason"] = self.done.stop_reason
             meta["usage"] = self.done.usage

@@ -12,10 +12,15 @@ open streams are not open). This is the approach of prometheus_client's multipro
 a scrape shows the answering worker alone, which is right for one worker. ``METRICS_DIR`` is per machine or
 container: every machine is scraped on its own, and the directory is emptied when the container starts.
 
-The per-request ``ContextVar`` below exists for one caller: ``services/retry.py``'s ``with_retry`` runs deep inside
-the store and model clients, and threading a registry through all of their signatures would change modules that
-do not care about metrics. ``RequestContext`` sets it for each request, so two apps in one process (tests) keep
+The per-request ``ContextVar`` below exists for code deep inside the store and model clients: ``services/retry.py``'s
+``with_retry``, and the Bedrock client's walk down its fallback models; threading a registry through all of their
+signatures would change modules that do not care about metrics. ``RequestContext`` sets it for each request (a
+chat run's task inherits the context of the request that started it), so two apps in one process (tests) keep
 their numbers apart, which a module-level registry would not.
+
+The ``model`` label only ever holds a configured model id (``BEDROCK_MODEL_ID``, one of
+``BEDROCK_FALLBACK_MODEL_IDS``, or the local responder's), never anything a request supplies, so its series are
+bounded by the configuration.
 """
 
 from __future__ import annotations
@@ -117,7 +122,15 @@ class Metrics:
         self.first_token = Histogram(
             "canvalo_time_to_first_token_seconds", "Time from request to the first token sent.", (), TOKEN_BUCKETS
         )
-        self.llm_tokens = Counter("canvalo_llm_tokens_total", "Model tokens by kind (input, output).", ("kind",))
+        self.llm_tokens = Counter(
+            "canvalo_llm_tokens_total", "Model tokens by kind (input, output) and the model that used them.",
+            ("kind", "model"),
+        )
+        self.llm_requests = Counter(
+            "canvalo_llm_requests_total",
+            "Model calls by model and outcome: answered, or the error code it failed with before any output.",
+            ("model", "outcome"),
+        )
         self.llm_errors = Counter(
             "canvalo_llm_errors_total", "Chat turns that ended with an error chunk, by error code.", ("code",)
         )
@@ -131,7 +144,8 @@ class Metrics:
         )
         self.all: list[Metric] = [
             self.http_requests, self.http_duration, self.open_streams, self.stream_duration, self.first_token,
-            self.llm_tokens, self.llm_errors, self.retries, self.store_duration, self.rate_limited,
+            self.llm_tokens, self.llm_requests, self.llm_errors, self.retries, self.store_duration,
+            self.rate_limited,
         ]
 
     # -- recording (small named helpers, so callers need not know label order) ----------------------------------
@@ -247,3 +261,10 @@ def record_retry(code: str) -> None:
     metrics = current.get()
     if metrics is not None:
         metrics.retry(code)
+
+
+def record_model_call(model_id: str, outcome: str) -> None:
+    """One model call's outcome before its output: ``answered``, or the error code it failed with."""
+    metrics = current.get()
+    if metrics is not None:
+        metrics.llm_requests.inc(model_id, outcome)

@@ -3,7 +3,9 @@
 A ``ModelRequest`` holds a system prompt, Converse-format ``messages`` (alternating user/assistant turns whose
 content blocks are ``{"text"}``, ``{"toolUse"}`` or ``{"toolResult"}``) and Converse ``toolSpec`` entries. A model
 streams ``ModelEvent`` values: text as it arrives, complete tool calls, usage, and exactly one ``Stop``. Both
-providers speak this interface: ``LocalModel`` (built in, deterministic, not an LLM) and ``BedrockModel``.
+providers speak this interface: ``LocalModel`` (built in, deterministic, not an LLM) and ``BedrockModel``. A provider
+that may answer with another model than its ``model_id`` (Bedrock's fallbacks) starts the stream with ``ModelUsed``;
+otherwise the answer is ``model_id``'s.
 """
 
 from __future__ import annotations
@@ -38,7 +40,14 @@ class Stop:
     reason: str
 
 
-ModelEvent = TextDelta | ToolUse | Usage | Stop
+@dataclass(frozen=True, slots=True)
+class ModelUsed:
+    """The model that answers this call, before any of its output: ``model_id`` or one of the fallbacks."""
+
+    model_id: str
+
+
+ModelEvent = TextDelta | ToolUse | Usage | Stop | ModelUsed
 
 
 @dataclass(frozen=True, slots=True)

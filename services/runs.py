@@ -601,9 +601,10 @@ class RunManager:
         live.finish(status, item, text, metadata, turn.agent_type)
         if code is not None:
             self._metrics.llm_errors.inc(code)
-        usage = turn.usage or {}
-        self._metrics.llm_tokens.inc("input", amount=usage.get("input_tokens") or 0)
-        self._metrics.llm_tokens.inc("output", amount=usage.get("output_tokens") or 0)
+        for model_id, usage in turn.model_usage.items():
+            self._metrics.llm_tokens.inc("input", model_id, amount=usage["input_tokens"])
+            self._metrics.llm_tokens.inc("output", model_id, amount=usage["output_tokens"])
+        _log_end(live.run.id, metadata)
         self._urgent.set()
 
     async def _published(self, live: LiveRun) -> None:
@@ -756,6 +757,16 @@ class RunManager:
             logger.warning("Could not end dead chat runs (%s)", exc.code)
         except Exception:
             logger.exception("Unexpected error while ending dead chat runs")
+
+
+def _log_end(run_id: str, metadata: dict[str, Any]) -> None:
+    """The turn's line in the log: how it ended, and the model that answered (a fallback, when the configured one
+    was throttled or failing; several when they answered different calls of the turn)."""
+    model = ",".join(metadata.get("model_ids") or [metadata.get("model_id") or "-"])
+    logger.info(
+        "Chat run ended: run_id=%s status=%s code=%s model=%s duration_ms=%d",
+        run_id, metadata["status"], metadata.get("error_code") or "-", model, metadata["duration_ms"],
+    )
 
 
 def _elsewhere_end(live: LiveRun) -> str:

@@ -8,7 +8,8 @@ Two reusable parts:
   fidelity by decoding its frames with botocore's own ``EventStream`` and ``EventStreamJSONParser``.
 - ``FakeBedrock``, a raw ASGI app serving ``POST /model/{modelId}/converse-stream`` (serve it with
   ``tests.support.serve``). Each request takes the next scripted ``Reply`` (the last one repeats): frames written
-  one ``send`` each, pauses, gates the test opens, HTTP errors. It checks the SigV4 ``Authorization`` header against
+  one ``send`` each, pauses, gates the test opens, HTTP errors. ``by_model`` gives a model id a script of its own,
+  counted over that model's requests only (for fallbacks). It checks the SigV4 ``Authorization`` header against
   the credentials it was given and answers 403 like AWS when it does not match. It records every request and
   whether the client closed the stream before the script finished.
 
@@ -205,6 +206,7 @@ _PATH = re.compile(r"/model/(?P<model_id>[^/]+)/converse-stream")
 class FakeBedrock:
     def __init__(self, *replies: Reply, credentials: Iterable[Credentials] = (), region: str = "us-east-1") -> None:
         self.replies = list(replies) or [Reply.stream(text_reply("Hello from the fake."))]
+        self.by_model: dict[str, list[Reply]] = {}
         self.credentials = list(credentials)
         self.region = region
         self.requests: list[Recorded] = []
@@ -224,7 +226,7 @@ class FakeBedrock:
         problem = sigv4_problem(url, headers, body, self.credentials, self.region)
         record = Recorded(unquote(match["model_id"]), raw_path, headers, json.loads(body or b"{}"), problem)
         self.requests.append(record)
-        reply = self.replies[min(len(self.requests) - 1, len(self.replies) - 1)]
+        reply = self._next_reply(record.model_id)
         if problem is not None:
             await _json_error(send, 403, problem, "The request signature we calculated does not match.")
         elif reply.status != 200:
@@ -232,6 +234,13 @@ class FakeBedrock:
         else:
             await _stream(reply, record, receive, send)
         record.finished.set()
+
+    def _next_reply(self, model_id: str) -> Reply:
+        script = self.by_model.get(model_id)
+        if script is None:
+            return self.replies[min(len(self.requests), len(self.replies)) - 1]
+        count = sum(1 for r in self.requests if r.model_id == model_id)
+        return script[min(count, len(script)) - 1]
 
     def wait_for_requests(self, count: int, timeout: float = 5.0) -> list[Recorded]:
         deadline = time.monotonic() + timeout

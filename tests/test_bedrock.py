@@ -26,7 +26,7 @@ from starlette.testclient import TestClient
 from app import build_model, create_app
 from errors import AppError
 from services.bedrock import BEDROCK_ERRORS, FAILURES, BedrockModel, ConverseStreamDecoder, converse_messages
-from services.model import ModelEvent, ModelRequest, Stop, TextDelta, ToolUse, Usage
+from services.model import ModelEvent, ModelRequest, ModelUsed, Stop, TextDelta, ToolUse, Usage
 from settings import Settings
 from tests.conftest import AuthHeaders
 from tests.fake_bedrock import (
@@ -252,7 +252,8 @@ async def test_text_streams_per_read_from_a_signed_converse_request(
     ]
     settings = settings_for(tmp_path, bedrock_env, live, BEDROCK_MAX_TOKENS="321", BEDROCK_TEMPERATURE="0.5")
     events = await collect(BedrockModel(settings, credentials=CREDS))
-    assert events == [TextDelta("Hello"), TextDelta(", world"), Stop("end_turn"), Usage(20, 4)]
+    assert events == [ModelUsed("amazon.nova-lite-v1:0"), TextDelta("Hello"), TextDelta(", world"), Stop("end_turn"),
+                      Usage(20, 4)]
     (request,) = fake.requests
     assert request.auth_error is None  # the fake recomputed the SigV4 signature with the test secret
     assert request.model_id == "amazon.nova-lite-v1:0"
@@ -280,6 +281,7 @@ async def test_tool_use_input_is_assembled_from_fragments(
     request = ModelRequest(system="", messages=HELLO.messages, tools=[WEATHER_TOOL])
     events = await collect(BedrockModel(settings_for(tmp_path, bedrock_env, live), credentials=CREDS), request)
     assert events == [
+        ModelUsed("amazon.nova-lite-v1:0"),
         TextDelta("Let me check."),
         ToolUse(tool_use_id="tooluse_42", name="get_weather", input={"city": "Paris", "days": [1, 2]}),
         Stop("tool_use"),
@@ -452,7 +454,7 @@ async def test_idle_gap_after_text_times_out_without_a_retry(
     settings = settings_for(tmp_path, bedrock_env, live, BEDROCK_IDLE_TIMEOUT="0.2")
     error_, seen = await failing(BedrockModel(settings, credentials=CREDS))
     assert (error_.code, error_.retryable, len(fake.requests)) == ("MODEL_TIMEOUT", True, 1)
-    assert seen == [TextDelta("Partial")]
+    assert seen == [ModelUsed("amazon.nova-lite-v1:0"), TextDelta("Partial")]
     # The socket closes on the event loop's next turn, so wait without blocking the loop.
     assert await anyio.to_thread.run_sync(fake.requests[0].closed_early.wait, 2)
 

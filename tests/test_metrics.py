@@ -67,8 +67,8 @@ def test_metrics_move_after_real_requests(tmp_path: Path) -> None:
     assert sample(text, "canvalo_stream_duration_seconds_count", outcome="complete") == 1
     assert sample(text, "canvalo_time_to_first_token_seconds_count") == 1
     assert sample(text, "canvalo_time_to_first_token_seconds_bucket", le="0.025") == 0  # it took >= 50 ms
-    assert sample(text, "canvalo_llm_tokens_total", kind="input") == 7
-    assert sample(text, "canvalo_llm_tokens_total", kind="output") == 3
+    assert sample(text, "canvalo_llm_tokens_total", kind="input", model=model.model_id) == 7
+    assert sample(text, "canvalo_llm_tokens_total", kind="output", model=model.model_id) == 3
     assert sample(text, "canvalo_rate_limit_rejections_total", limit="api") == 1
     # One chat turn: admitted and begun in one store call; its events and its end written by the worker's flushes.
     assert sample(text, "canvalo_store_query_duration_seconds_count", store="sqlite", operation="begin_run") == 1

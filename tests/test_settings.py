@@ -43,11 +43,22 @@ def test_values_are_cast_to_their_types() -> None:
         ({"MAX_CONNECTIONS": "50", "MAX_CONNECTIONS_PER_ADDRESS": "50"}, "MAX_CONNECTIONS_PER_ADDRESS"),
         ({"AUTH_LOOKUPS_PER_MINUTE": "0"}, "AUTH_LOOKUPS_PER_MINUTE"),
         ({"AUTH_LOOKUP_CONCURRENCY": "0"}, "AUTH_LOOKUP_CONCURRENCY"),
+        ({"BEDROCK_FALLBACK_MODEL_IDS": "amazon.nova-micro-v1:0 us.amazon.nova-lite-v1:0"}, "BEDROCK_FALLBACK_MODEL_IDS"),
+        ({"BEDROCK_FALLBACK_MODEL_IDS": "amazon.nova-micro-v1:0,amazon.nova-micro-v1:0"}, "BEDROCK_FALLBACK_MODEL_IDS"),
+        ({"BEDROCK_FALLBACK_MODEL_IDS": "amazon.nova-micro-v1:0,amazon.nova-lite-v1:0"}, "BEDROCK_FALLBACK_MODEL_IDS"),
+        ({"BEDROCK_FALLBACK_MODEL_IDS": ",".join(f"m.model-{i}" for i in range(6))}, "BEDROCK_FALLBACK_MODEL_IDS"),
     ],
 )
 def test_invalid_values_stop_startup_naming_the_variable(environ: dict[str, str], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         Settings.from_environ(environ)
+
+
+def test_fallback_models_are_read_in_order() -> None:
+    arn = "arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.amazon.nova-micro-v1:0"
+    settings = Settings.from_environ({"BEDROCK_FALLBACK_MODEL_IDS": f" us.amazon.nova-lite-v1:0 , {arn}"})
+    assert settings.bedrock_fallback_model_ids == ("us.amazon.nova-lite-v1:0", arn)
+    assert Settings.from_environ({}).bedrock_fallback_model_ids == ()
 
 
 def test_production_refuses_to_start_without_auth() -> None:

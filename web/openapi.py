@@ -238,6 +238,16 @@ def _schemas() -> dict[str, Schema]:
                 "usage": _nullable(_schema("Usage")),
                 "duration_ms": {"type": "integer", "minimum": 0},
                 "tool_calls": {"type": "array", "items": {"type": "object"}},
+                "model_id": {
+                    "type": "string",
+                    "description": "The model that answered (its latest call): BEDROCK_MODEL_ID, or a fallback when "
+                    "that one was throttled or failing. Absent when no model answered.",
+                },
+                "model_ids": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "description": "Only when the turn's calls were answered by more than one model: each, in order.",
+                },
             },
         },
         "Deleted": _closed({"status": {"const": "deleted"}, "conversation_id": UUID}),

@@ -1,0 +1,265 @@
+"""BEDROCK_FALLBACK_MODEL_IDS against the fake Bedrock: which failures move on to the next model, and which never do.
+
+Each model id gets a script of its own (``FakeBedrock.by_model``). The end-to-end tests read back what the client
+was sent, what was stored, the metrics and the turn's log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from app import create_app
+from services.agents import HANDOFF_TOOL
+from services.bedrock import FAILURES, BedrockModel
+from services.model import ModelUsed, Stop, TextDelta, Usage
+from tests.conftest import AuthHeaders
+from tests.fake_bedrock import (
+    FakeBedrock,
+    Pause,
+    Reply,
+    exception,
+    message_start,
+    text_delta,
+    text_reply,
+)
+from tests.support import LiveServer, new_id, streamed_text
+from tests.test_agents_bedrock import tool_reply
+from tests.test_bedrock import (  # noqa: F401  (fixtures)
+    CREDS,
+    bedrock_env,
+    chat,
+    collect,
+    fake_bedrock,
+    last_message,
+    settings_for,
+)
+
+pytestmark = pytest.mark.anyio
+
+PRIMARY = "amazon.nova-lite-v1:0"  # BEDROCK_MODEL_ID's default
+FIRST = "us.amazon.nova-lite-v1:0"
+SECOND = "arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.amazon.nova-micro-v1:0"
+FALLBACKS = {"BEDROCK_FALLBACK_MODEL_IDS": f"{FIRST}, {SECOND}"}
+TOKEN = "metrics-token-0123456789"
+
+THROTTLED = Reply.http_error(429, "ThrottlingException", "Too many tokens, please wait before trying again.")
+
+
+def answer(text: str, usage: tuple[int, int] = (12, 7)) -> Reply:
+    return Reply.stream(text_reply(text, usage=usage))
+
+
+def models_called(fake: FakeBedrock) -> list[str]:
+    return [r.model_id for r in fake.requests]
+
+
+@pytest.fixture
+def api(
+    tmp_path: Any,
+    service_env: dict[str, str],
+    bedrock_env: dict[str, str],  # noqa: F811
+    fake_bedrock: tuple[FakeBedrock, LiveServer],  # noqa: F811
+) -> Iterator[tuple[TestClient, FakeBedrock]]:
+    fake, live = fake_bedrock
+    env = {**service_env, **bedrock_env, **FALLBACKS, "METRICS_TOKEN": TOKEN}
+    settings = settings_for(tmp_path, env, live, BEDROCK_FIRST_EVENT_TIMEOUT="0.3")
+    with TestClient(create_app(settings, model=BedrockModel(settings, credentials=CREDS))) as client:
+        yield client, fake
+
+
+def metric(client: TestClient, name: str, **labels: str) -> float:
+    text = client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).text
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    found = re.search("^" + re.escape(f"{name}{{{wanted}}}") + r" (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+# -- end to end: what the user gets, what is stored, counted and logged -----------------------------------------------
+
+
+def test_a_throttled_model_hands_the_turn_to_the_first_fallback(
+    api: tuple[TestClient, FakeBedrock], auth_headers: AuthHeaders, user_id: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    client, fake = api
+    fake.by_model = {PRIMARY: [THROTTLED], FIRST: [answer("Two invoices are overdue.")]}
+    conversation = new_id()
+    with caplog.at_level(logging.INFO):
+        items = chat(client, auth_headers, user_id, conversation)
+    assert streamed_text(items) == "Two invoices are overdue." and items[-1]["type"] == "complete"
+    assert models_called(fake) == [PRIMARY, FIRST]  # at once: no retry of the throttled model first
+    stored = last_message(client, auth_headers, user_id, conversation)
+    assert stored["content"] == "Two invoices are overdue."
+    assert stored["metadata"]["status"] == "complete" and stored["metadata"]["model_id"] == FIRST
+    assert "model_ids" not in stored["metadata"]  # one model answered the whole turn
+    ended = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Chat run ended")]
+    assert len(ended) == 1 and "status=complete" in ended[0] and f"model={FIRST} " in ended[0]
+
+
+def test_a_failing_model_and_a_throttled_fallback_leave_the_turn_to_the_second_fallback(
+    api: tuple[TestClient, FakeBedrock], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    client, fake = api
+    fake.by_model = {
+        PRIMARY: [Reply.http_error(500, "InternalServerException")],
+        FIRST: [THROTTLED],
+        SECOND: [answer("From the second fallback.")],
+    }
+    conversation = new_id()
+    items = chat(client, auth_headers, user_id, conversation)
+    assert streamed_text(items) == "From the second fallback." and items[-1]["type"] == "complete"
+    assert models_called(fake) == [PRIMARY, FIRST, SECOND]
+    assert fake.requests[2].raw_path.startswith("/model/arn%3Aaws%3Abedrock%3A")  # the ARN is one encoded segment
+    stored = last_message(client, auth_headers, user_id, conversation)
+    assert stored["metadata"]["model_id"] == SECOND
+
+
+def test_every_model_throttled_ends_as_before_after_the_same_attempts_over_the_listed_models_only(
+    api: tuple[TestClient, FakeBedrock], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    client, fake = api
+    fake.replies = [answer("Nobody should see this.")]  # what any model not in the list would answer
+    fake.by_model = {PRIMARY: [THROTTLED], FIRST: [THROTTLED], SECOND: [THROTTLED]}
+    conversation = new_id()
+    items = chat(client, auth_headers, user_id, conversation)
+    assert [i["type"] for i in items] == ["error"]
+    assert (items[0]["code"], items[0]["retryable"]) == ("MODEL_THROTTLED", True)
+    assert items[0]["error"] == FAILURES["MODEL_THROTTLED"].user_message
+    # MAX_RETRY_ATTEMPTS (3) passes down the list, each model once per pass, and nothing beyond it.
+    assert models_called(fake) == [PRIMARY, FIRST, SECOND] * 3
+    stored = last_message(client, auth_headers, user_id, conversation)
+    assert stored["metadata"]["status"] == "error" and stored["metadata"]["error_code"] == "MODEL_THROTTLED"
+    assert "model_id" not in stored["metadata"]  # no model answered
+    assert metric(client, "canvalo_llm_requests_total", model=SECOND, outcome="MODEL_THROTTLED") == 3
+
+
+def test_an_error_after_the_first_token_never_falls_back(
+    api: tuple[TestClient, FakeBedrock], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    client, fake = api
+    fake.by_model = {
+        PRIMARY: [Reply.stream([message_start(), text_delta("You have ")], Pause(0.05),
+                               exception("throttlingException", "slow down"))],
+        FIRST: [answer("A second answer mixed into the first.")],
+    }
+    conversation = new_id()
+    items = chat(client, auth_headers, user_id, conversation)
+    assert streamed_text(items) == "You have "
+    assert items[-1]["type"] == "error" and items[-1]["code"] == "MODEL_THROTTLED"
+    assert models_called(fake) == [PRIMARY]
+    stored = last_message(client, auth_headers, user_id, conversation)
+    assert stored["content"] == "You have "
+    assert stored["metadata"]["status"] == "error" and stored["metadata"]["model_id"] == PRIMARY
+
+
+@pytest.mark.parametrize(
+    ("status", "error_type", "message", "code"),
+    [
+        (400, "ValidationException", "A conversation must alternate between user and assistant roles.",
+         "MODEL_REQUEST_REJECTED"),
+        (400, "ValidationException", "Input is too long for requested model.", "MODEL_INPUT_TOO_LONG"),
+        (403, "AccessDeniedException", "User is not authorized to perform: bedrock:InvokeModelWithResponseStream",
+         "MODEL_ACCESS_DENIED"),
+    ],
+)
+def test_an_error_that_is_the_requests_own_never_falls_back(
+    api: tuple[TestClient, FakeBedrock],
+    auth_headers: AuthHeaders,
+    user_id: str,
+    status: int,
+    error_type: str,
+    message: str,
+    code: str,
+) -> None:
+    client, fake = api
+    fake.by_model = {PRIMARY: [Reply.http_error(status, error_type, message)], FIRST: [answer("Should not answer.")]}
+    items = chat(client, auth_headers, user_id, new_id())
+    assert [(i["type"], i["code"], i["retryable"]) for i in items] == [("error", code, False)]
+    assert models_called(fake) == [PRIMARY]
+    assert metric(client, "canvalo_llm_requests_total", model=PRIMARY, outcome=code) == 1
+    assert metric(client, "canvalo_llm_requests_total", model=FIRST, outcome="answered") == 0
+
+
+def test_the_metrics_name_the_model_that_answered_and_the_one_passed_over(
+    api: tuple[TestClient, FakeBedrock], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    client, fake = api
+    fake.by_model = {PRIMARY: [THROTTLED], FIRST: [answer("Fine.", usage=(30, 4))]}
+    chat(client, auth_headers, user_id, new_id())
+    assert metric(client, "canvalo_llm_requests_total", model=PRIMARY, outcome="MODEL_THROTTLED") == 1
+    assert metric(client, "canvalo_llm_requests_total", model=FIRST, outcome="answered") == 1
+    assert metric(client, "canvalo_llm_tokens_total", kind="input", model=FIRST) == 30
+    assert metric(client, "canvalo_llm_tokens_total", kind="output", model=FIRST) == 4
+    assert metric(client, "canvalo_llm_tokens_total", kind="output", model=PRIMARY) == 0
+
+
+def test_a_turn_whose_calls_were_answered_by_two_models_records_both(
+    api: tuple[TestClient, FakeBedrock], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    """Supervisor throttled (its call answered by the fallback), then the specialist's two calls by the primary."""
+    client, fake = api
+    fake.by_model = {
+        PRIMARY: [
+            THROTTLED,
+            tool_reply("tooluse_1", "list_invoices", {"status": "overdue"}, (90, 12)),
+            Reply.stream(text_reply("None are overdue.", usage=(120, 6))),
+        ],
+        FIRST: [tool_reply("tooluse_h", HANDOFF_TOOL, {"agent": "invoices"}, (40, 8))],
+    }
+    conversation = new_id()
+    items = chat(client, auth_headers, user_id, conversation)
+    assert streamed_text(items) == "None are overdue." and items[-1]["type"] == "complete"
+    assert models_called(fake) == [PRIMARY, FIRST, PRIMARY, PRIMARY]
+    metadata = last_message(client, auth_headers, user_id, conversation)["metadata"]
+    assert (metadata["model_id"], metadata["model_ids"]) == (PRIMARY, [FIRST, PRIMARY])
+    assert metadata["usage"] == {"input_tokens": 250, "output_tokens": 26}
+    assert metric(client, "canvalo_llm_tokens_total", kind="input", model=FIRST) == 40
+    assert metric(client, "canvalo_llm_tokens_total", kind="input", model=PRIMARY) == 210
+
+
+# -- the model: in-stream failures before any text ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [message_start(), exception("modelStreamErrorException", "An error occurred while streaming.")],
+        [exception("serviceUnavailableException", "down")],
+        [message_start(), exception("throttlingException", "slow down")],
+    ],
+    ids=["modelStreamErrorException", "serviceUnavailableException", "throttlingException"],
+)
+async def test_an_exception_event_before_any_text_falls_back(
+    tmp_path: Any,
+    bedrock_env: dict[str, str],  # noqa: F811
+    fake_bedrock: tuple[FakeBedrock, LiveServer],  # noqa: F811
+    frames: list[bytes],
+) -> None:
+    fake, live = fake_bedrock
+    fake.by_model = {PRIMARY: [Reply.stream(frames)], FIRST: [answer("Hello from the fallback.")]}
+    settings = settings_for(tmp_path, bedrock_env, live, **FALLBACKS)
+    events = await collect(BedrockModel(settings, credentials=CREDS))
+    assert events == [ModelUsed(FIRST), TextDelta("Hello from the fallback."), Stop("end_turn"), Usage(12, 7)]
+    assert models_called(fake) == [PRIMARY, FIRST]
+    assert all(r.auth_error is None for r in fake.requests)  # each model's request is signed for its own path
+
+
+async def test_a_timeout_is_retried_on_the_same_model_not_handed_over(
+    tmp_path: Any,
+    bedrock_env: dict[str, str],  # noqa: F811
+    fake_bedrock: tuple[FakeBedrock, LiveServer],  # noqa: F811
+) -> None:
+    """Another model would wait on the same slow path; the retry policy handles it exactly as without fallbacks."""
+    fake, live = fake_bedrock
+    fake.by_model = {PRIMARY: [Reply.stream(Pause(2), *text_reply("late")), answer("In time.")],
+                     FIRST: [answer("Should not answer.")]}
+    settings = settings_for(tmp_path, bedrock_env, live, BEDROCK_FIRST_EVENT_TIMEOUT="0.2", **FALLBACKS)
+    events = await collect(BedrockModel(settings, credentials=CREDS))
+    assert events[:2] == [ModelUsed(PRIMARY), TextDelta("In time.")]
+    assert models_called(fake) == [PRIMARY, PRIMARY]
+
