@@ -39,6 +39,8 @@ def test_values_are_cast_to_their_types() -> None:
         ({"RETRY_BASE_DELAY": "2", "RETRY_MAX_DELAY": "1"}, "RETRY_MAX_DELAY"),
         ({"CORS_ORIGINS": "*,https://a.example"}, "CORS_ORIGINS"),
         ({"ENVIRONMENT": "staging"}, "ENVIRONMENT"),
+        ({"SUPABASE_POOL_SIZE": "0"}, "SUPABASE_POOL_SIZE"),
+        ({"SUPABASE_POOL_TIMEOUT": "0"}, "SUPABASE_POOL_TIMEOUT"),
     ],
 )
 def test_invalid_values_stop_startup_naming_the_variable(environ: dict[str, str], named: str) -> None:
