@@ -31,9 +31,9 @@ import httpx
 
 T = TypeVar("T")
 
-# Idle connections are closed after this long: well under the idle timeouts of the servers in front of PostgREST and
-# Supabase Auth (nginx closes idle keep-alive connections after 75 s by default), so a request is not sent on a
-# connection the server is closing at that moment.
+# Idle connections are closed after this long: well under the idle timeouts of the servers in front of PostgREST
+# (nginx closes idle keep-alive connections after 75 s by default), so a request is seldom sent on a connection the
+# server is closing at that moment (and a replayable one that is, is retried: services/postgrest_client.py).
 KEEPALIVE_EXPIRY = 5.0
 
 
@@ -49,6 +49,8 @@ def limits(size: int) -> httpx.Limits:
 
 
 class Slots:
+    """``size`` slots, one per exchange under way; ``run`` takes one, and the end of the exchange gives it back."""
+
     def __init__(self, size: int, wait: float) -> None:
         if size < 1 or wait <= 0:
             raise ValueError("a pool needs at least one slot and a positive wait")

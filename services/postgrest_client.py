@@ -117,6 +117,7 @@ class PostgrestClient:
 
     @property
     def slots_in_use(self) -> int:
+        """Requests under way, each on its own connection (those whose callers stopped waiting included)."""
         return self._slots.in_use
 
     async def aclose(self) -> None:
