@@ -456,6 +456,8 @@ def build_store(settings: Settings) -> Store:
             settings.publishable_key,
             retry=RetryPolicy.from_settings(settings),
             timeout=settings.supabase_timeout,
+            pool_size=settings.supabase_pool_size,
+            pool_timeout=settings.supabase_pool_timeout,
         )
         return PostgrestStore(client)
     return SQLiteStore(settings.sqlite_path)

@@ -75,6 +75,8 @@ class Settings:
     supabase_anon_key: Secret = _secret()
     supabase_jwt_secret: Secret = _secret()
     supabase_timeout: float = 10.0
+    supabase_pool_size: int = 50  # concurrent Data API requests per worker, one keep-alive connection each
+    supabase_pool_timeout: float = 5.0  # a request waits this long for one of them, then a 503 STORE_BUSY
 
     # Model
     llm_provider: LLMProvider = "local"
@@ -172,6 +174,8 @@ class Settings:
             ),
             (self.bedrock_max_tokens >= 1, "BEDROCK_MAX_TOKENS must be at least 1"),
             (self.supabase_timeout > 0, "SUPABASE_TIMEOUT must be positive"),
+            (1 <= self.supabase_pool_size <= 1000, "SUPABASE_POOL_SIZE must be between 1 and 1000"),
+            (0 < self.supabase_pool_timeout <= 60, "SUPABASE_POOL_TIMEOUT must be in (0, 60]"),
             (0 <= self.bedrock_temperature <= 1, "BEDROCK_TEMPERATURE must be in [0, 1]"),
             ("*" not in self.cors_origins or len(self.cors_origins) == 1, "CORS_ORIGINS cannot mix * with origins"),
         ]

@@ -1,7 +1,9 @@
 """PostgREST request plumbing shared by every store that talks to Supabase's Data API (``/rest/v1``).
 
-One pooled ``httpx.AsyncClient`` (HTTP/1.1, explicit timeouts and limits) per process. Every request carries
-``apikey: <publishable or legacy anon key>`` and ``Authorization: Bearer <the caller's own access token>``, so
+One pooled ``httpx.AsyncClient`` (HTTP/1.1, explicit timeouts) per process, its requests admitted by our own slots
+(``services/http_pool.py``): ``pool_size`` keep-alive connections reused by every request, a bounded wait for one
+(then 503 ``STORE_BUSY``), and no cancellation ever reaching httpx, where it can lose a slot for good. Every request
+carries ``apikey: <publishable or legacy anon key>`` and ``Authorization: Bearer <the caller's own access token>``, so
 PostgREST runs as role ``authenticated`` and PostgreSQL's row-level security decides what the caller may touch. A
 request without a user token is refused here rather than sent as ``anon``, but for ``rpc_by_key``: a call to a
 function whose authority is a capability it checks itself (a run's write key). A secret/service-role key is refused
@@ -33,6 +35,7 @@ from typing import Any
 import httpx
 
 from errors import AppError, Forbidden, NotFound, Unauthorized, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from services.http_pool import PoolBusy, Slots, limits
 from services.retry import RetryPolicy, with_retry
 from services.store import Caller
 from settings import ConfigError
@@ -84,6 +87,8 @@ class PostgrestClient:
         *,
         retry: RetryPolicy,
         timeout: float = 10.0,
+        pool_size: int = 50,
+        pool_timeout: float = 5.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if not supabase_url or not api_key:
@@ -95,20 +100,29 @@ class PostgrestClient:
             )
         if timeout <= 0:
             raise ConfigError("SUPABASE_TIMEOUT must be positive")
+        if pool_size < 1 or pool_timeout <= 0:
+            raise ConfigError("SUPABASE_POOL_SIZE must be at least 1 and SUPABASE_POOL_TIMEOUT positive")
         self._schema = schema
         self._api_key = api_key
         self._retry = retry
+        self._slots = Slots(pool_size, pool_timeout)
         self._http = httpx.AsyncClient(
             base_url=supabase_url.rstrip("/") + "/rest/v1/",
             http1=True,
             http2=False,
-            timeout=httpx.Timeout(timeout, connect=min(5.0, timeout), pool=min(5.0, timeout)),
-            limits=httpx.Limits(max_connections=50, max_keepalive_connections=10, keepalive_expiry=5.0),
+            timeout=httpx.Timeout(timeout, connect=min(5.0, timeout), pool=pool_timeout),
+            limits=limits(pool_size),
             transport=transport,
             follow_redirects=False,
         )
 
+    @property
+    def slots_in_use(self) -> int:
+        """Requests under way, each on its own connection (those whose callers stopped waiting included)."""
+        return self._slots.in_use
+
     async def aclose(self) -> None:
+        await self._slots.aclose()
         await self._http.aclose()
 
     # -- verbs --------------------------------------------------------------------------------------------------
@@ -232,7 +246,16 @@ class PostgrestClient:
         self, method: str, path: str, params: dict[str, str], headers: dict[str, str], json_body: Any = None
     ) -> httpx.Response:
         try:
-            return await self._http.request(method, path, params=params, headers=headers, json=json_body)
+            return await self._slots.run(
+                lambda: self._http.request(method, path, params=params, headers=headers, json=json_body)
+            )
+        except PoolBusy as exc:
+            # Our own requests hold every connection: asking again at once would only wait again, so the caller is
+            # told to come back (a retryable 503), and this worker takes no more than its pool from PostgREST.
+            logger.warning("PostgREST request refused: %s", exc)
+            raise UpstreamUnavailable(
+                "Every connection to the database is in use.", code="STORE_BUSY", retry_after=1.0
+            ) from exc
         except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # Nothing reached PostgREST: as safe to retry as a refused connection.
             raise _timeout() from _transport(exc, transient=True)

@@ -47,6 +47,8 @@ def test_values_are_cast_to_their_types() -> None:
         ({"BEDROCK_FALLBACK_MODEL_IDS": "amazon.nova-micro-v1:0,amazon.nova-micro-v1:0"}, "BEDROCK_FALLBACK_MODEL_IDS"),
         ({"BEDROCK_FALLBACK_MODEL_IDS": "amazon.nova-micro-v1:0,amazon.nova-lite-v1:0"}, "BEDROCK_FALLBACK_MODEL_IDS"),
         ({"BEDROCK_FALLBACK_MODEL_IDS": ",".join(f"m.model-{i}" for i in range(6))}, "BEDROCK_FALLBACK_MODEL_IDS"),
+        ({"SUPABASE_POOL_SIZE": "0"}, "SUPABASE_POOL_SIZE"),
+        ({"SUPABASE_POOL_TIMEOUT": "0"}, "SUPABASE_POOL_TIMEOUT"),
     ],
 )
 def test_invalid_values_stop_startup_naming_the_variable(environ: dict[str, str], named: str) -> None:

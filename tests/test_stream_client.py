@@ -11,6 +11,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import anyio
 import pytest
 import trustme
 
@@ -27,16 +28,19 @@ class Server:
     def __init__(self, handler: Handler) -> None:
         self.handler = handler
         self.connections = 0
+        self.open = 0  # connections the client has not closed yet
         self.requests: list[bytes] = []
         self.closed_by_client = asyncio.Event()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.open += 1
         try:
             await self.handler(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             self.closed_by_client.set()
         finally:
+            self.open -= 1
             writer.close()
 
     async def read_request(self, reader: asyncio.StreamReader) -> bytes:
@@ -309,6 +313,51 @@ async def test_cancelled_while_waiting_for_the_head_closes_the_connection() -> N
             async with asyncio.timeout(0.1):
                 await stream_client.post("/", {}, b"")
         await asyncio.wait_for(server.closed_by_client.wait(), 2)
+
+
+@pytest.mark.parametrize("cancel", ["task", "scope"])
+async def test_a_request_cancelled_at_any_point_leaves_no_connection_held(cancel: str) -> None:
+    """Cancelled after each number of event-loop turns, so at every point of its life (connecting, sending, waiting
+    for the head, reading, closing), as ``asyncio.timeout`` cancels (Task.cancel) or as Starlette does when the client
+    leaves (an anyio scope): each connection ends closed, or idle and reusable; none is held or lost."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for _ in range(3):
+                writer.write(b"3\r\nabc\r\n")
+                await writer.drain()
+                await asyncio.sleep(0)
+            writer.write(b"0\r\n\r\n")
+
+    async def cancelled_after(turns: int) -> None:
+        scope = anyio.CancelScope()
+
+        async def request() -> None:
+            with scope:
+                await read_all(stream_client)
+
+        task = asyncio.ensure_future(request())
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        if cancel == "task":
+            task.cancel()
+        else:
+            scope.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    async with serving(handler) as (server, port):
+        stream_client = client(port)
+        for turns in range(60):
+            await cancelled_after(turns)
+            with anyio.fail_after(2):
+                while server.open != len(stream_client._idle):  # the hang-up of a cancelled exchange arrives
+                    await asyncio.sleep(0.001)
+            assert len(stream_client._idle) <= 1 and all(c.reusable for c in stream_client._idle)
+        assert (await read_all(stream_client))[2] == b"abcabcabc"
+        stream_client.close()
+    assert 1 < server.connections < 60  # some were cancelled mid-exchange (hung up), others after it (kept)
 
 
 async def test_connection_failures() -> None:

@@ -571,7 +571,8 @@ API_ERRORS = ("401", "403", "422", "429", "500", "502", "503", "504")
 
 
 def _responses() -> dict[str, Schema]:
-    store_codes = ("STORE_UNAVAILABLE", "AUTH_UNAVAILABLE", "AUTH_THROTTLED", "AUTH_BUSY", "SERVICE_UNAVAILABLE")
+    store_codes = ("STORE_UNAVAILABLE", "STORE_BUSY", "AUTH_UNAVAILABLE", "AUTH_THROTTLED", "AUTH_BUSY",
+                   "SERVICE_UNAVAILABLE")
     return {
         "400": _error("The body could not be read: not UTF-8, not JSON (NaN and Infinity are not JSON), or nested "
                       "more than 32 levels.", ("MALFORMED_JSON", "BAD_REQUEST"), retryable=False),

@@ -1,0 +1,88 @@
+"""Slots for the requests of a pooled ``httpx.AsyncClient``: a fixed number, and each one always comes back.
+
+Why httpx's pool is not left to count them itself: httpcore 1.0.9 (the last release, used by httpx 0.28.1) loses a
+connection slot for good when a request is cancelled at one of three moments (each reproduced on loopback):
+
+* queued for a connection, just as another request's end opens a fresh one for it: the fresh connection stays
+  ``CONNECTING`` with no owner (encode/httpcore#1093; anyio cancellation too, as Starlette cancels a handler whose
+  client left);
+* just after connecting, at a lock taken outside any ``try``: the connection stays ``NEW``, its socket open
+  (encode/httpcore#1099);
+* while its response is being closed: the pool keeps counting the request as active (encode/httpcore#1115).
+
+httpcore's shields are anyio cancel scopes, which ``Task.cancel()``, ``asyncio.timeout`` and ``wait_for`` go through.
+Each loss is permanent; once ``max_connections`` are lost every request waits out the pool timeout, and the worker is
+wedged until it restarts. Two rules keep our requests out of reach:
+
+1. The slots are ours, as many as the client's connections (``limits``): a request enters httpx only once it holds
+   one, so it never queues inside httpcore. Waiting for a slot is bounded: past ``wait`` seconds, ``PoolBusy``.
+2. No cancellation reaches httpx: each exchange runs in a task of its own, which the caller awaits shielded. A caller
+   that is cancelled stops waiting at once; its exchange ends by the client's own timeouts, gives its slot back, and
+   its connection, read to the end, stays open for the next request instead of being dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import httpx
+
+T = TypeVar("T")
+
+# Idle connections are closed after this long: well under the idle timeouts of the servers in front of PostgREST
+# (nginx closes idle keep-alive connections after 75 s by default), so a request is seldom sent on a connection the
+# server is closing at that moment (and a replayable one that is, is retried: services/postgrest_client.py).
+KEEPALIVE_EXPIRY = 5.0
+
+
+class PoolBusy(Exception):
+    """Every slot stayed taken for the whole wait."""
+
+
+def limits(size: int) -> httpx.Limits:
+    """httpx limits matching ``size`` slots. Every connection may stay alive: with fewer keep-alive connections than
+    connections, httpcore closes a connection as each response ends while more than that many are open, so under load
+    nearly every request would open a new one."""
+    return httpx.Limits(max_connections=size, max_keepalive_connections=size, keepalive_expiry=KEEPALIVE_EXPIRY)
+
+
+class Slots:
+    """``size`` slots, one per exchange under way; ``run`` takes one, and the end of the exchange gives it back."""
+
+    def __init__(self, size: int, wait: float) -> None:
+        if size < 1 or wait <= 0:
+            raise ValueError("a pool needs at least one slot and a positive wait")
+        self.size = size
+        self._wait = wait
+        self._free = asyncio.Semaphore(size)
+        self._exchanges: set[asyncio.Task[Any]] = set()
+
+    @property
+    def in_use(self) -> int:
+        """Slots taken now, by exchanges under way (including those whose callers stopped waiting)."""
+        return len(self._exchanges)
+
+    async def run(self, exchange: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """Await ``exchange()`` holding a slot; raises ``PoolBusy`` when none frees up within the wait."""
+        try:
+            async with asyncio.timeout(self._wait):
+                await self._free.acquire()  # (a cancelled or timed-out wait takes nothing: asyncio.Semaphore)
+        except TimeoutError:
+            raise PoolBusy(f"all {self.size} slots in use") from None
+        task = asyncio.get_running_loop().create_task(exchange())
+        self._exchanges.add(task)
+        # Released when the task is done, however: also a task cancelled before it ever ran (at shutdown).
+        task.add_done_callback(self._release)
+        return await asyncio.shield(task)
+
+    def _release(self, task: asyncio.Task[Any]) -> None:
+        self._exchanges.discard(task)
+        self._free.release()
+
+    async def aclose(self) -> None:
+        """Shutdown: exchanges nobody waits for any more are cancelled, before their client closes."""
+        for task in list(self._exchanges):
+            task.cancel()
+        await asyncio.gather(*self._exchanges, return_exceptions=True)

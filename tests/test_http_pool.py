@@ -1,0 +1,73 @@
+"""The slots in front of a pooled httpx client (services/http_pool.py), counted: a slot is taken by each exchange under
+way, and given back when it ends, whatever happened to the caller waiting for it. (Over real HTTP, with a hanging and
+a resetting upstream: tests/test_postgrest_pool.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+
+import anyio
+import pytest
+
+from services.http_pool import PoolBusy, Slots, limits
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_cancelled_caller_stops_waiting_while_its_exchange_ends_and_gives_the_slot_back() -> None:
+    slots, answer = Slots(1, wait=5), asyncio.Event()
+    ended: list[str] = []
+
+    async def exchange() -> str:
+        await answer.wait()
+        ended.append("answered")
+        return "response"
+
+    with anyio.move_on_after(0.05):  # the caller's deadline, or its client leaving
+        await slots.run(exchange)
+    assert slots.in_use == 1 and not ended  # the exchange is not cancelled: it holds its slot until it ends
+    answer.set()
+    assert await slots.run(lambda: asyncio.sleep(0, "next")) == "next"
+    assert ended == ["answered"] and slots.in_use == 0
+
+
+async def test_no_free_slot_within_the_wait_is_pool_busy_and_takes_nothing() -> None:
+    slots, release = Slots(1, wait=0.05), asyncio.Event()
+    holder = asyncio.ensure_future(slots.run(release.wait))
+    await asyncio.sleep(0)
+    with pytest.raises(PoolBusy):
+        await slots.run(lambda: asyncio.sleep(0))
+    waiter = asyncio.ensure_future(slots.run(lambda: asyncio.sleep(0)))
+    await asyncio.sleep(0)
+    waiter.cancel()  # cancelled while waiting for a slot
+    release.set()
+    await holder
+    assert slots.in_use == 0
+    assert await slots.run(lambda: asyncio.sleep(0, "served")) == "served"  # neither waiter kept the slot
+
+
+async def test_failures_reach_the_caller_and_give_the_slot_back() -> None:
+    slots = Slots(1, wait=0.05)
+
+    async def broken() -> None:
+        raise ConnectionResetError
+
+    for _ in range(3):
+        with pytest.raises(ConnectionResetError):
+            await slots.run(broken)
+    assert slots.in_use == 0
+
+
+async def test_closing_cancels_the_exchanges_nobody_waits_for() -> None:
+    slots = Slots(2, wait=0.05)
+    for _ in range(2):
+        with anyio.move_on_after(0.01):
+            await slots.run(lambda: asyncio.sleep(60))
+    assert slots.in_use == 2
+    await slots.aclose()
+    assert slots.in_use == 0
+
+
+def test_every_connection_of_the_pool_may_stay_alive() -> None:
+    pool = limits(8)
+    assert pool.max_connections == pool.max_keepalive_connections == 8
