@@ -25,6 +25,7 @@ Environment = Literal["development", "production"]
 LLMProvider = Literal["local", "bedrock"]
 StoreKind = Literal["sqlite", "supabase"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+TokenCheck = Literal["jwks", "remote"]
 
 DEFAULT_CORS_ORIGINS = (
     "http://localhost:3000",
@@ -75,6 +76,9 @@ class Settings:
     supabase_anon_key: Secret = _secret()
     supabase_jwt_secret: Secret = _secret()
     supabase_timeout: float = 10.0
+    # ES256/RS256 tokens: "jwks" verifies them here with the project's published keys; "remote" asks Supabase Auth
+    # for each new token (which also refuses a session logged out before its token expires).
+    auth_verify: TokenCheck = "jwks"
 
     # Model
     llm_provider: LLMProvider = "local"
