@@ -25,6 +25,7 @@ Environment = Literal["development", "production"]
 LLMProvider = Literal["local", "bedrock"]
 StoreKind = Literal["sqlite", "supabase"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+TokenCheck = Literal["jwks", "remote"]
 
 DEFAULT_CORS_ORIGINS = (
     "http://localhost:3000",
@@ -77,6 +78,9 @@ class Settings:
     supabase_timeout: float = 10.0
     supabase_pool_size: int = 50  # concurrent Data API requests per worker, one keep-alive connection each
     supabase_pool_timeout: float = 5.0  # a request waits this long for one of them, then a 503 STORE_BUSY
+    # ES256/RS256 tokens: "jwks" verifies them here with the project's published keys; "remote" asks Supabase Auth
+    # for each new token (which also refuses a session logged out before its token expires).
+    auth_verify: TokenCheck = "jwks"
 
     # Model
     llm_provider: LLMProvider = "local"

@@ -1,18 +1,23 @@
 """Who is calling: turns a request's credentials and claimed ``user_id`` into a ``Caller``.
 
-Three modes, picked from settings by ``build_authenticator``:
+Four modes, picked from settings by ``build_authenticator``:
 
 * ``none``: no auth configured (development only; production refuses to start). The claimed ``user_id`` is trusted,
   and every store call is still scoped to it.
 * ``jwt``: Supabase access tokens signed with the project's legacy HS256 secret (``SUPABASE_JWT_SECRET``) are
   verified here, with the standard library and a constant-time compare. No network round trip.
-* ``supabase-auth``: for projects on asymmetric signing keys (ES256/RS256), the token is checked by Supabase Auth
-  (``GET {SUPABASE_URL}/auth/v1/user``) and the answer cached, bounded in size, never past the token's ``exp``.
-  Forged tokens must not turn into load on Supabase Auth: its refusals are cached too (briefly), one call at a time
-  is made per token (concurrent requests share it), a 429 from it is never retried, and the worker's calls are
-  bounded overall (``LookupBudget``: ``AUTH_LOOKUPS_PER_MINUTE`` per window and ``AUTH_LOOKUP_CONCURRENCY`` at once),
-  whatever the number of tokens or client addresses (the per-address limit is ``app.py``'s ``before_remote``).
-  With a secret configured too, HS256 tokens are still verified locally (``jwt+supabase-auth``).
+* ``jwks``: for projects on asymmetric signing keys (ES256/RS256), the signature is verified here with the project's
+  published public keys (``services/jwks.py``), fetched once and kept: no token costs a network call, and an Auth
+  outage stops no one whose key is held. The default whenever ``SUPABASE_URL`` is set.
+* ``supabase-auth``: only with ``AUTH_VERIFY=remote``, asymmetric tokens are instead checked by Supabase Auth
+  (``GET {SUPABASE_URL}/auth/v1/user``), which also refuses a session logged out before its token expired, and the
+  answer cached, bounded in size, never past the token's ``exp``. Forged tokens must not turn into load on Supabase
+  Auth: its refusals are cached too (briefly), one call at a time is made per token (concurrent requests share it),
+  a 429 from it is never retried, and the worker's calls are bounded overall (``LookupBudget``:
+  ``AUTH_LOOKUPS_PER_MINUTE`` per window and ``AUTH_LOOKUP_CONCURRENCY`` at once), whatever the number of tokens or
+  client addresses (the per-address limit is ``app.py``'s ``before_remote``).
+
+With a secret configured too, HS256 tokens are still verified locally (``jwt+jwks``, ``jwt+supabase-auth``).
 
 Every token is checked the same way before anything else: three parts in unpadded base64url (RFC 7515 section 2:
 that alphabet only, no padding, canonical, so a token has one spelling), a JSON object header with a string ``alg``
@@ -45,6 +50,7 @@ import anyio
 import httpx
 
 from errors import AppError, Forbidden, Unauthorized, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from services.jwks import SigningKeys
 from services.retry import RetryPolicy, with_retry
 from services.store import Caller
 from settings import ConfigError, Settings
@@ -484,29 +490,36 @@ class SupabaseUserLookup:
 
 
 class SupabaseJWTAuth:
-    """Bearer tokens from Supabase Auth: verified locally (HS256 secret) and/or by Supabase Auth (signing keys)."""
+    """Bearer tokens from Supabase Auth: HS256 with the project's secret, and asymmetric ones with its published keys
+    (``keys``) or, when configured so, by asking Supabase Auth (``remote``); all but the last verified here."""
 
     def __init__(
         self,
         *,
         hs256: HS256Verifier | None,
-        remote: SupabaseUserLookup | None,
         issuer: str | None,
+        keys: SigningKeys | None = None,
+        remote: SupabaseUserLookup | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if hs256 is None and remote is None:
+        if hs256 is None and keys is None and remote is None:
             raise ConfigError("JWT authentication needs SUPABASE_JWT_SECRET or SUPABASE_URL")
         self._hs256 = hs256
+        self._keys = keys
         self._remote = remote
         self._issuer = issuer
         self._clock = clock
-        self.mode = "+".join(name for name, part in (("jwt", hs256), ("supabase-auth", remote)) if part)
+        parts = (("jwt", hs256), ("jwks", keys), ("supabase-auth", remote))
+        self.mode = "+".join(name for name, part in parts if part)
 
     async def verify(self, authorization: str | None, before_remote: Callable[[], None] | None = None) -> Caller:
         token = parse_token(bearer_token(authorization))
         algorithm = token.header.get("alg")
         if algorithm == "HS256" and self._hs256 is not None:
             self._hs256.verify(token)  # signature first: claims of an unsigned token mean nothing
+            user_id = check_claims(token.claims, now=self._clock(), issuer=self._issuer)
+        elif algorithm in ("ES256", "RS256") and self._keys is not None:
+            await self._keys.verify(algorithm, token.header.get("kid"), token.signing_input, token.signature)
             user_id = check_claims(token.claims, now=self._clock(), issuer=self._issuer)
         elif algorithm in REMOTE_ALGORITHMS and self._remote is not None:
             # Cheap local checks first (they can only reject), then Supabase Auth for the signature.
@@ -518,18 +531,22 @@ class SupabaseJWTAuth:
         return Caller(user_id=user_id, access_token=token.raw)
 
     async def aclose(self) -> None:
-        if self._remote is not None:
-            await self._remote.aclose()
+        for part in (self._keys, self._remote):
+            if part is not None:
+                await part.aclose()
 
 
 def build_authenticator(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> Authenticator:
-    """``none`` without auth settings; otherwise local HS256 and/or Supabase Auth, as configured."""
+    """``none`` without auth settings; otherwise HS256 with the secret, and asymmetric tokens with the project's keys
+    or (``AUTH_VERIFY=remote``) by Supabase Auth, as configured."""
     secret = str(settings.supabase_jwt_secret)
     url = settings.supabase_url.rstrip("/")
     if not secret and not url:
         return TrustClaimedUser()
-    remote = None
-    if url:
+    keys = remote = None
+    if url and settings.auth_verify == "jwks":
+        keys = SigningKeys(url, api_key=settings.publishable_key, timeout=settings.supabase_timeout, transport=transport)
+    elif url:
         if not settings.publishable_key:
             raise ConfigError(
                 "Verifying tokens with Supabase Auth (SUPABASE_URL) requires SUPABASE_PUBLISHABLE_KEY "
@@ -550,6 +567,7 @@ def build_authenticator(settings: Settings, *, transport: httpx.AsyncBaseTranspo
         )
     return SupabaseJWTAuth(
         hs256=HS256Verifier(secret) if secret else None,
+        keys=keys,
         remote=remote,
         issuer=f"{url}/auth/v1" if url else None,
     )

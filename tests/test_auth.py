@@ -271,10 +271,14 @@ async def test_local_claim_checks_run_before_any_network_call() -> None:
     [
         ({}, "none"),
         ({"SUPABASE_JWT_SECRET": "s"}, "jwt"),
-        ({"SUPABASE_URL": "https://p.supabase.co", "SUPABASE_PUBLISHABLE_KEY": "k"}, "supabase-auth"),
-        ({"SUPABASE_URL": "https://p.supabase.co", "SUPABASE_ANON_KEY": "k"}, "supabase-auth"),
+        ({"SUPABASE_URL": "https://p.supabase.co", "SUPABASE_PUBLISHABLE_KEY": "k"}, "jwks"),
         ({"SUPABASE_URL": "https://p.supabase.co", "SUPABASE_PUBLISHABLE_KEY": "k", "SUPABASE_JWT_SECRET": "s"},
-         "jwt+supabase-auth"),
+         "jwt+jwks"),
+        ({"SUPABASE_URL": "https://p.supabase.co", "SUPABASE_PUBLISHABLE_KEY": "k", "AUTH_VERIFY": "remote"},
+         "supabase-auth"),
+        ({"SUPABASE_URL": "https://p.supabase.co", "SUPABASE_ANON_KEY": "k", "AUTH_VERIFY": "remote"}, "supabase-auth"),
+        ({"SUPABASE_URL": "https://p.supabase.co", "SUPABASE_PUBLISHABLE_KEY": "k", "SUPABASE_JWT_SECRET": "s",
+          "AUTH_VERIFY": "remote"}, "jwt+supabase-auth"),
     ],
 )
 async def test_the_mode_follows_the_settings(environ: dict[str, str], mode: str) -> None:
@@ -285,7 +289,7 @@ async def test_the_mode_follows_the_settings(environ: dict[str, str], mode: str)
 
 def test_supabase_auth_without_a_key_refuses_to_start() -> None:
     with pytest.raises(ConfigError, match="SUPABASE_PUBLISHABLE_KEY"):
-        build_authenticator(Settings.from_environ({"SUPABASE_URL": "https://p.supabase.co"}))
+        build_authenticator(Settings.from_environ({"SUPABASE_URL": "https://p.supabase.co", "AUTH_VERIFY": "remote"}))
 
 
 @pytest.mark.parametrize(

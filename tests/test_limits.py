@@ -297,7 +297,8 @@ def test_forged_tokens_are_refused_in_process_before_they_reach_supabase_auth(tm
     fake_auth = Starlette(routes=[Route("/auth/v1/user", user_endpoint)])
     window, user = 10, new_id()  # 20 requests fit in one window even on a busy machine (in a 2 s one they may not)
     with serve(fake_auth) as auth_server:
-        settings = make_settings(tmp_path, SUPABASE_URL=auth_server.url, SUPABASE_PUBLISHABLE_KEY="sb_publishable_x",
+        settings = make_settings(tmp_path, SUPABASE_URL=auth_server.url, AUTH_VERIFY="remote",
+                                 SUPABASE_PUBLISHABLE_KEY="sb_publishable_x",
                                  RATE_LIMIT_API_PER_MINUTE="5", RATE_LIMIT_WINDOW_SECONDS=str(window))
         with serve(create_app(settings)) as live:
             at_window_start(window)
@@ -322,7 +323,8 @@ def test_calls_to_supabase_auth_are_bounded_overall_whatever_the_number_of_addre
 
     window, user = 10, new_id()  # 36 requests fit in one window even on a busy machine
     with serve(Starlette(routes=[Route("/auth/v1/user", user_endpoint)])) as auth_server:
-        settings = make_settings(tmp_path, SUPABASE_URL=auth_server.url, SUPABASE_PUBLISHABLE_KEY="sb_publishable_x",
+        settings = make_settings(tmp_path, SUPABASE_URL=auth_server.url, AUTH_VERIFY="remote",
+                                 SUPABASE_PUBLISHABLE_KEY="sb_publishable_x",
                                  RATE_LIMIT_API_PER_MINUTE="3", RATE_LIMIT_WINDOW_SECONDS=str(window),
                                  AUTH_LOOKUPS_PER_MINUTE="10", AUTH_LOOKUP_CONCURRENCY="2")
         with serve(create_app(settings)) as live:

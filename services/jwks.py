@@ -1,0 +1,188 @@
+"""A Supabase project's signing keys, kept here so its asymmetric access tokens (ES256, RS256) are verified locally.
+
+Supabase Auth publishes the public keys at ``{SUPABASE_URL}/auth/v1/.well-known/jwks.json``. ``SigningKeys`` fetches
+that set once and keeps it: a token is then verified with no network call, so a new user costs nothing upstream and
+an Auth outage stops no one whose key is held. The set is fetched again when a token names a key id (``kid``) it does
+not hold (a rotation: Supabase publishes a new key before it signs with it), and when it is older than
+``REFRESH_SECONDS``; never more often than once per ``REFETCH_MIN_SECONDS``, however many tokens name unknown keys,
+and by one request at a time. A failed fetch keeps the keys already held.
+
+Signatures are checked by ``cryptography``: ES256 with an EC P-256 key (the JWS signature is ``r || s``, 32 bytes
+each, which ``cryptography`` takes DER-encoded), RS256 with an RSA key of at least 2048 bits and PKCS#1 v1.5. Only
+keys for signing with one of those two are taken from the set (a symmetric ``oct`` key never is), and a key that
+names its algorithm is used for that one only, so a token cannot pick how its key is read.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import httpx
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from errors import AppError, Unauthorized, UpstreamTimeout, UpstreamUnavailable
+
+logger = logging.getLogger(__name__)
+
+ALGORITHMS = frozenset({"ES256", "RS256"})
+REFRESH_SECONDS = 600.0  # Supabase caches its own key set for 10 minutes; a removed key is dropped within this
+REFETCH_MIN_SECONDS = 30.0  # unknown key ids, forged or not, fetch the set at most this often
+MAX_KEYS = 32  # a project has a few (current, standby, previous); a set past this is not one we read
+MAX_BODY_BYTES = 64 * 1024
+MIN_RSA_BITS = 2048
+
+PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+
+def invalid_token() -> Unauthorized:
+    return Unauthorized("The access token is not valid.", code="INVALID_TOKEN")
+
+
+class SigningKeys:
+    """The project's public signing keys by ``kid``, fetched from Supabase Auth and kept (see the module docstring)."""
+
+    def __init__(
+        self,
+        supabase_url: str,
+        *,
+        api_key: str = "",
+        timeout: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._http = httpx.AsyncClient(
+            base_url=supabase_url.rstrip("/") + "/auth/v1/",
+            headers={"apikey": api_key} if api_key else {},  # the key set is public; the gateway may want the key
+            timeout=httpx.Timeout(timeout, connect=min(5.0, timeout)),
+            limits=httpx.Limits(max_connections=2, max_keepalive_connections=1),
+            transport=transport,
+        )
+        self._clock = clock
+        self._keys: dict[str, tuple[str | None, PublicKey]] = {}  # kid -> (the algorithm it names, the key)
+        self._fetched_at: float | None = None  # the last successful fetch
+        self._tried_at: float | None = None  # the last attempt, successful or not
+        self._failed = False  # whether the last attempt failed
+        self._fetching = anyio.Lock()
+
+    async def verify(self, algorithm: str, kid: str | None, signing_input: bytes, signature: bytes) -> None:
+        """Return if ``signature`` over ``signing_input`` is good under the key ``kid``; ``INVALID_TOKEN`` if not,
+        ``AUTH_UNAVAILABLE`` when the key is not held and the set cannot be fetched to find it."""
+        if algorithm not in ALGORITHMS or kid is None:
+            raise invalid_token()  # Supabase names the key of every token it signs
+        await self._refresh(wanted=kid)
+        named, key = self._keys.get(kid, (None, None))
+        if key is None or named not in (None, algorithm):
+            raise invalid_token()
+        try:
+            _check(algorithm, key, signing_input, signature)
+        except (InvalidSignature, ValueError):
+            raise invalid_token() from None
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # -- the key set ------------------------------------------------------------------------------------------------
+
+    async def _refresh(self, wanted: str) -> None:
+        """Fetch the set if it is stale or lacks ``wanted``, unless it was tried in the last REFETCH_MIN_SECONDS."""
+        if self._due(wanted):
+            async with self._fetching:
+                if self._due(wanted):  # not fetched by another request while this one waited
+                    await self._fetch_keeping()
+        if wanted not in self._keys and self._failed:
+            # Perhaps a key published since the last fetch: that cannot be told until Supabase Auth answers.
+            raise UpstreamUnavailable("Supabase Auth's signing keys are unavailable.", code="AUTH_UNAVAILABLE")
+
+    async def _fetch_keeping(self) -> None:
+        self._tried_at = self._clock()
+        try:
+            self._keys, self._fetched_at, self._failed = await self._fetch(), self._tried_at, False
+        except AppError as exc:
+            self._failed = True
+            logger.warning("Could not fetch the Supabase signing keys (%s); keeping the %d held", exc.code,
+                           len(self._keys))
+
+    def _due(self, wanted: str) -> bool:
+        now = self._clock()
+        if self._tried_at is not None and now - self._tried_at < REFETCH_MIN_SECONDS:
+            return False
+        stale = self._fetched_at is None or now - self._fetched_at >= REFRESH_SECONDS
+        return stale or wanted not in self._keys
+
+    async def _fetch(self) -> dict[str, tuple[str | None, PublicKey]]:
+        try:
+            response = await self._http.get(".well-known/jwks.json")
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout("Supabase Auth did not answer in time.", code="AUTH_TIMEOUT") from exc
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailable("Supabase Auth is unreachable.", code="AUTH_UNAVAILABLE") from exc
+        if response.status_code != 200 or len(response.content) > MAX_BODY_BYTES:
+            logger.warning("Supabase Auth answered %s for its signing keys", response.status_code)
+            raise UpstreamUnavailable("Supabase Auth's signing keys are unavailable.", code="AUTH_UNAVAILABLE")
+        try:
+            listed = response.json()["keys"]
+        except (ValueError, KeyError, TypeError):
+            listed = None
+        if not isinstance(listed, list) or len(listed) > MAX_KEYS:
+            logger.warning("Supabase Auth's signing key set is not one this service reads")
+            raise UpstreamUnavailable("Supabase Auth's signing keys are unavailable.", code="AUTH_UNAVAILABLE")
+        return {kid: entry for kid, entry in (_read_key(jwk) for jwk in listed) if kid is not None}
+
+
+def _read_key(jwk: Any) -> tuple[str | None, tuple[str | None, PublicKey]] | tuple[None, None]:
+    """(kid, (its named algorithm, the public key)) of one JWK, or (None, None) for one this service does not use."""
+    if not isinstance(jwk, dict) or not isinstance(jwk.get("kid"), str) or jwk.get("use", "sig") != "sig":
+        return None, None
+    named = jwk.get("alg")
+    if named is not None and named not in ALGORITHMS:
+        return None, None
+    try:
+        if jwk.get("kty") == "EC" and jwk.get("crv") == "P-256" and named in (None, "ES256"):
+            x, y = _coordinate(jwk["x"]), _coordinate(jwk["y"])
+            return jwk["kid"], ("ES256", ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key())
+        if jwk.get("kty") == "RSA" and named in (None, "RS256"):
+            key = rsa.RSAPublicNumbers(_integer(jwk["e"]), _integer(jwk["n"])).public_key()
+            if key.key_size >= MIN_RSA_BITS:
+                return jwk["kid"], ("RS256", key)
+    except (KeyError, TypeError, ValueError, binascii.Error):
+        pass
+    logger.info("Skipped a signing key this service does not use")
+    return None, None
+
+
+def _check(algorithm: str, key: PublicKey, signing_input: bytes, signature: bytes) -> None:
+    if algorithm == "ES256" and isinstance(key, ec.EllipticCurvePublicKey):
+        if len(signature) != 64:
+            raise InvalidSignature()
+        r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+        key.verify(encode_dss_signature(r, s), signing_input, ec.ECDSA(hashes.SHA256()))
+    elif algorithm == "RS256" and isinstance(key, rsa.RSAPublicKey):
+        key.verify(signature, signing_input, padding.PKCS1v15(), hashes.SHA256())
+    else:
+        raise InvalidSignature()  # the token's algorithm is not its key's
+
+
+def _integer(value: str) -> int:
+    return int.from_bytes(_b64url(value), "big")
+
+
+def _coordinate(value: str) -> int:
+    data = _b64url(value)
+    if len(data) != 32:
+        raise ValueError("not a P-256 coordinate")
+    return int.from_bytes(data, "big")
+
+
+def _b64url(value: str) -> bytes:
+    if not isinstance(value, str) or not value.isascii():
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
