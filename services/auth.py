@@ -50,6 +50,7 @@ import anyio
 import httpx
 
 from errors import AppError, Forbidden, Unauthorized, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from services.http_pool import PoolBusy, Slots, limits
 from services.jwks import SigningKeys
 from services.retry import RetryPolicy, with_retry
 from services.store import Caller
@@ -61,6 +62,7 @@ LEEWAY_SECONDS = 30  # PostgREST's own clock-skew allowance; the most the issue 
 AUDIENCE = "authenticated"
 REMOTE_ALGORITHMS = frozenset({"ES256", "RS256", "HS256"})  # what Supabase Auth signs with; never "none"
 CACHE_SIZE = 1024
+LOOKUP_CONNECTIONS = 20  # to Supabase Auth, per worker (its calls are bounded by AUTH_LOOKUP_CONCURRENCY too)
 CACHE_MAX_SECONDS = 60.0  # a revoked session is noticed within a minute even if its token lives an hour
 NEGATIVE_CACHE_SECONDS = 60.0  # a refused token is refused again without asking Supabase Auth, for this long
 MAX_TIME = 2**53  # a NumericDate past this is no real time (and float() of a huge int raises OverflowError)
@@ -404,9 +406,11 @@ class SupabaseUserLookup:
             base_url=supabase_url.rstrip("/") + "/auth/v1/",
             headers={"apikey": api_key},
             timeout=httpx.Timeout(timeout, connect=min(5.0, timeout)),
-            limits=httpx.Limits(max_connections=20, max_keepalive_connections=5, keepalive_expiry=5.0),
+            limits=limits(LOOKUP_CONNECTIONS),
             transport=transport,
         )
+        # services/http_pool.py: a request whose client leaves mid-lookup must not cost the client a connection.
+        self._slots = Slots(LOOKUP_CONNECTIONS, timeout)
         self._retry = retry
         self._clock = clock
         self._known: _ExpiringCache[str] = _ExpiringCache(cache_size)
@@ -459,12 +463,17 @@ class SupabaseUserLookup:
             lookup.done.set()
 
     async def aclose(self) -> None:
+        await self._slots.aclose()
         await self._http.aclose()
 
     async def _fetch(self, raw: str) -> str:
         try:
             async with self._budget.call():  # every attempt counts, retries included
-                response = await self._http.get("user", headers={"Authorization": f"Bearer {raw}"})
+                response = await self._slots.run(
+                    lambda: self._http.get("user", headers={"Authorization": f"Bearer {raw}"})
+                )
+        except PoolBusy as exc:
+            raise auth_busy(1.0) from exc
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout("Supabase Auth did not answer in time.", code="AUTH_TIMEOUT") from exc
         except httpx.TransportError as exc:

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from errors import AppError, Unauthorized, UpstreamTimeout, UpstreamUnavailable
+from services.http_pool import PoolBusy, Slots, limits
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +64,10 @@ class SigningKeys:
             base_url=supabase_url.rstrip("/") + "/auth/v1/",
             headers={"apikey": api_key} if api_key else {},  # the key set is public; the gateway may want the key
             timeout=httpx.Timeout(timeout, connect=min(5.0, timeout)),
-            limits=httpx.Limits(max_connections=2, max_keepalive_connections=1),
+            limits=limits(1),
             transport=transport,
         )
+        self._slots = Slots(1, timeout)  # a request that leaves mid-fetch must not cost the client its connection
         self._clock = clock
         self._keys: dict[str, tuple[str | None, PublicKey]] = {}  # kid -> (the algorithm it names, the key)
         self._fetched_at: float | None = None  # the last successful fetch
@@ -88,6 +90,7 @@ class SigningKeys:
             raise invalid_token() from None
 
     async def aclose(self) -> None:
+        await self._slots.aclose()
         await self._http.aclose()
 
     # -- the key set ------------------------------------------------------------------------------------------------
@@ -120,7 +123,9 @@ class SigningKeys:
 
     async def _fetch(self) -> dict[str, tuple[str | None, PublicKey]]:
         try:
-            response = await self._http.get(".well-known/jwks.json")
+            response = await self._slots.run(lambda: self._http.get(".well-known/jwks.json"))
+        except PoolBusy as exc:
+            raise UpstreamUnavailable("Supabase Auth's signing keys are unavailable.", code="AUTH_UNAVAILABLE") from exc
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout("Supabase Auth did not answer in time.", code="AUTH_TIMEOUT") from exc
         except httpx.TransportError as exc:
