@@ -156,7 +156,9 @@ def _schemas() -> dict[str, Schema]:
                         "note": {"type": "string"},
                     }
                 ),
-                "auth": _closed({"mode": {"enum": ["none", "jwt", "jwks", "supabase-auth", "jwt+jwks", "jwt+supabase-auth"]}}),
+                "auth": _closed(
+                    {"mode": {"enum": ["none", "jwt", "jwks", "supabase-auth", "jwt+jwks", "jwt+supabase-auth"]}}
+                ),
                 "runs": _closed(
                     {
                         "generating": {"type": "integer", "minimum": 0},
