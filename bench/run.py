@@ -431,6 +431,7 @@ def _finite(value: Any) -> Any:
 
 def seed_conversations(ctx: Context) -> None:
     """The service's own schema (its store migrates a new file), then 10,000 conversations of 2 messages each."""
+    from services import sqlite_listing
     from services.sqlite_store import SQLiteStore
 
     path = ctx.work / "template.db"
@@ -446,6 +447,8 @@ def seed_conversations(ctx: Context) -> None:
     # Closed, not only committed: the file is copied next, and the rows reach it from the WAL only when the last
     # connection closes (an unclosed sqlite3 connection waits for the cyclic garbage collector to close it).
     with closing(sqlite3.connect(path)) as db, db:
+        # The search index's triggers call this function, which the store registers on each of its own connections.
+        db.create_function(sqlite_listing.WORDS_FUNCTION, 2, sqlite_listing.indexed_words, deterministic=True)
         base = time.time() - len(ids)
         stamps = [time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(base + i)) + ".000000Z" for i in range(len(ids))]
         db.executemany(
