@@ -236,10 +236,14 @@ async def run_arrivals(
 
 
 def _settled(results: list[StreamResult]) -> list[StreamResult]:
-    """Name why each stream that did not complete failed, once the waiting is over."""
+    """Name why each stream that did not complete failed, once the waiting is over: an answer that was no stream at
+    all (a JSON error) by its status."""
     for result in results:
         if not result.ok and result.error is None:
-            result.error = "timeout" if result.finished is None else "incomplete"
+            if result.finished is None:
+                result.error = "timeout"
+            else:
+                result.error = "incomplete" if result.status in (0, 200) else f"HTTP {result.status}"
     return results
 
 

@@ -77,10 +77,10 @@ def _connections(figure: str) -> Callable[[dict[str, Any]], str]:
 
 
 def stream_levels(document: dict[str, Any]) -> list[int]:
-    """Figure 3's levels: the plan's, and any other a target ran (the production comparison's)."""
+    """Figure 3's levels that some target ran: the plan's, and the production comparison's."""
     ran = {int(key.split("_")[1]) for figures in document["results"].values() for key in figures
            if key.startswith("streams_")}
-    return sorted(set(document["plan"]["levels"]) | ran)
+    return sorted(ran)
 
 
 def rows(document: dict[str, Any]) -> list[tuple[str, Cell]]:
@@ -122,7 +122,8 @@ def production_rows(plan: dict[str, Any]) -> list[tuple[str, Cell]]:
     for users in plan["request_levels"]:
         key = f"requests_{users}"
         table += [
-            (f"5. {users:,} users at once, {length:.1f} s answers: completed", _completed(key, "users")),
+            (f"5. {users:,} user{'s' * (users != 1)} at once, {length:.1f} s answers: completed",
+             _completed(key, "users")),
             ("   PostgREST requests per turn: begin / flush / other", _routes(key)),
             ("   flush requests/s while all stream / whole batch",
              _pair(key, "flush_per_s_streaming", "flush_per_s", 2)),
@@ -155,6 +156,7 @@ def render(document: dict[str, Any]) -> str:
     results = document["results"]
     columns = [c for c in COLUMNS if c in results]
     body = [(label, [cell(results[c]) for c in columns]) for label, cell in rows(document)]
+    body = [(label, cells) for label, cells in body if any(cell != "-" for cell in cells)]  # figures nobody ran
     width = max(len(label) for label, _ in body)
     headers = [HEADERS.get(c, c) for c in columns]
     widths = [max(len(h), *(len(cells[i]) for _, cells in body)) for i, h in enumerate(headers)]
@@ -353,7 +355,11 @@ def _arrivals(production: dict[str, Any], rates: list[int]) -> list[str]:
     name = f"flush requests per turn do not grow with the arrival rate ({min(rates)}/s -> {max(rates)}/s)"
     if not isinstance(a, (int, float)) or not isinstance(b, (int, float)) or len(figures) < 2:
         return lines + [f"  [ -- ] {name}: no number"]
-    return lines + [f"  [{_mark(a <= b)}] {name}: {b:g} at {min(rates)}/s, {a:g} at {max(rates)}/s"]
+    shown = f"{b:g} at {min(rates)}/s, {a:g} at {max(rates)}/s"
+    if any(f.get("completed") != f.get("turns") for f in (low, high)):
+        # Turns that never began or never ended take no flushes: per turn means nothing then.
+        return lines + [f"  [ -- ] {name}: not judged, turns failed ({shown})"]
+    return lines + [f"  [{_mark(a <= b)}] {name}: {shown}"]
 
 
 def _pool(production: dict[str, Any]) -> str:
@@ -379,7 +385,8 @@ def _flush_rate_by_users(production: dict[str, Any], levels: list[int]) -> str:
     low, high = rates.get(min(levels)), rates.get(max(levels))
     shown = ", ".join(f"{_num(rate, 2)}/s at {n:,}" for n, rate in rates.items())
     if not isinstance(low, (int, float)) or not isinstance(high, (int, float)) or len(levels) < 2:
-        return f"  [ -- ] {name}: no number ({shown})"
+        # "-": the last stream's first token came after the first one's end, so they never all streamed at once.
+        return f"  [ -- ] {name}: no number ({shown}; - is a level whose streams never all streamed at once)"
     return f"  [{_mark(high <= 1.25 * low)}] {name}: {shown}"
 
 
