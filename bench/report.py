@@ -144,9 +144,11 @@ def production_rows(plan: dict[str, Any]) -> list[tuple[str, Cell]]:
         (f"7. {plan['production_streams']:,} streams (figure 3): flush requests, most runs in one",
          _pair(key, "flush_requests", "runs_per_flush_max", 0)),
         ("   flush round at the stand-in, p99 / max", _pair(key, "flush_p99_ms", "flush_max_ms", 1, " ms")),
+        ("   begin at the stand-in, p50 / p99", _pair(key, "begin_p50_ms", "begin_p99_ms", 1, " ms")),
         ("   flush rounds over 1 s (service's histogram)", _field(key, "service_flush_rounds_over_1s")),
         ("   stand-in / PostgreSQL CPU per turn", _pair(key, "standin_cpu_ms_per_turn", "postgres_cpu_ms_per_turn", 2,
                                                      " ms")),
+        ("   stand-in + PostgreSQL CPU, whole batch (core 1)", _field(key, "helpers_cpu_s", 2, " s")),
         ("   TCP connections for requests (most open)", _connections(key)),
     ]
     return table
