@@ -2,7 +2,8 @@
 
 What: ``open_clients`` opens N keep-alive connections before any clock starts; ``run_streams`` then writes one chat
 request on each, all at once, and records per stream the time the request was written, the arrival time of every
-token and whether the stream ended with a ``complete`` event; ``run_requests`` drives GET requests over keep-alive
+token and whether the stream ended with a ``complete`` event; ``run_arrivals`` writes them on a schedule instead
+(``rate`` new streams a second, each on its own connection); ``run_requests`` drives GET requests over keep-alive
 connections for a fixed time. Responses are parsed incrementally (status line, headers, chunked or Content-Length
 body, SSE events split on blank lines); only events with a ``data:`` line are JSON-decoded.
 
@@ -212,9 +213,37 @@ async def run_streams(clients: Sequence[Client], requests: Sequence[bytes], time
     results = [StreamResult() for _ in requests]
     waiters = [client.request(raw, result) for client, raw, result in zip(clients, requests, results)]
     await asyncio.wait(waiters, timeout=timeout)
+    return _settled(results)
+
+
+async def run_arrivals(
+    clients: Sequence[Client], requests: Sequence[bytes], rate: float, timeout: float
+) -> list[StreamResult]:
+    """Write request ``i`` (on client ``i``) ``i / rate`` seconds after the first, whatever the earlier ones are doing
+    (an open arrival process, as new users arrive), then wait for every response, at most ``timeout`` seconds after
+    the last was written. Each result's ``sent`` is when it was actually written, so a late schedule shows."""
+    results = [StreamResult() for _ in requests]
+    waiters = []
+    start = time.perf_counter()
+    for index, (client, raw, result) in enumerate(zip(clients, requests, results)):
+        delay = start + index / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        waiters.append(client.request(raw, result))
+    if waiters:
+        await asyncio.wait(waiters, timeout=timeout)
+    return _settled(results)
+
+
+def _settled(results: list[StreamResult]) -> list[StreamResult]:
+    """Name why each stream that did not complete failed, once the waiting is over: an answer that was no stream at
+    all (a JSON error) by its status."""
     for result in results:
         if not result.ok and result.error is None:
-            result.error = "timeout" if result.finished is None else "incomplete"
+            if result.finished is None:
+                result.error = "timeout"
+            else:
+                result.error = "incomplete" if result.status in (0, 200) else f"HTTP {result.status}"
     return results
 
 

@@ -6,14 +6,21 @@ and waits for ``GET /`` to answer; ``fake_upstream`` starts ``bench/fake_upstrea
 (VmRSS). Every process is stopped with SIGTERM, then SIGKILL after a few seconds: the baseline's worker threads do
 not stop when their clients leave, and nothing may outlive the run.
 
+For the production target, ``postgrest_standin`` starts ``bench/postgrest_standin.py`` on the benchmark's core (it
+inherits this process's affinity, as the fake does; PostgreSQL, started from here by ``tests/pg.py``, inherits it too)
+and yields a ``Standin`` whose control port gives its counts; ``postgres_cpu_seconds`` adds up the cluster's
+processes; ``core_times`` and ``affinity`` say how busy each core was and where a process may run.
+
 Why pinning: on a 2-core machine the server gets core 0 alone and the fake plus the load generator share core 1, so
 the server's figures are not distorted by the load it is given.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
+import json
 import os
 import resource
 import signal
@@ -22,7 +29,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -66,10 +75,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _stat_fields(pid: int) -> list[str]:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2 :].split()  # fields 3 onwards of proc(5)
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of the whole process (every thread), in seconds."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    fields = text[text.rindex(")") + 2 :].split()
+    fields = _stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # fields 14 and 15 of proc(5)
 
 
@@ -151,3 +164,98 @@ def fake_upstream(ttft: float, tokens: int, interval: float, log: Path) -> Itera
         yield int(line.split()[1])
     finally:
         stop(proc)
+
+
+@dataclass(frozen=True)
+class Standin:
+    """A running PostgREST stand-in: the port the service talks to, its control port and its pid."""
+
+    port: int
+    control: int
+    pid: int
+
+    async def reset(self) -> None:
+        await self._ask("RESET")
+
+    async def stats(self) -> dict[str, Any]:
+        """Connections accepted, open, most open at once, and every request since the last reset."""
+        return json.loads(await self._ask("STATS"))  # type: ignore[no-any-return]
+
+    async def _ask(self, command: str) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.control)
+        try:
+            writer.write(f"{command}\n".encode())
+            return await asyncio.wait_for(reader.read(), timeout=30)  # the stand-in closes after its answer
+        finally:
+            writer.close()
+
+
+@contextlib.contextmanager
+def postgrest_standin(
+    socket_dir: str, pg_port: int, dbname: str, jwt_secret: str, key: str, log: Path
+) -> Iterator[Standin]:
+    """Start the PostgREST stand-in over ``dbname`` on the benchmark's core; yield it once it listens."""
+    command = [sys.executable, "-m", "bench.postgrest_standin", "--socket-dir", socket_dir, "--pg-port", str(pg_port)]
+    command += ["--dbname", dbname, "--jwt-secret", jwt_secret, "--publishable-key", key]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as err:
+        proc = _started(subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=err))
+    try:
+        assert proc.stdout is not None
+        words = proc.stdout.readline().decode().split()
+        if len(words) != 4 or words[0] != "PORT":
+            raise RuntimeError(f"the PostgREST stand-in did not start; see {log}")
+        yield Standin(int(words[1]), int(words[3]), proc.pid)
+    finally:
+        stop(proc)
+
+
+def postgres_cpu_seconds(socket_dir: str, port: int) -> float:
+    """CPU of a whole cluster: the postmaster with the children it has reaped (cutime + cstime: backends that
+    exited), plus every live child (backends, background workers). The postmaster's pid heads its socket lock file."""
+    postmaster = postmaster_pid(socket_dir, port)
+    fields = _stat_fields(postmaster)
+    ticks = sum(int(fields[i]) for i in (11, 12, 13, 14))
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            child = _stat_fields(int(entry.name))
+        except (OSError, ValueError):
+            continue  # exited while we looked
+        if int(child[1]) == postmaster:
+            ticks += int(child[11]) + int(child[12])
+    return ticks / CLOCK_TICKS
+
+
+def postmaster_pid(socket_dir: str, port: int) -> int:
+    return int(Path(socket_dir, f".s.PGSQL.{port}.lock").read_text().split()[0])
+
+
+def core_times() -> dict[int, tuple[int, int]]:
+    """Per core, (busy, total) jiffies since boot from /proc/stat; busy is everything but idle and iowait."""
+    times: dict[int, tuple[int, int]] = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if name.startswith("cpu") and name != "cpu":
+            numbers = [int(v) for v in values[:8]]  # user nice system idle iowait irq softirq steal
+            times[int(name[3:])] = (sum(numbers) - numbers[3] - numbers[4], sum(numbers))
+    return times
+
+
+def busy_percent(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> dict[str, float]:
+    """How busy each core was between two ``core_times`` readings, every process on it counted (ours or not)."""
+    out = {}
+    for core, (busy, total) in after.items():
+        busy_then, total_then = before.get(core, (0, 0))
+        elapsed = total - total_then
+        out[f"cpu{core}"] = round(100 * (busy - busy_then) / elapsed, 1) if elapsed else 0.0
+    return out
+
+
+def affinity(pid: int) -> str:
+    """The cores ``pid`` may run on, as the kernel lists them (``Cpus_allowed_list``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            return line.split(":", 1)[1].strip()
+    return "?"
