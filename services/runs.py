@@ -57,6 +57,10 @@ from services.store import Caller, EventBatch, Message, NewRun, Run, RunBegun, R
 logger = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 0.25
+# The least time between two flushes: a run's end asks for one at once, so without it a worker ending many runs a second
+# (60 new turns a second) would flush once per end. With it a worker sends at most 1 / FLUSH_GAP_SECONDS flushes a
+# second, each carrying every run that ended meanwhile, whatever the number of users; an end waits 50 ms at most.
+FLUSH_GAP_SECONDS = 0.05
 TEXT_SAVE_SECONDS = 1.0
 HEARTBEAT_SECONDS = 5.0
 MAINTAIN_SECONDS = 10.0
@@ -691,13 +695,14 @@ class RunManager:
 
     async def _flush_loop(self) -> None:
         while True:
-            with anyio.move_on_after(FLUSH_SECONDS):
+            with anyio.move_on_after(FLUSH_SECONDS - FLUSH_GAP_SECONDS):
                 await self._urgent.wait()
             self._urgent.clear()
             try:
                 await self._flush()
             except Exception:  # a bug must not end flushing for every run on this worker
                 logger.exception("Unexpected error while flushing chat runs")
+            await anyio.sleep(FLUSH_GAP_SECONDS)
 
     async def _flush(self) -> None:
         """Write every live run's update in one store call; ``_flushing`` says whether the store took them all."""

@@ -804,6 +804,7 @@ class Refusing:
     def __init__(self, inner: Any) -> None:
         self.inner, self.refuse = inner, False
         self.sweeps = 0  # background sweeps (maintain_runs for every user) asked of the store
+        self.flushes = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -813,6 +814,7 @@ class Refusing:
         await self.inner.maintain_runs(caller, stale_seconds, events_ttl)
 
     async def flush_runs(self, updates: list[Any]) -> Any:
+        self.flushes += 1
         if self.refuse:
             raise UpstreamUnavailable("The database is unavailable.", code="STORE_UNAVAILABLE")
         return await self.inner.flush_runs(updates)
@@ -908,6 +910,32 @@ def test_a_turn_is_refused_while_this_worker_holds_an_unsaved_answer_of_the_user
     assert code == "STORE_UNAVAILABLE"
     assert (content, status) == ("".join(f"w{i} " for i in range(40)), "complete")
     assert admitted == 36
+
+
+def test_flushes_per_second_do_not_grow_with_the_runs_that_end(tmp_path: Path) -> None:
+    """A run's end asks for a flush at once; 100 ends in about a second still make at most one flush per
+    FLUSH_GAP_SECONDS (each carrying every end since), not one each. Counted: flush calls to the store."""
+
+    async def scenario() -> tuple[int, float, set[str]]:
+        inner, store, manager = await _manager(tmp_path, ScriptedModel(["a", "b"], pause=0.05))
+        caller = Caller(new_id())
+        started = time.monotonic()
+        before = store.flushes
+        runs = []
+        for _ in range(100):
+            runs.append(await _begin(manager, caller))
+            await asyncio.sleep(0.01)
+        while manager._live:
+            await asyncio.sleep(0.01)
+        flushes, took = store.flushes - before, time.monotonic() - started
+        statuses = {(await inner.read_run(caller, run.id, None)).run.status for run in runs}
+        await manager.aclose()
+        await inner.aclose()
+        return flushes, took, statuses
+
+    flushes, took, statuses = asyncio.run(scenario())
+    assert statuses == {"complete"}
+    assert flushes <= took / runs_module.FLUSH_GAP_SECONDS + 2 and flushes < 50, (flushes, took)
 
 
 def test_no_sweep_runs_while_this_workers_flushes_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
