@@ -77,7 +77,9 @@ class Settings:
     supabase_jwt_secret: Secret = _secret()
     supabase_timeout: float = 10.0
     supabase_pool_size: int = 50  # concurrent Data API requests per worker, one keep-alive connection each
-    supabase_pool_timeout: float = 5.0  # a request waits this long for one of them, then a 503 STORE_BUSY
+    # A request waits this long for one of them, then a 503 STORE_BUSY. Long enough for a burst to queue, not fail:
+    # 500 new turns at once take seconds of database time to begin.
+    supabase_pool_timeout: float = 15.0
     # ES256/RS256 tokens: "jwks" verifies them here with the project's published keys; "remote" asks Supabase Auth
     # for each new token (which also refuses a session logged out before its token expires).
     auth_verify: TokenCheck = "jwks"

@@ -106,12 +106,15 @@ class PostgrestClient:
         self._api_key = api_key
         self._retry = retry
         self._slots = Slots(pool_size, pool_timeout)
+        # One more connection, for the worker's flushes alone (``rpc_by_key``): they carry every run's events, so a
+        # burst of new turns holding the pool must not hold them up too. Flushes go one at a time.
+        self._flush_slot = Slots(1, pool_timeout)
         self._http = httpx.AsyncClient(
             base_url=supabase_url.rstrip("/") + "/rest/v1/",
             http1=True,
             http2=False,
             timeout=httpx.Timeout(timeout, connect=min(5.0, timeout), pool=pool_timeout),
-            limits=limits(pool_size),
+            limits=limits(pool_size + 1),
             transport=transport,
             follow_redirects=False,
         )
@@ -123,6 +126,7 @@ class PostgrestClient:
 
     async def aclose(self) -> None:
         await self._slots.aclose()
+        await self._flush_slot.aclose()
         await self._http.aclose()
 
     # -- verbs --------------------------------------------------------------------------------------------------
@@ -164,7 +168,8 @@ class PostgrestClient:
         exists; a 2xx (a project that granted ``anon`` more) proves the same.
         """
         async def attempt() -> None:
-            response = await self._send("GET", table, {"select": "id", "limit": "0"}, self._headers(None, "GET", []))
+            headers = self._headers(None, "GET", [])
+            response = await self._send(self._slots, "GET", table, {"select": "id", "limit": "0"}, headers)
             if response.is_success:
                 return
             failure = _failure(response)
@@ -220,8 +225,10 @@ class PostgrestClient:
             raise Unauthorized("No access token to act as the user.", code="MISSING_TOKEN")
         headers = self._headers(caller.access_token if caller is not None else None, method, prefer)
 
+        slots = self._slots if caller is not None else self._flush_slot
+
         async def attempt() -> httpx.Response:
-            response = await self._send(method, path, dict(params or {}), headers, json_body)
+            response = await self._send(slots, method, path, dict(params or {}), headers, json_body)
             if not response.is_success:
                 failure = _failure(response)
                 raise _translate(failure, response.headers.get("retry-after")) from failure
@@ -243,10 +250,11 @@ class PostgrestClient:
         return headers
 
     async def _send(
-        self, method: str, path: str, params: dict[str, str], headers: dict[str, str], json_body: Any = None
+        self, slots: Slots, method: str, path: str, params: dict[str, str], headers: dict[str, str],
+        json_body: Any = None,
     ) -> httpx.Response:
         try:
-            return await self._slots.run(
+            return await slots.run(
                 lambda: self._http.request(method, path, params=params, headers=headers, json=json_body)
             )
         except PoolBusy as exc:

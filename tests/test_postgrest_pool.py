@@ -25,9 +25,9 @@ import httpx
 import pytest
 
 from app import build_store, create_app
-from errors import AppError
+from errors import AppError, UpstreamUnavailable
 from services.postgrest import PostgrestStore
-from services.store import Caller
+from services.store import Caller, NewRun, RunUpdate, TurnLimits
 from tests.fake_postgrest import FakePostgrest
 from tests.support import make_settings, new_id, serve
 from tests.tokens import TEST_JWT_SECRET, TEST_PUBLISHABLE_KEY, bearer, mint
@@ -298,3 +298,32 @@ async def test_a_full_pool_is_a_retryable_503_store_busy_and_the_service_recover
     assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
     assert busy.json()["error"]["code"] == "STORE_BUSY" and busy.json()["error"]["retryable"] is True
     assert first.status_code == later.status_code == 200
+
+
+async def test_flushes_have_a_connection_of_their_own_so_a_full_pool_holds_up_no_answer(
+    proxied: tuple[Proxy, str], new_caller: Callable[[], Caller], tmp_path: Path
+) -> None:
+    """Every slot of the pool held (by requests that hang), a user's request is a STORE_BUSY, and the worker's flush,
+    which carries every streaming answer, still goes through on the connection kept for flushes."""
+    proxy, url = proxied
+    store = store_through(tmp_path, url, SUPABASE_POOL_TIMEOUT="0.3")
+    await store.open()
+    caller, stuck = new_caller(), new_caller()
+    holders: list[asyncio.Future[None]] = []
+    try:
+        begun = await store.begin_run(caller, NewRun(new_id(), "hi", "hi"), TurnLimits(30, 3600), 10)
+        assert begun.run is not None
+        proxy.hang.add(stuck.user_id)
+        holders = [asyncio.ensure_future(read(store, stuck)) for _ in range(POOL)]
+        with anyio.fail_after(10):
+            while proxy.held_back < POOL:
+                await asyncio.sleep(0.01)
+        with pytest.raises(UpstreamUnavailable) as busy:
+            await read(store, caller)
+        assert busy.value.code == "STORE_BUSY"
+        update = RunUpdate(caller, begun.run.id, begun.run.assistant_message_id, heartbeat=True)
+        assert (await store.flush_runs([update]))[begun.run.id].applied
+    finally:
+        proxy.drop_hung()
+        await asyncio.gather(*holders, return_exceptions=True)
+        await store.aclose()
