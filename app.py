@@ -1,7 +1,7 @@
 """The Canvalo chat backend: routes, lifespan and error handling in one place.
 
 A request enters through the middleware in ``web/`` (request id and access log, CORS, body limit), reaches one of
-the route functions below, which parse input (``web/inputs.py``), identify the caller (``services/auth.py``) and
+the route functions below, which parse input (``web/inputs.py``), identify the caller (``services/auth/authenticator.py``) and
 call one service (``services/``). Long-lived resources (the store, the model client) are created in ``lifespan``
 and reach routes through ``request.state``. Every non-2xx response is the envelope from ``errors.AppError.body``.
 
@@ -44,26 +44,26 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Match, Route
 
 from errors import AppError, Conflict, MethodNotAllowed, NotFound, RateLimited, Unauthorized
-from services import actions
-from services.agents import Assistant
-from services.auth import Authenticator, build_authenticator, claimed_caller
-from services.bedrock import BedrockModel
+from services.agents import actions
+from services.agents.assistant import Assistant
+from services.auth.authenticator import Authenticator, build_authenticator, claimed_caller
+from services.model.bedrock import BedrockModel
 from services.domains import DOMAINS
-from services.local_model import LocalModel
+from services.model.local import LocalModel
 from services.metrics import Metrics
 from services.model import ChatModel
-from services.postgrest import PostgrestStore
-from services.postgrest_client import PostgrestClient
+from services.store.postgrest.store import PostgrestStore
+from services.store.postgrest.client import PostgrestClient
 from services.ratelimit import LimitStore, RateLimiter
-from services.runs import RunManager, shutdown_frame
+from services.runs.manager import RunManager, shutdown_frame
 from services.retry import RetryPolicy
-from services.sqlite_store import SQLiteStore
+from services.store.sqlite.store import SQLiteStore
 from services.store import Caller, NewRun, Store
-from services.titles import title_from_message
+from services.runs.titles import title_from_message
 from settings import ConfigError, Settings
 from web import cursors, inputs
 from web import openapi
-from web.collector import tune_gc
+from web.gc_tuning import tune_gc
 from web.middleware import BodyLimit, EnvelopeCORS, RequestContext
 from web.sse import EventStreamResponse, Feed
 from web.tcp import ConnectionGuard, NoDelayH11Protocol

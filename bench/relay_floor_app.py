@@ -41,7 +41,7 @@ from starlette.routing import Route
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.floor_app import api_routes, chunk, sse  # noqa: E402
-from web.collector import tune_gc  # noqa: E402
+from web.gc_tuning import tune_gc  # noqa: E402
 
 # The service's defaults (settings.py): BEDROCK_MODEL_ID, BEDROCK_MAX_TOKENS, BEDROCK_TEMPERATURE.
 MODEL_ID = "amazon.nova-lite-v1:0"

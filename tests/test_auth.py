@@ -13,7 +13,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from errors import Forbidden, Unauthorized, UpstreamUnavailable
-from services.auth import (
+from services.auth.authenticator import (
     CACHE_MAX_SECONDS,
     NEGATIVE_CACHE_SECONDS,
     HS256Verifier,

@@ -25,7 +25,7 @@ from starlette.testclient import TestClient
 
 from app import build_model, create_app
 from errors import AppError
-from services.bedrock import BEDROCK_ERRORS, FAILURES, BedrockModel, ConverseStreamDecoder, converse_messages
+from services.model.bedrock import BEDROCK_ERRORS, FAILURES, BedrockModel, ConverseStreamDecoder, converse_messages
 from services.model import ModelEvent, ModelRequest, ModelUsed, Stop, TextDelta, ToolUse, Usage
 from settings import Settings
 from tests.conftest import AuthHeaders

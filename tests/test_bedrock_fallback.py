@@ -15,8 +15,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from app import create_app
-from services.agents import HANDOFF_TOOL
-from services.bedrock import FAILURES, BedrockModel
+from services.agents.assistant import HANDOFF_TOOL
+from services.model.bedrock import FAILURES, BedrockModel
 from services.model import ModelUsed, Stop, TextDelta, Usage
 from tests.conftest import AuthHeaders
 from tests.fake_bedrock import (

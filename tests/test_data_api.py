@@ -17,10 +17,10 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from services import run_log
+from services.store import run_log
 from services.domains import BY_TABLE
-from services.postgrest import PostgrestStore
-from services.postgrest_client import PostgrestClient
+from services.store.postgrest.store import PostgrestStore
+from services.store.postgrest.client import PostgrestClient
 from services.retry import RetryPolicy
 from services.store import Caller, EventBatch, NewAction, NewRun, Run, RunUpdate, TurnLimits
 from tests.conftest import DATABASE, AuthHeaders

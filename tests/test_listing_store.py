@@ -11,9 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
-from services.postgrest import PostgrestStore
-from services import sqlite_listing
-from services.sqlite_store import MIGRATIONS, SQLiteStore
+from services.store.postgrest.store import PostgrestStore
+from services.store.sqlite import listing as sqlite_listing
+from services.store.sqlite.store import MIGRATIONS, SQLiteStore
 from services.store import Caller, ConversationKey, MessageKey, NewRun, RunUpdate, TurnLimits
 from tests.conftest import DATABASE
 from tests.pg import apply_migrations, create_supabase_database, migration_sql

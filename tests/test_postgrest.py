@@ -25,12 +25,12 @@ from errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from services import run_log, sample_data
+from services.store import run_log, sample_data
 from services.domains import BY_AGENT, DOMAINS, Domain
-from services.postgrest import PostgrestStore, utc_timestamp
-from services.postgrest_client import PostgrestClient, parse_total
+from services.store.postgrest.store import PostgrestStore, utc_timestamp
+from services.store.postgrest.client import PostgrestClient, parse_total
 from services.retry import RetryPolicy
-from services.sqlite_store import SQLiteStore
+from services.store.sqlite.store import SQLiteStore
 from services.store import (
     Caller,
     EventBatch,
@@ -700,7 +700,7 @@ async def test_fake_rpc_answers_like_postgrest(raw: Any, new_caller: Callable[[]
     assert (got.status_code, got.json()["code"]) == (405, "PGRST101")
 
 
-# -- chat runs through RPC (migrations/004_agent_runs.sql; services/sqlite_runs.py is the reference) ---------------
+# -- chat runs through RPC (migrations/004_agent_runs.sql; services/store/sqlite/runs.py is the reference) ---------------
 
 LIMITS = TurnLimits(stale_seconds=30, events_ttl=3600)
 

@@ -26,7 +26,7 @@ import pytest
 
 from app import build_store, create_app
 from errors import AppError
-from services.postgrest import PostgrestStore
+from services.store.postgrest.store import PostgrestStore
 from services.store import Caller
 from tests.fake_postgrest import FakePostgrest
 from tests.support import make_settings, new_id, serve

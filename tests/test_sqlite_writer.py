@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from services.sqlite_limits import write_transaction
-from services.sqlite_writer import GroupWriter
+from services.store.sqlite.limits import write_transaction
+from services.store.sqlite.writer import GroupWriter
 
 
 class StoreError(Exception):

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from services.run_log import chunk, cut, frame, frames_after, stopped_replay
+from services.store.run_log import chunk, cut, frame, frames_after, stopped_replay
 from services.store import EventBatch
 
 

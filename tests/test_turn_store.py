@@ -1,4 +1,4 @@
-"""The store calls of a chat run, on both stores, as the contract in ``services/store.py`` states them:
+"""The store calls of a chat run, on both stores, as the contract in ``services/store/__init__.py`` states them:
 ``begin_run`` (admit and start a turn in one call), ``flush_runs``, ``read_run``, ``request_stop`` and
 ``maintain_runs``. Each must write exactly what it says and nothing for a caller it should not.
 """
@@ -12,10 +12,10 @@ import anyio
 import pytest
 
 from errors import NotFound
-from services.postgrest import PostgrestStore
-from services.run_log import chunk, frame, reaped_seq, streamed_text
-from services import sqlite_listing
-from services.sqlite_store import SQLiteStore
+from services.store.postgrest.store import PostgrestStore
+from services.store.run_log import chunk, frame, reaped_seq, streamed_text
+from services.store.sqlite import listing as sqlite_listing
+from services.store.sqlite.store import SQLiteStore
 from services.store import Caller, EventBatch, NewRun, RunUpdate, TurnLimits
 from tests.support import new_id
 
@@ -201,7 +201,7 @@ async def test_admitting_a_turn_reads_through_indexes_not_across_every_run(tmp_p
     # a scan of the running runs in each admission made a burst of turns quadratic (the per-user reap once did).
     import sqlite3
 
-    from services import sqlite_runs
+    from services.store.sqlite import runs as sqlite_runs
 
     store = SQLiteStore(str(tmp_path / "plan.db"))
     await store.open()

@@ -1,10 +1,10 @@
-"""Server-Sent Events: a pure-ASGI response that follows a chat run's feed (``services/runs.py``).
+"""Server-Sent Events: a pure-ASGI response that follows a chat run's feed (``services/runs/manager.py``).
 
 Why not Starlette's ``StreamingResponse``: it neither notices a client that left while nothing is being sent nor
 sends keep-alives. This response:
 
 - writes every frame already waiting in one write, without ever waiting for more (frames come pre-encoded from
-  the run's event log, ``services/run_log.py``: ``id: <seq>`` and one ``data:`` line each);
+  the run's event log, ``services/store/run_log.py``: ``id: <seq>`` and one ``data:`` line each);
 - sends a ``: ping`` comment whenever nothing else was sent for ``ping_interval`` seconds, so proxies with idle
   timeouts (nginx, ALB, Cloudflare) keep the connection open;
 - stops when the client disconnects. That detaches this viewer only: the run goes on generating and saving, and
@@ -40,7 +40,7 @@ SSE_HEADERS = [
 
 
 class Feed(Protocol):
-    """Where a viewer's frames come from (``services.runs.LiveFeed`` or ``StoredFeed``)."""
+    """Where a viewer's frames come from (``services.runs.manager.LiveFeed`` or ``StoredFeed``)."""
 
     outcome: str
 

@@ -1,7 +1,7 @@
 """Amazon Bedrock ConverseStream over one shared async HTTP client: the ``ChatModel`` behind ``LLM_PROVIDER=bedrock``.
 
 Why raw HTTP instead of boto3: boto3 is synchronous, so every open stream would hold a thread (Strands does this
-with ``asyncio.to_thread``). Here a stream is one HTTP/1.1 request (``services/stream_client.py``) signed with
+with ``asyncio.to_thread``). Here a stream is one HTTP/1.1 request (``services/model/stream_client.py``) signed with
 botocore's ``SigV4Auth`` and one ``EventStreamBuffer`` that decodes frames as bytes arrive, so thousands of streams
 need no threads at all. Only resolving or refreshing credentials, which may do network I/O (IMDS, STS, SSO), runs
 in a worker thread.
@@ -54,7 +54,7 @@ from services.deadline import Deadline
 from services.metrics import record_model_call
 from services.model import ModelEvent, ModelRequest, ModelUsed, Stop, TextDelta, ToolUse, Usage
 from services.retry import RetryPolicy, with_retry
-from services.stream_client import ConnectTimeout, ReadInterrupted, StreamClient, StreamClientError, StreamResponse
+from services.model.stream_client import ConnectTimeout, ReadInterrupted, StreamClient, StreamClientError, StreamResponse
 from settings import ConfigError, Settings
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ What it does not: redirects, proxies, compression, 1xx responses, HTTP/2, reques
 Bedrock needs none of them. Deadlines are the caller's (``asyncio.timeout_at`` around ``post`` and ``read``),
 except connecting, which is bounded here by ``connect_timeout``.
 
-Every failure is a ``StreamClientError``; ``services/bedrock.py`` translates it once, at its boundary.
+Every failure is a ``StreamClientError``; ``services/model/bedrock.py`` translates it once, at its boundary.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Pending actions in SQLite: ``create_action`` and ``confirm_action`` of the ``Store`` interface (``services/store.py``
-says what each must do, ``services/actions.py`` why they exist), as functions on a store thread's connection.
+"""Pending actions in SQLite: ``create_action`` and ``confirm_action`` of the ``Store`` interface (``services/store/__init__.py``
+says what each must do, ``services/agents/actions.py`` why they exist), as functions on a store thread's connection.
 
 The table (``MIGRATION``, applied by ``SQLiteStore`` as migration 3, and ``BEFORE_MIGRATION``, migration 5) holds one
 row per prepared change. Times are Unix seconds (``time.time()``), as for chat runs, and are shown as ISO 8601 UTC. A
@@ -19,9 +19,10 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from services import actions, sqlite_records
+from services.agents import actions
+from services.store.sqlite import records as sqlite_records
 from services.domains import BY_TABLE, Domain
-from services.sqlite_limits import write_transaction
+from services.store.sqlite.limits import write_transaction
 from services.store import ActionDone, Caller, NewAction, PendingAction
 
 MIGRATION = """
@@ -41,7 +42,7 @@ CREATE TABLE pending_actions (
 CREATE INDEX pending_actions_user_expiry ON pending_actions (user_id, expires_at);
 """
 
-# The values a change replaces, as JSON (services/actions.py). Actions kept before it have none and cannot be
+# The values a change replaces, as JSON (services/agents/actions.py). Actions kept before it have none and cannot be
 # confirmed: they were shown without the whole change.
 BEFORE_MIGRATION = "ALTER TABLE pending_actions ADD COLUMN before TEXT;"
 

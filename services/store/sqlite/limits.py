@@ -14,7 +14,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 
-from services.sqlite_writer import in_group
+from services.store.sqlite.writer import in_group
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rate_limits (
@@ -25,7 +25,7 @@ CREATE TABLE IF NOT EXISTS rate_limits (
     PRIMARY KEY (subject, bucket)
 );
 CREATE INDEX IF NOT EXISTS idx_rate_limits_window ON rate_limits (window_start);
--- Stream slots were leases here until chat runs (services/sqlite_runs.py) became the slots; dropped so an upgraded
+-- Stream slots were leases here until chat runs (services/store/sqlite/runs.py) became the slots; dropped so an upgraded
 -- file keeps no dead table.
 DROP TABLE IF EXISTS stream_leases;
 -- One row that /health rewrites to learn whether the database can take a write (disk full, read-only).
@@ -49,7 +49,7 @@ RETURNING hits, window_start
 def write_transaction(db: sqlite3.Connection) -> Iterator[None]:
     """A write transaction whose lock is taken up front (BEGIN IMMEDIATE), so two writers queue on busy_timeout
     instead of deadlocking on a lock upgrade; rolled back on any exception. Shared by the store and the limits.
-    Inside a group of writes committed together (services/sqlite_writer.py) it is a savepoint of that transaction."""
+    Inside a group of writes committed together (services/store/sqlite/writer.py) it is a savepoint of that transaction."""
     if in_group():
         db.execute("SAVEPOINT write_transaction")
         try:

@@ -153,7 +153,7 @@ class RunBegun:
 
 @dataclass(frozen=True, slots=True)
 class EventBatch:
-    """Events ``first_seq..last_seq`` of a run as SSE frames (``services/run_log.py``), written in one flush."""
+    """Events ``first_seq..last_seq`` of a run as SSE frames (``services/store/run_log.py``), written in one flush."""
 
     first_seq: int
     last_seq: int
@@ -232,7 +232,7 @@ ActionKind = Literal["update", "delete"]
 
 @dataclass(frozen=True, slots=True)
 class NewAction:
-    """A change the assistant prepared that only the user may carry out (``services/actions.py``). ``changes`` holds
+    """A change the assistant prepared that only the user may carry out (``services/agents/actions.py``). ``changes`` holds
     the validated columns of an update (None for a delete); ``before`` the record's values it replaces, as the user
     is shown them (those columns of an update, every column of a delete). The id is generated here so a retried
     insert is a no-op."""
@@ -295,7 +295,7 @@ class Store(Protocol):
 
         ``before`` keeps the conversations with older activity than the key, ``after`` those with newer (at most one
         of the two, and only with ``offset`` 0): the ``limit`` nearest the key, in list order. ``search`` (the user's
-        text, ``services/search.py``) keeps those whose title, or one of whose messages, holds every word of it.
+        text, ``services/store/search.py``) keeps those whose title, or one of whose messages, holds every word of it.
         ``total`` counts every conversation the search keeps, whatever the page; ``has_more`` says whether more
         follow past the page: newer ones for ``after``, older ones otherwise."""
 
@@ -334,8 +334,8 @@ class Store(Protocol):
     async def recent_messages(self, caller: Caller, conversation_id: str, limit: int) -> list[Message]:
         """The newest ``limit`` messages of the caller's conversation, returned oldest first."""
 
-    # Chat runs (services/runs.py): a chat turn's generation, its event log and its controls, shared by every worker
-    # through the store. ``services/run_log.py`` holds the formats both stores write.
+    # Chat runs (services/runs/manager.py): a chat turn's generation, its event log and its controls, shared by every worker
+    # through the store. ``services/store/run_log.py`` holds the formats both stores write.
 
     async def begin_run(
         self, caller: Caller, new: NewRun, limits: TurnLimits, history_limit: int
@@ -405,7 +405,7 @@ class Store(Protocol):
     async def delete_record(self, caller: Caller, domain: Domain, record_id: str) -> None:
         """Delete one of the caller's records, or ``NotFound``."""
 
-    # Pending actions (services/actions.py): the updates and deletes the assistant prepares and the user confirms.
+    # Pending actions (services/agents/actions.py): the updates and deletes the assistant prepares and the user confirms.
 
     async def create_action(self, caller: Caller, new: NewAction, ttl_seconds: float) -> PendingAction:
         """Keep ``new`` for the caller to confirm within ``ttl_seconds`` (the store's clock); nothing else changes.

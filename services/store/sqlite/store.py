@@ -5,7 +5,7 @@ connection must stay on the thread that made it); the event loop only awaits the
 lock held by another worker never stalls the streams the loop is serving. A hop costs about 0.15 ms of CPU on one
 core, so a chat turn makes as few as it can (``begin_run``: one hop and one transaction to admit and begin it).
 
-Reads run on ``workers`` threads; every write runs on one writer thread (``_write``, ``services/sqlite_writer.py``),
+Reads run on ``workers`` threads; every write runs on one writer thread (``_write``, ``services/store/sqlite/writer.py``),
 in order, and writes that queue up together commit together. SQLite lets one writer in at a time anyway, and
 writers of one process queueing on its lock wait in SQLite's busy handler, which sleeps 1, 2, 5, 10 ms... between
 tries: under a burst of chat turns the lock sat idle while the next writer slept (py-spy: most of the store threads'
@@ -33,9 +33,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from errors import NotFound, UpstreamError, UpstreamUnavailable
-from services import sqlite_actions, sqlite_limits, sqlite_listing, sqlite_records, sqlite_runs
-from services.sqlite_messages import MESSAGE_COLUMNS, message_row, recent_messages
-from services.sqlite_writer import GroupWriter
+from services.store.sqlite import actions as sqlite_actions
+from services.store.sqlite import limits as sqlite_limits
+from services.store.sqlite import listing as sqlite_listing
+from services.store.sqlite import records as sqlite_records
+from services.store.sqlite import runs as sqlite_runs
+from services.store.sqlite.messages import MESSAGE_COLUMNS, message_row, recent_messages
+from services.store.sqlite.writer import GroupWriter
 from services.domains import Domain
 from services.store import (
     ActionDone,
@@ -95,15 +99,15 @@ MIGRATIONS: list[str] = [
          WHERE id = NEW.conversation_id;
     END;
     """,
-    # 2: chat runs and their event log (services/sqlite_runs.py).
+    # 2: chat runs and their event log (services/store/sqlite/runs.py).
     sqlite_runs.MIGRATION,
-    # 3: pending actions, the changes the user confirms (services/sqlite_actions.py).
+    # 3: pending actions, the changes the user confirms (services/store/sqlite/actions.py).
     sqlite_actions.MIGRATION,
     # 4: conversation search, replaced by 5 (a file still at 4 has its tables, which 5 drops).
     "",
-    # 5: conversation search, full-text indexes of the words of message text and titles (services/sqlite_listing.py).
+    # 5: conversation search, full-text indexes of the words of message text and titles (services/store/sqlite/listing.py).
     sqlite_listing.MIGRATION,
-    # 6: what a pending action's change replaces, shown to the user and kept for an undo (services/actions.py).
+    # 6: what a pending action's change replaces, shown to the user and kept for an undo (services/agents/actions.py).
     sqlite_actions.BEFORE_MIGRATION,
 ]
 
@@ -329,7 +333,7 @@ class SQLiteStore:
 
         return await self._read(work)
 
-    # -- chat runs (services/sqlite_runs.py) -------------------------------------------------------------------
+    # -- chat runs (services/store/sqlite/runs.py) -------------------------------------------------------------------
 
     async def begin_run(
         self, caller: Caller, new: NewRun, limits: TurnLimits, history_limit: int
@@ -374,7 +378,7 @@ class SQLiteStore:
     async def delete_record(self, caller: Caller, domain: Domain, record_id: str) -> None:
         await self._write(lambda db: sqlite_records.delete_record(db, caller, domain, record_id))
 
-    # -- pending actions (services/actions.py, services/sqlite_actions.py) -----------------------------------------
+    # -- pending actions (services/agents/actions.py, services/store/sqlite/actions.py) -----------------------------------------
 
     async def create_action(self, caller: Caller, new: NewAction, ttl_seconds: float) -> PendingAction:
         return await self._write(lambda db: sqlite_actions.create_action(db, caller, new, ttl_seconds))

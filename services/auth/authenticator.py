@@ -7,7 +7,7 @@ Four modes, picked from settings by ``build_authenticator``:
 * ``jwt``: Supabase access tokens signed with the project's legacy HS256 secret (``SUPABASE_JWT_SECRET``) are
   verified here, with the standard library and a constant-time compare. No network round trip.
 * ``jwks``: for projects on asymmetric signing keys (ES256/RS256), the signature is verified here with the project's
-  published public keys (``services/jwks.py``), fetched once and kept: no token costs a network call, and an Auth
+  published public keys (``services/auth/jwks.py``), fetched once and kept: no token costs a network call, and an Auth
   outage stops no one whose key is held. The default whenever ``SUPABASE_URL`` is set.
 * ``supabase-auth``: only with ``AUTH_VERIFY=remote``, asymmetric tokens are instead checked by Supabase Auth
   (``GET {SUPABASE_URL}/auth/v1/user``), which also refuses a session logged out before its token expired, and the
@@ -51,7 +51,7 @@ import httpx
 
 from errors import AppError, Forbidden, Unauthorized, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from services.http_pool import PoolBusy, Slots, limits
-from services.jwks import SigningKeys
+from services.auth.jwks import SigningKeys
 from services.retry import RetryPolicy, with_retry
 from services.store import Caller
 from settings import ConfigError, Settings

@@ -1,6 +1,6 @@
 """Sample business data for one user, so the assistant has something real to answer from.
 
-    python -m services.sample_data USER_ID
+    python -m services.store.sample_data USER_ID
 
 loads a few records into every domain's table of the configured store (``SQLITE_PATH`` on the embedded default;
 with ``STORE=supabase`` set ``ACCESS_TOKEN`` to that user's JWT, since rows are written as the user). Running it twice
@@ -110,7 +110,7 @@ async def _main(user_id: str) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m services.sample_data USER_ID")
+        sys.exit("usage: python -m services.store.sample_data USER_ID")
     try:
         user = str(uuid.UUID(sys.argv[1]))
     except ValueError:

@@ -1,6 +1,6 @@
 """Listing in SQLite: conversations and messages by offset or by cursor, and conversation search (FTS5).
 
-``list_conversations`` and ``message_page`` of the ``Store`` interface (``services/store.py`` says what each must do),
+``list_conversations`` and ``message_page`` of the ``Store`` interface (``services/store/__init__.py`` says what each must do),
 as functions on a store thread's connection. A cursor is a key (``ConversationKey``, ``MessageKey``); a page is the
 ``limit`` rows nearest the key on the side asked for, read by an index in that direction (conversations by
 ``(user_id, updated_at DESC, id)``, messages by ``(conversation_id, seq)``) and turned round when the order asked for
@@ -10,7 +10,7 @@ Search (``MIGRATION``, applied by ``SQLiteStore`` as a migration of its own): tw
 message text and of conversation titles (``indexed_words``), kept in step by triggers. Assistant messages are inserted
 empty and written as they stream, so the message index follows every change of ``content``. Every token is led by
 its owner's search key, so the search matches every word of the user's text as a quoted prefix of the caller's own
-tokens (``services/search.py``): its cost follows the caller's text, never everyone's.
+tokens (``services/store/search.py``): its cost follows the caller's text, never everyone's.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 import sqlite3
 
-from services.search import search_terms, search_words
-from services.sqlite_messages import MESSAGE_COLUMNS, message_row
+from services.store.search import search_terms, search_words
+from services.store.sqlite.messages import MESSAGE_COLUMNS, message_row
 from services.store import Caller, Conversation, ConversationKey, MessageKey, MessagePage, Page
 
-# The words a search can find, folded once by services/search.py: the index is fed "<owner>_<word>" tokens, which
+# The words a search can find, folded once by services/store/search.py: the index is fed "<owner>_<word>" tokens, which
 # FTS5's ascii tokenizer (with "_" a token character) takes as they are: it splits at the spaces between them only
 # (every other character in them is a letter, a mark or a digit) and lowercases nothing that is not already.
 _TOKENIZER = "ascii tokenchars '_'"

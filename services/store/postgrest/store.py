@@ -1,6 +1,6 @@
 """The Supabase store: the ``Store`` interface over PostgREST, acting as the signed-in user.
 
-Every call forwards the caller's own access token (``services/postgrest_client.py``), so the database knows who is
+Every call forwards the caller's own access token (``services/store/postgrest/client.py``), so the database knows who is
 asking. The user reads their chat rows through the Data API under row-level security (``migrations/001``); every
 write to them is one of the checked functions of ``migrations/007_checked_writes.sql``, which name the caller
 (``auth.uid()``) in every row they touch. The ``user_id`` filters added to reads here are defence in depth, not the
@@ -17,19 +17,19 @@ Semantics match ``SQLiteStore`` exactly:
 Counters and timestamps are kept by the database's trigger. Timestamps are normalised to the SQLite store's format
 (``2026-11-24T01:49:20.911133Z``): PostgREST renders ``timestamptz`` as ``...+00:00`` and drops trailing zeros.
 
-Business records (``migrations/002_business_tables.sql``) follow ``services/sqlite_records.py``: equality filters,
+Business records (``migrations/002_business_tables.sql``) follow ``services/store/sqlite/records.py``: equality filters,
 the domain's order then ``id`` (NULLs sorted as SQLite sorts them), a missing or someone else's record is
 ``NotFound(code="RECORD_NOT_FOUND")``, inserts are idempotent by their client-generated id, and rows come back with
 SQLite's keys, key order and value types (numbers as floats, times as ``HH:MM``, timestamps as above).
 
-Chat runs (``services/sqlite_runs.py`` is the reference) are the RPC functions of ``migrations/004_agent_runs.sql``
+Chat runs (``services/store/sqlite/runs.py`` is the reference) are the RPC functions of ``migrations/004_agent_runs.sql``
 as 007 checks them, one request and one transaction per store call. They write the same rows, frames and metadata as
 SQLite; run times come back as Unix seconds. A run is written only with its write key, which ``begin_run`` makes
 and this store keeps until the run ends: a client holding the user's own token cannot write the service's runs. Two
 differences follow from acting only as users: ``flush_runs`` writes one transaction per user (each with that user's
 token), and ``maintain_runs`` without a caller does nothing, so a dead run is ended when its user next touches it.
 
-Pending actions (``services/actions.py``) are the RPC functions of ``migrations/010_confirm_every_change.sql``:
+Pending actions (``services/agents/actions.py``) are the RPC functions of ``migrations/010_confirm_every_change.sql``:
 confirming claims the action, checks that the record still holds the action's ``before`` and runs its change in one
 transaction, on the caller's record only. The result is decoded as ``update_record``'s is.
 
@@ -50,10 +50,10 @@ from datetime import datetime, timezone
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from errors import AppError, NotFound, RateLimited, UpstreamError
-from services import actions
+from services.agents import actions
 from services.domains import BY_TABLE, Column, Domain
-from services.postgrest_client import PostgrestClient, postgrest_failure
-from services.search import MAX_TERMS
+from services.store.postgrest.client import PostgrestClient, postgrest_failure
+from services.store.search import MAX_TERMS
 from services.store import (
     ActionDone,
     BeginOutcome,
@@ -411,7 +411,7 @@ class PostgrestStore:
         if not result.rows:
             raise record_not_found(domain)
 
-    # -- pending actions (services/actions.py; migrations/010_confirm_every_change.sql) -------------------------------
+    # -- pending actions (services/agents/actions.py; migrations/010_confirm_every_change.sql) -------------------------------
 
     @observed
     async def create_action(self, caller: Caller, new: NewAction, ttl_seconds: float) -> PendingAction:
@@ -459,7 +459,7 @@ class PostgrestStore:
             raise record_not_found(domain)
         return _record(domain, result.rows[0])
 
-    # -- chat runs (services/runs.py; migrations/004_agent_runs.sql) ------------------------------------------------
+    # -- chat runs (services/runs/manager.py; migrations/004_agent_runs.sql) ------------------------------------------------
     # Each store call is one RPC, so one request and one transaction, as the signed-in user: the functions are
     # SECURITY INVOKER and row-level security keeps every user to their own runs.
 

@@ -35,12 +35,12 @@ from typing import Any
 import anyio
 
 from errors import AppError, Conflict, NotFound, UpstreamUnavailable
-from services.agents import Assistant
-from services.chat import Turn
+from services.agents.assistant import Assistant
+from services.runs.turn import Turn
 from services.deadline import Deadline
 from services.metrics import Metrics
-from services.prompt import build_turns
-from services.run_log import (
+from services.runs.prompt import build_turns
+from services.store.run_log import (
     SUPERVISOR,
     UNSAVED_EVENTS_MAX,
     chunk,

@@ -1,5 +1,5 @@
 """Chat runs in SQLite: ``begin_run``, ``flush_runs``, ``read_run``, ``request_stop`` and ``maintain_runs`` of the
-``Store`` interface (``services/store.py`` says what each must do), as functions on a store thread's connection.
+``Store`` interface (``services/store/__init__.py`` says what each must do), as functions on a store thread's connection.
 
 The tables (``MIGRATION``, applied by ``SQLiteStore`` as migration 2): ``agent_runs``, one row per chat turn, and
 ``agent_run_events``, one row per flush of a run holding that flush's SSE frames. A partial unique index allows one
@@ -16,9 +16,10 @@ from dataclasses import replace
 from typing import Any
 
 from errors import NotFound
-from services import run_log, sqlite_limits
-from services.sqlite_limits import write_transaction
-from services.sqlite_messages import fetch_message, recent_messages, write_message
+from services.store import run_log
+from services.store.sqlite import limits as sqlite_limits
+from services.store.sqlite.limits import write_transaction
+from services.store.sqlite.messages import fetch_message, recent_messages, write_message
 from services.store import (
     Caller,
     EventBatch,
