@@ -47,19 +47,14 @@ from errors import AppError, Conflict, MethodNotAllowed, NotFound, RateLimited, 
 from services.agents import actions
 from services.agents.assistant import Assistant
 from services.auth.authenticator import Authenticator, build_authenticator, claimed_caller
-from services.model.bedrock import BedrockModel
-from services.domains import DOMAINS
-from services.model.local import LocalModel
 from services.metrics import Metrics
 from services.model import ChatModel
-from services.store.postgrest.store import PostgrestStore
-from services.store.postgrest.client import PostgrestClient
+from services.model.build import build_model
 from services.ratelimit import LimitStore, RateLimiter
 from services.runs.manager import RunManager, shutdown_frame
-from services.retry import RetryPolicy
-from services.store.sqlite.store import SQLiteStore
-from services.store import Caller, NewRun, Store
 from services.runs.titles import title_from_message
+from services.store import Caller, NewRun, Store
+from services.store.build import build_store, store_location
 from settings import ConfigError, Settings
 from web import cursors, inputs
 from web import openapi
@@ -448,36 +443,6 @@ exception_handlers: dict[Any, Any] = {AppError: app_error, HTTPException: http_e
 # -- wiring -------------------------------------------------------------------------------------------------------
 
 
-def build_store(settings: Settings) -> Store:
-    if settings.store == "supabase":
-        client = PostgrestClient(
-            settings.supabase_url,
-            settings.supabase_schema,
-            settings.publishable_key,
-            retry=RetryPolicy.from_settings(settings),
-            timeout=settings.supabase_timeout,
-            pool_size=settings.supabase_pool_size,
-            pool_timeout=settings.supabase_pool_timeout,
-        )
-        return PostgrestStore(client)
-    return SQLiteStore(settings.sqlite_path)
-
-
-def _store_location(settings: Settings) -> str:
-    """Where the data lives, for the startup log: a relative SQLITE_PATH depends on the directory the service was
-    started from, and a new empty database there is otherwise a silent surprise."""
-    if settings.store == "supabase":
-        return settings.supabase_url
-    return f"database {os.path.abspath(settings.sqlite_path)}"
-
-
-def build_model(settings: Settings) -> ChatModel:
-    if settings.llm_provider == "bedrock":
-        return BedrockModel(settings)
-    keywords = {domain.agent_type: domain.keywords for domain in DOMAINS}
-    return LocalModel(token_delay=settings.local_token_delay, keywords=keywords)
-
-
 def build_auth(settings: Settings) -> Authenticator:
     return build_authenticator(settings)
 
@@ -514,7 +479,7 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
             logger.info(
                 "Started: store=%s (%s) model=%s auth=%s environment=%s",
                 store.kind,
-                _store_location(settings),
+                store_location(settings),
                 chat_model.provider,
                 auth.mode,
                 settings.environment,

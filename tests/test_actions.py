@@ -24,7 +24,8 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from app import build_store, create_app
+from app import create_app
+from services.store.build import build_store
 from errors import Conflict, Gone, NotFound, UpstreamError
 from services.domains import BY_AGENT, BY_TABLE, DOMAINS
 from services.model.local import describe_result

@@ -23,7 +23,8 @@ from botocore.exceptions import CredentialRetrievalError, EventStreamError
 from botocore.parsers import EventStreamJSONParser
 from starlette.testclient import TestClient
 
-from app import build_model, create_app
+from app import create_app
+from services.model.build import build_model
 from errors import AppError
 from services.model.bedrock import BEDROCK_ERRORS, FAILURES, BedrockModel, ConverseStreamDecoder, converse_messages
 from services.model import ModelEvent, ModelRequest, ModelUsed, Stop, TextDelta, ToolUse, Usage

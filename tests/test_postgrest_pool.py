@@ -24,7 +24,8 @@ import httpcore
 import httpx
 import pytest
 
-from app import build_store, create_app
+from app import create_app
+from services.store.build import build_store
 from errors import AppError
 from services.store.postgrest.store import PostgrestStore
 from services.store import Caller

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from services.store.sqlite.limits import write_transaction
+from services.store.sqlite.writer import write_transaction
 from services.store.sqlite.writer import GroupWriter
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 
 from tests.support import serve
-from web.tcp import set_nodelay
+from services.model.stream_client import set_nodelay
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

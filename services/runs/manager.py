@@ -34,7 +34,7 @@ from typing import Any
 
 import anyio
 
-from errors import AppError, Conflict, NotFound, UpstreamUnavailable
+from errors import AppError, Conflict, ConversationDeleted, NotFound, RunTimedOut, ShuttingDown, UpstreamUnavailable
 from services.agents.assistant import Assistant
 from services.runs.turn import Turn
 from services.deadline import Deadline
@@ -68,36 +68,9 @@ UNSAVED_KEEP_SECONDS = 600.0
 STOP_WAIT_SECONDS = 5.0  # how long a stop waits for the run's worker to save the stopped answer
 
 
-class RunTimedOut(AppError):
-    status = 504
-    code = "RUN_TIMEOUT"
-    message = "The answer took longer than RUN_MAX_SECONDS."
-    user_message = "The answer took too long and was stopped. Please try a shorter or simpler request."
-    retryable = False
-
-
-class ConversationDeleted(AppError):
-    """The run's conversation was deleted while it generated or was watched: its answer is gone with it."""
-
-    status = 410
-    code = "CONVERSATION_DELETED"
-    message = "The conversation was deleted."
-    user_message = "This conversation was deleted, so its answer was stopped and not kept."
-    suggested_actions = ("Start a new conversation",)
-    retryable = False
-
-
 def deleted_frame(run_id: str) -> str:
     """What a viewer of a run whose conversation was deleted is told last: no id, as the run's log went with it."""
     return frame(None, error_chunk(ConversationDeleted(), SUPERVISOR, run_id=run_id))
-
-
-class ShuttingDown(AppError):
-    status = 503
-    code = "SERVER_SHUTTING_DOWN"
-    message = "The server is shutting down."
-    user_message = "The server is restarting. Please send your message again."
-    retryable = True
 
 
 def shutdown_frame() -> str:

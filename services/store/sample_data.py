@@ -19,6 +19,8 @@ from typing import Any
 from errors import NotFound
 from services.domains import BY_AGENT
 from services.store import Caller, Store
+from services.store.build import build_store
+from settings import Settings
 
 _TODAY = date.today()
 
@@ -94,9 +96,6 @@ async def load(store: Store, caller: Caller) -> tuple[int, int]:
 
 
 async def _main(user_id: str) -> None:
-    from app import build_store  # the composition root knows which store is configured
-    from settings import Settings
-
     settings = Settings.from_environ(os.environ)
     store = build_store(settings)
     await store.open()  # type: ignore[attr-defined]

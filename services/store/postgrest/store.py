@@ -49,8 +49,17 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from errors import AppError, NotFound, RateLimited, UpstreamError
-from services.agents import actions
+from errors import (
+    ActionAlreadyUsed,
+    ActionExpired,
+    ActionNotFound,
+    ConversationNotFound,
+    RateLimited,
+    RecordChanged,
+    RecordNotFound,
+    RunNotFound,
+    UpstreamError,
+)
 from services.domains import BY_TABLE, Column, Domain
 from services.store.postgrest.client import PostgrestClient, postgrest_failure
 from services.store.search import MAX_TERMS
@@ -96,18 +105,6 @@ NEWEST_FIRST = "created_at.desc,seq.desc"
 P = ParamSpec("P")
 T = TypeVar("T")
 Observer = Callable[[str, str, float], None]
-
-
-def conversation_not_found() -> NotFound:
-    return NotFound("Conversation not found.", code="CONVERSATION_NOT_FOUND")
-
-
-def record_not_found(domain: Domain) -> NotFound:
-    return NotFound(f"No such {domain.singular}.", code="RECORD_NOT_FOUND")
-
-
-def run_not_found() -> NotFound:
-    return NotFound("Run not found.", code="RUN_NOT_FOUND")
 
 
 def write_ceiling(result: dict[str, Any]) -> RateLimited:
@@ -259,7 +256,7 @@ class PostgrestStore:
             caller, "agent_conversation_rename", {"p_id": conversation_id, "p_title": title}, idempotent=True
         )
         if row is None:  # missing, or someone else's: the same answer
-            raise conversation_not_found()
+            raise ConversationNotFound()
         return _conversation(row)
 
     @observed
@@ -273,7 +270,7 @@ class PostgrestStore:
         if outcome == "done":
             return _conversation(result["conversation"])
         if outcome == "not_found":  # the id is someone else's: SQLite's answer
-            raise conversation_not_found()
+            raise ConversationNotFound()
         if outcome == "rate_limited":
             raise write_ceiling(result)
         raise _bad_response()
@@ -286,7 +283,7 @@ class PostgrestStore:
         params = {"select": CONVERSATION_COLUMNS, "id": f"eq.{conversation_id}", "user_id": f"eq.{caller.user_id}"}
         result = await self._rest.select(caller, CONVERSATIONS, params)
         if not result.rows:
-            raise conversation_not_found()
+            raise ConversationNotFound()
         return _conversation(result.rows[0])
 
     @observed
@@ -294,7 +291,7 @@ class PostgrestStore:
         # Retried, as a DELETE was: a replay whose first attempt committed says NotFound, as a second delete does.
         deleted = await self._rest.rpc(caller, "agent_conversation_delete", {"p_id": conversation_id}, idempotent=True)
         if deleted is not True:
-            raise conversation_not_found()
+            raise ConversationNotFound()
 
     # -- messages ----------------------------------------------------------------------------------------------
 
@@ -392,7 +389,7 @@ class PostgrestStore:
         self, caller: Caller, domain: Domain, record_id: str, values: dict[str, Any]
     ) -> dict[str, Any]:
         if not _is_uuid(record_id):
-            raise record_not_found(domain)
+            raise RecordNotFound(domain.singular)
         if not values:
             return await self._fetch_record(caller, domain, record_id)
         params = {"select": record_columns(domain), **_owned(caller, record_id)}
@@ -400,16 +397,16 @@ class PostgrestStore:
             caller, "PATCH", domain.table, params=params, json_body=values, prefer=["return=representation"]
         )
         if not result.rows:  # missing, or hidden by row-level security: the same answer
-            raise record_not_found(domain)
+            raise RecordNotFound(domain.singular)
         return _record(domain, result.rows[0])
 
     @observed
     async def delete_record(self, caller: Caller, domain: Domain, record_id: str) -> None:
         if not _is_uuid(record_id):
-            raise record_not_found(domain)
+            raise RecordNotFound(domain.singular)
         result = await self._rest.delete(caller, domain.table, _owned(caller, record_id))
         if not result.rows:
-            raise record_not_found(domain)
+            raise RecordNotFound(domain.singular)
 
     # -- pending actions (services/agents/actions.py; migrations/010_confirm_every_change.sql) -------------------------------
 
@@ -429,13 +426,13 @@ class PostgrestStore:
         # Retried: the id is ours, so a replay whose first attempt committed inserts nothing and returns the row.
         row = await self._rest.rpc(caller, "pending_action_prepare", args, idempotent=True)
         if row is None:
-            raise actions.not_found()
+            raise ActionNotFound()
         return _pending_action(row)
 
     @observed
     async def confirm_action(self, caller: Caller, action_id: str) -> ActionDone:
         if not _is_uuid(action_id):
-            raise actions.not_found()
+            raise ActionNotFound()
         # Not retried: a replay after a lost response would find the action used and refuse a change that was made.
         # The client sees the failure instead, and its own retry is told the truth (ACTION_ALREADY_USED).
         result = await self._rest.rpc(caller, "pending_action_apply", {"p_action_id": action_id}, idempotent=False)
@@ -443,20 +440,20 @@ class PostgrestStore:
         if outcome == "done":
             return _action_done(result)
         if outcome == "record_not_found" and result.get("table") in BY_TABLE:
-            raise record_not_found(BY_TABLE[result["table"]])
-        refusals = {"not_found": actions.not_found, "used": actions.already_used, "expired": actions.expired,
-                    "record_changed": actions.record_changed}
+            raise RecordNotFound(BY_TABLE[result["table"]].singular)
+        refusals = {"not_found": ActionNotFound, "used": ActionAlreadyUsed, "expired": ActionExpired,
+                    "record_changed": RecordChanged}
         if outcome not in refusals:
             raise _bad_response()
         raise refusals[outcome]()
 
     async def _fetch_record(self, caller: Caller, domain: Domain, record_id: str) -> dict[str, Any]:
         if not _is_uuid(record_id):  # SQLite finds nothing; PostgreSQL would refuse to compare it with a uuid
-            raise record_not_found(domain)
+            raise RecordNotFound(domain.singular)
         params = {"select": record_columns(domain), **_owned(caller, record_id)}
         result = await self._rest.select(caller, domain.table, params)
         if not result.rows:
-            raise record_not_found(domain)
+            raise RecordNotFound(domain.singular)
         return _record(domain, result.rows[0])
 
     # -- chat runs (services/runs/manager.py; migrations/004_agent_runs.sql) ------------------------------------------------
@@ -486,7 +483,7 @@ class PostgrestStore:
         # hit twice.)
         result = await self._rest.rpc(caller, "agent_run_begin", args, idempotent=True)
         if isinstance(result, dict) and result.get("outcome") == "not_found":
-            raise conversation_not_found()
+            raise ConversationNotFound()
         begun = _run_begun(result)
         if begun.outcome == "started":
             self._write_keys[new.id] = args["p_write_key"]
@@ -514,10 +511,10 @@ class PostgrestStore:
     @observed
     async def read_run(self, caller: Caller, run_id: str, after: int | None) -> RunView:
         if not _is_uuid(run_id):  # SQLite finds nothing; PostgreSQL would refuse to compare it with a uuid
-            raise run_not_found()
+            raise RunNotFound()
         result = await self._rest.rpc(caller, "agent_run_read", {"p_run_id": run_id, "p_after": after}, idempotent=True)
         if result is None:  # missing, or hidden by row-level security: the same answer
-            raise run_not_found()
+            raise RunNotFound()
         try:
             batches = [EventBatch(int(b["first_seq"]), int(b["last_seq"]), str(b["frames"])) for b in result["batches"]]
             return RunView(_run(result["run"]), _message(result["message"]), batches)
@@ -538,11 +535,11 @@ class PostgrestStore:
     @observed
     async def request_stop(self, caller: Caller, run_id: str, seen_chars: int | None) -> None:
         if not _is_uuid(run_id):
-            raise run_not_found()
+            raise RunNotFound()
         args = {"p_run_id": run_id, "p_seen_chars": seen_chars}
         found = await self._rest.rpc(caller, "agent_run_stop", args, idempotent=True)
         if found is not True:
-            raise run_not_found()
+            raise RunNotFound()
 
     @observed
     async def maintain_runs(self, caller: Caller | None, stale_seconds: float, events_ttl: float) -> None:

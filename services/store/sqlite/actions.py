@@ -19,10 +19,10 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from services.agents import actions
 from services.store.sqlite import records as sqlite_records
+from errors import ActionAlreadyUsed, ActionExpired, ActionNotFound, RecordChanged
 from services.domains import BY_TABLE, Domain
-from services.store.sqlite.limits import write_transaction
+from services.store.sqlite.writer import write_transaction
 from services.store import ActionDone, Caller, NewAction, PendingAction
 
 MIGRATION = """
@@ -77,13 +77,13 @@ def confirm_action(db: sqlite3.Connection, caller: Caller, action_id: str) -> Ac
         now = time.time()  # once the write lock is held: a confirmation that queued behind another is judged now
         row = _fetch(db, caller, action_id)
         if row["used_at"] is not None:
-            raise actions.already_used()
+            raise ActionAlreadyUsed()
         if row["expires_at"] <= now or row["before"] is None:
-            raise actions.expired()
+            raise ActionExpired()
         action = _action(row)
         domain = BY_TABLE.get(action.table)
         if domain is None:  # a domain removed since the action was kept
-            raise actions.not_found()
+            raise ActionNotFound()
         _check_unchanged(db, caller, domain, action)
         record = None
         if action.kind == "delete":
@@ -100,7 +100,7 @@ def _check_unchanged(db: sqlite3.Connection, caller: Caller, domain: Domain, act
     JSON, as they were read, so ``true`` and ``1`` differ, as they do in PostgreSQL's jsonb."""
     current = sqlite_records.get_record(db, caller, domain, action.record_id)
     if any(_same(value) != _same(current.get(name)) for name, value in (action.before or {}).items()):
-        raise actions.record_changed()
+        raise RecordChanged()
 
 
 def _same(value: Any) -> str:
@@ -112,7 +112,7 @@ def _fetch(db: sqlite3.Connection, caller: Caller, action_id: str) -> sqlite3.Ro
         f"SELECT {_COLUMNS} FROM pending_actions WHERE id = ? AND user_id = ?", (action_id, caller.user_id)
     ).fetchone()
     if row is None:
-        raise actions.not_found()
+        raise ActionNotFound()
     return row
 
 

@@ -9,12 +9,8 @@ connection (see ``SQLiteStore._run``).
 
 from __future__ import annotations
 
-import contextlib
 import sqlite3
 import time
-from collections.abc import Iterator
-
-from services.store.sqlite.writer import in_group
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rate_limits (
@@ -43,31 +39,6 @@ ON CONFLICT (subject, bucket) DO UPDATE SET
     window_start = max(rate_limits.window_start, excluded.window_start)
 RETURNING hits, window_start
 """
-
-
-@contextlib.contextmanager
-def write_transaction(db: sqlite3.Connection) -> Iterator[None]:
-    """A write transaction whose lock is taken up front (BEGIN IMMEDIATE), so two writers queue on busy_timeout
-    instead of deadlocking on a lock upgrade; rolled back on any exception. Shared by the store and the limits.
-    Inside a group of writes committed together (services/store/sqlite/writer.py) it is a savepoint of that transaction."""
-    if in_group():
-        db.execute("SAVEPOINT write_transaction")
-        try:
-            yield
-        except BaseException:
-            db.execute("ROLLBACK TO write_transaction")
-            db.execute("RELEASE write_transaction")
-            raise
-        db.execute("RELEASE write_transaction")
-        return
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:  # a failed COMMIT (busy, a deferred constraint) can leave it open
-            db.execute("ROLLBACK")
-        raise
 
 
 def create_tables(db: sqlite3.Connection) -> None:

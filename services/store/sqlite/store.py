@@ -32,14 +32,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from errors import NotFound, UpstreamError, UpstreamUnavailable
+from errors import ConversationNotFound, UpstreamError, UpstreamUnavailable
 from services.store.sqlite import actions as sqlite_actions
 from services.store.sqlite import limits as sqlite_limits
 from services.store.sqlite import listing as sqlite_listing
 from services.store.sqlite import records as sqlite_records
 from services.store.sqlite import runs as sqlite_runs
 from services.store.sqlite.messages import MESSAGE_COLUMNS, message_row, recent_messages
-from services.store.sqlite.writer import GroupWriter
+from services.store.sqlite.writer import GroupWriter, write_transaction
 from services.domains import Domain
 from services.store import (
     ActionDone,
@@ -233,7 +233,7 @@ class SQLiteStore:
 
     async def probe_write(self) -> bool | None:
         def work(db: sqlite3.Connection) -> None:
-            with sqlite_limits.write_transaction(db):
+            with write_transaction(db):
                 db.execute("INSERT OR REPLACE INTO store_probe (id, written_at) VALUES (1, ?)", (time.time(),))
 
         try:
@@ -259,7 +259,7 @@ class SQLiteStore:
 
     async def rename_conversation(self, caller: Caller, conversation_id: str, title: str) -> Conversation:
         def work(db: sqlite3.Connection) -> Conversation:
-            with sqlite_limits.write_transaction(db):
+            with write_transaction(db):
                 # As Supabase's trigger (001): a new title is activity, the same one is not; time never goes back.
                 db.execute(
                     "UPDATE agent_conversations SET title = ?,"
@@ -293,7 +293,7 @@ class SQLiteStore:
             return cursor.rowcount
 
         if await self._write(work) == 0:
-            raise NotFound("Conversation not found.", code="CONVERSATION_NOT_FOUND")
+            raise ConversationNotFound()
 
     # -- messages ----------------------------------------------------------------------------------------------
 
@@ -438,5 +438,5 @@ def _fetch_conversation(db: sqlite3.Connection, caller: Caller, conversation_id:
         (conversation_id, caller.user_id),
     ).fetchone()
     if row is None:
-        raise NotFound("Conversation not found.", code="CONVERSATION_NOT_FOUND")
+        raise ConversationNotFound()
     return _conversation(row)
