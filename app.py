@@ -459,7 +459,7 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
             stack.push_async_callback(store.aclose)
             stack.push_async_callback(chat_model.aclose)
             stack.push_async_callback(auth.aclose)
-            await store.open()  # type: ignore[attr-defined]
+            await store.open()
             await chat_model.open()
             registry, limiter = await _open_metrics_and_limits(settings, store, stack)
             runs = RunManager(
@@ -522,8 +522,7 @@ async def _open_metrics_and_limits(
     group = await stack.enter_async_context(anyio.create_task_group())
     group.start_soon(registry.flush_periodically)
     stack.callback(group.cancel_scope.cancel)
-    if hasattr(store, "set_query_observer"):
-        store.set_query_observer(registry.store_call)
+    store.set_query_observer(registry.store_call)
     limit_store = store if isinstance(store, LimitStore) else None
     if limit_store is None:
         if settings.environment == "production":

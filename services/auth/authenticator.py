@@ -53,7 +53,7 @@ from errors import AppError, Forbidden, Unauthorized, UpstreamError, UpstreamTim
 from services.http_pool import PoolBusy, Slots, limits
 from services.auth.jwks import SigningKeys
 from services.retry import RetryPolicy, with_retry
-from services.store import Caller
+from services.store import Caller, is_canonical_uuid
 from settings import ConfigError, Settings
 
 logger = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ def check_claims(claims: dict[str, Any], *, now: float, issuer: str | None) -> s
     if claims.get("role") != AUDIENCE:
         raise invalid_token()  # required: README promises it, and PostgREST acts as the role the token names
     subject = claims.get("sub")
-    if not isinstance(subject, str) or not _is_canonical_uuid(subject):
+    if not isinstance(subject, str) or not is_canonical_uuid(subject):
         raise invalid_token()
     return subject.lower()
 
@@ -237,13 +237,6 @@ def _is_time(value: object) -> bool:
     The range check also refuses NaN (every comparison is false) and the infinity JSON's ``1e999`` decodes to.
     """
     return isinstance(value, (int, float)) and not isinstance(value, bool) and -MAX_TIME <= value <= MAX_TIME
-
-
-def _is_canonical_uuid(value: str) -> bool:
-    try:
-        return str(uuid.UUID(value)) == value.lower()  # uuid.UUID also takes "{...}", "urn:uuid:..." and bare hex
-    except ValueError:
-        return False
 
 
 def claimed_caller(verified: Caller | None, claimed_user_id: str) -> Caller:

@@ -1,15 +1,22 @@
-"""What the service keeps, and the interface every store implements.
+"""What the service keeps, and the interface every store implements: the ``store`` package.
 
-Two implementations sit behind ``Store``: ``SQLiteStore`` (embedded default, standard library) and
-``PostgrestStore`` (Supabase, acting as the signed-in user so row-level security applies). Every method takes the
-``Caller`` explicitly: identity is a per-request value, never a global, an environment variable or prompt text.
-Methods raise only ``errors.AppError`` subclasses; a conversation that is missing or owned by someone else is
-``NotFound`` in both cases, so existence is never revealed.
+Two implementations sit behind ``Store``: ``SQLiteStore`` (``sqlite/``: embedded default, standard library) and
+``PostgrestStore`` (``postgrest/``: Supabase, acting as the signed-in user so row-level security applies). Every
+method takes the ``Caller`` explicitly: identity is a per-request value, never a global, an environment variable or
+prompt text. Methods raise only ``errors.AppError`` subclasses; a conversation that is missing or owned by someone
+else is ``ConversationNotFound`` in both cases, so existence is never revealed.
+
+The package owns the records and the protocol (this module, which every layer above may import), what both backends
+share (``shared.py``, for the backends only), the two backends, the form of a run's event log that both write
+(``run_log.py``), what a search means (``search.py``), and which backend the settings name (``build.py``, for the
+composition root and the command-line tools). It imports nothing above it: not the agents, the runs, the model or
+the web edge.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -21,6 +28,13 @@ Role = Literal["user", "assistant"]
 
 # Title given to conversations the chat route creates on first use; the earlier service used the same constant.
 AUTO_TITLE = "AI Chat"
+
+# Every timestamp the API shows: ISO 8601 UTC with microseconds and a ``Z``, the format the earlier service's
+# frontend parses (``2026-11-24T01:49:20.911133Z``), whatever the store keeps.
+TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+# Told how long each store call took: (store kind, operation, seconds). The app's metrics are one.
+QueryObserver = Callable[[str, str, float], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +206,7 @@ class RunControl:
 
 
 @dataclass(frozen=True, slots=True)
-class Page:
+class ConversationPage:
     conversations: list[Conversation]
     total: int
     has_more: bool = False  # more conversations past this page, in the direction it was read
@@ -274,6 +288,13 @@ class ActionDone:
 class Store(Protocol):
     kind: str
 
+    async def open(self) -> None:
+        """Make the store ready (SQLite: its file and schema); called once, before any other call. A store that
+        cannot be reached yet still opens: reads and writes then fail, and ``/health`` says so."""
+
+    def set_query_observer(self, observer: QueryObserver) -> None:
+        """Report how long each call of this interface takes, once per call, to ``observer`` (the app's metrics)."""
+
     async def ping(self) -> None:
         """Raise ``UpstreamUnavailable`` when the store cannot answer a read."""
 
@@ -290,7 +311,7 @@ class Store(Protocol):
         before: ConversationKey | None = None,
         after: ConversationKey | None = None,
         search: str | None = None,
-    ) -> Page:
+    ) -> ConversationPage:
         """The caller's conversations, most recent activity first (``updated_at`` descending, then ``id``).
 
         ``before`` keeps the conversations with older activity than the key, ``after`` those with newer (at most one
@@ -312,9 +333,6 @@ class Store(Protocol):
     async def delete_conversation(self, caller: Caller, conversation_id: str) -> None:
         """Delete the caller's conversation and its messages, or raise ``NotFound``."""
 
-    async def list_messages(self, caller: Caller, conversation_id: str, limit: int, offset: int) -> list[Message]:
-        """Messages of the caller's conversation, oldest first."""
-
     async def message_page(
         self,
         caller: Caller,
@@ -330,9 +348,6 @@ class Store(Protocol):
         ``newest_first``. ``before``/``after`` (at most one, and only with ``offset`` 0) keep the ``limit`` messages
         nearest the key on its older/newer side; ``has_more`` says whether more follow past the page: older ones for
         ``before`` (or newest first without a key), newer ones otherwise."""
-
-    async def recent_messages(self, caller: Caller, conversation_id: str, limit: int) -> list[Message]:
-        """The newest ``limit`` messages of the caller's conversation, returned oldest first."""
 
     # Chat runs (services/runs/manager.py): a chat turn's generation, its event log and its controls, shared by every worker
     # through the store. ``services/store/run_log.py`` holds the formats both stores write.
@@ -423,5 +438,14 @@ class Store(Protocol):
 
 
 def utc_now() -> str:
-    """ISO 8601 UTC with microseconds and a ``Z``, the format the earlier service's frontend parses."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """Now, as the API shows every timestamp (``TIMESTAMP_FORMAT``)."""
+    return datetime.now(timezone.utc).strftime(TIMESTAMP_FORMAT)
+
+
+def is_canonical_uuid(value: str) -> bool:
+    """Whether ``value`` is a UUID spelled as the service writes every id (``str(uuid.uuid4())``: lowercase,
+    hyphenated), so it compares equal to the ids stored."""
+    try:
+        return str(uuid.UUID(value)) == value.lower()  # uuid.UUID also takes "{...}", "urn:uuid:..." and bare hex
+    except ValueError:
+        return False

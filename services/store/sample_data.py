@@ -98,7 +98,7 @@ async def load(store: Store, caller: Caller) -> tuple[int, int]:
 async def _main(user_id: str) -> None:
     settings = Settings.from_environ(os.environ)
     store = build_store(settings)
-    await store.open()  # type: ignore[attr-defined]
+    await store.open()
     try:
         written, existing = await load(store, Caller(user_id=user_id, access_token=os.environ.get("ACCESS_TOKEN") or None))
     finally:

@@ -9,17 +9,17 @@ guarantee. The tables are the earlier service's ``agent_conversations`` and ``ag
 
 Semantics match ``SQLiteStore`` exactly:
 
-* a conversation that is missing or someone else's is ``NotFound(code="CONVERSATION_NOT_FOUND")`` (RLS hides the
+* a conversation that is missing or someone else's is ``ConversationNotFound`` (RLS hides the
   row, so the two cases look the same from here too);
 * ``create_conversation`` with an id already taken, even by someone else, writes nothing and says ``NotFound``;
 * messages come oldest first, ties broken by the insertion sequence; lists by ``updated_at`` descending.
 
-Counters and timestamps are kept by the database's trigger. Timestamps are normalised to the SQLite store's format
-(``2026-11-24T01:49:20.911133Z``): PostgREST renders ``timestamptz`` as ``...+00:00`` and drops trailing zeros.
+Counters and timestamps are kept by the database's trigger. Rows are read back as SQLite's (``rows.py``): timestamps
+in the API's one format (``2026-11-24T01:49:20.911133Z``), whatever PostgREST renders.
 
 Business records (``migrations/002_business_tables.sql``) follow ``services/store/sqlite/records.py``: equality filters,
 the domain's order then ``id`` (NULLs sorted as SQLite sorts them), a missing or someone else's record is
-``NotFound(code="RECORD_NOT_FOUND")``, inserts are idempotent by their client-generated id, and rows come back with
+``RecordNotFound``, inserts are idempotent by their client-generated id, and rows come back with
 SQLite's keys, key order and value types (numbers as floats, times as ``HH:MM``, timestamps as above).
 
 Chat runs (``services/store/sqlite/runs.py`` is the reference) are the RPC functions of ``migrations/004_agent_runs.sql``
@@ -40,14 +40,10 @@ so they count against ``auth.uid()``; ``agent_run_begin`` counts a chat turn thr
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import secrets
-import time
 import uuid
-from collections.abc import Awaitable, Callable
-from datetime import datetime, timezone
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any
 
 from errors import (
     ActionAlreadyUsed,
@@ -60,22 +56,18 @@ from errors import (
     RunNotFound,
     UpstreamError,
 )
-from services.domains import BY_TABLE, Column, Domain
-from services.store.postgrest.client import PostgrestClient, postgrest_failure
-from services.store.search import MAX_TERMS
+from services.domains import BY_TABLE, Domain
 from services.store import (
     ActionDone,
-    BeginOutcome,
     Caller,
     Conversation,
     ConversationKey,
+    ConversationPage,
     EventBatch,
-    Message,
     MessageKey,
     MessagePage,
     NewAction,
     NewRun,
-    Page,
     PendingAction,
     Run,
     RunBegun,
@@ -84,6 +76,22 @@ from services.store import (
     RunView,
     TurnLimits,
 )
+from services.store.postgrest.client import PostgrestClient, postgrest_failure
+from services.store.postgrest.rows import (
+    action_done_of,
+    bad_response,
+    controls_of,
+    conversation_of,
+    message_key_of,
+    message_of,
+    pending_action_of,
+    record_of,
+    run_begun_of,
+    run_of,
+    update_json,
+)
+from services.store.search import MAX_TERMS
+from services.store.shared import QueryTiming, observed, page_of_conversations, page_of_messages, reads_downwards
 
 logger = logging.getLogger(__name__)
 
@@ -93,18 +101,13 @@ CONVERSATION_COLUMNS = "id,user_id,title,created_at,updated_at,last_message_at,m
 MESSAGE_COLUMNS = "id,conversation_id,role,content,agent_type,metadata,created_at"
 RUNS = "agent_runs"
 RUN_COLUMNS = "id,conversation_id,user_message_id,assistant_message_id,client_message_id,status,last_seq,heartbeat_at"
-# seq is the insertion order (an identity column); created_at comes first so the earlier service's rows, which got
-# their seq when the migration added the column, still read in the order they were written.
 # The most runs one agent_runs_flush call carries (the function's own bound): a worker's flush is one request per
 # this many runs generating on it, whatever the number of users.
 FLUSH_BATCH = 500
+# seq is the insertion order (an identity column); created_at comes first so the earlier service's rows, which got
+# their seq when the migration added the column, still read in the order they were written.
 OLDEST_FIRST = "created_at.asc,seq.asc"
 NEWEST_FIRST = "created_at.desc,seq.desc"
-
-
-P = ParamSpec("P")
-T = TypeVar("T")
-Observer = Callable[[str, str, float], None]
 
 
 def write_ceiling(result: dict[str, Any]) -> RateLimited:
@@ -113,39 +116,14 @@ def write_ceiling(result: dict[str, Any]) -> RateLimited:
     return RateLimited(retry_after=float(result.get("retry_after") or 1.0))
 
 
-def observed(
-    method: Callable[Concatenate[PostgrestStore, P], Awaitable[T]],
-) -> Callable[Concatenate[PostgrestStore, P], Awaitable[T]]:
-    """Report how long a store method took to the app's query observer (store latency metrics), as SQLite does.
-
-    Only the public methods are wrapped; they call each other's private parts, so one call is reported once.
-    """
-
-    @functools.wraps(method)
-    async def timed(self: PostgrestStore, *args: P.args, **kwargs: P.kwargs) -> T:
-        started = time.perf_counter()
-        try:
-            return await method(self, *args, **kwargs)
-        finally:
-            if self._query_observer is not None:
-                self._query_observer(self.kind, method.__name__, time.perf_counter() - started)
-
-    return timed
-
-
-class PostgrestStore:
+class PostgrestStore(QueryTiming):
     kind = "supabase"
-    # Told how long each store call took (store kind, operation, seconds); set by the app for its metrics.
-    _query_observer: Observer | None = None
 
     def __init__(self, client: PostgrestClient) -> None:
         self._rest = client
         # The write key of every run this worker generates (007): made here for each begin_run, sent with each of the
         # run's flushes, forgotten once the run has ended. It never leaves the service, so no client can write a run.
         self._write_keys: dict[str, str] = {}
-
-    def set_query_observer(self, observer: Observer) -> None:
-        self._query_observer = observer
 
     async def open(self) -> None:
         """Nothing to open: the HTTP pool connects lazily, and a down database must not stop the service starting."""
@@ -173,7 +151,7 @@ class PostgrestStore:
         before: ConversationKey | None = None,
         after: ConversationKey | None = None,
         search: str | None = None,
-    ) -> Page:
+    ) -> ConversationPage:
         if search is not None:
             return await self._search_conversations(caller, limit, offset, before, after, search)
         params = {
@@ -195,14 +173,13 @@ class PostgrestStore:
             # 416: an offset past the end. SQLite answers an empty page with the total; so do we.
             count_only = {**params, "limit": "0", "offset": "0"}
             counted = await self._rest.select(caller, CONVERSATIONS, count_only, count=True)
-            return Page([], counted.total or 0)
-        conversations = [_conversation(row) for row in result.rows[:limit]]
-        total = result.total if result.total is not None else offset + len(conversations)
-        return Page(conversations, total, has_more=len(result.rows) > limit)
+            return ConversationPage([], counted.total or 0)
+        total = result.total if result.total is not None else offset + len(result.rows[:limit])
+        return page_of_conversations(result.rows, limit, total, None, conversation_of)
 
     async def _seek_conversations(
         self, caller: Caller, limit: int, params: dict[str, str], after: ConversationKey | None
-    ) -> Page:
+    ) -> ConversationPage:
         """A page past a cursor. The total is of all the caller's conversations, not of those past the cursor, so it
         is counted by a second request, sent alongside."""
         counting = {"select": "id", "user_id": f"eq.{caller.user_id}", "limit": "0"}
@@ -210,10 +187,7 @@ class PostgrestStore:
             self._rest.select(caller, CONVERSATIONS, params),
             self._rest.select(caller, CONVERSATIONS, counting, count=True),
         )
-        conversations = [_conversation(row) for row in result.rows[:limit]]
-        if after is not None:
-            conversations.reverse()  # read nearest first, upwards
-        return Page(conversations, counted.total or 0, has_more=len(result.rows) > limit)
+        return page_of_conversations(result.rows, limit, counted.total or 0, after, conversation_of)
 
     async def _search_conversations(
         self,
@@ -223,13 +197,13 @@ class PostgrestStore:
         before: ConversationKey | None,
         after: ConversationKey | None,
         search: str,
-    ) -> Page:
+    ) -> ConversationPage:
         """``agent_conversations_search`` (``migrations/007_checked_writes.sql``): one request, as the caller. The
         text goes as typed, split at spaces (NUL, which PostgreSQL's text cannot hold, is a space): the database folds
         it into words with the function that folded the stored text (``migrations/008_search_folding.sql``)."""
         terms = search.replace("\x00", " ").split()[:MAX_TERMS]
         if not terms:
-            return Page([], 0)
+            return ConversationPage([], 0)
         args = {
             "p_terms": terms,
             "p_limit": limit + 1,
@@ -243,11 +217,8 @@ class PostgrestStore:
         try:
             rows, total = result["rows"], int(result["total"])
         except (TypeError, KeyError, ValueError) as exc:
-            raise _bad_response() from exc
-        conversations = [_conversation(row) for row in rows[:limit]]
-        if after is not None:
-            conversations.reverse()
-        return Page(conversations, total, has_more=len(rows) > limit)
+            raise bad_response() from exc
+        return page_of_conversations(rows, limit, total, after, conversation_of)
 
     @observed
     async def rename_conversation(self, caller: Caller, conversation_id: str, title: str) -> Conversation:
@@ -257,7 +228,7 @@ class PostgrestStore:
         )
         if row is None:  # missing, or someone else's: the same answer
             raise ConversationNotFound()
-        return _conversation(row)
+        return conversation_of(row)
 
     @observed
     async def create_conversation(
@@ -268,12 +239,12 @@ class PostgrestStore:
         result = await self._rest.rpc(caller, "agent_conversation_create", args, idempotent=True)
         outcome = result.get("outcome") if isinstance(result, dict) else None
         if outcome == "done":
-            return _conversation(result["conversation"])
+            return conversation_of(result["conversation"])
         if outcome == "not_found":  # the id is someone else's: SQLite's answer
             raise ConversationNotFound()
         if outcome == "rate_limited":
             raise write_ceiling(result)
-        raise _bad_response()
+        raise bad_response()
 
     @observed
     async def get_conversation(self, caller: Caller, conversation_id: str) -> Conversation:
@@ -284,7 +255,7 @@ class PostgrestStore:
         result = await self._rest.select(caller, CONVERSATIONS, params)
         if not result.rows:
             raise ConversationNotFound()
-        return _conversation(result.rows[0])
+        return conversation_of(result.rows[0])
 
     @observed
     async def delete_conversation(self, caller: Caller, conversation_id: str) -> None:
@@ -294,19 +265,6 @@ class PostgrestStore:
             raise ConversationNotFound()
 
     # -- messages ----------------------------------------------------------------------------------------------
-
-    @observed
-    async def list_messages(self, caller: Caller, conversation_id: str, limit: int, offset: int) -> list[Message]:
-        await self._fetch_conversation(caller, conversation_id)
-        params = {
-            "select": MESSAGE_COLUMNS,
-            "conversation_id": f"eq.{conversation_id}",
-            "order": OLDEST_FIRST,
-            "limit": str(limit),
-            "offset": str(offset),
-        }
-        result = await self._rest.select(caller, MESSAGES, params)
-        return [_message(row) for row in result.rows]
 
     @observed
     async def message_page(
@@ -321,8 +279,7 @@ class PostgrestStore:
         after: MessageKey | None = None,
     ) -> MessagePage:
         await self._fetch_conversation(caller, conversation_id)
-        # Read from the cursor outwards (or from the end asked for), then put the page in the order asked for.
-        downwards = before is not None or (after is None and newest_first)
+        downwards = reads_downwards(before, after, newest_first)
         params = {
             "select": f"{MESSAGE_COLUMNS},seq",
             "conversation_id": f"eq.{conversation_id}",
@@ -332,30 +289,8 @@ class PostgrestStore:
         }
         params.update(_message_seek(before, after))
         rows = (await self._rest.select(caller, MESSAGES, params)).rows
-        page = rows[:limit]
-        ascending = page[::-1] if downwards else page
-        keys = [_message_key(row) for row in ascending]
-        messages = [_message(row) for row in ascending]
-        if newest_first:
-            messages.reverse()
-        return MessagePage(
-            messages, oldest=keys[0] if keys else None, newest=keys[-1] if keys else None, has_more=len(rows) > limit
-        )
-
-    @observed
-    async def recent_messages(self, caller: Caller, conversation_id: str, limit: int) -> list[Message]:
-        await self._fetch_conversation(caller, conversation_id)
-        return await self._newest_messages(caller, conversation_id, limit)
-
-    async def _newest_messages(self, caller: Caller, conversation_id: str, limit: int) -> list[Message]:
-        params = {
-            "select": MESSAGE_COLUMNS,
-            "conversation_id": f"eq.{conversation_id}",
-            "order": NEWEST_FIRST,
-            "limit": str(limit),
-        }
-        result = await self._rest.select(caller, MESSAGES, params)
-        return [_message(row) for row in reversed(result.rows)]
+        return page_of_messages(rows, limit, downwards=downwards, newest_first=newest_first, key=message_key_of,
+                                decode=message_of)
 
     # -- business records (services/domains.py; migrations/002_business_tables.sql) -------------------------------
 
@@ -368,7 +303,7 @@ class PostgrestStore:
             params[_filter_column(domain, name)] = f"eq.{filter_value(value)}"
         params.update(order=record_order(domain), limit=str(limit))
         result = await self._rest.select(caller, domain.table, params)
-        return [_record(domain, row) for row in result.rows]
+        return [record_of(domain, row) for row in result.rows]
 
     @observed
     async def get_record(self, caller: Caller, domain: Domain, record_id: str) -> dict[str, Any]:
@@ -381,7 +316,7 @@ class PostgrestStore:
         # the id is someone else's, as SQLite's INSERT OR IGNORE + scoped read).
         result = await self._rest.insert(caller, domain.table, row, select=record_columns(domain), on_conflict="id")
         if result.rows:
-            return _record(domain, result.rows[0])
+            return record_of(domain, result.rows[0])
         return await self._fetch_record(caller, domain, str(values["id"]))
 
     @observed
@@ -398,7 +333,7 @@ class PostgrestStore:
         )
         if not result.rows:  # missing, or hidden by row-level security: the same answer
             raise RecordNotFound(domain.singular)
-        return _record(domain, result.rows[0])
+        return record_of(domain, result.rows[0])
 
     @observed
     async def delete_record(self, caller: Caller, domain: Domain, record_id: str) -> None:
@@ -427,7 +362,7 @@ class PostgrestStore:
         row = await self._rest.rpc(caller, "pending_action_prepare", args, idempotent=True)
         if row is None:
             raise ActionNotFound()
-        return _pending_action(row)
+        return pending_action_of(row)
 
     @observed
     async def confirm_action(self, caller: Caller, action_id: str) -> ActionDone:
@@ -438,13 +373,13 @@ class PostgrestStore:
         result = await self._rest.rpc(caller, "pending_action_apply", {"p_action_id": action_id}, idempotent=False)
         outcome = result.get("outcome") if isinstance(result, dict) else None
         if outcome == "done":
-            return _action_done(result)
+            return action_done_of(result)
         if outcome == "record_not_found" and result.get("table") in BY_TABLE:
             raise RecordNotFound(BY_TABLE[result["table"]].singular)
         refusals = {"not_found": ActionNotFound, "used": ActionAlreadyUsed, "expired": ActionExpired,
                     "record_changed": RecordChanged}
         if outcome not in refusals:
-            raise _bad_response()
+            raise bad_response()
         raise refusals[outcome]()
 
     async def _fetch_record(self, caller: Caller, domain: Domain, record_id: str) -> dict[str, Any]:
@@ -454,7 +389,7 @@ class PostgrestStore:
         result = await self._rest.select(caller, domain.table, params)
         if not result.rows:
             raise RecordNotFound(domain.singular)
-        return _record(domain, result.rows[0])
+        return record_of(domain, result.rows[0])
 
     # -- chat runs (services/runs/manager.py; migrations/004_agent_runs.sql) ------------------------------------------------
     # Each store call is one RPC, so one request and one transaction, as the signed-in user: the functions are
@@ -484,7 +419,7 @@ class PostgrestStore:
         result = await self._rest.rpc(caller, "agent_run_begin", args, idempotent=True)
         if isinstance(result, dict) and result.get("outcome") == "not_found":
             raise ConversationNotFound()
-        begun = _run_begun(result)
+        begun = run_begun_of(result)
         if begun.outcome == "started":
             self._write_keys[new.id] = args["p_write_key"]
         return begun
@@ -500,9 +435,9 @@ class PostgrestStore:
         keyed = [update for update in updates if update.run_id in self._write_keys]
         for start in range(0, len(keyed), FLUSH_BATCH):
             batch = keyed[start:start + FLUSH_BATCH]
-            args = {"p_updates": [_update_json(update, self._write_keys[update.run_id]) for update in batch]}
+            args = {"p_updates": [update_json(update, self._write_keys[update.run_id]) for update in batch]}
             rows = await self._rest.rpc_by_key("agent_runs_flush", args, idempotent=True)
-            controls.update(_controls(rows))
+            controls.update(controls_of(rows))
         for run_id, control in controls.items():
             if control.gone:
                 self._write_keys.pop(run_id, None)  # ended, here or elsewhere: nothing more to write
@@ -517,9 +452,9 @@ class PostgrestStore:
             raise RunNotFound()
         try:
             batches = [EventBatch(int(b["first_seq"]), int(b["last_seq"]), str(b["frames"])) for b in result["batches"]]
-            return RunView(_run(result["run"]), _message(result["message"]), batches)
+            return RunView(run_of(result["run"]), message_of(result["message"]), batches)
         except (TypeError, ValueError, KeyError) as exc:
-            raise _bad_response() from exc
+            raise bad_response() from exc
 
     @observed
     async def running_run(self, caller: Caller, conversation_id: str) -> Run | None:
@@ -530,7 +465,7 @@ class PostgrestStore:
             "status": "eq.running",
         }
         rows = (await self._rest.select(caller, RUNS, params)).rows
-        return _run(rows[0]) if rows else None
+        return run_of(rows[0]) if rows else None
 
     @observed
     async def request_stop(self, caller: Caller, run_id: str, seen_chars: int | None) -> None:
@@ -566,7 +501,7 @@ class PostgrestStore:
             (row,) = rows
             return bool(row["allowed"]), float(row["retry_after"])
         except (TypeError, ValueError, KeyError) as exc:
-            raise _bad_response() from exc
+            raise bad_response() from exc
 
 
 def _conversation_seek(before: ConversationKey | None, after: ConversationKey | None) -> dict[str, str]:
@@ -599,175 +534,6 @@ def _message_seek(before: MessageKey | None, after: MessageKey | None) -> dict[s
 def _quoted(value: str) -> str:
     """A value inside a PostgREST logic tree (``or=(...)``), double-quoted; cursors' timestamps hold no quote."""
     return f'"{value}"'
-
-
-def _message_key(row: dict[str, Any]) -> MessageKey:
-    try:
-        return MessageKey(_required_timestamp(row["created_at"]), int(row["seq"]))
-    except (KeyError, ValueError, TypeError) as exc:
-        raise _bad_response() from exc
-
-
-def utc_timestamp(value: str | None) -> str | None:
-    """PostgREST's ``timestamptz`` (``2026-11-24T01:49:20.9111+00:00``) in the SQLite store's format."""
-    if value is None:
-        return None
-    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _required_timestamp(value: str | None) -> str:
-    stamp = utc_timestamp(value)
-    if stamp is None:
-        raise UpstreamError("The database returned a row without a timestamp.", code="STORE_BAD_RESPONSE")
-    return stamp
-
-
-def _conversation(row: dict[str, Any]) -> Conversation:
-    try:
-        created_at = _required_timestamp(row["created_at"])
-        return Conversation(
-            id=row["id"],
-            user_id=row["user_id"],
-            title=row["title"],
-            created_at=created_at,
-            updated_at=utc_timestamp(row["updated_at"]) or created_at,
-            last_message_at=utc_timestamp(row["last_message_at"]),
-            message_count=row["message_count"] or 0,
-            metadata=row["metadata"] or {},
-        )
-    except (KeyError, ValueError, TypeError) as exc:
-        raise UpstreamError("The database returned an unexpected row.", code="STORE_BAD_RESPONSE") from exc
-
-
-def _message(row: dict[str, Any]) -> Message:
-    try:
-        return Message(
-            id=row["id"],
-            conversation_id=row["conversation_id"],
-            role=row["role"],
-            content=row["content"],
-            agent_type=row["agent_type"],
-            metadata=row["metadata"] or {},
-            created_at=_required_timestamp(row["created_at"]),
-        )
-    except (KeyError, ValueError, TypeError) as exc:
-        raise UpstreamError("The database returned an unexpected row.", code="STORE_BAD_RESPONSE") from exc
-
-
-# -- chat-run rows ----------------------------------------------------------------------------------------------
-
-BEGIN_OUTCOMES: frozenset[BeginOutcome] = frozenset(
-    ("started", "existing", "conflict", "in_progress", "rate_limited", "streams_full")
-)
-
-
-def _run_begun(result: Any) -> RunBegun:
-    """``agent_run_begin``'s answer as ``RunBegun`` (its ``not_found`` is raised by the caller)."""
-    try:
-        outcome = result["outcome"]
-        if outcome not in BEGIN_OUTCOMES:
-            raise ValueError(f"unknown outcome {outcome!r}")
-        run = _run(result["run"]) if result.get("run") is not None else None
-        history = [_message(row) for row in result.get("history") or []]
-        return RunBegun(outcome, run, history, float(result.get("retry_after") or 0.0))
-    except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise _bad_response() from exc
-
-
-def _run(row: dict[str, Any]) -> Run:
-    try:
-        return Run(
-            id=row["id"],
-            conversation_id=row["conversation_id"],
-            user_message_id=row["user_message_id"],
-            assistant_message_id=row["assistant_message_id"],
-            client_message_id=row["client_message_id"],
-            status=row["status"],
-            last_seq=int(row["last_seq"]),
-            heartbeat_at=_epoch(row["heartbeat_at"]),
-        )
-    except (KeyError, ValueError, TypeError) as exc:
-        raise _bad_response() from exc
-
-
-def _epoch(value: str) -> float:
-    """A ``timestamptz`` as JSON renders it (``2026-11-24T01:49:20.9111+00:00``) in Unix seconds, as SQLite keeps it."""
-    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.timestamp()
-
-
-def _controls(rows: Any) -> dict[str, RunControl]:
-    try:
-        return {
-            str(row["run_id"]): RunControl(
-                stop=bool(row["stop"]),
-                seen_chars=None if row["seen_chars"] is None else int(row["seen_chars"]),
-                gone=bool(row["gone"]),
-                deleted=bool(row.get("deleted")),
-                applied=bool(row.get("applied")),
-            )
-            for row in rows
-        }
-    except (TypeError, ValueError, KeyError) as exc:
-        raise _bad_response() from exc
-
-
-def _update_json(update: RunUpdate, write_key: str) -> dict[str, Any]:
-    """One element of ``agent_runs_flush``'s ``p_updates``; the batch is flattened into its three fields. The run's
-    answer is the one its begin wrote, so the message id is not sent."""
-    batch = update.batch
-    return {
-        "run_id": update.run_id,
-        "write_key": write_key,
-        "first_seq": batch.first_seq if batch is not None else None,
-        "last_seq": batch.last_seq if batch is not None else None,
-        "frames": batch.frames if batch is not None else None,
-        "content": update.content,
-        "metadata": update.metadata,
-        "agent_type": update.agent_type,
-        "heartbeat": update.heartbeat,
-        "final_status": update.final_status,
-    }
-
-
-def _pending_action(row: dict[str, Any]) -> PendingAction:
-    try:
-        return PendingAction(
-            id=row["id"],
-            user_id=row["user_id"],
-            table=row["table_name"],
-            tool=row["tool"],
-            kind=row["kind"],
-            record_id=row["record_id"],
-            changes=row["changes"],
-            before=row["before"],
-            summary=row["summary"],
-            created_at=_required_timestamp(row["created_at"]),
-            expires_at=_required_timestamp(row["expires_at"]),
-            used_at=utc_timestamp(row["used_at"]),
-        )
-    except (KeyError, ValueError, TypeError) as exc:
-        raise _bad_response() from exc
-
-
-def _action_done(result: dict[str, Any]) -> ActionDone:
-    """``pending_action_confirm``'s ``done``: the updated row is decoded as ``update_record`` decodes PostgREST's."""
-    try:
-        action = _pending_action(result["action"])
-        domain = BY_TABLE[action.table]
-        record = None if action.kind == "delete" else _record(domain, result["record"])
-    except (KeyError, TypeError) as exc:
-        raise _bad_response() from exc
-    return ActionDone(action, record)
-
-
-def _bad_response() -> UpstreamError:
-    return UpstreamError("The database returned an unexpected result.", code="STORE_BAD_RESPONSE")
 
 
 # -- business-record rows ---------------------------------------------------------------------------------------
@@ -806,6 +572,8 @@ def _owned(caller: Caller, record_id: str) -> dict[str, str]:
 
 
 def _is_uuid(value: str) -> bool:
+    """Whether PostgreSQL takes ``value`` as a uuid (in any of its spellings). Ids it would not take are answered as
+    not found without a request, as SQLite answers them; one it takes is looked up."""
     try:
         uuid.UUID(value)
     except (ValueError, TypeError, AttributeError):
@@ -813,29 +581,3 @@ def _is_uuid(value: str) -> bool:
     return True
 
 
-def _record(domain: Domain, row: dict[str, Any]) -> dict[str, Any]:
-    """A PostgREST row as SQLite's ``_decode`` returns it: same keys in the same order, same value types."""
-    try:
-        record: dict[str, Any] = {"id": row["id"], "user_id": row["user_id"]}
-        for column in domain.columns:
-            record[column.name] = _value(column, row[column.name])
-        record["created_at"] = utc_timestamp(row["created_at"])
-        record["updated_at"] = utc_timestamp(row["updated_at"])
-    # OverflowError: a numeric past a double's range, written by another client (the tools refuse one), is no float.
-    except (KeyError, ValueError, TypeError, OverflowError) as exc:
-        raise UpstreamError("The database returned an unexpected row.", code="STORE_BAD_RESPONSE") from exc
-    return record
-
-
-def _value(column: Column, value: Any) -> Any:
-    """numeric → float (SQLite's REAL; PostgREST sends numerics as JSON numbers, ints when whole); time → ``HH:MM``
-    (PostgreSQL renders ``09:30:00``); dates, uuids, text and jsonb already read as SQLite's do."""
-    if value is None:
-        return None
-    if column.type == "number":
-        return float(value)
-    if column.type == "integer":
-        return int(value)
-    if column.type == "time":
-        return str(value)[:5]
-    return value

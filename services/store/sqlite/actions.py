@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from datetime import datetime, timezone
 from typing import Any
 
 from services.store.sqlite import records as sqlite_records
@@ -24,6 +23,7 @@ from errors import ActionAlreadyUsed, ActionExpired, ActionNotFound, RecordChang
 from services.domains import BY_TABLE, Domain
 from services.store.sqlite.writer import write_transaction
 from services.store import ActionDone, Caller, NewAction, PendingAction
+from services.store.shared import epoch_timestamp
 
 MIGRATION = """
 CREATE TABLE pending_actions (
@@ -127,12 +127,8 @@ def _action(row: sqlite3.Row) -> PendingAction:
         changes=None if row["changes"] is None else json.loads(row["changes"]),
         before=None if row["before"] is None else json.loads(row["before"]),
         summary=row["summary"],
-        created_at=_iso(row["created_at"]),
-        expires_at=_iso(row["expires_at"]),
-        used_at=None if row["used_at"] is None else _iso(row["used_at"]),
+        created_at=epoch_timestamp(row["created_at"]),
+        expires_at=epoch_timestamp(row["expires_at"]),
+        used_at=None if row["used_at"] is None else epoch_timestamp(row["used_at"]),
     )
 
-
-def _iso(seconds: float) -> str:
-    """Unix seconds in the API's timestamp format (``services.store.utc_now``)."""
-    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

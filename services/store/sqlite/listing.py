@@ -20,7 +20,8 @@ import sqlite3
 
 from services.store.search import search_terms, search_words
 from services.store.sqlite.messages import MESSAGE_COLUMNS, message_row
-from services.store import Caller, Conversation, ConversationKey, MessageKey, MessagePage, Page
+from services.store import Caller, Conversation, ConversationKey, ConversationPage, MessageKey, MessagePage
+from services.store.shared import page_of_conversations, page_of_messages, reads_downwards
 
 # The words a search can find, folded once by services/store/search.py: the index is fed "<owner>_<word>" tokens, which
 # FTS5's ascii tokenizer (with "_" a token character) takes as they are: it splits at the spaces between them only
@@ -155,14 +156,14 @@ def list_conversations(
     before: ConversationKey | None,
     after: ConversationKey | None,
     search: str | None,
-) -> Page:
+) -> ConversationPage:
     """See ``Store.list_conversations``."""
     where, params = ["user_id = ?"], [caller.user_id]
     if search is not None:
         terms = search_terms(search)
         owner = db.execute("SELECT key FROM agent_search_owners WHERE user_id = ?", (caller.user_id,)).fetchone()
         if not terms or owner is None:
-            return Page([], 0)
+            return ConversationPage([], 0)
         match = fts5_query(owner[0], terms)
         # Driven by the matches, looked up by id, then kept if the caller's ("+" keeps SQLite off the owner index,
         # which would read every conversation of the caller to test each against the matches).
@@ -182,10 +183,7 @@ def list_conversations(
         f" ORDER BY {order} LIMIT ? OFFSET ?",
         [*params, limit + 1, offset],
     ).fetchall()
-    conversations = [conversation_row(r) for r in rows[:limit]]
-    if after is not None:
-        conversations.reverse()
-    return Page(conversations, total, has_more=len(rows) > limit)
+    return page_of_conversations(rows, limit, total, after, conversation_row)
 
 
 def message_page(
@@ -205,22 +203,18 @@ def message_page(
     elif after is not None:
         where.append("seq > ?")
         params.append(after.seq)
-    # Read from the cursor outwards (or from the end asked for), then put the page in the order asked for.
-    downwards = before is not None or (after is None and newest_first)
+    downwards = reads_downwards(before, after, newest_first)
     rows = db.execute(
         f"SELECT seq, {MESSAGE_COLUMNS} FROM agent_messages WHERE {' AND '.join(where)}"
         f" ORDER BY seq {'DESC' if downwards else 'ASC'} LIMIT ? OFFSET ?",
         [*params, limit + 1, offset],
     ).fetchall()
-    page = rows[:limit]
-    ascending = page[::-1] if downwards else page
-    keys = [MessageKey(r["created_at"], r["seq"]) for r in ascending]
-    messages = [message_row(r) for r in ascending]
-    if newest_first:
-        messages.reverse()
-    return MessagePage(
-        messages, oldest=keys[0] if keys else None, newest=keys[-1] if keys else None, has_more=len(rows) > limit
-    )
+    return page_of_messages(rows, limit, downwards=downwards, newest_first=newest_first, key=_message_key,
+                            decode=message_row)
+
+
+def _message_key(row: sqlite3.Row) -> MessageKey:
+    return MessageKey(row["created_at"], row["seq"])
 
 
 def conversation_row(row: sqlite3.Row) -> Conversation:

@@ -38,7 +38,7 @@ from services.store.sqlite import limits as sqlite_limits
 from services.store.sqlite import listing as sqlite_listing
 from services.store.sqlite import records as sqlite_records
 from services.store.sqlite import runs as sqlite_runs
-from services.store.sqlite.messages import MESSAGE_COLUMNS, message_row, recent_messages
+from services.store.shared import QueryTiming, observed
 from services.store.sqlite.writer import GroupWriter, write_transaction
 from services.domains import Domain
 from services.store import (
@@ -46,12 +46,11 @@ from services.store import (
     Caller,
     Conversation,
     ConversationKey,
-    Message,
     MessageKey,
     MessagePage,
     NewAction,
     NewRun,
-    Page,
+    ConversationPage,
     PendingAction,
     Run,
     RunBegun,
@@ -115,10 +114,8 @@ _CONVERSATION_COLUMNS = sqlite_listing.CONVERSATION_COLUMNS
 _conversation = sqlite_listing.conversation_row
 
 
-class SQLiteStore:
+class SQLiteStore(QueryTiming):
     kind = "sqlite"
-    # Told how long each store call took (store kind, operation, seconds); set by the app for its metrics.
-    _query_observer: Callable[[str, str, float], None] | None = None
 
     def __init__(self, path: str, workers: int = 4) -> None:
         # Resolved once: a relative SQLITE_PATH means the directory the service started from. Resolved at each use it
@@ -160,12 +157,7 @@ class SQLiteStore:
 
     async def _run(self, work: Callable[[sqlite3.Connection], T], submit: Callable[[], Future[T]]) -> T:
         """A cancelled caller does not stop a write already under way."""
-        started = time.perf_counter()
-        try:
-            return await asyncio.wrap_future(submit())
-        finally:
-            if self._query_observer is not None:
-                self._query_observer(self.kind, _operation(work), time.perf_counter() - started)
+        return await asyncio.wrap_future(submit())
 
     def _call(self, work: Callable[[sqlite3.Connection], T]) -> T:
         with _sqlite_errors():
@@ -219,6 +211,7 @@ class SQLiteStore:
 
     # -- conversations -----------------------------------------------------------------------------------------
 
+    @observed
     async def ping(self) -> None:
         """Open the file afresh (read-write, never create) so a lost volume shows up, not a cached handle."""
 
@@ -231,6 +224,7 @@ class SQLiteStore:
 
         await self._read(work)
 
+    @observed
     async def probe_write(self) -> bool | None:
         def work(db: sqlite3.Connection) -> None:
             with write_transaction(db):
@@ -242,6 +236,7 @@ class SQLiteStore:
             return False
         return True
 
+    @observed
     async def list_conversations(
         self,
         caller: Caller,
@@ -251,12 +246,13 @@ class SQLiteStore:
         before: ConversationKey | None = None,
         after: ConversationKey | None = None,
         search: str | None = None,
-    ) -> Page:
-        def work(db: sqlite3.Connection) -> Page:
+    ) -> ConversationPage:
+        def work(db: sqlite3.Connection) -> ConversationPage:
             return sqlite_listing.list_conversations(db, caller, limit, offset, before, after, search)
 
         return await self._read(work)
 
+    @observed
     async def rename_conversation(self, caller: Caller, conversation_id: str, title: str) -> Conversation:
         def work(db: sqlite3.Connection) -> Conversation:
             with write_transaction(db):
@@ -271,6 +267,7 @@ class SQLiteStore:
 
         return await self._write(work)
 
+    @observed
     async def create_conversation(
         self, caller: Caller, title: str | None, conversation_id: str | None = None
     ) -> Conversation:
@@ -282,9 +279,11 @@ class SQLiteStore:
 
         return await self._write(work)
 
+    @observed
     async def get_conversation(self, caller: Caller, conversation_id: str) -> Conversation:
         return await self._read(lambda db: _fetch_conversation(db, caller, conversation_id))
 
+    @observed
     async def delete_conversation(self, caller: Caller, conversation_id: str) -> None:
         def work(db: sqlite3.Connection) -> int:
             cursor = db.execute(
@@ -297,18 +296,7 @@ class SQLiteStore:
 
     # -- messages ----------------------------------------------------------------------------------------------
 
-    async def list_messages(self, caller: Caller, conversation_id: str, limit: int, offset: int) -> list[Message]:
-        def work(db: sqlite3.Connection) -> list[Message]:
-            _fetch_conversation(db, caller, conversation_id)
-            rows = db.execute(
-                f"SELECT {MESSAGE_COLUMNS} FROM agent_messages WHERE conversation_id = ?"
-                " ORDER BY seq LIMIT ? OFFSET ?",
-                (conversation_id, limit, offset),
-            )
-            return [message_row(r) for r in rows.fetchall()]
-
-        return await self._read(work)
-
+    @observed
     async def message_page(
         self,
         caller: Caller,
@@ -326,15 +314,9 @@ class SQLiteStore:
 
         return await self._read(work)
 
-    async def recent_messages(self, caller: Caller, conversation_id: str, limit: int) -> list[Message]:
-        def work(db: sqlite3.Connection) -> list[Message]:
-            _fetch_conversation(db, caller, conversation_id)
-            return recent_messages(db, conversation_id, limit)
-
-        return await self._read(work)
-
     # -- chat runs (services/store/sqlite/runs.py) -------------------------------------------------------------------
 
+    @observed
     async def begin_run(
         self, caller: Caller, new: NewRun, limits: TurnLimits, history_limit: int
     ) -> RunBegun:
@@ -342,65 +324,69 @@ class SQLiteStore:
         # wake-up, then waiting for the event loop to give up the GIL) than the statements it runs.
         return await self._write(lambda db: sqlite_runs.begin_run(db, caller, new, limits, history_limit))
 
+    @observed
     async def flush_runs(self, updates: list[RunUpdate]) -> dict[str, RunControl]:
         return await self._write(lambda db: sqlite_runs.flush_runs(db, updates))
 
+    @observed
     async def read_run(self, caller: Caller, run_id: str, after: int | None) -> RunView:
         return await self._read(lambda db: sqlite_runs.read_run(db, caller, run_id, after))
 
+    @observed
     async def running_run(self, caller: Caller, conversation_id: str) -> Run | None:
         return await self._read(lambda db: sqlite_runs.running_run(db, caller, conversation_id))
 
+    @observed
     async def request_stop(self, caller: Caller, run_id: str, seen_chars: int | None) -> None:
         await self._write(lambda db: sqlite_runs.request_stop(db, caller, run_id, seen_chars))
 
+    @observed
     async def maintain_runs(self, caller: Caller | None, stale_seconds: float, events_ttl: float) -> None:
         await self._write(lambda db: sqlite_runs.maintain_runs(db, caller, stale_seconds, events_ttl))
 
     # -- business records (the agents' tools) ------------------------------------------------------------------
 
+    @observed
     async def list_records(
         self, caller: Caller, domain: Domain, filters: dict[str, Any], limit: int
     ) -> list[dict[str, Any]]:
         return await self._read(lambda db: sqlite_records.list_records(db, caller, domain, filters, limit))
 
+    @observed
     async def get_record(self, caller: Caller, domain: Domain, record_id: str) -> dict[str, Any]:
         return await self._read(lambda db: sqlite_records.get_record(db, caller, domain, record_id))
 
+    @observed
     async def insert_record(self, caller: Caller, domain: Domain, values: dict[str, Any]) -> dict[str, Any]:
         return await self._write(lambda db: sqlite_records.insert_record(db, caller, domain, values))
 
+    @observed
     async def update_record(
         self, caller: Caller, domain: Domain, record_id: str, values: dict[str, Any]
     ) -> dict[str, Any]:
         return await self._write(lambda db: sqlite_records.update_record(db, caller, domain, record_id, values))
 
+    @observed
     async def delete_record(self, caller: Caller, domain: Domain, record_id: str) -> None:
         await self._write(lambda db: sqlite_records.delete_record(db, caller, domain, record_id))
 
     # -- pending actions (services/agents/actions.py, services/store/sqlite/actions.py) -----------------------------------------
 
+    @observed
     async def create_action(self, caller: Caller, new: NewAction, ttl_seconds: float) -> PendingAction:
         return await self._write(lambda db: sqlite_actions.create_action(db, caller, new, ttl_seconds))
 
+    @observed
     async def confirm_action(self, caller: Caller, action_id: str) -> ActionDone:
         return await self._write(lambda db: sqlite_actions.confirm_action(db, caller, action_id))
 
-    # -- rate limits and query timing (services/ratelimit.py, services/metrics.py) -------------------------------
+    # -- rate limits (services/ratelimit.py) -------------------------------------------------------------------
 
-    def set_query_observer(self, observer: Callable[[str, str, float], None]) -> None:
-        self._query_observer = observer
-
+    @observed
     async def rate_limit_hit(self, caller: Caller, bucket: str, window_seconds: int, limit: int) -> tuple[bool, float]:
         return await self._write(
             lambda db: sqlite_limits.hit(db, caller.user_id, bucket, window_seconds, limit)
         )
-
-
-def _operation(work: Callable[..., object]) -> str:
-    """The store method a unit of work belongs to, from its qualified name (``SQLiteStore.<method>.<locals>...``)."""
-    parts = getattr(work, "__qualname__", "").split(".")
-    return parts[1] if len(parts) > 1 and parts[0] == "SQLiteStore" else "other"
 
 
 @contextlib.contextmanager
