@@ -29,7 +29,9 @@ from services.runs import manager as runs_module
 from services.agents.assistant import Assistant
 from services.metrics import Metrics
 from services.store.run_log import UNSAVED_EVENTS_MAX, chunk, reaped_seq
-from services.runs.manager import TEXT_SAVE_SECONDS, LiveFeed, LiveRun, RunManager
+from services.runs.feeds import LiveFeed
+from services.runs.live import TEXT_SAVE_SECONDS, LiveRun
+from services.runs.manager import RunManager
 from services.store.sqlite.store import SQLiteStore
 from services.store import Caller, NewRun, Run, TurnLimits
 from tests.conftest import AuthHeaders
