@@ -1,7 +1,7 @@
 """The Canvalo chat backend: routes, lifespan and error handling in one place.
 
 A request enters through the middleware in ``web/`` (request id and access log, CORS, body limit), reaches one of
-the route functions below, which parse input (``web/inputs.py``), identify the caller (``services/auth/authenticator.py``) and
+the route functions below, which parse input (``web/inputs.py``), identify the caller (``services/auth/``) and
 call one service (``services/``). Long-lived resources (the store, the model client) are created in ``lifespan``
 and reach routes through ``request.state``. Every non-2xx response is the envelope from ``errors.AppError.body``.
 

@@ -281,7 +281,7 @@ class UpstreamTimeout(UpstreamError):
     retryable = True
 
 
-# -- the store contract's refusals (services/store/__init__.py): both stores raise the same ones ------------------
+# -- the store contract's refusals (services.store): both stores raise the same ones ----------------------------------
 
 
 class ConversationNotFound(NotFound):

@@ -13,17 +13,9 @@ import pytest
 from starlette.testclient import TestClient
 
 from errors import Forbidden, Unauthorized, UpstreamUnavailable
-from services.auth.authenticator import (
-    CACHE_MAX_SECONDS,
-    NEGATIVE_CACHE_SECONDS,
-    HS256Verifier,
-    LookupBudget,
-    SupabaseJWTAuth,
-    SupabaseUserLookup,
-    TrustClaimedUser,
-    authenticate,
-    build_authenticator,
-)
+from services.auth.authenticator import SupabaseJWTAuth, TrustClaimedUser, authenticate, build_authenticator
+from services.auth.lookup import CACHE_MAX_SECONDS, NEGATIVE_CACHE_SECONDS, LookupBudget, SupabaseUserLookup
+from services.auth.tokens import HS256Verifier
 from services.retry import RetryPolicy
 from settings import ConfigError, Settings
 from tests.conftest import AuthHeaders

@@ -714,7 +714,7 @@ async def test_fake_rpc_answers_like_postgrest(raw: Any, new_caller: Callable[[]
     assert (got.status_code, got.json()["code"]) == (405, "PGRST101")
 
 
-# -- chat runs through RPC (migrations/004_agent_runs.sql; services/store/sqlite/runs.py is the reference) ---------------
+# -- chat runs through RPC (migrations/004_agent_runs.sql; services/store/sqlite/runs.py is the reference) --------
 
 LIMITS = TurnLimits(stale_seconds=30, events_ttl=3600)
 

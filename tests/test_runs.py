@@ -710,8 +710,8 @@ def test_a_runs_text_is_saved_every_text_save_seconds_counted_from_its_start() -
 
 
 def test_a_live_viewer_times_out_only_after_a_quiet_timeout_whatever_its_earlier_waits() -> None:
-    # The viewer's timer is set once and moved on lazily (services/runs/manager.py, LiveFeed): a timer left from an earlier,
-    # shorter-lived wait must neither end a later wait early nor hold a shorter one back.
+    # The viewer's timer is set once and moved on lazily (services/runs/feeds.py, LiveFeed): a timer left from an
+    # earlier, shorter-lived wait must neither end a later wait early nor hold a shorter one back.
     async def scenario() -> list[tuple[bool, float]]:
         loop = asyncio.get_running_loop()
         live = live_run()

@@ -1,4 +1,5 @@
-"""The title a first chat turn gives its new conversation (``services/runs/titles.py``): pure function, no model call."""
+"""The title a first chat turn gives its new conversation (``services/runs/titles.py``): pure function, no model
+call."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The store calls of a chat run, on both stores, as the contract in ``services/store/__init__.py`` states them:
+"""The store calls of a chat run, on both stores, as the contract in ``services.store`` states them:
 ``begin_run`` (admit and start a turn in one call), ``flush_runs``, ``read_run``, ``request_stop`` and
 ``maintain_runs``. Each must write exactly what it says and nothing for a caller it should not.
 """

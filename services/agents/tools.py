@@ -7,7 +7,7 @@ request's ``Caller``, never from tool arguments. A failure returns a safe messag
 never leaves this module.
 
 Updates and deletes are not carried out here: they become pending actions the user confirms
-(``services/agents/actions.py``), so no tool argument can stand for the user's consent. Lists, gets and creates run at once:
+(``actions.py``), so no tool argument can stand for the user's consent. Lists, gets and creates run at once:
 they change no record that exists.
 
 ``validate`` implements the subset of JSON Schema the schemas use, every keyword at every depth (inside arrays too).

@@ -246,7 +246,7 @@ ActionKind = Literal["update", "delete"]
 
 @dataclass(frozen=True, slots=True)
 class NewAction:
-    """A change the assistant prepared that only the user may carry out (``services/agents/actions.py``). ``changes`` holds
+    """A change the assistant prepared that only the user may carry out (``agents/actions.py``). ``changes`` holds
     the validated columns of an update (None for a delete); ``before`` the record's values it replaces, as the user
     is shown them (those columns of an update, every column of a delete). The id is generated here so a retried
     insert is a no-op."""
@@ -349,7 +349,7 @@ class Store(Protocol):
         nearest the key on its older/newer side; ``has_more`` says whether more follow past the page: older ones for
         ``before`` (or newest first without a key), newer ones otherwise."""
 
-    # Chat runs (services/runs/manager.py): a chat turn's generation, its event log and its controls, shared by every worker
+    # Chat runs (services/runs/): a chat turn's generation, its event log and its controls, shared by every worker
     # through the store. ``services/store/run_log.py`` holds the formats both stores write.
 
     async def begin_run(
@@ -420,7 +420,7 @@ class Store(Protocol):
     async def delete_record(self, caller: Caller, domain: Domain, record_id: str) -> None:
         """Delete one of the caller's records, or ``NotFound``."""
 
-    # Pending actions (services/agents/actions.py): the updates and deletes the assistant prepares and the user confirms.
+    # Pending actions (agents/actions.py): the updates and deletes the assistant prepares and the user confirms.
 
     async def create_action(self, caller: Caller, new: NewAction, ttl_seconds: float) -> PendingAction:
         """Keep ``new`` for the caller to confirm within ``ttl_seconds`` (the store's clock); nothing else changes.

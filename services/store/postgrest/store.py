@@ -1,41 +1,5 @@
-"""The Supabase store: the ``Store`` interface over PostgREST, acting as the signed-in user.
-
-Every call forwards the caller's own access token (``services/store/postgrest/client.py``), so the database knows who is
-asking. The user reads their chat rows through the Data API under row-level security (``migrations/001``); every
-write to them is one of the checked functions of ``migrations/007_checked_writes.sql``, which name the caller
-(``auth.uid()``) in every row they touch. The ``user_id`` filters added to reads here are defence in depth, not the
-guarantee. The tables are the earlier service's ``agent_conversations`` and ``agent_messages`` in
-``SUPABASE_SCHEMA``, so an existing project keeps its history.
-
-Semantics match ``SQLiteStore`` exactly:
-
-* a conversation that is missing or someone else's is ``ConversationNotFound`` (RLS hides the
-  row, so the two cases look the same from here too);
-* ``create_conversation`` with an id already taken, even by someone else, writes nothing and says ``NotFound``;
-* messages come oldest first, ties broken by the insertion sequence; lists by ``updated_at`` descending.
-
-Counters and timestamps are kept by the database's trigger. Rows are read back as SQLite's (``rows.py``): timestamps
-in the API's one format (``2026-11-24T01:49:20.911133Z``), whatever PostgREST renders.
-
-Business records (``migrations/002_business_tables.sql``) follow ``services/store/sqlite/records.py``: equality filters,
-the domain's order then ``id`` (NULLs sorted as SQLite sorts them), a missing or someone else's record is
-``RecordNotFound``, inserts are idempotent by their client-generated id, and rows come back with
-SQLite's keys, key order and value types (numbers as floats, times as ``HH:MM``, timestamps as above).
-
-Chat runs (``services/store/sqlite/runs.py`` is the reference) are the RPC functions of ``migrations/004_agent_runs.sql``
-as 007 checks them, one request and one transaction per store call. They write the same rows, frames and metadata as
-SQLite; run times come back as Unix seconds. A run is written only with its write key, which ``begin_run`` makes
-and this store keeps until the run ends: a client holding the user's own token cannot write the service's runs. Two
-differences follow from acting only as users: ``flush_runs`` writes one transaction per user (each with that user's
-token), and ``maintain_runs`` without a caller does nothing, so a dead run is ended when its user next touches it.
-
-Pending actions (``services/agents/actions.py``) are the RPC functions of ``migrations/010_confirm_every_change.sql``:
-confirming claims the action, checks that the record still holds the action's ``before`` and runs its change in one
-transaction, on the caller's record only. The result is decoded as ``update_record``'s is.
-
-Rate limits (``services/ratelimit.py``) are the RPC function of ``migrations/003_rate_limits.sql``, called as the user
-so they count against ``auth.uid()``; ``agent_run_begin`` counts a chat turn through the same function.
-"""
+"""``PostgrestStore``: each ``Store`` call as one or two PostgREST requests, as the caller (the package docstring,
+``services/store/postgrest/__init__.py``, states the semantics it shares with SQLite)."""
 
 from __future__ import annotations
 
@@ -77,6 +41,16 @@ from services.store import (
     TurnLimits,
 )
 from services.store.postgrest.client import PostgrestClient, postgrest_failure
+from services.store.postgrest.params import (
+    conversation_seek,
+    filter_column,
+    filter_value,
+    is_uuid,
+    message_seek,
+    owned,
+    record_columns,
+    record_order,
+)
 from services.store.postgrest.rows import (
     action_done_of,
     bad_response,
@@ -163,7 +137,7 @@ class PostgrestStore(QueryTiming):
             "offset": str(offset),
         }
         if before is not None or after is not None:
-            return await self._seek_conversations(caller, limit, {**params, **_conversation_seek(before, after)}, after)
+            return await self._seek_conversations(caller, limit, {**params, **conversation_seek(before, after)}, after)
         try:
             result = await self._rest.select(caller, CONVERSATIONS, params, count=True)
         except UpstreamError as exc:
@@ -287,7 +261,7 @@ class PostgrestStore(QueryTiming):
             "limit": str(limit + 1),
             "offset": str(offset),
         }
-        params.update(_message_seek(before, after))
+        params.update(message_seek(before, after))
         rows = (await self._rest.select(caller, MESSAGES, params)).rows
         return page_of_messages(rows, limit, downwards=downwards, newest_first=newest_first, key=message_key_of,
                                 decode=message_of)
@@ -300,7 +274,7 @@ class PostgrestStore(QueryTiming):
     ) -> list[dict[str, Any]]:
         params = {"select": record_columns(domain), "user_id": f"eq.{caller.user_id}"}
         for name, value in filters.items():
-            params[_filter_column(domain, name)] = f"eq.{filter_value(value)}"
+            params[filter_column(domain, name)] = f"eq.{filter_value(value)}"
         params.update(order=record_order(domain), limit=str(limit))
         result = await self._rest.select(caller, domain.table, params)
         return [record_of(domain, row) for row in result.rows]
@@ -323,11 +297,11 @@ class PostgrestStore(QueryTiming):
     async def update_record(
         self, caller: Caller, domain: Domain, record_id: str, values: dict[str, Any]
     ) -> dict[str, Any]:
-        if not _is_uuid(record_id):
+        if not is_uuid(record_id):
             raise RecordNotFound(domain.singular)
         if not values:
             return await self._fetch_record(caller, domain, record_id)
-        params = {"select": record_columns(domain), **_owned(caller, record_id)}
+        params = {"select": record_columns(domain), **owned(caller, record_id)}
         result = await self._rest.request(
             caller, "PATCH", domain.table, params=params, json_body=values, prefer=["return=representation"]
         )
@@ -337,13 +311,13 @@ class PostgrestStore(QueryTiming):
 
     @observed
     async def delete_record(self, caller: Caller, domain: Domain, record_id: str) -> None:
-        if not _is_uuid(record_id):
+        if not is_uuid(record_id):
             raise RecordNotFound(domain.singular)
-        result = await self._rest.delete(caller, domain.table, _owned(caller, record_id))
+        result = await self._rest.delete(caller, domain.table, owned(caller, record_id))
         if not result.rows:
             raise RecordNotFound(domain.singular)
 
-    # -- pending actions (services/agents/actions.py; migrations/010_confirm_every_change.sql) -------------------------------
+    # -- pending actions (services/agents/actions.py; migrations/010_confirm_every_change.sql) -------------------------
 
     @observed
     async def create_action(self, caller: Caller, new: NewAction, ttl_seconds: float) -> PendingAction:
@@ -366,7 +340,7 @@ class PostgrestStore(QueryTiming):
 
     @observed
     async def confirm_action(self, caller: Caller, action_id: str) -> ActionDone:
-        if not _is_uuid(action_id):
+        if not is_uuid(action_id):
             raise ActionNotFound()
         # Not retried: a replay after a lost response would find the action used and refuse a change that was made.
         # The client sees the failure instead, and its own retry is told the truth (ACTION_ALREADY_USED).
@@ -383,15 +357,15 @@ class PostgrestStore(QueryTiming):
         raise refusals[outcome]()
 
     async def _fetch_record(self, caller: Caller, domain: Domain, record_id: str) -> dict[str, Any]:
-        if not _is_uuid(record_id):  # SQLite finds nothing; PostgreSQL would refuse to compare it with a uuid
+        if not is_uuid(record_id):  # SQLite finds nothing; PostgreSQL would refuse to compare it with a uuid
             raise RecordNotFound(domain.singular)
-        params = {"select": record_columns(domain), **_owned(caller, record_id)}
+        params = {"select": record_columns(domain), **owned(caller, record_id)}
         result = await self._rest.select(caller, domain.table, params)
         if not result.rows:
             raise RecordNotFound(domain.singular)
         return record_of(domain, result.rows[0])
 
-    # -- chat runs (services/runs/manager.py; migrations/004_agent_runs.sql) ------------------------------------------------
+    # -- chat runs (services/runs/; migrations/004_agent_runs.sql) -------------------------------------------
     # Each store call is one RPC, so one request and one transaction, as the signed-in user: the functions are
     # SECURITY INVOKER and row-level security keeps every user to their own runs.
 
@@ -445,7 +419,7 @@ class PostgrestStore(QueryTiming):
 
     @observed
     async def read_run(self, caller: Caller, run_id: str, after: int | None) -> RunView:
-        if not _is_uuid(run_id):  # SQLite finds nothing; PostgreSQL would refuse to compare it with a uuid
+        if not is_uuid(run_id):  # SQLite finds nothing; PostgreSQL would refuse to compare it with a uuid
             raise RunNotFound()
         result = await self._rest.rpc(caller, "agent_run_read", {"p_run_id": run_id, "p_after": after}, idempotent=True)
         if result is None:  # missing, or hidden by row-level security: the same answer
@@ -469,7 +443,7 @@ class PostgrestStore(QueryTiming):
 
     @observed
     async def request_stop(self, caller: Caller, run_id: str, seen_chars: int | None) -> None:
-        if not _is_uuid(run_id):
+        if not is_uuid(run_id):
             raise RunNotFound()
         args = {"p_run_id": run_id, "p_seen_chars": seen_chars}
         found = await self._rest.rpc(caller, "agent_run_stop", args, idempotent=True)
@@ -502,82 +476,3 @@ class PostgrestStore(QueryTiming):
             return bool(row["allowed"]), float(row["retry_after"])
         except (TypeError, ValueError, KeyError) as exc:
             raise bad_response() from exc
-
-
-def _conversation_seek(before: ConversationKey | None, after: ConversationKey | None) -> dict[str, str]:
-    """Filters and order for the conversations older than ``before`` or newer than ``after`` in the list's order
-    (``updated_at`` descending, then ``id``), nearest first: the first filter bounds the index range, ``or`` breaks
-    ties on ``updated_at`` by id. Timestamps are quoted: ``:`` and ``.`` are reserved in PostgREST's logic trees."""
-    if before is not None:
-        stamp = _quoted(before.updated_at)
-        return {"updated_at": f"lte.{before.updated_at}", "or": f"(updated_at.lt.{stamp},id.gt.{before.id})"}
-    assert after is not None
-    stamp = _quoted(after.updated_at)
-    return {
-        "updated_at": f"gte.{after.updated_at}",
-        "or": f"(updated_at.gt.{stamp},id.lt.{after.id})",
-        "order": "updated_at.asc,id.desc",
-    }
-
-
-def _message_seek(before: MessageKey | None, after: MessageKey | None) -> dict[str, str]:
-    """Filters for the messages before or after a key in a conversation's order (``created_at``, then ``seq``)."""
-    if before is not None:
-        stamp = _quoted(before.created_at)
-        return {"created_at": f"lte.{before.created_at}", "or": f"(created_at.lt.{stamp},seq.lt.{before.seq})"}
-    if after is not None:
-        stamp = _quoted(after.created_at)
-        return {"created_at": f"gte.{after.created_at}", "or": f"(created_at.gt.{stamp},seq.gt.{after.seq})"}
-    return {}
-
-
-def _quoted(value: str) -> str:
-    """A value inside a PostgREST logic tree (``or=(...)``), double-quoted; cursors' timestamps hold no quote."""
-    return f'"{value}"'
-
-
-# -- business-record rows ---------------------------------------------------------------------------------------
-
-
-def record_columns(domain: Domain) -> str:
-    """The ``select`` of a domain: SQLite's column order (id, owner, declared columns, timestamps), nothing else."""
-    return ",".join(("id", "user_id", *(c.name for c in domain.columns), "created_at", "updated_at"))
-
-
-def record_order(domain: Domain) -> str:
-    """The domain's order, then id. NULLs go where SQLite puts them: first ascending, last descending."""
-    terms = [f"{name}.{direction}.{'nullsfirst' if direction == 'asc' else 'nullslast'}"
-             for name, direction in domain.order_by]
-    return ",".join([*terms, "id.asc"])
-
-
-def filter_value(value: Any) -> str:
-    """A value for ``col=eq.<value>``. PostgREST takes everything after ``eq.`` verbatim (``pSingleVal``), so commas,
-    dots, parentheses and quotes need no quoting (quotes would become part of the value); httpx percent-encodes it."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def _filter_column(domain: Domain, name: str) -> str:
-    if domain.column(name) is None:
-        # The tools only pass declared filters; anything else is a programming error, never sent as a parameter.
-        raise ValueError(f"{name!r} is not a column of {domain.table}")
-    return name
-
-
-def _owned(caller: Caller, record_id: str) -> dict[str, str]:
-    """The primary-key filter, plus the owner (defence in depth: row-level security already hides other users')."""
-    return {"id": f"eq.{record_id}", "user_id": f"eq.{caller.user_id}"}
-
-
-def _is_uuid(value: str) -> bool:
-    """Whether PostgreSQL takes ``value`` as a uuid (in any of its spellings). Ids it would not take are answered as
-    not found without a request, as SQLite answers them; one it takes is looked up."""
-    try:
-        uuid.UUID(value)
-    except (ValueError, TypeError, AttributeError):
-        return False
-    return True
-
-

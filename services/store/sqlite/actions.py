@@ -1,4 +1,4 @@
-"""Pending actions in SQLite: ``create_action`` and ``confirm_action`` of the ``Store`` interface (``services/store/__init__.py``
+"""Pending actions in SQLite: ``create_action`` and ``confirm_action`` of the ``Store`` interface (``services.store``
 says what each must do, ``services/agents/actions.py`` why they exist), as functions on a store thread's connection.
 
 The table (``MIGRATION``, applied by ``SQLiteStore`` as migration 3, and ``BEFORE_MIGRATION``, migration 5) holds one

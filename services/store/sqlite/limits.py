@@ -21,7 +21,7 @@ CREATE TABLE IF NOT EXISTS rate_limits (
     PRIMARY KEY (subject, bucket)
 );
 CREATE INDEX IF NOT EXISTS idx_rate_limits_window ON rate_limits (window_start);
--- Stream slots were leases here until chat runs (services/store/sqlite/runs.py) became the slots; dropped so an upgraded
+-- Stream slots were leases here until chat runs (runs.py) became the slots; dropped so an upgraded
 -- file keeps no dead table.
 DROP TABLE IF EXISTS stream_leases;
 -- One row that /health rewrites to learn whether the database can take a write (disk full, read-only).

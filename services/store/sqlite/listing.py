@@ -1,6 +1,6 @@
 """Listing in SQLite: conversations and messages by offset or by cursor, and conversation search (FTS5).
 
-``list_conversations`` and ``message_page`` of the ``Store`` interface (``services/store/__init__.py`` says what each must do),
+``list_conversations`` and ``message_page`` of the ``Store`` interface (``services.store`` says what each must do),
 as functions on a store thread's connection. A cursor is a key (``ConversationKey``, ``MessageKey``); a page is the
 ``limit`` rows nearest the key on the side asked for, read by an index in that direction (conversations by
 ``(user_id, updated_at DESC, id)``, messages by ``(conversation_id, seq)``) and turned round when the order asked for

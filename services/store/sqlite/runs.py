@@ -1,5 +1,5 @@
 """Chat runs in SQLite: ``begin_run``, ``flush_runs``, ``read_run``, ``request_stop`` and ``maintain_runs`` of the
-``Store`` interface (``services/store/__init__.py`` says what each must do), as functions on a store thread's connection.
+``Store`` interface (``services.store`` says what each must do), as functions on a store thread's connection.
 
 The tables (``MIGRATION``, applied by ``SQLiteStore`` as migration 2): ``agent_runs``, one row per chat turn, and
 ``agent_run_events``, one row per flush of a run holding that flush's SSE frames. A partial unique index allows one

@@ -5,7 +5,7 @@ connection must stay on the thread that made it); the event loop only awaits the
 lock held by another worker never stalls the streams the loop is serving. A hop costs about 0.15 ms of CPU on one
 core, so a chat turn makes as few as it can (``begin_run``: one hop and one transaction to admit and begin it).
 
-Reads run on ``workers`` threads; every write runs on one writer thread (``_write``, ``services/store/sqlite/writer.py``),
+Reads run on ``workers`` threads; every write runs on one writer thread (``_write``, ``writer.py``),
 in order, and writes that queue up together commit together. SQLite lets one writer in at a time anyway, and
 writers of one process queueing on its lock wait in SQLite's busy handler, which sleeps 1, 2, 5, 10 ms... between
 tries: under a burst of chat turns the lock sat idle while the next writer slept (py-spy: most of the store threads'
@@ -104,7 +104,7 @@ MIGRATIONS: list[str] = [
     sqlite_actions.MIGRATION,
     # 4: conversation search, replaced by 5 (a file still at 4 has its tables, which 5 drops).
     "",
-    # 5: conversation search, full-text indexes of the words of message text and titles (services/store/sqlite/listing.py).
+    # 5: conversation search, full-text indexes of the words of message text and titles (listing.py).
     sqlite_listing.MIGRATION,
     # 6: what a pending action's change replaces, shown to the user and kept for an undo (services/agents/actions.py).
     sqlite_actions.BEFORE_MIGRATION,
@@ -370,7 +370,7 @@ class SQLiteStore(QueryTiming):
     async def delete_record(self, caller: Caller, domain: Domain, record_id: str) -> None:
         await self._write(lambda db: sqlite_records.delete_record(db, caller, domain, record_id))
 
-    # -- pending actions (services/agents/actions.py, services/store/sqlite/actions.py) -----------------------------------------
+    # -- pending actions (services/agents/actions.py, actions.py) ---------------------------------------------------
 
     @observed
     async def create_action(self, caller: Caller, new: NewAction, ttl_seconds: float) -> PendingAction:
