@@ -25,16 +25,16 @@ import pytest
 from starlette.testclient import TestClient
 
 from app import create_app
-from services.store.build import build_store
 from errors import Conflict, Gone, NotFound, UpstreamError
-from services.domains import BY_AGENT, BY_TABLE, DOMAINS
-from services.model.local import describe_result
-from services.model import Stop, TextDelta, ToolUse
-from services.store.postgrest.store import PostgrestStore
-from services.store.postgrest.client import postgrest_failure
-from services.store.sqlite.store import SQLiteStore
-from services.store import Caller, NewAction
 from services.agents.tools import tools_for
+from services.domains import BY_AGENT, BY_TABLE, DOMAINS
+from services.model import Stop, TextDelta, ToolUse
+from services.model.local import describe_result
+from services.store import Caller, NewAction
+from services.store.build import build_store
+from services.store.postgrest.client import postgrest_failure
+from services.store.postgrest.store import PostgrestStore
+from services.store.sqlite.store import SQLiteStore
 from settings import Settings
 from tests.conftest import AuthHeaders
 from tests.scripted_model import ScriptedCalls

@@ -9,12 +9,12 @@ import pytest
 from starlette.testclient import TestClient
 
 from app import create_app
-from services.store import sample_data
 from services.agents.assistant import HANDOFF_TOOL, LOOP_LIMIT_NOTE
+from services.agents.tools import tools_for
 from services.domains import BY_AGENT, DOMAINS
 from services.model import Stop, TextDelta, ToolUse, Usage
 from services.store import Caller
-from services.agents.tools import tools_for
+from services.store import sample_data
 from settings import Settings
 from tests.conftest import AuthHeaders
 from tests.scripted_model import ScriptedCalls

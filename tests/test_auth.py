@@ -19,8 +19,8 @@ from services.auth.tokens import HS256Verifier
 from services.retry import RetryPolicy
 from settings import ConfigError, Settings
 from tests.conftest import AuthHeaders
-from tests.tokens import MISSING, TEST_JWT_SECRET, b64url, bearer, claims_for, encode, mint
 from tests.support import new_id
+from tests.tokens import MISSING, TEST_JWT_SECRET, b64url, bearer, claims_for, encode, mint
 
 pytestmark = pytest.mark.anyio
 

@@ -24,12 +24,12 @@ from botocore.parsers import EventStreamJSONParser
 from starlette.testclient import TestClient
 
 from app import create_app
-from services.model.build import build_model
 from errors import AppError
+from services.model import ModelEvent, ModelRequest, ModelUsed, Stop, TextDelta, ToolUse, Usage
 from services.model.bedrock import BedrockModel
 from services.model.bedrock_errors import BEDROCK_ERRORS, FAILURES
+from services.model.build import build_model
 from services.model.converse import ConverseStreamDecoder, converse_messages
-from services.model import ModelEvent, ModelRequest, ModelUsed, Stop, TextDelta, ToolUse, Usage
 from settings import Settings
 from tests.conftest import AuthHeaders
 from tests.fake_bedrock import (

@@ -16,9 +16,9 @@ from starlette.testclient import TestClient
 
 from app import create_app
 from services.agents.assistant import HANDOFF_TOOL
+from services.model import ModelUsed, Stop, TextDelta, Usage
 from services.model.bedrock import BedrockModel
 from services.model.bedrock_errors import FAILURES
-from services.model import ModelUsed, Stop, TextDelta, Usage
 from tests.conftest import AuthHeaders
 from tests.fake_bedrock import (
     FakeBedrock,

@@ -29,8 +29,8 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from app import create_app
-from services.store.sqlite.store import SQLiteStore
 from services.store import Caller
+from services.store.sqlite.store import SQLiteStore
 from tests.scripted_model import ScriptedModel
 from tests.support import LiveServer, chunks, make_settings, new_id, serve
 from tests.tokens import TEST_JWT_SECRET, TEST_PUBLISHABLE_KEY, bearer, mint

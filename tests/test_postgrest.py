@@ -25,13 +25,8 @@ from errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from services.store import run_log, sample_data
 from services.domains import BY_AGENT, DOMAINS, Domain
-from services.store.postgrest.rows import utc_timestamp
-from services.store.postgrest.store import PostgrestStore
-from services.store.postgrest.client import PostgrestClient, parse_total
 from services.retry import RetryPolicy
-from services.store.sqlite.store import SQLiteStore
 from services.store import (
     Caller,
     EventBatch,
@@ -44,6 +39,11 @@ from services.store import (
     Store,
     TurnLimits,
 )
+from services.store import run_log, sample_data
+from services.store.postgrest.client import PostgrestClient, parse_total
+from services.store.postgrest.rows import utc_timestamp
+from services.store.postgrest.store import PostgrestStore
+from services.store.sqlite.store import SQLiteStore
 from settings import ConfigError
 from tests.conftest import DATABASE
 from tests.fake_postgrest import FakePostgrest

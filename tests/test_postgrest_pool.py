@@ -25,10 +25,10 @@ import httpx
 import pytest
 
 from app import create_app
-from services.store.build import build_store
 from errors import AppError
-from services.store.postgrest.store import PostgrestStore
 from services.store import Caller
+from services.store.build import build_store
+from services.store.postgrest.store import PostgrestStore
 from tests.fake_postgrest import FakePostgrest
 from tests.support import make_settings, new_id, serve
 from tests.tokens import TEST_JWT_SECRET, TEST_PUBLISHABLE_KEY, bearer, mint

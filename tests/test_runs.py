@@ -24,20 +24,20 @@ import pytest
 
 from app import create_app
 from errors import UpstreamUnavailable
-from services.store import run_log
-from services.runs import manager as runs_module
 from services.agents.assistant import Assistant
 from services.metrics import Metrics
-from services.store.run_log import UNSAVED_EVENTS_MAX, chunk, reaped_seq
+from services.runs import manager as runs_module
 from services.runs.feeds import LiveFeed
 from services.runs.live import TEXT_SAVE_SECONDS, LiveRun
 from services.runs.manager import RunManager
-from services.store.sqlite.store import SQLiteStore
 from services.store import Caller, NewRun, Run, TurnLimits
+from services.store import run_log
+from services.store.run_log import UNSAVED_EVENTS_MAX, chunk, reaped_seq
+from services.store.sqlite.store import SQLiteStore
 from tests.conftest import AuthHeaders
-from tests.tokens import mint
 from tests.scripted_model import ScriptedModel
 from tests.support import LiveServer, chunks, event_ids, free_port, make_settings, new_id, serve, streamed_text
+from tests.tokens import mint
 from web.sse import EventStreamResponse
 
 ROOT = Path(__file__).resolve().parent.parent

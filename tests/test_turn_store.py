@@ -12,11 +12,11 @@ import anyio
 import pytest
 
 from errors import NotFound
+from services.store import Caller, EventBatch, NewRun, RunUpdate, TurnLimits
 from services.store.postgrest.store import PostgrestStore
 from services.store.run_log import chunk, frame, reaped_seq, streamed_text
 from services.store.sqlite import listing as sqlite_listing
 from services.store.sqlite.store import SQLiteStore
-from services.store import Caller, EventBatch, NewRun, RunUpdate, TurnLimits
 from tests.support import new_id
 
 pytestmark = pytest.mark.anyio

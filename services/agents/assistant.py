@@ -25,10 +25,10 @@ import anyio
 
 from errors import UpstreamError
 from services.agents import actions
+from services.agents.tools import Tool, ToolResult, run_tool, tools_for
 from services.domains import DOMAINS, Domain
 from services.model import ChatModel, ModelEvent, ModelRequest, ModelUsed, Stop, TextDelta, ToolUse, Usage
 from services.store import Caller, Store
-from services.agents.tools import Tool, ToolResult, run_tool, tools_for
 
 SUPERVISOR = "supervisor"
 HANDOFF_TOOL = "transfer_to_specialist"

@@ -100,7 +100,7 @@ def parse_token(raw: str) -> Token:
     if not isinstance(header.get("alg"), str) or any(
         name in header and not isinstance(header[name], str) for name in ("typ", "kid")
     ):
-        raise malformed_token()  # a list or object here used to reach a set lookup: 500 "unhashable type"
+        raise malformed_token()  # only strings reach the set lookups after this: a list or object is unhashable
     return Token(raw, header, claims, f"{parts[0]}.{parts[1]}".encode("ascii"), signature)
 
 

@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from services.agents.assistant import SUPERVISOR, AgentDone, AgentModel, AgentText, AgentToolCall, Assistant
-from services.store.run_log import chunk
 from services.store import Caller
+from services.store.run_log import chunk
 
 
 class Turn:

@@ -18,12 +18,12 @@ import sqlite3
 import time
 from typing import Any
 
-from services.store.sqlite import records as sqlite_records
 from errors import ActionAlreadyUsed, ActionExpired, ActionNotFound, RecordChanged
 from services.domains import BY_TABLE, Domain
-from services.store.sqlite.writer import write_transaction
 from services.store import ActionDone, Caller, NewAction, PendingAction
 from services.store.shared import epoch_timestamp
+from services.store.sqlite import records as sqlite_records
+from services.store.sqlite.writer import write_transaction
 
 MIGRATION = """
 CREATE TABLE pending_actions (

@@ -21,8 +21,8 @@ CREATE TABLE IF NOT EXISTS rate_limits (
     PRIMARY KEY (subject, bucket)
 );
 CREATE INDEX IF NOT EXISTS idx_rate_limits_window ON rate_limits (window_start);
--- Stream slots were leases here until chat runs (runs.py) became the slots; dropped so an upgraded
--- file keeps no dead table.
+-- A user's stream slots are their running chat runs (runs.py), so no table of leases is kept; one left in an
+-- upgraded file is dropped.
 DROP TABLE IF EXISTS stream_leases;
 -- One row that /health rewrites to learn whether the database can take a write (disk full, read-only).
 CREATE TABLE IF NOT EXISTS store_probe (id INTEGER PRIMARY KEY CHECK (id = 1), written_at REAL NOT NULL);

@@ -18,10 +18,10 @@ from __future__ import annotations
 import json
 import sqlite3
 
-from services.store.search import search_terms, search_words
-from services.store.sqlite.messages import MESSAGE_COLUMNS, message_row
 from services.store import Caller, Conversation, ConversationKey, ConversationPage, MessageKey, MessagePage
+from services.store.search import search_terms, search_words
 from services.store.shared import page_of_conversations, page_of_messages, reads_downwards
+from services.store.sqlite.messages import MESSAGE_COLUMNS, message_row
 
 # The words a search can find, folded once by services/store/search.py: the index is fed "<owner>_<word>" tokens, which
 # FTS5's ascii tokenizer (with "_" a token character) takes as they are: it splits at the spaces between them only

@@ -16,10 +16,6 @@ from dataclasses import replace
 from typing import Any
 
 from errors import ConversationNotFound, RunNotFound
-from services.store import run_log
-from services.store.sqlite import limits as sqlite_limits
-from services.store.sqlite.writer import write_transaction
-from services.store.sqlite.messages import fetch_message, recent_messages, write_message
 from services.store import (
     Caller,
     EventBatch,
@@ -33,6 +29,10 @@ from services.store import (
     TurnLimits,
     utc_now,
 )
+from services.store import run_log
+from services.store.sqlite import limits as sqlite_limits
+from services.store.sqlite.messages import fetch_message, recent_messages, write_message
+from services.store.sqlite.writer import write_transaction
 
 MIGRATION = """
 CREATE TABLE agent_runs (

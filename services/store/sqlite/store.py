@@ -33,13 +33,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from errors import ConversationNotFound, UpstreamError, UpstreamUnavailable
-from services.store.sqlite import actions as sqlite_actions
-from services.store.sqlite import limits as sqlite_limits
-from services.store.sqlite import listing as sqlite_listing
-from services.store.sqlite import records as sqlite_records
-from services.store.sqlite import runs as sqlite_runs
-from services.store.shared import QueryTiming, observed
-from services.store.sqlite.writer import GroupWriter, write_transaction
 from services.domains import Domain
 from services.store import (
     ActionDone,
@@ -60,6 +53,13 @@ from services.store import (
     TurnLimits,
     utc_now,
 )
+from services.store.shared import QueryTiming, observed
+from services.store.sqlite import actions as sqlite_actions
+from services.store.sqlite import limits as sqlite_limits
+from services.store.sqlite import listing as sqlite_listing
+from services.store.sqlite import records as sqlite_records
+from services.store.sqlite import runs as sqlite_runs
+from services.store.sqlite.writer import GroupWriter, write_transaction
 
 logger = logging.getLogger(__name__)
 
