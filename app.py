@@ -1,7 +1,7 @@
 """The Canvalo chat backend: routes, lifespan and error handling in one place.
 
 A request enters through the middleware in ``web/`` (request id and access log, CORS, body limit), reaches one of
-the route functions below, which parse input (``web/inputs.py``), identify the caller (``services/auth.py``) and
+the route functions below, which parse input (``web/inputs.py``), identify the caller (``services/auth/``) and
 call one service (``services/``). Long-lived resources (the store, the model client) are created in ``lifespan``
 and reach routes through ``request.state``. Every non-2xx response is the envelope from ``errors.AppError.body``.
 
@@ -44,26 +44,21 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Match, Route
 
 from errors import AppError, Conflict, MethodNotAllowed, NotFound, RateLimited, Unauthorized
-from services import actions
-from services.agents import Assistant
-from services.auth import Authenticator, build_authenticator, claimed_caller
-from services.bedrock import BedrockModel
-from services.domains import DOMAINS
-from services.local_model import LocalModel
+from services.agents import actions
+from services.agents.assistant import Assistant
+from services.auth.authenticator import Authenticator, build_authenticator, claimed_caller
 from services.metrics import Metrics
 from services.model import ChatModel
-from services.postgrest import PostgrestStore
-from services.postgrest_client import PostgrestClient
+from services.model.build import build_model
 from services.ratelimit import LimitStore, RateLimiter
-from services.runs import RunManager, shutdown_frame
-from services.retry import RetryPolicy
-from services.sqlite_store import SQLiteStore
+from services.runs.manager import RunManager, shutdown_frame
+from services.runs.titles import title_from_message
 from services.store import Caller, NewRun, Store
-from services.titles import title_from_message
+from services.store.build import build_store, store_location
 from settings import ConfigError, Settings
 from web import cursors, inputs
 from web import openapi
-from web.collector import tune_gc
+from web.gc_tuning import tune_gc
 from web.middleware import BodyLimit, EnvelopeCORS, RequestContext
 from web.sse import EventStreamResponse, Feed
 from web.tcp import ConnectionGuard, NoDelayH11Protocol
@@ -448,36 +443,6 @@ exception_handlers: dict[Any, Any] = {AppError: app_error, HTTPException: http_e
 # -- wiring -------------------------------------------------------------------------------------------------------
 
 
-def build_store(settings: Settings) -> Store:
-    if settings.store == "supabase":
-        client = PostgrestClient(
-            settings.supabase_url,
-            settings.supabase_schema,
-            settings.publishable_key,
-            retry=RetryPolicy.from_settings(settings),
-            timeout=settings.supabase_timeout,
-            pool_size=settings.supabase_pool_size,
-            pool_timeout=settings.supabase_pool_timeout,
-        )
-        return PostgrestStore(client)
-    return SQLiteStore(settings.sqlite_path)
-
-
-def _store_location(settings: Settings) -> str:
-    """Where the data lives, for the startup log: a relative SQLITE_PATH depends on the directory the service was
-    started from, and a new empty database there is otherwise a silent surprise."""
-    if settings.store == "supabase":
-        return settings.supabase_url
-    return f"database {os.path.abspath(settings.sqlite_path)}"
-
-
-def build_model(settings: Settings) -> ChatModel:
-    if settings.llm_provider == "bedrock":
-        return BedrockModel(settings)
-    keywords = {domain.agent_type: domain.keywords for domain in DOMAINS}
-    return LocalModel(token_delay=settings.local_token_delay, keywords=keywords)
-
-
 def build_auth(settings: Settings) -> Authenticator:
     return build_authenticator(settings)
 
@@ -494,7 +459,7 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
             stack.push_async_callback(store.aclose)
             stack.push_async_callback(chat_model.aclose)
             stack.push_async_callback(auth.aclose)
-            await store.open()  # type: ignore[attr-defined]
+            await store.open()
             await chat_model.open()
             registry, limiter = await _open_metrics_and_limits(settings, store, stack)
             runs = RunManager(
@@ -514,7 +479,7 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
             logger.info(
                 "Started: store=%s (%s) model=%s auth=%s environment=%s",
                 store.kind,
-                _store_location(settings),
+                store_location(settings),
                 chat_model.provider,
                 auth.mode,
                 settings.environment,
@@ -557,8 +522,7 @@ async def _open_metrics_and_limits(
     group = await stack.enter_async_context(anyio.create_task_group())
     group.start_soon(registry.flush_periodically)
     stack.callback(group.cancel_scope.cancel)
-    if hasattr(store, "set_query_observer"):
-        store.set_query_observer(registry.store_call)
+    store.set_query_observer(registry.store_call)
     limit_store = store if isinstance(store, LimitStore) else None
     if limit_store is None:
         if settings.environment == "production":

@@ -5,15 +5,25 @@
     ├── Unauthorized              401 (MISSING_TOKEN, MALFORMED_TOKEN, INVALID_TOKEN, EXPIRED_TOKEN)
     ├── Forbidden                 403 (USER_ID_MISMATCH)
     ├── NotFound                  404
+    │   ├── ConversationNotFound  404 CONVERSATION_NOT_FOUND
+    │   ├── RecordNotFound        404 RECORD_NOT_FOUND
+    │   ├── RunNotFound           404 RUN_NOT_FOUND
+    │   └── ActionNotFound        404 ACTION_NOT_FOUND
     ├── RequestTimeout            408 (the body did not arrive within BODY_READ_TIMEOUT)
     ├── MethodNotAllowed          405
     ├── PayloadTooLarge           413
     ├── UnsupportedMediaType      415
-    ├── Conflict                  409 (RUN_IN_PROGRESS, IDEMPOTENCY_CONFLICT, ACTION_ALREADY_USED)
-    ├── Gone                      410 (ACTION_EXPIRED)
+    ├── Conflict                  409 (RUN_IN_PROGRESS, IDEMPOTENCY_CONFLICT)
+    │   ├── ActionAlreadyUsed     409 ACTION_ALREADY_USED
+    │   └── RecordChanged         409 RECORD_CHANGED
+    ├── Gone                      410
+    │   └── ActionExpired         410 ACTION_EXPIRED
+    ├── ConversationDeleted       410 CONVERSATION_DELETED (a run's conversation, deleted while it generated)
     ├── ValidationFailed          422 (missing fields, bad ids, out-of-range values)
     ├── RateLimited               429 (RATE_LIMIT_EXCEEDED, carries retry_after)
     ├── ClientClosedRequest       499 (the client left before its request was read; nobody sees the answer)
+    ├── ShuttingDown              503 SERVER_SHUTTING_DOWN (a run or viewer still open when the server stops)
+    ├── RunTimedOut               504 RUN_TIMEOUT (an answer past RUN_MAX_SECONDS)
     └── UpstreamError             502 (a dependency answered with something we cannot use)
         ├── UpstreamUnavailable   503 (connection refused, 5xx, throttled: worth retrying)
         └── UpstreamTimeout       504 (no answer in time: worth retrying)
@@ -268,4 +278,95 @@ class UpstreamTimeout(UpstreamError):
     message = "A service we depend on did not answer in time."
     user_message = "The request took too long. Please try again."
     suggested_actions = ("Try again in a moment", "Try a shorter or simpler request")
+    retryable = True
+
+
+# -- the store contract's refusals (services.store): both stores raise the same ones ----------------------------------
+
+
+class ConversationNotFound(NotFound):
+    """A conversation that is missing or someone else's: the two look the same."""
+
+    code = "CONVERSATION_NOT_FOUND"
+    message = "Conversation not found."
+
+
+class RecordNotFound(NotFound):
+    """A business record that is missing or someone else's; ``singular`` names its kind (``invoice``)."""
+
+    code = "RECORD_NOT_FOUND"
+
+    def __init__(self, singular: str) -> None:
+        super().__init__(f"No such {singular}.")
+
+
+class RunNotFound(NotFound):
+    """A chat run that is missing or someone else's."""
+
+    code = "RUN_NOT_FOUND"
+    message = "Run not found."
+
+
+# -- refusals of POST /api/actions/{action_id}/confirm (services/agents/actions.py) -------------------------------
+
+
+class ActionNotFound(NotFound):
+    """A pending action that is missing or someone else's: the two look the same, as for conversations and runs."""
+
+    code = "ACTION_NOT_FOUND"
+    message = "Action not found."
+    user_message = "We couldn't find that change to confirm."
+    suggested_actions = ("Ask the assistant again",)
+
+
+class ActionAlreadyUsed(Conflict):
+    code = "ACTION_ALREADY_USED"
+    message = "The action was already confirmed."
+    user_message = "This change was already confirmed."
+    suggested_actions = ("Refresh to see your records as they are now",)
+
+
+class ActionExpired(Gone):
+    code = "ACTION_EXPIRED"
+    message = "The action expired before it was confirmed."
+    user_message = "This confirmation has expired, so nothing was changed."
+    suggested_actions = ("Ask the assistant again",)
+
+
+class RecordChanged(Conflict):
+    """The record no longer holds the values the user was shown: confirming would overwrite what they never saw."""
+
+    code = "RECORD_CHANGED"
+    message = "The record changed after the action was prepared."
+    user_message = "This record has changed since the assistant prepared this change, so nothing was changed."
+    suggested_actions = ("Ask the assistant again",)
+
+
+# -- how a chat run ends when it cannot complete (services/runs/) -------------------------------------------------
+
+
+class RunTimedOut(AppError):
+    status = 504
+    code = "RUN_TIMEOUT"
+    message = "The answer took longer than RUN_MAX_SECONDS."
+    user_message = "The answer took too long and was stopped. Please try a shorter or simpler request."
+    retryable = False
+
+
+class ConversationDeleted(AppError):
+    """The run's conversation was deleted while it generated or was watched: its answer is gone with it."""
+
+    status = 410
+    code = "CONVERSATION_DELETED"
+    message = "The conversation was deleted."
+    user_message = "This conversation was deleted, so its answer was stopped and not kept."
+    suggested_actions = ("Start a new conversation",)
+    retryable = False
+
+
+class ShuttingDown(AppError):
+    status = 503
+    code = "SERVER_SHUTTING_DOWN"
+    message = "The server is shutting down."
+    user_message = "The server is restarting. Please send your message again."
     retryable = True

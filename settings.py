@@ -89,7 +89,7 @@ class Settings:
     local_token_delay: float = 0.02
     aws_region: str = "us-east-1"
     bedrock_model_id: str = "amazon.nova-lite-v1:0"
-    # Tried in order before the first token when the model before is throttled or failing (services/bedrock.py)
+    # Tried in order before the first token when the model before is throttled or failing (services/model/bedrock.py)
     bedrock_fallback_model_ids: tuple[str, ...] = ()
     bedrock_endpoint_url: str = ""
     bedrock_max_tokens: int = 2048
@@ -103,7 +103,7 @@ class Settings:
     history_token_budget: int = 12_000
     heartbeat_seconds: float = 15.0
 
-    # Chat runs (services/runs.py)
+    # Chat runs (services/runs/manager.py)
     run_max_seconds: float = 300.0  # a run still generating after this ends with RUN_TIMEOUT
     run_stale_seconds: float = 30.0  # a running run without a heartbeat for this long is dead (its worker died)
     run_events_ttl: float = 3600.0  # a finished run's events are kept this long for resumes, then deleted

@@ -30,7 +30,7 @@ from starlette.routing import Route
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from web.collector import tune_gc  # noqa: E402
+from web.gc_tuning import tune_gc  # noqa: E402
 
 TOKEN = " token"  # the text the fake upstream sends per delta
 STAMP = "2026-11-24T01:49:20.911133Z"

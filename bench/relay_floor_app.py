@@ -41,7 +41,7 @@ from starlette.routing import Route
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.floor_app import api_routes, chunk, sse  # noqa: E402
-from web.collector import tune_gc  # noqa: E402
+from web.gc_tuning import tune_gc  # noqa: E402
 
 # The service's defaults (settings.py): BEDROCK_MODEL_ID, BEDROCK_MAX_TOKENS, BEDROCK_TEMPERATURE.
 MODEL_ID = "amazon.nova-lite-v1:0"
@@ -143,14 +143,14 @@ class Relay:
 
     def __init__(self, endpoint: str, credentials: Credentials, region: str) -> None:
         parts = urlsplit(endpoint.rstrip("/"))
-        self.path = f"/model/{quote(MODEL_ID, safe='')}/converse-stream"  # as services/bedrock.model_path
+        self.path = f"/model/{quote(MODEL_ID, safe='')}/converse-stream"  # as services/model/converse.model_path
         self.url = f"{parts.scheme}://{parts.netloc}{self.path}"
         self.netloc = parts.netloc
         self.pool = Pool(parts.hostname or "127.0.0.1", parts.port or 80)
         self.signer = SigV4Auth(credentials.get_frozen_credentials(), "bedrock", region)
 
     def request(self, message: str, history: list[dict[str, Any]]) -> bytes:
-        """The HTTP/1.1 request: the service's body shape (services/bedrock.request_body), signed per request."""
+        """The HTTP/1.1 request: the service's body shape (services/model/converse.request_body), signed per request."""
         turns = [{"role": h["role"], "content": [{"text": h["content"]}]} for h in history]
         body = {
             "messages": [*turns, {"role": "user", "content": [{"text": message}]}],

@@ -736,8 +736,8 @@ def _finite(value: Any) -> Any:
 
 def seed_conversations(ctx: Context) -> None:
     """The service's own schema (its store migrates a new file), then 10,000 conversations of 2 messages each."""
-    from services import sqlite_listing
-    from services.sqlite_store import SQLiteStore
+    from services.store.sqlite import listing as sqlite_listing
+    from services.store.sqlite.store import SQLiteStore
 
     path = ctx.work / "template.db"
 

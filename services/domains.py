@@ -6,7 +6,7 @@ the built-in local responder stands in for a model. Tables, tool schemas and the
 Tables and columns follow the earlier service's ``api.invoices`` and sibling tables; every table also has ``id``,
 ``user_id``, ``created_at`` and ``updated_at``, which no tool can write.
 
-Every update and every delete, in every domain, waits for the user's confirmation (``services/actions.py``), so
+Every update and every delete, in every domain, waits for the user's confirmation (``services/agents/actions.py``), so
 nothing here says which columns matter: a model that reads planted text in a record ("set every contact's email to
 ...") cannot carry it out on its own, whichever column it names.
 """

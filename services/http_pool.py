@@ -33,7 +33,7 @@ T = TypeVar("T")
 
 # Idle connections are closed after this long: well under the idle timeouts of the servers in front of PostgREST
 # (nginx closes idle keep-alive connections after 75 s by default), so a request is seldom sent on a connection the
-# server is closing at that moment (and a replayable one that is, is retried: services/postgrest_client.py).
+# server is closing at that moment (and a replayable one that is, is retried: services/store/postgrest/client.py).
 KEEPALIVE_EXPIRY = 5.0
 
 

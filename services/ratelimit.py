@@ -8,7 +8,7 @@ the Supabase store calls the Postgres functions in ``migrations/003_rate_limits.
   ``RATE_LIMIT_CHAT_PER_MINUTE``, every other ``/api`` request against ``RATE_LIMIT_API_PER_MINUTE``. A refused
   request still counts (a client hammering the API stays refused until the window ends). Fixed windows allow up
   to twice the limit across a window boundary; that is the price of one row per user and one statement per check.
-- Stream slots are the user's running chat runs (``services/runs.py``): a slot frees when its run ends, and the
+- Stream slots are the user's running chat runs (``services/runs/manager.py``): a slot frees when its run ends, and the
   run of a worker that died stops counting when its heartbeat lapses (``RUN_STALE_SECONDS``), so a crash cannot
   lock a user out. A chat turn's limits are checked inside ``Store.begin_run``'s transaction (``turn_limits``),
   after the idempotency check, so a repeated send costs nothing.

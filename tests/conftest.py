@@ -100,10 +100,10 @@ def register_user(pg_cluster: Any) -> Callable[[str], None]:
 @pytest.fixture(params=STORES)
 async def store(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[Any]:
     """A store of each kind, opened: SQLite in a fresh file, or Supabase through the fake PostgREST."""
-    from services.postgrest import PostgrestStore
-    from services.postgrest_client import PostgrestClient
+    from services.store.postgrest.store import PostgrestStore
+    from services.store.postgrest.client import PostgrestClient
     from services.retry import RetryPolicy
-    from services.sqlite_store import SQLiteStore
+    from services.store.sqlite.store import SQLiteStore
 
     made: Any
     if request.param == "sqlite":

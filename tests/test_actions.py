@@ -24,16 +24,17 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from app import build_store, create_app
+from app import create_app
 from errors import Conflict, Gone, NotFound, UpstreamError
+from services.agents.tools import tools_for
 from services.domains import BY_AGENT, BY_TABLE, DOMAINS
-from services.local_model import describe_result
 from services.model import Stop, TextDelta, ToolUse
-from services.postgrest import PostgrestStore
-from services.postgrest_client import postgrest_failure
-from services.sqlite_store import SQLiteStore
+from services.model.local import describe_result
 from services.store import Caller, NewAction
-from services.tools import tools_for
+from services.store.build import build_store
+from services.store.postgrest.client import postgrest_failure
+from services.store.postgrest.store import PostgrestStore
+from services.store.sqlite.store import SQLiteStore
 from settings import Settings
 from tests.conftest import AuthHeaders
 from tests.scripted_model import ScriptedCalls
@@ -574,8 +575,8 @@ def _another_value(column: Any, current: Any) -> Any:
 def test_no_column_of_any_domain_changes_before_the_user_confirms(
     client: TestClient, auth_headers: AuthHeaders, user_id: str, domain: Any
 ) -> None:
-    from services import sample_data
-    from services.tools import run_tool
+    from services.store import sample_data
+    from services.agents.tools import run_tool
 
     caller = caller_for(auth_headers, user_id)
     store = client.app_state["store"]
@@ -669,8 +670,8 @@ def test_the_confirmation_shows_every_value_whole_and_every_character_visible(
 def test_a_change_is_kept_whole_up_to_what_a_summary_shows_and_refused_past_it(
     client: TestClient, auth_headers: AuthHeaders, user_id: str
 ) -> None:
-    from services.actions import MAX_SUMMARY
-    from services.tools import run_tool
+    from services.agents.actions import MAX_SUMMARY
+    from services.agents.tools import run_tool
 
     caller = caller_for(auth_headers, user_id)
     store = client.app_state["store"]
@@ -699,7 +700,7 @@ def test_a_change_is_kept_whole_up_to_what_a_summary_shows_and_refused_past_it(
                                   "\u2800", "\u3164", "\u115f", "\u034f", "\U000e0041", "\U000e0100", "\t", "\n",
                                   "\r", "\x7f", "\x85", "\u2028", "\ud800"])
 def test_a_summary_shows_every_invisible_character_as_an_escape(char: str) -> None:
-    from services.actions import describe
+    from services.agents.actions import describe
 
     summary = describe(BY_AGENT["contacts"], "update", {"name": "Ada", "notes": None}, {"notes": f"a{char}b"})
     assert char not in summary
@@ -708,7 +709,7 @@ def test_a_summary_shows_every_invisible_character_as_an_escape(char: str) -> No
 
 
 def test_a_summary_tells_an_empty_string_from_a_missing_value() -> None:
-    from services.actions import describe
+    from services.agents.actions import describe
 
     contacts = BY_AGENT["contacts"]
     assert describe(contacts, "update", {"name": "Ada", "notes": None}, {"notes": ""}) == (
@@ -731,7 +732,7 @@ def _numeric_columns() -> list[tuple[Any, Any]]:
 @pytest.mark.parametrize(("domain", "column"), _numeric_columns(),
                          ids=[f"{d.table}.{c.name}" for d, c in _numeric_columns()])
 def test_every_number_a_store_cannot_hold_is_refused_in_every_numeric_column(domain: Any, column: Any) -> None:
-    from services.tools import ToolInputError, validate
+    from services.agents.tools import ToolInputError, validate
 
     tools = {t.action: t for t in tools_for(domain)}
     for value in TOO_BIG:
@@ -745,7 +746,7 @@ def test_every_number_a_store_cannot_hold_is_refused_in_every_numeric_column(dom
 
 @pytest.mark.parametrize("domain", DOMAINS, ids=[d.agent_type for d in DOMAINS])
 def test_every_number_in_every_tool_schema_is_bounded_to_what_both_stores_hold(domain: Any) -> None:
-    from services.tools import MAX_INTEGER, MAX_NUMBER
+    from services.agents.tools import MAX_INTEGER, MAX_NUMBER
 
     def numbers(schema: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any]]]:
         types = schema.get("type")
@@ -763,11 +764,11 @@ def test_every_number_in_every_tool_schema_is_bounded_to_what_both_stores_hold(d
 
 @pytest.mark.parametrize("raw", ["NaN", "Infinity", "-Infinity", "1e400", "-1e400", "9" * 401, "1e308", "1e16"])
 def test_numbers_as_the_model_writes_them_are_refused_at_any_depth(raw: str) -> None:
-    from services.tools import ToolInputError, validate
+    from services.agents.tools import ToolInputError, validate
 
     tool = next(t for t in tools_for(BY_AGENT["invoices"]) if t.action == "update")
     for changes in (f'{{"amount_paid": {raw}}}', f'{{"line_items": [{{"price": {raw}}}]}}'):
-        arguments = json.loads(f'{{"id": "{new_id()}", "changes": {changes}}}')  # as services/bedrock.py reads it
+        arguments = json.loads(f'{{"id": "{new_id()}", "changes": {changes}}}')  # as services/model/bedrock.py reads it
         with pytest.raises(ToolInputError):
             validate(tool.schema, arguments)
 

@@ -9,12 +9,12 @@ import pytest
 from starlette.testclient import TestClient
 
 from app import create_app
-from services import sample_data
-from services.agents import HANDOFF_TOOL, LOOP_LIMIT_NOTE
+from services.agents.assistant import HANDOFF_TOOL, LOOP_LIMIT_NOTE
+from services.agents.tools import tools_for
 from services.domains import BY_AGENT, DOMAINS
 from services.model import Stop, TextDelta, ToolUse, Usage
 from services.store import Caller
-from services.tools import tools_for
+from services.store import sample_data
 from settings import Settings
 from tests.conftest import AuthHeaders
 from tests.scripted_model import ScriptedCalls
@@ -186,7 +186,7 @@ def test_create_and_update_through_tools(scripted: Any, auth_headers: AuthHeader
     model.requests.clear()
     send(client, auth_headers, user_id, "add a note")
     prepared = model.requests[-1].messages[-1]["content"][0]["toolResult"]["content"][0]["json"]
-    assert prepared["status"] == "confirmation_required"  # every change waits for the user (services/actions.py)
+    assert prepared["status"] == "confirmation_required"  # every change waits for the user (services/agents/actions.py)
     done = client.post(f"/api/actions/{prepared['action_id']}/confirm", json={"user_id": user_id},
                        headers=auth_headers(user_id))
     updated = done.json()["result"]["updated"]
@@ -220,7 +220,7 @@ def seed(client: TestClient, auth: AuthHeaders, user: str) -> None:
 def test_every_domain_round_trips_through_its_tools(
     client: TestClient, auth_headers: AuthHeaders, user_id: str, domain: Any
 ) -> None:
-    from services.tools import run_tool
+    from services.agents.tools import run_tool
 
     token = auth_headers(user_id).get("Authorization", "").removeprefix("Bearer ") or None
     caller = Caller(user_id=user_id, access_token=token)
@@ -309,7 +309,7 @@ INVOICE = {"invoice_number": "INV-1", "client_name": "Ada", "due_date": "2026-12
     ],
 )
 def test_tool_arguments_are_validated_at_every_depth(agent: str, action: str, arguments: Any, message: str) -> None:
-    from services.tools import ToolInputError, validate
+    from services.agents.tools import ToolInputError, validate
 
     with pytest.raises(ToolInputError, match=message.replace("[", r"\[")):
         validate(_tool(agent, action).schema, arguments)
@@ -329,7 +329,7 @@ def test_tool_arguments_are_validated_at_every_depth(agent: str, action: str, ar
     ],
 )
 def test_valid_tool_arguments_pass(agent: str, action: str, arguments: Any) -> None:
-    from services.tools import validate
+    from services.agents.tools import validate
 
     validate(_tool(agent, action).schema, arguments)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from starlette.testclient import TestClient
 
-from services.agents import HANDOFF_TOOL
+from services.agents.assistant import HANDOFF_TOOL
 from tests.conftest import AuthHeaders
 from tests.fake_bedrock import FakeBedrock, Reply, message_start, message_stop, metadata, text_reply, tool_use
 from tests.support import chunks, new_id, streamed_text

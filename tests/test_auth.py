@@ -13,22 +13,14 @@ import pytest
 from starlette.testclient import TestClient
 
 from errors import Forbidden, Unauthorized, UpstreamUnavailable
-from services.auth import (
-    CACHE_MAX_SECONDS,
-    NEGATIVE_CACHE_SECONDS,
-    HS256Verifier,
-    LookupBudget,
-    SupabaseJWTAuth,
-    SupabaseUserLookup,
-    TrustClaimedUser,
-    authenticate,
-    build_authenticator,
-)
+from services.auth.authenticator import SupabaseJWTAuth, TrustClaimedUser, authenticate, build_authenticator
+from services.auth.lookup import CACHE_MAX_SECONDS, NEGATIVE_CACHE_SECONDS, LookupBudget, SupabaseUserLookup
+from services.auth.tokens import HS256Verifier
 from services.retry import RetryPolicy
 from settings import ConfigError, Settings
 from tests.conftest import AuthHeaders
-from tests.tokens import MISSING, TEST_JWT_SECRET, b64url, bearer, claims_for, encode, mint
 from tests.support import new_id
+from tests.tokens import MISSING, TEST_JWT_SECRET, b64url, bearer, claims_for, encode, mint
 
 pytestmark = pytest.mark.anyio
 

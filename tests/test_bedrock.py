@@ -23,10 +23,13 @@ from botocore.exceptions import CredentialRetrievalError, EventStreamError
 from botocore.parsers import EventStreamJSONParser
 from starlette.testclient import TestClient
 
-from app import build_model, create_app
+from app import create_app
 from errors import AppError
-from services.bedrock import BEDROCK_ERRORS, FAILURES, BedrockModel, ConverseStreamDecoder, converse_messages
 from services.model import ModelEvent, ModelRequest, ModelUsed, Stop, TextDelta, ToolUse, Usage
+from services.model.bedrock import BedrockModel
+from services.model.bedrock_errors import BEDROCK_ERRORS, FAILURES
+from services.model.build import build_model
+from services.model.converse import ConverseStreamDecoder, converse_messages
 from settings import Settings
 from tests.conftest import AuthHeaders
 from tests.fake_bedrock import (

@@ -15,9 +15,10 @@ import pytest
 from starlette.testclient import TestClient
 
 from app import create_app
-from services.agents import HANDOFF_TOOL
-from services.bedrock import FAILURES, BedrockModel
+from services.agents.assistant import HANDOFF_TOOL
 from services.model import ModelUsed, Stop, TextDelta, Usage
+from services.model.bedrock import BedrockModel
+from services.model.bedrock_errors import FAILURES
 from tests.conftest import AuthHeaders
 from tests.fake_bedrock import (
     FakeBedrock,

@@ -14,7 +14,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from app import create_app
-from services.titles import title_from_message
+from services.runs.titles import title_from_message
 from settings import Settings
 from tests.conftest import AuthHeaders
 from tests.scripted_model import ScriptedModel
@@ -377,8 +377,8 @@ def test_search_reads_no_query_syntax(
 
 
 # Words typed exactly as stored, and in the other case or form a user may type: each store folds its index and the
-# search with one function (services/search.py; PostgreSQL's search_lexemes), so no engine's own idea of a letter or of
-# case stands between them.
+# search with one function (services/store/search.py; PostgreSQL's search_lexemes), so no engine's own idea of a letter
+# or of case stands between them.
 FOLDED_WORDS = [
     ("Trip to İstanbul", ["İstanbul", "i\u0307stanbul", "İST"]),  # Turkish dotted capital I
     ("Cafe\u0301 repaint", ["Cafe\u0301", "Café", "CAFÉ"]),  # an accent typed as a combining character

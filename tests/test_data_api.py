@@ -17,12 +17,12 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from services import run_log
 from services.domains import BY_TABLE
-from services.postgrest import PostgrestStore
-from services.postgrest_client import PostgrestClient
 from services.retry import RetryPolicy
 from services.store import Caller, EventBatch, NewAction, NewRun, Run, RunUpdate, TurnLimits
+from services.store import run_log
+from services.store.postgrest.client import PostgrestClient
+from services.store.postgrest.store import PostgrestStore
 from tests.conftest import DATABASE, AuthHeaders
 from tests.pg import MIGRATIONS_DIR, create_supabase_database
 from tests.support import new_id

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from app import create_app
-from services import runs
+from services.runs import manager as runs
 from tests.scripted_model import ScriptedModel
 from tests.support import LiveServer, chunks, event_ids, make_settings, new_id, serve, streamed_text
 

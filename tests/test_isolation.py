@@ -16,10 +16,10 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from services import sample_data
+from services.agents.tools import run_tool, tools_for
 from services.domains import DOMAINS
 from services.store import Caller
-from services.tools import run_tool, tools_for
+from services.store import sample_data
 from tests.conftest import DATABASE, AuthHeaders
 from tests.support import chunks, new_id
 from tests.tokens import TEST_PUBLISHABLE_KEY, mint

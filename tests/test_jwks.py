@@ -1,4 +1,4 @@
-"""ES256/RS256 access tokens verified locally with the project's published signing keys (services/jwks.py), against
+"""ES256/RS256 access tokens verified locally with the project's published signing keys (services/auth/jwks.py), against
 a stand-in of Supabase Auth on 127.0.0.1 that counts its calls: after the first fetch of the key set, no token costs
 a network call, and an Auth outage stops no one whose key is held."""
 
@@ -24,7 +24,7 @@ from starlette.routing import Route
 
 from app import create_app
 from errors import Unauthorized, UpstreamUnavailable
-from services import jwks
+from services.auth import jwks
 from tests.support import LiveServer, make_settings, new_id, serve
 from tests.tokens import claims_for
 

@@ -29,8 +29,8 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from app import create_app
-from services.sqlite_store import SQLiteStore
 from services.store import Caller
+from services.store.sqlite.store import SQLiteStore
 from tests.scripted_model import ScriptedModel
 from tests.support import LiveServer, chunks, make_settings, new_id, serve
 from tests.tokens import TEST_JWT_SECRET, TEST_PUBLISHABLE_KEY, bearer, mint
@@ -353,7 +353,7 @@ def forged_es256(user: str, index: int, issuer: str) -> str:
 
 
 def test_rate_limit_rows_of_past_windows_are_pruned(tmp_path: Path) -> None:
-    from services import sqlite_limits
+    from services.store.sqlite import limits as sqlite_limits
 
     async def scenario() -> int:
         store = SQLiteStore(str(tmp_path / "prune.db"))

@@ -11,14 +11,14 @@ from typing import Any
 import httpx
 import pytest
 
-from services.postgrest import PostgrestStore
-from services import sqlite_listing
-from services.sqlite_store import MIGRATIONS, SQLiteStore
 from services.store import Caller, ConversationKey, MessageKey, NewRun, RunUpdate, TurnLimits
+from services.store.postgrest.store import PostgrestStore
+from services.store.sqlite import listing as sqlite_listing
+from services.store.sqlite.store import MIGRATIONS, SQLiteStore
 from tests.conftest import DATABASE
 from tests.pg import apply_migrations, create_supabase_database, migration_sql
-from tests.test_postgrest import LEGACY_SCHEMA
 from tests.support import new_id
+from tests.test_postgrest import LEGACY_SCHEMA
 from tests.tokens import TEST_PUBLISHABLE_KEY, mint
 
 pytestmark = pytest.mark.anyio

@@ -25,15 +25,12 @@ from errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from services import run_log, sample_data
 from services.domains import BY_AGENT, DOMAINS, Domain
-from services.postgrest import PostgrestStore, utc_timestamp
-from services.postgrest_client import PostgrestClient, parse_total
 from services.retry import RetryPolicy
-from services.sqlite_store import SQLiteStore
 from services.store import (
     Caller,
     EventBatch,
+    Message,
     NewRun,
     Run,
     RunControl,
@@ -42,6 +39,11 @@ from services.store import (
     Store,
     TurnLimits,
 )
+from services.store import run_log, sample_data
+from services.store.postgrest.client import PostgrestClient, parse_total
+from services.store.postgrest.rows import utc_timestamp
+from services.store.postgrest.store import PostgrestStore
+from services.store.sqlite.store import SQLiteStore
 from settings import ConfigError
 from tests.conftest import DATABASE
 from tests.fake_postgrest import FakePostgrest
@@ -342,6 +344,18 @@ async def test_a_caller_without_a_token_is_never_sent_as_anon() -> None:
     await client.aclose()
 
 
+async def _messages(
+    store: PostgrestStore, caller: Caller, conversation_id: str, limit: int, offset: int
+) -> list[Message]:
+    """A page of the conversation, oldest first, by offset."""
+    return (await store.message_page(caller, conversation_id, limit, offset)).messages
+
+
+async def _newest(store: PostgrestStore, caller: Caller, conversation_id: str, limit: int) -> list[Message]:
+    """The conversation's newest ``limit`` messages, oldest first."""
+    return (await store.message_page(caller, conversation_id, limit, newest_first=True)).messages[::-1]
+
+
 # -- the store ---------------------------------------------------------------------------------------------------
 
 
@@ -351,7 +365,7 @@ async def test_every_request_acts_as_the_user_with_the_publishable_key(
     caller = new_caller()
     conversation = await store.create_conversation(caller, "AI Chat")
     await _start(store, caller, conversation.id)
-    await store.list_messages(caller, conversation.id, 10, 0)
+    await store.message_page(caller, conversation.id, 10, 0)
     await store.list_conversations(caller, 10, 0)
     await store.delete_conversation(caller, conversation.id)
     assert len(fake_postgrest.requests) >= 6
@@ -399,13 +413,13 @@ async def test_trigger_keeps_counters_and_messages_read_oldest_first(
     caller = new_caller()
     conversation = await store.create_conversation(caller, "AI Chat")
     _say(pg_cluster, conversation.id, *(f"m{i}" for i in range(5)))
-    saved = await store.list_messages(caller, conversation.id, 10, 0)
+    saved = await _messages(store, caller, conversation.id, 10, 0)
     after = await store.get_conversation(caller, conversation.id)
     assert after.message_count == 5 and after.last_message_at == saved[-1].created_at
     assert after.updated_at >= saved[-1].created_at
     assert [m.content for m in saved] == [f"m{i}" for i in range(5)]
-    assert [m.content for m in await store.list_messages(caller, conversation.id, 2, 1)] == ["m1", "m2"]
-    assert [m.content for m in await store.recent_messages(caller, conversation.id, 2)] == ["m3", "m4"]
+    assert [m.content for m in await _messages(store, caller, conversation.id, 2, 1)] == ["m1", "m2"]
+    assert [m.content for m in await _newest(store, caller, conversation.id, 2)] == ["m3", "m4"]
 
 
 async def test_same_timestamp_messages_keep_insertion_order(
@@ -418,8 +432,8 @@ async def test_same_timestamp_messages_keep_insertion_order(
             db.execute("insert into api.agent_messages (id, conversation_id, role, content) values (%s, %s, 'user', %s)",
                        (new_id(), conversation.id, f"m{i}"))
     expected = [f"m{i}" for i in range(6)]
-    assert [m.content for m in await store.list_messages(caller, conversation.id, 10, 0)] == expected
-    assert [m.content for m in await store.recent_messages(caller, conversation.id, 3)] == expected[3:]
+    assert [m.content for m in await _messages(store, caller, conversation.id, 10, 0)] == expected
+    assert [m.content for m in await _newest(store, caller, conversation.id, 3)] == expected[3:]
 
 
 async def test_create_conversation_is_idempotent_by_its_id(
@@ -467,8 +481,8 @@ async def test_missing_conversations_are_not_found_everywhere(
         store.get_conversation(caller, missing),
         store.delete_conversation(caller, missing),
         store.rename_conversation(caller, missing, "x"),
-        store.list_messages(caller, missing, 10, 0),
-        store.recent_messages(caller, missing, 10),
+        store.message_page(caller, missing, 10, 0),
+        store.message_page(caller, missing, 10, newest_first=True),
     ):
         with pytest.raises(NotFound) as caught:
             await call
@@ -643,11 +657,11 @@ async def test_store_calls_are_reported_to_the_query_observer(
     store.set_query_observer(lambda kind, operation, seconds: seen.append((kind, operation)))
     caller = new_caller()
     conversation = await store.create_conversation(caller, "AI Chat")
-    await store.list_messages(caller, conversation.id, 10, 0)
+    await store.message_page(caller, conversation.id, 10, 0)
     await store.list_records(caller, BY_AGENT["invoices"], {}, 5)
     await store.rate_limit_hit(caller, "api", 60, 100)
-    # Once per public call, never again for the calls they make inside (list_messages reads the conversation).
-    assert seen == [("supabase", "create_conversation"), ("supabase", "list_messages"),
+    # Once per public call, never again for the calls they make inside (message_page reads the conversation).
+    assert seen == [("supabase", "create_conversation"), ("supabase", "message_page"),
                     ("supabase", "list_records"), ("supabase", "rate_limit_hit")]
 
 
@@ -700,7 +714,7 @@ async def test_fake_rpc_answers_like_postgrest(raw: Any, new_caller: Callable[[]
     assert (got.status_code, got.json()["code"]) == (405, "PGRST101")
 
 
-# -- chat runs through RPC (migrations/004_agent_runs.sql; services/sqlite_runs.py is the reference) ---------------
+# -- chat runs through RPC (migrations/004_agent_runs.sql; services/store/sqlite/runs.py is the reference) --------
 
 LIMITS = TurnLimits(stale_seconds=30, events_ttl=3600)
 
@@ -749,7 +763,7 @@ async def test_begin_run_starts_a_turn_in_one_rpc(
     assert [(m.id, m.role, m.content) for m in begun.history] == [(new.user_message_id, "user", new.text)]
     conversation = await store.get_conversation(caller, new.conversation_id)
     assert (conversation.title, conversation.message_count) == ("AI Chat", 2)
-    placeholder = (await store.list_messages(caller, new.conversation_id, 10, 0))[-1]
+    placeholder = (await _messages(store, caller, new.conversation_id, 10, 0))[-1]
     assert (placeholder.id, placeholder.role, placeholder.content, placeholder.metadata) == (
         new.assistant_message_id, "assistant", "", {"status": "streaming", "run_id": new.id, "seq": 0})
     await _end(store, caller, run)

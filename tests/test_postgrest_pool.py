@@ -24,10 +24,11 @@ import httpcore
 import httpx
 import pytest
 
-from app import build_store, create_app
+from app import create_app
 from errors import AppError, UpstreamUnavailable
-from services.postgrest import PostgrestStore
 from services.store import Caller, NewRun, RunUpdate, TurnLimits
+from services.store.build import build_store
+from services.store.postgrest.store import PostgrestStore
 from tests.fake_postgrest import FakePostgrest
 from tests.support import make_settings, new_id, serve
 from tests.tokens import TEST_JWT_SECRET, TEST_PUBLISHABLE_KEY, bearer, mint

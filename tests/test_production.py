@@ -22,7 +22,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from app import create_app
-from services.sqlite_store import SQLiteStore
+from services.store.sqlite.store import SQLiteStore
 from settings import ConfigError, Settings
 from tests.support import chunks, free_port, make_settings, new_id, wait_until_healthy
 from tests.tokens import TEST_JWT_SECRET, bearer, mint

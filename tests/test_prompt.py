@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.prompt import build_turns
+from services.runs.prompt import build_turns
 from services.store import Message
 
 

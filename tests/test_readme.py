@@ -52,6 +52,6 @@ def test_the_layout_names_every_module_of_the_service() -> None:
     layout = README.split("## Layout", 1)[1].split("```", 2)[1]
     named = set(re.findall(r"[\w]+\.(?:py|html)", layout))
     for folder in ("services", "web"):
-        for path in (ROOT / folder).iterdir():
-            if path.suffix in (".py", ".html") and path.name != "__init__.py":
-                assert path.name in named, f"README's Layout does not name {folder}/{path.name}"
+        for path in (ROOT / folder).rglob("*"):
+            if path.suffix in (".py", ".html") and path.name != "__init__.py" and "__pycache__" not in path.parts:
+                assert path.name in named, f"README's Layout does not name {path.relative_to(ROOT)}"

@@ -24,18 +24,20 @@ import pytest
 
 from app import create_app
 from errors import UpstreamUnavailable
-from services import run_log
-from services import runs as runs_module
-from services.agents import Assistant
+from services.agents.assistant import Assistant
 from services.metrics import Metrics
-from services.run_log import UNSAVED_EVENTS_MAX, chunk, reaped_seq
-from services.runs import TEXT_SAVE_SECONDS, LiveFeed, LiveRun, RunManager
-from services.sqlite_store import SQLiteStore
+from services.runs import manager as runs_module
+from services.runs.feeds import LiveFeed
+from services.runs.live import TEXT_SAVE_SECONDS, LiveRun
+from services.runs.manager import RunManager
 from services.store import Caller, NewRun, Run, TurnLimits
+from services.store import run_log
+from services.store.run_log import UNSAVED_EVENTS_MAX, chunk, reaped_seq
+from services.store.sqlite.store import SQLiteStore
 from tests.conftest import AuthHeaders
-from tests.tokens import mint
 from tests.scripted_model import ScriptedModel
 from tests.support import LiveServer, chunks, event_ids, free_port, make_settings, new_id, serve, streamed_text
+from tests.tokens import mint
 from web.sse import EventStreamResponse
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -708,8 +710,8 @@ def test_a_runs_text_is_saved_every_text_save_seconds_counted_from_its_start() -
 
 
 def test_a_live_viewer_times_out_only_after_a_quiet_timeout_whatever_its_earlier_waits() -> None:
-    # The viewer's timer is set once and moved on lazily (services/runs.py, LiveFeed): a timer left from an earlier,
-    # shorter-lived wait must neither end a later wait early nor hold a shorter one back.
+    # The viewer's timer is set once and moved on lazily (services/runs/feeds.py, LiveFeed): a timer left from an
+    # earlier, shorter-lived wait must neither end a later wait early nor hold a shorter one back.
     async def scenario() -> list[tuple[bool, float]]:
         loop = asyncio.get_running_loop()
         live = live_run()

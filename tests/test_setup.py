@@ -93,7 +93,7 @@ def test_startup_says_where_the_data_is_and_what_is_active(tmp_path: Path) -> No
 def test_the_collector_is_tuned_once_the_app_has_started(tmp_path: Path) -> None:
     # bench/RESULTS.md: with CPython's defaults a burst of streams spends a fifth of its CPU in the collector.
     from app import create_app
-    from web.collector import GC_THRESHOLDS
+    from web.gc_tuning import GC_THRESHOLDS
 
     before = gc.get_threshold()
     gc.unfreeze()
@@ -144,7 +144,7 @@ def test_the_store_uses_its_database_at_its_path_and_never_makes_a_new_one_once_
     import asyncio
 
     from errors import AppError
-    from services.sqlite_store import SQLiteStore
+    from services.store.sqlite.store import SQLiteStore
     from services.store import Caller
 
     path = tmp_path / directory / "canvalo.db"

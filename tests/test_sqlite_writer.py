@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from services.sqlite_limits import write_transaction
-from services.sqlite_writer import GroupWriter
+from services.store.sqlite.writer import GroupWriter
+from services.store.sqlite.writer import write_transaction
 
 
 class StoreError(Exception):

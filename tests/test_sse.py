@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from services.run_log import chunk, cut, frame, frames_after, stopped_replay
 from services.store import EventBatch
+from services.store.run_log import chunk, cut, frame, frames_after, stopped_replay
 
 
 @pytest.mark.parametrize(

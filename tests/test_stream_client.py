@@ -15,7 +15,7 @@ import anyio
 import pytest
 import trustme
 
-from services.stream_client import HIGH_WATER, ConnectTimeout, StreamClient, StreamClientError
+from services.model.stream_client import HIGH_WATER, ConnectTimeout, StreamClient, StreamClientError
 
 pytestmark = pytest.mark.anyio
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import httpx
 
+from services.model.stream_client import set_nodelay
 from tests.support import serve
-from web.tcp import set_nodelay
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -1,10 +1,11 @@
-"""The title a first chat turn gives its new conversation (``services/titles.py``): pure function, no model call."""
+"""The title a first chat turn gives its new conversation (``services/runs/titles.py``): pure function, no model
+call."""
 
 from __future__ import annotations
 
 import pytest
 
-from services.titles import ELLIPSIS, MAX_TITLE_CHARS, title_from_message
+from services.runs.titles import ELLIPSIS, MAX_TITLE_CHARS, title_from_message
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The store calls of a chat run, on both stores, as the contract in ``services/store.py`` states them:
+"""The store calls of a chat run, on both stores, as the contract in ``services.store`` states them:
 ``begin_run`` (admit and start a turn in one call), ``flush_runs``, ``read_run``, ``request_stop`` and
 ``maintain_runs``. Each must write exactly what it says and nothing for a caller it should not.
 """
@@ -12,11 +12,11 @@ import anyio
 import pytest
 
 from errors import NotFound
-from services.postgrest import PostgrestStore
-from services.run_log import chunk, frame, reaped_seq, streamed_text
-from services import sqlite_listing
-from services.sqlite_store import SQLiteStore
 from services.store import Caller, EventBatch, NewRun, RunUpdate, TurnLimits
+from services.store.postgrest.store import PostgrestStore
+from services.store.run_log import chunk, frame, reaped_seq, streamed_text
+from services.store.sqlite import listing as sqlite_listing
+from services.store.sqlite.store import SQLiteStore
 from tests.support import new_id
 
 pytestmark = pytest.mark.anyio
@@ -53,7 +53,7 @@ async def test_begin_run_creates_the_conversation_the_question_and_a_streaming_p
     begun = await store.begin_run(caller, new, OPEN, 50)
     assert begun.outcome == "started" and begun.run is not None and begun.run.status == "running"
     assert [(m.role, m.content, m.id) for m in begun.history] == [("user", new.text, new.user_message_id)]
-    messages = await store.list_messages(caller, new.conversation_id, 10, 0)
+    messages = (await store.message_page(caller, new.conversation_id, 10, 0)).messages
     assert [m.role for m in messages] == ["user", "assistant"]
     placeholder = messages[1]
     assert placeholder.id == new.assistant_message_id and placeholder.content == ""
@@ -84,7 +84,7 @@ async def test_a_client_message_id_repeats_the_run_and_conflicts_when_the_messag
     assert again.outcome == "existing" and again.run is not None and again.run.id == new.id
     changed = await store.begin_run(caller, NewRun(new.conversation_id, "other", "AI Chat", key), OPEN, 50)
     assert changed.outcome == "conflict"
-    assert len(await store.list_messages(caller, new.conversation_id, 10, 0)) == 2  # nothing written twice
+    assert len((await store.message_page(caller, new.conversation_id, 10, 0)).messages) == 2  # nothing written twice
     await start(store, other, text=new.text, client_message_id=key)  # another user's key space
 
 
@@ -120,7 +120,7 @@ async def test_someone_elses_conversation_is_not_found_and_nothing_is_written(
     await finish(store, owner, new)
     with pytest.raises(NotFound):
         await store.begin_run(intruder, NewRun(new.conversation_id, "mine now", "AI Chat"), OPEN, 50)
-    assert len(await store.list_messages(owner, new.conversation_id, 10, 0)) == 2
+    assert len((await store.message_page(owner, new.conversation_id, 10, 0)).messages) == 2
 
 
 async def test_flush_writes_events_text_and_the_end_and_reads_back_stops(
@@ -201,7 +201,7 @@ async def test_admitting_a_turn_reads_through_indexes_not_across_every_run(tmp_p
     # a scan of the running runs in each admission made a burst of turns quadratic (the per-user reap once did).
     import sqlite3
 
-    from services import sqlite_runs
+    from services.store.sqlite import runs as sqlite_runs
 
     store = SQLiteStore(str(tmp_path / "plan.db"))
     await store.open()

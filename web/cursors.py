@@ -1,4 +1,4 @@
-"""Paging cursors: opaque strings that hold a list item's place (``services/store.py`` ``ConversationKey``,
+"""Paging cursors: opaque strings that hold a list item's place (``services.store.ConversationKey``,
 ``MessageKey``), made for responses and read back from query parameters.
 
 A cursor is unpadded base64url of compact JSON, ``["c", updated_at, id]`` or ``["m", created_at, seq]``. It is opaque
@@ -28,7 +28,7 @@ MAX_CURSOR_CHARS = 256
 MAX_SEQ = 2**63 - 1  # SQLite's and PostgreSQL's bigint
 
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
-_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")  # services/store.py utc_now
+_TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")  # services.store.TIMESTAMP_FORMAT
 
 
 def conversation_cursor(conversation: Conversation) -> str:

@@ -1,10 +1,10 @@
-"""Server-Sent Events: a pure-ASGI response that follows a chat run's feed (``services/runs.py``).
+"""Server-Sent Events: a pure-ASGI response that follows a chat run's feed (``services/runs/feeds.py``).
 
 Why not Starlette's ``StreamingResponse``: it neither notices a client that left while nothing is being sent nor
 sends keep-alives. This response:
 
 - writes every frame already waiting in one write, without ever waiting for more (frames come pre-encoded from
-  the run's event log, ``services/run_log.py``: ``id: <seq>`` and one ``data:`` line each);
+  the run's event log, ``services/store/run_log.py``: ``id: <seq>`` and one ``data:`` line each);
 - sends a ``: ping`` comment whenever nothing else was sent for ``ping_interval`` seconds, so proxies with idle
   timeouts (nginx, ALB, Cloudflare) keep the connection open;
 - stops when the client disconnects. That detaches this viewer only: the run goes on generating and saving, and
@@ -40,7 +40,7 @@ SSE_HEADERS = [
 
 
 class Feed(Protocol):
-    """Where a viewer's frames come from (``services.runs.LiveFeed`` or ``StoredFeed``)."""
+    """Where a viewer's frames come from: a run's feed (``services.runs.feeds.RunFeed``)."""
 
     outcome: str
 
@@ -71,24 +71,24 @@ class EventStreamResponse:
         self._headers = SSE_HEADERS + (headers or [])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        observed = _StreamMetrics(scope)
+        stream_metrics = _StreamMetrics(scope)
         try:
-            await self._stream(receive, send, observed)
+            await self._stream(receive, send, stream_metrics)
         finally:
-            observed.closed()
+            stream_metrics.closed()
 
-    async def _stream(self, receive: Receive, send: Send, observed: _StreamMetrics) -> None:
+    async def _stream(self, receive: Receive, send: Send, stream_metrics: _StreamMetrics) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self._headers})
         with anyio.CancelScope() as viewing:
             watcher = asyncio.get_running_loop().create_task(_cancel_on_disconnect(receive, viewing))
             try:
                 await self._deliver(send)
-                observed.outcome = self._feed.outcome
+                stream_metrics.outcome = self._feed.outcome
             except asyncio.CancelledError:
                 if viewing.cancel_called:
                     raise  # the client left: the scope swallows it
                 # Cancelled from outside (the server's graceful-shutdown timeout): tell the client to retry.
-                observed.outcome = "shutdown"
+                stream_metrics.outcome = "shutdown"
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1):
                     await send({"type": "http.response.body", "body": self._shutdown_frame.encode(), "more_body": False})
                 raise

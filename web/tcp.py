@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import socket
 from typing import Any
 
 from uvicorn.middleware.proxy_headers import _TrustedHosts
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from services.model.stream_client import set_nodelay
 from settings import Settings
 
 
@@ -122,8 +122,3 @@ def _spelled(forwarded_allow_ips: list[str] | str) -> str:
 def _trusted(forwarded_allow_ips: str) -> _TrustedHosts:
     """The addresses uvicorn trusts to forward for others, parsed once (uvicorn's own parser, so both agree)."""
     return _TrustedHosts(forwarded_allow_ips)
-
-
-def set_nodelay(sock: socket.socket | None) -> None:
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -5,7 +5,7 @@ connection must stay on the thread that made it); the event loop only awaits the
 lock held by another worker never stalls the streams the loop is serving. A hop costs about 0.15 ms of CPU on one
 core, so a chat turn makes as few as it can (``begin_run``: one hop and one transaction to admit and begin it).
 
-Reads run on ``workers`` threads; every write runs on one writer thread (``_write``, ``services/sqlite_writer.py``),
+Reads run on ``workers`` threads; every write runs on one writer thread (``_write``, ``writer.py``),
 in order, and writes that queue up together commit together. SQLite lets one writer in at a time anyway, and
 writers of one process queueing on its lock wait in SQLite's busy handler, which sleeps 1, 2, 5, 10 ms... between
 tries: under a burst of chat turns the lock sat idle while the next writer slept (py-spy: most of the store threads'
@@ -32,22 +32,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from errors import NotFound, UpstreamError, UpstreamUnavailable
-from services import sqlite_actions, sqlite_limits, sqlite_listing, sqlite_records, sqlite_runs
-from services.sqlite_messages import MESSAGE_COLUMNS, message_row, recent_messages
-from services.sqlite_writer import GroupWriter
+from errors import ConversationNotFound, UpstreamError, UpstreamUnavailable
 from services.domains import Domain
 from services.store import (
     ActionDone,
     Caller,
     Conversation,
     ConversationKey,
-    Message,
     MessageKey,
     MessagePage,
     NewAction,
     NewRun,
-    Page,
+    ConversationPage,
     PendingAction,
     Run,
     RunBegun,
@@ -57,6 +53,13 @@ from services.store import (
     TurnLimits,
     utc_now,
 )
+from services.store.shared import QueryTiming, observed
+from services.store.sqlite import actions as sqlite_actions
+from services.store.sqlite import limits as sqlite_limits
+from services.store.sqlite import listing as sqlite_listing
+from services.store.sqlite import records as sqlite_records
+from services.store.sqlite import runs as sqlite_runs
+from services.store.sqlite.writer import GroupWriter, write_transaction
 
 logger = logging.getLogger(__name__)
 
@@ -95,15 +98,15 @@ MIGRATIONS: list[str] = [
          WHERE id = NEW.conversation_id;
     END;
     """,
-    # 2: chat runs and their event log (services/sqlite_runs.py).
+    # 2: chat runs and their event log (services/store/sqlite/runs.py).
     sqlite_runs.MIGRATION,
-    # 3: pending actions, the changes the user confirms (services/sqlite_actions.py).
+    # 3: pending actions, the changes the user confirms (services/store/sqlite/actions.py).
     sqlite_actions.MIGRATION,
     # 4: conversation search, replaced by 5 (a file still at 4 has its tables, which 5 drops).
     "",
-    # 5: conversation search, full-text indexes of the words of message text and titles (services/sqlite_listing.py).
+    # 5: conversation search, full-text indexes of the words of message text and titles (listing.py).
     sqlite_listing.MIGRATION,
-    # 6: what a pending action's change replaces, shown to the user and kept for an undo (services/actions.py).
+    # 6: what a pending action's change replaces, shown to the user and kept for an undo (services/agents/actions.py).
     sqlite_actions.BEFORE_MIGRATION,
 ]
 
@@ -111,10 +114,8 @@ _CONVERSATION_COLUMNS = sqlite_listing.CONVERSATION_COLUMNS
 _conversation = sqlite_listing.conversation_row
 
 
-class SQLiteStore:
+class SQLiteStore(QueryTiming):
     kind = "sqlite"
-    # Told how long each store call took (store kind, operation, seconds); set by the app for its metrics.
-    _query_observer: Callable[[str, str, float], None] | None = None
 
     def __init__(self, path: str, workers: int = 4) -> None:
         # Resolved once: a relative SQLITE_PATH means the directory the service started from. Resolved at each use it
@@ -156,12 +157,7 @@ class SQLiteStore:
 
     async def _run(self, work: Callable[[sqlite3.Connection], T], submit: Callable[[], Future[T]]) -> T:
         """A cancelled caller does not stop a write already under way."""
-        started = time.perf_counter()
-        try:
-            return await asyncio.wrap_future(submit())
-        finally:
-            if self._query_observer is not None:
-                self._query_observer(self.kind, _operation(work), time.perf_counter() - started)
+        return await asyncio.wrap_future(submit())
 
     def _call(self, work: Callable[[sqlite3.Connection], T]) -> T:
         with _sqlite_errors():
@@ -215,6 +211,7 @@ class SQLiteStore:
 
     # -- conversations -----------------------------------------------------------------------------------------
 
+    @observed
     async def ping(self) -> None:
         """Open the file afresh (read-write, never create) so a lost volume shows up, not a cached handle."""
 
@@ -227,9 +224,10 @@ class SQLiteStore:
 
         await self._read(work)
 
+    @observed
     async def probe_write(self) -> bool | None:
         def work(db: sqlite3.Connection) -> None:
-            with sqlite_limits.write_transaction(db):
+            with write_transaction(db):
                 db.execute("INSERT OR REPLACE INTO store_probe (id, written_at) VALUES (1, ?)", (time.time(),))
 
         try:
@@ -238,6 +236,7 @@ class SQLiteStore:
             return False
         return True
 
+    @observed
     async def list_conversations(
         self,
         caller: Caller,
@@ -247,15 +246,16 @@ class SQLiteStore:
         before: ConversationKey | None = None,
         after: ConversationKey | None = None,
         search: str | None = None,
-    ) -> Page:
-        def work(db: sqlite3.Connection) -> Page:
+    ) -> ConversationPage:
+        def work(db: sqlite3.Connection) -> ConversationPage:
             return sqlite_listing.list_conversations(db, caller, limit, offset, before, after, search)
 
         return await self._read(work)
 
+    @observed
     async def rename_conversation(self, caller: Caller, conversation_id: str, title: str) -> Conversation:
         def work(db: sqlite3.Connection) -> Conversation:
-            with sqlite_limits.write_transaction(db):
+            with write_transaction(db):
                 # As Supabase's trigger (001): a new title is activity, the same one is not; time never goes back.
                 db.execute(
                     "UPDATE agent_conversations SET title = ?,"
@@ -267,6 +267,7 @@ class SQLiteStore:
 
         return await self._write(work)
 
+    @observed
     async def create_conversation(
         self, caller: Caller, title: str | None, conversation_id: str | None = None
     ) -> Conversation:
@@ -278,9 +279,11 @@ class SQLiteStore:
 
         return await self._write(work)
 
+    @observed
     async def get_conversation(self, caller: Caller, conversation_id: str) -> Conversation:
         return await self._read(lambda db: _fetch_conversation(db, caller, conversation_id))
 
+    @observed
     async def delete_conversation(self, caller: Caller, conversation_id: str) -> None:
         def work(db: sqlite3.Connection) -> int:
             cursor = db.execute(
@@ -289,22 +292,11 @@ class SQLiteStore:
             return cursor.rowcount
 
         if await self._write(work) == 0:
-            raise NotFound("Conversation not found.", code="CONVERSATION_NOT_FOUND")
+            raise ConversationNotFound()
 
     # -- messages ----------------------------------------------------------------------------------------------
 
-    async def list_messages(self, caller: Caller, conversation_id: str, limit: int, offset: int) -> list[Message]:
-        def work(db: sqlite3.Connection) -> list[Message]:
-            _fetch_conversation(db, caller, conversation_id)
-            rows = db.execute(
-                f"SELECT {MESSAGE_COLUMNS} FROM agent_messages WHERE conversation_id = ?"
-                " ORDER BY seq LIMIT ? OFFSET ?",
-                (conversation_id, limit, offset),
-            )
-            return [message_row(r) for r in rows.fetchall()]
-
-        return await self._read(work)
-
+    @observed
     async def message_page(
         self,
         caller: Caller,
@@ -322,15 +314,9 @@ class SQLiteStore:
 
         return await self._read(work)
 
-    async def recent_messages(self, caller: Caller, conversation_id: str, limit: int) -> list[Message]:
-        def work(db: sqlite3.Connection) -> list[Message]:
-            _fetch_conversation(db, caller, conversation_id)
-            return recent_messages(db, conversation_id, limit)
+    # -- chat runs (services/store/sqlite/runs.py) -------------------------------------------------------------------
 
-        return await self._read(work)
-
-    # -- chat runs (services/sqlite_runs.py) -------------------------------------------------------------------
-
+    @observed
     async def begin_run(
         self, caller: Caller, new: NewRun, limits: TurnLimits, history_limit: int
     ) -> RunBegun:
@@ -338,65 +324,69 @@ class SQLiteStore:
         # wake-up, then waiting for the event loop to give up the GIL) than the statements it runs.
         return await self._write(lambda db: sqlite_runs.begin_run(db, caller, new, limits, history_limit))
 
+    @observed
     async def flush_runs(self, updates: list[RunUpdate]) -> dict[str, RunControl]:
         return await self._write(lambda db: sqlite_runs.flush_runs(db, updates))
 
+    @observed
     async def read_run(self, caller: Caller, run_id: str, after: int | None) -> RunView:
         return await self._read(lambda db: sqlite_runs.read_run(db, caller, run_id, after))
 
+    @observed
     async def running_run(self, caller: Caller, conversation_id: str) -> Run | None:
         return await self._read(lambda db: sqlite_runs.running_run(db, caller, conversation_id))
 
+    @observed
     async def request_stop(self, caller: Caller, run_id: str, seen_chars: int | None) -> None:
         await self._write(lambda db: sqlite_runs.request_stop(db, caller, run_id, seen_chars))
 
+    @observed
     async def maintain_runs(self, caller: Caller | None, stale_seconds: float, events_ttl: float) -> None:
         await self._write(lambda db: sqlite_runs.maintain_runs(db, caller, stale_seconds, events_ttl))
 
     # -- business records (the agents' tools) ------------------------------------------------------------------
 
+    @observed
     async def list_records(
         self, caller: Caller, domain: Domain, filters: dict[str, Any], limit: int
     ) -> list[dict[str, Any]]:
         return await self._read(lambda db: sqlite_records.list_records(db, caller, domain, filters, limit))
 
+    @observed
     async def get_record(self, caller: Caller, domain: Domain, record_id: str) -> dict[str, Any]:
         return await self._read(lambda db: sqlite_records.get_record(db, caller, domain, record_id))
 
+    @observed
     async def insert_record(self, caller: Caller, domain: Domain, values: dict[str, Any]) -> dict[str, Any]:
         return await self._write(lambda db: sqlite_records.insert_record(db, caller, domain, values))
 
+    @observed
     async def update_record(
         self, caller: Caller, domain: Domain, record_id: str, values: dict[str, Any]
     ) -> dict[str, Any]:
         return await self._write(lambda db: sqlite_records.update_record(db, caller, domain, record_id, values))
 
+    @observed
     async def delete_record(self, caller: Caller, domain: Domain, record_id: str) -> None:
         await self._write(lambda db: sqlite_records.delete_record(db, caller, domain, record_id))
 
-    # -- pending actions (services/actions.py, services/sqlite_actions.py) -----------------------------------------
+    # -- pending actions (services/agents/actions.py, actions.py) ---------------------------------------------------
 
+    @observed
     async def create_action(self, caller: Caller, new: NewAction, ttl_seconds: float) -> PendingAction:
         return await self._write(lambda db: sqlite_actions.create_action(db, caller, new, ttl_seconds))
 
+    @observed
     async def confirm_action(self, caller: Caller, action_id: str) -> ActionDone:
         return await self._write(lambda db: sqlite_actions.confirm_action(db, caller, action_id))
 
-    # -- rate limits and query timing (services/ratelimit.py, services/metrics.py) -------------------------------
+    # -- rate limits (services/ratelimit.py) -------------------------------------------------------------------
 
-    def set_query_observer(self, observer: Callable[[str, str, float], None]) -> None:
-        self._query_observer = observer
-
+    @observed
     async def rate_limit_hit(self, caller: Caller, bucket: str, window_seconds: int, limit: int) -> tuple[bool, float]:
         return await self._write(
             lambda db: sqlite_limits.hit(db, caller.user_id, bucket, window_seconds, limit)
         )
-
-
-def _operation(work: Callable[..., object]) -> str:
-    """The store method a unit of work belongs to, from its qualified name (``SQLiteStore.<method>.<locals>...``)."""
-    parts = getattr(work, "__qualname__", "").split(".")
-    return parts[1] if len(parts) > 1 and parts[0] == "SQLiteStore" else "other"
 
 
 @contextlib.contextmanager
@@ -434,5 +424,5 @@ def _fetch_conversation(db: sqlite3.Connection, caller: Caller, conversation_id:
         (conversation_id, caller.user_id),
     ).fetchone()
     if row is None:
-        raise NotFound("Conversation not found.", code="CONVERSATION_NOT_FOUND")
+        raise ConversationNotFound()
     return _conversation(row)

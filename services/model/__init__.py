@@ -6,6 +6,11 @@ streams ``ModelEvent`` values: text as it arrives, complete tool calls, usage, a
 providers speak this interface: ``LocalModel`` (built in, deterministic, not an LLM) and ``BedrockModel``. A provider
 that may answer with another model than its ``model_id`` (Bedrock's fallbacks) starts the stream with ``ModelUsed``;
 otherwise the answer is ``model_id``'s.
+
+The package: this interface (imported by the agents, the runs and ``app.py``), ``local.py``, ``bedrock.py`` with
+its error table (``bedrock_errors.py``), wire format (``converse.py``) and HTTP/1.1 client (``stream_client.py``,
+whose ``set_nodelay`` ``web/tcp.py`` shares), and ``build.py``, which picks the provider from the settings (for
+``app.py``). It imports nothing of the store, the agents or above.
 """
 
 from __future__ import annotations

@@ -9,12 +9,8 @@ connection (see ``SQLiteStore._run``).
 
 from __future__ import annotations
 
-import contextlib
 import sqlite3
 import time
-from collections.abc import Iterator
-
-from services.sqlite_writer import in_group
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rate_limits (
@@ -25,8 +21,8 @@ CREATE TABLE IF NOT EXISTS rate_limits (
     PRIMARY KEY (subject, bucket)
 );
 CREATE INDEX IF NOT EXISTS idx_rate_limits_window ON rate_limits (window_start);
--- Stream slots were leases here until chat runs (services/sqlite_runs.py) became the slots; dropped so an upgraded
--- file keeps no dead table.
+-- A user's stream slots are their running chat runs (runs.py), so no table of leases is kept; one left in an
+-- upgraded file is dropped.
 DROP TABLE IF EXISTS stream_leases;
 -- One row that /health rewrites to learn whether the database can take a write (disk full, read-only).
 CREATE TABLE IF NOT EXISTS store_probe (id INTEGER PRIMARY KEY CHECK (id = 1), written_at REAL NOT NULL);
@@ -43,31 +39,6 @@ ON CONFLICT (subject, bucket) DO UPDATE SET
     window_start = max(rate_limits.window_start, excluded.window_start)
 RETURNING hits, window_start
 """
-
-
-@contextlib.contextmanager
-def write_transaction(db: sqlite3.Connection) -> Iterator[None]:
-    """A write transaction whose lock is taken up front (BEGIN IMMEDIATE), so two writers queue on busy_timeout
-    instead of deadlocking on a lock upgrade; rolled back on any exception. Shared by the store and the limits.
-    Inside a group of writes committed together (services/sqlite_writer.py) it is a savepoint of that transaction."""
-    if in_group():
-        db.execute("SAVEPOINT write_transaction")
-        try:
-            yield
-        except BaseException:
-            db.execute("ROLLBACK TO write_transaction")
-            db.execute("RELEASE write_transaction")
-            raise
-        db.execute("RELEASE write_transaction")
-        return
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:  # a failed COMMIT (busy, a deferred constraint) can leave it open
-            db.execute("ROLLBACK")
-        raise
 
 
 def create_tables(db: sqlite3.Connection) -> None:

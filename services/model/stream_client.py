@@ -16,22 +16,29 @@ What it does not: redirects, proxies, compression, 1xx responses, HTTP/2, reques
 Bedrock needs none of them. Deadlines are the caller's (``asyncio.timeout_at`` around ``post`` and ``read``),
 except connecting, which is bounded here by ``connect_timeout``.
 
-Every failure is a ``StreamClientError``; ``services/bedrock.py`` translates it once, at its boundary.
+Every failure is a ``StreamClientError``; ``services/model/bedrock.py`` translates it once, at its boundary.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import time
 from urllib.parse import urlsplit
-
-from web.tcp import set_nodelay
 
 HEAD_LIMIT = 64 * 1024  # status line and headers; a real head is under 1 KB
 LINE_LIMIT = 1024  # a chunk-size line (size and extensions) or a trailer line
 HIGH_WATER = 256 * 1024  # unread body bytes before the socket is paused
 DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def set_nodelay(sock: socket.socket | None) -> None:
+    """Turn Nagle's algorithm off on a TCP socket (asyncio does so only for sockets made with ``IPPROTO_TCP``): a
+    request or response written in two segments would otherwise wait for the first one's delayed acknowledgement.
+    Shared with the service's HTTP protocol (``web/tcp.py``)."""
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class StreamClientError(Exception):

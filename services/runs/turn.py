@@ -1,8 +1,8 @@
 """One chat turn's generation: the assistant's events as chunks, and what the answer became.
 
-A ``Turn`` knows nothing of connections or storage: ``services/runs.py`` drives it in a task of its own, records
+A ``Turn`` knows nothing of connections or storage: ``services/runs/manager.py`` drives it in a task of its own, records
 every chunk in the run's event log and saves the answer however the turn ends. The chunk shapes are in
-``services/run_log.py``.
+``services/store/run_log.py``.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from services.agents import SUPERVISOR, AgentDone, AgentModel, AgentText, AgentToolCall, Assistant
-from services.run_log import chunk
+from services.agents.assistant import SUPERVISOR, AgentDone, AgentModel, AgentText, AgentToolCall, Assistant
 from services.store import Caller
+from services.store.run_log import chunk
 
 
 class Turn:

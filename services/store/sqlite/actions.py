@@ -1,5 +1,5 @@
-"""Pending actions in SQLite: ``create_action`` and ``confirm_action`` of the ``Store`` interface (``services/store.py``
-says what each must do, ``services/actions.py`` why they exist), as functions on a store thread's connection.
+"""Pending actions in SQLite: ``create_action`` and ``confirm_action`` of the ``Store`` interface (``services.store``
+says what each must do, ``services/agents/actions.py`` why they exist), as functions on a store thread's connection.
 
 The table (``MIGRATION``, applied by ``SQLiteStore`` as migration 3, and ``BEFORE_MIGRATION``, migration 5) holds one
 row per prepared change. Times are Unix seconds (``time.time()``), as for chat runs, and are shown as ISO 8601 UTC. A
@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from datetime import datetime, timezone
 from typing import Any
 
-from services import actions, sqlite_records
+from errors import ActionAlreadyUsed, ActionExpired, ActionNotFound, RecordChanged
 from services.domains import BY_TABLE, Domain
-from services.sqlite_limits import write_transaction
 from services.store import ActionDone, Caller, NewAction, PendingAction
+from services.store.shared import epoch_timestamp
+from services.store.sqlite import records as sqlite_records
+from services.store.sqlite.writer import write_transaction
 
 MIGRATION = """
 CREATE TABLE pending_actions (
@@ -41,7 +42,7 @@ CREATE TABLE pending_actions (
 CREATE INDEX pending_actions_user_expiry ON pending_actions (user_id, expires_at);
 """
 
-# The values a change replaces, as JSON (services/actions.py). Actions kept before it have none and cannot be
+# The values a change replaces, as JSON (services/agents/actions.py). Actions kept before it have none and cannot be
 # confirmed: they were shown without the whole change.
 BEFORE_MIGRATION = "ALTER TABLE pending_actions ADD COLUMN before TEXT;"
 
@@ -76,13 +77,13 @@ def confirm_action(db: sqlite3.Connection, caller: Caller, action_id: str) -> Ac
         now = time.time()  # once the write lock is held: a confirmation that queued behind another is judged now
         row = _fetch(db, caller, action_id)
         if row["used_at"] is not None:
-            raise actions.already_used()
+            raise ActionAlreadyUsed()
         if row["expires_at"] <= now or row["before"] is None:
-            raise actions.expired()
+            raise ActionExpired()
         action = _action(row)
         domain = BY_TABLE.get(action.table)
         if domain is None:  # a domain removed since the action was kept
-            raise actions.not_found()
+            raise ActionNotFound()
         _check_unchanged(db, caller, domain, action)
         record = None
         if action.kind == "delete":
@@ -99,7 +100,7 @@ def _check_unchanged(db: sqlite3.Connection, caller: Caller, domain: Domain, act
     JSON, as they were read, so ``true`` and ``1`` differ, as they do in PostgreSQL's jsonb."""
     current = sqlite_records.get_record(db, caller, domain, action.record_id)
     if any(_same(value) != _same(current.get(name)) for name, value in (action.before or {}).items()):
-        raise actions.record_changed()
+        raise RecordChanged()
 
 
 def _same(value: Any) -> str:
@@ -111,7 +112,7 @@ def _fetch(db: sqlite3.Connection, caller: Caller, action_id: str) -> sqlite3.Ro
         f"SELECT {_COLUMNS} FROM pending_actions WHERE id = ? AND user_id = ?", (action_id, caller.user_id)
     ).fetchone()
     if row is None:
-        raise actions.not_found()
+        raise ActionNotFound()
     return row
 
 
@@ -126,12 +127,8 @@ def _action(row: sqlite3.Row) -> PendingAction:
         changes=None if row["changes"] is None else json.loads(row["changes"]),
         before=None if row["before"] is None else json.loads(row["before"]),
         summary=row["summary"],
-        created_at=_iso(row["created_at"]),
-        expires_at=_iso(row["expires_at"]),
-        used_at=None if row["used_at"] is None else _iso(row["used_at"]),
+        created_at=epoch_timestamp(row["created_at"]),
+        expires_at=epoch_timestamp(row["expires_at"]),
+        used_at=None if row["used_at"] is None else epoch_timestamp(row["used_at"]),
     )
 
-
-def _iso(seconds: float) -> str:
-    """Unix seconds in the API's timestamp format (``services.store.utc_now``)."""
-    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from errors import Conflict, Gone, NotFound
 from services.domains import Domain
 from services.store import ActionDone, ActionKind, PendingAction
 
@@ -130,47 +129,6 @@ def _visible(char: str) -> str:
         code -= 0x10000
         return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
     return f"\\u{code:04x}"
-
-
-# -- refusals of POST /api/actions/{action_id}/confirm ----------------------------------------------------------
-
-
-def not_found() -> NotFound:
-    """Missing and someone else's look the same, as for conversations and runs."""
-    return NotFound(
-        "Action not found.",
-        code="ACTION_NOT_FOUND",
-        user_message="We couldn't find that change to confirm.",
-        suggested_actions=("Ask the assistant again",),
-    )
-
-
-def already_used() -> Conflict:
-    return Conflict(
-        "The action was already confirmed.",
-        code="ACTION_ALREADY_USED",
-        user_message="This change was already confirmed.",
-        suggested_actions=("Refresh to see your records as they are now",),
-    )
-
-
-def expired() -> Gone:
-    return Gone(
-        "The action expired before it was confirmed.",
-        code="ACTION_EXPIRED",
-        user_message="This confirmation has expired, so nothing was changed.",
-        suggested_actions=("Ask the assistant again",),
-    )
-
-
-def record_changed() -> Conflict:
-    """The record no longer holds the values the user was shown: confirming would overwrite what they never saw."""
-    return Conflict(
-        "The record changed after the action was prepared.",
-        code="RECORD_CHANGED",
-        user_message="This record has changed since the assistant prepared this change, so nothing was changed.",
-        suggested_actions=("Ask the assistant again",),
-    )
 
 
 def too_large_to_show() -> str:

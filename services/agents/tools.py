@@ -7,7 +7,7 @@ request's ``Caller``, never from tool arguments. A failure returns a safe messag
 never leaves this module.
 
 Updates and deletes are not carried out here: they become pending actions the user confirms
-(``services/actions.py``), so no tool argument can stand for the user's consent. Lists, gets and creates run at once:
+(``actions.py``), so no tool argument can stand for the user's consent. Lists, gets and creates run at once:
 they change no record that exists.
 
 ``validate`` implements the subset of JSON Schema the schemas use, every keyword at every depth (inside arrays too).
@@ -28,9 +28,9 @@ from datetime import date
 from typing import Any, Literal
 
 from errors import AppError, NotFound
-from services import actions
+from services.agents import actions
 from services.domains import Column, Domain
-from services.store import ActionKind, Caller, NewAction, Store
+from services.store import ActionKind, Caller, NewAction, Store, is_canonical_uuid
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def _check_format(kind: str | None, value: str, path: str) -> None:
         raise ToolInputError(f"{path} must be a date written YYYY-MM-DD")
     if kind == "time" and not _TIME.fullmatch(value):
         raise ToolInputError(f"{path} must be a time written HH:MM")
-    if kind == "uuid" and not _is_uuid(value):
+    if kind == "uuid" and not is_canonical_uuid(value):
         raise ToolInputError(f"{path} must be a record id (UUID)")
     if kind == "email" and not _EMAIL.fullmatch(value):
         raise ToolInputError(f"{path} must be an email address")
@@ -255,13 +255,6 @@ def _is_date(value: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _is_uuid(value: str) -> bool:
-    try:
-        return str(uuid.UUID(value)) == value.lower()  # uuid.UUID also takes "{...}", "urn:uuid:..." and bare hex
-    except ValueError:
-        return False
 
 
 def _check_object(schema: dict[str, Any], value: dict[str, Any], path: str, depth: int) -> None:

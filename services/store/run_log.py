@@ -22,7 +22,7 @@ from services.store import EventBatch
 
 SUPERVISOR = "supervisor"
 
-# A worker shows viewers at most this many events past the last one it saved (services/runs.py holds the rest back
+# A worker shows viewers at most this many events past the last one it saved (services/runs/ holds the rest back
 # until a flush saves them). A run whose worker died therefore ends at the last saved id + this + 1 (``reaped_seq``):
 # an id no viewer can have been shown, so an id a client holds never names other content, and its resume from any
 # id it holds reaches the end. migrations/007_checked_writes.sql writes the same number.

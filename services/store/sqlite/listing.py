@@ -1,6 +1,6 @@
 """Listing in SQLite: conversations and messages by offset or by cursor, and conversation search (FTS5).
 
-``list_conversations`` and ``message_page`` of the ``Store`` interface (``services/store.py`` says what each must do),
+``list_conversations`` and ``message_page`` of the ``Store`` interface (``services.store`` says what each must do),
 as functions on a store thread's connection. A cursor is a key (``ConversationKey``, ``MessageKey``); a page is the
 ``limit`` rows nearest the key on the side asked for, read by an index in that direction (conversations by
 ``(user_id, updated_at DESC, id)``, messages by ``(conversation_id, seq)``) and turned round when the order asked for
@@ -10,7 +10,7 @@ Search (``MIGRATION``, applied by ``SQLiteStore`` as a migration of its own): tw
 message text and of conversation titles (``indexed_words``), kept in step by triggers. Assistant messages are inserted
 empty and written as they stream, so the message index follows every change of ``content``. Every token is led by
 its owner's search key, so the search matches every word of the user's text as a quoted prefix of the caller's own
-tokens (``services/search.py``): its cost follows the caller's text, never everyone's.
+tokens (``services/store/search.py``): its cost follows the caller's text, never everyone's.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from __future__ import annotations
 import json
 import sqlite3
 
-from services.search import search_terms, search_words
-from services.sqlite_messages import MESSAGE_COLUMNS, message_row
-from services.store import Caller, Conversation, ConversationKey, MessageKey, MessagePage, Page
+from services.store import Caller, Conversation, ConversationKey, ConversationPage, MessageKey, MessagePage
+from services.store.search import search_terms, search_words
+from services.store.shared import page_of_conversations, page_of_messages, reads_downwards
+from services.store.sqlite.messages import MESSAGE_COLUMNS, message_row
 
-# The words a search can find, folded once by services/search.py: the index is fed "<owner>_<word>" tokens, which
+# The words a search can find, folded once by services/store/search.py: the index is fed "<owner>_<word>" tokens, which
 # FTS5's ascii tokenizer (with "_" a token character) takes as they are: it splits at the spaces between them only
 # (every other character in them is a letter, a mark or a digit) and lowercases nothing that is not already.
 _TOKENIZER = "ascii tokenchars '_'"
@@ -155,14 +156,14 @@ def list_conversations(
     before: ConversationKey | None,
     after: ConversationKey | None,
     search: str | None,
-) -> Page:
+) -> ConversationPage:
     """See ``Store.list_conversations``."""
     where, params = ["user_id = ?"], [caller.user_id]
     if search is not None:
         terms = search_terms(search)
         owner = db.execute("SELECT key FROM agent_search_owners WHERE user_id = ?", (caller.user_id,)).fetchone()
         if not terms or owner is None:
-            return Page([], 0)
+            return ConversationPage([], 0)
         match = fts5_query(owner[0], terms)
         # Driven by the matches, looked up by id, then kept if the caller's ("+" keeps SQLite off the owner index,
         # which would read every conversation of the caller to test each against the matches).
@@ -182,10 +183,7 @@ def list_conversations(
         f" ORDER BY {order} LIMIT ? OFFSET ?",
         [*params, limit + 1, offset],
     ).fetchall()
-    conversations = [conversation_row(r) for r in rows[:limit]]
-    if after is not None:
-        conversations.reverse()
-    return Page(conversations, total, has_more=len(rows) > limit)
+    return page_of_conversations(rows, limit, total, after, conversation_row)
 
 
 def message_page(
@@ -205,22 +203,18 @@ def message_page(
     elif after is not None:
         where.append("seq > ?")
         params.append(after.seq)
-    # Read from the cursor outwards (or from the end asked for), then put the page in the order asked for.
-    downwards = before is not None or (after is None and newest_first)
+    downwards = reads_downwards(before, after, newest_first)
     rows = db.execute(
         f"SELECT seq, {MESSAGE_COLUMNS} FROM agent_messages WHERE {' AND '.join(where)}"
         f" ORDER BY seq {'DESC' if downwards else 'ASC'} LIMIT ? OFFSET ?",
         [*params, limit + 1, offset],
     ).fetchall()
-    page = rows[:limit]
-    ascending = page[::-1] if downwards else page
-    keys = [MessageKey(r["created_at"], r["seq"]) for r in ascending]
-    messages = [message_row(r) for r in ascending]
-    if newest_first:
-        messages.reverse()
-    return MessagePage(
-        messages, oldest=keys[0] if keys else None, newest=keys[-1] if keys else None, has_more=len(rows) > limit
-    )
+    return page_of_messages(rows, limit, downwards=downwards, newest_first=newest_first, key=_message_key,
+                            decode=message_row)
+
+
+def _message_key(row: sqlite3.Row) -> MessageKey:
+    return MessageKey(row["created_at"], row["seq"])
 
 
 def conversation_row(row: sqlite3.Row) -> Conversation:

@@ -1,15 +1,22 @@
-"""What the service keeps, and the interface every store implements.
+"""What the service keeps, and the interface every store implements: the ``store`` package.
 
-Two implementations sit behind ``Store``: ``SQLiteStore`` (embedded default, standard library) and
-``PostgrestStore`` (Supabase, acting as the signed-in user so row-level security applies). Every method takes the
-``Caller`` explicitly: identity is a per-request value, never a global, an environment variable or prompt text.
-Methods raise only ``errors.AppError`` subclasses; a conversation that is missing or owned by someone else is
-``NotFound`` in both cases, so existence is never revealed.
+Two implementations sit behind ``Store``: ``SQLiteStore`` (``sqlite/``: embedded default, standard library) and
+``PostgrestStore`` (``postgrest/``: Supabase, acting as the signed-in user so row-level security applies). Every
+method takes the ``Caller`` explicitly: identity is a per-request value, never a global, an environment variable or
+prompt text. Methods raise only ``errors.AppError`` subclasses; a conversation that is missing or owned by someone
+else is ``ConversationNotFound`` in both cases, so existence is never revealed.
+
+The package owns the records and the protocol (this module, which every layer above may import), what both backends
+share (``shared.py``, for the backends only), the two backends, the form of a run's event log that both write
+(``run_log.py``), what a search means (``search.py``), and which backend the settings name (``build.py``, for the
+composition root and the command-line tools). It imports nothing above it: not the agents, the runs, the model or
+the web edge.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -21,6 +28,13 @@ Role = Literal["user", "assistant"]
 
 # Title given to conversations the chat route creates on first use; the earlier service used the same constant.
 AUTO_TITLE = "AI Chat"
+
+# Every timestamp the API shows: ISO 8601 UTC with microseconds and a ``Z``, the format the earlier service's
+# frontend parses (``2026-11-24T01:49:20.911133Z``), whatever the store keeps.
+TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+# Told how long each store call took: (store kind, operation, seconds). The app's metrics are one.
+QueryObserver = Callable[[str, str, float], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +167,7 @@ class RunBegun:
 
 @dataclass(frozen=True, slots=True)
 class EventBatch:
-    """Events ``first_seq..last_seq`` of a run as SSE frames (``services/run_log.py``), written in one flush."""
+    """Events ``first_seq..last_seq`` of a run as SSE frames (``services/store/run_log.py``), written in one flush."""
 
     first_seq: int
     last_seq: int
@@ -192,7 +206,7 @@ class RunControl:
 
 
 @dataclass(frozen=True, slots=True)
-class Page:
+class ConversationPage:
     conversations: list[Conversation]
     total: int
     has_more: bool = False  # more conversations past this page, in the direction it was read
@@ -232,7 +246,7 @@ ActionKind = Literal["update", "delete"]
 
 @dataclass(frozen=True, slots=True)
 class NewAction:
-    """A change the assistant prepared that only the user may carry out (``services/actions.py``). ``changes`` holds
+    """A change the assistant prepared that only the user may carry out (``agents/actions.py``). ``changes`` holds
     the validated columns of an update (None for a delete); ``before`` the record's values it replaces, as the user
     is shown them (those columns of an update, every column of a delete). The id is generated here so a retried
     insert is a no-op."""
@@ -274,6 +288,13 @@ class ActionDone:
 class Store(Protocol):
     kind: str
 
+    async def open(self) -> None:
+        """Make the store ready (SQLite: its file and schema); called once, before any other call. A store that
+        cannot be reached yet still opens: reads and writes then fail, and ``/health`` says so."""
+
+    def set_query_observer(self, observer: QueryObserver) -> None:
+        """Report how long each call of this interface takes, once per call, to ``observer`` (the app's metrics)."""
+
     async def ping(self) -> None:
         """Raise ``UpstreamUnavailable`` when the store cannot answer a read."""
 
@@ -290,12 +311,12 @@ class Store(Protocol):
         before: ConversationKey | None = None,
         after: ConversationKey | None = None,
         search: str | None = None,
-    ) -> Page:
+    ) -> ConversationPage:
         """The caller's conversations, most recent activity first (``updated_at`` descending, then ``id``).
 
         ``before`` keeps the conversations with older activity than the key, ``after`` those with newer (at most one
         of the two, and only with ``offset`` 0): the ``limit`` nearest the key, in list order. ``search`` (the user's
-        text, ``services/search.py``) keeps those whose title, or one of whose messages, holds every word of it.
+        text, ``services/store/search.py``) keeps those whose title, or one of whose messages, holds every word of it.
         ``total`` counts every conversation the search keeps, whatever the page; ``has_more`` says whether more
         follow past the page: newer ones for ``after``, older ones otherwise."""
 
@@ -311,9 +332,6 @@ class Store(Protocol):
 
     async def delete_conversation(self, caller: Caller, conversation_id: str) -> None:
         """Delete the caller's conversation and its messages, or raise ``NotFound``."""
-
-    async def list_messages(self, caller: Caller, conversation_id: str, limit: int, offset: int) -> list[Message]:
-        """Messages of the caller's conversation, oldest first."""
 
     async def message_page(
         self,
@@ -331,11 +349,8 @@ class Store(Protocol):
         nearest the key on its older/newer side; ``has_more`` says whether more follow past the page: older ones for
         ``before`` (or newest first without a key), newer ones otherwise."""
 
-    async def recent_messages(self, caller: Caller, conversation_id: str, limit: int) -> list[Message]:
-        """The newest ``limit`` messages of the caller's conversation, returned oldest first."""
-
-    # Chat runs (services/runs.py): a chat turn's generation, its event log and its controls, shared by every worker
-    # through the store. ``services/run_log.py`` holds the formats both stores write.
+    # Chat runs (services/runs/): a chat turn's generation, its event log and its controls, shared by every worker
+    # through the store. ``services/store/run_log.py`` holds the formats both stores write.
 
     async def begin_run(
         self, caller: Caller, new: NewRun, limits: TurnLimits, history_limit: int
@@ -405,7 +420,7 @@ class Store(Protocol):
     async def delete_record(self, caller: Caller, domain: Domain, record_id: str) -> None:
         """Delete one of the caller's records, or ``NotFound``."""
 
-    # Pending actions (services/actions.py): the updates and deletes the assistant prepares and the user confirms.
+    # Pending actions (agents/actions.py): the updates and deletes the assistant prepares and the user confirms.
 
     async def create_action(self, caller: Caller, new: NewAction, ttl_seconds: float) -> PendingAction:
         """Keep ``new`` for the caller to confirm within ``ttl_seconds`` (the store's clock); nothing else changes.
@@ -423,5 +438,14 @@ class Store(Protocol):
 
 
 def utc_now() -> str:
-    """ISO 8601 UTC with microseconds and a ``Z``, the format the earlier service's frontend parses."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """Now, as the API shows every timestamp (``TIMESTAMP_FORMAT``)."""
+    return datetime.now(timezone.utc).strftime(TIMESTAMP_FORMAT)
+
+
+def is_canonical_uuid(value: str) -> bool:
+    """Whether ``value`` is a UUID spelled as the service writes every id (``str(uuid.uuid4())``: lowercase,
+    hyphenated), so it compares equal to the ids stored."""
+    try:
+        return str(uuid.UUID(value)) == value.lower()  # uuid.UUID also takes "{...}", "urn:uuid:..." and bare hex
+    except ValueError:
+        return False

@@ -1,5 +1,5 @@
 """Chat runs in SQLite: ``begin_run``, ``flush_runs``, ``read_run``, ``request_stop`` and ``maintain_runs`` of the
-``Store`` interface (``services/store.py`` says what each must do), as functions on a store thread's connection.
+``Store`` interface (``services.store`` says what each must do), as functions on a store thread's connection.
 
 The tables (``MIGRATION``, applied by ``SQLiteStore`` as migration 2): ``agent_runs``, one row per chat turn, and
 ``agent_run_events``, one row per flush of a run holding that flush's SSE frames. A partial unique index allows one
@@ -15,10 +15,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from errors import NotFound
-from services import run_log, sqlite_limits
-from services.sqlite_limits import write_transaction
-from services.sqlite_messages import fetch_message, recent_messages, write_message
+from errors import ConversationNotFound, RunNotFound
 from services.store import (
     Caller,
     EventBatch,
@@ -32,6 +29,10 @@ from services.store import (
     TurnLimits,
     utc_now,
 )
+from services.store import run_log
+from services.store.sqlite import limits as sqlite_limits
+from services.store.sqlite.messages import fetch_message, recent_messages, write_message
+from services.store.sqlite.writer import write_transaction
 
 MIGRATION = """
 CREATE TABLE agent_runs (
@@ -92,7 +93,7 @@ def begin_run(
         _maintain(db, now, limits.stale_seconds, limits.events_ttl, caller.user_id)
         owner = db.execute("SELECT user_id FROM agent_conversations WHERE id = ?", (new.conversation_id,)).fetchone()
         if owner is not None and owner[0] != caller.user_id:
-            raise NotFound("Conversation not found.", code="CONVERSATION_NOT_FOUND")
+            raise ConversationNotFound()
         # A conversation that does not exist yet has no runs: one statement fewer for a new conversation's turn.
         running = None if owner is None else db.execute(
             f"SELECT {_RUN_COLUMNS} FROM agent_runs WHERE conversation_id = ? AND status = 'running'",
@@ -217,7 +218,7 @@ def read_run(db: sqlite3.Connection, caller: Caller, run_id: str, after: int | N
         f"SELECT {_RUN_COLUMNS} FROM agent_runs WHERE id = ? AND user_id = ?", (run_id, caller.user_id)
     ).fetchone()
     if row is None:
-        raise run_not_found()
+        raise RunNotFound()
     run = _run(row)
     batches: list[EventBatch] = []
     if after is not None:
@@ -241,7 +242,7 @@ def request_stop(db: sqlite3.Connection, caller: Caller, run_id: str, seen_chars
     with write_transaction(db):
         found = db.execute("SELECT 1 FROM agent_runs WHERE id = ? AND user_id = ?", (run_id, caller.user_id))
         if found.fetchone() is None:
-            raise run_not_found()
+            raise RunNotFound()
         db.execute(
             "UPDATE agent_runs SET stop_requested = 1, stop_seen_chars = ? WHERE id = ? AND status = 'running'",
             (seen_chars, run_id),
@@ -322,10 +323,6 @@ def _run_for_client_message(
     if row is None:
         return None
     return _run(row), row["conversation_id"], row["content"]
-
-
-def run_not_found() -> NotFound:
-    return NotFound("Run not found.", code="RUN_NOT_FOUND")
 
 
 def _run(row: sqlite3.Row) -> Run:

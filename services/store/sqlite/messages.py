@@ -1,4 +1,4 @@
-"""Message rows in SQLite, shared by the store (``services/sqlite_store.py``) and its runs (``sqlite_runs.py``).
+"""Message rows in SQLite, shared by the store (``services/store/sqlite/store.py``) and its runs (``sqlite_runs.py``).
 
 Functions run on a store thread with its connection, inside the caller's transaction where they write.
 """

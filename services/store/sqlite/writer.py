@@ -14,11 +14,12 @@ of them happened).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -34,6 +35,31 @@ _group = threading.local()
 def in_group() -> bool:
     """Whether the current write runs inside a group's transaction (``write_transaction`` is then a savepoint)."""
     return getattr(_group, "active", False)
+
+
+@contextlib.contextmanager
+def write_transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """A write transaction whose lock is taken up front (BEGIN IMMEDIATE), so two writers queue on busy_timeout
+    instead of deadlocking on a lock upgrade; rolled back on any exception. Every write of the store runs in
+    one. Inside a group of writes committed together (``GroupWriter``) it is a savepoint of that transaction."""
+    if in_group():
+        db.execute("SAVEPOINT write_transaction")
+        try:
+            yield
+        except BaseException:
+            db.execute("ROLLBACK TO write_transaction")
+            db.execute("RELEASE write_transaction")
+            raise
+        db.execute("RELEASE write_transaction")
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:  # a failed COMMIT (busy, a deferred constraint) can leave it open
+            db.execute("ROLLBACK")
+        raise
 
 
 class GroupWriter:

@@ -11,7 +11,7 @@ import json
 import sqlite3
 from typing import Any
 
-from errors import NotFound
+from errors import RecordNotFound
 from services.domains import DOMAINS, Column, Domain
 from services.store import Caller, utc_now
 
@@ -51,7 +51,7 @@ def get_record(db: sqlite3.Connection, caller: Caller, domain: Domain, record_id
         f"SELECT * FROM {domain.table} WHERE id = ? AND user_id = ?", (record_id, caller.user_id)
     ).fetchone()
     if row is None:
-        raise NotFound(f"No such {domain.singular}.", code="RECORD_NOT_FOUND")
+        raise RecordNotFound(domain.singular)
     return _decode(domain, row)
 
 
@@ -75,14 +75,14 @@ def update_record(
         (*(_encode(domain.column(k), v) for k, v in values.items()), utc_now(), record_id, caller.user_id),
     )
     if cursor.rowcount == 0:
-        raise NotFound(f"No such {domain.singular}.", code="RECORD_NOT_FOUND")
+        raise RecordNotFound(domain.singular)
     return get_record(db, caller, domain, record_id)
 
 
 def delete_record(db: sqlite3.Connection, caller: Caller, domain: Domain, record_id: str) -> None:
     cursor = db.execute(f"DELETE FROM {domain.table} WHERE id = ? AND user_id = ?", (record_id, caller.user_id))
     if cursor.rowcount == 0:
-        raise NotFound(f"No such {domain.singular}.", code="RECORD_NOT_FOUND")
+        raise RecordNotFound(domain.singular)
 
 
 def _encode(column: Column | None, value: Any) -> Any:

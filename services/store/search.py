@@ -3,7 +3,7 @@
 ``GET /api/conversations?q=kitch+inv`` finds the caller's conversations whose title, or one of whose messages, holds
 a word starting with "kitch" and a word starting with "inv" (case-insensitive; accents count: "Lopez" does not find
 "López"). Everything else in the text separates words and is never query syntax: only words reach an engine, each
-quoted (SQLite FTS5 ``"word"*``, ``services/sqlite_listing.py``; PostgreSQL ``'word':*``,
+quoted (SQLite FTS5 ``"word"*``, ``services/store/sqlite/listing.py``; PostgreSQL ``'word':*``,
 ``migrations/008_search_folding.sql``), which keeps the search safe from injection in both.
 
 A word is found when it is typed as it is stored, in any script, because each store folds the text it indexes and

@@ -9,7 +9,7 @@ the supervisor regenerate its output, paying for the answer twice).
 
 The loop is bounded: at most ``max_iterations`` model calls per specialist and ``tool_seconds`` of tool time per
 turn. Tools run as the request's ``Caller`` through the store. A call that needs the user's confirmation (every
-update and every delete: ``services/actions.py``) finishes with status ``confirmation_required``, and its
+update and every delete: ``services/agents/actions.py``) finishes with status ``confirmation_required``, and its
 ``tool_call`` chunk carries the pending action's id and the whole change (summary, before, changes) for the
 frontend's Confirm button.
 """
@@ -24,11 +24,11 @@ from typing import Any
 import anyio
 
 from errors import UpstreamError
-from services import actions
+from services.agents import actions
+from services.agents.tools import Tool, ToolResult, run_tool, tools_for
 from services.domains import DOMAINS, Domain
 from services.model import ChatModel, ModelEvent, ModelRequest, ModelUsed, Stop, TextDelta, ToolUse, Usage
 from services.store import Caller, Store
-from services.tools import Tool, ToolResult, run_tool, tools_for
 
 SUPERVISOR = "supervisor"
 HANDOFF_TOOL = "transfer_to_specialist"

@@ -1,6 +1,6 @@
 """Sample business data for one user, so the assistant has something real to answer from.
 
-    python -m services.sample_data USER_ID
+    python -m services.store.sample_data USER_ID
 
 loads a few records into every domain's table of the configured store (``SQLITE_PATH`` on the embedded default;
 with ``STORE=supabase`` set ``ACCESS_TOKEN`` to that user's JWT, since rows are written as the user). Running it twice
@@ -19,6 +19,8 @@ from typing import Any
 from errors import NotFound
 from services.domains import BY_AGENT
 from services.store import Caller, Store
+from services.store.build import build_store
+from settings import Settings
 
 _TODAY = date.today()
 
@@ -94,12 +96,9 @@ async def load(store: Store, caller: Caller) -> tuple[int, int]:
 
 
 async def _main(user_id: str) -> None:
-    from app import build_store  # the composition root knows which store is configured
-    from settings import Settings
-
     settings = Settings.from_environ(os.environ)
     store = build_store(settings)
-    await store.open()  # type: ignore[attr-defined]
+    await store.open()
     try:
         written, existing = await load(store, Caller(user_id=user_id, access_token=os.environ.get("ACCESS_TOKEN") or None))
     finally:
@@ -110,7 +109,7 @@ async def _main(user_id: str) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m services.sample_data USER_ID")
+        sys.exit("usage: python -m services.store.sample_data USER_ID")
     try:
         user = str(uuid.UUID(sys.argv[1]))
     except ValueError:

@@ -1,0 +1,173 @@
+"""Who is calling: turns a request's credentials and claimed ``user_id`` into a ``Caller``.
+
+Four modes, picked from settings by ``build_authenticator``:
+
+* ``none``: no auth configured (development only; production refuses to start). The claimed ``user_id`` is trusted,
+  and every store call is still scoped to it.
+* ``jwt``: Supabase access tokens signed with the project's legacy HS256 secret (``SUPABASE_JWT_SECRET``) are
+  verified here, with the standard library and a constant-time compare. No network round trip.
+* ``jwks``: for projects on asymmetric signing keys (ES256/RS256), the signature is verified here with the project's
+  published public keys (``services/auth/jwks.py``), fetched once and kept: no token costs a network call, and an Auth
+  outage stops no one whose key is held. The default whenever ``SUPABASE_URL`` is set.
+* ``supabase-auth``: only with ``AUTH_VERIFY=remote``, asymmetric tokens are instead checked by Supabase Auth
+  (``GET {SUPABASE_URL}/auth/v1/user``), which also refuses a session logged out before its token expired, and the
+  answer cached, bounded in size, never past the token's ``exp``. Forged tokens must not turn into load on Supabase
+  Auth: its refusals are cached too (briefly), one call at a time is made per token (concurrent requests share it),
+  a 429 from it is never retried, and the worker's calls are bounded overall (``LookupBudget``:
+  ``AUTH_LOOKUPS_PER_MINUTE`` per window and ``AUTH_LOOKUP_CONCURRENCY`` at once), whatever the number of tokens or
+  client addresses (the per-address limit is ``app.py``'s ``before_remote``).
+
+With a secret configured too, HS256 tokens are still verified locally (``jwt+jwks``, ``jwt+supabase-auth``).
+
+Every token is checked the same way before anything else: three parts in unpadded base64url (RFC 7515 section 2:
+that alphabet only, no padding, canonical, so a token has one spelling), a JSON object header with a string ``alg``
+on a fixed allow-list (never ``none``; ``HS256`` only when verified with the secret) and string ``typ``/``kid`` if
+present, a JSON object of claims, ``exp``/``nbf``/``iat`` finite numbers with at most 30 s leeway, ``aud``
+containing ``authenticated``, ``iss`` equal to ``{SUPABASE_URL}/auth/v1`` when the URL is known, ``role``
+``authenticated`` (required) and a string UUID ``sub``. The claimed ``user_id`` must then equal ``sub``. Failures are
+``Unauthorized``/``Forbidden`` with the codes ``MISSING_TOKEN``, ``MALFORMED_TOKEN``, ``INVALID_TOKEN``,
+``EXPIRED_TOKEN`` and ``USER_ID_MISMATCH``; messages never echo the token or its claims, and tokens are never logged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import httpx
+
+from services.auth.jwks import SigningKeys
+from services.auth.lookup import LookupBudget, SupabaseUserLookup
+from services.auth.tokens import HS256Verifier, bearer_token, check_claims, invalid_token, parse_token, user_id_mismatch
+from services.retry import RetryPolicy
+from services.store import Caller
+from settings import ConfigError, Settings
+
+REMOTE_ALGORITHMS = frozenset({"ES256", "RS256", "HS256"})  # what Supabase Auth signs with; never "none"
+
+
+class Authenticator(Protocol):
+    mode: str
+
+    async def verify(self, authorization: str | None, before_remote: Callable[[], None] | None = None) -> Caller | None:
+        """The caller the bearer token proves, or None when authentication is off; ``Unauthorized`` otherwise.
+        Needs no request body, so it runs before one is read. ``before_remote`` runs (and may raise) just before a
+        call to Supabase Auth, never when the token is checked locally or from the cache."""
+        ...
+
+    async def aclose(self) -> None:
+        ...
+
+
+class TrustClaimedUser:
+    """Development without auth: the request's ``user_id`` is taken at its word."""
+
+    mode = "none"
+
+    async def verify(self, authorization: str | None, before_remote: Callable[[], None] | None = None) -> Caller | None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+def claimed_caller(verified: Caller | None, claimed_user_id: str) -> Caller:
+    """The request's caller: the token's user, who must be the ``user_id`` the request names (``Forbidden``
+    otherwise), or, with authentication off, the named user."""
+    if verified is None:
+        return Caller(user_id=claimed_user_id)
+    if claimed_user_id.lower() != verified.user_id:
+        raise user_id_mismatch()
+    return verified
+
+
+async def authenticate(
+    auth: Authenticator, authorization: str | None, claimed_user_id: str, before_remote: Callable[[], None] | None = None
+) -> Caller:
+    """``verify`` then ``claimed_caller``: the whole check for a request whose claimed user is already known."""
+    return claimed_caller(await auth.verify(authorization, before_remote), claimed_user_id)
+
+
+class SupabaseJWTAuth:
+    """Bearer tokens from Supabase Auth: HS256 with the project's secret, and asymmetric ones with its published keys
+    (``keys``) or, when configured so, by asking Supabase Auth (``remote``); all but the last verified here."""
+
+    def __init__(
+        self,
+        *,
+        hs256: HS256Verifier | None,
+        issuer: str | None,
+        keys: SigningKeys | None = None,
+        remote: SupabaseUserLookup | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if hs256 is None and keys is None and remote is None:
+            raise ConfigError("JWT authentication needs SUPABASE_JWT_SECRET or SUPABASE_URL")
+        self._hs256 = hs256
+        self._keys = keys
+        self._remote = remote
+        self._issuer = issuer
+        self._clock = clock
+        parts = (("jwt", hs256), ("jwks", keys), ("supabase-auth", remote))
+        self.mode = "+".join(name for name, part in parts if part)
+
+    async def verify(self, authorization: str | None, before_remote: Callable[[], None] | None = None) -> Caller:
+        token = parse_token(bearer_token(authorization))
+        algorithm = token.header.get("alg")
+        if algorithm == "HS256" and self._hs256 is not None:
+            self._hs256.verify(token)  # signature first: claims of an unsigned token mean nothing
+            user_id = check_claims(token.claims, now=self._clock(), issuer=self._issuer)
+        elif algorithm in ("ES256", "RS256") and self._keys is not None:
+            await self._keys.verify(algorithm, token.header.get("kid"), token.signing_input, token.signature)
+            user_id = check_claims(token.claims, now=self._clock(), issuer=self._issuer)
+        elif algorithm in REMOTE_ALGORITHMS and self._remote is not None:
+            # Cheap local checks first (they can only reject), then Supabase Auth for the signature.
+            user_id = check_claims(token.claims, now=self._clock(), issuer=self._issuer)
+            if await self._remote.user_id(token, float(token.claims["exp"]), before_remote) != user_id:
+                raise invalid_token()
+        else:
+            raise invalid_token()  # "none", an unknown algorithm, or one we have no key for
+        return Caller(user_id=user_id, access_token=token.raw)
+
+    async def aclose(self) -> None:
+        for part in (self._keys, self._remote):
+            if part is not None:
+                await part.aclose()
+
+
+def build_authenticator(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> Authenticator:
+    """``none`` without auth settings; otherwise HS256 with the secret, and asymmetric tokens with the project's keys
+    or (``AUTH_VERIFY=remote``) by Supabase Auth, as configured."""
+    secret = str(settings.supabase_jwt_secret)
+    url = settings.supabase_url.rstrip("/")
+    if not secret and not url:
+        return TrustClaimedUser()
+    keys = remote = None
+    if url and settings.auth_verify == "jwks":
+        keys = SigningKeys(url, api_key=settings.publishable_key, timeout=settings.supabase_timeout, transport=transport)
+    elif url:
+        if not settings.publishable_key:
+            raise ConfigError(
+                "Verifying tokens with Supabase Auth (SUPABASE_URL) requires SUPABASE_PUBLISHABLE_KEY "
+                "(or the legacy SUPABASE_ANON_KEY)"
+            )
+        remote = SupabaseUserLookup(
+            url,
+            settings.publishable_key,
+            RetryPolicy.from_settings(settings),
+            timeout=settings.supabase_timeout,
+            transport=transport,
+            budget=LookupBudget(
+                settings.auth_lookups_per_minute,
+                settings.rate_limit_window_seconds,
+                settings.auth_lookup_concurrency,
+                wait=settings.supabase_timeout,
+            ),
+        )
+    return SupabaseJWTAuth(
+        hs256=HS256Verifier(secret) if secret else None,
+        keys=keys,
+        remote=remote,
+        issuer=f"{url}/auth/v1" if url else None,
+    )

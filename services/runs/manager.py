@@ -1,0 +1,383 @@
+"""This worker's chat runs: ``RunManager`` starts them, flushes them, stops them and ends dead ones anywhere.
+
+The package docstring (``services/runs/__init__.py``) says what reaches the store, and when.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from typing import Any
+
+import anyio
+
+from errors import AppError, Conflict, ConversationDeleted, RunTimedOut, ShuttingDown, UpstreamUnavailable
+from services.agents.assistant import Assistant
+from services.metrics import Metrics
+from services.runs.feeds import LiveFeed, RunFeed, RunPoll, StoredFeed, deleted_frame
+from services.runs.live import HEARTBEAT_SECONDS, LiveRun
+from services.runs.prompt import build_turns
+from services.runs.turn import Turn
+from services.store import Caller, Message, NewRun, Run, RunBegun, RunView, Store, TurnLimits
+from services.store.run_log import SUPERVISOR, complete_chunk, cut, error_chunk, frame, interrupted_chunk
+
+logger = logging.getLogger(__name__)
+
+FLUSH_SECONDS = 0.25
+# The least time between two flushes: a run's end asks for one at once, so without it a worker ending many runs a second
+# (60 new turns a second) would flush once per end. With it a worker sends at most 1 / FLUSH_GAP_SECONDS flushes a
+# second, each carrying every run that ended meanwhile, whatever the number of users; an end waits 50 ms at most.
+FLUSH_GAP_SECONDS = 0.05
+MAINTAIN_SECONDS = 10.0
+FINAL_SAVE_SECONDS = 30.0  # how long viewers wait for a run's final flush before they are told the store is down
+# How long an ended run whose end the store refuses is kept in memory and retried. A full disk is usually freed within
+# minutes; a store that refuses one user for good (their token expired mid-run) must not hold the run forever.
+UNSAVED_KEEP_SECONDS = 600.0
+STOP_WAIT_SECONDS = 5.0  # how long a stop waits for the run's worker to save the stopped answer
+
+
+def shutdown_frame() -> str:
+    """What a viewer still open when the server stops is told last: no id, as it is not part of the run's log."""
+    return frame(None, error_chunk(ShuttingDown(), SUPERVISOR))
+
+
+class RunManager:
+    """Owns this worker's runs: starting them, flushing them, stopping them, and ending dead ones anywhere."""
+
+    def __init__(
+        self,
+        store: Store,
+        assistant: Assistant,
+        metrics: Metrics,
+        *,
+        history_max_messages: int,
+        history_token_budget: int,
+        max_seconds: float,
+        stale_seconds: float,
+        events_ttl: float,
+    ) -> None:
+        self._store = store
+        self._assistant = assistant
+        self._metrics = metrics
+        self._history_max_messages = history_max_messages
+        self._token_budget = history_token_budget
+        self._max_seconds = max_seconds
+        self.stale_seconds = stale_seconds
+        self.events_ttl = events_ttl
+        self._live: dict[str, LiveRun] = {}
+        # The reads of runs generating elsewhere, one per run while it has viewers here (their feeds hold it).
+        self._polls: weakref.WeakValueDictionary[str, RunPoll] = weakref.WeakValueDictionary()
+        self._urgent = asyncio.Event()
+        self._background: list[asyncio.Task[None]] = []
+        self._flushing = True  # the last flush went through (see ``_maintain_loop``)
+
+    async def open(self) -> None:
+        """End the runs that died while no worker was up, then start flushing and the periodic maintenance."""
+        await self._maintain_quietly()
+        loop = asyncio.get_running_loop()
+        self._background = [loop.create_task(self._flush_loop()), loop.create_task(self._maintain_loop())]
+
+    async def aclose(self) -> None:
+        """Shutdown: the runs still generating end as ``interrupted`` and are saved; then the background stops."""
+        tasks = [live.task for live in self._live.values() if live.task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=FINAL_SAVE_SECONDS)
+            await self._flush()  # a run cancelled while waiting for its final flush is still in the batch
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    # -- starting ------------------------------------------------------------------------------------------------
+
+    async def begin(self, caller: Caller, new: NewRun, limits: TurnLimits, request_started: float) -> RunBegun:
+        """Admit and start a turn. ``started`` and ``existing`` give the run to view; the limits' refusals are
+        returned for the caller to turn into a 429; a conflict is raised as a 409."""
+        self._refuse_while_held(caller)
+        begun = await self._store.begin_run(caller, new, limits, self._history_max_messages)
+        if begun.outcome == "started":
+            assert begun.run is not None
+            self._start(caller, begun.run, build_turns(begun.history, self._token_budget), request_started)
+        elif begun.outcome == "in_progress":
+            assert begun.run is not None
+            raise Conflict(
+                "An answer is still being generated in this conversation.",
+                code="RUN_IN_PROGRESS",
+                user_message="An answer is still being written in this conversation. Wait for it, or stop it.",
+                details={"runId": begun.run.id},
+            )
+        elif begun.outcome == "conflict":
+            raise Conflict(
+                "client_message_id was already used for a different message.",
+                code="IDEMPOTENCY_CONFLICT",
+                user_message="This message could not be sent. Please try again.",
+                suggested_actions=("Send a new client_message_id with each new message",),
+            )
+        return begun
+
+    def _refuse_while_held(self, caller: Caller) -> None:
+        """A turn's admission ends the caller's dead runs: while this worker holds one of theirs that the store has
+        not taken (it refuses writes, or the run's token expired), refuse, retryably, rather than let it be ended
+        with only what was saved. The caller's fresh token goes to those runs, so a token that expired stops
+        blocking their flushes."""
+        now, late = time.monotonic(), max(self.stale_seconds / 2, 2 * HEARTBEAT_SECONDS)
+        held = [live for live in self._live.values()
+                if live.caller.user_id == caller.user_id and live.held_unsaved(now, late)]
+        if not held:
+            return
+        for live in held:
+            live.caller = caller
+        raise UpstreamUnavailable(
+            "An earlier answer of this user is still waiting to be saved.",
+            code="STORE_UNAVAILABLE",
+            user_message="Your previous answer is still being saved. Please try again in a moment.",
+            retry_after=1,
+        )
+
+    def _start(self, caller: Caller, run: Run, turns: list[dict[str, Any]], request_started: float) -> None:
+        live = LiveRun(run, caller)
+        self._live[run.id] = live
+        turn = Turn(self._assistant, caller, turns)
+        live.task = asyncio.get_running_loop().create_task(self._drive(live, turn, request_started))
+
+    async def _drive(self, live: LiveRun, turn: Turn, request_started: float) -> None:
+        try:
+            try:
+                status, item, code = await self._generate(live, turn, request_started)
+            except asyncio.CancelledError:
+                # Shutdown: save what was produced, shielded from the cancellation and bounded.
+                with anyio.CancelScope(shield=True):
+                    self._end(live, turn, "interrupted", error_chunk(ShuttingDown(), turn.agent_type), "SERVER_SHUTTING_DOWN")
+                    await self._published(live)
+                raise
+            self._end(live, turn, status, item, code)
+            await self._published(live)
+        finally:
+            # A run whose end is not saved yet (the store is failing, or shutdown cancelled the wait) stays, every
+            # frame and its text in memory, and the flush loop saves it once the store takes it (``_flush``).
+            if live.saved.is_set():
+                self._live.pop(live.run.id, None)
+
+    async def _generate(
+        self, live: LiveRun, turn: Turn, request_started: float
+    ) -> tuple[str, dict[str, Any], str | None]:
+        """Run the turn to its end; (status, terminal chunk, error code)."""
+        first_token = True
+        with anyio.CancelScope() as scope:
+            live.scope = scope
+            if live.cancelled:
+                scope.cancel()
+            try:
+                with anyio.move_on_after(self._max_seconds) as deadline:
+                    async for item in turn.chunks():
+                        if first_token and item["type"] == "token":
+                            first_token = False
+                            self._metrics.first_token.observe(time.perf_counter() - request_started)
+                        live.emit(item)
+            except AppError as exc:
+                logger.warning("Chat run failed: %s (%s)", exc.code, exc.message)
+                return "error", error_chunk(exc, turn.agent_type), exc.code
+            except Exception:
+                # A bug, not an expected failure: logged with its traceback; the partial answer is still saved and
+                # the stream still ends with one error chunk.
+                logger.exception("Unexpected error in chat run")
+                return "error", error_chunk(AppError(), turn.agent_type), "INTERNAL_ERROR"
+            if deadline.cancelled_caught:
+                return "error", error_chunk(RunTimedOut(), turn.agent_type), RunTimedOut.code
+            run = live.run
+            done = complete_chunk(run.id, run.assistant_message_id, run.conversation_id, turn.agent_type,
+                                  usage=turn.usage, stop_reason=turn.stop_reason)
+            return "complete", done, None
+        run = live.run
+        if live.deleted:
+            return "error", error_chunk(ConversationDeleted(), turn.agent_type), ConversationDeleted.code
+        if live.stop_asked:
+            stopped = complete_chunk(run.id, run.assistant_message_id, run.conversation_id, turn.agent_type,
+                                     status="stopped", usage=turn.usage, stop_reason="stopped")
+            return "stopped", stopped, None
+        return "interrupted", interrupted_chunk(run.id), "RUN_INTERRUPTED"
+
+    def _end(self, live: LiveRun, turn: Turn, status: str, item: dict[str, Any], code: str | None) -> None:
+        text = cut(live.text, live.seen_chars) if status == "stopped" else live.text
+        metadata = {**turn.metadata(status, code), "run_id": live.run.id}
+        live.finish(status, item, text, metadata, turn.agent_type)
+        if code is not None:
+            self._metrics.llm_errors.inc(code)
+        for model_id, usage in turn.model_usage.items():
+            self._metrics.llm_tokens.inc("input", model_id, amount=usage["input_tokens"])
+            self._metrics.llm_tokens.inc("output", model_id, amount=usage["output_tokens"])
+        _log_end(live.run.id, metadata)
+        self._urgent.set()
+
+    async def _published(self, live: LiveRun) -> None:
+        """Wait for the final flush, then show viewers the terminal chunk. If the store stays down, viewers get a
+        retryable error instead (their resume finds the end once it is saved), and the run stays in memory, still
+        flushed every ``FLUSH_SECONDS`` until the store takes it."""
+        with anyio.move_on_after(FINAL_SAVE_SECONDS):
+            await live.saved.wait()
+        if live.saved.is_set():
+            live.publish_end(_elsewhere_end(live) if live.elsewhere else None)
+            return
+        logger.error("Could not save the end of a chat run yet; it stays in memory and is retried")
+        error = UpstreamUnavailable("The database is unavailable.", code="STORE_UNAVAILABLE")
+        live.publish_end(frame(None, error_chunk(error, SUPERVISOR, run_id=live.run.id)))
+
+    # -- viewing, stopping ---------------------------------------------------------------------------------------
+
+    async def feed(self, caller: Caller, run_id: str) -> RunFeed:
+        """A viewer of the caller's run: from memory when it generates here, from the store otherwise."""
+        live = self._live.get(run_id)
+        if live is not None and live.caller.user_id == caller.user_id:
+            return LiveFeed(live)
+        await self._store.read_run(caller, run_id, None)  # NotFound unless it is the caller's
+        poll = self._polls.get(run_id)
+        if poll is None:
+            poll = self._polls[run_id] = RunPoll(self._store, run_id)
+        return StoredFeed(self._store, poll, caller, run_id, self._end_if_dead)
+
+    async def stop(self, caller: Caller, run_id: str, seen_chars: int | None) -> RunView:
+        """Stop the caller's run wherever it generates and return it with its saved answer: ended, or still
+        ``running`` when its worker has not ended it within ``STOP_WAIT_SECONDS`` (a dead worker's run ends stopped
+        once its heartbeat lapses). Idempotent: a run that has already ended is left as it is."""
+        live = self._live.get(run_id)
+        if live is not None and live.caller.user_id == caller.user_id:
+            live.stop(seen_chars)
+            with anyio.move_on_after(STOP_WAIT_SECONDS):
+                await live.saved.wait()
+        else:
+            await self._store.request_stop(caller, run_id, seen_chars)
+            await self._await_end(caller, run_id)
+        return await self._store.read_run(caller, run_id, None)
+
+    async def _await_end(self, caller: Caller, run_id: str) -> None:
+        """Wait for another worker to end the run (it sees the stop at its next flush), or end it if that worker
+        is dead."""
+        with anyio.move_on_after(STOP_WAIT_SECONDS):
+            while True:
+                view = await self._store.read_run(caller, run_id, None)
+                if view.run.status != "running" or await self._end_if_dead(caller, view.run):
+                    return
+                await anyio.sleep(FLUSH_SECONDS / 2)
+
+    def overlay(self, messages: list[Message], run: Run | None) -> list[Message]:
+        """Messages with the answer of ``run`` (their conversation's running run, from ``Store.running_run``) shown
+        as it is now when it generates on this worker, not as last saved."""
+        live = self._live.get(run.id) if run is not None else None
+        # Not while frames are held back for want of a save: the answer as shown must be what viewers may see.
+        if run is None or live is None or live.final is not None or live.visible < len(live.frames):
+            return messages
+        live.seal()
+        shown = []
+        for message in messages:
+            if message.id == run.assistant_message_id:
+                metadata = {**message.metadata, "seq": len(live.frames)}
+                message = Message(message.id, message.conversation_id, message.role, live.text,
+                                  live.agent_type, metadata, message.created_at)
+            shown.append(message)
+        return shown
+
+    async def end_if_dead(self, caller: Caller, run: Run | None) -> bool:
+        """End ``run`` (a conversation's running run) if no worker generates it any more; True if it was ended (the
+        caller reads the messages again)."""
+        if run is None or run.id in self._live:
+            return False
+        return await self._end_if_dead(caller, run)
+
+    async def _end_if_dead(self, caller: Caller, run: Run) -> bool:
+        if run.status != "running" or time.time() - run.heartbeat_at < self.stale_seconds:
+            return False
+        await self._store.maintain_runs(caller, self.stale_seconds, self.events_ttl)
+        return True
+
+    # -- background ----------------------------------------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        while True:
+            with anyio.move_on_after(FLUSH_SECONDS - FLUSH_GAP_SECONDS):
+                await self._urgent.wait()
+            self._urgent.clear()
+            try:
+                await self._flush()
+            except Exception:  # a bug must not end flushing for every run on this worker
+                logger.exception("Unexpected error while flushing chat runs")
+            await anyio.sleep(FLUSH_GAP_SECONDS)
+
+    async def _flush(self) -> None:
+        """Write every live run's update in one store call; ``_flushing`` says whether the store took them all."""
+        now = time.monotonic()
+        self._forget_unsavable(now)
+        lives = list(self._live.values())
+        if not lives:
+            self._flushing = True
+            return
+        updates = [live.take_update(now) for live in lives]
+        try:
+            controls = await self._store.flush_runs(updates)
+        except AppError as exc:
+            logger.warning("Could not flush %d chat runs (%s); retrying", len(updates), exc.code)
+            self._flushing = False
+            return
+        for live, update in zip(lives, updates):
+            control = controls.get(live.run.id)
+            if control is None:
+                continue
+            if control.applied:
+                live.committed(update, now)
+            elif control.gone:
+                live.ended_elsewhere(control.deleted)  # what it held past the last save is not the store's any more
+            if control.stop:
+                live.stop(control.seen_chars)
+            if live.ended and live.saved.is_set():
+                self._live.pop(live.run.id, None)  # its end, kept while the store refused it, is settled at last
+        self._flushing = len(controls) >= len(lives)
+
+    def _forget_unsavable(self, now: float) -> None:
+        """Give up the ended runs whose end the store has refused for ``UNSAVED_KEEP_SECONDS``."""
+        for live in list(self._live.values()):
+            if live.farewell is not None and not live.saved.is_set() and now - live.farewell_at > UNSAVED_KEEP_SECONDS:
+                logger.error("Gave up saving the end of a chat run after %.0f s; it will end interrupted",
+                             UNSAVED_KEEP_SECONDS)
+                self._live.pop(live.run.id, None)
+
+    async def _maintain_loop(self) -> None:
+        while True:
+            await anyio.sleep(MAINTAIN_SECONDS)
+            # Only while this worker's own flushes go through: when the store refuses them (a full disk), its live
+            # runs' heartbeats lapse too, and a sweep the moment the store came back would end them as dead, with
+            # only their last saved text, before the next flush could save what they still hold.
+            if self._flushing:
+                await self._maintain_quietly()
+
+    def health(self) -> dict[str, int]:
+        """For /health: the runs generating here, and those that ended but wait for the store to save their end."""
+        waiting = sum(1 for live in self._live.values() if live.ended and not live.saved.is_set())
+        return {"generating": len(self._live) - waiting, "unsaved": waiting}
+
+    async def _maintain_quietly(self) -> None:
+        try:
+            await self._store.maintain_runs(None, self.stale_seconds, self.events_ttl)
+        except AppError as exc:
+            logger.warning("Could not end dead chat runs (%s)", exc.code)
+        except Exception:
+            logger.exception("Unexpected error while ending dead chat runs")
+
+
+def _log_end(run_id: str, metadata: dict[str, Any]) -> None:
+    """The turn's line in the log: how it ended, and the model that answered (a fallback, when the configured one
+    was throttled or failing; several when they answered different calls of the turn)."""
+    model = ",".join(metadata.get("model_ids") or [metadata.get("model_id") or "-"])
+    logger.info(
+        "Chat run ended: run_id=%s status=%s code=%s model=%s duration_ms=%d",
+        run_id, metadata["status"], metadata.get("error_code") or "-", model, metadata["duration_ms"],
+    )
+
+
+def _elsewhere_end(live: LiveRun) -> str:
+    """What viewers of a run the store ended without this worker are told last: what the store holds (its
+    conversation deleted, or the run interrupted), under no id, since the store's end has its own."""
+    if live.deleted:
+        return deleted_frame(live.run.id)
+    return frame(None, interrupted_chunk(live.run.id))

@@ -1,0 +1,222 @@
+"""PostgREST's rows and RPC answers as the store's records, and a flush's updates as the RPC's arguments.
+
+Rows come back as SQLite's do (``services/store/postgrest/store.py`` says why): timestamps in ``TIMESTAMP_FORMAT``
+(PostgREST renders ``timestamptz`` as ``...+00:00`` and drops trailing zeros), run times as Unix seconds, business
+records with SQLite's keys, key order and value types. Anything else the database answers is ``STORE_BAD_RESPONSE``.
+For ``store.py`` only.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from errors import UpstreamError
+from services.domains import BY_TABLE, Column, Domain
+from services.store import (
+    TIMESTAMP_FORMAT,
+    ActionDone,
+    BeginOutcome,
+    Conversation,
+    Message,
+    MessageKey,
+    PendingAction,
+    Run,
+    RunBegun,
+    RunControl,
+    RunUpdate,
+)
+
+
+def utc_timestamp(value: str | None) -> str | None:
+    """PostgREST's ``timestamptz`` (``2026-11-24T01:49:20.9111+00:00``) as the API shows it (``TIMESTAMP_FORMAT``)."""
+    if value is None:
+        return None
+    return _parsed(value).astimezone(timezone.utc).strftime(TIMESTAMP_FORMAT)
+
+
+def _required_timestamp(value: str | None) -> str:
+    stamp = utc_timestamp(value)
+    if stamp is None:
+        raise UpstreamError("The database returned a row without a timestamp.", code="STORE_BAD_RESPONSE")
+    return stamp
+
+
+def _epoch(value: str) -> float:
+    """A ``timestamptz`` as JSON renders it (``2026-11-24T01:49:20.9111+00:00``) in Unix seconds, as SQLite keeps it."""
+    return _parsed(value).timestamp()
+
+
+def _parsed(value: str) -> datetime:
+    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=timezone.utc)
+
+
+def bad_response() -> UpstreamError:
+    return UpstreamError("The database returned an unexpected result.", code="STORE_BAD_RESPONSE")
+
+
+def conversation_of(row: dict[str, Any]) -> Conversation:
+    try:
+        created_at = _required_timestamp(row["created_at"])
+        return Conversation(
+            id=row["id"],
+            user_id=row["user_id"],
+            title=row["title"],
+            created_at=created_at,
+            updated_at=utc_timestamp(row["updated_at"]) or created_at,
+            last_message_at=utc_timestamp(row["last_message_at"]),
+            message_count=row["message_count"] or 0,
+            metadata=row["metadata"] or {},
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise UpstreamError("The database returned an unexpected row.", code="STORE_BAD_RESPONSE") from exc
+
+
+def message_of(row: dict[str, Any]) -> Message:
+    try:
+        return Message(
+            id=row["id"],
+            conversation_id=row["conversation_id"],
+            role=row["role"],
+            content=row["content"],
+            agent_type=row["agent_type"],
+            metadata=row["metadata"] or {},
+            created_at=_required_timestamp(row["created_at"]),
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise UpstreamError("The database returned an unexpected row.", code="STORE_BAD_RESPONSE") from exc
+
+
+def message_key_of(row: dict[str, Any]) -> MessageKey:
+    try:
+        return MessageKey(_required_timestamp(row["created_at"]), int(row["seq"]))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise bad_response() from exc
+
+
+BEGIN_OUTCOMES: frozenset[BeginOutcome] = frozenset(
+    ("started", "existing", "conflict", "in_progress", "rate_limited", "streams_full")
+)
+
+
+def run_begun_of(result: Any) -> RunBegun:
+    """``agent_run_begin``'s answer as ``RunBegun`` (its ``not_found`` is raised by the caller)."""
+    try:
+        outcome = result["outcome"]
+        if outcome not in BEGIN_OUTCOMES:
+            raise ValueError(f"unknown outcome {outcome!r}")
+        run = run_of(result["run"]) if result.get("run") is not None else None
+        history = [message_of(row) for row in result.get("history") or []]
+        return RunBegun(outcome, run, history, float(result.get("retry_after") or 0.0))
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise bad_response() from exc
+
+
+def run_of(row: dict[str, Any]) -> Run:
+    try:
+        return Run(
+            id=row["id"],
+            conversation_id=row["conversation_id"],
+            user_message_id=row["user_message_id"],
+            assistant_message_id=row["assistant_message_id"],
+            client_message_id=row["client_message_id"],
+            status=row["status"],
+            last_seq=int(row["last_seq"]),
+            heartbeat_at=_epoch(row["heartbeat_at"]),
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise bad_response() from exc
+
+
+def controls_of(rows: Any) -> dict[str, RunControl]:
+    try:
+        return {
+            str(row["run_id"]): RunControl(
+                stop=bool(row["stop"]),
+                seen_chars=None if row["seen_chars"] is None else int(row["seen_chars"]),
+                gone=bool(row["gone"]),
+                deleted=bool(row.get("deleted")),
+                applied=bool(row.get("applied")),
+            )
+            for row in rows
+        }
+    except (TypeError, ValueError, KeyError) as exc:
+        raise bad_response() from exc
+
+
+def update_json(update: RunUpdate, write_key: str) -> dict[str, Any]:
+    """One element of ``agent_runs_flush``'s ``p_updates``; the batch is flattened into its three fields. The run's
+    answer is the one its begin wrote, so the message id is not sent."""
+    batch = update.batch
+    return {
+        "run_id": update.run_id,
+        "write_key": write_key,
+        "first_seq": batch.first_seq if batch is not None else None,
+        "last_seq": batch.last_seq if batch is not None else None,
+        "frames": batch.frames if batch is not None else None,
+        "content": update.content,
+        "metadata": update.metadata,
+        "agent_type": update.agent_type,
+        "heartbeat": update.heartbeat,
+        "final_status": update.final_status,
+    }
+
+
+def pending_action_of(row: dict[str, Any]) -> PendingAction:
+    try:
+        return PendingAction(
+            id=row["id"],
+            user_id=row["user_id"],
+            table=row["table_name"],
+            tool=row["tool"],
+            kind=row["kind"],
+            record_id=row["record_id"],
+            changes=row["changes"],
+            before=row["before"],
+            summary=row["summary"],
+            created_at=_required_timestamp(row["created_at"]),
+            expires_at=_required_timestamp(row["expires_at"]),
+            used_at=utc_timestamp(row["used_at"]),
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise bad_response() from exc
+
+
+def action_done_of(result: dict[str, Any]) -> ActionDone:
+    """``pending_action_confirm``'s ``done``: the updated row is decoded as ``update_record`` decodes PostgREST's."""
+    try:
+        action = pending_action_of(result["action"])
+        domain = BY_TABLE[action.table]
+        record = None if action.kind == "delete" else record_of(domain, result["record"])
+    except (KeyError, TypeError) as exc:
+        raise bad_response() from exc
+    return ActionDone(action, record)
+
+
+def record_of(domain: Domain, row: dict[str, Any]) -> dict[str, Any]:
+    """A PostgREST row as SQLite's ``_decode`` returns it: same keys in the same order, same value types."""
+    try:
+        record: dict[str, Any] = {"id": row["id"], "user_id": row["user_id"]}
+        for column in domain.columns:
+            record[column.name] = _value(column, row[column.name])
+        record["created_at"] = utc_timestamp(row["created_at"])
+        record["updated_at"] = utc_timestamp(row["updated_at"])
+    # OverflowError: a numeric past a double's range, written by another client (the tools refuse one), is no float.
+    except (KeyError, ValueError, TypeError, OverflowError) as exc:
+        raise UpstreamError("The database returned an unexpected row.", code="STORE_BAD_RESPONSE") from exc
+    return record
+
+
+def _value(column: Column, value: Any) -> Any:
+    """numeric → float (SQLite's REAL; PostgREST sends numerics as JSON numbers, ints when whole); time → ``HH:MM``
+    (PostgreSQL renders ``09:30:00``); dates, uuids, text and jsonb already read as SQLite's do."""
+    if value is None:
+        return None
+    if column.type == "number":
+        return float(value)
+    if column.type == "integer":
+        return int(value)
+    if column.type == "time":
+        return str(value)[:5]
+    return value

@@ -1,0 +1,478 @@
+"""``PostgrestStore``: each ``Store`` call as one or two PostgREST requests, as the caller (the package docstring,
+``services/store/postgrest/__init__.py``, states the semantics it shares with SQLite)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import uuid
+from typing import Any
+
+from errors import (
+    ActionAlreadyUsed,
+    ActionExpired,
+    ActionNotFound,
+    ConversationNotFound,
+    RateLimited,
+    RecordChanged,
+    RecordNotFound,
+    RunNotFound,
+    UpstreamError,
+)
+from services.domains import BY_TABLE, Domain
+from services.store import (
+    ActionDone,
+    Caller,
+    Conversation,
+    ConversationKey,
+    ConversationPage,
+    EventBatch,
+    MessageKey,
+    MessagePage,
+    NewAction,
+    NewRun,
+    PendingAction,
+    Run,
+    RunBegun,
+    RunControl,
+    RunUpdate,
+    RunView,
+    TurnLimits,
+)
+from services.store.postgrest.client import PostgrestClient, postgrest_failure
+from services.store.postgrest.params import (
+    conversation_seek,
+    filter_column,
+    filter_value,
+    is_uuid,
+    message_seek,
+    owned,
+    record_columns,
+    record_order,
+)
+from services.store.postgrest.rows import (
+    action_done_of,
+    bad_response,
+    controls_of,
+    conversation_of,
+    message_key_of,
+    message_of,
+    pending_action_of,
+    record_of,
+    run_begun_of,
+    run_of,
+    update_json,
+)
+from services.store.search import MAX_TERMS
+from services.store.shared import QueryTiming, observed, page_of_conversations, page_of_messages, reads_downwards
+
+logger = logging.getLogger(__name__)
+
+CONVERSATIONS = "agent_conversations"
+MESSAGES = "agent_messages"
+CONVERSATION_COLUMNS = "id,user_id,title,created_at,updated_at,last_message_at,message_count,metadata"
+MESSAGE_COLUMNS = "id,conversation_id,role,content,agent_type,metadata,created_at"
+RUNS = "agent_runs"
+RUN_COLUMNS = "id,conversation_id,user_message_id,assistant_message_id,client_message_id,status,last_seq,heartbeat_at"
+# The most runs one agent_runs_flush call carries (the function's own bound): a worker's flush is one request per
+# this many runs generating on it, whatever the number of users.
+FLUSH_BATCH = 500
+# seq is the insertion order (an identity column); created_at comes first so the earlier service's rows, which got
+# their seq when the migration added the column, still read in the order they were written.
+OLDEST_FIRST = "created_at.asc,seq.asc"
+NEWEST_FIRST = "created_at.desc,seq.desc"
+
+
+def write_ceiling(result: dict[str, Any]) -> RateLimited:
+    """The database's own ceiling on how fast one user adds rows (007), which the service's limits stay inside unless
+    an operator raised them past it."""
+    return RateLimited(retry_after=float(result.get("retry_after") or 1.0))
+
+
+class PostgrestStore(QueryTiming):
+    kind = "supabase"
+
+    def __init__(self, client: PostgrestClient) -> None:
+        self._rest = client
+        # The write key of every run this worker generates (007): made here for each begin_run, sent with each of the
+        # run's flushes, forgotten once the run has ended. It never leaves the service, so no client can write a run.
+        self._write_keys: dict[str, str] = {}
+
+    async def open(self) -> None:
+        """Nothing to open: the HTTP pool connects lazily, and a down database must not stop the service starting."""
+
+    async def aclose(self) -> None:
+        await self._rest.aclose()
+
+    @observed
+    async def ping(self) -> None:
+        await self._rest.probe(CONVERSATIONS)
+
+    async def probe_write(self) -> bool | None:
+        # Every write here acts as a signed-in user and a health probe has none, so there is nothing to try.
+        return None
+
+    # -- conversations -----------------------------------------------------------------------------------------
+
+    @observed
+    async def list_conversations(
+        self,
+        caller: Caller,
+        limit: int,
+        offset: int,
+        *,
+        before: ConversationKey | None = None,
+        after: ConversationKey | None = None,
+        search: str | None = None,
+    ) -> ConversationPage:
+        if search is not None:
+            return await self._search_conversations(caller, limit, offset, before, after, search)
+        params = {
+            "select": CONVERSATION_COLUMNS,
+            "user_id": f"eq.{caller.user_id}",
+            # The earlier service's updated_at was nullable; 006 fills it, and NULLs would go last as SQLite's do.
+            "order": "updated_at.desc.nullslast,id.asc",
+            "limit": str(limit + 1),  # one more, to know whether more follow
+            "offset": str(offset),
+        }
+        if before is not None or after is not None:
+            return await self._seek_conversations(caller, limit, {**params, **conversation_seek(before, after)}, after)
+        try:
+            result = await self._rest.select(caller, CONVERSATIONS, params, count=True)
+        except UpstreamError as exc:
+            failure = postgrest_failure(exc)
+            if failure is None or failure.code != "PGRST103":
+                raise
+            # 416: an offset past the end. SQLite answers an empty page with the total; so do we.
+            count_only = {**params, "limit": "0", "offset": "0"}
+            counted = await self._rest.select(caller, CONVERSATIONS, count_only, count=True)
+            return ConversationPage([], counted.total or 0)
+        total = result.total if result.total is not None else offset + len(result.rows[:limit])
+        return page_of_conversations(result.rows, limit, total, None, conversation_of)
+
+    async def _seek_conversations(
+        self, caller: Caller, limit: int, params: dict[str, str], after: ConversationKey | None
+    ) -> ConversationPage:
+        """A page past a cursor. The total is of all the caller's conversations, not of those past the cursor, so it
+        is counted by a second request, sent alongside."""
+        counting = {"select": "id", "user_id": f"eq.{caller.user_id}", "limit": "0"}
+        result, counted = await asyncio.gather(
+            self._rest.select(caller, CONVERSATIONS, params),
+            self._rest.select(caller, CONVERSATIONS, counting, count=True),
+        )
+        return page_of_conversations(result.rows, limit, counted.total or 0, after, conversation_of)
+
+    async def _search_conversations(
+        self,
+        caller: Caller,
+        limit: int,
+        offset: int,
+        before: ConversationKey | None,
+        after: ConversationKey | None,
+        search: str,
+    ) -> ConversationPage:
+        """``agent_conversations_search`` (``migrations/007_checked_writes.sql``): one request, as the caller. The
+        text goes as typed, split at spaces (NUL, which PostgreSQL's text cannot hold, is a space): the database folds
+        it into words with the function that folded the stored text (``migrations/008_search_folding.sql``)."""
+        terms = search.replace("\x00", " ").split()[:MAX_TERMS]
+        if not terms:
+            return ConversationPage([], 0)
+        args = {
+            "p_terms": terms,
+            "p_limit": limit + 1,
+            "p_offset": offset,
+            "p_before_at": before.updated_at if before else None,
+            "p_before_id": before.id if before else None,
+            "p_after_at": after.updated_at if after else None,
+            "p_after_id": after.id if after else None,
+        }
+        result = await self._rest.rpc(caller, "agent_conversations_search", args, idempotent=True)
+        try:
+            rows, total = result["rows"], int(result["total"])
+        except (TypeError, KeyError, ValueError) as exc:
+            raise bad_response() from exc
+        return page_of_conversations(rows, limit, total, after, conversation_of)
+
+    @observed
+    async def rename_conversation(self, caller: Caller, conversation_id: str, title: str) -> Conversation:
+        # The table's trigger (001) moves updated_at to now.
+        row = await self._rest.rpc(
+            caller, "agent_conversation_rename", {"p_id": conversation_id, "p_title": title}, idempotent=True
+        )
+        if row is None:  # missing, or someone else's: the same answer
+            raise ConversationNotFound()
+        return conversation_of(row)
+
+    @observed
+    async def create_conversation(
+        self, caller: Caller, title: str | None, conversation_id: str | None = None
+    ) -> Conversation:
+        # A service-generated id makes the call idempotent, so a retry after a lost response creates nothing twice.
+        args = {"p_id": conversation_id or str(uuid.uuid4()), "p_title": title}
+        result = await self._rest.rpc(caller, "agent_conversation_create", args, idempotent=True)
+        outcome = result.get("outcome") if isinstance(result, dict) else None
+        if outcome == "done":
+            return conversation_of(result["conversation"])
+        if outcome == "not_found":  # the id is someone else's: SQLite's answer
+            raise ConversationNotFound()
+        if outcome == "rate_limited":
+            raise write_ceiling(result)
+        raise bad_response()
+
+    @observed
+    async def get_conversation(self, caller: Caller, conversation_id: str) -> Conversation:
+        return await self._fetch_conversation(caller, conversation_id)
+
+    async def _fetch_conversation(self, caller: Caller, conversation_id: str) -> Conversation:
+        params = {"select": CONVERSATION_COLUMNS, "id": f"eq.{conversation_id}", "user_id": f"eq.{caller.user_id}"}
+        result = await self._rest.select(caller, CONVERSATIONS, params)
+        if not result.rows:
+            raise ConversationNotFound()
+        return conversation_of(result.rows[0])
+
+    @observed
+    async def delete_conversation(self, caller: Caller, conversation_id: str) -> None:
+        # Retried, as a DELETE was: a replay whose first attempt committed says NotFound, as a second delete does.
+        deleted = await self._rest.rpc(caller, "agent_conversation_delete", {"p_id": conversation_id}, idempotent=True)
+        if deleted is not True:
+            raise ConversationNotFound()
+
+    # -- messages ----------------------------------------------------------------------------------------------
+
+    @observed
+    async def message_page(
+        self,
+        caller: Caller,
+        conversation_id: str,
+        limit: int,
+        offset: int = 0,
+        *,
+        newest_first: bool = False,
+        before: MessageKey | None = None,
+        after: MessageKey | None = None,
+    ) -> MessagePage:
+        await self._fetch_conversation(caller, conversation_id)
+        downwards = reads_downwards(before, after, newest_first)
+        params = {
+            "select": f"{MESSAGE_COLUMNS},seq",
+            "conversation_id": f"eq.{conversation_id}",
+            "order": NEWEST_FIRST if downwards else OLDEST_FIRST,
+            "limit": str(limit + 1),
+            "offset": str(offset),
+        }
+        params.update(message_seek(before, after))
+        rows = (await self._rest.select(caller, MESSAGES, params)).rows
+        return page_of_messages(rows, limit, downwards=downwards, newest_first=newest_first, key=message_key_of,
+                                decode=message_of)
+
+    # -- business records (services/domains.py; migrations/002_business_tables.sql) -------------------------------
+
+    @observed
+    async def list_records(
+        self, caller: Caller, domain: Domain, filters: dict[str, Any], limit: int
+    ) -> list[dict[str, Any]]:
+        params = {"select": record_columns(domain), "user_id": f"eq.{caller.user_id}"}
+        for name, value in filters.items():
+            params[filter_column(domain, name)] = f"eq.{filter_value(value)}"
+        params.update(order=record_order(domain), limit=str(limit))
+        result = await self._rest.select(caller, domain.table, params)
+        return [record_of(domain, row) for row in result.rows]
+
+    @observed
+    async def get_record(self, caller: Caller, domain: Domain, record_id: str) -> dict[str, Any]:
+        return await self._fetch_record(caller, domain, record_id)
+
+    @observed
+    async def insert_record(self, caller: Caller, domain: Domain, values: dict[str, Any]) -> dict[str, Any]:
+        row = {**values, "user_id": caller.user_id}
+        # ON CONFLICT (id) DO NOTHING: a retried insert is a no-op, and the scoped read below answers it (NotFound if
+        # the id is someone else's, as SQLite's INSERT OR IGNORE + scoped read).
+        result = await self._rest.insert(caller, domain.table, row, select=record_columns(domain), on_conflict="id")
+        if result.rows:
+            return record_of(domain, result.rows[0])
+        return await self._fetch_record(caller, domain, str(values["id"]))
+
+    @observed
+    async def update_record(
+        self, caller: Caller, domain: Domain, record_id: str, values: dict[str, Any]
+    ) -> dict[str, Any]:
+        if not is_uuid(record_id):
+            raise RecordNotFound(domain.singular)
+        if not values:
+            return await self._fetch_record(caller, domain, record_id)
+        params = {"select": record_columns(domain), **owned(caller, record_id)}
+        result = await self._rest.request(
+            caller, "PATCH", domain.table, params=params, json_body=values, prefer=["return=representation"]
+        )
+        if not result.rows:  # missing, or hidden by row-level security: the same answer
+            raise RecordNotFound(domain.singular)
+        return record_of(domain, result.rows[0])
+
+    @observed
+    async def delete_record(self, caller: Caller, domain: Domain, record_id: str) -> None:
+        if not is_uuid(record_id):
+            raise RecordNotFound(domain.singular)
+        result = await self._rest.delete(caller, domain.table, owned(caller, record_id))
+        if not result.rows:
+            raise RecordNotFound(domain.singular)
+
+    # -- pending actions (services/agents/actions.py; migrations/010_confirm_every_change.sql) -------------------------
+
+    @observed
+    async def create_action(self, caller: Caller, new: NewAction, ttl_seconds: float) -> PendingAction:
+        args = {
+            "p_id": new.id,
+            "p_table": new.table,
+            "p_tool": new.tool,
+            "p_kind": new.kind,
+            "p_record_id": new.record_id,
+            "p_changes": new.changes,
+            "p_before": new.before,
+            "p_summary": new.summary,
+            "p_ttl_seconds": ttl_seconds,
+        }
+        # Retried: the id is ours, so a replay whose first attempt committed inserts nothing and returns the row.
+        row = await self._rest.rpc(caller, "pending_action_prepare", args, idempotent=True)
+        if row is None:
+            raise ActionNotFound()
+        return pending_action_of(row)
+
+    @observed
+    async def confirm_action(self, caller: Caller, action_id: str) -> ActionDone:
+        if not is_uuid(action_id):
+            raise ActionNotFound()
+        # Not retried: a replay after a lost response would find the action used and refuse a change that was made.
+        # The client sees the failure instead, and its own retry is told the truth (ACTION_ALREADY_USED).
+        result = await self._rest.rpc(caller, "pending_action_apply", {"p_action_id": action_id}, idempotent=False)
+        outcome = result.get("outcome") if isinstance(result, dict) else None
+        if outcome == "done":
+            return action_done_of(result)
+        if outcome == "record_not_found" and result.get("table") in BY_TABLE:
+            raise RecordNotFound(BY_TABLE[result["table"]].singular)
+        refusals = {"not_found": ActionNotFound, "used": ActionAlreadyUsed, "expired": ActionExpired,
+                    "record_changed": RecordChanged}
+        if outcome not in refusals:
+            raise bad_response()
+        raise refusals[outcome]()
+
+    async def _fetch_record(self, caller: Caller, domain: Domain, record_id: str) -> dict[str, Any]:
+        if not is_uuid(record_id):  # SQLite finds nothing; PostgreSQL would refuse to compare it with a uuid
+            raise RecordNotFound(domain.singular)
+        params = {"select": record_columns(domain), **owned(caller, record_id)}
+        result = await self._rest.select(caller, domain.table, params)
+        if not result.rows:
+            raise RecordNotFound(domain.singular)
+        return record_of(domain, result.rows[0])
+
+    # -- chat runs (services/runs/; migrations/004_agent_runs.sql) -------------------------------------------
+    # Each store call is one RPC, so one request and one transaction, as the signed-in user: the functions are
+    # SECURITY INVOKER and row-level security keeps every user to their own runs.
+
+    @observed
+    async def begin_run(self, caller: Caller, new: NewRun, limits: TurnLimits, history_limit: int) -> RunBegun:
+        args = {
+            "p_run_id": new.id,
+            "p_conversation_id": new.conversation_id,
+            "p_text": new.text,
+            "p_title": new.title,
+            "p_user_message_id": new.user_message_id,
+            "p_assistant_message_id": new.assistant_message_id,
+            "p_stale_seconds": limits.stale_seconds,
+            "p_events_ttl": limits.events_ttl,
+            "p_window_seconds": limits.window_seconds,
+            "p_history_limit": history_limit,
+            "p_client_message_id": new.client_message_id,
+            "p_chat_limit": limits.chat_limit,
+            "p_stream_limit": limits.stream_limit,
+            "p_write_key": secrets.token_hex(32),
+        }
+        # Retried: every id and the key are ours, so a replay whose first attempt committed finds its own run and
+        # answers as the first would have, counting and writing nothing. (A refusal whose answer was lost counts its
+        # hit twice.)
+        result = await self._rest.rpc(caller, "agent_run_begin", args, idempotent=True)
+        if isinstance(result, dict) and result.get("outcome") == "not_found":
+            raise ConversationNotFound()
+        begun = run_begun_of(result)
+        if begun.outcome == "started":
+            self._write_keys[new.id] = args["p_write_key"]
+        return begun
+
+    @observed
+    async def flush_runs(self, updates: list[RunUpdate]) -> dict[str, RunControl]:
+        # Every run's write key is its authority (migrations/009_keyed_flush.sql), so all of this worker's runs, of
+        # any users, go in FLUSH_BATCH-sized calls with no user token: requests per flush do not grow with the users
+        # streaming, and an answer outlives its user's access token. Retried: events only go forward (a batch
+        # already stored is skipped), the text is overwritten and the end is written once.
+        # A run whose key is gone has ended (its end was answered as such): nothing more of it is written.
+        controls = {u.run_id: RunControl(gone=True) for u in updates if u.run_id not in self._write_keys}
+        keyed = [update for update in updates if update.run_id in self._write_keys]
+        for start in range(0, len(keyed), FLUSH_BATCH):
+            batch = keyed[start:start + FLUSH_BATCH]
+            args = {"p_updates": [update_json(update, self._write_keys[update.run_id]) for update in batch]}
+            rows = await self._rest.rpc_by_key("agent_runs_flush", args, idempotent=True)
+            controls.update(controls_of(rows))
+        for run_id, control in controls.items():
+            if control.gone:
+                self._write_keys.pop(run_id, None)  # ended, here or elsewhere: nothing more to write
+        return controls
+
+    @observed
+    async def read_run(self, caller: Caller, run_id: str, after: int | None) -> RunView:
+        if not is_uuid(run_id):  # SQLite finds nothing; PostgreSQL would refuse to compare it with a uuid
+            raise RunNotFound()
+        result = await self._rest.rpc(caller, "agent_run_read", {"p_run_id": run_id, "p_after": after}, idempotent=True)
+        if result is None:  # missing, or hidden by row-level security: the same answer
+            raise RunNotFound()
+        try:
+            batches = [EventBatch(int(b["first_seq"]), int(b["last_seq"]), str(b["frames"])) for b in result["batches"]]
+            return RunView(run_of(result["run"]), message_of(result["message"]), batches)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise bad_response() from exc
+
+    @observed
+    async def running_run(self, caller: Caller, conversation_id: str) -> Run | None:
+        params = {
+            "select": RUN_COLUMNS,
+            "conversation_id": f"eq.{conversation_id}",
+            "user_id": f"eq.{caller.user_id}",
+            "status": "eq.running",
+        }
+        rows = (await self._rest.select(caller, RUNS, params)).rows
+        return run_of(rows[0]) if rows else None
+
+    @observed
+    async def request_stop(self, caller: Caller, run_id: str, seen_chars: int | None) -> None:
+        if not is_uuid(run_id):
+            raise RunNotFound()
+        args = {"p_run_id": run_id, "p_seen_chars": seen_chars}
+        found = await self._rest.rpc(caller, "agent_run_stop", args, idempotent=True)
+        if found is not True:
+            raise RunNotFound()
+
+    @observed
+    async def maintain_runs(self, caller: Caller | None, stale_seconds: float, events_ttl: float) -> None:
+        if caller is None:
+            # Every user's runs would need rights beyond any one user's, and this store never holds a service key.
+            # Dead runs are ended when their user next touches them (begin_run, or a viewer finding one stale).
+            return
+        args = {"p_stale_seconds": stale_seconds, "p_events_ttl": events_ttl}
+        # Retried: a run is ended once (claimed while still running) and a purge deletes nothing twice.
+        await self._rest.rpc(caller, "agent_runs_maintain", args, idempotent=True)
+
+    # -- rate limits (services/ratelimit.py; migrations/003_rate_limits.sql) --------------------------------------
+    # A caller without an access token cannot be counted as a user here (the function keys on auth.uid()); that is
+    # only the address-keyed count of a failed authentication, which the edge (nginx limit_req) limits instead.
+
+    @observed
+    async def rate_limit_hit(self, caller: Caller, bucket: str, window_seconds: int, limit: int) -> tuple[bool, float]:
+        if not caller.access_token:
+            return True, 0.0
+        args = {"p_bucket": bucket, "p_window_seconds": window_seconds, "p_max_hits": limit}
+        # Not retried: a replay after a lost response would count the request twice.
+        rows = await self._rest.rpc(caller, "rate_limit_hit", args, idempotent=False)
+        try:
+            (row,) = rows
+            return bool(row["allowed"]), float(row["retry_after"])
+        except (TypeError, ValueError, KeyError) as exc:
+            raise bad_response() from exc

@@ -1,0 +1,105 @@
+"""What the two backends (``sqlite/``, ``postgrest/``) share, written once: the parts of the ``Store`` contract that
+do not depend on how rows are read, and how each call is timed for the metrics.
+
+For the backends only; the rest of the service imports the records and the protocol (``services.store``).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime, timezone
+from typing import Concatenate, ParamSpec, TypeVar
+
+from services.store import (
+    TIMESTAMP_FORMAT,
+    Conversation,
+    ConversationKey,
+    ConversationPage,
+    Message,
+    MessageKey,
+    MessagePage,
+    QueryObserver,
+)
+
+Row = TypeVar("Row")
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def epoch_timestamp(seconds: float) -> str:
+    """Unix seconds (what SQLite keeps for runs and actions) as the API shows a timestamp (``TIMESTAMP_FORMAT``)."""
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime(TIMESTAMP_FORMAT)
+
+
+def page_of_conversations(
+    rows: Sequence[Row],
+    limit: int,
+    total: int,
+    after: ConversationKey | None,
+    decode: Callable[[Row], Conversation],
+) -> ConversationPage:
+    """A page of ``Store.list_conversations`` from ``limit + 1`` rows read nearest the cursor first (the extra one
+    says whether more follow), in list order: rows read upwards from an ``after`` key are turned round."""
+    conversations = [decode(row) for row in rows[:limit]]
+    if after is not None:
+        conversations.reverse()
+    return ConversationPage(conversations, total, has_more=len(rows) > limit)
+
+
+def reads_downwards(before: MessageKey | None, after: MessageKey | None, newest_first: bool) -> bool:
+    """Whether a page of ``Store.message_page`` is read newest to oldest: from a ``before`` key outwards, or from the
+    newest end when no key is given. Read from the cursor outwards (or from the end asked for), then put in the order
+    asked for by ``page_of_messages``."""
+    return before is not None or (after is None and newest_first)
+
+
+def page_of_messages(
+    rows: Sequence[Row],
+    limit: int,
+    *,
+    downwards: bool,
+    newest_first: bool,
+    key: Callable[[Row], MessageKey],
+    decode: Callable[[Row], Message],
+) -> MessagePage:
+    """A page of ``Store.message_page`` from ``limit + 1`` rows read in the direction ``reads_downwards`` says."""
+    page = rows[:limit]
+    ascending = page[::-1] if downwards else page
+    keys = [key(row) for row in ascending]
+    messages = [decode(row) for row in ascending]
+    if newest_first:
+        messages.reverse()
+    return MessagePage(
+        messages, oldest=keys[0] if keys else None, newest=keys[-1] if keys else None, has_more=len(rows) > limit
+    )
+
+
+class QueryTiming:
+    """The part of a store that reports its calls' durations (``Store.set_query_observer``); see ``observed``."""
+
+    kind: str
+    _query_observer: QueryObserver | None = None
+
+    def set_query_observer(self, observer: QueryObserver) -> None:
+        self._query_observer = observer
+
+
+S = TypeVar("S", bound=QueryTiming)
+
+
+def observed(method: Callable[Concatenate[S, P], Awaitable[T]]) -> Callable[Concatenate[S, P], Awaitable[T]]:
+    """Report how long a store method took to the store's query observer (store latency metrics), named by the
+    method. Only the public methods are wrapped; they call each other's private parts, so one call is reported once."""
+
+    @functools.wraps(method)
+    async def timed(self: S, *args: P.args, **kwargs: P.kwargs) -> T:
+        started = time.perf_counter()
+        try:
+            return await method(self, *args, **kwargs)
+        finally:
+            if self._query_observer is not None:
+                self._query_observer(self.kind, method.__name__, time.perf_counter() - started)
+
+    return timed
