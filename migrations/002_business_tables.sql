@@ -1,4 +1,4 @@
--- Canvalo chat: the business tables the specialists' tools read and write (services/domains.py, services/tools.py).
+-- Canvalo chat: the business tables the specialists' tools read and write (services/domains.py, services/agents/tools.py).
 --
 -- Apply after 001 with the SQL editor or `psql "$DATABASE_URL" -f migrations/002_business_tables.sql`. It is safe to
 -- run more than once, and safe on a project that already has the earlier service's api.invoices and sibling tables:

@@ -1,10 +1,10 @@
--- Canvalo chat: pending actions for the Supabase store (services/actions.py, services/postgrest.py).
+-- Canvalo chat: pending actions for the Supabase store (services/agents/actions.py, services/store/postgrest/store.py).
 --
 -- Apply after 001-004 with the SQL editor or `psql "$DATABASE_URL" -f migrations/005_pending_actions.sql`; safe to run
 -- more than once. A model follows text it reads, including text planted in a user's own records, so a delete (or a
 -- change of an invoice's or proposal's amounts or status) that the model asks for is not run: it is kept in
 -- api.pending_actions and runs only when the same user confirms it (POST /api/actions/{action_id}/confirm), once,
--- before it expires. The table mirrors SQLite's (services/sqlite_actions.py), and so do the functions below, which the
+-- before it expires. The table mirrors SQLite's (services/store/sqlite/actions.py), and so do the functions below, which the
 -- service calls through PostgREST RPC as the signed-in user, each store call one request and one transaction:
 --
 --   POST /rest/v1/rpc/pending_action_create   {"p_id", "p_table", "p_tool", "p_kind", "p_record_id", "p_changes",

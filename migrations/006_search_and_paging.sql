@@ -1,4 +1,4 @@
--- Canvalo chat: conversation search and cursor paging for the Supabase store (services/postgrest.py).
+-- Canvalo chat: conversation search and cursor paging for the Supabase store (services/store/postgrest/store.py).
 --
 -- Apply after 001-005 with the SQL editor or `psql "$DATABASE_URL" -f migrations/006_search_and_paging.sql`; safe to
 -- run more than once. It adds:
@@ -8,7 +8,7 @@
 --        -> {"total": 3, "rows": [{conversation}, ...]}
 --
 -- the caller's conversations whose title, or one of whose messages, holds a word starting with each term
--- (services/search.py says what a term is), by last activity like the list, with the same cursors. Words are found
+-- (services/store/search.py says what a term is), by last activity like the list, with the same cursors. Words are found
 -- by full-text indexes (GIN over a tsvector of the text, 'simple' configuration: no stemming, no stop words, as
 -- SQLite's FTS5 unicode61). ASCII punctuation is read as a space first, so "ben@carter.com" and "INV-1043" are
 -- words "ben", "carter", "com", "inv", "1043", as FTS5 splits them (PostgreSQL's parser alone would keep the e-mail
@@ -75,7 +75,7 @@ as $$
      where c.user_id = (select auth.uid()) and canvalo_private.search_vector(m.content) @@ p_query
 $$;
 
--- Store.list_conversations with a search (services/sqlite_listing.py is the reference): the matches by last activity
+-- Store.list_conversations with a search (services/store/sqlite/listing.py is the reference): the matches by last activity
 -- (updated_at descending, then id), p_offset and p_limit of them, or those older than (p_before_at, p_before_id) or
 -- newer than (p_after_at, p_after_id), nearest first: an `after` page comes newest-last and the service turns it
 -- round. `total` counts every match, whatever the page.

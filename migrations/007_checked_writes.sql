@@ -163,7 +163,7 @@ as $$
     select pg_catalog.sha256(pg_catalog.convert_to(p_key, 'UTF8'))
 $$;
 
--- The chunk a run ends with when its worker died (services/run_log.py: complete_chunk, interrupted_chunk) as the
+-- The chunk a run ends with when its worker died (services/store/run_log.py: complete_chunk, interrupted_chunk) as the
 -- frame run_log.frame writes: compact JSON (Python's separators=(',', ':')), keys in the same order. The chunk is
 -- flat, so joining its members in order gives Python's exact characters.
 create or replace function canvalo_private.terminal_frame(
@@ -295,7 +295,7 @@ begin
     end if;
     for dead in
         -- The terminal event's id is past every id a viewer can have been shown: a worker shows at most 1,000
-        -- events past its last saved one (services/run_log.py, UNSAVED_EVENTS_MAX and reaped_seq).
+        -- events past its last saved one (services/store/run_log.py, UNSAVED_EVENTS_MAX and reaped_seq).
         update api.agent_runs r
            set status = case when r.stop_requested then 'stopped' else 'interrupted' end,
                ended_at = now(),
@@ -307,7 +307,7 @@ begin
         returning r.id, r.conversation_id, r.assistant_message_id, r.status, r.stop_seen_chars, r.last_seq
     loop
         -- The answer its saved events stream (they run ahead of the text saved every second), so its stored text
-        -- and its replay say the same (services/run_log.py, streamed_text: the token chunks' content, in order).
+        -- and its replay say the same (services/store/run_log.py, streamed_text: the token chunks' content, in order).
         select string_agg(case when strpos(part.frame, E'\ndata: {"type":"token",') > 0
                                then (substr(part.frame, strpos(part.frame, 'data: ') + 6)::jsonb) ->> 'content' end,
                           '' order by e.seq, part.n)
@@ -810,7 +810,7 @@ as $$
      where t.term <> ''
 $$;
 
--- Store.list_conversations with a search (services/sqlite_listing.py is the reference): the caller's conversations
+-- Store.list_conversations with a search (services/store/sqlite/listing.py is the reference): the caller's conversations
 -- holding every term as a word prefix in their title or one of their messages, by last activity (updated_at
 -- descending, then id), p_offset and p_limit of them, or those older than (p_before_at, p_before_id) or newer than
 -- (p_after_at, p_after_id), nearest first: an `after` page comes newest-last and the service turns it round. `total`

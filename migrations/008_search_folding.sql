@@ -4,7 +4,7 @@
 -- PostgreSQL's text-search parser and the database's locale make of a text, and the service folded the words it
 -- searched for its own way: with the C locale nothing but ASCII is lowercased, so "İstanbul", a Cherokee, Georgian or
 -- Adlam capital, or an accent typed as a combining character was not found as typed. Now one function folds both
--- the stored text and the search (services/search.py says what a search means; SQLite folds alike, in Python):
+-- the stored text and the search (services/store/search.py says what a search means; SQLite folds alike, in Python):
 --
 --   canvalo_private.search_lexemes(text) -> text[]: NFKC, then lowercase by ICU's root locale (Unicode's rules,
 --   whatever the database's locale), then the runs of letters and digits, distinct, at most 100 characters each,

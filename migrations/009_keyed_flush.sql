@@ -32,7 +32,7 @@ declare
     applied uuid[] := '{}';
     verified uuid[] := '{}';
 begin
-    -- Bounds: as many runs as the service sends in one call (services/postgrest.py, FLUSH_BATCH), each a few hundred
+    -- Bounds: as many runs as the service sends in one call (services/store/postgrest/store.py, FLUSH_BATCH), each a few hundred
     -- milliseconds of events; far below what would make one call expensive.
     if jsonb_typeof(p_updates) is distinct from 'array' or jsonb_array_length(p_updates) > 500 then
         raise exception 'invalid flush' using errcode = '22023';

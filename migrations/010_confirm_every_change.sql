@@ -1,5 +1,5 @@
 -- Canvalo chat: every change the assistant prepares is shown whole, kept with what it replaces, and runs only on the
--- record as it was shown (services/actions.py, services/postgrest.py).
+-- record as it was shown (services/agents/actions.py, services/store/postgrest/store.py).
 --
 -- Apply after 001-009 with the SQL editor or `psql "$DATABASE_URL" -f migrations/010_confirm_every_change.sql`; safe to
 -- run more than once. Deploy it with the service version that calls the functions below; it replaces 005's and 007's

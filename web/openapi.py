@@ -73,7 +73,7 @@ def _closed(properties: dict[str, Schema], required: list[str] | None = None, **
 
 
 UUID: Schema = {"$ref": "#/components/schemas/Uuid"}
-# A pending action's change, exact (services/actions.py): what it replaces, and the new values of an update.
+# A pending action's change, exact (services/agents/actions.py): what it replaces, and the new values of an update.
 BEFORE: Schema = {"type": "object", "description": "The record's values the change replaces, as the user was shown "
                   "them: the columns an update sets, or every column of a delete."}
 CHANGES: Schema = {**_nullable({"type": "object"}), "description": "The new values of an update; null for a delete."}
