@@ -1,9 +1,10 @@
 """The Canvalo chat backend: routes, lifespan and error handling in one place.
 
 A request enters through the middleware in ``web/`` (request id and access log, CORS, body limit), reaches one of
-the route functions below, which parse input (``web/inputs.py``), identify the caller (``services/auth.py``) and
-call one service (``services/``). Long-lived resources (the store, the model client) are created in ``lifespan``
-and reach routes through ``request.state``. Every non-2xx response is the envelope from ``errors.AppError.body``.
+the route functions below, which read the inputs their route declares (``web/inputs.py``, the declaration
+``/openapi.json`` documents too), identify the caller (``services/auth.py``) and call one service (``services/``).
+Long-lived resources (the store, the model client) are created in ``lifespan`` and reach routes through
+``request.state``. Every non-2xx response is the envelope from ``errors.AppError.body``.
 
 Run it with ``python app.py`` or ``uvicorn app:app``.
 """
@@ -130,10 +131,12 @@ async def health(request: Request) -> Response:
 async def chat_stream(request: Request) -> Response:
     """Start a chat run and follow it from its first event. A repeated ``client_message_id`` follows the run that
     id started instead, from its first event, without starting another or counting against any limit."""
-    chat = inputs.chat_input(await _body(request))
-    caller = await _caller(request, chat.user_id, counted=False)  # begin_run counts the turn, after deduplication
+    chat = inputs.CHAT_STREAM.given(request, await _body(request))
+    message, _ = chat["message"], chat["history"]  # history: checked, and ignored (the prompt is built from the store)
+    conversation_id, user_id, client_message_id = chat["conversation_id"], chat["user_id"], chat["client_message_id"]
+    caller = await _caller(request, user_id, counted=False)  # begin_run counts the turn, after deduplication
     runs: RunManager = request.state.runs
-    new = NewRun(chat.conversation_id, chat.message, title_from_message(chat.message), chat.client_message_id)
+    new = NewRun(conversation_id, message, title_from_message(message), client_message_id)
     limits = request.state.limiter.turn_limits(runs.stale_seconds, runs.events_ttl)
     try:
         begun = await runs.begin(caller, new, limits, request.state.request_started)
@@ -151,18 +154,23 @@ async def chat_stream(request: Request) -> Response:
 
 async def run_events(request: Request) -> Response:
     """Follow a run from after ``Last-Event-ID`` (or ``?after=N``): replay what was missed, then live to its end."""
-    run_id = inputs.uuid_value(request.path_params["run_id"], "run_id")
-    after = inputs.last_event_id(request)
-    caller = await _caller(request, inputs.query_uuid(request, "user_id"))
+    given = inputs.RUN_EVENTS.given(request)
+    run_id = given["run_id"]
+    # What a browser's EventSource sends when it reconnects wins; else ?after=N; else the run's first event.
+    after = given["Last-Event-ID"]
+    if after is None:
+        after = given["after"]
+    caller = await _caller(request, given["user_id"])
     return _event_stream(request, await request.state.runs.feed(caller, run_id), run_id, after=after)
 
 
 async def stop_run(request: Request) -> Response:
     """Stop a run wherever it generates; the answer is saved cut to ``seen_chars`` and returned."""
-    run_id = inputs.uuid_value(request.path_params["run_id"], "run_id")
-    stop = inputs.stop_input(await _body(request))
-    caller = await _caller(request, stop.user_id)
-    view = await request.state.runs.stop(caller, run_id, stop.seen_chars)
+    run_id = inputs.STOP_RUN.given(request)["run_id"]
+    stop = inputs.STOP_RUN.given(request, await _body(request))
+    seen_chars = stop["seen_chars"]
+    caller = await _caller(request, stop["user_id"])
+    view = await request.state.runs.stop(caller, run_id, seen_chars)
     # 202: the stop is asked but the run has not ended yet (its worker is slow, or has just died and the run ends
     # stopped once its heartbeat lapses); the message is as saved so far. Never a 200 for a state not yet stored.
     return JSONResponse(view.message.to_json(), status_code=202 if view.run.status == "running" else 200)
@@ -180,11 +188,11 @@ def _event_stream(request: Request, feed: Feed, run_id: str, *, after: int) -> R
 
 async def list_conversations(request: Request) -> Response:
     """The caller's conversations by last activity, paged by offset or by cursor, optionally searched (``q``)."""
-    caller = await _caller(request, inputs.query_uuid(request, "user_id"))
-    limit = inputs.query_int(request, "limit", 50, 1, 100)
-    offset = inputs.query_int(request, "offset", 0, 0)
-    before, after = cursors.conversation_seek(request, offset)
-    search = inputs.query_text(request, "q", inputs.MAX_QUERY_CHARS)
+    given = inputs.LIST_CONVERSATIONS.given(request)
+    caller = await _caller(request, given["user_id"])
+    limit, offset = given["limit"], given["offset"]
+    before, after = cursors.conversation_seek(given, offset)
+    search = given["q"]
     store: Store = request.state.store
     page = await store.list_conversations(caller, limit, offset, before=before, after=after, search=search)
     listed = page.conversations
@@ -203,29 +211,29 @@ async def list_conversations(request: Request) -> Response:
 
 
 async def rename_conversation(request: Request) -> Response:
-    conversation_id = inputs.uuid_value(request.path_params["conversation_id"], "conversation_id")
-    body = await _body(request)
-    caller = await _caller(request, inputs.uuid_value(inputs.required(body, "user_id"), "user_id"))
-    conversation = await request.state.store.rename_conversation(caller, conversation_id, inputs.new_title(body))
+    conversation_id = inputs.RENAME_CONVERSATION.given(request)["conversation_id"]
+    rename = inputs.RENAME_CONVERSATION.given(request, await _body(request))
+    caller = await _caller(request, rename["user_id"])
+    conversation = await request.state.store.rename_conversation(caller, conversation_id, rename["title"])
     return JSONResponse(conversation.to_json())
 
 
 async def create_conversation(request: Request) -> Response:
-    body = await _body(request)
-    caller = await _caller(request, inputs.uuid_value(inputs.required(body, "user_id"), "user_id"))
-    conversation = await request.state.store.create_conversation(caller, inputs.title_value(body))
+    create = inputs.CREATE_CONVERSATION.given(request, await _body(request))
+    caller = await _caller(request, create["user_id"])
+    conversation = await request.state.store.create_conversation(caller, create["title"])
     return JSONResponse(conversation.to_json(), status_code=201)
 
 
 async def get_conversation(request: Request) -> Response:
     """The caller's conversation and a page of its messages: oldest first unless ``message_order=desc``, by offset or
     from a cursor (``message_before``/``message_after``)."""
-    conversation_id = inputs.uuid_value(request.path_params["conversation_id"], "conversation_id")
-    caller = await _caller(request, inputs.query_uuid(request, "user_id"))
-    limit = inputs.query_int(request, "message_limit", 100, 1, 500)
-    offset = inputs.query_int(request, "message_offset", 0, 0)
-    newest_first = inputs.query_choice(request, "message_order", ("asc", "desc")) == "desc"
-    before, after = cursors.message_seek(request, offset)
+    given = inputs.GET_CONVERSATION.given(request)
+    conversation_id = given["conversation_id"]
+    caller = await _caller(request, given["user_id"])
+    limit, offset = given["message_limit"], given["message_offset"]
+    newest_first = given["message_order"] == "desc"
+    before, after = cursors.message_seek(given, offset)
     store: Store = request.state.store
     runs: RunManager = request.state.runs
     conversation = await store.get_conversation(caller, conversation_id)
@@ -249,8 +257,9 @@ async def get_conversation(request: Request) -> Response:
 
 
 async def delete_conversation(request: Request) -> Response:
-    conversation_id = inputs.uuid_value(request.path_params["conversation_id"], "conversation_id")
-    caller = await _caller(request, inputs.query_uuid(request, "user_id"))
+    given = inputs.DELETE_CONVERSATION.given(request)
+    conversation_id = given["conversation_id"]
+    caller = await _caller(request, given["user_id"])
     await request.state.store.delete_conversation(caller, conversation_id)
     return JSONResponse({"status": "deleted", "conversation_id": conversation_id})
 
@@ -259,9 +268,9 @@ async def confirm_action(request: Request) -> Response:
     """Carry out a change the assistant prepared (any update or delete), once, for the user it was prepared for,
     while the record still holds what the user was shown: the user's own confirmation, which nothing the model sends
     can stand in for."""
-    action_id = inputs.uuid_value(request.path_params["action_id"], "action_id")
-    body = await _body(request)
-    caller = await _caller(request, inputs.uuid_value(inputs.required(body, "user_id"), "user_id"))
+    action_id = inputs.CONFIRM_ACTION.given(request)["action_id"]
+    confirm = inputs.CONFIRM_ACTION.given(request, await _body(request))
+    caller = await _caller(request, confirm["user_id"])
     done = await request.state.store.confirm_action(caller, action_id)
     return JSONResponse(actions.confirmed_json(done))
 
@@ -278,7 +287,7 @@ async def playground(request: Request) -> Response:
 
 
 async def openapi_json(request: Request) -> Response:
-    """The OpenAPI 3.1 document (``web/openapi.py``), in every environment: the API's shape is not a secret."""
+    """The OpenAPI 3.1 document (``web/openapi/``), in every environment: the API's shape is not a secret."""
     return JSONResponse(openapi.document(VERSION))
 
 
