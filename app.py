@@ -6,7 +6,7 @@ the route functions below, which read the inputs their route declares (``web/inp
 Long-lived resources (the store, the model client) are created in ``lifespan`` and reach routes through
 ``request.state``. Every non-2xx response is the envelope from ``errors.AppError.body``.
 
-Run it with ``python app.py`` or ``uvicorn app:app``.
+Run it with ``python app.py``, ``uvicorn app:app`` or ``uvicorn app:serve --factory``.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ from settings import ConfigError, Settings
 from web import cursors, inputs, middleware, openapi, pages, status
 from web.caller import address, caller_of, read_body
 from web.collector import tune_gc
+from web.deferred import Deferred
 from web.sse import EventStreamResponse, Feed
 from web.status import VERSION
 from web.tcp import ConnectionGuard, NoDelayH11Protocol
@@ -426,7 +427,7 @@ def configure_logging(level: str) -> None:
     httpx logs every PostgREST request URL at INFO (its filters are user data, ``name=eq.Maria+Lopez``, and ids) and
     httpcore more at DEBUG; uvicorn's access log writes each request line with its query string (``?user_id=``).
     ``RequestContext`` logs every request without its query instead. Set here, not only with uvicorn's
-    ``access_log=False``, so ``uvicorn app:app`` (which configures uvicorn's loggers before it imports the app) is
+    ``access_log=False``, so ``uvicorn app:app`` (which configures uvicorn's loggers before it starts the app) is
     covered too.
     """
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
@@ -444,15 +445,16 @@ def _load_settings() -> Settings:
         raise SystemExit(2) from None
 
 
-def __getattr__(name: str) -> Starlette:
-    """``uvicorn app:app`` builds the app on first access, so importing this module reads no environment."""
-    if name != "app":
-        raise AttributeError(name)
+def serve() -> Starlette:
+    """The app the environment configures, with logging set up: ``uvicorn app:serve --factory``."""
     settings = _load_settings()
     configure_logging(settings.log_level)
-    application = create_app(settings)
-    globals()["app"] = application
-    return application
+    return create_app(settings)
+
+
+# ``uvicorn app:app`` (README, Dockerfile): built by ``serve`` when uvicorn starts it, so importing this module (the
+# tests do) reads no environment.
+app = Deferred(serve)
 
 
 def _listen(settings: Settings) -> socket.socket:
