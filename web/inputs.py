@@ -144,8 +144,7 @@ def _shown(name: str) -> str:
     return name if len(name) <= 64 else name[:64] + "..."  # an unknown field's name is the client's text
 
 
-
-# -- every route's inputs -------------------------------------------------------------------------------------------
+# -- every route's inputs -----------------------------------------------------------------------------------------
 # One declaration each: the routes in app.py read them (``given = inputs.X.given(request)``) and web/openapi/ documents
 # them. A field's ``doc`` may name its bounds: ``{low}``, ``{high}``, ``{max_chars}``.
 
@@ -154,7 +153,7 @@ def _path_id(name: str, what: str, component: str) -> Field:
     return Field(name, "uuid", "path", f"The {what}'s id.", required=True, component=component)
 
 
-def _page(name: str, what: str, component: str, default: int, low: int, high: int = DEFAULT_MAX_INT) -> Field:
+def _integer(name: str, what: str, component: str, default: int, low: int, high: int = DEFAULT_MAX_INT) -> Field:
     return Field(name, "int", "query", f"{what},", default=default, low=low, high=high, component=component)
 
 
@@ -187,7 +186,7 @@ RUN_EVENTS = Inputs(
     parameters=(
         RUN_ID,
         USER_ID,
-        _page("after", "Replay events after this sequence number (Last-Event-ID wins)", "After", 0, 0, MAX_EVENT_ID),
+        _integer("after", "Replay events after this sequence number (Last-Event-ID wins)", "After", 0, 0, MAX_EVENT_ID),
         Field("Last-Event-ID", "int", "header", "What EventSource sends on reconnect: resume after this event, "
               "{low}..{high}. Wins over ?after; blank means absent.", high=MAX_EVENT_ID, component="LastEventId"),
     ),
@@ -204,8 +203,8 @@ STOP_RUN = Inputs(
 LIST_CONVERSATIONS = Inputs(
     parameters=(
         USER_ID,
-        _page("limit", "Conversations per page", "Limit", 50, 1, 100),
-        _page("offset", "Conversations to skip", "Offset", 0, 0),
+        _integer("limit", "Conversations per page", "Limit", 50, 1, 100),
+        _integer("offset", "Conversations to skip", "Offset", 0, 0),
         _cursor("before", "Conversations older than this cursor (before_cursor of a page).", "Before",
                 cursors.conversation_key),
         _cursor("after", "Conversations newer than this cursor (after_cursor of a page).", "AfterCursor",
@@ -227,8 +226,8 @@ GET_CONVERSATION = Inputs(
     parameters=(
         CONVERSATION_ID,
         USER_ID,
-        _page("message_limit", "Messages per page", "MessageLimit", 100, 1, 500),
-        _page("message_offset", "Messages to skip", "MessageOffset", 0, 0),
+        _integer("message_limit", "Messages per page", "MessageLimit", 100, 1, 500),
+        _integer("message_offset", "Messages to skip", "MessageOffset", 0, 0),
         Field("message_order", "choice", "query", "asc: oldest first (the default); desc: newest first. Empty means "
               "asc.", default="asc", choices=("asc", "desc"), component="MessageOrder"),
         _cursor("message_before", "Messages older than this cursor (message_before_cursor).", "MessageBefore",

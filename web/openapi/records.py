@@ -19,7 +19,6 @@ def conversation_properties() -> dict[str, Schema]:
     }
 
 
-
 def schemas() -> dict[str, Schema]:
     """Uuid and Timestamp, and what the routes answer: the service's status, conversations, messages, actions."""
     conversation = conversation_properties()

@@ -22,7 +22,6 @@ def _chunk(kind: str, description: str, properties: dict[str, Schema], optional:
     return closed(base, required, description=description)
 
 
-
 def schemas() -> dict[str, Schema]:
     return {
         "StreamEvent": {
