@@ -1,11 +1,12 @@
 """The Canvalo chat backend: routes, lifespan and error handling in one place.
 
 A request enters through the middleware in ``web/`` (request id and access log, CORS, body limit), reaches one of
-the route functions below, which parse input (``web/inputs.py``), identify the caller (``services/auth/``) and
-call one service (``services/``). Long-lived resources (the store, the model client) are created in ``lifespan``
-and reach routes through ``request.state``. Every non-2xx response is the envelope from ``errors.AppError.body``.
+the route functions below, which read the inputs their route declares (``web/inputs.py``, the declaration
+``/openapi.json`` documents too), identify the caller (``web/caller.py``) and call one service (``services/``).
+Long-lived resources (the store, the model client) are created in ``lifespan`` and reach routes through
+``request.state``. Every non-2xx response is the envelope from ``errors.AppError.body``.
 
-Run it with ``python app.py`` or ``uvicorn app:app``.
+Run it with ``python app.py``, ``uvicorn app:app`` or ``uvicorn app:serve --factory``.
 """
 
 from __future__ import annotations
@@ -27,10 +28,8 @@ import asyncio
 import contextlib
 import errno
 import functools
-import hmac
 import logging
 import os
-import secrets
 import socket
 from collections.abc import AsyncIterator
 from typing import Any, TypedDict
@@ -38,33 +37,30 @@ from typing import Any, TypedDict
 import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
-from errors import AppError, Conflict, MethodNotAllowed, NotFound, RateLimited, Unauthorized
+from errors import AppError, Conflict, MethodNotAllowed, NotFound, RateLimited
 from services.agents import actions
 from services.agents.assistant import Assistant
-from services.auth.authenticator import Authenticator, build_authenticator, claimed_caller
+from services.auth.authenticator import Authenticator, build_authenticator
 from services.metrics import Metrics
 from services.model import ChatModel
 from services.model.build import build_model
 from services.ratelimit import LimitStore, RateLimiter
 from services.runs.manager import RunManager, shutdown_frame
 from services.runs.titles import title_from_message
-from services.store import Caller, NewRun, Store
+from services.store import NewRun, Store
 from services.store.build import build_store, store_location
 from settings import ConfigError, Settings
-from web import cursors, inputs
-from web import openapi
+from web import cursors, inputs, middleware, openapi, pages, status
+from web.caller import address, caller_of, read_body
+from web.deferred import Deferred
 from web.gc_tuning import tune_gc
-from web.middleware import BodyLimit, EnvelopeCORS, RequestContext
 from web.sse import EventStreamResponse, Feed
+from web.status import VERSION
 from web.tcp import ConnectionGuard, NoDelayH11Protocol
-
-SERVICE_NAME = "Canvalo Multi-Agent Chat API"
-VERSION = "2.0.0"
 
 logger = logging.getLogger("canvalo")
 
@@ -83,52 +79,15 @@ class State(TypedDict):
 # -- routes -------------------------------------------------------------------------------------------------------
 
 
-async def root(request: Request) -> Response:
-    return JSONResponse({"status": "ok", "service": SERVICE_NAME, "version": VERSION})
-
-
-async def health(request: Request) -> Response:
-    """Probes the store (a read and a write); says which store, model provider and auth mode are active, and whether
-    the model can answer. 503 when the store cannot read or write; ``degraded`` (200) when the model is not
-    configured. Nothing secret."""
-    settings: Settings = request.state.settings
-    model: ChatModel = request.state.model
-    store: Store = request.state.store
-    readable = await _store_reachable(store)
-    writable = await _store_writable(store) if readable else False
-    store_ok = readable and writable is not False
-    status = "unhealthy" if not store_ok else "healthy" if model.configured else "degraded"
-    body = {
-        "status": status,
-        "service": SERVICE_NAME,
-        "version": VERSION,
-        "environment": settings.environment,
-        # writable is null where the store cannot check it (Supabase: PostgREST acts only as signed-in users).
-        "store": {"kind": store.kind, "reachable": readable, "readable": readable, "writable": writable},
-        "model": {
-            "provider": model.provider,
-            "model_id": model.model_id,
-            "configured": model.configured,
-            "is_llm": model.is_llm,
-            "note": "an Amazon Bedrock model" if model.is_llm else "built-in deterministic responder, not an LLM",
-        },
-        "auth": {"mode": request.state.auth.mode},
-        # Answers still in this worker's memory: generating, or ended but not yet saved (the store refuses writes).
-        "runs": request.state.runs.health(),
-        # The earlier service's keys, kept for existing dashboards and probes.
-        "supabase_configured": bool(settings.supabase_url),
-        "bedrock_model": settings.bedrock_model_id if model.is_llm else None,
-    }
-    return JSONResponse(body, status_code=200 if store_ok else 503)
-
-
 async def chat_stream(request: Request) -> Response:
     """Start a chat run and follow it from its first event. A repeated ``client_message_id`` follows the run that
     id started instead, from its first event, without starting another or counting against any limit."""
-    chat = inputs.chat_input(await _body(request))
-    caller = await _caller(request, chat.user_id, counted=False)  # begin_run counts the turn, after deduplication
+    chat = inputs.CHAT_STREAM.given(request, await read_body(request))
+    message, _ = chat["message"], chat["history"]  # history: checked, and ignored (the prompt is built from the store)
+    conversation_id, user_id, client_message_id = chat["conversation_id"], chat["user_id"], chat["client_message_id"]
+    caller = await caller_of(request, user_id, counted=False)  # begin_run counts the turn, after deduplication
     runs: RunManager = request.state.runs
-    new = NewRun(chat.conversation_id, chat.message, title_from_message(chat.message), chat.client_message_id)
+    new = NewRun(conversation_id, message, title_from_message(message), client_message_id)
     limits = request.state.limiter.turn_limits(runs.stale_seconds, runs.events_ttl)
     try:
         begun = await runs.begin(caller, new, limits, request.state.request_started)
@@ -146,18 +105,23 @@ async def chat_stream(request: Request) -> Response:
 
 async def run_events(request: Request) -> Response:
     """Follow a run from after ``Last-Event-ID`` (or ``?after=N``): replay what was missed, then live to its end."""
-    run_id = inputs.uuid_value(request.path_params["run_id"], "run_id")
-    after = inputs.last_event_id(request)
-    caller = await _caller(request, inputs.query_uuid(request, "user_id"))
+    given = inputs.RUN_EVENTS.given(request)
+    run_id = given["run_id"]
+    # What a browser's EventSource sends when it reconnects wins; else ?after=N; else the run's first event.
+    after = given["Last-Event-ID"]
+    if after is None:
+        after = given["after"]
+    caller = await caller_of(request, given["user_id"])
     return _event_stream(request, await request.state.runs.feed(caller, run_id), run_id, after=after)
 
 
 async def stop_run(request: Request) -> Response:
     """Stop a run wherever it generates; the answer is saved cut to ``seen_chars`` and returned."""
-    run_id = inputs.uuid_value(request.path_params["run_id"], "run_id")
-    stop = inputs.stop_input(await _body(request))
-    caller = await _caller(request, stop.user_id)
-    view = await request.state.runs.stop(caller, run_id, stop.seen_chars)
+    run_id = inputs.STOP_RUN.given(request)["run_id"]
+    stop = inputs.STOP_RUN.given(request, await read_body(request))
+    seen_chars = stop["seen_chars"]
+    caller = await caller_of(request, stop["user_id"])
+    view = await request.state.runs.stop(caller, run_id, seen_chars)
     # 202: the stop is asked but the run has not ended yet (its worker is slow, or has just died and the run ends
     # stopped once its heartbeat lapses); the message is as saved so far. Never a 200 for a state not yet stored.
     return JSONResponse(view.message.to_json(), status_code=202 if view.run.status == "running" else 200)
@@ -175,11 +139,11 @@ def _event_stream(request: Request, feed: Feed, run_id: str, *, after: int) -> R
 
 async def list_conversations(request: Request) -> Response:
     """The caller's conversations by last activity, paged by offset or by cursor, optionally searched (``q``)."""
-    caller = await _caller(request, inputs.query_uuid(request, "user_id"))
-    limit = inputs.query_int(request, "limit", 50, 1, 100)
-    offset = inputs.query_int(request, "offset", 0, 0)
-    before, after = cursors.conversation_seek(request, offset)
-    search = inputs.query_text(request, "q", inputs.MAX_QUERY_CHARS)
+    given = inputs.LIST_CONVERSATIONS.given(request)
+    caller = await caller_of(request, given["user_id"])
+    limit, offset = given["limit"], given["offset"]
+    before, after = cursors.conversation_seek(given, offset)
+    search = given["q"]
     store: Store = request.state.store
     page = await store.list_conversations(caller, limit, offset, before=before, after=after, search=search)
     listed = page.conversations
@@ -198,29 +162,29 @@ async def list_conversations(request: Request) -> Response:
 
 
 async def rename_conversation(request: Request) -> Response:
-    conversation_id = inputs.uuid_value(request.path_params["conversation_id"], "conversation_id")
-    body = await _body(request)
-    caller = await _caller(request, inputs.uuid_value(inputs.required(body, "user_id"), "user_id"))
-    conversation = await request.state.store.rename_conversation(caller, conversation_id, inputs.new_title(body))
+    conversation_id = inputs.RENAME_CONVERSATION.given(request)["conversation_id"]
+    rename = inputs.RENAME_CONVERSATION.given(request, await read_body(request))
+    caller = await caller_of(request, rename["user_id"])
+    conversation = await request.state.store.rename_conversation(caller, conversation_id, rename["title"])
     return JSONResponse(conversation.to_json())
 
 
 async def create_conversation(request: Request) -> Response:
-    body = await _body(request)
-    caller = await _caller(request, inputs.uuid_value(inputs.required(body, "user_id"), "user_id"))
-    conversation = await request.state.store.create_conversation(caller, inputs.title_value(body))
+    create = inputs.CREATE_CONVERSATION.given(request, await read_body(request))
+    caller = await caller_of(request, create["user_id"])
+    conversation = await request.state.store.create_conversation(caller, create["title"])
     return JSONResponse(conversation.to_json(), status_code=201)
 
 
 async def get_conversation(request: Request) -> Response:
     """The caller's conversation and a page of its messages: oldest first unless ``message_order=desc``, by offset or
     from a cursor (``message_before``/``message_after``)."""
-    conversation_id = inputs.uuid_value(request.path_params["conversation_id"], "conversation_id")
-    caller = await _caller(request, inputs.query_uuid(request, "user_id"))
-    limit = inputs.query_int(request, "message_limit", 100, 1, 500)
-    offset = inputs.query_int(request, "message_offset", 0, 0)
-    newest_first = inputs.query_choice(request, "message_order", ("asc", "desc")) == "desc"
-    before, after = cursors.message_seek(request, offset)
+    given = inputs.GET_CONVERSATION.given(request)
+    conversation_id = given["conversation_id"]
+    caller = await caller_of(request, given["user_id"])
+    limit, offset = given["message_limit"], given["message_offset"]
+    newest_first = given["message_order"] == "desc"
+    before, after = cursors.message_seek(given, offset)
     store: Store = request.state.store
     runs: RunManager = request.state.runs
     conversation = await store.get_conversation(caller, conversation_id)
@@ -244,8 +208,9 @@ async def get_conversation(request: Request) -> Response:
 
 
 async def delete_conversation(request: Request) -> Response:
-    conversation_id = inputs.uuid_value(request.path_params["conversation_id"], "conversation_id")
-    caller = await _caller(request, inputs.query_uuid(request, "user_id"))
+    given = inputs.DELETE_CONVERSATION.given(request)
+    conversation_id = given["conversation_id"]
+    caller = await caller_of(request, given["user_id"])
     await request.state.store.delete_conversation(caller, conversation_id)
     return JSONResponse({"status": "deleted", "conversation_id": conversation_id})
 
@@ -254,121 +219,16 @@ async def confirm_action(request: Request) -> Response:
     """Carry out a change the assistant prepared (any update or delete), once, for the user it was prepared for,
     while the record still holds what the user was shown: the user's own confirmation, which nothing the model sends
     can stand in for."""
-    action_id = inputs.uuid_value(request.path_params["action_id"], "action_id")
-    body = await _body(request)
-    caller = await _caller(request, inputs.uuid_value(inputs.required(body, "user_id"), "user_id"))
+    action_id = inputs.CONFIRM_ACTION.given(request)["action_id"]
+    confirm = inputs.CONFIRM_ACTION.given(request, await read_body(request))
+    caller = await caller_of(request, confirm["user_id"])
     done = await request.state.store.confirm_action(caller, action_id)
     return JSONResponse(actions.confirmed_json(done))
 
 
-WEB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
-
-
-async def playground(request: Request) -> Response:
-    """A small chat page for trying the API in a browser: development only, unless PLAYGROUND=1."""
-    settings: Settings = request.state.settings
-    if settings.environment != "development" and not settings.playground:
-        raise NotFound()
-    return _page("playground.html")
-
-
 async def openapi_json(request: Request) -> Response:
-    """The OpenAPI 3.1 document (``web/openapi.py``), in every environment: the API's shape is not a secret."""
+    """The OpenAPI 3.1 document (``web/openapi/``), in every environment: the API's shape is not a secret."""
     return JSONResponse(openapi.document(VERSION))
-
-
-async def docs(request: Request) -> Response:
-    """``/openapi.json`` rendered readably by the page's own script (no CDN), in every environment, like it."""
-    return _page("docs.html")
-
-
-def _page(name: str) -> Response:
-    """One of ``web/``'s self-contained pages, whose one inline script and one style run under a fresh nonce; the
-    policy allows nothing else, and requests only to this origin (the API, ``/openapi.json``)."""
-    with open(os.path.join(WEB_DIR, name), encoding="utf-8") as page:
-        html = page.read()
-    nonce = secrets.token_urlsafe(16)
-    policy = (
-        f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; connect-src 'self'; "
-        "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
-    )
-    return HTMLResponse(html.replace("{{nonce}}", nonce), headers={"Content-Security-Policy": policy})
-
-
-async def metrics(request: Request) -> Response:
-    """Prometheus text format. Off (404) unless METRICS_TOKEN is set; then it takes ``Authorization: Bearer``."""
-    token = str(request.state.settings.metrics_token)
-    if not token:
-        raise NotFound()
-    supplied = request.headers.get("authorization", "").encode()
-    if not hmac.compare_digest(supplied, f"Bearer {token}".encode()):
-        raise Unauthorized("A valid metrics token is required.", code="INVALID_TOKEN")
-    text = request.state.metrics.render()
-    return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
-
-
-async def _caller(request: Request, claimed_user_id: str, *, counted: bool = True) -> Caller:
-    """Who is calling, counted against their API rate limit unless ``counted`` is False (chat turns are counted by
-    ``Store.begin_run``)."""
-    verified = await _verified(request)
-    try:
-        caller = claimed_caller(verified, claimed_user_id)
-    except AppError:
-        await request.state.limiter.admit_unauthenticated(_address(request))  # a valid token naming someone else
-        raise
-    request.state.authenticated = True
-    if counted:
-        await request.state.limiter.admit(caller)
-    return caller
-
-
-async def _verified(request: Request) -> Caller | None:
-    """The bearer token's user (None with authentication off), checked once per request and before any body is
-    read, so a client without a valid token cannot make the service read, and hold, a large or slow body."""
-    state = request.state
-    if "verified" not in request.scope["state"]:  # not hasattr(state, ...): a miss there raises, and costs
-        limiter: RateLimiter = state.limiter
-        address = _address(request)
-        try:
-            # An address refused too often is stopped in process before Supabase Auth is asked (a token checked
-            # locally or from the cache is not stopped: a genuine user keeps their own allowance).
-            state.verified = await state.auth.verify(
-                request.headers.get("authorization"), lambda: limiter.check_address(address)
-            )
-        except AppError:
-            # No trustworthy user to count against (a bad token, or Supabase Auth could not say): count the client
-            # address, so guessing credentials is limited too.
-            await limiter.admit_unauthenticated(address)
-            raise
-    verified: Caller | None = state.verified
-    return verified
-
-
-async def _body(request: Request) -> dict[str, Any]:
-    """The JSON body, read only once the token is known to be good (see ``_verified``) and within
-    ``BODY_READ_TIMEOUT``."""
-    await _verified(request)
-    return await inputs.json_body(request, request.state.settings.body_read_timeout)
-
-
-def _address(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
-
-
-async def _store_writable(store: Store) -> bool | None:
-    with anyio.move_on_after(3):
-        return await store.probe_write()
-    return False
-
-
-async def _store_reachable(store: Store) -> bool:
-    with anyio.move_on_after(3):
-        try:
-            await store.ping()
-        except AppError:
-            return False
-        return True
-    return False
 
 
 # -- errors -------------------------------------------------------------------------------------------------------
@@ -382,7 +242,7 @@ async def app_error(request: Request, exc: Exception) -> Response:
     if exc.status in PRE_AUTH_FAILURES and not getattr(request.state, "authenticated", False):
         # A request that failed before its caller was known (a malformed body, say) counts against its address,
         # like a failed authentication, so a flood of them is refused before it costs more.
-        request.state.limiter.failed_before_auth(_address(request))
+        request.state.limiter.failed_before_auth(address(request))
     if isinstance(exc, RateLimited):
         headers: dict[str, str] | None = exc.headers()
     else:
@@ -421,12 +281,12 @@ async def server_error(request: Request, exc: Exception) -> Response:
 # Starlette tries routes in order, so the chat turn, the one hot path, comes first.
 routes = [
     Route("/api/chat/stream", chat_stream, methods=["POST"]),
-    Route("/", root, methods=["GET"]),
-    Route("/health", health, methods=["GET"]),
-    Route("/metrics", metrics, methods=["GET"]),
-    Route("/playground", playground, methods=["GET"]),
+    Route("/", status.root, methods=["GET"]),
+    Route("/health", status.health, methods=["GET"]),
+    Route("/metrics", status.metrics, methods=["GET"]),
+    Route("/playground", pages.playground, methods=["GET"]),
     Route("/openapi.json", openapi_json, methods=["GET"]),
-    Route("/docs", docs, methods=["GET"]),
+    Route("/docs", pages.docs, methods=["GET"]),
     Route("/api/chat/runs/{run_id}/events", run_events, methods=["GET"]),
     Route("/api/chat/runs/{run_id}/stop", stop_run, methods=["POST"]),
     Route("/api/conversations", list_conversations, methods=["GET"]),
@@ -495,22 +355,8 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
                 "connections": ConnectionGuard(settings.header_read_timeout, settings.max_connections_per_address),
             }
 
-    middleware = [
-        Middleware(RequestContext),
-        Middleware(
-            EnvelopeCORS,
-            allow_origins=settings.cors_origins,
-            # Credentials with a wildcard origin would let any site act as the user; never combine them.
-            allow_credentials="*" not in settings.cors_origins,
-            allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-ID", "Last-Event-ID"],
-            expose_headers=[
-                "X-Request-ID", "X-Run-ID", "Retry-After", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"
-            ],
-        ),
-        Middleware(BodyLimit, max_bytes=settings.max_request_bytes),
-    ]
-    return Starlette(routes=routes, middleware=middleware, exception_handlers=exception_handlers, lifespan=lifespan)
+    return Starlette(routes=routes, middleware=middleware.stack(settings), exception_handlers=exception_handlers,
+                     lifespan=lifespan)
 
 
 async def _open_metrics_and_limits(
@@ -545,7 +391,7 @@ def configure_logging(level: str) -> None:
     httpx logs every PostgREST request URL at INFO (its filters are user data, ``name=eq.Maria+Lopez``, and ids) and
     httpcore more at DEBUG; uvicorn's access log writes each request line with its query string (``?user_id=``).
     ``RequestContext`` logs every request without its query instead. Set here, not only with uvicorn's
-    ``access_log=False``, so ``uvicorn app:app`` (which configures uvicorn's loggers before it imports the app) is
+    ``access_log=False``, so ``uvicorn app:app`` (which configures uvicorn's loggers before it starts the app) is
     covered too.
     """
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
@@ -563,15 +409,16 @@ def _load_settings() -> Settings:
         raise SystemExit(2) from None
 
 
-def __getattr__(name: str) -> Starlette:
-    """``uvicorn app:app`` builds the app on first access, so importing this module reads no environment."""
-    if name != "app":
-        raise AttributeError(name)
+def serve() -> Starlette:
+    """The app the environment configures, with logging set up: ``uvicorn app:serve --factory``."""
     settings = _load_settings()
     configure_logging(settings.log_level)
-    application = create_app(settings)
-    globals()["app"] = application
-    return application
+    return create_app(settings)
+
+
+# ``uvicorn app:app`` (README, Dockerfile): built by ``serve`` when uvicorn starts it, so importing this module (the
+# tests do) reads no environment.
+app = Deferred(serve)
 
 
 def _listen(settings: Settings) -> socket.socket:

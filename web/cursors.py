@@ -5,7 +5,7 @@ A cursor is unpadded base64url of compact JSON, ``["c", updated_at, id]`` or ``[
 to clients but not secret: it holds nothing the response did not show, and every read is scoped to the caller, so a
 made-up cursor can only choose where the caller's own list starts. Reading one checks everything (its kind, a
 timestamp in the stores' format, a UUID, a sequence number in range) so a bad cursor is a 422 naming the parameter,
-never a store error.
+never a store error. Its length and alphabet are checked first, by its declaration (``web/inputs.py``).
 """
 
 from __future__ import annotations
@@ -17,14 +17,10 @@ import re
 from datetime import datetime
 from typing import Any
 
-from starlette.requests import Request
-
 from errors import ValidationFailed
 from services.store import Conversation, ConversationKey, MessageKey
-from web.inputs import invalid, uuid_value
+from web.fields import NOT_A_CURSOR, Given, invalid, uuid_value
 
-# Far longer than any cursor made here (about 110 characters); a longer value is not worth decoding.
-MAX_CURSOR_CHARS = 256
 MAX_SEQ = 2**63 - 1  # SQLite's and PostgreSQL's bigint
 
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
@@ -40,16 +36,16 @@ def message_cursor(key: MessageKey) -> str:
     return _encode(["m", key.created_at, key.seq])
 
 
-def conversation_seek(request: Request, offset: int) -> tuple[ConversationKey | None, ConversationKey | None]:
+def conversation_seek(given: Given, offset: int) -> tuple[ConversationKey | None, ConversationKey | None]:
     """``before`` and ``after`` of a list request, at most one of them, and not with an offset."""
-    before, after = (_conversation_key(request, name) for name in ("before", "after"))
+    before, after = given["before"], given["after"]
     _one_way(before, after, offset, ("before", "after", "offset"))
     return before, after
 
 
-def message_seek(request: Request, offset: int) -> tuple[MessageKey | None, MessageKey | None]:
+def message_seek(given: Given, offset: int) -> tuple[MessageKey | None, MessageKey | None]:
     """``message_before`` and ``message_after``, at most one of them, and not with a ``message_offset``."""
-    before, after = (_message_key(request, name) for name in ("message_before", "message_after"))
+    before, after = given["message_before"], given["message_after"]
     _one_way(before, after, offset, ("message_before", "message_after", "message_offset"))
     return before, after
 
@@ -61,11 +57,9 @@ def _one_way(before: object, after: object, offset: int, names: tuple[str, str, 
         raise invalid(names[2], f"cannot be combined with '{names[0]}' or '{names[1]}'")
 
 
-def _conversation_key(request: Request, name: str) -> ConversationKey | None:
-    parts = _decode(request, name, "c")
-    if parts is None:
-        return None
-    _, updated_at, conversation_id = parts
+def conversation_key(value: str, name: str) -> ConversationKey:
+    """The place a conversation cursor holds (its declaration has checked its length and alphabet)."""
+    _, updated_at, conversation_id = _decode(value, name, "c")
     if not isinstance(conversation_id, str):
         raise _not_a_cursor(name)
     try:
@@ -74,11 +68,9 @@ def _conversation_key(request: Request, name: str) -> ConversationKey | None:
         raise _not_a_cursor(name) from None
 
 
-def _message_key(request: Request, name: str) -> MessageKey | None:
-    parts = _decode(request, name, "m")
-    if parts is None:
-        return None
-    _, created_at, seq = parts
+def message_key(value: str, name: str) -> MessageKey:
+    """The place a message cursor holds (its declaration has checked its length and alphabet)."""
+    _, created_at, seq = _decode(value, name, "m")
     if type(seq) is not int or not 0 < seq <= MAX_SEQ:  # bool is an int; a JSON true is not a sequence number
         raise _not_a_cursor(name)
     return MessageKey(_timestamp(created_at, name), seq)
@@ -89,12 +81,7 @@ def _encode(parts: list[Any]) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
-def _decode(request: Request, name: str, kind: str) -> list[Any] | None:
-    value = request.query_params.get(name)
-    if value is None or value == "":
-        return None
-    if len(value) > MAX_CURSOR_CHARS or not _BASE64URL.fullmatch(value):
-        raise _not_a_cursor(name)
+def _decode(value: str, name: str, kind: str) -> list[Any]:
     try:
         parts = json.loads(base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)))
     except (binascii.Error, ValueError):  # bad padding, not UTF-8, not JSON
@@ -115,4 +102,4 @@ def _timestamp(value: object, name: str) -> str:
 
 
 def _not_a_cursor(name: str) -> ValidationFailed:
-    return invalid(name, "must be a cursor from an earlier response")
+    return invalid(name, NOT_A_CURSOR)

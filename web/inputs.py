@@ -1,4 +1,5 @@
-"""Reading and checking request input. Every problem becomes a 4xx ``AppError`` naming the field, never a 500.
+"""Every route's inputs, declared once (``web/fields.py``), and the reading of a JSON body. Every problem becomes a
+4xx ``AppError`` naming the field, never a 500; ``/openapi.json`` documents each input from the same declaration.
 
 The limits are the contract's: a chat message is 1..10,000 characters, ``limit`` 1..100, ``message_limit`` 1..500,
 offsets 0..1,000,000, ids are UUIDs. The client's ``history`` is accepted for compatibility with the earlier
@@ -15,43 +16,33 @@ and only its words reach a store.)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
-from dataclasses import dataclass
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 
 from errors import BadRequest, ClientClosedRequest, RequestTimeout, UnsupportedMediaType, ValidationFailed
+from web import cursors
+from web.fields import DEFAULT_MAX_INT, Field, Inputs, invalid
 
 MAX_MESSAGE_CHARS = 10_000
 MAX_TITLE_CHARS = 200
 MAX_QUERY_CHARS = 200  # a conversation search (``q``)
-# A query integer declared without an upper bound (the offsets) gets this one: far past any real page, and far
-# inside the 64-bit integers SQLite and PostgreSQL bind (9223372036854775808 was a 500).
-DEFAULT_MAX_INT = 1_000_000
+# Far longer than any cursor made here (about 110 characters); a longer value is not worth decoding.
+MAX_CURSOR_CHARS = 256
 # Deeper than any body the API defines (a chat body with history is 4 levels), far below Python's recursion limit.
 MAX_JSON_DEPTH = 32
 # Bounds for run inputs: far above any real answer (max tokens bound it), low enough to stay a small integer.
 MAX_ANSWER_CHARS = 10_000_000
 MAX_EVENT_ID = 10_000_000
 
-# Used with fullmatch only: re.match with "$" also accepts a trailing newline.
-_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-# ASCII digits only: int() also takes " 1", "1_0" and other scripts' digits, many spellings of one value.
-_INTEGER = re.compile(r"-?[0-9]{1,20}")
 # Text no store can keep: a lone surrogate, or NUL. In a JSON body, strict UTF-8 leaves a \u escape as the only way
 # to spell either (a raw NUL is a control character JSON refuses).
 _UNSTORABLE = re.compile("[\ud800-\udfff\x00]")
 _UNSTORABLE_ESCAPE = re.compile(r"\\u(?:[dD][89a-fA-F]|0000)")
-
-
-_DIGITS = re.compile(r"[0-9]{1,9}")
-
-
-def invalid(field: str, problem: str) -> ValidationFailed:
-    return ValidationFailed(f"'{field}' {problem}.", code="VALIDATION_ERROR")
 
 
 async def json_body(request: Request, timeout: float) -> dict[str, Any]:
@@ -153,129 +144,110 @@ def _shown(name: str) -> str:
     return name if len(name) <= 64 else name[:64] + "..."  # an unknown field's name is the client's text
 
 
-def uuid_value(value: object, field: str) -> str:
-    if not isinstance(value, str) or not _UUID.fullmatch(value):
-        raise invalid(field, "must be a UUID")
-    return value.lower()
+# -- every route's inputs -----------------------------------------------------------------------------------------
+# One declaration each: the routes in app.py read them (``given = inputs.X.given(request)``) and web/openapi/ documents
+# them. A field's ``doc`` may name its bounds: ``{low}``, ``{high}``, ``{max_chars}``.
 
 
-def required(body: dict[str, Any], field: str) -> Any:
-    if field not in body or body[field] is None:
-        raise invalid(field, "is required")
-    return body[field]
+def _path_id(name: str, what: str, component: str) -> Field:
+    return Field(name, "uuid", "path", f"The {what}'s id.", required=True, component=component)
 
 
-def text_value(value: object, field: str, max_chars: int, *, allow_blank: bool = False) -> str:
-    if not isinstance(value, str):
-        raise invalid(field, "must be a string")
-    if not allow_blank and not value.strip():
-        raise invalid(field, "must not be empty")
-    if len(value) > max_chars:
-        raise invalid(field, f"must be at most {max_chars} characters")
-    return value
+def _integer(name: str, what: str, component: str, default: int, low: int, high: int = DEFAULT_MAX_INT) -> Field:
+    return Field(name, "int", "query", f"{what},", default=default, low=low, high=high, component=component)
 
 
-def query_uuid(request: Request, name: str) -> str:
-    return uuid_value(request.query_params.get(name), name)
+def _cursor(name: str, doc: str, component: str, place: Callable[[str, str], Any]) -> Field:
+    return Field(name, "cursor", "query", doc, max_chars=MAX_CURSOR_CHARS, decode=place, component=component)
 
 
-def query_int(request: Request, name: str, default: int, low: int, high: int = DEFAULT_MAX_INT) -> int:
-    raw = request.query_params.get(name)
-    if raw is None or raw == "":
-        return default
-    if not _INTEGER.fullmatch(raw) or not low <= int(raw) <= high:
-        raise invalid(name, f"must be an integer between {low} and {high}")
-    return int(raw)
+CONVERSATION_ID = _path_id("conversation_id", "conversation", "ConversationId")
+RUN_ID = _path_id("run_id", "run", "RunId")
+ACTION_ID = _path_id("action_id", "pending action", "ActionId")
+USER_ID = Field("user_id", "uuid", "query", "The caller; with auth on it must equal the token's sub (else 403 "
+                "USER_ID_MISMATCH).", required=True, component="UserId")
+BODY_USER_ID = Field("user_id", "uuid", required=True)
 
+CHAT_STREAM = Inputs(
+    body_name="ChatRequest",
+    body=(
+        Field("message", "text", doc="1..{max_chars} characters (code points), not only whitespace.", required=True,
+              max_chars=MAX_MESSAGE_CHARS),
+        Field("conversation_id", "uuid", doc="Created on first use, owned by the caller.", required=True),
+        dataclasses.replace(BODY_USER_ID, doc="The caller; with auth on, the token's sub."),
+        Field("client_message_id", "uuid",
+              doc="A new UUID per message: a repeat attaches to the run it started (idempotent send)."),
+        # Ignored, so neither its length nor its items are checked (the earlier frontend sends every message, and null).
+        Field("history", "list", doc="Accepted for the earlier frontend and ignored: the prompt is built from stored "
+              "history. Any items, any length (MAX_REQUEST_BYTES bounds the body)."),
+    ),
+)
+RUN_EVENTS = Inputs(
+    parameters=(
+        RUN_ID,
+        USER_ID,
+        _integer("after", "Replay events after this sequence number (Last-Event-ID wins)", "After", 0, 0, MAX_EVENT_ID),
+        Field("Last-Event-ID", "int", "header", "What EventSource sends on reconnect: resume after this event, "
+              "{low}..{high}. Wins over ?after; blank means absent.", high=MAX_EVENT_ID, component="LastEventId"),
+    ),
+)
+STOP_RUN = Inputs(
+    parameters=(RUN_ID,),
+    body_name="StopRequest",
+    body=(
+        BODY_USER_ID,
+        Field("seen_chars", "int", doc="Keep the answer's first N characters (Unicode code points, "
+              "Array.from(text).length in JavaScript); omit to keep all that was generated.", high=MAX_ANSWER_CHARS),
+    ),
+)
+LIST_CONVERSATIONS = Inputs(
+    parameters=(
+        USER_ID,
+        _integer("limit", "Conversations per page", "Limit", 50, 1, 100),
+        _integer("offset", "Conversations to skip", "Offset", 0, 0),
+        _cursor("before", "Conversations older than this cursor (before_cursor of a page).", "Before",
+                cursors.conversation_key),
+        _cursor("after", "Conversations newer than this cursor (after_cursor of a page).", "AfterCursor",
+                cursors.conversation_key),
+        Field("q", "text", "query", "Search: conversations whose title or one of whose messages holds a word starting "
+              "with each word of q (case-insensitive). At most {max_chars} characters; blank means absent.",
+              max_chars=MAX_QUERY_CHARS, blank=True, strip=True, component="Search"),
+    ),
+)
+CREATE_CONVERSATION = Inputs(
+    body_name="CreateConversationRequest",
+    body=(
+        BODY_USER_ID,
+        Field("title", "text", doc="Trimmed; blank is stored as null.", max_chars=MAX_TITLE_CHARS, blank=True,
+              strip=True),
+    ),
+)
+GET_CONVERSATION = Inputs(
+    parameters=(
+        CONVERSATION_ID,
+        USER_ID,
+        _integer("message_limit", "Messages per page", "MessageLimit", 100, 1, 500),
+        _integer("message_offset", "Messages to skip", "MessageOffset", 0, 0),
+        Field("message_order", "choice", "query", "asc: oldest first (the default); desc: newest first. Empty means "
+              "asc.", default="asc", choices=("asc", "desc"), component="MessageOrder"),
+        _cursor("message_before", "Messages older than this cursor (message_before_cursor).", "MessageBefore",
+                cursors.message_key),
+        _cursor("message_after", "Messages newer than this cursor (message_after_cursor).", "MessageAfter",
+                cursors.message_key),
+    ),
+)
+RENAME_CONVERSATION = Inputs(
+    parameters=(CONVERSATION_ID,),
+    body_name="RenameConversationRequest",
+    body=(
+        BODY_USER_ID,
+        Field("title", "text", doc="1..{max_chars} characters, not only whitespace; trimmed.", required=True,
+              max_chars=MAX_TITLE_CHARS, strip=True),
+    ),
+)
+DELETE_CONVERSATION = Inputs(parameters=(CONVERSATION_ID, USER_ID))
+CONFIRM_ACTION = Inputs(parameters=(ACTION_ID,), body_name="ConfirmActionRequest", body=(BODY_USER_ID,))
 
-@dataclass(frozen=True, slots=True)
-class ChatInput:
-    message: str
-    conversation_id: str
-    user_id: str
-    client_message_id: str | None = None
-
-
-def chat_input(body: dict[str, Any]) -> ChatInput:
-    message = text_value(required(body, "message"), "message", MAX_MESSAGE_CHARS)
-    # Ignored, so neither its length nor its items are checked (the earlier frontend sends every message, and null).
-    if not isinstance(body.get("history"), (list, type(None))):
-        raise invalid("history", "must be a list")
-    return ChatInput(
-        message=message,
-        conversation_id=uuid_value(required(body, "conversation_id"), "conversation_id"),
-        user_id=uuid_value(required(body, "user_id"), "user_id"),
-        client_message_id=optional_uuid(body, "client_message_id"),
-    )
-
-
-def optional_uuid(body: dict[str, Any], field: str) -> str | None:
-    value = body.get(field)
-    return None if value is None else uuid_value(value, field)
-
-
-@dataclass(frozen=True, slots=True)
-class StopInput:
-    user_id: str
-    seen_chars: int | None
-
-
-def stop_input(body: dict[str, Any]) -> StopInput:
-    seen = body.get("seen_chars")
-    # JSON Schema's integer, as /openapi.json declares it: 5.0 is one; a JSON true (a Python int) is not.
-    if isinstance(seen, float) and seen.is_integer():
-        seen = int(seen)
-    if seen is not None and (not isinstance(seen, int) or isinstance(seen, bool) or not 0 <= seen <= MAX_ANSWER_CHARS):
-        raise invalid("seen_chars", f"must be an integer between 0 and {MAX_ANSWER_CHARS}")
-    return StopInput(uuid_value(required(body, "user_id"), "user_id"), seen)
-
-
-def last_event_id(request: Request) -> int:
-    """Where a resume starts: the ``Last-Event-ID`` header (what a browser's EventSource sends when it reconnects),
-    else ``?after=N``, else the run's first event."""
-    header = request.headers.get("last-event-id")
-    if header is None or header.strip() == "":
-        return query_int(request, "after", 0, 0, MAX_EVENT_ID)
-    raw = header.strip()
-    if not _DIGITS.fullmatch(raw) or int(raw) > MAX_EVENT_ID:
-        raise invalid("Last-Event-ID", f"must be an integer between 0 and {MAX_EVENT_ID}")
-    return int(raw)
-
-
-def title_value(body: dict[str, Any]) -> str | None:
-    """A new conversation's title: at most 200 characters once stripped; blank is none."""
-    title = body.get("title")
-    if title is None:
-        return None
-    return _stripped_title(title, allow_blank=True) or None
-
-
-def new_title(body: dict[str, Any]) -> str:
-    """A rename's title: required, and 1..200 characters once stripped (create's checks, but not blank)."""
-    return _stripped_title(required(body, "title"), allow_blank=False)
-
-
-def _stripped_title(value: object, *, allow_blank: bool) -> str:
-    # Stripped before it is measured: the limit is on the title kept, not on the spaces around it.
-    return text_value(value.strip() if isinstance(value, str) else value, "title", MAX_TITLE_CHARS,
-                      allow_blank=allow_blank)
-
-
-def query_text(request: Request, name: str, max_chars: int) -> str | None:
-    """A free-text query parameter, stripped; None when absent or blank (as an empty ``limit=`` is its default)."""
-    raw = request.query_params.get(name)
-    if raw is None or not raw.strip():
-        return None
-    if len(raw) > max_chars:
-        raise invalid(name, f"must be at most {max_chars} characters")
-    return raw.strip()
-
-
-def query_choice(request: Request, name: str, choices: tuple[str, ...]) -> str:
-    """One of ``choices`` (the first is the default)."""
-    raw = request.query_params.get(name)
-    if raw is None or raw == "":
-        return choices[0]
-    if raw not in choices:
-        raise invalid(name, f"must be one of {', '.join(choices)}")
-    return raw
+# Every route that takes input: /openapi.json's components are their parameters and bodies, in this order.
+ROUTES = (CHAT_STREAM, RUN_EVENTS, STOP_RUN, LIST_CONVERSATIONS, CREATE_CONVERSATION, GET_CONVERSATION,
+          RENAME_CONVERSATION, DELETE_CONVERSATION, CONFIRM_ACTION)

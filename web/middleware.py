@@ -13,6 +13,8 @@ request's ``services.metrics.current`` for code too deep to be handed it (``with
 
 ``BodyLimit`` refuses bodies larger than ``max_bytes``, from ``Content-Length`` up front or while reading a
 chunked body, with a 413 in the error envelope.
+
+``stack(settings)`` is the three, in order, as the app is built with them.
 """
 
 from __future__ import annotations
@@ -23,14 +25,35 @@ import time
 import uuid
 
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from errors import BadRequest, PayloadTooLarge
 from services import metrics as metrics_context
+from settings import Settings
 
 logger = logging.getLogger("canvalo.access")
+
+
+def stack(settings: Settings) -> list[Middleware]:
+    """The app's middleware, outermost first: request id and access log, CORS, body limit."""
+    return [
+        Middleware(RequestContext),
+        Middleware(
+            EnvelopeCORS,
+            allow_origins=settings.cors_origins,
+            # Credentials with a wildcard origin would let any site act as the user; never combine them.
+            allow_credentials="*" not in settings.cors_origins,
+            allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID", "Last-Event-ID"],
+            expose_headers=[
+                "X-Request-ID", "X-Run-ID", "Retry-After", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"
+            ],
+        ),
+        Middleware(BodyLimit, max_bytes=settings.max_request_bytes),
+    ]
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # fullmatch only: with re.match, "$" allows a trailing "\n"
 

@@ -1,0 +1,180 @@
+"""The schemas of what the service answers with: its status, conversations, messages and confirmed actions."""
+
+from __future__ import annotations
+
+from web.fields import UUID_PATTERN
+from web.openapi.shapes import BEFORE, CHANGES, CURSOR, TIMESTAMP, UUID, Schema, closed, nullable, schema
+
+
+def conversation_properties() -> dict[str, Schema]:
+    return {
+        "id": UUID,
+        "user_id": UUID,
+        "title": nullable({"type": "string"}),
+        "created_at": TIMESTAMP,
+        "updated_at": TIMESTAMP,
+        "last_message_at": nullable(TIMESTAMP),
+        "message_count": {"type": "integer", "minimum": 0},
+        "metadata": {"type": "object"},
+    }
+
+
+def schemas() -> dict[str, Schema]:
+    """Uuid and Timestamp, and what the routes answer: the service's status, conversations, messages, actions."""
+    conversation = conversation_properties()
+    return {
+        "Uuid": {
+            "type": "string",
+            "format": "uuid",
+            "pattern": UUID_PATTERN,
+            "description": "A UUID in its 36-character form, either case (the service answers in lower case).",
+        },
+        "Timestamp": {
+            "type": "string",
+            "format": "date-time",
+            "description": "ISO 8601 in UTC, e.g. 2026-11-24T01:49:20.911133Z.",
+        },
+        "Root": closed({"status": {"const": "ok"}, "service": {"type": "string"}, "version": {"type": "string"}}),
+        "Health": closed(
+            {
+                "status": {"enum": ["healthy", "degraded", "unhealthy"]},
+                "service": {"type": "string"},
+                "version": {"type": "string"},
+                "environment": {"enum": ["development", "production"]},
+                "store": closed(
+                    {
+                        "kind": {"enum": ["sqlite", "supabase"]},
+                        "reachable": {"type": "boolean"},
+                        "readable": {"type": "boolean"},
+                        "writable": {
+                            "type": ["boolean", "null"],
+                            "description": "null where the store cannot check (Supabase acts only as signed-in users).",
+                        },
+                    }
+                ),
+                "model": closed(
+                    {
+                        "provider": {"type": "string", "examples": ["local", "bedrock"]},
+                        "model_id": nullable({"type": "string"}),
+                        "configured": {"type": "boolean"},
+                        "is_llm": {"type": "boolean"},
+                        "note": {"type": "string"},
+                    }
+                ),
+                "auth": closed(
+                    {"mode": {"enum": ["none", "jwt", "jwks", "supabase-auth", "jwt+jwks", "jwt+supabase-auth"]}}
+                ),
+                "runs": closed(
+                    {
+                        "generating": {"type": "integer", "minimum": 0},
+                        "unsaved": {
+                            "type": "integer", "minimum": 0,
+                            "description": "Answers that ended on this worker but wait for the store to save them "
+                            "(kept in memory, retried every 250 ms).",
+                        },
+                    }
+                ),
+                "supabase_configured": {"type": "boolean"},
+                "bedrock_model": nullable({"type": "string"}),
+            },
+            description="What is running and whether it works. Nothing secret.",
+        ),
+        "Conversation": closed(conversation),
+        "ConversationWithMessages": closed(
+            {
+                **conversation,
+                "messages": {
+                    "type": "array",
+                    "items": schema("Message"),
+                    "description": "Oldest first (newest first with message_order=desc).",
+                },
+                "message_has_more": {"type": "boolean", "description": "More messages past this page, read on."},
+                "message_before_cursor": nullable(
+                    {**CURSOR, "description": "The page's oldest message: ?message_before= reads older ones."}
+                ),
+                "message_after_cursor": nullable(
+                    {**CURSOR, "description": "The page's newest message: ?message_after= reads newer ones."}
+                ),
+            }
+        ),
+        "ConversationList": closed(
+            {
+                "conversations": {
+                    "type": "array",
+                    "items": schema("Conversation"),
+                    "description": "Most recent activity first.",
+                },
+                "total": {"type": "integer", "minimum": 0},
+                "limit": {"type": "integer", "minimum": 1},
+                "offset": {"type": "integer", "minimum": 0},
+                "has_more": {"type": "boolean", "description": "More conversations past this page, read on."},
+                "before_cursor": nullable(
+                    {**CURSOR, "description": "The page's last (oldest) conversation: ?before= reads on past it."}
+                ),
+                "after_cursor": nullable(
+                    {**CURSOR, "description": "The page's first (newest) conversation: ?after= reads back past it."}
+                ),
+            }
+        ),
+        "Message": closed(
+            {
+                "id": UUID,
+                "role": {"enum": ["user", "assistant"]},
+                "content": {"type": "string"},
+                "agent_type": nullable({"type": "string"}),
+                "timestamp": TIMESTAMP,
+                "metadata": schema("MessageMetadata"),
+            }
+        ),
+        "MessageMetadata": {
+            "type": "object",
+            "description": "Open: an assistant message records how its answer went; a user message's is usually {}.",
+            "properties": {
+                "status": {
+                    "enum": ["streaming", "complete", "error", "interrupted", "stopped"],
+                    "description": "streaming: a run is still writing it (see run_id and seq).",
+                },
+                "run_id": UUID,
+                "seq": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "While streaming: the last event the content includes; resume with ?after=seq.",
+                },
+                "error_code": {"type": "string"},
+                "stop_reason": nullable({"type": "string"}),
+                "usage": nullable(schema("Usage")),
+                "duration_ms": {"type": "integer", "minimum": 0},
+                "tool_calls": {"type": "array", "items": {"type": "object"}},
+                "model_id": {
+                    "type": "string",
+                    "description": "The model that answered (its latest call): BEDROCK_MODEL_ID, or a fallback when "
+                    "that one was throttled or failing. Absent when no model answered.",
+                },
+                "model_ids": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "description": "Only when the turn's calls were answered by more than one model: each, in order.",
+                },
+            },
+        },
+        "Deleted": closed({"status": {"const": "deleted"}, "conversation_id": UUID}),
+        "ActionConfirmed": closed(
+            {
+                "status": {"const": "done"},
+                "action_id": UUID,
+                "action": {"enum": ["update", "delete"]},
+                "table": {"type": "string"},
+                "result": {
+                    "oneOf": [
+                        closed({"updated": nullable({"type": "object"})}),
+                        closed({"deleted": {"type": "string"}}),
+                    ],
+                    "description": "As the tools' own results: {updated: record} or {deleted: record id}.",
+                },
+                "before": {**BEFORE, "description": BEFORE["description"] + " Put back, they undo the change."},
+                "changes": CHANGES,
+            }
+        ),
+        "Usage": closed({"input_tokens": {"type": "integer", "minimum": 0},
+                         "output_tokens": {"type": "integer", "minimum": 0}}),
+    }

@@ -1,0 +1,98 @@
+"""The service's answers about itself: ``/`` (its name and version), ``/health`` and ``/metrics``. Nothing secret."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+import anyio
+from starlette.datastructures import State
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from errors import AppError, NotFound, Unauthorized
+from services.model import ChatModel
+from services.store import Store
+from settings import Settings
+
+SERVICE_NAME = "Canvalo Multi-Agent Chat API"
+VERSION = "2.0.0"
+
+
+async def root(request: Request) -> Response:
+    return JSONResponse({"status": "ok", "service": SERVICE_NAME, "version": VERSION})
+
+
+async def health(request: Request) -> Response:
+    """Probes the store (a read and a write); says which store, model provider and auth mode are active, and whether
+    the model can answer. 503 when the store cannot read or write; ``degraded`` (200) when the model is not
+    configured. Nothing secret."""
+    body, status = await health_report(request.state, SERVICE_NAME, VERSION)
+    return JSONResponse(body, status_code=status)
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus text format. Off (404) unless METRICS_TOKEN is set; then it takes ``Authorization: Bearer``."""
+    return Response(metrics_text(request), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def health_report(state: State, service: str, version: str) -> tuple[dict[str, Any], int]:
+    """The store probed (a read, then a write, each within 3 s), which store, model provider and auth mode are
+    active, and whether the model can answer; 503 when the store cannot read or write."""
+    settings: Settings = state.settings
+    model: ChatModel = state.model
+    store: Store = state.store
+    readable = await _store_reachable(store)
+    writable = await _store_writable(store) if readable else False
+    store_ok = readable and writable is not False
+    status = "unhealthy" if not store_ok else "healthy" if model.configured else "degraded"
+    body = {
+        "status": status,
+        "service": service,
+        "version": version,
+        "environment": settings.environment,
+        # writable is null where the store cannot check it (Supabase: PostgREST acts only as signed-in users).
+        "store": {"kind": store.kind, "reachable": readable, "readable": readable, "writable": writable},
+        "model": {
+            "provider": model.provider,
+            "model_id": model.model_id,
+            "configured": model.configured,
+            "is_llm": model.is_llm,
+            "note": "an Amazon Bedrock model" if model.is_llm else "built-in deterministic responder, not an LLM",
+        },
+        "auth": {"mode": state.auth.mode},
+        # Answers still in this worker's memory: generating, or ended but not yet saved (the store refuses writes).
+        "runs": state.runs.health(),
+        # The earlier service's keys, kept for existing dashboards and probes.
+        "supabase_configured": bool(settings.supabase_url),
+        "bedrock_model": settings.bedrock_model_id if model.is_llm else None,
+    }
+    return body, 200 if store_ok else 503
+
+
+async def _store_writable(store: Store) -> bool | None:
+    with anyio.move_on_after(3):
+        return await store.probe_write()
+    return False
+
+
+async def _store_reachable(store: Store) -> bool:
+    with anyio.move_on_after(3):
+        try:
+            await store.ping()
+        except AppError:
+            return False
+        return True
+    return False
+
+
+def metrics_text(request: Request) -> str:
+    """This worker's metrics merged with the others', for a scraper holding METRICS_TOKEN; 404 while it is unset."""
+    token = str(request.state.settings.metrics_token)
+    if not token:
+        raise NotFound()
+    supplied = request.headers.get("authorization", "").encode()
+    if not hmac.compare_digest(supplied, f"Bearer {token}".encode()):
+        raise Unauthorized("A valid metrics token is required.", code="INVALID_TOKEN")
+    text: str = request.state.metrics.render()
+    return text
