@@ -170,6 +170,8 @@ class Client(asyncio.Protocol):
             self.result.finished = time.perf_counter()
             if error and not self.result.complete:
                 self.result.error = self.result.error or error
+            elif self.status != 200 and self.result.error is None:
+                self.result.error = f"HTTP {self.status} {_error_code(self.body)}".rstrip()
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
@@ -295,3 +297,11 @@ async def run_requests(
     await asyncio.gather(*(worker(client) for client in clients))
     stats.elapsed = time.perf_counter() - started
     return stats
+
+
+def _error_code(body: bytes) -> str:
+    """The ``code`` of an error envelope (which 503 it was: STORE_BUSY, STORE_UNAVAILABLE, ...), or ""."""
+    try:
+        return str(json.loads(body)["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return ""
