@@ -49,9 +49,26 @@ def test_ci_runs_the_readme_test_command_exactly() -> None:
 
 
 def test_the_layout_names_every_module_of_the_service() -> None:
-    layout = README.split("## Layout", 1)[1].split("```", 2)[1]
+    layout = README.split("## Code map", 1)[1].split("```", 2)[1]
     named = set(re.findall(r"[\w]+\.(?:py|html)", layout))
     for folder in ("services", "web"):
         for path in (ROOT / folder).rglob("*"):
             if path.suffix in (".py", ".html") and path.name != "__init__.py" and "__pycache__" not in path.parts:
-                assert path.name in named, f"README's Layout does not name {path.relative_to(ROOT)}"
+                assert path.name in named, f"README's Code map does not name {path.relative_to(ROOT)}"
+
+
+def _anchors(text: str) -> set[str]:
+    """GitHub's heading anchors: lowercased, punctuation but hyphens dropped, spaces as hyphens."""
+    return {re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+            for title in re.findall(r"^#{1,6} (.+)$", text, re.M)}
+
+
+def test_every_link_between_readme_and_docs_reaches_its_file_and_heading() -> None:
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert len(pages) > 1  # README links its reference pages under docs/
+    for page in pages:
+        for target, anchor in re.findall(r"\]\((?!https?:)([^)#\s]*)(?:#([\w\-]+))?\)", page.read_text()):
+            linked = (page.parent / target).resolve() if target else page
+            assert linked.exists(), f"{page.name} links to a missing {target}"
+            if anchor and linked.suffix == ".md":
+                assert anchor in _anchors(linked.read_text()), f"{page.name} links to {target}#{anchor}: no such heading"
