@@ -86,3 +86,53 @@ class Slots:
         for task in list(self._exchanges):
             task.cancel()
         await asyncio.gather(*self._exchanges, return_exceptions=True)
+
+
+class Connections:
+    """``size`` clients of one connection each, handed out one per exchange under the same two rules as ``Slots``.
+
+    Why not one client of ``size`` connections: httpcore walks every connection of its pool on each request and each
+    response (``is_idle``, ``has_expired`` -> a socket readability check), so with 50 kept-alive connections that walk
+    was 31% of the service's CPU at 500 streams (bench/RESULTS.md). A client of one connection walks one.
+    """
+
+    def __init__(self, size: int, wait: float, make: Callable[[], httpx.AsyncClient]) -> None:
+        if size < 1 or wait <= 0:
+            raise ValueError("a pool needs at least one connection and a positive wait")
+        self.size = size
+        self._wait = wait
+        self.clients = [make() for _ in range(size)]
+        # Last in, first out: the connection used last is the one most likely still open, and the others may idle out.
+        self._free: asyncio.LifoQueue[httpx.AsyncClient] = asyncio.LifoQueue()
+        for client in self.clients:
+            self._free.put_nowait(client)
+        self._exchanges: set[asyncio.Task[Any]] = set()
+
+    @property
+    def in_use(self) -> int:
+        """Clients taken now, by exchanges under way (including those whose callers stopped waiting)."""
+        return len(self._exchanges)
+
+    async def run(self, exchange: Callable[[httpx.AsyncClient], Coroutine[Any, Any, T]]) -> T:
+        """Await ``exchange(client)`` on a free client; raises ``PoolBusy`` when none frees up within the wait."""
+        try:
+            async with asyncio.timeout(self._wait):
+                client = await self._free.get()  # (a cancelled or timed-out get takes nothing: asyncio's queues)
+        except TimeoutError:
+            raise PoolBusy(f"all {self.size} connections in use") from None
+        task = asyncio.get_running_loop().create_task(exchange(client))
+        self._exchanges.add(task)
+        task.add_done_callback(lambda done: self._release(done, client))
+        return await asyncio.shield(task)
+
+    def _release(self, task: asyncio.Task[Any], client: httpx.AsyncClient) -> None:
+        self._exchanges.discard(task)
+        self._free.put_nowait(client)
+
+    async def aclose(self) -> None:
+        """Shutdown: exchanges nobody waits for any more are cancelled, then every client is closed."""
+        for task in list(self._exchanges):
+            task.cancel()
+        await asyncio.gather(*self._exchanges, return_exceptions=True)
+        for client in self.clients:
+            await client.aclose()

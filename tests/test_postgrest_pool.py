@@ -147,17 +147,17 @@ def store_through(tmp_path: Path, url: str, **environ: str) -> PostgrestStore:
     return store
 
 
-def httpcore_pool(store: PostgrestStore) -> httpcore.AsyncConnectionPool:
-    """httpx's own pool under the store (read only, for its counts)."""
-    pool = store._rest._http._transport._pool  # type: ignore[attr-defined]
-    assert isinstance(pool, httpcore.AsyncConnectionPool)
-    return pool
+def httpcore_pools(store: PostgrestStore) -> list[httpcore.AsyncConnectionPool]:
+    """httpx's own pools under the store, one per connection (read only, for their counts)."""
+    pools = [client._transport._pool for client in store._rest._connections.clients]  # type: ignore[attr-defined]
+    assert all(isinstance(pool, httpcore.AsyncConnectionPool) for pool in pools)
+    return pools
 
 
 def held(store: PostgrestStore) -> int:
     """Slots httpcore counts as taken: connections not idle (in use, connecting, or lost) and requests it tracks."""
-    pool = httpcore_pool(store)
-    return sum(not connection.is_idle() for connection in pool.connections) + len(pool._requests)
+    return sum(sum(not connection.is_idle() for connection in pool.connections) + len(pool._requests)
+               for pool in httpcore_pools(store))
 
 
 async def read(store: PostgrestStore, caller: Caller) -> None:
@@ -256,7 +256,7 @@ async def test_a_burst_that_exhausts_the_pool_recovers_and_gives_every_slot_back
         with anyio.move_on_after(10):
             while held(store) or proxy.open > POOL:
                 await asyncio.sleep(0.02)
-        assert held(store) == 0, httpcore_pool(store)
+        assert held(store) == 0, httpcore_pools(store)
         assert proxy.open <= POOL, proxy.open
         assert store._rest.slots_in_use == 0
     finally:

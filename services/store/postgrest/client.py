@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 
 from errors import AppError, Forbidden, NotFound, Unauthorized, UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from services.http_pool import PoolBusy, Slots, limits
+from services.http_pool import Connections, PoolBusy, limits
 from services.retry import RetryPolicy, with_retry
 from services.store import Caller
 from settings import ConfigError
@@ -105,29 +105,33 @@ class PostgrestClient:
         self._schema = schema
         self._api_key = api_key
         self._retry = retry
-        self._slots = Slots(pool_size, pool_timeout)
+        ssl_context = httpx.create_ssl_context()  # one for every client: each would otherwise load the CA bundle
+
+        def client() -> httpx.AsyncClient:
+            return httpx.AsyncClient(
+                base_url=supabase_url.rstrip("/") + "/rest/v1/",
+                http1=True,
+                http2=False,
+                timeout=httpx.Timeout(timeout, connect=min(5.0, timeout), pool=pool_timeout),
+                limits=limits(1),
+                transport=transport,
+                verify=ssl_context,
+                follow_redirects=False,
+            )
+
+        self._connections = Connections(pool_size, pool_timeout, client)
         # One more connection, for the worker's flushes alone (``rpc_by_key``): they carry every run's events, so a
         # burst of new turns holding the pool must not hold them up too. Flushes go one at a time.
-        self._flush_slot = Slots(1, pool_timeout)
-        self._http = httpx.AsyncClient(
-            base_url=supabase_url.rstrip("/") + "/rest/v1/",
-            http1=True,
-            http2=False,
-            timeout=httpx.Timeout(timeout, connect=min(5.0, timeout), pool=pool_timeout),
-            limits=limits(pool_size + 1),
-            transport=transport,
-            follow_redirects=False,
-        )
+        self._flush_connection = Connections(1, pool_timeout, client)
 
     @property
     def slots_in_use(self) -> int:
         """Requests under way, each on its own connection (those whose callers stopped waiting included)."""
-        return self._slots.in_use
+        return self._connections.in_use
 
     async def aclose(self) -> None:
-        await self._slots.aclose()
-        await self._flush_slot.aclose()
-        await self._http.aclose()
+        await self._connections.aclose()
+        await self._flush_connection.aclose()
 
     # -- verbs --------------------------------------------------------------------------------------------------
 
@@ -169,7 +173,7 @@ class PostgrestClient:
         """
         async def attempt() -> None:
             headers = self._headers(None, "GET", [])
-            response = await self._send(self._slots, "GET", table, {"select": "id", "limit": "0"}, headers)
+            response = await self._send(self._connections, "GET", table, {"select": "id", "limit": "0"}, headers)
             if response.is_success:
                 return
             failure = _failure(response)
@@ -225,7 +229,7 @@ class PostgrestClient:
             raise Unauthorized("No access token to act as the user.", code="MISSING_TOKEN")
         headers = self._headers(caller.access_token if caller is not None else None, method, prefer)
 
-        slots = self._slots if caller is not None else self._flush_slot
+        slots = self._connections if caller is not None else self._flush_connection
 
         async def attempt() -> httpx.Response:
             response = await self._send(slots, method, path, dict(params or {}), headers, json_body)
@@ -250,12 +254,12 @@ class PostgrestClient:
         return headers
 
     async def _send(
-        self, slots: Slots, method: str, path: str, params: dict[str, str], headers: dict[str, str],
+        self, slots: Connections, method: str, path: str, params: dict[str, str], headers: dict[str, str],
         json_body: Any = None,
     ) -> httpx.Response:
         try:
             return await slots.run(
-                lambda: self._http.request(method, path, params=params, headers=headers, json=json_body)
+                lambda client: client.request(method, path, params=params, headers=headers, json=json_body)
             )
         except PoolBusy as exc:
             # Our own requests hold every connection: asking again at once would only wait again, so the caller is
