@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 
 import anyio
+import httpx
 import pytest
 
-from services.http_pool import PoolBusy, Slots, limits
+from services.http_pool import Connections, PoolBusy, Slots, limits
 
 pytestmark = pytest.mark.anyio
 
@@ -71,3 +72,36 @@ async def test_closing_cancels_the_exchanges_nobody_waits_for() -> None:
 def test_every_connection_of_the_pool_may_stay_alive() -> None:
     pool = limits(8)
     assert pool.max_connections == pool.max_keepalive_connections == 8
+
+
+async def test_connections_hand_out_one_client_each_and_take_it_back_whatever_the_caller_does() -> None:
+    """http_pool.Connections: the same rules as Slots, a client of its own per exchange, the last one back first out
+    (so one caller at a time keeps reusing one connection)."""
+    made: list[httpx.AsyncClient] = []
+
+    def make() -> httpx.AsyncClient:
+        made.append(httpx.AsyncClient())
+        return made[-1]
+
+    connections, answer = Connections(2, wait=0.05, make=make), asyncio.Event()
+    used: list[httpx.AsyncClient] = []
+
+    async def exchange(client: httpx.AsyncClient) -> str:
+        used.append(client)
+        await answer.wait()
+        return "response"
+
+    with anyio.move_on_after(0.05):  # the caller leaves; its exchange keeps its client until it ends
+        await connections.run(exchange)
+    held = asyncio.ensure_future(connections.run(exchange))
+    await asyncio.sleep(0.01)
+    assert connections.in_use == 2 and used[0] is not used[1]
+    with pytest.raises(PoolBusy):
+        await connections.run(exchange)
+    answer.set()
+    assert await held == "response"
+    for _ in range(3):  # one at a time: always the client that came back last
+        await connections.run(lambda client: asyncio.sleep(0, used.append(client)))
+    assert used[2] is used[3] is used[4] and connections.in_use == 0
+    await connections.aclose()
+    assert all(client.is_closed for client in made)
