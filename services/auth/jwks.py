@@ -29,7 +29,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from errors import AppError, Unauthorized, UpstreamTimeout, UpstreamUnavailable
+from errors import AppError, UpstreamTimeout, UpstreamUnavailable
+from services.auth.tokens import invalid_token
 from services.http_pool import PoolBusy, Slots, limits
 
 logger = logging.getLogger(__name__)
@@ -42,10 +43,6 @@ MAX_BODY_BYTES = 64 * 1024
 MIN_RSA_BITS = 2048
 
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
-
-
-def invalid_token() -> Unauthorized:
-    return Unauthorized("The access token is not valid.", code="INVALID_TOKEN")
 
 
 class SigningKeys:
