@@ -81,11 +81,12 @@ class LocalModel:
             if wanted is None or domain is None:
                 return changes.Call(spec["name"], _filters(spec, text))
             return f"{wanted.question} {DISCLAIMER}" if wanted.question else changes.list_call(domain, text)
-        found = result.get("rows") if _last_call(request.messages) == spec["name"] else None
+        used = _last_use(request.messages)
+        found = result.get("rows") if used.get("name") == spec["name"] else None
         if wanted is not None and domain is not None and isinstance(found, list):
             step = changes.change_call(domain, wanted, found, text, date.today())
             return step if isinstance(step, changes.Call) else f"{step} {DISCLAIMER}"
-        return describe_result(result, _last_arguments(request.messages), domain)
+        return describe_result(result, used.get("input"), domain)
 
     def route(self, text: str) -> list[str]:
         """The agents whose keywords appear in ``text``, in declaration order."""
@@ -194,14 +195,6 @@ def _last_use(messages: list[dict[str, Any]]) -> dict[str, Any]:
         if uses:
             return dict(uses[-1])
     return {}
-
-
-def _last_call(messages: list[dict[str, Any]]) -> str | None:
-    return _last_use(messages).get("name")
-
-
-def _last_arguments(messages: list[dict[str, Any]]) -> dict[str, Any]:
-    return dict(_last_use(messages).get("input") or {})
 
 
 def _tool_result(message: dict[str, Any]) -> dict[str, Any] | None:

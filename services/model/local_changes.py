@@ -93,8 +93,7 @@ def intent(domain: Domain, text: str, today: date) -> Intent | None:
 def list_call(domain: Domain, text: str) -> Call:
     """The list call that finds the record: by its number where the list filters on it, else the first page."""
     arguments: dict[str, Any] = {"limit": 100}
-    prefixed = [f"{prefix.rstrip('-').upper()}-{digits}" for prefix, digits in _NUMBER.findall(_without_times(text))
-                if prefix]
+    prefixed = [written for written, _ in _numbers(text) if written]
     if len(prefixed) == 1 and domain.label in domain.filters:
         arguments[domain.label] = prefixed[0]
     return Call(f"list_{domain.table}", arguments)
@@ -124,7 +123,7 @@ def matching(domain: Domain, rows: list[dict[str, Any]], text: str) -> list[dict
     else those sharing the most of its distinctive words."""
     lowered = text.lower()
     names = _naming(domain)
-    numbers = {digits for _, digits in _NUMBER.findall(_without_times(lowered))}
+    numbers = {digits for _, digits in _numbers(lowered)}
     if numbers:
         return [r for r in rows if any(re.sub(r"\D", "", str(r.get(n) or "")) in numbers for n in names)]
     whole = [r for r in rows if any(_holds(lowered, r.get(n)) for n in names)]
@@ -138,6 +137,8 @@ def matching(domain: Domain, rows: list[dict[str, Any]], text: str) -> list[dict
 
 
 def _new_date(domain: Domain, lowered: str, today: date) -> Intent | None:
+    """A move of the domain's date (its first required one, else its first) and time to those ``lowered`` gives; a
+    question when it asks to reschedule without saying when; None when it asks for no new date."""
     day_column = next((c for c in domain.columns if c.type == "date" and c.required),
                       next((c for c in domain.columns if c.type == "date"), None))
     if day_column is None:
@@ -175,7 +176,7 @@ def find_date(lowered: str, today: date) -> date | None:
     for index, name in enumerate(WEEKDAYS):
         if name in words:
             return today + timedelta(days=(index - today.weekday() - 1) % 7 + 1)
-    return next((day for day in map(lambda m: _calendar_day(m, today), _month_days(lowered)) if day), None)
+    return next((day for match in _month_days(lowered) if (day := _calendar_day(match, today))), None)
 
 
 def _month_days(lowered: str) -> list[re.Match[str]]:
@@ -262,11 +263,8 @@ def _described(domain: Domain, row: dict[str, Any]) -> str:
 
 def _reference(domain: Domain, text: str) -> str:
     """How the user named the record they meant, for "I couldn't find ...": its number, or "that invoice"."""
-    numbers = _NUMBER.findall(_without_times(text))
-    if not numbers:
-        return f"that {domain.singular}"
-    prefix, digits = numbers[0]
-    return f"{domain.singular} {prefix.rstrip('-').upper() + '-' if prefix else ''}{digits}"
+    numbers = _numbers(text)
+    return f"{domain.singular} {numbers[0][0] or numbers[0][1]}" if numbers else f"that {domain.singular}"
 
 
 def _holds(lowered: str, value: Any) -> bool:
@@ -284,6 +282,12 @@ def _distinctive(domain: Domain, lowered: str) -> set[str]:
         common |= {part for value in vocabulary.enum for part in value.split("_")}
     words = re.findall(r"[a-z0-9]+", re.sub(r"['\u2019]s\b", "", lowered))
     return {w for w in words if len(w) >= 3 and w not in common}
+
+
+def _numbers(text: str) -> list[tuple[str, str]]:
+    """The record numbers ``text`` gives: each as written with its prefix ("INV-1043", or "" when bare) and its
+    digits."""
+    return [(f"{p.rstrip('-').upper()}-{d}" if p else "", d) for p, d in _NUMBER.findall(_without_times(text))]
 
 
 def _without_times(text: str) -> str:
