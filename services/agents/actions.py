@@ -100,7 +100,11 @@ def kept_json(action: PendingAction, now: str) -> dict[str, Any]:
     """``GET /api/actions/{id}``: the change as its ``tool_call`` chunk showed it, its table, and ``status``: ``done``
     once confirmed, ``expired`` once it can no longer be (``expires_at`` passed by ``now``, the service's clock, or
     kept without ``before``), else ``pending``. Confirming decides, by the store's clock; this is what to show."""
-    status = "done" if action.used_at else "expired" if action.before is None or action.expires_at <= now else "pending"
+    status = "pending"
+    if action.used_at is not None:
+        status = "done"
+    elif action.before is None or action.expires_at <= now:
+        status = "expired"
     return {**for_stream(action), "table": action.table, "status": status, "used_at": action.used_at}
 
 
