@@ -190,6 +190,19 @@ def paths() -> dict[str, Schema]:
                 "404",
             ),
         },
+        "/api/actions/{action_id}": {
+            "get": _api(
+                {
+                    "operationId": "getAction", "tags": ["actions"], "summary": "A prepared change",
+                    "description": "The change as its tool_call chunk showed it, and whether it still waits for "
+                    "confirmation (status pending), ran (done) or can no longer run (expired): a client that reloads "
+                    "shows its Confirm button again from this.",
+                    **_takes(inputs.GET_ACTION),
+                    "responses": json_ok("The action.", "PendingAction"),
+                },
+                "404",
+            )
+        },
         "/api/actions/{action_id}/confirm": {
             "post": _api(
                 {

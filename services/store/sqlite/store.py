@@ -377,6 +377,10 @@ class SQLiteStore(QueryTiming):
         return await self._write(lambda db: sqlite_actions.create_action(db, caller, new, ttl_seconds))
 
     @observed
+    async def get_action(self, caller: Caller, action_id: str) -> PendingAction:
+        return await self._read(lambda db: sqlite_actions.get_action(db, caller, action_id))
+
+    @observed
     async def confirm_action(self, caller: Caller, action_id: str) -> ActionDone:
         return await self._write(lambda db: sqlite_actions.confirm_action(db, caller, action_id))
 
