@@ -41,7 +41,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
-from errors import AppError, Conflict, MethodNotAllowed, NotFound, RateLimited
+from errors import AppError, Conflict, MethodNotAllowed, NotFound, RateLimited, ValidationFailed
 from services.agents import actions
 from services.agents.assistant import Assistant
 from services.auth.authenticator import Authenticator, build_authenticator
@@ -57,6 +57,7 @@ from settings import ConfigError, Settings
 from web import cursors, inputs, middleware, openapi, pages, status
 from web.caller import address, caller_of, read_body
 from web.deferred import Deferred
+from web.fields import Given, invalid
 from web.gc_tuning import tune_gc
 from web.sse import EventStreamResponse, Feed
 from web.status import VERSION
@@ -83,11 +84,9 @@ async def chat_stream(request: Request) -> Response:
     """Start a chat run and follow it from its first event. A repeated ``client_message_id`` follows the run that
     id started instead, from its first event, without starting another or counting against any limit."""
     chat = inputs.CHAT_STREAM.given(request, await read_body(request))
-    message, _ = chat["message"], chat["history"]  # history: checked, and ignored (the prompt is built from the store)
-    conversation_id, user_id, client_message_id = chat["conversation_id"], chat["user_id"], chat["client_message_id"]
-    caller = await caller_of(request, user_id, counted=False)  # begin_run counts the turn, after deduplication
+    new = _new_run(chat)
+    caller = await caller_of(request, chat["user_id"], counted=False)  # begin_run counts the turn, after deduplication
     runs: RunManager = request.state.runs
-    new = NewRun(conversation_id, message, title_from_message(message), client_message_id)
     limits = request.state.limiter.turn_limits(runs.stale_seconds, runs.events_ttl)
     try:
         begun = await runs.begin(caller, new, limits, request.state.request_started)
@@ -101,6 +100,19 @@ async def chat_stream(request: Request) -> Response:
     if begun.outcome == "existing":
         await request.state.limiter.admit(caller)  # a repeat attaches to its turn: a request, not a second turn
     return _event_stream(request, await runs.feed(caller, begun.run.id), begun.run.id, after=0)
+
+
+def _new_run(chat: Given) -> NewRun:
+    """The turn a chat body asks for: its message (none for a regenerate) and where in the tree it goes."""
+    message, regenerate = chat["message"], chat["regenerate_message_id"]
+    if message is None and regenerate is None:
+        raise invalid("message", "is required")
+    _ = chat["history"]  # checked, and ignored: the prompt is built from the store
+    branch = (chat["parent_message_id"], chat["edit_message_id"], regenerate)
+    if sum(point is not None for point in branch) > 1:
+        raise ValidationFailed("At most one of parent_message_id, edit_message_id and regenerate_message_id.")
+    text = message if regenerate is None else ""
+    return NewRun(chat["conversation_id"], text, title_from_message(text), chat["client_message_id"], *branch)
 
 
 async def run_events(request: Request) -> Response:
@@ -190,7 +202,7 @@ async def get_conversation(request: Request) -> Response:
     conversation = await store.get_conversation(caller, conversation_id)
     read = functools.partial(
         store.message_page, caller, conversation_id, limit, offset,
-        newest_first=newest_first, before=before, after=after,
+        newest_first=newest_first, before=before, after=after, leaf=given["leaf"],
     )
     page, run = await asyncio.gather(read(), store.running_run(caller, conversation_id))
     if await runs.end_if_dead(caller, run):
@@ -203,8 +215,18 @@ async def get_conversation(request: Request) -> Response:
             "message_has_more": page.has_more,
             "message_before_cursor": cursors.message_cursor(page.oldest) if page.oldest else None,
             "message_after_cursor": cursors.message_cursor(page.newest) if page.newest else None,
+            "leaf_id": page.leaf_id,
         }
     )
+
+
+async def set_active_leaf(request: Request) -> Response:
+    """Switch the caller's conversation to the branch through ``message_id``, to its newest leaf."""
+    conversation_id = inputs.SET_ACTIVE_LEAF.given(request)["conversation_id"]
+    switch = inputs.SET_ACTIVE_LEAF.given(request, await read_body(request))
+    caller = await caller_of(request, switch["user_id"])
+    conversation = await request.state.store.set_active_leaf(caller, conversation_id, switch["message_id"])
+    return JSONResponse(conversation.to_json())
 
 
 async def delete_conversation(request: Request) -> Response:
@@ -303,6 +325,7 @@ routes = [
     Route("/api/conversations/{conversation_id}", get_conversation, methods=["GET"]),
     Route("/api/conversations/{conversation_id}", rename_conversation, methods=["PATCH"]),
     Route("/api/conversations/{conversation_id}", delete_conversation, methods=["DELETE"]),
+    Route("/api/conversations/{conversation_id}/active-leaf", set_active_leaf, methods=["PUT"]),
     Route("/api/actions/{action_id}", get_action, methods=["GET"]),
     Route("/api/actions/{action_id}/confirm", confirm_action, methods=["POST"]),
 ]

@@ -300,6 +300,14 @@ class RecordNotFound(NotFound):
         super().__init__(f"No such {singular}.")
 
 
+class MessageNotFound(NotFound):
+    """A message named as a branch point that is not in this conversation of the caller's (missing, in another
+    conversation, or someone else's: all look the same)."""
+
+    code = "MESSAGE_NOT_FOUND"
+    message = "Message not found in this conversation."
+
+
 class RunNotFound(NotFound):
     """A chat run that is missing or someone else's."""
 

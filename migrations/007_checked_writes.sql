@@ -914,6 +914,10 @@ begin
     if pg_catalog.to_regprocedure('canvalo_private.lock_pending_actions()') is not null then
         perform canvalo_private.lock_pending_actions();
     end if;
+    -- And one that has applied 012 keeps its agent_run_begin alone (012_branches.sql).
+    if pg_catalog.to_regprocedure('canvalo_private.lock_branches()') is not null then
+        perform canvalo_private.lock_branches();
+    end if;
 end;
 $$;
 

@@ -171,12 +171,19 @@ BODY_USER_ID = Field("user_id", "uuid", required=True)
 CHAT_STREAM = Inputs(
     body_name="ChatRequest",
     body=(
-        Field("message", "text", doc="1..{max_chars} characters (code points), not only whitespace.", required=True,
-              max_chars=MAX_MESSAGE_CHARS),
+        Field("message", "text", doc="1..{max_chars} characters (code points), not only whitespace. Required, but "
+              "with regenerate_message_id, which sends no new message (ignored if sent).", max_chars=MAX_MESSAGE_CHARS),
         Field("conversation_id", "uuid", doc="Created on first use, owned by the caller.", required=True),
         dataclasses.replace(BODY_USER_ID, doc="The caller; with auth on, the token's sub."),
         Field("client_message_id", "uuid",
               doc="A new UUID per message: a repeat attaches to the run it started (idempotent send)."),
+        Field("parent_message_id", "uuid", doc="The answer (an assistant message of this conversation) this message "
+              "follows; default: the conversation's active leaf. The new branch becomes the active one."),
+        Field("edit_message_id", "uuid", doc="Edit: a user message of this conversation that this message replaces "
+              "on a new branch beside it (same parent); the old branch stays."),
+        Field("regenerate_message_id", "uuid", doc="Regenerate: an assistant message of this conversation; a new "
+              "answer to the same user message is added beside it (the user message is not stored again). At most "
+              "one of parent_message_id, edit_message_id and regenerate_message_id."),
         # Ignored, so neither its length nor its items are checked (the earlier frontend sends every message, and null).
         Field("history", "list", doc="Accepted for the earlier frontend and ignored: the prompt is built from stored "
               "history. Any items, any length (MAX_REQUEST_BYTES bounds the body)."),
@@ -234,6 +241,17 @@ GET_CONVERSATION = Inputs(
                 cursors.message_key),
         _cursor("message_after", "Messages newer than this cursor (message_after_cursor).", "MessageAfter",
                 cursors.message_key),
+        Field("leaf", "uuid", "query", "Read another branch: the one through this message of the conversation, to "
+              "its newest leaf (the active leaf is not moved). Default: the active branch.", component="Leaf"),
+    ),
+)
+SET_ACTIVE_LEAF = Inputs(
+    parameters=(CONVERSATION_ID,),
+    body_name="SetActiveLeafRequest",
+    body=(
+        BODY_USER_ID,
+        Field("message_id", "uuid", doc="A message of the conversation: the branch through it, to its newest leaf, "
+              "becomes the active one.", required=True),
     ),
 )
 RENAME_CONVERSATION = Inputs(
@@ -251,4 +269,4 @@ CONFIRM_ACTION = Inputs(parameters=(ACTION_ID,), body_name="ConfirmActionRequest
 
 # Every route that takes input: /openapi.json's components are their parameters and bodies, in this order.
 ROUTES = (CHAT_STREAM, RUN_EVENTS, STOP_RUN, LIST_CONVERSATIONS, CREATE_CONVERSATION, GET_CONVERSATION,
-          RENAME_CONVERSATION, DELETE_CONVERSATION, GET_ACTION, CONFIRM_ACTION)
+          RENAME_CONVERSATION, SET_ACTIVE_LEAF, DELETE_CONVERSATION, GET_ACTION, CONFIRM_ACTION)

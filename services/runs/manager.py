@@ -9,6 +9,7 @@ import asyncio
 import logging
 import time
 import weakref
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -274,8 +275,7 @@ class RunManager:
         for message in messages:
             if message.id == run.assistant_message_id:
                 metadata = {**message.metadata, "seq": len(live.frames)}
-                message = Message(message.id, message.conversation_id, message.role, live.text,
-                                  live.agent_type, metadata, message.created_at)
+                message = replace(message, content=live.text, agent_type=live.agent_type, metadata=metadata)
             shown.append(message)
         return shown
 

@@ -53,8 +53,9 @@ class Conversation:
     created_at: str
     updated_at: str
     last_message_at: str | None
-    message_count: int
+    message_count: int  # every message of every branch
     metadata: dict[str, Any]
+    active_leaf_id: str | None = None  # the end of the branch the user is on: moved by each send and by a switch
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -66,6 +67,7 @@ class Conversation:
             "last_message_at": self.last_message_at,
             "message_count": self.message_count,
             "metadata": self.metadata,
+            "active_leaf_id": self.active_leaf_id,
         }
 
 
@@ -78,17 +80,24 @@ class Message:
     agent_type: str | None
     metadata: dict[str, Any]
     created_at: str
+    parent_id: str | None = None  # the message it answers or follows; None for a first message
+    # Its parent's children (itself included), oldest first: what a client draws as "< 2/3 >". Read with a branch.
+    sibling_ids: tuple[str, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
         # ``timestamp`` is the earlier service's name for created_at; the frontend reads it.
-        return {
+        shown = {
             "id": self.id,
             "role": self.role,
             "content": self.content,
             "agent_type": self.agent_type,
             "timestamp": self.created_at,
             "metadata": self.metadata,
+            "parent_id": self.parent_id,
         }
+        if self.sibling_ids is not None:
+            shown["sibling_ids"] = list(self.sibling_ids)
+        return shown
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +110,7 @@ class NewMessage:
     agent_type: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    parent_id: str | None = None
 
 
 RunStatus = Literal["running", "complete", "error", "interrupted", "stopped"]
@@ -117,6 +127,12 @@ class NewRun:
     text: str
     title: str
     client_message_id: str | None = None
+    # Where the turn goes (at most one; none: after the conversation's active leaf). ``parent_id``: after this
+    # assistant message. ``edit_id``: a new user message beside this one (same parent). ``regenerate_id``: a new answer
+    # beside this assistant message, to the same user message, which is not stored again (``text`` is unused).
+    parent_id: str | None = None
+    edit_id: str | None = None
+    regenerate_id: str | None = None
     id: str = field(default_factory=lambda: str(uuid.uuid4()))
     user_message_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     assistant_message_id: str = field(default_factory=lambda: str(uuid.uuid4()))
@@ -239,6 +255,7 @@ class MessagePage:
     oldest: MessageKey | None  # the keys of the page's oldest and newest messages; None when it is empty
     newest: MessageKey | None
     has_more: bool  # more messages past this page, in the direction it was read
+    leaf_id: str | None = None  # the end of the branch read
 
 
 ActionKind = Literal["update", "delete"]
@@ -343,11 +360,19 @@ class Store(Protocol):
         newest_first: bool = False,
         before: MessageKey | None = None,
         after: MessageKey | None = None,
+        leaf: str | None = None,
     ) -> MessagePage:
-        """A page of the caller's conversation (``NotFound`` if it is not theirs), oldest first unless
+        """A page of one branch of the caller's conversation (``NotFound`` if it is not theirs): the path from the
+        first message to the branch's leaf, each message with its ``parent_id`` and ``sibling_ids``. The branch is the
+        conversation's active leaf, or with ``leaf`` the newest leaf below that message (following the newest child
+        at each step; ``MessageNotFound`` unless it is in this conversation). Oldest first unless
         ``newest_first``. ``before``/``after`` (at most one, and only with ``offset`` 0) keep the ``limit`` messages
         nearest the key on its older/newer side; ``has_more`` says whether more follow past the page: older ones for
         ``before`` (or newest first without a key), newer ones otherwise."""
+
+    async def set_active_leaf(self, caller: Caller, conversation_id: str, message_id: str) -> Conversation:
+        """Switch the caller's conversation to the branch through ``message_id`` (its newest leaf below, as
+        ``message_page``'s ``leaf``); ``NotFound`` for the conversation, ``MessageNotFound`` for the message."""
 
     # Chat runs (services/runs/): a chat turn's generation, its event log and its controls, shared by every worker
     # through the store. ``services/store/run_log.py`` holds the formats both stores write.
@@ -365,9 +390,13 @@ class Store(Protocol):
         4. Limits that are set: the chat-rate hit is counted (and stays counted when refused: ``rate_limited``), then the
            caller's running runs are the stream slots: ``streams_full`` at ``limits.stream_limit``, with
            ``retry_after`` the time until the soonest of them would lapse without a heartbeat.
-        5. ``started``: the conversation (created with ``new.title`` if the id is unused), the user's message, the
-           history (newest ``history_limit`` messages, oldest first, ending with the user's message), then the
-           assistant's placeholder message (``status: streaming``, empty) and the run row.
+        4a. The branch (``NewRun``): a parent, edited or regenerated message not in this conversation is
+           ``MessageNotFound``; one of the wrong role, ``ValidationFailed``; nothing written.
+        5. ``started``: the conversation (created with ``new.title`` if the id is unused), the user's message (not for
+           a regenerate), the history (the path from the first message to the user's message, its newest
+           ``history_limit`` messages, oldest first), the assistant's placeholder message (``status: streaming``,
+           empty) under the user's message, which becomes the active leaf, and the run row, which records the
+           history's ids (``prompt_message_ids``).
         """
 
     async def flush_runs(self, updates: list[RunUpdate]) -> dict[str, RunControl]:

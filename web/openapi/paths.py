@@ -102,7 +102,10 @@ def paths() -> dict[str, Schema]:
                     "operationId": "streamChat", "tags": ["chat"], "summary": "Send a message; stream the answer",
                     "description": "Starts a run and follows it from its first event. A repeated client_message_id "
                     "attaches to the run it started (replayed from event 1, not counted against limits). A client "
-                    "that disconnects only stops watching: the answer is generated and saved anyway.",
+                    "that disconnects only stops watching: the answer is generated and saved anyway. The message "
+                    "goes after the active leaf, or where parent_message_id, edit_message_id or "
+                    "regenerate_message_id says (404 MESSAGE_NOT_FOUND outside this conversation, 422 for the wrong "
+                    "role); the prompt is the path from the first message to it.",
                     **_takes(inputs.CHAT_STREAM),
                     "responses": sse_ok("The run's events, live, to its terminal chunk; X-Run-ID names the run."),
                 },
@@ -162,7 +165,8 @@ def paths() -> dict[str, Schema]:
                 {
                     "operationId": "getConversation", "tags": ["conversations"],
                     "summary": "A conversation and a page of its messages",
-                    "description": "A running answer shows metadata.status streaming, its run_id, the text so far "
+                    "description": "The messages of one branch (the active one, or ?leaf's), each with parent_id and "
+                    "sibling_ids. A running answer shows metadata.status streaming, its run_id, the text so far "
                     "and metadata.seq: attach with GET /api/chat/runs/{run_id}/events?after=<seq>.",
                     **_takes(inputs.GET_CONVERSATION),
                     "responses": json_ok("The conversation with messages, oldest first.",
@@ -189,6 +193,18 @@ def paths() -> dict[str, Schema]:
                 },
                 "404",
             ),
+        },
+        "/api/conversations/{conversation_id}/active-leaf": {
+            "put": _api(
+                {
+                    "operationId": "setActiveLeaf", "tags": ["conversations"], "summary": "Switch branches",
+                    "description": "The branch through message_id, to its newest leaf, becomes the one a reload "
+                    "reads and the next send follows. Stored, not kept by the browser.",
+                    **_takes(inputs.SET_ACTIVE_LEAF),
+                    "responses": json_ok("Switched: the conversation with its new active_leaf_id.", "Conversation"),
+                },
+                "404",
+            )
         },
         "/api/actions/{action_id}": {
             "get": _api(

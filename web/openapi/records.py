@@ -14,8 +14,10 @@ def conversation_properties() -> dict[str, Schema]:
         "created_at": TIMESTAMP,
         "updated_at": TIMESTAMP,
         "last_message_at": nullable(TIMESTAMP),
-        "message_count": {"type": "integer", "minimum": 0},
+        "message_count": {"type": "integer", "minimum": 0, "description": "Every message, on every branch."},
         "metadata": {"type": "object"},
+        "active_leaf_id": nullable({**UUID, "description": "The last message of the branch the user is on (moved "
+                                    "by every send and by PUT .../active-leaf); null before the first message."}),
     }
 
 
@@ -95,6 +97,8 @@ def schemas() -> dict[str, Schema]:
                 "message_after_cursor": nullable(
                     {**CURSOR, "description": "The page's newest message: ?message_after= reads newer ones."}
                 ),
+                "leaf_id": nullable({**UUID, "description": "The last message of the branch shown (the active leaf, "
+                                     "or the newest leaf below ?leaf)."}),
             }
         ),
         "ConversationList": closed(
@@ -124,7 +128,14 @@ def schemas() -> dict[str, Schema]:
                 "agent_type": nullable({"type": "string"}),
                 "timestamp": TIMESTAMP,
                 "metadata": schema("MessageMetadata"),
-            }
+                "parent_id": nullable({**UUID, "description": "The message it follows; null for a first message."}),
+                "sibling_ids": {
+                    "type": "array", "items": UUID, "minItems": 1,
+                    "description": "Its parent's children, itself included, oldest first (\"< 2/3 >\"); in a "
+                    "conversation's messages only.",
+                },
+            },
+            required=["id", "role", "content", "agent_type", "timestamp", "metadata", "parent_id"],
         ),
         "MessageMetadata": {
             "type": "object",

@@ -27,14 +27,12 @@ def conversation_seek(before: ConversationKey | None, after: ConversationKey | N
     }
 
 
-def message_seek(before: MessageKey | None, after: MessageKey | None) -> dict[str, str]:
-    """Filters for the messages before or after a key in a conversation's order (``created_at``, then ``seq``)."""
+def branch_seek(before: MessageKey | None, after: MessageKey | None) -> dict[str, Any]:
+    """``agent_message_branch``'s arguments for the messages before or after a key (``created_at``, then ``seq``)."""
     if before is not None:
-        stamp = _quoted(before.created_at)
-        return {"created_at": f"lte.{before.created_at}", "or": f"(created_at.lt.{stamp},seq.lt.{before.seq})"}
+        return {"p_before_at": before.created_at, "p_before_seq": before.seq}
     if after is not None:
-        stamp = _quoted(after.created_at)
-        return {"created_at": f"gte.{after.created_at}", "or": f"(created_at.gt.{stamp},seq.gt.{after.seq})"}
+        return {"p_after_at": after.created_at, "p_after_seq": after.seq}
     return {}
 
 

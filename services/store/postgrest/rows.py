@@ -8,11 +8,13 @@ For ``store.py`` only.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
-from errors import UpstreamError
+from errors import ConversationNotFound, MessageNotFound, UpstreamError, ValidationFailed
 from services.domains import BY_TABLE, Column, Domain
+from services.store.shared import page_of_messages
 from services.store import (
     TIMESTAMP_FORMAT,
     ActionDone,
@@ -20,6 +22,7 @@ from services.store import (
     Conversation,
     Message,
     MessageKey,
+    MessagePage,
     PendingAction,
     Run,
     RunBegun,
@@ -52,6 +55,19 @@ def _parsed(value: str) -> datetime:
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=timezone.utc)
 
 
+def settled(result: Any) -> Any:
+    """A function's answer, its refusals of a conversation or a message raised as the store's errors (SQLite's)."""
+    outcome = result.get("outcome") if isinstance(result, dict) else None
+    if outcome == "not_found":
+        raise ConversationNotFound()
+    if outcome == "message_not_found":
+        raise MessageNotFound()
+    if outcome == "wrong_role":
+        raise ValidationFailed("The message named is not of the role this turn needs (parent_message_id and "
+                               "regenerate_message_id: an answer; edit_message_id: a user message).")
+    return result
+
+
 def bad_response() -> UpstreamError:
     return UpstreamError("The database returned an unexpected result.", code="STORE_BAD_RESPONSE")
 
@@ -68,6 +84,7 @@ def conversation_of(row: dict[str, Any]) -> Conversation:
             last_message_at=utc_timestamp(row["last_message_at"]),
             message_count=row["message_count"] or 0,
             metadata=row["metadata"] or {},
+            active_leaf_id=row.get("active_leaf_id"),
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise UpstreamError("The database returned an unexpected row.", code="STORE_BAD_RESPONSE") from exc
@@ -83,6 +100,7 @@ def message_of(row: dict[str, Any]) -> Message:
             agent_type=row["agent_type"],
             metadata=row["metadata"] or {},
             created_at=_required_timestamp(row["created_at"]),
+            parent_id=row.get("parent_id"),
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise UpstreamError("The database returned an unexpected row.", code="STORE_BAD_RESPONSE") from exc
@@ -220,3 +238,16 @@ def _value(column: Column, value: Any) -> Any:
     if column.type == "time":
         return str(value)[:5]
     return value
+
+
+def branch_page_of(result: Any, limit: int, downwards: bool, newest_first: bool) -> MessagePage:
+    """``agent_message_branch``'s page (``migrations/012_branches.sql``) as ``MessagePage``, each message with its
+    siblings; its refusals are raised by the caller."""
+    try:
+        siblings: dict[str, list[str]] = result["siblings"]
+        page = page_of_messages(result["rows"], limit, downwards=downwards, newest_first=newest_first,
+                                key=message_key_of, decode=message_of)
+        shown = [replace(m, sibling_ids=tuple(siblings.get(m.parent_id or "", [m.id]))) for m in page.messages]
+        return replace(page, messages=shown, leaf_id=result["leaf"])
+    except (TypeError, KeyError, AttributeError) as exc:
+        raise bad_response() from exc

@@ -41,14 +41,15 @@ from services.store import (
     TurnLimits,
 )
 from services.store.postgrest.client import PostgrestClient, postgrest_failure
-from services.store.postgrest.params import (conversation_seek, filter_column, filter_value, is_uuid, message_seek,
+from services.store.postgrest.params import (branch_seek, conversation_seek, filter_column, filter_value, is_uuid,
                                              owned, record_columns, record_order)
 from services.store.postgrest.rows import (
     action_done_of,
     bad_response,
+    branch_page_of,
+    settled,
     controls_of,
     conversation_of,
-    message_key_of,
     message_of,
     pending_action_of,
     record_of,
@@ -57,24 +58,18 @@ from services.store.postgrest.rows import (
     update_json,
 )
 from services.store.search import MAX_TERMS
-from services.store.shared import QueryTiming, observed, page_of_conversations, page_of_messages, reads_downwards
+from services.store.shared import QueryTiming, observed, page_of_conversations, reads_downwards
 
 logger = logging.getLogger(__name__)
 
 ACTIONS = "pending_actions"
 CONVERSATIONS = "agent_conversations"
-MESSAGES = "agent_messages"
-CONVERSATION_COLUMNS = "id,user_id,title,created_at,updated_at,last_message_at,message_count,metadata"
-MESSAGE_COLUMNS = "id,conversation_id,role,content,agent_type,metadata,created_at"
+CONVERSATION_COLUMNS = "id,user_id,title,created_at,updated_at,last_message_at,message_count,metadata,active_leaf_id"
 RUNS = "agent_runs"
 RUN_COLUMNS = "id,conversation_id,user_message_id,assistant_message_id,client_message_id,status,last_seq,heartbeat_at"
 # The most runs one agent_runs_flush call carries (the function's own bound): a worker's flush is one request per
 # this many runs generating on it, whatever the number of users.
 FLUSH_BATCH = 500
-# seq is the insertion order (an identity column); created_at comes first so the earlier service's rows, which got
-# their seq when the migration added the column, still read in the order they were written.
-OLDEST_FIRST = "created_at.asc,seq.asc"
-NEWEST_FIRST = "created_at.desc,seq.desc"
 
 
 def write_ceiling(result: dict[str, Any]) -> RateLimited:
@@ -244,20 +239,19 @@ class PostgrestStore(QueryTiming):
         newest_first: bool = False,
         before: MessageKey | None = None,
         after: MessageKey | None = None,
+        leaf: str | None = None,
     ) -> MessagePage:
-        await self._fetch_conversation(caller, conversation_id)
         downwards = reads_downwards(before, after, newest_first)
-        params = {
-            "select": f"{MESSAGE_COLUMNS},seq",
-            "conversation_id": f"eq.{conversation_id}",
-            "order": NEWEST_FIRST if downwards else OLDEST_FIRST,
-            "limit": str(limit + 1),
-            "offset": str(offset),
-        }
-        params.update(message_seek(before, after))
-        rows = (await self._rest.select(caller, MESSAGES, params)).rows
-        return page_of_messages(rows, limit, downwards=downwards, newest_first=newest_first, key=message_key_of,
-                                decode=message_of)
+        args = {"p_conversation_id": conversation_id, "p_leaf": leaf, "p_limit": limit + 1, "p_offset": offset,
+                "p_downwards": downwards, **branch_seek(before, after)}
+        result = settled(await self._rest.rpc(caller, "agent_message_branch", args, idempotent=True))
+        return branch_page_of(result, limit, downwards, newest_first)
+
+    @observed
+    async def set_active_leaf(self, caller: Caller, conversation_id: str, message_id: str) -> Conversation:
+        args = {"p_id": conversation_id, "p_message_id": message_id}
+        result = await self._rest.rpc(caller, "agent_conversation_set_leaf", args, idempotent=True)
+        return conversation_of(settled(result)["conversation"])
 
     # -- business records (services/domains.py; migrations/002_business_tables.sql) -------------------------------
 
@@ -389,14 +383,15 @@ class PostgrestStore(QueryTiming):
             "p_chat_limit": limits.chat_limit,
             "p_stream_limit": limits.stream_limit,
             "p_write_key": secrets.token_hex(32),
+            # Always sent, so PostgREST resolves the one agent_run_begin that takes them (012).
+            "p_parent_message_id": new.parent_id,
+            "p_edit_message_id": new.edit_id,
+            "p_regenerate_message_id": new.regenerate_id,
         }
         # Retried: every id and the key are ours, so a replay whose first attempt committed finds its own run and
         # answers as the first would have, counting and writing nothing. (A refusal whose answer was lost counts its
         # hit twice.)
-        result = await self._rest.rpc(caller, "agent_run_begin", args, idempotent=True)
-        if isinstance(result, dict) and result.get("outcome") == "not_found":
-            raise ConversationNotFound()
-        begun = run_begun_of(result)
+        begun = run_begun_of(settled(await self._rest.rpc(caller, "agent_run_begin", args, idempotent=True)))
         if begun.outcome == "started":
             self._write_keys[new.id] = args["p_write_key"]
         return begun

@@ -21,6 +21,7 @@ import sqlite3
 from services.store import Caller, Conversation, ConversationKey, ConversationPage, MessageKey, MessagePage
 from services.store.search import search_terms, search_words
 from services.store.shared import page_of_conversations, page_of_messages, reads_downwards
+from services.store.sqlite.branches import PATH
 from services.store.sqlite.messages import MESSAGE_COLUMNS, message_row
 
 # The words a search can find, folded once by services/store/search.py: the index is fed "<owner>_<word>" tokens, which
@@ -125,7 +126,9 @@ BEGIN
 END;
 """
 
-CONVERSATION_COLUMNS = "id, user_id, title, created_at, updated_at, last_message_at, message_count, metadata"
+CONVERSATION_COLUMNS = (
+    "id, user_id, title, created_at, updated_at, last_message_at, message_count, metadata, active_leaf_id"
+)
 
 # The conversations holding every word, in a title or in one message: two FTS5 lookups of the caller's own tokens,
 # each a set of ids, that the caller-scoped read below then filters by owner with its index.
@@ -194,9 +197,11 @@ def message_page(
     newest_first: bool,
     before: MessageKey | None,
     after: MessageKey | None,
+    leaf: str | None,
 ) -> MessagePage:
-    """See ``Store.message_page``; the caller has checked that the conversation is theirs."""
-    where, params = ["conversation_id = ?"], [conversation_id]
+    """See ``Store.message_page``: the path ending at ``leaf`` (``branches.branch_leaf``); the caller has checked that
+    the conversation is theirs."""
+    where, params = ["id IN (SELECT id FROM path)"], [leaf, conversation_id]  # type: list[str], list[object]
     if before is not None:
         where.append("seq < ?")
         params.append(before.seq)
@@ -205,7 +210,7 @@ def message_page(
         params.append(after.seq)
     downwards = reads_downwards(before, after, newest_first)
     rows = db.execute(
-        f"SELECT seq, {MESSAGE_COLUMNS} FROM agent_messages WHERE {' AND '.join(where)}"
+        f"{PATH} SELECT seq, {MESSAGE_COLUMNS} FROM agent_messages WHERE {' AND '.join(where)}"
         f" ORDER BY seq {'DESC' if downwards else 'ASC'} LIMIT ? OFFSET ?",
         [*params, limit + 1, offset],
     ).fetchall()
@@ -227,4 +232,5 @@ def conversation_row(row: sqlite3.Row) -> Conversation:
         last_message_at=row["last_message_at"],
         message_count=row["message_count"],
         metadata=json.loads(row["metadata"]),
+        active_leaf_id=row["active_leaf_id"],
     )

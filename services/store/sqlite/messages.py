@@ -10,7 +10,7 @@ import sqlite3
 
 from services.store import Message, NewMessage, utc_now
 
-MESSAGE_COLUMNS = "id, conversation_id, role, content, agent_type, metadata, created_at"
+MESSAGE_COLUMNS = "id, conversation_id, role, content, agent_type, metadata, created_at, parent_id"
 
 
 def write_message(db: sqlite3.Connection, message: NewMessage) -> None:
@@ -18,7 +18,7 @@ def write_message(db: sqlite3.Connection, message: NewMessage) -> None:
     admission, which writes every message); OR IGNORE on the service-generated id, so a retry writes nothing twice.
     The row is not read back: every statement costs the writer thread a round trip for the GIL."""
     db.execute(
-        f"INSERT OR IGNORE INTO agent_messages ({MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT OR IGNORE INTO agent_messages ({MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (
             message.id,
             message.conversation_id,
@@ -27,17 +27,9 @@ def write_message(db: sqlite3.Connection, message: NewMessage) -> None:
             message.agent_type,
             json.dumps(message.metadata),
             utc_now(),
+            message.parent_id,
         ),
     )
-
-
-def recent_messages(db: sqlite3.Connection, conversation_id: str, limit: int) -> list[Message]:
-    """The newest ``limit`` messages, oldest first; the caller has checked the conversation is theirs."""
-    rows = db.execute(
-        f"SELECT {MESSAGE_COLUMNS} FROM agent_messages WHERE conversation_id = ? ORDER BY seq DESC LIMIT ?",
-        (conversation_id, limit),
-    )
-    return [message_row(r) for r in reversed(rows.fetchall())]
 
 
 def message_row(row: sqlite3.Row) -> Message:
@@ -49,6 +41,7 @@ def message_row(row: sqlite3.Row) -> Message:
         agent_type=row["agent_type"],
         metadata=json.loads(row["metadata"]),
         created_at=row["created_at"],
+        parent_id=row["parent_id"],
     )
 
 

@@ -31,7 +31,8 @@ from services.store import (
 )
 from services.store import run_log
 from services.store.sqlite import limits as sqlite_limits
-from services.store.sqlite.messages import fetch_message, recent_messages, write_message
+from services.store.sqlite import branches
+from services.store.sqlite.messages import fetch_message, write_message
 from services.store.sqlite.writer import write_transaction
 
 MIGRATION = """
@@ -88,7 +89,8 @@ def begin_run(
             earlier = _run_for_client_message(db, caller, new.client_message_id)
             if earlier is not None:
                 run, conversation_id, text = earlier
-                same = conversation_id == new.conversation_id and text == new.text
+                same = conversation_id == new.conversation_id and (
+                    text == new.text if new.regenerate_id is None else run.user_message_id == _answered(db, new))
                 return RunBegun("existing" if same else "conflict", run)
         _maintain(db, now, limits.stale_seconds, limits.events_ttl, caller.user_id)
         owner = db.execute("SELECT user_id FROM agent_conversations WHERE id = ?", (new.conversation_id,)).fetchone()
@@ -101,6 +103,7 @@ def begin_run(
         ).fetchone()
         if running is not None:
             return RunBegun("in_progress", _run(running))
+        parent_id, answered = branches.target(db, new, owner is not None)
         refused = _refusal(db, caller, limits, now)
         if refused is not None:
             return refused
@@ -110,7 +113,19 @@ def begin_run(
                 " message_count, metadata) VALUES (?, ?, ?, ?, ?, NULL, 0, '{}')",
                 (new.conversation_id, caller.user_id, new.title, utc_now(), utc_now()),
             )
-        return _start(db, caller, new, history_limit, now)
+        if answered is None:
+            write_message(db, NewMessage(new.conversation_id, "user", new.text, id=new.user_message_id,
+                                         parent_id=parent_id))
+        return _start(db, caller, new, answered or new.user_message_id, history_limit, now)
+
+
+def _answered(db: sqlite3.Connection, new: NewRun) -> str | None:
+    """The user message a regenerate answers again (None if its target is not an answer of this conversation)."""
+    row = db.execute(
+        "SELECT parent_id FROM agent_messages WHERE id = ? AND conversation_id = ?",
+        (new.regenerate_id, new.conversation_id),
+    ).fetchone()
+    return None if row is None else row[0]
 
 
 def _refusal(db: sqlite3.Connection, caller: Caller, limits: TurnLimits, now: float) -> RunBegun | None:
@@ -130,24 +145,31 @@ def _refusal(db: sqlite3.Connection, caller: Caller, limits: TurnLimits, now: fl
     return None
 
 
-def _start(db: sqlite3.Connection, caller: Caller, new: NewRun, history_limit: int, now: float) -> RunBegun:
-    write_message(db, NewMessage(new.conversation_id, "user", new.text, id=new.user_message_id))
-    history = recent_messages(db, new.conversation_id, history_limit)
+def _start(
+    db: sqlite3.Connection, caller: Caller, new: NewRun, user_message_id: str, history_limit: int, now: float
+) -> RunBegun:
+    """The answer's placeholder under ``user_message_id``, now the active leaf, and the run, which records the
+    prompt's path."""
+    history = branches.history(db, new.conversation_id, user_message_id, history_limit)
     placeholder = NewMessage(
         new.conversation_id,
         "assistant",
         "",
         metadata={"status": _STREAMING, "run_id": new.id, "seq": 0},
         id=new.assistant_message_id,
+        parent_id=user_message_id,
     )
     write_message(db, placeholder)
+    db.execute("UPDATE agent_conversations SET active_leaf_id = ? WHERE id = ?",
+               (new.assistant_message_id, new.conversation_id))
     db.execute(
         "INSERT INTO agent_runs (id, user_id, conversation_id, user_message_id, assistant_message_id,"
-        " client_message_id, status, created_at, heartbeat_at) VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?)",
-        (new.id, caller.user_id, new.conversation_id, new.user_message_id, new.assistant_message_id,
-         new.client_message_id, now, now),
+        " client_message_id, status, created_at, heartbeat_at, prompt_message_ids)"
+        " VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?, ?)",
+        (new.id, caller.user_id, new.conversation_id, user_message_id, new.assistant_message_id,
+         new.client_message_id, now, now, json.dumps([m.id for m in history])),
     )
-    run = Run(new.id, new.conversation_id, new.user_message_id, new.assistant_message_id, new.client_message_id,
+    run = Run(new.id, new.conversation_id, user_message_id, new.assistant_message_id, new.client_message_id,
               "running", 0, now)
     return RunBegun("started", run, history)
 

@@ -55,6 +55,7 @@ from services.store import (
 )
 from services.store.shared import QueryTiming, observed
 from services.store.sqlite import actions as sqlite_actions
+from services.store.sqlite import branches as sqlite_branches
 from services.store.sqlite import limits as sqlite_limits
 from services.store.sqlite import listing as sqlite_listing
 from services.store.sqlite import records as sqlite_records
@@ -108,6 +109,8 @@ MIGRATIONS: list[str] = [
     sqlite_listing.MIGRATION,
     # 6: what a pending action's change replaces, shown to the user and kept for an undo (services/agents/actions.py).
     sqlite_actions.BEFORE_MIGRATION,
+    # 7: conversations as message trees: parents, the active leaf, a run's prompt (services/store/sqlite/branches.py).
+    sqlite_branches.MIGRATION,
 ]
 
 _CONVERSATION_COLUMNS = sqlite_listing.CONVERSATION_COLUMNS
@@ -307,12 +310,24 @@ class SQLiteStore(QueryTiming):
         newest_first: bool = False,
         before: MessageKey | None = None,
         after: MessageKey | None = None,
+        leaf: str | None = None,
     ) -> MessagePage:
         def work(db: sqlite3.Connection) -> MessagePage:
             _fetch_conversation(db, caller, conversation_id)
-            return sqlite_listing.message_page(db, conversation_id, limit, offset, newest_first, before, after)
+            end = sqlite_branches.branch_leaf(db, conversation_id, leaf)
+            page = sqlite_listing.message_page(db, conversation_id, limit, offset, newest_first, before, after, end)
+            return sqlite_branches.with_siblings(db, conversation_id, page, end)
 
         return await self._read(work)
+
+    @observed
+    async def set_active_leaf(self, caller: Caller, conversation_id: str, message_id: str) -> Conversation:
+        def work(db: sqlite3.Connection) -> Conversation:
+            with write_transaction(db):
+                sqlite_branches.set_active_leaf(db, caller, conversation_id, message_id)
+                return _fetch_conversation(db, caller, conversation_id)
+
+        return await self._write(work)
 
     # -- chat runs (services/store/sqlite/runs.py) -------------------------------------------------------------------
 
@@ -417,7 +432,7 @@ def _insert_conversation(db: sqlite3.Connection, caller: Caller, conversation_id
     that follows says NotFound, as the Supabase store does)."""
     now = utc_now()
     db.execute(
-        f"INSERT OR IGNORE INTO agent_conversations ({_CONVERSATION_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL, 0, '{{}}')",
+        f"INSERT OR IGNORE INTO agent_conversations ({_CONVERSATION_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL, 0, '{{}}', NULL)",
         (conversation_id, caller.user_id, title, now, now),
     )
 

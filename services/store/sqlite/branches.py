@@ -1,0 +1,127 @@
+"""A conversation as a tree of messages in SQLite: where a turn goes, the path the model reads, and the branch a page
+shows (``Store.begin_run``, ``Store.message_page`` and ``Store.set_active_leaf`` say what each must do).
+
+Every message names its ``parent_id`` (None for a first message) and a conversation its ``active_leaf_id``. A child is
+always written after its parent, so along a path ``seq`` grows: a branch pages by ``seq`` like a whole conversation
+did. Paths are read by recursive queries over ``(parent_id, seq)``, from stored rows only, never from client order.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import replace
+
+from errors import ConversationNotFound, MessageNotFound, ValidationFailed
+from services.store import Caller, Message, MessagePage, NewRun
+from services.store.sqlite.messages import MESSAGE_COLUMNS, message_row
+
+# Migration 7. Existing conversations become one branch: each message's parent is the one written before it, and the
+# active leaf the last one.
+MIGRATION = """
+ALTER TABLE agent_messages ADD COLUMN parent_id TEXT;
+ALTER TABLE agent_conversations ADD COLUMN active_leaf_id TEXT;
+ALTER TABLE agent_runs ADD COLUMN prompt_message_ids TEXT NOT NULL DEFAULT '[]';
+UPDATE agent_messages SET parent_id = (
+    SELECT p.id FROM agent_messages p
+     WHERE p.conversation_id = agent_messages.conversation_id AND p.seq < agent_messages.seq
+     ORDER BY p.seq DESC LIMIT 1);
+UPDATE agent_conversations SET active_leaf_id = (
+    SELECT m.id FROM agent_messages m WHERE m.conversation_id = agent_conversations.id ORDER BY m.seq DESC LIMIT 1);
+CREATE INDEX idx_agent_messages_parent ON agent_messages (parent_id, seq);
+"""
+
+# The path from a message up to its conversation's first message.
+PATH = (
+    "WITH RECURSIVE path(id, parent_id, depth) AS ("
+    " SELECT id, parent_id, 1 FROM agent_messages WHERE id = ? AND conversation_id = ?"
+    " UNION ALL SELECT m.id, m.parent_id, p.depth + 1 FROM agent_messages m JOIN path p ON m.id = p.parent_id)"
+)
+
+
+def target(db: sqlite3.Connection, new: NewRun, exists: bool) -> tuple[str | None, str | None]:
+    """Where ``new`` goes: (the new user message's parent, None) or, for a regenerate, (None, the user message it
+    answers again). ``MessageNotFound`` or ``ValidationFailed`` for a branch point that cannot be one."""
+    if new.regenerate_id is not None:
+        answer = _named(db, new, new.regenerate_id, "regenerate_message_id", "assistant")
+        if answer["parent_id"] is None:
+            raise ValidationFailed("'regenerate_message_id' must name an answer to a user message.")
+        return None, answer["parent_id"]
+    if new.edit_id is not None:
+        return _named(db, new, new.edit_id, "edit_message_id", "user")["parent_id"], None
+    if new.parent_id is not None:
+        return _named(db, new, new.parent_id, "parent_message_id", "assistant")["id"], None
+    if not exists:
+        return None, None
+    row = db.execute("SELECT active_leaf_id FROM agent_conversations WHERE id = ?", (new.conversation_id,))
+    return row.fetchone()[0], None
+
+
+def _named(db: sqlite3.Connection, new: NewRun, message_id: str, field: str, role: str) -> sqlite3.Row:
+    row = db.execute(
+        "SELECT id, role, parent_id FROM agent_messages WHERE id = ? AND conversation_id = ?",
+        (message_id, new.conversation_id),
+    ).fetchone()
+    if row is None:
+        raise MessageNotFound()
+    if row["role"] != role:
+        raise ValidationFailed(f"'{field}' must name a message of role {role}.")
+    return row  # type: ignore[no-any-return]
+
+
+def history(db: sqlite3.Connection, conversation_id: str, message_id: str, limit: int) -> list[Message]:
+    """The newest ``limit`` messages of the path ending at ``message_id``, oldest first."""
+    rows = db.execute(
+        f"{PATH} SELECT {MESSAGE_COLUMNS} FROM agent_messages"
+        f" WHERE id IN (SELECT id FROM path WHERE depth <= ?) ORDER BY seq",
+        (message_id, conversation_id, limit),
+    )
+    return [message_row(r) for r in rows]
+
+
+def leaf_below(db: sqlite3.Connection, conversation_id: str, message_id: str) -> str:
+    """The newest leaf under ``message_id`` (itself when it has no children), following the newest child."""
+    row = db.execute(
+        "WITH RECURSIVE down(id, depth) AS ("
+        " SELECT id, 0 FROM agent_messages WHERE id = ? AND conversation_id = ?"
+        " UNION ALL SELECT (SELECT c.id FROM agent_messages c WHERE c.parent_id = down.id ORDER BY c.seq DESC"
+        " LIMIT 1), depth + 1 FROM down WHERE down.id IS NOT NULL)"
+        " SELECT id FROM down WHERE id IS NOT NULL ORDER BY depth DESC LIMIT 1",
+        (message_id, conversation_id),
+    ).fetchone()
+    if row is None:
+        raise MessageNotFound()
+    return str(row[0])
+
+
+def branch_leaf(db: sqlite3.Connection, conversation_id: str, leaf: str | None) -> str | None:
+    """The leaf of the branch to read: the active one, or the newest below ``leaf``."""
+    if leaf is not None:
+        return leaf_below(db, conversation_id, leaf)
+    row = db.execute("SELECT active_leaf_id FROM agent_conversations WHERE id = ?", (conversation_id,)).fetchone()
+    return None if row is None else row[0]
+
+
+def with_siblings(db: sqlite3.Connection, conversation_id: str, page: MessagePage, leaf: str | None) -> MessagePage:
+    """The page with each message's siblings (its parent's children, oldest first) and the branch's leaf."""
+    parents = {m.parent_id for m in page.messages}
+    named = [p for p in parents if p is not None]
+    rows = db.execute(
+        f"SELECT parent_id, id FROM agent_messages WHERE conversation_id = ?"
+        f" AND (parent_id IN ({','.join('?' * len(named))}) OR (parent_id IS NULL AND ?)) ORDER BY seq",
+        (conversation_id, *named, None in parents),
+    )
+    children: dict[str | None, list[str]] = {}
+    for parent_id, message_id in rows:
+        children.setdefault(parent_id, []).append(message_id)
+    shown = [replace(m, sibling_ids=tuple(children.get(m.parent_id, [m.id]))) for m in page.messages]
+    return replace(page, messages=shown, leaf_id=leaf)
+
+
+def set_active_leaf(db: sqlite3.Connection, caller: Caller, conversation_id: str, message_id: str) -> None:
+    owned = db.execute(
+        "SELECT 1 FROM agent_conversations WHERE id = ? AND user_id = ?", (conversation_id, caller.user_id)
+    ).fetchone()
+    if owned is None:
+        raise ConversationNotFound()
+    leaf = leaf_below(db, conversation_id, message_id)
+    db.execute("UPDATE agent_conversations SET active_leaf_id = ? WHERE id = ?", (leaf, conversation_id))
