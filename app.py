@@ -103,16 +103,18 @@ async def chat_stream(request: Request) -> Response:
 
 
 def _new_run(chat: Given) -> NewRun:
-    """The turn a chat body asks for: its message (none for a regenerate) and where in the tree it goes."""
-    message, regenerate = chat["message"], chat["regenerate_message_id"]
+    """The turn a chat body asks for: its message (none for a regenerate) and where in the tree it goes. Every field
+    is checked before the rules between them."""
+    message, _ = chat["message"], chat["history"]  # history: checked, and ignored (the prompt comes from the store)
+    conversation_id, _, client_message_id = chat["conversation_id"], chat["user_id"], chat["client_message_id"]
+    branch = (chat["parent_message_id"], chat["edit_message_id"], chat["regenerate_message_id"])
+    regenerate = branch[2]
     if message is None and regenerate is None:
         raise invalid("message", "is required")
-    _ = chat["history"]  # checked, and ignored: the prompt is built from the store
-    branch = (chat["parent_message_id"], chat["edit_message_id"], regenerate)
     if sum(point is not None for point in branch) > 1:
         raise ValidationFailed("At most one of parent_message_id, edit_message_id and regenerate_message_id.")
     text = message if regenerate is None else ""
-    return NewRun(chat["conversation_id"], text, title_from_message(text), chat["client_message_id"], *branch)
+    return NewRun(conversation_id, text, title_from_message(text), client_message_id, *branch)
 
 
 async def run_events(request: Request) -> Response:
@@ -197,12 +199,13 @@ async def get_conversation(request: Request) -> Response:
     limit, offset = given["message_limit"], given["message_offset"]
     newest_first = given["message_order"] == "desc"
     before, after = cursors.message_seek(given, offset)
+    leaf = given["leaf"]
     store: Store = request.state.store
     runs: RunManager = request.state.runs
     conversation = await store.get_conversation(caller, conversation_id)
     read = functools.partial(
         store.message_page, caller, conversation_id, limit, offset,
-        newest_first=newest_first, before=before, after=after, leaf=given["leaf"],
+        newest_first=newest_first, before=before, after=after, leaf=leaf,
     )
     page, run = await asyncio.gather(read(), store.running_run(caller, conversation_id))
     if await runs.end_if_dead(caller, run):

@@ -61,9 +61,10 @@ def test_root_and_health_describe_the_service_without_secrets(client: TestClient
 def test_create_returns_201_with_the_full_shape(client: TestClient, auth_headers: AuthHeaders, user_id: str) -> None:
     conversation = create(client, auth_headers, user_id)
     assert set(conversation) == {
-        "id", "user_id", "title", "created_at", "updated_at", "last_message_at", "message_count", "metadata"
+        "id", "user_id", "title", "created_at", "updated_at", "last_message_at", "message_count", "metadata",
+        "active_leaf_id",
     }
-    assert conversation["user_id"] == user_id
+    assert conversation["user_id"] == user_id and conversation["active_leaf_id"] is None
     assert conversation["title"] == "Kitchen repaint"
     assert conversation["message_count"] == 0 and conversation["last_message_at"] is None
     assert ISO_UTC.match(conversation["created_at"]) and ISO_UTC.match(conversation["updated_at"])
@@ -100,7 +101,9 @@ def test_get_returns_messages_oldest_first_with_paging(
     assert body["message_count"] == 4
     assert [m["role"] for m in body["messages"]] == ["user", "assistant", "user", "assistant"]
     assert body["messages"][0]["content"] == "first question"
-    assert set(body["messages"][0]) == {"id", "role", "content", "agent_type", "timestamp", "metadata"}
+    # The earlier service's keys, and the tree's (issue 24): parent_id, and siblings in a conversation's messages.
+    assert set(body["messages"][0]) == {"id", "role", "content", "agent_type", "timestamp", "metadata", "parent_id",
+                                        "sibling_ids"}
     assert ISO_UTC.match(body["messages"][0]["timestamp"])
     page = client.get(
         f"/api/conversations/{conversation}",

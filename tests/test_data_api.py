@@ -37,7 +37,7 @@ CHAT_TABLES = ("agent_conversations", "agent_messages", "agent_runs", "agent_run
 # is added to ATTACKS below, so no write path goes untried.
 API_FUNCTIONS = {
     "agent_conversation_create", "agent_conversation_delete", "agent_conversation_rename",
-    "agent_conversations_search", "agent_run_begin", "agent_run_read", "agent_run_stop", "agent_runs_flush",
+    "agent_conversation_set_leaf", "agent_conversations_search", "agent_message_branch", "agent_run_begin", "agent_run_read", "agent_run_stop", "agent_runs_flush",
     "agent_runs_maintain", "pending_action_apply", "pending_action_prepare", "rate_limit_hit",
 }
 
@@ -250,6 +250,18 @@ def _attacks(alice: Account, bob: Account) -> list[tuple[str, Caller, dict[str, 
         ("agent_run_begin", b, _begin_args(new_id(), p_assistant_message_id=alice.done.assistant_message_id)),
         ("agent_run_begin", a, _begin_args(alice.conversation, p_assistant_message_id=alice.done.user_message_id)),
         ("agent_run_begin", a, _begin_args(new_id(), p_run_id=alice.running.id, p_write_key="x" * 64)),
+        # Branch points (012): another user's message, or one of the wrong role, is refused before anything is written.
+        ("agent_run_begin", b, _begin_args(bob.conversation, p_parent_message_id=alice.done.assistant_message_id)),
+        ("agent_run_begin", b, _begin_args(new_id(), p_regenerate_message_id=alice.done.assistant_message_id)),
+        ("agent_run_begin", b, _begin_args(alice.conversation, p_edit_message_id=alice.done.user_message_id)),
+        ("agent_run_begin", a, _begin_args(alice.conversation, p_edit_message_id=alice.done.assistant_message_id)),
+        ("agent_run_begin", a, _begin_args(alice.conversation, p_regenerate_message_id=alice.done.user_message_id)),
+        ("agent_run_begin", a, _begin_args(alice.conversation, p_parent_message_id=alice.done.assistant_message_id,
+                                           p_edit_message_id=alice.done.user_message_id)),
+        ("agent_conversation_set_leaf", b, {"p_id": alice.conversation, "p_message_id": alice.done.user_message_id}),
+        ("agent_conversation_set_leaf", b, {"p_id": bob.conversation, "p_message_id": alice.done.user_message_id}),
+        ("agent_message_branch", b, {"p_conversation_id": alice.conversation}),
+        ("agent_message_branch", b, {"p_conversation_id": bob.conversation, "p_leaf": alice.done.user_message_id}),
         ("agent_runs_flush", b, _flush(alice.running, bob.write_key, **forged)),
         ("agent_runs_flush", b, _flush(alice.done, bob.write_key, **forged)),
         ("agent_runs_flush", anon, _flush(alice.running, None, **forged)),
@@ -322,6 +334,7 @@ async def test_no_function_writes_another_users_rows_or_breaks_a_reference(
     # And nothing leaked on the way: Bob's reads of Alice's ids found nothing.
     found = {function: text for function, status, text in answers if status == 200}
     assert json.loads(found["agent_run_read"]) is None
+    assert json.loads(found["agent_message_branch"]) == {"outcome": "message_not_found"}  # the last one: Bob's own
     searched = json.loads(found["agent_conversations_search"])["rows"]
     assert searched and {row["user_id"] for row in searched} == {bob.caller.user_id}
 
@@ -480,11 +493,17 @@ def test_planted_metadata_neither_costs_reads_nor_shows_another_users_answer(
     assert sent.status_code == 200
     bobs_run = new_id()
     # What 001-006 let a user insert: 500 messages that say an answer is streaming, one naming another user's run.
+    # They continue the conversation's branch (012), so the read below shows them.
+    planted = [new_id() for _ in range(500)]
     with pg_cluster.connect(DATABASE) as db:
-        db.execute("insert into api.agent_messages (conversation_id, role, content, metadata)"
-                   " select %s, 'user', 'planted ' || g, jsonb_build_object('status', 'streaming', 'run_id',"
-                   " case when g = 1 then %s else gen_random_uuid()::text end) from generate_series(1, 500) g",
-                   (conversation, bobs_run))
+        (leaf,) = db.execute("select active_leaf_id::text from api.agent_conversations where id = %s",
+                             (conversation,)).fetchone()
+        db.cursor().executemany(
+            "insert into api.agent_messages (id, conversation_id, role, content, metadata, parent_id)"
+            " values (%s, %s, 'user', %s, jsonb_build_object('status', 'streaming', 'run_id', %s::text), %s)",
+            [(planted[g - 1], conversation, f"planted {g}", bobs_run if g == 1 else new_id(), ([leaf] + planted)[g - 1])
+             for g in range(1, 501)])
+        db.execute("update api.agent_conversations set active_leaf_id = %s where id = %s", (planted[-1], conversation))
     fake_postgrest.reset()
     shown = client.get(f"/api/conversations/{conversation}",
                        params={"user_id": alice, "message_limit": 500, "message_order": "desc"},

@@ -382,6 +382,15 @@ def test_real_responses_match_the_document(
     one = f"{conversations}/{conversation}"
     fetched, _ = call("GET", "/api/conversations/{conversation_id}", one, params={"user_id": user_id})
     assert [m["role"] for m in fetched.json()["messages"]] == ["user", "assistant"]
+    regenerated, _ = call("POST", "/api/chat/stream", json={
+        "conversation_id": conversation, "user_id": user_id, "regenerate_message_id": fetched.json()["leaf_id"]})
+    assert regenerated.status_code == 200
+    switched, _ = call("PUT", "/api/conversations/{conversation_id}/active-leaf", f"{one}/active-leaf",
+                       json={"user_id": user_id, "message_id": fetched.json()["leaf_id"]})
+    assert switched.json()["active_leaf_id"] == fetched.json()["leaf_id"]
+    branch, _ = call("GET", "/api/conversations/{conversation_id}", one,
+                     params={"user_id": user_id, "leaf": regenerated.headers["x-run-id"]})
+    assert branch.status_code == 404 and branch.json()["error"]["code"] == "MESSAGE_NOT_FOUND"
     if "patch" in DOC["paths"]["/api/conversations/{conversation_id}"]:
         renamed, _ = call("PATCH", "/api/conversations/{conversation_id}", one,
                           json={"user_id": user_id, "title": "Deck stain"})
@@ -402,6 +411,8 @@ def test_real_responses_match_the_document(
         (404, "POST", "/api/actions/{action_id}/confirm", None, {"json": {"user_id": user_id}}),
         (404, "GET", "/api/actions/{action_id}", None, {"params": {"user_id": user_id}}),
         (404, "DELETE", "/api/conversations/{conversation_id}", None, {"params": {"user_id": user_id}}),
+        (404, "PUT", "/api/conversations/{conversation_id}/active-leaf", None,
+         {"json": {"user_id": user_id, "message_id": new_id()}}),
         (422, "GET", "/api/chat/runs/{run_id}/events", {**auth, "Last-Event-ID": "x"},
          {"params": {"user_id": user_id}}),
     ]

@@ -78,7 +78,9 @@ def conversation(url: str, user: str, conversation_id: str, headers: dict[str, s
 
 
 def answer(url: str, user: str, conversation_id: str, headers: dict[str, str]) -> dict[str, Any]:
-    return conversation(url, user, conversation_id, headers)["messages"][-1]  # type: ignore[no-any-return]
+    """The last message as a stop answers it: without ``sibling_ids``, which only a conversation's read carries."""
+    shown = conversation(url, user, conversation_id, headers)["messages"][-1]
+    return {key: value for key, value in shown.items() if key != "sibling_ids"}
 
 
 def wait_for(condition: Any, timeout: float = 15.0) -> Any:

@@ -69,10 +69,11 @@ def _named(db: sqlite3.Connection, new: NewRun, message_id: str, field: str, rol
 
 
 def history(db: sqlite3.Connection, conversation_id: str, message_id: str, limit: int) -> list[Message]:
-    """The newest ``limit`` messages of the path ending at ``message_id``, oldest first."""
+    """The newest ``limit`` messages of the path ending at ``message_id``, oldest first: the walk up stops there, so
+    a turn's cost does not grow with the conversation."""
+    bounded = PATH.replace("JOIN path p ON m.id = p.parent_id", "JOIN path p ON m.id = p.parent_id AND p.depth < ?")
     rows = db.execute(
-        f"{PATH} SELECT {MESSAGE_COLUMNS} FROM agent_messages"
-        f" WHERE id IN (SELECT id FROM path WHERE depth <= ?) ORDER BY seq",
+        f"{bounded} SELECT {MESSAGE_COLUMNS} FROM agent_messages WHERE id IN (SELECT id FROM path) ORDER BY seq",
         (message_id, conversation_id, limit),
     )
     return [message_row(r) for r in rows]
