@@ -182,7 +182,8 @@ begin
             if not found then
                 refusal := jsonb_build_object('outcome', 'message_not_found');
             elsif (named.role = 'user') = (p_edit_message_id is null)
-                  or (p_regenerate_message_id is not null and named.parent_id is null) then
+                  or (p_regenerate_message_id is not null and not exists (
+                      select 1 from api.agent_messages u where u.id = named.parent_id and u.role = 'user')) then
                 refusal := jsonb_build_object('outcome', 'wrong_role');
             elsif p_parent_message_id is not null then
                 parent := named.id;

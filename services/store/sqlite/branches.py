@@ -43,7 +43,7 @@ def target(db: sqlite3.Connection, new: NewRun, exists: bool) -> tuple[str | Non
     answers again). ``MessageNotFound`` or ``ValidationFailed`` for a branch point that cannot be one."""
     if new.regenerate_id is not None:
         answer = _named(db, new, new.regenerate_id, "regenerate_message_id", "assistant")
-        if answer["parent_id"] is None:
+        if answer["parent_role"] != "user":  # a model answers a user's turn, never its own
             raise ValidationFailed("'regenerate_message_id' must name an answer to a user message.")
         return None, answer["parent_id"]
     if new.edit_id is not None:
@@ -58,7 +58,8 @@ def target(db: sqlite3.Connection, new: NewRun, exists: bool) -> tuple[str | Non
 
 def _named(db: sqlite3.Connection, new: NewRun, message_id: str, field: str, role: str) -> sqlite3.Row:
     row = db.execute(
-        "SELECT id, role, parent_id FROM agent_messages WHERE id = ? AND conversation_id = ?",
+        "SELECT id, role, parent_id, (SELECT p.role FROM agent_messages p WHERE p.id = m.parent_id) AS parent_role"
+        " FROM agent_messages m WHERE id = ? AND conversation_id = ?",
         (message_id, new.conversation_id),
     ).fetchone()
     if row is None:
