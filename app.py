@@ -454,4 +454,8 @@ if __name__ == "__main__":
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
     )
     logger.info("Listening on http://%s:%d", settings.api_host, settings.api_port)
-    uvicorn.Server(config).run(sockets=[listening])
+    try:
+        uvicorn.Server(config).run(sockets=[listening])
+    except KeyboardInterrupt:
+        # Ctrl-C: uvicorn has shut down cleanly and re-raised the signal; the status says so, no traceback needed.
+        raise SystemExit(130) from None
