@@ -590,6 +590,12 @@ def test_docs_renders_every_operation_and_schema_in_a_browser(tmp_path: Path) ->
             assert "ChatRequest" in chat.inner_text() and "StreamChunk" in chat.inner_text()
             listed = page.locator("#op-listConversations").inner_text()
             assert "limit" in listed and "1..100" in listed
+            # Descriptions are CommonMark: rendered, never shown as raw markup.
+            shown = page.evaluate("() => Array.from(document.querySelectorAll('.prose, td'), e => e.textContent)")
+            assert not [text for text in shown if "**" in text or "`" in text]
+            assert page.locator("#about strong").all_inner_texts()[:3] == ["Authentication.", "Errors.", "Streams."]
+            assert "Authorization: Bearer <Supabase access token>" in page.locator("#about code").all_inner_texts()
+            assert page.locator("#about p").count() == DOC["info"]["description"].strip().count("\n\n") + 1
         finally:
             browser.close()
     assert problems == []
