@@ -30,6 +30,8 @@ from settings import Settings
 from tests.scripted_model import ScriptedModel
 from tests.support import LiveServer, free_port, make_settings, new_id, serve
 
+pytestmark = pytest.mark.system  # a real nginx
+
 SITE = Path(__file__).resolve().parent.parent / "deploy" / "nginx" / "canvalo.conf"
 PIECES, PAUSE = 12, 0.1  # the answer takes about 1.1 s to produce
 

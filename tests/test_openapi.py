@@ -565,6 +565,7 @@ def test_docs_is_one_self_contained_page_under_a_nonce_policy_in_every_environme
     assert "innerHTML" not in html and "eval(" not in html  # text goes in with textContent only
 
 
+@pytest.mark.system  # Chromium
 def test_docs_renders_every_operation_and_schema_in_a_browser(tmp_path: Path) -> None:
     from tests.test_playground import CHROMIUM, CHROMIUM_ARGS
 

@@ -42,9 +42,14 @@ def _find_chromium() -> str | None:
 CHROMIUM = _find_chromium()
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-browser_only = pytest.mark.skipif(
+_NO_CHROMIUM = pytest.mark.skipif(
     CHROMIUM is None, reason="no Chromium: /usr/bin/chromium is missing and none is on PATH (apt-get install chromium)"
 )
+
+
+def browser_only(test: Any) -> Any:
+    """A test in Chromium: a ``system`` test (``-m "not system"`` leaves it out), skipped without Chromium."""
+    return pytest.mark.system(_NO_CHROMIUM(test))
 
 # Astral characters (two UTF-16 units, one code point) all along: Stop must count what it shows as code points.
 PIECES = [f"w{i}{'🎨' if i % 4 == 0 else ''} " for i in range(79)] + ["done: ünïcødé."]

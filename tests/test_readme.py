@@ -6,8 +6,12 @@ The walk-through is taken from README itself and run with bash against a fresh d
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +50,79 @@ def test_ci_runs_the_readme_test_command_exactly() -> None:
     assert "\n" not in command  # one command
     ci = (ROOT / ".ci" / "run").read_text()
     assert command in ci.splitlines()
+
+
+FAKE_APT = """#!/bin/sh
+# Records what it was asked, and prints what apt prints, so the test sees whether the script shows it.
+echo "$*" >> "$APT_LOG"
+case "$*" in
+  *update*) echo "Hit:1 fake-mirror bookworm InRelease" ;;
+  *install*) echo "Unpacking fake-package"; echo "Setting up fake-package" ;;
+esac
+"""
+
+
+def test_the_system_package_step_says_what_it_is_doing(tmp_path: Path) -> None:
+    """A fresh machine: apt-get runs for minutes, so each step is announced before it starts and apt's own progress
+    lines are shown (apt-get and sudo are fakes here; chromium is "missing" because PATH has only the fakes)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("apt-get", "sudo"):
+        (bin_dir / name).write_text(FAKE_APT if name == "apt-get" else '#!/bin/sh\nexec "$@"\n')
+        (bin_dir / name).chmod(0o755)
+    for tool in ("ls", "id"):
+        (bin_dir / tool).symlink_to(shutil.which(tool) or f"/bin/{tool}")
+    env = {"PATH": str(bin_dir), "APT_LOG": str(tmp_path / "apt.log")}
+    completed = subprocess.run(["/bin/sh", "tests/install-system-packages.sh"], cwd=ROOT, env=env, timeout=30,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert completed.returncode == 0, completed.stdout
+    lines = completed.stdout.splitlines()
+    calls = (tmp_path / "apt.log").read_text().splitlines()
+    assert [call.split()[0] for call in calls] == ["update", "install"] and "chromium" in calls[1]
+
+    def before(announced: str, shown: str) -> bool:
+        said = [i for i, line in enumerate(lines) if line.startswith("tests:") and announced in line]
+        return bool(said) and shown in lines and said[0] < lines.index(shown)
+
+    assert before("apt-get update", "Hit:1 fake-mirror bookworm InRelease")
+    assert before("apt-get install chromium", "Unpacking fake-package")  # apt's progress is shown, not discarded
+    assert "installed chromium" in lines[-1]
+
+
+def _collected(*args: str) -> set[str]:
+    completed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:randomly", *args],
+                               cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+    # Tests named by function, plus whether a variant runs on Supabase (some parameter ids are random per run).
+    return {_variant(line) for line in completed.stdout.splitlines() if "::" in line}
+
+
+def _variant(node: str) -> str:
+    """A test run once per store has the store as its first parameter id: ``[supabase]``, ``[supabase-...]``."""
+    function, _, params = node.partition("[")
+    return function + ("[supabase]" if params.split("-")[0].rstrip("]") == "supabase" else "")
+
+
+def _needs_chromium(node: str) -> bool:
+    """Read from the test's own source: it drives a browser (the playground's fixtures, or Playwright itself)."""
+    path, name = node.split("::")[0], node.split("::")[1].split("[")[0]
+    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    source = inspect.getsource(getattr(module, name))
+    return any(word in source for word in ("watched", "browser", "sync_playwright"))
+
+
+def test_the_quick_command_leaves_out_every_test_needing_postgresql_nginx_or_chromium() -> None:
+    command = shlex.split(fenced_block_after("While iterating").strip())
+    assert command[:4] == [".venv/bin/python", "-m", "pytest", "-q"]
+    quick, every = _collected(*command[4:]), _collected()
+    assert quick < every and len(quick) > len(every) / 2
+    left_out = every - quick
+    for node in every:
+        postgresql = node.endswith("[supabase]") or node.startswith("tests/test_data_api.py")
+        nginx = node.startswith("tests/test_nginx.py")
+        chromium = node.startswith(("tests/test_playground.py", "tests/test_openapi.py")) and _needs_chromium(node)
+        if postgresql or nginx or chromium:
+            assert node in left_out, node
 
 
 def test_the_layout_names_every_module_of_the_service() -> None:
