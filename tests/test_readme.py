@@ -1,7 +1,7 @@
 """README's commands as a newcomer pastes them: the walk-through runs as one block, and CI runs README's test command.
 
-The walk-through is taken from README itself and run with bash against a fresh database, on a free port instead of
-8000 (so a service already running here does not answer for it), with this interpreter as `.venv/bin/python`.
+The walk-through is taken from README itself and run with bash against a fresh database, beside a running quick-start
+server (as a newcomer has one), on a free port instead of its own 8001, with this interpreter as `.venv/bin/python`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,15 @@ import re
 import shlex
 import shutil
 import subprocess
+import socket
 import sys
+import time
 from pathlib import Path
 
-from tests.support import free_port
+import httpx
+import pytest
+
+from tests.support import free_port, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -29,20 +34,75 @@ def fenced_block_after(heading: str) -> str:
     return found.group(1)
 
 
-def test_the_walk_through_runs_as_pasted(tmp_path: Path) -> None:
-    port = free_port()
-    script = fenced_block_after("## Walk-through").replace("localhost:8000", f"localhost:{port}")
-    script = script.replace(".venv/bin/python", sys.executable)
-    script = "trap 'kill ${APP_PID:-} 2>/dev/null || true' EXIT\n" + script  # no server left behind if a step fails
-    env = {**os.environ, "API_PORT": str(port), "SQLITE_PATH": str(tmp_path / "canvalo.db"), "LOG_LEVEL": "WARNING",
-           "LOCAL_TOKEN_DELAY": "0"}
-    completed = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, env=env, capture_output=True,
-                               text=True, timeout=60)
+WALK_THROUGH = fenced_block_after("## Walk-through")
+QUICK_START_PORT = 8000  # the port README's quick start (python app.py) holds
+
+
+def walk_through(port: int) -> str:
+    """The walk-through as pasted, its own port (README's 8001) moved to ``port`` so parallel runs do not meet, and
+    this interpreter as ``.venv/bin/python``."""
+    assert WALK_THROUGH.count("PORT=8001") == 1 and f":{QUICK_START_PORT}" not in WALK_THROUGH
+    return WALK_THROUGH.replace("PORT=8001", f"PORT={port}").replace(".venv/bin/python", sys.executable)
+
+
+def run_bash(script: str, env: dict[str, str], *options: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", *options, "-c", script], cwd=ROOT, env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_the_walk_through_runs_as_pasted_beside_the_quick_starts_server(tmp_path: Path) -> None:
+    """The quick start's server still runs (on its port, with its own database here, so the answers show which
+    server gave them): the walk-through starts its own beside it, talks to that one, and its kill stops it."""
+    quick_port, port = free_port(), free_port()
+    # The environment a newcomer's shell has: nothing set, so python app.py means API_PORT's default, which the quick
+    # start's server holds (quick_port stands in for 8000 here).
+    shell = {"API_PORT": str(quick_port), "LOG_LEVEL": "WARNING", "LOCAL_TOKEN_DELAY": "0"}
+    quick_start = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT,
+                                   env={**os.environ, **shell, "SQLITE_PATH": str(tmp_path / "quick.db")},
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until_healthy(f"http://127.0.0.1:{quick_port}", quick_start)
+        script = "trap 'kill ${APP_PID:-} 2>/dev/null || true' EXIT\n" + walk_through(port)  # none left if a step fails
+        completed = run_bash(script, {**shell, "SQLITE_PATH": str(tmp_path / "walk.db")}, "-euo", "pipefail")
+        assert quick_start.poll() is None and httpx.get(f"http://127.0.0.1:{quick_port}/health").status_code == 200
+    finally:
+        quick_start.terminate()
+        quick_start.wait(timeout=20)
+    # bash -e: every step succeeded, kill $APP_PID included (its server was still there to stop).
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+    assert "already in use" not in completed.stderr
     out = completed.stdout
     assert '"status":"healthy"' in out or '"status":"degraded"' in out  # the health check ran after startup
-    assert '"type":"complete"' in out and "INV-1043" in out  # the answer came from the sample rows
+    # The sample rows are only in the walk-through's database: its own server answered.
+    assert '"type":"complete"' in out and "INV-1043" in out
     assert '"status":"deleted"' in out
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)  # kill stopped it
+
+
+def test_the_walk_throughs_wait_ends_when_its_server_cannot_start(tmp_path: Path) -> None:
+    """Its port taken: the server says so in one line and stops, and the wait ends then, not never."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))  # bound, not listening: the server cannot bind it, and curl is refused at once
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        completed = run_bash(walk_through(port), {"SQLITE_PATH": str(tmp_path / "walk.db")}, timeout=30)
+        took = time.monotonic() - started
+    assert f"API_PORT {port} on API_HOST 127.0.0.1 is already in use" in completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert took < 10, took  # under the wait's 10 s alone: it stopped waiting once the server had stopped
+
+
+def test_the_walk_throughs_wait_gives_up_after_ten_seconds() -> None:
+    """A server that runs but never answers: the wait loop stops after its 50 tries."""
+    loop = re.search(r"^for i in .*?^done$", WALK_THROUGH, re.M | re.S)
+    assert loop is not None
+    script = f"PORT={free_port()}\nsleep 60 & APP_PID=$!\n{loop.group(0)}\nkill $APP_PID"
+    started = time.monotonic()
+    completed = run_bash(script, {}, timeout=40)
+    took = time.monotonic() - started
+    assert completed.returncode == 0, completed.stderr
+    assert 9 <= took < 25, took
 
 
 def test_ci_runs_the_readme_test_command_exactly() -> None:
