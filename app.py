@@ -295,6 +295,7 @@ routes = [
     Route("/api/conversations/{conversation_id}", rename_conversation, methods=["PATCH"]),
     Route("/api/conversations/{conversation_id}", delete_conversation, methods=["DELETE"]),
     Route("/api/actions/{action_id}/confirm", confirm_action, methods=["POST"]),
+    Route("/api/dev/sample-data", pages.load_sample_data, methods=["POST"]),
 ]
 
 exception_handlers: dict[Any, Any] = {AppError: app_error, HTTPException: http_error, Exception: server_error}

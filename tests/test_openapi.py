@@ -386,6 +386,8 @@ def test_real_responses_match_the_document(
         renamed, _ = call("PATCH", "/api/conversations/{conversation_id}", one,
                           json={"user_id": user_id, "title": "Deck stain"})
         assert renamed.status_code == 200
+    loaded, _ = call("POST", "/api/dev/sample-data", json={"user_id": user_id})
+    assert loaded.status_code == 200 and loaded.json()["written"] > 0
     # Failures, each in the envelope of its status: (status, method, path, headers (None: the caller's), request).
     refusals: list[tuple[int, str, str, dict[str, str] | None, dict[str, Any]]] = [
         (409, "POST", "/api/chat/stream", None, {"json": {**chat_body, "message": "something else"}}),
