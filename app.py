@@ -41,7 +41,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
-from errors import AppError, Conflict, MethodNotAllowed, NotFound, RateLimited, ValidationFailed
+from errors import AppError, Conflict, MethodNotAllowed, NotFound, RateLimited
 from services.agents import actions
 from services.agents.assistant import Assistant
 from services.auth.authenticator import Authenticator, build_authenticator
@@ -50,14 +50,12 @@ from services.model import ChatModel
 from services.model.build import build_model
 from services.ratelimit import LimitStore, RateLimiter
 from services.runs.manager import RunManager, shutdown_frame
-from services.runs.titles import title_from_message
-from services.store import NewRun, Store, utc_now
+from services.store import Store, utc_now
 from services.store.build import build_store, store_location
 from settings import ConfigError, Settings
 from web import cursors, inputs, middleware, openapi, pages, status
 from web.caller import address, caller_of, read_body
 from web.deferred import Deferred
-from web.fields import Given, invalid
 from web.gc_tuning import tune_gc
 from web.sse import EventStreamResponse, Feed
 from web.status import VERSION
@@ -84,7 +82,7 @@ async def chat_stream(request: Request) -> Response:
     """Start a chat run and follow it from its first event. A repeated ``client_message_id`` follows the run that
     id started instead, from its first event, without starting another or counting against any limit."""
     chat = inputs.CHAT_STREAM.given(request, await read_body(request))
-    new = _new_run(chat)
+    new = inputs.chat_turn(chat)
     caller = await caller_of(request, chat["user_id"], counted=False)  # begin_run counts the turn, after deduplication
     runs: RunManager = request.state.runs
     limits = request.state.limiter.turn_limits(runs.stale_seconds, runs.events_ttl)
@@ -100,21 +98,6 @@ async def chat_stream(request: Request) -> Response:
     if begun.outcome == "existing":
         await request.state.limiter.admit(caller)  # a repeat attaches to its turn: a request, not a second turn
     return _event_stream(request, await runs.feed(caller, begun.run.id), begun.run.id, after=0)
-
-
-def _new_run(chat: Given) -> NewRun:
-    """The turn a chat body asks for: its message (none for a regenerate) and where in the tree it goes. Every field
-    is checked before the rules between them."""
-    message, _ = chat["message"], chat["history"]  # history: checked, and ignored (the prompt comes from the store)
-    conversation_id, _, client_message_id = chat["conversation_id"], chat["user_id"], chat["client_message_id"]
-    branch = (chat["parent_message_id"], chat["edit_message_id"], chat["regenerate_message_id"])
-    regenerate = branch[2]
-    if message is None and regenerate is None:
-        raise invalid("message", "is required")
-    if sum(point is not None for point in branch) > 1:
-        raise ValidationFailed("At most one of parent_message_id, edit_message_id and regenerate_message_id.")
-    text = message if regenerate is None else ""
-    return NewRun(conversation_id, text, title_from_message(text), client_message_id, *branch)
 
 
 async def run_events(request: Request) -> Response:
@@ -331,6 +314,7 @@ routes = [
     Route("/api/conversations/{conversation_id}/active-leaf", set_active_leaf, methods=["PUT"]),
     Route("/api/actions/{action_id}", get_action, methods=["GET"]),
     Route("/api/actions/{action_id}/confirm", confirm_action, methods=["POST"]),
+    Route("/api/dev/sample-data", pages.load_sample_data, methods=["POST"]),
 ]
 
 exception_handlers: dict[Any, Any] = {AppError: app_error, HTTPException: http_error, Exception: server_error}
@@ -490,4 +474,8 @@ if __name__ == "__main__":
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
     )
     logger.info("Listening on http://%s:%d", settings.api_host, settings.api_port)
-    uvicorn.Server(config).run(sockets=[listening])
+    try:
+        uvicorn.Server(config).run(sockets=[listening])
+    except KeyboardInterrupt:
+        # Ctrl-C: uvicorn has shut down cleanly and re-raised the signal; the status says so, no traceback needed.
+        raise SystemExit(130) from None

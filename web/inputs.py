@@ -25,8 +25,10 @@ from typing import Any
 from starlette.requests import ClientDisconnect, Request
 
 from errors import BadRequest, ClientClosedRequest, RequestTimeout, UnsupportedMediaType, ValidationFailed
+from services.runs.titles import title_from_message
+from services.store import NewRun
 from web import cursors
-from web.fields import DEFAULT_MAX_INT, Field, Inputs, invalid
+from web.fields import DEFAULT_MAX_INT, Field, Given, Inputs, invalid
 
 MAX_MESSAGE_CHARS = 10_000
 MAX_TITLE_CHARS = 200
@@ -266,7 +268,26 @@ RENAME_CONVERSATION = Inputs(
 DELETE_CONVERSATION = Inputs(parameters=(CONVERSATION_ID, USER_ID))
 GET_ACTION = Inputs(parameters=(ACTION_ID, USER_ID))
 CONFIRM_ACTION = Inputs(parameters=(ACTION_ID,), body_name="ConfirmActionRequest", body=(BODY_USER_ID,))
+LOAD_SAMPLE_DATA = Inputs(body_name="SampleDataRequest", body=(
+    dataclasses.replace(BODY_USER_ID, doc="The user to load them for; with auth on, the token's sub."),
+))
+
+
+def chat_turn(chat: Given) -> NewRun:
+    """The turn a chat body asks for: its message (none for a regenerate) and where in the tree it goes. Every field
+    is checked before the rules between them."""
+    message, _ = chat["message"], chat["history"]  # history: checked, and ignored (the prompt comes from the store)
+    conversation_id, _, client_message_id = chat["conversation_id"], chat["user_id"], chat["client_message_id"]
+    branch = (chat["parent_message_id"], chat["edit_message_id"], chat["regenerate_message_id"])
+    regenerate = branch[2]
+    if message is None and regenerate is None:
+        raise invalid("message", "is required")
+    if sum(point is not None for point in branch) > 1:
+        raise ValidationFailed("At most one of parent_message_id, edit_message_id and regenerate_message_id.")
+    text = message if regenerate is None else ""
+    return NewRun(conversation_id, text, title_from_message(text), client_message_id, *branch)
+
 
 # Every route that takes input: /openapi.json's components are their parameters and bodies, in this order.
 ROUTES = (CHAT_STREAM, RUN_EVENTS, STOP_RUN, LIST_CONVERSATIONS, CREATE_CONVERSATION, GET_CONVERSATION,
-          RENAME_CONVERSATION, SET_ACTIVE_LEAF, DELETE_CONVERSATION, GET_ACTION, CONFIRM_ACTION)
+          RENAME_CONVERSATION, SET_ACTIVE_LEAF, DELETE_CONVERSATION, GET_ACTION, CONFIRM_ACTION, LOAD_SAMPLE_DATA)

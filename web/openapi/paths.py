@@ -232,5 +232,19 @@ def paths() -> dict[str, Schema]:
                 "404", "409", "410",
             )
         },
+        "/api/dev/sample-data": {
+            "post": _api(
+                {
+                    "operationId": "loadSampleData", "tags": ["development"],
+                    "summary": "Load the walk-through's sample records",
+                    "description": "Invoices, appointments, projects and the rest, for the caller, as README's "
+                    "walk-through loads them (the playground's Load sample data). Idempotent: records already there "
+                    "are kept. Development only: 404 in production, whatever PLAYGROUND says.",
+                    **_takes(inputs.LOAD_SAMPLE_DATA),
+                    "responses": json_ok("Loaded.", "SampleDataLoaded"),
+                },
+                "404",
+            )
+        },
     }
 
