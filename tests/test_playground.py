@@ -248,6 +248,32 @@ def ask_to_the_end(page: Page, message: str) -> str:
 
 
 @browser_only
+def test_regenerate_edit_and_the_branch_switcher_and_a_reload_shows_the_same_branch(
+    watched: Watched, live: LiveServer
+) -> None:
+    page = watched.page
+    question = page.locator("[data-testid=user-message]")
+    ask(page, "first question")
+    expect(page.locator("#answer")).to_have_attribute("data-status", "complete")
+    page.locator("#answer [data-testid=regenerate]").click()
+    expect(page.locator("#answer [data-testid=branch-position]")).to_have_text("2/2")  # once it has ended
+    expect(question).to_have_count(1)  # the question is not sent again
+    question.locator("[data-testid=edit]").click()
+    page.fill("#message", "second question")
+    page.click("#send")
+    expect(question.locator("[data-testid=branch-position]")).to_have_text("2/2")
+    expect(question.locator(".content")).to_have_text("second question")
+    question.locator("[data-testid=previous-branch]").click()
+    expect(question.locator(".content")).to_have_text("first question")
+    page.reload()  # the branch is the server's active leaf, not something the page kept
+    expect(question.locator(".content")).to_have_text("first question")
+    expect(page.locator("#answer [data-testid=branch-position]")).to_have_text("2/2")  # that branch's newest answer
+    stored = stored_conversation(live, page)
+    assert [m["content"] for m in stored["messages"]] == ["first question", FULL_TEXT]
+    assert stored["message_count"] == 5  # two questions, three answers: nothing was deleted
+
+
+@browser_only
 def test_the_walk_through_user_is_one_click_away_and_its_sample_data_loads(local_page: Watched) -> None:
     page = local_page.page
     assert user_of(page) != WALK_THROUGH_USER  # a new page invents its own user
