@@ -14,7 +14,6 @@ from typing import Any
 
 from errors import ConversationNotFound, MessageNotFound, UpstreamError, ValidationFailed
 from services.domains import BY_TABLE, Column, Domain
-from services.store.shared import page_of_messages
 from services.store import (
     TIMESTAMP_FORMAT,
     ActionDone,
@@ -29,6 +28,7 @@ from services.store import (
     RunControl,
     RunUpdate,
 )
+from services.store.shared import page_of_messages
 
 
 def utc_timestamp(value: str | None) -> str | None:

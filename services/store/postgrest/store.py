@@ -47,7 +47,6 @@ from services.store.postgrest.rows import (
     action_done_of,
     bad_response,
     branch_page_of,
-    settled,
     controls_of,
     conversation_of,
     message_of,
@@ -55,6 +54,7 @@ from services.store.postgrest.rows import (
     record_of,
     run_begun_of,
     run_of,
+    settled,
     update_json,
 )
 from services.store.search import MAX_TERMS

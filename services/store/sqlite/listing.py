@@ -201,7 +201,8 @@ def message_page(
 ) -> MessagePage:
     """See ``Store.message_page``: the path ending at ``leaf`` (``branches.branch_leaf``); the caller has checked that
     the conversation is theirs."""
-    where, params = ["id IN (SELECT id FROM path)"], [leaf, conversation_id]  # type: list[str], list[object]
+    where: list[str] = ["id IN (SELECT id FROM path)"]
+    params: list[object] = [leaf, conversation_id]
     if before is not None:
         where.append("seq < ?")
         params.append(before.seq)
