@@ -759,15 +759,18 @@ def seed_conversations(ctx: Context) -> None:
             " message_count, metadata) VALUES (?, ?, 'AI Chat', ?, ?, NULL, 0, '{}')",
             [(cid, user, stamp, stamp) for cid, stamp in zip(ids, stamps)],
         )
-        rows = []
-        for cid, stamp in zip(ids, stamps):
-            rows.append((str(uuid.uuid4()), cid, "user", MESSAGE, None, stamp))
-            rows.append((str(uuid.uuid4()), cid, "assistant", loadgen.TOKEN * 20, "supervisor", stamp))
+        rows, leaves = [], []
+        for cid, stamp in zip(ids, stamps):  # one turn each: a question and its answer, the conversation's branch
+            question, answer = str(uuid.uuid4()), str(uuid.uuid4())
+            rows.append((question, cid, "user", MESSAGE, None, stamp, None))
+            rows.append((answer, cid, "assistant", loadgen.TOKEN * 20, "supervisor", stamp, question))
+            leaves.append((answer, cid))
         db.executemany(
-            "INSERT INTO agent_messages (id, conversation_id, role, content, agent_type, metadata, created_at)"
-            " VALUES (?, ?, ?, ?, ?, '{}', ?)",
+            "INSERT INTO agent_messages (id, conversation_id, role, content, agent_type, metadata, created_at,"
+            " parent_id) VALUES (?, ?, ?, ?, ?, '{}', ?, ?)",
             rows,
         )
+        db.executemany("UPDATE agent_conversations SET active_leaf_id = ? WHERE id = ?", leaves)
     ctx.template_db, ctx.api_user, ctx.api_ids = path, user, ids
 
 

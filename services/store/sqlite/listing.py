@@ -3,8 +3,8 @@
 ``list_conversations`` and ``message_page`` of the ``Store`` interface (``services.store`` says what each must do),
 as functions on a store thread's connection. A cursor is a key (``ConversationKey``, ``MessageKey``); a page is the
 ``limit`` rows nearest the key on the side asked for, read by an index in that direction (conversations by
-``(user_id, updated_at DESC, id)``, messages by ``(conversation_id, seq)``) and turned round when the order asked for
-is the other one. One row more than the page is read, to know whether more follow.
+``(user_id, updated_at DESC, id)``, the messages of one branch by ``seq`` along its path, ``branches.PATH``) and
+turned round when the order asked for is the other one. One row more than the page is read, to know whether more follow.
 
 Search (``MIGRATION``, applied by ``SQLiteStore`` as a migration of its own): two FTS5 indexes, of the words of
 message text and of conversation titles (``indexed_words``), kept in step by triggers. Assistant messages are inserted
