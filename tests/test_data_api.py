@@ -417,6 +417,10 @@ def test_running_an_earlier_migration_again_keeps_every_write_checked(pg_cluster
         assert any("apply 007_checked_writes.sql again" in warning for warning in warnings)
         db.execute((MIGRATIONS_DIR / "007_checked_writes.sql").read_text())  # type: ignore[arg-type]
         assert surface() == (set(), 0, {"agent_run_read"})
+        # One agent_run_begin, 012's: two would make PostgREST's resolution by name ambiguous (PGRST203).
+        begins = db.execute("select pg_get_function_identity_arguments(oid) from pg_proc"
+                            " where proname = 'agent_run_begin'").fetchall()
+        assert len(begins) == 1 and "p_regenerate_message_id" in begins[0][0]
 
         def executable() -> set[str]:
             return {row[0] for row in db.execute(
