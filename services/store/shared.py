@@ -6,11 +6,12 @@ For the backends only; the rest of the service imports the records and the proto
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timezone
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from services.store import (
     TIMESTAMP_FORMAT,
@@ -26,6 +27,22 @@ from services.store import (
 Row = TypeVar("Row")
 P = ParamSpec("P")
 T = TypeVar("T")
+
+
+# A field whose column has another name in both stores: ``table`` is a reserved word in SQL.
+_COLUMNS = {"table": "table_name"}
+
+
+def from_row(record: type[T], row: Any, **read: Callable[[Any], Any]) -> T:
+    """The ``record`` (one of the store's dataclasses) a row holds in a column named as each field: a ``sqlite3.Row``
+    or a JSON object PostgREST answered. Each value is taken as it is, or as ``read[field]`` reads it."""
+    values = {name: read[name](row[column]) if name in read else row[column] for name, column in _fields(record)}
+    return record(**values)
+
+
+@functools.cache
+def _fields(record: type) -> tuple[tuple[str, str], ...]:
+    return tuple((field.name, _COLUMNS.get(field.name, field.name)) for field in dataclasses.fields(record))
 
 
 def epoch_timestamp(seconds: float) -> str:

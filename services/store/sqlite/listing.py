@@ -20,7 +20,7 @@ import sqlite3
 
 from services.store import Caller, Conversation, ConversationKey, ConversationPage, MessageKey, MessagePage
 from services.store.search import search_terms, search_words
-from services.store.shared import page_of_conversations, page_of_messages, reads_downwards
+from services.store.shared import from_row, page_of_conversations, page_of_messages, reads_downwards
 from services.store.sqlite.messages import MESSAGE_COLUMNS, message_row
 
 # The words a search can find, folded once by services/store/search.py: the index is fed "<owner>_<word>" tokens, which
@@ -218,13 +218,4 @@ def _message_key(row: sqlite3.Row) -> MessageKey:
 
 
 def conversation_row(row: sqlite3.Row) -> Conversation:
-    return Conversation(
-        id=row["id"],
-        user_id=row["user_id"],
-        title=row["title"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        last_message_at=row["last_message_at"],
-        message_count=row["message_count"],
-        metadata=json.loads(row["metadata"]),
-    )
+    return from_row(Conversation, row, metadata=json.loads)

@@ -9,6 +9,7 @@ import json
 import sqlite3
 
 from services.store import Message, NewMessage, utc_now
+from services.store.shared import from_row
 
 MESSAGE_COLUMNS = "id, conversation_id, role, content, agent_type, metadata, created_at"
 
@@ -41,15 +42,7 @@ def recent_messages(db: sqlite3.Connection, conversation_id: str, limit: int) ->
 
 
 def message_row(row: sqlite3.Row) -> Message:
-    return Message(
-        id=row["id"],
-        conversation_id=row["conversation_id"],
-        role=row["role"],
-        content=row["content"],
-        agent_type=row["agent_type"],
-        metadata=json.loads(row["metadata"]),
-        created_at=row["created_at"],
-    )
+    return from_row(Message, row, metadata=json.loads)
 
 
 def fetch_message(db: sqlite3.Connection, message_id: str) -> Message:

@@ -30,6 +30,7 @@ from services.store import (
     utc_now,
 )
 from services.store import run_log
+from services.store.shared import from_row
 from services.store.sqlite import limits as sqlite_limits
 from services.store.sqlite.messages import fetch_message, recent_messages, write_message
 from services.store.sqlite.writer import write_transaction
@@ -326,13 +327,4 @@ def _run_for_client_message(
 
 
 def _run(row: sqlite3.Row) -> Run:
-    return Run(
-        id=row["id"],
-        conversation_id=row["conversation_id"],
-        user_message_id=row["user_message_id"],
-        assistant_message_id=row["assistant_message_id"],
-        client_message_id=row["client_message_id"],
-        status=row["status"],
-        last_seq=row["last_seq"],
-        heartbeat_at=row["heartbeat_at"],
-    )
+    return from_row(Run, row)
