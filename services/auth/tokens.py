@@ -92,9 +92,9 @@ def parse_token(raw: str) -> Token:
     if len(parts) != 3 or not all(parts[:2]):
         raise malformed_token()
     try:
-        header = _json_object(_b64url(parts[0]))
-        claims = _json_object(_b64url(parts[1]))
-        signature = _b64url(parts[2])
+        header = _json_object(b64url(parts[0]))
+        claims = _json_object(b64url(parts[1]))
+        signature = b64url(parts[2])
     except (ValueError, binascii.Error, RecursionError):  # RecursionError: JSON nested past Python's limit
         raise malformed_token() from None
     if not isinstance(header.get("alg"), str) or any(
@@ -128,8 +128,9 @@ def check_claims(claims: dict[str, Any], *, now: float, issuer: str | None) -> s
     return subject.lower()
 
 
-def _b64url(part: str) -> bytes:
-    """Unpadded base64url, strictly: Python's decoder skips stray characters and ignores padding and unused bits."""
+def b64url(part: str) -> bytes:
+    """Unpadded base64url, strictly (a token's parts, a signing key's numbers): Python's decoder skips stray
+    characters and ignores padding and unused bits."""
     if not _B64URL.fullmatch(part) or len(part) % 4 == 1:
         raise ValueError("not unpadded base64url")
     data = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
