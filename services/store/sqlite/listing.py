@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import sqlite3
 
+from errors import ConversationNotFound
 from services.store import Caller, Conversation, ConversationKey, ConversationPage, MessageKey, MessagePage
 from services.store.search import search_terms, search_words
 from services.store.shared import from_row, page_of_conversations, page_of_messages, reads_downwards
@@ -215,6 +216,17 @@ def message_page(
 
 def _message_key(row: sqlite3.Row) -> MessageKey:
     return MessageKey(row["created_at"], row["seq"])
+
+
+def fetch_conversation(db: sqlite3.Connection, caller: Caller, conversation_id: str) -> Conversation:
+    """The caller's conversation, or ``ConversationNotFound``."""
+    row = db.execute(
+        f"SELECT {CONVERSATION_COLUMNS} FROM agent_conversations WHERE id = ? AND user_id = ?",
+        (conversation_id, caller.user_id),
+    ).fetchone()
+    if row is None:
+        raise ConversationNotFound()
+    return conversation_row(row)
 
 
 def conversation_row(row: sqlite3.Row) -> Conversation:

@@ -27,32 +27,13 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Concatenate, ParamSpec, TypeVar
 
 from errors import ConversationNotFound, UpstreamError, UpstreamUnavailable
-from services.domains import Domain
-from services.store import (
-    ActionDone,
-    Caller,
-    Conversation,
-    ConversationKey,
-    MessageKey,
-    MessagePage,
-    NewAction,
-    NewRun,
-    ConversationPage,
-    PendingAction,
-    Run,
-    RunBegun,
-    RunControl,
-    RunUpdate,
-    RunView,
-    TurnLimits,
-    utc_now,
-)
+from services.store import Caller, Conversation, ConversationKey, ConversationPage, MessageKey, MessagePage, utc_now
 from services.store.shared import QueryTiming, observed
 from services.store.sqlite import actions as sqlite_actions
 from services.store.sqlite import limits as sqlite_limits
@@ -64,6 +45,7 @@ from services.store.sqlite.writer import GroupWriter, write_transaction
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 MIGRATIONS: list[str] = [
     # 1: conversations and messages, compatible with the earlier service's agent_conversations/agent_messages.
@@ -111,7 +93,22 @@ MIGRATIONS: list[str] = [
 ]
 
 _CONVERSATION_COLUMNS = sqlite_listing.CONVERSATION_COLUMNS
-_conversation = sqlite_listing.conversation_row
+
+
+def _method(
+    function: Callable[Concatenate[sqlite3.Connection, P], T], *, writes: bool
+) -> Callable[Concatenate[SQLiteStore, P], Awaitable[T]]:
+    """The store method that runs ``function``, a function of a connection, on the writer thread if it ``writes``
+    and on a reader thread if not, timed under its name (``observed``)."""
+
+    async def method(self: SQLiteStore, *args: P.args, **kwargs: P.kwargs) -> T:
+        def work(db: sqlite3.Connection) -> T:
+            return function(db, *args, **kwargs)
+
+        return await (self._write(work) if writes else self._read(work))
+
+    method.__name__ = function.__name__
+    return observed(method)
 
 
 class SQLiteStore(QueryTiming):
@@ -149,15 +146,12 @@ class SQLiteStore(QueryTiming):
 
     async def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work``, which only reads, on a reader thread."""
-        return await self._run(work, lambda: self._readers.submit(self._call, work))
+        return await asyncio.wrap_future(self._readers.submit(self._call, work))
 
     async def _write(self, work: Callable[[sqlite3.Connection], T], *, alone: bool = False) -> T:
-        """Run ``work``, which writes, on the writer thread after the writes before it (``alone``: never grouped)."""
-        return await self._run(work, lambda: self._writer.submit(work, alone=alone))
-
-    async def _run(self, work: Callable[[sqlite3.Connection], T], submit: Callable[[], Future[T]]) -> T:
-        """A cancelled caller does not stop a write already under way."""
-        return await asyncio.wrap_future(submit())
+        """Run ``work``, which writes, on the writer thread after the writes before it (``alone``: never grouped). A
+        cancelled caller does not stop a write already under way."""
+        return await asyncio.wrap_future(self._writer.submit(work, alone=alone))
 
     def _call(self, work: Callable[[sqlite3.Connection], T]) -> T:
         with _sqlite_errors():
@@ -263,7 +257,7 @@ class SQLiteStore(QueryTiming):
                     " WHERE id = ? AND user_id = ?",
                     (title, title, utc_now(), conversation_id, caller.user_id),
                 )
-                return _fetch_conversation(db, caller, conversation_id)
+                return sqlite_listing.fetch_conversation(db, caller, conversation_id)
 
         return await self._write(work)
 
@@ -275,13 +269,9 @@ class SQLiteStore(QueryTiming):
 
         def work(db: sqlite3.Connection) -> Conversation:
             _insert_conversation(db, caller, new_id, title)
-            return _fetch_conversation(db, caller, new_id)
+            return sqlite_listing.fetch_conversation(db, caller, new_id)
 
         return await self._write(work)
-
-    @observed
-    async def get_conversation(self, caller: Caller, conversation_id: str) -> Conversation:
-        return await self._read(lambda db: _fetch_conversation(db, caller, conversation_id))
 
     @observed
     async def delete_conversation(self, caller: Caller, conversation_id: str) -> None:
@@ -309,84 +299,37 @@ class SQLiteStore(QueryTiming):
         after: MessageKey | None = None,
     ) -> MessagePage:
         def work(db: sqlite3.Connection) -> MessagePage:
-            _fetch_conversation(db, caller, conversation_id)
+            sqlite_listing.fetch_conversation(db, caller, conversation_id)
             return sqlite_listing.message_page(db, conversation_id, limit, offset, newest_first, before, after)
 
         return await self._read(work)
 
-    # -- chat runs (services/store/sqlite/runs.py) -------------------------------------------------------------------
+    # -- the rest: each a function of a connection, on a reader thread or the writer thread -----------------------
 
-    @observed
-    async def begin_run(
-        self, caller: Caller, new: NewRun, limits: TurnLimits, history_limit: int
-    ) -> RunBegun:
-        # One thread hop and one write transaction for the turn's admission and start: each hop costs more (a
-        # wake-up, then waiting for the event loop to give up the GIL) than the statements it runs.
-        return await self._write(lambda db: sqlite_runs.begin_run(db, caller, new, limits, history_limit))
-
-    @observed
-    async def flush_runs(self, updates: list[RunUpdate]) -> dict[str, RunControl]:
-        return await self._write(lambda db: sqlite_runs.flush_runs(db, updates))
-
-    @observed
-    async def read_run(self, caller: Caller, run_id: str, after: int | None) -> RunView:
-        return await self._read(lambda db: sqlite_runs.read_run(db, caller, run_id, after))
-
-    @observed
-    async def running_run(self, caller: Caller, conversation_id: str) -> Run | None:
-        return await self._read(lambda db: sqlite_runs.running_run(db, caller, conversation_id))
-
-    @observed
-    async def request_stop(self, caller: Caller, run_id: str, seen_chars: int | None) -> None:
-        await self._write(lambda db: sqlite_runs.request_stop(db, caller, run_id, seen_chars))
-
-    @observed
-    async def maintain_runs(self, caller: Caller | None, stale_seconds: float, events_ttl: float) -> None:
-        await self._write(lambda db: sqlite_runs.maintain_runs(db, caller, stale_seconds, events_ttl))
-
-    # -- business records (the agents' tools) ------------------------------------------------------------------
-
-    @observed
-    async def list_records(
-        self, caller: Caller, domain: Domain, filters: dict[str, Any], limit: int
-    ) -> list[dict[str, Any]]:
-        return await self._read(lambda db: sqlite_records.list_records(db, caller, domain, filters, limit))
-
-    @observed
-    async def get_record(self, caller: Caller, domain: Domain, record_id: str) -> dict[str, Any]:
-        return await self._read(lambda db: sqlite_records.get_record(db, caller, domain, record_id))
-
-    @observed
-    async def insert_record(self, caller: Caller, domain: Domain, values: dict[str, Any]) -> dict[str, Any]:
-        return await self._write(lambda db: sqlite_records.insert_record(db, caller, domain, values))
-
-    @observed
-    async def update_record(
-        self, caller: Caller, domain: Domain, record_id: str, values: dict[str, Any]
-    ) -> dict[str, Any]:
-        return await self._write(lambda db: sqlite_records.update_record(db, caller, domain, record_id, values))
-
-    @observed
-    async def delete_record(self, caller: Caller, domain: Domain, record_id: str) -> None:
-        await self._write(lambda db: sqlite_records.delete_record(db, caller, domain, record_id))
-
-    # -- pending actions (services/agents/actions.py, actions.py) ---------------------------------------------------
-
-    @observed
-    async def create_action(self, caller: Caller, new: NewAction, ttl_seconds: float) -> PendingAction:
-        return await self._write(lambda db: sqlite_actions.create_action(db, caller, new, ttl_seconds))
-
-    @observed
-    async def confirm_action(self, caller: Caller, action_id: str) -> ActionDone:
-        return await self._write(lambda db: sqlite_actions.confirm_action(db, caller, action_id))
+    get_conversation = _method(sqlite_listing.fetch_conversation, writes=False)
+    # Chat runs (runs.py). A turn's admission and start is one thread hop and one write transaction: each hop costs
+    # more (a wake-up, then waiting for the event loop to give up the GIL) than the statements it runs.
+    begin_run = _method(sqlite_runs.begin_run, writes=True)
+    flush_runs = _method(sqlite_runs.flush_runs, writes=True)
+    read_run = _method(sqlite_runs.read_run, writes=False)
+    running_run = _method(sqlite_runs.running_run, writes=False)
+    request_stop = _method(sqlite_runs.request_stop, writes=True)
+    maintain_runs = _method(sqlite_runs.maintain_runs, writes=True)
+    # Business records, for the agents' tools (records.py).
+    list_records = _method(sqlite_records.list_records, writes=False)
+    get_record = _method(sqlite_records.get_record, writes=False)
+    insert_record = _method(sqlite_records.insert_record, writes=True)
+    update_record = _method(sqlite_records.update_record, writes=True)
+    delete_record = _method(sqlite_records.delete_record, writes=True)
+    # Pending actions (actions.py; services/agents/actions.py says why).
+    create_action = _method(sqlite_actions.create_action, writes=True)
+    confirm_action = _method(sqlite_actions.confirm_action, writes=True)
 
     # -- rate limits (services/ratelimit.py) -------------------------------------------------------------------
 
     @observed
     async def rate_limit_hit(self, caller: Caller, bucket: str, window_seconds: int, limit: int) -> tuple[bool, float]:
-        return await self._write(
-            lambda db: sqlite_limits.hit(db, caller.user_id, bucket, window_seconds, limit)
-        )
+        return await self._write(lambda db: sqlite_limits.hit(db, caller.user_id, bucket, window_seconds, limit))
 
 
 @contextlib.contextmanager
@@ -416,13 +359,3 @@ def _insert_conversation(db: sqlite3.Connection, caller: Caller, conversation_id
         f"INSERT OR IGNORE INTO agent_conversations ({_CONVERSATION_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL, 0, '{{}}')",
         (conversation_id, caller.user_id, title, now, now),
     )
-
-
-def _fetch_conversation(db: sqlite3.Connection, caller: Caller, conversation_id: str) -> Conversation:
-    row = db.execute(
-        f"SELECT {_CONVERSATION_COLUMNS} FROM agent_conversations WHERE id = ? AND user_id = ?",
-        (conversation_id, caller.user_id),
-    ).fetchone()
-    if row is None:
-        raise ConversationNotFound()
-    return _conversation(row)
