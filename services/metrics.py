@@ -25,6 +25,7 @@ bounded by the configuration.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
@@ -32,7 +33,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import anyio
@@ -172,7 +173,19 @@ class Metrics:
             json.dump(self.snapshot(), handle, separators=(",", ":"))
         os.replace(temporary, path)
 
-    async def flush_periodically(self) -> None:
+    @contextlib.asynccontextmanager
+    async def snapshotting(self) -> AsyncIterator[Metrics]:
+        """This worker's snapshot written every ``FLUSH_SECONDS`` while open, and once more when it closes, so its
+        final numbers stay in the merge."""
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._flush_periodically)
+                yield self
+                group.cancel_scope.cancel()
+        finally:
+            self.flush_quietly()
+
+    async def _flush_periodically(self) -> None:
         while True:
             await anyio.sleep(FLUSH_SECONDS)
             self.flush_quietly()

@@ -24,7 +24,8 @@ from typing import Protocol, runtime_checkable
 
 from errors import RateLimited, UpstreamUnavailable
 from services.metrics import Metrics
-from services.store import Caller, RunBegun, TurnLimits
+from services.store import Caller, RunBegun, Store, TurnLimits
+from settings import ConfigError, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -50,29 +51,22 @@ class LimitStore(Protocol):
 
 
 class RateLimiter:
-    def __init__(
-        self,
-        store: LimitStore | None,
-        metrics: Metrics,
-        *,
-        chat_per_window: int,
-        api_per_window: int,
-        streams_per_user: int,
-        window_seconds: int,
-    ) -> None:
-        self._store = store
+    def __init__(self, store: Store, metrics: Metrics, settings: Settings) -> None:
+        """The settings' limits, counted in ``store`` when it can keep them (``LimitStore``). One that cannot leaves
+        limits off, which production refuses."""
+        self._store = store if isinstance(store, LimitStore) else None
+        if self._store is None:
+            if settings.environment == "production":
+                raise ConfigError(f"STORE={store.kind} cannot enforce shared rate limits yet (no rate_limit_hit)")
+            logger.warning("Rate limits are off: store %s keeps no shared limit state", store.kind)
         self._metrics = metrics
-        self._chat_limit = chat_per_window
-        self._api_limit = api_per_window
-        self._stream_limit = streams_per_user
-        self._window = window_seconds
+        self._chat_limit = settings.rate_limit_chat_per_minute
+        self._api_limit = settings.rate_limit_api_per_minute
+        self._stream_limit = settings.max_streams_per_user
+        self._window = settings.rate_limit_window_seconds
         self._failures = WindowCounter()
         self._fallback = WindowCounter()
         self._fallback_logged = -FALLBACK_LOG_SECONDS
-
-    @property
-    def enabled(self) -> bool:
-        return self._store is not None
 
     async def admit(self, caller: Caller) -> None:
         """Count one ``/api`` request; raise ``RateLimited`` over the limit. Chat turns use ``turn_limits``."""
