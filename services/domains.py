@@ -56,8 +56,6 @@ class Domain:
         return self.required[0]
 
 
-SYSTEM_COLUMNS = ("id", "user_id", "created_at", "updated_at")
-
 _COMMON_RULES = (
     "Use your tools to read and change the user's records; never invent records, amounts or dates. "
     "Ask for any required field you do not have before creating a record. "

@@ -82,13 +82,6 @@ def claimed_caller(verified: Caller | None, claimed_user_id: str) -> Caller:
     return verified
 
 
-async def authenticate(
-    auth: Authenticator, authorization: str | None, claimed_user_id: str, before_remote: Callable[[], None] | None = None
-) -> Caller:
-    """``verify`` then ``claimed_caller``: the whole check for a request whose claimed user is already known."""
-    return claimed_caller(await auth.verify(authorization, before_remote), claimed_user_id)
-
-
 class SupabaseJWTAuth:
     """Bearer tokens from Supabase Auth: HS256 with the project's secret, and asymmetric ones with its published keys
     (``keys``) or, when configured so, by asking Supabase Auth (``remote``); all but the last verified here."""

@@ -57,16 +57,7 @@ class Conversation:
     metadata: dict[str, Any]
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "user_id": self.user_id,
-            "title": self.title,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-            "last_message_at": self.last_message_at,
-            "message_count": self.message_count,
-            "metadata": self.metadata,
-        }
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,15 +134,6 @@ class Run:
     status: RunStatus
     last_seq: int  # the last event written; kept up to date once the run has ended
     heartbeat_at: float  # Unix time of the generating worker's last heartbeat
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "run_id": self.id,
-            "conversation_id": self.conversation_id,
-            "message_id": self.assistant_message_id,
-            "status": self.status,
-            "last_seq": self.last_seq,
-        }
 
 
 BeginOutcome = Literal["started", "existing", "conflict", "in_progress", "rate_limited", "streams_full"]
