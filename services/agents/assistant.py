@@ -162,7 +162,7 @@ class Assistant:
         tools = {tool.name: tool for tool in self._tools[domain.agent_type]}
         specs = [tool.spec() for tool in tools.values()]
         messages = list(turns)
-        tool_deadline = _Budget(self._limits.tool_seconds)
+        tools_until = time.monotonic() + self._limits.tool_seconds  # the turn's tool time ends then
         for _ in range(self._limits.max_iterations):
             text: list[str] = []
             calls: list[ToolUse] = []
@@ -181,7 +181,7 @@ class Assistant:
             messages.append(_assistant_turn(text, calls))
             results = []
             for call in calls:
-                async for item in self._run_tool(caller, domain, tools.get(call.name), call, tool_deadline, done):
+                async for item in self._run_tool(caller, domain, tools.get(call.name), call, tools_until, done):
                     if isinstance(item, AgentToolCall):
                         yield item
                     else:
@@ -191,14 +191,14 @@ class Assistant:
         yield AgentText(domain.agent_type, LOOP_LIMIT_NOTE)
 
     async def _run_tool(
-        self, caller: Caller, domain: Domain, tool: Tool | None, call: ToolUse, budget: _Budget, done: AgentDone
+        self, caller: Caller, domain: Domain, tool: Tool | None, call: ToolUse, tools_until: float, done: AgentDone
     ) -> AsyncIterator[AgentToolCall | dict[str, Any]]:
         started = {"status": "started", "tool_use_id": call.tool_use_id, "agent": domain.agent_type}
         if tool is not None and tool.shows_arguments:
             started["arguments"] = call.input
         yield AgentToolCall(domain.agent_type, call.name, started)
         began = time.monotonic()
-        result = await self._execute(caller, tool, call, budget)
+        result = await self._execute(caller, tool, call, tools_until)
         duration_ms = round((time.monotonic() - began) * 1000)
         summary = {"name": call.name, "agent": domain.agent_type, "status": result.status, "duration_ms": duration_ms}
         if "action_id" in result.shown:  # kept with the answer, so a reloaded conversation can still offer Confirm
@@ -211,12 +211,13 @@ class Assistant:
         status = "error" if result.status == "error" else "success"
         yield {"toolResult": {"toolUseId": call.tool_use_id, "content": [{"json": result.content}], "status": status}}
 
-    async def _execute(self, caller: Caller, tool: Tool | None, call: ToolUse, budget: _Budget) -> ToolResult:
+    async def _execute(self, caller: Caller, tool: Tool | None, call: ToolUse, tools_until: float) -> ToolResult:
         if tool is None:
             return ToolResult("error", {"error": f"There is no tool named {call.name}."})
-        if budget.remaining() <= 0:
+        remaining = tools_until - time.monotonic()
+        if remaining <= 0:
             return ToolResult("error", {"error": "The time allowed for tools in this turn is used up."})
-        with anyio.move_on_after(budget.remaining()):
+        with anyio.move_on_after(remaining):
             return await run_tool(self._store, caller, tool, call.input, self._action_ttl)
         return ToolResult("error", {"error": "The tool took too long and was stopped."})
 
@@ -240,14 +241,6 @@ class Assistant:
                 done.stop_reason = event.reason
         if not done.stop_reason:
             raise UpstreamError("The model stream ended without a stop event.", code="MODEL_STREAM_INCOMPLETE")
-
-
-class _Budget:
-    def __init__(self, seconds: float) -> None:
-        self._deadline = time.monotonic() + seconds
-
-    def remaining(self) -> float:
-        return self._deadline - time.monotonic()
 
 
 def _assistant_turn(text: list[str], calls: list[ToolUse]) -> dict[str, Any]:
