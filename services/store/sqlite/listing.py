@@ -19,7 +19,7 @@ import json
 import sqlite3
 
 from errors import ConversationNotFound
-from services.store import Caller, Conversation, ConversationKey, ConversationPage, MessageKey, MessagePage
+from services.store import Caller, Conversation, ConversationKey, ConversationPage, MessageKey, MessagePage, utc_now
 from services.store.search import search_terms, search_words
 from services.store.shared import from_row, page_of_conversations, page_of_messages, reads_downwards
 from services.store.sqlite.messages import MESSAGE_COLUMNS, message_row
@@ -216,6 +216,16 @@ def message_page(
 
 def _message_key(row: sqlite3.Row) -> MessageKey:
     return MessageKey(row["created_at"], row["seq"])
+
+
+def insert_conversation(db: sqlite3.Connection, caller: Caller, conversation_id: str, title: str | None) -> None:
+    """OR IGNORE: a retry creates nothing twice, and an id that is someone else's is left untouched (the scoped fetch
+    that follows says NotFound, as the Supabase store does)."""
+    now = utc_now()
+    db.execute(
+        f"INSERT OR IGNORE INTO agent_conversations ({CONVERSATION_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL, 0, '{{}}')",
+        (conversation_id, caller.user_id, title, now, now),
+    )
 
 
 def fetch_conversation(db: sqlite3.Connection, caller: Caller, conversation_id: str) -> Conversation:

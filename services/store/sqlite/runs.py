@@ -16,22 +16,11 @@ from dataclasses import replace
 from typing import Any
 
 from errors import ConversationNotFound, RunNotFound
-from services.store import (
-    Caller,
-    EventBatch,
-    NewMessage,
-    NewRun,
-    Run,
-    RunBegun,
-    RunControl,
-    RunUpdate,
-    RunView,
-    TurnLimits,
-    utc_now,
-)
-from services.store import run_log
+from services.store import (Caller, EventBatch, NewMessage, NewRun, Run, RunBegun, RunControl, RunUpdate, RunView,
+                            TurnLimits, run_log)
 from services.store.shared import from_row
 from services.store.sqlite import limits as sqlite_limits
+from services.store.sqlite.listing import insert_conversation
 from services.store.sqlite.messages import fetch_message, recent_messages, write_message
 from services.store.sqlite.writer import write_transaction
 
@@ -106,11 +95,7 @@ def begin_run(
         if refused is not None:
             return refused
         if owner is None:
-            db.execute(
-                "INSERT INTO agent_conversations (id, user_id, title, created_at, updated_at, last_message_at,"
-                " message_count, metadata) VALUES (?, ?, ?, ?, ?, NULL, 0, '{}')",
-                (new.conversation_id, caller.user_id, new.title, utc_now(), utc_now()),
-            )
+            insert_conversation(db, caller, new.conversation_id, new.title)
         return _start(db, caller, new, history_limit, now)
 
 

@@ -92,8 +92,6 @@ MIGRATIONS: list[str] = [
     sqlite_actions.BEFORE_MIGRATION,
 ]
 
-_CONVERSATION_COLUMNS = sqlite_listing.CONVERSATION_COLUMNS
-
 
 def _method(
     function: Callable[Concatenate[sqlite3.Connection, P], T], *, writes: bool
@@ -268,7 +266,7 @@ class SQLiteStore(QueryTiming):
         new_id = conversation_id or str(uuid.uuid4())
 
         def work(db: sqlite3.Connection) -> Conversation:
-            _insert_conversation(db, caller, new_id, title)
+            sqlite_listing.insert_conversation(db, caller, new_id, title)
             return sqlite_listing.fetch_conversation(db, caller, new_id)
 
         return await self._write(work)
@@ -349,13 +347,3 @@ def _store_error(exc: sqlite3.Error | OSError) -> UpstreamError:
         return UpstreamUnavailable("The database is unavailable.", code="STORE_UNAVAILABLE")
     logger.error("SQLite error: %s", exc)
     return UpstreamError("The database rejected the request.", code="STORE_ERROR")
-
-
-def _insert_conversation(db: sqlite3.Connection, caller: Caller, conversation_id: str, title: str | None) -> None:
-    """OR IGNORE: a retry creates nothing twice, and an id that is someone else's is left untouched (the scoped fetch
-    that follows says NotFound, as the Supabase store does)."""
-    now = utc_now()
-    db.execute(
-        f"INSERT OR IGNORE INTO agent_conversations ({_CONVERSATION_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL, 0, '{{}}')",
-        (conversation_id, caller.user_id, title, now, now),
-    )
