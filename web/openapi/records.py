@@ -6,8 +6,9 @@ from web.fields import UUID_PATTERN
 from web.openapi.shapes import BEFORE, CHANGES, CURSOR, TIMESTAMP, UUID, Schema, closed, nullable, schema
 
 
-def conversation_properties() -> dict[str, Schema]:
-    return {
+def schemas() -> dict[str, Schema]:
+    """Uuid and Timestamp, and what the routes answer: the service's status, conversations, messages, actions."""
+    conversation: dict[str, Schema] = {
         "id": UUID,
         "user_id": UUID,
         "title": nullable({"type": "string"}),
@@ -17,11 +18,6 @@ def conversation_properties() -> dict[str, Schema]:
         "message_count": {"type": "integer", "minimum": 0},
         "metadata": {"type": "object"},
     }
-
-
-def schemas() -> dict[str, Schema]:
-    """Uuid and Timestamp, and what the routes answer: the service's status, conversations, messages, actions."""
-    conversation = conversation_properties()
     return {
         "Uuid": {
             "type": "string",

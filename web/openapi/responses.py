@@ -151,8 +151,7 @@ def sse_ok(description: str) -> dict[str, Schema]:
             "(StreamEvent) is an `id: <seq>` line, one `data: <StreamChunk JSON>` line and a blank line; `: ping` "
             "comments keep idle connections open. The shutdown notice has no id line.",
             "headers": {
-                **header_refs(),
-                "X-Run-ID": {**header_schemas()["X-Run-ID"], "required": True},
+                **header_refs(required=("X-Run-ID",)),
                 "Cache-Control": {"description": "no-cache, no-store", "schema": {"type": "string"}},
                 "X-Accel-Buffering": {"description": "no: nginx must not buffer the stream.",
                                       "schema": {"const": "no"}},
