@@ -58,7 +58,6 @@ async def with_retry(
     *,
     what: str,
     retryable: Callable[[AppError], bool] = is_retryable,
-    on_retry: Callable[[AppError], None] | None = None,
 ) -> T:
     """Await ``operation()``, retrying retryable ``AppError``s under ``policy``; the last error is re-raised."""
     deadline = time.monotonic() + policy.max_total
@@ -76,6 +75,4 @@ async def with_retry(
             )
             # Counted through the request's metrics context (services/metrics.py says why this is not an argument).
             record_retry(exc.code)
-            if on_retry is not None:
-                on_retry(exc)
             await anyio.sleep(delay)

@@ -7,7 +7,7 @@ tool loop on the same conversation and its text streams straight to the client l
 ``agent_type``; nobody rewrites it afterwards (the earlier design ran a second LLM loop inside a tool and then had
 the supervisor regenerate its output, paying for the answer twice).
 
-The loop is bounded: at most ``max_iterations`` model calls per specialist and ``tool_seconds`` of tool time per
+The loop is bounded: at most ``MAX_ITERATIONS`` model calls per specialist and ``TOOL_SECONDS`` of tool time per
 turn. Tools run as the request's ``Caller`` through the store. A call that needs the user's confirmation (every
 update and every delete: ``services/agents/actions.py``) finishes with status ``confirmation_required``, and its
 ``tool_call`` chunk carries the pending action's id and the whole change (summary, before, changes) for the
@@ -26,12 +26,14 @@ import anyio
 from errors import UpstreamError
 from services.agents import actions
 from services.agents.tools import Tool, ToolResult, run_tool, tools_for
-from services.domains import DOMAINS, Domain
+from services.domains import BY_AGENT, DOMAINS, Domain
 from services.model import ChatModel, ModelEvent, ModelRequest, ModelUsed, Stop, TextDelta, ToolUse, Usage
 from services.store import Caller, Store
 
 SUPERVISOR = "supervisor"
 HANDOFF_TOOL = "transfer_to_specialist"
+MAX_ITERATIONS = 6  # model calls per specialist in one turn
+TOOL_SECONDS = 20.0  # tool time per turn
 
 # What the user is told when a model stops for a reason other than finishing its answer.
 STOP_NOTES = {
@@ -110,27 +112,12 @@ class AgentDone:
 AgentEvent = AgentText | AgentToolCall | AgentModel | AgentDone
 
 
-@dataclass(frozen=True, slots=True)
-class AgentLimits:
-    max_iterations: int = 6
-    tool_seconds: float = 20.0
-
-
 class Assistant:
-    def __init__(
-        self,
-        model: ChatModel,
-        store: Store,
-        domains: tuple[Domain, ...] = DOMAINS,
-        limits: AgentLimits = AgentLimits(),
-        action_ttl: float = actions.DEFAULT_TTL_SECONDS,
-    ) -> None:
+    def __init__(self, model: ChatModel, store: Store, action_ttl: float = actions.DEFAULT_TTL_SECONDS) -> None:
         self._model = model
         self._store = store
-        self._domains = {d.agent_type: d for d in domains}
-        self._tools = {d.agent_type: tools_for(d) for d in domains}
-        self._supervisor = ModelRequest(supervisor_prompt(domains), [], [handoff_spec(domains)])
-        self._limits = limits
+        self._tools = {d.agent_type: tools_for(d) for d in DOMAINS}
+        self._supervisor = ModelRequest(supervisor_prompt(DOMAINS), [], [handoff_spec(DOMAINS)])
         self._action_ttl = action_ttl
 
     async def respond(self, caller: Caller, turns: list[dict[str, Any]]) -> AsyncIterator[AgentEvent]:
@@ -143,7 +130,7 @@ class Assistant:
             elif isinstance(event, ModelUsed):
                 yield AgentModel(SUPERVISOR, event.model_id)
             elif event.name == HANDOFF_TOOL:
-                handoff = self._domains.get(str(event.input.get("agent")))
+                handoff = BY_AGENT.get(str(event.input.get("agent")))
         if handoff is None:
             note = STOP_NOTES.get(done.stop_reason) or (UNROUTED_NOTE if done.stop_reason == "tool_use" else "")
             if note:
@@ -162,8 +149,8 @@ class Assistant:
         tools = {tool.name: tool for tool in self._tools[domain.agent_type]}
         specs = [tool.spec() for tool in tools.values()]
         messages = list(turns)
-        tools_until = time.monotonic() + self._limits.tool_seconds  # the turn's tool time ends then
-        for _ in range(self._limits.max_iterations):
+        tools_until = time.monotonic() + TOOL_SECONDS  # the turn's tool time ends then
+        for _ in range(MAX_ITERATIONS):
             text: list[str] = []
             calls: list[ToolUse] = []
             async for event in self._call(ModelRequest(domain.instructions, messages, specs), done):
