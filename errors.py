@@ -49,15 +49,9 @@ class AppError(Exception):
     retryable = True
 
     def __init__(
-        self,
-        message: str | None = None,
-        *,
-        code: str | None = None,
-        user_message: str | None = None,
-        suggested_actions: tuple[str, ...] | None = None,
-        retryable: bool | None = None,
-        retry_after: float | None = None,
-        details: dict[str, Any] | None = None,
+        self, message: str | None = None, *, code: str | None = None, user_message: str | None = None,
+        suggested_actions: tuple[str, ...] | None = None, retryable: bool | None = None,
+        retry_after: float | None = None, details: dict[str, Any] | None = None
     ) -> None:
         # Instance values shadow the class defaults only where given, so subclasses stay declarative.
         if message is not None:

@@ -53,11 +53,8 @@ def is_retryable(error: AppError) -> bool:
 
 
 async def with_retry(
-    operation: Callable[[], Awaitable[T]],
-    policy: RetryPolicy,
-    *,
-    what: str,
-    retryable: Callable[[AppError], bool] = is_retryable,
+    operation: Callable[[], Awaitable[T]], policy: RetryPolicy, *, what: str,
+    retryable: Callable[[AppError], bool] = is_retryable
 ) -> T:
     """Await ``operation()``, retrying retryable ``AppError``s under ``policy``; the last error is re-raised."""
     deadline = time.monotonic() + policy.max_total

@@ -56,13 +56,8 @@ class EventStreamResponse:
     __slots__ = ("_after", "_feed", "_headers", "_ping_interval", "_shutdown_frame")
 
     def __init__(
-        self,
-        feed: Feed,
-        *,
-        after: int,
-        ping_interval: float,
-        shutdown_frame: str,
-        headers: list[tuple[bytes, bytes]] | None = None,
+        self, feed: Feed, *, after: int, ping_interval: float, shutdown_frame: str,
+        headers: list[tuple[bytes, bytes]] | None = None
     ) -> None:
         self._feed = feed
         self._after = after

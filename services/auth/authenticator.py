@@ -87,13 +87,8 @@ class SupabaseJWTAuth:
     (``keys``) or, when configured so, by asking Supabase Auth (``remote``); all but the last verified here."""
 
     def __init__(
-        self,
-        *,
-        hs256: HS256Verifier | None,
-        issuer: str | None,
-        keys: SigningKeys | None = None,
-        remote: SupabaseUserLookup | None = None,
-        clock: Callable[[], float] = time.time,
+        self, *, hs256: HS256Verifier | None, issuer: str | None, keys: SigningKeys | None = None,
+        remote: SupabaseUserLookup | None = None, clock: Callable[[], float] = time.time
     ) -> None:
         if hs256 is None and keys is None and remote is None:
             raise ConfigError("JWT authentication needs SUPABASE_JWT_SECRET or SUPABASE_URL")

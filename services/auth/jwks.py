@@ -48,13 +48,8 @@ class SigningKeys:
     """The project's public signing keys by ``kid``, fetched from Supabase Auth and kept (see the module docstring)."""
 
     def __init__(
-        self,
-        supabase_url: str,
-        *,
-        api_key: str = "",
-        timeout: float = 10.0,
-        transport: httpx.AsyncBaseTransport | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        self, supabase_url: str, *, api_key: str = "", timeout: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None, clock: Callable[[], float] = time.monotonic
     ) -> None:
         # One connection: the set is fetched by one request at a time. The key set is public; the gateway may want
         # the API key.

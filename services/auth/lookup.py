@@ -179,16 +179,9 @@ class SupabaseUserLookup:
     """
 
     def __init__(
-        self,
-        supabase_url: str,
-        api_key: str,
-        retry: RetryPolicy,
-        *,
-        timeout: float = 10.0,
-        transport: httpx.AsyncBaseTransport | None = None,
-        clock: Callable[[], float] = time.time,
-        cache_size: int = CACHE_SIZE,
-        budget: LookupBudget | None = None,
+        self, supabase_url: str, api_key: str, retry: RetryPolicy, *, timeout: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None, clock: Callable[[], float] = time.time,
+        cache_size: int = CACHE_SIZE, budget: LookupBudget | None = None
     ) -> None:
         self._api = AuthAPI(supabase_url, api_key, LOOKUP_CONNECTIONS, timeout, transport)
         self._retry = retry

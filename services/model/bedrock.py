@@ -48,14 +48,8 @@ from services.deadline import Deadline
 from services.metrics import record_model_call
 from services.model import ModelEvent, ModelRequest, ModelUsed
 from services.model.bedrock_errors import bedrock_error, failure, falls_back, transport_error
-from services.model.converse import (
-    EVENT_STREAM_TYPE,
-    ConverseStreamDecoder,
-    endpoint_url,
-    model_path,
-    request_body,
-    signed_headers,
-)
+from services.model.converse import (EVENT_STREAM_TYPE, ConverseStreamDecoder, endpoint_url, model_path, request_body,
+                                     signed_headers)
 from services.model.stream_client import ReadInterrupted, StreamClient, StreamClientError, StreamResponse
 from services.retry import RetryPolicy, with_retry
 from settings import ConfigError, Settings

@@ -47,16 +47,8 @@ class RunManager:
     """Owns this worker's runs: starting them, flushing them, stopping them, and ending dead ones anywhere."""
 
     def __init__(
-        self,
-        store: Store,
-        assistant: Assistant,
-        metrics: Metrics,
-        *,
-        history_max_messages: int,
-        history_token_budget: int,
-        max_seconds: float,
-        stale_seconds: float,
-        events_ttl: float,
+        self, store: Store, assistant: Assistant, metrics: Metrics, *, history_max_messages: int,
+        history_token_budget: int, max_seconds: float, stale_seconds: float, events_ttl: float
     ) -> None:
         self._store = store
         self._assistant = assistant

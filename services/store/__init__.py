@@ -285,14 +285,8 @@ class Store(Protocol):
         work), or None where the store cannot check (PostgREST acts only as signed-in users)."""
 
     async def list_conversations(
-        self,
-        caller: Caller,
-        limit: int,
-        offset: int,
-        *,
-        before: ConversationKey | None = None,
-        after: ConversationKey | None = None,
-        search: str | None = None,
+        self, caller: Caller, limit: int, offset: int, *, before: ConversationKey | None = None,
+        after: ConversationKey | None = None, search: str | None = None
     ) -> ConversationPage:
         """The caller's conversations, most recent activity first (``updated_at`` descending, then ``id``).
 
@@ -316,15 +310,8 @@ class Store(Protocol):
         """Delete the caller's conversation and its messages, or raise ``NotFound``."""
 
     async def message_page(
-        self,
-        caller: Caller,
-        conversation_id: str,
-        limit: int,
-        offset: int = 0,
-        *,
-        newest_first: bool = False,
-        before: MessageKey | None = None,
-        after: MessageKey | None = None,
+        self, caller: Caller, conversation_id: str, limit: int, offset: int = 0, *, newest_first: bool = False,
+        before: MessageKey | None = None, after: MessageKey | None = None
     ) -> MessagePage:
         """A page of the caller's conversation (``NotFound`` if it is not theirs), oldest first unless
         ``newest_first``. ``before``/``after`` (at most one, and only with ``offset`` 0) keep the ``limit`` messages

@@ -13,16 +13,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from services.store import (
-    TIMESTAMP_FORMAT,
-    Conversation,
-    ConversationKey,
-    ConversationPage,
-    Message,
-    MessageKey,
-    MessagePage,
-    QueryObserver,
-)
+from services.store import (TIMESTAMP_FORMAT, Conversation, ConversationKey, ConversationPage, Message, MessageKey,
+                            MessagePage, QueryObserver)
 
 Row = TypeVar("Row")
 P = ParamSpec("P")
@@ -51,11 +43,7 @@ def epoch_timestamp(seconds: float) -> str:
 
 
 def page_of_conversations(
-    rows: Sequence[Row],
-    limit: int,
-    total: int,
-    after: ConversationKey | None,
-    decode: Callable[[Row], Conversation],
+    rows: Sequence[Row], limit: int, total: int, after: ConversationKey | None, decode: Callable[[Row], Conversation]
 ) -> ConversationPage:
     """A page of ``Store.list_conversations`` from ``limit + 1`` rows read nearest the cursor first (the extra one
     says whether more follow), in list order: rows read upwards from an ``after`` key are turned round."""
@@ -73,13 +61,8 @@ def reads_downwards(before: MessageKey | None, after: MessageKey | None, newest_
 
 
 def page_of_messages(
-    rows: Sequence[Row],
-    limit: int,
-    *,
-    downwards: bool,
-    newest_first: bool,
-    key: Callable[[Row], MessageKey],
-    decode: Callable[[Row], Message],
+    rows: Sequence[Row], limit: int, *, downwards: bool, newest_first: bool, key: Callable[[Row], MessageKey],
+    decode: Callable[[Row], Message]
 ) -> MessagePage:
     """A page of ``Store.message_page`` from ``limit + 1`` rows read in the direction ``reads_downwards`` says."""
     page = rows[:limit]

@@ -14,19 +14,8 @@ from typing import Any, TypeVar
 
 from errors import UpstreamError
 from services.domains import BY_TABLE, Column, Domain
-from services.store import (
-    TIMESTAMP_FORMAT,
-    ActionDone,
-    BeginOutcome,
-    Conversation,
-    Message,
-    MessageKey,
-    PendingAction,
-    Run,
-    RunBegun,
-    RunControl,
-    RunUpdate,
-)
+from services.store import (TIMESTAMP_FORMAT, ActionDone, BeginOutcome, Conversation, Message, MessageKey,
+                            PendingAction, Run, RunBegun, RunControl, RunUpdate)
 from services.store.shared import from_row
 
 T = TypeVar("T")

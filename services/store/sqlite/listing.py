@@ -150,13 +150,8 @@ def fts5_query(owner: int, terms: list[str]) -> str:
 
 
 def list_conversations(
-    db: sqlite3.Connection,
-    caller: Caller,
-    limit: int,
-    offset: int,
-    before: ConversationKey | None,
-    after: ConversationKey | None,
-    search: str | None,
+    db: sqlite3.Connection, caller: Caller, limit: int, offset: int, before: ConversationKey | None,
+    after: ConversationKey | None, search: str | None
 ) -> ConversationPage:
     """See ``Store.list_conversations``."""
     where, params = ["user_id = ?"], [caller.user_id]
@@ -188,13 +183,8 @@ def list_conversations(
 
 
 def message_page(
-    db: sqlite3.Connection,
-    conversation_id: str,
-    limit: int,
-    offset: int,
-    newest_first: bool,
-    before: MessageKey | None,
-    after: MessageKey | None,
+    db: sqlite3.Connection, conversation_id: str, limit: int, offset: int, newest_first: bool,
+    before: MessageKey | None, after: MessageKey | None
 ) -> MessagePage:
     """See ``Store.message_page``; the caller has checked that the conversation is theirs."""
     where, params = ["conversation_id = ?"], [conversation_id]

@@ -64,13 +64,7 @@ _STREAMING = "streaming"
 _IN_CHUNK = 500
 
 
-def begin_run(
-    db: sqlite3.Connection,
-    caller: Caller,
-    new: NewRun,
-    limits: TurnLimits,
-    history_limit: int,
-) -> RunBegun:
+def begin_run(db: sqlite3.Connection, caller: Caller, new: NewRun, limits: TurnLimits, history_limit: int) -> RunBegun:
     """See ``Store.begin_run``."""
     now = time.time()
     with write_transaction(db):

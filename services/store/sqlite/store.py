@@ -230,14 +230,8 @@ class SQLiteStore(QueryTiming):
 
     @observed
     async def list_conversations(
-        self,
-        caller: Caller,
-        limit: int,
-        offset: int,
-        *,
-        before: ConversationKey | None = None,
-        after: ConversationKey | None = None,
-        search: str | None = None,
+        self, caller: Caller, limit: int, offset: int, *, before: ConversationKey | None = None,
+        after: ConversationKey | None = None, search: str | None = None
     ) -> ConversationPage:
         def work(db: sqlite3.Connection) -> ConversationPage:
             return sqlite_listing.list_conversations(db, caller, limit, offset, before, after, search)
@@ -286,15 +280,8 @@ class SQLiteStore(QueryTiming):
 
     @observed
     async def message_page(
-        self,
-        caller: Caller,
-        conversation_id: str,
-        limit: int,
-        offset: int = 0,
-        *,
-        newest_first: bool = False,
-        before: MessageKey | None = None,
-        after: MessageKey | None = None,
+        self, caller: Caller, conversation_id: str, limit: int, offset: int = 0, *, newest_first: bool = False,
+        before: MessageKey | None = None, after: MessageKey | None = None
     ) -> MessagePage:
         def work(db: sqlite3.Connection) -> MessagePage:
             sqlite_listing.fetch_conversation(db, caller, conversation_id)
