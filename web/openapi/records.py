@@ -37,91 +37,79 @@ def schemas() -> dict[str, Schema]:
                 "service": {"type": "string"},
                 "version": {"type": "string"},
                 "environment": {"enum": ["development", "production"]},
-                "store": closed(
-                    {
-                        "kind": {"enum": ["sqlite", "supabase"]},
-                        "reachable": {"type": "boolean"},
-                        "readable": {"type": "boolean"},
-                        "writable": {
-                            "type": ["boolean", "null"],
-                            "description": "null where the store cannot check (Supabase acts only as signed-in users).",
-                        },
-                    }
-                ),
-                "model": closed(
-                    {
-                        "provider": {"type": "string", "examples": ["local", "bedrock"]},
-                        "model_id": nullable({"type": "string"}),
-                        "configured": {"type": "boolean"},
-                        "is_llm": {"type": "boolean"},
-                        "note": {"type": "string"},
-                    }
-                ),
+                "store": closed({
+                    "kind": {"enum": ["sqlite", "supabase"]},
+                    "reachable": {"type": "boolean"},
+                    "readable": {"type": "boolean"},
+                    "writable": {
+                        "type": ["boolean", "null"],
+                        "description": "null where the store cannot check (Supabase acts only as signed-in users).",
+                    },
+                }),
+                "model": closed({
+                    "provider": {"type": "string", "examples": ["local", "bedrock"]},
+                    "model_id": nullable({"type": "string"}),
+                    "configured": {"type": "boolean"},
+                    "is_llm": {"type": "boolean"},
+                    "note": {"type": "string"},
+                }),
                 "auth": closed(
                     {"mode": {"enum": ["none", "jwt", "jwks", "supabase-auth", "jwt+jwks", "jwt+supabase-auth"]}}
                 ),
-                "runs": closed(
-                    {
-                        "generating": {"type": "integer", "minimum": 0},
-                        "unsaved": {
-                            "type": "integer", "minimum": 0,
-                            "description": "Answers that ended on this worker but wait for the store to save them "
-                            "(kept in memory, retried every 250 ms).",
-                        },
-                    }
-                ),
+                "runs": closed({
+                    "generating": {"type": "integer", "minimum": 0},
+                    "unsaved": {
+                        "type": "integer", "minimum": 0,
+                        "description": "Answers that ended on this worker but wait for the store to save them "
+                        "(kept in memory, retried every 250 ms).",
+                    },
+                }),
                 "supabase_configured": {"type": "boolean"},
                 "bedrock_model": nullable({"type": "string"}),
             },
             description="What is running and whether it works. Nothing secret.",
         ),
         "Conversation": closed(conversation),
-        "ConversationWithMessages": closed(
-            {
-                **conversation,
-                "messages": {
-                    "type": "array",
-                    "items": schema("Message"),
-                    "description": "Oldest first (newest first with message_order=desc).",
-                },
-                "message_has_more": {"type": "boolean", "description": "More messages past this page, read on."},
-                "message_before_cursor": nullable(
-                    {**CURSOR, "description": "The page's oldest message: ?message_before= reads older ones."}
-                ),
-                "message_after_cursor": nullable(
-                    {**CURSOR, "description": "The page's newest message: ?message_after= reads newer ones."}
-                ),
-            }
-        ),
-        "ConversationList": closed(
-            {
-                "conversations": {
-                    "type": "array",
-                    "items": schema("Conversation"),
-                    "description": "Most recent activity first.",
-                },
-                "total": {"type": "integer", "minimum": 0},
-                "limit": {"type": "integer", "minimum": 1},
-                "offset": {"type": "integer", "minimum": 0},
-                "has_more": {"type": "boolean", "description": "More conversations past this page, read on."},
-                "before_cursor": nullable(
-                    {**CURSOR, "description": "The page's last (oldest) conversation: ?before= reads on past it."}
-                ),
-                "after_cursor": nullable(
-                    {**CURSOR, "description": "The page's first (newest) conversation: ?after= reads back past it."}
-                ),
-            }
-        ),
-        "Message": closed(
-            {
-                "id": UUID,
-                "role": {"enum": ["user", "assistant"]},
-                "content": {"type": "string"},
-                "agent_type": nullable({"type": "string"}),
-                "timestamp": TIMESTAMP,
-                "metadata": schema("MessageMetadata"),
-            }
-        ),
+        "ConversationWithMessages": closed({
+            **conversation,
+            "messages": {
+                "type": "array",
+                "items": schema("Message"),
+                "description": "Oldest first (newest first with message_order=desc).",
+            },
+            "message_has_more": {"type": "boolean", "description": "More messages past this page, read on."},
+            "message_before_cursor": nullable(
+                {**CURSOR, "description": "The page's oldest message: ?message_before= reads older ones."}
+            ),
+            "message_after_cursor": nullable(
+                {**CURSOR, "description": "The page's newest message: ?message_after= reads newer ones."}
+            ),
+        }),
+        "ConversationList": closed({
+            "conversations": {
+                "type": "array",
+                "items": schema("Conversation"),
+                "description": "Most recent activity first.",
+            },
+            "total": {"type": "integer", "minimum": 0},
+            "limit": {"type": "integer", "minimum": 1},
+            "offset": {"type": "integer", "minimum": 0},
+            "has_more": {"type": "boolean", "description": "More conversations past this page, read on."},
+            "before_cursor": nullable(
+                {**CURSOR, "description": "The page's last (oldest) conversation: ?before= reads on past it."}
+            ),
+            "after_cursor": nullable(
+                {**CURSOR, "description": "The page's first (newest) conversation: ?after= reads back past it."}
+            ),
+        }),
+        "Message": closed({
+            "id": UUID,
+            "role": {"enum": ["user", "assistant"]},
+            "content": {"type": "string"},
+            "agent_type": nullable({"type": "string"}),
+            "timestamp": TIMESTAMP,
+            "metadata": schema("MessageMetadata"),
+        }),
         "MessageMetadata": {
             "type": "object",
             "description": "Open: an assistant message records how its answer went; a user message's is usually {}.",
@@ -154,23 +142,21 @@ def schemas() -> dict[str, Schema]:
             },
         },
         "Deleted": closed({"status": {"const": "deleted"}, "conversation_id": UUID}),
-        "ActionConfirmed": closed(
-            {
-                "status": {"const": "done"},
-                "action_id": UUID,
-                "action": {"enum": ["update", "delete"]},
-                "table": {"type": "string"},
-                "result": {
-                    "oneOf": [
-                        closed({"updated": nullable({"type": "object"})}),
-                        closed({"deleted": {"type": "string"}}),
-                    ],
-                    "description": "As the tools' own results: {updated: record} or {deleted: record id}.",
-                },
-                "before": {**BEFORE, "description": BEFORE["description"] + " Put back, they undo the change."},
-                "changes": CHANGES,
-            }
-        ),
+        "ActionConfirmed": closed({
+            "status": {"const": "done"},
+            "action_id": UUID,
+            "action": {"enum": ["update", "delete"]},
+            "table": {"type": "string"},
+            "result": {
+                "oneOf": [
+                    closed({"updated": nullable({"type": "object"})}),
+                    closed({"deleted": {"type": "string"}}),
+                ],
+                "description": "As the tools' own results: {updated: record} or {deleted: record id}.",
+            },
+            "before": {**BEFORE, "description": BEFORE["description"] + " Put back, they undo the change."},
+            "changes": CHANGES,
+        }),
         "Usage": closed({"input_tokens": {"type": "integer", "minimum": 0},
                          "output_tokens": {"type": "integer", "minimum": 0}}),
     }
