@@ -75,9 +75,7 @@ def _status(default: str, *values: str) -> Column:
 
 DOMAINS: tuple[Domain, ...] = (
     Domain(
-        agent_type="invoices",
-        table="invoices",
-        singular="invoice",
+        agent_type="invoices", table="invoices", singular="invoice",
         description="Invoices: amounts billed to clients, due dates, payments and balances.",
         instructions=_instructions("invoicing specialist"),
         columns=(
@@ -106,9 +104,7 @@ DOMAINS: tuple[Domain, ...] = (
         filters=("status", "client_name", "invoice_number", "client_id"),
     ),
     Domain(
-        agent_type="appointments",
-        table="appointments",
-        singular="appointment",
+        agent_type="appointments", table="appointments", singular="appointment",
         description="Appointments: site visits, estimates and jobs on the calendar.",
         instructions=_instructions("scheduling specialist"),
         columns=(
@@ -128,9 +124,7 @@ DOMAINS: tuple[Domain, ...] = (
         filters=("status", "client_name", "scheduled_date", "client_id"),
     ),
     Domain(
-        agent_type="projects",
-        table="projects",
-        singular="project",
+        agent_type="projects", table="projects", singular="project",
         description="Projects: painting jobs with their client, dates, budget and progress.",
         instructions=_instructions("project specialist"),
         columns=(
@@ -149,9 +143,7 @@ DOMAINS: tuple[Domain, ...] = (
         filters=("status", "client_name", "client_id"),
     ),
     Domain(
-        agent_type="proposals",
-        table="proposals",
-        singular="proposal",
+        agent_type="proposals", table="proposals", singular="proposal",
         description="Proposals and estimates sent to prospective clients.",
         instructions=_instructions("proposals specialist"),
         columns=(
@@ -169,9 +161,7 @@ DOMAINS: tuple[Domain, ...] = (
         filters=("status", "client_name", "client_id"),
     ),
     Domain(
-        agent_type="contacts",
-        table="contacts",
-        singular="contact",
+        agent_type="contacts", table="contacts", singular="contact",
         description="Contacts: clients, suppliers and leads with their details.",
         instructions=_instructions("contacts specialist"),
         columns=(
@@ -180,9 +170,7 @@ DOMAINS: tuple[Domain, ...] = (
             Column("phone"),
             Column("company"),
             Column("address"),
-            Column(
-                "contact_type", enum=("client", "supplier", "lead", "other"), default="client", description="Kind"
-            ),
+            Column("contact_type", enum=("client", "supplier", "lead", "other"), default="client", description="Kind"),
             Column("notes"),
         ),
         order_by=(("name", "asc"),),
@@ -190,9 +178,7 @@ DOMAINS: tuple[Domain, ...] = (
         filters=("contact_type", "name", "company"),
     ),
     Domain(
-        agent_type="reviews",
-        table="reviews",
-        singular="review",
+        agent_type="reviews", table="reviews", singular="review",
         description="Reviews clients left, their ratings and the replies to them.",
         instructions=_instructions("reviews specialist"),
         columns=(
@@ -208,9 +194,7 @@ DOMAINS: tuple[Domain, ...] = (
         filters=("status", "rating"),
     ),
     Domain(
-        agent_type="campaigns",
-        table="campaigns",
-        singular="campaign",
+        agent_type="campaigns", table="campaigns", singular="campaign",
         description="Marketing campaigns: email, SMS, social and direct mail.",
         instructions=_instructions("marketing specialist"),
         columns=(
@@ -227,9 +211,7 @@ DOMAINS: tuple[Domain, ...] = (
         filters=("status", "campaign_type"),
     ),
     Domain(
-        agent_type="tasks",
-        table="tasks",
-        singular="task",
+        agent_type="tasks", table="tasks", singular="task",
         description="Tasks and to-dos, with priority, due date and project.",
         instructions=_instructions("task specialist"),
         columns=(
@@ -245,9 +227,7 @@ DOMAINS: tuple[Domain, ...] = (
         filters=("status", "priority", "project_id"),
     ),
     Domain(
-        agent_type="settings",
-        table="goals",
-        singular="goal",
+        agent_type="settings", table="goals", singular="goal",
         description="Business goals and targets (revenue, projects, personal, team) and progress towards them.",
         instructions=_instructions("goals and settings specialist"),
         columns=(
