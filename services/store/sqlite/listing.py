@@ -1,6 +1,7 @@
-"""Listing in SQLite: conversations and messages by offset or by cursor, and conversation search (FTS5).
+"""Listing in SQLite: conversations and messages by offset or by cursor, conversation search (FTS5), and the
+conversations' own rows.
 
-``list_conversations`` and ``message_page`` of the ``Store`` interface (``services.store`` says what each must do),
+The conversation calls and ``message_page`` of the ``Store`` interface (``services.store`` says what each must do),
 as functions on a store thread's connection. A cursor is a key (``ConversationKey``, ``MessageKey``); a page is the
 ``limit`` rows nearest the key on the side asked for, read by an index in that direction (conversations by
 ``(user_id, updated_at DESC, id)``, messages by ``(conversation_id, seq)``) and turned round when the order asked for
@@ -17,12 +18,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import uuid
 
 from errors import ConversationNotFound
 from services.store import Caller, Conversation, ConversationKey, ConversationPage, MessageKey, MessagePage, utc_now
 from services.store.search import search_terms, search_words
 from services.store.shared import from_row, page_of_conversations, page_of_messages, reads_downwards
 from services.store.sqlite.messages import MESSAGE_COLUMNS, message_row
+from services.store.sqlite.writer import write_transaction
 
 # The words a search can find, folded once by services/store/search.py: the index is fed "<owner>_<word>" tokens, which
 # FTS5's ascii tokenizer (with "_" a token character) takes as they are: it splits at the spaces between them only
@@ -150,8 +153,8 @@ def fts5_query(owner: int, terms: list[str]) -> str:
 
 
 def list_conversations(
-    db: sqlite3.Connection, caller: Caller, limit: int, offset: int, before: ConversationKey | None,
-    after: ConversationKey | None, search: str | None
+    db: sqlite3.Connection, caller: Caller, limit: int, offset: int, before: ConversationKey | None = None,
+    after: ConversationKey | None = None, search: str | None = None
 ) -> ConversationPage:
     """See ``Store.list_conversations``."""
     where, params = ["user_id = ?"], [caller.user_id]
@@ -183,10 +186,11 @@ def list_conversations(
 
 
 def message_page(
-    db: sqlite3.Connection, conversation_id: str, limit: int, offset: int, newest_first: bool,
-    before: MessageKey | None, after: MessageKey | None
+    db: sqlite3.Connection, caller: Caller, conversation_id: str, limit: int, offset: int = 0, *,
+    newest_first: bool = False, before: MessageKey | None = None, after: MessageKey | None = None
 ) -> MessagePage:
-    """See ``Store.message_page``; the caller has checked that the conversation is theirs."""
+    """See ``Store.message_page``."""
+    get_conversation(db, caller, conversation_id)
     where, params = ["conversation_id = ?"], [conversation_id]
     if before is not None:
         where.append("seq < ?")
@@ -218,7 +222,15 @@ def insert_conversation(db: sqlite3.Connection, caller: Caller, conversation_id:
     )
 
 
-def fetch_conversation(db: sqlite3.Connection, caller: Caller, conversation_id: str) -> Conversation:
+def create_conversation(
+    db: sqlite3.Connection, caller: Caller, title: str | None, conversation_id: str | None = None
+) -> Conversation:
+    new_id = conversation_id or str(uuid.uuid4())
+    insert_conversation(db, caller, new_id, title)
+    return get_conversation(db, caller, new_id)
+
+
+def get_conversation(db: sqlite3.Connection, caller: Caller, conversation_id: str) -> Conversation:
     """The caller's conversation, or ``ConversationNotFound``."""
     row = db.execute(
         f"SELECT {CONVERSATION_COLUMNS} FROM agent_conversations WHERE id = ? AND user_id = ?",
@@ -227,6 +239,26 @@ def fetch_conversation(db: sqlite3.Connection, caller: Caller, conversation_id: 
     if row is None:
         raise ConversationNotFound()
     return conversation_row(row)
+
+
+def rename_conversation(db: sqlite3.Connection, caller: Caller, conversation_id: str, title: str) -> Conversation:
+    with write_transaction(db):
+        # As Supabase's trigger (001): a new title is activity, the same one is not; time never goes back.
+        db.execute(
+            "UPDATE agent_conversations SET title = ?,"
+            " updated_at = CASE WHEN title IS ? THEN updated_at ELSE max(updated_at, ?) END"
+            " WHERE id = ? AND user_id = ?",
+            (title, title, utc_now(), conversation_id, caller.user_id),
+        )
+        return get_conversation(db, caller, conversation_id)
+
+
+def delete_conversation(db: sqlite3.Connection, caller: Caller, conversation_id: str) -> None:
+    cursor = db.execute(
+        "DELETE FROM agent_conversations WHERE id = ? AND user_id = ?", (conversation_id, caller.user_id)
+    )
+    if cursor.rowcount == 0:
+        raise ConversationNotFound()
 
 
 def conversation_row(row: sqlite3.Row) -> Conversation:

@@ -26,14 +26,13 @@ import os
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Concatenate, ParamSpec, TypeVar
 
-from errors import ConversationNotFound, UpstreamError, UpstreamUnavailable
-from services.store import Caller, Conversation, ConversationKey, ConversationPage, MessageKey, MessagePage, utc_now
+from errors import UpstreamError, UpstreamUnavailable
+from services.store import Caller
 from services.store.shared import QueryTiming, observed
 from services.store.sqlite import actions as sqlite_actions
 from services.store.sqlite import limits as sqlite_limits
@@ -97,7 +96,7 @@ def _method(
     function: Callable[Concatenate[sqlite3.Connection, P], T], *, writes: bool
 ) -> Callable[Concatenate[SQLiteStore, P], Awaitable[T]]:
     """The store method that runs ``function``, a function of a connection, on the writer thread if it ``writes``
-    and on a reader thread if not, timed under its name (``observed``)."""
+    and on a reader thread if not, timed under its name (``observed``), which is the method's."""
 
     async def method(self: SQLiteStore, *args: P.args, **kwargs: P.kwargs) -> T:
         def work(db: sqlite3.Connection) -> T:
@@ -201,7 +200,7 @@ class SQLiteStore(QueryTiming):
             logger.info("Applying SQLite migration %d", number)
             db.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {number}; COMMIT;")
 
-    # -- conversations -----------------------------------------------------------------------------------------
+    # -- health ------------------------------------------------------------------------------------------------
 
     @observed
     async def ping(self) -> None:
@@ -228,70 +227,15 @@ class SQLiteStore(QueryTiming):
             return False
         return True
 
-    @observed
-    async def list_conversations(
-        self, caller: Caller, limit: int, offset: int, *, before: ConversationKey | None = None,
-        after: ConversationKey | None = None, search: str | None = None
-    ) -> ConversationPage:
-        def work(db: sqlite3.Connection) -> ConversationPage:
-            return sqlite_listing.list_conversations(db, caller, limit, offset, before, after, search)
+    # -- the rest: each a function of a connection named as its method, on a reader thread or the writer thread ----
 
-        return await self._read(work)
-
-    @observed
-    async def rename_conversation(self, caller: Caller, conversation_id: str, title: str) -> Conversation:
-        def work(db: sqlite3.Connection) -> Conversation:
-            with write_transaction(db):
-                # As Supabase's trigger (001): a new title is activity, the same one is not; time never goes back.
-                db.execute(
-                    "UPDATE agent_conversations SET title = ?,"
-                    " updated_at = CASE WHEN title IS ? THEN updated_at ELSE max(updated_at, ?) END"
-                    " WHERE id = ? AND user_id = ?",
-                    (title, title, utc_now(), conversation_id, caller.user_id),
-                )
-                return sqlite_listing.fetch_conversation(db, caller, conversation_id)
-
-        return await self._write(work)
-
-    @observed
-    async def create_conversation(
-        self, caller: Caller, title: str | None, conversation_id: str | None = None
-    ) -> Conversation:
-        new_id = conversation_id or str(uuid.uuid4())
-
-        def work(db: sqlite3.Connection) -> Conversation:
-            sqlite_listing.insert_conversation(db, caller, new_id, title)
-            return sqlite_listing.fetch_conversation(db, caller, new_id)
-
-        return await self._write(work)
-
-    @observed
-    async def delete_conversation(self, caller: Caller, conversation_id: str) -> None:
-        def work(db: sqlite3.Connection) -> int:
-            cursor = db.execute(
-                "DELETE FROM agent_conversations WHERE id = ? AND user_id = ?", (conversation_id, caller.user_id)
-            )
-            return cursor.rowcount
-
-        if await self._write(work) == 0:
-            raise ConversationNotFound()
-
-    # -- messages ----------------------------------------------------------------------------------------------
-
-    @observed
-    async def message_page(
-        self, caller: Caller, conversation_id: str, limit: int, offset: int = 0, *, newest_first: bool = False,
-        before: MessageKey | None = None, after: MessageKey | None = None
-    ) -> MessagePage:
-        def work(db: sqlite3.Connection) -> MessagePage:
-            sqlite_listing.fetch_conversation(db, caller, conversation_id)
-            return sqlite_listing.message_page(db, conversation_id, limit, offset, newest_first, before, after)
-
-        return await self._read(work)
-
-    # -- the rest: each a function of a connection, on a reader thread or the writer thread -----------------------
-
-    get_conversation = _method(sqlite_listing.fetch_conversation, writes=False)
+    # Conversations and their messages (listing.py).
+    list_conversations = _method(sqlite_listing.list_conversations, writes=False)
+    create_conversation = _method(sqlite_listing.create_conversation, writes=True)
+    get_conversation = _method(sqlite_listing.get_conversation, writes=False)
+    rename_conversation = _method(sqlite_listing.rename_conversation, writes=True)
+    delete_conversation = _method(sqlite_listing.delete_conversation, writes=True)
+    message_page = _method(sqlite_listing.message_page, writes=False)
     # Chat runs (runs.py). A turn's admission and start is one thread hop and one write transaction: each hop costs
     # more (a wake-up, then waiting for the event loop to give up the GIL) than the statements it runs.
     begin_run = _method(sqlite_runs.begin_run, writes=True)
