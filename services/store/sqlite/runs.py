@@ -153,17 +153,16 @@ def _apply(db: sqlite3.Connection, update: RunUpdate, now: float) -> bool:
     if row[0] != "running":
         # This very end, already written (a retry after the first answer was lost), counts as written.
         return update.final_status == row[0] and update.batch is not None and update.batch.last_seq == row[1]
+    # Still running now means still running for every statement below: the caller's transaction holds the write lock.
     if update.batch is not None:
         db.execute(
-            "INSERT OR IGNORE INTO agent_run_events (run_id, seq, last_seq, frames)"
-            " SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM agent_runs WHERE id = ? AND status = 'running')",
-            (update.run_id, update.batch.first_seq, update.batch.last_seq, update.batch.frames, update.run_id),
+            "INSERT OR IGNORE INTO agent_run_events (run_id, seq, last_seq, frames) VALUES (?, ?, ?, ?)",
+            (update.run_id, update.batch.first_seq, update.batch.last_seq, update.batch.frames),
         )
     if update.content is not None:
         db.execute(
-            "UPDATE agent_messages SET content = ?, metadata = ?, agent_type = ? WHERE id = ?"
-            " AND EXISTS (SELECT 1 FROM agent_runs WHERE id = ? AND status = 'running')",
-            (update.content, json.dumps(update.metadata or {}), update.agent_type, update.message_id, update.run_id),
+            "UPDATE agent_messages SET content = ?, metadata = ?, agent_type = ? WHERE id = ?",
+            (update.content, json.dumps(update.metadata or {}), update.agent_type, update.message_id),
         )
     if update.final_status is not None:
         last_seq = update.batch.last_seq if update.batch is not None else None
