@@ -84,10 +84,8 @@ class RateLimiter:
         if begun.outcome == "rate_limited":
             return self._refusal("chat", self._chat_limit, begun.retry_after)
         return self._refusal(
-            "streams",
-            self._stream_limit,
-            begun.retry_after,
-            user_message="You already have the maximum number of answers in progress. Please wait for one to finish.",
+            "streams", self._stream_limit, begun.retry_after,
+            user_message="You already have the maximum number of answers in progress. Please wait for one to finish."
         )
 
     def check_address(self, address: str) -> None:
@@ -128,11 +126,8 @@ class RateLimiter:
         """A 429 that says which limit was hit (``chat``, ``api`` or ``streams``), counted in the metrics."""
         self._metrics.rate_limited.inc(name)
         return RateLimited(
-            LIMIT_MESSAGES[name],
-            user_message=user_message,
-            retry_after=max(1.0, retry_after),
-            details={"limit": name},
-            limit=limit,
+            LIMIT_MESSAGES[name], user_message=user_message, retry_after=max(1.0, retry_after), details={"limit": name},
+            limit=limit
         )
 
     def _log_fallback(self, code: str) -> None:

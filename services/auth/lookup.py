@@ -76,8 +76,7 @@ def _worth_retrying(error: AppError) -> bool:
 def auth_busy(retry_after: float) -> UpstreamUnavailable:
     return UpstreamUnavailable(
         "This worker's calls to Supabase Auth are at their limit (AUTH_LOOKUPS_PER_MINUTE, AUTH_LOOKUP_CONCURRENCY).",
-        code="AUTH_BUSY",
-        retry_after=max(1.0, retry_after),
+        code="AUTH_BUSY", retry_after=max(1.0, retry_after)
     )
 
 

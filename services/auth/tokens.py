@@ -29,19 +29,13 @@ _B64URL = re.compile(r"[A-Za-z0-9_-]*")  # fullmatch only
 
 
 def missing_token() -> Unauthorized:
-    return Unauthorized(
-        "An Authorization: Bearer token is required.",
-        code="MISSING_TOKEN",
-        user_message="Authentication required. Please log in.",
-    )
+    return Unauthorized("An Authorization: Bearer token is required.", code="MISSING_TOKEN",
+                        user_message="Authentication required. Please log in.")
 
 
 def malformed_token() -> Unauthorized:
-    return Unauthorized(
-        "The Authorization header is not a well-formed Bearer JWT.",
-        code="MALFORMED_TOKEN",
-        user_message="Invalid authentication format. Please log in again.",
-    )
+    return Unauthorized("The Authorization header is not a well-formed Bearer JWT.", code="MALFORMED_TOKEN",
+                        user_message="Invalid authentication format. Please log in again.")
 
 
 def invalid_token() -> Unauthorized:
@@ -49,19 +43,13 @@ def invalid_token() -> Unauthorized:
 
 
 def expired_token() -> Unauthorized:
-    return Unauthorized(
-        "The access token has expired.",
-        code="EXPIRED_TOKEN",
-        user_message="Your session has expired. Please log in again.",
-    )
+    return Unauthorized("The access token has expired.", code="EXPIRED_TOKEN",
+                        user_message="Your session has expired. Please log in again.")
 
 
 def user_id_mismatch() -> Forbidden:
-    return Forbidden(
-        "user_id does not match the access token.",
-        code="USER_ID_MISMATCH",
-        user_message="You are not authorized to access this user's data.",
-    )
+    return Forbidden("user_id does not match the access token.", code="USER_ID_MISMATCH",
+                     user_message="You are not authorized to access this user's data.")
 
 
 # -- token parsing and claim checks -------------------------------------------------------------------------------

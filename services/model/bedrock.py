@@ -348,10 +348,7 @@ class BedrockModel:
         message = str(body.get("message") or body.get("Message") or "")
         error = bedrock_error(error_type, response.status, message)
         logger.warning(
-            "Bedrock answered HTTP %s for %s: %s (request id %s)",
-            response.status,
-            model_id,
-            error.code,
-            response.headers.get("x-amzn-requestid", "-"),
+            "Bedrock answered HTTP %s for %s: %s (request id %s)", response.status, model_id, error.code,
+            response.headers.get("x-amzn-requestid", "-")
         )
         return error

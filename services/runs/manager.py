@@ -96,17 +96,15 @@ class RunManager:
         elif begun.outcome == "in_progress":
             assert begun.run is not None
             raise Conflict(
-                "An answer is still being generated in this conversation.",
-                code="RUN_IN_PROGRESS",
+                "An answer is still being generated in this conversation.", code="RUN_IN_PROGRESS",
                 user_message="An answer is still being written in this conversation. Wait for it, or stop it.",
-                details={"runId": begun.run.id},
+                details={"runId": begun.run.id}
             )
         elif begun.outcome == "conflict":
             raise Conflict(
-                "client_message_id was already used for a different message.",
-                code="IDEMPOTENCY_CONFLICT",
+                "client_message_id was already used for a different message.", code="IDEMPOTENCY_CONFLICT",
                 user_message="This message could not be sent. Please try again.",
-                suggested_actions=("Send a new client_message_id with each new message",),
+                suggested_actions=("Send a new client_message_id with each new message",)
             )
         return begun
 
@@ -123,10 +121,8 @@ class RunManager:
         for live in held:
             live.caller = caller
         raise UpstreamUnavailable(
-            "An earlier answer of this user is still waiting to be saved.",
-            code="STORE_UNAVAILABLE",
-            user_message="Your previous answer is still being saved. Please try again in a moment.",
-            retry_after=1,
+            "An earlier answer of this user is still waiting to be saved.", code="STORE_UNAVAILABLE",
+            user_message="Your previous answer is still being saved. Please try again in a moment.", retry_after=1
         )
 
     def _start(self, caller: Caller, run: Run, turns: list[dict[str, Any]], request_started: float) -> None:

@@ -106,11 +106,8 @@ def controls_of(rows: Any) -> dict[str, RunControl]:
     try:
         return {
             str(row["run_id"]): RunControl(
-                stop=bool(row["stop"]),
-                seen_chars=None if row["seen_chars"] is None else int(row["seen_chars"]),
-                gone=bool(row["gone"]),
-                deleted=bool(row.get("deleted")),
-                applied=bool(row.get("applied")),
+                stop=bool(row["stop"]), seen_chars=None if row["seen_chars"] is None else int(row["seen_chars"]),
+                gone=bool(row["gone"]), deleted=bool(row.get("deleted")), applied=bool(row.get("applied"))
             )
             for row in rows
         }

@@ -114,11 +114,8 @@ def _start(db: sqlite3.Connection, caller: Caller, new: NewRun, history_limit: i
     write_message(db, NewMessage(new.conversation_id, "user", new.text, id=new.user_message_id))
     history = recent_messages(db, new.conversation_id, history_limit)
     placeholder = NewMessage(
-        new.conversation_id,
-        "assistant",
-        "",
-        metadata={"status": _STREAMING, "run_id": new.id, "seq": 0},
-        id=new.assistant_message_id,
+        new.conversation_id, "assistant", "", metadata={"status": _STREAMING, "run_id": new.id, "seq": 0},
+        id=new.assistant_message_id
     )
     write_message(db, placeholder)
     db.execute(
