@@ -9,6 +9,7 @@ import asyncio
 import logging
 import time
 import weakref
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -258,14 +259,9 @@ class RunManager:
         if run is None or live is None or live.final is not None or live.visible < len(live.frames):
             return messages
         live.seal()
-        shown = []
-        for message in messages:
-            if message.id == run.assistant_message_id:
-                metadata = {**message.metadata, "seq": len(live.frames)}
-                message = Message(message.id, message.conversation_id, message.role, live.text,
-                                  live.agent_type, metadata, message.created_at)
-            shown.append(message)
-        return shown
+        seq = len(live.frames)
+        return [replace(m, content=live.text, agent_type=live.agent_type, metadata={**m.metadata, "seq": seq})
+                if m.id == run.assistant_message_id else m for m in messages]
 
     async def end_if_dead(self, caller: Caller, run: Run | None) -> bool:
         """End ``run`` (a conversation's running run) if no worker generates it any more; True if it was ended (the

@@ -20,15 +20,8 @@ def write_message(db: sqlite3.Connection, message: NewMessage) -> None:
     The row is not read back: every statement costs the writer thread a round trip for the GIL."""
     db.execute(
         f"INSERT OR IGNORE INTO agent_messages ({MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (
-            message.id,
-            message.conversation_id,
-            message.role,
-            message.content,
-            message.agent_type,
-            json.dumps(message.metadata),
-            utc_now(),
-        ),
+        (message.id, message.conversation_id, message.role, message.content, message.agent_type,
+         json.dumps(message.metadata), utc_now()),
     )
 
 
