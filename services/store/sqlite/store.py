@@ -19,14 +19,13 @@ The schema is migrated at startup from ``MIGRATIONS``; ``PRAGMA user_version`` r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Concatenate, ParamSpec, TypeVar
@@ -151,8 +150,10 @@ class SQLiteStore(QueryTiming):
         return await asyncio.wrap_future(self._writer.submit(work, alone=alone))
 
     def _call(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        with _sqlite_errors():
+        try:
             return work(self._connection())
+        except (sqlite3.Error, OSError) as exc:  # translated here, at the boundary (the writer does its own)
+            raise _store_error(exc) from exc
 
     def _connection(self) -> sqlite3.Connection:
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
@@ -261,18 +262,10 @@ class SQLiteStore(QueryTiming):
         return await self._write(lambda db: sqlite_limits.hit(db, caller.user_id, bucket, window_seconds, limit))
 
 
-@contextlib.contextmanager
-def _sqlite_errors() -> Iterator[None]:
-    """Translate the store's errors at the boundary; their text (SQL, paths) goes to the log, never to a client."""
-    try:
-        yield
-    except (sqlite3.Error, OSError) as exc:
-        raise _store_error(exc) from exc
-
-
 def _store_error(exc: sqlite3.Error | OSError) -> UpstreamError:
     """sqlite3's errors, and the file system's (the database's directory, lock or probe files): a database that
-    cannot be reached is unavailable (503); one that refuses a statement is a store error."""
+    cannot be reached is unavailable (503); one that refuses a statement is a store error. Their text (SQL, paths)
+    goes to the log, never to a client."""
     if isinstance(exc, (sqlite3.OperationalError, OSError)):
         logger.error("SQLite operational error: %s", exc)
         return UpstreamUnavailable("The database is unavailable.", code="STORE_UNAVAILABLE")
