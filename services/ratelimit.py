@@ -47,7 +47,6 @@ class LimitStore(Protocol):
         A store that can only act as a signed-in user (PostgREST) returns ``(True, 0.0)`` for a caller without an
         access token; the edge (nginx ``limit_req``) limits anonymous traffic there.
         """
-        ...
 
 
 class RateLimiter:

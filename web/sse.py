@@ -47,7 +47,6 @@ class Feed(Protocol):
     async def next_frames(self, after: int, timeout: float) -> tuple[str, int, bool]:
         """Frames after event ``after`` (waiting up to ``timeout`` for one), the new cursor, and whether the run
         is over with everything sent."""
-        ...
 
 
 class EventStreamResponse:

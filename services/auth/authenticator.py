@@ -54,7 +54,6 @@ class Authenticator(Protocol):
         """The caller the bearer token proves, or None when authentication is off; ``Unauthorized`` otherwise.
         Needs no request body, so it runs before one is read. ``before_remote`` runs (and may raise) just before a
         call to Supabase Auth, never when the token is checked locally or from the cache."""
-        ...
 
     async def aclose(self) -> None:
         ...
