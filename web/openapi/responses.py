@@ -135,13 +135,8 @@ def for_every_error(errors: dict[str, Schema]) -> dict[str, Schema]:
 
 
 def json_ok(description: str, schema_name: str, status: str = "200") -> dict[str, Schema]:
-    return {
-        status: {
-            "description": description,
-            "headers": header_refs(),
-            "content": {"application/json": {"schema": schema(schema_name)}},
-        }
-    }
+    return {status: {"description": description, "headers": header_refs(),
+                     "content": {"application/json": {"schema": schema(schema_name)}}}}
 
 
 def sse_ok(description: str) -> dict[str, Schema]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 from errors import UpstreamError
 from services.domains import BY_TABLE, Column, Domain
@@ -80,9 +80,7 @@ def message_key_of(row: dict[str, Any]) -> MessageKey:
         raise bad_response() from exc
 
 
-BEGIN_OUTCOMES: frozenset[BeginOutcome] = frozenset(
-    ("started", "existing", "conflict", "in_progress", "rate_limited", "streams_full")
-)
+BEGIN_OUTCOMES: frozenset[BeginOutcome] = frozenset(get_args(BeginOutcome))
 
 
 def run_begun_of(result: Any) -> RunBegun:
