@@ -1,7 +1,7 @@
 """Pending actions in SQLite: ``create_action`` and ``confirm_action`` of the ``Store`` interface (``services.store``
 says what each must do, ``services/agents/actions.py`` why they exist), as functions on a store thread's connection.
 
-The table (``MIGRATION``, applied by ``SQLiteStore`` as migration 3, and ``BEFORE_MIGRATION``, migration 5) holds one
+The table (``MIGRATION``, applied by ``SQLiteStore`` as migration 3, and ``BEFORE_MIGRATION``, migration 6) holds one
 row per prepared change. Times are Unix seconds (``time.time()``), as for chat runs, and are shown as ISO 8601 UTC. A
 confirmation is one ``BEGIN IMMEDIATE`` transaction: the action is checked (the caller's, unused, unexpired, with a
 ``before``), the record is read and must still hold ``before``, the change runs through
