@@ -50,7 +50,7 @@ from services.model.build import build_model
 from services.ratelimit import RateLimiter
 from services.runs.manager import RunManager, shutdown_frame
 from services.runs.titles import title_from_message
-from services.store import NewRun, Store
+from services.store import NewRun, Store, utc_now
 from services.store.build import build_store, store_location
 from settings import ConfigError, Settings
 from web import cursors, inputs, middleware, openapi, pages, status
@@ -214,6 +214,15 @@ async def delete_conversation(request: Request) -> Response:
     return JSONResponse({"status": "deleted", "conversation_id": conversation_id})
 
 
+async def get_action(request: Request) -> Response:
+    """A change the assistant prepared, as it was shown, and whether it still waits for the user's confirmation: what a
+    reloaded page needs to offer Confirm again."""
+    given = inputs.GET_ACTION.given(request)
+    caller = await caller_of(request, given["user_id"])
+    action = await request.state.store.get_action(caller, given["action_id"])
+    return JSONResponse(actions.kept_json(action, utc_now()))
+
+
 async def confirm_action(request: Request) -> Response:
     """Carry out a change the assistant prepared (any update or delete), once, for the user it was prepared for,
     while the record still holds what the user was shown: the user's own confirmation, which nothing the model sends
@@ -293,6 +302,7 @@ routes = [
     Route("/api/conversations/{conversation_id}", get_conversation, methods=["GET"]),
     Route("/api/conversations/{conversation_id}", rename_conversation, methods=["PATCH"]),
     Route("/api/conversations/{conversation_id}", delete_conversation, methods=["DELETE"]),
+    Route("/api/actions/{action_id}", get_action, methods=["GET"]),
     Route("/api/actions/{action_id}/confirm", confirm_action, methods=["POST"]),
 ]
 

@@ -76,7 +76,7 @@ class Settings:
     supabase_anon_key: Secret = _secret()
     supabase_jwt_secret: Secret = _secret()
     supabase_timeout: float = 10.0
-    supabase_pool_size: int = 50  # concurrent Data API requests per worker, one keep-alive connection each
+    supabase_pool_size: int = 100  # concurrent Data API requests per worker, one keep-alive connection each
     # A request waits this long for one of them, then a 503 STORE_BUSY. Long enough for a burst to queue, not fail:
     # 500 new turns at once take seconds of database time to begin.
     supabase_pool_timeout: float = 15.0

@@ -3,7 +3,7 @@
 What: ``open_clients`` opens N keep-alive connections before any clock starts; ``run_streams`` then writes one chat
 request on each, all at once, and records per stream the time the request was written, the arrival time of every
 token and whether the stream ended with a ``complete`` event; ``run_arrivals`` writes them on a schedule instead
-(``rate`` new streams a second, each on its own connection); ``run_requests`` drives GET requests over keep-alive
+(``rate`` new streams a second, each on a connection of its own opened just before); ``run_requests`` drives GET requests over keep-alive
 connections for a fixed time. Responses are parsed incrementally (status line, headers, chunked or Content-Length
 body, SSE events split on blank lines); only events with a ``data:`` line are JSON-decoded.
 
@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 CONNECT_CONCURRENCY = 200
+ARRIVAL_CONNECT_LEAD = 0.5  # seconds: how long before its request an arriving turn's connection opens
 TOKEN = " token"
 
 
@@ -218,22 +219,38 @@ async def run_streams(clients: Sequence[Client], requests: Sequence[bytes], time
     return _settled(results)
 
 
-async def run_arrivals(
-    clients: Sequence[Client], requests: Sequence[bytes], rate: float, timeout: float
-) -> list[StreamResult]:
-    """Write request ``i`` (on client ``i``) ``i / rate`` seconds after the first, whatever the earlier ones are doing
-    (an open arrival process, as new users arrive), then wait for every response, at most ``timeout`` seconds after
-    the last was written. Each result's ``sent`` is when it was actually written, so a late schedule shows."""
+async def run_arrivals(port: int, requests: Sequence[bytes], rate: float, timeout: float) -> list[StreamResult]:
+    """Write request ``i`` on a connection of its own ``i / rate`` seconds after the first, whatever the earlier ones
+    are doing (an open arrival process, as new users arrive), then wait for every response, at most ``timeout``
+    seconds after the last was written. Each result's ``sent`` is when it was actually written, so a late schedule
+    shows.
+
+    Each connection opens ``ARRIVAL_CONNECT_LEAD`` seconds before its request is due, as a browser opens one just
+    before it sends: a connection opened at the start and left silent until its turn 10 s later would be closed by
+    the service's ``HEADER_READ_TIMEOUT`` (web/tcp.py), a failure no real client meets."""
+    loop = asyncio.get_running_loop()
     results = [StreamResult() for _ in requests]
-    waiters = []
-    start = time.perf_counter()
-    for index, (client, raw, result) in enumerate(zip(clients, requests, results)):
-        delay = start + index / rate - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        waiters.append(client.request(raw, result))
-    if waiters:
-        await asyncio.wait(waiters, timeout=timeout)
+    start = time.perf_counter() + ARRIVAL_CONNECT_LEAD
+
+    async def arrive(index: int, raw: bytes, result: StreamResult) -> None:
+        await asyncio.sleep(max(0.0, start + index / rate - ARRIVAL_CONNECT_LEAD - time.perf_counter()))
+        try:
+            _, client = await loop.create_connection(Client, "127.0.0.1", port)
+        except OSError as exc:
+            result.error = f"connect: {type(exc).__name__}"
+            return
+        try:
+            await asyncio.sleep(max(0.0, start + index / rate - time.perf_counter()))
+            await client.request(raw, result)
+        finally:
+            if client.transport is not None:
+                client.transport.close()
+
+    tasks = [asyncio.ensure_future(arrive(i, raw, result)) for i, (raw, result) in enumerate(zip(requests, results))]
+    if tasks:
+        await asyncio.wait(tasks, timeout=len(requests) / rate + ARRIVAL_CONNECT_LEAD + timeout)
+    for task in tasks:
+        task.cancel()
     return _settled(results)
 
 

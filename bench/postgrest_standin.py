@@ -9,6 +9,10 @@ of runs it carried. The control port answers one line per connection: ``STATS`` 
 ``RESET`` (forget the requests and the connections accepted so far; open ones stay open and count as open).
 
 Why a control port apart from the served one: the harness reading the counts must not itself be counted.
+Why a schema cache and a pool of 10 database connections (``FakePostgrest(schema_cache=True, db_pool=10)``): PostgREST
+resolves functions from a schema cache, never per request, and holds a bounded pool (its default ``db-pool`` is 10);
+without them the stand-in queried the catalog on every call and ran up to 50 sessions at once on one core, costs that
+PostgREST does not have and that would be counted against the service.
 Why ``TCP_NODELAY`` (``web.tcp.NoDelayH11Protocol``): PostgREST's server (Warp) sets it, and without it every
 keep-alive response would wait ~40 ms for a delayed acknowledgement (web/tcp.py), which PostgREST does not cost.
 """
@@ -129,7 +133,7 @@ def listening_socket() -> socket.socket:
 async def serve(args: argparse.Namespace) -> None:
     fake = FakePostgrest(
         Cluster(args.socket_dir, args.pg_port), args.dbname, jwt_secret=args.jwt_secret,
-        publishable_key=args.publishable_key,
+        publishable_key=args.publishable_key, schema_cache=True, db_pool=args.db_pool,
     )
     config = uvicorn.Config(
         Timed(fake.app()), log_level="warning", access_log=False, lifespan="on", http=CountingProtocol,
@@ -158,6 +162,8 @@ def main() -> None:
     parser.add_argument("--publishable-key", required=True)
     # PostgREST's Warp keeps idle connections for 30 s; the service's pool drops its own after 5 s, before that.
     parser.add_argument("--keep-alive", type=int, default=30)
+    # PostgREST's own default (db-pool = 10); Supabase sizes it by instance, 10-20 on the small ones.
+    parser.add_argument("--db-pool", type=int, default=10)
     asyncio.run(serve(parser.parse_args()))
 
 

@@ -13,11 +13,13 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from settings import Settings
+
 COLUMNS = ("service", "baseline", "floor", "relay", "production")
 HEADERS = {"relay": "relay floor"}  # "relay" alone reads like figure 2
-# The service's PostgREST pool (services/postgrest_client.py: httpx.Limits(max_connections=50,
-# max_keepalive_connections=10)): the most connections a worker should ever hold to PostgREST.
-POOL_SIZE = 50
+# The service's PostgREST pool (SUPABASE_POOL_SIZE's default, which the benchmark leaves as it is): the most
+# connections a worker should ever hold to PostgREST, besides the one kept for flushes.
+POOL_SIZE = Settings.supabase_pool_size
 
 Cell = Callable[[dict[str, Any]], str]
 

@@ -8,6 +8,7 @@ Run from the repository root with the service's dependencies installed:
                                              # judges no target
     .venv/bin/python bench/run.py --targets production   # the production figures alone, with the SQLite service's
                                                           # figures they are compared with (a few minutes)
+    .venv/bin/python bench/run.py --targets production --figures streams_500   # one figure, of each target
 
 Everything runs on 127.0.0.1. For every figure a fresh server is started on core 0 (``taskset``-style affinity)
 with a fresh fake Bedrock (``bench/fake_upstream.py``) on core 1, where this process (the load generator,
@@ -158,6 +159,7 @@ class Context:
     comparison_only: bool = False  # the service runs only what the production target is compared with
     cluster: Any = None  # tests.pg.Cluster, started once for the production target
     pinning: dict[str, str] = field(default_factory=dict)  # where each process of the production target may run
+    figures: tuple[str, ...] = ()  # only these figures (by name, e.g. "streams_500"); every one when empty
 
 
 # -- servers -------------------------------------------------------------------------------------------------------
@@ -680,23 +682,19 @@ async def figure_requests(ctx: Context, target: str, users: int) -> dict[str, An
 
 async def figure_arrivals(ctx: Context, target: str, rate: int) -> dict[str, Any]:
     """Production figure 6: ``rate`` new turns a second for ``arrival_seconds``, each a new user on a connection of its
-    own opened beforehand, against the paced upstream (an open arrival process: turns begin and end all the time)."""
+    own opened just before its turn, against the paced upstream (an open arrival process: turns begin and end all the time)."""
     plan = ctx.plan
     count = max(1, round(rate * plan.arrival_seconds))
     with server(ctx, target, plan.paced, f"arrivals-{rate}") as served:
         await stream_batch(served, 1, 60.0)  # warm-up
         requests = [served.chat_request(user) for user in served.new_users(count)]
-        clients = await loadgen.open_clients(served.port, count)
-        try:
-            cpu_before = procs.cpu_seconds(served.pid)
-            watch = await StoreWatch.start(served)
-            results = await loadgen.run_arrivals(clients, requests, rate, plan.stream_timeout)
-            cpu = procs.cpu_seconds(served.pid) - cpu_before
-            first = min(r.sent for r in results)
-            wall = max((r.finished or time.perf_counter()) for r in results) - first
-            store = await watch.finish(results, wall)
-        finally:
-            loadgen.close_all(clients)
+        cpu_before = procs.cpu_seconds(served.pid)
+        watch = await StoreWatch.start(served)
+        results = await loadgen.run_arrivals(served.port, requests, rate, plan.stream_timeout)
+        cpu = procs.cpu_seconds(served.pid) - cpu_before
+        first = min(r.sent for r in results if r.sent)
+        wall = max((r.finished or time.perf_counter()) for r in results) - first
+        store = await watch.finish(results, wall)
     spread = max(r.sent for r in results) - first
     return {
         "rate": rate,
@@ -804,6 +802,8 @@ def steps_of(ctx: Context, target: str) -> list[Step]:
 async def run_target(ctx: Context, target: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, step in steps_of(ctx, target):
+        if ctx.figures and name not in ctx.figures:
+            continue
         began = time.monotonic()
         try:
             out[name] = await step()
@@ -848,6 +848,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="a few streams, seconds: checks the script runs")
     parser.add_argument("--targets", help="comma-separated subset of service,baseline,floor,relay,production")
     parser.add_argument("--levels", help="comma-separated stream counts for figure 3 (default 100,1000,3000,5000)")
+    parser.add_argument("--figures", help="comma-separated figure names to run (e.g. ttft,streams_500); default all")
     parser.add_argument("--stream-timeout", type=float, help="give up on a batch of streams after this (s)")
     parser.add_argument("--out", default=str(BENCH / "results"), help="directory for the table and JSON")
     return parser.parse_args(argv)
@@ -900,7 +901,8 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="canvalo-bench-") as tmp, ExitStack() as stack:
-        ctx = Context(plan, Path(tmp), out_dir / f"logs-{stamp}", targets, comparison_only=comparison_only)
+        ctx = Context(plan, Path(tmp), out_dir / f"logs-{stamp}", targets, comparison_only=comparison_only,
+                      figures=tuple(f.strip() for f in (args.figures or "").split(",") if f.strip()))
         if "production" in targets:
             from tests.pg import start_cluster
 

@@ -1,8 +1,9 @@
 """The specialist agents' domains, declared as data: adding a domain is adding an entry to ``DOMAINS``.
 
 Each ``Domain`` names its agent (the ``agent_type`` on the stream), its table and columns, which fields a new record
-needs and their defaults, the status vocabulary, how lists are ordered, and the words that route a message to it when
-the built-in local responder stands in for a model. Tables, tool schemas and the SQLite DDL are all derived from it.
+needs and their defaults, the status vocabulary, how lists are ordered, and, for the built-in local responder that
+stands in for a model, the words that route a message to it and the columns it shows of a row. Tables, tool schemas
+and the SQLite DDL are all derived from it.
 Tables and columns follow the earlier service's ``api.invoices`` and sibling tables; every table also has ``id``,
 ``user_id``, ``created_at`` and ``updated_at``, which no tool can write.
 
@@ -42,6 +43,8 @@ class Domain:
     order_by: tuple[tuple[str, Literal["asc", "desc"]], ...]
     keywords: tuple[str, ...]
     filters: tuple[str, ...] = field(default=())
+    # What the built-in responder shows of each row (a model reads them all): what names it, then its status.
+    shown: tuple[str, ...] = field(default=())
 
     def column(self, name: str) -> Column | None:
         return next((c for c in self.columns if c.name == name), None)
@@ -102,6 +105,7 @@ DOMAINS: tuple[Domain, ...] = (
         order_by=(("created_at", "desc"),),
         keywords=("invoice", "invoices", "billing", "billed", "unpaid", "payment", "paid"),
         filters=("status", "client_name", "invoice_number", "client_id"),
+        shown=("invoice_number", "client_name", "status", "total_amount", "amount_paid", "due_date", "paid_date"),
     ),
     Domain(
         agent_type="appointments", table="appointments", singular="appointment",
@@ -120,8 +124,10 @@ DOMAINS: tuple[Domain, ...] = (
             Column("notes"),
         ),
         order_by=(("scheduled_date", "asc"), ("scheduled_time", "asc")),
-        keywords=("appointment", "appointments", "schedule", "scheduled", "calendar", "visit", "booking", "meeting"),
+        keywords=("appointment", "appointments", "schedule", "scheduled", "reschedule", "calendar", "visit", "booking",
+                  "meeting"),
         filters=("status", "client_name", "scheduled_date", "client_id"),
+        shown=("title", "client_name", "status", "scheduled_date", "scheduled_time", "location"),
     ),
     Domain(
         agent_type="projects", table="projects", singular="project",
@@ -141,6 +147,7 @@ DOMAINS: tuple[Domain, ...] = (
         order_by=(("created_at", "desc"),),
         keywords=("project", "projects", "job", "jobs"),
         filters=("status", "client_name", "client_id"),
+        shown=("name", "client_name", "status", "start_date", "end_date", "budget"),
     ),
     Domain(
         agent_type="proposals", table="proposals", singular="proposal",
@@ -159,6 +166,7 @@ DOMAINS: tuple[Domain, ...] = (
         order_by=(("created_at", "desc"),),
         keywords=("proposal", "proposals", "estimate", "estimates", "quote", "quotes", "bid", "bids"),
         filters=("status", "client_name", "client_id"),
+        shown=("title", "client_name", "status", "total_amount", "valid_until"),
     ),
     Domain(
         agent_type="contacts", table="contacts", singular="contact",
@@ -176,6 +184,7 @@ DOMAINS: tuple[Domain, ...] = (
         order_by=(("name", "asc"),),
         keywords=("contact", "contacts", "client", "clients", "customer", "customers", "supplier", "suppliers", "lead", "leads"),
         filters=("contact_type", "name", "company"),
+        shown=("name", "contact_type", "company", "email", "phone"),
     ),
     Domain(
         agent_type="reviews", table="reviews", singular="review",
@@ -192,6 +201,7 @@ DOMAINS: tuple[Domain, ...] = (
         order_by=(("created_at", "desc"),),
         keywords=("review", "reviews", "rating", "ratings", "feedback", "testimonial", "testimonials"),
         filters=("status", "rating"),
+        shown=("reviewer_name", "rating", "status", "source", "comment"),
     ),
     Domain(
         agent_type="campaigns", table="campaigns", singular="campaign",
@@ -209,6 +219,7 @@ DOMAINS: tuple[Domain, ...] = (
         order_by=(("created_at", "desc"),),
         keywords=("campaign", "campaigns", "marketing", "newsletter", "promotion", "promotions"),
         filters=("status", "campaign_type"),
+        shown=("name", "campaign_type", "status", "start_date", "end_date", "budget"),
     ),
     Domain(
         agent_type="tasks", table="tasks", singular="task",
@@ -225,6 +236,7 @@ DOMAINS: tuple[Domain, ...] = (
         order_by=(("due_date", "asc"), ("created_at", "asc")),
         keywords=("task", "tasks", "todo", "to-do", "to-dos", "reminder", "reminders"),
         filters=("status", "priority", "project_id"),
+        shown=("title", "status", "priority", "due_date"),
     ),
     Domain(
         agent_type="settings", table="goals", singular="goal",
@@ -243,6 +255,7 @@ DOMAINS: tuple[Domain, ...] = (
         order_by=(("target_date", "asc"), ("created_at", "asc")),
         keywords=("goal", "goals", "target", "targets", "settings", "preferences"),
         filters=("status", "goal_type"),
+        shown=("title", "goal_type", "status", "progress", "current_value", "target_value", "target_date"),
     ),
 )
 

@@ -46,6 +46,7 @@ Every request is recorded (method, path, query and the auth-relevant headers) so
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -142,9 +143,17 @@ class FakePostgrest:
     schemas: tuple[str, ...] = ("api",)
     pre_v13: bool = False
     jwt_skew_seconds: float = JWT_SKEW_SECONDS  # PostgREST's allowance; a test of expiry sets 0
+    # PostgREST's schema cache: functions resolved once and kept (reloaded on NOTIFY there; the benchmark's stand-in
+    # never changes its schema). Off for tests, which may replace a function between requests.
+    schema_cache: bool = False
+    # PostgREST's db-pool: at most this many database connections, requests waiting their turn; None = one per
+    # concurrent request (tests, which never load it).
+    db_pool: int | None = None
     requests: list[RecordedRequest] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
     _pool: list[psycopg.AsyncConnection[Any]] = field(default_factory=list)
+    _functions: dict[tuple[str, str, tuple[str, ...]], Function] = field(default_factory=dict)
+    _db_slots: asyncio.Semaphore | None = None
     _columns: dict[tuple[str, str], list[str]] = field(default_factory=dict)
 
     # -- test controls ---------------------------------------------------------------------------------------------
@@ -423,7 +432,7 @@ class FakePostgrest:
         if not isinstance(args, dict):
             raise pgrst(400, "PGRST102", "Empty or invalid json")
         async with self._transaction(request, auth, schema, read_only=False) as db:
-            target = await _find_function(db, schema, function, sorted(args))
+            target = await self._function(db, schema, function, sorted(args))
             statement, shape = _call_statement(schema, function, target, args)
             result = (await _one(db, statement))[0]
         if shape == "void":
@@ -432,8 +441,29 @@ class FakePostgrest:
 
     # -- database ----------------------------------------------------------------------------------------------
 
+    async def _function(self, db: psycopg.AsyncConnection[Any], schema: str, name: str, given: list[str]) -> Function:
+        key = (schema, name, tuple(given))
+        if not self.schema_cache:
+            return await _find_function(db, schema, name, given)
+        if key not in self._functions:
+            self._functions[key] = await _find_function(db, schema, name, given)
+        return self._functions[key]
+
     @asynccontextmanager
     async def _transaction(
+        self, request: Request, auth: Auth, schema: str, *, read_only: bool
+    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        if self.db_pool is None:
+            async with self._connection(request, auth, schema, read_only=read_only) as db:
+                yield db
+            return
+        if self._db_slots is None:
+            self._db_slots = asyncio.Semaphore(self.db_pool)
+        async with self._db_slots, self._connection(request, auth, schema, read_only=read_only) as db:
+            yield db
+
+    @asynccontextmanager
+    async def _connection(
         self, request: Request, auth: Auth, schema: str, *, read_only: bool
     ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         db = self._pool.pop() if self._pool else await psycopg.AsyncConnection.connect(
@@ -441,7 +471,9 @@ class FakePostgrest:
         )
         healthy = True
         try:
-            async with db.transaction():
+            # Pipelined, so BEGIN, the settings and the statement go out together: one round trip where there were
+            # three, as the stand-in's cost is counted against the service in the benchmark.
+            async with db.pipeline(), db.transaction():
                 if read_only:
                     await db.execute("set transaction read only")
                 await db.execute(

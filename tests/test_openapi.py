@@ -400,6 +400,7 @@ def test_real_responses_match_the_document(
         (404, "POST", "/api/chat/runs/{run_id}/stop", None, {"json": {"user_id": user_id}}),
         (404, "GET", "/api/chat/runs/{run_id}/events", None, {"params": {"user_id": user_id}}),
         (404, "POST", "/api/actions/{action_id}/confirm", None, {"json": {"user_id": user_id}}),
+        (404, "GET", "/api/actions/{action_id}", None, {"params": {"user_id": user_id}}),
         (404, "DELETE", "/api/conversations/{conversation_id}", None, {"params": {"user_id": user_id}}),
         (422, "GET", "/api/chat/runs/{run_id}/events", {**auth, "Last-Event-ID": "x"},
          {"params": {"user_id": user_id}}),
@@ -417,7 +418,8 @@ def test_real_responses_match_the_document(
     # Every operation answered at least one documented success here (metrics is off: its 200 has a test below).
     successes = {(m, p) for m, p, s in contract.seen if s.startswith("2")}
     missing = {(method.upper(), path) for path, method, _ in operations()} - successes
-    assert missing <= {("GET", "/metrics"), ("POST", "/api/actions/{action_id}/confirm")}, missing
+    actions = {("GET", "/api/actions/{action_id}"), ("POST", "/api/actions/{action_id}/confirm")}  # tested below
+    assert missing <= {("GET", "/metrics"), *actions}, missing
 
 
 def test_confirming_an_action_and_its_tool_call_chunks_match_the_document(
@@ -452,6 +454,11 @@ def test_confirming_an_action_and_its_tool_call_chunks_match_the_document(
             confirmed = client.post(url, json={"user_id": user_id}, headers=auth_headers(user_id))
             contract.check(confirmed, "POST", path)
             assert confirmed.status_code == status, confirmed.text
+        for action, state in ((pending, "done"), (update, "pending")):
+            kept = client.get(f"/api/actions/{action['action_id']}", params={"user_id": user_id},
+                              headers=auth_headers(user_id))
+            contract.check(kept, "GET", "/api/actions/{action_id}")
+            assert kept.status_code == 200 and kept.json()["status"] == state, kept.text
 
 
 def test_metrics_rate_limits_and_a_run_in_progress_match_the_document(

@@ -246,8 +246,9 @@ RENAME_CONVERSATION = Inputs(
     ),
 )
 DELETE_CONVERSATION = Inputs(parameters=(CONVERSATION_ID, USER_ID))
+GET_ACTION = Inputs(parameters=(ACTION_ID, USER_ID))
 CONFIRM_ACTION = Inputs(parameters=(ACTION_ID,), body_name="ConfirmActionRequest", body=(BODY_USER_ID,))
 
 # Every route that takes input: /openapi.json's components are their parameters and bodies, in this order.
 ROUTES = (CHAT_STREAM, RUN_EVENTS, STOP_RUN, LIST_CONVERSATIONS, CREATE_CONVERSATION, GET_CONVERSATION,
-          RENAME_CONVERSATION, DELETE_CONVERSATION, CONFIRM_ACTION)
+          RENAME_CONVERSATION, DELETE_CONVERSATION, GET_ACTION, CONFIRM_ACTION)

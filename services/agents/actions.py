@@ -10,10 +10,11 @@ store; ``Store.confirm_action``).
 
 What the user confirms is the whole change, written here from the stored record and the validated change (never by
 the model): ``before``, the values it replaces (the changed columns of an update, every column of a delete), and
-``changes``, the new values, both exact, in the ``tool_call`` chunk and in the confirm answer; and ``summary``, the
-same in one line of text where every value is shown whole as JSON, every invisible character escaped. A
-confirmation runs only while the record still holds ``before`` (else ``RECORD_CHANGED``), so ``before`` is exactly
-what the change overwrote, and a client can offer to put it back. A change too large to show is refused.
+``changes``, the new values, both exact, in the ``tool_call`` chunk, in the confirm answer and in
+``GET /api/actions/{id}``, which shows a kept action again (a reloaded page offers Confirm from it); and
+``summary``, the same in one line of text where every value is shown whole as JSON, every invisible character
+escaped. A confirmation runs only while the record still holds ``before`` (else ``RECORD_CHANGED``), so ``before``
+is exactly what the change overwrote, and a client can offer to put it back. A change too large to show is refused.
 """
 
 from __future__ import annotations
@@ -93,6 +94,18 @@ def for_stream(action: PendingAction) -> dict[str, Any]:
         "changes": action.changes,
         "expires_at": action.expires_at,
     }
+
+
+def kept_json(action: PendingAction, now: str) -> dict[str, Any]:
+    """``GET /api/actions/{id}``: the change as its ``tool_call`` chunk showed it, its table, and ``status``: ``done``
+    once confirmed, ``expired`` once it can no longer be (``expires_at`` passed by ``now``, the service's clock, or
+    kept without ``before``), else ``pending``. Confirming decides, by the store's clock; this is what to show."""
+    status = "pending"
+    if action.used_at is not None:
+        status = "done"
+    elif action.before is None or action.expires_at <= now:
+        status = "expired"
+    return {**for_stream(action), "table": action.table, "status": status, "used_at": action.used_at}
 
 
 def confirmed_json(done: ActionDone) -> dict[str, Any]:

@@ -15,5 +15,4 @@ from settings import Settings
 def build_model(settings: Settings) -> ChatModel:
     if settings.llm_provider == "bedrock":
         return BedrockModel(settings)
-    keywords = {domain.agent_type: domain.keywords for domain in DOMAINS}
-    return LocalModel(token_delay=settings.local_token_delay, keywords=keywords)
+    return LocalModel(token_delay=settings.local_token_delay, domains=DOMAINS)

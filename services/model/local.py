@@ -7,6 +7,10 @@ interface, the same agent loop and the same stream as Bedrock does, following fi
   clarifying question, none get a greeting/help answer;
 - offered a specialist's tools, it calls the first (the list tool), passing any vocabulary word from the message
   (``overdue``, ``paid``, ...) as a filter;
+- asked for a change ("Mark invoice INV-1043 as paid", "Reschedule Ben Carter's appointment to Friday at 2pm",
+  "Delete the contact Summit Paint Supply"; ``local_changes.py`` lists what it understands), it makes the calls a
+  model makes: the list tool to find the record, then ``update_<one>`` or ``delete_<one>`` with its id, which only
+  prepare the change for the user to confirm;
 - given a tool result, it writes its answer from the rows it received (or, for a change waiting for the user's
   confirmation, says so: it never deletes or changes anything itself).
 
@@ -17,12 +21,15 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
+from datetime import date
 from typing import Any
 
 import anyio
 
+from services.domains import Domain
 from services.model import ModelEvent, ModelRequest, Stop, TextDelta, ToolUse, Usage, estimate_tokens
+from services.model import local_changes as changes
 
 DISCLAIMER = "(Canvalo's built-in local responder, not an AI model.)"
 HANDOFF_TOOL = "transfer_to_specialist"
@@ -33,9 +40,10 @@ class LocalModel:
     model_id = "canvalo-local-responder"
     is_llm = False
 
-    def __init__(self, token_delay: float = 0.0, keywords: Mapping[str, tuple[str, ...]] | None = None) -> None:
+    def __init__(self, token_delay: float = 0.0, domains: tuple[Domain, ...] = ()) -> None:
         self._token_delay = token_delay
-        self._keywords = dict(keywords or {})
+        self._keywords = {domain.agent_type: domain.keywords for domain in domains}
+        self._lists = {f"list_{domain.table}": domain for domain in domains}
 
     configured = True
 
@@ -47,26 +55,38 @@ class LocalModel:
 
     async def stream(self, request: ModelRequest) -> AsyncIterator[ModelEvent]:
         last = request.messages[-1] if request.messages else {"content": []}
-        result = _tool_result(last)
         tool_names = [t["toolSpec"]["name"] for t in request.tools]
-        if result is not None:
-            reply = describe_result(result)
-        elif HANDOFF_TOOL in tool_names:
+        answer: str | changes.Call
+        if HANDOFF_TOOL in tool_names and _tool_result(last) is None:
             agents = self.route(_text_of(last))
-            if len(agents) == 1:
-                async for event in _call(HANDOFF_TOOL, {"agent": agents[0]}, request):
-                    yield event
-                return
-            reply = clarify(agents) if agents else reply_to(_text_of(last))
+            answer = changes.Call(HANDOFF_TOOL, {"agent": agents[0]}) if len(agents) == 1 else (
+                clarify(agents) if agents else reply_to(_text_of(last)))
         elif request.tools:
-            spec = request.tools[0]["toolSpec"]
-            async for event in _call(spec["name"], _filters(spec, _text_of(last)), request):
-                yield event
-            return
+            answer = self._specialist(request)
         else:
-            reply = reply_to(_text_of(last))
-        async for event in self._say(reply, request):
+            answer = reply_to(_text_of(last))
+        events = self._say(answer, request) if isinstance(answer, str) else _call(answer, request)
+        async for event in events:
             yield event
+
+    def _specialist(self, request: ModelRequest) -> str | changes.Call:
+        """A specialist's next step: a list call, the change the message asks for once the rows are in, or the
+        answer written from a tool's result."""
+        spec = request.tools[0]["toolSpec"]
+        domain = self._lists.get(spec["name"])
+        text = _user_text(request.messages)
+        wanted = changes.intent(domain, text, date.today()) if domain is not None else None
+        result = _tool_result(request.messages[-1])
+        if result is None:
+            if wanted is None or domain is None:
+                return changes.Call(spec["name"], _filters(spec, text))
+            return f"{wanted.question} {DISCLAIMER}" if wanted.question else changes.list_call(domain, text)
+        used = _last_use(request.messages)
+        found = result.get("rows") if used.get("name") == spec["name"] else None
+        if wanted is not None and domain is not None and isinstance(found, list):
+            step = changes.change_call(domain, wanted, found, text, date.today())
+            return step if isinstance(step, changes.Call) else f"{step} {DISCLAIMER}"
+        return describe_result(result, used.get("input"), domain)
 
     def route(self, text: str) -> list[str]:
         """The agents whose keywords appear in ``text``, in declaration order."""
@@ -82,10 +102,10 @@ class LocalModel:
         yield Usage(_prompt_tokens(request), estimate_tokens(reply))
 
 
-async def _call(name: str, arguments: dict[str, Any], request: ModelRequest) -> AsyncIterator[ModelEvent]:
-    yield ToolUse(tool_use_id=f"local-{len(request.messages)}", name=name, input=arguments)
+async def _call(call: changes.Call, request: ModelRequest) -> AsyncIterator[ModelEvent]:
+    yield ToolUse(tool_use_id=f"local-{len(request.messages)}", name=call.name, input=call.arguments)
     yield Stop("tool_use")
-    yield Usage(_prompt_tokens(request), estimate_tokens(json.dumps(arguments)))
+    yield Usage(_prompt_tokens(request), estimate_tokens(json.dumps(call.arguments)))
 
 
 def reply_to(text: str) -> str:
@@ -107,8 +127,10 @@ def clarify(agents: list[str]) -> str:
     return f"Do you mean your {options}? {DISCLAIMER}"
 
 
-def describe_result(result: dict[str, Any]) -> str:
-    """Write an answer from a tool result, the way a model would summarise the rows it was given."""
+def describe_result(result: dict[str, Any], arguments: dict[str, Any] | None = None,
+                    domain: Domain | None = None) -> str:
+    """Write an answer from a tool result, the way a model would summarise the rows it was given; ``arguments`` are
+    the call's (a list's filters are said: "with status overdue"), ``domain`` says which columns to show."""
     if result.get("status") == "error":
         return f"I couldn't get that information: {result.get('error', 'the lookup failed')} {DISCLAIMER}"
     if result.get("status") == "confirmation_required":
@@ -117,17 +139,33 @@ def describe_result(result: dict[str, Any]) -> str:
     table = str(result.get("table", "records"))
     if not isinstance(rows, list):
         return f"Done. {DISCLAIMER}"
+    filters = [f"{name.replace('_', ' ')} {value}" for name, value in (arguments or {}).items()
+               if name != "limit" and value is not None]
+    which = f" with {' and '.join(filters)}" if filters else ""
     if not rows:
-        return f"You don't have any {table} that match. {DISCLAIMER}"
-    lines = [f"You have {len(rows)} {table if len(rows) != 1 else table.rstrip('s')}:"]
-    lines += [f"- {_summarise_row(row)}" for row in rows]
+        return f"You don't have any {table}{which or ' yet'}. {DISCLAIMER}"
+    one = domain.singular if domain is not None else table.rstrip("s")
+    lines = [f"You have {len(rows)} {table if len(rows) != 1 else one}{which}:"]
+    lines += [f"- {_summarise_row(row, domain)}" for row in rows]
     return "\n".join(lines) + f"\n{DISCLAIMER}"
 
 
-def _summarise_row(row: dict[str, Any]) -> str:
-    skip = {"id", "user_id", "created_at", "updated_at", "line_items", "notes", "terms", "description"}
-    parts = [f"{key.replace('_', ' ')}: {value}" for key, value in row.items() if key not in skip and value not in (None, "", [], 0)]
-    return ", ".join(parts[:6])
+def _summarise_row(row: dict[str, Any], domain: Domain | None) -> str:
+    """The columns the domain shows, those with a value; money and other amounts with two decimals."""
+    names = domain.shown if domain is not None and domain.shown else [k for k in row if k not in _NEVER_SHOWN]
+    parts = []
+    for name in names:
+        value = row.get(name)
+        if value in (None, "", []):
+            continue
+        column = domain.column(name) if domain is not None else None
+        if column is not None and column.type == "number" and isinstance(value, (int, float)):
+            value = f"{value:.2f}"
+        parts.append(f"{name.replace('_', ' ')}: {value}")
+    return ", ".join(parts)
+
+
+_NEVER_SHOWN = frozenset({"id", "user_id", "created_at", "updated_at", "line_items", "notes", "terms", "description"})
 
 
 def _filters(spec: dict[str, Any], text: str) -> dict[str, Any]:
@@ -143,6 +181,20 @@ def _filters(spec: dict[str, Any], text: str) -> dict[str, Any]:
 
 def _text_of(message: dict[str, Any]) -> str:
     return " ".join(block["text"] for block in message.get("content", []) if "text" in block)
+
+
+def _user_text(messages: list[dict[str, Any]]) -> str:
+    """What the user said last: the latest user turn with text (tool results come back as user turns too)."""
+    return next((_text_of(m) for m in reversed(messages) if m.get("role") == "user" and _text_of(m)), "")
+
+
+def _last_use(messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """The latest tool call the model made, as the agent loop sent it back: ``{"name", "input", ...}``."""
+    for message in reversed(messages):
+        uses = [block["toolUse"] for block in message.get("content", []) if "toolUse" in block]
+        if uses:
+            return dict(uses[-1])
+    return {}
 
 
 def _tool_result(message: dict[str, Any]) -> dict[str, Any] | None:

@@ -395,6 +395,10 @@ class Store(Protocol):
         """Keep ``new`` for the caller to confirm within ``ttl_seconds`` (the store's clock); nothing else changes.
         The caller's actions that expired long ago are pruned on the way."""
 
+    async def get_action(self, caller: Caller, action_id: str) -> PendingAction:
+        """The caller's action as kept, used or not, expired or not (a reloaded page shows its Confirm again);
+        ``NotFound`` ``ACTION_NOT_FOUND`` when it is missing or someone else's."""
+
     async def confirm_action(self, caller: Caller, action_id: str) -> ActionDone:
         """Carry out the caller's pending action once: marking it used and running its change are one transaction,
         so of two concurrent confirmations one runs it and the other is refused. The change goes through the

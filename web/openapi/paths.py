@@ -131,6 +131,15 @@ def paths() -> dict[str, Schema]:
                            inputs.DELETE_CONVERSATION, json_ok("Deleted.", "Deleted"), "404",
                            description="A run still generating in it stops."),
         },
+        "/api/actions/{action_id}": {
+            "get": _api(
+                "getAction", "actions", "A prepared change", inputs.GET_ACTION, json_ok("The action.", "PendingAction"),
+                "404",
+                description="The change as its tool_call chunk showed it, and whether it still waits for confirmation "
+                "(status pending), ran (done) or can no longer run (expired): a client that reloads shows its Confirm "
+                "button again from this.",
+            )
+        },
         "/api/actions/{action_id}/confirm": {
             "post": _api(
                 "confirmAction", "actions", "Confirm a prepared change", inputs.CONFIRM_ACTION,

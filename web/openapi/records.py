@@ -157,6 +157,20 @@ def schemas() -> dict[str, Schema]:
             "before": {**BEFORE, "description": BEFORE["description"] + " Put back, they undo the change."},
             "changes": CHANGES,
         }),
+        "PendingAction": closed({
+            "status": {"enum": ["pending", "done", "expired"], "description": "pending: Confirm can run it; "
+                       "done: it ran (used_at); expired: it can no longer run. Confirming decides."},
+            "action_id": UUID,
+            "action": {"enum": ["update", "delete"]},
+            "table": {"type": "string"},
+            "record_id": {"type": "string"},
+            "summary": {"type": "string", "description": "As the tool_call chunk showed it, for the Confirm button."},
+            "before": {**nullable(BEFORE), "description": BEFORE["description"] + " null: kept by an earlier version, "
+                       "expired."},
+            "changes": CHANGES,
+            "expires_at": TIMESTAMP,
+            "used_at": nullable(TIMESTAMP),
+        }),
         "Usage": closed({"input_tokens": {"type": "integer", "minimum": 0},
                          "output_tokens": {"type": "integer", "minimum": 0}}),
     }

@@ -38,7 +38,7 @@ from errors import AppError, Forbidden, NotFound, Unauthorized, UpstreamError, U
 from services.http_pool import Connections, PoolBusy, limits
 from services.retry import RetryPolicy, with_retry
 from services.store import Caller
-from settings import ConfigError
+from settings import ConfigError, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class PostgrestClient:
         *,
         retry: RetryPolicy,
         timeout: float = 10.0,
-        pool_size: int = 50,
+        pool_size: int = Settings.supabase_pool_size,
         pool_timeout: float = 5.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:

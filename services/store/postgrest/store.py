@@ -41,16 +41,8 @@ from services.store import (
     TurnLimits,
 )
 from services.store.postgrest.client import PostgrestClient, postgrest_failure
-from services.store.postgrest.params import (
-    conversation_seek,
-    filter_column,
-    filter_value,
-    is_uuid,
-    message_seek,
-    owned,
-    record_columns,
-    record_order,
-)
+from services.store.postgrest.params import (conversation_seek, filter_column, filter_value, is_uuid, message_seek,
+                                             owned, record_columns, record_order)
 from services.store.postgrest.rows import (
     action_done_of,
     bad_response,
@@ -69,6 +61,7 @@ from services.store.shared import QueryTiming, observed, page_of_conversations, 
 
 logger = logging.getLogger(__name__)
 
+ACTIONS = "pending_actions"
 CONVERSATIONS = "agent_conversations"
 MESSAGES = "agent_messages"
 CONVERSATION_COLUMNS = "id,user_id,title,created_at,updated_at,last_message_at,message_count,metadata"
@@ -337,6 +330,16 @@ class PostgrestStore(QueryTiming):
         if row is None:
             raise ActionNotFound()
         return pending_action_of(row)
+
+    @observed
+    async def get_action(self, caller: Caller, action_id: str) -> PendingAction:
+        # A plain read: 005's select policy and 007's grant let a user read their own actions, and nothing more.
+        if not is_uuid(action_id):
+            raise ActionNotFound()
+        rows = (await self._rest.select(caller, ACTIONS, {"select": "*", **owned(caller, action_id)})).rows
+        if not rows:
+            raise ActionNotFound()
+        return pending_action_of(rows[0])
 
     @observed
     async def confirm_action(self, caller: Caller, action_id: str) -> ActionDone:

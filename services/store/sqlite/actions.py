@@ -1,5 +1,6 @@
-"""Pending actions in SQLite: ``create_action`` and ``confirm_action`` of the ``Store`` interface (``services.store``
-says what each must do, ``services/agents/actions.py`` why they exist), as functions on a store thread's connection.
+"""Pending actions in SQLite: ``create_action``, ``get_action`` and ``confirm_action`` of the ``Store`` interface
+(``services.store`` says what each must do, ``services/agents/actions.py`` why they exist), as functions on a store
+thread's connection.
 
 The table (``MIGRATION``, applied by ``SQLiteStore`` as migration 3, and ``BEFORE_MIGRATION``, migration 6) holds one
 row per prepared change. Times are Unix seconds (``time.time()``), as for chat runs, and are shown as ISO 8601 UTC. A
@@ -69,6 +70,11 @@ def create_action(db: sqlite3.Connection, caller: Caller, new: NewAction, ttl_se
              now + ttl_seconds),
         )
         return _action(_fetch(db, caller, new.id))
+
+
+def get_action(db: sqlite3.Connection, caller: Caller, action_id: str) -> PendingAction:
+    """See ``Store.get_action``."""
+    return _action(_fetch(db, caller, action_id))
 
 
 def confirm_action(db: sqlite3.Connection, caller: Caller, action_id: str) -> ActionDone:

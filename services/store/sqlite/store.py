@@ -253,6 +253,7 @@ class SQLiteStore(QueryTiming):
     delete_record = _method(sqlite_records.delete_record, writes=True)
     # Pending actions (actions.py; services/agents/actions.py says why).
     create_action = _method(sqlite_actions.create_action, writes=True)
+    get_action = _method(sqlite_actions.get_action, writes=False)
     confirm_action = _method(sqlite_actions.confirm_action, writes=True)
 
     # -- rate limits (services/ratelimit.py) -------------------------------------------------------------------
