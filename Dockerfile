@@ -1,7 +1,8 @@
 # Canvalo chat backend: a slim image that runs `uvicorn app:app` as a non-root user.
 #
 #   docker build -t canvalo-chat .
-#   docker run --env-file .env -p 8000:8000 --stop-timeout 30 canvalo-chat
+#   docker run --env-file .env -p 8000:8000 --stop-timeout 30 canvalo-chat        # production (.env.example)
+#   docker run --rm -p 127.0.0.1:8000:8000 -v canvalo-data:/app/data canvalo-chat # development, embedded default
 #
 # Stopping: uvicorn gets SIGTERM, stops accepting, lets open streams run for SHUTDOWN_GRACE_SECONDS, then ends the
 # rest with a retryable error chunk and saves their partial answers. The orchestrator must wait longer than that

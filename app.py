@@ -304,6 +304,7 @@ routes = [
     Route("/api/conversations/{conversation_id}", delete_conversation, methods=["DELETE"]),
     Route("/api/actions/{action_id}", get_action, methods=["GET"]),
     Route("/api/actions/{action_id}/confirm", confirm_action, methods=["POST"]),
+    Route("/api/dev/sample-data", pages.load_sample_data, methods=["POST"]),
 ]
 
 exception_handlers: dict[Any, Any] = {AppError: app_error, HTTPException: http_error, Exception: server_error}
@@ -446,4 +447,8 @@ if __name__ == "__main__":
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
     )
     logger.info("Listening on http://%s:%d", settings.api_host, settings.api_port)
-    uvicorn.Server(config).run(sockets=[listening])
+    try:
+        uvicorn.Server(config).run(sockets=[listening])
+    except KeyboardInterrupt:
+        # Ctrl-C: uvicorn has shut down cleanly and re-raised the signal; the status says so, no traceback needed.
+        raise SystemExit(130) from None

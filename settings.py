@@ -10,9 +10,11 @@ README.md documents every field; ``tests/test_settings.py`` fails when one is mi
 
 from __future__ import annotations
 
+import base64
 import dataclasses
-import re
+import json
 import os
+import re
 import tempfile
 import typing
 from collections.abc import Mapping
@@ -188,13 +190,28 @@ class Settings:
         return [message for ok, message in checks if not ok]
 
     def _store_problems(self) -> list[str]:
-        """In every environment: a store the service cannot reach is a setting to fix, not a retry loop."""
-        problems = []
-        if self.store == "supabase" and not self.supabase_url:
-            problems.append("STORE=supabase requires SUPABASE_URL")
-        if self.supabase_url and not _URL.fullmatch(self.supabase_url):
-            problems.append("SUPABASE_URL must be an http(s) URL such as https://<project>.supabase.co")
-        return problems
+        """In every environment: a store the service cannot reach is a setting to fix, not a retry loop. Production
+        runs on Supabase only, so what that store needs is named with the rest, whatever STORE says yet."""
+        needed_by = "STORE=supabase" if self.store == "supabase" else "ENVIRONMENT=production"
+        supabase = self.store == "supabase" or self.environment == "production"
+        key = "SUPABASE_PUBLISHABLE_KEY" if str(self.supabase_publishable_key) else "SUPABASE_ANON_KEY"
+        checks = [
+            (not supabase or bool(self.supabase_url), f"{needed_by} requires SUPABASE_URL"),
+            (
+                not supabase or bool(self.publishable_key),
+                f"{needed_by} requires SUPABASE_PUBLISHABLE_KEY (or the legacy SUPABASE_ANON_KEY)",
+            ),
+            (
+                not self.supabase_url or bool(_URL.fullmatch(self.supabase_url)),
+                "SUPABASE_URL must be an http(s) URL such as https://<project>.supabase.co",
+            ),
+            (
+                not is_privileged_key(self.publishable_key),
+                f"{key} holds a secret or service-role key; user data is only read with the publishable (or legacy "
+                "anon) key and the user's own token",
+            ),
+        ]
+        return [message for ok, message in checks if not ok]
 
     def _model_problems(self) -> list[str]:
         fallbacks = self.bedrock_fallback_model_ids
@@ -225,8 +242,6 @@ class Settings:
         problems = []
         if not self.auth_enabled:
             problems.append("ENVIRONMENT=production requires authentication: set SUPABASE_JWT_SECRET or SUPABASE_URL")
-        if self.store == "supabase" and not self.publishable_key:
-            problems.append("STORE=supabase requires SUPABASE_PUBLISHABLE_KEY (or the legacy SUPABASE_ANON_KEY)")
         problems.extend(self._production_deployment_problems())
         return problems
 
@@ -263,6 +278,20 @@ class Settings:
     @property
     def publishable_key(self) -> str:
         return str(self.supabase_publishable_key) or str(self.supabase_anon_key)
+
+
+def is_privileged_key(key: str) -> bool:
+    """``sb_secret_...`` or a legacy JWT key whose role is ``service_role``: both bypass row-level security."""
+    if key.startswith("sb_secret_"):
+        return True
+    parts = key.split(".")
+    if len(parts) != 3:
+        return False
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except ValueError:
+        return False
+    return isinstance(payload, dict) and payload.get("role") == "service_role"
 
 
 def _sqlite_file_problem(path: str) -> str | None:

@@ -136,6 +136,15 @@ def new_caller(store: Any, request: pytest.FixtureRequest) -> Callable[[], Calle
 # -- the service under test ------------------------------------------------------------------------------------
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs PostgreSQL ``system`` (README: ``-m "not system"`` leaves them out): those using the
+    cluster, and every Supabase variant of a test run once per store (its fixtures start the cluster on demand)."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "pg_cluster" in getattr(item, "fixturenames", ()) or "supabase" in params.values():
+            item.add_marker(pytest.mark.system)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Run every test that uses the service (through ``service_env``) once per store."""
     if "store_kind" not in metafunc.fixturenames:

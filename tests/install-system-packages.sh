@@ -15,7 +15,12 @@ if ! command -v apt-get >/dev/null 2>&1; then
 fi
 sudo=""
 if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
-echo "tests: installing$missing" >&2
-$sudo apt-get update -qq
+# Each step says what it does before it starts, and apt's own lines (Get:, Unpacking, Setting up) show it working:
+# on a fresh machine this downloads a few hundred megabytes and can take minutes.
+echo "tests: installing$missing with apt-get (a few minutes on a fresh machine)" >&2
+echo "tests: apt-get update: refreshing the package lists" >&2
+$sudo apt-get update -q
+echo "tests: apt-get install$missing: downloading, unpacking and setting up (the longest step)" >&2
 # shellcheck disable=SC2086  # the list is meant to split into package names
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $missing >/dev/null
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q $missing
+echo "tests: installed$missing" >&2

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -41,6 +43,7 @@ def test_bench_smoke_runs_every_figure_for_service_floor_and_relay_floor(tmp_pat
         assert figures["api"]["list_failed"] == figures["api"]["get_failed"] == 0
 
 
+@pytest.mark.system  # PostgreSQL
 def test_bench_smoke_runs_every_production_figure_beside_the_sqlite_service(tmp_path: Path) -> None:
     """``--targets production``: PostgreSQL, the PostgREST stand-in and the service on them start and stop, every
     production figure produces numbers, and the SQLite service runs the figures they are compared with."""

@@ -30,6 +30,8 @@ from settings import Settings
 from tests.scripted_model import ScriptedModel
 from tests.support import LiveServer, free_port, make_settings, new_id, serve
 
+pytestmark = pytest.mark.system  # a real nginx
+
 SITE = Path(__file__).resolve().parent.parent / "deploy" / "nginx" / "canvalo.conf"
 PIECES, PAUSE = 12, 0.1  # the answer takes about 1.1 s to produce
 
@@ -243,6 +245,96 @@ def test_refusals_made_by_nginx_use_the_error_envelope(tmp_path: Path, backend: 
     assert refused, "the edge limit never refused"
     assert refused[0].json()["error"]["code"] == "RATE_LIMIT_EXCEEDED"
     assert refused[0].headers["retry-after"] == "1"
+
+
+# -- README's steps on Debian's stock nginx ----------------------------------------------------------------------------
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+STOCK = Path("/etc/nginx")  # the nginx package's own configuration (tests/install-system-packages.sh installs it)
+
+
+def stock_debian_nginx(root: Path, port: int) -> Path:
+    """Debian's stock configuration copied under ``root``: its nginx.conf (which includes conf.d/*.conf, then
+    sites-enabled/*) and its default site, enabled. Only what cannot be used here is moved: paths under /etc/nginx,
+    the pid and log files, and port 80 (to 127.0.0.1:``port``; the IPv6 listen is dropped). Fails if a line to move
+    is not there: then this is not Debian's layout."""
+    etc = root / "etc" / "nginx"
+    etc.mkdir(parents=True)
+    shutil.copy(STOCK / "mime.types", etc)
+    shutil.copytree(STOCK / "modules-enabled", etc / "modules-enabled", symlinks=True)
+    for empty in ("conf.d", "sites-available", "sites-enabled"):
+        (etc / empty).mkdir()
+    (etc / "sites-enabled" / "default").symlink_to(etc / "sites-available" / "default")
+    moved = {
+        "nginx.conf": [("/etc/nginx/", f"{etc}/"), ("pid /run/nginx.pid;", f"pid {root}/nginx.pid;"),
+                       ("/var/log/nginx/", f"{root}/"),
+                       # Temporary files where this user can write them (the package's are root's).
+                       ("http {", f"http {{ client_body_temp_path {root}/body; proxy_temp_path {root}/proxy;")],
+        "sites-available/default": [("listen 80 default_server;", f"listen 127.0.0.1:{port} default_server;"),
+                                    ("listen [::]:80 default_server;", "")],
+    }
+    for name, replacements in moved.items():
+        text = (STOCK / name).read_text()
+        for stock, here in replacements:
+            assert stock in text, f"{STOCK / name} has no {stock!r}: not Debian's stock nginx"
+            text = text.replace(stock, here)
+        (etc / name).write_text(text)
+    return etc
+
+
+def nginx_steps(etc: Path, site: Path) -> str:
+    """README's steps, with /etc/nginx at ``etc``, the shipped file as ``site`` (its addresses set), no sudo, and no
+    systemctl: the test starts nginx itself once the steps have run."""
+    steps = README.split("**nginx.**", 1)[1]
+    found = re.search(r"```bash\n(.*?)```", steps, re.S)
+    assert found is not None
+    script = found.group(1).replace("/etc/nginx", str(etc)).replace("deploy/nginx/canvalo.conf", str(site))
+    script = script.replace("nginx -t", f"{nginx_binary()} -e {etc.parent.parent}/error.log -c {etc}/nginx.conf -t")
+    assert "systemctl reload nginx" in script
+    return script.replace("systemctl reload nginx", "true").replace("sudo ", "")
+
+
+def health_through(etc: Path, port: int) -> tuple[httpx.Response, httpx.Response]:
+    """nginx started on ``etc``'s configuration: /health asked as 127.0.0.1 and as the API's host name."""
+    process = subprocess.Popen([nginx_binary(), "-e", f"{etc.parent.parent}/error.log", "-c", str(etc / "nginx.conf"),
+                                "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            assert process.poll() is None and time.monotonic() < deadline, "nginx did not start"
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{port}/health"
+        return httpx.get(url, timeout=10), httpx.get(url, headers={"Host": "chat.example.com"}, timeout=10)
+    finally:
+        process.send_signal(signal.SIGQUIT)
+        process.wait(timeout=10)
+
+
+def test_readmes_steps_on_stock_debian_nginx_serve_the_api(tmp_path: Path, backend: LiveServer) -> None:
+    port = free_port()
+    etc = stock_debian_nginx(tmp_path, port)
+    site = tmp_path / "canvalo.conf"
+    site.write_text(render_site(int(backend.url.rsplit(":", 1)[1]), port))
+    steps = subprocess.run(["bash", "-euo", "pipefail", "-c", nginx_steps(etc, site)], capture_output=True, text=True,
+                           timeout=30)
+    assert steps.returncode == 0, steps.stderr
+    assert "test is successful" in steps.stderr and "conflicting server name" not in steps.stderr, steps.stderr
+    for answer in health_through(etc, port):
+        assert answer.status_code == 200 and answer.json()["status"] in ("healthy", "degraded"), answer.text
+
+
+def test_negative_control_the_site_in_conf_d_loses_to_debians_default_site(tmp_path: Path, backend: LiveServer) -> None:
+    """What README said before: the file in conf.d/, the default site left enabled. nginx's welcome site answers."""
+    port = free_port()
+    etc = stock_debian_nginx(tmp_path, port)
+    (etc / "conf.d" / "canvalo.conf").write_text(render_site(int(backend.url.rsplit(":", 1)[1]), port))
+    checked = subprocess.run([nginx_binary(), "-e", f"{tmp_path}/error.log", "-c", str(etc / "nginx.conf"), "-t"],
+                             capture_output=True, text=True, timeout=30)
+    assert "conflicting server name" in checked.stderr
+    for answer in health_through(etc, port):
+        assert answer.status_code == 404 and "nginx" in answer.text
 
 
 # -- one client cannot hold the edge ---------------------------------------------------------------------------------

@@ -386,6 +386,8 @@ def test_real_responses_match_the_document(
         renamed, _ = call("PATCH", "/api/conversations/{conversation_id}", one,
                           json={"user_id": user_id, "title": "Deck stain"})
         assert renamed.status_code == 200
+    loaded, _ = call("POST", "/api/dev/sample-data", json={"user_id": user_id})
+    assert loaded.status_code == 200 and loaded.json()["written"] > 0
     # Failures, each in the envelope of its status: (status, method, path, headers (None: the caller's), request).
     refusals: list[tuple[int, str, str, dict[str, str] | None, dict[str, Any]]] = [
         (409, "POST", "/api/chat/stream", None, {"json": {**chat_body, "message": "something else"}}),
@@ -572,6 +574,7 @@ def test_docs_is_one_self_contained_page_under_a_nonce_policy_in_every_environme
     assert "innerHTML" not in html and "eval(" not in html  # text goes in with textContent only
 
 
+@pytest.mark.system  # Chromium
 def test_docs_renders_every_operation_and_schema_in_a_browser(tmp_path: Path) -> None:
     from tests.test_playground import CHROMIUM, CHROMIUM_ARGS
 
@@ -597,6 +600,12 @@ def test_docs_renders_every_operation_and_schema_in_a_browser(tmp_path: Path) ->
             assert "ChatRequest" in chat.inner_text() and "StreamChunk" in chat.inner_text()
             listed = page.locator("#op-listConversations").inner_text()
             assert "limit" in listed and "1..100" in listed
+            # Descriptions are CommonMark: rendered, never shown as raw markup.
+            shown = page.evaluate("() => Array.from(document.querySelectorAll('.prose, td'), e => e.textContent)")
+            assert not [text for text in shown if "**" in text or "`" in text]
+            assert page.locator("#about strong").all_inner_texts()[:3] == ["Authentication.", "Errors.", "Streams."]
+            assert "Authorization: Bearer <Supabase access token>" in page.locator("#about code").all_inner_texts()
+            assert page.locator("#about p").count() == DOC["info"]["description"].strip().count("\n\n") + 1
         finally:
             browser.close()
     assert problems == []

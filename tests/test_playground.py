@@ -28,7 +28,7 @@ from starlette.testclient import TestClient
 
 from app import create_app
 from tests.scripted_model import ScriptedModel
-from tests.support import LiveServer, make_settings, serve
+from tests.support import LiveServer, make_settings, new_id, serve
 
 
 def _find_chromium() -> str | None:
@@ -42,9 +42,14 @@ def _find_chromium() -> str | None:
 CHROMIUM = _find_chromium()
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-browser_only = pytest.mark.skipif(
+_NO_CHROMIUM = pytest.mark.skipif(
     CHROMIUM is None, reason="no Chromium: /usr/bin/chromium is missing and none is on PATH (apt-get install chromium)"
 )
+
+
+def browser_only(test: Any) -> Any:
+    """A test in Chromium: a ``system`` test (``-m "not system"`` leaves it out), skipped without Chromium."""
+    return pytest.mark.system(_NO_CHROMIUM(test))
 
 # Astral characters (two UTF-16 units, one code point) all along: Stop must count what it shows as code points.
 PIECES = [f"w{i}{'🎨' if i % 4 == 0 else ''} " for i in range(79)] + ["done: ünïcødé."]
@@ -208,6 +213,83 @@ def test_stop_keeps_exactly_what_was_displayed(watched: Watched, live: LiveServe
     expect(page.locator("#send")).to_be_enabled()
 
 
+# -- who the page acts as, and its layout (the real built-in responder) ----------------------------------------------
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+WALK_THROUGH_USER = re.search(r"^USER_ID=(\S+)$", README.split("## Walk-through", 1)[1], re.M).group(1)  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def local_live(tmp_path: Path) -> Iterator[LiveServer]:
+    """Development, with the built-in local responder a newcomer has (no scripted model)."""
+    with serve(create_app(make_settings(tmp_path))) as server:
+        yield server
+
+
+@pytest.fixture
+def local_page(browser: Browser, local_live: LiveServer) -> Iterator[Watched]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(TIMEOUT_MS)
+    page = Watched(context.new_page())
+    page.page.goto(f"{local_live.url}/playground")
+    expect(page.page.locator("#status")).to_have_text("idle")
+    try:
+        yield page
+        page.assert_clean()
+    finally:
+        context.close()
+
+
+def ask_to_the_end(page: Page, message: str) -> str:
+    page.fill("#message", message)
+    page.click("#send")
+    expect(page.locator("#answer")).to_have_attribute("data-status", "complete")
+    return answer_text(page)
+
+
+@browser_only
+def test_the_walk_through_user_is_one_click_away_and_its_sample_data_loads(local_page: Watched) -> None:
+    page = local_page.page
+    assert user_of(page) != WALK_THROUGH_USER  # a new page invents its own user
+    page.click("#sample-user")
+    expect(page.locator("#user-id")).to_have_text(WALK_THROUGH_USER)
+    assert "INV-1043" not in ask_to_the_end(page, "What invoices do I have?")  # nothing loaded yet
+    expect(page.locator("#load-sample")).to_be_visible()  # development
+    page.click("#load-sample")
+    expect(page.locator("#user-note")).to_have_text("sample data: 16 records loaded, 0 already there")
+    assert "INV-1043" in ask_to_the_end(page, "What invoices do I have?")  # README's walk-through answer
+    page.click("#load-sample")  # idempotent, as the command-line loader
+    expect(page.locator("#user-note")).to_have_text("sample data: 0 records loaded, 16 already there")
+    # Any user id can be typed in; the walk-through user keeps its conversation for when it comes back.
+    other = new_id()
+    page.fill("#pick-user", other.upper())
+    page.press("#pick-user", "Enter")
+    expect(page.locator("#user-id")).to_have_text(other)
+    expect(page.locator("#messages .msg")).to_have_count(0)
+    page.fill("#pick-user", "not-a-user")
+    page.press("#pick-user", "Enter")
+    expect(page.locator("#error")).to_contain_text("A user id is a UUID")
+    expect(page.locator("#user-id")).to_have_text(other)
+    page.click("#sample-user")
+    expect(page.locator("#answer")).to_contain_text("INV-1043")
+
+
+@browser_only
+def test_the_message_pane_scrolls_and_the_composer_stays_in_view(local_page: Watched) -> None:
+    page = local_page.page
+    for turn in range(10):  # in a 900 px window, about three turns fill the pane
+        ask_to_the_end(page, f"hello {turn}")
+    size = page.evaluate("() => ({page: document.documentElement.scrollHeight, window: window.innerHeight,"
+                         " pane: [document.querySelector('#messages').scrollHeight,"
+                         " document.querySelector('#messages').clientHeight]})")
+    assert size["page"] <= size["window"] == 900  # the page fits the window ...
+    assert size["pane"][0] > size["pane"][1]  # ... though the conversation is longer than its pane: the pane scrolls
+    for control in ("#message", "#send", "#stop", "#answer"):
+        box = page.locator(control).bounding_box()
+        assert box is not None and box["y"] >= 0 and box["y"] + box["height"] <= 900, (control, box)
+    expect(page.locator("#send")).to_be_enabled()
+
+
 # -- the route ----------------------------------------------------------------------------------------------------
 
 
@@ -243,6 +325,38 @@ def test_the_playground_is_not_found_outside_development_unless_enabled(tmp_path
         if status == 404:
             assert response.json()["error"]["code"] == "NOT_FOUND"
             assert "<script" not in response.text
+
+
+def test_sample_data_loads_for_the_caller_in_development_only(tmp_path: Path) -> None:
+    from tests.support import chunks
+    from tests.tokens import TEST_JWT_SECRET, bearer, mint
+
+    development = make_settings(tmp_path)
+    production = dataclasses.replace(development, environment="production")
+    user, refused_user = new_id(), new_id()
+    for settings in (production, dataclasses.replace(production, playground=True)):  # writes, so never there
+        with TestClient(create_app(settings)) as client:
+            response = client.post("/api/dev/sample-data", json={"user_id": refused_user})
+        assert response.status_code == 404 and response.json()["error"]["code"] == "NOT_FOUND"
+    with TestClient(create_app(development)) as client:
+        first = client.post("/api/dev/sample-data", json={"user_id": user})
+        again = client.post("/api/dev/sample-data", json={"user_id": user})
+        invalid = client.post("/api/dev/sample-data", json={"user_id": "nobody"})
+        answer = client.post("/api/chat/stream", json={"message": "What invoices do I have?", "user_id": user,
+                                                        "conversation_id": new_id()})
+        untouched = client.post("/api/dev/sample-data", json={"user_id": refused_user}).json()
+    assert first.status_code == 200 and first.json() == {"status": "loaded", "user_id": user, "written": 16,
+                                                         "existing": 0}
+    assert again.json() == {"status": "loaded", "user_id": user, "written": 0, "existing": 16}  # idempotent
+    assert invalid.status_code == 422
+    assert "INV-1043" in "".join(c.get("content") or "" for c in chunks(answer.text))  # what the walk-through shows
+    assert untouched["written"] == 16  # production wrote nothing for its user
+    # With auth on it acts as the token's user only.
+    with TestClient(create_app(make_settings(tmp_path, SUPABASE_JWT_SECRET=TEST_JWT_SECRET))) as client:
+        anonymous = client.post("/api/dev/sample-data", json={"user_id": user})
+        someone_else = client.post("/api/dev/sample-data", json={"user_id": user}, headers=bearer(mint(new_id())))
+        own = client.post("/api/dev/sample-data", json={"user_id": user}, headers=bearer(mint(user)))
+    assert (anonymous.status_code, someone_else.status_code, own.status_code) == (401, 403, 200)
 
 
 @browser_only

@@ -1,18 +1,27 @@
 """README's commands as a newcomer pastes them: the walk-through runs as one block, and CI runs README's test command.
 
-The walk-through is taken from README itself and run with bash against a fresh database, on a free port instead of
-8000 (so a service already running here does not answer for it), with this interpreter as `.venv/bin/python`.
+The walk-through is taken from README itself and run with bash against a fresh database, beside a running quick-start
+server (as a newcomer has one), on a free port instead of its own 8001, with this interpreter as `.venv/bin/python`.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 import re
+import shlex
+import shutil
 import subprocess
+import socket
 import sys
+import time
 from pathlib import Path
 
-from tests.support import free_port
+import httpx
+import pytest
+
+from tests.support import free_port, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -25,20 +34,75 @@ def fenced_block_after(heading: str) -> str:
     return found.group(1)
 
 
-def test_the_walk_through_runs_as_pasted(tmp_path: Path) -> None:
-    port = free_port()
-    script = fenced_block_after("## Walk-through").replace("localhost:8000", f"localhost:{port}")
-    script = script.replace(".venv/bin/python", sys.executable)
-    script = "trap 'kill ${APP_PID:-} 2>/dev/null || true' EXIT\n" + script  # no server left behind if a step fails
-    env = {**os.environ, "API_PORT": str(port), "SQLITE_PATH": str(tmp_path / "canvalo.db"), "LOG_LEVEL": "WARNING",
-           "LOCAL_TOKEN_DELAY": "0"}
-    completed = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, env=env, capture_output=True,
-                               text=True, timeout=60)
+WALK_THROUGH = fenced_block_after("## Walk-through")
+QUICK_START_PORT = 8000  # the port README's quick start (python app.py) holds
+
+
+def walk_through(port: int) -> str:
+    """The walk-through as pasted, its own port (README's 8001) moved to ``port`` so parallel runs do not meet, and
+    this interpreter as ``.venv/bin/python``."""
+    assert WALK_THROUGH.count("PORT=8001") == 1 and f":{QUICK_START_PORT}" not in WALK_THROUGH
+    return WALK_THROUGH.replace("PORT=8001", f"PORT={port}").replace(".venv/bin/python", sys.executable)
+
+
+def run_bash(script: str, env: dict[str, str], *options: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", *options, "-c", script], cwd=ROOT, env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_the_walk_through_runs_as_pasted_beside_the_quick_starts_server(tmp_path: Path) -> None:
+    """The quick start's server still runs (on its port, with its own database here, so the answers show which
+    server gave them): the walk-through starts its own beside it, talks to that one, and its kill stops it."""
+    quick_port, port = free_port(), free_port()
+    # The environment a newcomer's shell has: nothing set, so python app.py means API_PORT's default, which the quick
+    # start's server holds (quick_port stands in for 8000 here).
+    shell = {"API_PORT": str(quick_port), "LOG_LEVEL": "WARNING", "LOCAL_TOKEN_DELAY": "0"}
+    quick_start = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT,
+                                   env={**os.environ, **shell, "SQLITE_PATH": str(tmp_path / "quick.db")},
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until_healthy(f"http://127.0.0.1:{quick_port}", quick_start)
+        script = "trap 'kill ${APP_PID:-} 2>/dev/null || true' EXIT\n" + walk_through(port)  # none left if a step fails
+        completed = run_bash(script, {**shell, "SQLITE_PATH": str(tmp_path / "walk.db")}, "-euo", "pipefail")
+        assert quick_start.poll() is None and httpx.get(f"http://127.0.0.1:{quick_port}/health").status_code == 200
+    finally:
+        quick_start.terminate()
+        quick_start.wait(timeout=20)
+    # bash -e: every step succeeded, kill $APP_PID included (its server was still there to stop).
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+    assert "already in use" not in completed.stderr
     out = completed.stdout
     assert '"status":"healthy"' in out or '"status":"degraded"' in out  # the health check ran after startup
-    assert '"type":"complete"' in out and "INV-1043" in out  # the answer came from the sample rows
+    # The sample rows are only in the walk-through's database: its own server answered.
+    assert '"type":"complete"' in out and "INV-1043" in out
     assert '"status":"deleted"' in out
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)  # kill stopped it
+
+
+def test_the_walk_throughs_wait_ends_when_its_server_cannot_start(tmp_path: Path) -> None:
+    """Its port taken: the server says so in one line and stops, and the wait ends then, not never."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))  # bound, not listening: the server cannot bind it, and curl is refused at once
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        completed = run_bash(walk_through(port), {"SQLITE_PATH": str(tmp_path / "walk.db")}, timeout=30)
+        took = time.monotonic() - started
+    assert f"API_PORT {port} on API_HOST 127.0.0.1 is already in use" in completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert took < 10, took  # under the wait's 10 s alone: it stopped waiting once the server had stopped
+
+
+def test_the_walk_throughs_wait_gives_up_after_ten_seconds() -> None:
+    """A server that runs but never answers: the wait loop stops after its 50 tries."""
+    loop = re.search(r"^for i in .*?^done$", WALK_THROUGH, re.M | re.S)
+    assert loop is not None
+    script = f"PORT={free_port()}\nsleep 60 & APP_PID=$!\n{loop.group(0)}\nkill $APP_PID"
+    started = time.monotonic()
+    completed = run_bash(script, {}, timeout=40)
+    took = time.monotonic() - started
+    assert completed.returncode == 0, completed.stderr
+    assert 9 <= took < 25, took
 
 
 def test_ci_runs_the_readme_test_command_exactly() -> None:
@@ -46,6 +110,79 @@ def test_ci_runs_the_readme_test_command_exactly() -> None:
     assert "\n" not in command  # one command
     ci = (ROOT / ".ci" / "run").read_text()
     assert command in ci.splitlines()
+
+
+FAKE_APT = """#!/bin/sh
+# Records what it was asked, and prints what apt prints, so the test sees whether the script shows it.
+echo "$*" >> "$APT_LOG"
+case "$*" in
+  *update*) echo "Hit:1 fake-mirror bookworm InRelease" ;;
+  *install*) echo "Unpacking fake-package"; echo "Setting up fake-package" ;;
+esac
+"""
+
+
+def test_the_system_package_step_says_what_it_is_doing(tmp_path: Path) -> None:
+    """A fresh machine: apt-get runs for minutes, so each step is announced before it starts and apt's own progress
+    lines are shown (apt-get and sudo are fakes here; chromium is "missing" because PATH has only the fakes)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("apt-get", "sudo"):
+        (bin_dir / name).write_text(FAKE_APT if name == "apt-get" else '#!/bin/sh\nexec "$@"\n')
+        (bin_dir / name).chmod(0o755)
+    for tool in ("ls", "id"):
+        (bin_dir / tool).symlink_to(shutil.which(tool) or f"/bin/{tool}")
+    env = {"PATH": str(bin_dir), "APT_LOG": str(tmp_path / "apt.log")}
+    completed = subprocess.run(["/bin/sh", "tests/install-system-packages.sh"], cwd=ROOT, env=env, timeout=30,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert completed.returncode == 0, completed.stdout
+    lines = completed.stdout.splitlines()
+    calls = (tmp_path / "apt.log").read_text().splitlines()
+    assert [call.split()[0] for call in calls] == ["update", "install"] and "chromium" in calls[1]
+
+    def before(announced: str, shown: str) -> bool:
+        said = [i for i, line in enumerate(lines) if line.startswith("tests:") and announced in line]
+        return bool(said) and shown in lines and said[0] < lines.index(shown)
+
+    assert before("apt-get update", "Hit:1 fake-mirror bookworm InRelease")
+    assert before("apt-get install chromium", "Unpacking fake-package")  # apt's progress is shown, not discarded
+    assert "installed chromium" in lines[-1]
+
+
+def _collected(*args: str) -> set[str]:
+    completed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:randomly", *args],
+                               cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+    # Tests named by function, plus whether a variant runs on Supabase (some parameter ids are random per run).
+    return {_variant(line) for line in completed.stdout.splitlines() if "::" in line}
+
+
+def _variant(node: str) -> str:
+    """A test run once per store has the store as its first parameter id: ``[supabase]``, ``[supabase-...]``."""
+    function, _, params = node.partition("[")
+    return function + ("[supabase]" if params.split("-")[0].rstrip("]") == "supabase" else "")
+
+
+def _needs_chromium(node: str) -> bool:
+    """Read from the test's own source: it drives a browser (the playground's fixtures, or Playwright itself)."""
+    path, name = node.split("::")[0], node.split("::")[1].split("[")[0]
+    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    source = inspect.getsource(getattr(module, name))
+    return any(word in source for word in ("watched", "browser", "sync_playwright"))
+
+
+def test_the_quick_command_leaves_out_every_test_needing_postgresql_nginx_or_chromium() -> None:
+    command = shlex.split(fenced_block_after("While iterating").strip())
+    assert command[:4] == [".venv/bin/python", "-m", "pytest", "-q"]
+    quick, every = _collected(*command[4:]), _collected()
+    assert quick < every and len(quick) > len(every) / 2
+    left_out = every - quick
+    for node in every:
+        postgresql = node.endswith("[supabase]") or node.startswith("tests/test_data_api.py")
+        nginx = node.startswith("tests/test_nginx.py")
+        chromium = node.startswith(("tests/test_playground.py", "tests/test_openapi.py")) and _needs_chromium(node)
+        if postgresql or nginx or chromium:
+            assert node in left_out, node
 
 
 def test_the_layout_names_every_module_of_the_service() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,8 +17,12 @@ import httpx
 import pytest
 
 from tests.support import free_port, make_settings, new_id, serve, wait_until_healthy
+from tests.tokens import encode
 
 ROOT = Path(__file__).resolve().parent.parent
+SUPABASE = {"STORE": "supabase", "SUPABASE_URL": "https://x.supabase.co"}
+SECRET_KEY = "sb_secret_0123456789abcdef"
+SERVICE_ROLE_KEY = encode({"role": "service_role", "iss": "supabase"})
 
 
 def run_app(env: dict[str, str], *args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
@@ -51,12 +56,46 @@ def test_a_port_in_use_is_one_line_naming_api_port_before_anything_starts(tmp_pa
         ({"STORE": "supabase"}, "SUPABASE_URL"),
         ({"SUPABASE_URL": "not-a-url"}, "SUPABASE_URL"),
         ({"SUPABASE_URL": "https://x.supabase.co?x=1"}, "SUPABASE_URL"),
+        ({"STORE": "supabase", "SUPABASE_URL": "https://x.supabase.co"}, "SUPABASE_PUBLISHABLE_KEY"),
+        # A secret key bypasses row-level security: refused before anything starts, like every other setting.
+        ({**SUPABASE, "SUPABASE_PUBLISHABLE_KEY": SECRET_KEY}, "SUPABASE_PUBLISHABLE_KEY holds a secret"),
+        ({**SUPABASE, "SUPABASE_PUBLISHABLE_KEY": "", "SUPABASE_ANON_KEY": SERVICE_ROLE_KEY},
+         "SUPABASE_ANON_KEY holds a secret or service-role key"),
     ],
 )
 def test_a_store_that_cannot_work_is_one_line_in_development_too(env: dict[str, str], named: str) -> None:
     completed = run_app({"ENVIRONMENT": "development", **env})
     assert completed.returncode == 2
-    assert named in one_line(completed)
+    line = one_line(completed)
+    assert named in line
+    assert SECRET_KEY not in completed.stderr and SERVICE_ROLE_KEY not in completed.stderr
+
+
+def test_production_names_every_problem_in_one_line() -> None:
+    completed = run_app({"ENVIRONMENT": "production"})
+    assert completed.returncode == 2
+    line = one_line(completed)
+    for named in ("SUPABASE_JWT_SECRET", "SUPABASE_URL", "SUPABASE_PUBLISHABLE_KEY", "CORS_ORIGINS",
+                  "LLM_PROVIDER=bedrock", "STORE=supabase"):
+        assert named in line, named
+
+
+def test_ctrl_c_stops_the_service_quietly(tmp_path: Path) -> None:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=tmp_path,
+                               env={**os.environ, "API_PORT": str(port), "LOG_LEVEL": "INFO"},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until_healthy(f"http://127.0.0.1:{port}", process)
+        process.send_signal(signal.SIGINT)  # what Ctrl-C sends to the terminal's foreground process
+        output, errors = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert "Traceback" not in errors and "KeyboardInterrupt" not in errors, errors
+    assert "Finished server process" in errors  # it shut down as on SIGTERM, its runs saved
+    assert process.returncode == 130  # 128 + SIGINT: what a shell expects of a program stopped by Ctrl-C
 
 
 def test_without_the_dependencies_it_says_to_install_requirements() -> None:

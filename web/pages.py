@@ -1,4 +1,5 @@
-"""The service's own pages (``web/*.html``: the playground and the API reference), each served under a fresh nonce."""
+"""The service's own pages (``web/*.html``: the playground and the API reference), each served under a fresh nonce,
+and the playground's development helper: the walk-through's sample records loaded for its user."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import os
 import secrets
 
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from errors import NotFound
+from services.store import sample_data
 from settings import Settings
+from web import inputs
+from web.caller import caller_of, read_body
 
 WEB_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -20,6 +24,18 @@ async def playground(request: Request) -> Response:
     if settings.environment != "development" and not settings.playground:
         raise NotFound()
     return page("playground.html")
+
+
+async def load_sample_data(request: Request) -> Response:
+    """README's walk-through records (``services/store/sample_data.py``) for the caller, so the playground can ask
+    about real rows. Development only: 404 in production, whatever PLAYGROUND says, since it writes records."""
+    settings: Settings = request.state.settings
+    if settings.environment != "development":
+        raise NotFound()
+    user_id = inputs.LOAD_SAMPLE_DATA.given(request, await read_body(request))["user_id"]
+    caller = await caller_of(request, user_id)
+    written, existing = await sample_data.load(request.state.store, caller)
+    return JSONResponse({"status": "loaded", "user_id": user_id, "written": written, "existing": existing})
 
 
 async def docs(request: Request) -> Response:

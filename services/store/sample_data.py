@@ -4,7 +4,8 @@
 
 loads a few records into every domain's table of the configured store (``SQLITE_PATH`` on the embedded default;
 with ``STORE=supabase`` set ``ACCESS_TOKEN`` to that user's JWT, since rows are written as the user). Running it twice
-adds nothing: record ids are derived from the user id, so inserts are idempotent.
+adds nothing: record ids are derived from the user id, so inserts are idempotent. The playground's Load sample data
+(``POST /api/dev/sample-data``, development only; ``web/pages.py``) calls ``load`` too.
 """
 
 from __future__ import annotations

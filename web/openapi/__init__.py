@@ -60,6 +60,7 @@ def document(version: str) -> dict[str, Any]:
             {"name": "actions", "description": "Changes the assistant prepared, confirmed by the user."},
             {"name": "service"},
             {"name": "pages"},
+            {"name": "development", "description": "Helpers for trying the service; 404 in production."},
         ],
         "paths": paths.paths(),
         "components": {

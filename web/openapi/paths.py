@@ -149,4 +149,13 @@ def paths() -> dict[str, Schema]:
                 "for.",
             )
         },
+        "/api/dev/sample-data": {
+            "post": _api(
+                "loadSampleData", "development", "Load the walk-through's sample records", inputs.LOAD_SAMPLE_DATA,
+                json_ok("Loaded.", "SampleDataLoaded"), "404",
+                description="Invoices, appointments, projects and the rest, for the caller, as README's walk-through "
+                "loads them (the playground's Load sample data). Idempotent: records already there are kept. "
+                "Development only: 404 in production, whatever PLAYGROUND says.",
+            )
+        },
     }

@@ -142,6 +142,12 @@ def schemas() -> dict[str, Schema]:
             },
         },
         "Deleted": closed({"status": {"const": "deleted"}, "conversation_id": UUID}),
+        "SampleDataLoaded": closed({
+            "status": {"const": "loaded"},
+            "user_id": UUID,
+            "written": {"type": "integer", "minimum": 0, "description": "Sample records the user did not have yet."},
+            "existing": {"type": "integer", "minimum": 0, "description": "Sample records already there, kept as is."},
+        }),
         "ActionConfirmed": closed({
             "status": {"const": "done"},
             "action_id": UUID,

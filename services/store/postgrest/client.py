@@ -25,8 +25,6 @@ What this layer owns, so the store (conversations, business records, rate limits
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,7 +36,7 @@ from errors import AppError, Forbidden, NotFound, Unauthorized, UpstreamError, U
 from services.http_pool import Connections, PoolBusy, limits
 from services.retry import RetryPolicy, with_retry
 from services.store import Caller
-from settings import ConfigError, Settings
+from settings import ConfigError, Settings, is_privileged_key
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +91,7 @@ class PostgrestClient:
     ) -> None:
         if not supabase_url or not api_key:
             raise ConfigError("The Supabase store needs SUPABASE_URL and SUPABASE_PUBLISHABLE_KEY")
-        if _is_privileged_key(api_key):
+        if is_privileged_key(api_key):
             raise ConfigError(
                 "SUPABASE_PUBLISHABLE_KEY holds a secret or service-role key; user data is only read with the "
                 "publishable (or legacy anon) key and the user's own token"
@@ -380,17 +378,3 @@ def _seconds(value: str | None) -> float | None:
         return float(value) if value else None
     except ValueError:
         return None
-
-
-def _is_privileged_key(key: str) -> bool:
-    """``sb_secret_...`` or a legacy JWT key whose role is ``service_role``: both bypass row-level security."""
-    if key.startswith("sb_secret_"):
-        return True
-    parts = key.split(".")
-    if len(parts) != 3:
-        return False
-    try:
-        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except ValueError:
-        return False
-    return isinstance(payload, dict) and payload.get("role") == "service_role"
