@@ -34,7 +34,6 @@ import socket
 from collections.abc import AsyncIterator
 from typing import Any, TypedDict
 
-import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -48,7 +47,7 @@ from services.auth.authenticator import Authenticator, build_authenticator
 from services.metrics import Metrics
 from services.model import ChatModel
 from services.model.build import build_model
-from services.ratelimit import LimitStore, RateLimiter
+from services.ratelimit import RateLimiter
 from services.runs.manager import RunManager, shutdown_frame
 from services.store import Store, utc_now
 from services.store.build import build_store, store_location
@@ -383,26 +382,9 @@ async def _open_metrics_and_limits(
     settings: Settings, store: Store, stack: contextlib.AsyncExitStack
 ) -> tuple[Metrics, RateLimiter]:
     """The metrics (snapshotted to METRICS_DIR in the background) and the rate limiter over the shared store."""
-    registry = Metrics(settings.metrics_dir)
-    stack.callback(registry.flush_quietly)  # runs last on exit: this worker's final numbers stay in the merge
-    group = await stack.enter_async_context(anyio.create_task_group())
-    group.start_soon(registry.flush_periodically)
-    stack.callback(group.cancel_scope.cancel)
+    registry = await stack.enter_async_context(Metrics(settings.metrics_dir).snapshotting())
     store.set_query_observer(registry.store_call)
-    limit_store = store if isinstance(store, LimitStore) else None
-    if limit_store is None:
-        if settings.environment == "production":
-            raise ConfigError(f"STORE={store.kind} cannot enforce shared rate limits yet (no rate_limit_hit)")
-        logger.warning("Rate limits are off: store %s keeps no shared limit state", store.kind)
-    limiter = RateLimiter(
-        limit_store,
-        registry,
-        chat_per_window=settings.rate_limit_chat_per_minute,
-        api_per_window=settings.rate_limit_api_per_minute,
-        streams_per_user=settings.max_streams_per_user,
-        window_seconds=settings.rate_limit_window_seconds,
-    )
-    return registry, limiter
+    return registry, RateLimiter(store, registry, settings)
 
 
 def configure_logging(level: str) -> None:

@@ -49,27 +49,16 @@ class AppError(Exception):
     retryable = True
 
     def __init__(
-        self,
-        message: str | None = None,
-        *,
-        code: str | None = None,
-        user_message: str | None = None,
-        suggested_actions: tuple[str, ...] | None = None,
-        retryable: bool | None = None,
-        retry_after: float | None = None,
-        details: dict[str, Any] | None = None,
+        self, message: str | None = None, *, code: str | None = None, user_message: str | None = None,
+        suggested_actions: tuple[str, ...] | None = None, retryable: bool | None = None,
+        retry_after: float | None = None, details: dict[str, Any] | None = None
     ) -> None:
         # Instance values shadow the class defaults only where given, so subclasses stay declarative.
-        if message is not None:
-            self.message = message
-        if code is not None:
-            self.code = code
-        if user_message is not None:
-            self.user_message = user_message
-        if suggested_actions is not None:
-            self.suggested_actions = suggested_actions
-        if retryable is not None:
-            self.retryable = retryable
+        given = {"message": message, "code": code, "user_message": user_message,
+                 "suggested_actions": suggested_actions, "retryable": retryable}
+        for name, value in given.items():
+            if value is not None:
+                setattr(self, name, value)
         self.retry_after = retry_after
         # Extra keys for the envelope's ``error`` object (camelCase, like the rest of it), e.g. ``runId``.
         self.details = details or {}

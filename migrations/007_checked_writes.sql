@@ -851,8 +851,8 @@ begin
              where c.user_id = uid and m.words @@ query
         ),
         hits as (
-            select c.id, c.user_id, c.title, c.created_at, c.updated_at, c.last_message_at, c.message_count,
-                   c.metadata
+            -- Every column but the search words: a conversation reads as the table's select does (012 added one).
+            select c.*
               from api.agent_conversations c
              where c.id in (select matched.id from matched) and c.user_id = uid
         ),
@@ -869,7 +869,7 @@ begin
         )
         select pg_catalog.jsonb_build_object(
             'total', (select pg_catalog.count(*) from hits),
-            'rows', coalesce((select pg_catalog.jsonb_agg(pg_catalog.to_jsonb(o) - 'n' order by o.n)
+            'rows', coalesce((select pg_catalog.jsonb_agg(pg_catalog.to_jsonb(o) - 'n' - 'words' order by o.n)
                                 from ordered o
                                where o.n > p_offset and o.n <= p_offset + p_limit), '[]'::jsonb))
     );

@@ -59,8 +59,6 @@ class Domain:
         return self.required[0]
 
 
-SYSTEM_COLUMNS = ("id", "user_id", "created_at", "updated_at")
-
 _COMMON_RULES = (
     "Use your tools to read and change the user's records; never invent records, amounts or dates. "
     "Ask for any required field you do not have before creating a record. "
@@ -80,9 +78,7 @@ def _status(default: str, *values: str) -> Column:
 
 DOMAINS: tuple[Domain, ...] = (
     Domain(
-        agent_type="invoices",
-        table="invoices",
-        singular="invoice",
+        agent_type="invoices", table="invoices", singular="invoice",
         description="Invoices: amounts billed to clients, due dates, payments and balances.",
         instructions=_instructions("invoicing specialist"),
         columns=(
@@ -112,9 +108,7 @@ DOMAINS: tuple[Domain, ...] = (
         shown=("invoice_number", "client_name", "status", "total_amount", "amount_paid", "due_date", "paid_date"),
     ),
     Domain(
-        agent_type="appointments",
-        table="appointments",
-        singular="appointment",
+        agent_type="appointments", table="appointments", singular="appointment",
         description="Appointments: site visits, estimates and jobs on the calendar.",
         instructions=_instructions("scheduling specialist"),
         columns=(
@@ -136,9 +130,7 @@ DOMAINS: tuple[Domain, ...] = (
         shown=("title", "client_name", "status", "scheduled_date", "scheduled_time", "location"),
     ),
     Domain(
-        agent_type="projects",
-        table="projects",
-        singular="project",
+        agent_type="projects", table="projects", singular="project",
         description="Projects: painting jobs with their client, dates, budget and progress.",
         instructions=_instructions("project specialist"),
         columns=(
@@ -158,9 +150,7 @@ DOMAINS: tuple[Domain, ...] = (
         shown=("name", "client_name", "status", "start_date", "end_date", "budget"),
     ),
     Domain(
-        agent_type="proposals",
-        table="proposals",
-        singular="proposal",
+        agent_type="proposals", table="proposals", singular="proposal",
         description="Proposals and estimates sent to prospective clients.",
         instructions=_instructions("proposals specialist"),
         columns=(
@@ -179,9 +169,7 @@ DOMAINS: tuple[Domain, ...] = (
         shown=("title", "client_name", "status", "total_amount", "valid_until"),
     ),
     Domain(
-        agent_type="contacts",
-        table="contacts",
-        singular="contact",
+        agent_type="contacts", table="contacts", singular="contact",
         description="Contacts: clients, suppliers and leads with their details.",
         instructions=_instructions("contacts specialist"),
         columns=(
@@ -190,9 +178,7 @@ DOMAINS: tuple[Domain, ...] = (
             Column("phone"),
             Column("company"),
             Column("address"),
-            Column(
-                "contact_type", enum=("client", "supplier", "lead", "other"), default="client", description="Kind"
-            ),
+            Column("contact_type", enum=("client", "supplier", "lead", "other"), default="client", description="Kind"),
             Column("notes"),
         ),
         order_by=(("name", "asc"),),
@@ -201,9 +187,7 @@ DOMAINS: tuple[Domain, ...] = (
         shown=("name", "contact_type", "company", "email", "phone"),
     ),
     Domain(
-        agent_type="reviews",
-        table="reviews",
-        singular="review",
+        agent_type="reviews", table="reviews", singular="review",
         description="Reviews clients left, their ratings and the replies to them.",
         instructions=_instructions("reviews specialist"),
         columns=(
@@ -220,9 +204,7 @@ DOMAINS: tuple[Domain, ...] = (
         shown=("reviewer_name", "rating", "status", "source", "comment"),
     ),
     Domain(
-        agent_type="campaigns",
-        table="campaigns",
-        singular="campaign",
+        agent_type="campaigns", table="campaigns", singular="campaign",
         description="Marketing campaigns: email, SMS, social and direct mail.",
         instructions=_instructions("marketing specialist"),
         columns=(
@@ -240,9 +222,7 @@ DOMAINS: tuple[Domain, ...] = (
         shown=("name", "campaign_type", "status", "start_date", "end_date", "budget"),
     ),
     Domain(
-        agent_type="tasks",
-        table="tasks",
-        singular="task",
+        agent_type="tasks", table="tasks", singular="task",
         description="Tasks and to-dos, with priority, due date and project.",
         instructions=_instructions("task specialist"),
         columns=(
@@ -259,9 +239,7 @@ DOMAINS: tuple[Domain, ...] = (
         shown=("title", "status", "priority", "due_date"),
     ),
     Domain(
-        agent_type="settings",
-        table="goals",
-        singular="goal",
+        agent_type="settings", table="goals", singular="goal",
         description="Business goals and targets (revenue, projects, personal, team) and progress towards them.",
         instructions=_instructions("goals and settings specialist"),
         columns=(

@@ -25,6 +25,7 @@ bounded by the configuration.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
@@ -32,7 +33,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import anyio
@@ -55,13 +56,13 @@ class Counter:
 
     def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
         self.name, self.help, self.labelnames = name, help_text, tuple(labelnames)
-        self.values: dict[Labels, float] = {}
+        self.values: dict[Labels, Any] = {}  # per label set: the value (a histogram's: see ``Histogram``)
 
     def inc(self, *labels: str, amount: float = 1.0) -> None:
         self.values[labels] = self.values.get(labels, 0.0) + amount
 
     def get(self, *labels: str) -> float:
-        return self.values.get(labels, 0.0)
+        return float(self.values.get(labels, 0.0))
 
     def dump(self) -> list[list[Any]]:
         return [[list(labels), value] for labels, value in self.values.items()]
@@ -70,34 +71,22 @@ class Counter:
 class Gauge(Counter):
     kind = "gauge"
 
-    def set(self, value: float, *labels: str) -> None:
-        self.values[labels] = value
 
+class Histogram(Counter):
+    """Per label set, its values are non-cumulative counts per bucket (the last one is +Inf), then the sum of the
+    observations."""
 
-class Histogram:
     kind = "histogram"
 
     def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = (), buckets: Sequence[float] = ()) -> None:
-        self.name, self.help, self.labelnames = name, help_text, tuple(labelnames)
+        super().__init__(name, help_text, labelnames)
         self.buckets = tuple(buckets)
-        # Per label set: non-cumulative counts per bucket (last one is +Inf), then the sum of observations.
-        self.values: dict[Labels, list[float]] = {}
 
     def observe(self, value: float, *labels: str) -> None:
         row = self.values.setdefault(labels, [0.0] * (len(self.buckets) + 2))
         index = next((i for i, bound in enumerate(self.buckets) if value <= bound), len(self.buckets))
         row[index] += 1
         row[-1] += value
-
-    def count(self, *labels: str) -> float:
-        row = self.values.get(labels)
-        return sum(row[:-1]) if row else 0.0
-
-    def dump(self) -> list[list[Any]]:
-        return [[list(labels), row] for labels, row in self.values.items()]
-
-
-Metric = Counter | Gauge | Histogram
 
 
 class Metrics:
@@ -142,19 +131,12 @@ class Metrics:
         self.rate_limited = Counter(
             "canvalo_rate_limit_rejections_total", "Requests refused with 429, by limit (chat, api, streams).", ("limit",)
         )
-        self.all: list[Metric] = [
-            self.http_requests, self.http_duration, self.open_streams, self.stream_duration, self.first_token,
-            self.llm_tokens, self.llm_requests, self.llm_errors, self.retries, self.store_duration,
-            self.rate_limited,
-        ]
-
-    # -- recording (small named helpers, so callers need not know label order) ----------------------------------
+        # Every metric above, in the order they are exposed.
+        self.all: list[Counter] = [value for value in vars(self).values() if isinstance(value, Counter)]
 
     def store_call(self, store: str, operation: str, seconds: float) -> None:
+        """The stores' query observer (``services.store.QueryObserver``)."""
         self.store_duration.observe(seconds, store, operation)
-
-    def retry(self, code: str) -> None:
-        self.retries.inc(code)
 
     # -- snapshots and exposition ------------------------------------------------------------------------------
 
@@ -172,7 +154,19 @@ class Metrics:
             json.dump(self.snapshot(), handle, separators=(",", ":"))
         os.replace(temporary, path)
 
-    async def flush_periodically(self) -> None:
+    @contextlib.asynccontextmanager
+    async def snapshotting(self) -> AsyncIterator[Metrics]:
+        """This worker's snapshot written every ``FLUSH_SECONDS`` while open, and once more when it closes, so its
+        final numbers stay in the merge."""
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._flush_periodically)
+                yield self
+                group.cancel_scope.cancel()
+        finally:
+            self.flush_quietly()
+
+    async def _flush_periodically(self) -> None:
         while True:
             await anyio.sleep(FLUSH_SECONDS)
             self.flush_quietly()
@@ -209,7 +203,7 @@ class Metrics:
         return snapshots
 
 
-def _merge(metric: Metric, dumps: Iterable[list[list[Any]]]) -> dict[Labels, Any]:
+def _merge(metric: Counter, dumps: Iterable[list[list[Any]]]) -> dict[Labels, Any]:
     merged: dict[Labels, Any] = {}
     for dump in dumps:
         for labels, value in dump:
@@ -224,7 +218,7 @@ def _merge(metric: Metric, dumps: Iterable[list[list[Any]]]) -> dict[Labels, Any
     return merged
 
 
-def _exposition(metric: Metric, merged: dict[Labels, Any]) -> list[str]:
+def _exposition(metric: Counter, merged: dict[Labels, Any]) -> list[str]:
     lines = [f"# HELP {metric.name} {metric.help}", f"# TYPE {metric.name} {metric.kind}"]
     for labels, value in sorted(merged.items()):
         pairs = list(zip(metric.labelnames, labels, strict=True))
@@ -260,7 +254,7 @@ current: contextvars.ContextVar[Metrics | None] = contextvars.ContextVar("canval
 def record_retry(code: str) -> None:
     metrics = current.get()
     if metrics is not None:
-        metrics.retry(code)
+        metrics.retries.inc(code)
 
 
 def record_model_call(model_id: str, outcome: str) -> None:

@@ -24,7 +24,8 @@ from typing import Protocol, runtime_checkable
 
 from errors import RateLimited, UpstreamUnavailable
 from services.metrics import Metrics
-from services.store import Caller, RunBegun, TurnLimits
+from services.store import Caller, RunBegun, Store, TurnLimits
+from settings import ConfigError, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -46,33 +47,25 @@ class LimitStore(Protocol):
         A store that can only act as a signed-in user (PostgREST) returns ``(True, 0.0)`` for a caller without an
         access token; the edge (nginx ``limit_req``) limits anonymous traffic there.
         """
-        ...
 
 
 class RateLimiter:
-    def __init__(
-        self,
-        store: LimitStore | None,
-        metrics: Metrics,
-        *,
-        chat_per_window: int,
-        api_per_window: int,
-        streams_per_user: int,
-        window_seconds: int,
-    ) -> None:
-        self._store = store
+    def __init__(self, store: Store, metrics: Metrics, settings: Settings) -> None:
+        """The settings' limits, counted in ``store`` when it can keep them (``LimitStore``). One that cannot leaves
+        limits off, which production refuses."""
+        self._store = store if isinstance(store, LimitStore) else None
+        if self._store is None:
+            if settings.environment == "production":
+                raise ConfigError(f"STORE={store.kind} cannot enforce shared rate limits yet (no rate_limit_hit)")
+            logger.warning("Rate limits are off: store %s keeps no shared limit state", store.kind)
         self._metrics = metrics
-        self._chat_limit = chat_per_window
-        self._api_limit = api_per_window
-        self._stream_limit = streams_per_user
-        self._window = window_seconds
+        self._chat_limit = settings.rate_limit_chat_per_minute
+        self._api_limit = settings.rate_limit_api_per_minute
+        self._stream_limit = settings.max_streams_per_user
+        self._window = settings.rate_limit_window_seconds
         self._failures = WindowCounter()
         self._fallback = WindowCounter()
         self._fallback_logged = -FALLBACK_LOG_SECONDS
-
-    @property
-    def enabled(self) -> bool:
-        return self._store is not None
 
     async def admit(self, caller: Caller) -> None:
         """Count one ``/api`` request; raise ``RateLimited`` over the limit. Chat turns use ``turn_limits``."""
@@ -90,10 +83,8 @@ class RateLimiter:
         if begun.outcome == "rate_limited":
             return self._refusal("chat", self._chat_limit, begun.retry_after)
         return self._refusal(
-            "streams",
-            self._stream_limit,
-            begun.retry_after,
-            user_message="You already have the maximum number of answers in progress. Please wait for one to finish.",
+            "streams", self._stream_limit, begun.retry_after,
+            user_message="You already have the maximum number of answers in progress. Please wait for one to finish."
         )
 
     def check_address(self, address: str) -> None:
@@ -134,11 +125,8 @@ class RateLimiter:
         """A 429 that says which limit was hit (``chat``, ``api`` or ``streams``), counted in the metrics."""
         self._metrics.rate_limited.inc(name)
         return RateLimited(
-            LIMIT_MESSAGES[name],
-            user_message=user_message,
-            retry_after=max(1.0, retry_after),
-            details={"limit": name},
-            limit=limit,
+            LIMIT_MESSAGES[name], user_message=user_message, retry_after=max(1.0, retry_after), details={"limit": name},
+            limit=limit
         )
 
     def _log_fallback(self, code: str) -> None:

@@ -53,12 +53,8 @@ def is_retryable(error: AppError) -> bool:
 
 
 async def with_retry(
-    operation: Callable[[], Awaitable[T]],
-    policy: RetryPolicy,
-    *,
-    what: str,
-    retryable: Callable[[AppError], bool] = is_retryable,
-    on_retry: Callable[[AppError], None] | None = None,
+    operation: Callable[[], Awaitable[T]], policy: RetryPolicy, *, what: str,
+    retryable: Callable[[AppError], bool] = is_retryable
 ) -> T:
     """Await ``operation()``, retrying retryable ``AppError``s under ``policy``; the last error is re-raised."""
     deadline = time.monotonic() + policy.max_total
@@ -76,6 +72,4 @@ async def with_retry(
             )
             # Counted through the request's metrics context (services/metrics.py says why this is not an argument).
             record_retry(exc.code)
-            if on_retry is not None:
-                on_retry(exc)
             await anyio.sleep(delay)

@@ -13,7 +13,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from errors import Forbidden, Unauthorized, UpstreamUnavailable
-from services.auth.authenticator import SupabaseJWTAuth, TrustClaimedUser, authenticate, build_authenticator
+from services.auth.authenticator import Authenticator, SupabaseJWTAuth, TrustClaimedUser, build_authenticator, claimed_caller
+from services.store import Caller
 from services.auth.lookup import CACHE_MAX_SECONDS, NEGATIVE_CACHE_SECONDS, LookupBudget, SupabaseUserLookup
 from services.auth.tokens import HS256Verifier
 from services.retry import RetryPolicy
@@ -26,6 +27,11 @@ pytestmark = pytest.mark.anyio
 
 ISSUER = "https://project.supabase.co/auth/v1"
 FAST = RetryPolicy(attempts=3, base_delay=0, max_delay=0, max_total=5)
+
+
+async def authenticate(auth: Authenticator, authorization: str | None, claimed_user_id: str) -> Caller:
+    """What a request does (web/caller.py): ``verify``, then ``claimed_caller``."""
+    return claimed_caller(await auth.verify(authorization), claimed_user_id)
 
 
 def local_auth(issuer: str | None = ISSUER) -> SupabaseJWTAuth:

@@ -23,7 +23,6 @@ from web.fields import NOT_A_CURSOR, Given, invalid, uuid_value
 
 MAX_SEQ = 2**63 - 1  # SQLite's and PostgreSQL's bigint
 
-_BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
 _TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")  # services.store.TIMESTAMP_FORMAT
 
 

@@ -91,13 +91,8 @@ class Field:
 
     def parameter(self) -> Schema:
         """The OpenAPI parameter object of a path id, query parameter or header."""
-        return {
-            "name": self.name,
-            "in": self.where,
-            "required": self.required,
-            "description": self.description(),
-            "schema": self.schema(),
-        }
+        return {"name": self.name, "in": self.where, "required": self.required, "description": self.description(),
+                "schema": self.schema()}
 
     def description(self) -> str:
         text = self.doc.format(low=self.low, high=self.high, default=self.default, max_chars=self.max_chars)
@@ -207,10 +202,6 @@ def _type(name: str, nullable: bool) -> str | list[str]:
     return [name, "null"] if nullable else name
 
 
-def _uuid_schema(field: Field, nullable: bool) -> Schema:
-    return {"anyOf": [dict(UUID), NULL]} if nullable else dict(UUID)
-
-
 def _int_schema(field: Field, nullable: bool) -> Schema:
     schema: Schema = {"type": _type("integer", nullable), "minimum": field.low, "maximum": field.high}
     if field.default is not None:
@@ -219,17 +210,14 @@ def _int_schema(field: Field, nullable: bool) -> Schema:
 
 
 def _text_schema(field: Field, nullable: bool) -> Schema:
-    schema: Schema = {"type": _type("string", nullable)}
-    if not field.blank:
-        schema["minLength"] = 1
-    schema["maxLength"] = field.max_chars
-    if not field.blank:
-        schema["pattern"] = "\\S"  # not only whitespace
-    return schema
+    if field.blank:
+        return {"type": _type("string", nullable), "maxLength": field.max_chars}
+    # Not only whitespace.
+    return {"type": _type("string", nullable), "minLength": 1, "maxLength": field.max_chars, "pattern": "\\S"}
 
 
 _SCHEMAS: dict[str, Callable[[Field, bool], Schema]] = {
-    "uuid": _uuid_schema,
+    "uuid": lambda field, nullable: {"anyOf": [dict(UUID), NULL]} if nullable else dict(UUID),
     "int": _int_schema,
     "text": _text_schema,
     "choice": lambda field, nullable: {"enum": list(field.choices), "default": field.default},

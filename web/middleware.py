@@ -137,7 +137,8 @@ class BodyLimit:
             return
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            await _too_large(scope, receive, send)
+            error = PayloadTooLarge()
+            await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
             return
         seen = 0
 
@@ -151,8 +152,3 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited_receive, send)
-
-
-async def _too_large(scope: Scope, receive: Receive, send: Send) -> None:
-    error = PayloadTooLarge()
-    await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)

@@ -47,7 +47,6 @@ class Feed(Protocol):
     async def next_frames(self, after: int, timeout: float) -> tuple[str, int, bool]:
         """Frames after event ``after`` (waiting up to ``timeout`` for one), the new cursor, and whether the run
         is over with everything sent."""
-        ...
 
 
 class EventStreamResponse:
@@ -56,13 +55,8 @@ class EventStreamResponse:
     __slots__ = ("_after", "_feed", "_headers", "_ping_interval", "_shutdown_frame")
 
     def __init__(
-        self,
-        feed: Feed,
-        *,
-        after: int,
-        ping_interval: float,
-        shutdown_frame: str,
-        headers: list[tuple[bytes, bytes]] | None = None,
+        self, feed: Feed, *, after: int, ping_interval: float, shutdown_frame: str,
+        headers: list[tuple[bytes, bytes]] | None = None
     ) -> None:
         self._feed = feed
         self._after = after

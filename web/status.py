@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from typing import Any
-
 import anyio
-from starlette.datastructures import State
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -24,21 +21,10 @@ async def root(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    """Probes the store (a read and a write); says which store, model provider and auth mode are active, and whether
-    the model can answer. 503 when the store cannot read or write; ``degraded`` (200) when the model is not
-    configured. Nothing secret."""
-    body, status = await health_report(request.state, SERVICE_NAME, VERSION)
-    return JSONResponse(body, status_code=status)
-
-
-async def metrics(request: Request) -> Response:
-    """Prometheus text format. Off (404) unless METRICS_TOKEN is set; then it takes ``Authorization: Bearer``."""
-    return Response(metrics_text(request), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-
-async def health_report(state: State, service: str, version: str) -> tuple[dict[str, Any], int]:
-    """The store probed (a read, then a write, each within 3 s), which store, model provider and auth mode are
-    active, and whether the model can answer; 503 when the store cannot read or write."""
+    """Probes the store (a read, then a write, each within 3 s); says which store, model provider and auth mode are
+    active, and whether the model can answer. 503 when the store cannot read or write; ``degraded`` (200) when the
+    model is not configured. Nothing secret."""
+    state = request.state
     settings: Settings = state.settings
     model: ChatModel = state.model
     store: Store = state.store
@@ -48,8 +34,8 @@ async def health_report(state: State, service: str, version: str) -> tuple[dict[
     status = "unhealthy" if not store_ok else "healthy" if model.configured else "degraded"
     body = {
         "status": status,
-        "service": service,
-        "version": version,
+        "service": SERVICE_NAME,
+        "version": VERSION,
         "environment": settings.environment,
         # writable is null where the store cannot check it (Supabase: PostgREST acts only as signed-in users).
         "store": {"kind": store.kind, "reachable": readable, "readable": readable, "writable": writable},
@@ -67,7 +53,19 @@ async def health_report(state: State, service: str, version: str) -> tuple[dict[
         "supabase_configured": bool(settings.supabase_url),
         "bedrock_model": settings.bedrock_model_id if model.is_llm else None,
     }
-    return body, 200 if store_ok else 503
+    return JSONResponse(body, status_code=200 if store_ok else 503)
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus text format: this worker's metrics merged with the others', for a scraper holding METRICS_TOKEN
+    (``Authorization: Bearer``); 404 while it is unset."""
+    token = str(request.state.settings.metrics_token)
+    if not token:
+        raise NotFound()
+    supplied = request.headers.get("authorization", "").encode()
+    if not hmac.compare_digest(supplied, f"Bearer {token}".encode()):
+        raise Unauthorized("A valid metrics token is required.", code="INVALID_TOKEN")
+    return Response(request.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 async def _store_writable(store: Store) -> bool | None:
@@ -84,15 +82,3 @@ async def _store_reachable(store: Store) -> bool:
             return False
         return True
     return False
-
-
-def metrics_text(request: Request) -> str:
-    """This worker's metrics merged with the others', for a scraper holding METRICS_TOKEN; 404 while it is unset."""
-    token = str(request.state.settings.metrics_token)
-    if not token:
-        raise NotFound()
-    supplied = request.headers.get("authorization", "").encode()
-    if not hmac.compare_digest(supplied, f"Bearer {token}".encode()):
-        raise Unauthorized("A valid metrics token is required.", code="INVALID_TOKEN")
-    text: str = request.state.metrics.render()
-    return text

@@ -7,7 +7,7 @@ tool loop on the same conversation and its text streams straight to the client l
 ``agent_type``; nobody rewrites it afterwards (the earlier design ran a second LLM loop inside a tool and then had
 the supervisor regenerate its output, paying for the answer twice).
 
-The loop is bounded: at most ``max_iterations`` model calls per specialist and ``tool_seconds`` of tool time per
+The loop is bounded: at most ``MAX_ITERATIONS`` model calls per specialist and ``TOOL_SECONDS`` of tool time per
 turn. Tools run as the request's ``Caller`` through the store. A call that needs the user's confirmation (every
 update and every delete: ``services/agents/actions.py``) finishes with status ``confirmation_required``, and its
 ``tool_call`` chunk carries the pending action's id and the whole change (summary, before, changes) for the
@@ -26,12 +26,14 @@ import anyio
 from errors import UpstreamError
 from services.agents import actions
 from services.agents.tools import Tool, ToolResult, run_tool, tools_for
-from services.domains import DOMAINS, Domain
+from services.domains import BY_AGENT, DOMAINS, Domain
 from services.model import ChatModel, ModelEvent, ModelRequest, ModelUsed, Stop, TextDelta, ToolUse, Usage
 from services.store import Caller, Store
 
 SUPERVISOR = "supervisor"
 HANDOFF_TOOL = "transfer_to_specialist"
+MAX_ITERATIONS = 6  # model calls per specialist in one turn
+TOOL_SECONDS = 20.0  # tool time per turn
 
 # What the user is told when a model stops for a reason other than finishing its answer.
 STOP_NOTES = {
@@ -110,27 +112,12 @@ class AgentDone:
 AgentEvent = AgentText | AgentToolCall | AgentModel | AgentDone
 
 
-@dataclass(frozen=True, slots=True)
-class AgentLimits:
-    max_iterations: int = 6
-    tool_seconds: float = 20.0
-
-
 class Assistant:
-    def __init__(
-        self,
-        model: ChatModel,
-        store: Store,
-        domains: tuple[Domain, ...] = DOMAINS,
-        limits: AgentLimits = AgentLimits(),
-        action_ttl: float = actions.DEFAULT_TTL_SECONDS,
-    ) -> None:
+    def __init__(self, model: ChatModel, store: Store, action_ttl: float = actions.DEFAULT_TTL_SECONDS) -> None:
         self._model = model
         self._store = store
-        self._domains = {d.agent_type: d for d in domains}
-        self._tools = {d.agent_type: tools_for(d) for d in domains}
-        self._supervisor = ModelRequest(supervisor_prompt(domains), [], [handoff_spec(domains)])
-        self._limits = limits
+        self._tools = {d.agent_type: tools_for(d) for d in DOMAINS}
+        self._supervisor = ModelRequest(supervisor_prompt(DOMAINS), [], [handoff_spec(DOMAINS)])
         self._action_ttl = action_ttl
 
     async def respond(self, caller: Caller, turns: list[dict[str, Any]]) -> AsyncIterator[AgentEvent]:
@@ -143,7 +130,7 @@ class Assistant:
             elif isinstance(event, ModelUsed):
                 yield AgentModel(SUPERVISOR, event.model_id)
             elif event.name == HANDOFF_TOOL:
-                handoff = self._domains.get(str(event.input.get("agent")))
+                handoff = BY_AGENT.get(str(event.input.get("agent")))
         if handoff is None:
             note = STOP_NOTES.get(done.stop_reason) or (UNROUTED_NOTE if done.stop_reason == "tool_use" else "")
             if note:
@@ -162,8 +149,8 @@ class Assistant:
         tools = {tool.name: tool for tool in self._tools[domain.agent_type]}
         specs = [tool.spec() for tool in tools.values()]
         messages = list(turns)
-        tool_deadline = _Budget(self._limits.tool_seconds)
-        for _ in range(self._limits.max_iterations):
+        tools_until = time.monotonic() + TOOL_SECONDS  # the turn's tool time ends then
+        for _ in range(MAX_ITERATIONS):
             text: list[str] = []
             calls: list[ToolUse] = []
             async for event in self._call(ModelRequest(domain.instructions, messages, specs), done):
@@ -181,7 +168,7 @@ class Assistant:
             messages.append(_assistant_turn(text, calls))
             results = []
             for call in calls:
-                async for item in self._run_tool(caller, domain, tools.get(call.name), call, tool_deadline, done):
+                async for item in self._run_tool(caller, domain, tools.get(call.name), call, tools_until, done):
                     if isinstance(item, AgentToolCall):
                         yield item
                     else:
@@ -191,14 +178,14 @@ class Assistant:
         yield AgentText(domain.agent_type, LOOP_LIMIT_NOTE)
 
     async def _run_tool(
-        self, caller: Caller, domain: Domain, tool: Tool | None, call: ToolUse, budget: _Budget, done: AgentDone
+        self, caller: Caller, domain: Domain, tool: Tool | None, call: ToolUse, tools_until: float, done: AgentDone
     ) -> AsyncIterator[AgentToolCall | dict[str, Any]]:
         started = {"status": "started", "tool_use_id": call.tool_use_id, "agent": domain.agent_type}
         if tool is not None and tool.shows_arguments:
             started["arguments"] = call.input
         yield AgentToolCall(domain.agent_type, call.name, started)
         began = time.monotonic()
-        result = await self._execute(caller, tool, call, budget)
+        result = await self._execute(caller, tool, call, tools_until)
         duration_ms = round((time.monotonic() - began) * 1000)
         summary = {"name": call.name, "agent": domain.agent_type, "status": result.status, "duration_ms": duration_ms}
         if "action_id" in result.shown:  # kept with the answer, so a reloaded conversation can still offer Confirm
@@ -211,12 +198,13 @@ class Assistant:
         status = "error" if result.status == "error" else "success"
         yield {"toolResult": {"toolUseId": call.tool_use_id, "content": [{"json": result.content}], "status": status}}
 
-    async def _execute(self, caller: Caller, tool: Tool | None, call: ToolUse, budget: _Budget) -> ToolResult:
+    async def _execute(self, caller: Caller, tool: Tool | None, call: ToolUse, tools_until: float) -> ToolResult:
         if tool is None:
             return ToolResult("error", {"error": f"There is no tool named {call.name}."})
-        if budget.remaining() <= 0:
+        remaining = tools_until - time.monotonic()
+        if remaining <= 0:
             return ToolResult("error", {"error": "The time allowed for tools in this turn is used up."})
-        with anyio.move_on_after(budget.remaining()):
+        with anyio.move_on_after(remaining):
             return await run_tool(self._store, caller, tool, call.input, self._action_ttl)
         return ToolResult("error", {"error": "The tool took too long and was stopped."})
 
@@ -240,14 +228,6 @@ class Assistant:
                 done.stop_reason = event.reason
         if not done.stop_reason:
             raise UpstreamError("The model stream ended without a stop event.", code="MODEL_STREAM_INCOMPLETE")
-
-
-class _Budget:
-    def __init__(self, seconds: float) -> None:
-        self._deadline = time.monotonic() + seconds
-
-    def remaining(self) -> float:
-        return self._deadline - time.monotonic()
 
 
 def _assistant_turn(text: list[str], calls: list[ToolUse]) -> dict[str, Any]:

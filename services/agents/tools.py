@@ -312,8 +312,6 @@ async def _execute(store: Store, caller: Caller, tool: Tool, arguments: dict[str
         defaults = {c.name: c.default for c in domain.columns if c.default is not None}
         values = {**defaults, **{k: v for k, v in arguments.items() if v is not None}, "id": str(uuid.uuid4())}
         return {"created": _public(await store.insert_record(caller, domain, values))}
-    if tool.action == "update":
-        return {"updated": _public(await store.update_record(caller, domain, arguments["id"], arguments["changes"]))}
     raise ValueError(f"{tool.name} needs the user's confirmation")  # run_tool sends it to _prepare; never reached
 
 

@@ -54,7 +54,6 @@ class Authenticator(Protocol):
         """The caller the bearer token proves, or None when authentication is off; ``Unauthorized`` otherwise.
         Needs no request body, so it runs before one is read. ``before_remote`` runs (and may raise) just before a
         call to Supabase Auth, never when the token is checked locally or from the cache."""
-        ...
 
     async def aclose(self) -> None:
         ...
@@ -82,25 +81,13 @@ def claimed_caller(verified: Caller | None, claimed_user_id: str) -> Caller:
     return verified
 
 
-async def authenticate(
-    auth: Authenticator, authorization: str | None, claimed_user_id: str, before_remote: Callable[[], None] | None = None
-) -> Caller:
-    """``verify`` then ``claimed_caller``: the whole check for a request whose claimed user is already known."""
-    return claimed_caller(await auth.verify(authorization, before_remote), claimed_user_id)
-
-
 class SupabaseJWTAuth:
     """Bearer tokens from Supabase Auth: HS256 with the project's secret, and asymmetric ones with its published keys
     (``keys``) or, when configured so, by asking Supabase Auth (``remote``); all but the last verified here."""
 
     def __init__(
-        self,
-        *,
-        hs256: HS256Verifier | None,
-        issuer: str | None,
-        keys: SigningKeys | None = None,
-        remote: SupabaseUserLookup | None = None,
-        clock: Callable[[], float] = time.time,
+        self, *, hs256: HS256Verifier | None, issuer: str | None, keys: SigningKeys | None = None,
+        remote: SupabaseUserLookup | None = None, clock: Callable[[], float] = time.time
     ) -> None:
         if hs256 is None and keys is None and remote is None:
             raise ConfigError("JWT authentication needs SUPABASE_JWT_SECRET or SUPABASE_URL")

@@ -15,7 +15,6 @@ names its algorithm is used for that one only, so a token cannot pick how its ke
 
 from __future__ import annotations
 
-import base64
 import binascii
 import logging
 import time
@@ -29,9 +28,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from errors import AppError, UpstreamTimeout, UpstreamUnavailable
-from services.auth.tokens import invalid_token
-from services.http_pool import PoolBusy, Slots, limits
+from errors import AppError, UpstreamUnavailable
+from services.auth.lookup import AuthAPI
+from services.auth.tokens import b64url, invalid_token
 
 logger = logging.getLogger(__name__)
 
@@ -49,22 +48,12 @@ class SigningKeys:
     """The project's public signing keys by ``kid``, fetched from Supabase Auth and kept (see the module docstring)."""
 
     def __init__(
-        self,
-        supabase_url: str,
-        *,
-        api_key: str = "",
-        timeout: float = 10.0,
-        transport: httpx.AsyncBaseTransport | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        self, supabase_url: str, *, api_key: str = "", timeout: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self._http = httpx.AsyncClient(
-            base_url=supabase_url.rstrip("/") + "/auth/v1/",
-            headers={"apikey": api_key} if api_key else {},  # the key set is public; the gateway may want the key
-            timeout=httpx.Timeout(timeout, connect=min(5.0, timeout)),
-            limits=limits(1),
-            transport=transport,
-        )
-        self._slots = Slots(1, timeout)  # a request that leaves mid-fetch must not cost the client its connection
+        # One connection: the set is fetched by one request at a time. The key set is public; the gateway may want
+        # the API key.
+        self._api = AuthAPI(supabase_url, api_key, 1, timeout, transport)
         self._clock = clock
         self._keys: dict[str, tuple[str | None, PublicKey]] = {}  # kid -> (the algorithm it names, the key)
         self._fetched_at: float | None = None  # the last successful fetch
@@ -87,8 +76,7 @@ class SigningKeys:
             raise invalid_token() from None
 
     async def aclose(self) -> None:
-        await self._slots.aclose()
-        await self._http.aclose()
+        await self._api.aclose()
 
     # -- the key set ------------------------------------------------------------------------------------------------
 
@@ -100,7 +88,7 @@ class SigningKeys:
                     await self._fetch_keeping()
         if wanted not in self._keys and self._failed:
             # Perhaps a key published since the last fetch: that cannot be told until Supabase Auth answers.
-            raise UpstreamUnavailable("Supabase Auth's signing keys are unavailable.", code="AUTH_UNAVAILABLE")
+            raise _keys_unavailable()
 
     async def _fetch_keeping(self) -> None:
         self._tried_at = self._clock()
@@ -119,25 +107,22 @@ class SigningKeys:
         return stale or wanted not in self._keys
 
     async def _fetch(self) -> dict[str, tuple[str | None, PublicKey]]:
-        try:
-            response = await self._slots.run(lambda: self._http.get(".well-known/jwks.json"))
-        except PoolBusy as exc:
-            raise UpstreamUnavailable("Supabase Auth's signing keys are unavailable.", code="AUTH_UNAVAILABLE") from exc
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout("Supabase Auth did not answer in time.", code="AUTH_TIMEOUT") from exc
-        except httpx.TransportError as exc:
-            raise UpstreamUnavailable("Supabase Auth is unreachable.", code="AUTH_UNAVAILABLE") from exc
+        response = await self._api.get(".well-known/jwks.json", _keys_unavailable())
         if response.status_code != 200 or len(response.content) > MAX_BODY_BYTES:
             logger.warning("Supabase Auth answered %s for its signing keys", response.status_code)
-            raise UpstreamUnavailable("Supabase Auth's signing keys are unavailable.", code="AUTH_UNAVAILABLE")
+            raise _keys_unavailable()
         try:
             listed = response.json()["keys"]
         except (ValueError, KeyError, TypeError):
             listed = None
         if not isinstance(listed, list) or len(listed) > MAX_KEYS:
             logger.warning("Supabase Auth's signing key set is not one this service reads")
-            raise UpstreamUnavailable("Supabase Auth's signing keys are unavailable.", code="AUTH_UNAVAILABLE")
+            raise _keys_unavailable()
         return {kid: entry for kid, entry in (_read_key(jwk) for jwk in listed) if kid is not None}
+
+
+def _keys_unavailable() -> UpstreamUnavailable:
+    return UpstreamUnavailable("Supabase Auth's signing keys are unavailable.", code="AUTH_UNAVAILABLE")
 
 
 def _read_key(jwk: Any) -> tuple[str | None, tuple[str | None, PublicKey]] | tuple[None, None]:
@@ -174,17 +159,12 @@ def _check(algorithm: str, key: PublicKey, signing_input: bytes, signature: byte
 
 
 def _integer(value: str) -> int:
-    return int.from_bytes(_b64url(value), "big")
+    return int.from_bytes(b64url(value), "big")
 
 
 def _coordinate(value: str) -> int:
-    data = _b64url(value)
+    data = b64url(value)
     if len(data) != 32:
         raise ValueError("not a P-256 coordinate")
     return int.from_bytes(data, "big")
 
-
-def _b64url(value: str) -> bytes:
-    if not isinstance(value, str) or not value.isascii():
-        raise ValueError("not base64url")
-    return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))

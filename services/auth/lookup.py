@@ -1,6 +1,6 @@
 """Asking Supabase Auth who a token belongs to (``AUTH_VERIFY=remote``), without letting forged tokens become load
 on it: answers cached (refusals briefly too), one call per token at a time, 429s never retried, and the worker's
-calls bounded overall (``LookupBudget``).
+calls bounded overall (``LookupBudget``). ``AuthAPI``, the client of Supabase Auth's HTTP API, serves ``jwks.py`` too.
 
 For the ``auth`` package only.
 """
@@ -76,8 +76,7 @@ def _worth_retrying(error: AppError) -> bool:
 def auth_busy(retry_after: float) -> UpstreamUnavailable:
     return UpstreamUnavailable(
         "This worker's calls to Supabase Auth are at their limit (AUTH_LOOKUPS_PER_MINUTE, AUTH_LOOKUP_CONCURRENCY).",
-        code="AUTH_BUSY",
-        retry_after=max(1.0, retry_after),
+        code="AUTH_BUSY", retry_after=max(1.0, retry_after)
     )
 
 
@@ -131,6 +130,39 @@ class LookupBudget:
         self._spent += 1
 
 
+class AuthAPI:
+    """Supabase Auth's HTTP API (``{SUPABASE_URL}/auth/v1/``), at most ``connections`` requests at once; each holds a
+    slot of ``services/http_pool.py``, so a request whose client leaves mid-call does not cost the client a
+    connection."""
+
+    def __init__(self, supabase_url: str, api_key: str, connections: int, timeout: float,
+                 transport: httpx.AsyncBaseTransport | None) -> None:
+        self._http = httpx.AsyncClient(
+            base_url=supabase_url.rstrip("/") + "/auth/v1/",
+            headers={"apikey": api_key} if api_key else {},
+            timeout=httpx.Timeout(timeout, connect=min(5.0, timeout)),
+            limits=limits(connections),
+            transport=transport,
+        )
+        self._slots = Slots(connections, timeout)
+
+    async def get(self, path: str, busy: AppError, headers: dict[str, str] | None = None) -> httpx.Response:
+        """``GET path``; ``busy`` when no slot frees up in time, ``AUTH_TIMEOUT`` or ``AUTH_UNAVAILABLE`` when the
+        network fails."""
+        try:
+            return await self._slots.run(lambda: self._http.get(path, headers=headers))
+        except PoolBusy as exc:
+            raise busy from exc
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout("Supabase Auth did not answer in time.", code="AUTH_TIMEOUT") from exc
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailable("Supabase Auth is unreachable.", code="AUTH_UNAVAILABLE") from exc
+
+    async def aclose(self) -> None:
+        await self._slots.aclose()
+        await self._http.aclose()
+
+
 def _retry_after(response: httpx.Response) -> float | None:
     value = response.headers.get("retry-after", "")
     return float(value) if value.isascii() and value.isdigit() and len(value) <= 5 else None
@@ -146,26 +178,11 @@ class SupabaseUserLookup:
     """
 
     def __init__(
-        self,
-        supabase_url: str,
-        api_key: str,
-        retry: RetryPolicy,
-        *,
-        timeout: float = 10.0,
-        transport: httpx.AsyncBaseTransport | None = None,
-        clock: Callable[[], float] = time.time,
-        cache_size: int = CACHE_SIZE,
-        budget: LookupBudget | None = None,
+        self, supabase_url: str, api_key: str, retry: RetryPolicy, *, timeout: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None, clock: Callable[[], float] = time.time,
+        cache_size: int = CACHE_SIZE, budget: LookupBudget | None = None
     ) -> None:
-        self._http = httpx.AsyncClient(
-            base_url=supabase_url.rstrip("/") + "/auth/v1/",
-            headers={"apikey": api_key},
-            timeout=httpx.Timeout(timeout, connect=min(5.0, timeout)),
-            limits=limits(LOOKUP_CONNECTIONS),
-            transport=transport,
-        )
-        # services/http_pool.py: a request whose client leaves mid-lookup must not cost the client a connection.
-        self._slots = Slots(LOOKUP_CONNECTIONS, timeout)
+        self._api = AuthAPI(supabase_url, api_key, LOOKUP_CONNECTIONS, timeout, transport)
         self._retry = retry
         self._clock = clock
         self._known: _ExpiringCache[str] = _ExpiringCache(cache_size)
@@ -218,21 +235,11 @@ class SupabaseUserLookup:
             lookup.done.set()
 
     async def aclose(self) -> None:
-        await self._slots.aclose()
-        await self._http.aclose()
+        await self._api.aclose()
 
     async def _fetch(self, raw: str) -> str:
-        try:
-            async with self._budget.call():  # every attempt counts, retries included
-                response = await self._slots.run(
-                    lambda: self._http.get("user", headers={"Authorization": f"Bearer {raw}"})
-                )
-        except PoolBusy as exc:
-            raise auth_busy(1.0) from exc
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout("Supabase Auth did not answer in time.", code="AUTH_TIMEOUT") from exc
-        except httpx.TransportError as exc:
-            raise UpstreamUnavailable("Supabase Auth is unreachable.", code="AUTH_UNAVAILABLE") from exc
+        async with self._budget.call():  # every attempt counts, retries included
+            response = await self._api.get("user", auth_busy(1.0), headers={"Authorization": f"Bearer {raw}"})
         if response.status_code in (401, 403):
             logger.info("Supabase Auth rejected a token (%s)", response.status_code)
             raise invalid_token()

@@ -29,19 +29,13 @@ _B64URL = re.compile(r"[A-Za-z0-9_-]*")  # fullmatch only
 
 
 def missing_token() -> Unauthorized:
-    return Unauthorized(
-        "An Authorization: Bearer token is required.",
-        code="MISSING_TOKEN",
-        user_message="Authentication required. Please log in.",
-    )
+    return Unauthorized("An Authorization: Bearer token is required.", code="MISSING_TOKEN",
+                        user_message="Authentication required. Please log in.")
 
 
 def malformed_token() -> Unauthorized:
-    return Unauthorized(
-        "The Authorization header is not a well-formed Bearer JWT.",
-        code="MALFORMED_TOKEN",
-        user_message="Invalid authentication format. Please log in again.",
-    )
+    return Unauthorized("The Authorization header is not a well-formed Bearer JWT.", code="MALFORMED_TOKEN",
+                        user_message="Invalid authentication format. Please log in again.")
 
 
 def invalid_token() -> Unauthorized:
@@ -49,19 +43,13 @@ def invalid_token() -> Unauthorized:
 
 
 def expired_token() -> Unauthorized:
-    return Unauthorized(
-        "The access token has expired.",
-        code="EXPIRED_TOKEN",
-        user_message="Your session has expired. Please log in again.",
-    )
+    return Unauthorized("The access token has expired.", code="EXPIRED_TOKEN",
+                        user_message="Your session has expired. Please log in again.")
 
 
 def user_id_mismatch() -> Forbidden:
-    return Forbidden(
-        "user_id does not match the access token.",
-        code="USER_ID_MISMATCH",
-        user_message="You are not authorized to access this user's data.",
-    )
+    return Forbidden("user_id does not match the access token.", code="USER_ID_MISMATCH",
+                     user_message="You are not authorized to access this user's data.")
 
 
 # -- token parsing and claim checks -------------------------------------------------------------------------------
@@ -92,9 +80,9 @@ def parse_token(raw: str) -> Token:
     if len(parts) != 3 or not all(parts[:2]):
         raise malformed_token()
     try:
-        header = _json_object(_b64url(parts[0]))
-        claims = _json_object(_b64url(parts[1]))
-        signature = _b64url(parts[2])
+        header = _json_object(b64url(parts[0]))
+        claims = _json_object(b64url(parts[1]))
+        signature = b64url(parts[2])
     except (ValueError, binascii.Error, RecursionError):  # RecursionError: JSON nested past Python's limit
         raise malformed_token() from None
     if not isinstance(header.get("alg"), str) or any(
@@ -128,8 +116,9 @@ def check_claims(claims: dict[str, Any], *, now: float, issuer: str | None) -> s
     return subject.lower()
 
 
-def _b64url(part: str) -> bytes:
-    """Unpadded base64url, strictly: Python's decoder skips stray characters and ignores padding and unused bits."""
+def b64url(part: str) -> bytes:
+    """Unpadded base64url, strictly (a token's parts, a signing key's numbers): Python's decoder skips stray
+    characters and ignores padding and unused bits."""
     if not _B64URL.fullmatch(part) or len(part) % 4 == 1:
         raise ValueError("not unpadded base64url")
     data = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))

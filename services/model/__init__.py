@@ -70,15 +70,12 @@ class ChatModel(Protocol):
     @property
     def configured(self) -> bool:
         """Whether the provider can be called (for Bedrock: credentials resolved); reported by /health."""
-        ...
 
     async def open(self) -> None:
         """Called once at startup, before the first request."""
-        ...
 
     def stream(self, request: ModelRequest) -> AsyncIterator[ModelEvent]:
         """Stream one model call. Raises ``errors.AppError`` subclasses only."""
-        ...
 
     async def aclose(self) -> None:
         ...

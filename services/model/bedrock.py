@@ -48,14 +48,8 @@ from services.deadline import Deadline
 from services.metrics import record_model_call
 from services.model import ModelEvent, ModelRequest, ModelUsed
 from services.model.bedrock_errors import bedrock_error, failure, falls_back, transport_error
-from services.model.converse import (
-    EVENT_STREAM_TYPE,
-    ConverseStreamDecoder,
-    endpoint_url,
-    model_path,
-    request_body,
-    signed_headers,
-)
+from services.model.converse import (EVENT_STREAM_TYPE, ConverseStreamDecoder, endpoint_url, model_path, request_body,
+                                     signed_headers)
 from services.model.stream_client import ReadInterrupted, StreamClient, StreamClientError, StreamResponse
 from services.retry import RetryPolicy, with_retry
 from settings import ConfigError, Settings
@@ -354,10 +348,7 @@ class BedrockModel:
         message = str(body.get("message") or body.get("Message") or "")
         error = bedrock_error(error_type, response.status, message)
         logger.warning(
-            "Bedrock answered HTTP %s for %s: %s (request id %s)",
-            response.status,
-            model_id,
-            error.code,
-            response.headers.get("x-amzn-requestid", "-"),
+            "Bedrock answered HTTP %s for %s: %s (request id %s)", response.status, model_id, error.code,
+            response.headers.get("x-amzn-requestid", "-")
         )
         return error

@@ -17,122 +17,54 @@ from services.model.stream_client import ConnectTimeout, StreamClientError
 
 @dataclass(frozen=True, slots=True)
 class Failure:
-    """One row of the error table: what the user sees, whether the call may be retried, and whether a fallback model
-    may be tried at once (the model is busy or failing; nothing about the request is wrong)."""
+    """One row of the error table: what the user sees, and whether a fallback model may be tried at once (the model
+    is busy or failing; nothing about the request is wrong). Whether the call may be retried is ``kind``'s own
+    ``retryable``: an unavailable or timed-out model yes, an error or a refused request no."""
 
     kind: type[AppError]
     code: str
-    user_message: str
     suggested_actions: tuple[str, ...]
-    retryable: bool
+    user_message: str
     falls_back: bool = False
 
     def error(self, message: str) -> AppError:
-        return self.kind(
-            message,
-            code=self.code,
-            user_message=self.user_message,
-            suggested_actions=self.suggested_actions,
-            retryable=self.retryable,
-        )
+        return self.kind(message, code=self.code, user_message=self.user_message,
+                         suggested_actions=self.suggested_actions)
 
 
 _TRY_AGAIN = ("Try again in a moment", "Contact support if the problem persists")
-_SUPPORT = ("Contact support",)
 _CONFIG_PROBLEM = "The assistant isn't available right now because of a configuration problem on our side."
+_CONFIGURATION = ("MODEL_ACCESS_DENIED", "MODEL_NOT_ENABLED", "MODEL_NOT_FOUND", "MODEL_CREDENTIALS_MISSING",
+                  "MODEL_CREDENTIALS_EXPIRED", "MODEL_CREDENTIALS_INVALID")
 
 FAILURES: dict[str, Failure] = {
     f.code: f
     for f in (
-        Failure(
-            UpstreamUnavailable,
-            "MODEL_THROTTLED",
-            "The assistant is handling a lot of requests right now. Please wait a moment and try again.",
-            ("Wait a few seconds and try again",),
-            True,
-            falls_back=True,
-        ),
-        Failure(
-            UpstreamTimeout,
-            "MODEL_TIMEOUT",
-            "The assistant took too long to answer. Please try again.",
-            ("Try again", "Try a shorter or simpler question"),
-            True,
-        ),
-        Failure(
-            UpstreamUnavailable,
-            "MODEL_UNAVAILABLE",
-            "The assistant is temporarily unavailable. Please try again in a moment.",
-            _TRY_AGAIN,
-            True,
-            falls_back=True,
-        ),
-        Failure(
-            UpstreamUnavailable,
-            "MODEL_INTERNAL_ERROR",
-            "The AI service had a temporary problem. Please try again.",
-            _TRY_AGAIN,
-            True,
-            falls_back=True,
-        ),
-        Failure(
-            UpstreamUnavailable,
-            "MODEL_STREAM_ERROR",
-            "The answer was interrupted by a problem with the AI service. Please try again.",
-            _TRY_AGAIN,
-            True,
-            falls_back=True,
-        ),
-        Failure(
-            UpstreamUnavailable,
-            "MODEL_STREAM_INCOMPLETE",
-            "The answer was cut off before it finished. Please try again.",
-            _TRY_AGAIN,
-            True,
-        ),
-        Failure(
-            UpstreamUnavailable,
-            "MODEL_NOT_READY",
-            "The AI model is starting up. Please try again in a minute.",
-            ("Try again in a minute",),
-            True,
-            falls_back=True,
-        ),
-        Failure(
-            UpstreamUnavailable,
-            "MODEL_NETWORK_ERROR",
-            "We couldn't reach the AI service. Please try again in a moment.",
-            _TRY_AGAIN,
-            True,
-        ),
-        Failure(
-            ValidationFailed,
-            "MODEL_INPUT_TOO_LONG",
-            "This conversation is too long for the assistant to read at once. Please start a new conversation "
-            "or send a shorter message.",
-            ("Start a new conversation", "Send a shorter message"),
-            False,
-        ),
-        Failure(
-            UpstreamError,
-            "MODEL_REQUEST_REJECTED",
-            "The assistant couldn't process this message. Please rephrase it and try again.",
-            ("Rephrase your message", "Start a new conversation"),
-            False,
-        ),
-        Failure(
-            UpstreamError,
-            "MODEL_ERROR",
-            "The AI model couldn't process this message. Please rephrase it and try again.",
-            ("Rephrase your message", "Contact support if the problem persists"),
-            False,
-        ),
-        Failure(UpstreamError, "MODEL_ACCESS_DENIED", _CONFIG_PROBLEM, _SUPPORT, False),
-        Failure(UpstreamError, "MODEL_NOT_ENABLED", _CONFIG_PROBLEM, _SUPPORT, False),
-        Failure(UpstreamError, "MODEL_NOT_FOUND", _CONFIG_PROBLEM, _SUPPORT, False),
-        Failure(UpstreamError, "MODEL_CREDENTIALS_MISSING", _CONFIG_PROBLEM, _SUPPORT, False),
-        Failure(UpstreamError, "MODEL_CREDENTIALS_EXPIRED", _CONFIG_PROBLEM, _SUPPORT, False),
-        Failure(UpstreamError, "MODEL_CREDENTIALS_INVALID", _CONFIG_PROBLEM, _SUPPORT, False),
+        Failure(UpstreamUnavailable, "MODEL_THROTTLED", ("Wait a few seconds and try again",),
+                "The assistant is handling a lot of requests right now. Please wait a moment and try again.",
+                falls_back=True),
+        Failure(UpstreamTimeout, "MODEL_TIMEOUT", ("Try again", "Try a shorter or simpler question"),
+                "The assistant took too long to answer. Please try again."),
+        Failure(UpstreamUnavailable, "MODEL_UNAVAILABLE", _TRY_AGAIN,
+                "The assistant is temporarily unavailable. Please try again in a moment.", falls_back=True),
+        Failure(UpstreamUnavailable, "MODEL_INTERNAL_ERROR", _TRY_AGAIN,
+                "The AI service had a temporary problem. Please try again.", falls_back=True),
+        Failure(UpstreamUnavailable, "MODEL_STREAM_ERROR", _TRY_AGAIN,
+                "The answer was interrupted by a problem with the AI service. Please try again.", falls_back=True),
+        Failure(UpstreamUnavailable, "MODEL_STREAM_INCOMPLETE", _TRY_AGAIN,
+                "The answer was cut off before it finished. Please try again."),
+        Failure(UpstreamUnavailable, "MODEL_NOT_READY", ("Try again in a minute",),
+                "The AI model is starting up. Please try again in a minute.", falls_back=True),
+        Failure(UpstreamUnavailable, "MODEL_NETWORK_ERROR", _TRY_AGAIN,
+                "We couldn't reach the AI service. Please try again in a moment."),
+        Failure(ValidationFailed, "MODEL_INPUT_TOO_LONG", ("Start a new conversation", "Send a shorter message"),
+                "This conversation is too long for the assistant to read at once. Please start a new conversation "
+                "or send a shorter message."),
+        Failure(UpstreamError, "MODEL_REQUEST_REJECTED", ("Rephrase your message", "Start a new conversation"),
+                "The assistant couldn't process this message. Please rephrase it and try again."),
+        Failure(UpstreamError, "MODEL_ERROR", ("Rephrase your message", "Contact support if the problem persists"),
+                "The AI model couldn't process this message. Please rephrase it and try again."),
+        *(Failure(UpstreamError, code, ("Contact support",), _CONFIG_PROBLEM) for code in _CONFIGURATION),
     )
 }
 
@@ -188,22 +120,15 @@ def bedrock_error(error_type: str, status: int | None, upstream_message: str = "
     return failure(code, f"Bedrock returned {name or 'an unnamed error'} ({where}).")
 
 
+# Bedrock's HTTP statuses, for an error type it did not name or that is not in ``BEDROCK_ERRORS``.
+_STATUS_CODES = {429: "MODEL_THROTTLED", 408: "MODEL_TIMEOUT", 504: "MODEL_TIMEOUT", 503: "MODEL_UNAVAILABLE",
+                 401: "MODEL_ACCESS_DENIED", 403: "MODEL_ACCESS_DENIED", 404: "MODEL_NOT_FOUND"}
+
+
 def _code_for_status(status: int | None) -> str:
     if status is None:
         return "MODEL_STREAM_ERROR"
-    if status == 429:
-        return "MODEL_THROTTLED"
-    if status in (408, 504):
-        return "MODEL_TIMEOUT"
-    if status == 503:
-        return "MODEL_UNAVAILABLE"
-    if status >= 500:
-        return "MODEL_INTERNAL_ERROR"
-    if status in (401, 403):
-        return "MODEL_ACCESS_DENIED"
-    if status == 404:
-        return "MODEL_NOT_FOUND"
-    return "MODEL_REQUEST_REJECTED"
+    return _STATUS_CODES.get(status) or ("MODEL_INTERNAL_ERROR" if status >= 500 else "MODEL_REQUEST_REJECTED")
 
 
 def transport_error(exc: StreamClientError) -> AppError:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -153,8 +154,7 @@ class LiveRun:
         batch = EventBatch(self._flushed + 1, upto, "".join(self.frames[self._flushed:upto])) if upto > self._flushed else None
         heartbeat = now - self._heartbeat_at >= HEARTBEAT_SECONDS
         if self.final is not None:
-            return RunUpdate(self.caller, self.run.id, self.run.assistant_message_id, batch, self.final.content,
-                             self.final.metadata, self.final.agent_type, True, self.final.final_status)
+            return replace(self.final, caller=self.caller, batch=batch, heartbeat=True)
         self._taken_parts = len(self.parts)
         content = metadata = None
         if self._taken_parts != self._saved_parts and now - self._text_saved_at >= TEXT_SAVE_SECONDS:

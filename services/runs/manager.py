@@ -48,16 +48,8 @@ class RunManager:
     """Owns this worker's runs: starting them, flushing them, stopping them, and ending dead ones anywhere."""
 
     def __init__(
-        self,
-        store: Store,
-        assistant: Assistant,
-        metrics: Metrics,
-        *,
-        history_max_messages: int,
-        history_token_budget: int,
-        max_seconds: float,
-        stale_seconds: float,
-        events_ttl: float,
+        self, store: Store, assistant: Assistant, metrics: Metrics, *, history_max_messages: int,
+        history_token_budget: int, max_seconds: float, stale_seconds: float, events_ttl: float
     ) -> None:
         self._store = store
         self._assistant = assistant
@@ -105,17 +97,15 @@ class RunManager:
         elif begun.outcome == "in_progress":
             assert begun.run is not None
             raise Conflict(
-                "An answer is still being generated in this conversation.",
-                code="RUN_IN_PROGRESS",
+                "An answer is still being generated in this conversation.", code="RUN_IN_PROGRESS",
                 user_message="An answer is still being written in this conversation. Wait for it, or stop it.",
-                details={"runId": begun.run.id},
+                details={"runId": begun.run.id}
             )
         elif begun.outcome == "conflict":
             raise Conflict(
-                "client_message_id was already used for a different message.",
-                code="IDEMPOTENCY_CONFLICT",
+                "client_message_id was already used for a different message.", code="IDEMPOTENCY_CONFLICT",
                 user_message="This message could not be sent. Please try again.",
-                suggested_actions=("Send a new client_message_id with each new message",),
+                suggested_actions=("Send a new client_message_id with each new message",)
             )
         return begun
 
@@ -132,10 +122,8 @@ class RunManager:
         for live in held:
             live.caller = caller
         raise UpstreamUnavailable(
-            "An earlier answer of this user is still waiting to be saved.",
-            code="STORE_UNAVAILABLE",
-            user_message="Your previous answer is still being saved. Please try again in a moment.",
-            retry_after=1,
+            "An earlier answer of this user is still waiting to be saved.", code="STORE_UNAVAILABLE",
+            user_message="Your previous answer is still being saved. Please try again in a moment.", retry_after=1
         )
 
     def _start(self, caller: Caller, run: Run, turns: list[dict[str, Any]], request_started: float) -> None:
@@ -271,13 +259,9 @@ class RunManager:
         if run is None or live is None or live.final is not None or live.visible < len(live.frames):
             return messages
         live.seal()
-        shown = []
-        for message in messages:
-            if message.id == run.assistant_message_id:
-                metadata = {**message.metadata, "seq": len(live.frames)}
-                message = replace(message, content=live.text, agent_type=live.agent_type, metadata=metadata)
-            shown.append(message)
-        return shown
+        seq = len(live.frames)
+        return [replace(m, content=live.text, agent_type=live.agent_type, metadata={**m.metadata, "seq": seq})
+                if m.id == run.assistant_message_id else m for m in messages]
 
     async def end_if_dead(self, caller: Caller, run: Run | None) -> bool:
         """End ``run`` (a conversation's running run) if no worker generates it any more; True if it was ended (the

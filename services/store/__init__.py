@@ -58,17 +58,7 @@ class Conversation:
     active_leaf_id: str | None = None  # the end of the branch the user is on: moved by each send and by a switch
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "user_id": self.user_id,
-            "title": self.title,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-            "last_message_at": self.last_message_at,
-            "message_count": self.message_count,
-            "metadata": self.metadata,
-            "active_leaf_id": self.active_leaf_id,
-        }
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +71,9 @@ class Message:
     metadata: dict[str, Any]
     created_at: str
     parent_id: str | None = None  # the message it answers or follows; None for a first message
-    # Its parent's children (itself included), oldest first: what a client draws as "< 2/3 >". Read with a branch.
-    sibling_ids: tuple[str, ...] | None = None
+    # Its parent's children (itself included), oldest first: what a client draws as "< 2/3 >". Read with a branch,
+    # never a column (``shared.from_row`` skips it).
+    sibling_ids: tuple[str, ...] | None = field(default=None, metadata={"column": False})
 
     def to_json(self) -> dict[str, Any]:
         # ``timestamp`` is the earlier service's name for created_at; the frontend reads it.
@@ -159,15 +150,6 @@ class Run:
     status: RunStatus
     last_seq: int  # the last event written; kept up to date once the run has ended
     heartbeat_at: float  # Unix time of the generating worker's last heartbeat
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "run_id": self.id,
-            "conversation_id": self.conversation_id,
-            "message_id": self.assistant_message_id,
-            "status": self.status,
-            "last_seq": self.last_seq,
-        }
 
 
 BeginOutcome = Literal["started", "existing", "conflict", "in_progress", "rate_limited", "streams_full"]
@@ -320,14 +302,8 @@ class Store(Protocol):
         work), or None where the store cannot check (PostgREST acts only as signed-in users)."""
 
     async def list_conversations(
-        self,
-        caller: Caller,
-        limit: int,
-        offset: int,
-        *,
-        before: ConversationKey | None = None,
-        after: ConversationKey | None = None,
-        search: str | None = None,
+        self, caller: Caller, limit: int, offset: int, *, before: ConversationKey | None = None,
+        after: ConversationKey | None = None, search: str | None = None
     ) -> ConversationPage:
         """The caller's conversations, most recent activity first (``updated_at`` descending, then ``id``).
 
@@ -351,16 +327,8 @@ class Store(Protocol):
         """Delete the caller's conversation and its messages, or raise ``NotFound``."""
 
     async def message_page(
-        self,
-        caller: Caller,
-        conversation_id: str,
-        limit: int,
-        offset: int = 0,
-        *,
-        newest_first: bool = False,
-        before: MessageKey | None = None,
-        after: MessageKey | None = None,
-        leaf: str | None = None,
+        self, caller: Caller, conversation_id: str, limit: int, offset: int = 0, *, newest_first: bool = False,
+        before: MessageKey | None = None, after: MessageKey | None = None, leaf: str | None = None,
     ) -> MessagePage:
         """A page of one branch of the caller's conversation (``NotFound`` if it is not theirs): the path from the
         first message to the branch's leaf, each message with its ``parent_id`` and ``sibling_ids``. The branch is the

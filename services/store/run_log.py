@@ -40,16 +40,8 @@ INTERRUPTED_MESSAGE = "The answer was interrupted because the server generating 
 
 def chunk(kind: str, agent_type: str | None, **fields: Any) -> dict[str, Any]:
     """A chunk with the six keys the earlier service always sent, plus any extra ``fields``."""
-    base: dict[str, Any] = {
-        "type": kind,
-        "content": None,
-        "tool_name": None,
-        "tool_call": None,
-        "error": None,
-        "agent_type": agent_type,
-    }
-    base.update(fields)
-    return base
+    return {"type": kind, "content": None, "tool_name": None, "tool_call": None, "error": None,
+            "agent_type": agent_type, **fields}
 
 
 def error_chunk(error: AppError, agent_type: str | None, **fields: Any) -> dict[str, Any]:
@@ -57,31 +49,15 @@ def error_chunk(error: AppError, agent_type: str | None, **fields: Any) -> dict[
 
 
 def interrupted_chunk(run_id: str) -> dict[str, Any]:
-    return chunk(
-        "error", SUPERVISOR, error=INTERRUPTED_MESSAGE, code="RUN_INTERRUPTED", retryable=True, run_id=run_id
-    )
+    return chunk("error", SUPERVISOR, error=INTERRUPTED_MESSAGE, code="RUN_INTERRUPTED", retryable=True, run_id=run_id)
 
 
 def complete_chunk(
-    run_id: str,
-    message_id: str,
-    conversation_id: str,
-    agent_type: str | None,
-    *,
-    status: str = "complete",
-    usage: dict[str, Any] | None = None,
-    stop_reason: str | None = None,
+    run_id: str, message_id: str, conversation_id: str, agent_type: str | None, *, status: str = "complete",
+    usage: dict[str, Any] | None = None, stop_reason: str | None = None,
 ) -> dict[str, Any]:
-    return chunk(
-        "complete",
-        agent_type,
-        run_id=run_id,
-        message_id=message_id,
-        conversation_id=conversation_id,
-        usage=usage,
-        stop_reason=stop_reason,
-        status=status,
-    )
+    return chunk("complete", agent_type, run_id=run_id, message_id=message_id, conversation_id=conversation_id,
+                 usage=usage, stop_reason=stop_reason, status=status)
 
 
 # Characters json.dumps(ensure_ascii=False) leaves raw that some readers of the stream take as a line break: U+2028

@@ -6,26 +6,36 @@ For the backends only; the rest of the service imports the records and the proto
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timezone
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from services.store import (
-    TIMESTAMP_FORMAT,
-    Conversation,
-    ConversationKey,
-    ConversationPage,
-    Message,
-    MessageKey,
-    MessagePage,
-    QueryObserver,
-)
+from services.store import (TIMESTAMP_FORMAT, Conversation, ConversationKey, ConversationPage, Message, MessageKey,
+                            MessagePage, QueryObserver)
 
 Row = TypeVar("Row")
 P = ParamSpec("P")
 T = TypeVar("T")
+
+
+# A field whose column has another name in both stores: ``table`` is a reserved word in SQL.
+_COLUMNS = {"table": "table_name"}
+
+
+def from_row(record: type[T], row: Any, **read: Callable[[Any], Any]) -> T:
+    """The ``record`` (one of the store's dataclasses) a row holds in a column named as each field: a ``sqlite3.Row``
+    or a JSON object PostgREST answered. Each value is taken as it is, or as ``read[field]`` reads it."""
+    values = {name: read[name](row[column]) if name in read else row[column] for name, column in _fields(record)}
+    return record(**values)
+
+
+@functools.cache
+def _fields(record: type) -> tuple[tuple[str, str], ...]:
+    return tuple((field.name, _COLUMNS.get(field.name, field.name)) for field in dataclasses.fields(record)
+                 if field.metadata.get("column", True))
 
 
 def epoch_timestamp(seconds: float) -> str:
@@ -34,11 +44,7 @@ def epoch_timestamp(seconds: float) -> str:
 
 
 def page_of_conversations(
-    rows: Sequence[Row],
-    limit: int,
-    total: int,
-    after: ConversationKey | None,
-    decode: Callable[[Row], Conversation],
+    rows: Sequence[Row], limit: int, total: int, after: ConversationKey | None, decode: Callable[[Row], Conversation]
 ) -> ConversationPage:
     """A page of ``Store.list_conversations`` from ``limit + 1`` rows read nearest the cursor first (the extra one
     says whether more follow), in list order: rows read upwards from an ``after`` key are turned round."""
@@ -56,13 +62,8 @@ def reads_downwards(before: MessageKey | None, after: MessageKey | None, newest_
 
 
 def page_of_messages(
-    rows: Sequence[Row],
-    limit: int,
-    *,
-    downwards: bool,
-    newest_first: bool,
-    key: Callable[[Row], MessageKey],
-    decode: Callable[[Row], Message],
+    rows: Sequence[Row], limit: int, *, downwards: bool, newest_first: bool, key: Callable[[Row], MessageKey],
+    decode: Callable[[Row], Message]
 ) -> MessagePage:
     """A page of ``Store.message_page`` from ``limit + 1`` rows read in the direction ``reads_downwards`` says."""
     page = rows[:limit]

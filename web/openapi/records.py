@@ -6,8 +6,9 @@ from web.fields import UUID_PATTERN
 from web.openapi.shapes import BEFORE, CHANGES, CURSOR, TIMESTAMP, UUID, Schema, closed, nullable, schema
 
 
-def conversation_properties() -> dict[str, Schema]:
-    return {
+def schemas() -> dict[str, Schema]:
+    """Uuid and Timestamp, and what the routes answer: the service's status, conversations, messages, actions."""
+    conversation: dict[str, Schema] = {
         "id": UUID,
         "user_id": UUID,
         "title": nullable({"type": "string"}),
@@ -19,11 +20,6 @@ def conversation_properties() -> dict[str, Schema]:
         "active_leaf_id": nullable({**UUID, "description": "The last message of the branch the user is on (moved "
                                     "by every send and by PUT .../active-leaf); null before the first message."}),
     }
-
-
-def schemas() -> dict[str, Schema]:
-    """Uuid and Timestamp, and what the routes answer: the service's status, conversations, messages, actions."""
-    conversation = conversation_properties()
     return {
         "Uuid": {
             "type": "string",
@@ -43,100 +39,87 @@ def schemas() -> dict[str, Schema]:
                 "service": {"type": "string"},
                 "version": {"type": "string"},
                 "environment": {"enum": ["development", "production"]},
-                "store": closed(
-                    {
-                        "kind": {"enum": ["sqlite", "supabase"]},
-                        "reachable": {"type": "boolean"},
-                        "readable": {"type": "boolean"},
-                        "writable": {
-                            "type": ["boolean", "null"],
-                            "description": "null where the store cannot check (Supabase acts only as signed-in users).",
-                        },
-                    }
-                ),
-                "model": closed(
-                    {
-                        "provider": {"type": "string", "examples": ["local", "bedrock"]},
-                        "model_id": nullable({"type": "string"}),
-                        "configured": {"type": "boolean"},
-                        "is_llm": {"type": "boolean"},
-                        "note": {"type": "string"},
-                    }
-                ),
+                "store": closed({
+                    "kind": {"enum": ["sqlite", "supabase"]},
+                    "reachable": {"type": "boolean"},
+                    "readable": {"type": "boolean"},
+                    "writable": {
+                        "type": ["boolean", "null"],
+                        "description": "null where the store cannot check (Supabase acts only as signed-in users).",
+                    },
+                }),
+                "model": closed({
+                    "provider": {"type": "string", "examples": ["local", "bedrock"]},
+                    "model_id": nullable({"type": "string"}),
+                    "configured": {"type": "boolean"},
+                    "is_llm": {"type": "boolean"},
+                    "note": {"type": "string"},
+                }),
                 "auth": closed(
                     {"mode": {"enum": ["none", "jwt", "jwks", "supabase-auth", "jwt+jwks", "jwt+supabase-auth"]}}
                 ),
-                "runs": closed(
-                    {
-                        "generating": {"type": "integer", "minimum": 0},
-                        "unsaved": {
-                            "type": "integer", "minimum": 0,
-                            "description": "Answers that ended on this worker but wait for the store to save them "
-                            "(kept in memory, retried every 250 ms).",
-                        },
-                    }
-                ),
+                "runs": closed({
+                    "generating": {"type": "integer", "minimum": 0},
+                    "unsaved": {
+                        "type": "integer", "minimum": 0,
+                        "description": "Answers that ended on this worker but wait for the store to save them "
+                        "(kept in memory, retried every 250 ms).",
+                    },
+                }),
                 "supabase_configured": {"type": "boolean"},
                 "bedrock_model": nullable({"type": "string"}),
             },
             description="What is running and whether it works. Nothing secret.",
         ),
         "Conversation": closed(conversation),
-        "ConversationWithMessages": closed(
-            {
-                **conversation,
-                "messages": {
-                    "type": "array",
-                    "items": schema("Message"),
-                    "description": "Oldest first (newest first with message_order=desc).",
-                },
-                "message_has_more": {"type": "boolean", "description": "More messages past this page, read on."},
-                "message_before_cursor": nullable(
-                    {**CURSOR, "description": "The page's oldest message: ?message_before= reads older ones."}
-                ),
-                "message_after_cursor": nullable(
-                    {**CURSOR, "description": "The page's newest message: ?message_after= reads newer ones."}
-                ),
-                "leaf_id": nullable({**UUID, "description": "The last message of the branch shown (the active leaf, "
-                                     "or the newest leaf below ?leaf)."}),
-            }
-        ),
-        "ConversationList": closed(
-            {
-                "conversations": {
-                    "type": "array",
-                    "items": schema("Conversation"),
-                    "description": "Most recent activity first.",
-                },
-                "total": {"type": "integer", "minimum": 0},
-                "limit": {"type": "integer", "minimum": 1},
-                "offset": {"type": "integer", "minimum": 0},
-                "has_more": {"type": "boolean", "description": "More conversations past this page, read on."},
-                "before_cursor": nullable(
-                    {**CURSOR, "description": "The page's last (oldest) conversation: ?before= reads on past it."}
-                ),
-                "after_cursor": nullable(
-                    {**CURSOR, "description": "The page's first (newest) conversation: ?after= reads back past it."}
-                ),
-            }
-        ),
-        "Message": closed(
-            {
-                "id": UUID,
-                "role": {"enum": ["user", "assistant"]},
-                "content": {"type": "string"},
-                "agent_type": nullable({"type": "string"}),
-                "timestamp": TIMESTAMP,
-                "metadata": schema("MessageMetadata"),
-                "parent_id": nullable({**UUID, "description": "The message it follows; null for a first message."}),
-                "sibling_ids": {
-                    "type": "array", "items": UUID, "minItems": 1,
-                    "description": "Its parent's children, itself included, oldest first (\"< 2/3 >\"); in a "
-                    "conversation's messages only.",
-                },
+        "ConversationWithMessages": closed({
+            **conversation,
+            "messages": {
+                "type": "array",
+                "items": schema("Message"),
+                "description": "Oldest first (newest first with message_order=desc).",
             },
-            required=["id", "role", "content", "agent_type", "timestamp", "metadata", "parent_id"],
-        ),
+            "message_has_more": {"type": "boolean", "description": "More messages past this page, read on."},
+            "message_before_cursor": nullable(
+                {**CURSOR, "description": "The page's oldest message: ?message_before= reads older ones."}
+            ),
+            "message_after_cursor": nullable(
+                {**CURSOR, "description": "The page's newest message: ?message_after= reads newer ones."}
+            ),
+            "leaf_id": nullable({**UUID, "description": "The last message of the branch shown (the active leaf, or the "
+                                 "newest leaf below ?leaf)."}),
+        }),
+        "ConversationList": closed({
+            "conversations": {
+                "type": "array",
+                "items": schema("Conversation"),
+                "description": "Most recent activity first.",
+            },
+            "total": {"type": "integer", "minimum": 0},
+            "limit": {"type": "integer", "minimum": 1},
+            "offset": {"type": "integer", "minimum": 0},
+            "has_more": {"type": "boolean", "description": "More conversations past this page, read on."},
+            "before_cursor": nullable(
+                {**CURSOR, "description": "The page's last (oldest) conversation: ?before= reads on past it."}
+            ),
+            "after_cursor": nullable(
+                {**CURSOR, "description": "The page's first (newest) conversation: ?after= reads back past it."}
+            ),
+        }),
+        "Message": closed({
+            "id": UUID,
+            "role": {"enum": ["user", "assistant"]},
+            "content": {"type": "string"},
+            "agent_type": nullable({"type": "string"}),
+            "timestamp": TIMESTAMP,
+            "metadata": schema("MessageMetadata"),
+            "parent_id": nullable({**UUID, "description": "The message it follows; null for a first message."}),
+            "sibling_ids": {
+                "type": "array", "items": UUID, "minItems": 1,
+                "description": "Its parent's children, itself included, oldest first (\"< 2/3 >\"); in a "
+                "conversation's messages only.",
+            },
+        }, required=["id", "role", "content", "agent_type", "timestamp", "metadata", "parent_id"]),
         "MessageMetadata": {
             "type": "object",
             "description": "Open: an assistant message records how its answer went; a user message's is usually {}.",
@@ -175,40 +158,35 @@ def schemas() -> dict[str, Schema]:
             "written": {"type": "integer", "minimum": 0, "description": "Sample records the user did not have yet."},
             "existing": {"type": "integer", "minimum": 0, "description": "Sample records already there, kept as is."},
         }),
-        "ActionConfirmed": closed(
-            {
-                "status": {"const": "done"},
-                "action_id": UUID,
-                "action": {"enum": ["update", "delete"]},
-                "table": {"type": "string"},
-                "result": {
-                    "oneOf": [
-                        closed({"updated": nullable({"type": "object"})}),
-                        closed({"deleted": {"type": "string"}}),
-                    ],
-                    "description": "As the tools' own results: {updated: record} or {deleted: record id}.",
-                },
-                "before": {**BEFORE, "description": BEFORE["description"] + " Put back, they undo the change."},
-                "changes": CHANGES,
-            }
-        ),
-        "PendingAction": closed(
-            {
-                "status": {"enum": ["pending", "done", "expired"], "description": "pending: Confirm can run it; "
-                           "done: it ran (used_at); expired: it can no longer run. Confirming decides."},
-                "action_id": UUID,
-                "action": {"enum": ["update", "delete"]},
-                "table": {"type": "string"},
-                "record_id": {"type": "string"},
-                "summary": {"type": "string", "description": "As the tool_call chunk showed it, for the Confirm "
-                            "button."},
-                "before": {**nullable(BEFORE), "description": BEFORE["description"] + " null: kept by an earlier "
-                           "version, expired."},
-                "changes": CHANGES,
-                "expires_at": TIMESTAMP,
-                "used_at": nullable(TIMESTAMP),
-            }
-        ),
+        "ActionConfirmed": closed({
+            "status": {"const": "done"},
+            "action_id": UUID,
+            "action": {"enum": ["update", "delete"]},
+            "table": {"type": "string"},
+            "result": {
+                "oneOf": [
+                    closed({"updated": nullable({"type": "object"})}),
+                    closed({"deleted": {"type": "string"}}),
+                ],
+                "description": "As the tools' own results: {updated: record} or {deleted: record id}.",
+            },
+            "before": {**BEFORE, "description": BEFORE["description"] + " Put back, they undo the change."},
+            "changes": CHANGES,
+        }),
+        "PendingAction": closed({
+            "status": {"enum": ["pending", "done", "expired"], "description": "pending: Confirm can run it; "
+                       "done: it ran (used_at); expired: it can no longer run. Confirming decides."},
+            "action_id": UUID,
+            "action": {"enum": ["update", "delete"]},
+            "table": {"type": "string"},
+            "record_id": {"type": "string"},
+            "summary": {"type": "string", "description": "As the tool_call chunk showed it, for the Confirm button."},
+            "before": {**nullable(BEFORE), "description": BEFORE["description"] + " null: kept by an earlier version, "
+                       "expired."},
+            "changes": CHANGES,
+            "expires_at": TIMESTAMP,
+            "used_at": nullable(TIMESTAMP),
+        }),
         "Usage": closed({"input_tokens": {"type": "integer", "minimum": 0},
                          "output_tokens": {"type": "integer", "minimum": 0}}),
     }

@@ -60,16 +60,15 @@ def header_refs(*names: str, required: tuple[str, ...] = ()) -> dict[str, Schema
     return headers
 
 
-def _error(description: str, codes: tuple[str, ...], *, retryable: bool | None = None, **headers: Any) -> Schema:
-    """An error response: the envelope, the codes it may carry, and ``retryable`` when the status fixes it."""
+def _error(description: str, codes: tuple[str, ...], *, retryable: bool | None = None, always: tuple[str, ...] = (),
+           **headers: Any) -> Schema:
+    """An error response: the envelope, the codes it may carry, ``retryable`` when the status fixes it, and the keys
+    the error ``always`` holds beyond the five."""
     envelope: Schema = schema("ErrorEnvelope")
     if retryable is not None:
-        envelope = {
-            "allOf": [
-                envelope,
-                {"properties": {"error": {"properties": {"retryable": {"const": retryable}}}}},
-            ]
-        }
+        error: Schema = {"required": list(always)} if always else {}
+        error["properties"] = {"retryable": {"const": retryable}}
+        envelope = {"allOf": [envelope, {"properties": {"error": error}}]}
     response: Schema = {
         "description": f"{description} Codes: {', '.join(codes)}.",
         "content": {"application/json": {"schema": envelope}},
@@ -110,27 +109,10 @@ def responses() -> dict[str, Schema]:
         "415": _error("The body is not application/json.", ("UNSUPPORTED_MEDIA_TYPE",), retryable=False),
         "422": _error("A field, path id or query parameter is missing, malformed or out of range (message names it).",
                       ("VALIDATION_ERROR",), retryable=False),
-        "429": {
-            **_error(
-                "A rate limit was hit (error.limit: chat, api or streams); retryAfter and Retry-After say when to "
-                "come back.",
-                ("RATE_LIMIT_EXCEEDED",),
-                retryable=True,
-                headers=header_refs("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset",
-                                    required=("Retry-After",)),
-            ),
-            "content": {
-                "application/json": {
-                    "schema": {
-                        "allOf": [
-                            schema("ErrorEnvelope"),
-                            {"properties": {"error": {"required": ["retryAfter"],
-                                                      "properties": {"retryable": {"const": True}}}}},
-                        ]
-                    }
-                }
-            },
-        },
+        "429": _error("A rate limit was hit (error.limit: chat, api or streams); retryAfter and Retry-After say when "
+                      "to come back.", ("RATE_LIMIT_EXCEEDED",), retryable=True, always=("retryAfter",),
+                      headers=header_refs("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset",
+                                          required=("Retry-After",))),
         "499": _error("The client closed the connection before sending the body it announced; nobody sees this "
                       "answer, it is logged.", ("CLIENT_CLOSED_REQUEST",), retryable=True),
         "500": _error("An unexpected error; never the exception's text.", ("INTERNAL_ERROR",)),
@@ -154,13 +136,8 @@ def for_every_error(errors: dict[str, Schema]) -> dict[str, Schema]:
 
 
 def json_ok(description: str, schema_name: str, status: str = "200") -> dict[str, Schema]:
-    return {
-        status: {
-            "description": description,
-            "headers": header_refs(),
-            "content": {"application/json": {"schema": schema(schema_name)}},
-        }
-    }
+    return {status: {"description": description, "headers": header_refs(),
+                     "content": {"application/json": {"schema": schema(schema_name)}}}}
 
 
 def sse_ok(description: str) -> dict[str, Schema]:
@@ -170,8 +147,7 @@ def sse_ok(description: str) -> dict[str, Schema]:
             "(StreamEvent) is an `id: <seq>` line, one `data: <StreamChunk JSON>` line and a blank line; `: ping` "
             "comments keep idle connections open. The shutdown notice has no id line.",
             "headers": {
-                **header_refs(),
-                "X-Run-ID": {**header_schemas()["X-Run-ID"], "required": True},
+                **header_refs(required=("X-Run-ID",)),
                 "Cache-Control": {"description": "no-cache, no-store", "schema": {"type": "string"}},
                 "X-Accel-Buffering": {"description": "no: nginx must not buffer the stream.",
                                       "schema": {"const": "no"}},

@@ -22,6 +22,10 @@ def _chunk(kind: str, description: str, properties: dict[str, Schema], optional:
     return closed(base, required, description=description)
 
 
+# Each chunk type and its schema.
+CHUNKS = {"token": "TokenChunk", "tool_call": "ToolCallChunk", "complete": "CompleteChunk", "error": "ErrorChunk"}
+
+
 def schemas() -> dict[str, Schema]:
     return {
         "StreamEvent": {
@@ -37,27 +41,16 @@ def schemas() -> dict[str, Schema]:
                     "The shutdown notice has no id line.",
                 },
                 "event": {"const": "message", "description": "Never set: EventSource's default type."},
-                "data": {
-                    "type": "string",
-                    "contentMediaType": "application/json",
-                    "contentSchema": schema("StreamChunk"),
-                },
+                "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": schema("StreamChunk")},
             },
             "additionalProperties": False,
         },
         "StreamChunk": {
             "description": "The JSON of one SSE event's data line. Every stream ends with exactly one complete or "
             "error chunk; concatenate the token contents in order.",
-            "oneOf": [schema(name) for name in ("TokenChunk", "ToolCallChunk", "CompleteChunk", "ErrorChunk")],
-            "discriminator": {
-                "propertyName": "type",
-                "mapping": {
-                    "token": "#/components/schemas/TokenChunk",
-                    "tool_call": "#/components/schemas/ToolCallChunk",
-                    "complete": "#/components/schemas/CompleteChunk",
-                    "error": "#/components/schemas/ErrorChunk",
-                },
-            },
+            "oneOf": [schema(name) for name in CHUNKS.values()],
+            "discriminator": {"propertyName": "type",
+                              "mapping": {kind: schema(name)["$ref"] for kind, name in CHUNKS.items()}},
         },
         "TokenChunk": _chunk(
             "token", "Text written by agent_type.", {"content": {"type": "string"}, "agent_type": {"type": "string"}}

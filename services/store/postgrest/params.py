@@ -13,18 +13,11 @@ from services.store import Caller, ConversationKey, MessageKey
 
 def conversation_seek(before: ConversationKey | None, after: ConversationKey | None) -> dict[str, str]:
     """Filters and order for the conversations older than ``before`` or newer than ``after`` in the list's order
-    (``updated_at`` descending, then ``id``), nearest first: the first filter bounds the index range, ``or`` breaks
-    ties on ``updated_at`` by id. Timestamps are quoted: ``:`` and ``.`` are reserved in PostgREST's logic trees."""
+    (``updated_at`` descending, then ``id``), nearest first."""
     if before is not None:
-        stamp = _quoted(before.updated_at)
-        return {"updated_at": f"lte.{before.updated_at}", "or": f"(updated_at.lt.{stamp},id.gt.{before.id})"}
+        return _seek("updated_at", before.updated_at, "lt", f"id.gt.{before.id}")
     assert after is not None
-    stamp = _quoted(after.updated_at)
-    return {
-        "updated_at": f"gte.{after.updated_at}",
-        "or": f"(updated_at.gt.{stamp},id.lt.{after.id})",
-        "order": "updated_at.asc,id.desc",
-    }
+    return {**_seek("updated_at", after.updated_at, "gt", f"id.lt.{after.id}"), "order": "updated_at.asc,id.desc"}
 
 
 def branch_seek(before: MessageKey | None, after: MessageKey | None) -> dict[str, Any]:
@@ -36,9 +29,11 @@ def branch_seek(before: MessageKey | None, after: MessageKey | None) -> dict[str
     return {}
 
 
-def _quoted(value: str) -> str:
-    """A value inside a PostgREST logic tree (``or=(...)``), double-quoted; cursors' timestamps hold no quote."""
-    return f'"{value}"'
+def _seek(column: str, stamp: str, side: str, tie: str) -> dict[str, str]:
+    """The rows on one ``side`` (``lt``, ``gt``) of a key: the first filter bounds the index range, ``or`` breaks ties
+    on ``column`` by ``tie``. In the logic tree the timestamp is double-quoted (``:`` and ``.`` are reserved there;
+    cursors' timestamps hold no quote)."""
+    return {column: f"{side}e.{stamp}", "or": f'({column}.{side}."{stamp}",{tie})'}
 
 
 # -- business records -------------------------------------------------------------------------------------------

@@ -8,27 +8,18 @@ For ``store.py`` only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar, get_args
 
 from errors import ConversationNotFound, MessageNotFound, UpstreamError, ValidationFailed
 from services.domains import BY_TABLE, Column, Domain
-from services.store import (
-    TIMESTAMP_FORMAT,
-    ActionDone,
-    BeginOutcome,
-    Conversation,
-    Message,
-    MessageKey,
-    MessagePage,
-    PendingAction,
-    Run,
-    RunBegun,
-    RunControl,
-    RunUpdate,
-)
-from services.store.shared import page_of_messages
+from services.store import (TIMESTAMP_FORMAT, ActionDone, BeginOutcome, Conversation, Message, MessageKey, MessagePage,
+                            PendingAction, Run, RunBegun, RunControl, RunUpdate)
+from services.store.shared import from_row, page_of_messages
+
+T = TypeVar("T")
 
 
 def utc_timestamp(value: str | None) -> str | None:
@@ -72,38 +63,28 @@ def bad_response() -> UpstreamError:
     return UpstreamError("The database returned an unexpected result.", code="STORE_BAD_RESPONSE")
 
 
-def conversation_of(row: dict[str, Any]) -> Conversation:
+def _bad_row() -> UpstreamError:
+    return UpstreamError("The database returned an unexpected row.", code="STORE_BAD_RESPONSE")
+
+
+def _decoded(record: type[T], row: Any, bad: Callable[[], UpstreamError] = bad_response, **read: Any) -> T:
+    """``from_row``, with a row of the wrong shape as ``bad()``."""
     try:
-        created_at = _required_timestamp(row["created_at"])
-        return Conversation(
-            id=row["id"],
-            user_id=row["user_id"],
-            title=row["title"],
-            created_at=created_at,
-            updated_at=utc_timestamp(row["updated_at"]) or created_at,
-            last_message_at=utc_timestamp(row["last_message_at"]),
-            message_count=row["message_count"] or 0,
-            metadata=row["metadata"] or {},
-            active_leaf_id=row.get("active_leaf_id"),
-        )
+        return from_row(record, row, **read)
     except (KeyError, ValueError, TypeError) as exc:
-        raise UpstreamError("The database returned an unexpected row.", code="STORE_BAD_RESPONSE") from exc
+        raise bad() from exc
+
+
+def conversation_of(row: dict[str, Any]) -> Conversation:
+    return _decoded(
+        Conversation, row, _bad_row, created_at=_required_timestamp,
+        updated_at=lambda value: utc_timestamp(row["created_at"] if value is None else value),
+        last_message_at=utc_timestamp, message_count=lambda value: value or 0, metadata=lambda value: value or {},
+    )
 
 
 def message_of(row: dict[str, Any]) -> Message:
-    try:
-        return Message(
-            id=row["id"],
-            conversation_id=row["conversation_id"],
-            role=row["role"],
-            content=row["content"],
-            agent_type=row["agent_type"],
-            metadata=row["metadata"] or {},
-            created_at=_required_timestamp(row["created_at"]),
-            parent_id=row.get("parent_id"),
-        )
-    except (KeyError, ValueError, TypeError) as exc:
-        raise UpstreamError("The database returned an unexpected row.", code="STORE_BAD_RESPONSE") from exc
+    return _decoded(Message, row, _bad_row, metadata=lambda value: value or {}, created_at=_required_timestamp)
 
 
 def message_key_of(row: dict[str, Any]) -> MessageKey:
@@ -113,9 +94,7 @@ def message_key_of(row: dict[str, Any]) -> MessageKey:
         raise bad_response() from exc
 
 
-BEGIN_OUTCOMES: frozenset[BeginOutcome] = frozenset(
-    ("started", "existing", "conflict", "in_progress", "rate_limited", "streams_full")
-)
+BEGIN_OUTCOMES: frozenset[BeginOutcome] = frozenset(get_args(BeginOutcome))
 
 
 def run_begun_of(result: Any) -> RunBegun:
@@ -132,30 +111,15 @@ def run_begun_of(result: Any) -> RunBegun:
 
 
 def run_of(row: dict[str, Any]) -> Run:
-    try:
-        return Run(
-            id=row["id"],
-            conversation_id=row["conversation_id"],
-            user_message_id=row["user_message_id"],
-            assistant_message_id=row["assistant_message_id"],
-            client_message_id=row["client_message_id"],
-            status=row["status"],
-            last_seq=int(row["last_seq"]),
-            heartbeat_at=_epoch(row["heartbeat_at"]),
-        )
-    except (KeyError, ValueError, TypeError) as exc:
-        raise bad_response() from exc
+    return _decoded(Run, row, last_seq=int, heartbeat_at=_epoch)
 
 
 def controls_of(rows: Any) -> dict[str, RunControl]:
     try:
         return {
             str(row["run_id"]): RunControl(
-                stop=bool(row["stop"]),
-                seen_chars=None if row["seen_chars"] is None else int(row["seen_chars"]),
-                gone=bool(row["gone"]),
-                deleted=bool(row.get("deleted")),
-                applied=bool(row.get("applied")),
+                stop=bool(row["stop"]), seen_chars=None if row["seen_chars"] is None else int(row["seen_chars"]),
+                gone=bool(row["gone"]), deleted=bool(row.get("deleted")), applied=bool(row.get("applied"))
             )
             for row in rows
         }
@@ -182,23 +146,8 @@ def update_json(update: RunUpdate, write_key: str) -> dict[str, Any]:
 
 
 def pending_action_of(row: dict[str, Any]) -> PendingAction:
-    try:
-        return PendingAction(
-            id=row["id"],
-            user_id=row["user_id"],
-            table=row["table_name"],
-            tool=row["tool"],
-            kind=row["kind"],
-            record_id=row["record_id"],
-            changes=row["changes"],
-            before=row["before"],
-            summary=row["summary"],
-            created_at=_required_timestamp(row["created_at"]),
-            expires_at=_required_timestamp(row["expires_at"]),
-            used_at=utc_timestamp(row["used_at"]),
-        )
-    except (KeyError, ValueError, TypeError) as exc:
-        raise bad_response() from exc
+    return _decoded(PendingAction, row, created_at=_required_timestamp,
+                    expires_at=_required_timestamp, used_at=utc_timestamp)
 
 
 def action_done_of(result: dict[str, Any]) -> ActionDone:
@@ -222,7 +171,7 @@ def record_of(domain: Domain, row: dict[str, Any]) -> dict[str, Any]:
         record["updated_at"] = utc_timestamp(row["updated_at"])
     # OverflowError: a numeric past a double's range, written by another client (the tools refuse one), is no float.
     except (KeyError, ValueError, TypeError, OverflowError) as exc:
-        raise UpstreamError("The database returned an unexpected row.", code="STORE_BAD_RESPONSE") from exc
+        raise _bad_row() from exc
     return record
 
 

@@ -2,7 +2,7 @@
 (``services.store`` says what each must do, ``services/agents/actions.py`` why they exist), as functions on a store
 thread's connection.
 
-The table (``MIGRATION``, applied by ``SQLiteStore`` as migration 3, and ``BEFORE_MIGRATION``, migration 5) holds one
+The table (``MIGRATION``, applied by ``SQLiteStore`` as migration 3, and ``BEFORE_MIGRATION``, migration 6) holds one
 row per prepared change. Times are Unix seconds (``time.time()``), as for chat runs, and are shown as ISO 8601 UTC. A
 confirmation is one ``BEGIN IMMEDIATE`` transaction: the action is checked (the caller's, unused, unexpired, with a
 ``before``), the record is read and must still hold ``before``, the change runs through
@@ -22,7 +22,7 @@ from typing import Any
 from errors import ActionAlreadyUsed, ActionExpired, ActionNotFound, RecordChanged
 from services.domains import BY_TABLE, Domain
 from services.store import ActionDone, Caller, NewAction, PendingAction
-from services.store.shared import epoch_timestamp
+from services.store.shared import epoch_timestamp, from_row
 from services.store.sqlite import records as sqlite_records
 from services.store.sqlite.writer import write_transaction
 
@@ -123,18 +123,11 @@ def _fetch(db: sqlite3.Connection, caller: Caller, action_id: str) -> sqlite3.Ro
 
 
 def _action(row: sqlite3.Row) -> PendingAction:
-    return PendingAction(
-        id=row["id"],
-        user_id=row["user_id"],
-        table=row["table_name"],
-        tool=row["tool"],
-        kind=row["kind"],
-        record_id=row["record_id"],
-        changes=None if row["changes"] is None else json.loads(row["changes"]),
-        before=None if row["before"] is None else json.loads(row["before"]),
-        summary=row["summary"],
-        created_at=epoch_timestamp(row["created_at"]),
-        expires_at=epoch_timestamp(row["expires_at"]),
-        used_at=None if row["used_at"] is None else epoch_timestamp(row["used_at"]),
-    )
+    return from_row(PendingAction, row, changes=_json, before=_json,
+                    created_at=epoch_timestamp, expires_at=epoch_timestamp,
+                    used_at=lambda value: None if value is None else epoch_timestamp(value))
+
+
+def _json(value: str | None) -> Any:
+    return None if value is None else json.loads(value)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import replace
 
-from errors import ConversationNotFound, MessageNotFound, ValidationFailed
-from services.store import Caller, Message, MessagePage, NewRun
+from errors import MessageNotFound, ValidationFailed
+from services.store import Message, MessagePage, NewRun
 from services.store.sqlite.messages import MESSAGE_COLUMNS, message_row
 
 # Migration 7. Existing conversations become one branch: each message's parent is the one written before it, and the
@@ -117,13 +117,3 @@ def with_siblings(db: sqlite3.Connection, conversation_id: str, page: MessagePag
         children.setdefault(parent_id, []).append(message_id)
     shown = [replace(m, sibling_ids=tuple(children.get(m.parent_id, [m.id]))) for m in page.messages]
     return replace(page, messages=shown, leaf_id=leaf)
-
-
-def set_active_leaf(db: sqlite3.Connection, caller: Caller, conversation_id: str, message_id: str) -> None:
-    owned = db.execute(
-        "SELECT 1 FROM agent_conversations WHERE id = ? AND user_id = ?", (conversation_id, caller.user_id)
-    ).fetchone()
-    if owned is None:
-        raise ConversationNotFound()
-    leaf = leaf_below(db, conversation_id, message_id)
-    db.execute("UPDATE agent_conversations SET active_leaf_id = ? WHERE id = ?", (leaf, conversation_id))

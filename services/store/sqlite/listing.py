@@ -1,6 +1,7 @@
-"""Listing in SQLite: conversations and messages by offset or by cursor, and conversation search (FTS5).
+"""Listing in SQLite: conversations and messages by offset or by cursor, conversation search (FTS5), and the
+conversations' own rows.
 
-``list_conversations`` and ``message_page`` of the ``Store`` interface (``services.store`` says what each must do),
+The conversation calls and ``message_page`` of the ``Store`` interface (``services.store`` says what each must do),
 as functions on a store thread's connection. A cursor is a key (``ConversationKey``, ``MessageKey``); a page is the
 ``limit`` rows nearest the key on the side asked for, read by an index in that direction (conversations by
 ``(user_id, updated_at DESC, id)``, the messages of one branch by ``seq`` along its path, ``branches.PATH``) and
@@ -17,12 +18,15 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import uuid
 
-from services.store import Caller, Conversation, ConversationKey, ConversationPage, MessageKey, MessagePage
+from errors import ConversationNotFound
+from services.store import Caller, Conversation, ConversationKey, ConversationPage, MessageKey, MessagePage, utc_now
 from services.store.search import search_terms, search_words
-from services.store.shared import page_of_conversations, page_of_messages, reads_downwards
-from services.store.sqlite.branches import PATH
+from services.store.shared import from_row, page_of_conversations, page_of_messages, reads_downwards
+from services.store.sqlite import branches
 from services.store.sqlite.messages import MESSAGE_COLUMNS, message_row
+from services.store.sqlite.writer import write_transaction
 
 # The words a search can find, folded once by services/store/search.py: the index is fed "<owner>_<word>" tokens, which
 # FTS5's ascii tokenizer (with "_" a token character) takes as they are: it splits at the spaces between them only
@@ -152,13 +156,8 @@ def fts5_query(owner: int, terms: list[str]) -> str:
 
 
 def list_conversations(
-    db: sqlite3.Connection,
-    caller: Caller,
-    limit: int,
-    offset: int,
-    before: ConversationKey | None,
-    after: ConversationKey | None,
-    search: str | None,
+    db: sqlite3.Connection, caller: Caller, limit: int, offset: int, before: ConversationKey | None = None,
+    after: ConversationKey | None = None, search: str | None = None
 ) -> ConversationPage:
     """See ``Store.list_conversations``."""
     where, params = ["user_id = ?"], [caller.user_id]
@@ -190,19 +189,15 @@ def list_conversations(
 
 
 def message_page(
-    db: sqlite3.Connection,
-    conversation_id: str,
-    limit: int,
-    offset: int,
-    newest_first: bool,
-    before: MessageKey | None,
-    after: MessageKey | None,
-    leaf: str | None,
+    db: sqlite3.Connection, caller: Caller, conversation_id: str, limit: int, offset: int = 0, *,
+    newest_first: bool = False, before: MessageKey | None = None, after: MessageKey | None = None,
+    leaf: str | None = None,
 ) -> MessagePage:
-    """See ``Store.message_page``: the path ending at ``leaf`` (``branches.branch_leaf``); the caller has checked that
-    the conversation is theirs."""
+    """See ``Store.message_page``: the branch ending at ``leaf`` (``branches.branch_leaf``), along its path."""
+    get_conversation(db, caller, conversation_id)
+    end = branches.branch_leaf(db, conversation_id, leaf)
     where: list[str] = ["id IN (SELECT id FROM path)"]
-    params: list[object] = [leaf, conversation_id]
+    params: list[object] = [end, conversation_id]
     if before is not None:
         where.append("seq < ?")
         params.append(before.seq)
@@ -211,27 +206,77 @@ def message_page(
         params.append(after.seq)
     downwards = reads_downwards(before, after, newest_first)
     rows = db.execute(
-        f"{PATH} SELECT seq, {MESSAGE_COLUMNS} FROM agent_messages WHERE {' AND '.join(where)}"
+        f"{branches.PATH} SELECT seq, {MESSAGE_COLUMNS} FROM agent_messages WHERE {' AND '.join(where)}"
         f" ORDER BY seq {'DESC' if downwards else 'ASC'} LIMIT ? OFFSET ?",
         [*params, limit + 1, offset],
     ).fetchall()
-    return page_of_messages(rows, limit, downwards=downwards, newest_first=newest_first, key=_message_key,
+    page = page_of_messages(rows, limit, downwards=downwards, newest_first=newest_first, key=_message_key,
                             decode=message_row)
+    return branches.with_siblings(db, conversation_id, page, end)
+
+
+def set_active_leaf(db: sqlite3.Connection, caller: Caller, conversation_id: str, message_id: str) -> Conversation:
+    """See ``Store.set_active_leaf``."""
+    with write_transaction(db):
+        get_conversation(db, caller, conversation_id)
+        leaf = branches.leaf_below(db, conversation_id, message_id)
+        db.execute("UPDATE agent_conversations SET active_leaf_id = ? WHERE id = ?", (leaf, conversation_id))
+        return get_conversation(db, caller, conversation_id)
 
 
 def _message_key(row: sqlite3.Row) -> MessageKey:
     return MessageKey(row["created_at"], row["seq"])
 
 
-def conversation_row(row: sqlite3.Row) -> Conversation:
-    return Conversation(
-        id=row["id"],
-        user_id=row["user_id"],
-        title=row["title"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        last_message_at=row["last_message_at"],
-        message_count=row["message_count"],
-        metadata=json.loads(row["metadata"]),
-        active_leaf_id=row["active_leaf_id"],
+def insert_conversation(db: sqlite3.Connection, caller: Caller, conversation_id: str, title: str | None) -> None:
+    """OR IGNORE: a retry creates nothing twice, and an id that is someone else's is left untouched (the scoped fetch
+    that follows says NotFound, as the Supabase store does)."""
+    now = utc_now()
+    db.execute(
+        f"INSERT OR IGNORE INTO agent_conversations ({CONVERSATION_COLUMNS})"
+        " VALUES (?, ?, ?, ?, ?, NULL, 0, '{}', NULL)",
+        (conversation_id, caller.user_id, title, now, now),
     )
+
+
+def create_conversation(
+    db: sqlite3.Connection, caller: Caller, title: str | None, conversation_id: str | None = None
+) -> Conversation:
+    new_id = conversation_id or str(uuid.uuid4())
+    insert_conversation(db, caller, new_id, title)
+    return get_conversation(db, caller, new_id)
+
+
+def get_conversation(db: sqlite3.Connection, caller: Caller, conversation_id: str) -> Conversation:
+    """The caller's conversation, or ``ConversationNotFound``."""
+    row = db.execute(
+        f"SELECT {CONVERSATION_COLUMNS} FROM agent_conversations WHERE id = ? AND user_id = ?",
+        (conversation_id, caller.user_id),
+    ).fetchone()
+    if row is None:
+        raise ConversationNotFound()
+    return conversation_row(row)
+
+
+def rename_conversation(db: sqlite3.Connection, caller: Caller, conversation_id: str, title: str) -> Conversation:
+    with write_transaction(db):
+        # As Supabase's trigger (001): a new title is activity, the same one is not; time never goes back.
+        db.execute(
+            "UPDATE agent_conversations SET title = ?,"
+            " updated_at = CASE WHEN title IS ? THEN updated_at ELSE max(updated_at, ?) END"
+            " WHERE id = ? AND user_id = ?",
+            (title, title, utc_now(), conversation_id, caller.user_id),
+        )
+        return get_conversation(db, caller, conversation_id)
+
+
+def delete_conversation(db: sqlite3.Connection, caller: Caller, conversation_id: str) -> None:
+    cursor = db.execute(
+        "DELETE FROM agent_conversations WHERE id = ? AND user_id = ?", (conversation_id, caller.user_id)
+    )
+    if cursor.rowcount == 0:
+        raise ConversationNotFound()
+
+
+def conversation_row(row: sqlite3.Row) -> Conversation:
+    return from_row(Conversation, row, metadata=json.loads)

@@ -9,6 +9,7 @@ import json
 import sqlite3
 
 from services.store import Message, NewMessage, utc_now
+from services.store.shared import from_row
 
 MESSAGE_COLUMNS = "id, conversation_id, role, content, agent_type, metadata, created_at, parent_id"
 
@@ -19,30 +20,13 @@ def write_message(db: sqlite3.Connection, message: NewMessage) -> None:
     The row is not read back: every statement costs the writer thread a round trip for the GIL."""
     db.execute(
         f"INSERT OR IGNORE INTO agent_messages ({MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            message.id,
-            message.conversation_id,
-            message.role,
-            message.content,
-            message.agent_type,
-            json.dumps(message.metadata),
-            utc_now(),
-            message.parent_id,
-        ),
+        (message.id, message.conversation_id, message.role, message.content, message.agent_type,
+         json.dumps(message.metadata), utc_now(), message.parent_id),
     )
 
 
 def message_row(row: sqlite3.Row) -> Message:
-    return Message(
-        id=row["id"],
-        conversation_id=row["conversation_id"],
-        role=row["role"],
-        content=row["content"],
-        agent_type=row["agent_type"],
-        metadata=json.loads(row["metadata"]),
-        created_at=row["created_at"],
-        parent_id=row["parent_id"],
-    )
+    return from_row(Message, row, metadata=json.loads)
 
 
 def fetch_message(db: sqlite3.Connection, message_id: str) -> Message:

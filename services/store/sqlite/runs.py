@@ -16,22 +16,12 @@ from dataclasses import replace
 from typing import Any
 
 from errors import ConversationNotFound, RunNotFound
-from services.store import (
-    Caller,
-    EventBatch,
-    NewMessage,
-    NewRun,
-    Run,
-    RunBegun,
-    RunControl,
-    RunUpdate,
-    RunView,
-    TurnLimits,
-    utc_now,
-)
-from services.store import run_log
+from services.store import (Caller, EventBatch, NewMessage, NewRun, Run, RunBegun, RunControl, RunUpdate, RunView,
+                            TurnLimits, run_log)
+from services.store.shared import from_row
 from services.store.sqlite import limits as sqlite_limits
 from services.store.sqlite import branches
+from services.store.sqlite.listing import insert_conversation
 from services.store.sqlite.messages import fetch_message, write_message
 from services.store.sqlite.writer import write_transaction
 
@@ -75,13 +65,7 @@ _STREAMING = "streaming"
 _IN_CHUNK = 500
 
 
-def begin_run(
-    db: sqlite3.Connection,
-    caller: Caller,
-    new: NewRun,
-    limits: TurnLimits,
-    history_limit: int,
-) -> RunBegun:
+def begin_run(db: sqlite3.Connection, caller: Caller, new: NewRun, limits: TurnLimits, history_limit: int) -> RunBegun:
     """See ``Store.begin_run``."""
     now = time.time()
     with write_transaction(db):
@@ -108,11 +92,7 @@ def begin_run(
         if refused is not None:
             return refused
         if owner is None:
-            db.execute(
-                "INSERT INTO agent_conversations (id, user_id, title, created_at, updated_at, last_message_at,"
-                " message_count, metadata) VALUES (?, ?, ?, ?, ?, NULL, 0, '{}')",
-                (new.conversation_id, caller.user_id, new.title, utc_now(), utc_now()),
-            )
+            insert_conversation(db, caller, new.conversation_id, new.title)
         if answered is None:
             write_message(db, NewMessage(new.conversation_id, "user", new.text, id=new.user_message_id,
                                          parent_id=parent_id))
@@ -152,12 +132,8 @@ def _start(
     prompt's path."""
     history = branches.history(db, new.conversation_id, user_message_id, history_limit)
     placeholder = NewMessage(
-        new.conversation_id,
-        "assistant",
-        "",
-        metadata={"status": _STREAMING, "run_id": new.id, "seq": 0},
-        id=new.assistant_message_id,
-        parent_id=user_message_id,
+        new.conversation_id, "assistant", "", metadata={"status": _STREAMING, "run_id": new.id, "seq": 0},
+        id=new.assistant_message_id, parent_id=user_message_id,
     )
     write_message(db, placeholder)
     db.execute("UPDATE agent_conversations SET active_leaf_id = ? WHERE id = ?",
@@ -195,17 +171,16 @@ def _apply(db: sqlite3.Connection, update: RunUpdate, now: float) -> bool:
     if row[0] != "running":
         # This very end, already written (a retry after the first answer was lost), counts as written.
         return update.final_status == row[0] and update.batch is not None and update.batch.last_seq == row[1]
+    # Still running now means still running for every statement below: the caller's transaction holds the write lock.
     if update.batch is not None:
         db.execute(
-            "INSERT OR IGNORE INTO agent_run_events (run_id, seq, last_seq, frames)"
-            " SELECT ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM agent_runs WHERE id = ? AND status = 'running')",
-            (update.run_id, update.batch.first_seq, update.batch.last_seq, update.batch.frames, update.run_id),
+            "INSERT OR IGNORE INTO agent_run_events (run_id, seq, last_seq, frames) VALUES (?, ?, ?, ?)",
+            (update.run_id, update.batch.first_seq, update.batch.last_seq, update.batch.frames),
         )
     if update.content is not None:
         db.execute(
-            "UPDATE agent_messages SET content = ?, metadata = ?, agent_type = ? WHERE id = ?"
-            " AND EXISTS (SELECT 1 FROM agent_runs WHERE id = ? AND status = 'running')",
-            (update.content, json.dumps(update.metadata or {}), update.agent_type, update.message_id, update.run_id),
+            "UPDATE agent_messages SET content = ?, metadata = ?, agent_type = ? WHERE id = ?",
+            (update.content, json.dumps(update.metadata or {}), update.agent_type, update.message_id),
         )
     if update.final_status is not None:
         last_seq = update.batch.last_seq if update.batch is not None else None
@@ -348,13 +323,4 @@ def _run_for_client_message(
 
 
 def _run(row: sqlite3.Row) -> Run:
-    return Run(
-        id=row["id"],
-        conversation_id=row["conversation_id"],
-        user_message_id=row["user_message_id"],
-        assistant_message_id=row["assistant_message_id"],
-        client_message_id=row["client_message_id"],
-        status=row["status"],
-        last_seq=row["last_seq"],
-        heartbeat_at=row["heartbeat_at"],
-    )
+    return from_row(Run, row)

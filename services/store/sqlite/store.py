@@ -19,40 +19,19 @@ The schema is migrated at startup from ``MIGRATIONS``; ``PRAGMA user_version`` r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import logging
 import os
 import sqlite3
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Concatenate, ParamSpec, TypeVar
 
-from errors import ConversationNotFound, UpstreamError, UpstreamUnavailable
-from services.domains import Domain
-from services.store import (
-    ActionDone,
-    Caller,
-    Conversation,
-    ConversationKey,
-    MessageKey,
-    MessagePage,
-    NewAction,
-    NewRun,
-    ConversationPage,
-    PendingAction,
-    Run,
-    RunBegun,
-    RunControl,
-    RunUpdate,
-    RunView,
-    TurnLimits,
-    utc_now,
-)
+from errors import UpstreamError, UpstreamUnavailable
+from services.store import Caller
 from services.store.shared import QueryTiming, observed
 from services.store.sqlite import actions as sqlite_actions
 from services.store.sqlite import branches as sqlite_branches
@@ -65,6 +44,7 @@ from services.store.sqlite.writer import GroupWriter, write_transaction
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 MIGRATIONS: list[str] = [
     # 1: conversations and messages, compatible with the earlier service's agent_conversations/agent_messages.
@@ -113,8 +93,21 @@ MIGRATIONS: list[str] = [
     sqlite_branches.MIGRATION,
 ]
 
-_CONVERSATION_COLUMNS = sqlite_listing.CONVERSATION_COLUMNS
-_conversation = sqlite_listing.conversation_row
+
+def _method(
+    function: Callable[Concatenate[sqlite3.Connection, P], T], *, writes: bool
+) -> Callable[Concatenate[SQLiteStore, P], Awaitable[T]]:
+    """The store method that runs ``function``, a function of a connection, on the writer thread if it ``writes``
+    and on a reader thread if not, timed under its name (``observed``), which is the method's."""
+
+    async def method(self: SQLiteStore, *args: P.args, **kwargs: P.kwargs) -> T:
+        def work(db: sqlite3.Connection) -> T:
+            return function(db, *args, **kwargs)
+
+        return await (self._write(work) if writes else self._read(work))
+
+    method.__name__ = function.__name__
+    return observed(method)
 
 
 class SQLiteStore(QueryTiming):
@@ -152,19 +145,18 @@ class SQLiteStore(QueryTiming):
 
     async def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work``, which only reads, on a reader thread."""
-        return await self._run(work, lambda: self._readers.submit(self._call, work))
+        return await asyncio.wrap_future(self._readers.submit(self._call, work))
 
     async def _write(self, work: Callable[[sqlite3.Connection], T], *, alone: bool = False) -> T:
-        """Run ``work``, which writes, on the writer thread after the writes before it (``alone``: never grouped)."""
-        return await self._run(work, lambda: self._writer.submit(work, alone=alone))
-
-    async def _run(self, work: Callable[[sqlite3.Connection], T], submit: Callable[[], Future[T]]) -> T:
-        """A cancelled caller does not stop a write already under way."""
-        return await asyncio.wrap_future(submit())
+        """Run ``work``, which writes, on the writer thread after the writes before it (``alone``: never grouped). A
+        cancelled caller does not stop a write already under way."""
+        return await asyncio.wrap_future(self._writer.submit(work, alone=alone))
 
     def _call(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        with _sqlite_errors():
+        try:
             return work(self._connection())
+        except (sqlite3.Error, OSError) as exc:  # translated here, at the boundary (the writer does its own)
+            raise _store_error(exc) from exc
 
     def _connection(self) -> sqlite3.Connection:
         connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
@@ -212,7 +204,7 @@ class SQLiteStore(QueryTiming):
             logger.info("Applying SQLite migration %d", number)
             db.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {number}; COMMIT;")
 
-    # -- conversations -----------------------------------------------------------------------------------------
+    # -- health ------------------------------------------------------------------------------------------------
 
     @observed
     async def ping(self) -> None:
@@ -239,209 +231,48 @@ class SQLiteStore(QueryTiming):
             return False
         return True
 
-    @observed
-    async def list_conversations(
-        self,
-        caller: Caller,
-        limit: int,
-        offset: int,
-        *,
-        before: ConversationKey | None = None,
-        after: ConversationKey | None = None,
-        search: str | None = None,
-    ) -> ConversationPage:
-        def work(db: sqlite3.Connection) -> ConversationPage:
-            return sqlite_listing.list_conversations(db, caller, limit, offset, before, after, search)
+    # -- the rest: each a function of a connection named as its method, on a reader thread or the writer thread ----
 
-        return await self._read(work)
-
-    @observed
-    async def rename_conversation(self, caller: Caller, conversation_id: str, title: str) -> Conversation:
-        def work(db: sqlite3.Connection) -> Conversation:
-            with write_transaction(db):
-                # As Supabase's trigger (001): a new title is activity, the same one is not; time never goes back.
-                db.execute(
-                    "UPDATE agent_conversations SET title = ?,"
-                    " updated_at = CASE WHEN title IS ? THEN updated_at ELSE max(updated_at, ?) END"
-                    " WHERE id = ? AND user_id = ?",
-                    (title, title, utc_now(), conversation_id, caller.user_id),
-                )
-                return _fetch_conversation(db, caller, conversation_id)
-
-        return await self._write(work)
-
-    @observed
-    async def create_conversation(
-        self, caller: Caller, title: str | None, conversation_id: str | None = None
-    ) -> Conversation:
-        new_id = conversation_id or str(uuid.uuid4())
-
-        def work(db: sqlite3.Connection) -> Conversation:
-            _insert_conversation(db, caller, new_id, title)
-            return _fetch_conversation(db, caller, new_id)
-
-        return await self._write(work)
-
-    @observed
-    async def get_conversation(self, caller: Caller, conversation_id: str) -> Conversation:
-        return await self._read(lambda db: _fetch_conversation(db, caller, conversation_id))
-
-    @observed
-    async def delete_conversation(self, caller: Caller, conversation_id: str) -> None:
-        def work(db: sqlite3.Connection) -> int:
-            cursor = db.execute(
-                "DELETE FROM agent_conversations WHERE id = ? AND user_id = ?", (conversation_id, caller.user_id)
-            )
-            return cursor.rowcount
-
-        if await self._write(work) == 0:
-            raise ConversationNotFound()
-
-    # -- messages ----------------------------------------------------------------------------------------------
-
-    @observed
-    async def message_page(
-        self,
-        caller: Caller,
-        conversation_id: str,
-        limit: int,
-        offset: int = 0,
-        *,
-        newest_first: bool = False,
-        before: MessageKey | None = None,
-        after: MessageKey | None = None,
-        leaf: str | None = None,
-    ) -> MessagePage:
-        def work(db: sqlite3.Connection) -> MessagePage:
-            _fetch_conversation(db, caller, conversation_id)
-            end = sqlite_branches.branch_leaf(db, conversation_id, leaf)
-            page = sqlite_listing.message_page(db, conversation_id, limit, offset, newest_first, before, after, end)
-            return sqlite_branches.with_siblings(db, conversation_id, page, end)
-
-        return await self._read(work)
-
-    @observed
-    async def set_active_leaf(self, caller: Caller, conversation_id: str, message_id: str) -> Conversation:
-        def work(db: sqlite3.Connection) -> Conversation:
-            with write_transaction(db):
-                sqlite_branches.set_active_leaf(db, caller, conversation_id, message_id)
-                return _fetch_conversation(db, caller, conversation_id)
-
-        return await self._write(work)
-
-    # -- chat runs (services/store/sqlite/runs.py) -------------------------------------------------------------------
-
-    @observed
-    async def begin_run(
-        self, caller: Caller, new: NewRun, limits: TurnLimits, history_limit: int
-    ) -> RunBegun:
-        # One thread hop and one write transaction for the turn's admission and start: each hop costs more (a
-        # wake-up, then waiting for the event loop to give up the GIL) than the statements it runs.
-        return await self._write(lambda db: sqlite_runs.begin_run(db, caller, new, limits, history_limit))
-
-    @observed
-    async def flush_runs(self, updates: list[RunUpdate]) -> dict[str, RunControl]:
-        return await self._write(lambda db: sqlite_runs.flush_runs(db, updates))
-
-    @observed
-    async def read_run(self, caller: Caller, run_id: str, after: int | None) -> RunView:
-        return await self._read(lambda db: sqlite_runs.read_run(db, caller, run_id, after))
-
-    @observed
-    async def running_run(self, caller: Caller, conversation_id: str) -> Run | None:
-        return await self._read(lambda db: sqlite_runs.running_run(db, caller, conversation_id))
-
-    @observed
-    async def request_stop(self, caller: Caller, run_id: str, seen_chars: int | None) -> None:
-        await self._write(lambda db: sqlite_runs.request_stop(db, caller, run_id, seen_chars))
-
-    @observed
-    async def maintain_runs(self, caller: Caller | None, stale_seconds: float, events_ttl: float) -> None:
-        await self._write(lambda db: sqlite_runs.maintain_runs(db, caller, stale_seconds, events_ttl))
-
-    # -- business records (the agents' tools) ------------------------------------------------------------------
-
-    @observed
-    async def list_records(
-        self, caller: Caller, domain: Domain, filters: dict[str, Any], limit: int
-    ) -> list[dict[str, Any]]:
-        return await self._read(lambda db: sqlite_records.list_records(db, caller, domain, filters, limit))
-
-    @observed
-    async def get_record(self, caller: Caller, domain: Domain, record_id: str) -> dict[str, Any]:
-        return await self._read(lambda db: sqlite_records.get_record(db, caller, domain, record_id))
-
-    @observed
-    async def insert_record(self, caller: Caller, domain: Domain, values: dict[str, Any]) -> dict[str, Any]:
-        return await self._write(lambda db: sqlite_records.insert_record(db, caller, domain, values))
-
-    @observed
-    async def update_record(
-        self, caller: Caller, domain: Domain, record_id: str, values: dict[str, Any]
-    ) -> dict[str, Any]:
-        return await self._write(lambda db: sqlite_records.update_record(db, caller, domain, record_id, values))
-
-    @observed
-    async def delete_record(self, caller: Caller, domain: Domain, record_id: str) -> None:
-        await self._write(lambda db: sqlite_records.delete_record(db, caller, domain, record_id))
-
-    # -- pending actions (services/agents/actions.py, actions.py) ---------------------------------------------------
-
-    @observed
-    async def create_action(self, caller: Caller, new: NewAction, ttl_seconds: float) -> PendingAction:
-        return await self._write(lambda db: sqlite_actions.create_action(db, caller, new, ttl_seconds))
-
-    @observed
-    async def get_action(self, caller: Caller, action_id: str) -> PendingAction:
-        return await self._read(lambda db: sqlite_actions.get_action(db, caller, action_id))
-
-    @observed
-    async def confirm_action(self, caller: Caller, action_id: str) -> ActionDone:
-        return await self._write(lambda db: sqlite_actions.confirm_action(db, caller, action_id))
+    # Conversations and their messages (listing.py).
+    list_conversations = _method(sqlite_listing.list_conversations, writes=False)
+    create_conversation = _method(sqlite_listing.create_conversation, writes=True)
+    get_conversation = _method(sqlite_listing.get_conversation, writes=False)
+    rename_conversation = _method(sqlite_listing.rename_conversation, writes=True)
+    delete_conversation = _method(sqlite_listing.delete_conversation, writes=True)
+    message_page = _method(sqlite_listing.message_page, writes=False)
+    set_active_leaf = _method(sqlite_listing.set_active_leaf, writes=True)
+    # Chat runs (runs.py). A turn's admission and start is one thread hop and one write transaction: each hop costs
+    # more (a wake-up, then waiting for the event loop to give up the GIL) than the statements it runs.
+    begin_run = _method(sqlite_runs.begin_run, writes=True)
+    flush_runs = _method(sqlite_runs.flush_runs, writes=True)
+    read_run = _method(sqlite_runs.read_run, writes=False)
+    running_run = _method(sqlite_runs.running_run, writes=False)
+    request_stop = _method(sqlite_runs.request_stop, writes=True)
+    maintain_runs = _method(sqlite_runs.maintain_runs, writes=True)
+    # Business records, for the agents' tools (records.py).
+    list_records = _method(sqlite_records.list_records, writes=False)
+    get_record = _method(sqlite_records.get_record, writes=False)
+    insert_record = _method(sqlite_records.insert_record, writes=True)
+    update_record = _method(sqlite_records.update_record, writes=True)
+    delete_record = _method(sqlite_records.delete_record, writes=True)
+    # Pending actions (actions.py; services/agents/actions.py says why).
+    create_action = _method(sqlite_actions.create_action, writes=True)
+    get_action = _method(sqlite_actions.get_action, writes=False)
+    confirm_action = _method(sqlite_actions.confirm_action, writes=True)
 
     # -- rate limits (services/ratelimit.py) -------------------------------------------------------------------
 
     @observed
     async def rate_limit_hit(self, caller: Caller, bucket: str, window_seconds: int, limit: int) -> tuple[bool, float]:
-        return await self._write(
-            lambda db: sqlite_limits.hit(db, caller.user_id, bucket, window_seconds, limit)
-        )
-
-
-@contextlib.contextmanager
-def _sqlite_errors() -> Iterator[None]:
-    """Translate the store's errors at the boundary; their text (SQL, paths) goes to the log, never to a client."""
-    try:
-        yield
-    except (sqlite3.Error, OSError) as exc:
-        raise _store_error(exc) from exc
+        return await self._write(lambda db: sqlite_limits.hit(db, caller.user_id, bucket, window_seconds, limit))
 
 
 def _store_error(exc: sqlite3.Error | OSError) -> UpstreamError:
     """sqlite3's errors, and the file system's (the database's directory, lock or probe files): a database that
-    cannot be reached is unavailable (503); one that refuses a statement is a store error."""
+    cannot be reached is unavailable (503); one that refuses a statement is a store error. Their text (SQL, paths)
+    goes to the log, never to a client."""
     if isinstance(exc, (sqlite3.OperationalError, OSError)):
         logger.error("SQLite operational error: %s", exc)
         return UpstreamUnavailable("The database is unavailable.", code="STORE_UNAVAILABLE")
     logger.error("SQLite error: %s", exc)
     return UpstreamError("The database rejected the request.", code="STORE_ERROR")
-
-
-def _insert_conversation(db: sqlite3.Connection, caller: Caller, conversation_id: str, title: str | None) -> None:
-    """OR IGNORE: a retry creates nothing twice, and an id that is someone else's is left untouched (the scoped fetch
-    that follows says NotFound, as the Supabase store does)."""
-    now = utc_now()
-    db.execute(
-        f"INSERT OR IGNORE INTO agent_conversations ({_CONVERSATION_COLUMNS}) VALUES (?, ?, ?, ?, ?, NULL, 0, '{{}}', NULL)",
-        (conversation_id, caller.user_id, title, now, now),
-    )
-
-
-def _fetch_conversation(db: sqlite3.Connection, caller: Caller, conversation_id: str) -> Conversation:
-    row = db.execute(
-        f"SELECT {_CONVERSATION_COLUMNS} FROM agent_conversations WHERE id = ? AND user_id = ?",
-        (conversation_id, caller.user_id),
-    ).fetchone()
-    if row is None:
-        raise ConversationNotFound()
-    return _conversation(row)
