@@ -119,6 +119,10 @@ def test_a_client_that_sends_no_parent_builds_one_linear_branch(chat: Chat, mode
     body = chat.read().json()
     assert body["active_leaf_id"] == body["leaf_id"] == messages[-1]["id"]
     assert seen(model) == ["first", "answer 1", "second"]
+    for query in ({}, {"q": "second"}):  # the list and a search show the conversation as a read does
+        listed = httpx.get(f"{chat.live.url}/api/conversations", params={"user_id": chat.user, **query},
+                           headers=chat.auth(chat.user), timeout=10).json()["conversations"]
+        assert [(c["id"], c["active_leaf_id"]) for c in listed] == [(chat.conversation, messages[-1]["id"])]
 
 
 def test_an_edit_makes_a_sibling_and_the_old_branch_stays(
