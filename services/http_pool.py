@@ -1,4 +1,5 @@
-"""Slots for the requests of a pooled ``httpx.AsyncClient``: a fixed number, and each one always comes back.
+"""Connections for the requests to an HTTP upstream: a fixed number of clients of one connection each, and each one
+always comes back.
 
 Why httpx's pool is not left to count them itself: httpcore 1.0.9 (the last release, used by httpx 0.28.1) loses a
 connection slot for good when a request is cancelled at one of three moments (each reproduced on loopback):
@@ -14,11 +15,16 @@ httpcore's shields are anyio cancel scopes, which ``Task.cancel()``, ``asyncio.t
 Each loss is permanent; once ``max_connections`` are lost every request waits out the pool timeout, and the worker is
 wedged until it restarts. Two rules keep our requests out of reach:
 
-1. The slots are ours, as many as the client's connections (``limits``): a request enters httpx only once it holds
-   one, so it never queues inside httpcore. Waiting for a slot is bounded: past ``wait`` seconds, ``PoolBusy``.
+1. The connections are counted by us (``Connections``): a request enters httpx only once it holds a client of its
+   own, so it never queues inside httpcore. Waiting for one is bounded: past ``wait`` seconds, ``PoolBusy``.
 2. No cancellation reaches httpx: each exchange runs in a task of its own, which the caller awaits shielded. A caller
-   that is cancelled stops waiting at once; its exchange ends by the client's own timeouts, gives its slot back, and
+   that is cancelled stops waiting at once; its exchange ends by the client's own timeouts, gives its client back, and
    its connection, read to the end, stays open for the next request instead of being dropped.
+
+Why a client of one connection each, not one client of ``size`` connections: httpcore walks every connection of its
+pool on each request and each response (``is_idle``, ``has_expired`` -> a socket readability check), so with 50
+kept-alive connections that walk was 31% of the service's CPU at 500 streams (bench/RESULTS.md). A client of one walks
+one.
 """
 
 from __future__ import annotations
@@ -38,63 +44,16 @@ KEEPALIVE_EXPIRY = 5.0
 
 
 class PoolBusy(Exception):
-    """Every slot stayed taken for the whole wait."""
+    """Every connection stayed taken for the whole wait."""
 
 
-def limits(size: int) -> httpx.Limits:
-    """httpx limits matching ``size`` slots. Every connection may stay alive: with fewer keep-alive connections than
-    connections, httpcore closes a connection as each response ends while more than that many are open, so under load
-    nearly every request would open a new one."""
-    return httpx.Limits(max_connections=size, max_keepalive_connections=size, keepalive_expiry=KEEPALIVE_EXPIRY)
-
-
-class Slots:
-    """``size`` slots, one per exchange under way; ``run`` takes one, and the end of the exchange gives it back."""
-
-    def __init__(self, size: int, wait: float) -> None:
-        if size < 1 or wait <= 0:
-            raise ValueError("a pool needs at least one slot and a positive wait")
-        self.size = size
-        self._wait = wait
-        self._free = asyncio.Semaphore(size)
-        self._exchanges: set[asyncio.Task[Any]] = set()
-
-    @property
-    def in_use(self) -> int:
-        """Slots taken now, by exchanges under way (including those whose callers stopped waiting)."""
-        return len(self._exchanges)
-
-    async def run(self, exchange: Callable[[], Coroutine[Any, Any, T]]) -> T:
-        """Await ``exchange()`` holding a slot; raises ``PoolBusy`` when none frees up within the wait."""
-        try:
-            async with asyncio.timeout(self._wait):
-                await self._free.acquire()  # (a cancelled or timed-out wait takes nothing: asyncio.Semaphore)
-        except TimeoutError:
-            raise PoolBusy(f"all {self.size} slots in use") from None
-        task = asyncio.get_running_loop().create_task(exchange())
-        self._exchanges.add(task)
-        # Released when the task is done, however: also a task cancelled before it ever ran (at shutdown).
-        task.add_done_callback(self._release)
-        return await asyncio.shield(task)
-
-    def _release(self, task: asyncio.Task[Any]) -> None:
-        self._exchanges.discard(task)
-        self._free.release()
-
-    async def aclose(self) -> None:
-        """Shutdown: exchanges nobody waits for any more are cancelled, before their client closes."""
-        for task in list(self._exchanges):
-            task.cancel()
-        await asyncio.gather(*self._exchanges, return_exceptions=True)
+# The limits of each client ``Connections`` makes: its one connection, kept alive between requests (with fewer
+# keep-alive connections than connections, httpcore closes one as each response ends, so a request opens a new one).
+ONE_CONNECTION = httpx.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=KEEPALIVE_EXPIRY)
 
 
 class Connections:
-    """``size`` clients of one connection each, handed out one per exchange under the same two rules as ``Slots``.
-
-    Why not one client of ``size`` connections: httpcore walks every connection of its pool on each request and each
-    response (``is_idle``, ``has_expired`` -> a socket readability check), so with 50 kept-alive connections that walk
-    was 31% of the service's CPU at 500 streams (bench/RESULTS.md). A client of one connection walks one.
-    """
+    """``size`` clients of one connection each (``make``), handed out one per exchange under the two rules above."""
 
     def __init__(self, size: int, wait: float, make: Callable[[], httpx.AsyncClient]) -> None:
         if size < 1 or wait <= 0:

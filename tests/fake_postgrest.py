@@ -153,6 +153,7 @@ class FakePostgrest:
     faults: list[Fault] = field(default_factory=list)
     _pool: list[psycopg.AsyncConnection[Any]] = field(default_factory=list)
     _functions: dict[tuple[str, str, tuple[str, ...]], Function] = field(default_factory=dict)
+    _calls: dict[tuple[str, str, tuple[str, ...]], tuple[bytes, str]] = field(default_factory=dict)
     _db_slots: asyncio.Semaphore | None = None
     _columns: dict[tuple[str, str], list[str]] = field(default_factory=dict)
 
@@ -433,13 +434,26 @@ class FakePostgrest:
             raise pgrst(400, "PGRST102", "Empty or invalid json")
         async with self._transaction(request, auth, schema, read_only=False) as db:
             target = await self._function(db, schema, function, sorted(args))
-            statement, shape = _call_statement(schema, function, target, args)
-            result = (await _one(db, statement))[0]
+            statement, shape = self._call(db, schema, function, target, sorted(args))
+            result = (await _one(db, statement, (json.dumps(args),) if args else None))[0]
         if shape == "void":
             return Response(b"", 204)
         return Response(result.encode(), 200, media_type="application/json; charset=utf-8")
 
     # -- database ----------------------------------------------------------------------------------------------
+
+    def _call(self, db: psycopg.AsyncConnection[Any], schema: str, name: str, function: Function,
+              given: list[str]) -> tuple[bytes, str]:
+        """The call's statement, its arguments one JSON parameter (as PostgREST binds the body: one prepared statement
+        per function and argument names, kept with the schema cache)."""
+        key = (schema, name, tuple(given))
+        if key in self._calls:
+            return self._calls[key]
+        statement, shape = _call_statement(schema, name, function, given)
+        call = (statement.as_bytes(db), shape)
+        if self.schema_cache:
+            self._calls[key] = call
+        return call
 
     async def _function(self, db: psycopg.AsyncConnection[Any], schema: str, name: str, given: list[str]) -> Function:
         key = (schema, name, tuple(given))
@@ -563,19 +577,17 @@ async def _find_function(
     return matches[0]
 
 
-def _call_statement(
-    schema: str, name: str, function: Function, args: dict[str, Any]
-) -> tuple[sql.Composable, str]:
-    """The SQL for one call and the response's shape: a set → JSON array, a single composite → object, a scalar →
-    the bare JSON value, ``void`` → nothing (204)."""
-    given = [n for n in function.arguments if n in args]
+def _call_statement(schema: str, name: str, function: Function, names: list[str]) -> tuple[sql.Composable, str]:
+    """The SQL for one call, the body's JSON its one parameter when it names arguments, and the response's shape: a
+    set → JSON array, a single composite → object, a scalar → the bare JSON value, ``void`` → nothing (204)."""
+    given = [n for n in function.arguments if n in names]
     record = sql.SQL(", ").join(
         sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(function.arguments[n])) for n in given
     )
     named = sql.SQL(", ").join(sql.SQL("{0} => _a.{0}").format(sql.Identifier(n)) for n in given)
     call = sql.SQL("{}({})").format(sql.Identifier(schema, name), named)
     source = (
-        sql.SQL("json_to_record({}::json) as _a({})").format(sql.Literal(json.dumps(args)), record)
+        sql.SQL("json_to_record(%s::json) as _a({})").format(record)
         if given else sql.SQL("(select) as _a")
     )
     if function.void:
@@ -798,8 +810,10 @@ def _content_range(lower: int, upper: int, total: int | None) -> str:
 # -- helpers ------------------------------------------------------------------------------------------------------
 
 
-async def _one(db: psycopg.AsyncConnection[Any], statement: sql.Composable) -> tuple[Any, ...]:
-    cursor = await db.execute(statement)
+async def _one(
+    db: psycopg.AsyncConnection[Any], statement: sql.Composable | bytes, params: tuple[Any, ...] | None = None
+) -> tuple[Any, ...]:
+    cursor = await db.execute(statement, params)
     row = await cursor.fetchone()
     assert row is not None
     return tuple(row)

@@ -1,5 +1,5 @@
-"""The slots in front of a pooled httpx client (services/http_pool.py), counted: a slot is taken by each exchange under
-way, and given back when it ends, whatever happened to the caller waiting for it. (Over real HTTP, with a hanging and
+"""The connections of services/http_pool.py, counted: a client of one connection is taken by each exchange under way,
+and given back when it ends, whatever happened to the caller waiting for it. (Over real HTTP, with a hanging and
 a resetting upstream: tests/test_postgrest_pool.py.)"""
 
 from __future__ import annotations
@@ -10,16 +10,20 @@ import anyio
 import httpx
 import pytest
 
-from services.http_pool import Connections, PoolBusy, Slots, limits
+from services.http_pool import ONE_CONNECTION, Connections, PoolBusy
 
 pytestmark = pytest.mark.anyio
 
 
+def pool(size: int, wait: float) -> Connections:
+    return Connections(size, wait, httpx.AsyncClient)
+
+
 async def test_a_cancelled_caller_stops_waiting_while_its_exchange_ends_and_gives_the_slot_back() -> None:
-    slots, answer = Slots(1, wait=5), asyncio.Event()
+    slots, answer = pool(1, wait=5), asyncio.Event()
     ended: list[str] = []
 
-    async def exchange() -> str:
+    async def exchange(_: httpx.AsyncClient) -> str:
         await answer.wait()
         ended.append("answered")
         return "response"
@@ -28,29 +32,29 @@ async def test_a_cancelled_caller_stops_waiting_while_its_exchange_ends_and_give
         await slots.run(exchange)
     assert slots.in_use == 1 and not ended  # the exchange is not cancelled: it holds its slot until it ends
     answer.set()
-    assert await slots.run(lambda: asyncio.sleep(0, "next")) == "next"
+    assert await slots.run(lambda _: asyncio.sleep(0, "next")) == "next"
     assert ended == ["answered"] and slots.in_use == 0
 
 
 async def test_no_free_slot_within_the_wait_is_pool_busy_and_takes_nothing() -> None:
-    slots, release = Slots(1, wait=0.05), asyncio.Event()
-    holder = asyncio.ensure_future(slots.run(release.wait))
+    slots, release = pool(1, wait=0.05), asyncio.Event()
+    holder = asyncio.ensure_future(slots.run(lambda _: release.wait()))
     await asyncio.sleep(0)
     with pytest.raises(PoolBusy):
-        await slots.run(lambda: asyncio.sleep(0))
-    waiter = asyncio.ensure_future(slots.run(lambda: asyncio.sleep(0)))
+        await slots.run(lambda _: asyncio.sleep(0))
+    waiter = asyncio.ensure_future(slots.run(lambda _: asyncio.sleep(0)))
     await asyncio.sleep(0)
     waiter.cancel()  # cancelled while waiting for a slot
     release.set()
     await holder
     assert slots.in_use == 0
-    assert await slots.run(lambda: asyncio.sleep(0, "served")) == "served"  # neither waiter kept the slot
+    assert await slots.run(lambda _: asyncio.sleep(0, "served")) == "served"  # neither waiter kept the slot
 
 
 async def test_failures_reach_the_caller_and_give_the_slot_back() -> None:
-    slots = Slots(1, wait=0.05)
+    slots = pool(1, wait=0.05)
 
-    async def broken() -> None:
+    async def broken(_: httpx.AsyncClient) -> None:
         raise ConnectionResetError
 
     for _ in range(3):
@@ -60,22 +64,21 @@ async def test_failures_reach_the_caller_and_give_the_slot_back() -> None:
 
 
 async def test_closing_cancels_the_exchanges_nobody_waits_for() -> None:
-    slots = Slots(2, wait=0.05)
+    slots = pool(2, wait=0.05)
     for _ in range(2):
         with anyio.move_on_after(0.01):
-            await slots.run(lambda: asyncio.sleep(60))
+            await slots.run(lambda _: asyncio.sleep(60))
     assert slots.in_use == 2
     await slots.aclose()
     assert slots.in_use == 0
 
 
-def test_every_connection_of_the_pool_may_stay_alive() -> None:
-    pool = limits(8)
-    assert pool.max_connections == pool.max_keepalive_connections == 8
+def test_each_client_keeps_its_one_connection_alive() -> None:
+    assert ONE_CONNECTION.max_connections == ONE_CONNECTION.max_keepalive_connections == 1
 
 
 async def test_connections_hand_out_one_client_each_and_take_it_back_whatever_the_caller_does() -> None:
-    """http_pool.Connections: the same rules as Slots, a client of its own per exchange, the last one back first out
+    """A client of its own per exchange, the last one back first out
     (so one caller at a time keeps reusing one connection)."""
     made: list[httpx.AsyncClient] = []
 

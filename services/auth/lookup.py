@@ -22,7 +22,7 @@ import httpx
 
 from errors import AppError, Unauthorized, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from services.auth.tokens import Token, invalid_token
-from services.http_pool import PoolBusy, Slots, limits
+from services.http_pool import ONE_CONNECTION, Connections, PoolBusy
 from services.retry import RetryPolicy, with_retry
 from settings import Settings
 
@@ -131,26 +131,23 @@ class LookupBudget:
 
 
 class AuthAPI:
-    """Supabase Auth's HTTP API (``{SUPABASE_URL}/auth/v1/``), at most ``connections`` requests at once; each holds a
-    slot of ``services/http_pool.py``, so a request whose client leaves mid-call does not cost the client a
-    connection."""
+    """Supabase Auth's HTTP API (``{SUPABASE_URL}/auth/v1/``), at most ``connections`` requests at once; each holds one
+    of ``services/http_pool.py``'s connections, so a request whose client leaves mid-call does not cost a connection."""
 
     def __init__(self, supabase_url: str, api_key: str, connections: int, timeout: float,
                  transport: httpx.AsyncBaseTransport | None) -> None:
-        self._http = httpx.AsyncClient(
-            base_url=supabase_url.rstrip("/") + "/auth/v1/",
-            headers={"apikey": api_key} if api_key else {},
-            timeout=httpx.Timeout(timeout, connect=min(5.0, timeout)),
-            limits=limits(connections),
-            transport=transport,
-        )
-        self._slots = Slots(connections, timeout)
+        def client() -> httpx.AsyncClient:
+            return httpx.AsyncClient(
+                base_url=supabase_url.rstrip("/") + "/auth/v1/", headers={"apikey": api_key} if api_key else {},
+                timeout=httpx.Timeout(timeout, connect=min(5.0, timeout)), limits=ONE_CONNECTION, transport=transport)
+
+        self._connections = Connections(connections, timeout, client)
 
     async def get(self, path: str, busy: AppError, headers: dict[str, str] | None = None) -> httpx.Response:
         """``GET path``; ``busy`` when no slot frees up in time, ``AUTH_TIMEOUT`` or ``AUTH_UNAVAILABLE`` when the
         network fails."""
         try:
-            return await self._slots.run(lambda: self._http.get(path, headers=headers))
+            return await self._connections.run(lambda http: http.get(path, headers=headers))
         except PoolBusy as exc:
             raise busy from exc
         except httpx.TimeoutException as exc:
@@ -159,8 +156,7 @@ class AuthAPI:
             raise UpstreamUnavailable("Supabase Auth is unreachable.", code="AUTH_UNAVAILABLE") from exc
 
     async def aclose(self) -> None:
-        await self._slots.aclose()
-        await self._http.aclose()
+        await self._connections.aclose()
 
 
 def _retry_after(response: httpx.Response) -> float | None:

@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 
 from errors import AppError, Forbidden, NotFound, Unauthorized, UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from services.http_pool import Connections, PoolBusy, limits
+from services.http_pool import ONE_CONNECTION, Connections, PoolBusy
 from services.retry import RetryPolicy, with_retry
 from services.store import Caller
 from settings import ConfigError, Settings, is_privileged_key
@@ -111,7 +111,7 @@ class PostgrestClient:
                 http1=True,
                 http2=False,
                 timeout=httpx.Timeout(timeout, connect=min(5.0, timeout), pool=pool_timeout),
-                limits=limits(1),
+                limits=ONE_CONNECTION,
                 transport=transport,
                 verify=ssl_context,
                 follow_redirects=False,
