@@ -728,6 +728,7 @@ def test_stop_closes_the_bedrock_stream_and_keeps_what_was_seen(
             stored = last_message(client, auth_headers, user_id, conversation)
     finally:
         never.set()
+    assert stored.pop("sibling_ids") == [stored["id"]]  # only a conversation's read carries the siblings
     assert stored == stopped
     assert stored["role"] == "assistant" and stored["content"] == "Half"
     assert stored["metadata"]["status"] == "stopped"
