@@ -112,7 +112,9 @@ class Metrics:
             "canvalo_time_to_first_token_seconds", "Time from request to the first token sent.", (), TOKEN_BUCKETS
         )
         self.llm_tokens = Counter(
-            "canvalo_llm_tokens_total", "Model tokens by kind (input, output) and the model that used them.",
+            "canvalo_llm_tokens_total",
+            "Model tokens by kind (input, output, cache_read, cache_write) and the model that used them; a call cut "
+            "short counts estimated tokens.",
             ("kind", "model"),
         )
         self.llm_requests = Counter(

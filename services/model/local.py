@@ -28,7 +28,7 @@ from typing import Any
 import anyio
 
 from services.domains import Domain
-from services.model import ModelEvent, ModelRequest, Stop, TextDelta, ToolUse, Usage, estimate_tokens
+from services.model import ModelEvent, ModelRequest, Stop, TextDelta, ToolUse, Usage, estimate_tokens, prompt_tokens
 from services.model import local_changes as changes
 
 DISCLAIMER = "(Canvalo's built-in local responder, not an AI model.)"
@@ -99,13 +99,13 @@ class LocalModel:
                 await anyio.sleep(self._token_delay)
             yield TextDelta(word)
         yield Stop("end_turn")
-        yield Usage(_prompt_tokens(request), estimate_tokens(reply))
+        yield Usage(prompt_tokens(request), estimate_tokens(reply))
 
 
 async def _call(call: changes.Call, request: ModelRequest) -> AsyncIterator[ModelEvent]:
     yield ToolUse(tool_use_id=f"local-{len(request.messages)}", name=call.name, input=call.arguments)
     yield Stop("tool_use")
-    yield Usage(_prompt_tokens(request), estimate_tokens(json.dumps(call.arguments)))
+    yield Usage(prompt_tokens(request), estimate_tokens(json.dumps(call.arguments)))
 
 
 def reply_to(text: str) -> str:
@@ -206,7 +206,3 @@ def _tool_result(message: dict[str, Any]) -> dict[str, Any] | None:
                 payload.update(item.get("json", {}))
             return payload
     return None
-
-
-def _prompt_tokens(request: ModelRequest) -> int:
-    return estimate_tokens(request.system + json.dumps(request.messages, default=str))
