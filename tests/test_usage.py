@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from app import create_app
@@ -32,14 +33,19 @@ TOKEN = "metrics-token-0123456789"
 METRICS = {"Authorization": f"Bearer {TOKEN}"}
 
 
+def metered_app(tmp_path: Any, env: dict[str, str], live: LiveServer) -> Starlette:
+    """The service over the fake Bedrock, with /metrics open to ``TOKEN``."""
+    settings = settings_for(tmp_path, env, live, METRICS_TOKEN=TOKEN)
+    return create_app(settings, model=BedrockModel(settings, credentials=CREDS))
+
+
 @pytest.fixture
 def api(
     tmp_path: Any, service_env: dict[str, str], bedrock_env: dict[str, str],  # noqa: F811
     fake_bedrock: tuple[FakeBedrock, LiveServer],  # noqa: F811
 ) -> Iterator[tuple[TestClient, FakeBedrock]]:
     fake, live = fake_bedrock
-    settings = settings_for(tmp_path, {**service_env, **bedrock_env}, live, METRICS_TOKEN=TOKEN)
-    with TestClient(create_app(settings, model=BedrockModel(settings, credentials=CREDS))) as client:
+    with TestClient(metered_app(tmp_path, {**service_env, **bedrock_env}, live)) as client:
         yield client, fake
 
 
@@ -49,8 +55,7 @@ def live_api(
     fake_bedrock: tuple[FakeBedrock, LiveServer],  # noqa: F811
 ) -> Iterator[tuple[LiveServer, FakeBedrock]]:
     fake, live = fake_bedrock
-    settings = settings_for(tmp_path, {**service_env, **bedrock_env}, live, METRICS_TOKEN=TOKEN)
-    with serve(create_app(settings, model=BedrockModel(settings, credentials=CREDS))) as service:
+    with serve(metered_app(tmp_path, {**service_env, **bedrock_env}, live)) as service:
         yield service, fake
 
 
