@@ -117,6 +117,11 @@ class Metrics:
             "short counts estimated tokens.",
             ("kind", "model"),
         )
+        self.llm_estimated_tokens = Counter(
+            "canvalo_llm_estimated_tokens_total",
+            "The part of canvalo_llm_tokens_total that is estimated: calls cut short before the model counted them.",
+            ("kind", "model"),
+        )
         self.llm_requests = Counter(
             "canvalo_llm_requests_total",
             "Model calls by model and outcome: answered, or the error code it failed with before any output.",

@@ -69,22 +69,28 @@ def handoff(usage: dict[str, int]) -> Reply:
 
 
 def test_a_call_cut_short_is_estimated_from_its_request_and_its_output() -> None:
-    usage, request = TurnUsage("configured-model"), ModelRequest("Be brief.", [{"role": "user", "content": []}])
+    usage, request = TurnUsage(), ModelRequest("Be brief.", [{"role": "user", "content": []}])
     usage.started("supervisor", request)
     usage.answered("fallback-model")
     usage.finished(Usage(40, 8, cache_read_tokens=30))
+    usage.started("invoices", request)  # refused before any answer (throttled, say): nothing to count
     usage.started("invoices", request)
+    usage.answered("configured-model")
     usage.produced("You have three invoices")
     usage.produced({"status": "overdue"})
     assert usage.totals() == {"input_tokens": 40, "output_tokens": 8, "cache_read_tokens": 30}  # the open call waits
     usage.close()
     usage.close()  # closing twice counts the cut call once
-    first, cut = usage.calls
+    usage.started("invoices", request)
+    usage.answered("configured-model")
+    usage.close()  # answered, then cut before any output: its input only
+    first, cut, silent = usage.calls
+    assert (silent.input_tokens, silent.output_tokens, silent.estimated) == (prompt_tokens(request), 0, True)
     assert (first.model_id, first.estimated, cut.model_id, cut.agent_type) == (
         "fallback-model", False, "configured-model", "invoices")
     assert (cut.input_tokens, cut.output_tokens, cut.estimated) == (
         prompt_tokens(request), estimate_tokens('You have three invoices{"status": "overdue"}'), True)
-    assert usage.totals() == {"input_tokens": 40 + cut.input_tokens, "output_tokens": 8 + cut.output_tokens,
+    assert usage.totals() == {"input_tokens": 40 + 2 * cut.input_tokens, "output_tokens": 8 + cut.output_tokens,
                               "cache_read_tokens": 30, "estimated": True}
 
 
@@ -158,3 +164,18 @@ def test_a_stopped_turn_counts_the_call_it_cut(
     assert usage["input_tokens"] > 40
     model = fake.requests[0].model_id
     assert f'canvalo_llm_tokens_total{{kind="output",model="{model}"}} {usage["output_tokens"]}' in metrics
+    cut = estimate_tokens("Half an ans")
+    assert f'canvalo_llm_estimated_tokens_total{{kind="output",model="{model}"}} {cut}' in metrics
+
+
+def test_a_call_refused_before_any_answer_counts_nothing(
+    api: tuple[TestClient, FakeBedrock], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    client, fake = api
+    fake.replies = [Reply.http_error(429, "ThrottlingException")] * 3  # every attempt throttled: Bedrock bills none
+    conversation = new_id()
+    body = {"message": "How are my invoices?", "conversation_id": conversation, "user_id": user_id}
+    items = chunks(client.post("/api/chat/stream", json=body, headers=auth_headers(user_id)).text)
+    assert items[-1]["type"] == "error" and items[-1]["code"] == "MODEL_THROTTLED"
+    assert "usage" not in last_message(client, auth_headers, user_id, conversation)["metadata"]
+    assert "canvalo_llm_tokens_total{" not in client.get("/metrics", headers=METRICS).text

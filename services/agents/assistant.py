@@ -114,16 +114,12 @@ class Assistant:
         self._supervisor = ModelRequest(supervisor_prompt(DOMAINS), [], [handoff_spec(DOMAINS)])
         self._action_ttl = action_ttl
 
-    @property
-    def model_id(self) -> str:
-        return self._model.model_id
-
     async def respond(
         self, caller: Caller, turns: list[dict[str, Any]], usage: TurnUsage | None = None
     ) -> AsyncIterator[AgentEvent]:
         """The turn's events, ending with ``AgentDone``. ``usage`` counts its model calls as they end, so a caller
         that stops listening early still has the usage of what ran."""
-        done = AgentDone(agent_type=SUPERVISOR, stop_reason="", calls=usage or TurnUsage(self._model.model_id))
+        done = AgentDone(agent_type=SUPERVISOR, stop_reason="", calls=usage or TurnUsage())
         handoff: Domain | None = None
         request = ModelRequest(self._supervisor.system, turns, self._supervisor.tools)
         async for event in self._call(request, done):

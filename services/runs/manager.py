@@ -200,6 +200,9 @@ class RunManager:
             for kind in KINDS:
                 if amount := getattr(call, kind):
                     self._metrics.llm_tokens.inc(kind.removesuffix("_tokens"), call.model_id, amount=amount)
+                    if call.estimated:
+                        self._metrics.llm_estimated_tokens.inc(kind.removesuffix("_tokens"), call.model_id,
+                                                               amount=amount)
         _log_end(live.run.id, metadata)
         self._urgent.set()
 

@@ -27,7 +27,7 @@ class Turn:
         self.done: AgentDone | None = None
         self.models: list[str] = []  # the models that answered the turn's calls, in order of first use
         self.model_id: str | None = None  # the one that answered the latest call
-        self.calls = TurnUsage(assistant.model_id)  # every model call's usage, however the turn ends
+        self.calls = TurnUsage()  # every model call's usage, however the turn ends
 
     async def chunks(self) -> AsyncIterator[dict[str, Any]]:
         """``token`` and ``tool_call`` chunks as the assistant produces them; errors propagate as ``AppError``."""
