@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import AsyncIterator
-from datetime import date
+from datetime import date, datetime, timezone
 from typing import Any
 
 import anyio
@@ -75,7 +75,7 @@ class LocalModel:
         spec = request.tools[0]["toolSpec"]
         domain = self._lists.get(spec["name"])
         text = _user_text(request.messages)
-        wanted = changes.intent(domain, text, date.today()) if domain is not None else None
+        wanted = changes.intent(domain, text, _today()) if domain is not None else None
         result = _tool_result(request.messages[-1])
         if result is None:
             if wanted is None or domain is None:
@@ -84,7 +84,7 @@ class LocalModel:
         used = _last_use(request.messages)
         found = result.get("rows") if used.get("name") == spec["name"] else None
         if wanted is not None and domain is not None and isinstance(found, list):
-            step = changes.change_call(domain, wanted, found, text, date.today())
+            step = changes.change_call(domain, wanted, found, text, _today())
             return step if isinstance(step, changes.Call) else f"{step} {DISCLAIMER}"
         return describe_result(result, used.get("input"), domain)
 
@@ -206,3 +206,8 @@ def _tool_result(message: dict[str, Any]) -> dict[str, Any] | None:
                 payload.update(item.get("json", {}))
             return payload
     return None
+
+
+def _today() -> date:
+    """Today in UTC, as the stores keep dates (a server's local zone would make "today" differ between workers)."""
+    return datetime.now(timezone.utc).date()
