@@ -112,7 +112,14 @@ class Metrics:
             "canvalo_time_to_first_token_seconds", "Time from request to the first token sent.", (), TOKEN_BUCKETS
         )
         self.llm_tokens = Counter(
-            "canvalo_llm_tokens_total", "Model tokens by kind (input, output) and the model that used them.",
+            "canvalo_llm_tokens_total",
+            "Model tokens by kind (input, output, cache_read, cache_write) and the model that used them; a call cut "
+            "short counts estimated tokens.",
+            ("kind", "model"),
+        )
+        self.llm_estimated_tokens = Counter(
+            "canvalo_llm_estimated_tokens_total",
+            "The part of canvalo_llm_tokens_total that is estimated: calls cut short before the model counted them.",
             ("kind", "model"),
         )
         self.llm_requests = Counter(

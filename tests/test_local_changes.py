@@ -26,7 +26,7 @@ import pytest
 from playwright.sync_api import Browser, expect
 
 from app import create_app
-from services.model.local_changes import find_date, find_time, intent
+from services.model.local_changes import Intent, find_date, find_time, intent
 from services.domains import BY_AGENT, BY_TABLE
 from services.store import Caller, sample_data
 from settings import Settings
@@ -289,6 +289,32 @@ def test_times_the_responder_reads(text: str, expected: str | None) -> None:
 ])
 def test_questions_are_never_changes(text: str) -> None:
     assert intent(BY_AGENT["invoices"], text, TODAY) is None
+
+
+@pytest.mark.parametrize("text", [
+    "Please remove the late fee note from invoice INV-1043", "Don't delete invoice INV-1043, just mark it as sent",
+    "Mark INV-1043 as not paid", "Never delete invoice 1042", "Remove the discount on invoice 1042",
+])
+def test_a_negation_or_something_taken_off_a_record_is_no_change(text: str) -> None:
+    assert intent(BY_AGENT["invoices"], text, TODAY) is None
+
+
+@pytest.mark.parametrize(("agent", "text"), [
+    ("invoices", "Delete invoice 1042"), ("invoices", "remove INV-1043"), ("invoices", "Erase #1041"),
+    ("projects", "Delete the Oakridge project"), ("contacts", "Remove the contact Summit Paint Supply"),
+])
+def test_a_delete_names_the_record_itself(agent: str, text: str) -> None:
+    assert intent(BY_AGENT[agent], text, TODAY) == Intent("delete")
+
+
+@pytest.mark.parametrize(("agent", "text", "column"), [
+    ("projects", "Move the Oakridge project end date to 2027-03-01", "end_date"),
+    ("projects", "Move the Oakridge project to 2027-03-01", "start_date"),
+    ("campaigns", "Move the spring campaign's end to 2027-03-01", "end_date"),
+    ("invoices", "Move the due date of invoice 1042 to 2027-03-01", "due_date"),
+])
+def test_a_new_date_goes_to_the_date_the_message_names(agent: str, text: str, column: str) -> None:
+    assert intent(BY_AGENT[agent], text, TODAY) == Intent("update", {column: "2027-03-01"})
 
 
 # -- the playground, in Chromium ----------------------------------------------------------------------------------

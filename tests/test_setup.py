@@ -82,9 +82,12 @@ def test_production_names_every_problem_in_one_line() -> None:
 
 def test_ctrl_c_stops_the_service_quietly(tmp_path: Path) -> None:
     port = free_port()
+    # As a terminal starts it: Ctrl-C's signal not ignored. A suite started in the background (`cmd &`, nohup) hands
+    # its children SIGINT ignored, and Python then installs no KeyboardInterrupt for uvicorn to raise again.
     process = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=tmp_path,
                                env={**os.environ, "API_PORT": str(port), "LOG_LEVEL": "INFO"},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_until_healthy(f"http://127.0.0.1:{port}", process)
         process.send_signal(signal.SIGINT)  # what Ctrl-C sends to the terminal's foreground process

@@ -26,6 +26,7 @@ import anyio
 from errors import UpstreamError
 from services.agents import actions
 from services.agents.tools import Tool, ToolResult, run_tool, tools_for
+from services.agents.usage import TurnUsage
 from services.domains import BY_AGENT, DOMAINS, Domain
 from services.model import ChatModel, ModelEvent, ModelRequest, ModelUsed, Stop, TextDelta, ToolUse, Usage
 from services.store import Caller, Store
@@ -98,15 +99,8 @@ class AgentModel:
 class AgentDone:
     agent_type: str
     stop_reason: str
-    usage: dict[str, int] = field(default_factory=lambda: {"input_tokens": 0, "output_tokens": 0})
+    calls: TurnUsage  # every model call's usage, counted as each ends (the caller's, when it passed one)
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
-    # ``usage`` per model that answered, for the metrics: a fallback may answer some of a turn's calls only.
-    model_usage: dict[str, dict[str, int]] = field(default_factory=dict)
-
-    def add_usage(self, model_id: str, usage: Usage) -> None:
-        for totals in (self.usage, self.model_usage.setdefault(model_id, {"input_tokens": 0, "output_tokens": 0})):
-            totals["input_tokens"] += usage.input_tokens
-            totals["output_tokens"] += usage.output_tokens
 
 
 AgentEvent = AgentText | AgentToolCall | AgentModel | AgentDone
@@ -120,8 +114,12 @@ class Assistant:
         self._supervisor = ModelRequest(supervisor_prompt(DOMAINS), [], [handoff_spec(DOMAINS)])
         self._action_ttl = action_ttl
 
-    async def respond(self, caller: Caller, turns: list[dict[str, Any]]) -> AsyncIterator[AgentEvent]:
-        done = AgentDone(agent_type=SUPERVISOR, stop_reason="")
+    async def respond(
+        self, caller: Caller, turns: list[dict[str, Any]], usage: TurnUsage | None = None
+    ) -> AsyncIterator[AgentEvent]:
+        """The turn's events, ending with ``AgentDone``. ``usage`` counts its model calls as they end, so a caller
+        that stops listening early still has the usage of what ran."""
+        done = AgentDone(agent_type=SUPERVISOR, stop_reason="", calls=usage or TurnUsage())
         handoff: Domain | None = None
         request = ModelRequest(self._supervisor.system, turns, self._supervisor.tools)
         async for event in self._call(request, done):
@@ -209,9 +207,10 @@ class Assistant:
         return ToolResult("error", {"error": "The tool took too long and was stopped."})
 
     async def _call(self, request: ModelRequest, done: AgentDone) -> AsyncIterator[TextDelta | ToolUse | ModelUsed]:
-        """One model call: first the model that answered, then text and tool calls as they come; usage and the stop
-        reason are recorded in ``done``."""
+        """One model call of ``done.agent_type``: first the model that answered, then text and tool calls as they
+        come; usage and the stop reason are recorded in ``done``."""
         done.stop_reason = ""
+        done.calls.started(done.agent_type, request)
         answered: str | None = None
         event: ModelEvent
         async for event in self._model.stream(request):
@@ -219,11 +218,16 @@ class Assistant:
                 # Bedrock names the model that answered (a fallback, perhaps); a provider that does not has answered
                 # as its configured model.
                 answered = event.model_id if isinstance(event, ModelUsed) else self._model.model_id
+                done.calls.answered(answered)
                 yield ModelUsed(answered)
-            if isinstance(event, (TextDelta, ToolUse)):
+            if isinstance(event, TextDelta):
+                done.calls.produced(event.text)
+                yield event
+            elif isinstance(event, ToolUse):
+                done.calls.produced(event.input)
                 yield event
             elif isinstance(event, Usage):
-                done.add_usage(answered, event)
+                done.calls.finished(event)
             elif isinstance(event, Stop):
                 done.stop_reason = event.reason
         if not done.stop_reason:

@@ -15,6 +15,7 @@ whose ``set_nodelay`` ``web/tcp.py`` shares), and ``build.py``, which picks the 
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -34,8 +35,13 @@ class ToolUse:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
+    """One call's tokens as the model counted them; the cache's only when prompt caching was used (Bedrock's
+    ``cacheReadInputTokens`` and ``cacheWriteInputTokens``)."""
+
     input_tokens: int
     output_tokens: int
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,3 +90,8 @@ class ChatModel(Protocol):
 def estimate_tokens(text: str) -> int:
     """A cheap, provider-neutral estimate (about four characters a token) for budgets, never for billing."""
     return len(text) // 4 + 1
+
+
+def prompt_tokens(request: ModelRequest) -> int:
+    """``estimate_tokens`` of what a request sends: its system prompt and messages."""
+    return estimate_tokens(request.system + json.dumps(request.messages, default=str))

@@ -179,7 +179,8 @@ class ConverseStreamDecoder:
         usage = payload.get("usage")
         if not usage:
             return None
-        return Usage(int(usage.get("inputTokens", 0)), int(usage.get("outputTokens", 0)))
+        return Usage(int(usage.get("inputTokens", 0)), int(usage.get("outputTokens", 0)),
+                     int(usage.get("cacheReadInputTokens", 0)), int(usage.get("cacheWriteInputTokens", 0)))
 
 
 # Events other than contentBlockDelta; messageStart carries only the role, and unknown events are skipped.

@@ -22,13 +22,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import AsyncIterator
-from datetime import date
+from datetime import date, datetime, timezone
 from typing import Any
 
 import anyio
 
 from services.domains import Domain
-from services.model import ModelEvent, ModelRequest, Stop, TextDelta, ToolUse, Usage, estimate_tokens
+from services.model import ModelEvent, ModelRequest, Stop, TextDelta, ToolUse, Usage, estimate_tokens, prompt_tokens
 from services.model import local_changes as changes
 
 DISCLAIMER = "(Canvalo's built-in local responder, not an AI model.)"
@@ -75,7 +75,7 @@ class LocalModel:
         spec = request.tools[0]["toolSpec"]
         domain = self._lists.get(spec["name"])
         text = _user_text(request.messages)
-        wanted = changes.intent(domain, text, date.today()) if domain is not None else None
+        wanted = changes.intent(domain, text, _today()) if domain is not None else None
         result = _tool_result(request.messages[-1])
         if result is None:
             if wanted is None or domain is None:
@@ -84,7 +84,7 @@ class LocalModel:
         used = _last_use(request.messages)
         found = result.get("rows") if used.get("name") == spec["name"] else None
         if wanted is not None and domain is not None and isinstance(found, list):
-            step = changes.change_call(domain, wanted, found, text, date.today())
+            step = changes.change_call(domain, wanted, found, text, _today())
             return step if isinstance(step, changes.Call) else f"{step} {DISCLAIMER}"
         return describe_result(result, used.get("input"), domain)
 
@@ -99,13 +99,13 @@ class LocalModel:
                 await anyio.sleep(self._token_delay)
             yield TextDelta(word)
         yield Stop("end_turn")
-        yield Usage(_prompt_tokens(request), estimate_tokens(reply))
+        yield Usage(prompt_tokens(request), estimate_tokens(reply))
 
 
 async def _call(call: changes.Call, request: ModelRequest) -> AsyncIterator[ModelEvent]:
     yield ToolUse(tool_use_id=f"local-{len(request.messages)}", name=call.name, input=call.arguments)
     yield Stop("tool_use")
-    yield Usage(_prompt_tokens(request), estimate_tokens(json.dumps(call.arguments)))
+    yield Usage(prompt_tokens(request), estimate_tokens(json.dumps(call.arguments)))
 
 
 def reply_to(text: str) -> str:
@@ -208,5 +208,6 @@ def _tool_result(message: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _prompt_tokens(request: ModelRequest) -> int:
-    return estimate_tokens(request.system + json.dumps(request.messages, default=str))
+def _today() -> date:
+    """Today in UTC, as the stores keep dates (a server's local zone would make "today" differ between workers)."""
+    return datetime.now(timezone.utc).date()

@@ -6,7 +6,8 @@ its number, "INV-1043" or "invoice 1043", else by its name, title or client), th
 ``delete_<one>`` with that record's id. Those only prepare a pending action (``services/agents/actions.py``): the
 change happens when the user confirms it. The intents, tried in this order:
 
-- delete: "delete", "remove" or "erase";
+- delete: "delete", "remove" or "erase" with the record as its object (its kind or number within the next words,
+  "delete invoice 1042"; "remove the note from invoice 1042" is not a delete);
 - a status (the domain's vocabulary: a contact's is its type): a change verb (mark, set, change, update, make, move,
   put, switch) with one of its words ("Mark invoice INV-1043 as paid", "Set the Oakridge project to on hold"), or a
   verb that names one ("cancel", "complete", "pause", "publish", "hide", ...). Marking an invoice paid also sets its
@@ -15,7 +16,8 @@ change happens when the user confirms it. The intents, tried in this order:
   the next one, or a month and day: "June 3") and/or a time (14:30, 2pm, 2:30 pm). It moves the domain's date (an
   appointment's scheduled date and time, a task's due date, ...).
 
-A question ("Which invoices did I mark as paid?") is never a change.
+A question ("Which invoices did I mark as paid?") is never a change, nor is a message with a negation ("don't delete
+invoice 1042", "mark it as not paid"): the rules would read it backwards, so they read it as no change at all.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from typing import Any, Literal
 from services.domains import Column, Domain
 
 DELETE_VERBS = frozenset({"delete", "remove", "erase"})
+NEGATIONS = frozenset({"not", "don", "dont", "never", "no"})  # "don't" is "don" and "t" to the word pattern
+_PREPOSITIONS = frozenset({"from", "in", "on", "of"})
 CHANGE_VERBS = frozenset({"mark", "set", "change", "update", "make", "move", "put", "switch"})
 DATE_VERBS = frozenset({"reschedule", "postpone", "move"})
 STATUS_VERBS = {
@@ -76,8 +80,12 @@ def intent(domain: Domain, text: str, today: date) -> Intent | None:
     if _QUESTION.match(lowered):
         return None
     words = set(re.findall(r"[a-z]+", lowered))
-    if words & DELETE_VERBS:
+    if words & NEGATIONS:
+        return None  # "don't delete ...", "mark it as not paid": asking for no change, or one these rules cannot read
+    if _deletes_record(domain, lowered):
         return Intent("delete")
+    if words & DELETE_VERBS:
+        return None  # "remove the note from invoice INV-1043" takes something off a record, not the record
     vocabulary = _vocabulary(domain)
     status = _vocabulary_word(vocabulary, lowered) if vocabulary and words & CHANGE_VERBS else None
     if status is None and vocabulary:
@@ -88,6 +96,20 @@ def intent(domain: Domain, text: str, today: date) -> Intent | None:
     if not words & (DATE_VERBS | CHANGE_VERBS):
         return None
     return _new_date(domain, lowered, today)
+
+
+def _deletes_record(domain: Domain, lowered: str) -> bool:
+    """A delete verb whose object is the record itself: its kind or its number within the next four words, with no
+    "from", "in", "on" or "of" before it ("delete invoice 1042", "remove the Oakridge project")."""
+    words = re.findall(r"[a-z0-9#-]+", lowered)
+    for at, word in enumerate(words):
+        if word in DELETE_VERBS:
+            for following in words[at + 1:at + 5]:
+                if following in _PREPOSITIONS:
+                    break
+                if following in domain.keywords or _NUMBER.fullmatch(following):
+                    return True
+    return False
 
 
 def list_call(domain: Domain, text: str) -> Call:
@@ -137,10 +159,13 @@ def matching(domain: Domain, rows: list[dict[str, Any]], text: str) -> list[dict
 
 
 def _new_date(domain: Domain, lowered: str, today: date) -> Intent | None:
-    """A move of the domain's date (its first required one, else its first) and time to those ``lowered`` gives; a
-    question when it asks to reschedule without saying when; None when it asks for no new date."""
-    day_column = next((c for c in domain.columns if c.type == "date" and c.required),
-                      next((c for c in domain.columns if c.type == "date"), None))
+    """A move of the domain's date (the one the message names, "end date", "due"; else its first required one, else
+    its first) and time to those ``lowered`` gives; a question when it asks to reschedule without saying when; None
+    when it asks for no new date."""
+    words = set(re.findall(r"[a-z]+", lowered))
+    dates = [c for c in domain.columns if c.type == "date"]
+    named = [c for c in dates if words & (set(c.name.split("_")) - {"date"})]
+    day_column = next(iter(named), next((c for c in dates if c.required), next(iter(dates), None)))
     if day_column is None:
         return None
     time_column = next((c for c in domain.columns if c.type == "time"), None)

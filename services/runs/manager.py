@@ -16,6 +16,7 @@ import anyio
 
 from errors import AppError, Conflict, ConversationDeleted, RunTimedOut, ShuttingDown, UpstreamUnavailable
 from services.agents.assistant import Assistant
+from services.agents.usage import KINDS
 from services.metrics import Metrics
 from services.runs.feeds import LiveFeed, RunFeed, RunPoll, StoredFeed, deleted_frame
 from services.runs.live import HEARTBEAT_SECONDS, LiveRun
@@ -195,9 +196,13 @@ class RunManager:
         live.finish(status, item, text, metadata, turn.agent_type)
         if code is not None:
             self._metrics.llm_errors.inc(code)
-        for model_id, usage in turn.model_usage.items():
-            self._metrics.llm_tokens.inc("input", model_id, amount=usage["input_tokens"])
-            self._metrics.llm_tokens.inc("output", model_id, amount=usage["output_tokens"])
+        for call in turn.calls.calls:  # every call, a stopped or failed turn's too (its cut one estimated)
+            for kind in KINDS:
+                if amount := getattr(call, kind):
+                    self._metrics.llm_tokens.inc(kind.removesuffix("_tokens"), call.model_id, amount=amount)
+                    if call.estimated:
+                        self._metrics.llm_estimated_tokens.inc(kind.removesuffix("_tokens"), call.model_id,
+                                                               amount=amount)
         _log_end(live.run.id, metadata)
         self._urgent.set()
 

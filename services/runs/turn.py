@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from services.agents.assistant import SUPERVISOR, AgentDone, AgentModel, AgentText, AgentToolCall, Assistant
+from services.agents.usage import TurnUsage
 from services.store import Caller
 from services.store.run_log import chunk
 
@@ -26,10 +27,11 @@ class Turn:
         self.done: AgentDone | None = None
         self.models: list[str] = []  # the models that answered the turn's calls, in order of first use
         self.model_id: str | None = None  # the one that answered the latest call
+        self.calls = TurnUsage()  # every model call's usage, however the turn ends
 
     async def chunks(self) -> AsyncIterator[dict[str, Any]]:
         """``token`` and ``tool_call`` chunks as the assistant produces them; errors propagate as ``AppError``."""
-        async for event in self._assistant.respond(self._caller, self._turns):
+        async for event in self._assistant.respond(self._caller, self._turns, self.calls):
             if isinstance(event, AgentText):
                 self.agent_type = event.agent_type
                 yield chunk("token", event.agent_type, content=event.text)
@@ -45,12 +47,10 @@ class Turn:
 
     @property
     def usage(self) -> dict[str, Any] | None:
-        return self.done.usage if self.done is not None else None
-
-    @property
-    def model_usage(self) -> dict[str, dict[str, int]]:
-        """Token usage per model that answered, once the turn has finished (empty before: as ``usage``)."""
-        return self.done.model_usage if self.done is not None else {}
+        """The turn's usage, read once its generation has stopped however it ended: a call cut short is counted
+        estimated (``services/agents/usage.py``)."""
+        self.calls.close()
+        return self.calls.totals()
 
     @property
     def stop_reason(self) -> str | None:
@@ -65,9 +65,11 @@ class Turn:
             meta["model_id"] = self.model_id
         if len(self.models) > 1:  # fallbacks answered some of the turn's calls, the configured model others
             meta["model_ids"] = list(self.models)
+        usage = self.usage
+        if usage is not None:
+            meta["usage"] = usage
         if self.done is not None:
             meta["stop_reason"] = self.done.stop_reason
-            meta["usage"] = self.done.usage
             if self.done.tool_calls:
                 meta["tool_calls"] = self.done.tool_calls
         return meta

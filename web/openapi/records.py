@@ -188,5 +188,14 @@ def schemas() -> dict[str, Schema]:
             "used_at": nullable(TIMESTAMP),
         }),
         "Usage": closed({"input_tokens": {"type": "integer", "minimum": 0},
-                         "output_tokens": {"type": "integer", "minimum": 0}}),
+                         "output_tokens": {"type": "integer", "minimum": 0},
+                         "cache_read_tokens": {"type": "integer", "minimum": 1,
+                                               "description": "Input tokens read from the prompt cache, when any."},
+                         "cache_write_tokens": {"type": "integer", "minimum": 1,
+                                                "description": "Input tokens written to the prompt cache, when any."},
+                         "estimated": {"const": True, "description": "Some call was cut short (a stop, a timeout, a "
+                                       "failure) before the model counted it: its tokens are estimated, about four "
+                                       "characters each."}},
+                        required=["input_tokens", "output_tokens"],
+                        description="Every model call of the turn, a stopped or failed one's too."),
     }

@@ -1,0 +1,81 @@
+"""What a turn's model calls used, call by call, however the turn ends.
+
+Each call the assistant makes (the supervisor's, then each of the specialist's) becomes one ``CallUsage`` once the
+model reports its usage, which Bedrock does at the end of the call's stream. A call cut short after the model began
+answering (a stop, a timeout, a failure, a shutdown) is counted all the same when the turn ends: its input estimated
+from the request it sent, its output from what it streamed (``services.model.estimate_tokens``), and marked
+``estimated``. So a stopped or failed answer is never counted as free, and the figures say which are the model's own.
+A call refused before any answer (throttled, denied, timed out waiting for the first event) counts nothing: the
+model processed none of it that it says it bills.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from services.model import ModelRequest, Usage, estimate_tokens, prompt_tokens
+
+KINDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
+
+
+@dataclass(slots=True)
+class CallUsage:
+    agent_type: str
+    model_id: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    estimated: bool = False
+
+
+class TurnUsage:
+    """The calls of one turn: ``started``, ``answered`` by a model, ``produced`` output, ``finished`` with the model's
+    own figures; ``close`` estimates the one still open."""
+
+    def __init__(self) -> None:
+        self.calls: list[CallUsage] = []
+        self._open: tuple[str, ModelRequest] | None = None
+        self._model: str | None = None
+        self._output: list[str] = []
+
+    def started(self, agent_type: str, request: ModelRequest) -> None:
+        self.close()
+        self._open, self._model, self._output = (agent_type, request), None, []
+
+    def answered(self, model_id: str) -> None:
+        self._model = model_id
+
+    def produced(self, output: str | dict[str, object]) -> None:
+        self._output.append(output if isinstance(output, str) else json.dumps(output))
+
+    def finished(self, usage: Usage) -> None:
+        """The model's own figures; it has answered (``answered`` comes with a call's first event)."""
+        if self._open is not None and self._model is not None:
+            self.calls.append(CallUsage(self._open[0], self._model, usage.input_tokens, usage.output_tokens,
+                                        usage.cache_read_tokens, usage.cache_write_tokens))
+        self._open = None
+
+    def close(self) -> None:
+        """The call still open, if any, is over without the model's figures: estimate them if it had begun to
+        answer."""
+        if self._open is not None and self._model is not None:
+            agent_type, request = self._open
+            output = "".join(self._output)
+            self.calls.append(CallUsage(agent_type, self._model, prompt_tokens(request),
+                                        estimate_tokens(output) if output else 0, estimated=True))
+        self._open = None
+
+    def totals(self) -> dict[str, object] | None:
+        """The turn's usage as the stream and the stored answer show it: input and output tokens, the cache's when
+        any, ``estimated`` when any call's figures are; None before any call was counted."""
+        if not self.calls:
+            return None
+        out: dict[str, object] = {kind: sum(getattr(c, kind) for c in self.calls) for kind in KINDS}
+        for kind in KINDS[2:]:
+            if not out[kind]:
+                del out[kind]
+        if any(c.estimated for c in self.calls):
+            out["estimated"] = True
+        return out
