@@ -40,36 +40,45 @@ update api.agent_conversations c
 -- newest child at each step; null when the message is not in the conversation.
 create or replace function canvalo_private.leaf_below(p_conversation_id uuid, p_message_id uuid)
 returns uuid
-language sql
+language plpgsql
 stable
 set search_path = ''
 as $$
-    with recursive down as (
-        select m.id, 0 as depth from api.agent_messages m
-         where m.id = p_message_id and m.conversation_id = p_conversation_id
-        union all
-        select c.id, d.depth + 1 from down d
-         cross join lateral (select x.id from api.agent_messages x where x.parent_id = d.id
-                              order by x.created_at desc, x.seq desc limit 1) c
-    )
-    select id from down order by depth desc limit 1
+begin
+    -- PL/pgSQL, like 011's search words: PostgreSQL plans it once per session, where an SQL function with its own
+    -- search_path is planned again on every call (this one runs in every turn and every branch read).
+    return (
+        with recursive down as (
+            select m.id, 0 as depth from api.agent_messages m
+             where m.id = p_message_id and m.conversation_id = p_conversation_id
+            union all
+            select c.id, d.depth + 1 from down d
+             cross join lateral (select x.id from api.agent_messages x where x.parent_id = d.id
+                                  order by x.created_at desc, x.seq desc limit 1) c
+        )
+        select down.id from down order by down.depth desc limit 1);
+end;
 $$;
 
 -- The path from a message up to its conversation's first message, nearest first (depth 1 is the message).
 create or replace function canvalo_private.path_to(p_conversation_id uuid, p_message_id uuid)
 returns table (id uuid, depth integer)
-language sql
+language plpgsql
 stable
 set search_path = ''
 as $$
-    with recursive path as (
-        select m.id, m.parent_id, 1 as depth from api.agent_messages m
-         where m.id = p_message_id and m.conversation_id = p_conversation_id
-        union all
-        select m.id, m.parent_id, p.depth + 1 from api.agent_messages m join path p on m.id = p.parent_id
-         where m.conversation_id = p_conversation_id
-    )
-    select path.id, path.depth from path
+begin
+    -- PL/pgSQL for the reason leaf_below is.
+    return query
+        with recursive path as (
+            select m.id, m.parent_id, 1 as depth from api.agent_messages m
+             where m.id = p_message_id and m.conversation_id = p_conversation_id
+            union all
+            select m.id, m.parent_id, p.depth + 1 from api.agent_messages m join path p on m.id = p.parent_id
+             where m.conversation_id = p_conversation_id
+        )
+        select path.id, path.depth from path;
+end;
 $$;
 
 drop function if exists api.agent_run_begin(uuid, uuid, text, text, uuid, uuid, double precision, double precision,
