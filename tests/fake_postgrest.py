@@ -54,7 +54,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,10 +152,13 @@ class FakePostgrest:
     requests: list[RecordedRequest] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
     _pool: list[psycopg.AsyncConnection[Any]] = field(default_factory=list)
-    _functions: dict[tuple[str, str, tuple[str, ...]], Function] = field(default_factory=dict)
     _calls: dict[tuple[str, str, tuple[str, ...]], tuple[bytes, str]] = field(default_factory=dict)
     _db_slots: asyncio.Semaphore | None = None
     _columns: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.db_pool is not None:
+            self._db_slots = asyncio.Semaphore(self.db_pool)
 
     # -- test controls ---------------------------------------------------------------------------------------------
 
@@ -433,8 +436,7 @@ class FakePostgrest:
         if not isinstance(args, dict):
             raise pgrst(400, "PGRST102", "Empty or invalid json")
         async with self._transaction(request, auth, schema, read_only=False) as db:
-            target = await self._function(db, schema, function, sorted(args))
-            statement, shape = self._call(db, schema, function, target, sorted(args))
+            statement, shape = await self._call(db, schema, function, sorted(args))
             result = (await _one(db, statement, (json.dumps(args),) if args else None))[0]
         if shape == "void":
             return Response(b"", 204)
@@ -442,38 +444,26 @@ class FakePostgrest:
 
     # -- database ----------------------------------------------------------------------------------------------
 
-    def _call(self, db: psycopg.AsyncConnection[Any], schema: str, name: str, function: Function,
-              given: list[str]) -> tuple[bytes, str]:
+    async def _call(
+        self, db: psycopg.AsyncConnection[Any], schema: str, name: str, given: list[str]
+    ) -> tuple[bytes, str]:
         """The call's statement, its arguments one JSON parameter (as PostgREST binds the body: one prepared statement
-        per function and argument names, kept with the schema cache)."""
+        per function and argument names, kept with the schema cache), and the response's shape."""
         key = (schema, name, tuple(given))
         if key in self._calls:
             return self._calls[key]
-        statement, shape = _call_statement(schema, name, function, given)
+        statement, shape = _call_statement(schema, name, await _find_function(db, schema, name, given), given)
         call = (statement.as_bytes(db), shape)
         if self.schema_cache:
             self._calls[key] = call
         return call
 
-    async def _function(self, db: psycopg.AsyncConnection[Any], schema: str, name: str, given: list[str]) -> Function:
-        key = (schema, name, tuple(given))
-        if not self.schema_cache:
-            return await _find_function(db, schema, name, given)
-        if key not in self._functions:
-            self._functions[key] = await _find_function(db, schema, name, given)
-        return self._functions[key]
-
     @asynccontextmanager
     async def _transaction(
         self, request: Request, auth: Auth, schema: str, *, read_only: bool
     ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        if self.db_pool is None:
-            async with self._connection(request, auth, schema, read_only=read_only) as db:
-                yield db
-            return
-        if self._db_slots is None:
-            self._db_slots = asyncio.Semaphore(self.db_pool)
-        async with self._db_slots, self._connection(request, auth, schema, read_only=read_only) as db:
+        """A slot of the db-pool when there is one, then a session in a transaction as the request's role."""
+        async with self._db_slots or nullcontext(), self._connection(request, auth, schema, read_only=read_only) as db:
             yield db
 
     @asynccontextmanager

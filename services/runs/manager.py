@@ -199,10 +199,10 @@ class RunManager:
         for call in turn.calls.calls:  # every call, a stopped or failed turn's too (its cut one estimated)
             for kind in KINDS:
                 if amount := getattr(call, kind):
-                    self._metrics.llm_tokens.inc(kind.removesuffix("_tokens"), call.model_id, amount=amount)
+                    label = kind.removesuffix("_tokens")
+                    self._metrics.llm_tokens.inc(label, call.model_id, amount=amount)
                     if call.estimated:
-                        self._metrics.llm_estimated_tokens.inc(kind.removesuffix("_tokens"), call.model_id,
-                                                               amount=amount)
+                        self._metrics.llm_estimated_tokens.inc(label, call.model_id, amount=amount)
         _log_end(live.run.id, metadata)
         self._urgent.set()
 
