@@ -151,3 +151,10 @@ def event_ids(text: str) -> list[int]:
 
 def streamed_text(items: list[dict[str, Any]]) -> str:
     return "".join(item["content"] for item in items if item["type"] == "token")
+
+
+def window_room(window: float, needed: float) -> float:
+    """Seconds to wait so that the next ``needed`` seconds fall inside one fixed window of ``window`` seconds, as the
+    rate limits count (0 when they already do): a burst straddling a window's end would be counted in two."""
+    left = window - time.time() % window
+    return 0.0 if left >= needed else left + 0.02

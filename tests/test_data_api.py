@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +26,7 @@ from services.store.postgrest.client import PostgrestClient
 from services.store.postgrest.store import PostgrestStore
 from tests.conftest import DATABASE, AuthHeaders
 from tests.pg import MIGRATIONS_DIR, create_supabase_database
-from tests.support import new_id
+from tests.support import new_id, window_room
 from tests.tokens import TEST_PUBLISHABLE_KEY, mint
 
 pytestmark = pytest.mark.anyio
@@ -469,18 +468,11 @@ def _as(db: Any, user: str) -> None:
     db.execute("select set_config('request.jwt.claims', %s, false)", (json.dumps({"sub": user}),))
 
 
-async def _inside_one_write_window(needed: float = 15.0) -> None:
-    """Wait, when the clock minute ends within ``needed`` seconds, for the next one: the write ceiling counts per clock
-    minute (007's over_write_ceiling), so writes that straddle a minute's end would be counted in two windows."""
-    left = 60 - time.time() % 60
-    if left < needed:
-        await asyncio.sleep(left + 0.1)
-
-
 async def test_the_database_keeps_its_own_write_ceiling(
     pg_cluster: Any, account: Callable[[], Any], rest: Callable[..., httpx.Response]
 ) -> None:
-    await _inside_one_write_window()
+    # The ceiling counts per clock minute (007's over_write_ceiling): the account's writes and these in one minute.
+    await asyncio.sleep(window_room(60, 15))
     alice = await account()  # four rows added already: two turns, an action
     with pg_cluster.connect(DATABASE) as db:
         db.execute("update canvalo_private.settings set value = 5 where name = 'writes_per_minute'")

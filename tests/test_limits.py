@@ -32,7 +32,7 @@ from app import create_app
 from services.store import Caller
 from services.store.sqlite.store import SQLiteStore
 from tests.scripted_model import ScriptedModel
-from tests.support import LiveServer, chunks, make_settings, new_id, serve
+from tests.support import LiveServer, chunks, make_settings, new_id, serve, window_room
 from tests.tokens import TEST_JWT_SECRET, TEST_PUBLISHABLE_KEY, bearer, mint
 
 WINDOW = 2
@@ -40,7 +40,7 @@ WINDOW = 2
 
 def at_window_start(window: int = WINDOW) -> None:
     """Wait until a fixed window has just begun, so a burst of requests cannot straddle two windows."""
-    time.sleep(window - (time.time() % window) + 0.02)
+    time.sleep(window_room(window, window))
 
 
 def chat(url: str, user: str, headers: dict[str, str] | None = None) -> httpx.Response:
