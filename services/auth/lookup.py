@@ -218,11 +218,9 @@ class SupabaseUserLookup:
             self._known.put(key, user_id, keep_until)
             lookup.user_id = user_id
             return user_id
-        except Unauthorized as exc:
-            self._refused.put(key, True, self._clock() + NEGATIVE_CACHE_SECONDS)
-            lookup.error = exc
-            raise
         except AppError as exc:
+            if isinstance(exc, Unauthorized):
+                self._refused.put(key, True, self._clock() + NEGATIVE_CACHE_SECONDS)
             lookup.error = exc
             raise
         finally:
