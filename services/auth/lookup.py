@@ -246,9 +246,7 @@ class SupabaseUserLookup:
             logger.warning("Supabase Auth answered %s", response.status_code)
             raise UpstreamUnavailable("Supabase Auth is unavailable.", code="AUTH_UNAVAILABLE")
         if response.status_code == 200:
-            try:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
                 return str(uuid.UUID(str(response.json()["id"])))
-            except (ValueError, KeyError, TypeError):
-                pass
         logger.warning("Supabase Auth answered %s with an unexpected body", response.status_code)
         raise UpstreamError("Supabase Auth gave an unexpected answer.", code="AUTH_UPSTREAM_ERROR")
