@@ -14,7 +14,7 @@ nothing here says which columns matter: a model that reads planted text in a rec
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 ColumnType = Literal["text", "date", "time", "integer", "number", "uuid", "json", "email"]
@@ -42,9 +42,9 @@ class Domain:
     columns: tuple[Column, ...]
     order_by: tuple[tuple[str, Literal["asc", "desc"]], ...]
     keywords: tuple[str, ...]
-    filters: tuple[str, ...] = field(default=())
+    filters: tuple[str, ...] = ()
     # What the built-in responder shows of each row (a model reads them all): what names it, then its status.
-    shown: tuple[str, ...] = field(default=())
+    shown: tuple[str, ...] = ()
 
     def column(self, name: str) -> Column | None:
         return next((c for c in self.columns if c.name == name), None)

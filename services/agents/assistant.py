@@ -25,7 +25,7 @@ import anyio
 
 from errors import UpstreamError
 from services.agents import actions
-from services.agents.tools import Tool, ToolResult, run_tool, tools_for
+from services.agents.tools import Tool, ToolResult, object_schema, run_tool, tool_spec, tools_for
 from services.agents.usage import TurnUsage
 from services.domains import BY_AGENT, DOMAINS, Domain
 from services.model import ChatModel, ModelEvent, ModelRequest, ModelUsed, Stop, TextDelta, ToolUse, Usage
@@ -59,17 +59,10 @@ def supervisor_prompt(domains: tuple[Domain, ...]) -> str:
 
 
 def handoff_spec(domains: tuple[Domain, ...]) -> dict[str, Any]:
-    schema = {
-        "type": "object",
-        "properties": {
-            "agent": {"type": "string", "enum": [d.agent_type for d in domains]},
-            "reason": {"type": "string", "description": "One short sentence on why"},
-        },
-        "required": ["agent"],
-        "additionalProperties": False,
-    }
+    agent = {"type": "string", "enum": [d.agent_type for d in domains]}
+    reason = {"type": "string", "description": "One short sentence on why"}
     description = "Hand the conversation to the specialist that owns the user's request."
-    return {"toolSpec": {"name": HANDOFF_TOOL, "description": description, "inputSchema": {"json": schema}}}
+    return tool_spec(HANDOFF_TOOL, description, object_schema({"agent": agent, "reason": reason}, ["agent"]))
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,7 +72,7 @@ class Tool:
     schema: dict[str, Any]
 
     def spec(self) -> dict[str, Any]:
-        return {"toolSpec": {"name": self.name, "description": self.description, "inputSchema": {"json": self.schema}}}
+        return tool_spec(self.name, self.description, self.schema)
 
     @property
     def shows_arguments(self) -> bool:
@@ -119,7 +119,12 @@ def column_schema(column: Column) -> dict[str, Any]:
     return schema
 
 
-def _object(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+def tool_spec(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """A tool as Converse's ``toolConfig`` lists it."""
+    return {"toolSpec": {"name": name, "description": description, "inputSchema": {"json": schema}}}
+
+
+def object_schema(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
     return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
 
 
@@ -143,21 +148,21 @@ def tools_for(domain: Domain) -> list[Tool]:
     optional = {c.name: columns[c.name] if c.required else _nullable(columns[c.name]) for c in domain.columns}
     limit = {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT, "description": f"At most {MAX_LIST_LIMIT}"}
     changeable = {c.name: _nullable(columns[c.name]) if _clearable(c) else columns[c.name] for c in domain.columns}
-    changes = {**_object(changeable, []), "minProperties": 1}
+    changes = {**object_schema(changeable, []), "minProperties": 1}
     plural, one = domain.table, domain.singular
     return [
         Tool(f"list_{plural}", "list", domain, f"List the user's {plural}, optionally filtered.",
-             _object({**filters, "limit": _nullable(limit)}, [])),
-        Tool(f"get_{one}", "get", domain, f"Get one {one} by id.", _object({"id": ID_SCHEMA}, ["id"])),
+             object_schema({**filters, "limit": _nullable(limit)}, [])),
+        Tool(f"get_{one}", "get", domain, f"Get one {one} by id.", object_schema({"id": ID_SCHEMA}, ["id"])),
         Tool(f"create_{one}", "create", domain, f"Create a {one}. Required: {', '.join(domain.required)}.",
-             _object(optional, list(domain.required))),
+             object_schema(optional, list(domain.required))),
         Tool(f"update_{one}", "update", domain,
              f"Change some fields of a {one}. The change waits for the user to confirm it in the app.",
-             _object({"id": ID_SCHEMA, "changes": changes}, ["id", "changes"])),
+             object_schema({"id": ID_SCHEMA, "changes": changes}, ["id", "changes"])),
         # No confirm flag: the model sets every argument, so none can stand for the user's consent.
         Tool(f"delete_{one}", "delete", domain,
              f"Delete a {one}. The deletion waits for the user to confirm it in the app.",
-             _object({"id": ID_SCHEMA}, ["id"])),
+             object_schema({"id": ID_SCHEMA}, ["id"])),
     ]
 
 

@@ -16,6 +16,7 @@ names its algorithm is used for that one only, so a token cannot pick how its ke
 from __future__ import annotations
 
 import binascii
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -132,7 +133,7 @@ def _read_key(jwk: Any) -> tuple[str | None, tuple[str | None, PublicKey]] | tup
     named = jwk.get("alg")
     if named is not None and named not in ALGORITHMS:
         return None, None
-    try:
+    with contextlib.suppress(KeyError, TypeError, ValueError, binascii.Error):
         if jwk.get("kty") == "EC" and jwk.get("crv") == "P-256" and named in (None, "ES256"):
             x, y = _coordinate(jwk["x"]), _coordinate(jwk["y"])
             return jwk["kid"], ("ES256", ec.EllipticCurvePublicNumbers(x, y, ec.SECP256R1()).public_key())
@@ -140,8 +141,6 @@ def _read_key(jwk: Any) -> tuple[str | None, tuple[str | None, PublicKey]] | tup
             key = rsa.RSAPublicNumbers(_integer(jwk["e"]), _integer(jwk["n"])).public_key()
             if key.key_size >= MIN_RSA_BITS:
                 return jwk["kid"], ("RS256", key)
-    except (KeyError, TypeError, ValueError, binascii.Error):
-        pass
     logger.info("Skipped a signing key this service does not use")
     return None, None
 

@@ -218,11 +218,9 @@ class SupabaseUserLookup:
             self._known.put(key, user_id, keep_until)
             lookup.user_id = user_id
             return user_id
-        except Unauthorized as exc:
-            self._refused.put(key, True, self._clock() + NEGATIVE_CACHE_SECONDS)
-            lookup.error = exc
-            raise
         except AppError as exc:
+            if isinstance(exc, Unauthorized):
+                self._refused.put(key, True, self._clock() + NEGATIVE_CACHE_SECONDS)
             lookup.error = exc
             raise
         finally:
@@ -248,9 +246,7 @@ class SupabaseUserLookup:
             logger.warning("Supabase Auth answered %s", response.status_code)
             raise UpstreamUnavailable("Supabase Auth is unavailable.", code="AUTH_UNAVAILABLE")
         if response.status_code == 200:
-            try:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
                 return str(uuid.UUID(str(response.json()["id"])))
-            except (ValueError, KeyError, TypeError):
-                pass
         logger.warning("Supabase Auth answered %s with an unexpected body", response.status_code)
         raise UpstreamError("Supabase Auth gave an unexpected answer.", code="AUTH_UPSTREAM_ERROR")

@@ -29,6 +29,7 @@ reads, retries and falls back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -339,11 +340,9 @@ class BedrockModel:
     async def _http_error(self, model_id: str, response: StreamResponse, deadline: float) -> AppError:
         """An error before the stream: the type from ``x-amzn-ErrorType`` (as botocore reads it), else the body."""
         body: dict[str, Any] = {}
-        try:
+        with contextlib.suppress(TimeoutError, StreamClientError):  # the status and header are enough to classify it
             async with asyncio.timeout_at(deadline):
                 body = await _error_body(response)
-        except (TimeoutError, StreamClientError):
-            pass  # the status and header are enough to classify the failure
         error_type = response.headers.get("x-amzn-errortype") or str(body.get("__type") or body.get("code") or "")
         message = str(body.get("message") or body.get("Message") or "")
         error = bedrock_error(error_type, response.status, message)

@@ -39,13 +39,12 @@ class LocalModel:
     provider = "local"
     model_id = "canvalo-local-responder"
     is_llm = False
+    configured = True
 
     def __init__(self, token_delay: float = 0.0, domains: tuple[Domain, ...] = ()) -> None:
         self._token_delay = token_delay
         self._keywords = {domain.agent_type: domain.keywords for domain in domains}
         self._lists = {f"list_{domain.table}": domain for domain in domains}
-
-    configured = True
 
     async def open(self) -> None:
         return None

@@ -178,7 +178,7 @@ def _new_date(domain: Domain, lowered: str, today: date) -> Intent | None:
         changes[time_column.name] = clock
     if changes:
         return Intent("update", changes)
-    if not set(re.findall(r"[a-z]+", lowered)) & DATE_VERBS:
+    if not words & DATE_VERBS:
         return None
     ask = (f"Which date should the {domain.singular} move to? For example: tomorrow, Friday, June 3 or "
            f"{(today + timedelta(days=7)).isoformat()}.")

@@ -53,7 +53,6 @@ class Result:
 
     rows: list[dict[str, Any]]
     total: int | None
-    status: int
 
 
 class PostgrestFailure(Exception):
@@ -195,7 +194,7 @@ class PostgrestClient:
         """One PostgREST call as ``caller``. ``idempotent`` defaults to true for every method but POST."""
         replayable = idempotent if idempotent is not None else method != "POST"
         response = await self._exchange(caller, method, path, params, json_body, prefer or [], replayable)
-        return Result(_rows(response), parse_total(response.headers.get("content-range")), response.status_code)
+        return Result(_rows(response), parse_total(response.headers.get("content-range")))
 
     async def rpc(self, caller: Caller, function: str, args: Mapping[str, Any], *, idempotent: bool) -> Any:
         """Call the function ``{schema}.{function}`` with named arguments as ``caller``; its decoded JSON result.
@@ -203,13 +202,13 @@ class PostgrestClient:
         PostgREST answers a table function with an array of objects, a scalar function with the bare JSON value and a
         ``void`` one with 204 (``None`` here). Only a caller that says the call is safe to repeat gets retries.
         """
-        return _rpc_result(await self._exchange(caller, "POST", f"rpc/{function}", None, dict(args), [], idempotent))
+        return _json(await self._exchange(caller, "POST", f"rpc/{function}", None, dict(args), [], idempotent))
 
     async def rpc_by_key(self, function: str, args: Mapping[str, Any], *, idempotent: bool) -> Any:
         """Call a function whose authority is a capability among its arguments (a run's write key), not a user: sent
         with no user token, so PostgREST runs it as ``anon``, and no user's expired token can stop it. Only such
         functions are granted to ``anon`` (``migrations/009_keyed_flush.sql``)."""
-        return _rpc_result(await self._exchange(None, "POST", f"rpc/{function}", None, dict(args), [], idempotent))
+        return _json(await self._exchange(None, "POST", f"rpc/{function}", None, dict(args), [], idempotent))
 
     async def _exchange(
         self,
@@ -287,8 +286,9 @@ def parse_total(content_range: str | None) -> int | None:
     return int(total) if total.isdigit() else None
 
 
-def _rpc_result(response: httpx.Response) -> Any:
-    """An RPC's decoded JSON result: an array (table function), a bare value (scalar) or None (``void``, 204)."""
+def _json(response: httpx.Response) -> Any:
+    """The decoded JSON body: rows, or an RPC's array (table function) or bare value (scalar); None when there is
+    none (``void``, 204)."""
     if response.status_code == 204 or not response.content:
         return None
     try:
@@ -300,10 +300,7 @@ def _rpc_result(response: httpx.Response) -> Any:
 def _rows(response: httpx.Response) -> list[dict[str, Any]]:
     if response.status_code == 204 or not response.content:
         return []
-    try:
-        body = response.json()
-    except ValueError as exc:
-        raise UpstreamError("The database returned an unreadable response.", code="STORE_BAD_RESPONSE") from exc
+    body = _json(response)
     if isinstance(body, dict):
         return [body]
     if not isinstance(body, list) or not all(isinstance(row, dict) for row in body):
