@@ -78,7 +78,8 @@ def test_a_call_cut_short_is_estimated_from_its_request_and_its_output() -> None
     usage.answered("configured-model")
     usage.produced("You have three invoices")
     usage.produced({"status": "overdue"})
-    assert usage.totals() == {"input_tokens": 40, "output_tokens": 8, "cache_read_tokens": 30}  # the open call waits
+    # The open call waits; these models have no price, so the turn's cost is unknown (null), its tokens counted.
+    assert usage.totals() == {"input_tokens": 40, "output_tokens": 8, "cache_read_tokens": 30, "cost": None}
     usage.close()
     usage.close()  # closing twice counts the cut call once
     usage.started("invoices", request)
@@ -91,7 +92,7 @@ def test_a_call_cut_short_is_estimated_from_its_request_and_its_output() -> None
     assert (cut.input_tokens, cut.output_tokens, cut.estimated) == (
         prompt_tokens(request), estimate_tokens('You have three invoices{"status": "overdue"}'), True)
     assert usage.totals() == {"input_tokens": 40 + 2 * cut.input_tokens, "output_tokens": 8 + cut.output_tokens,
-                              "cache_read_tokens": 30, "estimated": True}
+                              "cache_read_tokens": 30, "cost": None, "estimated": True}
 
 
 def test_cache_tokens_reach_the_stream_the_answer_and_the_metrics(
@@ -105,7 +106,10 @@ def test_cache_tokens_reach_the_stream_the_answer_and_the_metrics(
     conversation = new_id()
     body = {"message": "Anything overdue?", "conversation_id": conversation, "user_id": user_id}
     items = chunks(client.post("/api/chat/stream", json=body, headers=auth_headers(user_id)).text)
-    expected = {"input_tokens": 160, "output_tokens": 14, "cache_read_tokens": 100, "cache_write_tokens": 20}
+    # Nova Lite's shipped price (0.06 in, 0.24 out per million), cache tokens at the input rate: it names no cache rates.
+    cost = (160 * 0.06 + 14 * 0.24 + (100 + 20) * 0.06) / 1e6
+    expected = {"input_tokens": 160, "output_tokens": 14, "cache_read_tokens": 100, "cache_write_tokens": 20,
+                "cost": pytest.approx(cost)}
     assert items[-1]["type"] == "complete" and items[-1]["usage"] == expected
     assert last_message(client, auth_headers, user_id, conversation)["metadata"]["usage"] == expected
     metrics = client.get("/metrics", headers=METRICS).text
