@@ -240,11 +240,10 @@ class BudgetExceeded(AppError):
     retryable = False
 
     def headers(self) -> dict[str, str]:
-        """``Retry-After``: seconds until the period resets; the budget's own ``X-Budget-*`` headers from details."""
+        """``Retry-After``: seconds until the period resets; ``X-Budget-*``: the budget, as ``details`` gives it."""
         headers = {"Retry-After": str(max(1, round(self.retry_after or 1)))}
-        for name in ("period", "unit", "limit", "used", "resetsAt"):
-            header = "X-Budget-" + ("Reset" if name == "resetsAt" else name.capitalize())
-            headers[header] = str(self.details[name])
+        names = {"period": "Period", "unit": "Unit", "budget": "Limit", "used": "Used", "resetsAt": "Reset"}
+        headers.update({f"X-Budget-{header}": str(self.details[key]) for key, header in names.items()})
         return headers
 
 

@@ -74,7 +74,7 @@ class Budgets:
             user_message=f"You've reached your usage limit for {PERIOD_NAMES[refusal.period]}. It resets at "
                          f"{resets.strftime('%Y-%m-%d %H:%M')} UTC.",
             retry_after=(resets - now).total_seconds(),
-            details={"period": refusal.period, "unit": refusal.unit, "limit": amount(refusal.limit),
+            details={"limit": "budget", "period": refusal.period, "unit": refusal.unit, "budget": amount(refusal.limit),
                      "used": amount(refusal.used), "resetsAt": _stamp(resets)},
         )
 
