@@ -429,7 +429,8 @@ begin
     return jsonb_build_object(
         'by_model', coalesce((
             select jsonb_agg(to_jsonb(m) order by m.model_id) from (
-                select u.model_id, count(*) as calls, sum(u.input_tokens) as input_tokens,
+                select u.model_id, count(*) as calls, count(*) filter (where u.estimated) as estimated_calls,
+                       sum(u.input_tokens) as input_tokens,
                        sum(u.output_tokens) as output_tokens, sum(u.cache_read_tokens) as cache_read_tokens,
                        sum(u.cache_write_tokens) as cache_write_tokens, sum(u.cost) as cost
                   from api.agent_usage u where u.user_id = uid and u.created_at >= p_since

@@ -160,9 +160,15 @@ def test_a_stopped_turn_counts_the_call_it_cut(
             client.post(f"/api/chat/runs/{run_id}/stop", json=stop, headers=auth_headers(user_id)).raise_for_status()
             stored = last_message(client, auth_headers, user_id, conversation)
             metrics = client.get("/metrics", headers=METRICS).text
+            ledger = usage_of(client, auth_headers, user_id)
     finally:
         never.set()
     assert stored["metadata"]["status"] == "stopped"
+    # The ledger bills the handoff that finished and the answer the stop cut, the latter estimated.
+    (row,) = ledger["by_model"]
+    assert (row["calls"], row["estimated_calls"]) == (2, 1)
+    assert (row["input_tokens"], row["output_tokens"]) == (
+        stored["metadata"]["usage"]["input_tokens"], stored["metadata"]["usage"]["output_tokens"])
     usage = stored["metadata"]["usage"]
     assert usage["estimated"] is True and usage["output_tokens"] == 8 + estimate_tokens("Half an ans")
     assert usage["input_tokens"] > 40
@@ -183,3 +189,72 @@ def test_a_call_refused_before_any_answer_counts_nothing(
     assert items[-1]["type"] == "error" and items[-1]["code"] == "MODEL_THROTTLED"
     assert "usage" not in last_message(client, auth_headers, user_id, conversation)["metadata"]
     assert "canvalo_llm_tokens_total{" not in client.get("/metrics", headers=METRICS).text
+
+
+# -- the usage ledger: a row per call, written with the run's events, on both stores ------------------------------
+
+
+def usage_of(client: httpx.Client | TestClient, auth_headers: AuthHeaders, user_id: str) -> dict[str, Any]:
+    response = client.get("/api/usage", params={"user_id": user_id, "period": "day"}, headers=auth_headers(user_id))
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def test_a_tool_turn_writes_one_ledger_row_per_model_call(
+    api: tuple[TestClient, FakeBedrock], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    client, fake = api
+    answer = text_reply("No invoices.")
+    answer[-1] = event("metadata", {"usage": {"inputTokens": 300, "outputTokens": 5, "cacheReadInputTokens": 200}})
+    fake.replies = [handoff({"inputTokens": 40, "outputTokens": 8}),
+                    tool_reply("tooluse_l", "list_invoices", {}, {"inputTokens": 250, "outputTokens": 12}),
+                    Reply.stream(answer)]
+    conversation = new_id()
+    body = {"message": "What invoices do I have?", "conversation_id": conversation, "user_id": user_id}
+    items = chunks(client.post("/api/chat/stream", json=body, headers=auth_headers(user_id)).text)
+    assert items[-1]["type"] == "complete" and len(fake.requests) == 3
+    usage = usage_of(client, auth_headers, user_id)
+    (row,) = usage["by_model"]
+    price_in, price_out = 0.06, 0.24  # Nova Lite's shipped price; cache reads at the input rate
+    cost = ((40 + 250 + 300 + 200) * price_in + (8 + 12 + 5) * price_out) / 1e6
+    assert row == {"model_id": fake.requests[0].model_id, "calls": 3, "estimated_calls": 0, "input_tokens": 590,
+                   "output_tokens": 25, "cache_read_tokens": 200, "cache_write_tokens": 0, "cost": pytest.approx(cost)}
+    assert usage["by_conversation"] == [{"conversation_id": conversation, "calls": 3, "tokens": 815,
+                                         "cost": pytest.approx(cost)}]
+    assert usage["used"] == {"tokens": 815, "cost": pytest.approx(cost)} and usage["reserved"]["tokens"] == 0
+    assert usage["limit"] == {"tokens": None, "cost": None} == usage["remaining"]  # budgets are off by default
+    assert items[-1]["usage"]["cost"] == pytest.approx(cost)
+    # Deleting the conversation refunds nothing: its rows stay.
+    client.delete(f"/api/conversations/{conversation}", params={"user_id": user_id}, headers=auth_headers(user_id))
+    assert usage_of(client, auth_headers, user_id)["used"]["tokens"] == 815
+
+
+def test_a_failed_and_a_timed_out_turn_bill_what_they_used(
+    tmp_path: Any, service_env: dict[str, str], bedrock_env: dict[str, str],  # noqa: F811
+    fake_bedrock: tuple[FakeBedrock, LiveServer], auth_headers: AuthHeaders, user_id: str,  # noqa: F811
+) -> None:
+    fake, live = fake_bedrock
+    never = threading.Event()
+    settings = settings_for(tmp_path, {**service_env, **bedrock_env, "RUN_MAX_SECONDS": "1"}, live)
+    fake.replies = [
+        handoff({"inputTokens": 40, "outputTokens": 8}),
+        Reply.stream([message_start(), text_delta("You have ")], Pause(0.05),
+                     exception("modelStreamErrorException", "stream broke")),
+        handoff({"inputTokens": 30, "outputTokens": 6}),
+        Reply.stream([message_start(), text_delta("Still thinking")], Gate(never), block_stop(), message_stop()),
+    ]
+    try:
+        with TestClient(create_app(settings, model=BedrockModel(settings, credentials=CREDS))) as client:
+            for message, code in (("How are my invoices?", "MODEL_STREAM_ERROR"), ("And now?", "RUN_TIMEOUT")):
+                body = {"message": message, "conversation_id": new_id(), "user_id": user_id}
+                items = chunks(client.post("/api/chat/stream", json=body, headers=auth_headers(user_id)).text)
+                assert (items[-1]["type"], items[-1]["code"]) == ("error", code), items[-1]
+            usage = usage_of(client, auth_headers, user_id)
+    finally:
+        never.set()
+    (row,) = usage["by_model"]
+    # Each turn: its handoff's own figures, and the call it cut, estimated from its request and what it streamed.
+    assert (row["calls"], row["estimated_calls"]) == (4, 2)
+    assert row["output_tokens"] == 8 + 6 + estimate_tokens("You have ") + estimate_tokens("Still thinking")
+    assert row["input_tokens"] > 40 + 30 + 2 * estimate_tokens("How are my invoices?")
+    assert usage["reserved"] == {"tokens": 0, "cost": 0}

@@ -260,7 +260,7 @@ class UsageReport:
     """The caller's usage since a period's start: the ledger's totals by model and by conversation, and what their
     runs still going hold reserved beyond what they have used (``Store.usage_report``)."""
 
-    by_model: list[dict[str, Any]]  # model_id, calls, the four token counts, cost (None when unpriced)
+    by_model: list[dict[str, Any]]  # model_id, calls, estimated_calls, the four token counts, cost (None: unpriced)
     by_conversation: list[dict[str, Any]]  # conversation_id, calls, tokens, cost
     reserved_tokens: int
     reserved_cost: float

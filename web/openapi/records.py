@@ -224,7 +224,9 @@ def usage_schemas() -> dict[str, Schema]:
             "remaining": closed({"tokens": nullable(count), "cost": nullable(usd)},
                                 description="limit - used - reserved, at least 0; null when that budget is off."),
             "by_model": {"type": "array", "items": closed({
-                "model_id": {"type": "string"}, "calls": count, "input_tokens": count, "output_tokens": count,
+                "model_id": {"type": "string"}, "calls": count,
+                "estimated_calls": {**count, "description": "Calls cut short, whose figures are estimated."},
+                "input_tokens": count, "output_tokens": count,
                 "cache_read_tokens": count, "cache_write_tokens": count, "cost": unpriced})},
             "by_conversation": {"type": "array", "description": "Most tokens first. A deleted conversation's usage "
                                 "stays (its id no longer opens anything).", "items": closed({
