@@ -18,10 +18,12 @@ from typing import Any
 from errors import BudgetExceeded
 from services.metrics import Metrics
 from services.model import estimate_tokens
-from services.store import TIMESTAMP_FORMAT, BudgetLimit, BudgetPeriod, RunBegun, TurnBudget, UsageReport
+from services.store import (TIMESTAMP_FORMAT, BudgetLimit, BudgetPeriod, BudgetUnit, RunBegun, TurnBudget,
+                            UsageReport)
 from settings import Settings
 
 PERIOD_NAMES = {"day": "today", "month": "this month"}
+PER_TOKENS = 1_000_000  # prices are USD per million tokens
 
 
 def period_bounds(period: BudgetPeriod, now: datetime) -> tuple[datetime, datetime]:
@@ -33,11 +35,20 @@ def period_bounds(period: BudgetPeriod, now: datetime) -> tuple[datetime, dateti
     return start, (start + timedelta(days=32)).replace(day=1)
 
 
+def _amount(unit: BudgetUnit, value: float) -> float | int:
+    """A budget's figure as shown: whole tokens, or USD to the micro-dollar."""
+    return int(value) if unit == "tokens" else round(value, 6)
+
+
 class Budgets:
+    """The settings' budgets, one per app (``request.state.budgets``): what a turn reserves, its refusal, and the
+    usage report."""
+
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self._metrics = metrics
-        given = {("day", "tokens"): settings.budget_day_tokens, ("month", "tokens"): settings.budget_month_tokens,
-                 ("day", "cost"): settings.budget_day_cost, ("month", "cost"): settings.budget_month_cost}
+        given: dict[tuple[BudgetPeriod, BudgetUnit], float] = {
+            ("day", "tokens"): settings.budget_day_tokens, ("month", "tokens"): settings.budget_month_tokens,
+            ("day", "cost"): settings.budget_day_cost, ("month", "cost"): settings.budget_month_cost}
         self.limits = {key: float(value) for key, value in given.items() if value > 0}
         self._reserve_input = settings.history_token_budget
         self._reserve_output = settings.bedrock_max_tokens
@@ -45,7 +56,7 @@ class Budgets:
         self._input_price = max((p.input for p in prices), default=0.0)
         self._output_price = max((p.output for p in prices), default=0.0)
 
-    def limit(self, period: BudgetPeriod, unit: str) -> float | None:
+    def limit(self, period: BudgetPeriod, unit: BudgetUnit) -> float | None:
         return self.limits.get((period, unit))
 
     def for_turn(self, text: str, now: datetime | None = None) -> TurnBudget | None:
@@ -53,10 +64,10 @@ class Budgets:
         if not self.limits:
             return None
         now = now or datetime.now(timezone.utc)
-        limits = tuple(BudgetLimit(period, unit, limit, period_bounds(period, now)[0].timestamp())  # type: ignore[arg-type]
+        limits = tuple(BudgetLimit(period, unit, limit, period_bounds(period, now)[0].timestamp())
                        for (period, unit), limit in self.limits.items())
         tokens_in = estimate_tokens(text) + self._reserve_input
-        cost = (tokens_in * self._input_price + self._reserve_output * self._output_price) / 1_000_000
+        cost = (tokens_in * self._input_price + self._reserve_output * self._output_price) / PER_TOKENS
         return TurnBudget(limits, tokens_in + self._reserve_output, cost)
 
     def refused(self, begun: RunBegun, now: datetime | None = None) -> BudgetExceeded:
@@ -66,16 +77,16 @@ class Budgets:
         now = now or datetime.now(timezone.utc)
         resets = period_bounds(refusal.period, now)[1]
         self._metrics.budget_refusals.inc(refusal.period, refusal.unit)
-        amount = (lambda v: round(v, 6)) if refusal.unit == "cost" else (lambda v: int(v))
+        budget, used = _amount(refusal.unit, refusal.limit), _amount(refusal.unit, refusal.used)
         what = "tokens" if refusal.unit == "tokens" else "USD"
         return BudgetExceeded(
-            f"The {refusal.period}'s budget of {amount(refusal.limit)} {what} is spent (BUDGET_"
+            f"The {refusal.period}'s budget of {budget} {what} is spent (BUDGET_"
             f"{refusal.period.upper()}_{refusal.unit.upper()}).",
             user_message=f"You've reached your usage limit for {PERIOD_NAMES[refusal.period]}. It resets at "
                          f"{resets.strftime('%Y-%m-%d %H:%M')} UTC.",
             retry_after=(resets - now).total_seconds(),
-            details={"limit": "budget", "period": refusal.period, "unit": refusal.unit, "budget": amount(refusal.limit),
-                     "used": amount(refusal.used), "resetsAt": _stamp(resets)},
+            details={"limit": "budget", "period": refusal.period, "unit": refusal.unit, "budget": budget, "used": used,
+                     "resetsAt": _stamp(resets)},
         )
 
     def usage_json(self, period: BudgetPeriod, report: UsageReport, now: datetime | None = None) -> dict[str, Any]:
