@@ -20,6 +20,7 @@ from services.agents.assistant import HANDOFF_TOOL
 from services.agents.usage import TurnUsage
 from services.model import ModelRequest, Usage, estimate_tokens, prompt_tokens
 from services.model.bedrock import BedrockModel
+from settings import ModelPrice
 from tests.conftest import AuthHeaders
 from tests.fake_bedrock import (
     FakeBedrock, Gate, Pause, Reply, block_stop, event, exception, message_start, message_stop, text_delta, text_reply,
@@ -93,6 +94,25 @@ def test_a_call_cut_short_is_estimated_from_its_request_and_its_output() -> None
         prompt_tokens(request), estimate_tokens('You have three invoices{"status": "overdue"}'), True)
     assert usage.totals() == {"input_tokens": 40 + 2 * cut.input_tokens, "output_tokens": 8 + cut.output_tokens,
                               "cache_read_tokens": 30, "cost": None, "estimated": True}
+
+
+def test_each_call_is_priced_at_its_models_rates_and_an_unpriced_model_costs_null() -> None:
+    prices = {"priced": ModelPrice(input=1.0, output=2.0, cache_read=0.1, cache_write=1.25),
+              "no-cache-rates": ModelPrice(input=1.0, output=2.0)}
+    usage, request = TurnUsage(prices), ModelRequest("Be brief.", [{"role": "user", "content": []}])
+    for model in ("priced", "no-cache-rates"):
+        usage.started("supervisor", request)
+        usage.answered(model)
+        usage.finished(Usage(1_000, 100, cache_read_tokens=10_000, cache_write_tokens=2_000))
+    priced, plain = usage.calls
+    assert priced.cost == pytest.approx((1_000 * 1 + 100 * 2 + 10_000 * 0.1 + 2_000 * 1.25) / 1e6)
+    assert plain.cost == pytest.approx((1_000 + 100 * 2 + 10_000 + 2_000) / 1e6)  # cache tokens at the input rate
+    assert [c.index for c in usage.calls] == [0, 1]  # their rows' places in the run's ledger
+    assert usage.totals()["cost"] == pytest.approx(priced.cost + plain.cost)  # type: ignore[index]
+    usage.started("invoices", request)
+    usage.answered("unpriced")
+    usage.finished(Usage(5, 5))
+    assert usage.calls[-1].cost is None and usage.totals()["cost"] is None  # type: ignore[index]
 
 
 def test_cache_tokens_reach_the_stream_the_answer_and_the_metrics(
