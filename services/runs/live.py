@@ -24,8 +24,8 @@ class LiveRun:
     """A run generating on this worker: its frames (event ``seq`` is ``frames[seq - 1]``), its text, its viewers."""
 
     __slots__ = (
-        "_calls_flushed", "_flushed", "_heartbeat_at", "_pending", "_saved_parts", "_taken_parts", "_text_saved_at", "_waiters",
-        "agent_type", "caller", "cancelled", "deleted", "elsewhere", "ended", "farewell", "farewell_at", "final",
+        "_calls_flushed", "_flushed", "_heartbeat_at", "_pending", "_saved_parts", "_taken_parts", "_text_saved_at",
+        "_waiters", "agent_type", "caller", "cancelled", "deleted", "elsewhere", "ended", "farewell", "farewell_at", "final",
         "frames", "parts", "run", "saved", "scope", "shown",
         "seen_chars", "status", "stop_asked", "task", "usage", "visible",
     )

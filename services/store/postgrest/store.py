@@ -42,7 +42,6 @@ from services.store import (
     UsageReport,
 )
 from services.store.postgrest.client import PostgrestClient, postgrest_failure
-from services.store.postgrest.usage import budget_json, usage_report
 from services.store.postgrest.params import (branch_seek, conversation_seek, filter_column, filter_value, is_uuid,
                                              owned, record_columns, record_order)
 from services.store.postgrest.rows import (
@@ -59,6 +58,7 @@ from services.store.postgrest.rows import (
     settled,
     update_json,
 )
+from services.store.postgrest.usage import budget_json, usage_report
 from services.store.search import MAX_TERMS
 from services.store.shared import QueryTiming, observed, page_of_conversations, reads_downwards
 

@@ -10,7 +10,8 @@ from services.store import Caller, TurnBudget, UsageReport
 from services.store.postgrest.client import PostgrestClient
 from services.store.postgrest.rows import bad_response
 
-_COUNTS = ("calls", "estimated_calls", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "tokens")
+_COUNTS = frozenset(
+    ("calls", "estimated_calls", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "tokens"))
 
 
 def budget_json(budget: TurnBudget | None) -> dict[str, Any] | None:

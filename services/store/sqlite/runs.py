@@ -4,7 +4,8 @@
 The tables (``MIGRATION``, applied by ``SQLiteStore`` as migration 2): ``agent_runs``, one row per chat turn, and
 ``agent_run_events``, one row per flush of a run holding that flush's SSE frames. A partial unique index allows one
 ``running`` run per conversation, and another one run per ``(user_id, client_message_id)``, so the rules hold even
-between worker processes that race. Times are Unix seconds (``time.time()``).
+between worker processes that race. Times are Unix seconds (``time.time()``). A flush's model calls go to the usage
+ledger and a turn's budgets are checked by ``usage.py`` (migration 8), in the same transactions.
 """
 
 from __future__ import annotations
