@@ -5,6 +5,7 @@ stream's last chunk, the stored answer and the metrics, on both stores, over the
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -137,6 +138,8 @@ def test_cache_tokens_reach_the_stream_the_answer_and_the_metrics(
     assert f'canvalo_llm_tokens_total{{kind="cache_read",model="{model}"}} 100' in metrics
     assert f'canvalo_llm_tokens_total{{kind="cache_write",model="{model}"}} 20' in metrics
     assert f'canvalo_llm_tokens_total{{kind="input",model="{model}"}} 160' in metrics
+    (spent,) = re.findall(rf'^canvalo_llm_cost_usd_total{{model="{re.escape(model)}"}} (\S+)$', metrics, re.M)
+    assert float(spent) == pytest.approx(cost)
 
 
 def test_a_failed_turn_counts_the_calls_that_finished_and_estimates_the_broken_one(
