@@ -161,6 +161,11 @@ begin
        or num_nonnulls(p_parent_message_id, p_edit_message_id, p_regenerate_message_id) > 1
        or (p_budget is not null and (jsonb_typeof(p_budget -> 'limits') is distinct from 'array'
            or jsonb_array_length(p_budget -> 'limits') > 4
+           or exists (select 1 from jsonb_array_elements(p_budget -> 'limits') l
+                       where l ->> 'period' is distinct from 'day' and l ->> 'period' is distinct from 'month'
+                          or l ->> 'unit' is distinct from 'tokens' and l ->> 'unit' is distinct from 'cost'
+                          or jsonb_typeof(l -> 'limit') is distinct from 'number'
+                          or jsonb_typeof(l -> 'since') is distinct from 'number')
            or coalesce((p_budget ->> 'reserve_tokens')::bigint, -1) < 0
            or coalesce((p_budget ->> 'reserve_cost')::numeric, -1) < 0)) then
         raise exception 'invalid chat turn' using errcode = '22023';

@@ -307,6 +307,9 @@ def _attacks(alice: Account, bob: Account) -> list[tuple[str, Caller, dict[str, 
         ("agent_usage_report", b, {"p_since": "2000-01-01T00:00:00Z"}),
         ("agent_run_begin", a, _begin_args(new_id(), p_budget={"limits": [], "reserve_tokens": -1000000,
                                                                 "reserve_cost": 0})),
+        ("agent_run_begin", a, _begin_args(new_id(), p_budget={"limits": [{"period": "week", "unit": "tokens",
+                                                                           "limit": 1, "since": 0}],
+                                                                "reserve_tokens": 0, "reserve_cost": 0})),
     ] + [(name, anon, {}) for name in sorted(API_FUNCTIONS - {"agent_runs_flush"})]  # refused to anon, unread
 
 
