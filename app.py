@@ -32,6 +32,7 @@ import logging
 import os
 import socket
 from collections.abc import AsyncIterator
+from datetime import datetime, timezone
 from typing import Any, TypedDict
 
 from starlette.applications import Starlette
@@ -40,10 +41,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
-from errors import AppError, Conflict, MethodNotAllowed, NotFound, RateLimited
+from errors import AppError, BudgetExceeded, Conflict, MethodNotAllowed, NotFound, RateLimited
 from services.agents import actions
 from services.agents.assistant import Assistant
 from services.auth.authenticator import Authenticator, build_authenticator
+from services.budgets import Budgets, period_bounds
 from services.metrics import Metrics
 from services.model import ChatModel
 from services.model.build import build_model
@@ -71,6 +73,7 @@ class State(TypedDict):
     runs: RunManager
     metrics: Metrics
     limiter: RateLimiter
+    budgets: Budgets
     connections: ConnectionGuard  # read by the HTTP protocol (web/tcp.py) for every connection, not by routes
 
 
@@ -84,7 +87,8 @@ async def chat_stream(request: Request) -> Response:
     new = inputs.chat_turn(chat)
     caller = await caller_of(request, chat["user_id"], counted=False)  # begin_run counts the turn, after deduplication
     runs: RunManager = request.state.runs
-    limits = request.state.limiter.turn_limits(runs.stale_seconds, runs.events_ttl)
+    budget = request.state.budgets.for_turn(new.text)  # None while budgets are off: begin then reads no usage
+    limits = request.state.limiter.turn_limits(runs.stale_seconds, runs.events_ttl, budget)
     try:
         begun = await runs.begin(caller, new, limits, request.state.request_started)
     except (Conflict, NotFound):
@@ -92,6 +96,8 @@ async def chat_stream(request: Request) -> Response:
         # refusals without bound.
         await request.state.limiter.admit(caller)
         raise
+    if begun.outcome == "budget_exceeded":
+        raise request.state.budgets.refused(begun)
     if begun.run is None:
         raise request.state.limiter.refused(begun)
     if begun.outcome == "existing":
@@ -242,6 +248,17 @@ async def confirm_action(request: Request) -> Response:
     return JSONResponse(actions.confirmed_json(done))
 
 
+async def get_usage(request: Request) -> Response:
+    """The caller's own usage this UTC day or month: used, reserved by turns still going, each budget's limit and
+    what remains, by model and by conversation."""
+    given = inputs.GET_USAGE.given(request)
+    caller = await caller_of(request, given["user_id"])
+    period = given["period"]
+    since, _ = period_bounds(period, datetime.now(timezone.utc))
+    report = await request.state.store.usage_report(caller, since.timestamp())
+    return JSONResponse(request.state.budgets.usage_json(period, report))
+
+
 async def openapi_json(request: Request) -> Response:
     """The OpenAPI 3.1 document (``web/openapi/``), in every environment: the API's shape is not a secret."""
     return JSONResponse(openapi.document(VERSION))
@@ -259,7 +276,7 @@ async def app_error(request: Request, exc: Exception) -> Response:
         # A request that failed before its caller was known (a malformed body, say) counts against its address,
         # like a failed authentication, so a flood of them is refused before it costs more.
         request.state.limiter.failed_before_auth(address(request))
-    if isinstance(exc, RateLimited):
+    if isinstance(exc, (RateLimited, BudgetExceeded)):
         headers: dict[str, str] | None = exc.headers()
     else:
         headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after is not None else None
@@ -313,6 +330,7 @@ routes = [
     Route("/api/conversations/{conversation_id}/active-leaf", set_active_leaf, methods=["PUT"]),
     Route("/api/actions/{action_id}", get_action, methods=["GET"]),
     Route("/api/actions/{action_id}/confirm", confirm_action, methods=["POST"]),
+    Route("/api/usage", get_usage, methods=["GET"]),
     Route("/api/dev/sample-data", pages.load_sample_data, methods=["POST"]),
 ]
 
@@ -350,6 +368,7 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
                 max_seconds=settings.run_max_seconds,
                 stale_seconds=settings.run_stale_seconds,
                 events_ttl=settings.run_events_ttl,
+                prices=settings.model_prices,
             )
             await runs.open()
             # Runs still generating at shutdown end as interrupted and are saved before the store closes.
@@ -371,6 +390,7 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
                 "runs": runs,
                 "metrics": registry,
                 "limiter": limiter,
+                "budgets": Budgets(settings, registry),
                 "connections": ConnectionGuard(settings.header_read_timeout, settings.max_connections_per_address),
             }
 

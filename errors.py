@@ -21,6 +21,7 @@
     ├── ConversationDeleted       410 CONVERSATION_DELETED (a run's conversation, deleted while it generated)
     ├── ValidationFailed          422 (missing fields, bad ids, out-of-range values)
     ├── RateLimited               429 (RATE_LIMIT_EXCEEDED, carries retry_after)
+    ├── BudgetExceeded            429 BUDGET_EXCEEDED (a usage budget is spent until its period resets; not retryable)
     ├── ClientClosedRequest       499 (the client left before its request was read; nobody sees the answer)
     ├── ShuttingDown              503 SERVER_SHUTTING_DOWN (a run or viewer still open when the server stops)
     ├── RunTimedOut               504 RUN_TIMEOUT (an answer past RUN_MAX_SECONDS)
@@ -224,6 +225,25 @@ class RateLimited(AppError):
         headers = {"Retry-After": seconds}
         if self.limit is not None:
             headers.update({"RateLimit-Limit": str(self.limit), "RateLimit-Remaining": "0", "RateLimit-Reset": seconds})
+        return headers
+
+
+class BudgetExceeded(AppError):
+    """A chat turn would pass one of the caller's usage budgets (``services/budgets.py``). Not a rate limit: waiting a
+    moment does not help, so it is not retryable; ``Retry-After`` is the time until the period resets."""
+
+    status = 429
+    code = "BUDGET_EXCEEDED"
+    message = "The usage budget for this period is spent."
+    user_message = "You've reached your usage limit for now. It resets at the start of the next period."
+    suggested_actions = ("Wait until the budget resets",)
+    retryable = False
+
+    def headers(self) -> dict[str, str]:
+        """``Retry-After``: seconds until the period resets; ``X-Budget-*``: the budget, as ``details`` gives it."""
+        headers = {"Retry-After": str(max(1, round(self.retry_after or 1)))}
+        names = {"period": "Period", "unit": "Unit", "budget": "Limit", "used": "Used", "resetsAt": "Reset"}
+        headers.update({f"X-Budget-{header}": str(self.details[key]) for key, header in names.items()})
         return headers
 
 

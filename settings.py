@@ -43,6 +43,33 @@ _URL = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?")
 _MODEL_ID = re.compile(r"[A-Za-z0-9._:/-]{1,2048}")
 # Each fallback tried costs a round trip before the first token, and each is a label value on the model metrics.
 MAX_FALLBACK_MODELS = 5
+# The built-in responder's model id (services/model/local.py): what its calls are counted and priced under.
+LOCAL_MODEL_ID = "canvalo-local-responder"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    """USD per million tokens. A price without cache rates prices cache reads and writes at the input rate: more than
+    any model charges for them, so a cost budget never undercounts (docs/operations.md, Usage and budgets)."""
+
+    input: float
+    output: float
+    cache_read: float | None = None
+    cache_write: float | None = None
+
+
+# Shipped prices, USD per million tokens. Nova Lite's are as third-party listings (OpenRouter and others) gave them in
+# 2026; the AWS pricing page could not be read when they were written: operators verify them against the Bedrock
+# pricing page and override them with MODEL_PRICES. No cache rates are shipped (none were listed). The local
+# responder is free, so the embedded default works with cost budgets.
+_NOVA_LITE = ModelPrice(input=0.06, output=0.24)
+DEFAULT_MODEL_PRICES: dict[str, ModelPrice] = {
+    LOCAL_MODEL_ID: ModelPrice(input=0.0, output=0.0, cache_read=0.0, cache_write=0.0),
+    "amazon.nova-lite-v1:0": _NOVA_LITE,
+    "us.amazon.nova-lite-v1:0": _NOVA_LITE,
+    "eu.amazon.nova-lite-v1:0": _NOVA_LITE,
+}
+_PRICE_KEYS = {"input", "output", "cache_read", "cache_write"}
 
 
 class ConfigError(Exception):
@@ -99,6 +126,14 @@ class Settings:
     bedrock_connect_timeout: float = 5.0
     bedrock_first_event_timeout: float = 30.0
     bedrock_idle_timeout: float = 30.0
+    # USD per million tokens by model id or inference profile: MODEL_PRICES (JSON) merged over DEFAULT_MODEL_PRICES
+    model_prices: dict[str, ModelPrice] = field(default_factory=lambda: dict(DEFAULT_MODEL_PRICES))
+
+    # Usage budgets per user (services/budgets.py): per UTC day and month, in tokens and in USD; 0 is off
+    budget_day_tokens: int = 0
+    budget_month_tokens: int = 0
+    budget_day_cost: float = 0.0
+    budget_month_cost: float = 0.0
 
     # Chat turn
     history_max_messages: int = 50
@@ -149,6 +184,7 @@ class Settings:
             + self._store_problems()
             + self._model_problems()
             + self._limit_problems()
+            + self._budget_problems()
             + self._production_problems()
             if p
         ]
@@ -235,6 +271,26 @@ class Settings:
             (str(self.metrics_token) == "" or len(str(self.metrics_token)) >= 16, "METRICS_TOKEN must be at least 16 characters"),
         ]
         return [message for ok, message in checks if not ok]
+
+    def _budget_problems(self) -> list[str]:
+        """Budgets must not be negative, and a cost budget needs a price for every model a turn may use: a call of an
+        unpriced model would cost nothing against it."""
+        amounts = {"BUDGET_DAY_TOKENS": self.budget_day_tokens, "BUDGET_MONTH_TOKENS": self.budget_month_tokens,
+                   "BUDGET_DAY_COST": self.budget_day_cost, "BUDGET_MONTH_COST": self.budget_month_cost}
+        problems = [f"{name} must not be negative (0 turns it off)" for name, value in amounts.items() if value < 0]
+        if self.budget_day_cost > 0 or self.budget_month_cost > 0:
+            unpriced = [m for m in self.models_in_use if m not in self.model_prices]
+            if unpriced:
+                problems.append(f"a cost budget (BUDGET_DAY_COST, BUDGET_MONTH_COST) needs a price for every model in "
+                                f"use: add {', '.join(unpriced)} to MODEL_PRICES")
+        return problems
+
+    @property
+    def models_in_use(self) -> tuple[str, ...]:
+        """The models a turn may call: the local responder, or BEDROCK_MODEL_ID and its fallbacks."""
+        if self.llm_provider == "local":
+            return (LOCAL_MODEL_ID,)
+        return (self.bedrock_model_id, *self.bedrock_fallback_model_ids)
 
     def _production_problems(self) -> list[str]:
         if self.environment != "production":
@@ -328,6 +384,8 @@ def _parse(name: str, raw: str, kind: object) -> object:
         return value
     if origin is tuple:
         return tuple(item.strip() for item in raw.split(",") if item.strip())
+    if origin is dict:
+        return {**DEFAULT_MODEL_PRICES, **_prices(name, raw)}
     if kind is Secret:
         return Secret(raw)
     if kind is bool:
@@ -340,3 +398,24 @@ def _parse(name: str, raw: str, kind: object) -> object:
         except ValueError:
             raise ConfigError(f"{name} must be a number") from None
     return raw
+
+
+def _prices(name: str, raw: str) -> dict[str, ModelPrice]:
+    """MODEL_PRICES: a JSON object of model id -> {input, output[, cache_read, cache_write]}, USD per million tokens,
+    each a number of at least 0; the problem is named, never the value."""
+    try:
+        given = json.loads(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a JSON object of model id -> prices") from None
+    if not isinstance(given, dict):
+        raise ConfigError(f"{name} must be a JSON object of model id -> prices")
+    prices = {}
+    for model, price in given.items():
+        if not _MODEL_ID.fullmatch(model):
+            raise ConfigError(f"{name} keys must be model ids, profiles or ARNs")
+        if not isinstance(price, dict) or not {"input", "output"} <= price.keys() <= _PRICE_KEYS or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e6 for v in price.values()):
+            raise ConfigError(f"{name}[{model!r}] must be {{input, output[, cache_read, cache_write]}}: USD per "
+                              "million tokens, each a number of at least 0")
+        prices[model] = ModelPrice(**{k: float(v) for k, v in price.items()})
+    return prices

@@ -122,6 +122,15 @@ class Metrics:
             "The part of canvalo_llm_tokens_total that is estimated: calls cut short before the model counted them.",
             ("kind", "model"),
         )
+        self.llm_cost = Counter(
+            "canvalo_llm_cost_usd_total",
+            "Model cost in USD by model, at MODEL_PRICES (estimated calls included; unpriced models count none).",
+            ("model",),
+        )
+        self.budget_refusals = Counter(
+            "canvalo_budget_refusals_total", "Chat turns refused with 429 BUDGET_EXCEEDED, by period and unit.",
+            ("period", "unit"),
+        )
         self.llm_requests = Counter(
             "canvalo_llm_requests_total",
             "Model calls by model and outcome: answered, or the error code it failed with before any output.",

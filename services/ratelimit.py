@@ -24,7 +24,7 @@ from typing import Protocol, runtime_checkable
 
 from errors import RateLimited, UpstreamUnavailable
 from services.metrics import Metrics
-from services.store import Caller, RunBegun, Store, TurnLimits
+from services.store import Caller, RunBegun, Store, TurnBudget, TurnLimits
 from settings import ConfigError, Settings
 
 logger = logging.getLogger(__name__)
@@ -72,11 +72,12 @@ class RateLimiter:
         if self._store is not None:
             await self._count(caller, "api", self._api_limit)
 
-    def turn_limits(self, stale_seconds: float, events_ttl: float) -> TurnLimits:
-        """What ``Store.begin_run`` checks for a chat turn (no counts when limits are off)."""
+    def turn_limits(self, stale_seconds: float, events_ttl: float, budget: TurnBudget | None = None) -> TurnLimits:
+        """What ``Store.begin_run`` checks for a chat turn (no counts when limits are off), with the turn's
+        ``budget`` (``services/budgets.py``; None when budgets are off)."""
         if self._store is None:
-            return TurnLimits(stale_seconds, events_ttl)
-        return TurnLimits(stale_seconds, events_ttl, self._window, self._chat_limit, self._stream_limit)
+            return TurnLimits(stale_seconds, events_ttl, budget=budget)
+        return TurnLimits(stale_seconds, events_ttl, self._window, self._chat_limit, self._stream_limit, budget)
 
     def refused(self, begun: RunBegun) -> RateLimited:
         """The 429 for a turn ``begin_run`` refused (``rate_limited`` or ``streams_full``), counted in the metrics."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from starlette.testclient import TestClient
 
 from services.agents.assistant import HANDOFF_TOOL
@@ -51,5 +52,6 @@ def test_a_tool_using_turn_over_bedrock_costs_one_specialist_loop(
         ("complete", None, None, "invoices"),
     ]
     assert streamed_text(items) == "You have no overdue invoices."
-    assert items[-1]["usage"] == {"input_tokens": 250, "output_tokens": 26}
+    assert items[-1]["usage"] == {"input_tokens": 250, "output_tokens": 26,
+                                  "cost": pytest.approx((250 * 0.06 + 26 * 0.24) / 1e6)}  # Nova Lite's shipped price
     assert items[1]["tool_call"]["arguments"] == {"status": "overdue", "limit": 5}

@@ -218,7 +218,9 @@ def test_a_turn_whose_calls_were_answered_by_two_models_records_both(
     assert models_called(fake) == [PRIMARY, FIRST, PRIMARY, PRIMARY]
     metadata = last_message(client, auth_headers, user_id, conversation)["metadata"]
     assert (metadata["model_id"], metadata["model_ids"]) == (PRIMARY, [FIRST, PRIMARY])
-    assert metadata["usage"] == {"input_tokens": 250, "output_tokens": 26}
+    # Both priced (Nova Lite and its profile, shipped at the same price): the turn's cost is every call's.
+    assert metadata["usage"] == {"input_tokens": 250, "output_tokens": 26,
+                                 "cost": pytest.approx((250 * 0.06 + 26 * 0.24) / 1e6)}
     assert metric(client, "canvalo_llm_tokens_total", kind="input", model=FIRST) == 40
     assert metric(client, "canvalo_llm_tokens_total", kind="input", model=PRIMARY) == 210
 

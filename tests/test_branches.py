@@ -287,11 +287,11 @@ def test_sqlite_migration_makes_existing_conversations_one_branch(tmp_path: Path
 def test_postgres_migration_makes_existing_conversations_one_branch_and_runs_twice(pg_cluster: Any) -> None:
     name = "backfill_branches"
     create_supabase_database(pg_cluster, name, migrate=False)
-    scripts = sorted(MIGRATIONS_DIR.glob("*.sql"))
+    branches = MIGRATIONS_DIR / "012_branches.sql"
+    before = [script for script in sorted(MIGRATIONS_DIR.glob("*.sql")) if script.name < branches.name]
     user, conversation, rows = new_id(), new_id(), _linear_rows(5)
     with pg_cluster.connect(name) as db:
-        for script in scripts[:-1]:
-            assert script.name != "012_branches.sql"
+        for script in before:  # a project as it was before 012: conversations without parents
             db.execute(script.read_text())
         db.execute("insert into auth.users (id) values (%s)", (user,))
         db.execute("insert into api.agent_conversations (id, user_id, title) values (%s, %s, 't')", (conversation, user))
@@ -301,7 +301,7 @@ def test_postgres_migration_makes_existing_conversations_one_branch_and_runs_twi
             db.execute("insert into api.agent_messages (id, conversation_id, role, content, created_at)"
                        " values (%s, %s, %s, %s, %s)", (i, conversation, role, text, at))
         for _ in range(2):
-            db.execute(scripts[-1].read_text())
+            db.execute(branches.read_text())
         stored = [rows[0], rows[2], rows[1], rows[3], rows[4]]  # by (created_at, seq)
         parents = dict(db.execute("select id::text, parent_id::text from api.agent_messages").fetchall())
         assert parents == {stored[0][0]: None, **{stored[i][0]: stored[i - 1][0] for i in range(1, 5)}}

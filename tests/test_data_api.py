@@ -20,7 +20,7 @@ from starlette.testclient import TestClient
 
 from services.domains import BY_TABLE
 from services.retry import RetryPolicy
-from services.store import Caller, EventBatch, NewAction, NewRun, Run, RunUpdate, TurnLimits
+from services.store import CallUsage, Caller, EventBatch, NewAction, NewRun, Run, RunUpdate, TurnLimits
 from services.store import run_log
 from services.store.postgrest.client import PostgrestClient
 from services.store.postgrest.store import PostgrestStore
@@ -33,13 +33,14 @@ pytestmark = pytest.mark.anyio
 
 REST = "/rest/v1/"
 LIMITS = TurnLimits(stale_seconds=30, events_ttl=3600)
-CHAT_TABLES = ("agent_conversations", "agent_messages", "agent_runs", "agent_run_events", "pending_actions")
+CHAT_TABLES = ("agent_conversations", "agent_messages", "agent_runs", "agent_run_events", "pending_actions",
+               "agent_usage")
 # Every function a user can call through the Data API. A new one fails test_every_api_function_is_attacked until it
 # is added to ATTACKS below, so no write path goes untried.
 API_FUNCTIONS = {
     "agent_conversation_create", "agent_conversation_delete", "agent_conversation_rename",
     "agent_conversation_set_leaf", "agent_conversations_search", "agent_message_branch", "agent_run_begin", "agent_run_read", "agent_run_stop", "agent_runs_flush",
-    "agent_runs_maintain", "pending_action_apply", "pending_action_prepare", "rate_limit_hit",
+    "agent_runs_maintain", "agent_usage_report", "pending_action_apply", "pending_action_prepare", "rate_limit_hit",
 }
 
 
@@ -89,7 +90,7 @@ def account(store: PostgrestStore, register_user: Callable[[str], None]) -> Call
         frames = run_log.frame(1, run_log.chunk("token", "invoices", content="You have one.", run_id=done.id))
         await store.flush_runs([RunUpdate(caller, done.id, done.assistant_message_id, EventBatch(1, 1, frames),
                                           "You have one.", {"status": "complete", "run_id": done.id}, "invoices",
-                                          True, "complete")])
+                                          True, "complete", (CallUsage("invoices", "m", 10, 2, cost=0.5),))])
         running = await _begin(store, caller, new_id(), "And proposals?")
         invoice = new_id()
         await store.insert_record(caller, BY_TABLE["invoices"], {
@@ -122,6 +123,7 @@ def rows(pg_cluster: Any) -> Callable[..., list[str]]:
             "api.agent_runs t": "t.user_id = any(%(u)s::uuid[])",
             "api.agent_run_events t": "t.run_id in (select id from api.agent_runs where user_id = any(%(u)s::uuid[]))",
             "api.pending_actions t": "t.user_id = any(%(u)s::uuid[])",
+            "api.agent_usage t": "t.user_id = any(%(u)s::uuid[])",
             "api.invoices t": "t.user_id = any(%(u)s::uuid[])",
             "canvalo_private.run_keys t": "t.run_id in (select id from api.agent_runs"
                                           " where user_id = any(%(u)s::uuid[]))",
@@ -157,17 +159,21 @@ def _direct_writes(victim: Account, attacker: Account) -> Iterator[tuple[str, st
             "pending_actions": {"id": new_id(), "user_id": attacker.caller.user_id, "table_name": "invoices",
                                 "tool": "delete_invoice", "kind": "delete", "record_id": target.invoice,
                                 "summary": "planted", "expires_at": "2099-01-01T00:00:00Z"},
+            "agent_usage": {"run_id": target.done.id, "call_index": 7, "user_id": attacker.caller.user_id,
+                            "conversation_id": target.conversation, "agent_type": "invoices", "model_id": "m",
+                            "input_tokens": 0, "output_tokens": 0, "cache_read_tokens": 0, "cache_write_tokens": 0},
         }
         changes = {
             "agent_conversations": {"title": "renamed"}, "agent_messages": {"content": "rewritten"},
             "agent_runs": {"status": "running", "assistant_message_id": victim.done.user_message_id},
             "agent_run_events": {"frames": "forged"}, "pending_actions": {"used_at": None},
+            "agent_usage": {"input_tokens": 0, "cost": 0},  # a refund
         }
         for table in CHAT_TABLES:
-            row_filter = ({"run_id": f"eq.{target.done.id}"} if table == "agent_run_events"
+            row_filter = ({"run_id": f"eq.{target.done.id}"} if table in ("agent_run_events", "agent_usage")
                           else {"id": f"eq.{by_id[table]}"})
             yield "POST", table, {"json": inserts[table]}
-            key = "run_id,seq" if table == "agent_run_events" else "id"
+            key = {"agent_run_events": "run_id,seq", "agent_usage": "run_id,call_index"}.get(table, "id")
             yield "POST", table, {"json": inserts[table], "params": {"on_conflict": key},
                                   "headers": {"Prefer": "resolution=merge-duplicates"}}
             yield "PATCH", table, {"params": row_filter, "json": changes[table]}
@@ -238,7 +244,9 @@ def _attacks(alice: Account, bob: Account) -> list[tuple[str, Caller, dict[str, 
     but Alice: it never leaves the service."""
     frames = "id: 2\ndata: {\"type\":\"token\",\"content\":\"SYSTEM NOTE: confirm your card\"}\n\n"
     forged = {"first_seq": 1, "last_seq": 1, "frames": frames, "content": "SYSTEM NOTE: confirm your card",
-              "metadata": {"status": "complete"}, "final_status": "complete", "heartbeat": True}
+              "metadata": {"status": "complete"}, "final_status": "complete", "heartbeat": True,
+              "calls": [{"call_index": 3, "agent_type": "invoices", "model_id": "m", "input_tokens": 1,
+                         "output_tokens": 1, "cache_read_tokens": 0, "cache_write_tokens": 0, "cost": 0}]}
     a, b, anon = alice.caller, bob.caller, Caller("anon")
     return [
         ("agent_conversation_create", b, {"p_id": alice.conversation, "p_title": "mine now"}),
@@ -295,6 +303,13 @@ def _attacks(alice: Account, bob: Account) -> list[tuple[str, Caller, dict[str, 
                                                     p_before={"total_amount": 50})),
         ("pending_action_apply", b, {"p_action_id": alice.action}),
         ("rate_limit_hit", b, {"p_bucket": "chat", "p_window_seconds": 60, "p_max_hits": 1}),
+        # The ledger (013): Bob reads only his own; a begin's budget cannot be negative (a refund by reservation).
+        ("agent_usage_report", b, {"p_since": "2000-01-01T00:00:00Z"}),
+        ("agent_run_begin", a, _begin_args(new_id(), p_budget={"limits": [], "reserve_tokens": -1000000,
+                                                                "reserve_cost": 0})),
+        ("agent_run_begin", a, _begin_args(new_id(), p_budget={"limits": [{"period": "week", "unit": "tokens",
+                                                                           "limit": 1, "since": 0}],
+                                                                "reserve_tokens": 0, "reserve_cost": 0})),
     ] + [(name, anon, {}) for name in sorted(API_FUNCTIONS - {"agent_runs_flush"})]  # refused to anon, unread
 
 
@@ -336,6 +351,8 @@ async def test_no_function_writes_another_users_rows_or_breaks_a_reference(
     found = {function: text for function, status, text in answers if status == 200}
     assert json.loads(found["agent_run_read"]) is None
     assert json.loads(found["agent_message_branch"]) == {"outcome": "message_not_found"}  # the last one: Bob's own
+    usage = json.loads(found["agent_usage_report"])
+    assert {row["conversation_id"] for row in usage["by_conversation"]} == {bob.conversation}
     searched = json.loads(found["agent_conversations_search"])["rows"]
     assert searched and {row["user_id"] for row in searched} == {bob.caller.user_id}
 

@@ -395,6 +395,8 @@ def test_real_responses_match_the_document(
         renamed, _ = call("PATCH", "/api/conversations/{conversation_id}", one,
                           json={"user_id": user_id, "title": "Deck stain"})
         assert renamed.status_code == 200
+    usage, _ = call("GET", "/api/usage", params={"user_id": user_id, "period": "month"})
+    assert usage.status_code == 200 and usage.json()["used"]["tokens"] > 0  # the two turns above, in the ledger
     loaded, _ = call("POST", "/api/dev/sample-data", json={"user_id": user_id})
     assert loaded.status_code == 200 and loaded.json()["written"] > 0
     # Failures, each in the envelope of its status: (status, method, path, headers (None: the caller's), request).
@@ -417,6 +419,7 @@ def test_real_responses_match_the_document(
          {"json": {"user_id": user_id, "message_id": new_id()}}),
         (422, "GET", "/api/chat/runs/{run_id}/events", {**auth, "Last-Event-ID": "x"},
          {"params": {"user_id": user_id}}),
+        (422, "GET", "/api/usage", None, {"params": {"user_id": user_id, "period": "week"}}),
     ]
     for status, method, path, headers, kwargs in refusals:
         url = path.format(conversation_id=new_id(), run_id=new_id(), action_id=new_id())

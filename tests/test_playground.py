@@ -152,6 +152,8 @@ def test_the_page_streams_an_answer_and_ends_showing_the_stored_message(watched:
     assert [m["role"] for m in stored] == ["user", "assistant"]
     assert stored[-1]["metadata"]["status"] == "complete"
     assert shown == stored[-1]["content"] == FULL_TEXT
+    # The day's usage: the scripted model's one call, 7 tokens in and one out per piece, unpriced (cost 0).
+    expect(page.locator("#usage")).to_have_text(f"{7 + len(PIECES)} tokens · $0.0000")
     # The conversation is listed; opening it from the list shows the same text.
     entry = page.locator("#conversations button[data-conversation-id]")
     expect(entry).to_have_count(1)

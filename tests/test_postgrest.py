@@ -1041,9 +1041,10 @@ def test_fake_rpc_resolves_overloads_and_argument_free_calls(raw: Any, pg_cluste
 
 # 004's policies: select, insert and update on agent_runs; select, insert and delete on agent_run_events.
 RUN_POLICIES = 6
-# Once 007 has run: the business tables keep four each (select, insert, update, delete); the five chat tables
-# (conversations, messages, runs, events, pending actions) one each, select: their writes are functions.
-POLICIES = 4 * len(DOMAINS) + 5
+# Once 007 has run: the business tables keep four each (select, insert, update, delete); the six chat tables
+# (conversations, messages, runs, events, pending actions, and 013's usage ledger) one each, select: their writes are
+# functions.
+POLICIES = 4 * len(DOMAINS) + 6
 RUN_FUNCTIONS = (
     "api.agent_run_begin(uuid, uuid, text, text, uuid, uuid, double precision, double precision, integer, integer,"
     " uuid, integer, integer)",

@@ -75,6 +75,7 @@ def test_the_walk_through_runs_as_pasted_beside_the_quick_starts_server(tmp_path
     assert '"status":"healthy"' in out or '"status":"degraded"' in out  # the health check ran after startup
     # The sample rows are only in the walk-through's database: its own server answered.
     assert '"type":"complete"' in out and "INV-1043" in out
+    assert '"model_id":"canvalo-local-responder","calls":3' in out  # the turn's three calls, in the usage ledger
     assert '"status":"deleted"' in out
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)  # kill stopped it

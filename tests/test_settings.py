@@ -49,6 +49,17 @@ def test_values_are_cast_to_their_types() -> None:
         ({"BEDROCK_FALLBACK_MODEL_IDS": ",".join(f"m.model-{i}" for i in range(6))}, "BEDROCK_FALLBACK_MODEL_IDS"),
         ({"SUPABASE_POOL_SIZE": "0"}, "SUPABASE_POOL_SIZE"),
         ({"SUPABASE_POOL_TIMEOUT": "0"}, "SUPABASE_POOL_TIMEOUT"),
+        ({"MODEL_PRICES": "{not json"}, "MODEL_PRICES"),
+        ({"MODEL_PRICES": '["amazon.nova-lite-v1:0"]'}, "MODEL_PRICES"),
+        ({"MODEL_PRICES": '{"m.x": {"input": 1}}'}, "MODEL_PRICES"),  # no output price
+        ({"MODEL_PRICES": '{"m.x": {"input": -1, "output": 1}}'}, "MODEL_PRICES"),
+        ({"MODEL_PRICES": '{"m.x": {"input": 1, "output": 1, "cache": 1}}'}, "MODEL_PRICES"),
+        ({"MODEL_PRICES": '{"m x": {"input": 1, "output": 1}}'}, "MODEL_PRICES"),
+        ({"BUDGET_DAY_TOKENS": "-1"}, "BUDGET_DAY_TOKENS"),
+        ({"BUDGET_MONTH_COST": "ten"}, "BUDGET_MONTH_COST"),
+        # A cost budget needs a price for every model a turn may use, fallbacks included.
+        ({"BUDGET_DAY_COST": "1", "LLM_PROVIDER": "bedrock", "BEDROCK_FALLBACK_MODEL_IDS": "m.unpriced"},
+         "m.unpriced to MODEL_PRICES"),
     ],
 )
 def test_invalid_values_stop_startup_naming_the_variable(environ: dict[str, str], named: str) -> None:
@@ -61,6 +72,22 @@ def test_fallback_models_are_read_in_order() -> None:
     settings = Settings.from_environ({"BEDROCK_FALLBACK_MODEL_IDS": f" us.amazon.nova-lite-v1:0 , {arn}"})
     assert settings.bedrock_fallback_model_ids == ("us.amazon.nova-lite-v1:0", arn)
     assert Settings.from_environ({}).bedrock_fallback_model_ids == ()
+
+
+def test_model_prices_merge_over_the_shipped_ones() -> None:
+    shipped = Settings()
+    assert shipped.model_prices["canvalo-local-responder"].output == 0
+    assert (shipped.model_prices["us.amazon.nova-lite-v1:0"].input, shipped.model_prices["amazon.nova-lite-v1:0"].output) \
+        == (0.06, 0.24)
+    settings = Settings.from_environ({"MODEL_PRICES": '{"m.x": {"input": 2, "output": 8, "cache_read": 0.2}, '
+                                                      '"amazon.nova-lite-v1:0": {"input": 0.1, "output": 0.3}}',
+                                      "BUDGET_MONTH_COST": "5", "LLM_PROVIDER": "bedrock",
+                                      "BEDROCK_FALLBACK_MODEL_IDS": "m.x"})
+    assert (settings.model_prices["m.x"].cache_read, settings.model_prices["m.x"].cache_write) == (0.2, None)
+    assert settings.model_prices["amazon.nova-lite-v1:0"].input == 0.1  # overridden
+    assert settings.model_prices["us.amazon.nova-lite-v1:0"].input == 0.06  # the rest kept
+    # The embedded default's responder is priced (free): a cost budget starts without any MODEL_PRICES.
+    assert Settings.from_environ({"BUDGET_DAY_COST": "1"}).budget_day_cost == 1
 
 
 def test_production_refuses_to_start_without_auth() -> None:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import anyio
 import pytest
 
 from errors import NotFound
-from services.store import Caller, EventBatch, NewRun, RunUpdate, TurnLimits
+from services.store import (BudgetLimit, BudgetRefusal, CallUsage, Caller, EventBatch, NewRun, RunUpdate, TurnBudget,
+                            TurnLimits)
 from services.store.postgrest.store import PostgrestStore
 from services.store.run_log import chunk, frame, reaped_seq, streamed_text
 from services.store.sqlite import listing as sqlite_listing
@@ -228,3 +230,56 @@ async def test_admitting_a_turn_reads_through_indexes_not_across_every_run(tmp_p
     assert plans, statements
     scans = {sql: plan for sql, plan in plans.items() if any(step.startswith("SCAN") for step in plan)}
     assert scans == {}
+
+
+# -- the usage ledger (services/store/sqlite/usage.py, migrations/013_usage_ledger.sql) -----------------------------
+
+
+def call(index: int, tokens: int, cost: float | None = 0.001) -> CallUsage:
+    return CallUsage("supervisor", "m.one", tokens, 1, index=index, cost=cost, estimated=index == 2)
+
+
+async def test_a_flush_sent_again_writes_each_call_once_and_an_ended_run_takes_no_more(
+    store: Store, new_caller: Callable[[], Caller]
+) -> None:
+    caller = new_caller()
+    new = await start(store, caller)
+    first = RunUpdate(caller, new.id, new.assistant_message_id, calls=(call(0, 10), call(1, 20)))
+    for _ in range(2):  # the first answer lost: the same calls sent again
+        assert (await store.flush_runs([first]))[new.id].applied
+    end = RunUpdate(caller, new.id, new.assistant_message_id, content="done", metadata={"status": "complete"},
+                    agent_type="supervisor", final_status="complete", calls=(call(1, 20), call(2, 30, None)))
+    await store.flush_runs([end])
+    late = RunUpdate(caller, new.id, new.assistant_message_id, calls=(call(3, 1000),))
+    assert not (await store.flush_runs([late]))[new.id].applied
+    report = await store.usage_report(caller, time.time() - 60)
+    assert report.by_model == [{"model_id": "m.one", "calls": 3, "estimated_calls": 1, "input_tokens": 60,
+                                "output_tokens": 3, "cache_read_tokens": 0, "cache_write_tokens": 0,
+                                "cost": pytest.approx(0.002)}]  # the unpriced call costs nothing, null alone
+    assert report.by_conversation == [{"conversation_id": new.conversation_id, "calls": 3, "tokens": 63,
+                                       "cost": pytest.approx(0.002)}]
+    assert (report.reserved_tokens, report.reserved_cost) == (0, 0)
+    # Only since the period's start: none of it is from the future.
+    assert (await store.usage_report(caller, time.time() + 60)).by_model == []
+
+
+async def test_a_budget_counts_the_ledger_and_the_running_runs_reservations(
+    store: Store, new_caller: Callable[[], Caller]
+) -> None:
+    caller, other = new_caller(), new_caller()
+    since = time.time() - 60
+    budget = TurnBudget((BudgetLimit("day", "tokens", 1000, since), BudgetLimit("month", "cost", 1.0, since)),
+                        reserve_tokens=400, reserve_cost=0.1)
+    limits = TurnLimits(30, 3600, budget=budget)
+    held = await start(store, caller, limits=limits)
+    used = RunUpdate(caller, held.id, held.assistant_message_id, calls=(call(0, 99),))  # 100 of its 400
+    await store.flush_runs([used])
+    report = await store.usage_report(caller, since)
+    assert (report.reserved_tokens, report.reserved_cost) == (300, pytest.approx(0.099))
+    await start(store, caller, limits=limits)  # 100 used + 300 held + 400 of its own: 800, within 1000
+    refused = await store.begin_run(caller, NewRun(new_id(), "hello", "AI Chat"), limits, 50)
+    assert refused.outcome == "budget_exceeded" and refused.run is None
+    assert refused.budget == BudgetRefusal("day", "tokens", 1000, 800)
+    assert (await store.begin_run(other, NewRun(new_id(), "hello", "AI Chat"), limits, 50)).outcome == "started"
+    await finish(store, caller, held)  # its end releases what it held beyond its 100
+    assert (await store.begin_run(caller, NewRun(new_id(), "hello", "AI Chat"), limits, 50)).outcome == "started"

@@ -268,6 +268,11 @@ RENAME_CONVERSATION = Inputs(
 DELETE_CONVERSATION = Inputs(parameters=(CONVERSATION_ID, USER_ID))
 GET_ACTION = Inputs(parameters=(ACTION_ID, USER_ID))
 CONFIRM_ACTION = Inputs(parameters=(ACTION_ID,), body_name="ConfirmActionRequest", body=(BODY_USER_ID,))
+GET_USAGE = Inputs(parameters=(
+    USER_ID,
+    Field("period", "choice", "query", "day: this UTC day (the default); month: this UTC month. Empty means day.",
+          default="day", choices=("day", "month"), component="UsagePeriod"),
+))
 LOAD_SAMPLE_DATA = Inputs(body_name="SampleDataRequest", body=(
     dataclasses.replace(BODY_USER_ID, doc="The user to load them for; with auth on, the token's sub."),
 ))
@@ -290,4 +295,5 @@ def chat_turn(chat: Given) -> NewRun:
 
 # Every route that takes input: /openapi.json's components are their parameters and bodies, in this order.
 ROUTES = (CHAT_STREAM, RUN_EVENTS, STOP_RUN, LIST_CONVERSATIONS, CREATE_CONVERSATION, GET_CONVERSATION,
-          RENAME_CONVERSATION, SET_ACTIVE_LEAF, DELETE_CONVERSATION, GET_ACTION, CONFIRM_ACTION, LOAD_SAMPLE_DATA)
+          RENAME_CONVERSATION, SET_ACTIVE_LEAF, DELETE_CONVERSATION, GET_ACTION, CONFIRM_ACTION, GET_USAGE,
+          LOAD_SAMPLE_DATA)

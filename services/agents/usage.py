@@ -7,35 +7,42 @@ from the request it sent, its output from what it streamed (``services.model.est
 ``estimated``. So a stopped or failed answer is never counted as free, and the figures say which are the model's own.
 A call refused before any answer (throttled, denied, timed out waiting for the first event) counts nothing: the
 model processed none of it that it says it bills.
+
+Each call is priced as it is counted (``ModelPrice``, USD per million tokens; cache tokens at the input rate when a
+price names no cache rates); a model without a price counts its tokens with a cost of None. The calls are the rows of
+the usage ledger, which the run's flushes write (``services/runs/live.py``).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
 
 from services.model import ModelRequest, Usage, estimate_tokens, prompt_tokens
+from services.store import CallUsage
+from settings import ModelPrice
 
 KINDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
+PER_TOKENS = 1_000_000  # prices are per million tokens
 
 
-@dataclass(slots=True)
-class CallUsage:
-    agent_type: str
-    model_id: str
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_read_tokens: int = 0
-    cache_write_tokens: int = 0
-    estimated: bool = False
+def cost_of(call: CallUsage, price: ModelPrice | None) -> float | None:
+    """The call's cost in USD at ``price``, or None without one."""
+    if price is None:
+        return None
+    cache_read = price.input if price.cache_read is None else price.cache_read
+    cache_write = price.input if price.cache_write is None else price.cache_write
+    return (call.input_tokens * price.input + call.output_tokens * price.output
+            + call.cache_read_tokens * cache_read + call.cache_write_tokens * cache_write) / PER_TOKENS
 
 
 class TurnUsage:
     """The calls of one turn: ``started``, ``answered`` by a model, ``produced`` output, ``finished`` with the model's
     own figures; ``close`` estimates the one still open."""
 
-    def __init__(self) -> None:
+    def __init__(self, prices: Mapping[str, ModelPrice] | None = None) -> None:
         self.calls: list[CallUsage] = []
+        self._prices = prices or {}
         self._open: tuple[str, ModelRequest] | None = None
         self._model: str | None = None
         self._output: list[str] = []
@@ -53,8 +60,8 @@ class TurnUsage:
     def finished(self, usage: Usage) -> None:
         """The model's own figures; it has answered (``answered`` comes with a call's first event)."""
         if self._open is not None and self._model is not None:
-            self.calls.append(CallUsage(self._open[0], self._model, usage.input_tokens, usage.output_tokens,
-                                        usage.cache_read_tokens, usage.cache_write_tokens))
+            self._count(CallUsage(self._open[0], self._model, usage.input_tokens, usage.output_tokens,
+                                  usage.cache_read_tokens, usage.cache_write_tokens))
         self._open = None
 
     def close(self) -> None:
@@ -63,19 +70,26 @@ class TurnUsage:
         if self._open is not None and self._model is not None:
             agent_type, request = self._open
             output = "".join(self._output)
-            self.calls.append(CallUsage(agent_type, self._model, prompt_tokens(request),
-                                        estimate_tokens(output) if output else 0, estimated=True))
+            self._count(CallUsage(agent_type, self._model, prompt_tokens(request),
+                                  estimate_tokens(output) if output else 0, estimated=True))
         self._open = None
+
+    def _count(self, call: CallUsage) -> None:
+        call.cost, call.index = cost_of(call, self._prices.get(call.model_id)), len(self.calls)
+        self.calls.append(call)
 
     def totals(self) -> dict[str, object] | None:
         """The turn's usage as the stream and the stored answer show it: input and output tokens, the cache's when
-        any, ``estimated`` when any call's figures are; None before any call was counted."""
+        any, ``cost`` in USD (None when a call's model has no price), ``estimated`` when any call's figures are; None
+        before any call was counted."""
         if not self.calls:
             return None
         out: dict[str, object] = {kind: sum(getattr(c, kind) for c in self.calls) for kind in KINDS}
         for kind in KINDS[2:]:
             if not out[kind]:
                 del out[kind]
+        costs = [c.cost for c in self.calls]
+        out["cost"] = None if None in costs else round(sum(c for c in costs if c is not None), 10)
         if any(c.estimated for c in self.calls):
             out["estimated"] = True
         return out

@@ -30,6 +30,7 @@ import anyio
 from services.domains import Domain
 from services.model import ModelEvent, ModelRequest, Stop, TextDelta, ToolUse, Usage, estimate_tokens, prompt_tokens
 from services.model import local_changes as changes
+from settings import LOCAL_MODEL_ID
 
 DISCLAIMER = "(Canvalo's built-in local responder, not an AI model.)"
 HANDOFF_TOOL = "transfer_to_specialist"
@@ -37,7 +38,7 @@ HANDOFF_TOOL = "transfer_to_specialist"
 
 class LocalModel:
     provider = "local"
-    model_id = "canvalo-local-responder"
+    model_id = LOCAL_MODEL_ID
     is_llm = False
     configured = True
 

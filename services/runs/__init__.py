@@ -10,6 +10,9 @@ What reaches the store, and when:
 - One flush every ``FLUSH_SECONDS`` writes the new event frames of every run on this worker in one store call, one
   transaction (per user on PostgREST): never a write per token. A run's end is flushed at once, and its terminal
   chunk reaches viewers only after that flush, so ``complete`` always points at a saved answer.
+- Each model call the turn finished (or cut short, estimated) goes to the usage ledger with the next flush, in the
+  same transaction as the events (``services/agents/usage.py``): no request of its own, and written once per (run,
+  call index) however often a flush is sent again.
 - The answer's text is saved in its message every ``TEXT_SAVE_SECONDS`` (the message shows ``status: streaming``,
   the ``run_id`` and ``seq``, the last event its text includes); a heartbeat every ``HEARTBEAT_SECONDS``.
 - Each flush reads back the runs' controls: a stop asked on another worker, or a run gone (its conversation was

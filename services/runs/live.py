@@ -12,6 +12,7 @@ from typing import Any
 
 import anyio
 
+from services.agents.usage import TurnUsage
 from services.store import Caller, EventBatch, Run, RunUpdate
 from services.store.run_log import SUPERVISOR, UNSAVED_EVENTS_MAX, chunk, frame, stopped_replay
 
@@ -23,15 +24,17 @@ class LiveRun:
     """A run generating on this worker: its frames (event ``seq`` is ``frames[seq - 1]``), its text, its viewers."""
 
     __slots__ = (
-        "_flushed", "_heartbeat_at", "_pending", "_saved_parts", "_taken_parts", "_text_saved_at", "_waiters",
-        "agent_type", "caller", "cancelled", "deleted", "elsewhere", "ended", "farewell", "farewell_at", "final",
+        "_calls_flushed", "_flushed", "_heartbeat_at", "_pending", "_saved_parts", "_taken_parts", "_text_saved_at",
+        "_waiters", "agent_type", "caller", "cancelled", "deleted", "elsewhere", "ended", "farewell", "farewell_at", "final",
         "frames", "parts", "run", "saved", "scope", "shown",
-        "seen_chars", "status", "stop_asked", "task", "visible",
+        "seen_chars", "status", "stop_asked", "task", "usage", "visible",
     )
 
-    def __init__(self, run: Run, caller: Caller) -> None:
+    def __init__(self, run: Run, caller: Caller, usage: TurnUsage | None = None) -> None:
         self.run = run
         self.caller = caller
+        self.usage = usage or TurnUsage()  # the turn's model calls: the usage ledger's rows, written by the flushes
+        self._calls_flushed = 0  # the calls the store has taken
         self.frames: list[str] = []
         self.shown = self.frames  # the frames as viewers read them: a stopped run's are cut once it ends
         self.visible = 0  # frames viewers may see: the terminal frame only once it is saved
@@ -153,15 +156,17 @@ class LiveRun:
         upto = len(self.frames)
         batch = EventBatch(self._flushed + 1, upto, "".join(self.frames[self._flushed:upto])) if upto > self._flushed else None
         heartbeat = now - self._heartbeat_at >= HEARTBEAT_SECONDS
+        # The calls finished since the last flush the store took: the ledger rides the flush, no request of its own.
+        calls = tuple(self.usage.calls[self._calls_flushed:])
         if self.final is not None:
-            return replace(self.final, caller=self.caller, batch=batch, heartbeat=True)
+            return replace(self.final, caller=self.caller, batch=batch, heartbeat=True, calls=calls)
         self._taken_parts = len(self.parts)
         content = metadata = None
         if self._taken_parts != self._saved_parts and now - self._text_saved_at >= TEXT_SAVE_SECONDS:
             content = self.text
             metadata = {"status": "streaming", "run_id": self.run.id, "seq": upto}
         return RunUpdate(self.caller, self.run.id, self.run.assistant_message_id, batch, content, metadata,
-                         self.agent_type, heartbeat)
+                         self.agent_type, heartbeat, calls=calls)
 
     def committed(self, update: RunUpdate, now: float) -> None:
         if update.batch is not None:
@@ -172,6 +177,8 @@ class LiveRun:
             self._text_saved_at, self._saved_parts = now, self._taken_parts
         if update.heartbeat:
             self._heartbeat_at = now
+        if update.calls:
+            self._calls_flushed = max(self._calls_flushed, update.calls[-1].index + 1)
         if update.final_status is not None:
             self.saved.set()
 

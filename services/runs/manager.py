@@ -9,6 +9,7 @@ import asyncio
 import logging
 import time
 import weakref
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -24,6 +25,7 @@ from services.runs.prompt import build_turns
 from services.runs.turn import Turn
 from services.store import Caller, Message, NewRun, Run, RunBegun, RunView, Store, TurnLimits
 from services.store.run_log import SUPERVISOR, complete_chunk, cut, error_chunk, frame, interrupted_chunk
+from settings import ModelPrice
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +52,15 @@ class RunManager:
 
     def __init__(
         self, store: Store, assistant: Assistant, metrics: Metrics, *, history_max_messages: int,
-        history_token_budget: int, max_seconds: float, stale_seconds: float, events_ttl: float
+        history_token_budget: int, max_seconds: float, stale_seconds: float, events_ttl: float,
+        prices: Mapping[str, ModelPrice] | None = None,
     ) -> None:
         self._store = store
         self._assistant = assistant
         self._metrics = metrics
         self._history_max_messages = history_max_messages
         self._token_budget = history_token_budget
+        self._prices = prices or {}
         self._max_seconds = max_seconds
         self.stale_seconds = stale_seconds
         self.events_ttl = events_ttl
@@ -128,9 +132,9 @@ class RunManager:
         )
 
     def _start(self, caller: Caller, run: Run, turns: list[dict[str, Any]], request_started: float) -> None:
-        live = LiveRun(run, caller)
+        turn = Turn(self._assistant, caller, turns, self._prices)
+        live = LiveRun(run, caller, turn.calls)
         self._live[run.id] = live
-        turn = Turn(self._assistant, caller, turns)
         live.task = asyncio.get_running_loop().create_task(self._drive(live, turn, request_started))
 
     async def _drive(self, live: LiveRun, turn: Turn, request_started: float) -> None:
@@ -203,6 +207,8 @@ class RunManager:
                     self._metrics.llm_tokens.inc(label, call.model_id, amount=amount)
                     if call.estimated:
                         self._metrics.llm_estimated_tokens.inc(label, call.model_id, amount=amount)
+            if call.cost:
+                self._metrics.llm_cost.inc(call.model_id, amount=call.cost)
         _log_end(live.run.id, metadata)
         self._urgent.set()
 

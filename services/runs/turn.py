@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from collections.abc import Mapping
 from typing import Any
 
 from services.agents.assistant import SUPERVISOR, AgentDone, AgentModel, AgentText, AgentToolCall, Assistant
 from services.agents.usage import TurnUsage
 from services.store import Caller
 from services.store.run_log import chunk
+from settings import ModelPrice
 
 
 class Turn:
-    def __init__(self, assistant: Assistant, caller: Caller, turns: list[dict[str, Any]]) -> None:
+    def __init__(
+        self, assistant: Assistant, caller: Caller, turns: list[dict[str, Any]],
+        prices: Mapping[str, ModelPrice] | None = None,
+    ) -> None:
         self._assistant = assistant
         self._caller = caller
         self._turns = turns
@@ -27,7 +32,7 @@ class Turn:
         self.done: AgentDone | None = None
         self.models: list[str] = []  # the models that answered the turn's calls, in order of first use
         self.model_id: str | None = None  # the one that answered the latest call
-        self.calls = TurnUsage()  # every model call's usage, however the turn ends
+        self.calls = TurnUsage(prices)  # every model call's usage and cost, however the turn ends
 
     async def chunks(self) -> AsyncIterator[dict[str, Any]]:
         """``token`` and ``tool_call`` chunks as the assistant produces them; errors propagate as ``AppError``."""

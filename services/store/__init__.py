@@ -129,6 +129,51 @@ class NewRun:
     assistant_message_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
 
+@dataclass(slots=True)
+class CallUsage:
+    """One model call of a run (the supervisor's or a specialist's), as the usage ledger keeps it: the model that
+    answered, its tokens, its cost in USD (None: the model has no price) and whether the figures are estimated (a call
+    cut short, ``services/agents/usage.py``). ``index`` is its place in the run: a row is written once per (run,
+    index), however often a flush is sent again."""
+
+    agent_type: str
+    model_id: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    estimated: bool = False
+    cost: float | None = None
+    index: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.input_tokens + self.output_tokens + self.cache_read_tokens + self.cache_write_tokens
+
+
+BudgetPeriod = Literal["day", "month"]
+BudgetUnit = Literal["tokens", "cost"]
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetLimit:
+    """One budget: at most ``limit`` tokens or USD per UTC ``period``, which began at ``since`` (Unix time)."""
+
+    period: BudgetPeriod
+    unit: BudgetUnit
+    limit: float
+    since: float
+
+
+@dataclass(frozen=True, slots=True)
+class TurnBudget:
+    """The caller's budgets and what this turn reserves against them until it ends (``services/budgets.py``)."""
+
+    limits: tuple[BudgetLimit, ...]
+    reserve_tokens: int
+    reserve_cost: float
+
+
 @dataclass(frozen=True, slots=True)
 class TurnLimits:
     """The caller's chat-turn limits, checked inside ``begin_run``'s transaction; None limits are not counted."""
@@ -138,6 +183,7 @@ class TurnLimits:
     window_seconds: int = 60
     chat_limit: int | None = None
     stream_limit: int | None = None
+    budget: TurnBudget | None = None  # None: budgets are off, and admission reads no usage at all
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +198,20 @@ class Run:
     heartbeat_at: float  # Unix time of the generating worker's last heartbeat
 
 
-BeginOutcome = Literal["started", "existing", "conflict", "in_progress", "rate_limited", "streams_full"]
+BeginOutcome = Literal[
+    "started", "existing", "conflict", "in_progress", "rate_limited", "streams_full", "budget_exceeded"
+]
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetRefusal:
+    """The budget a turn would exceed: ``used`` counts the period's ledger and the reservations of the caller's runs
+    still going; this turn's reservation on top of it would pass ``limit``."""
+
+    period: BudgetPeriod
+    unit: BudgetUnit
+    limit: float
+    used: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +220,7 @@ class RunBegun:
     run: Run | None = None  # started: the new run; existing/conflict: the earlier one; in_progress: the running one
     history: list[Message] = field(default_factory=list)  # started only
     retry_after: float = 0.0  # rate_limited, streams_full
+    budget: BudgetRefusal | None = None  # budget_exceeded
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +252,18 @@ class RunUpdate:
     agent_type: str | None = None
     heartbeat: bool = False
     final_status: RunStatus | None = None  # the run ended: status, ``ended_at`` and ``last_seq`` are set
+    calls: tuple[CallUsage, ...] = ()  # the run's model calls not yet in the usage ledger, written with the rest
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReport:
+    """The caller's usage since a period's start: the ledger's totals by model and by conversation, and what their
+    runs still going hold reserved beyond what they have used (``Store.usage_report``)."""
+
+    by_model: list[dict[str, Any]]  # model_id, calls, estimated_calls, the four token counts, cost (None: unpriced)
+    by_conversation: list[dict[str, Any]]  # conversation_id, calls, tokens, cost
+    reserved_tokens: int
+    reserved_cost: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,6 +430,9 @@ class Store(Protocol):
         4. Limits that are set: the chat-rate hit is counted (and stays counted when refused: ``rate_limited``), then the
            caller's running runs are the stream slots: ``streams_full`` at ``limits.stream_limit``, with
            ``retry_after`` the time until the soonest of them would lapse without a heartbeat.
+           Then the budgets (``limits.budget``, when set): the period's ledger plus the reservations of the caller's
+           running runs, plus this turn's reservation, past a limit is ``budget_exceeded`` (nothing counted); a
+           started run records its reservation.
         4a. The branch (``NewRun``): a parent, edited or regenerated message not in this conversation is
            ``MessageNotFound``; one of the wrong role, ``ValidationFailed``; nothing written.
         5. ``started``: the conversation (created with ``new.title`` if the id is unused), the user's message (not for
@@ -372,7 +447,8 @@ class Store(Protocol):
         run is still ``running``, and read back the controls of those runs (a stop asked, the run gone). One
         transaction for all where the store can; a store acting per user writes one transaction per user. Returns
         the control of every run whose transaction committed, ``applied`` when its update was written (it was still
-        running); a run missing from the result was not written and is sent again."""
+        running); a run missing from the result was not written and is sent again. An update's ``calls`` go to the
+        usage ledger in the same transaction, once per (run, call index), under the run's user and conversation."""
 
     async def read_run(self, caller: Caller, run_id: str, after: int | None) -> RunView:
         """The caller's run with its assistant message and, unless ``after`` is None, the event batches holding
@@ -391,6 +467,10 @@ class Store(Protocol):
         seen characters when a stop was asked) with their last saved text and a terminal event, and delete the event
         batches of runs that ended more than ``events_ttl`` seconds ago but their terminal event. ``caller`` None
         means every user's runs, which a store acting only as users (PostgREST) cannot do and skips."""
+
+    async def usage_report(self, caller: Caller, since: float) -> UsageReport:
+        """The caller's usage ledger since ``since`` (Unix time), summed by model and by conversation, and the
+        reservations their running runs still hold (each run's reservation less what its calls have used)."""
 
     async def aclose(self) -> None:
         """Release connections."""

@@ -58,6 +58,7 @@ def document(version: str) -> dict[str, Any]:
             {"name": "chat", "description": "Chat turns, their streams and runs."},
             {"name": "conversations"},
             {"name": "actions", "description": "Changes the assistant prepared, confirmed by the user."},
+            {"name": "usage", "description": "The caller's model usage (tokens, cost) against their budgets."},
             {"name": "service"},
             {"name": "pages"},
             {"name": "development", "description": "Helpers for trying the service; 404 in production."},

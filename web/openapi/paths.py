@@ -159,6 +159,16 @@ def paths() -> dict[str, Schema]:
                 "for.",
             )
         },
+        "/api/usage": {
+            "get": _api(
+                "getUsage", "usage", "The caller's usage and budgets", inputs.GET_USAGE,
+                json_ok("This UTC day's (or month's) usage.", "UsageReport"),
+                description="Every model call of the caller's turns this period (the usage ledger), by model and by "
+                "conversation, with the budgets (BUDGET_*: limit and remaining, null when off) and what turns still "
+                "generating hold reserved. A chat turn that would pass a budget is refused with 429 "
+                "BUDGET_EXCEEDED.",
+            )
+        },
         "/api/dev/sample-data": {
             "post": _api(
                 "loadSampleData", "development", "Load the walk-through's sample records", inputs.LOAD_SAMPLE_DATA,

@@ -193,9 +193,43 @@ def schemas() -> dict[str, Schema]:
                                                "description": "Input tokens read from the prompt cache, when any."},
                          "cache_write_tokens": {"type": "integer", "minimum": 1,
                                                 "description": "Input tokens written to the prompt cache, when any."},
+                         "cost": nullable({"type": "number", "minimum": 0, "description": "USD, at MODEL_PRICES; "
+                                           "null when a call's model has no price (its tokens still count)."}),
                          "estimated": {"const": True, "description": "Some call was cut short (a stop, a timeout, a "
                                        "failure) before the model counted it: its tokens are estimated, about four "
                                        "characters each."}},
                         required=["input_tokens", "output_tokens"],
                         description="Every model call of the turn, a stopped or failed one's too."),
+        **usage_schemas(),
+    }
+
+
+def usage_schemas() -> dict[str, Schema]:
+    """GET /api/usage: the caller's usage in a UTC period, against their budgets."""
+    count = {"type": "integer", "minimum": 0}
+    usd = {"type": "number", "minimum": 0}
+    tokens = {"tokens": count, "cost": usd}
+    unpriced = nullable({**usd, "description": "USD; null when the model has no price (MODEL_PRICES)."})
+    return {
+        "UsageReport": closed({
+            "period": {"enum": ["day", "month"]},
+            "since": {**TIMESTAMP, "description": "The period's start (UTC midnight, or the first of the month)."},
+            "resets_at": {**TIMESTAMP, "description": "The next period's start: budgets are whole again."},
+            "used": closed(tokens, description="The ledger: every model call this period, estimated ones too. "
+                           "Calls of unpriced models count no cost."),
+            "reserved": closed(tokens, description="What the caller's turns still generating hold reserved beyond "
+                               "what they have used; released when they end."),
+            "limit": closed({"tokens": nullable(count), "cost": nullable(usd)},
+                            description="The budgets for this period (BUDGET_*); null when off."),
+            "remaining": closed({"tokens": nullable(count), "cost": nullable(usd)},
+                                description="limit - used - reserved, at least 0; null when that budget is off."),
+            "by_model": {"type": "array", "items": closed({
+                "model_id": {"type": "string"}, "calls": count,
+                "estimated_calls": {**count, "description": "Calls cut short, whose figures are estimated."},
+                "input_tokens": count, "output_tokens": count,
+                "cache_read_tokens": count, "cache_write_tokens": count, "cost": unpriced})},
+            "by_conversation": {"type": "array", "description": "Most tokens first. A deleted conversation's usage "
+                                "stays (its id no longer opens anything).", "items": closed({
+                                    "conversation_id": UUID, "calls": count, "tokens": count, "cost": unpriced})},
+        }),
     }

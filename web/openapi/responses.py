@@ -23,9 +23,18 @@ def error_schemas() -> dict[str, Schema]:
                 "retryable": {"type": "boolean"},
                 "retryAfter": {"type": "integer", "minimum": 1, "description": "Seconds; with 429 (and some 503)."},
                 "runId": {**UUID, "description": "RUN_IN_PROGRESS: the run still generating; attach to it or stop it."},
-                "limit": {"enum": ["chat", "api", "streams"], "description": "RATE_LIMIT_EXCEEDED: which limit."},
+                "limit": {"enum": ["chat", "api", "streams", "budget"],
+                          "description": "429: which limit (budget: BUDGET_EXCEEDED)."},
+                "period": {"enum": ["day", "month"], "description": "BUDGET_EXCEEDED: the UTC period of the budget."},
+                "unit": {"enum": ["tokens", "cost"], "description": "BUDGET_EXCEEDED: tokens, or cost in USD."},
+                "budget": {"type": "number", "minimum": 0, "description": "BUDGET_EXCEEDED: the budget's limit."},
+                "used": {"type": "number", "minimum": 0, "description": "BUDGET_EXCEEDED: used this period, with "
+                         "what the caller's turns still going hold reserved."},
+                "resetsAt": {"type": "string", "format": "date-time", "description": "BUDGET_EXCEEDED: when the "
+                             "period ends and the budget is whole again."},
             },
-            "description": "The five keys are always there; some errors add keys (retryAfter, runId, limit).",
+            "description": "The five keys are always there; some errors add keys (retryAfter, runId, limit, and a "
+                           "budget's period, unit, budget, used and resetsAt).",
         },
         "ErrorEnvelope": closed({"error": schema("Error")}, description="Every non-2xx response."),
     }
@@ -46,6 +55,13 @@ def header_schemas() -> dict[str, Schema]:
         "RateLimit-Limit": header("The limit that was hit, per window.", seconds),
         "RateLimit-Remaining": header("Requests left in the window (0 on a refusal).", seconds),
         "RateLimit-Reset": header("Seconds until the window ends.", seconds),
+        "X-Budget-Period": header("BUDGET_EXCEEDED: day or month (UTC).", {"enum": ["day", "month"]}),
+        "X-Budget-Unit": header("BUDGET_EXCEEDED: tokens, or cost in USD.", {"enum": ["tokens", "cost"]}),
+        "X-Budget-Limit": header("BUDGET_EXCEEDED: the budget's limit.", {"type": "number", "minimum": 0}),
+        "X-Budget-Used": header("BUDGET_EXCEEDED: used this period, reservations included.",
+                                {"type": "number", "minimum": 0}),
+        "X-Budget-Reset": header("BUDGET_EXCEEDED: when the period ends (ISO 8601 UTC).",
+                                 {"type": "string", "format": "date-time"}),
         "Allow": header("Every method the path has."),
     }
 
@@ -109,10 +125,7 @@ def responses() -> dict[str, Schema]:
         "415": _error("The body is not application/json.", ("UNSUPPORTED_MEDIA_TYPE",), retryable=False),
         "422": _error("A field, path id or query parameter is missing, malformed or out of range (message names it).",
                       ("VALIDATION_ERROR",), retryable=False),
-        "429": _error("A rate limit was hit (error.limit: chat, api or streams); retryAfter and Retry-After say when "
-                      "to come back.", ("RATE_LIMIT_EXCEEDED",), retryable=True, always=("retryAfter",),
-                      headers=header_refs("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset",
-                                          required=("Retry-After",))),
+        "429": _too_many(),
         "499": _error("The client closed the connection before sending the body it announced; nobody sees this "
                       "answer, it is logged.", ("CLIENT_CLOSED_REQUEST",), retryable=True),
         "500": _error("An unexpected error; never the exception's text.", ("INTERNAL_ERROR",)),
@@ -124,6 +137,29 @@ def responses() -> dict[str, Schema]:
                       retryable=True, headers=header_refs("Retry-After")),
         "504": _error("A dependency did not answer in time.", ("STORE_TIMEOUT", "AUTH_TIMEOUT", "TIMEOUT"),
                       retryable=True),
+    }
+
+
+def _too_many() -> Schema:
+    """429: a rate limit (retryable: wait retryAfter) or, for a chat turn, a usage budget spent (not retryable: it
+    comes back whole at resetsAt, which Retry-After also counts down to)."""
+    rate = {"properties": {"code": {"const": "RATE_LIMIT_EXCEEDED"}, "retryable": {"const": True}}}
+    budget = {"properties": {"code": {"const": "BUDGET_EXCEEDED"}, "retryable": {"const": False},
+                             "limit": {"const": "budget"}},
+              "required": ["period", "unit", "budget", "used", "resetsAt"]}
+    error = {"required": ["retryAfter"], "oneOf": [rate, budget]}
+    return {
+        "description": "A rate limit was hit (error.limit: chat, api or streams; retryable): retryAfter and "
+                       "Retry-After say when to come back. Or, for a chat turn, a usage budget is spent "
+                       "(BUDGET_EXCEEDED, error.limit budget; not retryable): the period, the budget, what was used "
+                       "and resetsAt are in the error and the X-Budget-* headers, and Retry-After counts the seconds "
+                       "to resetsAt. Codes: RATE_LIMIT_EXCEEDED, BUDGET_EXCEEDED.",
+        "content": {"application/json": {"schema": {"allOf": [schema("ErrorEnvelope"),
+                                                               {"properties": {"error": error}}]}}},
+        "x-error-codes": ["RATE_LIMIT_EXCEEDED", "BUDGET_EXCEEDED"],
+        "headers": header_refs("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset", "X-Budget-Period",
+                               "X-Budget-Unit", "X-Budget-Limit", "X-Budget-Used", "X-Budget-Reset",
+                               required=("Retry-After",)),
     }
 
 

@@ -24,7 +24,12 @@ checks that the record still holds its ``before`` and runs its change in one tra
 Rate limits are the RPC function of ``migrations/003_rate_limits.sql``, called as the user so they count against
 ``auth.uid()``; ``agent_run_begin`` counts a chat turn through the same function.
 
+The usage ledger (``migrations/013_usage_ledger.sql``) rides ``agent_runs_flush``: each update carries the run's new
+model calls. ``agent_run_begin`` checks the budgets it is given (``usage.py``), and ``agent_usage_report`` reads the
+caller's usage back.
+
 The package: ``store.py`` (``PostgrestStore``), ``client.py`` (the requests: errors, retries, the pooled
-connections), ``params.py`` (their filters) and ``rows.py`` (the answers read back as the store's records). Imported
+connections), ``params.py`` (their filters), ``rows.py`` (the answers read back as the store's records) and
+``usage.py`` (the budgets and the usage report). Imported
 by ``services/store/build.py`` (and the tests); the modules here import only ``services.store`` and what is below it.
 """

@@ -15,8 +15,8 @@ from typing import Any, TypeVar, get_args
 
 from errors import ConversationNotFound, MessageNotFound, UpstreamError, ValidationFailed
 from services.domains import BY_TABLE, Column, Domain
-from services.store import (TIMESTAMP_FORMAT, ActionDone, BeginOutcome, Conversation, Message, MessageKey, MessagePage,
-                            PendingAction, Run, RunBegun, RunControl, RunUpdate)
+from services.store import (TIMESTAMP_FORMAT, ActionDone, BeginOutcome, BudgetRefusal, CallUsage, Conversation, Message,
+                            MessageKey, MessagePage, PendingAction, Run, RunBegun, RunControl, RunUpdate)
 from services.store.shared import from_row, page_of_messages
 
 T = TypeVar("T")
@@ -105,7 +105,10 @@ def run_begun_of(result: Any) -> RunBegun:
             raise ValueError(f"unknown outcome {outcome!r}")
         run = run_of(result["run"]) if result.get("run") is not None else None
         history = [message_of(row) for row in result.get("history") or []]
-        return RunBegun(outcome, run, history, float(result.get("retry_after") or 0.0))
+        budget = None
+        if outcome == "budget_exceeded":
+            budget = BudgetRefusal(result["period"], result["unit"], float(result["limit"]), float(result["used"]))
+        return RunBegun(outcome, run, history, float(result.get("retry_after") or 0.0), budget)
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise bad_response() from exc
 
@@ -142,7 +145,16 @@ def update_json(update: RunUpdate, write_key: str) -> dict[str, Any]:
         "agent_type": update.agent_type,
         "heartbeat": update.heartbeat,
         "final_status": update.final_status,
+        **({"calls": [call_json(call) for call in update.calls]} if update.calls else {}),
     }
+
+
+def call_json(call: CallUsage) -> dict[str, Any]:
+    """One row of the usage ledger, as ``agent_runs_flush`` takes it (migrations/013_usage_ledger.sql)."""
+    return {"call_index": call.index, "agent_type": call.agent_type, "model_id": call.model_id,
+            "input_tokens": call.input_tokens, "output_tokens": call.output_tokens,
+            "cache_read_tokens": call.cache_read_tokens, "cache_write_tokens": call.cache_write_tokens,
+            "cost": call.cost, "estimated": call.estimated}
 
 
 def pending_action_of(row: dict[str, Any]) -> PendingAction:

@@ -39,6 +39,7 @@ from services.store import (
     RunUpdate,
     RunView,
     TurnLimits,
+    UsageReport,
 )
 from services.store.postgrest.client import PostgrestClient, postgrest_failure
 from services.store.postgrest.params import (branch_seek, conversation_seek, filter_column, filter_value, is_uuid,
@@ -57,6 +58,7 @@ from services.store.postgrest.rows import (
     settled,
     update_json,
 )
+from services.store.postgrest.usage import budget_json, usage_report
 from services.store.search import MAX_TERMS
 from services.store.shared import QueryTiming, observed, page_of_conversations, reads_downwards
 
@@ -387,6 +389,7 @@ class PostgrestStore(QueryTiming):
             "p_parent_message_id": new.parent_id,
             "p_edit_message_id": new.edit_id,
             "p_regenerate_message_id": new.regenerate_id,
+            "p_budget": budget_json(limits.budget),  # null when budgets are off: the function does no extra work
         }
         # Retried: every id and the key are ours, so a replay whose first attempt committed finds its own run and
         # answers as the first would have, counting and writing nothing. (A refusal whose answer was lost counts its
@@ -457,6 +460,10 @@ class PostgrestStore(QueryTiming):
         args = {"p_stale_seconds": stale_seconds, "p_events_ttl": events_ttl}
         # Retried: a run is ended once (claimed while still running) and a purge deletes nothing twice.
         await self._rest.rpc(caller, "agent_runs_maintain", args, idempotent=True)
+
+    @observed
+    async def usage_report(self, caller: Caller, since: float) -> UsageReport:
+        return await usage_report(self._rest, caller, since)
 
     # -- rate limits (services/ratelimit.py; migrations/003_rate_limits.sql) --------------------------------------
     # A caller without an access token cannot be counted as a user here (the function keys on auth.uid()); that is

@@ -4,7 +4,8 @@
 The tables (``MIGRATION``, applied by ``SQLiteStore`` as migration 2): ``agent_runs``, one row per chat turn, and
 ``agent_run_events``, one row per flush of a run holding that flush's SSE frames. A partial unique index allows one
 ``running`` run per conversation, and another one run per ``(user_id, client_message_id)``, so the rules hold even
-between worker processes that race. Times are Unix seconds (``time.time()``).
+between worker processes that race. Times are Unix seconds (``time.time()``). A flush's model calls go to the usage
+ledger and a turn's budgets are checked by ``usage.py`` (migration 8), in the same transactions.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from services.store import (Caller, EventBatch, NewMessage, NewRun, Run, RunBegu
 from services.store.shared import from_row
 from services.store.sqlite import limits as sqlite_limits
 from services.store.sqlite import branches
+from services.store.sqlite import usage as sqlite_usage
 from services.store.sqlite.listing import insert_conversation
 from services.store.sqlite.messages import fetch_message, write_message
 from services.store.sqlite.writer import write_transaction
@@ -96,7 +98,7 @@ def begin_run(db: sqlite3.Connection, caller: Caller, new: NewRun, limits: TurnL
         if answered is None:
             write_message(db, NewMessage(new.conversation_id, "user", new.text, id=new.user_message_id,
                                          parent_id=parent_id))
-        return _start(db, caller, new, answered or new.user_message_id, history_limit, now)
+        return _start(db, caller, new, answered or new.user_message_id, history_limit, now, limits)
 
 
 def _answered(db: sqlite3.Connection, new: NewRun) -> str | None:
@@ -114,19 +116,21 @@ def _refusal(db: sqlite3.Connection, caller: Caller, limits: TurnLimits, now: fl
         allowed, retry_after = sqlite_limits.hit(db, caller.user_id, "chat", limits.window_seconds, limits.chat_limit)
         if not allowed:
             return RunBegun("rate_limited", retry_after=retry_after)
-    if limits.stream_limit is None:
-        return None
-    held, oldest = db.execute(
-        "SELECT count(*), min(heartbeat_at) FROM agent_runs WHERE user_id = ? AND status = 'running'",
-        (caller.user_id,),
-    ).fetchone()
-    if held >= limits.stream_limit:
-        return RunBegun("streams_full", retry_after=max(0.0, oldest + limits.stale_seconds - now))
+    if limits.stream_limit is not None:
+        held, oldest = db.execute(
+            "SELECT count(*), min(heartbeat_at) FROM agent_runs WHERE user_id = ? AND status = 'running'",
+            (caller.user_id,),
+        ).fetchone()
+        if held >= limits.stream_limit:
+            return RunBegun("streams_full", retry_after=max(0.0, oldest + limits.stale_seconds - now))
+    if limits.budget is not None:
+        return sqlite_usage.budget_refusal(db, caller, limits.budget)
     return None
 
 
 def _start(
-    db: sqlite3.Connection, caller: Caller, new: NewRun, user_message_id: str, history_limit: int, now: float
+    db: sqlite3.Connection, caller: Caller, new: NewRun, user_message_id: str, history_limit: int, now: float,
+    limits: TurnLimits,
 ) -> RunBegun:
     """The answer's placeholder under ``user_message_id``, now the active leaf, and the run, which records the
     prompt's path."""
@@ -138,12 +142,14 @@ def _start(
     write_message(db, placeholder)
     db.execute("UPDATE agent_conversations SET active_leaf_id = ? WHERE id = ?",
                (new.assistant_message_id, new.conversation_id))
+    budget = limits.budget
     db.execute(
         "INSERT INTO agent_runs (id, user_id, conversation_id, user_message_id, assistant_message_id,"
-        " client_message_id, status, created_at, heartbeat_at, prompt_message_ids)"
-        " VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?, ?)",
+        " client_message_id, status, created_at, heartbeat_at, prompt_message_ids, reserved_tokens, reserved_cost)"
+        " VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, ?, ?)",
         (new.id, caller.user_id, new.conversation_id, user_message_id, new.assistant_message_id,
-         new.client_message_id, now, now, json.dumps([m.id for m in history])),
+         new.client_message_id, now, now, json.dumps([m.id for m in history]),
+         budget.reserve_tokens if budget else 0, budget.reserve_cost if budget else 0.0),
     )
     run = Run(new.id, new.conversation_id, user_message_id, new.assistant_message_id, new.client_message_id,
               "running", 0, now)
@@ -165,13 +171,16 @@ def flush_runs(db: sqlite3.Connection, updates: list[RunUpdate]) -> dict[str, Ru
 def _apply(db: sqlite3.Connection, update: RunUpdate, now: float) -> bool:
     """Write the update if its run is still running; whether it was. A run another worker ended (or whose
     conversation was deleted) takes no more writes, and its owner learns that from the controls."""
-    row = db.execute("SELECT status, last_seq FROM agent_runs WHERE id = ?", (update.run_id,)).fetchone()
+    row = db.execute("SELECT status, last_seq, user_id, conversation_id FROM agent_runs WHERE id = ?",
+                     (update.run_id,)).fetchone()
     if row is None:
         return False
     if row[0] != "running":
         # This very end, already written (a retry after the first answer was lost), counts as written.
         return update.final_status == row[0] and update.batch is not None and update.batch.last_seq == row[1]
     # Still running now means still running for every statement below: the caller's transaction holds the write lock.
+    if update.calls:
+        sqlite_usage.write_calls(db, update.run_id, row[2], row[3], update.calls, now)
     if update.batch is not None:
         db.execute(
             "INSERT OR IGNORE INTO agent_run_events (run_id, seq, last_seq, frames) VALUES (?, ?, ?, ?)",

@@ -39,6 +39,7 @@ from services.store.sqlite import limits as sqlite_limits
 from services.store.sqlite import listing as sqlite_listing
 from services.store.sqlite import records as sqlite_records
 from services.store.sqlite import runs as sqlite_runs
+from services.store.sqlite import usage as sqlite_usage
 from services.store.sqlite.writer import GroupWriter, write_transaction
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,8 @@ MIGRATIONS: list[str] = [
     sqlite_actions.BEFORE_MIGRATION,
     # 7: conversations as message trees: parents, the active leaf, a run's prompt (services/store/sqlite/branches.py).
     sqlite_branches.MIGRATION,
+    # 8: the usage ledger, a row per model call, and what a run reserves against the budgets (usage.py).
+    sqlite_usage.MIGRATION,
 ]
 
 
@@ -249,6 +252,7 @@ class SQLiteStore(QueryTiming):
     running_run = _method(sqlite_runs.running_run, writes=False)
     request_stop = _method(sqlite_runs.request_stop, writes=True)
     maintain_runs = _method(sqlite_runs.maintain_runs, writes=True)
+    usage_report = _method(sqlite_usage.usage_report, writes=False)
     # Business records, for the agents' tools (records.py).
     list_records = _method(sqlite_records.list_records, writes=False)
     get_record = _method(sqlite_records.get_record, writes=False)

@@ -1,0 +1,188 @@
+"""Usage budgets (services/budgets.py): a turn is admitted inside begin_run's transaction when the period's ledger, the
+reservations of the user's turns still going and its own reservation stay within every budget; a refusal is a 429
+BUDGET_EXCEEDED that says when the budget resets and is not retryable. On both stores, over real servers (and, for a
+worker's death, real processes)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from app import create_app
+from services.model import estimate_tokens
+from tests.conftest import AuthHeaders
+from tests.support import chunks, free_port, make_settings, new_id, serve
+from tests.test_runs import ROOT, chat_body, read_until, start_service
+
+TOKEN = "metrics-token-0123456789"
+MESSAGE = "tell me everything"
+# Each turn reserves its message's estimate, the whole history budget and the most output one call may produce.
+BUDGET_ENV = {"HISTORY_TOKEN_BUDGET": "500", "BEDROCK_MAX_TOKENS": "2000"}
+RESERVE = estimate_tokens(MESSAGE) + 500 + 2000
+# One turn's reservation fits, with room for a finished turn's ledger (about 700 tokens a local turn), but not two.
+EDGE = str(RESERVE + 1500)
+
+
+def usage(client: httpx.Client | TestClient, auth_headers: AuthHeaders, user_id: str) -> dict[str, Any]:
+    response = client.get("/api/usage", params={"user_id": user_id}, headers=auth_headers(user_id))
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def next_midnight() -> datetime:
+    return datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
+
+
+def assert_budget_refusal(response: httpx.Response, used_at_least: int) -> None:
+    """A 429 distinct from rate limiting: not retryable, with the period, the budget, what was used and the reset,
+    in the envelope and the headers; Retry-After counts down to the reset."""
+    error = response.json()["error"]
+    assert (response.status_code, error["code"], error["retryable"]) == (429, "BUDGET_EXCEEDED", False)
+    assert (error["limit"], error["period"], error["unit"], error["budget"]) == ("budget", "day", "tokens", int(EDGE))
+    assert used_at_least <= error["used"] <= int(EDGE)
+    resets = next_midnight()
+    assert error["resetsAt"] == resets.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    assert abs(int(response.headers["retry-after"]) - (resets - datetime.now(timezone.utc)).total_seconds()) < 5
+    assert (response.headers["x-budget-period"], response.headers["x-budget-unit"],
+            response.headers["x-budget-limit"], response.headers["x-budget-reset"]) == (
+        "day", "tokens", EDGE, error["resetsAt"])
+    assert float(response.headers["x-budget-used"]) == error["used"]
+
+
+def test_two_turns_at_a_budgets_edge_admit_one_and_the_end_releases_its_reservation(
+    tmp_path: Path, service_env: dict[str, str], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    settings = make_settings(tmp_path, **{**service_env, **BUDGET_ENV, "BUDGET_DAY_TOKENS": EDGE,
+                                          "LOCAL_TOKEN_DELAY": "0.05", "METRICS_TOKEN": TOKEN})
+    statuses: list[int] = []
+    refused: list[httpx.Response] = []
+    admitted: list[str] = []
+    start = threading.Barrier(2)
+
+    def send(url: str) -> None:
+        start.wait()
+        with httpx.stream("POST", f"{url}/api/chat/stream", json=chat_body(user_id, new_id(), MESSAGE),
+                          headers=auth_headers(user_id), timeout=30) as response:
+            response.read()
+            statuses.append(response.status_code)
+            (admitted.append(response.text) if response.status_code == 200 else refused.append(response))
+
+    with serve(create_app(settings)) as live, httpx.Client(base_url=live.url, timeout=30) as client:
+        senders = [threading.Thread(target=send, args=(live.url,)) for _ in range(2)]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join()
+        assert sorted(statuses) == [200, 429], [r.text for r in refused]
+        assert_budget_refusal(refused[0], RESERVE)
+        assert chunks(admitted[0])[-1]["type"] == "complete"
+        # The admitted turn has ended: its reservation is released, its ledger rows are what it cost.
+        after = usage(client, auth_headers, user_id)
+        assert after["reserved"] == {"tokens": 0, "cost": 0} and 0 < after["used"]["tokens"] < 1500
+        assert after["limit"]["tokens"] == int(EDGE)
+        assert after["remaining"]["tokens"] == int(EDGE) - after["used"]["tokens"]
+        again = client.post("/api/chat/stream", json=chat_body(user_id, new_id(), MESSAGE),
+                            headers=auth_headers(user_id))
+        assert again.status_code == 200 and chunks(again.text)[-1]["type"] == "complete"
+        metrics = client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).text
+    assert 'canvalo_budget_refusals_total{period="day",unit="tokens"} 1' in metrics
+    assert 'canvalo_rate_limit_rejections_total{' not in metrics  # a budget is not a rate limit
+
+
+def test_a_running_turn_holds_its_reservation_and_a_repeat_costs_nothing(
+    tmp_path: Path, service_env: dict[str, str], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    settings = make_settings(tmp_path, **{**service_env, **BUDGET_ENV, "BUDGET_DAY_TOKENS": EDGE,
+                                          "LOCAL_TOKEN_DELAY": "0.3"})
+    first = chat_body(user_id, new_id(), MESSAGE, client_message_id=new_id())
+    with serve(create_app(settings)) as live, httpx.Client(base_url=live.url, timeout=30) as client:
+        _, run_id = read_until(live.url, first, auth_headers(user_id), 2)
+        during = usage(client, auth_headers, user_id)
+        assert during["reserved"]["tokens"] > RESERVE - 1000  # its reservation, less what its finished calls used
+        other = client.post("/api/chat/stream", json=chat_body(user_id, new_id(), MESSAGE),
+                            headers=auth_headers(user_id))
+        assert_budget_refusal(other, RESERVE)
+        # The same client_message_id again attaches to its turn: no second reservation, no refusal.
+        repeat = client.post("/api/chat/stream", json=first, headers=auth_headers(user_id))
+        assert repeat.status_code == 200 and repeat.headers["x-run-id"] == run_id
+        assert chunks(repeat.text)[-1]["type"] == "complete"
+
+
+def test_the_reaper_releases_the_reservation_of_a_run_whose_worker_was_killed(
+    tmp_path: Path, service_env: dict[str, str], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    env = {**service_env, **BUDGET_ENV, "BUDGET_DAY_TOKENS": EDGE, "SQLITE_PATH": str(tmp_path / "canvalo.db"),
+           "LOCAL_TOKEN_DELAY": "0.3", "RUN_STALE_SECONDS": "2"}
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = start_service(env, port)
+    try:
+        read_until(url, chat_body(user_id, new_id(), MESSAGE), auth_headers(user_id), 2)
+        held = httpx.post(f"{url}/api/chat/stream", json=chat_body(user_id, new_id(), MESSAGE),
+                          headers=auth_headers(user_id), timeout=30)
+        assert_budget_refusal(held, RESERVE)  # the running turn's reservation counts
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    process = start_service(env, port)
+    try:
+        time.sleep(2.5)  # the dead run's heartbeat lapses (RUN_STALE_SECONDS): the next admission reaps it
+        # A short answer: at 0.3 s a word, a long one would outlive RUN_STALE_SECONDS between its heartbeats.
+        again = httpx.post(f"{url}/api/chat/stream", json=chat_body(user_id, new_id(), "hello"),
+                           headers=auth_headers(user_id), timeout=30)
+        after = httpx.get(f"{url}/api/usage", params={"user_id": user_id}, headers=auth_headers(user_id), timeout=30)
+    finally:
+        process.kill()
+        process.wait()
+    assert again.status_code == 200, again.text
+    assert chunks(again.text)[-1]["type"] == "complete"
+    assert after.json()["reserved"] == {"tokens": 0, "cost": 0}
+
+
+def test_a_cost_budget_refuses_turns_at_the_models_prices(
+    tmp_path: Path, service_env: dict[str, str], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    """Priced at 1,000 USD per million tokens in and out, a turn reserves about 2.5 USD: a budget of 2.8 USD admits
+    one turn, whose ledger then costs its tokens at that price (about 0.4 USD), and refuses the next."""
+    prices = '{"canvalo-local-responder": {"input": 1000, "output": 1000}}'
+    settings = make_settings(tmp_path, **{**service_env, **BUDGET_ENV, "MODEL_PRICES": prices,
+                                          "BUDGET_DAY_COST": "2.8"})
+    with TestClient(create_app(settings)) as client:
+        first = client.post("/api/chat/stream", json=chat_body(user_id, new_id(), MESSAGE),
+                            headers=auth_headers(user_id))
+        assert first.status_code == 200
+        cost = chunks(first.text)[-1]["usage"]["cost"]
+        report = usage(client, auth_headers, user_id)
+        assert report["used"]["cost"] == pytest.approx(cost) and cost > 0.1
+        assert report["remaining"]["cost"] == pytest.approx(2.8 - cost)
+        second = client.post("/api/chat/stream", json=chat_body(user_id, new_id(), MESSAGE),
+                             headers=auth_headers(user_id))
+    error = second.json()["error"]
+    assert (second.status_code, error["code"], error["unit"], error["budget"]) == (429, "BUDGET_EXCEEDED", "cost", 2.8)
+    assert error["used"] == pytest.approx(cost)
+
+
+def test_a_cost_budget_without_a_price_for_a_model_in_use_refuses_to_start(tmp_path: Path) -> None:
+    env = {**os.environ, "SQLITE_PATH": str(tmp_path / "canvalo.db"), "API_PORT": str(free_port()),
+           "LLM_PROVIDER": "bedrock", "BEDROCK_MODEL_ID": "amazon.nova-lite-v1:0",
+           "BEDROCK_FALLBACK_MODEL_IDS": "amazon.nova-pro-v1:0", "BUDGET_MONTH_COST": "20"}
+    finished = subprocess.run([sys.executable, "app.py"], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=30)
+    assert finished.returncode == 2
+    assert finished.stderr.strip().splitlines() == [
+        "canvalo: Invalid configuration: a cost budget (BUDGET_DAY_COST, BUDGET_MONTH_COST) needs a price for every "
+        "model in use: add amazon.nova-pro-v1:0 to MODEL_PRICES"]
