@@ -45,11 +45,11 @@ from errors import AppError, BudgetExceeded, Conflict, MethodNotAllowed, NotFoun
 from services.agents import actions
 from services.agents.assistant import Assistant
 from services.auth.authenticator import Authenticator, build_authenticator
-from services.budgets import Budgets, period_bounds
+from services.limits.budgets import Budgets, period_bounds
 from services.metrics import Metrics
 from services.model import ChatModel
 from services.model.build import build_model
-from services.ratelimit import RateLimiter
+from services.limits.rates import RateLimiter
 from services.runs.manager import RunManager, shutdown_frame
 from services.store import Store, utc_now
 from services.store.build import build_store, store_location

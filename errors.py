@@ -229,7 +229,7 @@ class RateLimited(AppError):
 
 
 class BudgetExceeded(AppError):
-    """A chat turn would pass one of the caller's usage budgets (``services/budgets.py``). Not a rate limit: waiting a
+    """A chat turn would pass one of the caller's usage budgets (``services/limits/budgets.py``). Not a rate limit: waiting a
     moment does not help, so it is not retryable; ``Retry-After`` is the time until the period resets."""
 
     status = 429

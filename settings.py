@@ -129,7 +129,7 @@ class Settings:
     # USD per million tokens by model id or inference profile: MODEL_PRICES (JSON) merged over DEFAULT_MODEL_PRICES
     model_prices: dict[str, ModelPrice] = field(default_factory=lambda: dict(DEFAULT_MODEL_PRICES))
 
-    # Usage budgets per user (services/budgets.py): per UTC day and month, in tokens and in USD; 0 is off
+    # Usage budgets per user (services/limits/budgets.py): per UTC day and month, in tokens and in USD; 0 is off
     budget_day_tokens: int = 0
     budget_month_tokens: int = 0
     budget_day_cost: float = 0.0
@@ -153,7 +153,7 @@ class Settings:
     retry_max_delay: float = 4.0
     retry_max_total: float = 10.0
 
-    # Production limits and metrics (services/ratelimit.py, services/metrics.py)
+    # Production limits and metrics (services/limits/rates.py, services/metrics.py)
     rate_limit_chat_per_minute: int = 10
     rate_limit_api_per_minute: int = 120
     rate_limit_window_seconds: int = 60  # the *_PER_MINUTE limits apply per window; tests shorten it

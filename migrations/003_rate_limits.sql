@@ -1,4 +1,4 @@
--- Canvalo chat: shared rate-limit counters and stream leases for the Supabase store (services/ratelimit.py).
+-- Canvalo chat: shared rate-limit counters and stream leases for the Supabase store (services/limits/rates.py).
 --
 -- Apply after 001 with the SQL editor or `psql "$DATABASE_URL" -f migrations/003_rate_limits.sql`; safe to run
 -- more than once. Every worker and machine of the service calls these functions through PostgREST RPC as the

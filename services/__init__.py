@@ -9,7 +9,7 @@ Packages, each named for what it owns, from the bottom up (a package imports onl
     store/                          the records, the Store protocol and its two backends (sqlite/, postgrest/)
     model/                          the ChatModel protocol, the local responder, Amazon Bedrock
     auth/                           who is calling: tokens, signing keys, Supabase Auth
-    ratelimit.py                    per-user limits over the store
+    limits/                         per-user rate limits and usage budgets over the store
     agents/                         the assistant, its tools, and the pending actions the user confirms
     runs/                           chat runs: generation apart from connections, flushes, viewers, stops
 

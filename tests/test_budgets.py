@@ -1,4 +1,4 @@
-"""Usage budgets (services/budgets.py): a turn is admitted inside begin_run's transaction when the period's ledger, the
+"""Usage budgets (services/limits/budgets.py): a turn is admitted inside begin_run's transaction when the period's ledger, the
 reservations of the user's turns still going and its own reservation stay within every budget; a refusal is a 429
 BUDGET_EXCEEDED that says when the budget resets and is not retryable. On both stores, over real servers (and, for a
 worker's death, real processes)."""

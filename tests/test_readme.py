@@ -6,6 +6,7 @@ server (as a newcomer has one), on a free port instead of its own 8001, with thi
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import os
@@ -193,6 +194,33 @@ def test_the_layout_names_every_module_of_the_service() -> None:
         for path in (ROOT / folder).rglob("*"):
             if path.suffix in (".py", ".html") and path.name != "__init__.py" and "__pycache__" not in path.parts:
                 assert path.name in named, f"README's Code map does not name {path.relative_to(ROOT)}"
+
+
+def test_no_module_of_services_imports_a_layer_above_its_own_or_the_web_edge() -> None:
+    """services/__init__.py lists its modules and packages from the bottom up; each may import only its own layer
+    and those listed before it, and none imports the web edge, app.py, starlette or uvicorn."""
+    listing = (ROOT / "services" / "__init__.py").read_text().split("from the bottom up", 1)[1]
+    names = [re.split(r"\s{2,}", line.strip())[0] for line in listing.splitlines() if line.startswith("    ")]
+    order = [name for column in names for name in re.findall(r"(\w+)(?:\.py|/)", column)]
+    assert {"store", "model", "agents", "runs"} <= set(order)
+    for path in (ROOT / "services").rglob("*.py"):
+        layer = path.relative_to(ROOT / "services").parts[0].removesuffix(".py")
+        if layer == "__init__":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            else:
+                continue
+            for module in modules:
+                top, _, rest = module.partition(".")
+                assert top not in ("web", "app", "starlette", "uvicorn"), f"{path.relative_to(ROOT)} imports {module}"
+                if top == "services" and rest:
+                    other = rest.split(".")[0]
+                    assert other == layer or order.index(other) < order.index(layer), \
+                        f"{path.relative_to(ROOT)} ({layer}) imports {module}, a layer above it"
 
 
 def _anchors(text: str) -> set[str]:

@@ -14,7 +14,7 @@ from starlette.requests import Request
 
 from errors import AppError
 from services.auth.authenticator import claimed_caller
-from services.ratelimit import RateLimiter
+from services.limits.rates import RateLimiter
 from services.store import Caller
 from web.inputs import json_body
 

@@ -167,7 +167,7 @@ class BudgetLimit:
 
 @dataclass(frozen=True, slots=True)
 class TurnBudget:
-    """The caller's budgets and what this turn reserves against them until it ends (``services/budgets.py``)."""
+    """The caller's budgets and what this turn reserves against them until it ends (``services/limits/budgets.py``)."""
 
     limits: tuple[BudgetLimit, ...]
     reserve_tokens: int

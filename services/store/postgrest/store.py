@@ -465,7 +465,7 @@ class PostgrestStore(QueryTiming):
     async def usage_report(self, caller: Caller, since: float) -> UsageReport:
         return await usage_report(self._rest, caller, since)
 
-    # -- rate limits (services/ratelimit.py; migrations/003_rate_limits.sql) --------------------------------------
+    # -- rate limits (services/limits/rates.py; migrations/003_rate_limits.sql) --------------------------------------
     # A caller without an access token cannot be counted as a user here (the function keys on auth.uid()); that is
     # only the address-keyed count of a failed authentication, which the edge (nginx limit_req) limits instead.
 

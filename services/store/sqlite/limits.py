@@ -1,4 +1,4 @@
-"""Rate-limit counters in SQLite: the shared state behind ``services/ratelimit.py``.
+"""Rate-limit counters in SQLite: the shared state behind ``services/limits/rates.py``.
 
 Every worker process (and every app instance) that opens the same SQLite file sees the same rows, and each
 decision is one write transaction, so two workers can never both take the last slot. The tables hold disposable

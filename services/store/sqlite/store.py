@@ -264,7 +264,7 @@ class SQLiteStore(QueryTiming):
     get_action = _method(sqlite_actions.get_action, writes=False)
     confirm_action = _method(sqlite_actions.confirm_action, writes=True)
 
-    # -- rate limits (services/ratelimit.py) -------------------------------------------------------------------
+    # -- rate limits (services/limits/rates.py) -------------------------------------------------------------------
 
     @observed
     async def rate_limit_hit(self, caller: Caller, bucket: str, window_seconds: int, limit: int) -> tuple[bool, float]:

@@ -74,7 +74,7 @@ class RateLimiter:
 
     def turn_limits(self, stale_seconds: float, events_ttl: float, budget: TurnBudget | None = None) -> TurnLimits:
         """What ``Store.begin_run`` checks for a chat turn (no counts when limits are off), with the turn's
-        ``budget`` (``services/budgets.py``; None when budgets are off)."""
+        ``budget`` (``services/limits/budgets.py``; None when budgets are off)."""
         if self._store is None:
             return TurnLimits(stale_seconds, events_ttl, budget=budget)
         return TurnLimits(stale_seconds, events_ttl, self._window, self._chat_limit, self._stream_limit, budget)
