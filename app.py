@@ -46,10 +46,10 @@ from services.agents import actions
 from services.agents.assistant import Assistant
 from services.auth.authenticator import Authenticator, build_authenticator
 from services.limits.budgets import Budgets, period_bounds
+from services.limits.rates import RateLimiter
 from services.metrics import Metrics
 from services.model import ChatModel
 from services.model.build import build_model
-from services.limits.rates import RateLimiter
 from services.runs.manager import RunManager, shutdown_frame
 from services.store import Store, utc_now
 from services.store.build import build_store, store_location

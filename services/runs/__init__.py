@@ -8,8 +8,9 @@ here, ``StoredFeed`` from the store otherwise, so a run can be followed from any
 What reaches the store, and when:
 
 - One flush every ``FLUSH_SECONDS`` writes the new event frames of every run on this worker in one store call, one
-  transaction (per user on PostgREST): never a write per token. A run's end is flushed at once, and its terminal
-  chunk reaches viewers only after that flush, so ``complete`` always points at a saved answer.
+  transaction (on PostgREST, up to 500 runs of any users a call, each under its run's write key): never a write per
+  token. A run's end asks for a flush at once (at most one every ``FLUSH_GAP_SECONDS``, carrying every end since),
+  and its terminal chunk reaches viewers only after that flush, so ``complete`` always points at a saved answer.
 - Each model call the turn finished (or cut short, estimated) goes to the usage ledger with the next flush, in the
   same transaction as the events (``services/agents/usage.py``): no request of its own, and written once per (run,
   call index) however often a flush is sent again.
