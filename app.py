@@ -253,6 +253,7 @@ async def get_usage(request: Request) -> Response:
     what remains, by model and by conversation."""
     given = inputs.GET_USAGE.given(request)
     caller = await caller_of(request, given["user_id"])
+    await request.state.runs.end_dead_runs(caller)  # a dead worker's run holds no reservation in the report
     period = given["period"]
     since, _ = period_bounds(period, datetime.now(timezone.utc))
     report = await request.state.store.usage_report(caller, since.timestamp())

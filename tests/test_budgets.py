@@ -140,7 +140,9 @@ def test_the_reaper_releases_the_reservation_of_a_run_whose_worker_was_killed(
             process.wait()
     process = start_service(env, port)
     try:
-        time.sleep(2.5)  # the dead run's heartbeat lapses (RUN_STALE_SECONDS): the next admission reaps it
+        time.sleep(2.5)  # the dead run's heartbeat lapses (RUN_STALE_SECONDS): reading the usage reaps it
+        report = httpx.get(f"{url}/api/usage", params={"user_id": user_id}, headers=auth_headers(user_id), timeout=30)
+        assert report.json()["reserved"] == {"tokens": 0, "cost": 0}, report.text
         # A short answer: at 0.3 s a word, a long one would outlive RUN_STALE_SECONDS between its heartbeats.
         again = httpx.post(f"{url}/api/chat/stream", json=chat_body(user_id, new_id(), "hello"),
                            headers=auth_headers(user_id), timeout=30)

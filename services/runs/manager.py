@@ -284,8 +284,14 @@ class RunManager:
     async def _end_if_dead(self, caller: Caller, run: Run) -> bool:
         if run.status != "running" or time.time() - run.heartbeat_at < self.stale_seconds:
             return False
-        await self._store.maintain_runs(caller, self.stale_seconds, self.events_ttl)
+        await self.end_dead_runs(caller)
         return True
+
+    async def end_dead_runs(self, caller: Caller) -> None:
+        """End the caller's runs whose worker died (heartbeat older than ``RUN_STALE_SECONDS``) as ``interrupted``,
+        releasing what they hold: a stream slot, a budget's reservation. On Supabase no worker can do it for every
+        user (it holds no service key), so it happens when the user next touches their runs."""
+        await self._store.maintain_runs(caller, self.stale_seconds, self.events_ttl)
 
     # -- background ----------------------------------------------------------------------------------------------
 
