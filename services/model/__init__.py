@@ -88,7 +88,8 @@ class ChatModel(Protocol):
 
 
 def estimate_tokens(text: str) -> int:
-    """A cheap, provider-neutral estimate (about four characters a token) for budgets, never for billing."""
+    """A cheap, provider-neutral estimate (about four characters a token): for budgets, and for a call cut short before
+    the model reported its usage (counted ``estimated``)."""
     return len(text) // 4 + 1
 
 
