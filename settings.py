@@ -58,16 +58,15 @@ class ModelPrice:
     cache_write: float | None = None
 
 
-# Shipped prices, USD per million tokens. Nova Lite's are as third-party listings (OpenRouter and others) gave them in
-# 2026; the AWS pricing page could not be read when they were written: operators verify them against the Bedrock
-# pricing page and override them with MODEL_PRICES. No cache rates are shipped (none were listed). The local
-# responder is free, so the embedded default works with cost budgets.
-_NOVA_LITE = ModelPrice(input=0.06, output=0.24)
+# Shipped prices, USD per million tokens, for the models README and .env.example name: Nova Lite (the default model)
+# and Nova Micro (the example fallback), each with its us./eu. inference profiles. The figures are as third-party
+# listings (OpenRouter and others) gave them in 2026; the AWS pricing page could not be read when they were written:
+# operators verify them against the Bedrock pricing page and override them with MODEL_PRICES. No cache rates are
+# shipped (none were listed). The local responder is free, so the embedded default works with cost budgets.
+_NOVA = {"nova-lite-v1:0": ModelPrice(input=0.06, output=0.24), "nova-micro-v1:0": ModelPrice(input=0.035, output=0.14)}
 DEFAULT_MODEL_PRICES: dict[str, ModelPrice] = {
     LOCAL_MODEL_ID: ModelPrice(input=0.0, output=0.0, cache_read=0.0, cache_write=0.0),
-    "amazon.nova-lite-v1:0": _NOVA_LITE,
-    "us.amazon.nova-lite-v1:0": _NOVA_LITE,
-    "eu.amazon.nova-lite-v1:0": _NOVA_LITE,
+    **{f"{profile}amazon.{model}": price for model, price in _NOVA.items() for profile in ("", "us.", "eu.")},
 }
 _PRICE_KEYS = {"input", "output", "cache_read", "cache_write"}
 

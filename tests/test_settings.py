@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 
 import pytest
 
@@ -79,6 +80,9 @@ def test_model_prices_merge_over_the_shipped_ones() -> None:
     assert shipped.model_prices["canvalo-local-responder"].output == 0
     assert (shipped.model_prices["us.amazon.nova-lite-v1:0"].input, shipped.model_prices["amazon.nova-lite-v1:0"].output) \
         == (0.06, 0.24)
+    # .env.example's example fallback is priced too, so uncommenting it beside a cost budget still starts.
+    assert (shipped.model_prices["eu.amazon.nova-micro-v1:0"].input, shipped.model_prices["amazon.nova-micro-v1:0"].output) \
+        == (0.035, 0.14)
     settings = Settings.from_environ({"MODEL_PRICES": '{"m.x": {"input": 2, "output": 8, "cache_read": 0.2}, '
                                                       '"amazon.nova-lite-v1:0": {"input": 0.1, "output": 0.3}}',
                                       "BUDGET_MONTH_COST": "5", "LLM_PROVIDER": "bedrock",
@@ -113,3 +117,14 @@ def test_readme_documents_every_setting() -> None:
     readme = README.read_text()
     missing = [f.name.upper() for f in dataclasses.fields(Settings) if f"`{f.name.upper()}`" not in readme]
     assert missing == []
+
+
+def test_every_model_the_example_environment_names_has_a_shipped_price() -> None:
+    """.env.example's model and its example fallbacks start beside a cost budget with no MODEL_PRICES of their own."""
+    example = (README.parent / ".env.example").read_text()
+    named = re.findall(r"^#? ?BEDROCK_(?:MODEL_ID|FALLBACK_MODEL_IDS)=(\S+)$", example, re.M)
+    models = [model for value in named for model in value.split(",")]
+    assert "amazon.nova-lite-v1:0" in models and len(models) >= 2
+    environ = {"LLM_PROVIDER": "bedrock", "BUDGET_DAY_COST": "1", "BEDROCK_MODEL_ID": models[0],
+               "BEDROCK_FALLBACK_MODEL_IDS": ",".join(models[1:])}
+    Settings.from_environ(environ).validate()  # a model without a price is a ConfigError naming it
