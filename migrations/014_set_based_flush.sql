@@ -30,11 +30,19 @@ language plpgsql
 volatile
 security definer
 set search_path = ''
+-- Each statement's custom plan (the arrays' contents known) is no better than its generic one, which is kept across
+-- calls: planning all of them again on every call cost more than running them for one run.
+set plan_cache_mode = force_generic_plan
 as $$
 declare
     verified uuid[];
     applied uuid[];
     writing uuid[];
+    -- What the updates written carry, so a step none of them needs costs nothing (a small call's fixed cost).
+    with_calls boolean;
+    with_frames boolean;
+    with_content boolean;
+    with_run boolean;
 begin
     -- Bounds: as many runs as the service sends in one call (services/store/postgrest/store.py, FLUSH_BATCH), each a
     -- few hundred milliseconds of events; far below what would make one call expensive. A run named twice would have
@@ -54,23 +62,30 @@ begin
            coalesce(array_agg(l.id) filter (
                where (l.status <> 'running' and l.status = l.final_status and l.stored_last_seq = l.last_seq)
                   or (l.status = 'running' and l.good)), '{}'),
-           coalesce(array_agg(l.id) filter (where l.status = 'running' and l.good), '{}')
-      into verified, applied, writing
-      from (select r.id, r.status, r.last_seq as stored_last_seq, x.final_status, x.last_seq,
+           coalesce(array_agg(l.id) filter (where l.status = 'running' and l.good), '{}'),
+           coalesce(bool_or(l.calls is not null) filter (where l.status = 'running' and l.good), false),
+           coalesce(bool_or(l.frames is not null) filter (where l.status = 'running' and l.good), false),
+           coalesce(bool_or(l.content is not null) filter (where l.status = 'running' and l.good), false),
+           coalesce(bool_or(l.final_status is not null or coalesce(l.heartbeat, false))
+                        filter (where l.status = 'running' and l.good), false)
+      into verified, applied, writing, with_calls, with_frames, with_content, with_run
+      from (select r.id, r.status, r.last_seq as stored_last_seq, x.final_status, x.last_seq, x.calls, x.frames,
+                   x.content, x.heartbeat,
                    -- One call carries many users' runs, so one bad update must not fail the rest: it is not applied.
                    ((x.final_status is not null and x.final_status not in ('complete', 'error', 'interrupted', 'stopped'))
                     or x.last_seq > 10000000 or octet_length(x.frames) > 8388608 or char_length(x.content) > 2000000
                     or (x.calls is not null and case when jsonb_typeof(x.calls) <> 'array' then true
                                                      else jsonb_array_length(x.calls) > 1000 end)) is not true as good
               from jsonb_to_recordset(p_updates) as x (run_id uuid, write_key text, last_seq integer, frames text,
-                                                       content text, final_status text, calls jsonb)
+                                                       content text, heartbeat boolean, final_status text,
+                                                       calls jsonb)
               join api.agent_runs r on r.id = x.run_id
               join canvalo_private.run_keys k
                 on k.run_id = r.id and k.key_hash = pg_catalog.sha256(pg_catalog.convert_to(x.write_key, 'UTF8'))
              order by r.id
                for update of r) l;
 
-    if cardinality(writing) > 0 then
+    if with_calls then
         -- The ledger: under the run's own user and conversation, once per (run, call index).
         insert into api.agent_usage (run_id, call_index, user_id, conversation_id, agent_type, model_id,
                                      input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost,
@@ -92,7 +107,9 @@ begin
            and greatest(c.input_tokens, c.output_tokens, c.cache_read_tokens, c.cache_write_tokens) < 100000000
            and (c.cost is null or c.cost between 0 and 1000000)
         on conflict (run_id, call_index) do nothing;
+    end if;
 
+    if with_frames then
         -- Events only go forward, so a run's last stored is the one with the highest seq: one index probe.
         insert into api.agent_run_events (run_id, seq, last_seq, frames)
         select b.run_id, b.stored + 1, b.last_seq, b.tail
@@ -107,13 +124,16 @@ begin
                        end as tail
                   from jsonb_to_recordset(p_updates) as x (run_id uuid, first_seq integer, last_seq integer,
                                                            frames text)
+                  -- offset 0: one probe per run, rather than one per condition naming `stored`.
                   cross join lateral (
                       select coalesce((select e.last_seq from api.agent_run_events e where e.run_id = x.run_id
-                                        order by e.seq desc limit 1), 0) as stored) s
+                                        order by e.seq desc limit 1), 0) as stored offset 0) s
                  where x.run_id = any (writing) and x.frames is not null
                    and x.first_seq <= s.stored + 1 and x.last_seq > s.stored and x.last_seq >= x.first_seq) b
          where b.tail is not null;
+    end if;
 
+    if with_content then
         -- The metadata names this run whatever the update says, so it can point nowhere else.
         update api.agent_messages m
            set content = x.content,
@@ -124,7 +144,9 @@ begin
           join api.agent_runs r on r.id = x.run_id
          where x.run_id = any (writing) and x.content is not null
            and m.id = r.assistant_message_id and m.conversation_id = r.conversation_id and m.role = 'assistant';
+    end if;
 
+    if with_run then
         -- The end, once, with the last event stored (this call's included: an earlier statement wrote them); else the
         -- heartbeat.
         update api.agent_runs r
