@@ -8,11 +8,11 @@
 -- 013's agent_runs_flush looped over the updates, running five to eight statements for each run (lock, last event,
 -- events, text, heartbeat or end, ledger). Each statement inside PL/pgSQL has a fixed cost well above the row work it
 -- does, and with 500 streams every run is flushed about four times a second: that fixed cost was most of what
--- PostgreSQL spent per turn. Here each step is one statement over every update of the call, in this order, each seeing
+-- a flushed update cost PostgreSQL. Here each step is one statement over every update of the call, in this order, each seeing
 -- the rows the earlier ones wrote:
 --
 -- 1. lock the runs whose write key matches, in run id order (two flushes over the same runs lock them in the same
---    order, so they cannot deadlock), and sort each update: applied or not, written or not;
+--    order, so they cannot deadlock), and judge each update: applied or not, written or not;
 -- 2. the ledger; 3. the events; 4. the answer's text; 5. heartbeat or end, whose last_seq sees the events of step 3.
 --
 -- The rules are 013's (see 007's header for what each update may do), each update still judged alone: the write key
