@@ -7,9 +7,9 @@
 --
 -- 013's agent_runs_flush looped over the updates, running five to eight statements for each run (lock, last event,
 -- events, text, heartbeat or end, ledger). Each statement inside PL/pgSQL has a fixed cost well above the row work it
--- does, and with 500 streams every run is flushed about four times a second: that fixed cost was most of what
--- a flushed update cost PostgreSQL. Here each step is one statement over every update of the call, in this order, each seeing
--- the rows the earlier ones wrote:
+-- does, and with 500 streams every run is flushed about four times a second: that fixed cost was most of what a
+-- flushed update cost PostgreSQL. Here each step is one statement over every update of the call, in this order, each
+-- seeing the rows the earlier ones wrote:
 --
 -- 1. lock the runs whose write key matches, in run id order (two flushes over the same runs lock them in the same
 --    order, so they cannot deadlock), and judge each update: applied or not, written or not;
