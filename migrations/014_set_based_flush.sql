@@ -72,7 +72,8 @@ begin
       from (select r.id, r.status, r.last_seq as stored_last_seq, x.final_status, x.last_seq, x.calls, x.frames,
                    x.content, x.heartbeat,
                    -- One call carries many users' runs, so one bad update must not fail the rest: it is not applied.
-                   ((x.final_status is not null and x.final_status not in ('complete', 'error', 'interrupted', 'stopped'))
+                   ((x.final_status is not null
+                     and x.final_status not in ('complete', 'error', 'interrupted', 'stopped'))
                     or x.last_seq > 10000000 or octet_length(x.frames) > 8388608 or char_length(x.content) > 2000000
                     or (x.calls is not null and case when jsonb_typeof(x.calls) <> 'array' then true
                                                      else jsonb_array_length(x.calls) > 1000 end)) is not true as good
