@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from psycopg.types.json import Jsonb
 from starlette.testclient import TestClient
 
 from services.domains import BY_TABLE
@@ -403,6 +404,99 @@ async def test_a_user_calling_begin_directly_gets_only_a_run_of_their_own(
     answer = rest("GET", "agent_messages", alice.caller, params={"id": f"eq.{args['p_assistant_message_id']}"}).json()
     assert (answer[0]["content"], answer[0]["metadata"]["run_id"]) == ("my own words", args["p_run_id"])
     assert rows(bob.caller) == before
+
+
+def _frames(run: Run, first: int, last: int) -> str:
+    return "".join(run_log.frame(i, run_log.chunk("token", "invoices", content=f"t{i}", run_id=run.id))
+                   for i in range(first, last + 1))
+
+
+async def test_one_flush_judges_each_update_alone_and_ends_at_the_events_it_stored(
+    store: PostgrestStore, account: Callable[[], Any], rest: Callable[..., httpx.Response], pg_cluster: Any,
+    rows: Callable[..., list[str]],
+) -> None:
+    """One call carries many runs and writes each step for all of them at once (014): each update is still judged
+    alone, a bad one skipped and the others applied, and an end sent with its last events ends at them."""
+    alice = await account()
+    ending, bad = alice.running, await _begin(store, alice.caller, new_id(), "b")
+    resent = await _begin(store, alice.caller, new_id(), "c")
+    await store.flush_runs([RunUpdate(alice.caller, resent.id, resent.assistant_message_id,
+                                      EventBatch(1, 1, _frames(resent, 1, 1)))])
+    ended = await _begin(store, alice.caller, new_id(), "d")
+    key = store._write_keys.__getitem__
+    ended_key = key(ended.id)  # the store forgets it once the end is answered
+    await store.flush_runs([RunUpdate(alice.caller, ended.id, ended.assistant_message_id,
+                                      EventBatch(1, 1, _frames(ended, 1, 1)), final_status="error")])
+    call = {"call_index": 0, "agent_type": "invoices", "model_id": "m", "input_tokens": 1, "output_tokens": 1,
+            "cache_read_tokens": 0, "cache_write_tokens": 0}
+    bad_before = await store.read_run(alice.caller, bad.id, 0)
+    unknown = new_id()
+    updates = [
+        {"run_id": ending.id, "write_key": key(ending.id), "first_seq": 1, "last_seq": 2,
+         "frames": _frames(ending, 1, 2), "content": "t1t2", "metadata": {"status": "complete"},
+         "final_status": "complete", "calls": [call]},
+        {"run_id": bad.id, "write_key": key(bad.id), "first_seq": 1, "last_seq": 1, "frames": _frames(bad, 1, 1),
+         "content": "x", "heartbeat": True, "final_status": "running", "calls": [call]},
+        {"run_id": resent.id, "write_key": key(resent.id), "first_seq": 1, "last_seq": 3,
+         "frames": _frames(resent, 1, 3), "heartbeat": True},
+        {"run_id": ended.id, "write_key": ended_key, "final_status": "error", "last_seq": 1},  # its end again
+        {"run_id": alice.done.id, "write_key": "k" * 64, "final_status": "complete", "last_seq": 1},
+        {"run_id": unknown, "write_key": "k" * 64, "heartbeat": True},
+    ]
+    answer = {row.pop("run_id"): row for row in rest("POST", "rpc/agent_runs_flush", Caller("anon"),
+                                                     json={"p_updates": updates}).json()}
+    written, refused = {"stop": False, "seen_chars": None, "gone": False, "deleted": False, "applied": True}, {
+        "stop": False, "seen_chars": None, "gone": True, "deleted": True, "applied": False}
+    assert answer == {ending.id: {**written, "gone": True}, bad.id: {**written, "applied": False},
+                      resent.id: written, ended.id: {**written, "gone": True}, alice.done.id: refused,
+                      unknown: refused}
+    view = await store.read_run(alice.caller, ending.id, 0)
+    assert (view.run.status, view.run.last_seq, [(b.first_seq, b.last_seq) for b in view.batches]) == (
+        "complete", 2, [(1, 2)])
+    assert (view.message.content, view.message.metadata) == ("t1t2", {"status": "complete", "run_id": ending.id})
+    assert await store.read_run(alice.caller, bad.id, 0) == bad_before
+    view = await store.read_run(alice.caller, resent.id, 0)
+    assert "".join(b.frames for b in view.batches) == _frames(resent, 1, 3)
+    with pg_cluster.connect(DATABASE) as db:
+        ledger = db.execute("select run_id::text from api.agent_usage where run_id = any(%s::uuid[])",
+                            ([ending.id, bad.id],)).fetchall()
+    assert ledger == [(ending.id,)]
+    # A run named twice in one call is refused whole: both updates would be judged against the same stored state.
+    before = rows(alice.caller)
+    twice = [{"run_id": resent.id, "write_key": key(resent.id), "heartbeat": True, "content": "again"}] * 2
+    refused_call = rest("POST", "rpc/agent_runs_flush", Caller("anon"), json={"p_updates": twice})
+    assert (refused_call.status_code, refused_call.json()["code"]) == (400, "22023")
+    assert rows(alice.caller) == before
+
+
+async def test_concurrent_flushes_lock_their_runs_in_one_order(
+    store: PostgrestStore, account: Callable[[], Any], pg_cluster: Any
+) -> None:
+    """Two workers' flushes can name the same runs in different orders (a run's retry and the next flush): each
+    locks its runs in run id order, so neither holds one run while it waits for another the other holds (a deadlock,
+    which PostgreSQL ends by failing one flush)."""
+    alice = await account()
+    low, high = sorted([alice.running, await _begin(store, alice.caller, new_id(), "b")], key=lambda run: run.id)
+    updates = [{"run_id": run.id, "write_key": store._write_keys[run.id], "heartbeat": True} for run in (high, low)]
+    with pg_cluster.connect(DATABASE) as holder, pg_cluster.connect(DATABASE) as flusher, \
+            pg_cluster.connect(DATABASE) as watcher:
+        holder.execute("begin")
+        holder.execute("select 1 from api.agent_runs where id = %s for update", (low.id,))
+        pid = flusher.info.backend_pid
+        flushing = asyncio.create_task(asyncio.to_thread(
+            lambda: flusher.execute("select api.agent_runs_flush(%s)", (Jsonb(updates),)).fetchone()))
+        for _ in range(500):
+            waiting = watcher.execute("select wait_event_type from pg_stat_activity where pid = %s", (pid,))
+            if waiting.fetchone() == ("Lock",):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the flush never waited for the run held")
+        # It waits for the lower run holding nothing, so the higher one, sent first, is free to take.
+        holder.execute("select 1 from api.agent_runs where id = %s for update nowait", (high.id,))
+        holder.execute("commit")
+        flushed = await flushing
+    assert sorted(row["run_id"] for row in flushed[0] if row["applied"]) == [low.id, high.id]
 
 
 def test_running_an_earlier_migration_again_keeps_every_write_checked(pg_cluster: Any) -> None:
