@@ -254,10 +254,10 @@ async def get_usage(request: Request) -> Response:
     given = inputs.GET_USAGE.given(request)
     caller = await caller_of(request, given["user_id"])
     await request.state.runs.end_dead_runs(caller)  # a dead worker's run holds no reservation in the report
-    period = given["period"]
-    since, _ = period_bounds(period, datetime.now(timezone.utc))
+    period, now = given["period"], datetime.now(timezone.utc)  # one moment: the report and its period agree
+    since, _ = period_bounds(period, now)
     report = await request.state.store.usage_report(caller, since.timestamp())
-    return JSONResponse(request.state.budgets.usage_json(period, report))
+    return JSONResponse(request.state.budgets.usage_json(period, report, now))
 
 
 async def openapi_json(request: Request) -> Response:

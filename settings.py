@@ -57,6 +57,15 @@ class ModelPrice:
     cache_read: float | None = None
     cache_write: float | None = None
 
+    def cost(
+        self, input_tokens: int, output_tokens: int, cache_read_tokens: int = 0, cache_write_tokens: int = 0
+    ) -> float:
+        """USD for these tokens at this price."""
+        cache_read = self.input if self.cache_read is None else self.cache_read
+        cache_write = self.input if self.cache_write is None else self.cache_write
+        return (input_tokens * self.input + output_tokens * self.output + cache_read_tokens * cache_read
+                + cache_write_tokens * cache_write) / 1_000_000
+
 
 # Shipped prices, USD per million tokens, for the models README and .env.example name: Nova Lite (the default model)
 # and Nova Micro (the example fallback), each with its us./eu. inference profiles. The figures are as third-party

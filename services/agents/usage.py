@@ -23,17 +23,13 @@ from services.store import CallUsage
 from settings import ModelPrice
 
 KINDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
-PER_TOKENS = 1_000_000  # prices are per million tokens
 
 
 def cost_of(call: CallUsage, price: ModelPrice | None) -> float | None:
     """The call's cost in USD at ``price``, or None without one."""
     if price is None:
         return None
-    cache_read = price.input if price.cache_read is None else price.cache_read
-    cache_write = price.input if price.cache_write is None else price.cache_write
-    return (call.input_tokens * price.input + call.output_tokens * price.output
-            + call.cache_read_tokens * cache_read + call.cache_write_tokens * cache_write) / PER_TOKENS
+    return price.cost(call.input_tokens, call.output_tokens, call.cache_read_tokens, call.cache_write_tokens)
 
 
 class TurnUsage:

@@ -20,10 +20,9 @@ from services.metrics import Metrics
 from services.model import estimate_tokens
 from services.store import (TIMESTAMP_FORMAT, BudgetLimit, BudgetPeriod, BudgetUnit, RunBegun, TurnBudget,
                             UsageReport)
-from settings import Settings
+from settings import ModelPrice, Settings
 
 PERIOD_NAMES = {"day": "today", "month": "this month"}
-PER_TOKENS = 1_000_000  # prices are USD per million tokens
 
 
 def period_bounds(period: BudgetPeriod, now: datetime) -> tuple[datetime, datetime]:
@@ -53,8 +52,9 @@ class Budgets:
         self._reserve_input = settings.history_token_budget
         self._reserve_output = settings.bedrock_max_tokens
         prices = [settings.model_prices[m] for m in settings.models_in_use if m in settings.model_prices]
-        self._input_price = max((p.input for p in prices), default=0.0)
-        self._output_price = max((p.output for p in prices), default=0.0)
+        # A turn's reservation is priced at the dearest input and output rates of the models it may call.
+        self._dearest = ModelPrice(input=max((p.input for p in prices), default=0.0),
+                                   output=max((p.output for p in prices), default=0.0))
 
     def limit(self, period: BudgetPeriod, unit: BudgetUnit) -> float | None:
         return self.limits.get((period, unit))
@@ -67,7 +67,7 @@ class Budgets:
         limits = tuple(BudgetLimit(period, unit, limit, period_bounds(period, now)[0].timestamp())
                        for (period, unit), limit in self.limits.items())
         tokens_in = estimate_tokens(text) + self._reserve_input
-        cost = (tokens_in * self._input_price + self._reserve_output * self._output_price) / PER_TOKENS
+        cost = self._dearest.cost(tokens_in, self._reserve_output)
         return TurnBudget(limits, tokens_in + self._reserve_output, cost)
 
     def refused(self, begun: RunBegun, now: datetime | None = None) -> BudgetExceeded:

@@ -8,8 +8,7 @@ every chunk in the run's event log and saves the answer however the turn ends. T
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from services.agents.assistant import SUPERVISOR, AgentDone, AgentModel, AgentText, AgentToolCall, Assistant

@@ -146,10 +146,6 @@ class CallUsage:
     cost: float | None = None
     index: int = 0
 
-    @property
-    def tokens(self) -> int:
-        return self.input_tokens + self.output_tokens + self.cache_read_tokens + self.cache_write_tokens
-
 
 BudgetPeriod = Literal["day", "month"]
 BudgetUnit = Literal["tokens", "cost"]
