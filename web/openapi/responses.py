@@ -76,15 +76,14 @@ def header_refs(*names: str, required: tuple[str, ...] = ()) -> dict[str, Schema
     return headers
 
 
-def _error(description: str, codes: tuple[str, ...], *, retryable: bool | None = None, always: tuple[str, ...] = (),
+def _error(description: str, codes: tuple[str, ...], *, retryable: bool | None = None, error: Schema | None = None,
            **headers: Any) -> Schema:
-    """An error response: the envelope, the codes it may carry, ``retryable`` when the status fixes it, and the keys
-    the error ``always`` holds beyond the five."""
-    envelope: Schema = schema("ErrorEnvelope")
+    """An error response: the envelope, the codes it may carry, and what its ``error`` always holds (``retryable``,
+    when the status fixes it)."""
     if retryable is not None:
-        error: Schema = {"required": list(always)} if always else {}
-        error["properties"] = {"retryable": {"const": retryable}}
-        envelope = {"allOf": [envelope, {"properties": {"error": error}}]}
+        error = {"properties": {"retryable": {"const": retryable}}}
+    envelope = schema("ErrorEnvelope") if error is None else {
+        "allOf": [schema("ErrorEnvelope"), {"properties": {"error": error}}]}
     response: Schema = {
         "description": f"{description} Codes: {', '.join(codes)}.",
         "content": {"application/json": {"schema": envelope}},
@@ -147,20 +146,16 @@ def _too_many() -> Schema:
     budget = {"properties": {"code": {"const": "BUDGET_EXCEEDED"}, "retryable": {"const": False},
                              "limit": {"const": "budget"}},
               "required": ["period", "unit", "budget", "used", "resetsAt"]}
-    error = {"required": ["retryAfter"], "oneOf": [rate, budget]}
-    return {
-        "description": "A rate limit was hit (error.limit: chat, api or streams; retryable): retryAfter and "
-                       "Retry-After say when to come back. Or, for a chat turn, a usage budget is spent "
-                       "(BUDGET_EXCEEDED, error.limit budget; not retryable): the period, the budget, what was used "
-                       "and resetsAt are in the error and the X-Budget-* headers, and Retry-After counts the seconds "
-                       "to resetsAt. Codes: RATE_LIMIT_EXCEEDED, BUDGET_EXCEEDED.",
-        "content": {"application/json": {"schema": {"allOf": [schema("ErrorEnvelope"),
-                                                               {"properties": {"error": error}}]}}},
-        "x-error-codes": ["RATE_LIMIT_EXCEEDED", "BUDGET_EXCEEDED"],
-        "headers": header_refs("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset", "X-Budget-Period",
-                               "X-Budget-Unit", "X-Budget-Limit", "X-Budget-Used", "X-Budget-Reset",
-                               required=("Retry-After",)),
-    }
+    return _error(
+        "A rate limit was hit (error.limit: chat, api or streams; retryable): retryAfter and Retry-After say when to "
+        "come back. Or, for a chat turn, a usage budget is spent (BUDGET_EXCEEDED, error.limit budget; not "
+        "retryable): the period, the budget, what was used and resetsAt are in the error and the X-Budget-* "
+        "headers, and Retry-After counts the seconds to resetsAt.", ("RATE_LIMIT_EXCEEDED", "BUDGET_EXCEEDED"),
+        error={"required": ["retryAfter"], "oneOf": [rate, budget]},
+        headers=header_refs("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset", "X-Budget-Period",
+                            "X-Budget-Unit", "X-Budget-Limit", "X-Budget-Used", "X-Budget-Reset",
+                            required=("Retry-After",)),
+    )
 
 
 def for_every_error(errors: dict[str, Schema]) -> dict[str, Schema]:
