@@ -41,7 +41,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
-from errors import AppError, BudgetExceeded, Conflict, MethodNotAllowed, NotFound, RateLimited
+from errors import AppError, Conflict, MethodNotAllowed, NotFound
 from services.agents import actions
 from services.agents.assistant import Assistant
 from services.auth.authenticator import Authenticator, build_authenticator
@@ -144,7 +144,7 @@ async def list_conversations(request: Request) -> Response:
     given = inputs.LIST_CONVERSATIONS.given(request)
     caller = await caller_of(request, given["user_id"])
     limit, offset = given["limit"], given["offset"]
-    before, after = cursors.conversation_seek(given, offset)
+    before, after = cursors.seek(given, "before", "after", "offset")
     search = given["q"]
     store: Store = request.state.store
     page = await store.list_conversations(caller, limit, offset, before=before, after=after, search=search)
@@ -186,7 +186,7 @@ async def get_conversation(request: Request) -> Response:
     caller = await caller_of(request, given["user_id"])
     limit, offset = given["message_limit"], given["message_offset"]
     newest_first = given["message_order"] == "desc"
-    before, after = cursors.message_seek(given, offset)
+    before, after = cursors.seek(given, "message_before", "message_after", "message_offset")
     leaf = given["leaf"]
     store: Store = request.state.store
     runs: RunManager = request.state.runs
@@ -277,11 +277,7 @@ async def app_error(request: Request, exc: Exception) -> Response:
         # A request that failed before its caller was known (a malformed body, say) counts against its address,
         # like a failed authentication, so a flood of them is refused before it costs more.
         request.state.limiter.failed_before_auth(address(request))
-    if isinstance(exc, (RateLimited, BudgetExceeded)):
-        headers: dict[str, str] | None = exc.headers()
-    else:
-        headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after is not None else None
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

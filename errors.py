@@ -89,6 +89,10 @@ class AppError(Exception):
         error.update(self.details)
         return {"error": error}
 
+    def headers(self) -> dict[str, str]:
+        """The response's headers: ``Retry-After`` when the error says when to come back."""
+        return {} if self.retry_after is None else {"Retry-After": str(max(1, round(self.retry_after)))}
+
 
 class BadRequest(AppError, status=400, code="BAD_REQUEST", message="The request could not be read.",
                  user_message="Your request could not be processed. Please try again.",
