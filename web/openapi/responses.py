@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from web.openapi.shapes import UUID, Schema, closed, ref, schema
+from web.openapi.shapes import BOOLEAN, STRING, UUID, Schema, closed, ref, schema
 
 
 def error_schemas() -> dict[str, Schema]:
@@ -17,10 +17,10 @@ def error_schemas() -> dict[str, Schema]:
             "required": ["code", "message", "userMessage", "suggestedActions", "retryable"],
             "properties": {
                 "code": {"type": "string", "pattern": "^[A-Z][A-Z0-9_]*$", "description": error_codes},
-                "message": {"type": "string", "description": "A safe technical summary, for logs and developers."},
-                "userMessage": {"type": "string", "description": "Plain language, for the user."},
-                "suggestedActions": {"type": "array", "items": {"type": "string"}},
-                "retryable": {"type": "boolean"},
+                "message": {**STRING, "description": "A safe technical summary, for logs and developers."},
+                "userMessage": {**STRING, "description": "Plain language, for the user."},
+                "suggestedActions": {"type": "array", "items": STRING},
+                "retryable": BOOLEAN,
                 "retryAfter": {"type": "integer", "minimum": 1, "description": "Seconds; with 429 (and some 503)."},
                 "runId": {**UUID, "description": "RUN_IN_PROGRESS: the run still generating; attach to it or stop it."},
                 "limit": {"enum": ["chat", "api", "streams", "budget"],
@@ -42,7 +42,7 @@ def error_schemas() -> dict[str, Schema]:
 
 def header_schemas() -> dict[str, Schema]:
     def header(description: str, schema: Schema | None = None) -> Schema:
-        return {"description": description, "schema": schema or {"type": "string"}}
+        return {"description": description, "schema": schema or STRING}
 
     seconds = {"type": "integer", "minimum": 0}
     return {
@@ -179,7 +179,7 @@ def sse_ok(description: str) -> dict[str, Schema]:
             "comments keep idle connections open. The shutdown notice has no id line.",
             "headers": {
                 **header_refs(required=("X-Run-ID",)),
-                "Cache-Control": {"description": "no-cache, no-store", "schema": {"type": "string"}},
+                "Cache-Control": {"description": "no-cache, no-store", "schema": STRING},
                 "X-Accel-Buffering": {"description": "no: nginx must not buffer the stream.",
                                       "schema": {"const": "no"}},
             },
