@@ -418,21 +418,21 @@ def configure_logging(level: str) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _load_settings() -> Settings:
+def _startup_settings() -> Settings:
+    """The environment's settings, checked (or exit 2 naming the problem), with logging configured by them."""
     try:
         settings = Settings.from_environ(os.environ)
         settings.check_sqlite_path()  # here, not in Settings.validate: it touches the disk
-        return settings
     except ConfigError as exc:
         print(f"canvalo: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    configure_logging(settings.log_level)
+    return settings
 
 
 def serve() -> Starlette:
     """The app the environment configures, with logging set up: ``uvicorn app:serve --factory``."""
-    settings = _load_settings()
-    configure_logging(settings.log_level)
-    return create_app(settings)
+    return create_app(_startup_settings())
 
 
 # ``uvicorn app:app`` (README, Dockerfile): built by ``serve`` when uvicorn starts it, so importing this module (the
@@ -459,8 +459,7 @@ def _listen(settings: Settings) -> socket.socket:
 if __name__ == "__main__":
     import uvicorn
 
-    settings = _load_settings()
-    configure_logging(settings.log_level)
+    settings = _startup_settings()
     listening = _listen(settings)
     config = uvicorn.Config(
         create_app(settings),
