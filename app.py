@@ -337,17 +337,13 @@ exception_handlers: dict[Any, Any] = {AppError: app_error, HTTPException: http_e
 # -- wiring -------------------------------------------------------------------------------------------------------
 
 
-def build_auth(settings: Settings) -> Authenticator:
-    return build_authenticator(settings)
-
-
 def create_app(settings: Settings | None = None, *, model: ChatModel | None = None) -> Starlette:
     """Build the app. ``model`` replaces the configured provider (tests pass scripted models this way)."""
     settings = settings or Settings.from_environ(os.environ)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
-        store, auth = build_store(settings), build_auth(settings)
+        store, auth = build_store(settings), build_authenticator(settings)
         chat_model = model or build_model(settings)
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(store.aclose)
@@ -355,7 +351,10 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
             stack.push_async_callback(auth.aclose)
             await store.open()
             await chat_model.open()
-            registry, limiter = await _open_metrics_and_limits(settings, store, stack)
+            # Metrics are snapshotted to METRICS_DIR in the background; the rate limiter counts in the shared store.
+            registry = await stack.enter_async_context(Metrics(settings.metrics_dir).snapshotting())
+            store.set_query_observer(registry.store_call)
+            limiter = RateLimiter(store, registry, settings)
             runs = RunManager(
                 store,
                 Assistant(chat_model, store, action_ttl=settings.action_ttl_seconds),
@@ -393,15 +392,6 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
 
     return Starlette(routes=routes, middleware=middleware.stack(settings), exception_handlers=exception_handlers,
                      lifespan=lifespan)
-
-
-async def _open_metrics_and_limits(
-    settings: Settings, store: Store, stack: contextlib.AsyncExitStack
-) -> tuple[Metrics, RateLimiter]:
-    """The metrics (snapshotted to METRICS_DIR in the background) and the rate limiter over the shared store."""
-    registry = await stack.enter_async_context(Metrics(settings.metrics_dir).snapshotting())
-    store.set_query_observer(registry.store_call)
-    return registry, RateLimiter(store, registry, settings)
 
 
 def configure_logging(level: str) -> None:
