@@ -49,11 +49,9 @@ def seek(given: Given, before: str, after: str, offset: str) -> tuple[Any, Any]:
 def conversation_key(value: str, name: str) -> ConversationKey:
     """The place a conversation cursor holds (its declaration has checked its length and alphabet)."""
     _, updated_at, conversation_id = _decode(value, name, "c")
-    if not isinstance(conversation_id, str):
-        raise _not_a_cursor(name)
     try:
         return ConversationKey(_timestamp(updated_at, name), uuid_value(conversation_id, name))
-    except ValidationFailed:  # uuid_value's own message would speak of an id, not of the cursor
+    except ValidationFailed:  # uuid_value's own message (it also refuses a non-string) would speak of an id
         raise _not_a_cursor(name) from None
 
 
