@@ -58,7 +58,7 @@ def paths() -> dict[str, Schema]:
             "get": _operation(
                 "getHealth", "service", "Store and model status",
                 {**json_ok("healthy or degraded.", "Health"),
-                 "503": {**json_ok("unhealthy: the store cannot read or write.", "Health")["200"]}},
+                 **json_ok("unhealthy: the store cannot read or write.", "Health", "503")},
                 "Probes the store with a read and a small write. degraded (200): the model cannot answer. unhealthy "
                 "(503): the store cannot read or write.",
                 security=[],

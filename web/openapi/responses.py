@@ -67,9 +67,7 @@ def header_schemas() -> dict[str, Schema]:
 
 
 def header_refs(*names: str, required: tuple[str, ...] = ()) -> dict[str, Schema]:
-    headers: dict[str, Schema] = {"X-Request-ID": {**ref("headers", "X-Request-ID")}}
-    for name in names:
-        headers[name] = ref("headers", name)
+    headers = {name: ref("headers", name) for name in ("X-Request-ID", *names)}
     for name in required:
         # A $ref cannot carry siblings that change it; a required header is written out in full.
         headers[name] = {**header_schemas()[name], "required": True}
