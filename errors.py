@@ -119,8 +119,9 @@ class NotFound(AppError, status=404, code="NOT_FOUND", message="The requested re
 
 
 class MethodNotAllowed(AppError, status=405, code="METHOD_NOT_ALLOWED",
-                       message="This method is not allowed on this route.", user_message="This action is not supported.",
-                       suggested_actions=("Check the API documentation",), retryable=False):
+                       message="This method is not allowed on this route.",
+                       user_message="This action is not supported.", suggested_actions=("Check the API documentation",),
+                       retryable=False):
     """The route exists but not for this HTTP method."""
 
 
