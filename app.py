@@ -41,7 +41,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
-from errors import AppError, BudgetExceeded, Conflict, MethodNotAllowed, NotFound, RateLimited
+from errors import AppError, Conflict, MethodNotAllowed, NotFound
 from services.agents import actions
 from services.agents.assistant import Assistant
 from services.auth.authenticator import Authenticator, build_authenticator
@@ -144,7 +144,7 @@ async def list_conversations(request: Request) -> Response:
     given = inputs.LIST_CONVERSATIONS.given(request)
     caller = await caller_of(request, given["user_id"])
     limit, offset = given["limit"], given["offset"]
-    before, after = cursors.conversation_seek(given, offset)
+    before, after = cursors.seek(given, "before", "after", "offset")
     search = given["q"]
     store: Store = request.state.store
     page = await store.list_conversations(caller, limit, offset, before=before, after=after, search=search)
@@ -186,7 +186,7 @@ async def get_conversation(request: Request) -> Response:
     caller = await caller_of(request, given["user_id"])
     limit, offset = given["message_limit"], given["message_offset"]
     newest_first = given["message_order"] == "desc"
-    before, after = cursors.message_seek(given, offset)
+    before, after = cursors.seek(given, "message_before", "message_after", "message_offset")
     leaf = given["leaf"]
     store: Store = request.state.store
     runs: RunManager = request.state.runs
@@ -277,11 +277,7 @@ async def app_error(request: Request, exc: Exception) -> Response:
         # A request that failed before its caller was known (a malformed body, say) counts against its address,
         # like a failed authentication, so a flood of them is refused before it costs more.
         request.state.limiter.failed_before_auth(address(request))
-    if isinstance(exc, (RateLimited, BudgetExceeded)):
-        headers: dict[str, str] | None = exc.headers()
-    else:
-        headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after is not None else None
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -341,17 +337,13 @@ exception_handlers: dict[Any, Any] = {AppError: app_error, HTTPException: http_e
 # -- wiring -------------------------------------------------------------------------------------------------------
 
 
-def build_auth(settings: Settings) -> Authenticator:
-    return build_authenticator(settings)
-
-
 def create_app(settings: Settings | None = None, *, model: ChatModel | None = None) -> Starlette:
     """Build the app. ``model`` replaces the configured provider (tests pass scripted models this way)."""
     settings = settings or Settings.from_environ(os.environ)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
-        store, auth = build_store(settings), build_auth(settings)
+        store, auth = build_store(settings), build_authenticator(settings)
         chat_model = model or build_model(settings)
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(store.aclose)
@@ -359,7 +351,10 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
             stack.push_async_callback(auth.aclose)
             await store.open()
             await chat_model.open()
-            registry, limiter = await _open_metrics_and_limits(settings, store, stack)
+            # Metrics are snapshotted to METRICS_DIR in the background; the rate limiter counts in the shared store.
+            registry = await stack.enter_async_context(Metrics(settings.metrics_dir).snapshotting())
+            store.set_query_observer(registry.store_call)
+            limiter = RateLimiter(store, registry, settings)
             runs = RunManager(
                 store,
                 Assistant(chat_model, store, action_ttl=settings.action_ttl_seconds),
@@ -399,15 +394,6 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
                      lifespan=lifespan)
 
 
-async def _open_metrics_and_limits(
-    settings: Settings, store: Store, stack: contextlib.AsyncExitStack
-) -> tuple[Metrics, RateLimiter]:
-    """The metrics (snapshotted to METRICS_DIR in the background) and the rate limiter over the shared store."""
-    registry = await stack.enter_async_context(Metrics(settings.metrics_dir).snapshotting())
-    store.set_query_observer(registry.store_call)
-    return registry, RateLimiter(store, registry, settings)
-
-
 def configure_logging(level: str) -> None:
     """Root logging at ``level``, with the loggers that would write request URLs held at WARNING whatever it is.
 
@@ -422,21 +408,21 @@ def configure_logging(level: str) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _load_settings() -> Settings:
+def _startup_settings() -> Settings:
+    """The environment's settings, checked (or exit 2 naming the problem), with logging configured by them."""
     try:
         settings = Settings.from_environ(os.environ)
         settings.check_sqlite_path()  # here, not in Settings.validate: it touches the disk
-        return settings
     except ConfigError as exc:
         print(f"canvalo: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    configure_logging(settings.log_level)
+    return settings
 
 
 def serve() -> Starlette:
     """The app the environment configures, with logging set up: ``uvicorn app:serve --factory``."""
-    settings = _load_settings()
-    configure_logging(settings.log_level)
-    return create_app(settings)
+    return create_app(_startup_settings())
 
 
 # ``uvicorn app:app`` (README, Dockerfile): built by ``serve`` when uvicorn starts it, so importing this module (the
@@ -463,8 +449,7 @@ def _listen(settings: Settings) -> socket.socket:
 if __name__ == "__main__":
     import uvicorn
 
-    settings = _load_settings()
-    configure_logging(settings.log_level)
+    settings = _startup_settings()
     listening = _listen(settings)
     config = uvicorn.Config(
         create_app(settings),

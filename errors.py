@@ -40,7 +40,8 @@ from typing import Any
 
 
 class AppError(Exception):
-    """Base class: an error the service expected and knows how to explain."""
+    """Base class: an error the service expected and knows how to explain. A subclass declares the constants it
+    changes as class keywords, ``class NotFound(AppError, status=404, code="NOT_FOUND", ...)``."""
 
     status = 500
     code = "INTERNAL_ERROR"
@@ -65,6 +66,12 @@ class AppError(Exception):
         self.details = details or {}
         super().__init__(self.message)
 
+    def __init_subclass__(cls, **constants: Any) -> None:
+        super().__init_subclass__()
+        for name, value in constants.items():
+            assert hasattr(AppError, name), f"{cls.__name__}: AppError has no constant {name!r}"  # a misspelt one
+            setattr(cls, name, value)
+
     def body(self) -> dict[str, Any]:
         """The envelope: ``{"error": {code, message, userMessage, suggestedActions, retryable[, retryAfter]}}``.
 
@@ -82,138 +89,84 @@ class AppError(Exception):
         error.update(self.details)
         return {"error": error}
 
+    def headers(self) -> dict[str, str]:
+        """The response's headers: ``Retry-After`` when the error says when to come back."""
+        return {} if self.retry_after is None else {"Retry-After": str(max(1, round(self.retry_after)))}
 
-class BadRequest(AppError):
+
+class BadRequest(AppError, status=400, code="BAD_REQUEST", message="The request could not be read.",
+                 user_message="Your request could not be processed. Please try again.",
+                 suggested_actions=("Check the request format",), retryable=False):
     """The request could not be read at all (malformed JSON, unreadable body)."""
 
-    status = 400
-    code = "BAD_REQUEST"
-    message = "The request could not be read."
-    user_message = "Your request could not be processed. Please try again."
-    suggested_actions = ("Check the request format",)
-    retryable = False
 
-
-class Unauthorized(AppError):
+class Unauthorized(AppError, status=401, code="INVALID_TOKEN", message="Authentication failed.",
+                   user_message="Your session is invalid. Please log in again.", suggested_actions=("Log in again",),
+                   retryable=False):
     """No usable credentials: missing, malformed, invalid or expired token."""
 
-    status = 401
-    code = "INVALID_TOKEN"
-    message = "Authentication failed."
-    user_message = "Your session is invalid. Please log in again."
-    suggested_actions = ("Log in again",)
-    retryable = False
 
-
-class Forbidden(AppError):
+class Forbidden(AppError, status=403, code="FORBIDDEN", message="This request is not allowed.",
+                user_message="You are not authorized to perform this action.",
+                suggested_actions=("Log in with the right account",), retryable=False):
     """Credentials are valid but do not allow this request."""
 
-    status = 403
-    code = "FORBIDDEN"
-    message = "This request is not allowed."
-    user_message = "You are not authorized to perform this action."
-    suggested_actions = ("Log in with the right account",)
-    retryable = False
 
-
-class NotFound(AppError):
+class NotFound(AppError, status=404, code="NOT_FOUND", message="The requested resource was not found.",
+               user_message="We couldn't find what you were looking for.",
+               suggested_actions=("Check the link or refresh the list",), retryable=False):
     """The resource does not exist or belongs to someone else (the two are deliberately indistinguishable)."""
 
-    status = 404
-    code = "NOT_FOUND"
-    message = "The requested resource was not found."
-    user_message = "We couldn't find what you were looking for."
-    suggested_actions = ("Check the link or refresh the list",)
-    retryable = False
 
-
-class MethodNotAllowed(AppError):
+class MethodNotAllowed(AppError, status=405, code="METHOD_NOT_ALLOWED",
+                       message="This method is not allowed on this route.",
+                       user_message="This action is not supported.", suggested_actions=("Check the API documentation",),
+                       retryable=False):
     """The route exists but not for this HTTP method."""
 
-    status = 405
-    code = "METHOD_NOT_ALLOWED"
-    message = "This method is not allowed on this route."
-    user_message = "This action is not supported."
-    suggested_actions = ("Check the API documentation",)
-    retryable = False
 
-
-class PayloadTooLarge(AppError):
+class PayloadTooLarge(AppError, status=413, code="PAYLOAD_TOO_LARGE", message="The request body is too large.",
+                      user_message="Your request is too large. Please send something shorter.",
+                      suggested_actions=("Try a shorter message",), retryable=False):
     """The request body is larger than MAX_REQUEST_BYTES."""
 
-    status = 413
-    code = "PAYLOAD_TOO_LARGE"
-    message = "The request body is too large."
-    user_message = "Your request is too large. Please send something shorter."
-    suggested_actions = ("Try a shorter message",)
-    retryable = False
 
-
-class UnsupportedMediaType(AppError):
+class UnsupportedMediaType(AppError, status=415, code="UNSUPPORTED_MEDIA_TYPE",
+                           message="The request body must be application/json.",
+                           user_message="Your request could not be processed. Please try again.",
+                           suggested_actions=("Send the body as application/json",), retryable=False):
     """The request body is not JSON."""
 
-    status = 415
-    code = "UNSUPPORTED_MEDIA_TYPE"
-    message = "The request body must be application/json."
-    user_message = "Your request could not be processed. Please try again."
-    suggested_actions = ("Send the body as application/json",)
-    retryable = False
 
-
-class RequestTimeout(AppError):
+class RequestTimeout(AppError, status=408, code="REQUEST_TIMEOUT", message="The request body did not arrive in time.",
+                     user_message="Your request took too long to arrive. Please try again.",
+                     suggested_actions=("Check your connection and try again",), retryable=True):
     """The client did not send its whole body in time."""
 
-    status = 408
-    code = "REQUEST_TIMEOUT"
-    message = "The request body did not arrive in time."
-    user_message = "Your request took too long to arrive. Please try again."
-    suggested_actions = ("Check your connection and try again",)
-    retryable = True
 
-
-class Conflict(AppError):
+class Conflict(AppError, status=409, code="CONFLICT", message="The request conflicts with the current state.",
+               user_message="This conflicts with something already in progress.",
+               suggested_actions=("Wait for the current answer to finish, or stop it",), retryable=False):
     """The request clashes with the current state: an answer is already being generated, or an idempotency key
     was reused for a different message."""
 
-    status = 409
-    code = "CONFLICT"
-    message = "The request conflicts with the current state."
-    user_message = "This conflicts with something already in progress."
-    suggested_actions = ("Wait for the current answer to finish, or stop it",)
-    retryable = False
 
-
-class Gone(AppError):
+class Gone(AppError, status=410, code="GONE", message="The resource is no longer available.",
+           user_message="This is no longer available.", suggested_actions=("Start again",), retryable=False):
     """The resource existed but can no longer be used: a pending action whose time to be confirmed ran out."""
 
-    status = 410
-    code = "GONE"
-    message = "The resource is no longer available."
-    user_message = "This is no longer available."
-    suggested_actions = ("Start again",)
-    retryable = False
 
-
-class ValidationFailed(AppError):
+class ValidationFailed(AppError, status=422, code="VALIDATION_ERROR", message="The request is invalid.",
+                       user_message="Some of the information sent was not valid. Please check it and try again.",
+                       suggested_actions=("Check your input and try again",), retryable=False):
     """The request was readable but a field is missing, malformed or out of range."""
 
-    status = 422
-    code = "VALIDATION_ERROR"
-    message = "The request is invalid."
-    user_message = "Some of the information sent was not valid. Please check it and try again."
-    suggested_actions = ("Check your input and try again",)
-    retryable = False
 
-
-class RateLimited(AppError):
+class RateLimited(AppError, status=429, code="RATE_LIMIT_EXCEEDED", message="Too many requests.",
+                  user_message="You've made too many requests. Please wait a moment.",
+                  suggested_actions=("Wait a moment before trying again", "Reduce the frequency of your requests"),
+                  retryable=True):
     """The caller exceeded a per-user limit; ``retry_after`` says when to come back."""
-
-    status = 429
-    code = "RATE_LIMIT_EXCEEDED"
-    message = "Too many requests."
-    user_message = "You've made too many requests. Please wait a moment."
-    suggested_actions = ("Wait a moment before trying again", "Reduce the frequency of your requests")
-    retryable = True
 
     def __init__(self, message: str | None = None, *, limit: int | None = None, **fields: Any) -> None:
         super().__init__(message, **fields)
@@ -228,16 +181,11 @@ class RateLimited(AppError):
         return headers
 
 
-class BudgetExceeded(AppError):
-    """A chat turn would pass one of the caller's usage budgets (``services/limits/budgets.py``). Not a rate limit: waiting a
-    moment does not help, so it is not retryable; ``Retry-After`` is the time until the period resets."""
-
-    status = 429
-    code = "BUDGET_EXCEEDED"
-    message = "The usage budget for this period is spent."
-    user_message = "You've reached your usage limit for now. It resets at the start of the next period."
-    suggested_actions = ("Wait until the budget resets",)
-    retryable = False
+class BudgetExceeded(AppError, status=429, code="BUDGET_EXCEEDED", message="The usage budget for this period is spent.",
+                     user_message="You've reached your usage limit for now. It resets at the start of the next period.",
+                     suggested_actions=("Wait until the budget resets",), retryable=False):
+    """A chat turn would pass one of the caller's usage budgets (``services/limits/budgets.py``). Not a rate limit:
+    waiting a moment does not help, so it is not retryable; ``Retry-After`` is the time until the period resets."""
 
     def headers(self) -> dict[str, str]:
         """``Retry-After``: seconds until the period resets; ``X-Budget-*``: the budget, as ``details`` gives it."""
@@ -247,143 +195,98 @@ class BudgetExceeded(AppError):
         return headers
 
 
-class ClientClosedRequest(AppError):
+class ClientClosedRequest(AppError, status=499, code="CLIENT_CLOSED_REQUEST",
+                          message="The client closed the connection before the request was read.",
+                          user_message="The request was interrupted. Please try again.",
+                          suggested_actions=("Try again",), retryable=True):
     """The client closed the connection before sending the body it announced (nginx's 499): not a server error."""
 
-    status = 499
-    code = "CLIENT_CLOSED_REQUEST"
-    message = "The client closed the connection before the request was read."
-    user_message = "The request was interrupted. Please try again."
-    suggested_actions = ("Try again",)
-    retryable = True
 
-
-class UpstreamError(AppError):
+class UpstreamError(AppError, status=502, code="UPSTREAM_ERROR", message="A service we depend on returned an error.",
+                    user_message="The assistant couldn't complete your request. Please try again.", retryable=False):
     """A dependency (model or database) answered with something we cannot use; retrying will not help."""
 
-    status = 502
-    code = "UPSTREAM_ERROR"
-    message = "A service we depend on returned an error."
-    user_message = "The assistant couldn't complete your request. Please try again."
-    retryable = False
 
-
-class UpstreamUnavailable(UpstreamError):
+class UpstreamUnavailable(UpstreamError, status=503, code="SERVICE_UNAVAILABLE",
+                          message="A service we depend on is unavailable.",
+                          user_message="The service is temporarily unavailable. Please try again in a moment.",
+                          suggested_actions=("Try again in a moment", "Contact support if the problem persists"),
+                          retryable=True):
     """A dependency is down, overloaded or throttling: worth retrying after a pause."""
 
-    status = 503
-    code = "SERVICE_UNAVAILABLE"
-    message = "A service we depend on is unavailable."
-    user_message = "The service is temporarily unavailable. Please try again in a moment."
-    suggested_actions = ("Try again in a moment", "Contact support if the problem persists")
-    retryable = True
 
-
-class UpstreamTimeout(UpstreamError):
+class UpstreamTimeout(UpstreamError, status=504, code="TIMEOUT",
+                      message="A service we depend on did not answer in time.",
+                      user_message="The request took too long. Please try again.",
+                      suggested_actions=("Try again in a moment", "Try a shorter or simpler request"), retryable=True):
     """A dependency did not answer in time: worth retrying."""
-
-    status = 504
-    code = "TIMEOUT"
-    message = "A service we depend on did not answer in time."
-    user_message = "The request took too long. Please try again."
-    suggested_actions = ("Try again in a moment", "Try a shorter or simpler request")
-    retryable = True
 
 
 # -- the store contract's refusals (services.store): both stores raise the same ones ----------------------------------
 
 
-class ConversationNotFound(NotFound):
+class ConversationNotFound(NotFound, code="CONVERSATION_NOT_FOUND", message="Conversation not found."):
     """A conversation that is missing or someone else's: the two look the same."""
 
-    code = "CONVERSATION_NOT_FOUND"
-    message = "Conversation not found."
 
-
-class RecordNotFound(NotFound):
+class RecordNotFound(NotFound, code="RECORD_NOT_FOUND"):
     """A business record that is missing or someone else's; ``singular`` names its kind (``invoice``)."""
-
-    code = "RECORD_NOT_FOUND"
 
     def __init__(self, singular: str) -> None:
         super().__init__(f"No such {singular}.")
 
 
-class MessageNotFound(NotFound):
+class MessageNotFound(NotFound, code="MESSAGE_NOT_FOUND", message="Message not found in this conversation."):
     """A message named as a branch point that is not in this conversation of the caller's (missing, in another
     conversation, or someone else's: all look the same)."""
 
-    code = "MESSAGE_NOT_FOUND"
-    message = "Message not found in this conversation."
 
-
-class RunNotFound(NotFound):
+class RunNotFound(NotFound, code="RUN_NOT_FOUND", message="Run not found."):
     """A chat run that is missing or someone else's."""
-
-    code = "RUN_NOT_FOUND"
-    message = "Run not found."
 
 
 # -- refusals of POST /api/actions/{action_id}/confirm (services/agents/actions.py) -------------------------------
 
 
-class ActionNotFound(NotFound):
+class ActionNotFound(NotFound, code="ACTION_NOT_FOUND", message="Action not found.",
+                     user_message="We couldn't find that change to confirm.",
+                     suggested_actions=("Ask the assistant again",)):
     """A pending action that is missing or someone else's: the two look the same, as for conversations and runs."""
 
-    code = "ACTION_NOT_FOUND"
-    message = "Action not found."
-    user_message = "We couldn't find that change to confirm."
-    suggested_actions = ("Ask the assistant again",)
+
+class ActionAlreadyUsed(Conflict, code="ACTION_ALREADY_USED", message="The action was already confirmed.",
+                        user_message="This change was already confirmed.",
+                        suggested_actions=("Refresh to see your records as they are now",)):
+    """The action ran already: each prepared change runs at most once."""
 
 
-class ActionAlreadyUsed(Conflict):
-    code = "ACTION_ALREADY_USED"
-    message = "The action was already confirmed."
-    user_message = "This change was already confirmed."
-    suggested_actions = ("Refresh to see your records as they are now",)
+class ActionExpired(Gone, code="ACTION_EXPIRED", message="The action expired before it was confirmed.",
+                    user_message="This confirmation has expired, so nothing was changed.",
+                    suggested_actions=("Ask the assistant again",)):
+    """The action's ACTION_TTL_SECONDS ran out before the user confirmed it."""
 
 
-class ActionExpired(Gone):
-    code = "ACTION_EXPIRED"
-    message = "The action expired before it was confirmed."
-    user_message = "This confirmation has expired, so nothing was changed."
-    suggested_actions = ("Ask the assistant again",)
-
-
-class RecordChanged(Conflict):
+class RecordChanged(Conflict, code="RECORD_CHANGED", message="The record changed after the action was prepared.",
+                    user_message="This record has changed since the assistant prepared this change, so nothing was "
+                    "changed.", suggested_actions=("Ask the assistant again",)):
     """The record no longer holds the values the user was shown: confirming would overwrite what they never saw."""
-
-    code = "RECORD_CHANGED"
-    message = "The record changed after the action was prepared."
-    user_message = "This record has changed since the assistant prepared this change, so nothing was changed."
-    suggested_actions = ("Ask the assistant again",)
 
 
 # -- how a chat run ends when it cannot complete (services/runs/) -------------------------------------------------
 
 
-class RunTimedOut(AppError):
-    status = 504
-    code = "RUN_TIMEOUT"
-    message = "The answer took longer than RUN_MAX_SECONDS."
-    user_message = "The answer took too long and was stopped. Please try a shorter or simpler request."
-    retryable = False
+class RunTimedOut(AppError, status=504, code="RUN_TIMEOUT", message="The answer took longer than RUN_MAX_SECONDS.",
+                  user_message="The answer took too long and was stopped. Please try a shorter or simpler request.",
+                  retryable=False):
+    """An answer still generating after RUN_MAX_SECONDS: not retryable, the same request would take as long."""
 
 
-class ConversationDeleted(AppError):
+class ConversationDeleted(AppError, status=410, code="CONVERSATION_DELETED", message="The conversation was deleted.",
+                          user_message="This conversation was deleted, so its answer was stopped and not kept.",
+                          suggested_actions=("Start a new conversation",), retryable=False):
     """The run's conversation was deleted while it generated or was watched: its answer is gone with it."""
 
-    status = 410
-    code = "CONVERSATION_DELETED"
-    message = "The conversation was deleted."
-    user_message = "This conversation was deleted, so its answer was stopped and not kept."
-    suggested_actions = ("Start a new conversation",)
-    retryable = False
 
-
-class ShuttingDown(AppError):
-    status = 503
-    code = "SERVER_SHUTTING_DOWN"
-    message = "The server is shutting down."
-    user_message = "The server is restarting. Please send your message again."
-    retryable = True
+class ShuttingDown(AppError, status=503, code="SERVER_SHUTTING_DOWN", message="The server is shutting down.",
+                   user_message="The server is restarting. Please send your message again.", retryable=True):
+    """A run or viewer still open when the server stops: the client sends again, to a worker that stays."""

@@ -186,21 +186,14 @@ class Settings:
 
     def validate(self) -> None:
         """Cross-field checks; each problem is named so an operator can fix all of them in one pass."""
-        problems = [
-            p
-            for p in self._range_problems()
-            + self._store_problems()
-            + self._model_problems()
-            + self._limit_problems()
-            + self._budget_problems()
-            + self._production_problems()
-            if p
-        ]
+        checks = (self._range_checks() + self._store_checks() + self._model_checks() + self._limit_checks()
+                  + self._budget_checks() + self._production_checks())
+        problems = [message for ok, message in checks if not ok]
         if problems:
             raise ConfigError("Invalid configuration: " + "; ".join(problems))
 
-    def _range_problems(self) -> list[str]:
-        checks = [
+    def _range_checks(self) -> list[tuple[bool, str]]:
+        return [
             (1 <= self.api_port <= 65535, "API_PORT must be between 1 and 65535"),
             (self.max_request_bytes >= 16_384, "MAX_REQUEST_BYTES must be at least 16384"),
             (self.max_retry_attempts >= 1, "MAX_RETRY_ATTEMPTS must be at least 1"),
@@ -231,15 +224,14 @@ class Settings:
             (0 <= self.bedrock_temperature <= 1, "BEDROCK_TEMPERATURE must be in [0, 1]"),
             ("*" not in self.cors_origins or len(self.cors_origins) == 1, "CORS_ORIGINS cannot mix * with origins"),
         ]
-        return [message for ok, message in checks if not ok]
 
-    def _store_problems(self) -> list[str]:
+    def _store_checks(self) -> list[tuple[bool, str]]:
         """In every environment: a store the service cannot reach is a setting to fix, not a retry loop. Production
         runs on Supabase only, so what that store needs is named with the rest, whatever STORE says yet."""
         needed_by = "STORE=supabase" if self.store == "supabase" else "ENVIRONMENT=production"
         supabase = self.store == "supabase" or self.environment == "production"
         key = "SUPABASE_PUBLISHABLE_KEY" if str(self.supabase_publishable_key) else "SUPABASE_ANON_KEY"
-        checks = [
+        return [
             (not supabase or bool(self.supabase_url), f"{needed_by} requires SUPABASE_URL"),
             (
                 not supabase or bool(self.publishable_key),
@@ -255,43 +247,40 @@ class Settings:
                 "anon) key and the user's own token",
             ),
         ]
-        return [message for ok, message in checks if not ok]
 
-    def _model_problems(self) -> list[str]:
+    def _model_checks(self) -> list[tuple[bool, str]]:
         fallbacks = self.bedrock_fallback_model_ids
         name = "BEDROCK_FALLBACK_MODEL_IDS"
-        checks = [
-            (all(_MODEL_ID.fullmatch(m) for m in fallbacks), f"{name} must be model ids, profiles or ARNs, comma-separated"),
+        return [
+            (all(map(_MODEL_ID.fullmatch, fallbacks)), f"{name} must be model ids, profiles or ARNs, comma-separated"),
             (len(set(fallbacks)) == len(fallbacks), f"{name} must not repeat a model"),
             (self.bedrock_model_id not in fallbacks, f"{name} must not include BEDROCK_MODEL_ID"),
             (len(fallbacks) <= MAX_FALLBACK_MODELS, f"{name} takes at most {MAX_FALLBACK_MODELS} models"),
         ]
-        return [message for ok, message in checks if not ok]
 
-    def _limit_problems(self) -> list[str]:
-        checks = [
+    def _limit_checks(self) -> list[tuple[bool, str]]:
+        return [
             (self.rate_limit_chat_per_minute >= 1, "RATE_LIMIT_CHAT_PER_MINUTE must be at least 1"),
             (self.rate_limit_api_per_minute >= 1, "RATE_LIMIT_API_PER_MINUTE must be at least 1"),
             (1 <= self.rate_limit_window_seconds <= 3600, "RATE_LIMIT_WINDOW_SECONDS must be between 1 and 3600"),
             (self.max_streams_per_user >= 1, "MAX_STREAMS_PER_USER must be at least 1"),
             (self.auth_lookups_per_minute >= 1, "AUTH_LOOKUPS_PER_MINUTE must be at least 1"),
             (self.auth_lookup_concurrency >= 1, "AUTH_LOOKUP_CONCURRENCY must be at least 1"),
-            (str(self.metrics_token) == "" or len(str(self.metrics_token)) >= 16, "METRICS_TOKEN must be at least 16 characters"),
+            (str(self.metrics_token) == "" or len(str(self.metrics_token)) >= 16,
+             "METRICS_TOKEN must be at least 16 characters"),
         ]
-        return [message for ok, message in checks if not ok]
 
-    def _budget_problems(self) -> list[str]:
+    def _budget_checks(self) -> list[tuple[bool, str]]:
         """Budgets must not be negative, and a cost budget needs a price for every model a turn may use: a call of an
         unpriced model would cost nothing against it."""
         amounts = {"BUDGET_DAY_TOKENS": self.budget_day_tokens, "BUDGET_MONTH_TOKENS": self.budget_month_tokens,
                    "BUDGET_DAY_COST": self.budget_day_cost, "BUDGET_MONTH_COST": self.budget_month_cost}
-        problems = [f"{name} must not be negative (0 turns it off)" for name, value in amounts.items() if value < 0]
-        if self.budget_day_cost > 0 or self.budget_month_cost > 0:
-            unpriced = [m for m in self.models_in_use if m not in self.model_prices]
-            if unpriced:
-                problems.append(f"a cost budget (BUDGET_DAY_COST, BUDGET_MONTH_COST) needs a price for every model in "
-                                f"use: add {', '.join(unpriced)} to MODEL_PRICES")
-        return problems
+        checks = [(value >= 0, f"{name} must not be negative (0 turns it off)") for name, value in amounts.items()]
+        unpriced = [m for m in self.models_in_use if m not in self.model_prices]
+        cost_budget = self.budget_day_cost > 0 or self.budget_month_cost > 0
+        checks.append((not cost_budget or not unpriced, f"a cost budget (BUDGET_DAY_COST, BUDGET_MONTH_COST) needs a "
+                       f"price for every model in use: add {', '.join(unpriced)} to MODEL_PRICES"))
+        return checks
 
     @property
     def models_in_use(self) -> tuple[str, ...]:
@@ -300,26 +289,19 @@ class Settings:
             return (LOCAL_MODEL_ID,)
         return (self.bedrock_model_id, *self.bedrock_fallback_model_ids)
 
-    def _production_problems(self) -> list[str]:
+    def _production_checks(self) -> list[tuple[bool, str]]:
+        """What a real deployment needs: auth, the browser origins, the real model and a shared store."""
         if self.environment != "production":
             return []
-        problems = []
-        if not self.auth_enabled:
-            problems.append("ENVIRONMENT=production requires authentication: set SUPABASE_JWT_SECRET or SUPABASE_URL")
-        problems.extend(self._production_deployment_problems())
-        return problems
-
-    def _production_deployment_problems(self) -> list[str]:
-        """What a real deployment needs beyond auth: the browser origins, the real model and a shared store."""
         local = ("*", "localhost", "127.0.0.1", "[::1]")
-        problems = []
-        if not self.cors_origins or any(marker in origin for origin in self.cors_origins for marker in local):
-            problems.append("ENVIRONMENT=production requires CORS_ORIGINS set to the frontend's origins (not * or localhost)")
-        if self.llm_provider != "bedrock":
-            problems.append("ENVIRONMENT=production requires LLM_PROVIDER=bedrock (local is a rule-based stand-in)")
-        if self.store != "supabase":
-            problems.append("ENVIRONMENT=production requires STORE=supabase (SQLite cannot be shared across machines)")
-        return problems
+        real_origins = bool(self.cors_origins) and not any(at in origin for origin in self.cors_origins for at in local)
+        requires = "ENVIRONMENT=production requires"
+        return [
+            (self.auth_enabled, f"{requires} authentication: set SUPABASE_JWT_SECRET or SUPABASE_URL"),
+            (real_origins, f"{requires} CORS_ORIGINS set to the frontend's origins (not * or localhost)"),
+            (self.llm_provider == "bedrock", f"{requires} LLM_PROVIDER=bedrock (local is a rule-based stand-in)"),
+            (self.store == "supabase", f"{requires} STORE=supabase (SQLite cannot be shared across machines)"),
+        ]
 
     def check_sqlite_path(self) -> None:
         """At startup, refuse a SQLITE_PATH the SQLite store could not open, naming it (not a lifespan traceback).

@@ -35,35 +35,23 @@ def message_cursor(key: MessageKey) -> str:
     return _encode(["m", key.created_at, key.seq])
 
 
-def conversation_seek(given: Given, offset: int) -> tuple[ConversationKey | None, ConversationKey | None]:
-    """``before`` and ``after`` of a list request, at most one of them, and not with an offset."""
-    before, after = given["before"], given["after"]
-    _one_way(before, after, offset, ("before", "after", "offset"))
-    return before, after
-
-
-def message_seek(given: Given, offset: int) -> tuple[MessageKey | None, MessageKey | None]:
-    """``message_before`` and ``message_after``, at most one of them, and not with a ``message_offset``."""
-    before, after = given["message_before"], given["message_after"]
-    _one_way(before, after, offset, ("message_before", "message_after", "message_offset"))
-    return before, after
-
-
-def _one_way(before: object, after: object, offset: int, names: tuple[str, str, str]) -> None:
-    if before is not None and after is not None:
-        raise invalid(names[0], f"cannot be combined with '{names[1]}'")
-    if (before is not None or after is not None) and offset:
-        raise invalid(names[2], f"cannot be combined with '{names[0]}' or '{names[1]}'")
+def seek(given: Given, before: str, after: str, offset: str) -> tuple[Any, Any]:
+    """A paged request's ``before`` and ``after`` cursors (their keys, or None): at most one of them, and not with its
+    ``offset``."""
+    before_key, after_key = given[before], given[after]
+    if before_key is not None and after_key is not None:
+        raise invalid(before, f"cannot be combined with '{after}'")
+    if (before_key is not None or after_key is not None) and given[offset]:
+        raise invalid(offset, f"cannot be combined with '{before}' or '{after}'")
+    return before_key, after_key
 
 
 def conversation_key(value: str, name: str) -> ConversationKey:
     """The place a conversation cursor holds (its declaration has checked its length and alphabet)."""
     _, updated_at, conversation_id = _decode(value, name, "c")
-    if not isinstance(conversation_id, str):
-        raise _not_a_cursor(name)
     try:
         return ConversationKey(_timestamp(updated_at, name), uuid_value(conversation_id, name))
-    except ValidationFailed:  # uuid_value's own message would speak of an id, not of the cursor
+    except ValidationFailed:  # uuid_value's own message (it also refuses a non-string) would speak of an id
         raise _not_a_cursor(name) from None
 
 

@@ -257,15 +257,13 @@ class Inputs:
         }
 
 
+@dataclass(slots=True)
 class Given:
     """One request's declared inputs, by name: ``given["limit"]`` reads and checks ``limit`` when it is asked for."""
 
-    __slots__ = ("_fields", "_request", "_body")
-
-    def __init__(self, fields: dict[str, Field], request: Request, body: dict[str, Any] | None) -> None:
-        self._fields = fields
-        self._request = request
-        self._body = body
+    _fields: dict[str, Field]
+    _request: Request
+    _body: dict[str, Any] | None
 
     def __getitem__(self, name: str) -> Any:
         field = self._fields[name]  # a KeyError: the route's declaration has no such input

@@ -1,10 +1,7 @@
 """Every route's inputs, declared once (``web/fields.py``), and the reading of a JSON body. Every problem becomes a
 4xx ``AppError`` naming the field, never a 500; ``/openapi.json`` documents each input from the same declaration.
-
-The limits are the contract's: a chat message is 1..10,000 characters, ``limit`` 1..100, ``message_limit`` 1..500,
-offsets 0..1,000,000, ids are UUIDs. The client's ``history`` is accepted for compatibility with the earlier
-frontend, of any length (the body-size cap bounds it) or null, and ignored: the prompt is built from stored history
-only.
+The client's ``history`` is accepted for compatibility with the earlier frontend, of any length (the body-size cap
+bounds it) or null, and ignored: the prompt is built from stored history only.
 
 A JSON body must be UTF-8 (RFC 8259 section 8.1), nested at most ``MAX_JSON_DEPTH`` deep, and hold no lone surrogate
 and no NUL (U+0000) in any string: Python decodes ``\\ud800`` (and, from bytes, ``ED A0 80``) into a ``str`` that no

@@ -8,7 +8,7 @@ from typing import Any
 from web import inputs
 from web.fields import Inputs
 from web.openapi.responses import API_ERRORS, BODY_ERRORS, header_refs, json_ok, sse_ok
-from web.openapi.shapes import Schema, ref, schema
+from web.openapi.shapes import STRING, Schema, ref, schema
 
 OPTIONAL_AUTH: list[dict[str, list[str]]] = [{"bearerAuth": []}, {}]
 
@@ -49,7 +49,7 @@ def _api(operation_id: str, tag: str, summary: str, route: Inputs, responses: Sc
 
 
 def paths() -> dict[str, Schema]:
-    html = {"text/html": {"schema": {"type": "string"}}}
+    html = {"text/html": {"schema": STRING}}
     page = {"200": {"description": "The page.", "headers": header_refs(), "content": html}}
     return {
         "/": {"get": _operation("getRoot", "service", "Service name and version",
@@ -58,7 +58,7 @@ def paths() -> dict[str, Schema]:
             "get": _operation(
                 "getHealth", "service", "Store and model status",
                 {**json_ok("healthy or degraded.", "Health"),
-                 "503": {**json_ok("unhealthy: the store cannot read or write.", "Health")["200"]}},
+                 **json_ok("unhealthy: the store cannot read or write.", "Health", "503")},
                 "Probes the store with a read and a small write. degraded (200): the model cannot answer. unhealthy "
                 "(503): the store cannot read or write.",
                 security=[],
@@ -68,7 +68,7 @@ def paths() -> dict[str, Schema]:
             "get": _operation(
                 "getMetrics", "service", "Prometheus metrics",
                 {"200": {"description": "Prometheus text format 0.0.4.", "headers": header_refs(),
-                         "content": {"text/plain": {"schema": {"type": "string"}}}},
+                         "content": {"text/plain": {"schema": STRING}}},
                  **_errors("401", "404")},
                 "Off (404) unless METRICS_TOKEN is set; then only with Authorization: Bearer <METRICS_TOKEN>. Scrape "
                 "each instance on its private address.",

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from web.fields import UUID_PATTERN
-from web.openapi.shapes import BEFORE, CHANGES, CURSOR, TIMESTAMP, UUID, Schema, closed, nullable, schema
+from web.openapi.shapes import (BEFORE, BOOLEAN, CHANGES, COUNT, CURSOR, STRING, TIMESTAMP, UUID, Schema, closed,
+                                nullable, schema)
 
 
 def schemas() -> dict[str, Schema]:
@@ -11,11 +12,11 @@ def schemas() -> dict[str, Schema]:
     conversation: dict[str, Schema] = {
         "id": UUID,
         "user_id": UUID,
-        "title": nullable({"type": "string"}),
+        "title": nullable(STRING),
         "created_at": TIMESTAMP,
         "updated_at": TIMESTAMP,
         "last_message_at": nullable(TIMESTAMP),
-        "message_count": {"type": "integer", "minimum": 0, "description": "Every message, on every branch."},
+        "message_count": {**COUNT, "description": "Every message, on every branch."},
         "metadata": {"type": "object"},
         "active_leaf_id": nullable({**UUID, "description": "The last message of the branch the user is on (moved "
                                     "by every send and by PUT .../active-leaf); null before the first message."}),
@@ -32,42 +33,39 @@ def schemas() -> dict[str, Schema]:
             "format": "date-time",
             "description": "ISO 8601 in UTC, e.g. 2026-11-24T01:49:20.911133Z.",
         },
-        "Root": closed({"status": {"const": "ok"}, "service": {"type": "string"}, "version": {"type": "string"}}),
+        "Root": closed({"status": {"const": "ok"}, "service": STRING, "version": STRING}),
         "Health": closed(
             {
                 "status": {"enum": ["healthy", "degraded", "unhealthy"]},
-                "service": {"type": "string"},
-                "version": {"type": "string"},
+                "service": STRING,
+                "version": STRING,
                 "environment": {"enum": ["development", "production"]},
                 "store": closed({
                     "kind": {"enum": ["sqlite", "supabase"]},
-                    "reachable": {"type": "boolean"},
-                    "readable": {"type": "boolean"},
+                    "reachable": BOOLEAN,
+                    "readable": BOOLEAN,
                     "writable": {
                         "type": ["boolean", "null"],
                         "description": "null where the store cannot check (Supabase acts only as signed-in users).",
                     },
                 }),
                 "model": closed({
-                    "provider": {"type": "string", "examples": ["local", "bedrock"]},
-                    "model_id": nullable({"type": "string"}),
-                    "configured": {"type": "boolean"},
-                    "is_llm": {"type": "boolean"},
-                    "note": {"type": "string"},
+                    "provider": {**STRING, "examples": ["local", "bedrock"]},
+                    "model_id": nullable(STRING),
+                    "configured": BOOLEAN,
+                    "is_llm": BOOLEAN,
+                    "note": STRING,
                 }),
                 "auth": closed(
                     {"mode": {"enum": ["none", "jwt", "jwks", "supabase-auth", "jwt+jwks", "jwt+supabase-auth"]}}
                 ),
                 "runs": closed({
-                    "generating": {"type": "integer", "minimum": 0},
-                    "unsaved": {
-                        "type": "integer", "minimum": 0,
-                        "description": "Answers that ended on this worker but wait for the store to save them "
-                        "(kept in memory, retried every 250 ms).",
-                    },
+                    "generating": COUNT,
+                    "unsaved": {**COUNT, "description": "Answers that ended on this worker but wait for the store to "
+                                "save them (kept in memory, retried every 250 ms)."},
                 }),
-                "supabase_configured": {"type": "boolean"},
-                "bedrock_model": nullable({"type": "string"}),
+                "supabase_configured": BOOLEAN,
+                "bedrock_model": nullable(STRING),
             },
             description="What is running and whether it works. Nothing secret.",
         ),
@@ -79,13 +77,9 @@ def schemas() -> dict[str, Schema]:
                 "items": schema("Message"),
                 "description": "Oldest first (newest first with message_order=desc).",
             },
-            "message_has_more": {"type": "boolean", "description": "More messages past this page, read on."},
-            "message_before_cursor": nullable(
-                {**CURSOR, "description": "The page's oldest message: ?message_before= reads older ones."}
-            ),
-            "message_after_cursor": nullable(
-                {**CURSOR, "description": "The page's newest message: ?message_after= reads newer ones."}
-            ),
+            "message_has_more": {**BOOLEAN, "description": "More messages past this page, read on."},
+            "message_before_cursor": _cursor("The page's oldest message: ?message_before= reads older ones."),
+            "message_after_cursor": _cursor("The page's newest message: ?message_after= reads newer ones."),
             "leaf_id": nullable({**UUID, "description": "The last message of the branch shown (the active leaf, or the "
                                  "newest leaf below ?leaf)."}),
         }),
@@ -95,22 +89,18 @@ def schemas() -> dict[str, Schema]:
                 "items": schema("Conversation"),
                 "description": "Most recent activity first.",
             },
-            "total": {"type": "integer", "minimum": 0},
+            "total": COUNT,
             "limit": {"type": "integer", "minimum": 1},
-            "offset": {"type": "integer", "minimum": 0},
-            "has_more": {"type": "boolean", "description": "More conversations past this page, read on."},
-            "before_cursor": nullable(
-                {**CURSOR, "description": "The page's last (oldest) conversation: ?before= reads on past it."}
-            ),
-            "after_cursor": nullable(
-                {**CURSOR, "description": "The page's first (newest) conversation: ?after= reads back past it."}
-            ),
+            "offset": COUNT,
+            "has_more": {**BOOLEAN, "description": "More conversations past this page, read on."},
+            "before_cursor": _cursor("The page's last (oldest) conversation: ?before= reads on past it."),
+            "after_cursor": _cursor("The page's first (newest) conversation: ?after= reads back past it."),
         }),
         "Message": closed({
             "id": UUID,
             "role": {"enum": ["user", "assistant"]},
-            "content": {"type": "string"},
-            "agent_type": nullable({"type": "string"}),
+            "content": STRING,
+            "agent_type": nullable(STRING),
             "timestamp": TIMESTAMP,
             "metadata": schema("MessageMetadata"),
             "parent_id": nullable({**UUID, "description": "The message it follows; null for a first message."}),
@@ -129,44 +119,35 @@ def schemas() -> dict[str, Schema]:
                     "description": "streaming: a run is still writing it (see run_id and seq).",
                 },
                 "run_id": UUID,
-                "seq": {
-                    "type": "integer",
-                    "minimum": 0,
-                    "description": "While streaming: the last event the content includes; resume with ?after=seq.",
-                },
-                "error_code": {"type": "string"},
-                "stop_reason": nullable({"type": "string"}),
+                "seq": {**COUNT, "description": "While streaming: the last event the content includes; resume with "
+                        "?after=seq."},
+                "error_code": STRING,
+                "stop_reason": nullable(STRING),
                 "usage": nullable(schema("Usage")),
-                "duration_ms": {"type": "integer", "minimum": 0},
+                "duration_ms": COUNT,
                 "tool_calls": {"type": "array", "items": {"type": "object"}},
-                "model_id": {
-                    "type": "string",
-                    "description": "The model that answered (its latest call): BEDROCK_MODEL_ID, or a fallback when "
-                    "that one was throttled or failing. Absent when no model answered.",
-                },
-                "model_ids": {
-                    "type": "array",
-                    "items": {"type": "string"},
-                    "description": "Only when the turn's calls were answered by more than one model: each, in order.",
-                },
+                "model_id": {**STRING, "description": "The model that answered (its latest call): BEDROCK_MODEL_ID, or "
+                             "a fallback when that one was throttled or failing. Absent when no model answered."},
+                "model_ids": {"type": "array", "items": STRING, "description": "Only when the turn's calls were "
+                              "answered by more than one model: each, in order."},
             },
         },
         "Deleted": closed({"status": {"const": "deleted"}, "conversation_id": UUID}),
         "SampleDataLoaded": closed({
             "status": {"const": "loaded"},
             "user_id": UUID,
-            "written": {"type": "integer", "minimum": 0, "description": "Sample records the user did not have yet."},
-            "existing": {"type": "integer", "minimum": 0, "description": "Sample records already there, kept as is."},
+            "written": {**COUNT, "description": "Sample records the user did not have yet."},
+            "existing": {**COUNT, "description": "Sample records already there, kept as is."},
         }),
         "ActionConfirmed": closed({
             "status": {"const": "done"},
             "action_id": UUID,
             "action": {"enum": ["update", "delete"]},
-            "table": {"type": "string"},
+            "table": STRING,
             "result": {
                 "oneOf": [
                     closed({"updated": nullable({"type": "object"})}),
-                    closed({"deleted": {"type": "string"}}),
+                    closed({"deleted": STRING}),
                 ],
                 "description": "As the tools' own results: {updated: record} or {deleted: record id}.",
             },
@@ -178,17 +159,17 @@ def schemas() -> dict[str, Schema]:
                        "done: it ran (used_at); expired: it can no longer run. Confirming decides."},
             "action_id": UUID,
             "action": {"enum": ["update", "delete"]},
-            "table": {"type": "string"},
-            "record_id": {"type": "string"},
-            "summary": {"type": "string", "description": "As the tool_call chunk showed it, for the Confirm button."},
+            "table": STRING,
+            "record_id": STRING,
+            "summary": {**STRING, "description": "As the tool_call chunk showed it, for the Confirm button."},
             "before": {**nullable(BEFORE), "description": BEFORE["description"] + " null: kept by an earlier version, "
                        "expired."},
             "changes": CHANGES,
             "expires_at": TIMESTAMP,
             "used_at": nullable(TIMESTAMP),
         }),
-        "Usage": closed({"input_tokens": {"type": "integer", "minimum": 0},
-                         "output_tokens": {"type": "integer", "minimum": 0},
+        "Usage": closed({"input_tokens": COUNT,
+                         "output_tokens": COUNT,
                          "cache_read_tokens": {"type": "integer", "minimum": 1,
                                                "description": "Input tokens read from the prompt cache, when any."},
                          "cache_write_tokens": {"type": "integer", "minimum": 1,
@@ -204,11 +185,15 @@ def schemas() -> dict[str, Schema]:
     }
 
 
+def _cursor(description: str) -> Schema:
+    """Where a page ends, to read on from (null on an empty page)."""
+    return nullable({**CURSOR, "description": description})
+
+
 def usage_schemas() -> dict[str, Schema]:
     """GET /api/usage: the caller's usage in a UTC period, against their budgets."""
-    count = {"type": "integer", "minimum": 0}
     usd = {"type": "number", "minimum": 0}
-    tokens = {"tokens": count, "cost": usd}
+    tokens = {"tokens": COUNT, "cost": usd}
     unpriced = nullable({**usd, "description": "USD; null when the model has no price (MODEL_PRICES)."})
     return {
         "UsageReport": closed({
@@ -219,17 +204,17 @@ def usage_schemas() -> dict[str, Schema]:
                            "Calls of unpriced models count no cost."),
             "reserved": closed(tokens, description="What the caller's turns still generating hold reserved beyond "
                                "what they have used; released when they end."),
-            "limit": closed({"tokens": nullable(count), "cost": nullable(usd)},
+            "limit": closed({"tokens": nullable(COUNT), "cost": nullable(usd)},
                             description="The budgets for this period (BUDGET_*); null when off."),
-            "remaining": closed({"tokens": nullable(count), "cost": nullable(usd)},
+            "remaining": closed({"tokens": nullable(COUNT), "cost": nullable(usd)},
                                 description="limit - used - reserved, at least 0; null when that budget is off."),
             "by_model": {"type": "array", "items": closed({
-                "model_id": {"type": "string"}, "calls": count,
-                "estimated_calls": {**count, "description": "Calls cut short, whose figures are estimated."},
-                "input_tokens": count, "output_tokens": count,
-                "cache_read_tokens": count, "cache_write_tokens": count, "cost": unpriced})},
+                "model_id": STRING, "calls": COUNT,
+                "estimated_calls": {**COUNT, "description": "Calls cut short, whose figures are estimated."},
+                "input_tokens": COUNT, "output_tokens": COUNT,
+                "cache_read_tokens": COUNT, "cache_write_tokens": COUNT, "cost": unpriced})},
             "by_conversation": {"type": "array", "description": "Most tokens first. A deleted conversation's usage "
                                 "stays (its id no longer opens anything).", "items": closed({
-                                    "conversation_id": UUID, "calls": count, "tokens": count, "cost": unpriced})},
+                                    "conversation_id": UUID, "calls": COUNT, "tokens": COUNT, "cost": unpriced})},
         }),
     }

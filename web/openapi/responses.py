@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from web.openapi.shapes import UUID, Schema, closed, ref, schema
+from web.openapi.shapes import BOOLEAN, STRING, UUID, Schema, closed, ref, schema
 
 
 def error_schemas() -> dict[str, Schema]:
@@ -17,10 +17,10 @@ def error_schemas() -> dict[str, Schema]:
             "required": ["code", "message", "userMessage", "suggestedActions", "retryable"],
             "properties": {
                 "code": {"type": "string", "pattern": "^[A-Z][A-Z0-9_]*$", "description": error_codes},
-                "message": {"type": "string", "description": "A safe technical summary, for logs and developers."},
-                "userMessage": {"type": "string", "description": "Plain language, for the user."},
-                "suggestedActions": {"type": "array", "items": {"type": "string"}},
-                "retryable": {"type": "boolean"},
+                "message": {**STRING, "description": "A safe technical summary, for logs and developers."},
+                "userMessage": {**STRING, "description": "Plain language, for the user."},
+                "suggestedActions": {"type": "array", "items": STRING},
+                "retryable": BOOLEAN,
                 "retryAfter": {"type": "integer", "minimum": 1, "description": "Seconds; with 429 (and some 503)."},
                 "runId": {**UUID, "description": "RUN_IN_PROGRESS: the run still generating; attach to it or stop it."},
                 "limit": {"enum": ["chat", "api", "streams", "budget"],
@@ -42,7 +42,7 @@ def error_schemas() -> dict[str, Schema]:
 
 def header_schemas() -> dict[str, Schema]:
     def header(description: str, schema: Schema | None = None) -> Schema:
-        return {"description": description, "schema": schema or {"type": "string"}}
+        return {"description": description, "schema": schema or STRING}
 
     seconds = {"type": "integer", "minimum": 0}
     return {
@@ -67,24 +67,21 @@ def header_schemas() -> dict[str, Schema]:
 
 
 def header_refs(*names: str, required: tuple[str, ...] = ()) -> dict[str, Schema]:
-    headers: dict[str, Schema] = {"X-Request-ID": {**ref("headers", "X-Request-ID")}}
-    for name in names:
-        headers[name] = ref("headers", name)
+    headers = {name: ref("headers", name) for name in ("X-Request-ID", *names)}
     for name in required:
         # A $ref cannot carry siblings that change it; a required header is written out in full.
         headers[name] = {**header_schemas()[name], "required": True}
     return headers
 
 
-def _error(description: str, codes: tuple[str, ...], *, retryable: bool | None = None, always: tuple[str, ...] = (),
+def _error(description: str, codes: tuple[str, ...], *, retryable: bool | None = None, error: Schema | None = None,
            **headers: Any) -> Schema:
-    """An error response: the envelope, the codes it may carry, ``retryable`` when the status fixes it, and the keys
-    the error ``always`` holds beyond the five."""
-    envelope: Schema = schema("ErrorEnvelope")
+    """An error response: the envelope, the codes it may carry, and what its ``error`` always holds (``retryable``,
+    when the status fixes it)."""
     if retryable is not None:
-        error: Schema = {"required": list(always)} if always else {}
-        error["properties"] = {"retryable": {"const": retryable}}
-        envelope = {"allOf": [envelope, {"properties": {"error": error}}]}
+        error = {"properties": {"retryable": {"const": retryable}}}
+    envelope = schema("ErrorEnvelope") if error is None else {
+        "allOf": [schema("ErrorEnvelope"), {"properties": {"error": error}}]}
     response: Schema = {
         "description": f"{description} Codes: {', '.join(codes)}.",
         "content": {"application/json": {"schema": envelope}},
@@ -147,20 +144,16 @@ def _too_many() -> Schema:
     budget = {"properties": {"code": {"const": "BUDGET_EXCEEDED"}, "retryable": {"const": False},
                              "limit": {"const": "budget"}},
               "required": ["period", "unit", "budget", "used", "resetsAt"]}
-    error = {"required": ["retryAfter"], "oneOf": [rate, budget]}
-    return {
-        "description": "A rate limit was hit (error.limit: chat, api or streams; retryable): retryAfter and "
-                       "Retry-After say when to come back. Or, for a chat turn, a usage budget is spent "
-                       "(BUDGET_EXCEEDED, error.limit budget; not retryable): the period, the budget, what was used "
-                       "and resetsAt are in the error and the X-Budget-* headers, and Retry-After counts the seconds "
-                       "to resetsAt. Codes: RATE_LIMIT_EXCEEDED, BUDGET_EXCEEDED.",
-        "content": {"application/json": {"schema": {"allOf": [schema("ErrorEnvelope"),
-                                                               {"properties": {"error": error}}]}}},
-        "x-error-codes": ["RATE_LIMIT_EXCEEDED", "BUDGET_EXCEEDED"],
-        "headers": header_refs("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset", "X-Budget-Period",
-                               "X-Budget-Unit", "X-Budget-Limit", "X-Budget-Used", "X-Budget-Reset",
-                               required=("Retry-After",)),
-    }
+    return _error(
+        "A rate limit was hit (error.limit: chat, api or streams; retryable): retryAfter and Retry-After say when to "
+        "come back. Or, for a chat turn, a usage budget is spent (BUDGET_EXCEEDED, error.limit budget; not "
+        "retryable): the period, the budget, what was used and resetsAt are in the error and the X-Budget-* "
+        "headers, and Retry-After counts the seconds to resetsAt.", ("RATE_LIMIT_EXCEEDED", "BUDGET_EXCEEDED"),
+        error={"required": ["retryAfter"], "oneOf": [rate, budget]},
+        headers=header_refs("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset", "X-Budget-Period",
+                            "X-Budget-Unit", "X-Budget-Limit", "X-Budget-Used", "X-Budget-Reset",
+                            required=("Retry-After",)),
+    )
 
 
 def for_every_error(errors: dict[str, Schema]) -> dict[str, Schema]:
@@ -184,7 +177,7 @@ def sse_ok(description: str) -> dict[str, Schema]:
             "comments keep idle connections open. The shutdown notice has no id line.",
             "headers": {
                 **header_refs(required=("X-Run-ID",)),
-                "Cache-Control": {"description": "no-cache, no-store", "schema": {"type": "string"}},
+                "Cache-Control": {"description": "no-cache, no-store", "schema": STRING},
                 "X-Accel-Buffering": {"description": "no: nginx must not buffer the stream.",
                                       "schema": {"const": "no"}},
             },

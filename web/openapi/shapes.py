@@ -6,7 +6,8 @@ from typing import Any
 
 from web.fields import CURSOR, NULL, UUID, Schema
 
-__all__ = ["BEFORE", "CHANGES", "CURSOR", "NULL", "TIMESTAMP", "UUID", "Schema", "closed", "nullable", "ref", "schema"]
+__all__ = ["BEFORE", "BOOLEAN", "CHANGES", "COUNT", "CURSOR", "NULL", "STRING", "TIMESTAMP", "UUID", "Schema", "closed",
+           "nullable", "ref", "schema"]
 
 
 def ref(kind: str, name: str) -> Schema:
@@ -37,3 +38,6 @@ BEFORE: Schema = {"type": "object", "description": "The record's values the chan
                   "them: the columns an update sets, or every column of a delete."}
 CHANGES: Schema = {**nullable({"type": "object"}), "description": "The new values of an update; null for a delete."}
 TIMESTAMP: Schema = {"$ref": "#/components/schemas/Timestamp"}
+STRING: Schema = {"type": "string"}
+BOOLEAN: Schema = {"type": "boolean"}
+COUNT: Schema = {"type": "integer", "minimum": 0}

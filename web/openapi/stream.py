@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from web.openapi.shapes import BEFORE, CHANGES, NULL, TIMESTAMP, UUID, Schema, closed, nullable, schema
+from web.openapi.shapes import (BEFORE, BOOLEAN, CHANGES, COUNT, NULL, STRING, TIMESTAMP, UUID, Schema, closed,
+                                nullable, schema)
 
 
 def _chunk(kind: str, description: str, properties: dict[str, Schema], optional: tuple[str, ...] = ()) -> Schema:
@@ -14,7 +15,7 @@ def _chunk(kind: str, description: str, properties: dict[str, Schema], optional:
         "tool_name": NULL,
         "tool_call": NULL,
         "error": NULL,
-        "agent_type": nullable({"type": "string"}),
+        "agent_type": nullable(STRING),
         "run_id": UUID,
     }
     base.update(properties)
@@ -41,7 +42,7 @@ def schemas() -> dict[str, Schema]:
                     "The shutdown notice has no id line.",
                 },
                 "event": {"const": "message", "description": "Never set: EventSource's default type."},
-                "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": schema("StreamChunk")},
+                "data": {**STRING, "contentMediaType": "application/json", "contentSchema": schema("StreamChunk")},
             },
             "additionalProperties": False,
         },
@@ -52,27 +53,25 @@ def schemas() -> dict[str, Schema]:
             "discriminator": {"propertyName": "type",
                               "mapping": {kind: schema(name)["$ref"] for kind, name in CHUNKS.items()}},
         },
-        "TokenChunk": _chunk(
-            "token", "Text written by agent_type.", {"content": {"type": "string"}, "agent_type": {"type": "string"}}
-        ),
+        "TokenChunk": _chunk("token", "Text written by agent_type.", {"content": STRING, "agent_type": STRING}),
         "ToolCallChunk": _chunk(
             "tool_call",
             "A tool started or finished, or the supervisor handed over (tool_name transfer_to_specialist).",
-            {"tool_name": {"type": "string"}, "tool_call": schema("ToolCall"), "agent_type": {"type": "string"}},
+            {"tool_name": STRING, "tool_call": schema("ToolCall"), "agent_type": STRING},
         ),
         "ToolCall": {
             "type": "object",
             "required": ["status"],
             "properties": {
                 "status": {"enum": ["started", "success", "error", "confirmation_required"]},
-                "agent": {"type": "string"},
-                "tool_use_id": {"type": "string"},
-                "duration_ms": {"type": "integer", "minimum": 0},
+                "agent": STRING,
+                "tool_use_id": STRING,
+                "duration_ms": COUNT,
                 "arguments": {"type": "object", "description": "Only for list, get and delete tools."},
                 "action_id": {**UUID, "description": "confirmation_required: POST /api/actions/{action_id}/confirm."},
                 "action": {"enum": ["update", "delete"]},
-                "record_id": {"type": "string"},
-                "summary": {"type": "string", "description": "What confirming will do, every value whole, as JSON "
+                "record_id": STRING,
+                "summary": {**STRING, "description": "What confirming will do, every value whole, as JSON "
                             "text with invisible characters escaped, for the Confirm button."},
                 "before": BEFORE,
                 "changes": CHANGES,
@@ -86,7 +85,7 @@ def schemas() -> dict[str, Schema]:
                 "message_id": UUID,
                 "conversation_id": UUID,
                 "usage": nullable(schema("Usage")),
-                "stop_reason": nullable({"type": "string"}),
+                "stop_reason": nullable(STRING),
                 "status": {"enum": ["complete", "stopped"]},
             },
         ),
@@ -94,7 +93,7 @@ def schemas() -> dict[str, Schema]:
             "error",
             "The turn failed; error is a plain-language message. The shutdown notice (code SERVER_SHUTTING_DOWN, "
             "no id: line) carries no run_id.",
-            {"error": {"type": "string"}, "code": {"type": "string"}, "retryable": {"type": "boolean"}},
+            {"error": STRING, "code": STRING, "retryable": BOOLEAN},
             optional=("run_id",),
         ),
     }
