@@ -437,6 +437,57 @@ def test_a_refused_cors_preflight_is_in_the_envelope(client: TestClient) -> None
     assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "http://localhost:5173"
 
 
+def test_every_method_a_route_serves_passes_a_browsers_preflight(client: TestClient) -> None:
+    """Walks the routes table, so a route added with a new method cannot be unreachable from the browser."""
+    served = {(route.path, method) for route in client.app.routes  # type: ignore[attr-defined]
+              for method in getattr(route, "methods", None) or () if method != "HEAD"}
+    assert ("/api/conversations/{conversation_id}/active-leaf", "PUT") in served
+    for path, method in sorted(served):
+        preflight = client.options(path, headers={
+            "Origin": "http://localhost:5173", "Access-Control-Request-Method": method,
+            "Access-Control-Request-Headers": "Authorization, Content-Type",
+        })
+        assert preflight.status_code == 200, (path, method, preflight.text)
+        assert method in preflight.headers["access-control-allow-methods"]
+
+
+# Headers a browser reads without being told (CORS-safelisted), or that speak to the browser or a proxy, not to scripts.
+NOT_FOR_SCRIPTS = {"cache-control", "content-language", "content-length", "content-type", "expires", "last-modified",
+                   "pragma", "vary", "x-content-type-options", "x-frame-options", "referrer-policy",
+                   "content-security-policy", "x-accel-buffering", "date", "server", "connection"}
+
+
+def assert_scripts_may_read_every_header(response: httpx.Response) -> None:
+    exposed = {name.strip().lower() for name in response.headers["access-control-expose-headers"].split(",")}
+    sent = {name.lower() for name in response.headers} - NOT_FOR_SCRIPTS
+    sent = {name for name in sent if not name.startswith("access-control-")}
+    assert sent <= exposed, sent - exposed
+
+
+def test_a_browsers_script_may_read_every_header_the_service_sends(tmp_path: Path, auth_headers: AuthHeaders) -> None:
+    """A stream (X-Run-ID), a rate-limit refusal (RateLimit-*, Retry-After) and a budget refusal (X-Budget-*), each from
+    an allowed origin: whatever the service sends for the client to read, the browser lets the page read."""
+    origin = {"Origin": "http://localhost:5173"}
+    user = new_id()
+    limited = make_settings(tmp_path, RATE_LIMIT_CHAT_PER_MINUTE="1", BUDGET_DAY_TOKENS="100000")
+    with TestClient(create_app(limited)) as client:
+        body = {"message": "hello", "user_id": user, "conversation_id": new_id()}
+        stream = client.post("/api/chat/stream", json=body, headers={**auth_headers(user), **origin})
+        assert stream.status_code == 200 and "x-run-id" in stream.headers
+        assert_scripts_may_read_every_header(stream)
+        refused = client.post("/api/chat/stream", json={**body, "conversation_id": new_id()},
+                              headers={**auth_headers(user), **origin})
+        assert refused.status_code == 429 and "ratelimit-limit" in refused.headers
+        assert_scripts_may_read_every_header(refused)
+    spent = make_settings(tmp_path / "spent", BUDGET_DAY_TOKENS="1")
+    with TestClient(create_app(spent)) as client:
+        over = client.post("/api/chat/stream", json={"message": "hello", "user_id": user, "conversation_id": new_id()},
+                           headers={**auth_headers(user), **origin})
+        assert over.status_code == 429 and over.json()["error"]["code"] == "BUDGET_EXCEEDED"
+        assert "x-budget-used" in over.headers
+        assert_scripts_may_read_every_header(over)
+
+
 @pytest.mark.parametrize(
     ("method", "path", "allowed"),
     [

@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from errors import BadRequest, PayloadTooLarge
 from services import metrics as metrics_context
 from settings import Settings
+from web.openapi.responses import header_schemas
 
 logger = logging.getLogger("canvalo.access")
 
@@ -46,11 +47,11 @@ def stack(settings: Settings) -> list[Middleware]:
             allow_origins=settings.cors_origins,
             # Credentials with a wildcard origin would let any site act as the user; never combine them.
             allow_credentials="*" not in settings.cors_origins,
-            allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
+            # Every method a route may serve (PUT sets a conversation's active leaf), and every response header the
+            # API document declares: a browser's script reads a header only when it is exposed.
+            allow_methods=sorted(HTTP_METHODS),
             allow_headers=["Authorization", "Content-Type", "X-Request-ID", "Last-Event-ID"],
-            expose_headers=[
-                "X-Request-ID", "X-Run-ID", "Retry-After", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"
-            ],
+            expose_headers=list(header_schemas()),
         ),
         Middleware(BodyLimit, max_bytes=settings.max_request_bytes),
     ]
