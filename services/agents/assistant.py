@@ -8,10 +8,8 @@ tool loop on the same conversation and its text streams straight to the client l
 the supervisor regenerate its output, paying for the answer twice).
 
 The loop is bounded: at most ``MAX_ITERATIONS`` model calls per specialist and ``TOOL_SECONDS`` of tool time per
-turn. Tools run as the request's ``Caller`` through the store. A call that needs the user's confirmation (every
-update and every delete: ``services/agents/actions.py``) finishes with status ``confirmation_required``, and its
-``tool_call`` chunk carries the pending action's id and the whole change (summary, before, changes) for the
-frontend's Confirm button.
+turn. Tools run as the request's ``Caller`` through the store; an update or a delete only prepares a pending action
+(``services/agents/actions.py``), whose ``tool_call`` chunk carries what the frontend's Confirm button needs.
 """
 
 from __future__ import annotations

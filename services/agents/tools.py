@@ -179,13 +179,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
 
 
 def validate(schema: dict[str, Any], value: Any, path: str = "input", depth: int = 0) -> None:
-    """Check ``value`` against the subset of JSON Schema our tool schemas use; raise ``ToolInputError``.
-
-    Keywords: ``type`` (a name or a list), ``enum``, ``minimum``, ``maximum``, ``maxLength``, ``maxItems``,
-    ``format`` (date, time, uuid, email), ``properties``, ``required``, ``additionalProperties`` (false or a schema),
-    ``minProperties``, ``maxProperties`` and ``items``; each applies to values of its kind, at any depth. A null
-    the ``type`` allows means "no value", so no other keyword applies to it.
-    """
+    """Check ``value`` against ``schema``; raise ``ToolInputError``. A null the ``type`` allows means "no value",
+    so no other keyword applies to it."""
     if depth > MAX_DEPTH:
         raise ToolInputError(f"{path} is nested too deeply")
     expected = schema.get("type")

@@ -1,16 +1,11 @@
-"""What a turn's model calls used, call by call, however the turn ends.
+"""What a turn's model calls used, call by call, however the turn ends (docs/operations.md, "Usage and budgets").
 
-Each call the assistant makes (the supervisor's, then each of the specialist's) becomes one ``CallUsage`` once the
-model reports its usage, which Bedrock does at the end of the call's stream. A call cut short after the model began
-answering (a stop, a timeout, a failure, a shutdown) is counted all the same when the turn ends: its input estimated
-from the request it sent, its output from what it streamed (``services.model.estimate_tokens``), and marked
-``estimated``. So a stopped or failed answer is never counted as free, and the figures say which are the model's own.
-A call refused before any answer (throttled, denied, timed out waiting for the first event) counts nothing: the
-model processed none of it that it says it bills.
-
-Each call is priced as it is counted (``ModelPrice``, USD per million tokens; cache tokens at the input rate when a
-price names no cache rates); a model without a price counts its tokens with a cost of None. The calls are the rows of
-the usage ledger, which the run's flushes write (``services/runs/live.py``).
+Each call the assistant makes becomes one ``CallUsage`` once the model reports its usage, which Bedrock does at the
+end of the call's stream. A call cut short after the model began answering (a stop, a timeout, a failure, a
+shutdown) is counted all the same, estimated from its request and what it streamed and marked ``estimated``, so a
+stopped or failed answer is never free; a call refused before any answer counts nothing, as the model bills nothing
+for it. Each call is priced as it is counted (``ModelPrice``); the calls are the rows of the usage ledger, which the
+run's flushes write (``services/runs/live.py``).
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
 """Usage budgets: per user, per UTC day and month, in tokens and in USD, off unless set (``BUDGET_*``).
 
-A turn is admitted inside ``Store.begin_run``'s transaction, beside the chat limits and after the idempotency check
-(a repeated ``client_message_id`` costs nothing), when what the caller has used this period (the usage ledger, plus
-what their runs still going hold reserved) plus this turn's reservation stays within every budget. The reservation is
-a bound on one turn: the new message's estimate, the whole history budget (``HISTORY_TOKEN_BUDGET``) and the most
-output a call may produce (``BEDROCK_MAX_TOKENS``), priced at the dearest model in use. It holds while the run runs
-and stops counting once it ends, however it ends: its ledger rows are then what it cost. A run whose worker died is
-ended by the reaper (``interrupted``), which releases it the same way. The reservation is an admission bound, not a
-cap: a turn of several calls (a tool turn) may use more, and is billed in full.
+A turn is admitted inside ``Store.begin_run``'s transaction, after the idempotency check, when what the caller has
+used this period (the usage ledger, plus what their running turns hold reserved) plus this turn's reservation stays
+within every budget. The reservation (the message's estimate, the whole ``HISTORY_TOKEN_BUDGET`` and
+``BEDROCK_MAX_TOKENS``, priced at the dearest model in use) stops counting once the run ends, when its ledger rows are
+what it cost: an admission bound, not a cap, since a tool turn of several calls may use more (docs/operations.md).
 """
 
 from __future__ import annotations

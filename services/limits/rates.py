@@ -1,19 +1,11 @@
-"""Per-user rate limits and a cap on open streams, with the shared state in the store.
+"""Per-user rate limits and a cap on open streams, with the shared state in the store (docs/operations.md, "Limits").
 
 Limits must hold across several workers and machines, so nothing is counted in process memory: every decision
-is one atomic statement in the store (``LimitStore``). SQLite does it with an upsert in one write transaction;
-the Supabase store calls the Postgres functions in ``migrations/003_rate_limits.sql`` through PostgREST RPC.
-
-- Requests are counted in fixed windows of ``RATE_LIMIT_WINDOW_SECONDS``: chat turns against
-  ``RATE_LIMIT_CHAT_PER_MINUTE``, every other ``/api`` request against ``RATE_LIMIT_API_PER_MINUTE``. A refused
-  request still counts (a client hammering the API stays refused until the window ends). Fixed windows allow up
-  to twice the limit across a window boundary; that is the price of one row per user and one statement per check.
-- Stream slots are the user's running chat runs (``services/runs/manager.py``): a slot frees when its run ends, and the
-  run of a worker that died stops counting when its heartbeat lapses (``RUN_STALE_SECONDS``), so a crash cannot
-  lock a user out. A chat turn's limits are checked inside ``Store.begin_run``'s transaction (``turn_limits``),
-  after the idempotency check, so a repeated send costs nothing.
-- The subject is the authenticated caller (``Caller.user_id``). A request whose authentication failed is counted
-  against its client address instead (``addr:<ip>``), so guessing tokens is limited too.
+is one atomic statement in the store (``LimitStore``). Requests are counted in fixed windows: one row per user and
+one statement per check, at the price of up to twice the limit across a window boundary. Stream slots are the user's
+running chat runs, so a slot frees when its run ends, or its heartbeat lapses when its worker died. A chat turn's
+limits are checked inside ``Store.begin_run``'s transaction (``turn_limits``), after the idempotency check. A request
+whose authentication failed is counted against its client address (``addr:<ip>``), so guessing tokens is limited too.
 """
 
 from __future__ import annotations

@@ -1,18 +1,11 @@
 """The built-in local responder: a deterministic stand-in for a language model. It is NOT an LLM.
 
 It lets the whole service run, and be tested, with no cloud account: it answers through the same ``ChatModel``
-interface, the same agent loop and the same stream as Bedrock does, following fixed rules:
-
-- offered the supervisor's hand-off tool, it routes by keywords: one matching domain is handed over, several get a
-  clarifying question, none get a greeting/help answer;
-- offered a specialist's tools, it calls the first (the list tool), passing any vocabulary word from the message
-  (``overdue``, ``paid``, ...) as a filter;
-- asked for a change ("Mark invoice INV-1043 as paid", "Reschedule Ben Carter's appointment to Friday at 2pm",
-  "Delete the contact Summit Paint Supply"; ``local_changes.py`` lists what it understands), it makes the calls a
-  model makes: the list tool to find the record, then ``update_<one>`` or ``delete_<one>`` with its id, which only
-  prepare the change for the user to confirm;
-- given a tool result, it writes its answer from the rows it received (or, for a change waiting for the user's
-  confirmation, says so: it never deletes or changes anything itself).
+interface, the same agent loop and the same stream as Bedrock does, following fixed rules (docs/assistant.md): offered
+the hand-off tool, it routes by the domains' keywords (one match is handed over, several get a clarifying question,
+none a greeting); offered a specialist's tools, it calls the list tool with the vocabulary words it finds as
+filters, or, asked for a change, makes the calls ``local_changes.py`` describes; given a tool result, it writes its
+answer from the rows (a change waiting for confirmation is said to wait: it never changes anything itself).
 
 Replies go out word by word, ``token_delay`` seconds apart, so streaming is visible.
 """
