@@ -114,10 +114,8 @@ class Assistant:
         handoff: Domain | None = None
         request = ModelRequest(self._supervisor.system, turns, self._supervisor.tools)
         async for event in self._call(request, done):
-            if isinstance(event, TextDelta):
-                yield AgentText(SUPERVISOR, event.text)
-            elif isinstance(event, ModelUsed):
-                yield AgentModel(SUPERVISOR, event.model_id)
+            if not isinstance(event, ToolUse):
+                yield event
             elif event.name == HANDOFF_TOOL:
                 handoff = BY_AGENT.get(str(event.input.get("agent")))
         if handoff is None:
@@ -143,13 +141,12 @@ class Assistant:
             text: list[str] = []
             calls: list[ToolUse] = []
             async for event in self._call(ModelRequest(domain.instructions, messages, specs), done):
-                if isinstance(event, TextDelta):
-                    text.append(event.text)
-                    yield AgentText(domain.agent_type, event.text)
-                elif isinstance(event, ModelUsed):
-                    yield AgentModel(domain.agent_type, event.model_id)
-                else:
+                if isinstance(event, ToolUse):
                     calls.append(event)
+                    continue
+                if isinstance(event, AgentText):
+                    text.append(event.text)
+                yield event
             if done.stop_reason != "tool_use" or not calls:
                 if done.stop_reason in STOP_NOTES:
                     yield AgentText(domain.agent_type, STOP_NOTES[done.stop_reason])
@@ -197,8 +194,8 @@ class Assistant:
             return await run_tool(self._store, caller, tool, call.input, self._action_ttl)
         return ToolResult("error", {"error": "The tool took too long and was stopped."})
 
-    async def _call(self, request: ModelRequest, done: AgentDone) -> AsyncIterator[TextDelta | ToolUse | ModelUsed]:
-        """One model call of ``done.agent_type``: first the model that answered, then text and tool calls as they
+    async def _call(self, request: ModelRequest, done: AgentDone) -> AsyncIterator[AgentText | AgentModel | ToolUse]:
+        """One model call of ``done.agent_type``: first the model that answered, then its text and tool calls as they
         come; usage and the stop reason are recorded in ``done``."""
         done.stop_reason = ""
         done.calls.started(done.agent_type, request)
@@ -210,10 +207,10 @@ class Assistant:
                 # as its configured model.
                 answered = event.model_id if isinstance(event, ModelUsed) else self._model.model_id
                 done.calls.answered(answered)
-                yield ModelUsed(answered)
+                yield AgentModel(done.agent_type, answered)
             if isinstance(event, TextDelta):
                 done.calls.produced(event.text)
-                yield event
+                yield AgentText(done.agent_type, event.text)
             elif isinstance(event, ToolUse):
                 done.calls.produced(event.input)
                 yield event

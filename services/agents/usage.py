@@ -20,13 +20,6 @@ from settings import ModelPrice
 KINDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
 
 
-def cost_of(call: CallUsage, price: ModelPrice | None) -> float | None:
-    """The call's cost in USD at ``price``, or None without one."""
-    if price is None:
-        return None
-    return price.cost(call.input_tokens, call.output_tokens, call.cache_read_tokens, call.cache_write_tokens)
-
-
 class TurnUsage:
     """The calls of one turn: ``started``, ``answered`` by a model, ``produced`` output, ``finished`` with the model's
     own figures; ``close`` estimates the one still open."""
@@ -66,7 +59,10 @@ class TurnUsage:
         self._open = None
 
     def _count(self, call: CallUsage) -> None:
-        call.cost, call.index = cost_of(call, self._prices.get(call.model_id)), len(self.calls)
+        price = self._prices.get(call.model_id)
+        if price is not None:  # else its cost stays None
+            call.cost = price.cost(call.input_tokens, call.output_tokens, call.cache_read_tokens, call.cache_write_tokens)
+        call.index = len(self.calls)
         self.calls.append(call)
 
     def totals(self) -> dict[str, object] | None:

@@ -22,10 +22,12 @@ from settings import ConfigError, Settings
 logger = logging.getLogger(__name__)
 
 FALLBACK_LOG_SECONDS = 60.0  # while limits are counted in memory, say so at most this often
-LIMIT_MESSAGES = {
-    "chat": "Too many chat turns in this window (RATE_LIMIT_CHAT_PER_MINUTE).",
-    "api": "Too many API requests in this window (RATE_LIMIT_API_PER_MINUTE).",
-    "streams": "Too many answers in progress for this user (MAX_STREAMS_PER_USER).",
+# Per limit: the error's message, and what the user is told when it is not the default.
+LIMIT_MESSAGES: dict[str, tuple[str, str | None]] = {
+    "chat": ("Too many chat turns in this window (RATE_LIMIT_CHAT_PER_MINUTE).", None),
+    "api": ("Too many API requests in this window (RATE_LIMIT_API_PER_MINUTE).", None),
+    "streams": ("Too many answers in progress for this user (MAX_STREAMS_PER_USER).",
+                "You already have the maximum number of answers in progress. Please wait for one to finish."),
 }
 
 
@@ -75,10 +77,7 @@ class RateLimiter:
         """The 429 for a turn ``begin_run`` refused (``rate_limited`` or ``streams_full``), counted in the metrics."""
         if begun.outcome == "rate_limited":
             return self._refusal("chat", self._chat_limit, begun.retry_after)
-        return self._refusal(
-            "streams", self._stream_limit, begun.retry_after,
-            user_message="You already have the maximum number of answers in progress. Please wait for one to finish."
-        )
+        return self._refusal("streams", self._stream_limit, begun.retry_after)
 
     def check_address(self, address: str) -> None:
         """Refuse an address whose requests failed before authentication ``API`` times this window, in process and
@@ -114,13 +113,12 @@ class RateLimiter:
         if not allowed:
             raise self._refusal(bucket, limit, retry_after)
 
-    def _refusal(self, name: str, limit: int, retry_after: float, user_message: str | None = None) -> RateLimited:
+    def _refusal(self, name: str, limit: int, retry_after: float) -> RateLimited:
         """A 429 that says which limit was hit (``chat``, ``api`` or ``streams``), counted in the metrics."""
         self._metrics.rate_limited.inc(name)
-        return RateLimited(
-            LIMIT_MESSAGES[name], user_message=user_message, retry_after=max(1.0, retry_after), details={"limit": name},
-            limit=limit
-        )
+        message, user_message = LIMIT_MESSAGES[name]
+        return RateLimited(message, user_message=user_message, retry_after=max(1.0, retry_after),
+                           details={"limit": name}, limit=limit)
 
     def _log_fallback(self, code: str) -> None:
         now = time.monotonic()
