@@ -21,8 +21,7 @@ KINDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_toke
 
 
 class TurnUsage:
-    """The calls of one turn: ``started``, ``answered`` by a model, ``produced`` output, ``finished`` with the model's
-    own figures; ``close`` estimates the one still open."""
+    """The calls of one turn, as they start, answer, produce and finish; ``close`` estimates the one still open."""
 
     def __init__(self, prices: Mapping[str, ModelPrice] | None = None) -> None:
         self.calls: list[CallUsage] = []
@@ -61,14 +60,14 @@ class TurnUsage:
     def _count(self, call: CallUsage) -> None:
         price = self._prices.get(call.model_id)
         if price is not None:  # else its cost stays None
-            call.cost = price.cost(call.input_tokens, call.output_tokens, call.cache_read_tokens, call.cache_write_tokens)
+            call.cost = price.cost(call.input_tokens, call.output_tokens, call.cache_read_tokens,
+                                   call.cache_write_tokens)
         call.index = len(self.calls)
         self.calls.append(call)
 
     def totals(self) -> dict[str, object] | None:
-        """The turn's usage as the stream and the stored answer show it: input and output tokens, the cache's when
-        any, ``cost`` in USD (None when a call's model has no price), ``estimated`` when any call's figures are; None
-        before any call was counted."""
+        """The turn's usage as the stream and the stored answer show it (the cache's tokens only when any; ``cost``
+        None when a call's model has no price); None before any call was counted."""
         if not self.calls:
             return None
         out: dict[str, object] = {kind: sum(getattr(c, kind) for c in self.calls) for kind in KINDS}

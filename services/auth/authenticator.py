@@ -54,8 +54,7 @@ class TrustClaimedUser:
 
 
 def claimed_caller(verified: Caller | None, claimed_user_id: str) -> Caller:
-    """The request's caller: the token's user, who must be the ``user_id`` the request names (``Forbidden``
-    otherwise), or, with authentication off, the named user."""
+    """The token's user, who must be the ``user_id`` the request names, or, with authentication off, the named user."""
     if verified is None:
         return Caller(user_id=claimed_user_id)
     if claimed_user_id.lower() != verified.user_id:
@@ -106,8 +105,6 @@ class SupabaseJWTAuth:
 
 
 def build_authenticator(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> Authenticator:
-    """``none`` without auth settings; otherwise HS256 with the secret, and asymmetric tokens with the project's keys
-    or (``AUTH_VERIFY=remote``) by Supabase Auth, as configured."""
     secret = str(settings.supabase_jwt_secret)
     url = settings.supabase_url.rstrip("/")
     if not secret and not url:

@@ -37,8 +37,7 @@ def _amount(unit: BudgetUnit, value: float) -> float | int:
 
 
 class Budgets:
-    """The settings' budgets, one per app (``request.state.budgets``): what a turn reserves, its refusal, and the
-    usage report."""
+    """The settings' budgets, one per app (``request.state.budgets``)."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self._metrics = metrics

@@ -67,8 +67,7 @@ class RateLimiter:
             await self._count(caller, "api", self._api_limit)
 
     def turn_limits(self, stale_seconds: float, events_ttl: float, budget: TurnBudget | None = None) -> TurnLimits:
-        """What ``Store.begin_run`` checks for a chat turn (no counts when limits are off), with the turn's
-        ``budget`` (``services/limits/budgets.py``; None when budgets are off)."""
+        """What ``Store.begin_run`` checks for a chat turn (no counts when limits are off), with its ``budget``."""
         if self._store is None:
             return TurnLimits(stale_seconds, events_ttl, budget=budget)
         return TurnLimits(stale_seconds, events_ttl, self._window, self._chat_limit, self._stream_limit, budget)

@@ -122,8 +122,8 @@ def clarify(agents: list[str]) -> str:
 
 def describe_result(result: dict[str, Any], arguments: dict[str, Any] | None = None,
                     domain: Domain | None = None) -> str:
-    """Write an answer from a tool result, the way a model would summarise the rows it was given; ``arguments`` are
-    the call's (a list's filters are said: "with status overdue"), ``domain`` says which columns to show."""
+    """Write an answer from a tool result, the way a model would summarise the rows it was given (a list's filters
+    are said: "with status overdue")."""
     if result.get("status") == "error":
         return f"I couldn't get that information: {result.get('error', 'the lookup failed')} {DISCLAIMER}"
     if result.get("status") == "confirmation_required":

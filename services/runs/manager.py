@@ -247,8 +247,7 @@ class RunManager:
         return await self._store.read_run(caller, run_id, None)
 
     async def _await_end(self, caller: Caller, run_id: str) -> None:
-        """Wait for another worker to end the run (it sees the stop at its next flush), or end it if that worker
-        is dead."""
+        """Wait for the run's worker to end it (it sees the stop at its next flush), or end it if that worker died."""
         with anyio.move_on_after(STOP_WAIT_SECONDS):
             while True:
                 view = await self._store.read_run(caller, run_id, None)
