@@ -90,7 +90,7 @@ class AgentModel:
 class AgentDone:
     agent_type: str
     stop_reason: str
-    calls: TurnUsage  # every model call's usage, counted as each ends (the caller's, when it passed one)
+    calls: TurnUsage  # every model call's usage, counted as each ends
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -106,11 +106,11 @@ class Assistant:
         self._action_ttl = action_ttl
 
     async def respond(
-        self, caller: Caller, turns: list[dict[str, Any]], usage: TurnUsage | None = None
+        self, caller: Caller, turns: list[dict[str, Any]], usage: TurnUsage
     ) -> AsyncIterator[AgentEvent]:
         """The turn's events, ending with ``AgentDone``. ``usage`` counts its model calls as they end, so a caller
         that stops listening early still has the usage of what ran."""
-        done = AgentDone(agent_type=SUPERVISOR, stop_reason="", calls=usage or TurnUsage())
+        done = AgentDone(agent_type=SUPERVISOR, stop_reason="", calls=usage)
         handoff: Domain | None = None
         request = ModelRequest(self._supervisor.system, turns, self._supervisor.tools)
         async for event in self._call(request, done):

@@ -28,14 +28,14 @@ _CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
 _JOINERS = frozenset("\u200d\ufe0e\ufe0f")
 
 
-def title_from_message(message: str, max_chars: int = MAX_TITLE_CHARS) -> str:
-    """The title for a conversation whose first message is ``message`` (at most ``max_chars`` characters)."""
+def title_from_message(message: str) -> str:
+    """The title for a conversation whose first message is ``message`` (at most ``MAX_TITLE_CHARS`` characters)."""
     text = _clean(message)
     if not text:
         return AUTO_TITLE
-    if len(text) <= max_chars:
+    if len(text) <= MAX_TITLE_CHARS:
         return text
-    return _cut(text, max_chars - len(ELLIPSIS)) + ELLIPSIS
+    return _cut(text, MAX_TITLE_CHARS - len(ELLIPSIS)) + ELLIPSIS
 
 
 def _clean(message: str) -> str:
