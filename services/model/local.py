@@ -20,7 +20,7 @@ from typing import Any
 
 import anyio
 
-from services.domains import Domain
+from services.domains import DOMAINS, Domain
 from services.model import ModelEvent, ModelRequest, Stop, TextDelta, ToolUse, Usage, estimate_tokens, prompt_tokens
 from services.model import local_changes as changes
 from settings import LOCAL_MODEL_ID
@@ -35,10 +35,10 @@ class LocalModel:
     is_llm = False
     configured = True
 
-    def __init__(self, token_delay: float = 0.0, domains: tuple[Domain, ...] = ()) -> None:
+    def __init__(self, token_delay: float) -> None:
         self._token_delay = token_delay
-        self._keywords = {domain.agent_type: domain.keywords for domain in domains}
-        self._lists = {f"list_{domain.table}": domain for domain in domains}
+        self._keywords = {domain.agent_type: domain.keywords for domain in DOMAINS}
+        self._lists = {f"list_{domain.table}": domain for domain in DOMAINS}
 
     async def open(self) -> None:
         return None
