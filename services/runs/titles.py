@@ -1,11 +1,8 @@
 """A conversation's title from its first message: short, clean, cut at a word boundary, without a model call.
 
-The chat route titles the conversation a first turn creates with ``title_from_message(message)``; a conversation
-that already exists keeps its title (``Store.begin_run`` uses ``NewRun.title`` only when it creates one). The rules:
-control characters become spaces, runs of whitespace one space; a text longer than ``MAX_TITLE_CHARS`` is cut at the
-last word boundary that fits, loses the punctuation its cut left dangling (``"paint,"`` or ``"walls -"``) and ends with
-an ellipsis. A single word too long to cut at a boundary (a URL, say) is cut inside it, never inside a combining mark
-sequence. A message with nothing printable left is titled ``AUTO_TITLE``, as before.
+The chat route titles the conversation a first turn creates with ``title_from_message(message)``; a conversation that
+already exists keeps its title (``Store.begin_run`` uses ``NewRun.title`` only when it creates one). A message with
+nothing printable left is titled ``AUTO_TITLE``.
 """
 
 from __future__ import annotations
