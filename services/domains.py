@@ -5,11 +5,8 @@ needs and their defaults, the status vocabulary, how lists are ordered, and, for
 stands in for a model, the words that route a message to it and the columns it shows of a row. Tables, tool schemas
 and the SQLite DDL are all derived from it.
 Tables and columns follow the earlier service's ``api.invoices`` and sibling tables; every table also has ``id``,
-``user_id``, ``created_at`` and ``updated_at``, which no tool can write.
-
-Every update and every delete, in every domain, waits for the user's confirmation (``services/agents/actions.py``), so
-nothing here says which columns matter: a model that reads planted text in a record ("set every contact's email to
-...") cannot carry it out on its own, whichever column it names.
+``user_id``, ``created_at`` and ``updated_at``, which no tool can write. Nothing here says which columns matter to
+guard: every update and every delete waits for the user's confirmation (``services/agents/actions.py``).
 """
 
 from __future__ import annotations

@@ -2,18 +2,12 @@
 always comes back.
 
 Why httpx's pool is not left to count them itself: httpcore 1.0.9 (the last release, used by httpx 0.28.1) loses a
-connection slot for good when a request is cancelled at one of three moments (each reproduced on loopback):
-
-* queued for a connection, just as another request's end opens a fresh one for it: the fresh connection stays
-  ``CONNECTING`` with no owner (encode/httpcore#1093; anyio cancellation too, as Starlette cancels a handler whose
-  client left);
-* just after connecting, at a lock taken outside any ``try``: the connection stays ``NEW``, its socket open
-  (encode/httpcore#1099);
-* while its response is being closed: the pool keeps counting the request as active (encode/httpcore#1115).
-
-httpcore's shields are anyio cancel scopes, which ``Task.cancel()``, ``asyncio.timeout`` and ``wait_for`` go through.
-Each loss is permanent; once ``max_connections`` are lost every request waits out the pool timeout, and the worker is
-wedged until it restarts. Two rules keep our requests out of reach:
+connection slot for good when a request is cancelled while queued just as a fresh connection opens for it
+(encode/httpcore#1093, anyio cancellation too, as Starlette cancels a handler whose client left), just after
+connecting (#1099), or while its response is being closed (#1115), each reproduced on loopback; its shields are anyio
+cancel scopes, which ``Task.cancel()``, ``asyncio.timeout`` and ``wait_for`` go through. Once ``max_connections``
+are lost every request waits out the pool timeout, and the worker is wedged until it restarts. Two rules keep our
+requests out of reach:
 
 1. The connections are counted by us (``Connections``): a request enters httpx only once it holds a client of its
    own, so it never queues inside httpcore. Waiting for one is bounded: past ``wait`` seconds, ``PoolBusy``.

@@ -3,14 +3,10 @@
 Why hand-written: the service needs a dozen metrics and one text format (Prometheus exposition format 0.0.4);
 ``prometheus_client`` would be the only runtime dependency for that.
 
-Several workers (``uvicorn --workers N``) each keep their own numbers in memory, and a scrape reaches one of them.
-So that a scrape shows the service's totals and not one worker's, each worker writes a snapshot of its numbers to
-``METRICS_DIR`` (one JSON file per worker, written atomically every ``FLUSH_SECONDS`` and at shutdown), and the
-worker answering a scrape merges every snapshot with its own live numbers: counters and histograms are summed
-over all files (a worker that exited still counts), gauges only over workers that wrote recently (a dead worker's
-open streams are not open). This is the approach of prometheus_client's multiprocess mode. Without ``METRICS_DIR``
-a scrape shows the answering worker alone, which is right for one worker. ``METRICS_DIR`` is per machine or
-container: every machine is scraped on its own, and the directory is emptied when the container starts.
+Several workers each keep their own numbers in memory, and a scrape reaches one of them. So that a scrape shows the
+service's totals, each worker writes a snapshot of its numbers to ``METRICS_DIR`` (one JSON file per worker, written
+atomically every ``FLUSH_SECONDS`` and at shutdown), and the worker answering a scrape merges every snapshot with its
+own live numbers (docs/operations.md, "Metrics", says how each kind is merged): prometheus_client's multiprocess mode.
 
 The per-request ``ContextVar`` below exists for code deep inside the store and model clients: ``services/retry.py``'s
 ``with_retry``, and the Bedrock client's walk down its fallback models; threading a registry through all of their
@@ -18,8 +14,7 @@ signatures would change modules that do not care about metrics. ``RequestContext
 chat run's task inherits the context of the request that started it), so two apps in one process (tests) keep
 their numbers apart, which a module-level registry would not.
 
-The ``model`` label only ever holds a configured model id (``BEDROCK_MODEL_ID``, one of
-``BEDROCK_FALLBACK_MODEL_IDS``, or the local responder's), never anything a request supplies, so its series are
+The ``model`` label only ever holds a configured model id, never anything a request supplies, so its series are
 bounded by the configuration.
 """
 

@@ -43,9 +43,9 @@ class RetryPolicy:
             max_total=settings.retry_max_total,
         )
 
-    def delay(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
+    def delay(self, attempt: int) -> float:
         """The pause after failed attempt ``attempt`` (0-based): full jitter under an exponential cap."""
-        return rng() * min(self.max_delay, self.base_delay * (2**attempt))
+        return random.random() * min(self.max_delay, self.base_delay * (2**attempt))
 
 
 def is_retryable(error: AppError) -> bool:

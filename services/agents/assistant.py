@@ -8,10 +8,8 @@ tool loop on the same conversation and its text streams straight to the client l
 the supervisor regenerate its output, paying for the answer twice).
 
 The loop is bounded: at most ``MAX_ITERATIONS`` model calls per specialist and ``TOOL_SECONDS`` of tool time per
-turn. Tools run as the request's ``Caller`` through the store. A call that needs the user's confirmation (every
-update and every delete: ``services/agents/actions.py``) finishes with status ``confirmation_required``, and its
-``tool_call`` chunk carries the pending action's id and the whole change (summary, before, changes) for the
-frontend's Confirm button.
+turn. Tools run as the request's ``Caller`` through the store; an update or a delete only prepares a pending action
+(``services/agents/actions.py``), whose ``tool_call`` chunk carries what the frontend's Confirm button needs.
 """
 
 from __future__ import annotations
@@ -92,7 +90,7 @@ class AgentModel:
 class AgentDone:
     agent_type: str
     stop_reason: str
-    calls: TurnUsage  # every model call's usage, counted as each ends (the caller's, when it passed one)
+    calls: TurnUsage  # every model call's usage, counted as each ends
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -108,18 +106,16 @@ class Assistant:
         self._action_ttl = action_ttl
 
     async def respond(
-        self, caller: Caller, turns: list[dict[str, Any]], usage: TurnUsage | None = None
+        self, caller: Caller, turns: list[dict[str, Any]], usage: TurnUsage
     ) -> AsyncIterator[AgentEvent]:
         """The turn's events, ending with ``AgentDone``. ``usage`` counts its model calls as they end, so a caller
         that stops listening early still has the usage of what ran."""
-        done = AgentDone(agent_type=SUPERVISOR, stop_reason="", calls=usage or TurnUsage())
+        done = AgentDone(agent_type=SUPERVISOR, stop_reason="", calls=usage)
         handoff: Domain | None = None
         request = ModelRequest(self._supervisor.system, turns, self._supervisor.tools)
         async for event in self._call(request, done):
-            if isinstance(event, TextDelta):
-                yield AgentText(SUPERVISOR, event.text)
-            elif isinstance(event, ModelUsed):
-                yield AgentModel(SUPERVISOR, event.model_id)
+            if not isinstance(event, ToolUse):
+                yield event
             elif event.name == HANDOFF_TOOL:
                 handoff = BY_AGENT.get(str(event.input.get("agent")))
         if handoff is None:
@@ -145,13 +141,12 @@ class Assistant:
             text: list[str] = []
             calls: list[ToolUse] = []
             async for event in self._call(ModelRequest(domain.instructions, messages, specs), done):
-                if isinstance(event, TextDelta):
-                    text.append(event.text)
-                    yield AgentText(domain.agent_type, event.text)
-                elif isinstance(event, ModelUsed):
-                    yield AgentModel(domain.agent_type, event.model_id)
-                else:
+                if isinstance(event, ToolUse):
                     calls.append(event)
+                    continue
+                if isinstance(event, AgentText):
+                    text.append(event.text)
+                yield event
             if done.stop_reason != "tool_use" or not calls:
                 if done.stop_reason in STOP_NOTES:
                     yield AgentText(domain.agent_type, STOP_NOTES[done.stop_reason])
@@ -199,8 +194,8 @@ class Assistant:
             return await run_tool(self._store, caller, tool, call.input, self._action_ttl)
         return ToolResult("error", {"error": "The tool took too long and was stopped."})
 
-    async def _call(self, request: ModelRequest, done: AgentDone) -> AsyncIterator[TextDelta | ToolUse | ModelUsed]:
-        """One model call of ``done.agent_type``: first the model that answered, then text and tool calls as they
+    async def _call(self, request: ModelRequest, done: AgentDone) -> AsyncIterator[AgentText | AgentModel | ToolUse]:
+        """One model call of ``done.agent_type``: first the model that answered, then its text and tool calls as they
         come; usage and the stop reason are recorded in ``done``."""
         done.stop_reason = ""
         done.calls.started(done.agent_type, request)
@@ -212,10 +207,10 @@ class Assistant:
                 # as its configured model.
                 answered = event.model_id if isinstance(event, ModelUsed) else self._model.model_id
                 done.calls.answered(answered)
-                yield ModelUsed(answered)
+                yield AgentModel(done.agent_type, answered)
             if isinstance(event, TextDelta):
                 done.calls.produced(event.text)
-                yield event
+                yield AgentText(done.agent_type, event.text)
             elif isinstance(event, ToolUse):
                 done.calls.produced(event.input)
                 yield event

@@ -10,11 +10,9 @@ Updates and deletes are not carried out here: they become pending actions the us
 (``actions.py``), so no tool argument can stand for the user's consent. Lists, gets and creates run at once:
 they change no record that exists.
 
-``validate`` implements the subset of JSON Schema the schemas use, every keyword at every depth (inside arrays too).
-``null`` is a value like any other, accepted only where a schema's ``type`` lists ``"null"``: an optional filter or
-field, or a change that clears a column that is not required, not a vocabulary and has no default. Beyond the
-schemas, every number must be finite and within ``MAX_NUMBER`` (one both stores hold as sent), and every string,
-property names included, is bounded.
+``validate`` implements the subset of JSON Schema the schemas use, every keyword at every depth (inside arrays too);
+``null`` is accepted only where a schema's ``type`` lists ``"null"``. Beyond the schemas, every number must be finite
+and within ``MAX_NUMBER`` (one both stores hold as sent), and every string, property names included, is bounded.
 """
 
 from __future__ import annotations
@@ -179,13 +177,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
 
 
 def validate(schema: dict[str, Any], value: Any, path: str = "input", depth: int = 0) -> None:
-    """Check ``value`` against the subset of JSON Schema our tool schemas use; raise ``ToolInputError``.
-
-    Keywords: ``type`` (a name or a list), ``enum``, ``minimum``, ``maximum``, ``maxLength``, ``maxItems``,
-    ``format`` (date, time, uuid, email), ``properties``, ``required``, ``additionalProperties`` (false or a schema),
-    ``minProperties``, ``maxProperties`` and ``items``; each applies to values of its kind, at any depth. A null
-    the ``type`` allows means "no value", so no other keyword applies to it.
-    """
+    """Check ``value`` against ``schema``; raise ``ToolInputError``. A null the ``type`` allows means "no value",
+    so no other keyword applies to it."""
     if depth > MAX_DEPTH:
         raise ToolInputError(f"{path} is nested too deeply")
     expected = schema.get("type")

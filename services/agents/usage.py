@@ -1,16 +1,11 @@
-"""What a turn's model calls used, call by call, however the turn ends.
+"""What a turn's model calls used, call by call, however the turn ends (docs/operations.md, "Usage and budgets").
 
-Each call the assistant makes (the supervisor's, then each of the specialist's) becomes one ``CallUsage`` once the
-model reports its usage, which Bedrock does at the end of the call's stream. A call cut short after the model began
-answering (a stop, a timeout, a failure, a shutdown) is counted all the same when the turn ends: its input estimated
-from the request it sent, its output from what it streamed (``services.model.estimate_tokens``), and marked
-``estimated``. So a stopped or failed answer is never counted as free, and the figures say which are the model's own.
-A call refused before any answer (throttled, denied, timed out waiting for the first event) counts nothing: the
-model processed none of it that it says it bills.
-
-Each call is priced as it is counted (``ModelPrice``, USD per million tokens; cache tokens at the input rate when a
-price names no cache rates); a model without a price counts its tokens with a cost of None. The calls are the rows of
-the usage ledger, which the run's flushes write (``services/runs/live.py``).
+Each call the assistant makes becomes one ``CallUsage`` once the model reports its usage, which Bedrock does at the
+end of the call's stream. A call cut short after the model began answering (a stop, a timeout, a failure, a
+shutdown) is counted all the same, estimated from its request and what it streamed and marked ``estimated``, so a
+stopped or failed answer is never free; a call refused before any answer counts nothing, as the model bills nothing
+for it. Each call is priced as it is counted (``ModelPrice``); the calls are the rows of the usage ledger, which the
+run's flushes write (``services/runs/live.py``).
 """
 
 from __future__ import annotations
@@ -25,16 +20,8 @@ from settings import ModelPrice
 KINDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
 
 
-def cost_of(call: CallUsage, price: ModelPrice | None) -> float | None:
-    """The call's cost in USD at ``price``, or None without one."""
-    if price is None:
-        return None
-    return price.cost(call.input_tokens, call.output_tokens, call.cache_read_tokens, call.cache_write_tokens)
-
-
 class TurnUsage:
-    """The calls of one turn: ``started``, ``answered`` by a model, ``produced`` output, ``finished`` with the model's
-    own figures; ``close`` estimates the one still open."""
+    """The calls of one turn, as they start, answer, produce and finish; ``close`` estimates the one still open."""
 
     def __init__(self, prices: Mapping[str, ModelPrice] | None = None) -> None:
         self.calls: list[CallUsage] = []
@@ -71,13 +58,16 @@ class TurnUsage:
         self._open = None
 
     def _count(self, call: CallUsage) -> None:
-        call.cost, call.index = cost_of(call, self._prices.get(call.model_id)), len(self.calls)
+        price = self._prices.get(call.model_id)
+        if price is not None:  # else its cost stays None
+            call.cost = price.cost(call.input_tokens, call.output_tokens, call.cache_read_tokens,
+                                   call.cache_write_tokens)
+        call.index = len(self.calls)
         self.calls.append(call)
 
     def totals(self) -> dict[str, object] | None:
-        """The turn's usage as the stream and the stored answer show it: input and output tokens, the cache's when
-        any, ``cost`` in USD (None when a call's model has no price), ``estimated`` when any call's figures are; None
-        before any call was counted."""
+        """The turn's usage as the stream and the stored answer show it (the cache's tokens only when any; ``cost``
+        None when a call's model has no price); None before any call was counted."""
         if not self.calls:
             return None
         out: dict[str, object] = {kind: sum(getattr(c, kind) for c in self.calls) for kind in KINDS}

@@ -1,32 +1,14 @@
 """Who is calling: turns a request's credentials and claimed ``user_id`` into a ``Caller``.
 
-Four modes, picked from settings by ``build_authenticator``:
+``build_authenticator`` picks the mode from settings; docs/production.md ("Authentication") states each mode and the
+whole token rule. ``none`` (development only) trusts the claimed ``user_id``, and every store call is still scoped to
+it. ``jwt`` verifies HS256 tokens here with ``SUPABASE_JWT_SECRET``; ``jwks`` verifies ES256/RS256 tokens here with
+the project's published keys (``jwks.py``), so no token costs a network call; with ``AUTH_VERIFY=remote``,
+``supabase-auth`` asks Supabase Auth instead (``lookup.py``), which also refuses a session logged out before its token
+expired. A secret set beside ``SUPABASE_URL`` keeps HS256 local (``jwt+jwks``, ``jwt+supabase-auth``).
 
-* ``none``: no auth configured (development only; production refuses to start). The claimed ``user_id`` is trusted,
-  and every store call is still scoped to it.
-* ``jwt``: Supabase access tokens signed with the project's legacy HS256 secret (``SUPABASE_JWT_SECRET``) are
-  verified here, with the standard library and a constant-time compare. No network round trip.
-* ``jwks``: for projects on asymmetric signing keys (ES256/RS256), the signature is verified here with the project's
-  published public keys (``services/auth/jwks.py``), fetched once and kept: no token costs a network call, and an Auth
-  outage stops no one whose key is held. The default whenever ``SUPABASE_URL`` is set.
-* ``supabase-auth``: only with ``AUTH_VERIFY=remote``, asymmetric tokens are instead checked by Supabase Auth
-  (``GET {SUPABASE_URL}/auth/v1/user``), which also refuses a session logged out before its token expired, and the
-  answer cached, bounded in size, never past the token's ``exp``. Forged tokens must not turn into load on Supabase
-  Auth: its refusals are cached too (briefly), one call at a time is made per token (concurrent requests share it),
-  a 429 from it is never retried, and the worker's calls are bounded overall (``LookupBudget``:
-  ``AUTH_LOOKUPS_PER_MINUTE`` per window and ``AUTH_LOOKUP_CONCURRENCY`` at once), whatever the number of tokens or
-  client addresses (the per-address limit is ``app.py``'s ``before_remote``).
-
-With a secret configured too, HS256 tokens are still verified locally (``jwt+jwks``, ``jwt+supabase-auth``).
-
-Every token is checked the same way before anything else: three parts in unpadded base64url (RFC 7515 section 2:
-that alphabet only, no padding, canonical, so a token has one spelling), a JSON object header with a string ``alg``
-on a fixed allow-list (never ``none``; ``HS256`` only when verified with the secret) and string ``typ``/``kid`` if
-present, a JSON object of claims, ``exp``/``nbf``/``iat`` finite numbers with at most 30 s leeway, ``aud``
-containing ``authenticated``, ``iss`` equal to ``{SUPABASE_URL}/auth/v1`` when the URL is known, ``role``
-``authenticated`` (required) and a string UUID ``sub``. The claimed ``user_id`` must then equal ``sub``. Failures are
-``Unauthorized``/``Forbidden`` with the codes ``MISSING_TOKEN``, ``MALFORMED_TOKEN``, ``INVALID_TOKEN``,
-``EXPIRED_TOKEN`` and ``USER_ID_MISMATCH``; messages never echo the token or its claims, and tokens are never logged.
+Every token is parsed and its claims checked the same way first (``tokens.py``); the claimed ``user_id`` must then
+equal ``sub``. Messages never echo the token or its claims, and tokens are never logged.
 """
 
 from __future__ import annotations
@@ -72,8 +54,7 @@ class TrustClaimedUser:
 
 
 def claimed_caller(verified: Caller | None, claimed_user_id: str) -> Caller:
-    """The request's caller: the token's user, who must be the ``user_id`` the request names (``Forbidden``
-    otherwise), or, with authentication off, the named user."""
+    """The token's user, who must be the ``user_id`` the request names, or, with authentication off, the named user."""
     if verified is None:
         return Caller(user_id=claimed_user_id)
     if claimed_user_id.lower() != verified.user_id:
@@ -124,8 +105,6 @@ class SupabaseJWTAuth:
 
 
 def build_authenticator(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> Authenticator:
-    """``none`` without auth settings; otherwise HS256 with the secret, and asymmetric tokens with the project's keys
-    or (``AUTH_VERIFY=remote``) by Supabase Auth, as configured."""
     secret = str(settings.supabase_jwt_secret)
     url = settings.supabase_url.rstrip("/")
     if not secret and not url:
@@ -139,22 +118,9 @@ def build_authenticator(settings: Settings, *, transport: httpx.AsyncBaseTranspo
                 "Verifying tokens with Supabase Auth (SUPABASE_URL) requires SUPABASE_PUBLISHABLE_KEY "
                 "(or the legacy SUPABASE_ANON_KEY)"
             )
-        remote = SupabaseUserLookup(
-            url,
-            settings.publishable_key,
-            RetryPolicy.from_settings(settings),
-            timeout=settings.supabase_timeout,
-            transport=transport,
-            budget=LookupBudget(
-                settings.auth_lookups_per_minute,
-                settings.rate_limit_window_seconds,
-                settings.auth_lookup_concurrency,
-                wait=settings.supabase_timeout,
-            ),
-        )
-    return SupabaseJWTAuth(
-        hs256=HS256Verifier(secret) if secret else None,
-        keys=keys,
-        remote=remote,
-        issuer=f"{url}/auth/v1" if url else None,
-    )
+        budget = LookupBudget(settings.auth_lookups_per_minute, settings.rate_limit_window_seconds,
+                              settings.auth_lookup_concurrency, wait=settings.supabase_timeout)
+        remote = SupabaseUserLookup(url, settings.publishable_key, RetryPolicy.from_settings(settings),
+                                    timeout=settings.supabase_timeout, transport=transport, budget=budget)
+    return SupabaseJWTAuth(hs256=HS256Verifier(secret) if secret else None, keys=keys, remote=remote,
+                           issuer=f"{url}/auth/v1" if url else None)

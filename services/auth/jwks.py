@@ -1,16 +1,13 @@
 """A Supabase project's signing keys, kept here so its asymmetric access tokens (ES256, RS256) are verified locally.
 
-Supabase Auth publishes the public keys at ``{SUPABASE_URL}/auth/v1/.well-known/jwks.json``. ``SigningKeys`` fetches
-that set once and keeps it: a token is then verified with no network call, so a new user costs nothing upstream and
-an Auth outage stops no one whose key is held. The set is fetched again when a token names a key id (``kid``) it does
-not hold (a rotation: Supabase publishes a new key before it signs with it), and when it is older than
-``REFRESH_SECONDS``; never more often than once per ``REFETCH_MIN_SECONDS``, however many tokens name unknown keys,
-and by one request at a time. A failed fetch keeps the keys already held.
+``SigningKeys`` fetches the set Supabase Auth publishes (``/auth/v1/.well-known/jwks.json``) once and keeps it, so an
+Auth outage stops no one whose key is held. It fetches again when a token names a key id it does not hold (a
+rotation: Supabase publishes a new key before it signs with it) or the set is ``REFRESH_SECONDS`` old; never more
+often than once per ``REFETCH_MIN_SECONDS``, however many tokens name unknown keys. A failed fetch keeps the keys held.
 
-Signatures are checked by ``cryptography``: ES256 with an EC P-256 key (the JWS signature is ``r || s``, 32 bytes
-each, which ``cryptography`` takes DER-encoded), RS256 with an RSA key of at least 2048 bits and PKCS#1 v1.5. Only
-keys for signing with one of those two are taken from the set (a symmetric ``oct`` key never is), and a key that
-names its algorithm is used for that one only, so a token cannot pick how its key is read.
+Signatures are checked by ``cryptography`` (ES256 on P-256, whose ``r || s`` signature it takes DER-encoded; RS256
+with PKCS#1 v1.5 and at least 2048 bits). A key that names its algorithm is used for that one only, so a token cannot
+pick how its key is read.
 """
 
 from __future__ import annotations

@@ -144,8 +144,7 @@ class AuthAPI:
         self._connections = Connections(connections, timeout, client)
 
     async def get(self, path: str, busy: AppError, headers: dict[str, str] | None = None) -> httpx.Response:
-        """``GET path``; ``busy`` when no slot frees up in time, ``AUTH_TIMEOUT`` or ``AUTH_UNAVAILABLE`` when the
-        network fails."""
+        """``GET path``; ``busy`` when no slot frees up in time."""
         try:
             return await self._connections.run(lambda http: http.get(path, headers=headers))
         except PoolBusy as exc:

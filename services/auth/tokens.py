@@ -151,10 +151,8 @@ _STRICT_JSON = json.JSONDecoder(parse_constant=_refuse, object_pairs_hook=_uniqu
 
 
 def _is_time(value: object) -> bool:
-    """A JSON NumericDate we can compute with: an int or float (not a bool) within ``MAX_TIME``.
-
-    The range check also refuses NaN (every comparison is false) and the infinity JSON's ``1e999`` decodes to.
-    """
+    """A JSON NumericDate we can compute with. The range check also refuses NaN (every comparison is false) and the
+    infinity JSON's ``1e999`` decodes to."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and -MAX_TIME <= value <= MAX_TIME
 
 

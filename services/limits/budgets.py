@@ -1,13 +1,10 @@
 """Usage budgets: per user, per UTC day and month, in tokens and in USD, off unless set (``BUDGET_*``).
 
-A turn is admitted inside ``Store.begin_run``'s transaction, beside the chat limits and after the idempotency check
-(a repeated ``client_message_id`` costs nothing), when what the caller has used this period (the usage ledger, plus
-what their runs still going hold reserved) plus this turn's reservation stays within every budget. The reservation is
-a bound on one turn: the new message's estimate, the whole history budget (``HISTORY_TOKEN_BUDGET``) and the most
-output a call may produce (``BEDROCK_MAX_TOKENS``), priced at the dearest model in use. It holds while the run runs
-and stops counting once it ends, however it ends: its ledger rows are then what it cost. A run whose worker died is
-ended by the reaper (``interrupted``), which releases it the same way. The reservation is an admission bound, not a
-cap: a turn of several calls (a tool turn) may use more, and is billed in full.
+A turn is admitted inside ``Store.begin_run``'s transaction, after the idempotency check, when what the caller has
+used this period (the usage ledger, plus what their running turns hold reserved) plus this turn's reservation stays
+within every budget. The reservation (the message's estimate, the whole ``HISTORY_TOKEN_BUDGET`` and
+``BEDROCK_MAX_TOKENS``, priced at the dearest model in use) stops counting once the run ends, when its ledger rows are
+what it cost: an admission bound, not a cap, since a tool turn of several calls may use more (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -40,8 +37,7 @@ def _amount(unit: BudgetUnit, value: float) -> float | int:
 
 
 class Budgets:
-    """The settings' budgets, one per app (``request.state.budgets``): what a turn reserves, its refusal, and the
-    usage report."""
+    """The settings' budgets, one per app (``request.state.budgets``)."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self._metrics = metrics
@@ -59,22 +55,22 @@ class Budgets:
     def limit(self, period: BudgetPeriod, unit: BudgetUnit) -> float | None:
         return self.limits.get((period, unit))
 
-    def for_turn(self, text: str, now: datetime | None = None) -> TurnBudget | None:
+    def for_turn(self, text: str) -> TurnBudget | None:
         """What ``begin_run`` checks for a turn sending ``text``; None when no budget is set (no work at all)."""
         if not self.limits:
             return None
-        now = now or datetime.now(timezone.utc)
+        now = datetime.now(timezone.utc)
         limits = tuple(BudgetLimit(period, unit, limit, period_bounds(period, now)[0].timestamp())
                        for (period, unit), limit in self.limits.items())
         tokens_in = estimate_tokens(text) + self._reserve_input
         cost = self._dearest.cost(tokens_in, self._reserve_output)
         return TurnBudget(limits, tokens_in + self._reserve_output, cost)
 
-    def refused(self, begun: RunBegun, now: datetime | None = None) -> BudgetExceeded:
+    def refused(self, begun: RunBegun) -> BudgetExceeded:
         """The 429 for a turn ``begin_run`` refused as ``budget_exceeded``, counted in the metrics."""
         assert begun.budget is not None
         refusal = begun.budget
-        now = now or datetime.now(timezone.utc)
+        now = datetime.now(timezone.utc)
         resets = period_bounds(refusal.period, now)[1]
         self._metrics.budget_refusals.inc(refusal.period, refusal.unit)
         budget, used = _amount(refusal.unit, refusal.limit), _amount(refusal.unit, refusal.used)
@@ -89,10 +85,10 @@ class Budgets:
                      "resetsAt": _stamp(resets)},
         )
 
-    def usage_json(self, period: BudgetPeriod, report: UsageReport, now: datetime | None = None) -> dict[str, Any]:
+    def usage_json(self, period: BudgetPeriod, report: UsageReport, now: datetime) -> dict[str, Any]:
         """``GET /api/usage``: the period's usage (the ledger), what running turns hold reserved, each budget's limit
         and what remains of it (None when that budget is off), by model and by conversation."""
-        since, resets = period_bounds(period, now or datetime.now(timezone.utc))
+        since, resets = period_bounds(period, now)
         tokens = sum(int(row["input_tokens"]) + int(row["output_tokens"]) + int(row["cache_read_tokens"])
                      + int(row["cache_write_tokens"]) for row in report.by_model)
         cost = round(sum(row["cost"] or 0.0 for row in report.by_model), 10)

@@ -1,19 +1,11 @@
-"""Per-user rate limits and a cap on open streams, with the shared state in the store.
+"""Per-user rate limits and a cap on open streams, with the shared state in the store (docs/operations.md, "Limits").
 
 Limits must hold across several workers and machines, so nothing is counted in process memory: every decision
-is one atomic statement in the store (``LimitStore``). SQLite does it with an upsert in one write transaction;
-the Supabase store calls the Postgres functions in ``migrations/003_rate_limits.sql`` through PostgREST RPC.
-
-- Requests are counted in fixed windows of ``RATE_LIMIT_WINDOW_SECONDS``: chat turns against
-  ``RATE_LIMIT_CHAT_PER_MINUTE``, every other ``/api`` request against ``RATE_LIMIT_API_PER_MINUTE``. A refused
-  request still counts (a client hammering the API stays refused until the window ends). Fixed windows allow up
-  to twice the limit across a window boundary; that is the price of one row per user and one statement per check.
-- Stream slots are the user's running chat runs (``services/runs/manager.py``): a slot frees when its run ends, and the
-  run of a worker that died stops counting when its heartbeat lapses (``RUN_STALE_SECONDS``), so a crash cannot
-  lock a user out. A chat turn's limits are checked inside ``Store.begin_run``'s transaction (``turn_limits``),
-  after the idempotency check, so a repeated send costs nothing.
-- The subject is the authenticated caller (``Caller.user_id``). A request whose authentication failed is counted
-  against its client address instead (``addr:<ip>``), so guessing tokens is limited too.
+is one atomic statement in the store (``LimitStore``). Requests are counted in fixed windows: one row per user and
+one statement per check, at the price of up to twice the limit across a window boundary. Stream slots are the user's
+running chat runs, so a slot frees when its run ends, or its heartbeat lapses when its worker died. A chat turn's
+limits are checked inside ``Store.begin_run``'s transaction (``turn_limits``), after the idempotency check. A request
+whose authentication failed is counted against its client address (``addr:<ip>``), so guessing tokens is limited too.
 """
 
 from __future__ import annotations
@@ -30,10 +22,12 @@ from settings import ConfigError, Settings
 logger = logging.getLogger(__name__)
 
 FALLBACK_LOG_SECONDS = 60.0  # while limits are counted in memory, say so at most this often
-LIMIT_MESSAGES = {
-    "chat": "Too many chat turns in this window (RATE_LIMIT_CHAT_PER_MINUTE).",
-    "api": "Too many API requests in this window (RATE_LIMIT_API_PER_MINUTE).",
-    "streams": "Too many answers in progress for this user (MAX_STREAMS_PER_USER).",
+# Per limit: the error's message, and what the user is told when it is not the default.
+LIMIT_MESSAGES: dict[str, tuple[str, str | None]] = {
+    "chat": ("Too many chat turns in this window (RATE_LIMIT_CHAT_PER_MINUTE).", None),
+    "api": ("Too many API requests in this window (RATE_LIMIT_API_PER_MINUTE).", None),
+    "streams": ("Too many answers in progress for this user (MAX_STREAMS_PER_USER).",
+                "You already have the maximum number of answers in progress. Please wait for one to finish."),
 }
 
 
@@ -73,8 +67,7 @@ class RateLimiter:
             await self._count(caller, "api", self._api_limit)
 
     def turn_limits(self, stale_seconds: float, events_ttl: float, budget: TurnBudget | None = None) -> TurnLimits:
-        """What ``Store.begin_run`` checks for a chat turn (no counts when limits are off), with the turn's
-        ``budget`` (``services/limits/budgets.py``; None when budgets are off)."""
+        """What ``Store.begin_run`` checks for a chat turn (no counts when limits are off), with its ``budget``."""
         if self._store is None:
             return TurnLimits(stale_seconds, events_ttl, budget=budget)
         return TurnLimits(stale_seconds, events_ttl, self._window, self._chat_limit, self._stream_limit, budget)
@@ -83,10 +76,7 @@ class RateLimiter:
         """The 429 for a turn ``begin_run`` refused (``rate_limited`` or ``streams_full``), counted in the metrics."""
         if begun.outcome == "rate_limited":
             return self._refusal("chat", self._chat_limit, begun.retry_after)
-        return self._refusal(
-            "streams", self._stream_limit, begun.retry_after,
-            user_message="You already have the maximum number of answers in progress. Please wait for one to finish."
-        )
+        return self._refusal("streams", self._stream_limit, begun.retry_after)
 
     def check_address(self, address: str) -> None:
         """Refuse an address whose requests failed before authentication ``API`` times this window, in process and
@@ -122,13 +112,12 @@ class RateLimiter:
         if not allowed:
             raise self._refusal(bucket, limit, retry_after)
 
-    def _refusal(self, name: str, limit: int, retry_after: float, user_message: str | None = None) -> RateLimited:
+    def _refusal(self, name: str, limit: int, retry_after: float) -> RateLimited:
         """A 429 that says which limit was hit (``chat``, ``api`` or ``streams``), counted in the metrics."""
         self._metrics.rate_limited.inc(name)
-        return RateLimited(
-            LIMIT_MESSAGES[name], user_message=user_message, retry_after=max(1.0, retry_after), details={"limit": name},
-            limit=limit
-        )
+        message, user_message = LIMIT_MESSAGES[name]
+        return RateLimited(message, user_message=user_message, retry_after=max(1.0, retry_after),
+                           details={"limit": name}, limit=limit)
 
     def _log_fallback(self, code: str) -> None:
         now = time.monotonic()

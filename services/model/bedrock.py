@@ -11,15 +11,11 @@ is invisible, so the whole attempt (send, HTTP status, in-stream exception frame
 under ``services/retry.py``. After that nothing is retried, so a retry can never duplicate text; later failures end
 the stream with a typed error and the chat layer saves the partial answer.
 
-Fallbacks (``BEDROCK_FALLBACK_MODEL_IDS``) live in the first phase too. One attempt walks the list: the configured
-model, and when it fails in a way another model may not (``Failure.falls_back``: throttled, unavailable, 5xx, not
-ready, a stream error before any output), the next one at once, with no pause; an error that is the request's own
-(validation, access, input too long) or that another model would meet the same way (timeouts, the network) ends the
-attempt as before. Only when the last model fails too does the retry policy pause and start again from the
-configured model. Why not the existing retries per model: a throttled model's backoff is exactly the wait a fallback
-exists to avoid, and retries per model would multiply the attempts and the time a turn can wait before its first
-token; this way the time to first token under throttling is one more round trip per model, and ``RETRY_MAX_TOTAL``
-still bounds the pauses of the whole turn. The model that answered is the stream's first event (``ModelUsed``).
+Fallbacks (``BEDROCK_FALLBACK_MODEL_IDS``, docs/production.md) live in the first phase too: one attempt walks the
+list, trying the next model at once while the one before fails in a way another may not (``Failure.falls_back``);
+only when the last one fails too does the retry policy pause and start again. Why not retries per model: a throttled
+model's backoff is exactly the wait a fallback exists to avoid, and they would multiply the attempts and the wait for
+the first token. The model that answered is the stream's first event (``ModelUsed``).
 
 Every Bedrock failure becomes one of our ``AppError``s through ``FAILURES`` (``bedrock_errors.py``, the README's
 "Amazon Bedrock" table). The request and the event stream's decoding are ``converse.py``; this module sends,
@@ -281,8 +277,7 @@ class BedrockModel:
             reader.close()
 
     async def _first_answer(self, body: bytes) -> tuple[str, _Reader, list[ModelEvent]]:
-        """One attempt: the configured model, then each fallback at once while the one before fails in a way
-        another model may not (the module docstring says why at once, and how this combines with retries)."""
+        """One attempt: the configured model, then each fallback at once (the module docstring says why)."""
         for model_id, fallback in zip(self._models, self._models[1:]):
             try:
                 return await self._call(model_id, body)

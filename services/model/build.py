@@ -5,7 +5,6 @@ Imported by the composition root (``app.py``) only.
 
 from __future__ import annotations
 
-from services.domains import DOMAINS
 from services.model import ChatModel
 from services.model.bedrock import BedrockModel
 from services.model.local import LocalModel
@@ -15,4 +14,4 @@ from settings import Settings
 def build_model(settings: Settings) -> ChatModel:
     if settings.llm_provider == "bedrock":
         return BedrockModel(settings)
-    return LocalModel(token_delay=settings.local_token_delay, domains=DOMAINS)
+    return LocalModel(token_delay=settings.local_token_delay)

@@ -1,18 +1,11 @@
 """The built-in local responder: a deterministic stand-in for a language model. It is NOT an LLM.
 
 It lets the whole service run, and be tested, with no cloud account: it answers through the same ``ChatModel``
-interface, the same agent loop and the same stream as Bedrock does, following fixed rules:
-
-- offered the supervisor's hand-off tool, it routes by keywords: one matching domain is handed over, several get a
-  clarifying question, none get a greeting/help answer;
-- offered a specialist's tools, it calls the first (the list tool), passing any vocabulary word from the message
-  (``overdue``, ``paid``, ...) as a filter;
-- asked for a change ("Mark invoice INV-1043 as paid", "Reschedule Ben Carter's appointment to Friday at 2pm",
-  "Delete the contact Summit Paint Supply"; ``local_changes.py`` lists what it understands), it makes the calls a
-  model makes: the list tool to find the record, then ``update_<one>`` or ``delete_<one>`` with its id, which only
-  prepare the change for the user to confirm;
-- given a tool result, it writes its answer from the rows it received (or, for a change waiting for the user's
-  confirmation, says so: it never deletes or changes anything itself).
+interface, the same agent loop and the same stream as Bedrock does, following fixed rules (docs/assistant.md): offered
+the hand-off tool, it routes by the domains' keywords (one match is handed over, several get a clarifying question,
+none a greeting); offered a specialist's tools, it calls the list tool with the vocabulary words it finds as
+filters, or, asked for a change, makes the calls ``local_changes.py`` describes; given a tool result, it writes its
+answer from the rows (a change waiting for confirmation is said to wait: it never changes anything itself).
 
 Replies go out word by word, ``token_delay`` seconds apart, so streaming is visible.
 """
@@ -27,7 +20,7 @@ from typing import Any
 
 import anyio
 
-from services.domains import Domain
+from services.domains import DOMAINS, Domain
 from services.model import ModelEvent, ModelRequest, Stop, TextDelta, ToolUse, Usage, estimate_tokens, prompt_tokens
 from services.model import local_changes as changes
 from settings import LOCAL_MODEL_ID
@@ -42,10 +35,10 @@ class LocalModel:
     is_llm = False
     configured = True
 
-    def __init__(self, token_delay: float = 0.0, domains: tuple[Domain, ...] = ()) -> None:
+    def __init__(self, token_delay: float) -> None:
         self._token_delay = token_delay
-        self._keywords = {domain.agent_type: domain.keywords for domain in domains}
-        self._lists = {f"list_{domain.table}": domain for domain in domains}
+        self._keywords = {domain.agent_type: domain.keywords for domain in DOMAINS}
+        self._lists = {f"list_{domain.table}": domain for domain in DOMAINS}
 
     async def open(self) -> None:
         return None
@@ -129,8 +122,8 @@ def clarify(agents: list[str]) -> str:
 
 def describe_result(result: dict[str, Any], arguments: dict[str, Any] | None = None,
                     domain: Domain | None = None) -> str:
-    """Write an answer from a tool result, the way a model would summarise the rows it was given; ``arguments`` are
-    the call's (a list's filters are said: "with status overdue"), ``domain`` says which columns to show."""
+    """Write an answer from a tool result, the way a model would summarise the rows it was given (a list's filters
+    are said: "with status overdue")."""
     if result.get("status") == "error":
         return f"I couldn't get that information: {result.get('error', 'the lookup failed')} {DISCLAIMER}"
     if result.get("status") == "confirmation_required":

@@ -1,23 +1,12 @@
 """The changes the built-in local responder recognises in a message, and the tool calls it makes for them. Still no
-language model: fixed rules over words (``local.py``).
+language model: fixed rules over words (``local.py``); docs/assistant.md has the table of what they understand.
 
 A change is two tool calls, as a model makes them: the domain's list tool, to find the record the message names (by
 its number, "INV-1043" or "invoice 1043", else by its name, title or client), then ``update_<one>`` or
-``delete_<one>`` with that record's id. Those only prepare a pending action (``services/agents/actions.py``): the
-change happens when the user confirms it. The intents, tried in this order:
-
-- delete: "delete", "remove" or "erase" with the record as its object (its kind or number within the next words,
-  "delete invoice 1042"; "remove the note from invoice 1042" is not a delete);
-- a status (the domain's vocabulary: a contact's is its type): a change verb (mark, set, change, update, make, move,
-  put, switch) with one of its words ("Mark invoice INV-1043 as paid", "Set the Oakridge project to on hold"), or a
-  verb that names one ("cancel", "complete", "pause", "publish", "hide", ...). Marking an invoice paid also sets its
-  paid date (today, unless it has one) and its amount paid (its total);
-- a new date: "reschedule", "postpone", "move" or a change verb, with a date (YYYY-MM-DD, today, tomorrow, a weekday:
-  the next one, or a month and day: "June 3") and/or a time (14:30, 2pm, 2:30 pm). It moves the domain's date (an
-  appointment's scheduled date and time, a task's due date, ...).
-
-A question ("Which invoices did I mark as paid?") is never a change, nor is a message with a negation ("don't delete
-invoice 1042", "mark it as not paid"): the rules would read it backwards, so they read it as no change at all.
+``delete_<one>`` with that record's id. Those only prepare a pending action (``services/agents/actions.py``). The
+intents are tried in this order: delete, a status (a change verb with a vocabulary word, or a verb that names one),
+a new date and/or time. A question or a message with a negation ("don't delete invoice 1042", "mark it as not paid")
+is never a change: the rules would read it backwards, so they read it as no change at all.
 """
 
 from __future__ import annotations

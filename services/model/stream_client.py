@@ -7,14 +7,10 @@ put the Bedrock request at about a fifth of a chat turn's CPU (bench/RESULTS.md)
 write (head and body together) and each network read is parsed once, in ``data_received``. httpx stays for
 everything else (PostgREST, Supabase Auth), where its generality costs nothing noticeable.
 
-What it does: POST a body of known length to one origin (http or https, TLS verified with httpx's CA bundle), read
-the response head, then the body as it arrives (``Content-Length``, ``chunked``, or until the server closes), and
-keep connections alive between responses (the most recently idle first; idle ones expire after
-``keepalive_expiry``). Reading applies back-pressure: past ``HIGH_WATER`` unread bytes the socket is paused.
-
-What it does not: redirects, proxies, compression, 1xx responses, HTTP/2, request bodies of unknown length.
-Bedrock needs none of them. Deadlines are the caller's (``asyncio.timeout_at`` around ``post`` and ``read``),
-except connecting, which is bounded here by ``connect_timeout``.
+What it does: POST a body of known length to one origin (http or https), read the body as it arrives, with
+back-pressure, and keep connections alive between responses. What it does not: redirects, proxies, compression, 1xx
+responses, HTTP/2, request bodies of unknown length. Bedrock needs none of them. Deadlines are the caller's
+(``asyncio.timeout_at`` around ``post`` and ``read``), except connecting, which is bounded here by ``connect_timeout``.
 
 Every failure is a ``StreamClientError``; ``services/model/bedrock.py`` translates it once, at its boundary.
 """

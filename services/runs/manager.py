@@ -181,18 +181,12 @@ class RunManager:
                 return "error", error_chunk(AppError(), turn.agent_type), "INTERNAL_ERROR"
             if deadline.cancelled_caught:
                 return "error", error_chunk(RunTimedOut(), turn.agent_type), RunTimedOut.code
-            run = live.run
-            done = complete_chunk(run.id, run.assistant_message_id, run.conversation_id, turn.agent_type,
-                                  usage=turn.usage, stop_reason=turn.stop_reason)
-            return "complete", done, None
-        run = live.run
+            return "complete", _completed(live.run, turn, "complete", turn.stop_reason), None
         if live.deleted:
             return "error", error_chunk(ConversationDeleted(), turn.agent_type), ConversationDeleted.code
         if live.stop_asked:
-            stopped = complete_chunk(run.id, run.assistant_message_id, run.conversation_id, turn.agent_type,
-                                     status="stopped", usage=turn.usage, stop_reason="stopped")
-            return "stopped", stopped, None
-        return "interrupted", interrupted_chunk(run.id), "RUN_INTERRUPTED"
+            return "stopped", _completed(live.run, turn, "stopped", "stopped"), None
+        return "interrupted", interrupted_chunk(live.run.id), "RUN_INTERRUPTED"
 
     def _end(self, live: LiveRun, turn: Turn, status: str, item: dict[str, Any], code: str | None) -> None:
         text = cut(live.text, live.seen_chars) if status == "stopped" else live.text
@@ -253,8 +247,7 @@ class RunManager:
         return await self._store.read_run(caller, run_id, None)
 
     async def _await_end(self, caller: Caller, run_id: str) -> None:
-        """Wait for another worker to end the run (it sees the stop at its next flush), or end it if that worker
-        is dead."""
+        """Wait for the run's worker to end it (it sees the stop at its next flush), or end it if that worker died."""
         with anyio.move_on_after(STOP_WAIT_SECONDS):
             while True:
                 view = await self._store.read_run(caller, run_id, None)
@@ -364,6 +357,11 @@ class RunManager:
             logger.warning("Could not end dead chat runs (%s)", exc.code)
         except Exception:
             logger.exception("Unexpected error while ending dead chat runs")
+
+
+def _completed(run: Run, turn: Turn, status: str, stop_reason: str | None) -> dict[str, Any]:
+    return complete_chunk(run.id, run.assistant_message_id, run.conversation_id, turn.agent_type, status=status,
+                          usage=turn.usage, stop_reason=stop_reason)
 
 
 def _log_end(run_id: str, metadata: dict[str, Any]) -> None:

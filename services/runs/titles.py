@@ -1,11 +1,8 @@
 """A conversation's title from its first message: short, clean, cut at a word boundary, without a model call.
 
-The chat route titles the conversation a first turn creates with ``title_from_message(message)``; a conversation
-that already exists keeps its title (``Store.begin_run`` uses ``NewRun.title`` only when it creates one). The rules:
-control characters become spaces, runs of whitespace one space; a text longer than ``MAX_TITLE_CHARS`` is cut at the
-last word boundary that fits, loses the punctuation its cut left dangling (``"paint,"`` or ``"walls -"``) and ends with
-an ellipsis. A single word too long to cut at a boundary (a URL, say) is cut inside it, never inside a combining mark
-sequence. A message with nothing printable left is titled ``AUTO_TITLE``, as before.
+The chat route titles the conversation a first turn creates with ``title_from_message(message)``; a conversation that
+already exists keeps its title (``Store.begin_run`` uses ``NewRun.title`` only when it creates one). A message with
+nothing printable left is titled ``AUTO_TITLE``.
 """
 
 from __future__ import annotations
@@ -28,14 +25,14 @@ _CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
 _JOINERS = frozenset("\u200d\ufe0e\ufe0f")
 
 
-def title_from_message(message: str, max_chars: int = MAX_TITLE_CHARS) -> str:
-    """The title for a conversation whose first message is ``message`` (at most ``max_chars`` characters)."""
+def title_from_message(message: str) -> str:
+    """The title for a conversation whose first message is ``message`` (at most ``MAX_TITLE_CHARS`` characters)."""
     text = _clean(message)
     if not text:
         return AUTO_TITLE
-    if len(text) <= max_chars:
+    if len(text) <= MAX_TITLE_CHARS:
         return text
-    return _cut(text, max_chars - len(ELLIPSIS)) + ELLIPSIS
+    return _cut(text, MAX_TITLE_CHARS - len(ELLIPSIS)) + ELLIPSIS
 
 
 def _clean(message: str) -> str:
