@@ -9,55 +9,18 @@ import secrets
 import uuid
 from typing import Any
 
-from errors import (
-    ActionAlreadyUsed,
-    ActionExpired,
-    ActionNotFound,
-    ConversationNotFound,
-    RateLimited,
-    RecordChanged,
-    RecordNotFound,
-    RunNotFound,
-    UpstreamError,
-)
+from errors import (ActionAlreadyUsed, ActionExpired, ActionNotFound, ConversationNotFound, RateLimited, RecordChanged,
+                    RecordNotFound, RunNotFound, UpstreamError)
 from services.domains import BY_TABLE, Domain
-from services.store import (
-    ActionDone,
-    Caller,
-    Conversation,
-    ConversationKey,
-    ConversationPage,
-    EventBatch,
-    MessageKey,
-    MessagePage,
-    NewAction,
-    NewRun,
-    PendingAction,
-    Run,
-    RunBegun,
-    RunControl,
-    RunUpdate,
-    RunView,
-    TurnLimits,
-    UsageReport,
-)
+from services.store import (ActionDone, Caller, Conversation, ConversationKey, ConversationPage, EventBatch, MessageKey,
+                            MessagePage, NewAction, NewRun, PendingAction, Run, RunBegun, RunControl, RunUpdate,
+                            RunView, TurnLimits, UsageReport)
 from services.store.postgrest.client import PostgrestClient, postgrest_failure
 from services.store.postgrest.params import (branch_seek, conversation_seek, filter_column, filter_value, is_uuid,
                                              owned, record_columns, record_order)
-from services.store.postgrest.rows import (
-    action_done_of,
-    bad_response,
-    branch_page_of,
-    controls_of,
-    conversation_of,
-    message_of,
-    pending_action_of,
-    record_of,
-    run_begun_of,
-    run_of,
-    settled,
-    update_json,
-)
+from services.store.postgrest.rows import (action_done_of, bad_response, branch_page_of, controls_of, conversation_of,
+                                           message_of, pending_action_of, record_of, run_begun_of, run_of, settled,
+                                           update_json)
 from services.store.postgrest.usage import budget_json, usage_report
 from services.store.search import MAX_TERMS
 from services.store.shared import QueryTiming, observed, page_of_conversations, reads_downwards
@@ -107,14 +70,8 @@ class PostgrestStore(QueryTiming):
 
     @observed
     async def list_conversations(
-        self,
-        caller: Caller,
-        limit: int,
-        offset: int,
-        *,
-        before: ConversationKey | None = None,
-        after: ConversationKey | None = None,
-        search: str | None = None,
+        self, caller: Caller, limit: int, offset: int, *, before: ConversationKey | None = None,
+        after: ConversationKey | None = None, search: str | None = None
     ) -> ConversationPage:
         if search is not None:
             return await self._search_conversations(caller, limit, offset, before, after, search)
@@ -154,12 +111,7 @@ class PostgrestStore(QueryTiming):
         return page_of_conversations(result.rows, limit, counted.total or 0, after, conversation_of)
 
     async def _search_conversations(
-        self,
-        caller: Caller,
-        limit: int,
-        offset: int,
-        before: ConversationKey | None,
-        after: ConversationKey | None,
+        self, caller: Caller, limit: int, offset: int, before: ConversationKey | None, after: ConversationKey | None,
         search: str,
     ) -> ConversationPage:
         """``agent_conversations_search`` (``migrations/007_checked_writes.sql``): one request, as the caller. The
@@ -212,9 +164,6 @@ class PostgrestStore(QueryTiming):
 
     @observed
     async def get_conversation(self, caller: Caller, conversation_id: str) -> Conversation:
-        return await self._fetch_conversation(caller, conversation_id)
-
-    async def _fetch_conversation(self, caller: Caller, conversation_id: str) -> Conversation:
         params = {"select": CONVERSATION_COLUMNS, "id": f"eq.{conversation_id}", "user_id": f"eq.{caller.user_id}"}
         result = await self._rest.select(caller, CONVERSATIONS, params)
         if not result.rows:
@@ -232,16 +181,8 @@ class PostgrestStore(QueryTiming):
 
     @observed
     async def message_page(
-        self,
-        caller: Caller,
-        conversation_id: str,
-        limit: int,
-        offset: int = 0,
-        *,
-        newest_first: bool = False,
-        before: MessageKey | None = None,
-        after: MessageKey | None = None,
-        leaf: str | None = None,
+        self, caller: Caller, conversation_id: str, limit: int, offset: int = 0, *, newest_first: bool = False,
+        before: MessageKey | None = None, after: MessageKey | None = None, leaf: str | None = None,
     ) -> MessagePage:
         downwards = reads_downwards(before, after, newest_first)
         args = {"p_conversation_id": conversation_id, "p_leaf": leaf, "p_limit": limit + 1, "p_offset": offset,
@@ -277,7 +218,7 @@ class PostgrestStore(QueryTiming):
         row = {**values, "user_id": caller.user_id}
         # ON CONFLICT (id) DO NOTHING: a retried insert is a no-op, and the scoped read below answers it (NotFound if
         # the id is someone else's, as SQLite's INSERT OR IGNORE + scoped read).
-        result = await self._rest.insert(caller, domain.table, row, select=record_columns(domain), on_conflict="id")
+        result = await self._rest.insert(caller, domain.table, row, select=record_columns(domain))
         if result.rows:
             return record_of(domain, result.rows[0])
         return await self._fetch_record(caller, domain, str(values["id"]))
