@@ -8,20 +8,24 @@ from __future__ import annotations
 import json
 import sqlite3
 
-from services.store import Message, NewMessage, utc_now
+from typing import Any
+
+from services.store import Message, Role, utc_now
 from services.store.shared import from_row
 
 MESSAGE_COLUMNS = "id, conversation_id, role, content, agent_type, metadata, created_at, parent_id"
 
 
-def write_message(db: sqlite3.Connection, message: NewMessage) -> None:
+def write_message(
+    db: sqlite3.Connection, conversation_id: str, message_id: str, role: Role, content: str, parent_id: str | None,
+    metadata: dict[str, Any] | None = None,
+) -> None:
     """Insert into a conversation already checked to be the caller's, inside the caller's transaction (a chat turn's
     admission, which writes every message); OR IGNORE on the service-generated id, so a retry writes nothing twice.
     The row is not read back: every statement costs the writer thread a round trip for the GIL."""
     db.execute(
         f"INSERT OR IGNORE INTO agent_messages ({MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (message.id, message.conversation_id, message.role, message.content, message.agent_type,
-         json.dumps(message.metadata), utc_now(), message.parent_id),
+        (message_id, conversation_id, role, content, None, json.dumps(metadata or {}), utc_now(), parent_id),
     )
 
 

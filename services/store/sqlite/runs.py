@@ -17,8 +17,8 @@ from dataclasses import replace
 from typing import Any
 
 from errors import ConversationNotFound, RunNotFound
-from services.store import (Caller, EventBatch, NewMessage, NewRun, Run, RunBegun, RunControl, RunUpdate, RunView,
-                            TurnLimits, run_log)
+from services.store import (Caller, EventBatch, NewRun, Run, RunBegun, RunControl, RunUpdate, RunView, TurnLimits,
+                            run_log)
 from services.store.shared import from_row
 from services.store.sqlite import limits as sqlite_limits
 from services.store.sqlite import branches
@@ -96,8 +96,7 @@ def begin_run(db: sqlite3.Connection, caller: Caller, new: NewRun, limits: TurnL
         if owner is None:
             insert_conversation(db, caller, new.conversation_id, new.title)
         if answered is None:
-            write_message(db, NewMessage(new.conversation_id, "user", new.text, id=new.user_message_id,
-                                         parent_id=parent_id))
+            write_message(db, new.conversation_id, new.user_message_id, "user", new.text, parent_id)
         return _start(db, caller, new, answered or new.user_message_id, history_limit, now, limits)
 
 
@@ -135,11 +134,8 @@ def _start(
     """The answer's placeholder under ``user_message_id``, now the active leaf, and the run, which records the
     prompt's path."""
     history = branches.history(db, new.conversation_id, user_message_id, history_limit)
-    placeholder = NewMessage(
-        new.conversation_id, "assistant", "", metadata={"status": _STREAMING, "run_id": new.id, "seq": 0},
-        id=new.assistant_message_id, parent_id=user_message_id,
-    )
-    write_message(db, placeholder)
+    write_message(db, new.conversation_id, new.assistant_message_id, "assistant", "", user_message_id,
+                  {"status": _STREAMING, "run_id": new.id, "seq": 0})
     db.execute("UPDATE agent_conversations SET active_leaf_id = ? WHERE id = ?",
                (new.assistant_message_id, new.conversation_id))
     budget = limits.budget
