@@ -25,11 +25,11 @@ Rate limits are the RPC function of ``migrations/003_rate_limits.sql``, called a
 ``auth.uid()``; ``agent_run_begin`` counts a chat turn through the same function.
 
 The usage ledger (``migrations/013_usage_ledger.sql``) rides ``agent_runs_flush``: each update carries the run's new
-model calls. ``agent_run_begin`` checks the budgets it is given (``usage.py``), and ``agent_usage_report`` reads the
-caller's usage back.
+model calls. ``agent_run_begin`` checks the budgets it is given, and ``agent_usage_report`` reads the caller's usage
+back.
 
-The package: ``store.py`` (``PostgrestStore``), ``client.py`` (the requests: errors, retries, the pooled
-connections), ``params.py`` (their filters), ``rows.py`` (the answers read back as the store's records) and
-``usage.py`` (the budgets and the usage report). Imported
-by ``services/store/build.py`` (and the tests); the modules here import only ``services.store`` and what is below it.
+The package: ``store.py`` (``PostgrestStore``), ``client.py`` (the requests: errors, retries, the pooled connections),
+``params.py`` (their filters) and ``rows.py`` (the answers read back as the store's records, and the RPCs' arguments).
+Imported by ``services/store/build.py`` (and the tests); the modules here import only ``services.store`` and what is
+below it.
 """

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import secrets
 import uuid
+from datetime import datetime, timezone
 from typing import Any
 
 from errors import (ActionAlreadyUsed, ActionExpired, ActionNotFound, ConversationNotFound, RateLimited, RecordChanged,
@@ -18,10 +19,9 @@ from services.store import (ActionDone, Caller, Conversation, ConversationKey, C
 from services.store.postgrest.client import PostgrestClient, postgrest_failure
 from services.store.postgrest.params import (branch_seek, conversation_seek, filter_column, filter_value, is_uuid,
                                              owned, record_columns, record_order)
-from services.store.postgrest.rows import (action_done_of, bad_response, branch_page_of, controls_of, conversation_of,
-                                           message_of, pending_action_of, record_of, run_begun_of, run_of, settled,
-                                           update_json)
-from services.store.postgrest.usage import budget_json, usage_report
+from services.store.postgrest.rows import (action_done_of, bad_response, branch_page_of, budget_json, controls_of,
+                                           conversation_of, message_of, pending_action_of, reading, record_of,
+                                           run_begun_of, run_of, settled, update_json, usage_report_of)
 from services.store.search import MAX_TERMS
 from services.store.shared import QueryTiming, observed, page_of_conversations, reads_downwards
 
@@ -130,10 +130,8 @@ class PostgrestStore(QueryTiming):
             "p_after_id": after.id if after else None,
         }
         result = await self._rest.rpc(caller, "agent_conversations_search", args, idempotent=True)
-        try:
+        with reading():
             rows, total = result["rows"], int(result["total"])
-        except (TypeError, KeyError, ValueError) as exc:
-            raise bad_response() from exc
         return page_of_conversations(rows, limit, total, after, conversation_of)
 
     @observed
@@ -366,11 +364,9 @@ class PostgrestStore(QueryTiming):
         result = await self._rest.rpc(caller, "agent_run_read", {"p_run_id": run_id, "p_after": after}, idempotent=True)
         if result is None:  # missing, or hidden by row-level security: the same answer
             raise RunNotFound()
-        try:
+        with reading():
             batches = [EventBatch(int(b["first_seq"]), int(b["last_seq"]), str(b["frames"])) for b in result["batches"]]
             return RunView(run_of(result["run"]), message_of(result["message"]), batches)
-        except (TypeError, ValueError, KeyError) as exc:
-            raise bad_response() from exc
 
     @observed
     async def running_run(self, caller: Caller, conversation_id: str) -> Run | None:
@@ -404,7 +400,8 @@ class PostgrestStore(QueryTiming):
 
     @observed
     async def usage_report(self, caller: Caller, since: float) -> UsageReport:
-        return await usage_report(self._rest, caller, since)
+        args = {"p_since": datetime.fromtimestamp(since, timezone.utc).isoformat()}
+        return usage_report_of(await self._rest.rpc(caller, "agent_usage_report", args, idempotent=True))
 
     # -- rate limits (services/limits/rates.py; migrations/003_rate_limits.sql) --------------------------------------
     # A caller without an access token cannot be counted as a user here (the function keys on auth.uid()); that is
@@ -417,8 +414,6 @@ class PostgrestStore(QueryTiming):
         args = {"p_bucket": bucket, "p_window_seconds": window_seconds, "p_max_hits": limit}
         # Not retried: a replay after a lost response would count the request twice.
         rows = await self._rest.rpc(caller, "rate_limit_hit", args, idempotent=False)
-        try:
+        with reading():
             (row,) = rows
             return bool(row["allowed"]), float(row["retry_after"])
-        except (TypeError, ValueError, KeyError) as exc:
-            raise bad_response() from exc
