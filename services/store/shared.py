@@ -32,6 +32,11 @@ def from_row(record: type[T], row: Any, **read: Callable[[Any], Any]) -> T:
     return record(**values)
 
 
+def columns(record: type, separator: str = ", ") -> str:
+    """The columns ``from_row`` reads ``record`` from, in field order: what a store selects for it."""
+    return separator.join(column for _, column in _fields(record))
+
+
 @functools.cache
 def _fields(record: type) -> tuple[tuple[str, str], ...]:
     return tuple((field.name, _COLUMNS.get(field.name, field.name)) for field in dataclasses.fields(record)

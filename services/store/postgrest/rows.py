@@ -187,18 +187,14 @@ def record_of(domain: Domain, row: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+_READ_VALUE: dict[str, Callable[[Any], Any]] = {"number": float, "integer": int, "time": lambda value: str(value)[:5]}
+
+
 def _value(column: Column, value: Any) -> Any:
     """numeric → float (SQLite's REAL; PostgREST sends numerics as JSON numbers, ints when whole); time → ``HH:MM``
     (PostgreSQL renders ``09:30:00``); dates, uuids, text and jsonb already read as SQLite's do."""
-    if value is None:
-        return None
-    if column.type == "number":
-        return float(value)
-    if column.type == "integer":
-        return int(value)
-    if column.type == "time":
-        return str(value)[:5]
-    return value
+    read = _READ_VALUE.get(column.type)
+    return value if value is None or read is None else read(value)
 
 
 def branch_page_of(result: Any, limit: int, downwards: bool, newest_first: bool) -> MessagePage:

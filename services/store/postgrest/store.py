@@ -23,15 +23,15 @@ from services.store.postgrest.rows import (action_done_of, bad_response, branch_
                                            conversation_of, message_of, pending_action_of, reading, record_of,
                                            run_begun_of, run_of, settled, update_json, usage_report_of)
 from services.store.search import MAX_TERMS
-from services.store.shared import QueryTiming, observed, page_of_conversations, reads_downwards
+from services.store.shared import QueryTiming, columns, observed, page_of_conversations, reads_downwards
 
 logger = logging.getLogger(__name__)
 
 ACTIONS = "pending_actions"
 CONVERSATIONS = "agent_conversations"
-CONVERSATION_COLUMNS = "id,user_id,title,created_at,updated_at,last_message_at,message_count,metadata,active_leaf_id"
+CONVERSATION_COLUMNS = columns(Conversation, ",")
 RUNS = "agent_runs"
-RUN_COLUMNS = "id,conversation_id,user_message_id,assistant_message_id,client_message_id,status,last_seq,heartbeat_at"
+RUN_COLUMNS = columns(Run, ",")
 # The most runs one agent_runs_flush call carries (the function's own bound): a worker's flush is one request per
 # this many runs generating on it, whatever the number of users.
 FLUSH_BATCH = 500

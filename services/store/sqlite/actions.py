@@ -22,7 +22,7 @@ from typing import Any
 from errors import ActionAlreadyUsed, ActionExpired, ActionNotFound, RecordChanged
 from services.domains import BY_TABLE, Domain
 from services.store import ActionDone, Caller, NewAction, PendingAction
-from services.store.shared import epoch_timestamp, from_row
+from services.store.shared import columns, epoch_timestamp, from_row
 from services.store.sqlite import records as sqlite_records
 from services.store.sqlite.writer import write_transaction
 
@@ -50,8 +50,7 @@ BEFORE_MIGRATION = "ALTER TABLE pending_actions ADD COLUMN before TEXT;"
 # Expired actions are kept this long, so a late confirmation still says ACTION_EXPIRED rather than not found.
 KEEP_EXPIRED_SECONDS = 86_400.0
 
-_COLUMNS = ("id, user_id, table_name, tool, kind, record_id, changes, before, summary, created_at, expires_at,"
-            " used_at")
+_COLUMNS = columns(PendingAction)
 
 
 def create_action(db: sqlite3.Connection, caller: Caller, new: NewAction, ttl_seconds: float) -> PendingAction:

@@ -23,7 +23,7 @@ import uuid
 from errors import ConversationNotFound
 from services.store import Caller, Conversation, ConversationKey, ConversationPage, MessageKey, MessagePage, utc_now
 from services.store.search import search_terms, search_words
-from services.store.shared import from_row, page_of_conversations, page_of_messages, reads_downwards
+from services.store.shared import columns, from_row, page_of_conversations, page_of_messages, reads_downwards
 from services.store.sqlite import branches
 from services.store.sqlite.messages import MESSAGE_COLUMNS, message_row
 from services.store.sqlite.writer import write_transaction
@@ -130,9 +130,7 @@ BEGIN
 END;
 """
 
-CONVERSATION_COLUMNS = (
-    "id, user_id, title, created_at, updated_at, last_message_at, message_count, metadata, active_leaf_id"
-)
+CONVERSATION_COLUMNS = columns(Conversation)
 
 # The conversations holding every word, in a title or in one message: two FTS5 lookups of the caller's own tokens,
 # each a set of ids, that the caller-scoped read below then filters by owner with its index.

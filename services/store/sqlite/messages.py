@@ -11,9 +11,9 @@ import sqlite3
 from typing import Any
 
 from services.store import Message, Role, utc_now
-from services.store.shared import from_row
+from services.store.shared import columns, from_row
 
-MESSAGE_COLUMNS = "id, conversation_id, role, content, agent_type, metadata, created_at, parent_id"
+MESSAGE_COLUMNS = columns(Message)
 
 
 def write_message(

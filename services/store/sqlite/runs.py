@@ -19,7 +19,7 @@ from typing import Any
 from errors import ConversationNotFound, RunNotFound
 from services.store import (Caller, EventBatch, NewRun, Run, RunBegun, RunControl, RunUpdate, RunView, TurnLimits,
                             run_log)
-from services.store.shared import from_row
+from services.store.shared import columns, from_row
 from services.store.sqlite import limits as sqlite_limits
 from services.store.sqlite import branches
 from services.store.sqlite import usage as sqlite_usage
@@ -59,9 +59,7 @@ CREATE TABLE agent_run_events (
 ) WITHOUT ROWID;
 """
 
-_RUN_COLUMNS = (
-    "id, conversation_id, user_message_id, assistant_message_id, client_message_id, status, last_seq, heartbeat_at"
-)
+_RUN_COLUMNS = columns(Run)
 _STREAMING = "streaming"
 # SQLite's default limit on bound parameters is 32766 (3.32+); IN lists are chunked well below it.
 _IN_CHUNK = 500
