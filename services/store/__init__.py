@@ -399,9 +399,7 @@ class Store(Protocol):
     # Chat runs (services/runs/): a chat turn's generation, its event log and its controls, shared by every worker
     # through the store. ``services/store/run_log.py`` holds the formats both stores write.
 
-    async def begin_run(
-        self, caller: Caller, new: NewRun, limits: TurnLimits, history_limit: int
-    ) -> RunBegun:
+    async def begin_run(self, caller: Caller, new: NewRun, limits: TurnLimits, history_limit: int) -> RunBegun:
         """Admit and begin a chat turn as one store call and one transaction, in this order:
 
         1. ``new.client_message_id`` already used by the caller: ``existing`` (same conversation and text) or

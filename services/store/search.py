@@ -39,11 +39,6 @@ def search_words(text: str) -> list[str]:
     return list(words)
 
 
-def search_terms(text: str) -> list[str]:
-    """The words a search looks for: ``search_words`` of what the user typed, at most ``MAX_TERMS``."""
-    return search_words(text)[:MAX_TERMS]
-
-
 def _runs(text: str) -> list[str]:
     runs, current = [], []
     for char in text:

@@ -22,7 +22,7 @@ import uuid
 
 from errors import ConversationNotFound
 from services.store import Caller, Conversation, ConversationKey, ConversationPage, MessageKey, MessagePage, utc_now
-from services.store.search import search_terms, search_words
+from services.store.search import MAX_TERMS, search_words
 from services.store.shared import columns, from_row, page_of_conversations, page_of_messages, reads_downwards
 from services.store.sqlite import branches
 from services.store.sqlite.messages import MESSAGE_COLUMNS, message_row
@@ -160,7 +160,7 @@ def list_conversations(
     """See ``Store.list_conversations``."""
     where, params = ["user_id = ?"], [caller.user_id]
     if search is not None:
-        terms = search_terms(search)
+        terms = search_words(search)[:MAX_TERMS]
         owner = db.execute("SELECT key FROM agent_search_owners WHERE user_id = ?", (caller.user_id,)).fetchone()
         if not terms or owner is None:
             return ConversationPage([], 0)

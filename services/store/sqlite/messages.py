@@ -32,7 +32,3 @@ def write_message(
 def message_row(row: sqlite3.Row) -> Message:
     return from_row(Message, row, metadata=json.loads)
 
-
-def fetch_message(db: sqlite3.Connection, message_id: str) -> Message:
-    row = db.execute(f"SELECT {MESSAGE_COLUMNS} FROM agent_messages WHERE id = ?", (message_id,))
-    return message_row(row.fetchone())

@@ -24,7 +24,7 @@ from services.store.sqlite import limits as sqlite_limits
 from services.store.sqlite import branches
 from services.store.sqlite import usage as sqlite_usage
 from services.store.sqlite.listing import insert_conversation
-from services.store.sqlite.messages import fetch_message, write_message
+from services.store.sqlite.messages import MESSAGE_COLUMNS, message_row, write_message
 from services.store.sqlite.writer import write_transaction
 
 MIGRATION = """
@@ -227,7 +227,8 @@ def read_run(db: sqlite3.Connection, caller: Caller, run_id: str, after: int | N
             (run_id, after),
         )
         batches = [EventBatch(first, last, frames) for first, last, frames in rows]
-    return RunView(run, fetch_message(db, run.assistant_message_id), batches)
+    message = db.execute(f"SELECT {MESSAGE_COLUMNS} FROM agent_messages WHERE id = ?", (run.assistant_message_id,))
+    return RunView(run, message_row(message.fetchone()), batches)
 
 
 def running_run(db: sqlite3.Connection, caller: Caller, conversation_id: str) -> Run | None:

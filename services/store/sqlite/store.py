@@ -199,7 +199,7 @@ class SQLiteStore(QueryTiming):
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._migrate(db)
             sqlite_records.create_tables(db)
-            sqlite_limits.create_tables(db)
+            db.executescript(sqlite_limits.SCHEMA)
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         version = db.execute("PRAGMA user_version").fetchone()[0]
