@@ -1,8 +1,8 @@
 """PostgREST request plumbing shared by every store that talks to Supabase's Data API (``/rest/v1``).
 
-One pooled ``httpx.AsyncClient`` (HTTP/1.1, explicit timeouts) per process, its requests admitted by our own slots
-(``services/http_pool.py``): ``pool_size`` keep-alive connections reused by every request, a bounded wait for one
-(then 503 ``STORE_BUSY``), and no cancellation ever reaching httpx, where it can lose a slot for good. Every request
+Our own pool of one-connection httpx clients (HTTP/1.1, explicit timeouts; ``services/http_pool.py``):
+``pool_size`` keep-alive connections reused by every request, a bounded wait for one (then 503 ``STORE_BUSY``), and
+no cancellation ever reaching httpx, where it can lose a slot for good. Every request
 carries ``apikey: <publishable or legacy anon key>`` and ``Authorization: Bearer <the caller's own access token>``, so
 PostgREST runs as role ``authenticated`` and PostgreSQL's row-level security decides what the caller may touch. A
 request without a user token is refused here rather than sent as ``anon``, but for ``rpc_by_key``: a call to a
@@ -11,10 +11,8 @@ at construction: it would bypass row-level security.
 
 What this layer owns, so the store (conversations, business records, rate limits) only says *what* to read or write:
 
-* ``Accept-Profile``/``Content-Profile`` for the configured schema;
-* ``Prefer`` (``return=representation``, ``count=exact``, ``resolution=ignore-duplicates``);
-* RPC (``POST rpc/<function>`` with named arguments), whose result may be an array, an object or a bare scalar;
-* ``Content-Range`` parsing into a total;
+* the schema's ``Accept-Profile``/``Content-Profile``, ``Prefer``, ``Content-Range`` totals, and RPC
+  (``POST rpc/<function>`` with named arguments), whose result may be an array, an object or a bare scalar;
 * error translation, once, from PostgREST's ``{code, message, details, hint}`` (both the pre-v13 and the v13+
   codes) and from httpx exceptions into ``errors.AppError`` subclasses; the upstream detail goes to the log, never to
   a client, and stays reachable as ``exc.__cause__`` (a ``PostgrestFailure``) for a store that needs to refine it;
