@@ -1,13 +1,12 @@
 """PostgREST request plumbing shared by every store that talks to Supabase's Data API (``/rest/v1``).
 
-Our own pool of one-connection httpx clients (HTTP/1.1, explicit timeouts; ``services/http_pool.py``):
-``pool_size`` keep-alive connections reused by every request, a bounded wait for one (then 503 ``STORE_BUSY``), and
-no cancellation ever reaching httpx, where it can lose a slot for good. Every request
-carries ``apikey: <publishable or legacy anon key>`` and ``Authorization: Bearer <the caller's own access token>``, so
-PostgREST runs as role ``authenticated`` and PostgreSQL's row-level security decides what the caller may touch. A
-request without a user token is refused here rather than sent as ``anon``, but for ``rpc_by_key``: a call to a
-function whose authority is a capability it checks itself (a run's write key). A secret/service-role key is refused
-at construction: it would bypass row-level security.
+Our own pool of one-connection httpx clients (HTTP/1.1, explicit timeouts; ``services/http_pool.py``): ``pool_size``
+keep-alive connections reused by every request, a bounded wait for one (then 503 ``STORE_BUSY``), and no cancellation
+ever reaching httpx, where it can lose a slot for good. Every request carries ``apikey: <publishable or legacy anon
+key>`` and ``Authorization: Bearer <the caller's own access token>``, so PostgREST runs as role ``authenticated`` and
+PostgreSQL's row-level security decides what the caller may touch. A request without a user token is refused here
+rather than sent as ``anon``, but for ``rpc_by_key``: a call to a function whose authority is a capability it checks
+itself (a run's write key). A secret/service-role key is refused at construction: it would bypass row-level security.
 
 What this layer owns, so the store (conversations, business records, rate limits) only says *what* to read or write:
 
