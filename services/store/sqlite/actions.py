@@ -54,7 +54,6 @@ _COLUMNS = columns(PendingAction)
 
 
 def create_action(db: sqlite3.Connection, caller: Caller, new: NewAction, ttl_seconds: float) -> PendingAction:
-    """See ``Store.create_action``."""
     now = time.time()
     with write_transaction(db):
         db.execute(
@@ -72,12 +71,10 @@ def create_action(db: sqlite3.Connection, caller: Caller, new: NewAction, ttl_se
 
 
 def get_action(db: sqlite3.Connection, caller: Caller, action_id: str) -> PendingAction:
-    """See ``Store.get_action``."""
     return _action(_fetch(db, caller, action_id))
 
 
 def confirm_action(db: sqlite3.Connection, caller: Caller, action_id: str) -> ActionDone:
-    """See ``Store.confirm_action``."""
     with write_transaction(db):
         now = time.time()  # once the write lock is held: a confirmation that queued behind another is judged now
         row = _fetch(db, caller, action_id)

@@ -157,7 +157,6 @@ def list_conversations(
     db: sqlite3.Connection, caller: Caller, limit: int, offset: int, before: ConversationKey | None = None,
     after: ConversationKey | None = None, search: str | None = None
 ) -> ConversationPage:
-    """See ``Store.list_conversations``."""
     where, params = ["user_id = ?"], [caller.user_id]
     if search is not None:
         terms = search_words(search)[:MAX_TERMS]
@@ -214,7 +213,6 @@ def message_page(
 
 
 def set_active_leaf(db: sqlite3.Connection, caller: Caller, conversation_id: str, message_id: str) -> Conversation:
-    """See ``Store.set_active_leaf``."""
     with write_transaction(db):
         get_conversation(db, caller, conversation_id)
         leaf = branches.leaf_below(db, conversation_id, message_id)
@@ -246,7 +244,6 @@ def create_conversation(
 
 
 def get_conversation(db: sqlite3.Connection, caller: Caller, conversation_id: str) -> Conversation:
-    """The caller's conversation, or ``ConversationNotFound``."""
     row = db.execute(
         f"SELECT {CONVERSATION_COLUMNS} FROM agent_conversations WHERE id = ? AND user_id = ?",
         (conversation_id, caller.user_id),

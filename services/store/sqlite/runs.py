@@ -66,7 +66,6 @@ _IN_CHUNK = 500
 
 
 def begin_run(db: sqlite3.Connection, caller: Caller, new: NewRun, limits: TurnLimits, history_limit: int) -> RunBegun:
-    """See ``Store.begin_run``."""
     now = time.time()
     with write_transaction(db):
         if new.client_message_id is not None:

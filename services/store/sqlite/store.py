@@ -147,7 +147,6 @@ class SQLiteStore(QueryTiming):
     # -- plumbing ----------------------------------------------------------------------------------------------
 
     async def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``work``, which only reads, on a reader thread."""
         return await asyncio.wrap_future(self._readers.submit(self._call, work))
 
     async def _write(self, work: Callable[[sqlite3.Connection], T], *, alone: bool = False) -> T:
