@@ -120,15 +120,9 @@ class PostgrestStore(QueryTiming):
         terms = search.replace("\x00", " ").split()[:MAX_TERMS]
         if not terms:
             return ConversationPage([], 0)
-        args = {
-            "p_terms": terms,
-            "p_limit": limit + 1,
-            "p_offset": offset,
-            "p_before_at": before.updated_at if before else None,
-            "p_before_id": before.id if before else None,
-            "p_after_at": after.updated_at if after else None,
-            "p_after_id": after.id if after else None,
-        }
+        args = {"p_terms": terms, "p_limit": limit + 1, "p_offset": offset,
+                "p_before_at": before.updated_at if before else None, "p_before_id": before.id if before else None,
+                "p_after_at": after.updated_at if after else None, "p_after_id": after.id if after else None}
         result = await self._rest.rpc(caller, "agent_conversations_search", args, idempotent=True)
         with reading():
             rows, total = result["rows"], int(result["total"])
@@ -249,17 +243,9 @@ class PostgrestStore(QueryTiming):
 
     @observed
     async def create_action(self, caller: Caller, new: NewAction, ttl_seconds: float) -> PendingAction:
-        args = {
-            "p_id": new.id,
-            "p_table": new.table,
-            "p_tool": new.tool,
-            "p_kind": new.kind,
-            "p_record_id": new.record_id,
-            "p_changes": new.changes,
-            "p_before": new.before,
-            "p_summary": new.summary,
-            "p_ttl_seconds": ttl_seconds,
-        }
+        args = {"p_id": new.id, "p_table": new.table, "p_tool": new.tool, "p_kind": new.kind,
+                "p_record_id": new.record_id, "p_changes": new.changes, "p_before": new.before,
+                "p_summary": new.summary, "p_ttl_seconds": ttl_seconds}
         # Retried: the id is ours, so a replay whose first attempt committed inserts nothing and returns the row.
         row = await self._rest.rpc(caller, "pending_action_prepare", args, idempotent=True)
         if row is None:
@@ -370,12 +356,8 @@ class PostgrestStore(QueryTiming):
 
     @observed
     async def running_run(self, caller: Caller, conversation_id: str) -> Run | None:
-        params = {
-            "select": RUN_COLUMNS,
-            "conversation_id": f"eq.{conversation_id}",
-            "user_id": f"eq.{caller.user_id}",
-            "status": "eq.running",
-        }
+        params = {"select": RUN_COLUMNS, "conversation_id": f"eq.{conversation_id}", "user_id": f"eq.{caller.user_id}",
+                  "status": "eq.running"}
         rows = (await self._rest.select(caller, RUNS, params)).rows
         return run_of(rows[0]) if rows else None
 
