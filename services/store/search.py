@@ -27,9 +27,9 @@ MAX_WORDS = 2000
 
 
 def search_words(text: str) -> list[str]:
-    """The distinct words of ``text`` in order (the first ``MAX_WORDS``), folded: NFKC (a combining accent joins its letter, compatibility
-    forms become plain ones), then lowercased by Unicode's rules ("İ" gives "i̇"), then split into runs of letters,
-    marks and digits (the underscore and everything else separate words)."""
+    """The distinct words of ``text`` in order (the first ``MAX_WORDS``), folded: NFKC (a combining accent joins its
+    letter, compatibility forms become plain ones), then lowercased by Unicode's rules ("İ" gives "i̇"), then split
+    into runs of letters, marks and digits (the underscore and everything else separate words)."""
     words: dict[str, None] = {}
     for word in _runs(unicodedata.normalize("NFKC", text).lower()):
         if len(word) <= MAX_WORD_CHARS:

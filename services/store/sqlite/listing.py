@@ -25,7 +25,6 @@ from services.store import Caller, Conversation, ConversationKey, ConversationPa
 from services.store.search import MAX_TERMS, search_words
 from services.store.shared import columns, from_row, page_of_conversations, page_of_messages, reads_downwards
 from services.store.sqlite import branches
-from services.store.sqlite.messages import MESSAGE_COLUMNS, message_row
 from services.store.sqlite.writer import write_transaction
 
 # The words a search can find, folded once by services/store/search.py: the index is fed "<owner>_<word>" tokens, which
@@ -203,12 +202,12 @@ def message_page(
         params.append(after.seq)
     downwards = reads_downwards(before, after, newest_first)
     rows = db.execute(
-        f"{branches.PATH} SELECT seq, {MESSAGE_COLUMNS} FROM agent_messages WHERE {' AND '.join(where)}"
+        f"{branches.PATH} SELECT seq, {branches.MESSAGE_COLUMNS} FROM agent_messages WHERE {' AND '.join(where)}"
         f" ORDER BY seq {'DESC' if downwards else 'ASC'} LIMIT ? OFFSET ?",
         [*params, limit + 1, offset],
     ).fetchall()
     page = page_of_messages(rows, limit, downwards=downwards, newest_first=newest_first, key=_message_key,
-                            decode=message_row)
+                            decode=branches.message_row)
     return branches.with_siblings(db, conversation_id, page, end)
 
 

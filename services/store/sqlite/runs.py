@@ -24,7 +24,6 @@ from services.store.sqlite import limits as sqlite_limits
 from services.store.sqlite import branches
 from services.store.sqlite import usage as sqlite_usage
 from services.store.sqlite.listing import insert_conversation
-from services.store.sqlite.messages import MESSAGE_COLUMNS, message_row, write_message
 from services.store.sqlite.writer import write_transaction
 
 MIGRATION = """
@@ -93,7 +92,7 @@ def begin_run(db: sqlite3.Connection, caller: Caller, new: NewRun, limits: TurnL
         if owner is None:
             insert_conversation(db, caller, new.conversation_id, new.title)
         if answered is None:
-            write_message(db, new.conversation_id, new.user_message_id, "user", new.text, parent_id)
+            branches.write_message(db, new.conversation_id, new.user_message_id, "user", new.text, parent_id)
         return _start(db, caller, new, answered or new.user_message_id, history_limit, now, limits)
 
 
@@ -131,8 +130,8 @@ def _start(
     """The answer's placeholder under ``user_message_id``, now the active leaf, and the run, which records the
     prompt's path."""
     history = branches.history(db, new.conversation_id, user_message_id, history_limit)
-    write_message(db, new.conversation_id, new.assistant_message_id, "assistant", "", user_message_id,
-                  {"status": _STREAMING, "run_id": new.id, "seq": 0})
+    branches.write_message(db, new.conversation_id, new.assistant_message_id, "assistant", "", user_message_id,
+                           {"status": _STREAMING, "run_id": new.id, "seq": 0})
     db.execute("UPDATE agent_conversations SET active_leaf_id = ? WHERE id = ?",
                (new.assistant_message_id, new.conversation_id))
     budget = limits.budget
@@ -226,8 +225,9 @@ def read_run(db: sqlite3.Connection, caller: Caller, run_id: str, after: int | N
             (run_id, after),
         )
         batches = [EventBatch(first, last, frames) for first, last, frames in rows]
-    message = db.execute(f"SELECT {MESSAGE_COLUMNS} FROM agent_messages WHERE id = ?", (run.assistant_message_id,))
-    return RunView(run, message_row(message.fetchone()), batches)
+    message = db.execute(f"SELECT {branches.MESSAGE_COLUMNS} FROM agent_messages WHERE id = ?",
+                         (run.assistant_message_id,))
+    return RunView(run, branches.message_row(message.fetchone()), batches)
 
 
 def running_run(db: sqlite3.Connection, caller: Caller, conversation_id: str) -> Run | None:
