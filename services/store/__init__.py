@@ -96,10 +96,8 @@ RunStatus = Literal["running", "complete", "error", "interrupted", "stopped"]
 
 @dataclass(frozen=True, slots=True)
 class NewRun:
-    """A chat turn to begin: the user's message, the answer's placeholder and the run that writes it.
-
-    Every id is generated here, so a retried ``begin_run`` inserts nothing twice.
-    """
+    """A chat turn to begin: the user's message, the answer's placeholder and the run that writes it. Every id is
+    generated here, so a retried ``begin_run`` inserts nothing twice."""
 
     conversation_id: str
     text: str
@@ -181,9 +179,7 @@ class Run:
     heartbeat_at: float  # Unix time of the generating worker's last heartbeat
 
 
-BeginOutcome = Literal[
-    "started", "existing", "conflict", "in_progress", "rate_limited", "streams_full", "budget_exceeded"
-]
+BeginOutcome = Literal["started", "existing", "conflict", "in_progress", "rate_limited", "streams_full", "budget_exceeded"]
 
 
 @dataclass(frozen=True, slots=True)

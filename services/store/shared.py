@@ -61,8 +61,7 @@ def page_of_conversations(
 
 def reads_downwards(before: MessageKey | None, after: MessageKey | None, newest_first: bool) -> bool:
     """Whether a page of ``Store.message_page`` is read newest to oldest: from a ``before`` key outwards, or from the
-    newest end when no key is given. Read from the cursor outwards (or from the end asked for), then put in the order
-    asked for by ``page_of_messages``."""
+    newest end when no key is given; ``page_of_messages`` then puts it in the order asked for."""
     return before is not None or (after is None and newest_first)
 
 
