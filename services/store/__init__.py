@@ -179,7 +179,9 @@ class Run:
     heartbeat_at: float  # Unix time of the generating worker's last heartbeat
 
 
-BeginOutcome = Literal["started", "existing", "conflict", "in_progress", "rate_limited", "streams_full", "budget_exceeded"]
+BeginOutcome = Literal[
+    "started", "existing", "conflict", "in_progress", "rate_limited", "streams_full", "budget_exceeded"
+]
 
 
 @dataclass(frozen=True, slots=True)
