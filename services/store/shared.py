@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -79,6 +79,13 @@ def page_of_messages(
     return MessagePage(
         messages, oldest=keys[0] if keys else None, newest=keys[-1] if keys else None, has_more=len(rows) > limit
     )
+
+
+def with_siblings(page: MessagePage, children: Mapping[str, Sequence[str]], leaf: str | None) -> MessagePage:
+    """``page`` with each message's siblings, its parent's ``children`` oldest first (``""``: the first messages'
+    parent), and the branch's ``leaf``."""
+    shown = [dataclasses.replace(m, sibling_ids=tuple(children.get(m.parent_id or "", [m.id]))) for m in page.messages]
+    return dataclasses.replace(page, messages=shown, leaf_id=leaf)
 
 
 class QueryTiming:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, TypeVar, get_args
 
@@ -20,7 +19,7 @@ from services.domains import BY_TABLE, Column, Domain
 from services.store import (TIMESTAMP_FORMAT, ActionDone, BeginOutcome, BudgetRefusal, CallUsage, Conversation, Message,
                             MessageKey, MessagePage, PendingAction, Run, RunBegun, RunControl, RunUpdate, TurnBudget,
                             UsageReport)
-from services.store.shared import from_row, page_of_messages
+from services.store.shared import from_row, page_of_messages, with_siblings
 
 T = TypeVar("T")
 
@@ -204,8 +203,7 @@ def branch_page_of(result: Any, limit: int, downwards: bool, newest_first: bool)
         siblings: dict[str, list[str]] = result["siblings"]
         page = page_of_messages(result["rows"], limit, downwards=downwards, newest_first=newest_first,
                                 key=message_key_of, decode=message_of)
-        shown = [replace(m, sibling_ids=tuple(siblings.get(m.parent_id or "", [m.id]))) for m in page.messages]
-        return replace(page, messages=shown, leaf_id=result["leaf"])
+        return with_siblings(page, siblings, result["leaf"])
 
 
 def budget_json(budget: TurnBudget | None) -> dict[str, Any] | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from dataclasses import replace
 from typing import Any
 
 from errors import MessageNotFound, ValidationFailed
@@ -125,8 +124,8 @@ def branch_leaf(db: sqlite3.Connection, conversation_id: str, leaf: str | None) 
     return None if row is None else row[0]
 
 
-def with_siblings(db: sqlite3.Connection, conversation_id: str, page: MessagePage, leaf: str | None) -> MessagePage:
-    """The page with each message's siblings (its parent's children, oldest first) and the branch's leaf."""
+def children(db: sqlite3.Connection, conversation_id: str, page: MessagePage) -> dict[str, list[str]]:
+    """The children of the page's messages' parents, oldest first, by parent id (``""`` for the first messages)."""
     parents = {m.parent_id for m in page.messages}
     named = [p for p in parents if p is not None]
     rows = db.execute(
@@ -134,8 +133,7 @@ def with_siblings(db: sqlite3.Connection, conversation_id: str, page: MessagePag
         f" AND (parent_id IN ({','.join('?' * len(named))}) OR (parent_id IS NULL AND ?)) ORDER BY seq",
         (conversation_id, *named, None in parents),
     )
-    children: dict[str | None, list[str]] = {}
+    found: dict[str, list[str]] = {}
     for parent_id, message_id in rows:
-        children.setdefault(parent_id, []).append(message_id)
-    shown = [replace(m, sibling_ids=tuple(children.get(m.parent_id, [m.id]))) for m in page.messages]
-    return replace(page, messages=shown, leaf_id=leaf)
+        found.setdefault(parent_id or "", []).append(message_id)
+    return found

@@ -23,7 +23,8 @@ import uuid
 from errors import ConversationNotFound
 from services.store import Caller, Conversation, ConversationKey, ConversationPage, MessageKey, MessagePage, utc_now
 from services.store.search import MAX_TERMS, search_words
-from services.store.shared import columns, from_row, page_of_conversations, page_of_messages, reads_downwards
+from services.store.shared import (columns, from_row, page_of_conversations, page_of_messages, reads_downwards,
+                                   with_siblings)
 from services.store.sqlite import branches
 from services.store.sqlite.writer import write_transaction
 
@@ -208,7 +209,7 @@ def message_page(
     ).fetchall()
     page = page_of_messages(rows, limit, downwards=downwards, newest_first=newest_first, key=_message_key,
                             decode=branches.message_row)
-    return branches.with_siblings(db, conversation_id, page, end)
+    return with_siblings(page, branches.children(db, conversation_id, page), end)
 
 
 def set_active_leaf(db: sqlite3.Connection, caller: Caller, conversation_id: str, message_id: str) -> Conversation:
