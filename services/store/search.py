@@ -16,6 +16,7 @@ Cherokee, Adlam or Osage word as typed, nor an accent typed as a combining chara
 
 from __future__ import annotations
 
+import itertools
 import unicodedata
 
 # A 200-character query holds at most 100 words; more than this many is no longer a search anyone types.
@@ -40,13 +41,8 @@ def search_words(text: str) -> list[str]:
 
 
 def _runs(text: str) -> list[str]:
-    runs, current = [], []
-    for char in text:
-        if unicodedata.category(char)[0] in "LMN":
-            current.append(char)
-        elif current:
-            runs.append("".join(current))
-            current.clear()
-    if current:
-        runs.append("".join(current))
-    return runs
+    return ["".join(run) for in_word, run in itertools.groupby(text, _in_word) if in_word]
+
+
+def _in_word(char: str) -> bool:
+    return unicodedata.category(char)[0] in "LMN"
