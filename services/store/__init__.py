@@ -91,28 +91,13 @@ class Message:
         return shown
 
 
-@dataclass(frozen=True, slots=True)
-class NewMessage:
-    """A message to append; the id is generated here so a retried insert is idempotent."""
-
-    conversation_id: str
-    role: Role
-    content: str
-    agent_type: str | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
-    id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    parent_id: str | None = None
-
-
 RunStatus = Literal["running", "complete", "error", "interrupted", "stopped"]
 
 
 @dataclass(frozen=True, slots=True)
 class NewRun:
-    """A chat turn to begin: the user's message, the answer's placeholder and the run that writes it.
-
-    Every id is generated here, so a retried ``begin_run`` inserts nothing twice.
-    """
+    """A chat turn to begin: the user's message, the answer's placeholder and the run that writes it. Every id is
+    generated here, so a retried ``begin_run`` inserts nothing twice."""
 
     conversation_id: str
     text: str
@@ -356,8 +341,8 @@ class Store(Protocol):
     kind: str
 
     async def open(self) -> None:
-        """Make the store ready (SQLite: its file and schema); called once, before any other call. A store that
-        cannot be reached yet still opens: reads and writes then fail, and ``/health`` says so."""
+        """Called once, before any other call (SQLite: makes its file and schema). A store that cannot be reached yet
+        still opens: reads and writes then fail, and ``/health`` says so."""
 
     def set_query_observer(self, observer: QueryObserver) -> None:
         """Report how long each call of this interface takes, once per call, to ``observer`` (the app's metrics)."""
@@ -373,49 +358,46 @@ class Store(Protocol):
         self, caller: Caller, limit: int, offset: int, *, before: ConversationKey | None = None,
         after: ConversationKey | None = None, search: str | None = None
     ) -> ConversationPage:
-        """The caller's conversations, most recent activity first (``updated_at`` descending, then ``id``).
-
-        ``before`` keeps the conversations with older activity than the key, ``after`` those with newer (at most one
-        of the two, and only with ``offset`` 0): the ``limit`` nearest the key, in list order. ``search`` (the user's
-        text, ``services/store/search.py``) keeps those whose title, or one of whose messages, holds every word of it.
-        ``total`` counts every conversation the search keeps, whatever the page; ``has_more`` says whether more
-        follow past the page: newer ones for ``after``, older ones otherwise."""
+        """Most recent activity first (``updated_at`` descending, then ``id``). ``before``/``after`` (at most one, and
+        only with ``offset`` 0) keep the ``limit`` conversations nearest the key on its older/newer side, in list
+        order. ``search`` (``services/store/search.py``) keeps those whose title, or one of whose messages, holds
+        every word of it. ``total`` counts every conversation the search keeps, whatever the page; ``has_more``: more
+        follow past the page (newer ones for ``after``, older ones otherwise)."""
 
     async def rename_conversation(self, caller: Caller, conversation_id: str, title: str) -> Conversation:
-        """Set the title of the caller's conversation, or ``NotFound``. A new title is activity: ``updated_at`` moves
-        to now (never back), as the Supabase trigger has always done; the same title again changes nothing."""
+        """A new title is activity: ``updated_at`` moves to now (never back), as the Supabase trigger has always
+        done; the same title again changes nothing."""
 
-    async def create_conversation(self, caller: Caller, title: str | None, conversation_id: str | None = None) -> Conversation:
-        """Create a conversation owned by the caller."""
+    async def create_conversation(
+        self, caller: Caller, title: str | None, conversation_id: str | None = None
+    ) -> Conversation:
+        """An id already taken, even by someone else, writes nothing: ``NotFound`` unless it is the caller's."""
 
     async def get_conversation(self, caller: Caller, conversation_id: str) -> Conversation:
-        """The caller's conversation, or ``NotFound``."""
+        ...
 
     async def delete_conversation(self, caller: Caller, conversation_id: str) -> None:
-        """Delete the caller's conversation and its messages, or raise ``NotFound``."""
+        """Its messages and runs go with it."""
 
     async def message_page(
         self, caller: Caller, conversation_id: str, limit: int, offset: int = 0, *, newest_first: bool = False,
         before: MessageKey | None = None, after: MessageKey | None = None, leaf: str | None = None,
     ) -> MessagePage:
-        """A page of one branch of the caller's conversation (``NotFound`` if it is not theirs): the path from the
-        first message to the branch's leaf, each message with its ``parent_id`` and ``sibling_ids``. The branch is the
-        conversation's active leaf, or with ``leaf`` the newest leaf below that message (following the newest child
-        at each step; ``MessageNotFound`` unless it is in this conversation). Oldest first unless
-        ``newest_first``. ``before``/``after`` (at most one, and only with ``offset`` 0) keep the ``limit`` messages
-        nearest the key on its older/newer side; ``has_more`` says whether more follow past the page: older ones for
-        ``before`` (or newest first without a key), newer ones otherwise."""
+        """A page of one branch: the path from the first message to the branch's leaf, each message with its
+        ``parent_id`` and ``sibling_ids``. The branch is the active leaf's, or with ``leaf`` that of the newest leaf
+        below that message (the newest child at each step; ``MessageNotFound`` unless it is in this conversation).
+        ``before``/``after`` (at most one, and only with ``offset`` 0) keep the ``limit`` messages nearest the key on
+        its older/newer side; ``has_more``: more follow past the page (older ones for ``before``, or newest first
+        without a key; newer ones otherwise)."""
 
     async def set_active_leaf(self, caller: Caller, conversation_id: str, message_id: str) -> Conversation:
-        """Switch the caller's conversation to the branch through ``message_id`` (its newest leaf below, as
-        ``message_page``'s ``leaf``); ``NotFound`` for the conversation, ``MessageNotFound`` for the message."""
+        """Switch to the branch through ``message_id`` (its newest leaf below, as ``message_page``'s ``leaf``);
+        ``MessageNotFound`` for a message not in the conversation."""
 
     # Chat runs (services/runs/): a chat turn's generation, its event log and its controls, shared by every worker
     # through the store. ``services/store/run_log.py`` holds the formats both stores write.
 
-    async def begin_run(
-        self, caller: Caller, new: NewRun, limits: TurnLimits, history_limit: int
-    ) -> RunBegun:
+    async def begin_run(self, caller: Caller, new: NewRun, limits: TurnLimits, history_limit: int) -> RunBegun:
         """Admit and begin a chat turn as one store call and one transaction, in this order:
 
         1. ``new.client_message_id`` already used by the caller: ``existing`` (same conversation and text) or
@@ -423,40 +405,37 @@ class Store(Protocol):
         2. ``maintain_runs`` for the caller: their dead runs end (freeing conversations and slots), and their
            expired events go.
         3. Someone else's conversation: ``NotFound``, nothing written. A run still going in this one: ``in_progress``.
-        4. Limits that are set: the chat-rate hit is counted (and stays counted when refused: ``rate_limited``), then the
-           caller's running runs are the stream slots: ``streams_full`` at ``limits.stream_limit``, with
-           ``retry_after`` the time until the soonest of them would lapse without a heartbeat.
-           Then the budgets (``limits.budget``, when set): the period's ledger plus the reservations of the caller's
-           running runs, plus this turn's reservation, past a limit is ``budget_exceeded`` (nothing counted); a
-           started run records its reservation.
-        4a. The branch (``NewRun``): a parent, edited or regenerated message not in this conversation is
-           ``MessageNotFound``; one of the wrong role, ``ValidationFailed``; nothing written.
+        4. Limits that are set: the chat-rate hit is counted (and stays counted when refused: ``rate_limited``); the
+           caller's running runs are the stream slots: ``streams_full`` at ``limits.stream_limit``, ``retry_after``
+           the time until the soonest would lapse without a heartbeat. Then ``limits.budget``: the period's ledger,
+           the caller's running runs' reservations and this turn's, past a limit, is ``budget_exceeded`` (nothing
+           counted); a started run records its reservation.
+        4a. A parent, edited or regenerated message (``NewRun``) not in this conversation is ``MessageNotFound``;
+           one of the wrong role, ``ValidationFailed``; nothing written.
         5. ``started``: the conversation (created with ``new.title`` if the id is unused), the user's message (not for
-           a regenerate), the history (the path from the first message to the user's message, its newest
-           ``history_limit`` messages, oldest first), the assistant's placeholder message (``status: streaming``,
-           empty) under the user's message, which becomes the active leaf, and the run row, which records the
-           history's ids (``prompt_message_ids``).
+           a regenerate), the history (the newest ``history_limit`` messages of the path to the user's message,
+           oldest first), the assistant's placeholder (``status: streaming``, empty) under the user's message as the
+           active leaf, and the run row, which records the history's ids (``prompt_message_ids``).
         """
 
     async def flush_runs(self, updates: list[RunUpdate]) -> dict[str, RunControl]:
-        """Write each update (new event frames, the answer so far, a heartbeat, the final state), each only while its
-        run is still ``running``, and read back the controls of those runs (a stop asked, the run gone). One
-        transaction for all where the store can; a store acting per user writes one transaction per user. Returns
-        the control of every run whose transaction committed, ``applied`` when its update was written (it was still
-        running); a run missing from the result was not written and is sent again. An update's ``calls`` go to the
-        usage ledger in the same transaction, once per (run, call index), under the run's user and conversation."""
+        """Write each update, only while its run is ``running``, and read back the controls of those runs. One
+        transaction for all where the store can; a store acting per user writes one per user. Returns the control of
+        every run whose transaction committed, ``applied`` when its update was written; a run missing from the
+        result was not written and is sent again. An update's ``calls`` go to the usage ledger in the same
+        transaction, once per (run, call index), under the run's user and conversation."""
 
     async def read_run(self, caller: Caller, run_id: str, after: int | None) -> RunView:
-        """The caller's run with its assistant message and, unless ``after`` is None, the event batches holding
-        events after ``after``; ``NotFound`` (``RUN_NOT_FOUND``) if it is missing or someone else's."""
+        """With its assistant message and, unless ``after`` is None, the event batches holding events after
+        ``after``; ``RUN_NOT_FOUND`` if it is missing or someone else's."""
 
     async def running_run(self, caller: Caller, conversation_id: str) -> Run | None:
-        """The run still generating an answer in the caller's conversation (there is at most one), or None; found in
-        the runs' own table, never through a message's metadata, which says what was written, not who may read it."""
+        """The run generating an answer in the conversation (at most one), found in the runs' own table, never
+        through a message's metadata, which says what was written, not who may read it."""
 
     async def request_stop(self, caller: Caller, run_id: str, seen_chars: int | None) -> None:
-        """Ask the worker generating the caller's run to stop it; nothing happens to a run that has ended.
-        ``NotFound`` (``RUN_NOT_FOUND``) if it is missing or someone else's."""
+        """Ask the run's worker to stop it; a run that has ended stays as it is. ``RUN_NOT_FOUND`` if it is missing or
+        someone else's."""
 
     async def maintain_runs(self, caller: Caller | None, stale_seconds: float, events_ttl: float) -> None:
         """End the runs whose heartbeat is older than ``stale_seconds`` (``interrupted``, or ``stopped`` cut to the
@@ -465,53 +444,53 @@ class Store(Protocol):
         means every user's runs, which a store acting only as users (PostgREST) cannot do and skips."""
 
     async def usage_report(self, caller: Caller, since: float) -> UsageReport:
-        """The caller's usage ledger since ``since`` (Unix time), summed by model and by conversation, and the
-        reservations their running runs still hold (each run's reservation less what its calls have used)."""
+        """The ledger since ``since`` (Unix time) summed by model and by conversation, and the reservations the
+        caller's running runs still hold (each less what its calls have used)."""
 
     async def aclose(self) -> None:
-        """Release connections."""
+        ...
 
     # Business records (invoices, appointments, ...): the agents' tools read and write them only through these.
-    # Table and column names come from the ``Domain`` declaration, never from user or model input.
+    # Table and column names come from the ``Domain`` declaration, never from user or model input. Each is scoped to
+    # the caller's records: another user's is ``RECORD_NOT_FOUND``, as a missing one.
 
     async def list_records(
         self, caller: Caller, domain: Domain, filters: dict[str, Any], limit: int
     ) -> list[dict[str, Any]]:
-        """The caller's records matching every equality filter, in the domain's stable order."""
+        """Those matching every equality filter, in the domain's stable order."""
 
     async def get_record(self, caller: Caller, domain: Domain, record_id: str) -> dict[str, Any]:
-        """One of the caller's records, or ``NotFound``."""
+        ...
 
     async def insert_record(self, caller: Caller, domain: Domain, values: dict[str, Any]) -> dict[str, Any]:
-        """Insert a record owned by the caller; ``values`` holds ``id`` (client-generated) and the columns."""
+        """``values`` holds ``id`` (client-generated) and the columns."""
 
     async def update_record(
         self, caller: Caller, domain: Domain, record_id: str, values: dict[str, Any]
     ) -> dict[str, Any]:
-        """Change some columns of one of the caller's records, or ``NotFound``."""
+        ...
 
     async def delete_record(self, caller: Caller, domain: Domain, record_id: str) -> None:
-        """Delete one of the caller's records, or ``NotFound``."""
+        ...
 
     # Pending actions (agents/actions.py): the updates and deletes the assistant prepares and the user confirms.
+    # Another user's action is ``ACTION_NOT_FOUND``, as a missing one.
 
     async def create_action(self, caller: Caller, new: NewAction, ttl_seconds: float) -> PendingAction:
         """Keep ``new`` for the caller to confirm within ``ttl_seconds`` (the store's clock); nothing else changes.
         The caller's actions that expired long ago are pruned on the way."""
 
     async def get_action(self, caller: Caller, action_id: str) -> PendingAction:
-        """The caller's action as kept, used or not, expired or not (a reloaded page shows its Confirm again);
-        ``NotFound`` ``ACTION_NOT_FOUND`` when it is missing or someone else's."""
+        """As kept, used or not, expired or not (a reloaded page shows its Confirm again)."""
 
     async def confirm_action(self, caller: Caller, action_id: str) -> ActionDone:
-        """Carry out the caller's pending action once: marking it used and running its change are one transaction,
-        so of two concurrent confirmations one runs it and the other is refused. The change goes through the
-        ``update_record``/``delete_record`` statements, as the caller (row-level security applies on Supabase), and
-        only while the record still holds the action's ``before``, checked in the same transaction. Refusals:
-        ``NotFound`` ``ACTION_NOT_FOUND`` (missing or someone else's), ``Conflict`` ``ACTION_ALREADY_USED``, ``Gone``
+        """Carry out the action once: marking it used and running its change are one transaction, so of two
+        concurrent confirmations one runs it and the other is refused. The change goes through the
+        ``update_record``/``delete_record`` statements, as the caller, and only while the record still holds the
+        action's ``before``, checked in the same transaction. Refusals: ``Conflict`` ``ACTION_ALREADY_USED``, ``Gone``
         ``ACTION_EXPIRED`` (also an action without ``before``, kept by an earlier version); a record gone meanwhile
-        is ``NotFound`` ``RECORD_NOT_FOUND`` and one that no longer holds ``before`` is ``Conflict``
-        ``RECORD_CHANGED``, both leaving the action unused."""
+        is ``RECORD_NOT_FOUND`` and one that no longer holds ``before`` ``RECORD_CHANGED``, both leaving the action
+        unused."""
 
 
 def utc_now() -> str:

@@ -35,7 +35,9 @@ def reaped_seq(saved: int) -> int:
 
 
 # The terminal chunk of a run whose worker stopped heartbeating (crashed, killed, lost its store).
-INTERRUPTED_MESSAGE = "The answer was interrupted because the server generating it stopped. Please send your message again."
+INTERRUPTED_MESSAGE = (
+    "The answer was interrupted because the server generating it stopped. Please send your message again."
+)
 
 
 def chunk(kind: str, agent_type: str | None, **fields: Any) -> dict[str, Any]:

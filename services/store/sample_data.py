@@ -101,7 +101,8 @@ async def _main(user_id: str) -> None:
     store = build_store(settings)
     await store.open()
     try:
-        written, existing = await load(store, Caller(user_id=user_id, access_token=os.environ.get("ACCESS_TOKEN") or None))
+        caller = Caller(user_id=user_id, access_token=os.environ.get("ACCESS_TOKEN") or None)
+        written, existing = await load(store, caller)
     finally:
         await store.aclose()
     kept = f" ({existing} were already there)" if existing else ""

@@ -16,6 +16,7 @@ Cherokee, Adlam or Osage word as typed, nor an accent typed as a combining chara
 
 from __future__ import annotations
 
+import itertools
 import unicodedata
 
 # A 200-character query holds at most 100 words; more than this many is no longer a search anyone types.
@@ -27,9 +28,9 @@ MAX_WORDS = 2000
 
 
 def search_words(text: str) -> list[str]:
-    """The distinct words of ``text`` in order (the first ``MAX_WORDS``), folded: NFKC (a combining accent joins its letter, compatibility
-    forms become plain ones), then lowercased by Unicode's rules ("İ" gives "i̇"), then split into runs of letters,
-    marks and digits (the underscore and everything else separate words)."""
+    """The distinct words of ``text`` in order (the first ``MAX_WORDS``), folded: NFKC (a combining accent joins its
+    letter, compatibility forms become plain ones), then lowercased by Unicode's rules ("İ" gives "i̇"), then split
+    into runs of letters, marks and digits (the underscore and everything else separate words)."""
     words: dict[str, None] = {}
     for word in _runs(unicodedata.normalize("NFKC", text).lower()):
         if len(word) <= MAX_WORD_CHARS:
@@ -39,19 +40,9 @@ def search_words(text: str) -> list[str]:
     return list(words)
 
 
-def search_terms(text: str) -> list[str]:
-    """The words a search looks for: ``search_words`` of what the user typed, at most ``MAX_TERMS``."""
-    return search_words(text)[:MAX_TERMS]
-
-
 def _runs(text: str) -> list[str]:
-    runs, current = [], []
-    for char in text:
-        if unicodedata.category(char)[0] in "LMN":
-            current.append(char)
-        elif current:
-            runs.append("".join(current))
-            current.clear()
-    if current:
-        runs.append("".join(current))
-    return runs
+    return ["".join(run) for in_word, run in itertools.groupby(text, _in_word) if in_word]
+
+
+def _in_word(char: str) -> bool:
+    return unicodedata.category(char)[0] in "LMN"

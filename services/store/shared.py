@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -30,6 +30,11 @@ def from_row(record: type[T], row: Any, **read: Callable[[Any], Any]) -> T:
     or a JSON object PostgREST answered. Each value is taken as it is, or as ``read[field]`` reads it."""
     values = {name: read[name](row[column]) if name in read else row[column] for name, column in _fields(record)}
     return record(**values)
+
+
+def columns(record: type, separator: str = ", ") -> str:
+    """The columns ``from_row`` reads ``record`` from, in field order: what a store selects for it."""
+    return separator.join(column for _, column in _fields(record))
 
 
 @functools.cache
@@ -56,8 +61,7 @@ def page_of_conversations(
 
 def reads_downwards(before: MessageKey | None, after: MessageKey | None, newest_first: bool) -> bool:
     """Whether a page of ``Store.message_page`` is read newest to oldest: from a ``before`` key outwards, or from the
-    newest end when no key is given. Read from the cursor outwards (or from the end asked for), then put in the order
-    asked for by ``page_of_messages``."""
+    newest end when no key is given; ``page_of_messages`` then puts it in the order asked for."""
     return before is not None or (after is None and newest_first)
 
 
@@ -75,6 +79,13 @@ def page_of_messages(
     return MessagePage(
         messages, oldest=keys[0] if keys else None, newest=keys[-1] if keys else None, has_more=len(rows) > limit
     )
+
+
+def with_siblings(page: MessagePage, children: Mapping[str, Sequence[str]], leaf: str | None) -> MessagePage:
+    """``page`` with each message's siblings, its parent's ``children`` oldest first (``""``: the first messages'
+    parent), and the branch's ``leaf``."""
+    shown = [dataclasses.replace(m, sibling_ids=tuple(children.get(m.parent_id or "", [m.id]))) for m in page.messages]
+    return dataclasses.replace(page, messages=shown, leaf_id=leaf)
 
 
 class QueryTiming:

@@ -1,26 +1,23 @@
 """PostgREST request plumbing shared by every store that talks to Supabase's Data API (``/rest/v1``).
 
-One pooled ``httpx.AsyncClient`` (HTTP/1.1, explicit timeouts) per process, its requests admitted by our own slots
-(``services/http_pool.py``): ``pool_size`` keep-alive connections reused by every request, a bounded wait for one
-(then 503 ``STORE_BUSY``), and no cancellation ever reaching httpx, where it can lose a slot for good. Every request
-carries ``apikey: <publishable or legacy anon key>`` and ``Authorization: Bearer <the caller's own access token>``, so
-PostgREST runs as role ``authenticated`` and PostgreSQL's row-level security decides what the caller may touch. A
-request without a user token is refused here rather than sent as ``anon``, but for ``rpc_by_key``: a call to a
-function whose authority is a capability it checks itself (a run's write key). A secret/service-role key is refused
-at construction: it would bypass row-level security.
+Our own pool of one-connection httpx clients (HTTP/1.1, explicit timeouts; ``services/http_pool.py``): ``pool_size``
+keep-alive connections reused by every request, a bounded wait for one (then 503 ``STORE_BUSY``), and no cancellation
+ever reaching httpx, where it can lose a slot for good. Every request carries ``apikey: <publishable or legacy anon
+key>`` and ``Authorization: Bearer <the caller's own access token>``, so PostgREST runs as role ``authenticated`` and
+PostgreSQL's row-level security decides what the caller may touch. A request without a user token is refused here
+rather than sent as ``anon``, but for ``rpc_by_key``: a call to a function whose authority is a capability it checks
+itself (a run's write key). A secret/service-role key is refused at construction: it would bypass row-level security.
 
 What this layer owns, so the store (conversations, business records, rate limits) only says *what* to read or write:
 
-* ``Accept-Profile``/``Content-Profile`` for the configured schema;
-* ``Prefer`` (``return=representation``, ``count=exact``, ``resolution=ignore-duplicates``);
-* RPC (``POST rpc/<function>`` with named arguments), whose result may be an array, an object or a bare scalar;
-* ``Content-Range`` parsing into a total;
+* the schema's ``Accept-Profile``/``Content-Profile``, ``Prefer``, ``Content-Range`` totals, and RPC
+  (``POST rpc/<function>`` with named arguments), whose result may be an array, an object or a bare scalar;
 * error translation, once, from PostgREST's ``{code, message, details, hint}`` (both the pre-v13 and the v13+
   codes) and from httpx exceptions into ``errors.AppError`` subclasses; the upstream detail goes to the log, never to
   a client, and stays reachable as ``exc.__cause__`` (a ``PostgrestFailure``) for a store that needs to refine it;
 * retries through ``services.retry.with_retry``, only for transient failures (503, 504, 520, connection errors) and
-  only for idempotent requests. Reads, deletes and updates are idempotent; an insert is only when the caller says so
-  (a client-generated primary key with ``resolution=ignore-duplicates``, so a replay inserts nothing).
+  only for idempotent requests: reads, deletes, updates and inserts (a client-generated ``id`` with
+  ``resolution=ignore-duplicates``, so a replay inserts nothing); an RPC only when its caller says so.
 """
 
 from __future__ import annotations
@@ -77,15 +74,8 @@ def postgrest_failure(error: AppError) -> PostgrestFailure | None:
 
 class PostgrestClient:
     def __init__(
-        self,
-        supabase_url: str,
-        schema: str,
-        api_key: str,
-        *,
-        retry: RetryPolicy,
-        timeout: float = 10.0,
-        pool_size: int = Settings.supabase_pool_size,
-        pool_timeout: float = 5.0,
+        self, supabase_url: str, schema: str, api_key: str, *, retry: RetryPolicy, timeout: float = 10.0,
+        pool_size: int = Settings.supabase_pool_size, pool_timeout: float = 5.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if not supabase_url or not api_key:
@@ -136,31 +126,18 @@ class PostgrestClient:
         prefer = ["count=exact"] if count else []
         return await self.request(caller, "GET", table, params=params, prefer=prefer)
 
-    async def insert(
-        self,
-        caller: Caller,
-        table: str,
-        row: Mapping[str, Any],
-        *,
-        select: str,
-        on_conflict: str | None = None,
-    ) -> Result:
-        """Insert one row and return it. With ``on_conflict`` a duplicate key is skipped (``rows == []``), which
-        makes the insert idempotent, so only then is it retried."""
-        params = {"select": select}
-        prefer = ["return=representation"]
-        if on_conflict is not None:
-            params["on_conflict"] = on_conflict
-            prefer.append("resolution=ignore-duplicates")
-        return await self.request(
-            caller, "POST", table, params=params, json_body=dict(row), prefer=prefer, idempotent=on_conflict is not None
-        )
+    async def insert(self, caller: Caller, table: str, row: Mapping[str, Any], *, select: str) -> Result:
+        """Insert one row and return it. A duplicate ``id`` (the client generates it) is skipped (``rows == []``),
+        which makes the insert idempotent, so it is retried."""
+        params = {"select": select, "on_conflict": "id"}
+        prefer = ["return=representation", "resolution=ignore-duplicates"]
+        return await self.request(caller, "POST", table, params=params, json_body=dict(row), prefer=prefer,
+                                  idempotent=True)
 
-    async def delete(self, caller: Caller, table: str, params: Mapping[str, str], *, select: str = "id") -> Result:
-        """Delete the matching rows (always pass a primary-key filter) and return them; ``[]`` when none matched."""
-        return await self.request(
-            caller, "DELETE", table, params={**params, "select": select}, prefer=["return=representation"]
-        )
+    async def delete(self, caller: Caller, table: str, params: Mapping[str, str]) -> Result:
+        """Delete the matching rows (always pass a primary-key filter); their ids, ``[]`` when none matched."""
+        return await self.request(caller, "DELETE", table, params={**params, "select": "id"},
+                                  prefer=["return=representation"])
 
     async def probe(self, table: str) -> None:
         """Is PostgREST up and does it know ``table``? Sent with the API key alone (role ``anon``).
@@ -181,15 +158,8 @@ class PostgrestClient:
         await with_retry(attempt, self._retry, what="PostgREST probe", retryable=_is_transient)
 
     async def request(
-        self,
-        caller: Caller,
-        method: str,
-        path: str,
-        *,
-        params: Mapping[str, str] | None = None,
-        json_body: Any = None,
-        prefer: list[str] | None = None,
-        idempotent: bool | None = None,
+        self, caller: Caller, method: str, path: str, *, params: Mapping[str, str] | None = None,
+        json_body: Any = None, prefer: list[str] | None = None, idempotent: bool | None = None,
     ) -> Result:
         """One PostgREST call as ``caller``. ``idempotent`` defaults to true for every method but POST."""
         replayable = idempotent if idempotent is not None else method != "POST"
@@ -211,14 +181,8 @@ class PostgrestClient:
         return _json(await self._exchange(None, "POST", f"rpc/{function}", None, dict(args), [], idempotent))
 
     async def _exchange(
-        self,
-        caller: Caller | None,
-        method: str,
-        path: str,
-        params: Mapping[str, str] | None,
-        json_body: Any,
-        prefer: list[str],
-        replayable: bool,
+        self, caller: Caller | None, method: str, path: str, params: Mapping[str, str] | None, json_body: Any,
+        prefer: list[str], replayable: bool,
     ) -> httpx.Response:
         """Send as ``caller`` (None: as no user, for ``rpc_by_key``), translate a failure once, and retry transient
         ones when the request is replayable."""
@@ -366,8 +330,8 @@ def _transport(exc: httpx.TransportError, *, transient: bool) -> PostgrestFailur
 
 
 def _is_transient(error: AppError) -> bool:
-    failure = error.__cause__
-    return isinstance(failure, PostgrestFailure) and failure.transient
+    failure = postgrest_failure(error)
+    return failure is not None and failure.transient
 
 
 def _seconds(value: str | None) -> float | None:

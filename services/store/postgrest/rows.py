@@ -1,4 +1,5 @@
-"""PostgREST's rows and RPC answers as the store's records, and a flush's updates as the RPC's arguments.
+"""PostgREST's rows and RPC answers as the store's records, and a flush's updates and a turn's budgets as the RPCs'
+arguments.
 
 Rows come back as SQLite's do (``services/store/postgrest/store.py`` says why): timestamps in ``TIMESTAMP_FORMAT``
 (PostgREST renders ``timestamptz`` as ``...+00:00`` and drops trailing zeros), run times as Unix seconds, business
@@ -8,16 +9,17 @@ For ``store.py`` only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import replace
+import contextlib
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from typing import Any, TypeVar, get_args
 
 from errors import ConversationNotFound, MessageNotFound, UpstreamError, ValidationFailed
 from services.domains import BY_TABLE, Column, Domain
 from services.store import (TIMESTAMP_FORMAT, ActionDone, BeginOutcome, BudgetRefusal, CallUsage, Conversation, Message,
-                            MessageKey, MessagePage, PendingAction, Run, RunBegun, RunControl, RunUpdate)
-from services.store.shared import from_row, page_of_messages
+                            MessageKey, MessagePage, PendingAction, Run, RunBegun, RunControl, RunUpdate, TurnBudget,
+                            UsageReport)
+from services.store.shared import from_row, page_of_messages, with_siblings
 
 T = TypeVar("T")
 
@@ -67,12 +69,19 @@ def _bad_row() -> UpstreamError:
     return UpstreamError("The database returned an unexpected row.", code="STORE_BAD_RESPONSE")
 
 
-def _decoded(record: type[T], row: Any, bad: Callable[[], UpstreamError] = bad_response, **read: Any) -> T:
-    """``from_row``, with a row of the wrong shape as ``bad()``."""
+@contextlib.contextmanager
+def reading(*also: type[Exception], bad: Callable[[], UpstreamError] = bad_response) -> Iterator[None]:
+    """An answer of the wrong shape (a key missing, a value of the wrong type: ``KeyError``, ``ValueError``,
+    ``TypeError`` and ``also``) raised as ``bad()``, ``STORE_BAD_RESPONSE``."""
     try:
-        return from_row(record, row, **read)
-    except (KeyError, ValueError, TypeError) as exc:
+        yield
+    except (KeyError, ValueError, TypeError, *also) as exc:
         raise bad() from exc
+
+
+def _decoded(record: type[T], row: Any, bad: Callable[[], UpstreamError] = bad_response, **read: Any) -> T:
+    with reading(bad=bad):
+        return from_row(record, row, **read)
 
 
 def conversation_of(row: dict[str, Any]) -> Conversation:
@@ -88,10 +97,8 @@ def message_of(row: dict[str, Any]) -> Message:
 
 
 def message_key_of(row: dict[str, Any]) -> MessageKey:
-    try:
+    with reading():
         return MessageKey(_required_timestamp(row["created_at"]), int(row["seq"]))
-    except (KeyError, ValueError, TypeError) as exc:
-        raise bad_response() from exc
 
 
 BEGIN_OUTCOMES: frozenset[BeginOutcome] = frozenset(get_args(BeginOutcome))
@@ -99,7 +106,7 @@ BEGIN_OUTCOMES: frozenset[BeginOutcome] = frozenset(get_args(BeginOutcome))
 
 def run_begun_of(result: Any) -> RunBegun:
     """``agent_run_begin``'s answer as ``RunBegun`` (its ``not_found`` is raised by the caller)."""
-    try:
+    with reading(AttributeError):
         outcome = result["outcome"]
         if outcome not in BEGIN_OUTCOMES:
             raise ValueError(f"unknown outcome {outcome!r}")
@@ -109,8 +116,6 @@ def run_begun_of(result: Any) -> RunBegun:
         if outcome == "budget_exceeded":
             budget = BudgetRefusal(result["period"], result["unit"], float(result["limit"]), float(result["used"]))
         return RunBegun(outcome, run, history, float(result.get("retry_after") or 0.0), budget)
-    except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise bad_response() from exc
 
 
 def run_of(row: dict[str, Any]) -> Run:
@@ -118,7 +123,7 @@ def run_of(row: dict[str, Any]) -> Run:
 
 
 def controls_of(rows: Any) -> dict[str, RunControl]:
-    try:
+    with reading():
         return {
             str(row["run_id"]): RunControl(
                 stop=bool(row["stop"]), seen_chars=None if row["seen_chars"] is None else int(row["seen_chars"]),
@@ -126,8 +131,6 @@ def controls_of(rows: Any) -> dict[str, RunControl]:
             )
             for row in rows
         }
-    except (TypeError, ValueError, KeyError) as exc:
-        raise bad_response() from exc
 
 
 def update_json(update: RunUpdate, write_key: str) -> dict[str, Any]:
@@ -164,51 +167,69 @@ def pending_action_of(row: dict[str, Any]) -> PendingAction:
 
 def action_done_of(result: dict[str, Any]) -> ActionDone:
     """``pending_action_confirm``'s ``done``: the updated row is decoded as ``update_record`` decodes PostgREST's."""
-    try:
+    with reading():
         action = pending_action_of(result["action"])
         domain = BY_TABLE[action.table]
         record = None if action.kind == "delete" else record_of(domain, result["record"])
-    except (KeyError, TypeError) as exc:
-        raise bad_response() from exc
     return ActionDone(action, record)
 
 
 def record_of(domain: Domain, row: dict[str, Any]) -> dict[str, Any]:
     """A PostgREST row as SQLite's ``_decode`` returns it: same keys in the same order, same value types."""
-    try:
+    # OverflowError: a numeric past a double's range, written by another client (the tools refuse one), is no float.
+    with reading(OverflowError, bad=_bad_row):
         record: dict[str, Any] = {"id": row["id"], "user_id": row["user_id"]}
         for column in domain.columns:
             record[column.name] = _value(column, row[column.name])
         record["created_at"] = utc_timestamp(row["created_at"])
         record["updated_at"] = utc_timestamp(row["updated_at"])
-    # OverflowError: a numeric past a double's range, written by another client (the tools refuse one), is no float.
-    except (KeyError, ValueError, TypeError, OverflowError) as exc:
-        raise _bad_row() from exc
     return record
+
+
+_READ_VALUE: dict[str, Callable[[Any], Any]] = {"number": float, "integer": int, "time": lambda value: str(value)[:5]}
 
 
 def _value(column: Column, value: Any) -> Any:
     """numeric → float (SQLite's REAL; PostgREST sends numerics as JSON numbers, ints when whole); time → ``HH:MM``
     (PostgreSQL renders ``09:30:00``); dates, uuids, text and jsonb already read as SQLite's do."""
-    if value is None:
-        return None
-    if column.type == "number":
-        return float(value)
-    if column.type == "integer":
-        return int(value)
-    if column.type == "time":
-        return str(value)[:5]
-    return value
+    read = _READ_VALUE.get(column.type)
+    return value if value is None or read is None else read(value)
 
 
 def branch_page_of(result: Any, limit: int, downwards: bool, newest_first: bool) -> MessagePage:
     """``agent_message_branch``'s page (``migrations/012_branches.sql``) as ``MessagePage``, each message with its
     siblings; its refusals are raised by the caller."""
-    try:
+    with reading(AttributeError):
         siblings: dict[str, list[str]] = result["siblings"]
         page = page_of_messages(result["rows"], limit, downwards=downwards, newest_first=newest_first,
                                 key=message_key_of, decode=message_of)
-        shown = [replace(m, sibling_ids=tuple(siblings.get(m.parent_id or "", [m.id]))) for m in page.messages]
-        return replace(page, messages=shown, leaf_id=result["leaf"])
-    except (TypeError, KeyError, AttributeError) as exc:
-        raise bad_response() from exc
+        return with_siblings(page, siblings, result["leaf"])
+
+
+def budget_json(budget: TurnBudget | None) -> dict[str, Any] | None:
+    """``agent_run_begin``'s ``p_budget``: each limit with its period's start, and the turn's reservation."""
+    if budget is None:
+        return None
+    return {
+        "limits": [{"period": b.period, "unit": b.unit, "limit": b.limit, "since": b.since} for b in budget.limits],
+        "reserve_tokens": budget.reserve_tokens,
+        "reserve_cost": budget.reserve_cost,
+    }
+
+
+_COUNTS = frozenset(
+    ("calls", "estimated_calls", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "tokens"))
+
+
+def usage_report_of(result: Any) -> UsageReport:
+    """``agent_usage_report``'s answer (``migrations/013_usage_ledger.sql``)."""
+    with reading():
+        return UsageReport([_numbers(row) for row in result["by_model"]],
+                           [_numbers(row) for row in result["by_conversation"]],
+                           int(result["reserved_tokens"]), float(result["reserved_cost"]))
+
+
+def _numbers(row: dict[str, Any]) -> dict[str, Any]:
+    """PostgreSQL's sums as SQLite's: counts as int, cost as float (null stays None)."""
+    return {key: (int(value) if key in _COUNTS else float(value) if key == "cost" and value is not None else value)
+            for key, value in row.items()}

@@ -7,68 +7,31 @@ import asyncio
 import logging
 import secrets
 import uuid
+from datetime import datetime, timezone
 from typing import Any
 
-from errors import (
-    ActionAlreadyUsed,
-    ActionExpired,
-    ActionNotFound,
-    ConversationNotFound,
-    RateLimited,
-    RecordChanged,
-    RecordNotFound,
-    RunNotFound,
-    UpstreamError,
-)
+from errors import (ActionAlreadyUsed, ActionExpired, ActionNotFound, ConversationNotFound, RateLimited, RecordChanged,
+                    RecordNotFound, RunNotFound, UpstreamError)
 from services.domains import BY_TABLE, Domain
-from services.store import (
-    ActionDone,
-    Caller,
-    Conversation,
-    ConversationKey,
-    ConversationPage,
-    EventBatch,
-    MessageKey,
-    MessagePage,
-    NewAction,
-    NewRun,
-    PendingAction,
-    Run,
-    RunBegun,
-    RunControl,
-    RunUpdate,
-    RunView,
-    TurnLimits,
-    UsageReport,
-)
+from services.store import (ActionDone, Caller, Conversation, ConversationKey, ConversationPage, EventBatch, MessageKey,
+                            MessagePage, NewAction, NewRun, PendingAction, Run, RunBegun, RunControl, RunUpdate,
+                            RunView, TurnLimits, UsageReport)
 from services.store.postgrest.client import PostgrestClient, postgrest_failure
 from services.store.postgrest.params import (branch_seek, conversation_seek, filter_column, filter_value, is_uuid,
                                              owned, record_columns, record_order)
-from services.store.postgrest.rows import (
-    action_done_of,
-    bad_response,
-    branch_page_of,
-    controls_of,
-    conversation_of,
-    message_of,
-    pending_action_of,
-    record_of,
-    run_begun_of,
-    run_of,
-    settled,
-    update_json,
-)
-from services.store.postgrest.usage import budget_json, usage_report
+from services.store.postgrest.rows import (action_done_of, bad_response, branch_page_of, budget_json, controls_of,
+                                           conversation_of, message_of, pending_action_of, reading, record_of,
+                                           run_begun_of, run_of, settled, update_json, usage_report_of)
 from services.store.search import MAX_TERMS
-from services.store.shared import QueryTiming, observed, page_of_conversations, reads_downwards
+from services.store.shared import QueryTiming, columns, observed, page_of_conversations, reads_downwards
 
 logger = logging.getLogger(__name__)
 
 ACTIONS = "pending_actions"
 CONVERSATIONS = "agent_conversations"
-CONVERSATION_COLUMNS = "id,user_id,title,created_at,updated_at,last_message_at,message_count,metadata,active_leaf_id"
+CONVERSATION_COLUMNS = columns(Conversation, ",")
 RUNS = "agent_runs"
-RUN_COLUMNS = "id,conversation_id,user_message_id,assistant_message_id,client_message_id,status,last_seq,heartbeat_at"
+RUN_COLUMNS = columns(Run, ",")
 # The most runs one agent_runs_flush call carries (the function's own bound): a worker's flush is one request per
 # this many runs generating on it, whatever the number of users.
 FLUSH_BATCH = 500
@@ -107,14 +70,8 @@ class PostgrestStore(QueryTiming):
 
     @observed
     async def list_conversations(
-        self,
-        caller: Caller,
-        limit: int,
-        offset: int,
-        *,
-        before: ConversationKey | None = None,
-        after: ConversationKey | None = None,
-        search: str | None = None,
+        self, caller: Caller, limit: int, offset: int, *, before: ConversationKey | None = None,
+        after: ConversationKey | None = None, search: str | None = None
     ) -> ConversationPage:
         if search is not None:
             return await self._search_conversations(caller, limit, offset, before, after, search)
@@ -154,12 +111,7 @@ class PostgrestStore(QueryTiming):
         return page_of_conversations(result.rows, limit, counted.total or 0, after, conversation_of)
 
     async def _search_conversations(
-        self,
-        caller: Caller,
-        limit: int,
-        offset: int,
-        before: ConversationKey | None,
-        after: ConversationKey | None,
+        self, caller: Caller, limit: int, offset: int, before: ConversationKey | None, after: ConversationKey | None,
         search: str,
     ) -> ConversationPage:
         """``agent_conversations_search`` (``migrations/007_checked_writes.sql``): one request, as the caller. The
@@ -168,20 +120,12 @@ class PostgrestStore(QueryTiming):
         terms = search.replace("\x00", " ").split()[:MAX_TERMS]
         if not terms:
             return ConversationPage([], 0)
-        args = {
-            "p_terms": terms,
-            "p_limit": limit + 1,
-            "p_offset": offset,
-            "p_before_at": before.updated_at if before else None,
-            "p_before_id": before.id if before else None,
-            "p_after_at": after.updated_at if after else None,
-            "p_after_id": after.id if after else None,
-        }
+        args = {"p_terms": terms, "p_limit": limit + 1, "p_offset": offset,
+                "p_before_at": before.updated_at if before else None, "p_before_id": before.id if before else None,
+                "p_after_at": after.updated_at if after else None, "p_after_id": after.id if after else None}
         result = await self._rest.rpc(caller, "agent_conversations_search", args, idempotent=True)
-        try:
+        with reading():
             rows, total = result["rows"], int(result["total"])
-        except (TypeError, KeyError, ValueError) as exc:
-            raise bad_response() from exc
         return page_of_conversations(rows, limit, total, after, conversation_of)
 
     @observed
@@ -212,9 +156,6 @@ class PostgrestStore(QueryTiming):
 
     @observed
     async def get_conversation(self, caller: Caller, conversation_id: str) -> Conversation:
-        return await self._fetch_conversation(caller, conversation_id)
-
-    async def _fetch_conversation(self, caller: Caller, conversation_id: str) -> Conversation:
         params = {"select": CONVERSATION_COLUMNS, "id": f"eq.{conversation_id}", "user_id": f"eq.{caller.user_id}"}
         result = await self._rest.select(caller, CONVERSATIONS, params)
         if not result.rows:
@@ -232,16 +173,8 @@ class PostgrestStore(QueryTiming):
 
     @observed
     async def message_page(
-        self,
-        caller: Caller,
-        conversation_id: str,
-        limit: int,
-        offset: int = 0,
-        *,
-        newest_first: bool = False,
-        before: MessageKey | None = None,
-        after: MessageKey | None = None,
-        leaf: str | None = None,
+        self, caller: Caller, conversation_id: str, limit: int, offset: int = 0, *, newest_first: bool = False,
+        before: MessageKey | None = None, after: MessageKey | None = None, leaf: str | None = None,
     ) -> MessagePage:
         downwards = reads_downwards(before, after, newest_first)
         args = {"p_conversation_id": conversation_id, "p_leaf": leaf, "p_limit": limit + 1, "p_offset": offset,
@@ -277,7 +210,7 @@ class PostgrestStore(QueryTiming):
         row = {**values, "user_id": caller.user_id}
         # ON CONFLICT (id) DO NOTHING: a retried insert is a no-op, and the scoped read below answers it (NotFound if
         # the id is someone else's, as SQLite's INSERT OR IGNORE + scoped read).
-        result = await self._rest.insert(caller, domain.table, row, select=record_columns(domain), on_conflict="id")
+        result = await self._rest.insert(caller, domain.table, row, select=record_columns(domain))
         if result.rows:
             return record_of(domain, result.rows[0])
         return await self._fetch_record(caller, domain, str(values["id"]))
@@ -310,17 +243,9 @@ class PostgrestStore(QueryTiming):
 
     @observed
     async def create_action(self, caller: Caller, new: NewAction, ttl_seconds: float) -> PendingAction:
-        args = {
-            "p_id": new.id,
-            "p_table": new.table,
-            "p_tool": new.tool,
-            "p_kind": new.kind,
-            "p_record_id": new.record_id,
-            "p_changes": new.changes,
-            "p_before": new.before,
-            "p_summary": new.summary,
-            "p_ttl_seconds": ttl_seconds,
-        }
+        args = {"p_id": new.id, "p_table": new.table, "p_tool": new.tool, "p_kind": new.kind,
+                "p_record_id": new.record_id, "p_changes": new.changes, "p_before": new.before,
+                "p_summary": new.summary, "p_ttl_seconds": ttl_seconds}
         # Retried: the id is ours, so a replay whose first attempt committed inserts nothing and returns the row.
         row = await self._rest.rpc(caller, "pending_action_prepare", args, idempotent=True)
         if row is None:
@@ -425,20 +350,14 @@ class PostgrestStore(QueryTiming):
         result = await self._rest.rpc(caller, "agent_run_read", {"p_run_id": run_id, "p_after": after}, idempotent=True)
         if result is None:  # missing, or hidden by row-level security: the same answer
             raise RunNotFound()
-        try:
+        with reading():
             batches = [EventBatch(int(b["first_seq"]), int(b["last_seq"]), str(b["frames"])) for b in result["batches"]]
             return RunView(run_of(result["run"]), message_of(result["message"]), batches)
-        except (TypeError, ValueError, KeyError) as exc:
-            raise bad_response() from exc
 
     @observed
     async def running_run(self, caller: Caller, conversation_id: str) -> Run | None:
-        params = {
-            "select": RUN_COLUMNS,
-            "conversation_id": f"eq.{conversation_id}",
-            "user_id": f"eq.{caller.user_id}",
-            "status": "eq.running",
-        }
+        params = {"select": RUN_COLUMNS, "conversation_id": f"eq.{conversation_id}", "user_id": f"eq.{caller.user_id}",
+                  "status": "eq.running"}
         rows = (await self._rest.select(caller, RUNS, params)).rows
         return run_of(rows[0]) if rows else None
 
@@ -463,7 +382,8 @@ class PostgrestStore(QueryTiming):
 
     @observed
     async def usage_report(self, caller: Caller, since: float) -> UsageReport:
-        return await usage_report(self._rest, caller, since)
+        args = {"p_since": datetime.fromtimestamp(since, timezone.utc).isoformat()}
+        return usage_report_of(await self._rest.rpc(caller, "agent_usage_report", args, idempotent=True))
 
     # -- rate limits (services/limits/rates.py; migrations/003_rate_limits.sql) --------------------------------------
     # A caller without an access token cannot be counted as a user here (the function keys on auth.uid()); that is
@@ -476,8 +396,6 @@ class PostgrestStore(QueryTiming):
         args = {"p_bucket": bucket, "p_window_seconds": window_seconds, "p_max_hits": limit}
         # Not retried: a replay after a lost response would count the request twice.
         rows = await self._rest.rpc(caller, "rate_limit_hit", args, idempotent=False)
-        try:
+        with reading():
             (row,) = rows
             return bool(row["allowed"]), float(row["retry_after"])
-        except (TypeError, ValueError, KeyError) as exc:
-            raise bad_response() from exc

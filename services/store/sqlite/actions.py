@@ -22,7 +22,7 @@ from typing import Any
 from errors import ActionAlreadyUsed, ActionExpired, ActionNotFound, RecordChanged
 from services.domains import BY_TABLE, Domain
 from services.store import ActionDone, Caller, NewAction, PendingAction
-from services.store.shared import epoch_timestamp, from_row
+from services.store.shared import columns, epoch_timestamp, from_row
 from services.store.sqlite import records as sqlite_records
 from services.store.sqlite.writer import write_transaction
 
@@ -50,12 +50,10 @@ BEFORE_MIGRATION = "ALTER TABLE pending_actions ADD COLUMN before TEXT;"
 # Expired actions are kept this long, so a late confirmation still says ACTION_EXPIRED rather than not found.
 KEEP_EXPIRED_SECONDS = 86_400.0
 
-_COLUMNS = ("id, user_id, table_name, tool, kind, record_id, changes, before, summary, created_at, expires_at,"
-            " used_at")
+_COLUMNS = columns(PendingAction)
 
 
 def create_action(db: sqlite3.Connection, caller: Caller, new: NewAction, ttl_seconds: float) -> PendingAction:
-    """See ``Store.create_action``."""
     now = time.time()
     with write_transaction(db):
         db.execute(
@@ -73,12 +71,10 @@ def create_action(db: sqlite3.Connection, caller: Caller, new: NewAction, ttl_se
 
 
 def get_action(db: sqlite3.Connection, caller: Caller, action_id: str) -> PendingAction:
-    """See ``Store.get_action``."""
     return _action(_fetch(db, caller, action_id))
 
 
 def confirm_action(db: sqlite3.Connection, caller: Caller, action_id: str) -> ActionDone:
-    """See ``Store.confirm_action``."""
     with write_transaction(db):
         now = time.time()  # once the write lock is held: a confirmation that queued behind another is judged now
         row = _fetch(db, caller, action_id)

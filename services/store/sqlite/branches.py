@@ -1,5 +1,6 @@
-"""A conversation as a tree of messages in SQLite: where a turn goes, the path the model reads, and the branch a page
-shows (``Store.begin_run``, ``Store.message_page`` and ``Store.set_active_leaf`` say what each must do).
+"""A conversation as a tree of messages in SQLite: the message rows, where a turn goes, the path the model reads, and
+the branch a page shows (``Store.begin_run``, ``Store.message_page`` and ``Store.set_active_leaf`` say what each must
+do). Functions of a store thread's connection, for ``listing.py`` and ``runs.py``.
 
 Every message names its ``parent_id`` (None for a first message) and a conversation its ``active_leaf_id``. A child is
 always written after its parent, so along a path ``seq`` grows: a branch pages by ``seq`` like a whole conversation
@@ -8,12 +9,15 @@ did. Paths are read by recursive queries over ``(parent_id, seq)``, from stored 
 
 from __future__ import annotations
 
+import json
 import sqlite3
-from dataclasses import replace
+from typing import Any
 
 from errors import MessageNotFound, ValidationFailed
-from services.store import Message, MessagePage, NewRun
-from services.store.sqlite.messages import MESSAGE_COLUMNS, message_row
+from services.store import Message, MessagePage, NewRun, Role, utc_now
+from services.store.shared import columns, from_row
+
+MESSAGE_COLUMNS = columns(Message)
 
 # Migration 7. Existing conversations become one branch: each message's parent is the one written before it, and the
 # active leaf the last one.
@@ -36,6 +40,23 @@ PATH = (
     " SELECT id, parent_id, 1 FROM agent_messages WHERE id = ? AND conversation_id = ?"
     " UNION ALL SELECT m.id, m.parent_id, p.depth + 1 FROM agent_messages m JOIN path p ON m.id = p.parent_id)"
 )
+
+
+def write_message(
+    db: sqlite3.Connection, conversation_id: str, message_id: str, role: Role, content: str, parent_id: str | None,
+    metadata: dict[str, Any] | None = None,
+) -> None:
+    """Insert into a conversation already checked to be the caller's, inside the caller's transaction (a chat turn's
+    admission, which writes every message); OR IGNORE on the service-generated id, so a retry writes nothing twice.
+    The row is not read back: every statement costs the writer thread a round trip for the GIL."""
+    db.execute(
+        f"INSERT OR IGNORE INTO agent_messages ({MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (message_id, conversation_id, role, content, None, json.dumps(metadata or {}), utc_now(), parent_id),
+    )
+
+
+def message_row(row: sqlite3.Row) -> Message:
+    return from_row(Message, row, metadata=json.loads)
 
 
 def target(db: sqlite3.Connection, new: NewRun, exists: bool) -> tuple[str | None, str | None]:
@@ -103,8 +124,8 @@ def branch_leaf(db: sqlite3.Connection, conversation_id: str, leaf: str | None) 
     return None if row is None else row[0]
 
 
-def with_siblings(db: sqlite3.Connection, conversation_id: str, page: MessagePage, leaf: str | None) -> MessagePage:
-    """The page with each message's siblings (its parent's children, oldest first) and the branch's leaf."""
+def children(db: sqlite3.Connection, conversation_id: str, page: MessagePage) -> dict[str, list[str]]:
+    """The children of the page's messages' parents, oldest first, by parent id (``""`` for the first messages)."""
     parents = {m.parent_id for m in page.messages}
     named = [p for p in parents if p is not None]
     rows = db.execute(
@@ -112,8 +133,7 @@ def with_siblings(db: sqlite3.Connection, conversation_id: str, page: MessagePag
         f" AND (parent_id IN ({','.join('?' * len(named))}) OR (parent_id IS NULL AND ?)) ORDER BY seq",
         (conversation_id, *named, None in parents),
     )
-    children: dict[str | None, list[str]] = {}
+    found: dict[str, list[str]] = {}
     for parent_id, message_id in rows:
-        children.setdefault(parent_id, []).append(message_id)
-    shown = [replace(m, sibling_ids=tuple(children.get(m.parent_id, [m.id]))) for m in page.messages]
-    return replace(page, messages=shown, leaf_id=leaf)
+        found.setdefault(parent_id or "", []).append(message_id)
+    return found

@@ -2,7 +2,7 @@
 
 Every worker process (and every app instance) that opens the same SQLite file sees the same rows, and each
 decision is one write transaction, so two workers can never both take the last slot. The tables hold disposable
-operational state, not user data, so they are created idempotently at startup (``create_tables``) rather than
+operational state, not user data, so they are created idempotently at startup (``SCHEMA``) rather than
 through the numbered ``MIGRATIONS`` of the business schema. Functions here run on a store thread, given its
 connection (see ``SQLiteStore._run``).
 """
@@ -39,10 +39,6 @@ ON CONFLICT (subject, bucket) DO UPDATE SET
     window_start = max(rate_limits.window_start, excluded.window_start)
 RETURNING hits, window_start
 """
-
-
-def create_tables(db: sqlite3.Connection) -> None:
-    db.executescript(SCHEMA)
 
 
 def hit(db: sqlite3.Connection, subject: str, bucket: str, window_seconds: int, limit: int) -> tuple[bool, float]:

@@ -22,10 +22,10 @@ import uuid
 
 from errors import ConversationNotFound
 from services.store import Caller, Conversation, ConversationKey, ConversationPage, MessageKey, MessagePage, utc_now
-from services.store.search import search_terms, search_words
-from services.store.shared import from_row, page_of_conversations, page_of_messages, reads_downwards
+from services.store.search import MAX_TERMS, search_words
+from services.store.shared import (columns, from_row, page_of_conversations, page_of_messages, reads_downwards,
+                                   with_siblings)
 from services.store.sqlite import branches
-from services.store.sqlite.messages import MESSAGE_COLUMNS, message_row
 from services.store.sqlite.writer import write_transaction
 
 # The words a search can find, folded once by services/store/search.py: the index is fed "<owner>_<word>" tokens, which
@@ -130,9 +130,7 @@ BEGIN
 END;
 """
 
-CONVERSATION_COLUMNS = (
-    "id, user_id, title, created_at, updated_at, last_message_at, message_count, metadata, active_leaf_id"
-)
+CONVERSATION_COLUMNS = columns(Conversation)
 
 # The conversations holding every word, in a title or in one message: two FTS5 lookups of the caller's own tokens,
 # each a set of ids, that the caller-scoped read below then filters by owner with its index.
@@ -159,10 +157,9 @@ def list_conversations(
     db: sqlite3.Connection, caller: Caller, limit: int, offset: int, before: ConversationKey | None = None,
     after: ConversationKey | None = None, search: str | None = None
 ) -> ConversationPage:
-    """See ``Store.list_conversations``."""
     where, params = ["user_id = ?"], [caller.user_id]
     if search is not None:
-        terms = search_terms(search)
+        terms = search_words(search)[:MAX_TERMS]
         owner = db.execute("SELECT key FROM agent_search_owners WHERE user_id = ?", (caller.user_id,)).fetchone()
         if not terms or owner is None:
             return ConversationPage([], 0)
@@ -206,17 +203,16 @@ def message_page(
         params.append(after.seq)
     downwards = reads_downwards(before, after, newest_first)
     rows = db.execute(
-        f"{branches.PATH} SELECT seq, {MESSAGE_COLUMNS} FROM agent_messages WHERE {' AND '.join(where)}"
+        f"{branches.PATH} SELECT seq, {branches.MESSAGE_COLUMNS} FROM agent_messages WHERE {' AND '.join(where)}"
         f" ORDER BY seq {'DESC' if downwards else 'ASC'} LIMIT ? OFFSET ?",
         [*params, limit + 1, offset],
     ).fetchall()
     page = page_of_messages(rows, limit, downwards=downwards, newest_first=newest_first, key=_message_key,
-                            decode=message_row)
-    return branches.with_siblings(db, conversation_id, page, end)
+                            decode=branches.message_row)
+    return with_siblings(page, branches.children(db, conversation_id, page), end)
 
 
 def set_active_leaf(db: sqlite3.Connection, caller: Caller, conversation_id: str, message_id: str) -> Conversation:
-    """See ``Store.set_active_leaf``."""
     with write_transaction(db):
         get_conversation(db, caller, conversation_id)
         leaf = branches.leaf_below(db, conversation_id, message_id)
@@ -248,7 +244,6 @@ def create_conversation(
 
 
 def get_conversation(db: sqlite3.Connection, caller: Caller, conversation_id: str) -> Conversation:
-    """The caller's conversation, or ``ConversationNotFound``."""
     row = db.execute(
         f"SELECT {CONVERSATION_COLUMNS} FROM agent_conversations WHERE id = ? AND user_id = ?",
         (conversation_id, caller.user_id),

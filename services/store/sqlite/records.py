@@ -18,9 +18,9 @@ from services.store import Caller, utc_now
 _SQL_TYPES = {"integer": "INTEGER", "number": "REAL"}
 
 
-def create_tables(db: sqlite3.Connection, domains: tuple[Domain, ...] = DOMAINS) -> None:
+def create_tables(db: sqlite3.Connection) -> None:
     """Create missing tables and add missing columns, so a new domain or column needs no hand-written migration."""
-    for domain in domains:
+    for domain in DOMAINS:
         columns = ", ".join(f"{c.name} {_SQL_TYPES.get(c.type, 'TEXT')}" for c in domain.columns)
         db.execute(
             f"CREATE TABLE IF NOT EXISTS {domain.table} (id TEXT PRIMARY KEY, user_id TEXT NOT NULL, {columns},"

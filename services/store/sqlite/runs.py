@@ -17,14 +17,13 @@ from dataclasses import replace
 from typing import Any
 
 from errors import ConversationNotFound, RunNotFound
-from services.store import (Caller, EventBatch, NewMessage, NewRun, Run, RunBegun, RunControl, RunUpdate, RunView,
-                            TurnLimits, run_log)
-from services.store.shared import from_row
+from services.store import (Caller, EventBatch, NewRun, Run, RunBegun, RunControl, RunUpdate, RunView, TurnLimits,
+                            run_log)
+from services.store.shared import columns, from_row
 from services.store.sqlite import limits as sqlite_limits
 from services.store.sqlite import branches
 from services.store.sqlite import usage as sqlite_usage
 from services.store.sqlite.listing import insert_conversation
-from services.store.sqlite.messages import fetch_message, write_message
 from services.store.sqlite.writer import write_transaction
 
 MIGRATION = """
@@ -59,16 +58,13 @@ CREATE TABLE agent_run_events (
 ) WITHOUT ROWID;
 """
 
-_RUN_COLUMNS = (
-    "id, conversation_id, user_message_id, assistant_message_id, client_message_id, status, last_seq, heartbeat_at"
-)
+_RUN_COLUMNS = columns(Run)
 _STREAMING = "streaming"
 # SQLite's default limit on bound parameters is 32766 (3.32+); IN lists are chunked well below it.
 _IN_CHUNK = 500
 
 
 def begin_run(db: sqlite3.Connection, caller: Caller, new: NewRun, limits: TurnLimits, history_limit: int) -> RunBegun:
-    """See ``Store.begin_run``."""
     now = time.time()
     with write_transaction(db):
         if new.client_message_id is not None:
@@ -96,8 +92,7 @@ def begin_run(db: sqlite3.Connection, caller: Caller, new: NewRun, limits: TurnL
         if owner is None:
             insert_conversation(db, caller, new.conversation_id, new.title)
         if answered is None:
-            write_message(db, NewMessage(new.conversation_id, "user", new.text, id=new.user_message_id,
-                                         parent_id=parent_id))
+            branches.write_message(db, new.conversation_id, new.user_message_id, "user", new.text, parent_id)
         return _start(db, caller, new, answered or new.user_message_id, history_limit, now, limits)
 
 
@@ -135,11 +130,8 @@ def _start(
     """The answer's placeholder under ``user_message_id``, now the active leaf, and the run, which records the
     prompt's path."""
     history = branches.history(db, new.conversation_id, user_message_id, history_limit)
-    placeholder = NewMessage(
-        new.conversation_id, "assistant", "", metadata={"status": _STREAMING, "run_id": new.id, "seq": 0},
-        id=new.assistant_message_id, parent_id=user_message_id,
-    )
-    write_message(db, placeholder)
+    branches.write_message(db, new.conversation_id, new.assistant_message_id, "assistant", "", user_message_id,
+                           {"status": _STREAMING, "run_id": new.id, "seq": 0})
     db.execute("UPDATE agent_conversations SET active_leaf_id = ? WHERE id = ?",
                (new.assistant_message_id, new.conversation_id))
     budget = limits.budget
@@ -233,7 +225,9 @@ def read_run(db: sqlite3.Connection, caller: Caller, run_id: str, after: int | N
             (run_id, after),
         )
         batches = [EventBatch(first, last, frames) for first, last, frames in rows]
-    return RunView(run, fetch_message(db, run.assistant_message_id), batches)
+    message = db.execute(f"SELECT {branches.MESSAGE_COLUMNS} FROM agent_messages WHERE id = ?",
+                         (run.assistant_message_id,))
+    return RunView(run, branches.message_row(message.fetchone()), batches)
 
 
 def running_run(db: sqlite3.Connection, caller: Caller, conversation_id: str) -> Run | None:

@@ -147,7 +147,6 @@ class SQLiteStore(QueryTiming):
     # -- plumbing ----------------------------------------------------------------------------------------------
 
     async def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``work``, which only reads, on a reader thread."""
         return await asyncio.wrap_future(self._readers.submit(self._call, work))
 
     async def _write(self, work: Callable[[sqlite3.Connection], T], *, alone: bool = False) -> T:
@@ -199,7 +198,7 @@ class SQLiteStore(QueryTiming):
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._migrate(db)
             sqlite_records.create_tables(db)
-            sqlite_limits.create_tables(db)
+            db.executescript(sqlite_limits.SCHEMA)
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         version = db.execute("PRAGMA user_version").fetchone()[0]

@@ -81,9 +81,10 @@ def budget_refusal(db: sqlite3.Connection, caller: Caller, budget: TurnBudget) -
 
 def usage_report(db: sqlite3.Connection, caller: Caller, since: float) -> UsageReport:
     by_model = db.execute(
-        "SELECT model_id, count(*) AS calls, sum(estimated) AS estimated_calls, sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,"
-        " sum(cache_read_tokens) AS cache_read_tokens, sum(cache_write_tokens) AS cache_write_tokens,"
-        " sum(cost) AS cost FROM agent_usage WHERE user_id = ? AND created_at >= ? GROUP BY model_id ORDER BY model_id",
+        "SELECT model_id, count(*) AS calls, sum(estimated) AS estimated_calls, sum(input_tokens) AS input_tokens,"
+        " sum(output_tokens) AS output_tokens, sum(cache_read_tokens) AS cache_read_tokens,"
+        " sum(cache_write_tokens) AS cache_write_tokens, sum(cost) AS cost FROM agent_usage"
+        " WHERE user_id = ? AND created_at >= ? GROUP BY model_id ORDER BY model_id",
         (caller.user_id, since),
     ).fetchall()
     by_conversation = db.execute(

@@ -32,17 +32,12 @@ logger = logging.getLogger(__name__)
 _group = threading.local()
 
 
-def in_group() -> bool:
-    """Whether the current write runs inside a group's transaction (``write_transaction`` is then a savepoint)."""
-    return getattr(_group, "active", False)
-
-
 @contextlib.contextmanager
 def write_transaction(db: sqlite3.Connection) -> Iterator[None]:
     """A write transaction whose lock is taken up front (BEGIN IMMEDIATE), so two writers queue on busy_timeout
     instead of deadlocking on a lock upgrade; rolled back on any exception. Every write of the store runs in
     one. Inside a group of writes committed together (``GroupWriter``) it is a savepoint of that transaction."""
-    if in_group():
+    if getattr(_group, "active", False):
         db.execute("SAVEPOINT write_transaction")
         try:
             yield
