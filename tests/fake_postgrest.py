@@ -496,15 +496,16 @@ class FakePostgrest:
 
     async def _release(self, db: psycopg.AsyncConnection[Any]) -> None:
         """Back to the pool once out of any transaction (a failed or abandoned one is rolled back), else closed."""
-        if not db.broken and db.info.transaction_status != TransactionStatus.IDLE:
-            try:
+        try:
+            if not db.broken and db.info.transaction_status != TransactionStatus.IDLE:
                 await db.execute("rollback")
-            except psycopg.Error:
-                pass
-        if db.broken or db.info.transaction_status != TransactionStatus.IDLE:
-            await db.close()
-        else:
-            self._pool.append(db)
+        except psycopg.Error:
+            pass  # the connection is closed below; the request's own error is what the client sees
+        finally:
+            if db.broken or db.info.transaction_status != TransactionStatus.IDLE:
+                await db.close()  # also when cancelled during the rollback: never pooled, never left open
+            else:
+                self._pool.append(db)
 
     async def _table_columns(self, schema: str, table: str) -> list[str]:
         key = (schema, table)

@@ -406,6 +406,21 @@ async def test_a_user_calling_begin_directly_gets_only_a_run_of_their_own(
     assert rows(bob.caller) == before
 
 
+@pytest.mark.parametrize("bad", [{"p_stale_seconds": 0}, {"p_stale_seconds": None}, {"p_events_ttl": -1},
+                                 {"p_events_ttl": None}, {"p_history_limit": -1}, {"p_write_key": "k" * 63}])
+async def test_begin_refuses_bad_arguments_and_writes_nothing(
+    bad: dict[str, Any], account: Callable[[], Any], rest: Callable[..., httpx.Response],
+    rows: Callable[..., list[str]],
+) -> None:
+    """Its run-maintenance arguments too, which 015 checks itself since it calls agent_runs_maintain only when a run
+    needs it: a turn with a nonsense staleness or events lifetime is refused, not begun."""
+    alice = await account()
+    before = rows(alice.caller)
+    refused = rest("POST", "rpc/agent_run_begin", alice.caller, json=_begin_args(new_id(), **bad))
+    assert (refused.status_code, refused.json()["code"]) == (400, "22023")
+    assert rows(alice.caller) == before
+
+
 def _frames(run: Run, first: int, last: int) -> str:
     return "".join(run_log.frame(i, run_log.chunk("token", "invoices", content=f"t{i}", run_id=run.id))
                    for i in range(first, last + 1))
