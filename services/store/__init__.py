@@ -447,6 +447,12 @@ class Store(Protocol):
         """The ledger since ``since`` (Unix time) summed by model and by conversation, and the reservations the
         caller's running runs still hold (each less what its calls have used)."""
 
+    async def rate_limit_hit(self, caller: Caller, bucket: str, window_seconds: int, limit: int) -> tuple[bool, float]:
+        """Count one request of ``caller`` in ``bucket``; return (allowed, seconds until the window resets), in one
+        atomic statement, so limits hold across workers (``services/limits/rates.py``). A store that can only act as
+        a signed-in user (PostgREST) returns ``(True, 0.0)`` for a caller without an access token; the edge (nginx
+        ``limit_req``) limits anonymous traffic there."""
+
     async def aclose(self) -> None:
         ...
 
