@@ -28,8 +28,8 @@ from services.agents.usage import TurnUsage
 from services.domains import BY_AGENT, DOMAINS, Domain
 from services.model import ChatModel, ModelEvent, ModelRequest, ModelUsed, Stop, TextDelta, ToolUse, Usage
 from services.store import Caller, Store
+from services.store.run_log import SUPERVISOR
 
-SUPERVISOR = "supervisor"
 HANDOFF_TOOL = "transfer_to_specialist"
 MAX_ITERATIONS = 6  # model calls per specialist in one turn
 TOOL_SECONDS = 20.0  # tool time per turn
