@@ -15,7 +15,8 @@ from typing import Any
 
 import anyio
 
-from errors import AppError, Conflict, ConversationDeleted, RunTimedOut, ShuttingDown, UpstreamUnavailable
+from errors import (AppError, ConversationDeleted, IdempotencyConflict, RunInProgress, RunTimedOut, ShuttingDown,
+                    UpstreamUnavailable)
 from services.agents.assistant import Assistant
 from services.agents.usage import KINDS
 from services.metrics import Metrics
@@ -101,17 +102,9 @@ class RunManager:
             self._start(caller, begun.run, build_turns(begun.history, self._token_budget), request_started)
         elif begun.outcome == "in_progress":
             assert begun.run is not None
-            raise Conflict(
-                "An answer is still being generated in this conversation.", code="RUN_IN_PROGRESS",
-                user_message="An answer is still being written in this conversation. Wait for it, or stop it.",
-                details={"runId": begun.run.id}
-            )
+            raise RunInProgress(begun.run.id)
         elif begun.outcome == "conflict":
-            raise Conflict(
-                "client_message_id was already used for a different message.", code="IDEMPOTENCY_CONFLICT",
-                user_message="This message could not be sent. Please try again.",
-                suggested_actions=("Send a new client_message_id with each new message",)
-            )
+            raise IdempotencyConflict()
         return begun
 
     def _refuse_while_held(self, caller: Caller) -> None:
