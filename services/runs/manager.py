@@ -9,7 +9,6 @@ import asyncio
 import logging
 import time
 import weakref
-from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -26,7 +25,7 @@ from services.runs.prompt import build_turns
 from services.runs.turn import Turn
 from services.store import Caller, Message, NewRun, Run, RunBegun, RunView, Store, TurnLimits
 from services.store.run_log import SUPERVISOR, complete_chunk, cut, error_chunk, frame, interrupted_chunk
-from settings import ModelPrice
+from settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -51,20 +50,16 @@ def shutdown_frame() -> str:
 class RunManager:
     """Owns this worker's runs: starting them, flushing them, stopping them, and ending dead ones anywhere."""
 
-    def __init__(
-        self, store: Store, assistant: Assistant, metrics: Metrics, *, history_max_messages: int,
-        history_token_budget: int, max_seconds: float, stale_seconds: float, events_ttl: float,
-        prices: Mapping[str, ModelPrice] | None = None,
-    ) -> None:
+    def __init__(self, store: Store, assistant: Assistant, metrics: Metrics, settings: Settings) -> None:
         self._store = store
         self._assistant = assistant
         self._metrics = metrics
-        self._history_max_messages = history_max_messages
-        self._token_budget = history_token_budget
-        self._prices = prices or {}
-        self._max_seconds = max_seconds
-        self.stale_seconds = stale_seconds
-        self.events_ttl = events_ttl
+        self._history_max_messages = settings.history_max_messages
+        self._token_budget = settings.history_token_budget
+        self._prices = settings.model_prices
+        self._max_seconds = settings.run_max_seconds
+        self.stale_seconds = settings.run_stale_seconds
+        self.events_ttl = settings.run_events_ttl
         self._live: dict[str, LiveRun] = {}
         # The reads of runs generating elsewhere, one per run while it has viewers here (their feeds hold it).
         self._polls: weakref.WeakValueDictionary[str, RunPoll] = weakref.WeakValueDictionary()
