@@ -56,9 +56,6 @@ class Counter:
     def inc(self, *labels: str, amount: float = 1.0) -> None:
         self.values[labels] = self.values.get(labels, 0.0) + amount
 
-    def get(self, *labels: str) -> float:
-        return float(self.values.get(labels, 0.0))
-
     def dump(self) -> list[list[Any]]:
         return [[list(labels), value] for labels, value in self.values.items()]
 

@@ -368,10 +368,8 @@ class Store(Protocol):
         """A new title is activity: ``updated_at`` moves to now (never back), as the Supabase trigger has always
         done; the same title again changes nothing."""
 
-    async def create_conversation(
-        self, caller: Caller, title: str | None, conversation_id: str | None = None
-    ) -> Conversation:
-        """An id already taken, even by someone else, writes nothing: ``NotFound`` unless it is the caller's."""
+    async def create_conversation(self, caller: Caller, title: str | None) -> Conversation:
+        ...
 
     async def get_conversation(self, caller: Caller, conversation_id: str) -> Conversation:
         ...

@@ -235,10 +235,8 @@ def insert_conversation(db: sqlite3.Connection, caller: Caller, conversation_id:
     )
 
 
-def create_conversation(
-    db: sqlite3.Connection, caller: Caller, title: str | None, conversation_id: str | None = None
-) -> Conversation:
-    new_id = conversation_id or str(uuid.uuid4())
+def create_conversation(db: sqlite3.Connection, caller: Caller, title: str | None) -> Conversation:
+    new_id = str(uuid.uuid4())
     insert_conversation(db, caller, new_id, title)
     return get_conversation(db, caller, new_id)
 
