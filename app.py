@@ -17,7 +17,8 @@ import sys
 # Checked before anything that needs them, so the answer is one line saying what to do, not a traceback.
 if sys.version_info < (3, 11):
     sys.exit(f"canvalo: Python 3.11 or newer is required (starlette 1.x); this is Python {sys.version.split()[0]}.")
-_MISSING = [name for name in ("anyio", "botocore", "httpx", "starlette", "uvicorn") if not importlib.util.find_spec(name)]
+_MISSING = [name for name in ("anyio", "botocore", "httpx", "starlette", "uvicorn")
+            if not importlib.util.find_spec(name)]
 if _MISSING:
     sys.exit(
         f"canvalo: {', '.join(_MISSING)} not installed for {sys.executable}. Install the dependencies first "

@@ -41,7 +41,8 @@ STOP_NOTES = {
     "guardrail_intervened": "\n\n(The answer was stopped by a content filter.)",
 }
 UNROUTED_NOTE = "Sorry, I couldn't tell which part of your business that is about. Could you rephrase it?"
-LOOP_LIMIT_NOTE = "\n\n(I had to stop before finishing: the request needed too many steps. Please try a narrower request.)"
+LOOP_LIMIT_NOTE = ("\n\n(I had to stop before finishing: the request needed too many steps. "
+                   "Please try a narrower request.)")
 
 
 def supervisor_prompt(domains: tuple[Domain, ...]) -> str:

@@ -132,7 +132,8 @@ class RunManager:
             except asyncio.CancelledError:
                 # Shutdown: save what was produced, shielded from the cancellation and bounded.
                 with anyio.CancelScope(shield=True):
-                    self._end(live, turn, "interrupted", error_chunk(ShuttingDown(), turn.agent_type), "SERVER_SHUTTING_DOWN")
+                    interrupted = error_chunk(ShuttingDown(), turn.agent_type)
+                    self._end(live, turn, "interrupted", interrupted, "SERVER_SHUTTING_DOWN")
                     await self._published(live)
                 raise
             self._end(live, turn, status, item, code)
