@@ -17,7 +17,8 @@ import sys
 # Checked before anything that needs them, so the answer is one line saying what to do, not a traceback.
 if sys.version_info < (3, 11):
     sys.exit(f"canvalo: Python 3.11 or newer is required (starlette 1.x); this is Python {sys.version.split()[0]}.")
-_MISSING = [name for name in ("anyio", "botocore", "httpx", "starlette", "uvicorn") if not importlib.util.find_spec(name)]
+_MISSING = [name for name in ("anyio", "botocore", "httpx", "starlette", "uvicorn")
+            if not importlib.util.find_spec(name)]
 if _MISSING:
     sys.exit(
         f"canvalo: {', '.join(_MISSING)} not installed for {sys.executable}. Install the dependencies first "
@@ -355,17 +356,8 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
             registry = await stack.enter_async_context(Metrics(settings.metrics_dir).snapshotting())
             store.set_query_observer(registry.store_call)
             limiter = RateLimiter(store, registry, settings)
-            runs = RunManager(
-                store,
-                Assistant(chat_model, store, action_ttl=settings.action_ttl_seconds),
-                registry,
-                history_max_messages=settings.history_max_messages,
-                history_token_budget=settings.history_token_budget,
-                max_seconds=settings.run_max_seconds,
-                stale_seconds=settings.run_stale_seconds,
-                events_ttl=settings.run_events_ttl,
-                prices=settings.model_prices,
-            )
+            assistant = Assistant(chat_model, store, action_ttl=settings.action_ttl_seconds)
+            runs = RunManager(store, assistant, registry, settings)
             await runs.open()
             # Runs still generating at shutdown end as interrupted and are saved before the store closes.
             stack.push_async_callback(runs.aclose)

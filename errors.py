@@ -13,7 +13,9 @@
     ├── MethodNotAllowed          405
     ├── PayloadTooLarge           413
     ├── UnsupportedMediaType      415
-    ├── Conflict                  409 (RUN_IN_PROGRESS, IDEMPOTENCY_CONFLICT)
+    ├── Conflict                  409
+    │   ├── RunInProgress         409 RUN_IN_PROGRESS
+    │   ├── IdempotencyConflict   409 IDEMPOTENCY_CONFLICT
     │   ├── ActionAlreadyUsed     409 ACTION_ALREADY_USED
     │   └── RecordChanged         409 RECORD_CHANGED
     ├── Gone                      410
@@ -270,6 +272,25 @@ class RecordChanged(Conflict, code="RECORD_CHANGED", message="The record changed
                     user_message="This record has changed since the assistant prepared this change, so nothing was "
                     "changed.", suggested_actions=("Ask the assistant again",)):
     """The record no longer holds the values the user was shown: confirming would overwrite what they never saw."""
+
+
+# -- refusals of POST /api/chat (services/runs/manager.py) ------------------------------------------------------------
+
+
+class RunInProgress(Conflict, code="RUN_IN_PROGRESS",
+                    message="An answer is still being generated in this conversation.",
+                    user_message="An answer is still being written in this conversation. Wait for it, or stop it."):
+    """One run per conversation: the error names the run still going (``runId``), to attach to or stop."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(details={"runId": run_id})
+
+
+class IdempotencyConflict(Conflict, code="IDEMPOTENCY_CONFLICT",
+                          message="client_message_id was already used for a different message.",
+                          user_message="This message could not be sent. Please try again.",
+                          suggested_actions=("Send a new client_message_id with each new message",)):
+    """A ``client_message_id`` sent again with a different message or conversation: not a retry of the first."""
 
 
 # -- how a chat run ends when it cannot complete (services/runs/) -------------------------------------------------

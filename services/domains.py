@@ -38,7 +38,8 @@ class Domain:
     instructions: str
     columns: tuple[Column, ...]
     order_by: tuple[tuple[str, Literal["asc", "desc"]], ...]
-    keywords: tuple[str, ...]
+    # The words that route a message to it besides its singular and table names (``keywords`` adds those).
+    also_routed_by: tuple[str, ...]
     filters: tuple[str, ...] = ()
     # What the built-in responder shows of each row (a model reads them all): what names it, then its status.
     shown: tuple[str, ...] = ()
@@ -49,6 +50,11 @@ class Domain:
     @property
     def required(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.columns if c.required)
+
+    @property
+    def keywords(self) -> tuple[str, ...]:
+        """The words that route a message to this domain (the built-in responder's), its names first."""
+        return (self.singular, self.table, *self.also_routed_by)
 
     @property
     def label(self) -> str:
@@ -100,7 +106,7 @@ DOMAINS: tuple[Domain, ...] = (
             Column("payment_method"),
         ),
         order_by=(("created_at", "desc"),),
-        keywords=("invoice", "invoices", "billing", "billed", "unpaid", "payment", "paid"),
+        also_routed_by=("billing", "billed", "unpaid", "payment", "paid"),
         filters=("status", "client_name", "invoice_number", "client_id"),
         shown=("invoice_number", "client_name", "status", "total_amount", "amount_paid", "due_date", "paid_date"),
     ),
@@ -121,8 +127,7 @@ DOMAINS: tuple[Domain, ...] = (
             Column("notes"),
         ),
         order_by=(("scheduled_date", "asc"), ("scheduled_time", "asc")),
-        keywords=("appointment", "appointments", "schedule", "scheduled", "reschedule", "calendar", "visit", "booking",
-                  "meeting"),
+        also_routed_by=("schedule", "scheduled", "reschedule", "calendar", "visit", "booking", "meeting"),
         filters=("status", "client_name", "scheduled_date", "client_id"),
         shown=("title", "client_name", "status", "scheduled_date", "scheduled_time", "location"),
     ),
@@ -142,7 +147,7 @@ DOMAINS: tuple[Domain, ...] = (
             Column("notes"),
         ),
         order_by=(("created_at", "desc"),),
-        keywords=("project", "projects", "job", "jobs"),
+        also_routed_by=("job", "jobs"),
         filters=("status", "client_name", "client_id"),
         shown=("name", "client_name", "status", "start_date", "end_date", "budget"),
     ),
@@ -161,7 +166,7 @@ DOMAINS: tuple[Domain, ...] = (
             Column("notes"),
         ),
         order_by=(("created_at", "desc"),),
-        keywords=("proposal", "proposals", "estimate", "estimates", "quote", "quotes", "bid", "bids"),
+        also_routed_by=("estimate", "estimates", "quote", "quotes", "bid", "bids"),
         filters=("status", "client_name", "client_id"),
         shown=("title", "client_name", "status", "total_amount", "valid_until"),
     ),
@@ -179,7 +184,7 @@ DOMAINS: tuple[Domain, ...] = (
             Column("notes"),
         ),
         order_by=(("name", "asc"),),
-        keywords=("contact", "contacts", "client", "clients", "customer", "customers", "supplier", "suppliers", "lead", "leads"),
+        also_routed_by=("client", "clients", "customer", "customers", "supplier", "suppliers", "lead", "leads"),
         filters=("contact_type", "name", "company"),
         shown=("name", "contact_type", "company", "email", "phone"),
     ),
@@ -196,7 +201,7 @@ DOMAINS: tuple[Domain, ...] = (
             Column("response"),
         ),
         order_by=(("created_at", "desc"),),
-        keywords=("review", "reviews", "rating", "ratings", "feedback", "testimonial", "testimonials"),
+        also_routed_by=("rating", "ratings", "feedback", "testimonial", "testimonials"),
         filters=("status", "rating"),
         shown=("reviewer_name", "rating", "status", "source", "comment"),
     ),
@@ -214,7 +219,7 @@ DOMAINS: tuple[Domain, ...] = (
             _status("draft", "draft", "scheduled", "active", "paused", "completed"),
         ),
         order_by=(("created_at", "desc"),),
-        keywords=("campaign", "campaigns", "marketing", "newsletter", "promotion", "promotions"),
+        also_routed_by=("marketing", "newsletter", "promotion", "promotions"),
         filters=("status", "campaign_type"),
         shown=("name", "campaign_type", "status", "start_date", "end_date", "budget"),
     ),
@@ -231,7 +236,7 @@ DOMAINS: tuple[Domain, ...] = (
             Column("project_id", "uuid"),
         ),
         order_by=(("due_date", "asc"), ("created_at", "asc")),
-        keywords=("task", "tasks", "todo", "to-do", "to-dos", "reminder", "reminders"),
+        also_routed_by=("todo", "to-do", "to-dos", "reminder", "reminders"),
         filters=("status", "priority", "project_id"),
         shown=("title", "status", "priority", "due_date"),
     ),
@@ -250,7 +255,7 @@ DOMAINS: tuple[Domain, ...] = (
             _status("not_started", "not_started", "in_progress", "completed", "abandoned"),
         ),
         order_by=(("target_date", "asc"), ("created_at", "asc")),
-        keywords=("goal", "goals", "target", "targets", "settings", "preferences"),
+        also_routed_by=("target", "targets", "settings", "preferences"),
         filters=("status", "goal_type"),
         shown=("title", "goal_type", "status", "progress", "current_value", "target_value", "target_date"),
     ),

@@ -56,9 +56,6 @@ class Counter:
     def inc(self, *labels: str, amount: float = 1.0) -> None:
         self.values[labels] = self.values.get(labels, 0.0) + amount
 
-    def get(self, *labels: str) -> float:
-        return float(self.values.get(labels, 0.0))
-
     def dump(self) -> list[list[Any]]:
         return [[list(labels), value] for labels, value in self.values.items()]
 
@@ -73,7 +70,9 @@ class Histogram(Counter):
 
     kind = "histogram"
 
-    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = (), buckets: Sequence[float] = ()) -> None:
+    def __init__(
+        self, name: str, help_text: str, labelnames: Sequence[str] = (), buckets: Sequence[float] = ()
+    ) -> None:
         super().__init__(name, help_text, labelnames)
         self.buckets = tuple(buckets)
 
@@ -134,13 +133,16 @@ class Metrics:
         self.llm_errors = Counter(
             "canvalo_llm_errors_total", "Chat turns that ended with an error chunk, by error code.", ("code",)
         )
-        self.retries = Counter("canvalo_retries_total", "Retries of transient model and store failures, by code.", ("code",))
+        self.retries = Counter(
+            "canvalo_retries_total", "Retries of transient model and store failures, by code.", ("code",)
+        )
         self.store_duration = Histogram(
             "canvalo_store_query_duration_seconds", "Store call latency by store and operation.",
             ("store", "operation"), LATENCY_BUCKETS,
         )
         self.rate_limited = Counter(
-            "canvalo_rate_limit_rejections_total", "Requests refused with 429, by limit (chat, api, streams).", ("limit",)
+            "canvalo_rate_limit_rejections_total", "Requests refused with 429, by limit (chat, api, streams).",
+            ("limit",),
         )
         # Every metric above, in the order they are exposed.
         self.all: list[Counter] = [value for value in vars(self).values() if isinstance(value, Counter)]

@@ -68,7 +68,8 @@ async def with_retry(
             if attempt >= policy.attempts or not retryable(exc) or time.monotonic() + delay > deadline:
                 raise
             logger.warning(
-                "%s failed with %s (attempt %d of %d); retrying in %.2fs", what, exc.code, attempt, policy.attempts, delay
+                "%s failed with %s (attempt %d of %d); retrying in %.2fs", what, exc.code, attempt, policy.attempts,
+                delay,
             )
             # Counted through the request's metrics context (services/metrics.py says why this is not an argument).
             record_retry(exc.code)

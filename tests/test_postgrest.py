@@ -29,6 +29,7 @@ from services.domains import BY_AGENT, DOMAINS, Domain
 from services.retry import RetryPolicy
 from services.store import (
     Caller,
+    Conversation,
     EventBatch,
     Message,
     NewRun,
@@ -41,7 +42,7 @@ from services.store import (
 )
 from services.store import run_log, sample_data
 from services.store.postgrest.client import PostgrestClient, parse_total
-from services.store.postgrest.rows import utc_timestamp
+from services.store.postgrest.rows import conversation_of, utc_timestamp
 from services.store.postgrest.store import PostgrestStore
 from services.store.sqlite.store import SQLiteStore
 from settings import ConfigError
@@ -445,9 +446,16 @@ async def test_same_timestamp_messages_keep_insertion_order(
 async def test_create_conversation_is_idempotent_by_its_id(
     store: PostgrestStore, new_caller: Callable[[], Caller]
 ) -> None:
+    # The store sends a new id each time (a retry resends it): the function it calls, asked twice with one id.
     caller, wanted = new_caller(), new_id()
-    first = await store.create_conversation(caller, "once", wanted)
-    again = await store.create_conversation(caller, "twice", wanted)
+
+    async def create(title: str) -> Conversation:
+        args = {"p_id": wanted, "p_title": title}
+        created = await store._rest.rpc(caller, "agent_conversation_create", args, idempotent=True)
+        return conversation_of(created["conversation"])
+
+    first = await create("once")
+    again = await create("twice")
     assert first == again and first.title == "once"
 
 
@@ -469,8 +477,10 @@ async def test_another_users_conversation_id_writes_nothing(
 ) -> None:
     alice, bob = new_caller(), new_caller()
     conversation = await store.create_conversation(alice, "Alice's")
-    for call in (store.create_conversation(bob, "AI Chat", conversation.id),
-                 store.rename_conversation(bob, conversation.id, "Bob's"),
+    # The store sends ids it generates; the function it calls, given Alice's, answers as the store's NotFound.
+    taken = {"p_id": conversation.id, "p_title": "AI Chat"}
+    assert await store._rest.rpc(bob, "agent_conversation_create", taken, idempotent=True) == {"outcome": "not_found"}
+    for call in (store.rename_conversation(bob, conversation.id, "Bob's"),
                  store.delete_conversation(bob, conversation.id),
                  store.begin_run(bob, NewRun(conversation.id, "sneaky", "AI Chat"), LIMITS, 10)):
         with pytest.raises(NotFound) as caught:

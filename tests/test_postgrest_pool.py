@@ -258,7 +258,7 @@ async def test_a_burst_that_exhausts_the_pool_recovers_and_gives_every_slot_back
                 await asyncio.sleep(0.02)
         assert held(store) == 0, httpcore_pools(store)
         assert proxy.open <= POOL, proxy.open
-        assert store._rest.slots_in_use == 0
+        assert store._rest._connections.in_use == 0
     finally:
         await store.aclose()
 

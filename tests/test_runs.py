@@ -34,6 +34,7 @@ from services.store import Caller, NewRun, Run, TurnLimits
 from services.store import run_log
 from services.store.run_log import UNSAVED_EVENTS_MAX, chunk, reaped_seq
 from services.store.sqlite.store import SQLiteStore
+from settings import Settings
 from tests.conftest import AuthHeaders
 from tests.scripted_model import ScriptedModel
 from tests.support import LiveServer, chunks, event_ids, free_port, make_settings, new_id, serve, streamed_text
@@ -828,8 +829,9 @@ async def _manager(tmp_path: Path, model: Any, stale: float = 30.0) -> tuple[Any
     inner = SQLiteStore(str(tmp_path / "runs.db"))
     await inner.open()
     store = Refusing(inner)
-    manager = RunManager(store, Assistant(model, store, action_ttl=600), Metrics(""), history_max_messages=20,  # type: ignore[arg-type]
-                         history_token_budget=10_000, max_seconds=120, stale_seconds=stale, events_ttl=3600)
+    settings = Settings(history_max_messages=20, history_token_budget=10_000, run_max_seconds=120,
+                        run_stale_seconds=stale, run_events_ttl=3600, model_prices={})
+    manager = RunManager(store, Assistant(model, store, action_ttl=600), Metrics(""), settings)  # type: ignore[arg-type]
     await manager.open()
     return inner, store, manager
 

@@ -84,7 +84,8 @@ class EventStreamResponse:
                 # Cancelled from outside (the server's graceful-shutdown timeout): tell the client to retry.
                 stream_metrics.outcome = "shutdown"
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1):
-                    await send({"type": "http.response.body", "body": self._shutdown_frame.encode(), "more_body": False})
+                    farewell = self._shutdown_frame.encode()
+                    await send({"type": "http.response.body", "body": farewell, "more_body": False})
                 raise
             finally:
                 watcher.cancel()

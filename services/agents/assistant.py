@@ -28,8 +28,8 @@ from services.agents.usage import TurnUsage
 from services.domains import BY_AGENT, DOMAINS, Domain
 from services.model import ChatModel, ModelEvent, ModelRequest, ModelUsed, Stop, TextDelta, ToolUse, Usage
 from services.store import Caller, Store
+from services.store.run_log import SUPERVISOR
 
-SUPERVISOR = "supervisor"
 HANDOFF_TOOL = "transfer_to_specialist"
 MAX_ITERATIONS = 6  # model calls per specialist in one turn
 TOOL_SECONDS = 20.0  # tool time per turn
@@ -41,7 +41,8 @@ STOP_NOTES = {
     "guardrail_intervened": "\n\n(The answer was stopped by a content filter.)",
 }
 UNROUTED_NOTE = "Sorry, I couldn't tell which part of your business that is about. Could you rephrase it?"
-LOOP_LIMIT_NOTE = "\n\n(I had to stop before finishing: the request needed too many steps. Please try a narrower request.)"
+LOOP_LIMIT_NOTE = ("\n\n(I had to stop before finishing: the request needed too many steps. "
+                   "Please try a narrower request.)")
 
 
 def supervisor_prompt(domains: tuple[Domain, ...]) -> str:

@@ -111,7 +111,8 @@ def build_authenticator(settings: Settings, *, transport: httpx.AsyncBaseTranspo
         return TrustClaimedUser()
     keys = remote = None
     if url and settings.auth_verify == "jwks":
-        keys = SigningKeys(url, api_key=settings.publishable_key, timeout=settings.supabase_timeout, transport=transport)
+        keys = SigningKeys(url, api_key=settings.publishable_key, timeout=settings.supabase_timeout,
+                           transport=transport)
     elif url:
         if not settings.publishable_key:
             raise ConfigError(

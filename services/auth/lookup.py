@@ -91,7 +91,8 @@ class LookupBudget:
     """
 
     def __init__(
-        self, per_window: int, window_seconds: float, concurrent: int, wait: float, clock: Callable[[], float] = time.time
+        self, per_window: int, window_seconds: float, concurrent: int, wait: float,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._per_window = per_window
         self._window = window_seconds
@@ -125,7 +126,8 @@ class LookupBudget:
         if self._spent >= self._per_window:
             if self._logged != start:  # once per window: a flood must not become a flood of log lines
                 self._logged = start
-                logger.warning("Supabase Auth lookups reached AUTH_LOOKUPS_PER_MINUTE (%d) this window", self._per_window)
+                logger.warning("Supabase Auth lookups reached AUTH_LOOKUPS_PER_MINUTE (%d) this window",
+                               self._per_window)
             raise auth_busy(start + self._window - now)
         self._spent += 1
 
@@ -239,7 +241,8 @@ class SupabaseUserLookup:
         if response.status_code == 429:
             logger.warning("Supabase Auth answered 429 (not retried)")
             raise UpstreamUnavailable(
-                "Supabase Auth is rate limiting token checks.", code="AUTH_THROTTLED", retry_after=_retry_after(response)
+                "Supabase Auth is rate limiting token checks.", code="AUTH_THROTTLED",
+                retry_after=_retry_after(response),
             )
         if response.status_code >= 500:
             logger.warning("Supabase Auth answered %s", response.status_code)

@@ -1,23 +1,23 @@
 """Per-user rate limits and a cap on open streams, with the shared state in the store (docs/operations.md, "Limits").
 
 Limits must hold across several workers and machines, so nothing is counted in process memory: every decision
-is one atomic statement in the store (``LimitStore``). Requests are counted in fixed windows: one row per user and
-one statement per check, at the price of up to twice the limit across a window boundary. Stream slots are the user's
-running chat runs, so a slot frees when its run ends, or its heartbeat lapses when its worker died. A chat turn's
-limits are checked inside ``Store.begin_run``'s transaction (``turn_limits``), after the idempotency check. A request
-whose authentication failed is counted against its client address (``addr:<ip>``), so guessing tokens is limited too.
+is one atomic statement in the store (``Store.rate_limit_hit``). Requests are counted in fixed windows: one row per
+user and one statement per check, at the price of up to twice the limit across a window boundary. Stream slots are the
+user's running chat runs, so a slot frees when its run ends, or its heartbeat lapses when its worker died. A chat
+turn's limits are checked inside ``Store.begin_run``'s transaction (``turn_limits``), after the idempotency check. A
+request whose authentication failed is counted against its client address (``addr:<ip>``), so guessing tokens is
+limited too.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Protocol, runtime_checkable
 
 from errors import RateLimited, UpstreamUnavailable
 from services.metrics import Metrics
 from services.store import Caller, RunBegun, Store, TurnBudget, TurnLimits
-from settings import ConfigError, Settings
+from settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -31,27 +31,9 @@ LIMIT_MESSAGES: dict[str, tuple[str, str | None]] = {
 }
 
 
-@runtime_checkable
-class LimitStore(Protocol):
-    """What a store implements so limits are shared by every worker that uses it."""
-
-    async def rate_limit_hit(self, caller: Caller, bucket: str, window_seconds: int, limit: int) -> tuple[bool, float]:
-        """Count one request of ``caller`` in ``bucket``; return (allowed, seconds until the window resets).
-
-        A store that can only act as a signed-in user (PostgREST) returns ``(True, 0.0)`` for a caller without an
-        access token; the edge (nginx ``limit_req``) limits anonymous traffic there.
-        """
-
-
 class RateLimiter:
     def __init__(self, store: Store, metrics: Metrics, settings: Settings) -> None:
-        """The settings' limits, counted in ``store`` when it can keep them (``LimitStore``). One that cannot leaves
-        limits off, which production refuses."""
-        self._store = store if isinstance(store, LimitStore) else None
-        if self._store is None:
-            if settings.environment == "production":
-                raise ConfigError(f"STORE={store.kind} cannot enforce shared rate limits yet (no rate_limit_hit)")
-            logger.warning("Rate limits are off: store %s keeps no shared limit state", store.kind)
+        self._store = store
         self._metrics = metrics
         self._chat_limit = settings.rate_limit_chat_per_minute
         self._api_limit = settings.rate_limit_api_per_minute
@@ -63,13 +45,10 @@ class RateLimiter:
 
     async def admit(self, caller: Caller) -> None:
         """Count one ``/api`` request; raise ``RateLimited`` over the limit. Chat turns use ``turn_limits``."""
-        if self._store is not None:
-            await self._count(caller, "api", self._api_limit)
+        await self._count(caller, "api", self._api_limit)
 
     def turn_limits(self, stale_seconds: float, events_ttl: float, budget: TurnBudget | None = None) -> TurnLimits:
-        """What ``Store.begin_run`` checks for a chat turn (no counts when limits are off), with its ``budget``."""
-        if self._store is None:
-            return TurnLimits(stale_seconds, events_ttl, budget=budget)
+        """What ``Store.begin_run`` checks for a chat turn, with its ``budget``."""
         return TurnLimits(stale_seconds, events_ttl, self._window, self._chat_limit, self._stream_limit, budget)
 
     def refused(self, begun: RunBegun) -> RateLimited:
@@ -82,26 +61,21 @@ class RateLimiter:
         """Refuse an address whose requests failed before authentication ``API`` times this window, in process and
         before any remote call: a flood of forged tokens must not reach Supabase Auth (which limits by our address,
         so one attacker would break sign-in checks for everyone)."""
-        if self._store is None:
-            return
         allowed, retry_after = self._failures.peek(f"addr:{address}", self._window, self._api_limit)
         if not allowed:
             raise self._refusal("api", self._api_limit, retry_after)
 
     def failed_before_auth(self, address: str) -> None:
         """Count a request that failed before its caller was known (a bad body, a bad token) in process."""
-        if self._store is not None:
-            self._failures.hit(f"addr:{address}", self._window, self._api_limit)
+        self._failures.hit(f"addr:{address}", self._window, self._api_limit)
 
     async def admit_unauthenticated(self, address: str) -> None:
         """Count a request whose authentication failed against its client address, in process and in the store
         (shared by every worker where the store can count anonymous subjects)."""
-        if self._store is not None:
-            self.failed_before_auth(address)
-            await self._count(Caller(user_id=f"addr:{address}"), "api", self._api_limit)
+        self.failed_before_auth(address)
+        await self._count(Caller(user_id=f"addr:{address}"), "api", self._api_limit)
 
     async def _count(self, subject: Caller, bucket: str, limit: int) -> None:
-        assert self._store is not None
         try:
             allowed, retry_after = await self._store.rate_limit_hit(subject, bucket, self._window, limit)
         except UpstreamUnavailable as exc:

@@ -53,9 +53,10 @@ from settings import ConfigError, Settings
 
 logger = logging.getLogger(__name__)
 
-# Streams being opened at once (connect and request, up to Bedrock's response headers). More turns than this wait in line without
-# a clock running; opening thousands at once (a burst after a deploy, a load test) otherwise puts every connect and
-# first-event deadline behind the whole burst's CPU, and those that expire fail though the worker could carry them.
+# Streams being opened at once (connect and request, up to Bedrock's response headers). More turns than this wait in
+# line without a clock running; opening thousands at once (a burst after a deploy, a load test) otherwise puts every
+# connect and first-event deadline behind the whole burst's CPU, and those that expire fail though the worker could
+# carry them.
 OPENING_AT_ONCE = 512
 
 MAX_ERROR_BODY = 64 * 1024  # an error body is a short JSON document; never buffer a misrouted HTML page whole

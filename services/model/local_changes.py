@@ -291,7 +291,7 @@ def _distinctive(domain: Domain, lowered: str) -> set[str]:
     """The words of ``lowered`` that can only name a record: not a verb, a routing word, a status or a date."""
     vocabulary = _vocabulary(domain)
     common = (_FILLER | DELETE_VERBS | CHANGE_VERBS | DATE_VERBS | set(STATUS_VERBS) | set(WEEKDAYS) | set(MONTHS)
-              | set(domain.keywords) | {domain.singular, domain.table})
+              | set(domain.keywords))
     if vocabulary is not None:
         common |= {part for value in vocabulary.enum for part in value.split("_")}
     words = re.findall(r"[a-z0-9]+", re.sub(r"['\u2019]s\b", "", lowered))

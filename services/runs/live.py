@@ -25,8 +25,8 @@ class LiveRun:
 
     __slots__ = (
         "_calls_flushed", "_flushed", "_heartbeat_at", "_pending", "_saved_parts", "_taken_parts", "_text_saved_at",
-        "_waiters", "agent_type", "caller", "cancelled", "deleted", "elsewhere", "ended", "farewell", "farewell_at", "final",
-        "frames", "parts", "run", "saved", "scope", "shown",
+        "_waiters", "agent_type", "caller", "cancelled", "deleted", "elsewhere", "ended", "farewell", "farewell_at",
+        "final", "frames", "parts", "run", "saved", "scope", "shown",
         "seen_chars", "status", "stop_asked", "task", "usage", "visible",
     )
 
@@ -128,7 +128,9 @@ class LiveRun:
         if self.scope is not None:
             self.scope.cancel()
 
-    def finish(self, status: str, item: dict[str, Any], content: str, metadata: dict[str, Any], agent_type: str) -> None:
+    def finish(
+        self, status: str, item: dict[str, Any], content: str, metadata: dict[str, Any], agent_type: str
+    ) -> None:
         """Append the terminal chunk (hidden until saved) and hand the final state to the next flush."""
         self.seal()
         self.status = status
@@ -154,7 +156,9 @@ class LiveRun:
         """What the next flush writes for this run; nothing changes here until ``committed``."""
         self.seal()
         upto = len(self.frames)
-        batch = EventBatch(self._flushed + 1, upto, "".join(self.frames[self._flushed:upto])) if upto > self._flushed else None
+        batch = None
+        if upto > self._flushed:
+            batch = EventBatch(self._flushed + 1, upto, "".join(self.frames[self._flushed:upto]))
         heartbeat = now - self._heartbeat_at >= HEARTBEAT_SECONDS
         # The calls finished since the last flush the store took: the ledger rides the flush, no request of its own.
         calls = tuple(self.usage.calls[self._calls_flushed:])

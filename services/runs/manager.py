@@ -9,13 +9,13 @@ import asyncio
 import logging
 import time
 import weakref
-from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
 import anyio
 
-from errors import AppError, Conflict, ConversationDeleted, RunTimedOut, ShuttingDown, UpstreamUnavailable
+from errors import (AppError, ConversationDeleted, IdempotencyConflict, RunInProgress, RunTimedOut, ShuttingDown,
+                    UpstreamUnavailable)
 from services.agents.assistant import Assistant
 from services.agents.usage import KINDS
 from services.metrics import Metrics
@@ -25,7 +25,7 @@ from services.runs.prompt import build_turns
 from services.runs.turn import Turn
 from services.store import Caller, Message, NewRun, Run, RunBegun, RunView, Store, TurnLimits
 from services.store.run_log import SUPERVISOR, complete_chunk, cut, error_chunk, frame, interrupted_chunk
-from settings import ModelPrice
+from settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -50,20 +50,16 @@ def shutdown_frame() -> str:
 class RunManager:
     """Owns this worker's runs: starting them, flushing them, stopping them, and ending dead ones anywhere."""
 
-    def __init__(
-        self, store: Store, assistant: Assistant, metrics: Metrics, *, history_max_messages: int,
-        history_token_budget: int, max_seconds: float, stale_seconds: float, events_ttl: float,
-        prices: Mapping[str, ModelPrice] | None = None,
-    ) -> None:
+    def __init__(self, store: Store, assistant: Assistant, metrics: Metrics, settings: Settings) -> None:
         self._store = store
         self._assistant = assistant
         self._metrics = metrics
-        self._history_max_messages = history_max_messages
-        self._token_budget = history_token_budget
-        self._prices = prices or {}
-        self._max_seconds = max_seconds
-        self.stale_seconds = stale_seconds
-        self.events_ttl = events_ttl
+        self._history_max_messages = settings.history_max_messages
+        self._token_budget = settings.history_token_budget
+        self._prices = settings.model_prices
+        self._max_seconds = settings.run_max_seconds
+        self.stale_seconds = settings.run_stale_seconds
+        self.events_ttl = settings.run_events_ttl
         self._live: dict[str, LiveRun] = {}
         # The reads of runs generating elsewhere, one per run while it has viewers here (their feeds hold it).
         self._polls: weakref.WeakValueDictionary[str, RunPoll] = weakref.WeakValueDictionary()
@@ -101,17 +97,9 @@ class RunManager:
             self._start(caller, begun.run, build_turns(begun.history, self._token_budget), request_started)
         elif begun.outcome == "in_progress":
             assert begun.run is not None
-            raise Conflict(
-                "An answer is still being generated in this conversation.", code="RUN_IN_PROGRESS",
-                user_message="An answer is still being written in this conversation. Wait for it, or stop it.",
-                details={"runId": begun.run.id}
-            )
+            raise RunInProgress(begun.run.id)
         elif begun.outcome == "conflict":
-            raise Conflict(
-                "client_message_id was already used for a different message.", code="IDEMPOTENCY_CONFLICT",
-                user_message="This message could not be sent. Please try again.",
-                suggested_actions=("Send a new client_message_id with each new message",)
-            )
+            raise IdempotencyConflict()
         return begun
 
     def _refuse_while_held(self, caller: Caller) -> None:
@@ -144,7 +132,8 @@ class RunManager:
             except asyncio.CancelledError:
                 # Shutdown: save what was produced, shielded from the cancellation and bounded.
                 with anyio.CancelScope(shield=True):
-                    self._end(live, turn, "interrupted", error_chunk(ShuttingDown(), turn.agent_type), "SERVER_SHUTTING_DOWN")
+                    interrupted = error_chunk(ShuttingDown(), turn.agent_type)
+                    self._end(live, turn, "interrupted", interrupted, "SERVER_SHUTTING_DOWN")
                     await self._published(live)
                 raise
             self._end(live, turn, status, item, code)

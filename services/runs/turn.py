@@ -11,10 +11,10 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from services.agents.assistant import SUPERVISOR, AgentDone, AgentModel, AgentText, AgentToolCall, Assistant
+from services.agents.assistant import AgentDone, AgentModel, AgentText, AgentToolCall, Assistant
 from services.agents.usage import TurnUsage
 from services.store import Caller
-from services.store.run_log import chunk
+from services.store.run_log import SUPERVISOR, chunk
 from settings import ModelPrice
 
 

@@ -368,10 +368,8 @@ class Store(Protocol):
         """A new title is activity: ``updated_at`` moves to now (never back), as the Supabase trigger has always
         done; the same title again changes nothing."""
 
-    async def create_conversation(
-        self, caller: Caller, title: str | None, conversation_id: str | None = None
-    ) -> Conversation:
-        """An id already taken, even by someone else, writes nothing: ``NotFound`` unless it is the caller's."""
+    async def create_conversation(self, caller: Caller, title: str | None) -> Conversation:
+        ...
 
     async def get_conversation(self, caller: Caller, conversation_id: str) -> Conversation:
         ...
@@ -446,6 +444,12 @@ class Store(Protocol):
     async def usage_report(self, caller: Caller, since: float) -> UsageReport:
         """The ledger since ``since`` (Unix time) summed by model and by conversation, and the reservations the
         caller's running runs still hold (each less what its calls have used)."""
+
+    async def rate_limit_hit(self, caller: Caller, bucket: str, window_seconds: int, limit: int) -> tuple[bool, float]:
+        """Count one request of ``caller`` in ``bucket``; return (allowed, seconds until the window resets), in one
+        atomic statement, so limits hold across workers (``services/limits/rates.py``). A store that can only act as
+        a signed-in user (PostgREST) returns ``(True, 0.0)`` for a caller without an access token; the edge (nginx
+        ``limit_req``) limits anonymous traffic there."""
 
     async def aclose(self) -> None:
         ...

@@ -20,7 +20,7 @@ from typing import Any
 from errors import AppError
 from services.store import EventBatch
 
-SUPERVISOR = "supervisor"
+SUPERVISOR = "supervisor"  # the assistant's first agent, and the agent_type of chunks no specialist wrote
 
 # A worker shows viewers at most this many events past the last one it saved (services/runs/ holds the rest back
 # until a flush saves them). A run whose worker died therefore ends at the last saved id + this + 1 (``reaped_seq``):

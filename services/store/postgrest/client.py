@@ -111,11 +111,6 @@ class PostgrestClient:
         # burst of new turns holding the pool must not hold them up too. Flushes go one at a time.
         self._flush_connection = Connections(1, pool_timeout, client)
 
-    @property
-    def slots_in_use(self) -> int:
-        """Requests under way, each on its own connection (those whose callers stopped waiting included)."""
-        return self._connections.in_use
-
     async def aclose(self) -> None:
         await self._connections.aclose()
         await self._flush_connection.aclose()

@@ -139,11 +139,9 @@ class PostgrestStore(QueryTiming):
         return conversation_of(row)
 
     @observed
-    async def create_conversation(
-        self, caller: Caller, title: str | None, conversation_id: str | None = None
-    ) -> Conversation:
+    async def create_conversation(self, caller: Caller, title: str | None) -> Conversation:
         # A service-generated id makes the call idempotent, so a retry after a lost response creates nothing twice.
-        args = {"p_id": conversation_id or str(uuid.uuid4()), "p_title": title}
+        args = {"p_id": str(uuid.uuid4()), "p_title": title}
         result = await self._rest.rpc(caller, "agent_conversation_create", args, idempotent=True)
         outcome = result.get("outcome") if isinstance(result, dict) else None
         if outcome == "done":

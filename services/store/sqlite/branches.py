@@ -59,9 +59,10 @@ def message_row(row: sqlite3.Row) -> Message:
     return from_row(Message, row, metadata=json.loads)
 
 
-def target(db: sqlite3.Connection, new: NewRun, exists: bool) -> tuple[str | None, str | None]:
+def target(db: sqlite3.Connection, new: NewRun, active_leaf: str | None) -> tuple[str | None, str | None]:
     """Where ``new`` goes: (the new user message's parent, None) or, for a regenerate, (None, the user message it
-    answers again). ``MessageNotFound`` or ``ValidationFailed`` for a branch point that cannot be one."""
+    answers again); with no branch point named, after ``active_leaf`` (the conversation's, None for a new one).
+    ``MessageNotFound`` or ``ValidationFailed`` for a branch point that cannot be one."""
     if new.regenerate_id is not None:
         answer = _named(db, new, new.regenerate_id, "regenerate_message_id", "assistant")
         if answer["parent_role"] != "user":  # a model answers a user's turn, never its own
@@ -71,10 +72,7 @@ def target(db: sqlite3.Connection, new: NewRun, exists: bool) -> tuple[str | Non
         return _named(db, new, new.edit_id, "edit_message_id", "user")["parent_id"], None
     if new.parent_id is not None:
         return _named(db, new, new.parent_id, "parent_message_id", "assistant")["id"], None
-    if not exists:
-        return None, None
-    row = db.execute("SELECT active_leaf_id FROM agent_conversations WHERE id = ?", (new.conversation_id,))
-    return row.fetchone()[0], None
+    return active_leaf, None
 
 
 def _named(db: sqlite3.Connection, new: NewRun, message_id: str, field: str, role: str) -> sqlite3.Row:
@@ -114,14 +112,6 @@ def leaf_below(db: sqlite3.Connection, conversation_id: str, message_id: str) ->
     if row is None:
         raise MessageNotFound()
     return str(row[0])
-
-
-def branch_leaf(db: sqlite3.Connection, conversation_id: str, leaf: str | None) -> str | None:
-    """The leaf of the branch to read: the active one, or the newest below ``leaf``."""
-    if leaf is not None:
-        return leaf_below(db, conversation_id, leaf)
-    row = db.execute("SELECT active_leaf_id FROM agent_conversations WHERE id = ?", (conversation_id,)).fetchone()
-    return None if row is None else row[0]
 
 
 def children(db: sqlite3.Connection, conversation_id: str, page: MessagePage) -> dict[str, list[str]]:

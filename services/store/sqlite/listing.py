@@ -190,9 +190,9 @@ def message_page(
     newest_first: bool = False, before: MessageKey | None = None, after: MessageKey | None = None,
     leaf: str | None = None,
 ) -> MessagePage:
-    """See ``Store.message_page``: the branch ending at ``leaf`` (``branches.branch_leaf``), along its path."""
-    get_conversation(db, caller, conversation_id)
-    end = branches.branch_leaf(db, conversation_id, leaf)
+    """See ``Store.message_page``: the branch ending at the active leaf, or at the newest leaf below ``leaf``."""
+    active = get_conversation(db, caller, conversation_id).active_leaf_id
+    end = active if leaf is None else branches.leaf_below(db, conversation_id, leaf)
     where: list[str] = ["id IN (SELECT id FROM path)"]
     params: list[object] = [end, conversation_id]
     if before is not None:
@@ -235,10 +235,8 @@ def insert_conversation(db: sqlite3.Connection, caller: Caller, conversation_id:
     )
 
 
-def create_conversation(
-    db: sqlite3.Connection, caller: Caller, title: str | None, conversation_id: str | None = None
-) -> Conversation:
-    new_id = conversation_id or str(uuid.uuid4())
+def create_conversation(db: sqlite3.Connection, caller: Caller, title: str | None) -> Conversation:
+    new_id = str(uuid.uuid4())
     insert_conversation(db, caller, new_id, title)
     return get_conversation(db, caller, new_id)
 

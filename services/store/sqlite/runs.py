@@ -75,8 +75,10 @@ def begin_run(db: sqlite3.Connection, caller: Caller, new: NewRun, limits: TurnL
                     text == new.text if new.regenerate_id is None else run.user_message_id == _answered(db, new))
                 return RunBegun("existing" if same else "conflict", run)
         _maintain(db, now, limits.stale_seconds, limits.events_ttl, caller.user_id)
-        owner = db.execute("SELECT user_id FROM agent_conversations WHERE id = ?", (new.conversation_id,)).fetchone()
-        if owner is not None and owner[0] != caller.user_id:
+        owner = db.execute(
+            "SELECT user_id, active_leaf_id FROM agent_conversations WHERE id = ?", (new.conversation_id,)
+        ).fetchone()
+        if owner is not None and owner["user_id"] != caller.user_id:
             raise ConversationNotFound()
         # A conversation that does not exist yet has no runs: one statement fewer for a new conversation's turn.
         running = None if owner is None else db.execute(
@@ -85,7 +87,7 @@ def begin_run(db: sqlite3.Connection, caller: Caller, new: NewRun, limits: TurnL
         ).fetchone()
         if running is not None:
             return RunBegun("in_progress", _run(running))
-        parent_id, answered = branches.target(db, new, owner is not None)
+        parent_id, answered = branches.target(db, new, None if owner is None else owner["active_leaf_id"])
         refused = _refusal(db, caller, limits, now)
         if refused is not None:
             return refused
