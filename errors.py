@@ -71,7 +71,8 @@ class AppError(Exception):
     def __init_subclass__(cls, **constants: Any) -> None:
         super().__init_subclass__()
         for name, value in constants.items():
-            assert hasattr(AppError, name), f"{cls.__name__}: AppError has no constant {name!r}"  # a misspelt one
+            if not hasattr(AppError, name):  # a misspelt constant fails at import, not when the error is raised
+                raise TypeError(f"{cls.__name__}: AppError has no constant {name!r}")
             setattr(cls, name, value)
 
     def body(self) -> dict[str, Any]:
@@ -268,9 +269,11 @@ class ActionExpired(Gone, code="ACTION_EXPIRED", message="The action expired bef
     """The action's ACTION_TTL_SECONDS ran out before the user confirmed it."""
 
 
-class RecordChanged(Conflict, code="RECORD_CHANGED", message="The record changed after the action was prepared.",
-                    user_message="This record has changed since the assistant prepared this change, so nothing was "
-                    "changed.", suggested_actions=("Ask the assistant again",)):
+class RecordChanged(
+    Conflict, code="RECORD_CHANGED", message="The record changed after the action was prepared.",
+    user_message="This record has changed since the assistant prepared this change, so nothing was changed.",
+    suggested_actions=("Ask the assistant again",),
+):
     """The record no longer holds the values the user was shown: confirming would overwrite what they never saw."""
 
 

@@ -257,7 +257,8 @@ class Inputs:
         }
 
 
-@dataclass(slots=True)
+# No repr (it would print the body, a user's message, into any log or report that shows it) and no equality.
+@dataclass(slots=True, repr=False, eq=False)
 class Given:
     """One request's declared inputs, by name: ``given["limit"]`` reads and checks ``limit`` when it is asked for."""
 

@@ -66,7 +66,8 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 
-# The methods labelled by name in metrics and the access log; any other is "OTHER".
+# The methods labelled by name in metrics and the access log (any other is "OTHER"), and those CORS allows: every
+# method a route serves must be here (tests/test_hardening.py walks the routes).
 HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 
 

@@ -115,10 +115,11 @@ class Assistant:
         handoff: Domain | None = None
         request = ModelRequest(self._supervisor.system, turns, self._supervisor.tools)
         async for event in self._call(request, done):
-            if not isinstance(event, ToolUse):
+            if isinstance(event, ToolUse):
+                if event.name == HANDOFF_TOOL:
+                    handoff = BY_AGENT.get(str(event.input.get("agent")))
+            else:
                 yield event
-            elif event.name == HANDOFF_TOOL:
-                handoff = BY_AGENT.get(str(event.input.get("agent")))
         if handoff is None:
             note = STOP_NOTES.get(done.stop_reason) or (UNROUTED_NOTE if done.stop_reason == "tool_use" else "")
             if note:

@@ -177,8 +177,11 @@ _TYPES: dict[str, tuple[type, ...]] = {
 
 
 def validate(schema: dict[str, Any], value: Any, path: str = "input", depth: int = 0) -> None:
-    """Check ``value`` against ``schema``; raise ``ToolInputError``. A null the ``type`` allows means "no value",
-    so no other keyword applies to it."""
+    """Check ``value`` against ``schema``; raise ``ToolInputError``. Only these keywords are checked, at any depth,
+    each on values of its kind: ``type`` (a name or a list), ``enum``, ``minimum``, ``maximum``, ``maxLength``,
+    ``maxItems``, ``format`` (date, time, uuid, email), ``properties``, ``required``, ``additionalProperties``,
+    ``minProperties``, ``maxProperties``, ``items``; a tool schema using any other would not be enforced. A null the
+    ``type`` allows means "no value", so no other keyword applies to it."""
     if depth > MAX_DEPTH:
         raise ToolInputError(f"{path} is nested too deeply")
     expected = schema.get("type")

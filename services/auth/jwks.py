@@ -6,8 +6,9 @@ rotation: Supabase publishes a new key before it signs with it) or the set is ``
 often than once per ``REFETCH_MIN_SECONDS``, however many tokens name unknown keys. A failed fetch keeps the keys held.
 
 Signatures are checked by ``cryptography`` (ES256 on P-256, whose ``r || s`` signature it takes DER-encoded; RS256
-with PKCS#1 v1.5 and at least 2048 bits). A key that names its algorithm is used for that one only, so a token cannot
-pick how its key is read.
+with PKCS#1 v1.5 and at least 2048 bits). Only keys for signing with one of those two are taken from the set (a
+symmetric ``oct`` key never is, so no token can be checked as HMAC with a public value), and a key that names its
+algorithm is used for that one only, so a token cannot pick how its key is read.
 """
 
 from __future__ import annotations

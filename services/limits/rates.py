@@ -2,11 +2,11 @@
 
 Limits must hold across several workers and machines, so nothing is counted in process memory: every decision
 is one atomic statement in the store (``Store.rate_limit_hit``). Requests are counted in fixed windows: one row per
-user and one statement per check, at the price of up to twice the limit across a window boundary. Stream slots are the
-user's running chat runs, so a slot frees when its run ends, or its heartbeat lapses when its worker died. A chat
-turn's limits are checked inside ``Store.begin_run``'s transaction (``turn_limits``), after the idempotency check. A
-request whose authentication failed is counted against its client address (``addr:<ip>``), so guessing tokens is
-limited too.
+user and one statement per check, at the price of up to twice the limit across a window boundary. A refused request
+still counts, so a client hammering the API stays refused until the window ends. Stream slots are the user's running
+chat runs, so a slot frees when its run ends, or its heartbeat lapses when its worker died. A chat turn's limits are
+checked inside ``Store.begin_run``'s transaction (``turn_limits``), after the idempotency check. A request whose
+authentication failed is counted against its client address (``addr:<ip>``), so guessing tokens is limited too.
 """
 
 from __future__ import annotations

@@ -17,9 +17,9 @@ only when the last one fails too does the retry policy pause and start again. Wh
 model's backoff is exactly the wait a fallback exists to avoid, and they would multiply the attempts and the wait for
 the first token. The model that answered is the stream's first event (``ModelUsed``).
 
-Every Bedrock failure becomes one of our ``AppError``s through ``FAILURES`` (``bedrock_errors.py``, the README's
-"Amazon Bedrock" table). The request and the event stream's decoding are ``converse.py``; this module sends,
-reads, retries and falls back.
+Every Bedrock failure becomes one of our ``AppError``s through ``FAILURES`` (``bedrock_errors.py``; the table in
+docs/production.md, "Production: Amazon Bedrock"). The request and the event stream's decoding are ``converse.py``;
+this module sends, reads, retries and falls back.
 """
 
 from __future__ import annotations

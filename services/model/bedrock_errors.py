@@ -1,4 +1,4 @@
-"""Bedrock's failures as the service's errors: the table behind the README's "Amazon Bedrock" section.
+"""Bedrock's failures as the service's errors: the table behind docs/production.md's "Amazon Bedrock" section.
 
 Every Bedrock failure (an HTTP error, an exception frame in the stream, the network) becomes one of our ``AppError``s
 through ``FAILURES``: a ``code``, a plain-language ``user_message``, ``suggested_actions``, ``retryable``, and whether

@@ -418,9 +418,9 @@ class Store(Protocol):
 
     async def flush_runs(self, updates: list[RunUpdate]) -> dict[str, RunControl]:
         """Write each update, only while its run is ``running``, and read back the controls of those runs. One
-        transaction for all where the store can; a store acting per user writes one per user. Returns the control of
-        every run whose transaction committed, ``applied`` when its update was written; a run missing from the
-        result was not written and is sent again. An update's ``calls`` go to the usage ledger in the same
+        transaction for all (on PostgREST one request, by the runs' write keys, for every user's runs). Returns the
+        control of every run whose transaction committed, ``applied`` when its update was written; a run missing from
+        the result was not written and is sent again. An update's ``calls`` go to the usage ledger in the same
         transaction, once per (run, call index), under the run's user and conversation."""
 
     async def read_run(self, caller: Caller, run_id: str, after: int | None) -> RunView:

@@ -186,7 +186,11 @@ def record_of(domain: Domain, row: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-_READ_VALUE: dict[str, Callable[[Any], Any]] = {"number": float, "integer": int, "time": lambda value: str(value)[:5]}
+def _hours_minutes(value: Any) -> str:
+    return str(value)[:5]
+
+
+_READ_VALUE: dict[str, Callable[[Any], Any]] = {"number": float, "integer": int, "time": _hours_minutes}
 
 
 def _value(column: Column, value: Any) -> Any:

@@ -4,7 +4,7 @@ Every worker process (and every app instance) that opens the same SQLite file se
 decision is one write transaction, so two workers can never both take the last slot. The tables hold disposable
 operational state, not user data, so they are created idempotently at startup (``SCHEMA``) rather than
 through the numbered ``MIGRATIONS`` of the business schema. Functions here run on a store thread, given its
-connection (see ``SQLiteStore._run``).
+connection (see ``SQLiteStore._write``).
 """
 
 from __future__ import annotations
