@@ -41,6 +41,12 @@ from __future__ import annotations
 from typing import Any
 
 
+def whole_seconds(seconds: float) -> int:
+    """A wait as ``retryAfter`` and ``Retry-After`` state it: whole seconds, at least one (a client told 0 would not
+    wait at all)."""
+    return max(1, round(seconds))
+
+
 class AppError(Exception):
     """Base class: an error the service expected and knows how to explain. A subclass declares the constants it
     changes as class keywords, ``class NotFound(AppError, status=404, code="NOT_FOUND", ...)``."""
@@ -88,13 +94,13 @@ class AppError(Exception):
             "retryable": self.retryable,
         }
         if self.retry_after is not None:
-            error["retryAfter"] = max(1, round(self.retry_after))
+            error["retryAfter"] = whole_seconds(self.retry_after)
         error.update(self.details)
         return {"error": error}
 
     def headers(self) -> dict[str, str]:
         """The response's headers: ``Retry-After`` when the error says when to come back."""
-        return {} if self.retry_after is None else {"Retry-After": str(max(1, round(self.retry_after)))}
+        return {} if self.retry_after is None else {"Retry-After": str(whole_seconds(self.retry_after))}
 
 
 class BadRequest(AppError, status=400, code="BAD_REQUEST", message="The request could not be read.",
@@ -177,7 +183,7 @@ class RateLimited(AppError, status=429, code="RATE_LIMIT_EXCEEDED", message="Too
 
     def headers(self) -> dict[str, str]:
         """``Retry-After`` and, when the limit is known, the IETF draft's ``RateLimit-Limit/Remaining/Reset``."""
-        seconds = str(max(1, round(self.retry_after or 1)))
+        seconds = str(whole_seconds(self.retry_after or 1))
         headers = {"Retry-After": seconds}
         if self.limit is not None:
             headers.update({"RateLimit-Limit": str(self.limit), "RateLimit-Remaining": "0", "RateLimit-Reset": seconds})
@@ -192,7 +198,7 @@ class BudgetExceeded(AppError, status=429, code="BUDGET_EXCEEDED", message="The 
 
     def headers(self) -> dict[str, str]:
         """``Retry-After``: seconds until the period resets; ``X-Budget-*``: the budget, as ``details`` gives it."""
-        headers = {"Retry-After": str(max(1, round(self.retry_after or 1)))}
+        headers = {"Retry-After": str(whole_seconds(self.retry_after or 1))}
         names = {"period": "Period", "unit": "Unit", "budget": "Limit", "used": "Used", "resetsAt": "Reset"}
         headers.update({f"X-Budget-{header}": str(self.details[key]) for key, header in names.items()})
         return headers
