@@ -278,7 +278,7 @@ class Settings:
         checks = [(value >= 0, f"{name} must not be negative (0 turns it off)") for name, value in amounts.items()]
         unpriced = [m for m in self.models_in_use if m not in self.model_prices]
         cost_budget = self.budget_day_cost > 0 or self.budget_month_cost > 0
-        checks.append((not cost_budget or not unpriced, f"a cost budget (BUDGET_DAY_COST, BUDGET_MONTH_COST) needs a "
+        checks.append((not (cost_budget and unpriced), f"a cost budget (BUDGET_DAY_COST, BUDGET_MONTH_COST) needs a "
                        f"price for every model in use: add {', '.join(unpriced)} to MODEL_PRICES"))
         return checks
 

@@ -76,9 +76,11 @@ def header_refs(*names: str, required: tuple[str, ...] = ()) -> dict[str, Schema
 
 def _error(description: str, codes: tuple[str, ...], *, retryable: bool | None = None, error: Schema | None = None,
            **headers: Any) -> Schema:
-    """An error response: the envelope, the codes it may carry, and what its ``error`` always holds (``retryable``,
-    when the status fixes it)."""
+    """An error response: the envelope, the codes it may carry, and what its ``error`` always holds: ``retryable``,
+    when the status fixes it, or ``error``, a schema of its own (one or the other)."""
     if retryable is not None:
+        if error is not None:
+            raise TypeError("_error takes retryable or error, not both")
         error = {"properties": {"retryable": {"const": retryable}}}
     envelope = schema("ErrorEnvelope") if error is None else {
         "allOf": [schema("ErrorEnvelope"), {"properties": {"error": error}}]}
