@@ -1,20 +1,28 @@
 """The PostgREST stand-in as a process of its own, for the benchmark's production target.
 
 What: serves ``tests/fake_postgrest.FakePostgrest`` (PostgREST's HTTP protocol over a real PostgreSQL database, with
-the real migrations and row-level security) with uvicorn on 127.0.0.1, and prints ``PORT <n> CONTROL <m>`` once both
-ports listen. It counts what the service asks of it, as PostgREST would see it on the wire: every TCP connection
-accepted (and the most open at once), and every request with its route (``begin`` is ``rpc/agent_run_begin``,
-``flush`` is ``rpc/agent_runs_flush``, anything else is ``other``), path, start, duration and, for a flush, the number
-of runs it carried. The control port answers one line per connection: ``STATS`` (the counts, one JSON line) or
-``RESET`` (forget the requests and the connections accepted so far; open ones stay open and count as open).
+the real migrations and row-level security) with uvicorn on 127.0.0.1, and prints
+``PORT <n> CONTROL <m> SERVER <loop+parser>`` once both ports listen. It counts what the service asks of it, as
+PostgREST would see it on the wire: every TCP connection accepted (and the most open at once), and every request with
+its route (``begin`` is ``rpc/agent_run_begin``, ``flush`` is ``rpc/agent_runs_flush``, anything else is ``other``),
+path, start, duration and, for a flush, the number of runs it carried. The control port answers one line per
+connection: ``STATS`` (the counts, one JSON line) or ``RESET`` (forget the requests and the connections accepted so
+far; open ones stay open and count as open).
 
 Why a control port apart from the served one: the harness reading the counts must not itself be counted.
 Why a schema cache and a pool of 10 database connections (``FakePostgrest(schema_cache=True, db_pool=10)``): PostgREST
 resolves functions from a schema cache, never per request, and holds a bounded pool (its default ``db-pool`` is 10);
 without them the stand-in queried the catalog on every call and ran up to 50 sessions at once on one core, costs that
 PostgREST does not have and that would be counted against the service.
-Why ``TCP_NODELAY`` (``web.tcp.NoDelayH11Protocol``): PostgREST's server (Warp) sets it, and without it every
-keep-alive response would wait ~40 ms for a delayed acknowledgement (web/tcp.py), which PostgREST does not cost.
+Why ``TCP_NODELAY``: PostgREST's server (Warp) sets it, and without it every keep-alive response would wait ~40 ms
+for a delayed acknowledgement (web/tcp.py), which PostgREST does not cost.
+Why uvloop and httptools when they can be imported (``bench/.standin-packages``, which ``bench/run.py`` installs from
+``bench/requirements-standin.txt`` and which only this process has on its path): PostgREST is compiled (Haskell,
+Warp), and every millisecond the stand-in spends in a pure-Python event loop and HTTP parser is taken from the core it
+shares with PostgreSQL and the load generator, so it is counted against the service. Measured: about 30% less of the
+stand-in's CPU per begin (1,000 begins 20 at a time, the stand-in and PostgreSQL pinned to one core, three runs of
+each interleaved: 1.49-1.77 ms with asyncio and h11, 1.08-1.26 ms with uvloop and httptools; bench/RESULTS.md).
+Without them it runs on asyncio and h11, as in the tests, and the report says which it ran on.
 """
 
 from __future__ import annotations
@@ -36,7 +44,15 @@ import uvicorn  # noqa: E402
 
 from tests.fake_postgrest import FakePostgrest  # noqa: E402
 from tests.pg import Cluster  # noqa: E402
-from web.tcp import NoDelayH11Protocol  # noqa: E402
+
+try:
+    import uvloop
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as HttpProtocol
+except ImportError:
+    uvloop = None  # type: ignore[assignment]
+    from uvicorn.protocols.http.h11_impl import H11Protocol as HttpProtocol  # type: ignore[assignment]
+
+SERVER = "uvloop+httptools" if uvloop else "asyncio+h11"
 
 ROUTES = {"/rest/v1/rpc/agent_run_begin": "begin", "/rest/v1/rpc/agent_runs_flush": "flush"}
 # One per update in an agent_runs_flush body (services/postgrest.py ``_update_json``); hex keys never contain it,
@@ -68,10 +84,11 @@ class Counts:
 COUNTS = Counts()
 
 
-class CountingProtocol(NoDelayH11Protocol):
-    """Counts the connections uvicorn accepts; one instance per connection."""
+class CountingProtocol(HttpProtocol):
+    """Counts the connections uvicorn accepts, and turns Nagle off on each; one instance per connection."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         COUNTS.accepted += 1
         COUNTS.open += 1
         COUNTS.max_open = max(COUNTS.max_open, COUNTS.open)
@@ -148,7 +165,7 @@ async def serve(args: argparse.Namespace) -> None:
             await task  # raises what stopped it
             return
         await asyncio.sleep(0.01)
-    print(f"PORT {sock.getsockname()[1]} CONTROL {controller.sockets[0].getsockname()[1]}", flush=True)
+    print(f"PORT {sock.getsockname()[1]} CONTROL {controller.sockets[0].getsockname()[1]} SERVER {SERVER}", flush=True)
     async with controller:
         await task  # uvicorn stops on SIGTERM (its own signal handlers)
 
@@ -164,7 +181,7 @@ def main() -> None:
     parser.add_argument("--keep-alive", type=int, default=30)
     # PostgREST's own default (db-pool = 10); Supabase sizes it by instance, 10-20 on the small ones.
     parser.add_argument("--db-pool", type=int, default=10)
-    asyncio.run(serve(parser.parse_args()))
+    (uvloop.run if uvloop else asyncio.run)(serve(parser.parse_args()))
 
 
 if __name__ == "__main__":

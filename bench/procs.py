@@ -34,6 +34,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+# uvloop and httptools for the PostgREST stand-in's process only (bench/postgrest_standin.py says why); bench/run.py
+# installs them here, so the service, the tests and the load generator never see them.
+STANDIN_PACKAGES = REPO / "bench" / ".standin-packages"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_KB = 1024
 _LIVE: set[subprocess.Popen[bytes]] = set()  # every process started here, stopped at exit whatever happened
@@ -168,11 +171,12 @@ def fake_upstream(ttft: float, tokens: int, interval: float, log: Path) -> Itera
 
 @dataclass(frozen=True)
 class Standin:
-    """A running PostgREST stand-in: the port the service talks to, its control port and its pid."""
+    """A running PostgREST stand-in: the port the service talks to, its control port, its pid and what it runs on."""
 
     port: int
     control: int
     pid: int
+    server: str  # its event loop and HTTP parser: "uvloop+httptools", or "asyncio+h11" as in the tests
 
     async def reset(self) -> None:
         await self._ask("RESET")
@@ -197,15 +201,16 @@ def postgrest_standin(
     """Start the PostgREST stand-in over ``dbname`` on the benchmark's core; yield it once it listens."""
     command = [sys.executable, "-m", "bench.postgrest_standin", "--socket-dir", socket_dir, "--pg-port", str(pg_port)]
     command += ["--dbname", dbname, "--jwt-secret", jwt_secret, "--publishable-key", key]
+    env = os.environ | ({"PYTHONPATH": str(STANDIN_PACKAGES)} if STANDIN_PACKAGES.is_dir() else {})
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as err:
-        proc = _started(subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=err))
+        proc = _started(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err))
     try:
         assert proc.stdout is not None
         words = proc.stdout.readline().decode().split()
-        if len(words) != 4 or words[0] != "PORT":
+        if len(words) != 6 or words[0] != "PORT":
             raise RuntimeError(f"the PostgREST stand-in did not start; see {log}")
-        yield Standin(int(words[1]), int(words[3]), proc.pid)
+        yield Standin(int(words[1]), int(words[3]), proc.pid, words[5])
     finally:
         stop(proc)
 

@@ -187,6 +187,8 @@ def load_lines(machine: dict[str, Any]) -> list[str]:
     if pinning:
         lines.append("Affinity (Cpus_allowed_list): " + ", ".join(f"{name} {cores}" for name, cores in pinning.items())
                      + "; the fake Bedrock inherits the load generator's.")
+    if machine.get("standin_server"):
+        lines.append(f"PostgREST stand-in's event loop and HTTP parser: {machine['standin_server']}.")
     if "load_before" in machine:
         before, after = (" ".join(f"{v:.2f}" for v in machine[key]) for key in ("load_before", "load_after"))
         lines.append(f"Load average (1/5/15 min): {before} before the run, {after} after.")

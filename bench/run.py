@@ -159,6 +159,7 @@ class Context:
     comparison_only: bool = False  # the service runs only what the production target is compared with
     cluster: Any = None  # tests.pg.Cluster, started once for the production target
     pinning: dict[str, str] = field(default_factory=dict)  # where each process of the production target may run
+    standin_server: str | None = None  # the stand-in's event loop and HTTP parser
     figures: tuple[str, ...] = ()  # only these figures (by name, e.g. "streams_500"); every one when empty
 
 
@@ -324,6 +325,7 @@ def record_pinning(ctx: Context, served: Served) -> None:
         "postgrest_standin": procs.affinity(served.standin.pid),
         "load_generator": procs.affinity(os.getpid()),
     }
+    ctx.standin_server = served.standin.server
 
 
 # -- requests ------------------------------------------------------------------------------------------------------
@@ -831,6 +833,23 @@ def ensure_baseline_venv() -> bool:
     return True
 
 
+def ensure_standin_packages() -> None:
+    """Install bench/requirements-standin.txt into procs.STANDIN_PACKAGES if it is missing (the stand-in runs on
+    asyncio and h11 if that fails, and the report says which it ran on)."""
+    if procs.STANDIN_PACKAGES.is_dir():
+        return
+    print(f"Installing {procs.STANDIN_PACKAGES.relative_to(procs.REPO)} (uvloop, httptools for the stand-in; once) ...",
+          flush=True)
+    target = str(procs.STANDIN_PACKAGES)
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--target", target]
+    pip += ["-r", str(BENCH / "requirements-standin.txt")]
+    try:
+        subprocess.run(pip, check=True)
+    except subprocess.CalledProcessError as exc:
+        shutil.rmtree(target, ignore_errors=True)
+        print(f"Could not install the stand-in's packages: {exc}", flush=True)
+
+
 def machine() -> dict[str, Any]:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     memory_kb = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
@@ -880,6 +899,8 @@ def choose_targets(args: argparse.Namespace) -> tuple[list[str], bool]:
         raise SystemExit("bench: the production target needs psycopg (pip install -r requirements-test.txt)")
     if args.smoke and "baseline" not in targets:
         print("Smoke mode: no baseline (it needs bench/.venv-baseline; add --targets to include it).")
+    if "production" in targets and not args.smoke:
+        ensure_standin_packages()
     if "baseline" in targets and not ensure_baseline_venv():
         print("baseline: SKIPPED, its virtual environment could not be created.")
         targets.remove("baseline")
@@ -916,7 +937,8 @@ def main(argv: list[str] | None = None) -> int:
         seed_conversations(ctx)
         print(f"Benchmark ({'smoke' if args.smoke else 'full'}): targets {', '.join(targets)}", flush=True)
         results = {target: asyncio.run(run_target(ctx, target)) for target in targets}
-    machine_now = machine() | {"pinning": ctx.pinning, "load_before": load_before, "load_after": os.getloadavg()}
+    machine_now = machine() | {"pinning": ctx.pinning, "standin_server": ctx.standin_server,
+                               "load_before": load_before, "load_after": os.getloadavg()}
     document = {"machine": machine_now, "plan": asdict(plan), "smoke": args.smoke, "results": results}
     table = report.render(document)
     print()

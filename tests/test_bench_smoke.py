@@ -68,3 +68,4 @@ def test_bench_smoke_runs_every_production_figure_beside_the_sqlite_service(tmp_
     # Counted at the stand-in: one begin per turn, and every turn's end flushed.
     assert production["requests_3"]["begin_requests"] == 3 and production["requests_3"]["flush_requests"] >= 1
     assert set(document["machine"]["pinning"]) == {"service", "postgresql", "postgrest_standin", "load_generator"}
+    assert document["machine"]["standin_server"] in ("uvloop+httptools", "asyncio+h11")
