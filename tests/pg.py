@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import pwd
 import shutil
@@ -172,6 +173,14 @@ def apply_migrations(db: psycopg.Connection[Any], times: int = 1) -> None:
     for _ in range(times):
         for script in migration_sql():
             db.execute(script)  # type: ignore[arg-type]
+
+
+def act_as(db: psycopg.Connection[Any], user: str | None, *, local: bool = True) -> None:
+    """Act as PostgREST does for a request: role ``authenticated`` with ``user`` as the token's subject, or ``anon``
+    with no subject; for the transaction (``local``, as PostgREST sets them) or for the rest of the session."""
+    claims = {"sub": user, "role": "authenticated"} if user else {"role": "anon"}
+    db.execute(f"set {'local ' if local else ''}role {claims['role']}")
+    db.execute("select set_config('request.jwt.claims', %s, %s)", (json.dumps(claims), local))
 
 
 def _is_role_statement(line: str) -> bool:

@@ -21,7 +21,7 @@ from services.model import ModelEvent, ModelRequest
 from services.store.sqlite import listing as sqlite_listing
 from services.store.sqlite.store import MIGRATIONS
 from tests.conftest import DATABASE, AuthHeaders
-from tests.pg import MIGRATIONS_DIR, create_supabase_database
+from tests.pg import MIGRATIONS_DIR, act_as, create_supabase_database
 from tests.scripted_model import ScriptedModel
 from tests.support import LiveServer, chunks, make_settings, new_id, serve
 from tests.test_api import assert_envelope
@@ -308,7 +308,6 @@ def test_postgres_migration_makes_existing_conversations_one_branch_and_runs_twi
         leaf = db.execute("select active_leaf_id::text from api.agent_conversations").fetchone()
         assert leaf == (stored[-1][0],)
         with db.transaction():
-            db.execute("set local role authenticated")
-            db.execute("select set_config('request.jwt.claims', %s, true)", (json.dumps({"sub": user}),))
+            act_as(db, user)
             page = db.execute("select api.agent_message_branch(%s)", (conversation,)).fetchone()[0]
         assert [row["content"] for row in page["rows"]] == [text for _, _, text in stored]

@@ -26,7 +26,7 @@ from services.store import run_log
 from services.store.postgrest.client import PostgrestClient
 from services.store.postgrest.store import PostgrestStore
 from tests.conftest import DATABASE, AuthHeaders
-from tests.pg import MIGRATIONS_DIR, create_supabase_database
+from tests.pg import MIGRATIONS_DIR, act_as, create_supabase_database
 from tests.support import new_id, window_room
 from tests.tokens import TEST_PUBLISHABLE_KEY, mint
 
@@ -575,10 +575,10 @@ def test_007_removes_runs_that_earlier_grants_let_a_user_point_at_another_users_
             if path.name < "007":
                 db.execute(path.read_text())  # type: ignore[arg-type]
         db.execute("insert into auth.users (id) values (%s), (%s)", (alice, bob))
-        _as(db, alice)
+        act_as(db, alice, local=False)
         db.execute("select api.agent_run_begin(%(run)s, %(conversation)s, 'my bank pin is 4821', 'A',"
                    " %(user_message)s, %(answer)s, 30, 3600, 60, 10)", ids)
-        _as(db, bob)
+        act_as(db, bob, local=False)
         db.execute("insert into api.agent_conversations (id, user_id) values (%s, %s)", (ids["bobs"], bob))
         db.execute("insert into api.agent_runs (id, user_id, conversation_id, user_message_id, assistant_message_id,"
                    " client_message_id) values (%s, %s, %s, %s, %s, %s)",
@@ -587,11 +587,6 @@ def test_007_removes_runs_that_earlier_grants_let_a_user_point_at_another_users_
         db.execute((MIGRATIONS_DIR / "007_checked_writes.sql").read_text())  # type: ignore[arg-type]
         kept = {row[0] for row in db.execute("select id::text from api.agent_runs")}
     assert kept == {ids["run"]}
-
-
-def _as(db: Any, user: str) -> None:
-    db.execute("set role authenticated")
-    db.execute("select set_config('request.jwt.claims', %s, false)", (json.dumps({"sub": user}),))
 
 
 async def test_the_database_keeps_its_own_write_ceiling(

@@ -31,6 +31,7 @@ from starlette.testclient import TestClient
 from app import create_app
 from services.store import Caller
 from services.store.sqlite.store import SQLiteStore
+from tests.pg import act_as
 from tests.scripted_model import ScriptedModel
 from tests.support import LiveServer, chunks, make_settings, new_id, serve, window_room
 from tests.tokens import TEST_JWT_SECRET, TEST_PUBLISHABLE_KEY, bearer, mint
@@ -219,11 +220,6 @@ def test_counting_is_atomic_across_store_instances(tmp_path: Path) -> None:
 # -- the Postgres functions (migrations/003_rate_limits.sql, 004_agent_runs.sql) on real PostgreSQL, as Supabase's users
 
 
-def as_user(db: Any, user: str | None) -> None:
-    db.execute("set local role authenticated" if user else "set local role anon")
-    db.execute("select set_config('request.jwt.claims', %s, true)", [f'{{"sub": "{user}"}}' if user else "{}"])
-
-
 def test_postgres_rate_limit_function_counts_per_user(pg_cluster: Any) -> None:
     from tests.conftest import DATABASE
 
@@ -231,7 +227,7 @@ def test_postgres_rate_limit_function_counts_per_user(pg_cluster: Any) -> None:
 
     def hit(user: str, window: int = 3600, limit: int = 2) -> tuple[bool, float]:
         with pg_cluster.connect(DATABASE) as db, db.transaction():
-            as_user(db, user)
+            act_as(db, user)
             row = db.execute("select allowed, retry_after from api.rate_limit_hit('chat', %s, %s)", [window, limit])
             return row.fetchone()  # type: ignore[no-any-return]
 
@@ -255,7 +251,7 @@ def test_postgres_running_runs_are_the_stream_slots_under_a_per_user_lock(pg_clu
         db.execute("insert into auth.users (id) values (%s)", [user])
 
     def begin(db: Any, who: str | None = user) -> Any:
-        as_user(db, who)
+        act_as(db, who)
         call = ("select api.agent_run_begin(%s, %s, 'hi', 'AI Chat', %s, %s, 30, 3600, 60, 50, repeat('k', 64),"
                 " p_stream_limit => 1)")
         return db.execute(call, [new_id(), new_id(), new_id(), new_id()]).fetchone()[0]

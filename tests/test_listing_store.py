@@ -16,7 +16,7 @@ from services.store.postgrest.store import PostgrestStore
 from services.store.sqlite import listing as sqlite_listing
 from services.store.sqlite.store import MIGRATIONS, SQLiteStore
 from tests.conftest import DATABASE
-from tests.pg import apply_migrations, create_supabase_database, migration_sql
+from tests.pg import act_as, apply_migrations, create_supabase_database, migration_sql
 from tests.support import new_id
 from tests.test_postgrest import LEGACY_SCHEMA
 from tests.tokens import TEST_PUBLISHABLE_KEY, mint
@@ -250,8 +250,7 @@ def test_postgres_search_finds_words_through_its_indexes(pg_cluster: Any) -> Non
         db.execute("set auto_explain.log_nested_statements = on")
         db.execute("set client_min_messages = log")
         db.execute("set enable_seqscan = off")
-        db.execute("set role authenticated")
-        db.execute("select set_config('request.jwt.claims', %s, false)", (f'{{"sub": "{user}"}}',))
+        act_as(db, user, local=False)
         db.execute("select api.agent_conversations_search(array['eggs', 'kitch'], 10)")
         db.execute("reset role")
         for table, index in (("agent_messages", "agent_messages_words_idx"),
@@ -332,8 +331,7 @@ def test_the_folding_migration_rebuilds_the_words_007_made_once(pg_cluster: Any)
         rebuilt = db.execute(column).fetchone()
         apply_migrations(db)
         assert db.execute(column).fetchone() == rebuilt
-        db.execute("set role authenticated")
-        db.execute("select set_config('request.jwt.claims', %s, false)", (f'{{"sub": "{user}"}}',))
+        act_as(db, user, local=False)
         found = db.execute("select api.agent_conversations_search(array['İSTANBUL'], 10)").fetchone()[0]
         assert found["total"] == 1
 

@@ -9,7 +9,6 @@ Turns are begun as PostgREST sends them (role and claims set in the transaction,
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -20,14 +19,14 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from tests.conftest import DATABASE
-from tests.pg import MIGRATIONS_DIR, create_supabase_database
+from tests.pg import MIGRATIONS_DIR, act_as, create_supabase_database
 from tests.support import new_id
 
 
-def _as(db: psycopg.Connection[Any], claims: dict[str, str], query: str, *args: Any) -> Any:
+def _as(db: psycopg.Connection[Any], user: str | None, query: str, *args: Any) -> Any:
+    """``query``'s answer, run as ``user`` (``anon`` for None) in a transaction of its own."""
     with db.transaction():
-        db.execute("select set_config('role', %s, true), set_config('request.jwt.claims', %s, true)",
-                   (claims["role"], json.dumps(claims)))
+        act_as(db, user)
         return db.execute(query, args).fetchone()[0]  # type: ignore[index]
 
 
@@ -44,8 +43,7 @@ class User:
                 "p_write_key": secrets.token_hex(32), "p_client_message_id": new_id(), "p_chat_limit": 1000,
                 "p_stream_limit": 10, **{f"p_{name}_message_id": value for name, value in branch.items()}}
         named = ", ".join(f"{name} => %s" for name in args)
-        answer = _as(self.db, {"sub": self.id, "role": "authenticated"}, f"select api.agent_run_begin({named})",
-                     *args.values())
+        answer = _as(self.db, self.id, f"select api.agent_run_begin({named})", *args.values())
         answer["args"] = args
         return answer  # type: ignore[no-any-return]
 
@@ -58,7 +56,7 @@ class User:
                   "frames": 'id: 1\ndata: {"type":"token","content":"ok"}\n\n', "content": "ok",
                   "metadata": {"status": "complete"}, "agent_type": "supervisor", "heartbeat": True,
                   "final_status": "complete"}
-        flushed = _as(self.db, {"role": "anon"}, "select api.agent_runs_flush(%s)", Jsonb([update]))
+        flushed = _as(self.db, None, "select api.agent_runs_flush(%s)", Jsonb([update]))
         assert flushed[0]["applied"] is True, flushed
         return begun
 
@@ -156,7 +154,7 @@ def test_a_turn_begun_again_with_its_key_answers_as_it_began(user: Callable[[], 
     begun = alice.begin(conversation, "second")
     again = alice.begin(conversation, "second")
     assert again["outcome"] == "in_progress"  # a new run while one generates
-    repeated = _as(alice.db, {"sub": alice.id, "role": "authenticated"},
+    repeated = _as(alice.db, alice.id,
                    "select api.agent_run_begin(" + ", ".join(f"{name} => %s" for name in begun["args"]) + ")",
                    *begun["args"].values())
     assert repeated["outcome"] == "started"
@@ -201,8 +199,7 @@ def test_deletes_take_their_own_count_off_each_conversation_and_never_below_zero
         assert counters(owner, one)[0] == 0
         assert expected(owner, two)[0] == 1
         # A conversation deleted takes its messages (its statement finds no conversation to count) and nothing else.
-        assert _as(alice.db, {"sub": alice.id, "role": "authenticated"}, "select api.agent_conversation_delete(%s)",
-                   one) is True
+        assert _as(alice.db, alice.id, "select api.agent_conversation_delete(%s)", one) is True
         assert conversation_row(owner, one) is None and expected(owner, one)[0] == 0
         assert counters(owner, two) == (1, *kept[two][1:])
 
