@@ -188,7 +188,8 @@ class PostgrestClient:
         slots = self._connections if caller is not None else self._flush_connection
 
         async def attempt() -> httpx.Response:
-            response = await self._send(slots, method, path, dict(params or {}), headers, json_body)
+            # No query at all rather than an empty one: httpx merges even an empty one into the URL (~35 us a call).
+            response = await self._send(slots, method, path, dict(params) if params else None, headers, json_body)
             if not response.is_success:
                 failure = _failure(response)
                 raise _translate(failure, response.headers.get("retry-after")) from failure
@@ -210,7 +211,7 @@ class PostgrestClient:
         return headers
 
     async def _send(
-        self, slots: Connections, method: str, path: str, params: dict[str, str], headers: dict[str, str],
+        self, slots: Connections, method: str, path: str, params: dict[str, str] | None, headers: dict[str, str],
         json_body: Any = None,
     ) -> httpx.Response:
         try:
