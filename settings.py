@@ -43,6 +43,8 @@ _URL = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?")
 _MODEL_ID = re.compile(r"[A-Za-z0-9._:/-]{1,2048}")
 # Each fallback tried costs a round trip before the first token, and each is a label value on the model metrics.
 MAX_FALLBACK_MODELS = 5
+# The database refuses a shorter run secret (migrations/017_service_runs.sql): 32 characters of hex are 128 bits.
+MIN_RUN_SECRET = 32
 # The built-in responder's model id (services/model/local.py): what its calls are counted and priced under.
 LOCAL_MODEL_ID = "canvalo-local-responder"
 
@@ -112,6 +114,9 @@ class Settings:
     supabase_publishable_key: Secret = _secret()
     supabase_anon_key: Secret = _secret()
     supabase_jwt_secret: Secret = _secret()
+    # Shown to the database with each begin, so only the service's workers begin runs that can be written
+    # (migrations/017_service_runs.sql); the database keeps its SHA-256 only.
+    supabase_run_secret: Secret = _secret()
     supabase_timeout: float = 10.0
     supabase_pool_size: int = 100  # concurrent Data API requests per worker, one keep-alive connection each
     # A request waits this long for one of them, then a 503 STORE_BUSY. Long enough for a burst to queue, not fail:
@@ -236,6 +241,11 @@ class Settings:
             (
                 not supabase or bool(self.publishable_key),
                 f"{needed_by} requires SUPABASE_PUBLISHABLE_KEY (or the legacy SUPABASE_ANON_KEY)",
+            ),
+            (
+                not supabase or len(str(self.supabase_run_secret)) >= MIN_RUN_SECRET,
+                f"{needed_by} requires SUPABASE_RUN_SECRET, at least {MIN_RUN_SECRET} characters: the run secret the "
+                "database was given (docs/production.md, The run secret)",
             ),
             (
                 not self.supabase_url or bool(_URL.fullmatch(self.supabase_url)),

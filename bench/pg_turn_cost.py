@@ -58,8 +58,10 @@ def start(root: str) -> pg.Cluster:
 
 def call(db: psycopg.Connection[Any], claims: dict[str, str], function: str, args: dict[str, Any]) -> Any:
     with db.transaction():
+        # The headers as the service's requests carry them: its begins show the run secret (migrations/017).
         db.execute("select set_config('search_path', 'api', true), set_config('role', %s, true),"
-                   " set_config('request.jwt.claims', %s, true)", (claims["role"], json.dumps(claims)))
+                   " set_config('request.jwt.claims', %s, true), set_config('request.headers', %s, true)",
+                   (claims["role"], json.dumps(claims), json.dumps(pg.SERVICE)))
         named = ", ".join(f"{name} => %s" for name in args)
         return db.execute(f"select api.{function}({named})", list(args.values())).fetchone()[0]  # type: ignore[index]
 

@@ -272,7 +272,10 @@ def server(ctx: Context, target: str, upstream: Upstream, name: str, db: Path | 
 @contextmanager
 def production_server(ctx: Context, upstream: Upstream, name: str) -> Iterator[Served]:
     """The service with ``STORE=supabase`` against a fresh PostgREST stand-in over a fresh database of the run's
-    PostgreSQL cluster (tests/pg.py: Supabase's roles and auth schema, every migration), and a fresh fake Bedrock."""
+    PostgreSQL cluster (tests/pg.py: Supabase's roles and auth schema, every migration, the run secret), and a fresh
+    fake Bedrock."""
+    from tests.pg import RUN_SECRET
+
     cluster = ctx.cluster
     assert cluster is not None, "the production target starts its PostgreSQL cluster in main()"
     database = f"bench_{name.replace('-', '_')}_{uuid.uuid4().hex[:6]}"
@@ -287,7 +290,8 @@ def production_server(ctx: Context, upstream: Upstream, name: str) -> Iterator[S
             ) as standin,
         ):
             port, url = procs.free_port(), f"http://127.0.0.1:{standin.port}"
-            store = {"STORE": "supabase", "SUPABASE_URL": url, "SUPABASE_PUBLISHABLE_KEY": PUBLISHABLE_KEY}
+            store = {"STORE": "supabase", "SUPABASE_URL": url, "SUPABASE_PUBLISHABLE_KEY": PUBLISHABLE_KEY,
+                     "SUPABASE_RUN_SECRET": RUN_SECRET}
             command, env = service_command(ctx, port, fake, store)
             with procs.launch(command, env, port, ctx.logs / f"production-{name}.log") as proc:
                 served = Served(port, proc.pid, cluster, database, f"{url}/auth/v1", standin)

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from app import create_app  # noqa: E402
 from services.store import Caller  # noqa: E402
 from settings import Settings  # noqa: E402
+from tests.pg import RUN_SECRET  # noqa: E402
 from tests.support import LiveServer, make_settings, new_id, serve  # noqa: E402
 from tests.tokens import TEST_JWT_SECRET, TEST_PUBLISHABLE_KEY, bearer, mint  # noqa: E402
 
@@ -112,7 +113,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[
         request.getfixturevalue("fake_postgrest")
         url = request.getfixturevalue("supabase_url")
         retry = RetryPolicy(attempts=3, base_delay=0, max_delay=0, max_total=5)
-        made = PostgrestStore(PostgrestClient(url, "api", TEST_PUBLISHABLE_KEY, retry=retry, timeout=10))
+        made = PostgrestStore(PostgrestClient(url, "api", TEST_PUBLISHABLE_KEY, retry=retry, timeout=10), RUN_SECRET)
     await made.open()
     yield made
     await made.aclose()
@@ -171,6 +172,7 @@ def service_env(store_kind: str, request: pytest.FixtureRequest) -> dict[str, st
         "SUPABASE_URL": request.getfixturevalue("supabase_url"),
         "SUPABASE_PUBLISHABLE_KEY": TEST_PUBLISHABLE_KEY,
         "SUPABASE_JWT_SECRET": TEST_JWT_SECRET,
+        "SUPABASE_RUN_SECRET": RUN_SECRET,
         # Fast retries: the fake injects transient failures in some tests.
         "RETRY_BASE_DELAY": "0.01",
         "RETRY_MAX_DELAY": "0.05",

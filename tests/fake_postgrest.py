@@ -5,7 +5,8 @@ so this small Starlette app stands in for Supabase's ``/rest/v1`` and does, per 
 (PostgREST ``PreQuery.hs``): connect as the ``authenticator`` login role (NOINHERIT, not a superuser, granted
 ``anon``/``authenticated``), open a transaction (READ ONLY for GET/HEAD), and run
 ``set_config('role', <JWT role claim or anon>, true)``, ``set_config('request.jwt.claims', <claims JSON>, true)``,
-``set_config('search_path', <schema>, true)``, ``request.method`` and ``request.path``, then one SQL statement.
+``set_config('search_path', <schema>, true)``, ``request.method``, ``request.path`` and ``request.headers`` (every
+header, names lowercased, as JSON), then one SQL statement.
 PostgreSQL therefore applies the migration's grants and policies exactly as on Supabase: ``auth.uid()`` reads the
 claims, hidden rows are simply absent, and a policy violation is PostgreSQL's own 42501.
 
@@ -484,8 +485,9 @@ class FakePostgrest:
                 await db.execute(
                     "select set_config('search_path', %s, true), set_config('role', %s, true),"
                     " set_config('request.jwt.claims', %s, true), set_config('request.method', %s, true),"
-                    " set_config('request.path', %s, true)",
-                    (schema, auth.role, json.dumps(auth.claims), request.method, request.url.path),
+                    " set_config('request.path', %s, true), set_config('request.headers', %s, true)",
+                    (schema, auth.role, json.dumps(auth.claims), request.method, request.url.path,
+                     json.dumps(dict(request.headers))),  # names lowercased, as PostgREST gives them
                 )
                 yield db
                 await db.execute("commit")

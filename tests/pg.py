@@ -30,6 +30,9 @@ from typing import Any
 import psycopg
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+# The service's run secret in every test database (migrations/017_service_runs.sql), and the headers that show it.
+RUN_SECRET = "test-run-secret-0123456789abcdef0123456789abcdef"
+SERVICE = {"x-canvalo-run-secret": RUN_SECRET}
 
 SUPABASE_BOOTSTRAP = """
 create role anon nologin noinherit;
@@ -167,6 +170,13 @@ def create_supabase_database(cluster: Cluster, name: str, *, migrate: bool = Tru
         db.execute(bootstrap)
         if migrate:
             apply_migrations(db, times=2)
+            register_run_secret(db)
+
+
+def register_run_secret(db: psycopg.Connection[Any], secret: str = RUN_SECRET) -> None:
+    """What an operator does once (docs/production.md, The run secret): the database keeps the secret's SHA-256."""
+    db.execute("insert into canvalo_private.run_secrets (hash) values (sha256(convert_to(%s, 'UTF8')))"
+               " on conflict do nothing", (secret,))
 
 
 def apply_migrations(db: psycopg.Connection[Any], times: int = 1) -> None:
@@ -175,12 +185,16 @@ def apply_migrations(db: psycopg.Connection[Any], times: int = 1) -> None:
             db.execute(script)  # type: ignore[arg-type]
 
 
-def act_as(db: psycopg.Connection[Any], user: str | None, *, local: bool = True) -> None:
+def act_as(
+    db: psycopg.Connection[Any], user: str | None, *, local: bool = True, headers: dict[str, str] | None = None
+) -> None:
     """Act as PostgREST does for a request: role ``authenticated`` with ``user`` as the token's subject, or ``anon``
-    with no subject; for the transaction (``local``, as PostgREST sets them) or for the rest of the session."""
+    with no subject, and the request's ``headers`` (``SERVICE`` for the service's own begin); for the transaction
+    (``local``, as PostgREST sets them) or for the rest of the session."""
     claims = {"sub": user, "role": "authenticated"} if user else {"role": "anon"}
     db.execute(f"set {'local ' if local else ''}role {claims['role']}")
-    db.execute("select set_config('request.jwt.claims', %s, %s)", (json.dumps(claims), local))
+    db.execute("select set_config('request.jwt.claims', %s, %s), set_config('request.headers', %s, %s)",
+               (json.dumps(claims), local, json.dumps(headers or {}), local))
 
 
 def _is_role_statement(line: str) -> bool:

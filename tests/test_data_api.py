@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 from starlette.testclient import TestClient
@@ -26,7 +27,7 @@ from services.store import run_log
 from services.store.postgrest.client import PostgrestClient
 from services.store.postgrest.store import PostgrestStore
 from tests.conftest import DATABASE, AuthHeaders
-from tests.pg import MIGRATIONS_DIR, act_as, create_supabase_database
+from tests.pg import MIGRATIONS_DIR, RUN_SECRET, SERVICE, act_as, create_supabase_database
 from tests.support import new_id, window_room
 from tests.tokens import TEST_PUBLISHABLE_KEY, mint
 
@@ -62,7 +63,8 @@ class Account:
 @pytest.fixture
 async def store(fake_postgrest: Any, supabase_url: str) -> AsyncIterator[PostgrestStore]:
     retry = RetryPolicy(attempts=3, base_delay=0, max_delay=0, max_total=5)
-    made = PostgrestStore(PostgrestClient(supabase_url, "api", TEST_PUBLISHABLE_KEY, retry=retry, timeout=10))
+    made = PostgrestStore(PostgrestClient(supabase_url, "api", TEST_PUBLISHABLE_KEY, retry=retry, timeout=10),
+                          RUN_SECRET)
     await made.open()
     yield made
     await made.aclose()
@@ -126,8 +128,7 @@ def rows(pg_cluster: Any) -> Callable[..., list[str]]:
             "api.pending_actions t": "t.user_id = any(%(u)s::uuid[])",
             "api.agent_usage t": "t.user_id = any(%(u)s::uuid[])",
             "api.invoices t": "t.user_id = any(%(u)s::uuid[])",
-            "canvalo_private.run_keys t": "t.run_id in (select id from api.agent_runs"
-                                          " where user_id = any(%(u)s::uuid[]))",
+            "canvalo_private.run_keys t": "t.user_id = any(%(u)s::uuid[])",
         }
         with pg_cluster.connect(DATABASE) as db:
             found = []
@@ -386,24 +387,78 @@ async def test_a_run_is_written_only_by_the_worker_that_began_it(
     assert view.message.content == "t1t2"
 
 
-async def test_a_user_calling_begin_directly_gets_only_a_run_of_their_own(
-    account: Callable[[], Any], rest: Callable[..., httpx.Response], rows: Callable[..., list[str]],
+@pytest.mark.parametrize("shown", [None, "", "x" * 48, RUN_SECRET[:-1], RUN_SECRET.upper(), "x" + RUN_SECRET])
+async def test_a_user_calling_begin_directly_is_refused_and_can_write_nothing(
+    shown: str | None, account: Callable[[], Any], rest: Callable[..., httpx.Response],
+    rows: Callable[..., list[str]],
 ) -> None:
-    """README says so: a user who calls the functions themselves can write an answer of their own making, in their
-    own conversation, as they could type anything; it names only its own run and touches nothing else."""
-    alice, bob = await account(), await account()
-    before = rows(bob.caller)
-    args = _begin_args(alice.conversation)
-    own = rest("POST", "rpc/agent_run_begin", alice.caller, json=args).json()
-    assert own["outcome"] == "started" and own["run"]["user_id"] == alice.caller.user_id
-    pointed = {"status": "streaming", "run_id": bob.running.id}
-    flushed = rest("POST", "rpc/agent_runs_flush", alice.caller,
+    """Only the service begins a run that can be written (017): without its run secret, a begin is refused whole, so
+    no user ever holds a write key, and the flush (as anon, outside the database's write ceiling) writes nothing of
+    theirs: not events, not text, not ledger rows, whatever limits, budget or key the caller chose."""
+    alice = await account()
+    before = rows(alice.caller)
+    args = _begin_args(new_id(), p_chat_limit=None, p_stream_limit=None)
+    headers = {} if shown is None else {"X-Canvalo-Run-Secret": shown}
+    refused = rest("POST", "rpc/agent_run_begin", alice.caller, json=args, headers=headers)
+    assert (refused.status_code, refused.json()["code"]) == (403, "28P01")
+    call = {"call_index": 0, "agent_type": "invoices", "model_id": "m", "input_tokens": 1, "output_tokens": 1,
+            "cache_read_tokens": 0, "cache_write_tokens": 0, "cost": 1000}
+    flushed = rest("POST", "rpc/agent_runs_flush", Caller("anon"),
                    json=_flush(Run(args["p_run_id"], "", "", "", None, "running", 0, 0), args["p_write_key"],
-                               content="my own words", metadata=pointed))
-    assert flushed.json()[0]["gone"] is False
-    answer = rest("GET", "agent_messages", alice.caller, params={"id": f"eq.{args['p_assistant_message_id']}"}).json()
-    assert (answer[0]["content"], answer[0]["metadata"]["run_id"]) == ("my own words", args["p_run_id"])
-    assert rows(bob.caller) == before
+                               first_seq=1, last_seq=1, frames="id: 1\ndata: {}\n\n", content="my own words",
+                               heartbeat=True, calls=[call]))
+    assert flushed.json()[0]["gone"] is True
+    assert rows(alice.caller) == before
+
+
+async def test_a_run_key_outlives_its_run_for_a_day_and_goes_when_its_user_begins_again(
+    store: PostgrestStore, account: Callable[[], Any], pg_cluster: Any
+) -> None:
+    """Keys say whose run they were (017), so a run deleted with its conversation still has its calls recorded; a key
+    whose run is not running goes a day after it was made, when its user next begins, and a running run's stays."""
+    alice, bob = await account(), await account()
+    gone = await _begin(store, alice.caller, new_id(), "deleted meanwhile")
+    await store.delete_conversation(alice.caller, gone.conversation_id)
+
+    def keys(user: str) -> dict[str, tuple[str, str]]:
+        with pg_cluster.connect(DATABASE) as db:
+            found = db.execute("select run_id::text, user_id::text, conversation_id::text"
+                               " from canvalo_private.run_keys where user_id = %s", (user,)).fetchall()
+        return {run: (owner, conversation) for run, owner, conversation in found}
+
+    mine = keys(alice.caller.user_id)
+    assert mine[gone.id] == (alice.caller.user_id, gone.conversation_id)  # its run is gone, its key is not
+    assert {alice.done.id, alice.running.id} <= set(mine)
+    with pg_cluster.connect(DATABASE) as db:
+        db.execute("update canvalo_private.run_keys set created_at = now() - interval '25 hours'"
+                   " where user_id = any(%s::uuid[])", ([alice.caller.user_id, bob.caller.user_id],))
+    new = await _begin(store, alice.caller, new_id(), "again")
+    assert set(keys(alice.caller.user_id)) == {alice.running.id, new.id}
+    assert set(keys(bob.caller.user_id)) == {bob.done.id, bob.running.id}  # another user's begin purges only theirs
+
+
+def test_every_version_of_begin_needs_the_run_secret(pg_cluster: Any) -> None:
+    """The check is on the run's key, which every agent_run_begin registers: an earlier file run again alone brings
+    back its own begin, and that one is refused without the secret too (and takes it, with it)."""
+    name = "run_secret_rerun"
+    create_supabase_database(pg_cluster, name)
+    user = new_id()
+    with pg_cluster.connect(name) as db:
+        db.execute("insert into auth.users (id) values (%s)", (user,))
+        for earlier in ("007_checked_writes.sql", "013_usage_ledger.sql", "015_lean_begin.sql"):
+            db.execute((MIGRATIONS_DIR / earlier).read_text())  # type: ignore[arg-type]
+            args = _begin_args(new_id())
+            named = ", ".join(f"{key} => %({key})s" for key in args)
+            for headers, refused in (({}, True), (SERVICE, False)):
+                try:
+                    with db.transaction():
+                        act_as(db, user, headers=headers)
+                        outcome = db.execute(f"select api.agent_run_begin({named})", args).fetchone()[0]["outcome"]
+                except psycopg.errors.InvalidPassword:  # 28P01
+                    outcome = "refused"
+                assert (outcome == "refused") is refused, (earlier, headers, outcome)
+                args = {**args, "p_run_id": new_id(), "p_user_message_id": new_id(),
+                        "p_assistant_message_id": new_id(), "p_conversation_id": new_id()}
 
 
 @pytest.mark.parametrize("bad", [{"p_stale_seconds": 0}, {"p_stale_seconds": None}, {"p_events_ttl": -1},

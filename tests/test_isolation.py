@@ -21,6 +21,7 @@ from services.domains import DOMAINS
 from services.store import Caller
 from services.store import sample_data
 from tests.conftest import DATABASE, AuthHeaders
+from tests.pg import SERVICE
 from tests.support import chunks, new_id
 from tests.tokens import TEST_PUBLISHABLE_KEY, mint
 
@@ -138,7 +139,7 @@ def data_api(supabase_url: str, fake_postgrest: Any, register_user: Callable[[st
 def alices(data_api: Callable[..., httpx.Response]) -> tuple[str, str, str]:
     """Alice's conversation with her message in it, written as the service writes a turn: through agent_run_begin."""
     alice, conversation, message = new_id(), new_id(), new_id()
-    begun = data_api("POST", "rpc/agent_run_begin", alice, json={
+    begun = data_api("POST", "rpc/agent_run_begin", alice, headers=SERVICE, json={
         "p_run_id": new_id(), "p_conversation_id": conversation, "p_text": "secret", "p_title": "A",
         "p_user_message_id": message, "p_assistant_message_id": new_id(), "p_stale_seconds": 30,
         "p_events_ttl": 3600, "p_window_seconds": 60, "p_history_limit": 10, "p_write_key": "k" * 64})

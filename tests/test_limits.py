@@ -31,7 +31,7 @@ from starlette.testclient import TestClient
 from app import create_app
 from services.store import Caller
 from services.store.sqlite.store import SQLiteStore
-from tests.pg import act_as
+from tests.pg import RUN_SECRET, SERVICE, act_as
 from tests.scripted_model import ScriptedModel
 from tests.support import LiveServer, chunks, make_settings, new_id, serve, window_room
 from tests.tokens import TEST_JWT_SECRET, TEST_PUBLISHABLE_KEY, bearer, mint
@@ -65,7 +65,7 @@ def backend(request: pytest.FixtureRequest) -> Backend:
     url: str = request.getfixturevalue("supabase_url")
     register: Callable[[str], None] = request.getfixturevalue("register_user")
     env = {"STORE": "supabase", "SUPABASE_URL": url, "SUPABASE_PUBLISHABLE_KEY": TEST_PUBLISHABLE_KEY,
-           "SUPABASE_JWT_SECRET": TEST_JWT_SECRET}
+           "SUPABASE_JWT_SECRET": TEST_JWT_SECRET, "SUPABASE_RUN_SECRET": RUN_SECRET}
 
     def headers(user: str) -> dict[str, str]:
         register(user)
@@ -251,7 +251,7 @@ def test_postgres_running_runs_are_the_stream_slots_under_a_per_user_lock(pg_clu
         db.execute("insert into auth.users (id) values (%s)", [user])
 
     def begin(db: Any, who: str | None = user) -> Any:
-        act_as(db, who)
+        act_as(db, who, headers=SERVICE)
         call = ("select api.agent_run_begin(%s, %s, 'hi', 'AI Chat', %s, %s, 30, 3600, 60, 50, repeat('k', 64),"
                 " p_stream_limit => 1)")
         return db.execute(call, [new_id(), new_id(), new_id(), new_id()]).fetchone()[0]

@@ -48,7 +48,7 @@ from services.store.sqlite.store import SQLiteStore
 from settings import ConfigError
 from tests.conftest import DATABASE
 from tests.fake_postgrest import FakePostgrest
-from tests.pg import MIGRATIONS_DIR, apply_migrations, create_supabase_database
+from tests.pg import MIGRATIONS_DIR, RUN_SECRET, apply_migrations, create_supabase_database
 from tests.support import new_id, serve
 from tests.tokens import TEST_JWT_SECRET, TEST_PUBLISHABLE_KEY, encode, mint
 
@@ -71,7 +71,7 @@ def new_caller(register_user: Callable[[str], None]) -> Callable[[], Caller]:
 @pytest.fixture
 async def store(fake_postgrest: FakePostgrest, supabase_url: str) -> AsyncIterator[PostgrestStore]:
     client = PostgrestClient(supabase_url, "api", TEST_PUBLISHABLE_KEY, retry=FAST, timeout=10)
-    store = PostgrestStore(client)
+    store = PostgrestStore(client, RUN_SECRET)
     await store.open()
     yield store
     await store.aclose()
@@ -763,6 +763,28 @@ def _age(pg_cluster: Any, runs: list[Run], seconds: float) -> None:
                    " where id = any(%s::uuid[])", (seconds, [run.id for run in runs]))
 
 
+@pytest.mark.parametrize("secret", ["", "another-secret-the-database-was-never-given-0123"])
+async def test_a_worker_whose_run_secret_the_database_refuses_begins_nothing(
+    secret: str, fake_postgrest: FakePostgrest, supabase_url: str, new_caller: Callable[[], Caller],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A deployment fault, named for the operator (SUPABASE_RUN_SECRET, never the secret), not the user's: a 502 the
+    client should not retry, and nothing written, not even the conversation."""
+    caller = new_caller()
+    wrong = PostgrestStore(PostgrestClient(supabase_url, "api", TEST_PUBLISHABLE_KEY, retry=FAST, timeout=10), secret)
+    try:
+        new = NewRun(new_id(), "What invoices do I have?", "AI Chat")
+        with pytest.raises(UpstreamError) as refused:
+            await wrong.begin_run(caller, new, LIMITS, 50)
+        assert (refused.value.code, refused.value.status, refused.value.retryable) == (
+            "STORE_MISCONFIGURED", 502, False)
+        assert "SUPABASE_RUN_SECRET" in refused.value.message
+        assert (await wrong.list_conversations(caller, 10, 0)).total == 0
+    finally:
+        await wrong.aclose()
+    assert secret == "" or secret not in caplog.text
+
+
 async def test_begin_run_starts_a_turn_in_one_rpc(
     store: PostgrestStore, fake_postgrest: FakePostgrest, new_caller: Callable[[], Caller]
 ) -> None:
@@ -937,7 +959,8 @@ async def test_runs_are_private_to_their_user(
     forged = _update(bob, run, batch=_tokens(run, 1, "Bob"), content="Bob was here", metadata={}, agent_type="x",
                      heartbeat=True, final_status="complete")
     # Bob's own worker (it cannot hold the key of Alice's run): to Bob there is no such run.
-    bobs = PostgrestStore(PostgrestClient(supabase_url, "api", TEST_PUBLISHABLE_KEY, retry=FAST, timeout=10))
+    bobs = PostgrestStore(PostgrestClient(supabase_url, "api", TEST_PUBLISHABLE_KEY, retry=FAST, timeout=10),
+                          RUN_SECRET)
     assert await bobs.flush_runs([forged]) == {run.id: RunControl(gone=True)}
     await bobs.aclose()
     await store.maintain_runs(bob, 30, 0)

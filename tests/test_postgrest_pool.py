@@ -31,6 +31,7 @@ from services.store import Caller, NewRun, RunUpdate, TurnLimits
 from services.store.build import build_store
 from services.store.postgrest.store import PostgrestStore
 from tests.fake_postgrest import FakePostgrest
+from tests.pg import RUN_SECRET
 from tests.support import make_settings, new_id, serve
 from tests.tokens import TEST_JWT_SECRET, TEST_PUBLISHABLE_KEY, bearer, mint
 
@@ -140,7 +141,7 @@ def new_caller(register_user: Callable[[str], None]) -> Callable[[], Caller]:
 
 def store_through(tmp_path: Path, url: str, **environ: str) -> PostgrestStore:
     """The store exactly as the service builds it from its settings."""
-    settings = make_settings(tmp_path, STORE="supabase", SUPABASE_URL=url,
+    settings = make_settings(tmp_path, STORE="supabase", SUPABASE_URL=url, SUPABASE_RUN_SECRET=RUN_SECRET,
                              SUPABASE_PUBLISHABLE_KEY=TEST_PUBLISHABLE_KEY, SUPABASE_POOL_SIZE=str(POOL),
                              RETRY_BASE_DELAY="0", RETRY_MAX_DELAY="0", **environ)
     store = build_store(settings)
@@ -271,7 +272,7 @@ async def test_a_full_pool_is_a_retryable_503_store_busy_and_the_service_recover
     proxied: tuple[Proxy, str], register_user: Callable[[str], None], tmp_path: Path
 ) -> None:
     proxy, url = proxied
-    settings = make_settings(tmp_path, STORE="supabase", SUPABASE_URL=url,
+    settings = make_settings(tmp_path, STORE="supabase", SUPABASE_URL=url, SUPABASE_RUN_SECRET=RUN_SECRET,
                              SUPABASE_PUBLISHABLE_KEY=TEST_PUBLISHABLE_KEY, SUPABASE_JWT_SECRET=TEST_JWT_SECRET,
                              SUPABASE_POOL_SIZE="1", SUPABASE_POOL_TIMEOUT="0.2")
     hanging, waiting = new_id(), new_id()

@@ -36,6 +36,7 @@ GOOD_PRODUCTION = {
     "SUPABASE_URL": "https://project.supabase.co",
     "SUPABASE_PUBLISHABLE_KEY": "sb_publishable_x",
     "SUPABASE_JWT_SECRET": TEST_JWT_SECRET,
+    "SUPABASE_RUN_SECRET": "r" * 32,
     "LLM_PROVIDER": "bedrock",
     "CORS_ORIGINS": "https://app.canvalo.example",
 }
@@ -55,6 +56,8 @@ def test_a_complete_production_configuration_starts() -> None:
         ({"STORE": "sqlite"}, "STORE=supabase"),
         ({"SUPABASE_JWT_SECRET": "", "SUPABASE_URL": "", "STORE": "sqlite"}, "requires authentication"),
         ({"METRICS_TOKEN": "short"}, "METRICS_TOKEN"),
+        ({"SUPABASE_RUN_SECRET": ""}, "SUPABASE_RUN_SECRET"),
+        ({"SUPABASE_RUN_SECRET": "r" * 31}, "SUPABASE_RUN_SECRET, at least 32 characters"),
     ],
 )
 def test_production_names_each_problem(change: dict[str, str], named: str) -> None:
@@ -67,7 +70,8 @@ def test_every_problem_is_named_at_once() -> None:
         Settings.from_environ({"ENVIRONMENT": "production"})
     message = str(caught.value)
     # What the Supabase store needs is named now too, not in a second round once STORE=supabase is set.
-    names = ("SUPABASE_JWT_SECRET", "SUPABASE_URL", "SUPABASE_PUBLISHABLE_KEY", "CORS_ORIGINS", "LLM_PROVIDER", "STORE")
+    names = ("SUPABASE_JWT_SECRET", "SUPABASE_URL", "SUPABASE_PUBLISHABLE_KEY", "SUPABASE_RUN_SECRET", "CORS_ORIGINS",
+             "LLM_PROVIDER", "STORE")
     assert all(name in message for name in names), message
 
 

@@ -20,7 +20,7 @@ from tests.support import free_port, make_settings, new_id, serve, wait_until_he
 from tests.tokens import encode
 
 ROOT = Path(__file__).resolve().parent.parent
-SUPABASE = {"STORE": "supabase", "SUPABASE_URL": "https://x.supabase.co"}
+SUPABASE = {"STORE": "supabase", "SUPABASE_URL": "https://x.supabase.co", "SUPABASE_RUN_SECRET": "r" * 32}
 SECRET_KEY = "sb_secret_0123456789abcdef"
 SERVICE_ROLE_KEY = encode({"role": "service_role", "iss": "supabase"})
 

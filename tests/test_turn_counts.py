@@ -19,14 +19,15 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from tests.conftest import DATABASE
-from tests.pg import MIGRATIONS_DIR, act_as, create_supabase_database
+from tests.pg import MIGRATIONS_DIR, SERVICE, act_as, create_supabase_database
 from tests.support import new_id
 
 
-def _as(db: psycopg.Connection[Any], user: str | None, query: str, *args: Any) -> Any:
-    """``query``'s answer, run as ``user`` (``anon`` for None) in a transaction of its own."""
+def _as(db: psycopg.Connection[Any], user: str | None, query: str, *args: Any,
+        headers: dict[str, str] | None = None) -> Any:
+    """``query``'s answer, run as ``user`` (``anon`` for None) in a transaction of its own, with ``headers``."""
     with db.transaction():
-        act_as(db, user)
+        act_as(db, user, headers=headers)
         return db.execute(query, args).fetchone()[0]  # type: ignore[index]
 
 
@@ -43,7 +44,7 @@ class User:
                 "p_write_key": secrets.token_hex(32), "p_client_message_id": new_id(), "p_chat_limit": 1000,
                 "p_stream_limit": 10, **{f"p_{name}_message_id": value for name, value in branch.items()}}
         named = ", ".join(f"{name} => %s" for name in args)
-        answer = _as(self.db, self.id, f"select api.agent_run_begin({named})", *args.values())
+        answer = _as(self.db, self.id, f"select api.agent_run_begin({named})", *args.values(), headers=SERVICE)
         answer["args"] = args
         return answer  # type: ignore[no-any-return]
 
@@ -156,7 +157,7 @@ def test_a_turn_begun_again_with_its_key_answers_as_it_began(user: Callable[[], 
     assert again["outcome"] == "in_progress"  # a new run while one generates
     repeated = _as(alice.db, alice.id,
                    "select api.agent_run_begin(" + ", ".join(f"{name} => %s" for name in begun["args"]) + ")",
-                   *begun["args"].values())
+                   *begun["args"].values(), headers=SERVICE)
     assert repeated["outcome"] == "started"
     assert (repeated["run"], repeated["history"]) == (begun["run"], begun["history"])
     with pg_cluster.connect(DATABASE) as owner:

@@ -239,9 +239,7 @@ def call(index: int, tokens: int, cost: float | None = 0.001) -> CallUsage:
     return CallUsage("supervisor", "m.one", tokens, 1, index=index, cost=cost, estimated=index == 2)
 
 
-async def test_a_flush_sent_again_writes_each_call_once_and_an_ended_run_takes_no_more(
-    store: Store, new_caller: Callable[[], Caller]
-) -> None:
+async def test_a_flush_sent_again_writes_each_call_once(store: Store, new_caller: Callable[[], Caller]) -> None:
     caller = new_caller()
     new = await start(store, caller)
     first = RunUpdate(caller, new.id, new.assistant_message_id, calls=(call(0, 10), call(1, 20)))
@@ -249,9 +247,8 @@ async def test_a_flush_sent_again_writes_each_call_once_and_an_ended_run_takes_n
         assert (await store.flush_runs([first]))[new.id].applied
     end = RunUpdate(caller, new.id, new.assistant_message_id, content="done", metadata={"status": "complete"},
                     agent_type="supervisor", final_status="complete", calls=(call(1, 20), call(2, 30, None)))
-    await store.flush_runs([end])
-    late = RunUpdate(caller, new.id, new.assistant_message_id, calls=(call(3, 1000),))
-    assert not (await store.flush_runs([late]))[new.id].applied
+    for _ in range(2):
+        await store.flush_runs([end])
     report = await store.usage_report(caller, time.time() - 60)
     assert report.by_model == [{"model_id": "m.one", "calls": 3, "estimated_calls": 1, "input_tokens": 60,
                                 "output_tokens": 3, "cache_read_tokens": 0, "cache_write_tokens": 0,
@@ -261,6 +258,29 @@ async def test_a_flush_sent_again_writes_each_call_once_and_an_ended_run_takes_n
     assert (report.reserved_tokens, report.reserved_cost) == (0, 0)
     # Only since the period's start: none of it is from the future.
     assert (await store.usage_report(caller, time.time() + 60)).by_model == []
+
+
+async def test_a_run_ended_elsewhere_or_deleted_still_records_the_calls_its_worker_sends(
+    store: Store, new_caller: Callable[[], Caller]
+) -> None:
+    """Its user ended it (a short staleness) or deleted its conversation while the model answered: the worker's end,
+    refused, still puts what the calls cost in the ledger, under the run's user and conversation, for the budget."""
+    caller = new_caller()
+    since = time.time() - 60
+    reaped = await start(store, caller)
+    await store.maintain_runs(caller, 0.001, 3600)
+    deleted = await start(store, caller)
+    await store.delete_conversation(caller, deleted.conversation_id)
+    ends = [RunUpdate(caller, new.id, new.assistant_message_id, content="cut", metadata={"status": "complete"},
+                      agent_type="supervisor", final_status="complete", calls=(call(0, 100 * n), call(2, 7)),
+                      conversation_id=new.conversation_id) for n, new in enumerate((reaped, deleted), 1)]
+    controls = await store.flush_runs(ends)
+    assert [(controls[new.id].gone, controls[new.id].applied) for new in (reaped, deleted)] == [(True, False)] * 2
+    assert controls[deleted.id].deleted
+    report = await store.usage_report(caller, since)
+    assert sorted((c["conversation_id"], c["calls"], c["tokens"]) for c in report.by_conversation) == sorted(
+        [(reaped.conversation_id, 2, 109), (deleted.conversation_id, 2, 209)])
+    assert (report.reserved_tokens, report.reserved_cost) == (0, 0)
 
 
 async def test_a_budget_counts_the_ledger_and_the_running_runs_reservations(

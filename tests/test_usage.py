@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -199,6 +200,39 @@ def test_a_stopped_turn_counts_the_call_it_cut(
     assert f'canvalo_llm_tokens_total{{kind="output",model="{model}"}} {usage["output_tokens"]}' in metrics
     cut = estimate_tokens("Half an ans")
     assert f'canvalo_llm_estimated_tokens_total{{kind="output",model="{model}"}} {cut}' in metrics
+
+
+def test_a_turn_whose_conversation_is_deleted_mid_answer_counts_the_call_it_cut(
+    live_api: tuple[LiveServer, FakeBedrock], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    """The delete ends the run in the store and the worker stops generating; its calls, the cut one estimated, are
+    still in the ledger (under the deleted conversation's id), so deleting mid-answer is no way round a budget."""
+    service, fake = live_api
+    never = threading.Event()
+    fake.replies = [
+        handoff({"inputTokens": 40, "outputTokens": 8}),
+        Reply.stream([message_start(), text_delta("Half an ans")], Gate(never), block_stop(), message_stop()),
+    ]
+    conversation = new_id()
+    body = {"message": "Hi", "conversation_id": conversation, "user_id": user_id}
+    try:
+        with httpx.Client(base_url=service.url, timeout=5) as client:
+            with client.stream("POST", "/api/chat/stream", json=body, headers=auth_headers(user_id)) as response:
+                lines = response.iter_lines()
+                assert _read_until_token(lines)["content"] == "Half an ans"
+                deleted = client.delete(f"/api/conversations/{conversation}", params={"user_id": user_id},
+                                        headers=auth_headers(user_id))
+                assert deleted.status_code == 200, deleted.text
+                assert chunks("\n".join(lines))[-1]["code"] == "CONVERSATION_DELETED"
+            deadline = time.monotonic() + 5
+            while not (ledger := usage_of(client, auth_headers, user_id))["by_model"] and time.monotonic() < deadline:
+                time.sleep(0.1)
+    finally:
+        never.set()
+    (row,) = ledger["by_model"]
+    assert (row["calls"], row["estimated_calls"]) == (2, 1)
+    assert row["output_tokens"] == 8 + estimate_tokens("Half an ans") and row["input_tokens"] > 40
+    assert [c["conversation_id"] for c in ledger["by_conversation"]] == [conversation]
 
 
 def test_a_call_refused_before_any_answer_counts_nothing(

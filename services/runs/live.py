@@ -139,7 +139,8 @@ class LiveRun:
         if status == "stopped":  # its replay shows the text its answer keeps, as a replay from the store does
             self.shown = stopped_replay(self.frames, len(content))
         self.final = RunUpdate(self.caller, self.run.id, self.run.assistant_message_id, content=content,
-                               metadata=metadata, agent_type=agent_type, final_status=status)  # type: ignore[arg-type]
+                               metadata=metadata, agent_type=agent_type, final_status=status,  # type: ignore[arg-type]
+                               conversation_id=self.run.conversation_id)
 
     def publish_end(self, farewell: str | None = None) -> None:
         """Show the terminal frame and wake viewers. ``farewell``, a frame without an id, ends them instead when the
@@ -170,7 +171,7 @@ class LiveRun:
             content = self.text
             metadata = {"status": "streaming", "run_id": self.run.id, "seq": upto}
         return RunUpdate(self.caller, self.run.id, self.run.assistant_message_id, batch, content, metadata,
-                         self.agent_type, heartbeat, calls=calls)
+                         self.agent_type, heartbeat, calls=calls, conversation_id=self.run.conversation_id)
 
     def committed(self, update: RunUpdate, now: float) -> None:
         if update.batch is not None:

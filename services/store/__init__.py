@@ -234,6 +234,8 @@ class RunUpdate:
     heartbeat: bool = False
     final_status: RunStatus | None = None  # the run ended: status, ``ended_at`` and ``last_seq`` are set
     calls: tuple[CallUsage, ...] = ()  # the run's model calls not yet in the usage ledger, written with the rest
+    # The run's conversation: where SQLite puts the calls of a run deleted with it (PostgreSQL reads it from the key).
+    conversation_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,7 +423,8 @@ class Store(Protocol):
         transaction for all (on PostgREST one request, by the runs' write keys, for every user's runs). Returns the
         control of every run whose transaction committed, ``applied`` when its update was written; a run missing from
         the result was not written and is sent again. An update's ``calls`` go to the usage ledger in the same
-        transaction, once per (run, call index), under the run's user and conversation."""
+        transaction, once per (run, call index), under the run's user and conversation, whatever became of the run: one
+        ended elsewhere, by its user or deleted with its conversation still cost what its calls cost."""
 
     async def read_run(self, caller: Caller, run_id: str, after: int | None) -> RunView:
         """With its assistant message and, unless ``after`` is None, the event batches holding events after

@@ -27,7 +27,7 @@ def build_store(settings: Settings) -> Store:
             pool_size=settings.supabase_pool_size,
             pool_timeout=settings.supabase_pool_timeout,
         )
-        return PostgrestStore(client)
+        return PostgrestStore(client, str(settings.supabase_run_secret))
     return SQLiteStore(settings.sqlite_path)
 
 

@@ -13,8 +13,10 @@ so it is missing from here too. The database's trigger keeps counters and timest
 Chat runs (``services/store/sqlite/runs.py`` is the reference) are the RPC functions of
 ``migrations/004_agent_runs.sql`` as 007 checks them, one request and one transaction per store call, writing the same
 rows, frames and metadata as SQLite. A run is written only with its write key, which ``begin_run`` makes and this
-store keeps until the run ends: a client holding the user's own token cannot write the service's runs, and
-``flush_runs`` sends every user's runs by their keys alone (``migrations/009_keyed_flush.sql``). Acting only as users,
+store keeps until the run's end is answered: a client holding the user's own token cannot write the service's runs,
+and ``flush_runs`` sends every user's runs by their keys alone (``migrations/009_keyed_flush.sql``). The database
+registers a key only when the begin shows the run secret every worker holds (``SUPABASE_RUN_SECRET``,
+``migrations/017_service_runs.sql``), so a user calling ``agent_run_begin`` directly gets no run at all. Acting only as users,
 ``maintain_runs`` without a caller does nothing: a dead run is ended when its user next touches it.
 
 Pending actions are the RPC functions of ``migrations/010_confirm_every_change.sql``; rate limits, that of

@@ -161,13 +161,18 @@ class PostgrestClient:
         response = await self._exchange(caller, method, path, params, json_body, prefer or [], replayable)
         return Result(_rows(response), parse_total(response.headers.get("content-range")))
 
-    async def rpc(self, caller: Caller, function: str, args: Mapping[str, Any], *, idempotent: bool) -> Any:
+    async def rpc(
+        self, caller: Caller, function: str, args: Mapping[str, Any], *, idempotent: bool,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
         """Call the function ``{schema}.{function}`` with named arguments as ``caller``; its decoded JSON result.
 
         PostgREST answers a table function with an array of objects, a scalar function with the bare JSON value and a
         ``void`` one with 204 (``None`` here). Only a caller that says the call is safe to repeat gets retries.
+        ``headers`` go with the call, where SQL reads them (PostgREST's ``request.headers``).
         """
-        return _json(await self._exchange(caller, "POST", f"rpc/{function}", None, dict(args), [], idempotent))
+        response = await self._exchange(caller, "POST", f"rpc/{function}", None, dict(args), [], idempotent, headers)
+        return _json(response)
 
     async def rpc_by_key(self, function: str, args: Mapping[str, Any], *, idempotent: bool) -> Any:
         """Call a function whose authority is a capability among its arguments (a run's write key), not a user: sent
@@ -177,13 +182,14 @@ class PostgrestClient:
 
     async def _exchange(
         self, caller: Caller | None, method: str, path: str, params: Mapping[str, str] | None, json_body: Any,
-        prefer: list[str], replayable: bool,
+        prefer: list[str], replayable: bool, extra_headers: Mapping[str, str] | None = None,
     ) -> httpx.Response:
         """Send as ``caller`` (None: as no user, for ``rpc_by_key``), translate a failure once, and retry transient
         ones when the request is replayable."""
         if caller is not None and not caller.access_token:
             raise Unauthorized("No access token to act as the user.", code="MISSING_TOKEN")
         headers = self._headers(caller.access_token if caller is not None else None, method, prefer)
+        headers.update(extra_headers or {})
 
         slots = self._connections if caller is not None else self._flush_connection
 
@@ -293,6 +299,10 @@ def _translate(failure: PostgrestFailure, retry_after: str | None = None) -> App
             return Unauthorized("The access token has expired.", code="EXPIRED_TOKEN",
                                 user_message="Your session has expired. Please log in again.")
         return Unauthorized("The access token was rejected.", code="INVALID_TOKEN")
+    if code == "28P01":
+        # The database refused the run secret (migrations/017_service_runs.sql): a deployment fault, not the user's.
+        return UpstreamError("The database refused the service's run secret; see SUPABASE_RUN_SECRET.",
+                             code="STORE_MISCONFIGURED")
     if code == "42501":
         if "row-level security" in failure.message:
             return Forbidden("The database refused the write.", code="STORE_FORBIDDEN")

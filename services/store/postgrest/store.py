@@ -43,13 +43,20 @@ def write_ceiling(result: dict[str, Any]) -> RateLimited:
     return RateLimited(retry_after=float(result.get("retry_after") or 1.0))
 
 
+# How the run secret reaches SQL: PostgREST hands every request header to it, lowercased, as request.headers.
+RUN_SECRET_HEADER = "x-canvalo-run-secret"
+
+
 class PostgrestStore(QueryTiming):
     kind = "supabase"
 
-    def __init__(self, client: PostgrestClient) -> None:
+    def __init__(self, client: PostgrestClient, run_secret: str) -> None:
         self._rest = client
+        # Shown with each begin: the database registers a run's write key only for the holder (017).
+        self._run_secret = {RUN_SECRET_HEADER: run_secret}
         # The write key of every run this worker generates (007): made here for each begin_run, sent with each of the
-        # run's flushes, forgotten once the run has ended. It never leaves the service, so no client can write a run.
+        # run's flushes, forgotten once the run's end has been answered. It never leaves the service, and the database
+        # registers one only with the run secret (017), so no client can write a run.
         self._write_keys: dict[str, str] = {}
 
     async def open(self) -> None:
@@ -317,7 +324,8 @@ class PostgrestStore(QueryTiming):
         # Retried: every id and the key are ours, so a replay whose first attempt committed finds its own run and
         # answers as the first would have, counting and writing nothing. (A refusal whose answer was lost counts its
         # hit twice.)
-        begun = run_begun_of(settled(await self._rest.rpc(caller, "agent_run_begin", args, idempotent=True)))
+        answer = await self._rest.rpc(caller, "agent_run_begin", args, idempotent=True, headers=self._run_secret)
+        begun = run_begun_of(settled(answer))
         if begun.outcome == "started":
             self._write_keys[new.id] = args["p_write_key"]
         return begun
@@ -336,9 +344,12 @@ class PostgrestStore(QueryTiming):
             args = {"p_updates": [update_json(update, self._write_keys[update.run_id]) for update in batch]}
             rows = await self._rest.rpc_by_key("agent_runs_flush", args, idempotent=True)
             controls.update(controls_of(rows))
-        for run_id, control in controls.items():
-            if control.gone:
-                self._write_keys.pop(run_id, None)  # ended, here or elsewhere: nothing more to write
+        for update in updates:
+            # Kept until the run's end is answered: a run ended elsewhere still sends its end, with the calls it
+            # made meanwhile, which the key still records (017).
+            control = controls.get(update.run_id)
+            if control is not None and control.gone and update.final_status is not None:
+                self._write_keys.pop(update.run_id, None)
         return controls
 
     @observed

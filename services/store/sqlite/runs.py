@@ -162,19 +162,28 @@ def flush_runs(db: sqlite3.Connection, updates: list[RunUpdate]) -> dict[str, Ru
     }
 
 
+def _write_calls(db: sqlite3.Connection, update: RunUpdate, row: sqlite3.Row | None, now: float) -> None:
+    """The update's model calls into the ledger, whatever became of its run: ended elsewhere, by its user, or deleted
+    with its conversation (then under the caller and the conversation the worker names), the calls were spent."""
+    if not update.calls:
+        return
+    owner = (row[2], row[3]) if row is not None else (update.caller.user_id, update.conversation_id)
+    if owner[1] is not None:
+        sqlite_usage.write_calls(db, update.run_id, owner[0], owner[1], update.calls, now)
+
+
 def _apply(db: sqlite3.Connection, update: RunUpdate, now: float) -> bool:
     """Write the update if its run is still running; whether it was. A run another worker ended (or whose
-    conversation was deleted) takes no more writes, and its owner learns that from the controls."""
+    conversation was deleted) takes no more writes but its calls, and its owner learns that from the controls."""
     row = db.execute("SELECT status, last_seq, user_id, conversation_id FROM agent_runs WHERE id = ?",
                      (update.run_id,)).fetchone()
+    _write_calls(db, update, row, now)
     if row is None:
         return False
     if row[0] != "running":
         # This very end, already written (a retry after the first answer was lost), counts as written.
         return update.final_status == row[0] and update.batch is not None and update.batch.last_seq == row[1]
     # Still running now means still running for every statement below: the caller's transaction holds the write lock.
-    if update.calls:
-        sqlite_usage.write_calls(db, update.run_id, row[2], row[3], update.calls, now)
     if update.batch is not None:
         db.execute(
             "INSERT OR IGNORE INTO agent_run_events (run_id, seq, last_seq, frames) VALUES (?, ?, ?, ?)",
