@@ -382,8 +382,12 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
                 "connections": ConnectionGuard(settings.header_read_timeout, settings.max_connections_per_address),
             }
 
-    return Starlette(routes=routes, middleware=middleware.stack(settings), exception_handlers=exception_handlers,
-                     lifespan=lifespan)
+    app = Starlette(routes=routes, middleware=middleware.stack(settings), exception_handlers=exception_handlers,
+                    lifespan=lifespan)
+    # A path spelt with a trailing slash is an unknown route (404 in the envelope), not Starlette's 307 to the other
+    # spelling: that answer has an empty body, and its Location is built from the Host header the client sent.
+    app.router.redirect_slashes = False
+    return app
 
 
 def configure_logging(level: str) -> None:
