@@ -282,13 +282,17 @@ async def app_error(request: Request, exc: Exception) -> Response:
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
-    """Starlette's own 404 (unknown route) and 405 (wrong method), in our envelope."""
+    """Starlette's own 404 (unknown route) and 405 (wrong method), in our envelope; and the answer to OPTIONS."""
     assert isinstance(exc, HTTPException)
     error: AppError = MethodNotAllowed() if exc.status_code == 405 else NotFound()
     headers = exc.headers
     if exc.status_code == 405:
         # Starlette's Allow names the methods of the first route matching the path; one path has several routes here.
         headers = {"Allow": ", ".join(_allowed_methods(request))}
+        if request.method == "OPTIONS":
+            # Not a CORS preflight (EnvelopeCORS answers those before routing): a client asking which methods the
+            # path has (RFC 9110 9.3.7). Allow lists OPTIONS, so OPTIONS is answered, not refused.
+            return Response(status_code=204, headers=headers)
     elif exc.status_code != 404:
         error = AppError(f"HTTP {exc.status_code}.", code=f"HTTP_{exc.status_code}", retryable=False)
         error.status = exc.status_code
