@@ -83,8 +83,10 @@ class State(TypedDict):
 
 async def chat_stream(request: Request) -> Response:
     """Start a chat run and follow it from its first event. A repeated ``client_message_id`` follows the run that
-    id started instead, from its first event, without starting another or counting against any limit."""
+    id started instead, after ``Last-Event-ID`` if sent (fetch-event-source resends the same POST with it to
+    resume), without starting another or counting as a chat turn."""
     chat = inputs.CHAT_STREAM.given(request, await read_body(request))
+    last_seen = chat["Last-Event-ID"]
     new = inputs.chat_turn(chat)
     caller = await caller_of(request, chat["user_id"], counted=False)  # begin_run counts the turn, after deduplication
     runs: RunManager = request.state.runs
@@ -101,9 +103,12 @@ async def chat_stream(request: Request) -> Response:
         raise request.state.budgets.refused(begun)
     if begun.run is None:
         raise request.state.limiter.refused(begun)
+    after = 0
     if begun.outcome == "existing":
         await request.state.limiter.admit(caller)  # a repeat attaches to its turn: a request, not a second turn
-    return _event_stream(request, await runs.feed(caller, begun.run.id), begun.run.id, after=0)
+        # What the client holds of this run; a new run's events start at 1, so nothing a client holds is of it.
+        after = last_seen or 0
+    return _event_stream(request, await runs.feed(caller, begun.run.id), begun.run.id, after=after)
 
 
 async def run_events(request: Request) -> Response:
