@@ -42,7 +42,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
-from errors import AppError, Conflict, MethodNotAllowed, NotFound
+from errors import AppError, MethodNotAllowed, NotFound
 from services.agents import actions
 from services.agents.assistant import Assistant
 from services.auth.authenticator import Authenticator, build_authenticator
@@ -56,7 +56,7 @@ from services.store import Store, utc_now
 from services.store.build import build_store, store_location
 from settings import ConfigError, Settings
 from web import cursors, inputs, middleware, openapi, pages, status
-from web.caller import address, caller_of, read_body
+from web.caller import caller_of, read_body
 from web.deferred import Deferred
 from web.gc_tuning import tune_gc
 from web.sse import EventStreamResponse, Feed
@@ -83,48 +83,53 @@ class State(TypedDict):
 
 async def chat_stream(request: Request) -> Response:
     """Start a chat run and follow it from its first event. A repeated ``client_message_id`` follows the run that
-    id started instead, from its first event, without starting another or counting against any limit."""
+    id started instead, after ``Last-Event-ID`` if sent (fetch-event-source resends the same POST with it to
+    resume), without starting another. Counted once: as a chat turn by ``begin_run``, or, when it starts none, as an
+    API request."""
     chat = inputs.CHAT_STREAM.given(request, await read_body(request))
-    new = inputs.chat_turn(chat)
-    caller = await caller_of(request, chat["user_id"], counted=False)  # begin_run counts the turn, after deduplication
+    caller = await caller_of(request, chat, counted=False)  # counted once: by begin_run as a turn, or here
+    limiter: RateLimiter = request.state.limiter
     runs: RunManager = request.state.runs
-    budget = request.state.budgets.for_turn(new.text)  # None while budgets are off: begin then reads no usage
-    limits = request.state.limiter.turn_limits(runs.stale_seconds, runs.events_ttl, budget)
     try:
+        last_seen = chat["Last-Event-ID"]
+        new = inputs.chat_turn(chat)
+        budget = request.state.budgets.for_turn(new.text)  # None while budgets are off: begin then reads no usage
+        limits = limiter.turn_limits(runs.stale_seconds, runs.events_ttl, budget)
         begun = await runs.begin(caller, new, limits, request.state.request_started)
-    except (Conflict, NotFound):
-        # A refused turn (409, 404) is no chat turn, but it is a request: counted as one, so a client cannot send
-        # refusals without bound.
-        await request.state.limiter.admit(caller)
+    except AppError:
+        # An invalid or refused send (422, 409, 404) is no chat turn, but it is a request: counted as one, so a
+        # client cannot send them without bound (over the limit, the 429 is the answer).
+        await limiter.admit(caller)
         raise
     if begun.outcome == "budget_exceeded":
         raise request.state.budgets.refused(begun)
     if begun.run is None:
-        raise request.state.limiter.refused(begun)
+        raise limiter.refused(begun)
+    after = 0
     if begun.outcome == "existing":
-        await request.state.limiter.admit(caller)  # a repeat attaches to its turn: a request, not a second turn
-    return _event_stream(request, await runs.feed(caller, begun.run.id), begun.run.id, after=0)
+        await limiter.admit(caller)  # a repeat attaches to its turn: a request, not a second turn
+        # What the client holds of this run; a new run's events start at 1, so nothing a client holds is of it.
+        after = last_seen or 0
+    return _event_stream(request, await runs.feed(caller, begun.run.id), begun.run.id, after=after)
 
 
 async def run_events(request: Request) -> Response:
     """Follow a run from after ``Last-Event-ID`` (or ``?after=N``): replay what was missed, then live to its end."""
     given = inputs.RUN_EVENTS.given(request)
+    caller = await caller_of(request, given)
     run_id = given["run_id"]
     # What a browser's EventSource sends when it reconnects wins; else ?after=N; else the run's first event.
     after = given["Last-Event-ID"]
     if after is None:
         after = given["after"]
-    caller = await caller_of(request, given["user_id"])
     return _event_stream(request, await request.state.runs.feed(caller, run_id), run_id, after=after)
 
 
 async def stop_run(request: Request) -> Response:
     """Stop a run wherever it generates; the answer is saved cut to ``seen_chars`` and returned."""
-    run_id = inputs.STOP_RUN.given(request)["run_id"]
     stop = inputs.STOP_RUN.given(request, await read_body(request))
-    seen_chars = stop["seen_chars"]
-    caller = await caller_of(request, stop["user_id"])
-    view = await request.state.runs.stop(caller, run_id, seen_chars)
+    caller = await caller_of(request, stop)
+    view = await request.state.runs.stop(caller, stop["run_id"], stop["seen_chars"])
     # 202: the stop is asked but the run has not ended yet (its worker is slow, or has just died and the run ends
     # stopped once its heartbeat lapses); the message is as saved so far. Never a 200 for a state not yet stored.
     return JSONResponse(view.message.to_json(), status_code=202 if view.run.status == "running" else 200)
@@ -143,7 +148,7 @@ def _event_stream(request: Request, feed: Feed, run_id: str, *, after: int) -> R
 async def list_conversations(request: Request) -> Response:
     """The caller's conversations by last activity, paged by offset or by cursor, optionally searched (``q``)."""
     given = inputs.LIST_CONVERSATIONS.given(request)
-    caller = await caller_of(request, given["user_id"])
+    caller = await caller_of(request, given)
     limit, offset = given["limit"], given["offset"]
     before, after = cursors.seek(given, "before", "after", "offset")
     search = given["q"]
@@ -165,16 +170,15 @@ async def list_conversations(request: Request) -> Response:
 
 
 async def rename_conversation(request: Request) -> Response:
-    conversation_id = inputs.RENAME_CONVERSATION.given(request)["conversation_id"]
     rename = inputs.RENAME_CONVERSATION.given(request, await read_body(request))
-    caller = await caller_of(request, rename["user_id"])
-    conversation = await request.state.store.rename_conversation(caller, conversation_id, rename["title"])
+    caller = await caller_of(request, rename)
+    conversation = await request.state.store.rename_conversation(caller, rename["conversation_id"], rename["title"])
     return JSONResponse(conversation.to_json())
 
 
 async def create_conversation(request: Request) -> Response:
     create = inputs.CREATE_CONVERSATION.given(request, await read_body(request))
-    caller = await caller_of(request, create["user_id"])
+    caller = await caller_of(request, create)
     conversation = await request.state.store.create_conversation(caller, create["title"])
     return JSONResponse(conversation.to_json(), status_code=201)
 
@@ -183,8 +187,8 @@ async def get_conversation(request: Request) -> Response:
     """The caller's conversation and a page of its messages: oldest first unless ``message_order=desc``, by offset or
     from a cursor (``message_before``/``message_after``)."""
     given = inputs.GET_CONVERSATION.given(request)
+    caller = await caller_of(request, given)
     conversation_id = given["conversation_id"]
-    caller = await caller_of(request, given["user_id"])
     limit, offset = given["message_limit"], given["message_offset"]
     newest_first = given["message_order"] == "desc"
     before, after = cursors.seek(given, "message_before", "message_after", "message_offset")
@@ -214,17 +218,16 @@ async def get_conversation(request: Request) -> Response:
 
 async def set_active_leaf(request: Request) -> Response:
     """Switch the caller's conversation to the branch through ``message_id``, to its newest leaf."""
-    conversation_id = inputs.SET_ACTIVE_LEAF.given(request)["conversation_id"]
     switch = inputs.SET_ACTIVE_LEAF.given(request, await read_body(request))
-    caller = await caller_of(request, switch["user_id"])
-    conversation = await request.state.store.set_active_leaf(caller, conversation_id, switch["message_id"])
+    caller = await caller_of(request, switch)
+    conversation = await request.state.store.set_active_leaf(caller, switch["conversation_id"], switch["message_id"])
     return JSONResponse(conversation.to_json())
 
 
 async def delete_conversation(request: Request) -> Response:
     given = inputs.DELETE_CONVERSATION.given(request)
+    caller = await caller_of(request, given)
     conversation_id = given["conversation_id"]
-    caller = await caller_of(request, given["user_id"])
     await request.state.store.delete_conversation(caller, conversation_id)
     return JSONResponse({"status": "deleted", "conversation_id": conversation_id})
 
@@ -233,7 +236,7 @@ async def get_action(request: Request) -> Response:
     """A change the assistant prepared, as it was shown, and whether it still waits for the user's confirmation: what a
     reloaded page needs to offer Confirm again."""
     given = inputs.GET_ACTION.given(request)
-    caller = await caller_of(request, given["user_id"])
+    caller = await caller_of(request, given)
     action = await request.state.store.get_action(caller, given["action_id"])
     return JSONResponse(actions.kept_json(action, utc_now()))
 
@@ -242,10 +245,9 @@ async def confirm_action(request: Request) -> Response:
     """Carry out a change the assistant prepared (any update or delete), once, for the user it was prepared for,
     while the record still holds what the user was shown: the user's own confirmation, which nothing the model sends
     can stand in for."""
-    action_id = inputs.CONFIRM_ACTION.given(request)["action_id"]
     confirm = inputs.CONFIRM_ACTION.given(request, await read_body(request))
-    caller = await caller_of(request, confirm["user_id"])
-    done = await request.state.store.confirm_action(caller, action_id)
+    caller = await caller_of(request, confirm)
+    done = await request.state.store.confirm_action(caller, confirm["action_id"])
     return JSONResponse(actions.confirmed_json(done))
 
 
@@ -253,7 +255,7 @@ async def get_usage(request: Request) -> Response:
     """The caller's own usage this UTC day or month: used, reserved by turns still going, each budget's limit and
     what remains, by model and by conversation."""
     given = inputs.GET_USAGE.given(request)
-    caller = await caller_of(request, given["user_id"])
+    caller = await caller_of(request, given)
     await request.state.runs.end_dead_runs(caller)  # a dead worker's run holds no reservation in the report
     period, now = given["period"], datetime.now(timezone.utc)  # one moment: the report and its period agree
     since, _ = period_bounds(period, now)
@@ -268,27 +270,25 @@ async def openapi_json(request: Request) -> Response:
 
 # -- errors -------------------------------------------------------------------------------------------------------
 
-# Client errors that can happen before authentication: an unreadable, oversized, non-JSON or invalid body.
-PRE_AUTH_FAILURES = (400, 413, 415, 422)
-
 
 async def app_error(request: Request, exc: Exception) -> Response:
+    """Every ``AppError``, in the envelope; the request was counted (``web/caller.py``) before its input was checked."""
     assert isinstance(exc, AppError)
-    if exc.status in PRE_AUTH_FAILURES and not getattr(request.state, "authenticated", False):
-        # A request that failed before its caller was known (a malformed body, say) counts against its address,
-        # like a failed authentication, so a flood of them is refused before it costs more.
-        request.state.limiter.failed_before_auth(address(request))
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
-    """Starlette's own 404 (unknown route) and 405 (wrong method), in our envelope."""
+    """Starlette's own 404 (unknown route) and 405 (wrong method), in our envelope; and the answer to OPTIONS."""
     assert isinstance(exc, HTTPException)
     error: AppError = MethodNotAllowed() if exc.status_code == 405 else NotFound()
     headers = exc.headers
     if exc.status_code == 405:
         # Starlette's Allow names the methods of the first route matching the path; one path has several routes here.
         headers = {"Allow": ", ".join(_allowed_methods(request))}
+        if request.method == "OPTIONS":
+            # Not a CORS preflight (EnvelopeCORS answers those before routing): a client asking which methods the
+            # path has (RFC 9110 9.3.7). Allow lists OPTIONS, so OPTIONS is answered, not refused.
+            return Response(status_code=204, headers=headers)
     elif exc.status_code != 404:
         error = AppError(f"HTTP {exc.status_code}.", code=f"HTTP_{exc.status_code}", retryable=False)
         error.status = exc.status_code
@@ -382,8 +382,12 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
                 "connections": ConnectionGuard(settings.header_read_timeout, settings.max_connections_per_address),
             }
 
-    return Starlette(routes=routes, middleware=middleware.stack(settings), exception_handlers=exception_handlers,
-                     lifespan=lifespan)
+    app = Starlette(routes=routes, middleware=middleware.stack(settings), exception_handlers=exception_handlers,
+                    lifespan=lifespan)
+    # A path spelt with a trailing slash is an unknown route (404 in the envelope), not Starlette's 307 to the other
+    # spelling: that answer has an empty body, and its Location is built from the Host header the client sent.
+    app.router.redirect_slashes = False
+    return app
 
 
 def configure_logging(level: str) -> None:

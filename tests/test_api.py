@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from starlette.routing import Route
 from starlette.testclient import TestClient
 
+from app import create_app
 from tests.conftest import AuthHeaders
-from tests.support import chunks, new_id
+from tests.support import chunks, make_settings, new_id, serve
 
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 ENVELOPE_KEYS = {"code", "message", "userMessage", "suggestedActions", "retryable"}
@@ -322,6 +326,22 @@ def test_unknown_route_and_wrong_method_use_the_envelope(client: TestClient) -> 
     assert_envelope(client.get("/api/nothing-here"), 404, "NOT_FOUND")
     assert_envelope(client.put("/api/conversations"), 405, "METHOD_NOT_ALLOWED")
     assert_envelope(client.get("/api/chat/stream"), 405, "METHOD_NOT_ALLOWED")
+
+
+def test_a_trailing_slash_is_an_unknown_route_on_every_route_never_a_redirect(tmp_path: Path) -> None:
+    """Starlette would answer 307 with an empty body, to the other spelling on whatever Host the client sent."""
+    app = create_app(make_settings(tmp_path))
+    spelt = sorted(
+        (method, route.path.format(**{name: new_id() for name in route.param_convertors}) + "/")
+        for route in app.routes if isinstance(route, Route) and route.path != "/"
+        for method in route.methods or () if method != "HEAD"  # a HEAD answer has no body to hold the envelope
+    )
+    assert ("POST", "/api/chat/stream/") in spelt and ("GET", "/health/") in spelt
+    with serve(app) as live, httpx.Client(base_url=live.url, headers={"Host": "evil.example"}) as client:
+        for method, path in spelt:
+            response = client.request(method, path, params={"user_id": new_id()}, json={"user_id": new_id()})
+            assert "location" not in response.headers, (method, path)
+            assert_envelope(response, 404, "NOT_FOUND")
 
 
 def test_errors_never_carry_internals(client: TestClient, auth_headers: AuthHeaders, user_id: str) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from starlette.routing import Route
 from starlette.testclient import TestClient
 
 import app as app_module
@@ -501,3 +502,21 @@ def test_a_wrong_method_lists_every_method_of_the_path(client: TestClient, metho
     assert response.status_code == 405 and response.json()["error"]["code"] == "METHOD_NOT_ALLOWED"
     listed = {m.strip() for m in response.headers["allow"].split(",")}
     assert allowed <= listed and method not in listed
+
+
+def test_a_plain_options_is_answered_with_the_paths_methods_on_every_path(tmp_path: Path) -> None:
+    """Not a CORS preflight (no Access-Control-Request-Method): a 204 whose Allow is the one a wrong method gets, so
+    OPTIONS is never both listed and refused. Preflights are the test above's."""
+    app = create_app(make_settings(tmp_path))
+    paths = sorted({route.path.format(**{name: new_id() for name in route.param_convertors})
+                    for route in app.routes if isinstance(route, Route)})
+    with serve(app) as live, httpx.Client(base_url=live.url) as client:
+        for path in paths:
+            wrong = client.request("TRACE", path)  # a method no path has
+            assert wrong.status_code == 405, path
+            for headers in ({}, {"Origin": "http://localhost:5173"}):
+                answered = client.options(path, headers=headers)
+                assert answered.status_code == 204 and answered.content == b"", (path, answered.text)
+                assert answered.headers["allow"] == wrong.headers["allow"]
+                assert "OPTIONS" in answered.headers["allow"].split(", ")
+            assert answered.headers["access-control-allow-origin"] == "http://localhost:5173"

@@ -159,6 +159,77 @@ def test_failed_authentication_is_limited_by_client_address(tmp_path: Path) -> N
     assert genuine.status_code == 200  # the signed-in user has an allowance of their own
 
 
+def bad_requests(method: str, path: str, user: str) -> list[dict[str, Any]]:
+    """Requests to one route, each failing its own way before the route calls a service: a body that is not JSON, not
+    an object or not sent as JSON; a user_id missing, malformed or someone else's; a malformed path id."""
+    ids = dict.fromkeys(("run_id", "conversation_id", "action_id"), new_id())
+    url = path.format(**ids)
+    if method in ("GET", "DELETE"):  # the third: a valid token naming someone else
+        kinds: list[dict[str, Any]] = [{"params": {}}, {"params": {"user_id": "nope"}},
+                                       {"params": {"user_id": new_id()}}]
+        named = {"params": {"user_id": user}}
+    else:
+        kinds = [{"content": b"{not json"}, {"content": b"[]"}, {"json": {"user_id": "nope"}},
+                 {"json": {"user_id": new_id()}}, {"content": b"{}", "headers": {"Content-Type": "text/plain"}}]
+        named = {"json": {"user_id": user}}
+    if "{" in path:
+        kinds.append({**named, "url": path.format(**dict.fromkeys(ids, "not-a-uuid"))})
+    return [{"url": url, **kind} for kind in kinds]
+
+
+def test_every_api_request_counts_against_its_caller_before_its_input_is_checked(tmp_path: Path) -> None:
+    """Whatever fails (the body, the user named, a path id), the request was counted against the token's user first:
+    once over the API limit the answer is the 429, not a 4xx about the input. Every /api route, each as a new user."""
+    window = 10
+    settings = make_settings(tmp_path, SUPABASE_JWT_SECRET=TEST_JWT_SECRET, RATE_LIMIT_API_PER_MINUTE="3",
+                             RATE_LIMIT_WINDOW_SECONDS=str(window))
+    app = create_app(settings)
+    served = [(method, route.path) for route in app.routes if isinstance(route, Route) and route.path.startswith("/api")
+              for method in sorted(route.methods or ()) if method != "HEAD"]
+    assert len(served) == 13
+    with serve(app) as live, httpx.Client(base_url=live.url, timeout=10) as client:
+        time.sleep(window_room(window, 5))  # the whole walk (about 80 requests) in one window
+        for method, path in served:
+            user = new_id()
+            headers = {**bearer(mint(user)), "Content-Type": "application/json"}
+            statuses = []
+            for bad in bad_requests(method, path, user):
+                bad["headers"] = {**headers, **bad.get("headers", {})}
+                response = client.request(method, **bad)
+                statuses.append(response.status_code)
+            where = f"{method} {path}: {statuses}"
+            assert all(400 <= status < 500 and status != 429 for status in statuses[:3]), where
+            assert set(statuses[3:]) <= {429}, where
+            valid = client.request(method, path.format(run_id=new_id(), conversation_id=new_id(), action_id=new_id()),
+                                   params={"user_id": user}, json={"user_id": user}, headers=headers)
+            assert valid.status_code == 429, where  # the user's own allowance is spent, whatever they send
+            error = valid.json()["error"]
+            assert (error["code"], error["limit"]) == ("RATE_LIMIT_EXCEEDED", "api"), where
+            assert valid.headers["ratelimit-limit"] == "3" and 1 <= int(valid.headers["retry-after"]) <= window
+
+
+def test_requests_naming_no_valid_user_count_against_the_address_with_auth_off(tmp_path: Path) -> None:
+    """With auth off the caller is the user_id a request names: one that names none (a body that cannot be read, a
+    malformed user_id) is counted against its address, whichever route it reached."""
+    window, user = 10, new_id()
+    settings = make_settings(tmp_path, RATE_LIMIT_API_PER_MINUTE="3", RATE_LIMIT_WINDOW_SECONDS=str(window))
+    json_type = {"Content-Type": "application/json"}
+    with serve(create_app(settings)) as live, httpx.Client(base_url=live.url, timeout=10) as client:
+        time.sleep(window_room(window, 5))
+        statuses = [
+            client.post("/api/conversations", content=b"{not json", headers=json_type).status_code,
+            client.get("/api/conversations", params={"user_id": "nope"}).status_code,
+            client.post("/api/chat/stream", content=b"[]", headers=json_type).status_code,
+        ]
+        refused = [client.post("/api/conversations", content=b"{not json", headers=json_type) for _ in range(3)]
+        refused.append(client.get(f"/api/chat/runs/{new_id()}/events"))  # no user_id at all
+        named = client.get("/api/conversations", params={"user_id": user})
+    assert statuses == [400, 422, 422]
+    assert {response.status_code for response in refused} == {429}
+    assert refused[-1].json()["error"]["limit"] == "api" and refused[-1].headers["ratelimit-limit"] == "3"
+    assert named.status_code == 200  # a user the address named has an allowance of their own
+
+
 def test_open_streams_are_capped_per_user_across_workers(tmp_path: Path, backend: Backend) -> None:
     user, other = new_id(), new_id()
     mine = backend.headers(user)

@@ -266,6 +266,7 @@ def test_every_query_parameter_and_header_a_route_reads_is_declared_and_every_de
     assert {"user_id", "limit", "offset"} <= reads[("/api/conversations", "get")][0]
     assert {"after", "user_id"} <= reads[("/api/chat/runs/{run_id}/events", "get")][0]
     assert "last-event-id" in reads[("/api/chat/runs/{run_id}/events", "get")][1]
+    assert "last-event-id" in reads[("/api/chat/stream", "post")][1]  # fetch-event-source resends the POST with it
 
 
 def _edges(schema: dict[str, Any]) -> Iterator[tuple[Any, bool]]:

@@ -312,6 +312,47 @@ def test_a_repeated_client_message_id_attaches_to_the_same_run_without_a_second_
     assert first.startswith("id: 1\n")
 
 
+def test_a_repeated_send_with_last_event_id_resumes_after_it_and_a_send_that_starts_a_run_ignores_it(
+    tmp_path: Path, service_env: dict[str, str], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    """@microsoft/fetch-event-source resumes by sending the same POST again with Last-Event-ID: on a network error,
+    and by default whenever the tab becomes visible again."""
+    model = slow_model(pieces=30)
+    body = chat_body(user_id, new_id(), client_message_id=new_id())
+    mine = auth_headers(user_id)
+    with serve(create_app(make_settings(tmp_path, **service_env), model=model)) as live:
+        send = f"{live.url}/api/chat/stream"
+        first, run_id = read_until(live.url, body, {**mine, "Last-Event-ID": "7"}, 3)  # starts the run
+        held = event_ids(first)[-1]
+        resumed = httpx.post(send, json=body, headers={**mine, "Last-Event-ID": str(held)}, timeout=30)
+        after_end = httpx.post(send, json=body, headers={**mine, "Last-Event-ID": "5"}, timeout=30)
+        whole = httpx.post(send, json=body, headers={**mine, "Last-Event-ID": ""}, timeout=30)  # blank: absent
+    assert event_ids(first)[0] == 1  # a new run streams from its first event, whatever the header said
+    assert resumed.status_code == 200 and resumed.headers["x-run-id"] == run_id
+    ids = event_ids(first) + event_ids(resumed.text)
+    assert ids == list(range(1, len(ids) + 1))  # after what the client held: no gap, no duplicate
+    assert chunks(resumed.text)[-1]["type"] == "complete"
+    assert event_ids(whole.text)[0] == 1 and after_end.text == whole.text[whole.text.index("id: 6\n"):]
+    assert len(model.requests) == 1
+
+
+def test_a_send_with_a_malformed_last_event_id_is_a_422_and_starts_nothing(
+    tmp_path: Path, service_env: dict[str, str], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    model = slow_model(pieces=2)
+    with serve(create_app(make_settings(tmp_path, **service_env), model=model)) as live:
+        for value in ("1e3", "-1", "x", "10000001", "+1"):
+            conversation_id = new_id()
+            refused = httpx.post(f"{live.url}/api/chat/stream", json=chat_body(user_id, conversation_id),
+                                 headers={**auth_headers(user_id), "Last-Event-ID": value}, timeout=30)
+            assert refused.status_code == 422, (value, refused.text)
+            assert refused.json()["error"]["code"] == "VALIDATION_ERROR" and "Last-Event-ID" in refused.text
+            listed = httpx.get(f"{live.url}/api/conversations/{conversation_id}", params={"user_id": user_id},
+                               headers=auth_headers(user_id))
+            assert listed.status_code == 404
+    assert model.requests == []
+
+
 def test_a_client_message_id_reused_for_another_message_is_a_conflict(
     pair: tuple[LiveServer, LiveServer, ScriptedModel], auth_headers: AuthHeaders, user_id: str
 ) -> None:

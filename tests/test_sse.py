@@ -1,7 +1,8 @@
-"""The run log's SSE frames, byte for byte, and how a resume picks frames out of a stored batch."""
+"""The run log's SSE frames, byte for byte, how a resume picks frames out of a stored batch, and the response's HEAD."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -9,6 +10,7 @@ import pytest
 
 from services.store import EventBatch
 from services.store.run_log import chunk, cut, frame, frames_after, stopped_replay
+from web.sse import SSE_HEADERS, EventStreamResponse
 
 
 @pytest.mark.parametrize(
@@ -60,3 +62,40 @@ def test_what_the_user_saw_is_cut_in_characters_not_bytes_or_utf16_units() -> No
     assert cut(text, 6) == "caf\u00e9 \U0001f3a8"
     assert cut(text, None) == text
     assert cut(text, 1000) == text
+
+
+
+class Endless:
+    """A run that never sends anything: a viewer that follows it never ends."""
+
+    outcome = "disconnected"
+
+    async def next_frames(self, after: int, timeout: float) -> tuple[str, int, bool]:
+        await asyncio.sleep(3600)
+        return "", after, False
+
+
+@pytest.mark.parametrize(("method", "completes"), [("HEAD", True), ("GET", False)])
+def test_a_head_is_answered_with_the_streams_headers_alone_without_following_the_run(
+    method: str, completes: bool
+) -> None:
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def receive() -> Any:
+        await asyncio.sleep(3600)  # the client stays
+
+    async def scenario() -> bool:
+        response = EventStreamResponse(Endless(), after=0, ping_interval=30, shutdown_frame="",
+                                       headers=[(b"x-run-id", b"r")])
+        viewing = asyncio.ensure_future(response({"type": "http", "method": method}, receive, send))
+        done, _ = await asyncio.wait([viewing], timeout=0.5)
+        viewing.cancel()
+        return bool(done)
+
+    assert asyncio.run(scenario()) is completes
+    assert sent[0] == {"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, (b"x-run-id", b"r")]}
+    if completes:
+        assert sent[1:] == [{"type": "http.response.body", "body": b"", "more_body": False}]

@@ -186,6 +186,25 @@ def test_shutdown_ends_open_streams_with_a_retryable_error_and_saves_the_partial
     assert model.cancelled.is_set()
 
 
+def test_a_head_of_a_running_runs_events_answers_its_headers_at_once_and_frees_the_connection(
+    tmp_path: Any, auth_headers: AuthHeaders, user_id: str, service_env: dict[str, str]
+) -> None:
+    model = ScriptedModel(pieces=[f"w{i} " for i in range(100)], pause=0.05)  # about 5 s of answer
+    with serve(create_app(make_settings(tmp_path, **service_env), model=model)) as live:
+        body = {"message": "hi", "conversation_id": new_id(), "user_id": user_id}
+        with httpx.stream("POST", f"{live.url}/api/chat/stream", json=body, headers=auth_headers(user_id),
+                          timeout=30) as started:
+            run_id = started.headers["x-run-id"]
+            # One keep-alive connection, as a browser or a monitor keeps: what follows the HEAD waits for it to end.
+            with httpx.Client(base_url=live.url, headers=auth_headers(user_id), timeout=2) as client:
+                head = client.head(f"/api/chat/runs/{run_id}/events", params={"user_id": user_id})
+                after = client.get("/health")
+            assert not model.finished.is_set()
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-type"] == "text/event-stream; charset=utf-8" and head.headers["x-run-id"] == run_id
+    assert after.status_code == 200
+
+
 # Characters some reader of the stream takes for a line break (U+2028, U+2029, NEL) or acts on (the other C1
 # controls; U+009B starts a terminal escape), plus C0 ones JSON escapes anyway: each must leave as a JSON escape.
 LINE_BREAKERS = ["\u2028", "\u2029", "\x85", "\x9b", "\x80", "\x9f", "\x0b", "\x0c", "\x1c", "\r"]

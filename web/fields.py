@@ -6,9 +6,9 @@ checks a value against them and ``Field.schema`` / ``Field.parameter`` describe 
 against the schemas it sends the model. ``web/inputs.py`` declares every route's inputs with it.
 
 A route reads its inputs by name through its ``Inputs`` (``given = LIST_CONVERSATIONS.given(request)``, then
-``given["limit"]``), each one checked when the route asks for it: the route decides what is checked before its caller
-is known (a malformed path id is a 422 before authentication, a bad ``limit`` one after it). A name the declaration
-lacks is a ``KeyError``, so a route cannot read an input its operation does not document. Every problem is a 422
+``given["limit"]``), each one checked when the route asks for it: ``user_id`` first, by ``web.caller.caller_of``,
+which counts the request against its caller before any other input is checked. A name the declaration lacks is a
+``KeyError``, so a route cannot read an input its operation does not document. Every problem is a 422
 ``VALIDATION_ERROR`` naming the input.
 """
 

@@ -166,8 +166,14 @@ ACTION_ID = _path_id("action_id", "pending action", "ActionId")
 USER_ID = Field("user_id", "uuid", "query", "The caller; with auth on it must equal the token's sub (else 403 "
                 "USER_ID_MISMATCH).", required=True, component="UserId")
 BODY_USER_ID = Field("user_id", "uuid", required=True)
+LAST_EVENT_ID = Field("Last-Event-ID", "int", "header", "What EventSource and fetch-event-source send when they "
+                      "reconnect: the last event the client has, {low}..{high}; blank means absent. The events "
+                      "streamed are those after it: on GET /api/chat/runs/{{run_id}}/events it wins over ?after; on "
+                      "POST /api/chat/stream it applies to a repeated client_message_id, and a send that starts a run "
+                      "streams it from its first event.", high=MAX_EVENT_ID, component="LastEventId")
 
 CHAT_STREAM = Inputs(
+    parameters=(LAST_EVENT_ID,),
     body_name="ChatRequest",
     body=(
         Field("message", "text", doc="1..{max_chars} characters (code points), not only whitespace. Required, but "
@@ -193,8 +199,7 @@ RUN_EVENTS = Inputs(
         RUN_ID,
         USER_ID,
         _integer("after", "Replay events after this sequence number (Last-Event-ID wins)", "After", 0, 0, MAX_EVENT_ID),
-        Field("Last-Event-ID", "int", "header", "What EventSource sends on reconnect: resume after this event, "
-              "{low}..{high}. Wins over ?after; blank means absent.", high=MAX_EVENT_ID, component="LastEventId"),
+        LAST_EVENT_ID,
     ),
 )
 STOP_RUN = Inputs(

@@ -32,10 +32,10 @@ async def load_sample_data(request: Request) -> Response:
     settings: Settings = request.state.settings
     if settings.environment != "development":
         raise NotFound()
-    user_id = inputs.LOAD_SAMPLE_DATA.given(request, await read_body(request))["user_id"]
-    caller = await caller_of(request, user_id)
+    given = inputs.LOAD_SAMPLE_DATA.given(request, await read_body(request))
+    caller = await caller_of(request, given)
     written, existing = await sample_data.load(request.state.store, caller)
-    return JSONResponse({"status": "loaded", "user_id": user_id, "written": written, "existing": existing})
+    return JSONResponse({"status": "loaded", "user_id": given["user_id"], "written": written, "existing": existing})
 
 
 async def docs(request: Request) -> Response:

@@ -9,7 +9,8 @@ sends keep-alives. This response:
   timeouts (nginx, ALB, Cloudflare) keep the connection open;
 - stops when the client disconnects. That detaches this viewer only: the run goes on generating and saving, and
   the client can resume it (``GET /api/chat/runs/{id}/events`` with ``Last-Event-ID``);
-- if the server cancels the request (graceful-shutdown timeout), sends a final retryable ``error`` chunk.
+- if the server cancels the request (graceful-shutdown timeout), sends a final retryable ``error`` chunk;
+- answers a HEAD with the headers alone, at once, without following the run.
 
 Two tasks per viewer: the request's own task writes, a watcher waits for the disconnect. Stream metrics (open
 streams, duration by outcome) are measured here; the run measures time to first token and tokens.
@@ -65,6 +66,12 @@ class EventStreamResponse:
         self._headers = SSE_HEADERS + (headers or [])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("method") == "HEAD":
+            # A GET's headers and no body (RFC 9110 9.3.2), complete at once: following the run would hold the
+            # connection, and any request behind it on the connection, until the run ends, to send nothing.
+            await send({"type": "http.response.start", "status": 200, "headers": self._headers})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
         stream_metrics = _StreamMetrics(scope)
         try:
             await self._stream(receive, send, stream_metrics)

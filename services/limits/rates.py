@@ -5,8 +5,9 @@ is one atomic statement in the store (``Store.rate_limit_hit``). Requests are co
 user and one statement per check, at the price of up to twice the limit across a window boundary. A refused request
 still counts, so a client hammering the API stays refused until the window ends. Stream slots are the user's running
 chat runs, so a slot frees when its run ends, or its heartbeat lapses when its worker died. A chat turn's limits are
-checked inside ``Store.begin_run``'s transaction (``turn_limits``), after the idempotency check. A request whose
-authentication failed is counted against its client address (``addr:<ip>``), so guessing tokens is limited too.
+checked inside ``Store.begin_run``'s transaction (``turn_limits``), after the idempotency check. A request no user
+can be counted for (its authentication failed; with authentication off, its body names no valid user) is counted
+against its client address (``addr:<ip>``), so guessing tokens and sending garbage are limited too.
 """
 
 from __future__ import annotations
@@ -65,14 +66,14 @@ class RateLimiter:
         if not allowed:
             raise self._refusal("api", self._api_limit, retry_after)
 
-    def failed_before_auth(self, address: str) -> None:
-        """Count a request that failed before its caller was known (a bad body, a bad token) in process."""
-        self._failures.hit(f"addr:{address}", self._window, self._api_limit)
-
     async def admit_unauthenticated(self, address: str) -> None:
-        """Count a request whose authentication failed against its client address, in process and in the store
-        (shared by every worker where the store can count anonymous subjects)."""
-        self.failed_before_auth(address)
+        """Count a request no user can be counted for (a bad token; with authentication off, a body naming no valid
+        user) against its client address; raise ``RateLimited`` over the limit. Counted in process first, where
+        ``check_address`` reads it and where a flood is refused without a store write (the store cannot count
+        anonymous subjects everywhere), then in the store, shared by every worker where it can."""
+        allowed, retry_after = self._failures.hit(f"addr:{address}", self._window, self._api_limit)
+        if not allowed:
+            raise self._refusal("api", self._api_limit, retry_after)
         await self._count(Caller(user_id=f"addr:{address}"), "api", self._api_limit)
 
     async def _count(self, subject: Caller, bucket: str, limit: int) -> None:

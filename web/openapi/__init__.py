@@ -39,7 +39,7 @@ SUPABASE_JWT_SECRET or SUPABASE_URL no token is needed and `user_id` is trusted 
 
 **Errors.** Every non-2xx response is `{"error": {code, message, userMessage, suggestedActions, retryable,
 retryAfter?, ...}}` (ErrorEnvelope). Any path answers a method it does not have with 405 (Allow header) and an
-unexpected failure with 500, in the same envelope. A 4xx is never retryable except 408, 429 and 499.
+unexpected failure with 500, in the same envelope; OPTIONS that is not a CORS preflight, with 204 and the same Allow. A 4xx is never retryable except 408, 429 and 499.
 
 **Streams.** POST /api/chat/stream and GET /api/chat/runs/{run_id}/events answer text/event-stream; each event's
 data is a StreamChunk: the stream's schema is StreamEvent, one event, whose data is StreamChunk JSON.

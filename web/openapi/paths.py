@@ -87,7 +87,8 @@ def paths() -> dict[str, Schema]:
                 "streamChat", "chat", "Send a message; stream the answer", inputs.CHAT_STREAM,
                 sse_ok("The run's events, live, to its terminal chunk; X-Run-ID names the run."), "404", "409",
                 description="Starts a run and follows it from its first event. A repeated client_message_id attaches "
-                "to the run it started (replayed from event 1, not counted against limits). A client that "
+                "to the run it started (replayed after Last-Event-ID if sent, else from event 1; counted as an API "
+                "request, not a chat turn), as fetch-event-source's resend of the same request does. A client that "
                 "disconnects only stops watching: the answer is generated and saved anyway. The message goes after "
                 "the active leaf, or where parent_message_id, edit_message_id or regenerate_message_id says (404 "
                 "MESSAGE_NOT_FOUND outside this conversation, 422 for the wrong role); the prompt is the path from "
