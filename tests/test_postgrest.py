@@ -886,6 +886,33 @@ async def test_a_begin_whose_response_was_lost_is_retried_without_a_second_turn(
     assert (await store.begin_run(caller, NewRun(new_id(), "c", "AI Chat"), limits, 50)).outcome == "rate_limited"
 
 
+async def test_a_begin_that_failed_on_every_attempt_is_the_begin_its_resend_sends(
+    store: PostgrestStore, fake_postgrest: FakePostgrest, new_caller: Callable[[], Caller]
+) -> None:
+    """Committed, every answer lost: the same turn sent again (its client_message_id, conversation, text and place)
+    is sent as that begin, its ids and key, so it starts the run the first one made; another turn under that id is
+    not, and is the conflict it always was. Only the caller's own resend is matched."""
+    caller, other = new_caller(), new_caller()
+    first = NewRun(new_id(), "once", "AI Chat", client_message_id=new_id())
+    fake_postgrest.fail_next(503, path="rpc/agent_run_begin", after=True, times=3)
+    with pytest.raises(UpstreamError):
+        await store.begin_run(caller, first, LIMITS, 50)
+    changed = NewRun(first.conversation_id, "twice", "AI Chat", client_message_id=first.client_message_id)
+    assert (await store.begin_run(caller, changed, LIMITS, 50)).outcome == "conflict"
+    fake_postgrest.fail_next(503, path="rpc/agent_run_begin", after=True, times=3)
+    second = NewRun(new_id(), "again", "AI Chat", client_message_id=new_id())
+    with pytest.raises(UpstreamError):
+        await store.begin_run(caller, second, LIMITS, 50)
+    resend = NewRun(second.conversation_id, "again", "AI Chat", client_message_id=second.client_message_id)
+    theirs = NewRun(new_id(), "again", "AI Chat", client_message_id=second.client_message_id)
+    begun = await store.begin_run(other, theirs, LIMITS, 50)  # another user's id: a new turn of theirs
+    assert begun.outcome == "started" and begun.run is not None and begun.run.id == theirs.id
+    begun = await store.begin_run(caller, resend, LIMITS, 50)
+    assert begun.outcome == "started" and begun.run is not None and begun.run.id == second.id
+    assert [m.content for m in begun.history] == ["again"]
+    assert store._write_keys.keys() >= {second.id}
+
+
 async def test_flush_writes_events_text_and_end_only_while_the_run_is_running(
     store: PostgrestStore, fake_postgrest: FakePostgrest, new_caller: Callable[[], Caller]
 ) -> None:

@@ -472,6 +472,33 @@ def test_an_answer_outlives_its_users_access_token_and_is_saved(
     assert stored["metadata"]["status"] == "complete" and stored["content"] == "".join(model.pieces)
 
 
+def test_a_send_whose_begin_answers_were_all_lost_is_answered_when_sent_again(
+    tmp_path: Path, service_env: dict[str, str], auth_headers: AuthHeaders, user_id: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    """On Supabase a begin can commit and its answer be lost (the gateway fails after the transaction), on every
+    attempt: the client gets a retryable 503 while its run holds the conversation. Sent again (the same
+    client_message_id), the turn is that begin, so its run starts generating now, not after RUN_STALE_SECONDS as an
+    interrupted run. SQLite never commits without answering; there the resend is simply a new turn."""
+    model = ScriptedModel(pieces=["Here ", "is ", "your ", "answer."])
+    settings = make_settings(tmp_path, **service_env)
+    conversation_id = new_id()
+    body = chat_body(user_id, conversation_id, client_message_id=new_id())
+    with serve(create_app(settings, model=model)) as live:
+        if service_env.get("STORE") == "supabase":
+            fake = request.getfixturevalue("fake_postgrest")
+            fake.fail_next(503, after=True, times=settings.max_retry_attempts, path="rpc/agent_run_begin")
+            lost = httpx.post(f"{live.url}/api/chat/stream", json=body, headers=auth_headers(user_id), timeout=30)
+            assert (lost.status_code, lost.json()["error"]["retryable"]) == (503, True)
+        started = time.monotonic()
+        again = httpx.post(f"{live.url}/api/chat/stream", json=body, headers=auth_headers(user_id), timeout=30)
+        took = time.monotonic() - started
+        stored = answer(live.url, user_id, conversation_id, auth_headers(user_id))
+    assert chunks(again.text)[-1]["type"] == "complete" and streamed_text(chunks(again.text)) == "Here is your answer."
+    assert took < settings.run_stale_seconds / 2
+    assert stored["content"] == "Here is your answer." and len(model.requests) == 1
+
+
 def test_deleting_the_conversation_stops_its_run_and_tells_every_viewer_so(
     pair: tuple[LiveServer, LiveServer, ScriptedModel], auth_headers: AuthHeaders, user_id: str
 ) -> None:

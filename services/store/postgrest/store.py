@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from errors import (ActionAlreadyUsed, ActionExpired, ActionNotFound, ConversationNotFound, RateLimited, RecordChanged,
-                    RecordNotFound, RunNotFound, UpstreamError)
+from errors import (ActionAlreadyUsed, ActionExpired, ActionNotFound, AppError, ConversationNotFound, RateLimited,
+                    RecordChanged, RecordNotFound, RunNotFound, UpstreamError)
 from services.domains import BY_TABLE, Domain
 from services.store import (ActionDone, Caller, Conversation, ConversationKey, ConversationPage, EventBatch, MessageKey,
                             MessagePage, NewAction, NewRun, PendingAction, Run, RunBegun, RunControl, RunUpdate,
@@ -47,6 +48,42 @@ def write_ceiling(result: dict[str, Any]) -> RateLimited:
 RUN_SECRET_HEADER = "x-canvalo-run-secret"
 
 
+class UnansweredBegins:
+    """Begins whose every attempt failed, by the caller's ``client_message_id``, while their run could still be waiting.
+
+    The database may have committed one (PostgREST or the gateway failed after the transaction): its run then holds
+    the conversation, and nobody generates it. The client sends the same turn again (the 503 is retryable); sent as
+    that begin, with its ids and key, it finds its run and starts it, as a retry inside ``with_retry`` would have. A
+    resend reaching another worker finds the run as ``existing``, until it is ended as dead (``RUN_STALE_SECONDS``).
+    """
+
+    LIMIT = 10_000  # entries kept at most: each is a few ids, and only failed begins make one
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple[str, str], tuple[NewRun, str, float]] = {}
+
+    def resend(self, caller: Caller, new: NewRun) -> tuple[NewRun, str]:
+        """The begin to send for ``new`` and its write key: the unanswered one it repeats, or ``new`` with a new key."""
+        kept = self._kept.pop((caller.user_id, new.client_message_id or ""), None)
+        if kept is not None and kept[2] > time.monotonic() and _same_turn(kept[0], new):
+            return kept[0], kept[1]
+        return new, secrets.token_hex(32)
+
+    def keep(self, caller: Caller, new: NewRun, write_key: str, seconds: float) -> None:
+        if new.client_message_id is None:
+            return  # a send without one is never sent again as the same turn
+        now = time.monotonic()
+        if len(self._kept) >= self.LIMIT:
+            self._kept = {key: kept for key, kept in self._kept.items() if kept[2] > now}
+        if len(self._kept) < self.LIMIT:
+            self._kept[(caller.user_id, new.client_message_id)] = (new, write_key, now + seconds)
+
+
+def _same_turn(kept: NewRun, new: NewRun) -> bool:
+    return (kept.conversation_id, kept.text, kept.parent_id, kept.edit_id, kept.regenerate_id) == (
+        new.conversation_id, new.text, new.parent_id, new.edit_id, new.regenerate_id)
+
+
 class PostgrestStore(QueryTiming):
     kind = "supabase"
 
@@ -58,6 +95,7 @@ class PostgrestStore(QueryTiming):
         # run's flushes, forgotten once the run's end has been answered. It never leaves the service, and the database
         # registers one only with the run secret (017), so no client can write a run.
         self._write_keys: dict[str, str] = {}
+        self._unanswered = UnansweredBegins()
 
     async def open(self) -> None:
         """Nothing to open: the HTTP pool connects lazily, and a down database must not stop the service starting."""
@@ -300,6 +338,7 @@ class PostgrestStore(QueryTiming):
 
     @observed
     async def begin_run(self, caller: Caller, new: NewRun, limits: TurnLimits, history_limit: int) -> RunBegun:
+        new, write_key = self._unanswered.resend(caller, new)
         args = {
             "p_run_id": new.id,
             "p_conversation_id": new.conversation_id,
@@ -314,7 +353,7 @@ class PostgrestStore(QueryTiming):
             "p_client_message_id": new.client_message_id,
             "p_chat_limit": limits.chat_limit,
             "p_stream_limit": limits.stream_limit,
-            "p_write_key": secrets.token_hex(32),
+            "p_write_key": write_key,
             # Always sent, so PostgREST resolves the one agent_run_begin that takes them (012).
             "p_parent_message_id": new.parent_id,
             "p_edit_message_id": new.edit_id,
@@ -324,7 +363,11 @@ class PostgrestStore(QueryTiming):
         # Retried: every id and the key are ours, so a replay whose first attempt committed finds its own run and
         # answers as the first would have, counting and writing nothing. (A refusal whose answer was lost counts its
         # hit twice.)
-        answer = await self._rest.rpc(caller, "agent_run_begin", args, idempotent=True, headers=self._run_secret)
+        try:
+            answer = await self._rest.rpc(caller, "agent_run_begin", args, idempotent=True, headers=self._run_secret)
+        except AppError:
+            self._unanswered.keep(caller, new, write_key, limits.stale_seconds)
+            raise
         begun = run_begun_of(settled(answer))
         if begun.outcome == "started":
             self._write_keys[new.id] = args["p_write_key"]
