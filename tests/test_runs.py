@@ -499,6 +499,39 @@ def test_a_send_whose_begin_answers_were_all_lost_is_answered_when_sent_again(
     assert stored["content"] == "Here is your answer." and len(model.requests) == 1
 
 
+def test_a_stopped_runs_replay_after_its_events_expired_shows_no_text_its_answer_lacks(
+    tmp_path: Path, service_env: dict[str, str], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    """A stop cuts the answer at what the viewer saw; once the run's events expire but the batch with its end, a replay
+    cannot count that cut from the first event any more: it shows the end alone, never text the stop cut off."""
+    model = ScriptedModel(pieces=[f"{i:03d} " for i in range(300)], pause=0.01)
+    settings = make_settings(tmp_path, **{**service_env, "RUN_EVENTS_TTL": "0"})
+    conversation_id, headers = new_id(), auth_headers(user_id)
+    with serve(create_app(settings, model=model)) as live:
+        received = ""
+        with httpx.stream("POST", f"{live.url}/api/chat/stream", json=chat_body(user_id, conversation_id),
+                          headers=headers, timeout=30) as response:
+            run_id = response.headers["x-run-id"]
+            for text in response.iter_text():
+                received += text
+                if len(streamed_text(chunks(received))) > 60:
+                    break
+        time.sleep(0.6)  # it goes on generating and flushing past what the viewer saw
+        stop = httpx.post(f"{live.url}/api/chat/runs/{run_id}/stop", json={"user_id": user_id, "seen_chars": 6},
+                          headers=headers, timeout=30)
+        assert stop.status_code == 200 and stop.json()["content"] == "000 00", stop.text
+        early = resume(live.url, run_id, user_id, headers).text
+        # The user's next turn sweeps the expired events (RUN_EVENTS_TTL 0): the batch with the end stays.
+        httpx.post(f"{live.url}/api/chat/stream", json=chat_body(user_id, conversation_id, "next"), headers=headers,
+                   timeout=30)
+        late = resume(live.url, run_id, user_id, headers).text
+        seen = resume(live.url, run_id, user_id, headers, last_event_id=event_ids(received)[-1]).text
+    assert streamed_text(chunks(early)) == "000 00"
+    for replay in (late, seen):
+        assert streamed_text(chunks(replay)) == "" and chunks(replay)[-1]["status"] == "stopped", replay
+        assert event_ids(replay) == [event_ids(early)[-1]]  # the end, under its own id
+
+
 def test_deleting_the_conversation_stops_its_run_and_tells_every_viewer_so(
     pair: tuple[LiveServer, LiveServer, ScriptedModel], auth_headers: AuthHeaders, user_id: str
 ) -> None:

@@ -173,6 +173,10 @@ class StoredFeed:
         self.outcome = "stopped"
         if after > 0:
             view = await self._store.read_run(self._caller, self._run_id, 0)
+        if view.batches and view.batches[0].first_seq > 1:
+            # Its events expired but for the batch with its end (RUN_EVENTS_TTL): the cut is counted from the first
+            # event, which is gone, so only the end is shown; the stored answer holds the text.
+            return await self._terminal_frame(view.run.last_seq), max(after, view.run.last_seq), True
         frames = [f"{text}\n\n" for batch in view.batches for text in batch.frames.split("\n\n") if text]
         shown = [text for text in stopped_replay(frames, len(view.message.content)) if text]
         text = "".join(frames_after(EventBatch(1, view.run.last_seq, "".join(shown)), after))
