@@ -6,6 +6,7 @@ Packages, each named for what it owns, from the bottom up (a package imports onl
     domains.py                      the specialist domains, declared as data (their tables, columns, agents)
     deadline.py, metrics.py         a per-stream deadline; Prometheus metrics merged across workers
     http_pool.py, retry.py          slots for a pooled httpx client; backoff with full jitter
+    text.py                         text every encoder writes and both stores keep (the model's strings)
     store/                          the records, the Store protocol and its two backends (sqlite/, postgrest/)
     model/                          the ChatModel protocol, the local responder, Amazon Bedrock
     auth/                           who is calling: tokens, signing keys, Supabase Auth
