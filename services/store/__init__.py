@@ -254,6 +254,9 @@ class RunControl:
     gone: bool = False  # deleted with its conversation, or ended by another worker: stop generating
     deleted: bool = False  # gone because its row is: the conversation was deleted
     applied: bool = False  # this update was written (the run was still running when it came)
+    # The store refused this update as bad input (text it cannot hold, say), not for a while: sent again, it would be
+    # refused again. Nothing of it was written; the other runs of the flush were.
+    rejected: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,7 +424,9 @@ class Store(Protocol):
         transaction for all (on PostgREST one request, by the runs' write keys, for every user's runs). Returns the
         control of every run whose transaction committed, ``applied`` when its update was written; a run missing from
         the result was not written and is sent again. An update's ``calls`` go to the usage ledger in the same
-        transaction, once per (run, call index), under the run's user and conversation."""
+        transaction, once per (run, call index), under the run's user and conversation. An update the store refuses
+        as bad input fails only itself: its run's control says ``rejected`` and the others are written (on PostgREST
+        at the cost of more requests, only then)."""
 
     async def read_run(self, caller: Caller, run_id: str, after: int | None) -> RunView:
         """With its assistant message and, unless ``after`` is None, the event batches holding events after
