@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import signal
 import sqlite3
@@ -804,10 +805,12 @@ def test_a_live_viewer_that_leaves_while_sending_keeps_nothing_in_memory() -> No
 
 
 class Refusing:
-    """The real SQLite store, but for ``flush_runs``, which fails while ``refuse`` is set, as a full disk does."""
+    """The real SQLite store, but for ``flush_runs``, which fails while ``refuse`` is set, as a full disk does, and
+    raises ``fault`` while it is set, as a bug would."""
 
     def __init__(self, inner: Any) -> None:
         self.inner, self.refuse = inner, False
+        self.fault: Exception | None = None
         self.sweeps = 0  # background sweeps (maintain_runs for every user) asked of the store
         self.flushes = 0
 
@@ -822,6 +825,8 @@ class Refusing:
         self.flushes += 1
         if self.refuse:
             raise UpstreamUnavailable("The database is unavailable.", code="STORE_UNAVAILABLE")
+        if self.fault is not None:
+            raise self.fault
         return await self.inner.flush_runs(updates)
 
 
@@ -944,9 +949,13 @@ def test_flushes_per_second_do_not_grow_with_the_runs_that_end(tmp_path: Path) -
     assert flushes <= took / runs_module.FLUSH_GAP_SECONDS + 2 and flushes < 50, (flushes, took)
 
 
-def test_no_sweep_runs_while_this_workers_flushes_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Its own runs' heartbeats lapse while the store refuses its flushes: a sweep then (the moment the store came
-    back, say) would end them as dead with their last saved text. Counted: sweeps asked in each phase."""
+@pytest.mark.parametrize("failure", ["refused", "bug"])
+def test_no_sweep_runs_while_this_workers_flushes_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, failure: str
+) -> None:
+    """Its own runs' heartbeats lapse while its flushes fail, whether the store refuses them or a bug breaks them: a
+    sweep then (the moment the store came back, say) would end them as dead with their last saved text. Counted:
+    sweeps asked in each phase. A bug is logged without what its message quotes (an answer, say)."""
     monkeypatch.setattr(runs_module, "MAINTAIN_SECONDS", 0.05)
 
     async def scenario() -> tuple[int, int, str]:
@@ -955,12 +964,15 @@ def test_no_sweep_runs_while_this_workers_flushes_are_refused(tmp_path: Path, mo
         run = await _begin(manager, caller)
         await asyncio.sleep(0.3)
         assert store.sweeps > 0  # sweeping while flushes go through
-        store.refuse = True
+        if failure == "refused":
+            store.refuse = True
+        else:
+            store.fault = RuntimeError("the answer so far: secret words")
         await asyncio.sleep(0.3)  # the flush in flight settles
         before = store.sweeps
         await asyncio.sleep(1.0)  # 20 sweep intervals
         refused = store.sweeps - before
-        store.refuse = False
+        store.refuse, store.fault = False, None
         await asyncio.sleep(0.5)
         resumed = store.sweeps - before - refused
         await manager.aclose()
@@ -968,9 +980,13 @@ def test_no_sweep_runs_while_this_workers_flushes_are_refused(tmp_path: Path, mo
         await inner.aclose()
         return refused, resumed, status
 
-    refused, resumed, status = asyncio.run(scenario())
+    with caplog.at_level(logging.WARNING):
+        refused, resumed, status = asyncio.run(scenario())
     assert refused == 0 and resumed > 0
     assert status in ("complete", "interrupted")  # saved by this worker, never ended as dead by its own sweep
+    assert "secret words" not in caplog.text
+    if failure == "bug":
+        assert "Unexpected RuntimeError while flushing" in caplog.text
 
 
 def test_sweeps_resume_once_this_worker_holds_nothing_unsaved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

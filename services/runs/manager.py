@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import traceback
 import weakref
 from dataclasses import replace
 from typing import Any
@@ -303,6 +304,13 @@ class RunManager:
             logger.warning("Could not flush %d chat runs (%s); retrying", len(updates), exc.code)
             self._flushing = False
             return
+        except Exception as exc:
+            # A bug, yet a failed flush all the same: while it lasts no sweep may end this worker's runs as dead.
+            # Logged by type and place only, as its message can quote an answer.
+            logger.error("Unexpected %s while flushing %d chat runs (at %s); retrying", type(exc).__name__,
+                         len(updates), _where(exc))
+            self._flushing = False
+            return
         for live, update in zip(lives, updates):
             control = controls.get(live.run.id)
             if control is None:
@@ -369,3 +377,9 @@ def _elsewhere_end(live: LiveRun) -> str:
     if live.deleted:
         return deleted_frame(live.run.id)
     return frame(None, interrupted_chunk(live.run.id))
+
+
+def _where(exc: BaseException) -> str:
+    """The file and line an exception was raised at."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
