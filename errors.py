@@ -28,6 +28,7 @@
     ├── ShuttingDown              503 SERVER_SHUTTING_DOWN (a run or viewer still open when the server stops)
     ├── RunTimedOut               504 RUN_TIMEOUT (an answer past RUN_MAX_SECONDS)
     └── UpstreamError             502 (a dependency answered with something we cannot use)
+        ├── RunNotSaved           502 RUN_NOT_SAVED (a run's answer the store refused to keep, as bad input)
         ├── UpstreamUnavailable   503 (connection refused, 5xx, throttled: worth retrying)
         └── UpstreamTimeout       504 (no answer in time: worth retrying)
 
@@ -315,6 +316,13 @@ class ConversationDeleted(AppError, status=410, code="CONVERSATION_DELETED", mes
                           user_message="This conversation was deleted, so its answer was stopped and not kept.",
                           suggested_actions=("Start a new conversation",), retryable=False):
     """The run's conversation was deleted while it generated or was watched: its answer is gone with it."""
+
+
+class RunNotSaved(UpstreamError, code="RUN_NOT_SAVED", message="The store refused to save the answer.",
+                  user_message="This answer could not be saved. Please send your message again.",
+                  suggested_actions=("Send your message again",), retryable=True):
+    """The store refused a run's update as bad input, which it would refuse again: the run ends with what the store
+    already holds (``services/runs/manager.py``)."""
 
 
 class ShuttingDown(AppError, status=503, code="SERVER_SHUTTING_DOWN", message="The server is shutting down.",

@@ -7,6 +7,7 @@ disconnect reaches the model.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -77,3 +78,17 @@ class ScriptedCalls(_Scripted):
         self.requests.append(request)
         for event in self.calls[min(len(self.requests), len(self.calls)) - 1]:
             yield event
+
+
+@dataclass
+class ScriptedByMessage(_Scripted):
+    """Several users' turns on one worker, each with its own answer: a request plays the script whose key its last
+    message holds, ``default`` if none."""
+
+    scripts: dict[str, ScriptedModel]
+    default: ScriptedModel
+    model_id = "scripted-by-message"
+
+    def stream(self, request: ModelRequest) -> AsyncIterator[ModelEvent]:
+        last = json.dumps(request.messages[-1]) if request.messages else ""
+        return next((m for key, m in self.scripts.items() if key in last), self.default).stream(request)

@@ -6,6 +6,8 @@ only the final body matters, a live uvicorn server when timing or disconnects ma
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import threading
 import time
@@ -25,11 +27,13 @@ from starlette.testclient import TestClient
 
 from app import create_app
 from errors import AppError
+from services.agents.assistant import HANDOFF_TOOL
 from services.model import ModelEvent, ModelRequest, ModelUsed, Stop, TextDelta, ToolUse, Usage
 from services.model.bedrock import BedrockModel
 from services.model.bedrock_errors import BEDROCK_ERRORS, FAILURES
 from services.model.build import build_model
 from services.model.converse import ConverseStreamDecoder, converse_messages
+from services.runs import manager as runs_module
 from settings import Settings
 from tests.conftest import AuthHeaders
 from tests.fake_bedrock import (
@@ -202,6 +206,65 @@ def test_a_corrupt_frame_keeps_the_text_before_it_and_fails_the_stream() -> None
     decoder = ConverseStreamDecoder()
     assert decoder.feed(message_start() + text_delta("kept") + bytes(corrupt)) == [TextDelta("kept")]
     assert decoder.failure is not None and decoder.failure.code == "MODEL_STREAM_ERROR"
+
+
+# What a model can send that no store keeps or no encoder writes: half of a surrogate pair (the JSON escape \\ud83d,
+# as a UTF-16 based encoder writes half an emoji), alone, and NUL.
+UNSTORABLE = {"high-surrogate": "\ud83d", "low-surrogate": "\ude00", "nul": "\x00"}
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in decoded events, dict keys included."""
+    if isinstance(value, str):
+        yield value
+    elif dataclasses.is_dataclass(value):
+        for field in dataclasses.fields(value):
+            yield from _strings(getattr(value, field.name))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+@pytest.mark.parametrize("bad", UNSTORABLE.values(), ids=UNSTORABLE.keys())
+def test_every_string_the_model_sends_leaves_the_decoder_as_text_both_stores_keep(bad: str) -> None:
+    frames = [
+        message_start(), text_delta(f"a{bad}b"), block_stop(),
+        *tool_use(1, f"id{bad}", f"tool{bad}", [json.dumps({f"key{bad}": [f"value{bad}"]})]),
+        message_stop(f"end{bad}turn"), metadata(),
+    ]
+    decoder = ConverseStreamDecoder()
+    events = decoder.feed(b"".join(frames))
+    assert decoder.failure is None
+    text, tool, stop, _ = events
+    assert text == TextDelta("a\ufffdb") and stop == Stop("end\ufffdturn") and decoder.stop_reason == "end\ufffdturn"
+    assert isinstance(tool, ToolUse) and (tool.tool_use_id, tool.name) == ("id\ufffd", "tool\ufffd")
+    # The input keeps a NUL, for the tool to refuse to the model (services/agents/tools.py); not a lone surrogate.
+    kept = "\x00" if bad == "\x00" else "\ufffd"
+    assert tool.input == {f"key{kept}": [f"value{kept}"]}
+    for string in _strings(events):
+        string.encode()  # UTF-8, as SQLite binds it, httpx sends it and web/sse.py writes it
+        assert "\x00" not in string or string in (f"key{kept}", f"value{kept}")
+
+
+@pytest.mark.parametrize("step", [1, 7, 10_000], ids=["every-byte", "every-7-bytes", "one-read"])
+def test_a_surrogate_pair_split_between_two_deltas_arrives_whole(step: int) -> None:
+    frames = [
+        message_start(), text_delta("Hi \ud83d"), text_delta("\ude00 there"), block_stop(),
+        *tool_use(1, "t1", "note", ['{"text": "\ud83d', '\ude00"}']),  # raw halves: the outer JSON escapes each
+        text_delta("lone \ud83d", 2), message_stop(), metadata(),
+    ]
+    data = b"".join(frames)
+    decoder = ConverseStreamDecoder()
+    events = [e for i in range(0, len(data), step) for e in decoder.feed(data[i : i + step])]
+    texts = [e.text for e in events if isinstance(e, TextDelta)]
+    assert "".join(texts) == "Hi \U0001f600 therelone \ufffd"  # the last half never met its pair: shown before the stop
+    assert all(text.encode() for text in texts)
+    assert [e.input for e in events if isinstance(e, ToolUse)] == [{"text": "\U0001f600"}]
+    assert [e for e in events if not isinstance(e, (TextDelta, ToolUse))] == [Stop("end_turn"), Usage(12, 7)]
 
 
 CALL = {"toolUse": {"toolUseId": "t1", "name": "x", "input": {}}}
@@ -732,3 +795,86 @@ def test_stop_closes_the_bedrock_stream_and_keeps_what_was_seen(
     assert stored == stopped
     assert stored["role"] == "assistant" and stored["content"] == "Half"
     assert stored["metadata"]["status"] == "stopped"
+
+
+# -- what one answer's model sends costs no other answer anything, on both stores ----------------------------------
+
+
+def _slow_reply(pieces: int, pause: float) -> Reply:
+    steps: list[Any] = [message_start()]
+    for i in range(pieces):
+        steps += [text_delta(f"w{i} "), Pause(pause)]
+    return Reply.stream(*steps, [block_stop(), message_stop(), metadata()])
+
+
+def _tool_reply(tool_use_id: str, name: str, arguments: dict[str, Any]) -> Reply:
+    frames = tool_use(0, tool_use_id, name, [json.dumps(arguments)])
+    return Reply.stream([message_start(), *frames, message_stop("tool_use"), metadata()])
+
+
+SLOW_ANSWER = "".join(f"w{i} " for i in range(30))
+
+
+def _beside_a_slow_answer(
+    service: LiveServer, fake: FakeBedrock, auth_headers: AuthHeaders, replies: list[Reply]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """User A's slow answer (``SLOW_ANSWER``) and, while it streams on the same worker, user B's turn answered by
+    ``replies``: both streams as sent, then both answers as stored."""
+    fake.replies = [_slow_reply(30, 0.05), *replies]
+    users, conversations = [new_id(), new_id()], [new_id(), new_id()]
+    streams: dict[int, str] = {}
+
+    def send(i: int) -> None:
+        body = {"message": "Hi", "conversation_id": conversations[i], "user_id": users[i]}
+        response = httpx.post(f"{service.url}/api/chat/stream", json=body, headers=auth_headers(users[i]), timeout=60)
+        streams[i] = response.text
+
+    first = threading.Thread(target=send, args=(0,))
+    first.start()
+    fake.wait_for_requests(1)
+    try:
+        send(1)
+    finally:
+        first.join(60)
+    with httpx.Client(base_url=service.url, timeout=10) as client:
+        stored = [last_message(client, auth_headers, users[i], conversations[i]) for i in (0, 1)]
+    return chunks(streams[0]), chunks(streams[1]), stored[0], stored[1]
+
+
+def _assert_saved_whole(items: list[dict[str, Any]], stored: dict[str, Any], text: str) -> None:
+    assert items[-1]["type"] == "complete", items[-1]
+    assert stored["metadata"]["status"] == "complete", stored["metadata"]
+    assert stored["content"] == streamed_text(items) == text
+
+
+def test_a_split_or_lone_surrogate_in_one_answer_is_saved_as_text_and_costs_no_other_answer(
+    live_api: tuple[LiveServer, FakeBedrock], auth_headers: AuthHeaders, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runs_module, "FINAL_SAVE_SECONDS", 3.0)  # an end the store cannot take fails this sooner
+    service, fake = live_api
+    # Half an emoji in one read and its other half in the next (a UTF-16 based encoder splits it so), then a half alone.
+    answer = Reply.stream([message_start(), text_delta("Hi \ud83d")], Pause(0.05),
+                          [text_delta("\ude00 there \udc00!"), block_stop(), message_stop(), metadata()])
+    a, b, stored_a, stored_b = _beside_a_slow_answer(service, fake, auth_headers, [answer])
+    _assert_saved_whole(a, stored_a, SLOW_ANSWER)
+    _assert_saved_whole(b, stored_b, "Hi \U0001f600 there \ufffd!")
+
+
+@pytest.mark.parametrize("where", ["stop-reason", "tool-name"])
+def test_a_nul_in_what_an_answers_metadata_keeps_is_saved_as_text_and_costs_no_other_answer(
+    live_api: tuple[LiveServer, FakeBedrock], auth_headers: AuthHeaders, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    monkeypatch.setattr(runs_module, "FINAL_SAVE_SECONDS", 3.0)
+    service, fake = live_api
+    if where == "stop-reason":
+        replies = [Reply.stream(*text_reply("Short answer.", stop_reason="end\u0000turn"))]
+    else:  # the specialist calls a tool by a name holding a NUL: no such tool, and the turn goes on
+        replies = [_tool_reply("tooluse_h", HANDOFF_TOOL, {"agent": "invoices"}),
+                   _tool_reply("tooluse\u00001", "list_in\u0000voices", {}), Reply.stream(*text_reply("Short answer."))]
+    a, b, stored_a, stored_b = _beside_a_slow_answer(service, fake, auth_headers, replies)
+    _assert_saved_whole(a, stored_a, SLOW_ANSWER)
+    _assert_saved_whole(b, stored_b, "Short answer.")
+    if where == "stop-reason":
+        assert stored_b["metadata"]["stop_reason"] == b[-1]["stop_reason"] == "end\ufffdturn"
+    else:
+        assert "list_in\ufffdvoices" in [call["name"] for call in stored_b["metadata"]["tool_calls"]]

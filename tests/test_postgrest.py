@@ -968,6 +968,28 @@ async def test_flush_is_one_rpc_for_every_users_runs_and_outlives_their_tokens(
     assert await store.flush_runs([]) == {}
 
 
+async def test_a_flush_postgrest_refuses_for_one_update_is_halved_until_that_update_is_alone(
+    store: PostgrestStore, fake_postgrest: FakePostgrest, new_caller: Callable[[], Caller]
+) -> None:
+    """PostgreSQL reads ``p_updates`` whole, so one NUL anywhere (jsonb cannot hold it: 400, 22P05) refuses the call:
+    the halves are sent again until the bad update is alone, and every other run is written."""
+    caller = new_caller()
+    runs = [await _start(store, caller) for _ in range(5)]
+    updates = [_update(caller, run, batch=_tokens(run, 1, "ok"), heartbeat=True) for run in runs]
+    updates[2] = _update(caller, runs[2], batch=_tokens(runs[2], 1, "ok"), content="text",
+                         metadata={"stop_reason": "end\u0000turn"})
+    fake_postgrest.reset()
+    controls = await store.flush_runs(updates)
+    assert [controls[run.id] for run in runs] == [RunControl(applied=True)] * 2 + [RunControl(rejected=True)] + [
+        RunControl(applied=True)] * 2
+    assert len(fake_postgrest.requests) == 5  # the whole; [0:2] and [2:5]; [2:3] and [3:5]
+    assert [len((await store.read_run(caller, run.id, 0)).batches) for run in runs] == [1, 1, 0, 1, 1]
+    fake_postgrest.reset()
+    again = await store.flush_runs([_update(caller, run) for run in runs])
+    assert again == {run.id: RunControl(applied=True) for run in runs}
+    assert len(fake_postgrest.requests) == 1  # a flush nobody poisons is one call, as ever
+
+
 async def test_runs_are_private_to_their_user(
     store: PostgrestStore, raw: Any, new_caller: Callable[[], Caller], supabase_url: str
 ) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import signal
 import sqlite3
@@ -15,6 +16,7 @@ import sys
 import threading
 import time
 import weakref
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,13 +32,13 @@ from services.runs import manager as runs_module
 from services.runs.feeds import LiveFeed
 from services.runs.live import TEXT_SAVE_SECONDS, LiveRun
 from services.runs.manager import RunManager
-from services.store import Caller, NewRun, Run, TurnLimits
+from services.store import Caller, NewRun, Run, RunControl, TurnLimits
 from services.store import run_log
 from services.store.run_log import UNSAVED_EVENTS_MAX, chunk, reaped_seq
 from services.store.sqlite.store import SQLiteStore
 from settings import Settings
 from tests.conftest import AuthHeaders
-from tests.scripted_model import ScriptedModel
+from tests.scripted_model import ScriptedByMessage, ScriptedModel
 from tests.support import LiveServer, chunks, event_ids, free_port, make_settings, new_id, serve, streamed_text
 from tests.tokens import mint
 from web.sse import EventStreamResponse
@@ -905,12 +907,17 @@ def test_a_live_viewer_that_leaves_while_sending_keeps_nothing_in_memory() -> No
 
 
 class Refusing:
-    """The real SQLite store, but for ``flush_runs``, which fails while ``refuse`` is set, as a full disk does."""
+    """The real SQLite store, but for ``flush_runs``, which fails while ``refuse`` is set, as a full disk does, raises
+    ``fault`` while it is set, as a bug would, and answers every update of a run in ``rejects`` as refused bad input,
+    writing the others."""
 
     def __init__(self, inner: Any) -> None:
         self.inner, self.refuse = inner, False
+        self.fault: Exception | None = None
+        self.rejects: set[str] = set()
         self.sweeps = 0  # background sweeps (maintain_runs for every user) asked of the store
         self.flushes = 0
+        self.sent: Counter[str] = Counter()  # updates sent, by run
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -923,7 +930,11 @@ class Refusing:
         self.flushes += 1
         if self.refuse:
             raise UpstreamUnavailable("The database is unavailable.", code="STORE_UNAVAILABLE")
-        return await self.inner.flush_runs(updates)
+        if self.fault is not None:
+            raise self.fault
+        self.sent.update(update.run_id for update in updates)
+        controls = await self.inner.flush_runs([update for update in updates if update.run_id not in self.rejects])
+        return {**controls, **{u.run_id: RunControl(rejected=True) for u in updates if u.run_id in self.rejects}}
 
 
 async def _manager(tmp_path: Path, model: Any, stale: float = 30.0) -> tuple[Any, Refusing, RunManager]:
@@ -937,11 +948,17 @@ async def _manager(tmp_path: Path, model: Any, stale: float = 30.0) -> tuple[Any
     return inner, store, manager
 
 
-async def _begin(manager: RunManager, caller: Caller, conversation: str | None = None) -> Run:
-    new = NewRun(conversation or new_id(), "hello", "hello")
+async def _begin(manager: RunManager, caller: Caller, conversation: str | None = None, text: str = "hello") -> Run:
+    new = NewRun(conversation or new_id(), text, text)
     begun = await manager.begin(caller, new, TurnLimits(manager.stale_seconds, 3600), time.perf_counter())
     assert begun.run is not None
     return begun.run
+
+
+async def _until(condition: Any, timeout: float = 20.0) -> None:
+    async with asyncio.timeout(timeout):  # a test that fails, not one that hangs
+        while not condition():
+            await asyncio.sleep(0.02)
 
 
 def test_a_run_reaped_elsewhere_while_this_worker_could_not_save_reuses_no_id_its_viewers_hold(tmp_path: Path) -> None:
@@ -1045,9 +1062,13 @@ def test_flushes_per_second_do_not_grow_with_the_runs_that_end(tmp_path: Path) -
     assert flushes <= took / runs_module.FLUSH_GAP_SECONDS + 2 and flushes < 50, (flushes, took)
 
 
-def test_no_sweep_runs_while_this_workers_flushes_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Its own runs' heartbeats lapse while the store refuses its flushes: a sweep then (the moment the store came
-    back, say) would end them as dead with their last saved text. Counted: sweeps asked in each phase."""
+@pytest.mark.parametrize("failure", ["refused", "bug"])
+def test_no_sweep_runs_while_this_workers_flushes_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, failure: str
+) -> None:
+    """Its own runs' heartbeats lapse while its flushes fail, whether the store refuses them or a bug breaks them: a
+    sweep then (the moment the store came back, say) would end them as dead with their last saved text. Counted:
+    sweeps asked in each phase. A bug is logged without what its message quotes (an answer, say)."""
     monkeypatch.setattr(runs_module, "MAINTAIN_SECONDS", 0.05)
 
     async def scenario() -> tuple[int, int, str]:
@@ -1056,12 +1077,15 @@ def test_no_sweep_runs_while_this_workers_flushes_are_refused(tmp_path: Path, mo
         run = await _begin(manager, caller)
         await asyncio.sleep(0.3)
         assert store.sweeps > 0  # sweeping while flushes go through
-        store.refuse = True
+        if failure == "refused":
+            store.refuse = True
+        else:
+            store.fault = RuntimeError("the answer so far: secret words")
         await asyncio.sleep(0.3)  # the flush in flight settles
         before = store.sweeps
         await asyncio.sleep(1.0)  # 20 sweep intervals
         refused = store.sweeps - before
-        store.refuse = False
+        store.refuse, store.fault = False, None
         await asyncio.sleep(0.5)
         resumed = store.sweeps - before - refused
         await manager.aclose()
@@ -1069,9 +1093,13 @@ def test_no_sweep_runs_while_this_workers_flushes_are_refused(tmp_path: Path, mo
         await inner.aclose()
         return refused, resumed, status
 
-    refused, resumed, status = asyncio.run(scenario())
+    with caplog.at_level(logging.WARNING):
+        refused, resumed, status = asyncio.run(scenario())
     assert refused == 0 and resumed > 0
     assert status in ("complete", "interrupted")  # saved by this worker, never ended as dead by its own sweep
+    assert "secret words" not in caplog.text
+    if failure == "bug":
+        assert "Unexpected RuntimeError while flushing" in caplog.text
 
 
 def test_sweeps_resume_once_this_worker_holds_nothing_unsaved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1097,3 +1125,68 @@ def test_sweeps_resume_once_this_worker_holds_nothing_unsaved(tmp_path: Path, mo
         return status
 
     assert asyncio.run(scenario()) == "interrupted"
+
+
+# -- a run whose update the store refuses as bad input: the run manager over real SQLite ---------------------------
+
+
+def test_a_run_whose_update_the_store_refuses_ends_as_an_error_and_the_others_are_saved_whole(tmp_path: Path) -> None:
+    """A model path that lets a lone surrogate through (no UTF-8 encoder writes one, so real SQLite refuses every
+    update holding it): that run stops and ends ``RUN_NOT_SAVED`` with what was saved, its answer and its replay
+    agreeing, while another user's run, in the same flushes, is saved whole."""
+
+    async def scenario() -> tuple[Any, Any, str | None, bool, bool]:
+        clean = ScriptedModel([f"w{i} " for i in range(150)], pause=0.01)
+        poisoned = ScriptedModel([f"k{i} " for i in range(40)] + ["\ud83d"] + [f"p{i} " for i in range(40)],
+                                 pause=0.02)
+        inner, store, manager = await _manager(tmp_path, ScriptedByMessage({"poison": poisoned}, clean))
+        alice, bob = Caller(new_id()), Caller(new_id())
+        bad, good = await _begin(manager, alice, text="poison"), await _begin(manager, bob)
+        live = manager._live[bad.id]
+        await _until(lambda: not manager._live)
+        flushing = manager._flushing
+        views = await inner.read_run(alice, bad.id, 0), await inner.read_run(bob, good.id, 0)
+        await manager.aclose()
+        await inner.aclose()
+        return *views, live.farewell, poisoned.cancelled.is_set(), flushing
+
+    bad, good, farewell, cancelled, flushing = asyncio.run(scenario())
+    saved = "".join(batch.frames for batch in good.batches)
+    assert (good.run.status, good.message.content) == ("complete", "".join(f"w{i} " for i in range(150)))
+    assert run_log.streamed_text(saved) == good.message.content and chunks(saved)[-1]["type"] == "complete"
+    replay = "".join(batch.frames for batch in bad.batches)
+    assert (bad.run.status, bad.message.metadata["error_code"]) == ("error", "RUN_NOT_SAVED")
+    assert bad.message.content == run_log.streamed_text(replay)  # the answer is what its replay streams
+    assert bad.message.content.startswith("k0 k1 ") and "p0" not in bad.message.content
+    assert chunks(replay)[-1]["code"] == "RUN_NOT_SAVED"
+    assert farewell is not None and chunks(farewell)[-1]["code"] == "RUN_NOT_SAVED"  # its viewers are told so, no id
+    ids = event_ids(replay)
+    assert ids[-1] == reaped_seq(ids[-2]) == bad.run.last_seq  # above every id its viewers could have been shown
+    assert cancelled and flushing  # it stopped generating; the worker's flushes count as going through
+
+
+def test_a_run_whose_end_too_the_store_refuses_is_given_up_and_ends_as_a_dead_workers_run(tmp_path: Path) -> None:
+    """Even its end refused, a run is tried no more: it leaves memory, its viewers are told it was interrupted, and a
+    sweep ends it so once its heartbeat lapses; the other run on the worker is saved whole meanwhile."""
+
+    async def scenario() -> tuple[int, str | None, str, str, str]:
+        inner, store, manager = await _manager(tmp_path, ScriptedModel([f"w{i} " for i in range(150)], pause=0.01))
+        alice, bob = Caller(new_id()), Caller(new_id())
+        bad = await _begin(manager, alice)
+        store.rejects.add(bad.id)  # every update of it, its end too
+        good = await _begin(manager, bob)
+        live = manager._live[bad.id]
+        await _until(lambda: bad.id not in manager._live)
+        sent = store.sent[bad.id]
+        await _until(lambda: not manager._live)  # the other run's flushes go on meanwhile
+        later = store.sent[bad.id] - sent
+        await inner.maintain_runs(None, 0, 3600)  # its heartbeat lapsed (RUN_STALE_SECONDS 0 here)
+        ended, whole = await inner.read_run(alice, bad.id, None), await inner.read_run(bob, good.id, None)
+        await manager.aclose()
+        await inner.aclose()
+        return later, live.farewell, ended.run.status, whole.run.status, whole.message.content
+
+    later, farewell, status, other, content = asyncio.run(scenario())
+    assert later == 0 and farewell is not None and chunks(farewell)[-1]["code"] == "RUN_INTERRUPTED"
+    assert status == "interrupted"
+    assert (other, content) == ("complete", "".join(f"w{i} " for i in range(150)))

@@ -64,7 +64,6 @@ def test_what_the_user_saw_is_cut_in_characters_not_bytes_or_utf16_units() -> No
     assert cut(text, 1000) == text
 
 
-
 class Endless:
     """A run that never sends anything: a viewer that follows it never ends."""
 
@@ -99,3 +98,34 @@ def test_a_head_is_answered_with_the_streams_headers_alone_without_following_the
     assert sent[0] == {"type": "http.response.start", "status": 200, "headers": [*SSE_HEADERS, (b"x-run-id", b"r")]}
     if completes:
         assert sent[1:] == [{"type": "http.response.body", "body": b"", "more_body": False}]
+
+
+class _Frames:
+    """A run's feed that has every frame ready: one ``next_frames`` each, then the end."""
+
+    outcome = "complete"
+
+    def __init__(self, *frames: str) -> None:
+        self._frames = list(frames)
+
+    async def next_frames(self, after: int, timeout: float) -> tuple[str, int, bool]:
+        return self._frames.pop(0), after + 1, not self._frames
+
+
+def test_a_frame_no_utf8_encoder_can_write_goes_out_with_u_fffd_and_the_stream_goes_on() -> None:
+    """No frame should hold a lone surrogate (the model's text is made storable where it is read), but one that does
+    must not cut the viewer's stream in the middle: UTF-8 cannot encode it, so it goes as U+FFFD."""
+    frames = [frame(1, chunk("token", "supervisor", content="half \ud83d")), frame(2, chunk("complete", "supervisor"))]
+    sent: list[bytes] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message.get("body", b""))
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    response = EventStreamResponse(_Frames(*frames), after=0, ping_interval=30, shutdown_frame="")
+    asyncio.run(response({"type": "http"}, receive, send))
+    body = b"".join(sent).decode()  # strict UTF-8, as a browser's EventSource decodes it
+    assert body == frames[0].replace("\ud83d", "\ufffd") + frames[1]

@@ -154,6 +154,32 @@ async def test_flush_writes_events_text_and_the_end_and_reads_back_stops(
     assert (await store.read_run(caller, new.id, 0)).message.content == "Hel"  # an ended run takes no writes
 
 
+async def test_an_update_the_store_refuses_is_left_out_alone_and_the_others_are_written(
+    store: Store, new_caller: Callable[[], Caller]
+) -> None:
+    alice, bob = new_caller(), new_caller()
+    first, theirs, second = await start(store, alice), await start(store, bob), await start(store, alice)
+    ended = RunUpdate(alice, first.id, first.assistant_message_id, tokens(1, "Hel", "lo"), "Hello",
+                      {"status": "complete", "run_id": first.id}, "supervisor", heartbeat=True, final_status="complete")
+    # Events the store could keep, then text none can (a lone surrogate, which UTF-8 cannot encode).
+    poisoned = RunUpdate(bob, theirs.id, theirs.assistant_message_id, tokens(1, "kept?"), "bad \ud83d",
+                         {"status": "streaming", "run_id": theirs.id}, "supervisor", heartbeat=True)
+    going = RunUpdate(alice, second.id, second.assistant_message_id, tokens(1, "Hi"), "Hi",
+                      {"status": "streaming", "run_id": second.id}, "supervisor", heartbeat=True)
+    controls = await store.flush_runs([ended, poisoned, going])
+    outcomes = [(controls[new.id].applied, controls[new.id].rejected) for new in (first, theirs, second)]
+    assert outcomes == [(True, False), (False, True), (True, False)]
+    done, left, still = (await store.read_run(alice, first.id, 0), await store.read_run(bob, theirs.id, 0),
+                         await store.read_run(alice, second.id, 0))
+    assert (done.run.status, done.message.content, done.message.metadata["status"]) == ("complete", "Hello", "complete")
+    assert [b.frames for b in done.batches] == [ended.batch.frames]  # type: ignore[union-attr]
+    assert (still.run.status, still.message.content, [b.last_seq for b in still.batches]) == ("running", "Hi", [1])
+    assert (left.run.status, left.message.content, left.batches) == ("running", "", [])  # nothing of it, events too
+    # The store is not stuck on it: the run's next update is written.
+    fine = RunUpdate(bob, theirs.id, theirs.assistant_message_id, tokens(1, "fine"), "fine", {}, "supervisor")
+    assert (await store.flush_runs([fine]))[theirs.id].applied
+
+
 async def test_maintenance_ends_dead_runs_with_their_saved_text_and_expires_events(
     store: Store, new_caller: Callable[[], Caller]
 ) -> None:

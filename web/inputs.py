@@ -24,6 +24,7 @@ from starlette.requests import ClientDisconnect, Request
 from errors import BadRequest, ClientClosedRequest, RequestTimeout, UnsupportedMediaType, ValidationFailed
 from services.runs.titles import title_from_message
 from services.store import NewRun
+from services.store.text import UNSTORABLE
 from web import cursors
 from web.fields import DEFAULT_MAX_INT, Field, Given, Inputs, invalid
 
@@ -38,9 +39,8 @@ MAX_JSON_DEPTH = 32
 MAX_ANSWER_CHARS = 10_000_000
 MAX_EVENT_ID = 10_000_000
 
-# Text no store can keep: a lone surrogate, or NUL. In a JSON body, strict UTF-8 leaves a \u escape as the only way
+# Text no store can keep (services/store/text.py). In a JSON body, strict UTF-8 leaves a \u escape as the only way
 # to spell either (a raw NUL is a control character JSON refuses).
-_UNSTORABLE = re.compile("[\ud800-\udfff\x00]")
 _UNSTORABLE_ESCAPE = re.compile(r"\\u(?:[dD][89a-fA-F]|0000)")
 
 
@@ -116,9 +116,9 @@ def _nesting(value: dict[str, Any]) -> int:
 def _refuse_unstorable(body: dict[str, Any]) -> None:
     """422 naming the top-level field whose text (values or names, at any depth) holds a lone surrogate or a NUL."""
     for name, value in body.items():
-        if _UNSTORABLE.search(name):
+        if UNSTORABLE.search(name):
             raise ValidationFailed("A field name in the request body is not valid Unicode text.")
-        if any(_UNSTORABLE.search(text) for text in _strings(value)):
+        if any(UNSTORABLE.search(text) for text in _strings(value)):
             raise invalid(_shown(name), _UNSTORABLE_PROBLEM)
 
 

@@ -26,6 +26,7 @@ import anyio
 from starlette.types import Receive, Scope, Send
 
 from services.metrics import Metrics
+from services.store.text import encodable
 
 
 PING = b": ping\n\n"
@@ -91,7 +92,7 @@ class EventStreamResponse:
                 # Cancelled from outside (the server's graceful-shutdown timeout): tell the client to retry.
                 stream_metrics.outcome = "shutdown"
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1):
-                    farewell = self._shutdown_frame.encode()
+                    farewell = _encoded(self._shutdown_frame)
                     await send({"type": "http.response.body", "body": farewell, "more_body": False})
                 raise
             finally:
@@ -104,9 +105,18 @@ class EventStreamResponse:
         while True:
             text, cursor, over = await self._feed.next_frames(cursor, self._ping_interval)
             if text or not over:
-                await send({"type": "http.response.body", "body": text.encode() if text else PING, "more_body": True})
+                await send({"type": "http.response.body", "body": _encoded(text) if text else PING, "more_body": True})
             if over:
                 return
+
+
+def _encoded(text: str) -> bytes:
+    """``text`` as UTF-8, whatever it holds: a lone surrogate, which no frame should carry but UTF-8 cannot write, goes
+    as U+FFFD (``services/store/text.py``) rather than ending the stream in the middle."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return encodable(text).encode()
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:

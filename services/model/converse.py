@@ -18,6 +18,7 @@ from botocore.eventstream import EventStreamBuffer, ParserError
 from errors import AppError, ValidationFailed
 from services.model import ModelEvent, ModelRequest, Stop, TextDelta, ToolUse, Usage
 from services.model.bedrock_errors import bedrock_error, failure
+from services.store.text import encodable, is_high_surrogate, storable
 from settings import Settings
 
 SIGNING_NAME = "bedrock"  # the service model's signingName; the endpoint prefix is bedrock-runtime
@@ -100,12 +101,18 @@ class ConverseStreamDecoder:
     instead of raising, so the text decoded before it still reaches the user. Unknown events and fields (real
     Bedrock pads payloads with a ``p`` field) are ignored. Payloads are read with ``json.loads``: botocore's
     ``EventStreamJSONParser`` would only rebuild the same dicts from the service model, much more slowly.
+
+    Every string the model sends leaves here as text both stores keep and every encoder writes (``services/store/text.py``):
+    the answer, the stop reason and a tool's id and name with lone surrogates and NUL as U+FFFD, a tool's input with
+    lone surrogates as U+FFFD (a NUL there is the tool's to refuse to the model, ``services/agents/tools.py``). A
+    text delta ending with the first half of a surrogate pair keeps it until the next delta, which may hold the other.
     """
 
-    __slots__ = ("_buffer", "_tools", "failure", "frames", "stop_reason")
+    __slots__ = ("_buffer", "_held", "_tools", "failure", "frames", "stop_reason")
 
     def __init__(self) -> None:
         self._buffer = EventStreamBuffer()
+        self._held = ""  # a high surrogate that ended the text so far, waiting for its low half
         self._tools: dict[int, tuple[str, str, list[str]]] = {}  # open toolUse blocks: index -> (id, name, input)
         self.failure: AppError | None = None
         self.frames = 0
@@ -138,14 +145,28 @@ class ConverseStreamDecoder:
                 if handler is not None:
                     event = handler(self, json.loads(message.payload or b"{}"))
                     if event is not None:
-                        _flush(text, events)
+                        self._flush(text, events, hold=False)  # no more of this text: a half held is alone
                         events.append(event)
-        except (ParserError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ParserError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             # A corrupt frame (bad CRC, bad JSON, a payload of the wrong shape): nothing after it can be trusted.
             self.failure = failure("MODEL_STREAM_ERROR", f"Bedrock sent an unreadable event ({type(exc).__name__}).")
             self.failure.__cause__ = exc
-        _flush(text, events)  # the text before a failure is valid and reaches the user
+        # The text before a failure is valid and reaches the user; without one, the next read may go on with it.
+        self._flush(text, events, hold=self.failure is None)
         return events
+
+    def _flush(self, text: list[str], events: list[ModelEvent], *, hold: bool) -> None:
+        """The text decoded since the last event, storable, as one ``TextDelta``; with ``hold``, a high surrogate
+        ending it waits for the next delta instead (a UTF-16 based encoder may split a pair between two deltas)."""
+        if not text and not self._held:
+            return
+        joined = self._held + "".join(text)
+        text.clear()
+        self._held = ""
+        if hold and joined and is_high_surrogate(joined[-1]):
+            joined, self._held = joined[:-1], joined[-1]
+        if joined := storable(joined):
+            events.append(TextDelta(joined))
 
     def _tool_input(self, index: int, delta: dict[str, Any]) -> None:
         block = self._tools.get(index)
@@ -155,7 +176,7 @@ class ConverseStreamDecoder:
     def _block_start(self, payload: dict[str, Any]) -> None:
         tool = payload.get("start", {}).get("toolUse")
         if tool is not None:
-            self._tools[payload["contentBlockIndex"]] = (tool["toolUseId"], tool["name"], [])
+            self._tools[payload["contentBlockIndex"]] = (storable(tool["toolUseId"]), storable(tool["name"]), [])
 
     def _block_stop(self, payload: dict[str, Any]) -> ModelEvent | None:
         block = self._tools.pop(payload.get("contentBlockIndex", -1), None)
@@ -166,13 +187,13 @@ class ConverseStreamDecoder:
         tool_input = json.loads(raw) if raw.strip() else {}
         if not isinstance(tool_input, dict):
             raise TypeError("tool input is not a JSON object")
-        return ToolUse(tool_use_id=tool_use_id, name=name, input=tool_input)
+        return ToolUse(tool_use_id=tool_use_id, name=name, input=_encodable(tool_input))
 
     def _message_stop(self, payload: dict[str, Any]) -> ModelEvent:
         # Every stopReason passes through (end_turn, tool_use, max_tokens, stop_sequence, guardrail_intervened,
         # content_filtered, malformed_model_output, malformed_tool_use, model_context_window_exceeded, and any
         # added later): the answer so far is valid and the chat layer records why it ended.
-        self.stop_reason = str(payload["stopReason"])
+        self.stop_reason = storable(str(payload["stopReason"]))
         return Stop(self.stop_reason)
 
     def _metadata(self, payload: dict[str, Any]) -> ModelEvent | None:
@@ -192,13 +213,16 @@ _HANDLERS: dict[str, Callable[[ConverseStreamDecoder, dict[str, Any]], ModelEven
 }
 
 
-def _flush(text: list[str], events: list[ModelEvent]) -> None:
-    if text:
-        # A NUL is valid JSON text but no PostgreSQL text can hold it: shown as U+FFFD, the same on both stores.
-        joined = "".join(text).replace("\x00", "\ufffd")
-        text.clear()
-        if joined:
-            events.append(TextDelta(joined))
+def _encodable(value: Any) -> Any:
+    """A tool input (decoded JSON) with every string in it, names included, ``encodable``: it goes back to Bedrock in
+    the next request's history, whose body is UTF-8."""
+    if isinstance(value, str):
+        return encodable(value)
+    if isinstance(value, dict):
+        return {encodable(name): _encodable(item) for name, item in value.items()}
+    if isinstance(value, list):
+        return [_encodable(item) for item in value]
+    return value
 
 
 def _frame_error(headers: dict[str, Any], payload: bytes) -> AppError:

@@ -12,7 +12,9 @@ call: never a write per token. A run's end asks for a flush at once, and its ter
 that flush, so ``complete`` always points at a saved answer. The answer's text is saved every ``TEXT_SAVE_SECONDS``
 and a heartbeat every ``HEARTBEAT_SECONDS``; a run whose heartbeat is older than ``RUN_STALE_SECONDS`` is ended as
 ``interrupted`` by whichever worker notices. A store that refuses writes loses nothing a viewer saw: the run stays
-here, whole, until a flush goes through (for up to ``UNSAVED_KEEP_SECONDS``).
+here, whole, until a flush goes through (for up to ``UNSAVED_KEEP_SECONDS``). A store that refuses one run's update as
+bad input, which it would refuse again, writes the other runs of the flush all the same, and that run stops and ends
+as an error (``RUN_NOT_SAVED``) with what the store already holds.
 
 The package: ``manager.py`` (``RunManager``, the package's entry), ``live.py`` (a run generating here), ``feeds.py``
 (its viewers), ``turn.py`` (one turn's generation: the assistant's events as chunks), ``prompt.py`` (stored history

@@ -12,9 +12,12 @@ from typing import Any
 
 import anyio
 
+from errors import RunNotSaved
 from services.agents.usage import TurnUsage
-from services.store import Caller, EventBatch, Run, RunUpdate
-from services.store.run_log import SUPERVISOR, UNSAVED_EVENTS_MAX, chunk, frame, stopped_replay
+from services.store import CallUsage, Caller, EventBatch, Run, RunUpdate
+from services.store.run_log import (SUPERVISOR, UNSAVED_EVENTS_MAX, chunk, error_chunk, frame, reaped_seq,
+                                    stopped_replay, streamed_text)
+from services.store.text import storable
 
 TEXT_SAVE_SECONDS = 1.0
 HEARTBEAT_SECONDS = 5.0
@@ -25,8 +28,8 @@ class LiveRun:
 
     __slots__ = (
         "_calls_flushed", "_flushed", "_heartbeat_at", "_pending", "_saved_parts", "_taken_parts", "_text_saved_at",
-        "_waiters", "agent_type", "caller", "cancelled", "deleted", "elsewhere", "ended", "farewell", "farewell_at",
-        "final", "frames", "parts", "run", "saved", "scope", "shown",
+        "_salvage_sent", "_waiters", "agent_type", "caller", "cancelled", "deleted", "elsewhere", "ended", "farewell",
+        "farewell_at", "final", "frames", "parts", "refused", "run", "saved", "scope", "shown",
         "seen_chars", "status", "stop_asked", "task", "usage", "visible",
     )
 
@@ -53,6 +56,8 @@ class LiveRun:
         self.cancelled = False  # stopped or ended elsewhere: generation ends (at its start, if not started yet)
         self.deleted = False  # ended elsewhere because its conversation was deleted
         self.elsewhere = False  # ended in the store without this worker: nothing more of it is saved
+        self.refused = False  # the store refused an update of it as bad input: it ends with its ``_salvage``
+        self._salvage_sent = False
         self.task: asyncio.Task[None] | None = None
         self._flushed = 0
         # Admission saved the empty placeholder and the run's heartbeat: the text's first save, like every later one,
@@ -123,6 +128,15 @@ class LiveRun:
         its end: a sweep would end it as dead, with only what was saved."""
         return self.farewell is not None or now - self._heartbeat_at > seconds
 
+    def refuse(self) -> bool:
+        """The store refused an update of this run as bad input, which it would refuse again: generation stops and
+        the run's end is its ``_salvage`` (True), unless that is what was refused, which leaves nothing to try."""
+        if self._salvage_sent:
+            return False
+        self.refused = True
+        self._cancel()
+        return True
+
     def _cancel(self) -> None:
         self.cancelled = True
         if self.scope is not None:
@@ -163,6 +177,11 @@ class LiveRun:
         heartbeat = now - self._heartbeat_at >= HEARTBEAT_SECONDS
         # The calls finished since the last flush the store took: the ledger rides the flush, no request of its own.
         calls = tuple(self.usage.calls[self._calls_flushed:])
+        if self.refused:  # nothing more of what it holds is sent: its end, once generation has stopped
+            if self.final is None:
+                return RunUpdate(self.caller, self.run.id, self.run.assistant_message_id)
+            self._salvage_sent = True
+            return self._salvage(calls)
         if self.final is not None:
             return replace(self.final, caller=self.caller, batch=batch, heartbeat=True, calls=calls)
         self._taken_parts = len(self.parts)
@@ -173,10 +192,22 @@ class LiveRun:
         return RunUpdate(self.caller, self.run.id, self.run.assistant_message_id, batch, content, metadata,
                          self.agent_type, heartbeat, calls=calls, conversation_id=self.run.conversation_id)
 
+    def _salvage(self, calls: tuple[CallUsage, ...]) -> RunUpdate:
+        """The end of a run the store refused an update of: only what the store holds already, as a dead worker's
+        run ends (``run_log.reaped_seq``). Its answer is the text its saved events stream, then an error event under an
+        id above every one its viewers were shown; its model calls are billed."""
+        seq = reaped_seq(self._flushed)
+        end = frame(seq, error_chunk(RunNotSaved(), SUPERVISOR, run_id=self.run.id))
+        text = storable(streamed_text("".join(self.frames[:self._flushed])))
+        metadata = {"status": "error", "run_id": self.run.id, "error_code": RunNotSaved.code}
+        batch = EventBatch(self._flushed + 1, seq, end)
+        return RunUpdate(self.caller, self.run.id, self.run.assistant_message_id, batch, text, metadata,
+                         self.agent_type, heartbeat=True, final_status="error", calls=calls)
+
     def committed(self, update: RunUpdate, now: float) -> None:
         if update.batch is not None:
             self._flushed = update.batch.last_seq
-            if not self.ended:
+            if not self.ended and not self.refused:  # a salvage saved none of the frames held back
                 self._show()  # frames held back for want of a save may now be seen
         if update.content is not None:
             self._text_saved_at, self._saved_parts = now, self._taken_parts

@@ -8,14 +8,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import traceback
 import weakref
 from dataclasses import replace
 from typing import Any
 
 import anyio
 
-from errors import (AppError, ConversationDeleted, IdempotencyConflict, RunInProgress, RunTimedOut, ShuttingDown,
-                    UpstreamUnavailable)
+from errors import (AppError, ConversationDeleted, IdempotencyConflict, RunInProgress, RunNotSaved, RunTimedOut,
+                    ShuttingDown, UpstreamUnavailable)
 from services.agents.assistant import Assistant
 from services.agents.usage import KINDS
 from services.metrics import Metrics
@@ -171,6 +172,8 @@ class RunManager:
             if deadline.cancelled_caught:
                 return "error", error_chunk(RunTimedOut(), turn.agent_type), RunTimedOut.code
             return "complete", _completed(live.run, turn, "complete", turn.stop_reason), None
+        if live.refused:
+            return "error", error_chunk(RunNotSaved(), turn.agent_type), RunNotSaved.code
         if live.deleted:
             return "error", error_chunk(ConversationDeleted(), turn.agent_type), ConversationDeleted.code
         if live.stop_asked:
@@ -202,7 +205,7 @@ class RunManager:
         with anyio.move_on_after(FINAL_SAVE_SECONDS):
             await live.saved.wait()
         if live.saved.is_set():
-            live.publish_end(_elsewhere_end(live) if live.elsewhere else None)
+            live.publish_end(_elsewhere_end(live) if live.elsewhere or live.refused else None)
             return
         logger.error("Could not save the end of a chat run yet; it stays in memory and is retried")
         error = UpstreamUnavailable("The database is unavailable.", code="STORE_UNAVAILABLE")
@@ -248,8 +251,9 @@ class RunManager:
         """Messages with the answer of ``run`` (their conversation's running run, from ``Store.running_run``) shown
         as it is now when it generates on this worker, not as last saved."""
         live = self._live.get(run.id) if run is not None else None
-        # Not while frames are held back for want of a save: the answer as shown must be what viewers may see.
-        if run is None or live is None or live.final is not None or live.visible < len(live.frames):
+        # Not while frames are held back for want of a save, nor once the store refused them: the answer as shown must
+        # be what viewers may see.
+        if run is None or live is None or live.final is not None or live.refused or live.visible < len(live.frames):
             return messages
         live.seal()
         seq = len(live.frames)
@@ -303,9 +307,19 @@ class RunManager:
             logger.warning("Could not flush %d chat runs (%s); retrying", len(updates), exc.code)
             self._flushing = False
             return
+        except Exception as exc:
+            # A bug, yet a failed flush all the same: while it lasts no sweep may end this worker's runs as dead.
+            # Logged by type and place only, as its message can quote an answer.
+            logger.error("Unexpected %s while flushing %d chat runs (at %s); retrying", type(exc).__name__,
+                         len(updates), _where(exc))
+            self._flushing = False
+            return
         for live, update in zip(lives, updates):
             control = controls.get(live.run.id)
             if control is None:
+                continue
+            if control.rejected:
+                self._refused(live)
                 continue
             if control.applied:
                 live.committed(update, now)
@@ -316,6 +330,19 @@ class RunManager:
             if live.ended and live.saved.is_set():
                 self._live.pop(live.run.id, None)  # its end, kept while the store refused it, is settled at last
         self._flushing = len(controls) >= len(lives)
+
+    def _refused(self, live: LiveRun) -> None:
+        """The store refused the run's update as bad input: it would refuse it again, so the run stops and ends as
+        an error with what the store holds (``LiveRun.refuse``); if even that end is refused, it is given up here,
+        as a dead worker's is, and ends ``interrupted`` with its saved text once its heartbeat lapses."""
+        if live.refuse():
+            logger.error("The store refused an update of chat run %s; it ends %s with what was saved", live.run.id,
+                         RunNotSaved.code)
+            return
+        logger.error("The store refused the end of chat run %s too; it is left to end as a dead worker's run",
+                     live.run.id)
+        live.ended_elsewhere(deleted=False)
+        self._live.pop(live.run.id, None)
 
     def _forget_unsavable(self, now: float) -> None:
         """Give up the ended runs whose end the store has refused for ``UNSAVED_KEEP_SECONDS``."""
@@ -364,8 +391,17 @@ def _log_end(run_id: str, metadata: dict[str, Any]) -> None:
 
 
 def _elsewhere_end(live: LiveRun) -> str:
-    """What viewers of a run the store ended without this worker are told last: what the store holds (its
-    conversation deleted, or the run interrupted), under no id, since the store's end has its own."""
+    """What viewers of a run whose end in the store is not the one in memory are told last: what the store holds (its
+    conversation deleted, its update refused, or the run interrupted), under no id, since the store's end has its
+    own."""
     if live.deleted:
         return deleted_frame(live.run.id)
+    if live.refused and not live.elsewhere:
+        return frame(None, error_chunk(RunNotSaved(), SUPERVISOR, run_id=live.run.id))
     return frame(None, interrupted_chunk(live.run.id))
+
+
+def _where(exc: BaseException) -> str:
+    """The file and line an exception was raised at."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"

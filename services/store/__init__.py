@@ -8,7 +8,8 @@ else is ``ConversationNotFound`` in both cases, so existence is never revealed.
 
 The package owns the records and the protocol (this module, which every layer above may import), what both backends
 share (``shared.py``, for the backends only), the two backends, the form of a run's event log that both write
-(``run_log.py``), what a search means (``search.py``), and which backend the settings name (``build.py``, for the
+(``run_log.py``), what a search means (``search.py``), the text both keep alike (``text.py``: what the model's strings
+are made into before anything stores or sends them), and which backend the settings name (``build.py``, for the
 composition root and the command-line tools). It imports nothing above it: not the agents, the runs, the model or
 the web edge.
 """
@@ -256,6 +257,9 @@ class RunControl:
     gone: bool = False  # deleted with its conversation, or ended by another worker: stop generating
     deleted: bool = False  # gone because its row is: the conversation was deleted
     applied: bool = False  # this update was written (the run was still running when it came)
+    # The store refused this update as bad input (text it cannot hold, say), not for a while: sent again, it would be
+    # refused again. Nothing of it was written; the other runs of the flush were.
+    rejected: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,7 +428,9 @@ class Store(Protocol):
         control of every run whose transaction committed, ``applied`` when its update was written; a run missing from
         the result was not written and is sent again. An update's ``calls`` go to the usage ledger in the same
         transaction, once per (run, call index), under the run's user and conversation, whatever became of the run: one
-        ended elsewhere, by its user or deleted with its conversation still cost what its calls cost."""
+        ended elsewhere, by its user or deleted with its conversation still cost what its calls cost. An update the
+        store refuses as bad input fails only itself: its run's control says ``rejected`` and the others are written
+        (on PostgREST at the cost of more requests, only then)."""
 
     async def read_run(self, caller: Caller, run_id: str, after: int | None) -> RunView:
         """With its assistant message and, unless ``after`` is None, the event batches holding events after

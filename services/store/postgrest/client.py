@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 # Statuses worth another attempt: PostgREST's own 503 (PGRST000-002, 08*, 53*, 57P01) and 504 (PGRST003), and
 # Cloudflare's 520 in front of Supabase. Everything else is an answer, and asking again gives the same answer.
 TRANSIENT_STATUSES = frozenset({503, 504, 520})
+# Statuses that refuse the request itself: PostgreSQL's data exceptions (22*, a NUL in text, say) and constraint
+# violations (23*), a body too large. Asking again gets the same answer; asking without the part at fault may not.
+REJECTED_STATUSES = frozenset({400, 409, 413, 422})
 
 SCHEMA_CODES = frozenset({"PGRST200", "PGRST202", "PGRST204", "PGRST205", "PGRST106", "42P01", "42703", "42883"})
 
@@ -58,18 +61,25 @@ class PostgrestFailure(Exception):
     Never shown to clients: ``message`` can quote SQL values.
     """
 
-    def __init__(self, status: int, code: str, message: str, *, transient: bool) -> None:
+    def __init__(self, status: int, code: str, message: str, *, transient: bool, rejected: bool = False) -> None:
         super().__init__(f"HTTP {status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
         self.transient = transient
+        self.rejected = rejected  # the request's own content was at fault (``REJECTED_STATUSES``, or unencodable)
 
 
 def postgrest_failure(error: AppError) -> PostgrestFailure | None:
     """The upstream failure behind ``error``, for a store that refines the generic translation."""
     cause = error.__cause__
     return cause if isinstance(cause, PostgrestFailure) else None
+
+
+def is_rejected(error: AppError) -> bool:
+    """Whether ``error`` refused the request for what it held, which the same request would meet again."""
+    failure = postgrest_failure(error)
+    return failure is not None and failure.rejected
 
 
 class PostgrestClient:
@@ -242,6 +252,12 @@ class PostgrestClient:
             raise UpstreamUnavailable("The database is unreachable.", code="STORE_UNAVAILABLE") from _transport(
                 exc, transient=True
             )
+        except (ValueError, TypeError) as exc:
+            # httpx could not write the body as JSON (a lone surrogate, which UTF-8 cannot encode; NaN): never sent,
+            # and never sendable, as PostgREST refusing it would be. By type only: the error can quote the body.
+            logger.warning("PostgREST request not sent: its body cannot be encoded (%s)", type(exc).__name__)
+            failure = PostgrestFailure(0, type(exc).__name__, "unencodable body", transient=False, rejected=True)
+            raise UpstreamError("The request could not be encoded.", code="STORE_ERROR") from failure
 
 
 def parse_total(content_range: str | None) -> int | None:
@@ -284,7 +300,9 @@ def _failure(response: httpx.Response) -> PostgrestFailure:
     if isinstance(body, dict):
         code = str(body.get("code") or body.get("error_code") or code)
         message = str(body.get("message") or body.get("msg") or "")
-    return PostgrestFailure(response.status_code, code, message, transient=response.status_code in TRANSIENT_STATUSES)
+    status = response.status_code
+    return PostgrestFailure(status, code, message, transient=status in TRANSIENT_STATUSES,
+                            rejected=status in REJECTED_STATUSES)
 
 
 def _translate(failure: PostgrestFailure, retry_after: str | None = None) -> AppError:

@@ -17,7 +17,7 @@ from services.domains import BY_TABLE, Domain
 from services.store import (ActionDone, Caller, Conversation, ConversationKey, ConversationPage, EventBatch, MessageKey,
                             MessagePage, NewAction, NewRun, PendingAction, Run, RunBegun, RunControl, RunUpdate,
                             RunView, TurnLimits, UsageReport)
-from services.store.postgrest.client import PostgrestClient, postgrest_failure
+from services.store.postgrest.client import PostgrestClient, is_rejected, postgrest_failure
 from services.store.postgrest.params import (branch_seek, conversation_seek, filter_column, filter_value, is_uuid,
                                              owned, record_columns, record_order)
 from services.store.postgrest.rows import (action_done_of, bad_response, branch_page_of, budget_json, controls_of,
@@ -383,10 +383,7 @@ class PostgrestStore(QueryTiming):
         controls = {u.run_id: RunControl(gone=True) for u in updates if u.run_id not in self._write_keys}
         keyed = [update for update in updates if update.run_id in self._write_keys]
         for start in range(0, len(keyed), FLUSH_BATCH):
-            batch = keyed[start:start + FLUSH_BATCH]
-            args = {"p_updates": [update_json(update, self._write_keys[update.run_id]) for update in batch]}
-            rows = await self._rest.rpc_by_key("agent_runs_flush", args, idempotent=True)
-            controls.update(controls_of(rows))
+            controls.update(await self._flush_call(keyed[start:start + FLUSH_BATCH]))
         for update in updates:
             # Kept until the run's end is answered: a run ended elsewhere still sends its end, with the calls it
             # made meanwhile, which the key still records (017).
@@ -394,6 +391,23 @@ class PostgrestStore(QueryTiming):
             if control is not None and control.gone and update.final_status is not None:
                 self._write_keys.pop(update.run_id, None)
         return controls
+
+    async def _flush_call(self, updates: list[RunUpdate]) -> dict[str, RunControl]:
+        """One ``agent_runs_flush`` call. One bad update fails the whole call (PostgreSQL reads ``p_updates`` whole:
+        a NUL anywhere in it is 22P05), so a call refused for what it holds is sent again as two halves, until the
+        updates at fault are alone and reported ``rejected``: the others are written, for about two more calls per
+        bad update and halving, and only when there is one."""
+        args = {"p_updates": [update_json(update, self._write_keys[update.run_id]) for update in updates]}
+        try:
+            rows = await self._rest.rpc_by_key("agent_runs_flush", args, idempotent=True)
+        except UpstreamError as exc:
+            if not is_rejected(exc):
+                raise
+            if len(updates) == 1:
+                return {updates[0].run_id: RunControl(rejected=True)}
+            half = len(updates) // 2
+            return {**await self._flush_call(updates[:half]), **await self._flush_call(updates[half:])}
+        return controls_of(rows)
 
     @observed
     async def read_run(self, caller: Caller, run_id: str, after: int | None) -> RunView:

@@ -11,6 +11,7 @@ ledger and a turn's budgets are checked by ``usage.py`` (migration 8), in the sa
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from dataclasses import replace
@@ -57,6 +58,8 @@ CREATE TABLE agent_run_events (
     PRIMARY KEY (run_id, seq)
 ) WITHOUT ROWID;
 """
+
+logger = logging.getLogger(__name__)
 
 _RUN_COLUMNS = columns(Run)
 _STREAMING = "streaming"
@@ -150,16 +153,46 @@ def _start(
     return RunBegun("started", run, history)
 
 
+# What SQLite refuses in an update whenever it is sent: text it cannot encode (``UnicodeEncodeError`` is a
+# ``ValueError``), a value it cannot bind, a constraint. Anything else (a full disk, a lock) fails the whole flush.
+_REFUSED = (ValueError, TypeError, OverflowError, sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError,
+            sqlite3.ProgrammingError)
+
+
 def flush_runs(db: sqlite3.Connection, updates: list[RunUpdate]) -> dict[str, RunControl]:
-    """See ``Store.flush_runs``: every update in one write transaction, then the controls of the same runs."""
+    """See ``Store.flush_runs``: every update in one write transaction, each in a savepoint of its own, so one that
+    SQLite refuses is undone alone (``rejected``) and the others are written; then the controls of the same runs."""
     now = time.time()
+    applied: set[str] = set()
+    rejected: set[str] = set()
     with write_transaction(db):
-        applied = {update.run_id for update in updates if _apply(db, update, now)}
+        for update in updates:
+            written = _apply_alone(db, update, now)
+            if written is None:
+                rejected.add(update.run_id)
+            elif written:
+                applied.add(update.run_id)
         controls = _controls(db, [u.run_id for u in updates])
     return {
-        u.run_id: replace(controls.get(u.run_id, RunControl(gone=True, deleted=True)), applied=u.run_id in applied)
+        u.run_id: replace(controls.get(u.run_id, RunControl(gone=True, deleted=True)), applied=u.run_id in applied,
+                          rejected=u.run_id in rejected)
         for u in updates
     }
+
+
+def _apply_alone(db: sqlite3.Connection, update: RunUpdate, now: float) -> bool | None:
+    """``_apply`` in a savepoint: whether the update was written, or None when SQLite refused it (nothing of it is)."""
+    db.execute("SAVEPOINT run_update")
+    try:
+        written = _apply(db, update, now)
+    except _REFUSED as exc:
+        db.execute("ROLLBACK TO run_update")
+        db.execute("RELEASE run_update")
+        # By type only: the error's text can quote the answer.
+        logger.warning("SQLite refused a chat run's update (%s)", type(exc).__name__)
+        return None
+    db.execute("RELEASE run_update")
+    return written
 
 
 def _write_calls(db: sqlite3.Connection, update: RunUpdate, row: sqlite3.Row | None, now: float) -> None:
