@@ -202,7 +202,8 @@ class LiveRun:
         metadata = {"status": "error", "run_id": self.run.id, "error_code": RunNotSaved.code}
         batch = EventBatch(self._flushed + 1, seq, end)
         return RunUpdate(self.caller, self.run.id, self.run.assistant_message_id, batch, text, metadata,
-                         self.agent_type, heartbeat=True, final_status="error", calls=calls)
+                         self.agent_type, heartbeat=True, final_status="error", calls=calls,
+                         conversation_id=self.run.conversation_id)
 
     def committed(self, update: RunUpdate, now: float) -> None:
         if update.batch is not None:
