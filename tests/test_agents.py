@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -10,7 +10,7 @@ from starlette.testclient import TestClient
 
 from app import create_app
 from services.agents.assistant import HANDOFF_TOOL, LOOP_LIMIT_NOTE
-from services.agents.tools import tools_for
+from services.agents.tools import run_tool, tools_for
 from services.domains import BY_AGENT, DOMAINS
 from services.model import Stop, TextDelta, ToolUse, Usage
 from services.store import Caller
@@ -332,6 +332,35 @@ def test_valid_tool_arguments_pass(agent: str, action: str, arguments: Any) -> N
     from services.agents.tools import validate
 
     validate(_tool(agent, action).schema, arguments)
+
+
+def test_validation_answers_every_uuid_in_lower_case() -> None:
+    from services.agents.tools import validate
+
+    client = new_id()
+    checked = validate(_tool("invoices", "update").schema,
+                       {"id": RECORD.upper(), "changes": {"client_id": client.upper(), "notes": "AB"}})
+    assert checked == {"id": RECORD, "changes": {"client_id": client, "notes": "AB"}}
+
+
+@pytest.mark.anyio
+async def test_an_upper_case_uuid_names_the_same_record_on_both_stores(
+    store: Any, new_caller: Callable[[], Caller]
+) -> None:
+    """SQLite compares ids as text, PostgreSQL as uuids: the tools write and look up the canonical spelling only."""
+    caller, invoices = new_caller(), BY_AGENT["invoices"]
+    client = new_id()
+    created = await run_tool(store, caller, _tool("invoices", "create"), {**INVOICE, "client_id": client.upper()})
+    assert created.status == "success" and created.content["created"]["client_id"] == client
+    record_id = created.content["created"]["id"]
+    got = await run_tool(store, caller, _tool("invoices", "get"), {"id": record_id.upper()})
+    assert got.status == "success" and got.content["record"]["id"] == record_id
+    for spelling in (client, client.upper()):
+        listed = await run_tool(store, caller, _tool("invoices", "list"), {"client_id": spelling})
+        assert [row["id"] for row in listed.content["rows"]] == [record_id], spelling
+    prepared = await run_tool(store, caller, _tool("invoices", "delete"), {"id": record_id.upper()})
+    assert prepared.status == "confirmation_required" and prepared.shown["record_id"] == record_id
+    assert (await store.get_record(caller, invoices, record_id))["client_id"] == client
 
 
 @pytest.mark.parametrize("domain", DOMAINS, ids=[d.agent_type for d in DOMAINS])

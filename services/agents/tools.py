@@ -12,7 +12,9 @@ they change no record that exists.
 
 ``validate`` implements the subset of JSON Schema the schemas use, every keyword at every depth (inside arrays too);
 ``null`` is accepted only where a schema's ``type`` lists ``"null"``. Beyond the schemas, every number must be finite
-and within ``MAX_NUMBER`` (one both stores hold as sent), and every string, property names included, is bounded.
+and within ``MAX_NUMBER`` (one both stores hold as sent), and every string, property names included, is bounded. It
+answers the arguments with every uuid in the canonical lower case, so both stores compare it alike (SQLite compares
+text, PostgreSQL uuids).
 """
 
 from __future__ import annotations
@@ -176,12 +178,13 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def validate(schema: dict[str, Any], value: Any, path: str = "input", depth: int = 0) -> None:
+def validate(schema: dict[str, Any], value: Any, path: str = "input", depth: int = 0) -> Any:
     """Check ``value`` against ``schema``; raise ``ToolInputError``. Only these keywords are checked, at any depth,
     each on values of its kind: ``type`` (a name or a list), ``enum``, ``minimum``, ``maximum``, ``maxLength``,
     ``maxItems``, ``format`` (date, time, uuid, email), ``properties``, ``required``, ``additionalProperties``,
     ``minProperties``, ``maxProperties``, ``items``; a tool schema using any other would not be enforced. A null the
-    ``type`` allows means "no value", so no other keyword applies to it."""
+    ``type`` allows means "no value", so no other keyword applies to it. Answers ``value`` as the tools use it: every
+    ``uuid`` lower-cased."""
     if depth > MAX_DEPTH:
         raise ToolInputError(f"{path} is nested too deeply")
     expected = schema.get("type")
@@ -189,19 +192,20 @@ def validate(schema: dict[str, Any], value: Any, path: str = "input", depth: int
         names = expected if isinstance(expected, list) else [expected]
         raise ToolInputError(f"{path} must be of type {' or '.join(names)}")
     if value is None:
-        return
+        return None
     if "enum" in schema and value not in schema["enum"]:
         raise ToolInputError(f"{path} must be one of: {', '.join(schema['enum'])}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ToolInputError(f"{path} must be a finite number")  # NaN passes every minimum and maximum
     _check_bounds(schema, value, path)
     if isinstance(value, str):
-        _check_format(schema.get("format"), value, path)
-    elif isinstance(value, dict):
-        _check_object(schema, value, path, depth)
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            validate(schema.get("items", {}), item, f"{path}[{index}]", depth + 1)
+        return _check_format(schema.get("format"), value, path)
+    if isinstance(value, dict):
+        return _check_object(schema, value, path, depth)
+    if isinstance(value, list):
+        return [validate(schema.get("items", {}), item, f"{path}[{index}]", depth + 1)
+                for index, item in enumerate(value)]
+    return value
 
 
 def _is_type(value: Any, expected: str | list[str]) -> bool:
@@ -237,15 +241,19 @@ def _check_bounds(schema: dict[str, Any], value: Any, path: str) -> None:
             raise ToolInputError(f"{path} must have at most {schema['maxProperties']} fields")
 
 
-def _check_format(kind: str | None, value: str, path: str) -> None:
+def _check_format(kind: str | None, value: str, path: str) -> str:
+    """``value`` as the tools use it, once it is of its ``format``: a uuid in lower case, anything else as it is."""
     if kind == "date" and not _is_date(value):
         raise ToolInputError(f"{path} must be a date written YYYY-MM-DD")
     if kind == "time" and not _TIME.fullmatch(value):
         raise ToolInputError(f"{path} must be a time written HH:MM")
-    if kind == "uuid" and not is_canonical_uuid(value):
-        raise ToolInputError(f"{path} must be a record id (UUID)")
+    if kind == "uuid":
+        if not is_canonical_uuid(value):
+            raise ToolInputError(f"{path} must be a record id (UUID)")
+        return value.lower()  # the spelling every id is stored in: SQLite compares text, PostgreSQL uuids
     if kind == "email" and not _EMAIL.fullmatch(value):
         raise ToolInputError(f"{path} must be an email address")
+    return value
 
 
 def _is_date(value: str) -> bool:
@@ -258,21 +266,23 @@ def _is_date(value: str) -> bool:
     return True
 
 
-def _check_object(schema: dict[str, Any], value: dict[str, Any], path: str, depth: int) -> None:
+def _check_object(schema: dict[str, Any], value: dict[str, Any], path: str, depth: int) -> dict[str, Any]:
     for name in schema.get("required", []):
         if value.get(name) is None:
             raise ToolInputError(f"{path}.{name} is required")
     properties = schema.get("properties", {})
     additional = schema.get("additionalProperties", {})  # JSON Schema's default: any value, under our bounds
+    checked: dict[str, Any] = {}
     for name, item in value.items():
         if name in properties:
-            validate(properties[name], item, f"{path}.{name}", depth + 1)
+            checked[name] = validate(properties[name], item, f"{path}.{name}", depth + 1)
             continue
         if len(name) > MAX_NAME:
             raise ToolInputError(f"{path} has a field name longer than {MAX_NAME} characters")
         if additional is False:
             raise ToolInputError(f"{path}.{name} is not a known field")
-        validate(additional if isinstance(additional, dict) else {}, item, f"{path}.{name}", depth + 1)
+        checked[name] = validate(additional if isinstance(additional, dict) else {}, item, f"{path}.{name}", depth + 1)
+    return checked
 
 
 # -- execution ----------------------------------------------------------------------------------------------------
@@ -284,7 +294,7 @@ async def run_tool(
     """Validate, then run one tool call as the caller, or keep it as a pending action for ``action_ttl`` seconds
     when it needs the user's confirmation. Never raises: failures become error results."""
     try:
-        validate(tool.schema, arguments)
+        arguments = validate(tool.schema, arguments)
         if tool.needs_confirmation(arguments):
             return await _prepare(store, caller, tool, arguments, action_ttl)
         return ToolResult("success", await _execute(store, caller, tool, arguments))
