@@ -306,6 +306,10 @@ INVOICE = {"invoice_number": "INV-1", "client_name": "Ada", "due_date": "2026-12
         ("invoices", "get", {"id": "{" + RECORD.replace("-", "") + "}"}, "UUID"),
         ("invoices", "get", {"id": RECORD.replace("-", "")}, "UUID"),
         ("invoices", "list", {"limit": float("nan")}, "must be of type integer"),
+        # a field name holds no character a store cannot keep, as a value does not
+        ("invoices", "create", {**INVOICE, "line_items": [{"it\x00em": "Primer"}]}, "field names must not .*NUL"),
+        ("invoices", "create", {**INVOICE, "line_items": [{"it\ud800em": "Primer"}]}, "field names .*surrogate"),
+        ("invoices", "create", {**INVOICE, "notes": "half \udc00"}, "input.notes must not .*surrogate"),
     ],
 )
 def test_tool_arguments_are_validated_at_every_depth(agent: str, action: str, arguments: Any, message: str) -> None:
@@ -361,6 +365,23 @@ async def test_an_upper_case_uuid_names_the_same_record_on_both_stores(
     prepared = await run_tool(store, caller, _tool("invoices", "delete"), {"id": record_id.upper()})
     assert prepared.status == "confirmation_required" and prepared.shown["record_id"] == record_id
     assert (await store.get_record(caller, invoices, record_id))["client_id"] == client
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", ["it\x00em", "it\ud800em"], ids=["nul", "lone-surrogate"])
+async def test_a_field_name_a_store_cannot_keep_is_refused_on_both_stores(
+    store: Any, new_caller: Callable[[], Caller], name: str
+) -> None:
+    caller = new_caller()
+    created = await run_tool(store, caller, _tool("invoices", "create"), {**INVOICE, "line_items": [{name: "Primer"}]})
+    assert created.status == "error" and "field names must not" in created.content["error"], created.content
+    kept = await run_tool(store, caller, _tool("invoices", "create"), INVOICE)
+    changes = {"line_items": [{name: "Primer"}]}
+    prepared = await run_tool(store, caller, _tool("invoices", "update"),
+                              {"id": kept.content["created"]["id"], "changes": changes})
+    assert prepared.status == "error" and "field names must not" in prepared.content["error"], prepared.content
+    listed = await run_tool(store, caller, _tool("invoices", "list"), {})
+    assert listed.content["count"] == 1
 
 
 @pytest.mark.parametrize("domain", DOMAINS, ids=[d.agent_type for d in DOMAINS])

@@ -12,9 +12,9 @@ they change no record that exists.
 
 ``validate`` implements the subset of JSON Schema the schemas use, every keyword at every depth (inside arrays too);
 ``null`` is accepted only where a schema's ``type`` lists ``"null"``. Beyond the schemas, every number must be finite
-and within ``MAX_NUMBER`` (one both stores hold as sent), and every string, property names included, is bounded. It
-answers the arguments with every uuid in the canonical lower case, so both stores compare it alike (SQLite compares
-text, PostgreSQL uuids).
+and within ``MAX_NUMBER`` (one both stores hold as sent), and every string, property names included, is bounded and
+holds no character a store cannot keep (NUL, a lone surrogate). It answers the arguments with every uuid in the
+canonical lower case, so both stores compare it alike (SQLite compares text, PostgreSQL uuids).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from errors import AppError, NotFound
 from services.agents import actions
 from services.domains import Column, Domain
 from services.store import ActionKind, Caller, NewAction, Store, is_canonical_uuid
+from services.store.text import UNSTORABLE
 
 logger = logging.getLogger(__name__)
 
@@ -230,8 +231,7 @@ def _check_bounds(schema: dict[str, Any], value: Any, path: str) -> None:
         limit = schema.get("maxLength", MAX_TEXT)  # every string is bounded, described or not
         if len(value) > limit:
             raise ToolInputError(f"{path} must be at most {limit} characters")
-        if "\x00" in value:  # PostgreSQL's text cannot hold it: refused on both stores alike
-            raise ToolInputError(f"{path} must not contain a NUL character")
+        _check_storable(value, path)
     elif isinstance(value, list) and "maxItems" in schema and len(value) > schema["maxItems"]:
         raise ToolInputError(f"{path} must have at most {schema['maxItems']} items")
     elif isinstance(value, dict):
@@ -239,6 +239,13 @@ def _check_bounds(schema: dict[str, Any], value: Any, path: str) -> None:
             raise ToolInputError(f"{path} must not be empty")
         if "maxProperties" in schema and len(value) > schema["maxProperties"]:
             raise ToolInputError(f"{path} must have at most {schema['maxProperties']} fields")
+
+
+def _check_storable(text: str, what: str) -> None:
+    """Refuse what no store keeps alike: PostgreSQL's text cannot hold a NUL, and no UTF-8 encoder (SQLite's
+    binding, httpx's JSON) can write a lone surrogate. Refused on both stores alike, in values and names."""
+    if UNSTORABLE.search(text):
+        raise ToolInputError(f"{what} must not contain a NUL character or half a surrogate pair")
 
 
 def _check_format(kind: str | None, value: str, path: str) -> str:
@@ -279,6 +286,7 @@ def _check_object(schema: dict[str, Any], value: dict[str, Any], path: str, dept
             continue
         if len(name) > MAX_NAME:
             raise ToolInputError(f"{path} has a field name longer than {MAX_NAME} characters")
+        _check_storable(name, f"{path}'s field names")
         if additional is False:
             raise ToolInputError(f"{path}.{name} is not a known field")
         checked[name] = validate(additional if isinstance(additional, dict) else {}, item, f"{path}.{name}", depth + 1)
