@@ -26,7 +26,7 @@ import pytest
 from playwright.sync_api import Browser, expect
 
 from app import create_app
-from services.model.local_changes import Intent, find_date, find_time, intent
+from services.model.local_changes import Intent, find_date, find_time, intent, matching
 from services.domains import BY_AGENT, BY_TABLE
 from services.store import Caller, sample_data
 from settings import Settings
@@ -157,6 +157,22 @@ def test_an_unknown_record_gets_a_clear_answer_and_nothing_to_confirm(
     assert "I couldn't find that contact among your contacts (" in streamed_text(named)
     assert "Summit Paint Supply" in streamed_text(named)  # it says which there are
     assert on_store(settings, lambda store: store.list_records(caller, BY_TABLE["invoices"], {}, 100)) == before
+    assert len(on_store(settings, lambda store: store.list_records(caller, BY_TABLE["contacts"], {}, 100))) == 3
+
+
+def test_a_namesake_is_not_found_rather_than_changed(
+    live: LiveServer, settings: Settings, auth_headers: AuthHeaders, sample_user: str
+) -> None:
+    """Maria Lopez shares a word with "Delete the contact Maria Gonzalez" but is not the contact it names. A change
+    is only prepared for the record the message names (its number, or its whole name, or every word it names it
+    by); on both stores, for a delete and an update alike."""
+    user = sample_user
+    for message in ("Delete the contact Maria Gonzalez", "Cancel Maria Gonzalez's appointment",
+                    "Set the Oakridge Gardens project to on hold"):
+        items = ask(live, auth_headers, user, message)
+        assert not pending(items), (message, [p["summary"] for p in pending(items)])
+        assert "I couldn't find that " in streamed_text(items), message
+    caller = caller_for(auth_headers, user)
     assert len(on_store(settings, lambda store: store.list_records(caller, BY_TABLE["contacts"], {}, 100))) == 3
 
 
@@ -315,6 +331,23 @@ def test_a_delete_names_the_record_itself(agent: str, text: str) -> None:
 ])
 def test_a_new_date_goes_to_the_date_the_message_names(agent: str, text: str, column: str) -> None:
     assert intent(BY_AGENT[agent], text, TODAY) == Intent("update", {column: "2027-03-01"})
+
+
+NAMED = [{"id": "1", "name": "Maria Lopez"}, {"id": "2", "name": "Oakridge HOA"},
+         {"id": "3", "name": "Summit Paint Supply"}]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("Delete the contact Maria Lopez", ["1"]),  # the whole name
+    ("Delete Maria's contact", ["1"]),  # every word it is named by is hers
+    ("Mark the Oakridge contact as a supplier", ["2"]),
+    ("Delete the contact Summit Paint Supply at 2pm", ["3"]),
+    ("Delete the contact Maria Gonzalez", []),  # a namesake shares only some of the words
+    ("Delete the contact Gonzalez", []),
+    ("Delete the Oakridge Summit contact", []),
+])
+def test_a_record_is_matched_only_by_what_names_it(text: str, expected: list[str]) -> None:
+    assert [row["id"] for row in matching(BY_AGENT["contacts"], NAMED, text)] == expected
 
 
 # -- the playground, in Chromium ----------------------------------------------------------------------------------

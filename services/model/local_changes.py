@@ -2,11 +2,12 @@
 language model: fixed rules over words (``local.py``); docs/assistant.md has the table of what they understand.
 
 A change is two tool calls, as a model makes them: the domain's list tool, to find the record the message names (by
-its number, "INV-1043" or "invoice 1043", else by its name, title or client), then ``update_<one>`` or
-``delete_<one>`` with that record's id. Those only prepare a pending action (``services/agents/actions.py``). The
-intents are tried in this order: delete, a status (a change verb with a vocabulary word, or a verb that names one),
-a new date and/or time. A question or a message with a negation ("don't delete invoice 1042", "mark it as not paid")
-is never a change: the rules would read it backwards, so they read it as no change at all.
+its number, "INV-1043" or "invoice 1043", else by its name, title or client, whole or every word the message names it
+by), then ``update_<one>`` or ``delete_<one>`` with that record's id. Those only prepare a pending action
+(``services/agents/actions.py``). The intents are tried in this order: delete, a status (a change verb with a
+vocabulary word, or a verb that names one), a new date and/or time. A question or a message with a negation ("don't
+delete invoice 1042", "mark it as not paid") is never a change: the rules would read it backwards, so they read it
+as no change at all.
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ def change_call(domain: Domain, wanted: Intent, rows: list[dict[str, Any]], text
 
 def matching(domain: Domain, rows: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
     """The rows ``text`` names: by number when it gives one; else those whose name, title or client it holds whole;
-    else those sharing the most of its distinctive words."""
+    else those whose name, title or client holds every distinctive word of it. Sharing only some of those words is
+    no match: "Maria Gonzalez" does not name Maria Lopez, and a change is only prepared for the record named."""
     lowered = text.lower()
     names = _naming(domain)
     numbers = {digits for _, digits in _numbers(lowered)}
@@ -140,11 +142,11 @@ def matching(domain: Domain, rows: list[dict[str, Any]], text: str) -> list[dict
     whole = [r for r in rows if any(_holds(lowered, r.get(n)) for n in names)]
     if whole:
         return whole
-    wanted = _distinctive(domain, lowered)
-    scores = [len(wanted & set(re.findall(r"[a-z0-9]+", " ".join(str(r.get(n) or "") for n in names).lower())))
-              for r in rows]
-    best = max(scores, default=0)
-    return [row for row, score in zip(rows, scores) if best and score == best]
+    wanted = _distinctive(domain, _without_times(lowered))
+    if not wanted:
+        return []
+    return [r for r in rows
+            if wanted <= set(re.findall(r"[a-z0-9]+", " ".join(str(r.get(n) or "") for n in names).lower()))]
 
 
 def _new_date(domain: Domain, lowered: str, today: date) -> Intent | None:
@@ -305,8 +307,9 @@ def _numbers(text: str) -> list[tuple[str, str]]:
 
 
 def _without_times(text: str) -> str:
-    """``text``, lowered, without its dates and times, whose digits are no record number."""
-    lowered = _CLOCK.sub(" ", _ISO_DATE.sub(" ", text.lower()))
+    """``text``, lowered, without its dates and times, whose digits are no record number and whose words name no
+    record."""
+    lowered = _HOUR.sub(" ", _CLOCK.sub(" ", _ISO_DATE.sub(" ", text.lower())))
     for match in reversed(_month_days(lowered)):
         lowered = lowered[:match.start()] + " " + lowered[match.end():]
     return lowered
