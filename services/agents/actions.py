@@ -16,6 +16,7 @@ from typing import Any
 
 from services.domains import Domain
 from services.store import ActionDone, ActionKind, PendingAction
+from services.store.numbers import holds_number_text
 
 DEFAULT_TTL_SECONDS = 600.0  # ACTION_TTL_SECONDS: long enough to read the summary, short enough to stay current
 # A summary is shown whole or not at all: a change that needs more to be shown is refused, not cut. The stores keep
@@ -42,6 +43,14 @@ def before_values(domain: Domain, kind: ActionKind, record: dict[str, Any],
     return {name: record.get(name) for name in names}
 
 
+def inexact_columns(before: dict[str, Any]) -> list[str]:
+    """The columns of ``before`` a confirmation could not compare with what the database holds: JSON (line items)
+    holding a number no double holds, read as its text (``services/store/numbers.py``). A confirmation compares each
+    value at its column's type, so such a number in a numeric column is compared whole, but inside JSON its text
+    would be a string where the database holds a number: the record would never match."""
+    return [name for name, value in before.items() if isinstance(value, (list, dict)) and holds_number_text(value)]
+
+
 def describe(domain: Domain, kind: ActionKind, record: dict[str, Any], changes: dict[str, Any] | None) -> str:
     """The summary the user confirms, every value whole: ``Delete contact "Ada Lopez": phone "555-0101".`` or
     ``Change invoice "INV-1043": status "sent" → "paid"; line items [] → [{"item": "Primer", "price": 99999}].``"""
@@ -60,7 +69,7 @@ def shown(value: Any) -> str:
     value exactly and nothing in it is hidden. Only a missing value (null) reads ``(empty)``; ``""`` is itself."""
     if value is None:
         return "(empty)"
-    text = json.dumps(_whole_numbers(value), ensure_ascii=False, separators=(", ", ": "))
+    text = json.dumps(_whole_numbers(value), ensure_ascii=False, separators=(", ", ": "), allow_nan=False)
     return "".join(_visible(char) for char in text)
 
 
@@ -140,3 +149,11 @@ def too_large_to_show() -> str:
     """The tool error for a change whose summary would pass ``MAX_SUMMARY``: the user could not read it whole."""
     return (f"This change is too large to show the user for confirmation (more than {MAX_SUMMARY} characters); "
             "make it in smaller parts.")
+
+
+def inexact_to_confirm(domain: Domain, columns: list[str]) -> str:
+    """The tool error for a change ``inexact_columns`` found: it could be shown, but never confirmed as shown."""
+    names = ", ".join(_label(column) for column in columns)
+    return (f"This {domain.singular}'s {names} holds a number with more digits than the assistant can write back "
+            "exactly (it was written outside the assistant), so this change cannot be prepared here. Tell the user "
+            "to make it in the app.")

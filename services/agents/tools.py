@@ -343,10 +343,12 @@ async def _prepare(
     record = await store.get_record(caller, domain, arguments["id"])
     kind: ActionKind = "delete" if tool.action == "delete" else "update"
     changes = arguments["changes"] if kind == "update" else None
+    before = actions.before_values(domain, kind, record, changes)
+    if inexact := actions.inexact_columns(before):  # the confirmation compares what the user was shown
+        return ToolResult("error", {"error": actions.inexact_to_confirm(domain, inexact)})
     summary = actions.describe(domain, kind, record, changes)
     if len(summary) > actions.MAX_SUMMARY:  # shown whole or not kept: the user confirms only what they can read
         return ToolResult("error", {"error": actions.too_large_to_show()})
-    before = actions.before_values(domain, kind, record, changes)
     new = NewAction(domain.table, tool.name, kind, record["id"], changes, summary, before)
     pending = await store.create_action(caller, new, ttl)
     return ToolResult("confirmation_required", actions.for_model(pending), actions.for_stream(pending))

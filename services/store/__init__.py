@@ -9,7 +9,8 @@ else is ``ConversationNotFound`` in both cases, so existence is never revealed.
 The package owns the records and the protocol (this module, which every layer above may import), what both backends
 share (``shared.py``, for the backends only), the two backends, the form of a run's event log that both write
 (``run_log.py``), what a search means (``search.py``), the text both keep alike (``text.py``: what the model's strings
-are made into before anything stores or sends them), and which backend the settings name (``build.py``, for the
+are made into before anything stores or sends them), the numbers only PostgreSQL holds (``numbers.py``: read as their
+exact text, never as a rounded or non-finite float), and which backend the settings name (``build.py``, for the
 composition root and the command-line tools). It imports nothing above it: not the agents, the runs, the model or
 the web edge.
 """

@@ -22,6 +22,7 @@ What this layer owns, so the store (conversations, business records, rate limits
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from errors import AppError, Forbidden, NotFound, Unauthorized, UpstreamError, U
 from services.http_pool import ONE_CONNECTION, Connections, PoolBusy
 from services.retry import RetryPolicy, with_retry
 from services.store import Caller
+from services.store.numbers import NumberText, json_integer, json_number
 from settings import ConfigError, Settings, is_privileged_key
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,11 @@ TRANSIENT_STATUSES = frozenset({503, 504, 520})
 # Statuses that refuse the request itself: PostgreSQL's data exceptions (22*, a NUL in text, say) and constraint
 # violations (23*), a body too large. Asking again gets the same answer; asking without the part at fault may not.
 REJECTED_STATUSES = frozenset({400, 409, 413, 422})
+
+# Every answer's numbers as the store reads them (services/store/numbers.py): a float only when it is exactly the
+# number the database sent, else its text (NaN, Infinity, more digits than a double keeps). Made once: json.loads
+# with options builds a decoder per call.
+_DECODER = json.JSONDecoder(parse_float=json_number, parse_int=json_integer, parse_constant=NumberText)
 
 SCHEMA_CODES = frozenset({"PGRST200", "PGRST202", "PGRST204", "PGRST205", "PGRST106", "42P01", "42703", "42883"})
 
@@ -274,7 +281,7 @@ def _json(response: httpx.Response) -> Any:
     if response.status_code == 204 or not response.content:
         return None
     try:
-        return response.json()
+        return _DECODER.decode(response.text)
     except ValueError as exc:
         raise UpstreamError("The database returned an unreadable response.", code="STORE_BAD_RESPONSE") from exc
 

@@ -19,6 +19,7 @@ from services.domains import BY_TABLE, Column, Domain
 from services.store import (TIMESTAMP_FORMAT, ActionDone, BeginOutcome, BudgetRefusal, CallUsage, Conversation, Message,
                             MessageKey, MessagePage, PendingAction, Run, RunBegun, RunControl, RunUpdate, TurnBudget,
                             UsageReport)
+from services.store.numbers import as_double
 from services.store.shared import from_row, page_of_messages, with_siblings
 
 T = TypeVar("T")
@@ -175,9 +176,10 @@ def action_done_of(result: dict[str, Any]) -> ActionDone:
 
 
 def record_of(domain: Domain, row: dict[str, Any]) -> dict[str, Any]:
-    """A PostgREST row as SQLite's ``_decode`` returns it: same keys in the same order, same value types."""
-    # OverflowError: a numeric past a double's range, written by another client (the tools refuse one), is no float.
-    with reading(OverflowError, bad=_bad_row):
+    """A PostgREST row as SQLite's ``_decode`` returns it: same keys in the same order, same value types, but for
+    what only PostgreSQL holds, read whole: a numeric no double holds is its text (``services/store/numbers.py``),
+    a time with seconds ``HH:MM:SS``."""
+    with reading(bad=_bad_row):
         record: dict[str, Any] = {"id": row["id"], "user_id": row["user_id"]}
         for column in domain.columns:
             record[column.name] = _value(column, row[column.name])
@@ -186,16 +188,21 @@ def record_of(domain: Domain, row: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def _hours_minutes(value: Any) -> str:
-    return str(value)[:5]
+def _time(value: Any) -> str:
+    """PostgreSQL's time (``09:30:00``) as the tools write it (``HH:MM``) when that is all it holds; one with seconds
+    (``09:30:15``, ``09:30:15.5``, written through the Data API) whole, so it is shown, and compared when a change is
+    confirmed, as it is."""
+    text = str(value)
+    return text[:5] if text[5:] in ("", ":00") else text
 
 
-_READ_VALUE: dict[str, Callable[[Any], Any]] = {"number": float, "integer": int, "time": _hours_minutes}
+_READ_VALUE: dict[str, Callable[[Any], Any]] = {"number": as_double, "integer": int, "time": _time}
 
 
 def _value(column: Column, value: Any) -> Any:
-    """numeric → float (SQLite's REAL; PostgREST sends numerics as JSON numbers, ints when whole); time → ``HH:MM``
-    (PostgreSQL renders ``09:30:00``); dates, uuids, text and jsonb already read as SQLite's do."""
+    """numeric → float (SQLite's REAL; PostgREST sends numerics as JSON numbers, ints when whole) or its exact text;
+    time → ``HH:MM`` unless it has seconds; dates, uuids, text and jsonb already read as SQLite's do (a jsonb number
+    no double holds is already its text: the client reads every answer so)."""
     read = _READ_VALUE.get(column.type)
     return value if value is None or read is None else read(value)
 
