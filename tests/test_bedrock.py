@@ -32,7 +32,7 @@ from services.model import ModelEvent, ModelRequest, ModelUsed, Stop, TextDelta,
 from services.model.bedrock import BedrockModel
 from services.model.bedrock_errors import BEDROCK_ERRORS, FAILURES
 from services.model.build import build_model
-from services.model.converse import ConverseStreamDecoder, converse_messages
+from services.model.converse import ConverseStreamDecoder, converse_messages, request_body
 from services.runs import manager as runs_module
 from settings import Settings
 from tests.conftest import AuthHeaders
@@ -248,6 +248,33 @@ def test_every_string_the_model_sends_leaves_the_decoder_as_text_both_stores_kee
     for string in _strings(events):
         string.encode()  # UTF-8, as SQLite binds it, httpx sends it and web/sse.py writes it
         assert "\x00" not in string or string in (f"key{kept}", f"value{kept}")
+
+
+def test_a_number_json_cannot_write_stays_the_models_text_and_the_next_request_is_json() -> None:
+    """json.loads takes NaN and Infinity, and reads 1e400 as infinity; the tool refuses them, but the input goes back to
+    Bedrock in the next request, whose body must be JSON (RFC 8259; Bedrock parses strictly)."""
+    raw = '{"changes": {"amount_paid": NaN, "line_items": [{"price": 1e400, "qty": -Infinity, "unit": 2.5}]}}'
+    decoder = ConverseStreamDecoder()
+    (tool,) = [e for e in decoder.feed(b"".join(tool_use(1, "t1", "update_invoice", [raw]))) if isinstance(e, ToolUse)]
+    assert tool.input == {"changes": {"amount_paid": "NaN",
+                                      "line_items": [{"price": "1e400", "qty": "-Infinity", "unit": 2.5}]}}
+    turn = [{"role": "user", "content": [{"text": "pay"}]},
+            {"role": "assistant",
+             "content": [{"toolUse": {"toolUseId": "t1", "name": tool.name, "input": tool.input}}]},
+            {"role": "user", "content": [{"toolResult": {"toolUseId": "t1", "content": [{"json": {"error": "no"}}],
+                                                          "status": "error"}}]}]
+    json.loads(request_body(ModelRequest("system", turn, []), 100, 0.0), parse_constant=_not_json)
+
+
+def test_a_request_holding_a_number_json_cannot_write_is_never_sent() -> None:
+    turn = [{"role": "user", "content": [{"toolResult": {"toolUseId": "t", "content": [{"json": {"x": float("nan")}}],
+                                                          "status": "success"}}]}]
+    with pytest.raises(ValueError):
+        request_body(ModelRequest("system", turn, []), 100, 0.0)
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
 
 
 @pytest.mark.parametrize("step", [1, 7, 10_000], ids=["every-byte", "every-7-bytes", "one-read"])

@@ -6,6 +6,7 @@ Pure functions and one decoder, no I/O: ``bedrock.py`` sends the request and fee
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
@@ -80,7 +81,8 @@ def request_body(request: ModelRequest, max_tokens: int, temperature: float) -> 
         body["system"] = [{"text": request.system}]
     if request.tools:
         body["toolConfig"] = {"tools": request.tools}
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    # RFC 8259 has no NaN or Infinity and Bedrock parses strictly: a number that is not finite is a bug, never sent.
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
 
 
 def signed_headers(url: str, body: bytes, credentials: ReadOnlyCredentials, region: str) -> dict[str, str]:
@@ -184,7 +186,7 @@ class ConverseStreamDecoder:
             return None
         tool_use_id, name, fragments = block
         raw = "".join(fragments)
-        tool_input = json.loads(raw) if raw.strip() else {}
+        tool_input = _TOOL_INPUT.decode(raw) if raw.strip() else {}
         if not isinstance(tool_input, dict):
             raise TypeError("tool input is not a JSON object")
         return ToolUse(tool_use_id=tool_use_id, name=name, input=_encodable(tool_input))
@@ -211,6 +213,18 @@ _HANDLERS: dict[str, Callable[[ConverseStreamDecoder, dict[str, Any]], ModelEven
     "messageStop": ConverseStreamDecoder._message_stop,
     "metadata": ConverseStreamDecoder._metadata,
 }
+
+
+def _number_or_text(text: str) -> float | str:
+    """A number a tool input spells: a float, or the model's own text when a double cannot hold it (``1e400`` would be
+    infinite). Kept as text, it goes back to Bedrock as valid JSON, and a tool refuses it as no number."""
+    value = float(text)
+    return value if math.isfinite(value) else text
+
+
+# A tool input as the model wrote it, except that what JSON has no number for (NaN, Infinity, which json.loads takes,
+# and numbers past a double's range) stays the model's text: the next request echoes the input, and must be JSON.
+_TOOL_INPUT = json.JSONDecoder(parse_float=_number_or_text, parse_constant=str)
 
 
 def _encodable(value: Any) -> Any:

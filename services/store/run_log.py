@@ -76,7 +76,7 @@ def _escape(match: re.Match[str]) -> str:
 def frame(seq: int | None, item: dict[str, Any]) -> str:
     """One SSE event. ``seq`` None: a frame outside the run's log (the shutdown notice), so it carries no id and a
     client's ``Last-Event-ID`` stays at the last event it really got."""
-    data = _LINE_BREAKING.sub(_escape, json.dumps(item, separators=(",", ":"), ensure_ascii=False))
+    data = _LINE_BREAKING.sub(_escape, json.dumps(item, separators=(",", ":"), ensure_ascii=False, allow_nan=False))
     return f"data: {data}\n\n" if seq is None else f"id: {seq}\ndata: {data}\n\n"
 
 

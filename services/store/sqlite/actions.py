@@ -64,7 +64,7 @@ def create_action(db: sqlite3.Connection, caller: Caller, new: NewAction, ttl_se
         db.execute(
             f"INSERT OR IGNORE INTO pending_actions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
             (new.id, caller.user_id, new.table, new.tool, new.kind, new.record_id,
-             None if new.changes is None else json.dumps(new.changes), json.dumps(new.before), new.summary, now,
+             None if new.changes is None else _strict(new.changes), _strict(new.before), new.summary, now,
              now + ttl_seconds),
         )
         return _action(_fetch(db, caller, new.id))
@@ -103,6 +103,11 @@ def _check_unchanged(db: sqlite3.Connection, caller: Caller, domain: Domain, act
     current = sqlite_records.get_record(db, caller, domain, action.record_id)
     if any(_same(value) != _same(current.get(name)) for name, value in (action.before or {}).items()):
         raise RecordChanged()
+
+
+def _strict(value: Any) -> str:
+    """``value`` as strict JSON, as PostgreSQL's jsonb keeps it (no NaN, no Infinity)."""
+    return json.dumps(value, allow_nan=False)
 
 
 def _same(value: Any) -> str:

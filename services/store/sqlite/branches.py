@@ -51,7 +51,8 @@ def write_message(
     The row is not read back: every statement costs the writer thread a round trip for the GIL."""
     db.execute(
         f"INSERT OR IGNORE INTO agent_messages ({MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (message_id, conversation_id, role, content, None, json.dumps(metadata or {}), utc_now(), parent_id),
+        (message_id, conversation_id, role, content, None, json.dumps(metadata or {}, allow_nan=False), utc_now(),
+         parent_id),
     )
 
 

@@ -87,7 +87,7 @@ def delete_record(db: sqlite3.Connection, caller: Caller, domain: Domain, record
 
 def _encode(column: Column | None, value: Any) -> Any:
     if column is not None and column.type == "json":
-        return json.dumps(value)
+        return json.dumps(value, allow_nan=False)  # strict JSON, as PostgreSQL's jsonb takes it
     return value
 
 
