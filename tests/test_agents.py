@@ -193,6 +193,101 @@ def test_create_and_update_through_tools(scripted: Any, auth_headers: AuthHeader
     assert updated["notes"] == "Gate code 1234" and updated["invoice_number"] == "INV-2001"
 
 
+# -- what tool results may add to a prompt (services/agents/results.py) -------------------------------------------
+
+TEXT = "x" * 2000  # a text column at the tools' own bound (MAX_TEXT)
+
+
+def _caller(auth: AuthHeaders, user: str) -> Caller:
+    return Caller(user, auth(user).get("Authorization", "").removeprefix("Bearer ") or None)
+
+
+def seed_invoices(client: TestClient, auth: AuthHeaders, user: str, count: int, **values: Any) -> list[str]:
+    """``count`` invoices of the user's, straight into the app's store."""
+    caller, ids = _caller(auth, user), [new_id() for _ in range(count)]
+    for n, record_id in enumerate(ids):
+        row = {"id": record_id, "invoice_number": f"INV-{n:04}", "client_name": "Ada", "due_date": "2026-12-01",
+               "total_amount": 1, "status": "draft", "line_items": [], **values}
+        store = client.app_state["store"]  # type: ignore[index]
+        client.portal.call(store.insert_record, caller, BY_AGENT["invoices"], row)  # type: ignore[union-attr]
+    return ids
+
+
+def listed(client: TestClient, auth: AuthHeaders, user: str) -> list[str]:
+    """The ids of the user's invoices in the list's order, as the store answers them."""
+    rows = client.portal.call(client.app_state["store"].list_records, _caller(auth, user),  # type: ignore[union-attr]
+                              BY_AGENT["invoices"], {}, 100)
+    return [row["id"] for row in rows]
+
+
+def tool_results(request: Any) -> dict[str, dict[str, Any]]:
+    return {block["toolResult"]["toolUseId"]: block["toolResult"]["content"][0]["json"]
+            for message in request.messages for block in message["content"] if "toolResult" in block}
+
+
+def test_a_turns_tool_results_are_cut_each_and_together_to_what_a_prompt_may_carry(
+    scripted: Any, auth_headers: AuthHeaders, user_id: str
+) -> None:
+    """Unbounded, 100 invoices of 2,000-character texts and two list calls send 3.7 million characters in one call."""
+    from services.agents.results import MAX_RESULT_CHARS, MAX_TURN_CHARS, SPENT, size
+    from services.model import prompt_tokens
+
+    client = scripted(ScriptedCalls([]))
+    seed_invoices(client, auth_headers, user_id, 30, client_name=TEXT, notes=TEXT, terms=TEXT)
+    listing = [ToolUse(f"l{n}", "list_invoices", {"limit": 100}) for n in range(8)]
+    model = ScriptedCalls([handoff("invoices"), [*listing, Stop("tool_use")],
+                           [ToolUse("g", "get_invoice", {"id": new_id()}), Stop("tool_use")],
+                           [TextDelta("done"), Stop("end_turn")]])
+    client = scripted(model)
+    items = send(client, auth_headers, user_id, "Show my invoices")
+    results = tool_results(model.requests[-1])
+    assert all(size(result) <= MAX_RESULT_CHARS for result in results.values())
+    # Only the short refusals once the turn's share is spent (SPENT) may pass what was left.
+    assert sum(size(result) for result in results.values()) <= MAX_TURN_CHARS + 1_000
+    first = results["l0"]
+    assert first["truncated"] is True and first["found"] == 30 and 0 < first["count"] == len(first["rows"]) < 30
+    assert [row["id"] for row in first["rows"]] == listed(client, auth_headers, user_id)[:first["count"]]
+    assert "Narrow the query" in first["note"]
+    assert results["l7"] == results["g"] == {"error": SPENT}  # the turn's share was spent: neither ran
+    assert [i["tool_call"]["status"] for i in items if i["type"] == "tool_call"][-2:] == ["started", "error"]
+    assert prompt_tokens(model.requests[-1]) < (MAX_TURN_CHARS + 20_000) // 4  # tools, prompt and tool schemas
+
+
+def test_a_record_too_large_for_a_tool_result_keeps_its_smaller_fields(
+    scripted: Any, auth_headers: AuthHeaders, user_id: str
+) -> None:
+    from services.agents.results import MAX_RESULT_CHARS, size
+
+    client = scripted(ScriptedCalls([]))
+    items = [{f"k{n}": "y" * 500 for n in range(20)}] * 100  # what create_invoice accepts: ~1 million characters
+    (record_id,) = seed_invoices(client, auth_headers, user_id, 1, line_items=items, notes=TEXT)
+    model = ScriptedCalls([handoff("invoices"), [ToolUse("g", "get_invoice", {"id": record_id}), Stop("tool_use")],
+                           [TextDelta("done"), Stop("end_turn")]])
+    send(scripted(model), auth_headers, user_id, "Show it")
+    result = tool_results(model.requests[-1])["g"]
+    assert size(result) <= MAX_RESULT_CHARS and result["left_out"] == ["line_items"]
+    assert result["record"]["id"] == record_id and result["record"]["notes"] == TEXT
+    assert "The user can see them in the app" in result["note"]
+
+
+def test_the_local_responder_says_a_list_was_cut(client: TestClient, auth_headers: AuthHeaders, user_id: str) -> None:
+    seed_invoices(client, auth_headers, user_id, 10, notes=TEXT, terms=TEXT)
+    text = streamed_text(send(client, auth_headers, user_id, "What invoices do I have?"))
+    assert text.startswith("Here are the first 5 of the 10 invoices I found; the others did not fit"), text
+    assert text.count("INV-") == 5  # of some 4,300 characters each
+
+
+def test_a_pending_actions_result_keeps_what_says_it_waits_whatever_is_cut() -> None:
+    from services.agents.results import bounded, size
+
+    pending = {"status": "confirmation_required", "action_id": new_id(), "summary": "x" * 100_000,
+               "expires_at": "2026-11-24T02:01:20.911133Z", "message": "Nothing has been changed yet."}
+    cut = bounded(pending, 2_000)
+    assert size(cut) <= 2_000 and cut["left_out"] == ["summary"]
+    assert {k: cut[k] for k in ("status", "action_id", "expires_at", "message")} == \
+        {k: pending[k] for k in ("status", "action_id", "expires_at", "message")}
+
+
 # -- the tool schemas ---------------------------------------------------------------------------------------------
 
 

@@ -7,9 +7,10 @@ tool loop on the same conversation and its text streams straight to the client l
 ``agent_type``; nobody rewrites it afterwards (the earlier design ran a second LLM loop inside a tool and then had
 the supervisor regenerate its output, paying for the answer twice).
 
-The loop is bounded: at most ``MAX_ITERATIONS`` model calls per specialist and ``TOOL_SECONDS`` of tool time per
-turn. Tools run as the request's ``Caller`` through the store; an update or a delete only prepares a pending action
-(``services/agents/actions.py``), whose ``tool_call`` chunk carries what the frontend's Confirm button needs.
+The loop is bounded: at most ``MAX_ITERATIONS`` model calls per specialist, ``TOOL_SECONDS`` of tool time per turn,
+and tool results cut to what a prompt may carry (``results.py``). Tools run as the request's ``Caller`` through the
+store; an update or a delete only prepares a pending action (``services/agents/actions.py``), whose ``tool_call``
+chunk carries what the frontend's Confirm button needs.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import anyio
 
 from errors import UpstreamError
 from services.agents import actions
+from services.agents.results import SPENT, ToolOutput
 from services.agents.tools import Tool, ToolResult, object_schema, run_tool, tool_spec, tools_for
 from services.agents.usage import TurnUsage
 from services.domains import BY_AGENT, DOMAINS, Domain
@@ -139,6 +141,7 @@ class Assistant:
         specs = [tool.spec() for tool in tools.values()]
         messages = list(turns)
         tools_until = time.monotonic() + TOOL_SECONDS  # the turn's tool time ends then
+        output = ToolOutput()  # and what its tool results may add to its prompt
         for _ in range(MAX_ITERATIONS):
             text: list[str] = []
             calls: list[ToolUse] = []
@@ -156,7 +159,8 @@ class Assistant:
             messages.append(_assistant_turn(text, calls))
             results = []
             for call in calls:
-                async for item in self._run_tool(caller, domain, tools.get(call.name), call, tools_until, done):
+                tool = tools.get(call.name)
+                async for item in self._run_tool(caller, domain, tool, call, tools_until, output, done):
                     if isinstance(item, AgentToolCall):
                         yield item
                     else:
@@ -166,14 +170,17 @@ class Assistant:
         yield AgentText(domain.agent_type, LOOP_LIMIT_NOTE)
 
     async def _run_tool(
-        self, caller: Caller, domain: Domain, tool: Tool | None, call: ToolUse, tools_until: float, done: AgentDone
+        self, caller: Caller, domain: Domain, tool: Tool | None, call: ToolUse, tools_until: float,
+        output: ToolOutput, done: AgentDone,
     ) -> AsyncIterator[AgentToolCall | dict[str, Any]]:
+        """One tool call: its started and finished chunks, then its result for the model, cut to what the turn's
+        ``output`` may still hold."""
         started = {"status": "started", "tool_use_id": call.tool_use_id, "agent": domain.agent_type}
         if tool is not None and tool.shows_arguments:
             started["arguments"] = call.input
         yield AgentToolCall(domain.agent_type, call.name, started)
         began = time.monotonic()
-        result = await self._execute(caller, tool, call, tools_until)
+        result = await self._execute(caller, tool, call, tools_until, output)
         duration_ms = round((time.monotonic() - began) * 1000)
         summary = {"name": call.name, "agent": domain.agent_type, "status": result.status, "duration_ms": duration_ms}
         if "action_id" in result.shown:  # kept with the answer, so a reloaded conversation can still offer Confirm
@@ -184,11 +191,16 @@ class Assistant:
         yield AgentToolCall(domain.agent_type, call.name, finished)
         # Converse knows only success and error; a pending action's own status is in the content the model reads.
         status = "error" if result.status == "error" else "success"
-        yield {"toolResult": {"toolUseId": call.tool_use_id, "content": [{"json": result.content}], "status": status}}
+        content = output.fit(result.content)
+        yield {"toolResult": {"toolUseId": call.tool_use_id, "content": [{"json": content}], "status": status}}
 
-    async def _execute(self, caller: Caller, tool: Tool | None, call: ToolUse, tools_until: float) -> ToolResult:
+    async def _execute(
+        self, caller: Caller, tool: Tool | None, call: ToolUse, tools_until: float, output: ToolOutput
+    ) -> ToolResult:
         if tool is None:
             return ToolResult("error", {"error": f"There is no tool named {call.name}."})
+        if output.spent:
+            return ToolResult("error", {"error": SPENT})
         remaining = tools_until - time.monotonic()
         if remaining <= 0:
             return ToolResult("error", {"error": "The time allowed for tools in this turn is used up."})

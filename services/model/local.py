@@ -139,6 +139,9 @@ def describe_result(result: dict[str, Any], arguments: dict[str, Any] | None = N
         return f"You don't have any {table}{which or ' yet'}. {DISCLAIMER}"
     one = domain.singular if domain is not None else table.rstrip("s")
     lines = [f"You have {len(rows)} {table if len(rows) != 1 else one}{which}:"]
+    if result.get("truncated"):  # services/agents/results.py cut the list to what a tool result holds
+        lines = [f"Here are the first {len(rows)} of the {result.get('found')} {table}{which} I found; the others did "
+                 "not fit in one answer, so ask for fewer or filter them:"]
     lines += [f"- {_summarise_row(row, domain)}" for row in rows]
     return "\n".join(lines) + f"\n{DISCLAIMER}"
 
