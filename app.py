@@ -446,6 +446,10 @@ if __name__ == "__main__":
     import uvicorn
 
     settings = _startup_settings()
+    if sys.argv[1:] == ["--check"]:
+        # The Docker image runs this before uvicorn: a worker that exits 2 only makes uvicorn's parent report "Child
+        # process failed to start" and exit 0, so the orchestrator would see a completed container, not a bad setting.
+        raise SystemExit(0)
     listening = _listen(settings)
     config = uvicorn.Config(
         create_app(settings),
