@@ -1,7 +1,7 @@
 # Canvalo chat backend: a slim image that runs `uvicorn app:app` as a non-root user.
 #
 #   docker build -t canvalo-chat .
-#   docker run --env-file .env -p 8000:8000 --stop-timeout 30 canvalo-chat        # production (.env.example)
+#   docker run --env-file .env -p 127.0.0.1:8000:8000 --stop-timeout 30 canvalo-chat  # production (.env.example)
 #   docker run --rm -p 127.0.0.1:8000:8000 -v canvalo-data:/app/data canvalo-chat # development, embedded default
 #
 # Stopping: uvicorn gets SIGTERM, stops accepting, lets open streams run for SHUTDOWN_GRACE_SECONDS, then ends the
@@ -50,7 +50,8 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
 # 2): a uvicorn worker that stops on a bad setting only makes its parent exit 0, which Docker reports as completed.
 # The shell only expands the settings and then exec's uvicorn, so uvicorn is PID 1 and receives SIGTERM itself.
 # METRICS_DIR is emptied first: snapshots of a previous run's workers must not be added to this run's totals.
-# uvicorn reads WEB_CONCURRENCY (workers) and FORWARDED_ALLOW_IPS (proxies whose X-Forwarded-For it trusts) itself.
+# uvicorn reads WEB_CONCURRENCY (workers) and FORWARDED_ALLOW_IPS (proxies whose X-Forwarded-For it trusts) itself;
+# the default 127.0.0.1 is never nginx outside the container: .env sets nginx's address (.env.example says how).
 # Its access log is off because it prints query strings (user ids); the service logs each request without them.
 # --http web.tcp:NoDelayH11Protocol: with several workers uvicorn's socket leaves Nagle on; the protocol also closes a
 # connection that has not sent its request head within HEADER_READ_TIMEOUT and caps MAX_CONNECTIONS_PER_ADDRESS (a

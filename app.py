@@ -363,12 +363,14 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
             stack.push_async_callback(runs.aclose)
             tune_gc()
             logger.info(
-                "Started: store=%s (%s) model=%s auth=%s environment=%s",
+                "Started: store=%s (%s) model=%s auth=%s environment=%s trusted_proxies=%s",
                 store.kind,
                 store_location(settings),
                 chat_model.provider,
                 auth.mode,
                 settings.environment,
+                # Named because a wrong value fails silently: every client then shares the proxy's address.
+                settings.forwarded_allow_ips,
             )
             yield {
                 "settings": settings,
@@ -456,6 +458,7 @@ if __name__ == "__main__":
         log_level=settings.log_level.lower(),
         access_log=False,  # RequestContext logs each request without the query string (it holds user ids)
         http=NoDelayH11Protocol,  # TCP_NODELAY on every connection (web/tcp.py)
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         limit_concurrency=settings.max_connections,  # beyond it uvicorn answers 503 instead of running out of memory
         timeout_keep_alive=int(settings.keep_alive_seconds),
         # After this grace period uvicorn cancels open streams; each then ends with a retryable error chunk.

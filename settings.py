@@ -105,6 +105,8 @@ class Settings:
     keep_alive_seconds: float = 75.0  # idle keep-alive; above nginx's upstream keepalive_timeout (60 s)
     header_read_timeout: float = 10.0  # a connection must send a whole request head within this (closed otherwise)
     max_connections_per_address: int = 100  # connections one client address may hold per worker; 0: no cap
+    # The proxies whose X-Forwarded-For uvicorn trusts (it reads the variable itself too); exempt from the cap above.
+    forwarded_allow_ips: str = "127.0.0.1"
 
     # Storage
     store: StoreKind = "sqlite"
