@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import free_port, make_settings, new_id, serve, wait_until_healthy
+from tests.support import chunks, free_port, make_settings, new_id, serve, wait_until_healthy
 from tests.tokens import encode
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,6 +99,31 @@ def test_ctrl_c_stops_the_service_quietly(tmp_path: Path) -> None:
     assert "Traceback" not in errors and "KeyboardInterrupt" not in errors, errors
     assert "Finished server process" in errors  # it shut down as on SIGTERM, its runs saved
     assert process.returncode == 130  # 128 + SIGINT: what a shell expects of a program stopped by Ctrl-C
+
+
+def test_a_stream_cut_by_the_end_of_the_grace_period_logs_no_traceback(tmp_path: Path) -> None:
+    """The client gets its retryable SERVER_SHUTTING_DOWN chunk, and the log stays as quiet as README says."""
+    port = free_port()
+    env = {**os.environ, "API_PORT": str(port), "SHUTDOWN_GRACE_SECONDS": "1", "LOCAL_TOKEN_DELAY": "0.3",
+           "LOG_LEVEL": "INFO"}
+    process = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=tmp_path, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url, process)
+        body = {"message": "What invoices do I have?", "conversation_id": new_id(), "user_id": new_id()}
+        with httpx.stream("POST", f"{url}/api/chat/stream", json=body, timeout=20) as response:
+            pieces = response.iter_bytes()
+            received = next(pieces)
+            process.send_signal(signal.SIGTERM)
+            received += b"".join(pieces)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        _, errors = process.communicate(timeout=30)
+    assert chunks(received.decode())[-1]["code"] == "SERVER_SHUTTING_DOWN"
+    assert "Finished server process" in errors  # the log was read to its end
+    assert "Traceback" not in errors and "Exception in ASGI application" not in errors, errors[-1500:]
 
 
 def test_without_the_dependencies_it_says_to_install_requirements() -> None:
