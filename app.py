@@ -31,6 +31,7 @@ import errno
 import functools
 import logging
 import os
+import signal
 import socket
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
@@ -444,6 +445,22 @@ def _listen(settings: Settings) -> socket.socket:
     return sock
 
 
+def _force_quit_on_second_ctrl_c(server: Any) -> None:
+    """A second Ctrl-C during shutdown ("CTRL+C to force quit", uvicorn says) quits at once. uvicorn would skip the
+    lifespan's shutdown and let asyncio cancel every task, and a run cancelled then waits FINAL_SAVE_SECONDS for a
+    save whose flusher is gone: 30 s, then tracebacks. The runs left open end as interrupted at the next start, as a
+    dead worker's do (the store is crash-safe)."""
+    handle_exit = server.handle_exit
+
+    def handle(sig: int, frame: Any) -> None:
+        if server.should_exit and sig == signal.SIGINT:
+            logger.warning("Second Ctrl-C: quitting now; runs still open end as interrupted at the next start")
+            os._exit(128 + signal.SIGINT)
+        handle_exit(sig, frame)
+
+    server.handle_exit = handle
+
+
 if __name__ == "__main__":
     import uvicorn
 
@@ -466,7 +483,9 @@ if __name__ == "__main__":
     )
     logger.info("Listening on http://%s:%d", settings.api_host, settings.api_port)
     try:
-        uvicorn.Server(config).run(sockets=[listening])
+        server = uvicorn.Server(config)
+        _force_quit_on_second_ctrl_c(server)
+        server.run(sockets=[listening])
     except KeyboardInterrupt:
         # Ctrl-C: uvicorn has shut down cleanly and re-raised the signal; the status says so, no traceback needed.
         raise SystemExit(130) from None
