@@ -49,7 +49,8 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
 # `python app.py --check` first checks every setting as `python app.py` does (one line naming the variable, exit status
 # 2): a uvicorn worker that stops on a bad setting only makes its parent exit 0, which Docker reports as completed.
 # The shell only expands the settings and then exec's uvicorn, so uvicorn is PID 1 and receives SIGTERM itself.
-# METRICS_DIR is emptied first: snapshots of a previous run's workers must not be added to this run's totals.
+# The metrics snapshots in METRICS_DIR (*.json, *.json.tmp) are deleted first: a previous run's workers must not be
+# added to this run's totals. Only those: anything else kept there (a mounted volume's database) stays.
 # uvicorn reads WEB_CONCURRENCY (workers) and FORWARDED_ALLOW_IPS (proxies whose X-Forwarded-For it trusts) itself;
 # the default 127.0.0.1 is never nginx outside the container: .env sets nginx's address (.env.example says how).
 # Its access log is off because it prints query strings (user ids); the service logs each request without them.
@@ -58,4 +59,4 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
 # proxy in FORWARDED_ALLOW_IPS is exempt), which protects the port when it is published directly; see web/tcp.py.
 # --limit-concurrency and --timeout-keep-alive: MAX_CONNECTIONS per worker (then 503) and KEEP_ALIVE_SECONDS (longer
 # than nginx's upstream keepalive_timeout, so nginx never reuses a connection the service is closing).
-CMD ["sh", "-c", "python app.py --check && rm -rf \"${METRICS_DIR:?}\"/* && keep_alive=${KEEP_ALIVE_SECONDS:-75} && exec uvicorn app:app --host \"$API_HOST\" --port \"$API_PORT\" --proxy-headers --timeout-graceful-shutdown \"${SHUTDOWN_GRACE_SECONDS%.*}\" --limit-concurrency \"${MAX_CONNECTIONS:-10000}\" --timeout-keep-alive \"${keep_alive%.*}\" --no-access-log --http web.tcp:NoDelayH11Protocol"]
+CMD ["sh", "-c", "python app.py --check && rm -f \"${METRICS_DIR:?}\"/*.json \"${METRICS_DIR:?}\"/*.json.tmp && keep_alive=${KEEP_ALIVE_SECONDS:-75} && exec uvicorn app:app --host \"$API_HOST\" --port \"$API_PORT\" --proxy-headers --timeout-graceful-shutdown \"${SHUTDOWN_GRACE_SECONDS%.*}\" --limit-concurrency \"${MAX_CONNECTIONS:-10000}\" --timeout-keep-alive \"${keep_alive%.*}\" --no-access-log --http web.tcp:NoDelayH11Protocol"]

@@ -411,7 +411,8 @@ def _startup_settings() -> Settings:
     """The environment's settings, checked (or exit 2 naming the problem), with logging configured by them."""
     try:
         settings = Settings.from_environ(os.environ)
-        settings.check_sqlite_path()  # here, not in Settings.validate: it touches the disk
+        settings.check_sqlite_path()  # here, not in Settings.validate: these touch the disk
+        settings.check_metrics_dir()
     except ConfigError as exc:
         print(f"canvalo: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -220,6 +220,8 @@ def test_the_image_runs_on_the_embedded_default_without_an_env_file(tmp_path: Pa
         "METRICS_DIR": str(tmp_path / "metrics"),
     }
     (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "old-worker.json").write_text("{}")  # a previous run's snapshot: deleted
+    (tmp_path / "metrics" / "kept.db").write_text("x")  # anything else an operator keeps there: not
     process = subprocess.Popen(docker_command(), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True)
     url = f"http://127.0.0.1:{port}"
@@ -237,4 +239,5 @@ def test_the_image_runs_on_the_embedded_default_without_an_env_file(tmp_path: Pa
     assert playground.status_code == 200
     assert answer.status_code == 200 and chunks(answer.text)[-1]["type"] == "complete"
     assert (tmp_path / "volume" / "canvalo.db").is_file()  # the data is in the volume
+    assert (tmp_path / "metrics" / "kept.db").is_file() and not (tmp_path / "metrics" / "old-worker.json").exists()
     assert "Traceback" not in errors

@@ -73,6 +73,18 @@ def test_a_store_that_cannot_work_is_one_line_in_development_too(env: dict[str, 
     assert SECRET_KEY not in completed.stderr and SERVICE_ROLE_KEY not in completed.stderr
 
 
+@pytest.mark.parametrize(("env", "named"), [
+    ({"METRICS_DIR": "/proc/no-such-dir"}, "METRICS_DIR '/proc/no-such-dir' cannot be written"),
+    ({"METRICS_DIR": "/etc/hostname/metrics"}, "METRICS_DIR '/etc/hostname/metrics' cannot be used"),
+    ({"SHUTDOWN_GRACE_SECONDS": "inf"}, "SHUTDOWN_GRACE_SECONDS must be a finite number"),
+])
+def test_a_setting_that_would_fail_later_is_one_line_at_startup(tmp_path: Path, env: dict[str, str],
+                                                                named: str) -> None:
+    completed = run_app({"SQLITE_PATH": str(tmp_path / "canvalo.db"), **env})
+    assert completed.returncode == 2
+    assert named in one_line(completed)
+
+
 def test_production_names_every_problem_in_one_line() -> None:
     completed = run_app({"ENVIRONMENT": "production"})
     assert completed.returncode == 2
