@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from settings import ConfigError, Settings
+from settings import DEFAULT_MODEL_PRICES, ConfigError, Settings
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
@@ -151,3 +151,11 @@ def test_cors_origins_must_be_spelt_as_browsers_send_them(origin: str) -> None:
 def test_cors_origins_as_browsers_send_them_are_accepted() -> None:
     origins = "https://app.example.com,http://localhost:5173,http://[::1]:3000,capacitor://localhost"
     assert len(Settings.from_environ({"CORS_ORIGINS": origins}).cors_origins) == 4
+
+
+def test_the_example_environment_names_every_shipped_price() -> None:
+    """.env.example lists the shipped prices a cost budget merges MODEL_PRICES over; a model left out looks unpriced."""
+    example = " ".join((README.parent / ".env.example").read_text().replace("#", " ").split())
+    base_models = {model.split("amazon.", 1)[1] for model in DEFAULT_MODEL_PRICES if "amazon." in model}
+    for model in base_models:  # nova-micro-v1:0 -> "Nova Micro"
+        assert f"Nova {model.split('-')[1].capitalize()}" in example, model
