@@ -1,7 +1,7 @@
 # Canvalo chat backend: a slim image that runs `uvicorn app:app` as a non-root user.
 #
 #   docker build -t canvalo-chat .
-#   docker run --env-file .env -p 8000:8000 --stop-timeout 30 canvalo-chat        # production (.env.example)
+#   docker run --env-file .env -p 127.0.0.1:8000:8000 --stop-timeout 30 canvalo-chat  # production (.env.example)
 #   docker run --rm -p 127.0.0.1:8000:8000 -v canvalo-data:/app/data canvalo-chat # development, embedded default
 #
 # Stopping: uvicorn gets SIGTERM, stops accepting, lets open streams run for SHUTDOWN_GRACE_SECONDS, then ends the
@@ -46,13 +46,17 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
     CMD ["python", "-c", "import os, sys, urllib.request; sys.exit(0 if urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('API_PORT', '8000')}/health\", timeout=4).status == 200 else 1)"]
 
+# `python app.py --check` first checks every setting as `python app.py` does (one line naming the variable, exit status
+# 2): a uvicorn worker that stops on a bad setting only makes its parent exit 0, which Docker reports as completed.
 # The shell only expands the settings and then exec's uvicorn, so uvicorn is PID 1 and receives SIGTERM itself.
-# METRICS_DIR is emptied first: snapshots of a previous run's workers must not be added to this run's totals.
-# uvicorn reads WEB_CONCURRENCY (workers) and FORWARDED_ALLOW_IPS (proxies whose X-Forwarded-For it trusts) itself.
+# The metrics snapshots in METRICS_DIR (*.json, *.json.tmp) are deleted first: a previous run's workers must not be
+# added to this run's totals. Only those: anything else kept there (a mounted volume's database) stays.
+# uvicorn reads WEB_CONCURRENCY (workers) and FORWARDED_ALLOW_IPS (proxies whose X-Forwarded-For it trusts) itself;
+# the default 127.0.0.1 is never nginx outside the container: .env sets nginx's address (.env.example says how).
 # Its access log is off because it prints query strings (user ids); the service logs each request without them.
 # --http web.tcp:NoDelayH11Protocol: with several workers uvicorn's socket leaves Nagle on; the protocol also closes a
 # connection that has not sent its request head within HEADER_READ_TIMEOUT and caps MAX_CONNECTIONS_PER_ADDRESS (a
 # proxy in FORWARDED_ALLOW_IPS is exempt), which protects the port when it is published directly; see web/tcp.py.
 # --limit-concurrency and --timeout-keep-alive: MAX_CONNECTIONS per worker (then 503) and KEEP_ALIVE_SECONDS (longer
 # than nginx's upstream keepalive_timeout, so nginx never reuses a connection the service is closing).
-CMD ["sh", "-c", "rm -rf \"${METRICS_DIR:?}\"/* && keep_alive=${KEEP_ALIVE_SECONDS:-75} && exec uvicorn app:app --host \"$API_HOST\" --port \"$API_PORT\" --proxy-headers --timeout-graceful-shutdown \"${SHUTDOWN_GRACE_SECONDS%.*}\" --limit-concurrency \"${MAX_CONNECTIONS:-10000}\" --timeout-keep-alive \"${keep_alive%.*}\" --no-access-log --http web.tcp:NoDelayH11Protocol"]
+CMD ["sh", "-c", "python app.py --check && rm -f \"${METRICS_DIR:?}\"/*.json \"${METRICS_DIR:?}\"/*.json.tmp && keep_alive=${KEEP_ALIVE_SECONDS:-75} && exec uvicorn app:app --host \"$API_HOST\" --port \"$API_PORT\" --proxy-headers --timeout-graceful-shutdown \"${SHUTDOWN_GRACE_SECONDS%.*}\" --limit-concurrency \"${MAX_CONNECTIONS:-10000}\" --timeout-keep-alive \"${keep_alive%.*}\" --no-access-log --http web.tcp:NoDelayH11Protocol"]

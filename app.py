@@ -31,6 +31,7 @@ import errno
 import functools
 import logging
 import os
+import signal
 import socket
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
@@ -363,12 +364,14 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
             stack.push_async_callback(runs.aclose)
             tune_gc()
             logger.info(
-                "Started: store=%s (%s) model=%s auth=%s environment=%s",
+                "Started: store=%s (%s) model=%s auth=%s environment=%s trusted_proxies=%s",
                 store.kind,
                 store_location(settings),
                 chat_model.provider,
                 auth.mode,
                 settings.environment,
+                # Named because a wrong value fails silently: every client then shares the proxy's address.
+                settings.forwarded_allow_ips,
             )
             yield {
                 "settings": settings,
@@ -408,7 +411,8 @@ def _startup_settings() -> Settings:
     """The environment's settings, checked (or exit 2 naming the problem), with logging configured by them."""
     try:
         settings = Settings.from_environ(os.environ)
-        settings.check_sqlite_path()  # here, not in Settings.validate: it touches the disk
+        settings.check_sqlite_path()  # here, not in Settings.validate: these touch the disk
+        settings.check_metrics_dir()
     except ConfigError as exc:
         print(f"canvalo: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -442,16 +446,37 @@ def _listen(settings: Settings) -> socket.socket:
     return sock
 
 
+def _force_quit_on_second_ctrl_c(server: Any) -> None:
+    """A second Ctrl-C during shutdown ("CTRL+C to force quit", uvicorn says) quits at once. uvicorn would skip the
+    lifespan's shutdown and let asyncio cancel every task, and a run cancelled then waits FINAL_SAVE_SECONDS for a
+    save whose flusher is gone: 30 s, then tracebacks. The runs left open end as interrupted at the next start, as a
+    dead worker's do (the store is crash-safe)."""
+    handle_exit = server.handle_exit
+
+    def handle(sig: int, frame: Any) -> None:
+        if server.should_exit and sig == signal.SIGINT:
+            logger.warning("Second Ctrl-C: quitting now; runs still open end as interrupted at the next start")
+            os._exit(128 + signal.SIGINT)
+        handle_exit(sig, frame)
+
+    server.handle_exit = handle
+
+
 if __name__ == "__main__":
     import uvicorn
 
     settings = _startup_settings()
+    if sys.argv[1:] == ["--check"]:
+        # The Docker image runs this before uvicorn: a worker that exits 2 only makes uvicorn's parent report "Child
+        # process failed to start" and exit 0, so the orchestrator would see a completed container, not a bad setting.
+        raise SystemExit(0)
     listening = _listen(settings)
     config = uvicorn.Config(
         create_app(settings),
         log_level=settings.log_level.lower(),
         access_log=False,  # RequestContext logs each request without the query string (it holds user ids)
         http=NoDelayH11Protocol,  # TCP_NODELAY on every connection (web/tcp.py)
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         limit_concurrency=settings.max_connections,  # beyond it uvicorn answers 503 instead of running out of memory
         timeout_keep_alive=int(settings.keep_alive_seconds),
         # After this grace period uvicorn cancels open streams; each then ends with a retryable error chunk.
@@ -459,7 +484,9 @@ if __name__ == "__main__":
     )
     logger.info("Listening on http://%s:%d", settings.api_host, settings.api_port)
     try:
-        uvicorn.Server(config).run(sockets=[listening])
+        server = uvicorn.Server(config)
+        _force_quit_on_second_ctrl_c(server)
+        server.run(sockets=[listening])
     except KeyboardInterrupt:
         # Ctrl-C: uvicorn has shut down cleanly and re-raised the signal; the status says so, no traceback needed.
         raise SystemExit(130) from None

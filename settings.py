@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import math
 import os
 import re
 import tempfile
@@ -39,6 +40,8 @@ DEFAULT_CORS_ORIGINS = (
 
 # scheme://host[:port][/path], nothing else (no spaces, query or fragment): what PostgREST and Auth URLs are built on.
 _URL = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?")
+# A browser origin as the Origin header spells it: scheme://host[:port], no path (not even "/"), which never matches.
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?")
 # Every form Bedrock's ConversationalModelId pattern accepts (base model and profile ids, ARNs) uses only these.
 _MODEL_ID = re.compile(r"[A-Za-z0-9._:/-]{1,2048}")
 # Each fallback tried costs a round trip before the first token, and each is a label value on the model metrics.
@@ -105,6 +108,8 @@ class Settings:
     keep_alive_seconds: float = 75.0  # idle keep-alive; above nginx's upstream keepalive_timeout (60 s)
     header_read_timeout: float = 10.0  # a connection must send a whole request head within this (closed otherwise)
     max_connections_per_address: int = 100  # connections one client address may hold per worker; 0: no cap
+    # The proxies whose X-Forwarded-For uvicorn trusts (it reads the variable itself too); exempt from the cap above.
+    forwarded_allow_ips: str = "127.0.0.1"
 
     # Storage
     store: StoreKind = "sqlite"
@@ -208,12 +213,12 @@ class Settings:
             (0 < self.heartbeat_seconds <= 60, "HEARTBEAT_SECONDS must be in (0, 60]"),
             (1 <= self.run_max_seconds <= 3600, "RUN_MAX_SECONDS must be between 1 and 3600"),
             (2 <= self.run_stale_seconds <= 600, "RUN_STALE_SECONDS must be between 2 and 600"),
-            (self.run_events_ttl >= 0, "RUN_EVENTS_TTL must not be negative"),
+            (0 <= self.run_events_ttl <= 2_592_000, "RUN_EVENTS_TTL must be between 0 and 2592000 (30 days)"),
             (0 < self.action_ttl_seconds <= 86_400, "ACTION_TTL_SECONDS must be in (0, 86400]"),
             (self.history_max_messages >= 1, "HISTORY_MAX_MESSAGES must be at least 1"),
             (self.history_token_budget >= 500, "HISTORY_TOKEN_BUDGET must be at least 500"),
             (self.local_token_delay >= 0, "LOCAL_TOKEN_DELAY must not be negative"),
-            (self.shutdown_grace_seconds >= 0, "SHUTDOWN_GRACE_SECONDS must not be negative"),
+            (0 <= self.shutdown_grace_seconds <= 3600, "SHUTDOWN_GRACE_SECONDS must be between 0 and 3600"),
             (0 < self.body_read_timeout <= 300, "BODY_READ_TIMEOUT must be in (0, 300]"),
             (self.max_connections >= 10, "MAX_CONNECTIONS must be at least 10"),
             (0 < self.keep_alive_seconds <= 600, "KEEP_ALIVE_SECONDS must be in (0, 600]"),
@@ -223,11 +228,18 @@ class Settings:
                 "MAX_CONNECTIONS_PER_ADDRESS must be 0 (no cap) or more, and below MAX_CONNECTIONS",
             ),
             (self.bedrock_max_tokens >= 1, "BEDROCK_MAX_TOKENS must be at least 1"),
-            (self.supabase_timeout > 0, "SUPABASE_TIMEOUT must be positive"),
+            (0 < self.supabase_timeout <= 120, "SUPABASE_TIMEOUT must be in (0, 120]"),
+            (0 < self.bedrock_connect_timeout <= 60, "BEDROCK_CONNECT_TIMEOUT must be in (0, 60]"),
+            (0 < self.bedrock_first_event_timeout <= 300, "BEDROCK_FIRST_EVENT_TIMEOUT must be in (0, 300]"),
+            (0 < self.bedrock_idle_timeout <= 300, "BEDROCK_IDLE_TIMEOUT must be in (0, 300]"),
             (1 <= self.supabase_pool_size <= 1000, "SUPABASE_POOL_SIZE must be between 1 and 1000"),
             (0 < self.supabase_pool_timeout <= 60, "SUPABASE_POOL_TIMEOUT must be in (0, 60]"),
             (0 <= self.bedrock_temperature <= 1, "BEDROCK_TEMPERATURE must be in [0, 1]"),
             ("*" not in self.cors_origins or len(self.cors_origins) == 1, "CORS_ORIGINS cannot mix * with origins"),
+            (
+                all(origin == "*" or _ORIGIN.fullmatch(origin) for origin in self.cors_origins),
+                "CORS_ORIGINS must be * or origins such as https://app.example.com (scheme://host[:port], no path)",
+            ),
         ]
 
     def _store_checks(self) -> list[tuple[bool, str]]:
@@ -327,6 +339,15 @@ class Settings:
         if problem:
             raise ConfigError(f"SQLITE_PATH {self.sqlite_path!r} {problem}")
 
+    def check_metrics_dir(self) -> None:
+        """At startup, refuse a METRICS_DIR the workers could not write their snapshots to, naming it; otherwise each
+        worker would log a warning every second that names neither. Probed like SQLITE_PATH, creating nothing."""
+        if not self.metrics_dir:
+            return
+        problem = _directory_problem(os.path.abspath(self.metrics_dir))
+        if problem:
+            raise ConfigError(f"METRICS_DIR {self.metrics_dir!r} {problem}")
+
     @property
     def auth_enabled(self) -> bool:
         return bool(str(self.supabase_jwt_secret)) or bool(self.supabase_url)
@@ -373,6 +394,20 @@ def _sqlite_directory_problem(path: str) -> str | None:
         return f"cannot be created: {ancestor!r} is not writable ({exc.strerror})"
 
 
+def _directory_problem(directory: str) -> str | None:
+    """Why files could not be written in ``directory`` (created if missing), or None; probed as SQLITE_PATH's is."""
+    existing = directory
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"cannot be used: {existing!r} is not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            return None
+    except OSError as exc:
+        return f"cannot be written: {existing!r} is not writable ({exc.strerror})"
+
+
 def _parse(name: str, raw: str, kind: object) -> object:
     """Cast one raw environment value to the field's type, naming the variable (never the value) on failure."""
     origin = typing.get_origin(kind)
@@ -394,9 +429,12 @@ def _parse(name: str, raw: str, kind: object) -> object:
         return raw.lower() in ("true", "1")
     if kind in (int, float):
         try:
-            return kind(raw)  # type: ignore[operator]
+            number = kind(raw)  # type: ignore[operator]
         except ValueError:
             raise ConfigError(f"{name} must be a number") from None
+        if not math.isfinite(number):  # nan passes every range check, inf crashes what converts it to int
+            raise ConfigError(f"{name} must be a finite number")
+        return number
     return raw
 
 

@@ -8,15 +8,19 @@ server closed or kept, requests served or refused); waits only bound how long th
 
 from __future__ import annotations
 
+import os
 import select
+import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
 
 from app import create_app
-from tests.support import LiveServer, make_settings, serve
+from tests.support import LiveServer, free_port, make_settings, serve, wait_until_healthy
 
 ATTACKER = "127.0.0.2"  # not in uvicorn's FORWARDED_ALLOW_IPS (127.0.0.1): counted as one client address
 
@@ -130,3 +134,28 @@ def test_a_trusted_proxy_address_is_not_capped(tmp_path: Path) -> None:
     finally:
         for sock in sockets:
             sock.close()
+
+
+def test_connections_closed_by_the_cap_are_logged_once_a_minute_with_a_count(tmp_path: Path) -> None:
+    """A proxy left out of FORWARDED_ALLOW_IPS is capped like one client, silently unless the service says so: the
+    startup line names the trusted proxies and the closed connections are logged (one line for a burst)."""
+    port = free_port()
+    env = {**os.environ, "API_HOST": "127.0.0.1", "API_PORT": str(port), "SQLITE_PATH": str(tmp_path / "c.db"),
+           "MAX_CONNECTIONS_PER_ADDRESS": "1", "FORWARDED_ALLOW_IPS": "10.9.9.9"}
+    root = Path(__file__).resolve().parent.parent
+    process = subprocess.Popen([sys.executable, "app.py"], cwd=root, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until_healthy(f"http://127.0.0.1:{port}", process)
+        held = socket.create_connection(("127.0.0.1", port))  # 127.0.0.1 is not trusted here: capped at 1
+        refused = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        closed = count_closed(refused, expected=3, within=5)
+        for sock in [held, *refused]:
+            sock.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, errors = process.communicate(timeout=30)
+    assert closed == 3
+    assert "trusted_proxies=10.9.9.9" in errors
+    logged = [line for line in errors.splitlines() if "over MAX_CONNECTIONS_PER_ADDRESS=1" in line]
+    assert len(logged) == 1 and "Closed 1 connection(s)" in logged[0] and "from 127.0.0.1" in logged[0], logged

@@ -21,9 +21,11 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from starlette.responses import JSONResponse
 
 from app import create_app
 from settings import Settings
@@ -245,6 +247,32 @@ def test_refusals_made_by_nginx_use_the_error_envelope(tmp_path: Path, backend: 
     assert refused, "the edge limit never refused"
     assert refused[0].json()["error"]["code"] == "RATE_LIMIT_EXCEEDED"
     assert refused[0].headers["retry-after"] == "1"
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/api/conversations?user_id=x"), ("POST", "/api/chat/stream")])
+def test_an_unreachable_service_is_answered_in_the_envelope_with_retry_after(
+    tmp_path: Path, method: str, path: str
+) -> None:
+    """Every restart closes the service's port for a moment: nginx's own 502 must be a retryable envelope too."""
+    with run_nginx(tmp_path, free_port()) as url:  # nothing listens on the upstream port
+        response = httpx.request(method, url + path, json={} if method == "POST" else None, timeout=10)
+    assert response.status_code == 503 and response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert error["code"] == "SERVICE_UNAVAILABLE" and error["retryable"] is True
+    assert response.headers["retry-after"] == str(error["retryAfter"])
+
+
+def test_the_services_own_5xx_pass_through_nginx_unchanged(tmp_path: Path) -> None:
+    """Only nginx's own 5xx are replaced: the service's 503 keeps its code and Retry-After."""
+    envelope = {"error": {"code": "STORE_UNAVAILABLE", "retryable": True, "retryAfter": 2}}
+
+    async def unavailable(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await JSONResponse(envelope, status_code=503, headers={"Retry-After": "2"})(scope, receive, send)
+
+    with serve(unavailable) as live, run_nginx(tmp_path, int(live.url.rsplit(":", 1)[1])) as url:
+        response = httpx.get(f"{url}/api/conversations", timeout=10)
+    assert response.status_code == 503 and response.json() == envelope and response.headers["retry-after"] == "2"
 
 
 # -- README's steps on Debian's stock nginx ----------------------------------------------------------------------------

@@ -170,6 +170,21 @@ def test_the_image_command_serves_with_two_workers_and_drains_on_sigterm(tmp_pat
     assert 0.8 <= ended_after < 5  # the grace period passed, then the stream was ended rather than left running
 
 
+def test_the_image_command_exits_2_on_an_invalid_setting_before_uvicorn_starts(tmp_path: Path) -> None:
+    """With two workers (as the image runs), a worker refusing a setting only makes uvicorn's parent exit 0, which an
+    orchestrator reports as a completed container: the command checks the settings before uvicorn starts."""
+    env = {
+        **dockerfile_env(),
+        "PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin",
+        "API_HOST": "127.0.0.1", "API_PORT": str(free_port()), "SQLITE_PATH": str(tmp_path / "canvalo.db"),
+        "METRICS_DIR": str(tmp_path / "metrics"), "LOG_LEVEL": "verbose",
+    }
+    done = subprocess.run(docker_command(), cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, f"exit status {done.returncode}: {done.stderr[-300:]}"
+    assert done.stderr.strip() == "canvalo: LOG_LEVEL must be one of: DEBUG, INFO, WARNING, ERROR"  # one line
+    assert "Uvicorn running" not in done.stderr and not (tmp_path / "canvalo.db").exists()
+
+
 def dockerfile_env() -> dict[str, str]:
     """The image's environment: every ``ENV`` instruction's KEY=VALUE pairs (continuation lines joined)."""
     text = DOCKERFILE.read_text().replace("\\\n", " ")
@@ -205,6 +220,8 @@ def test_the_image_runs_on_the_embedded_default_without_an_env_file(tmp_path: Pa
         "METRICS_DIR": str(tmp_path / "metrics"),
     }
     (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "old-worker.json").write_text("{}")  # a previous run's snapshot: deleted
+    (tmp_path / "metrics" / "kept.db").write_text("x")  # anything else an operator keeps there: not
     process = subprocess.Popen(docker_command(), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True)
     url = f"http://127.0.0.1:{port}"
@@ -222,4 +239,5 @@ def test_the_image_runs_on_the_embedded_default_without_an_env_file(tmp_path: Pa
     assert playground.status_code == 200
     assert answer.status_code == 200 and chunks(answer.text)[-1]["type"] == "complete"
     assert (tmp_path / "volume" / "canvalo.db").is_file()  # the data is in the volume
+    assert (tmp_path / "metrics" / "kept.db").is_file() and not (tmp_path / "metrics" / "old-worker.json").exists()
     assert "Traceback" not in errors

@@ -107,6 +107,26 @@ def test_the_walk_throughs_wait_gives_up_after_ten_seconds() -> None:
     assert 9 <= took < 25, took
 
 
+def test_the_readmes_uvicorn_command_passes_what_the_image_passes() -> None:
+    """The uvicorn CLI reads none of KEEP_ALIVE_SECONDS, MAX_CONNECTIONS, SHUTDOWN_GRACE_SECONDS: README's command
+    must pass them as the Dockerfile's does, at the settings' defaults (uvicorn's own 5 s keep-alive is under nginx's
+    60 s upstream keepalive: occasional 502s)."""
+    from settings import Settings
+    from tests.test_production import docker_command
+
+    found = re.search(r"`\.venv/bin/uvicorn (app:app [^`]*)`", README)
+    assert found is not None
+    words = shlex.split(found.group(1))
+    flags = dict(zip(words[1::2], words[2::2]))
+    image = " ".join(docker_command())
+    for flag in ("--http", "--timeout-keep-alive", "--limit-concurrency", "--timeout-graceful-shutdown"):
+        assert flag in image and flag in flags, flag
+    assert flags["--http"] == "web.tcp:NoDelayH11Protocol"
+    assert float(flags["--timeout-keep-alive"]) == Settings.keep_alive_seconds
+    assert int(flags["--limit-concurrency"]) == Settings.max_connections
+    assert float(flags["--timeout-graceful-shutdown"]) == Settings.shutdown_grace_seconds
+
+
 def test_ci_runs_the_readme_test_command_exactly() -> None:
     command = fenced_block_after("Install the test dependencies and run every test").strip()
     assert "\n" not in command  # one command

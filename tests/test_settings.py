@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from settings import ConfigError, Settings
+from settings import DEFAULT_MODEL_PRICES, ConfigError, Settings
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
@@ -128,3 +128,34 @@ def test_every_model_the_example_environment_names_has_a_shipped_price() -> None
     environ = {"LLM_PROVIDER": "bedrock", "BUDGET_DAY_COST": "1", "BEDROCK_MODEL_ID": models[0],
                "BEDROCK_FALLBACK_MODEL_IDS": ",".join(models[1:])}
     Settings.from_environ(environ).validate()  # a model without a price is a ConfigError naming it
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("BEDROCK_CONNECT_TIMEOUT", "-5"), ("BEDROCK_FIRST_EVENT_TIMEOUT", "0"), ("BEDROCK_IDLE_TIMEOUT", "nan"),
+     ("BEDROCK_IDLE_TIMEOUT", "301"), ("SHUTDOWN_GRACE_SECONDS", "inf"), ("SHUTDOWN_GRACE_SECONDS", "-1"),
+     ("RUN_EVENTS_TTL", "inf"), ("RUN_EVENTS_TTL", "-1"), ("SUPABASE_TIMEOUT", "inf"), ("SUPABASE_TIMEOUT", "0"),
+     ("RETRY_MAX_TOTAL", "nan"), ("BUDGET_DAY_COST", "inf"), ("LOCAL_TOKEN_DELAY", "-inf")],
+)
+def test_every_number_is_finite_and_in_its_documented_range(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        Settings.from_environ({"LLM_PROVIDER": "bedrock", variable: value})
+
+
+@pytest.mark.parametrize("origin", ["app.example.com", "https://app.example.com/", "https://app.example.com/x", "//a"])
+def test_cors_origins_must_be_spelt_as_browsers_send_them(origin: str) -> None:
+    with pytest.raises(ConfigError, match="CORS_ORIGINS must be"):
+        Settings.from_environ({"CORS_ORIGINS": f"https://ok.example.com,{origin}"})
+
+
+def test_cors_origins_as_browsers_send_them_are_accepted() -> None:
+    origins = "https://app.example.com,http://localhost:5173,http://[::1]:3000,capacitor://localhost"
+    assert len(Settings.from_environ({"CORS_ORIGINS": origins}).cors_origins) == 4
+
+
+def test_the_example_environment_names_every_shipped_price() -> None:
+    """.env.example lists the shipped prices a cost budget merges MODEL_PRICES over; a model left out looks unpriced."""
+    example = " ".join((README.parent / ".env.example").read_text().replace("#", " ").split())
+    base_models = {model.split("amazon.", 1)[1] for model in DEFAULT_MODEL_PRICES if "amazon." in model}
+    for model in base_models:  # nova-micro-v1:0 -> "Nova Micro"
+        assert f"Nova {model.split('-')[1].capitalize()}" in example, model

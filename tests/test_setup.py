@@ -5,18 +5,20 @@ Each problem is one line on stderr that names what to fix, and a non-zero exit; 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support import free_port, make_settings, new_id, serve, wait_until_healthy
+from tests.support import chunks, free_port, make_settings, new_id, serve, wait_until_healthy
 from tests.tokens import encode
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,6 +73,18 @@ def test_a_store_that_cannot_work_is_one_line_in_development_too(env: dict[str, 
     assert SECRET_KEY not in completed.stderr and SERVICE_ROLE_KEY not in completed.stderr
 
 
+@pytest.mark.parametrize(("env", "named"), [
+    ({"METRICS_DIR": "/proc/no-such-dir"}, "METRICS_DIR '/proc/no-such-dir' cannot be written"),
+    ({"METRICS_DIR": "/etc/hostname/metrics"}, "METRICS_DIR '/etc/hostname/metrics' cannot be used"),
+    ({"SHUTDOWN_GRACE_SECONDS": "inf"}, "SHUTDOWN_GRACE_SECONDS must be a finite number"),
+])
+def test_a_setting_that_would_fail_later_is_one_line_at_startup(tmp_path: Path, env: dict[str, str],
+                                                                named: str) -> None:
+    completed = run_app({"SQLITE_PATH": str(tmp_path / "canvalo.db"), **env})
+    assert completed.returncode == 2
+    assert named in one_line(completed)
+
+
 def test_production_names_every_problem_in_one_line() -> None:
     completed = run_app({"ENVIRONMENT": "production"})
     assert completed.returncode == 2
@@ -99,6 +113,64 @@ def test_ctrl_c_stops_the_service_quietly(tmp_path: Path) -> None:
     assert "Traceback" not in errors and "KeyboardInterrupt" not in errors, errors
     assert "Finished server process" in errors  # it shut down as on SIGTERM, its runs saved
     assert process.returncode == 130  # 128 + SIGINT: what a shell expects of a program stopped by Ctrl-C
+
+
+def test_a_stream_cut_by_the_end_of_the_grace_period_logs_no_traceback(tmp_path: Path) -> None:
+    """The client gets its retryable SERVER_SHUTTING_DOWN chunk, and the log stays as quiet as README says."""
+    port = free_port()
+    env = {**os.environ, "API_PORT": str(port), "SHUTDOWN_GRACE_SECONDS": "1", "LOCAL_TOKEN_DELAY": "0.3",
+           "LOG_LEVEL": "INFO"}
+    process = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=tmp_path, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url, process)
+        body = {"message": "What invoices do I have?", "conversation_id": new_id(), "user_id": new_id()}
+        with httpx.stream("POST", f"{url}/api/chat/stream", json=body, timeout=20) as response:
+            pieces = response.iter_bytes()
+            received = next(pieces)
+            process.send_signal(signal.SIGTERM)
+            received += b"".join(pieces)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        _, errors = process.communicate(timeout=30)
+    assert chunks(received.decode())[-1]["code"] == "SERVER_SHUTTING_DOWN"
+    assert "Finished server process" in errors  # the log was read to its end
+    assert "Traceback" not in errors and "Exception in ASGI application" not in errors, errors[-1500:]
+
+
+def test_a_second_ctrl_c_quits_promptly(tmp_path: Path) -> None:
+    """uvicorn's "CTRL+C to force quit" during a stream: the process exits at once, saying so, rather than waiting up
+    to FINAL_SAVE_SECONDS for the run's final save and printing tracebacks (the run ends as interrupted at the next
+    start). Whether the wait happens depends on timing; the tracebacks were there every time."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=tmp_path,
+                               env={**os.environ, "API_PORT": str(port), "LOCAL_TOKEN_DELAY": "0.5"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url, process)
+        body = {"message": "What invoices do I have?", "conversation_id": new_id(), "user_id": new_id()}
+        with httpx.stream("POST", f"{url}/api/chat/stream", json=body, timeout=60) as response:
+            pieces = response.iter_bytes()
+            next(pieces)
+            process.send_signal(signal.SIGINT)
+            time.sleep(1)
+            process.send_signal(signal.SIGINT)
+            forced = time.monotonic()
+            with contextlib.suppress(httpx.RemoteProtocolError):  # a forced quit cuts the stream
+                b"".join(pieces)
+            status = process.wait(timeout=60)
+            took = time.monotonic() - forced
+    finally:
+        if process.poll() is None:
+            process.kill()
+        _, errors = process.communicate(timeout=30)
+    assert status == 130
+    assert took < 10, f"exited {took:.0f} s after the second Ctrl-C; log tail: {errors[-300:]}"
+    assert "Traceback" not in errors and "Second Ctrl-C: quitting now" in errors, errors[-1500:]
 
 
 def test_without_the_dependencies_it_says_to_install_requirements() -> None:

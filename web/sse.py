@@ -94,7 +94,11 @@ class EventStreamResponse:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1):
                     farewell = _encoded(self._shutdown_frame)
                     await send({"type": "http.response.body", "body": farewell, "more_body": False})
-                raise
+                # The response is complete and the client told to retry: end as a finished response. Re-raised, the
+                # cancellation reaches uvicorn, which logs it as "Exception in ASGI application" with a traceback
+                # on every shutdown that had a stream open.
+                _uncancel()
+                return
             finally:
                 watcher.cancel()
         if not viewing.cancelled_caught:
@@ -117,6 +121,14 @@ def _encoded(text: str) -> bytes:
         return text.encode()
     except UnicodeEncodeError:
         return encodable(text).encode()
+
+
+def _uncancel() -> None:
+    """Withdraw the cancellation just handled, so the request's task ends normally (asyncio's rule for a task that
+    does not re-raise it)."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:

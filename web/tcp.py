@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
+import time
 from typing import Any
 
 from uvicorn.middleware.proxy_headers import _TrustedHosts
@@ -37,6 +39,12 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from services.model.stream_client import set_nodelay
 from settings import Settings
+
+logger = logging.getLogger("canvalo.connections")
+
+# Closed connections are logged at most this often, with how many there were: a client retrying in a loop (or a proxy
+# missing from FORWARDED_ALLOW_IPS, whose clients all share its address) would otherwise write a line per attempt.
+REFUSAL_LOG_SECONDS = 60.0
 
 
 class ConnectionGuard:
@@ -47,14 +55,30 @@ class ConnectionGuard:
         self.head_timeout = head_timeout
         self._per_address = per_address
         self._held: dict[str, int] = {}
+        self._refused = 0  # connections closed since the last log line
+        self._logged_at = -REFUSAL_LOG_SECONDS
 
     def admit(self, address: str) -> bool:
         """Count one more connection of ``address``, unless it already holds its share."""
         held = self._held.get(address, 0)
         if self._per_address and held >= self._per_address:
+            self._note_refusal(address)
             return False
         self._held[address] = held + 1
         return True
+
+    def _note_refusal(self, address: str) -> None:
+        """Log the closed connections, at most once per ``REFUSAL_LOG_SECONDS``, so an operator sees them happen."""
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._logged_at < REFUSAL_LOG_SECONDS:
+            return
+        logger.warning(
+            "Closed %d connection(s) over MAX_CONNECTIONS_PER_ADDRESS=%d since the last such line, the latest from %s "
+            "(a proxy missing from FORWARDED_ALLOW_IPS counts as one address for all its clients)",
+            self._refused, self._per_address, address,
+        )
+        self._refused, self._logged_at = 0, now
 
     def release(self, address: str) -> None:
         held = self._held.pop(address) - 1
