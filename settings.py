@@ -335,7 +335,7 @@ class Settings:
         if self.store != "sqlite":
             return
         path = os.path.abspath(self.sqlite_path)
-        problem = _sqlite_file_problem(path) if os.path.lexists(path) else _sqlite_directory_problem(path)
+        problem = _sqlite_file_problem(path) if os.path.lexists(path) else _directory_problem(os.path.dirname(path))
         if problem:
             raise ConfigError(f"SQLITE_PATH {self.sqlite_path!r} {problem}")
 
@@ -381,21 +381,9 @@ def _sqlite_file_problem(path: str) -> str | None:
         return f"cannot be opened for writing ({exc.strerror})"
 
 
-def _sqlite_directory_problem(path: str) -> str | None:
-    ancestor = os.path.dirname(path)
-    while not os.path.lexists(ancestor):
-        ancestor = os.path.dirname(ancestor)
-    if not os.path.isdir(ancestor):
-        return f"is under {ancestor!r}, which is not a directory"
-    try:
-        with tempfile.TemporaryFile(dir=ancestor):
-            return None
-    except OSError as exc:
-        return f"cannot be created: {ancestor!r} is not writable ({exc.strerror})"
-
-
 def _directory_problem(directory: str) -> str | None:
-    """Why files could not be written in ``directory`` (created if missing), or None; probed as SQLITE_PATH's is."""
+    """Why files could not be made in ``directory`` (created if missing), or None: its nearest existing ancestor must
+    be a directory a file can be written in."""
     existing = directory
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
