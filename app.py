@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import errno
 import functools
+import ipaddress
 import logging
 import os
 import signal
@@ -373,6 +374,12 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
                 # Named because a wrong value fails silently: every client then shares the proxy's address.
                 settings.forwarded_allow_ips,
             )
+            if auth.mode == "none" and not _is_loopback(settings.api_host):
+                # Development trusts the user_id a request names: reachable from other machines, anyone there can read
+                # and write every user's conversations.
+                logger.warning("Authentication is off and API_HOST is %s: anyone who can reach this port can act as "
+                               "any user_id. Listen on 127.0.0.1, or set SUPABASE_JWT_SECRET or SUPABASE_URL.",
+                               settings.api_host)
             yield {
                 "settings": settings,
                 "store": store,
@@ -444,6 +451,14 @@ def _listen(settings: Settings) -> socket.socket:
         print(f"canvalo: API_PORT {settings.api_port} on API_HOST {settings.api_host} {reason}", file=sys.stderr)
         raise SystemExit(2) from None
     return sock
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` (API_HOST) is reachable from this machine only."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _force_quit_on_second_ctrl_c(server: Any) -> None:

@@ -631,3 +631,25 @@ async def test_concurrent_lookups_are_capped_and_a_caller_waits_for_a_slot_only_
     assert server.most_in_flight == 3 and len(server.calls) == 3
     assert sorted(outcomes) == sorted([user] * 3 + ["AUTH_BUSY"] * 17)
     await auth.aclose()
+
+
+@pytest.mark.parametrize(("host", "auth", "warned"), [
+    ("0.0.0.0", {}, True), ("192.168.1.5", {}, True), ("::", {}, True),
+    ("127.0.0.1", {}, False), ("::1", {}, False), ("localhost", {}, False),
+    ("0.0.0.0", {"SUPABASE_JWT_SECRET": TEST_JWT_SECRET}, False),
+])
+def test_authentication_off_on_a_reachable_address_is_warned_at_startup(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture, host: str, auth: dict[str, str], warned: bool
+) -> None:
+    """Development trusts the user_id a request names: listening beyond this machine, anyone there can act as any
+    user. Said once at startup (nothing binds here: the lifespan alone runs)."""
+    from app import create_app
+    from tests.support import make_settings
+
+    with caplog.at_level("WARNING", logger="canvalo"), TestClient(create_app(make_settings(tmp_path, API_HOST=host,
+                                                                                         **auth))):
+        pass
+    lines = [r.getMessage() for r in caplog.records if "Authentication is off" in r.getMessage()]
+    assert len(lines) == (1 if warned else 0), lines
+    if warned:
+        assert host in lines[0] and "127.0.0.1" in lines[0]
