@@ -378,8 +378,8 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
                 # Development trusts the user_id a request names: reachable from other machines, anyone there can read
                 # and write every user's conversations.
                 logger.warning("Authentication is off and API_HOST is %s: anyone who can reach this port can act as "
-                               "any user_id. Listen on 127.0.0.1, or set SUPABASE_JWT_SECRET or SUPABASE_URL.",
-                               settings.api_host)
+                               "any user_id. Keep it on 127.0.0.1 (in a container, publish it on 127.0.0.1 only), or "
+                               "turn authentication on (SUPABASE_JWT_SECRET or SUPABASE_URL).", settings.api_host)
             yield {
                 "settings": settings,
                 "store": store,
