@@ -152,9 +152,8 @@ class LiveRun:
         self.frames.append(frame(len(self.frames) + 1, item))
         if status == "stopped":  # its replay shows the text its answer keeps, as a replay from the store does
             self.shown = stopped_replay(self.frames, len(content))
-        self.final = RunUpdate(self.caller, self.run.id, self.run.assistant_message_id, content=content,
-                               metadata=metadata, agent_type=agent_type, final_status=status,  # type: ignore[arg-type]
-                               conversation_id=self.run.conversation_id)
+        self.final = self._update(content=content, metadata=metadata, agent_type=agent_type,
+                                  final_status=status)
 
     def publish_end(self, farewell: str | None = None) -> None:
         """Show the terminal frame and wake viewers. ``farewell``, a frame without an id, ends them instead when the
@@ -179,7 +178,7 @@ class LiveRun:
         calls = tuple(self.usage.calls[self._calls_flushed:])
         if self.refused:  # nothing more of what it holds is sent: its end, once generation has stopped
             if self.final is None:
-                return RunUpdate(self.caller, self.run.id, self.run.assistant_message_id)
+                return self._update()
             self._salvage_sent = True
             return self._salvage(calls)
         if self.final is not None:
@@ -189,8 +188,13 @@ class LiveRun:
         if self._taken_parts != self._saved_parts and now - self._text_saved_at >= TEXT_SAVE_SECONDS:
             content = self.text
             metadata = {"status": "streaming", "run_id": self.run.id, "seq": upto}
-        return RunUpdate(self.caller, self.run.id, self.run.assistant_message_id, batch, content, metadata,
-                         self.agent_type, heartbeat, calls=calls, conversation_id=self.run.conversation_id)
+        return self._update(batch=batch, content=content, metadata=metadata, agent_type=self.agent_type,
+                            heartbeat=heartbeat, calls=calls)
+
+    def _update(self, **parts: Any) -> RunUpdate:
+        """An update of this run, named as every one is: its caller, run, answer and conversation."""
+        return RunUpdate(self.caller, self.run.id, self.run.assistant_message_id,
+                         conversation_id=self.run.conversation_id, **parts)
 
     def _salvage(self, calls: tuple[CallUsage, ...]) -> RunUpdate:
         """The end of a run the store refused an update of: only what the store holds already, as a dead worker's
@@ -201,9 +205,8 @@ class LiveRun:
         text = storable(streamed_text("".join(self.frames[:self._flushed])))
         metadata = {"status": "error", "run_id": self.run.id, "error_code": RunNotSaved.code}
         batch = EventBatch(self._flushed + 1, seq, end)
-        return RunUpdate(self.caller, self.run.id, self.run.assistant_message_id, batch, text, metadata,
-                         self.agent_type, heartbeat=True, final_status="error", calls=calls,
-                         conversation_id=self.run.conversation_id)
+        return self._update(batch=batch, content=text, metadata=metadata, agent_type=self.agent_type, heartbeat=True,
+                            final_status="error", calls=calls)
 
     def committed(self, update: RunUpdate, now: float) -> None:
         if update.batch is not None:

@@ -370,7 +370,7 @@ class PostgrestStore(QueryTiming):
             raise
         begun = run_begun_of(settled(answer))
         if begun.outcome == "started":
-            self._write_keys[new.id] = args["p_write_key"]
+            self._write_keys[new.id] = write_key
         return begun
 
     @observed
