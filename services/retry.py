@@ -27,6 +27,15 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def retry_after_seconds(value: str | None) -> float | None:
+    """An upstream's ``Retry-After`` as seconds, or None unless it is delta-seconds (RFC 9110: digits alone, here at
+    most five, about a day). Gateways send HTTP-dates, fractions, signs, even ``inf``: none of those reaches a
+    client's envelope or a wait of ours."""
+    if value is None or not (value.isascii() and value.isdigit() and len(value) <= 5):
+        return None
+    return float(value)
+
+
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     attempts: int = 3

@@ -24,6 +24,7 @@ from errors import (
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
+    whole_seconds,
 )
 from services.domains import BY_AGENT, DOMAINS, Domain
 from services.retry import RetryPolicy
@@ -1413,3 +1414,22 @@ async def test_users_cannot_rewrite_or_plant_history_through_the_data_api(
     assert (renamed.status_code, renamed.json()["code"]) == (403, "42501")
     view = await store.read_run(alice, run.id, None)
     assert view.message.content == "The real answer" and view.message.role == "assistant"
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [("7", 7), ("0", 1), ("inf", None), ("nan", None), ("1e400", None), ("-5", None), ("3.5", None),
+     ("Wed, 21 Oct 2026 07:28:00 GMT", None), ("99999999999999999999", None)],
+)
+async def test_a_gateways_retry_after_is_read_only_when_it_is_a_plain_number_of_seconds(
+    header: str, expected: int | None
+) -> None:
+    """A 503's ``Retry-After`` comes from whatever stands in front of PostgREST; a value that is not delta-seconds
+    (RFC 9110) is dropped, never turned into a client's 500 or a wait of centuries."""
+    client = _mock_client(lambda request: _pgrst(503, "PGRST002", headers={"Retry-After": header}))
+    with pytest.raises(UpstreamUnavailable) as caught:
+        await client.select(CALLER, "t", {})
+    await client.aclose()
+    error = caught.value
+    assert error.body()["error"]["code"] == "STORE_UNAVAILABLE" and error.headers() is not None  # both build
+    assert (whole_seconds(error.retry_after) if error.retry_after is not None else None) == expected

@@ -23,7 +23,7 @@ import httpx
 from errors import AppError, Unauthorized, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from services.auth.tokens import Token, invalid_token
 from services.http_pool import ONE_CONNECTION, Connections, PoolBusy
-from services.retry import RetryPolicy, with_retry
+from services.retry import RetryPolicy, retry_after_seconds, with_retry
 from settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -160,11 +160,6 @@ class AuthAPI:
         await self._connections.aclose()
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after", "")
-    return float(value) if value.isascii() and value.isdigit() and len(value) <= 5 else None
-
-
 class SupabaseUserLookup:
     """Asks Supabase Auth whether a token is good (``GET /auth/v1/user``); caches yes-answers, bounded, ≤ ``exp``.
 
@@ -242,7 +237,7 @@ class SupabaseUserLookup:
             logger.warning("Supabase Auth answered 429 (not retried)")
             raise UpstreamUnavailable(
                 "Supabase Auth is rate limiting token checks.", code="AUTH_THROTTLED",
-                retry_after=_retry_after(response),
+                retry_after=retry_after_seconds(response.headers.get("retry-after")),
             )
         if response.status_code >= 500:
             logger.warning("Supabase Auth answered %s", response.status_code)

@@ -32,7 +32,7 @@ import httpx
 
 from errors import AppError, Forbidden, NotFound, Unauthorized, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from services.http_pool import ONE_CONNECTION, Connections, PoolBusy
-from services.retry import RetryPolicy, with_retry
+from services.retry import RetryPolicy, retry_after_seconds, with_retry
 from services.store import Caller
 from services.store.numbers import NumberText, json_integer, json_number
 from settings import ConfigError, Settings, is_privileged_key
@@ -344,7 +344,7 @@ def _translate(failure: PostgrestFailure, retry_after: str | None = None) -> App
         return _timeout()
     if status in TRANSIENT_STATUSES or code.startswith(("PGRST0", "08", "53")) or code == "57P01":
         return UpstreamUnavailable(
-            "The database is unavailable.", code="STORE_UNAVAILABLE", retry_after=_seconds(retry_after)
+            "The database is unavailable.", code="STORE_UNAVAILABLE", retry_after=retry_after_seconds(retry_after)
         )
     return UpstreamError("The database rejected the request.", code="STORE_ERROR")
 
@@ -363,10 +363,3 @@ def _transport(exc: httpx.TransportError, *, transient: bool) -> PostgrestFailur
 def _is_transient(error: AppError) -> bool:
     failure = postgrest_failure(error)
     return failure is not None and failure.transient
-
-
-def _seconds(value: str | None) -> float | None:
-    try:
-        return float(value) if value else None
-    except ValueError:
-        return None
