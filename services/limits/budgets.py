@@ -87,7 +87,8 @@ class Budgets:
 
     def usage_json(self, period: BudgetPeriod, report: UsageReport, now: datetime) -> dict[str, Any]:
         """``GET /api/usage``: the period's usage (the ledger), what running turns hold reserved, each budget's limit
-        and what remains of it (None when that budget is off), by model and by conversation."""
+        and what remains of it (None when that budget is off), by model and by conversation (the
+        ``USAGE_CONVERSATIONS`` most used, and how many there are)."""
         since, resets = period_bounds(period, now)
         tokens = sum(int(row["input_tokens"]) + int(row["output_tokens"]) + int(row["cache_read_tokens"])
                      + int(row["cache_write_tokens"]) for row in report.by_model)
@@ -101,7 +102,7 @@ class Budgets:
             limits["tokens"], remaining["tokens"] = int(limits["tokens"]), int(remaining["tokens"] or 0)
         return {"period": period, "since": _stamp(since), "resets_at": _stamp(resets), "used": used,
                 "reserved": reserved, "limit": limits, "remaining": remaining, "by_model": report.by_model,
-                "by_conversation": report.by_conversation}
+                "by_conversation": report.by_conversation, "by_conversation_total": report.conversations}
 
 
 def _stamp(moment: datetime) -> str:
