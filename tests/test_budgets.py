@@ -237,3 +237,30 @@ def test_a_database_still_on_013s_unbounded_report_is_cut_to_the_same_shape() ->
     report = usage_report_of({"by_model": [], "by_conversation": listed, "reserved_tokens": 0, "reserved_cost": 0})
     assert report.by_conversation == listed[:USAGE_CONVERSATIONS]
     assert report.conversations == USAGE_CONVERSATIONS + 50
+
+
+def test_eight_turns_racing_for_the_last_of_a_budget_admit_exactly_one(
+    tmp_path: Path, service_env: dict[str, str], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    """Stream slots and the chat rate out of the way: only the budget decides, under the store's per-user
+    serialisation, so of eight turns sent at once one is admitted, whatever their order."""
+    settings = make_settings(tmp_path, **{**service_env, **BUDGET_ENV, "BUDGET_DAY_TOKENS": EDGE,
+                                          "MAX_STREAMS_PER_USER": "20", "RATE_LIMIT_CHAT_PER_MINUTE": "100",
+                                          "LOCAL_TOKEN_DELAY": "0.02"})
+    statuses: list[int] = []
+    start = threading.Barrier(8)
+
+    def send(url: str) -> None:
+        start.wait()
+        response = httpx.post(f"{url}/api/chat/stream", json=chat_body(user_id, new_id(), MESSAGE),
+                              headers=auth_headers(user_id), timeout=60)
+        statuses.append(response.status_code)
+
+    with serve(create_app(settings)) as live:
+        auth_headers(user_id)  # registered before the race
+        senders = [threading.Thread(target=send, args=(live.url,)) for _ in range(8)]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join()
+    assert sorted(statuses) == [200] + [429] * 7
