@@ -264,3 +264,24 @@ def test_eight_turns_racing_for_the_last_of_a_budget_admit_exactly_one(
         for sender in senders:
             sender.join()
     assert sorted(statuses) == [200] + [429] * 7
+
+
+def test_turns_stopped_with_nothing_shown_do_not_grow_the_next_prompt_past_its_reservation(
+    tmp_path: Path, service_env: dict[str, str], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    """Each turn stopped with seen_chars 0 keeps an empty answer, so its 4,000-character message and the next merge
+    into one user block. The next turn's prompt is still cut to HISTORY_TOKEN_BUDGET, the history its reservation
+    counts, rather than carrying every one of them (the local responder reports its prompt's size as input tokens)."""
+    settings = make_settings(tmp_path, **{**service_env, **BUDGET_ENV, "LOCAL_TOKEN_DELAY": "0.05"})
+    conversation = new_id()
+    with serve(create_app(settings)) as live, httpx.Client(base_url=live.url, timeout=30) as client:
+        for i in range(5):
+            _, run_id = read_until(live.url, chat_body(user_id, conversation, f"{i} " + "x" * 4000),
+                                   auth_headers(user_id), 2)
+            stopped = client.post(f"/api/chat/runs/{run_id}/stop", json={"user_id": user_id, "seen_chars": 0},
+                                  headers=auth_headers(user_id))
+            assert stopped.status_code == 200 and stopped.json()["content"] == "", stopped.text
+        last = client.post("/api/chat/stream", json=chat_body(user_id, conversation, "hello"),
+                           headers=auth_headers(user_id))
+    usage_of_turn = chunks(last.text)[-1]["usage"]
+    assert usage_of_turn["input_tokens"] < 500 + 1000, usage_of_turn  # the history budget and the system prompt
