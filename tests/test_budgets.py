@@ -285,3 +285,16 @@ def test_turns_stopped_with_nothing_shown_do_not_grow_the_next_prompt_past_its_r
                            headers=auth_headers(user_id))
     usage_of_turn = chunks(last.text)[-1]["usage"]
     assert usage_of_turn["input_tokens"] < 500 + 1000, usage_of_turn  # the history budget and the system prompt
+
+
+def test_a_budget_no_turn_fits_in_is_warned_at_startup(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A budget below what one turn reserves refuses every turn, each with 'used' 0: said once at startup, by name,
+    so an operator does not read it as users having spent it (a budget of 1 still works as a switch)."""
+    prices = '{"canvalo-local-responder": {"input": 1000, "output": 1000}}'
+    small = make_settings(tmp_path, **BUDGET_ENV, MODEL_PRICES=prices, BUDGET_DAY_TOKENS="1000",
+                          BUDGET_MONTH_TOKENS=EDGE, BUDGET_DAY_COST="1")
+    with caplog.at_level("WARNING", logger="canvalo"), TestClient(create_app(small)):
+        pass
+    lines = [r.getMessage() for r in caplog.records if "every chat turn" in r.getMessage()]
+    assert len(lines) == 2 and "BUDGET_DAY_TOKENS" in lines[0] and "BUDGET_DAY_COST" in lines[1], lines
+    assert not any("BUDGET_MONTH_TOKENS" in line for line in lines)

@@ -66,6 +66,21 @@ class Budgets:
         cost = self._dearest.cost(tokens_in, self._reserve_output)
         return TurnBudget(limits, tokens_in + self._reserve_output, cost)
 
+    def below_one_turn(self) -> list[str]:
+        """Why each budget set below what the smallest turn reserves refuses every turn (startup warns of them)."""
+        least = self.for_turn("")
+        if least is None:
+            return []
+        reasons = []
+        for (period, unit), limit in self.limits.items():
+            reserve = least.reserve_tokens if unit == "tokens" else least.reserve_cost
+            if reserve > limit:
+                what = f"{reserve} tokens" if unit == "tokens" else f"{round(reserve, 6)} USD at the dearest prices"
+                reasons.append(f"BUDGET_{period.upper()}_{unit.upper()} is below what one chat turn reserves ({what}: "
+                               "HISTORY_TOKEN_BUDGET, BEDROCK_MAX_TOKENS and the message): every chat turn is refused "
+                               "with BUDGET_EXCEEDED")
+        return reasons
+
     def refused(self, begun: RunBegun) -> BudgetExceeded:
         """The 429 for a turn ``begin_run`` refused as ``budget_exceeded``, counted in the metrics."""
         assert begun.budget is not None
