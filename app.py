@@ -380,6 +380,9 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
                 logger.warning("Authentication is off and API_HOST is %s: anyone who can reach this port can act as "
                                "any user_id. Keep it on 127.0.0.1 (in a container, publish it on 127.0.0.1 only), or "
                                "turn authentication on (SUPABASE_JWT_SECRET or SUPABASE_URL).", settings.api_host)
+            budgets = Budgets(settings, registry)
+            for reason in budgets.below_one_turn():
+                logger.warning("%s.", reason)
             yield {
                 "settings": settings,
                 "store": store,
@@ -388,7 +391,7 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
                 "runs": runs,
                 "metrics": registry,
                 "limiter": limiter,
-                "budgets": Budgets(settings, registry),
+                "budgets": budgets,
                 "connections": ConnectionGuard(settings.header_read_timeout, settings.max_connections_per_address),
             }
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -21,6 +22,8 @@ from starlette.testclient import TestClient
 
 from app import create_app
 from services.model import estimate_tokens
+from services.store import USAGE_CONVERSATIONS
+from services.store.postgrest.rows import usage_report_of
 from tests.conftest import AuthHeaders
 from tests.support import chunks, free_port, make_settings, new_id, serve
 from tests.test_runs import ROOT, chat_body, read_until, start_service
@@ -188,3 +191,110 @@ def test_a_cost_budget_without_a_price_for_a_model_in_use_refuses_to_start(tmp_p
     assert finished.stderr.strip().splitlines() == [
         "canvalo: Invalid configuration: a cost budget (BUDGET_DAY_COST, BUDGET_MONTH_COST) needs a price for every "
         "model in use: add amazon.nova-pro-v1:0 to MODEL_PRICES"]
+
+
+def _seed_ledger(request: pytest.FixtureRequest, settings: Any, user_id: str, conversations: list[str]) -> None:
+    """One model call today in each conversation, the i-th of i + 1 tokens, written straight into the store's ledger
+    (as the flushes would, without running that many turns)."""
+    now = time.time()
+    rows = [(new_id(), 0, user_id, conversation, "supervisor", "canvalo-local-responder", i + 1, 0, 0, 0, 0.0, False)
+            for i, conversation in enumerate(conversations)]
+    if settings.store == "sqlite":
+        with sqlite3.connect(settings.sqlite_path) as db:
+            db.executemany("INSERT INTO agent_usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           [(*row, now) for row in rows])
+        return
+    from tests.conftest import DATABASE
+    with request.getfixturevalue("pg_cluster").connect(DATABASE) as db, db.cursor() as cursor:
+        cursor.executemany("insert into api.agent_usage (run_id, call_index, user_id, conversation_id, agent_type,"
+                           " model_id, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost,"
+                           " estimated) values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)", rows)
+
+
+def test_usage_lists_the_conversations_that_used_most_and_counts_the_rest(
+    tmp_path: Path, service_env: dict[str, str], auth_headers: AuthHeaders, user_id: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    """A user with more conversations this period than the report lists (a month of turns can touch hundreds of
+    thousands): the answer stays bounded, the most used first, and its totals still count every conversation."""
+    settings = make_settings(tmp_path, **service_env)
+    conversations = [new_id() for _ in range(USAGE_CONVERSATIONS + 50)]
+    with serve(create_app(settings)) as live, httpx.Client(base_url=live.url, timeout=30) as client:
+        usage(client, auth_headers, user_id)  # the store is open (and the user registered) before the rows go in
+        _seed_ledger(request, settings, user_id, conversations)
+        report = usage(client, auth_headers, user_id)
+    listed = report["by_conversation"]
+    assert len(listed) == USAGE_CONVERSATIONS and report["by_conversation_total"] == len(conversations)
+    assert [row["conversation_id"] for row in listed] == conversations[::-1][:USAGE_CONVERSATIONS]
+    assert report["used"]["tokens"] == sum(range(1, len(conversations) + 1))
+
+
+def test_a_database_still_on_013s_unbounded_report_is_cut_to_the_same_shape() -> None:
+    """Before 018 is applied, agent_usage_report lists every conversation and counts none: the service's answer is
+    bounded all the same."""
+    listed = [{"conversation_id": new_id(), "calls": 1, "tokens": USAGE_CONVERSATIONS + 50 - i, "cost": None}
+              for i in range(USAGE_CONVERSATIONS + 50)]
+    report = usage_report_of({"by_model": [], "by_conversation": listed, "reserved_tokens": 0, "reserved_cost": 0})
+    assert report.by_conversation == listed[:USAGE_CONVERSATIONS]
+    assert report.conversations == USAGE_CONVERSATIONS + 50
+
+
+def test_eight_turns_racing_for_the_last_of_a_budget_admit_exactly_one(
+    tmp_path: Path, service_env: dict[str, str], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    """Stream slots and the chat rate out of the way: only the budget decides, under the store's per-user
+    serialisation, so of eight turns sent at once one is admitted, whatever their order."""
+    settings = make_settings(tmp_path, **{**service_env, **BUDGET_ENV, "BUDGET_DAY_TOKENS": EDGE,
+                                          "MAX_STREAMS_PER_USER": "20", "RATE_LIMIT_CHAT_PER_MINUTE": "100",
+                                          "LOCAL_TOKEN_DELAY": "0.02"})
+    statuses: list[int] = []
+    start = threading.Barrier(8)
+
+    def send(url: str) -> None:
+        start.wait()
+        response = httpx.post(f"{url}/api/chat/stream", json=chat_body(user_id, new_id(), MESSAGE),
+                              headers=auth_headers(user_id), timeout=60)
+        statuses.append(response.status_code)
+
+    with serve(create_app(settings)) as live:
+        auth_headers(user_id)  # registered before the race
+        senders = [threading.Thread(target=send, args=(live.url,)) for _ in range(8)]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join()
+    assert sorted(statuses) == [200] + [429] * 7
+
+
+def test_turns_stopped_with_nothing_shown_do_not_grow_the_next_prompt_past_its_reservation(
+    tmp_path: Path, service_env: dict[str, str], auth_headers: AuthHeaders, user_id: str
+) -> None:
+    """Each turn stopped with seen_chars 0 keeps an empty answer, so its 4,000-character message and the next merge
+    into one user block. The next turn's prompt is still cut to HISTORY_TOKEN_BUDGET, the history its reservation
+    counts, rather than carrying every one of them (the local responder reports its prompt's size as input tokens)."""
+    settings = make_settings(tmp_path, **{**service_env, **BUDGET_ENV, "LOCAL_TOKEN_DELAY": "0.05"})
+    conversation = new_id()
+    with serve(create_app(settings)) as live, httpx.Client(base_url=live.url, timeout=30) as client:
+        for i in range(5):
+            _, run_id = read_until(live.url, chat_body(user_id, conversation, f"{i} " + "x" * 4000),
+                                   auth_headers(user_id), 2)
+            stopped = client.post(f"/api/chat/runs/{run_id}/stop", json={"user_id": user_id, "seen_chars": 0},
+                                  headers=auth_headers(user_id))
+            assert stopped.status_code == 200 and stopped.json()["content"] == "", stopped.text
+        last = client.post("/api/chat/stream", json=chat_body(user_id, conversation, "hello"),
+                           headers=auth_headers(user_id))
+    usage_of_turn = chunks(last.text)[-1]["usage"]
+    assert usage_of_turn["input_tokens"] < 500 + 1000, usage_of_turn  # the history budget and the system prompt
+
+
+def test_a_budget_no_turn_fits_in_is_warned_at_startup(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A budget below what one turn reserves refuses every turn, each with 'used' 0: said once at startup, by name,
+    so an operator does not read it as users having spent it (a budget of 1 still works as a switch)."""
+    prices = '{"canvalo-local-responder": {"input": 1000, "output": 1000}}'
+    small = make_settings(tmp_path, **BUDGET_ENV, MODEL_PRICES=prices, BUDGET_DAY_TOKENS="1000",
+                          BUDGET_MONTH_TOKENS=EDGE, BUDGET_DAY_COST="1")
+    with caplog.at_level("WARNING", logger="canvalo"), TestClient(create_app(small)):
+        pass
+    lines = [r.getMessage() for r in caplog.records if "every chat turn" in r.getMessage()]
+    assert len(lines) == 2 and "BUDGET_DAY_TOKENS" in lines[0] and "BUDGET_DAY_COST" in lines[1], lines
+    assert not any("BUDGET_MONTH_TOKENS" in line for line in lines)

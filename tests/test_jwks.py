@@ -7,11 +7,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import httpx
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -251,3 +254,41 @@ def test_remote_lookup_stays_an_explicit_option(auth: tuple[FakeAuth, LiveServer
         assert httpx.get(f"{live.url}/health", timeout=10).json()["auth"]["mode"] == "supabase-auth"
         asked = listed(live, user, sign(ec_key, "ec-1", claims(server, user)))
     assert asked.status_code == 503 and fake.user_calls >= 1 and fake.key_fetches == 0
+
+
+def test_requests_arriving_while_the_key_set_is_fetched_wait_for_it_rather_than_get_a_401(ec_key: Key) -> None:
+    """A cold worker (or a rotation): while the first request fetches the set, the others, whose key id is not held
+    yet, wait for that fetch instead of being refused as if their token were forged (a 401 signs a user out)."""
+    fetches = 0
+    asked, answer = threading.Event(), threading.Event()
+
+    async def slow_key_set(request: Request) -> Response:
+        nonlocal fetches
+        fetches += 1
+        asked.set()
+        await anyio.to_thread.run_sync(answer.wait, 30)  # held until the others have come in
+        return JSONResponse({"keys": [public_jwk("ec-1", ec_key)]})
+
+    slow = Starlette(routes=[Route("/auth/v1/.well-known/jwks.json", slow_key_set)])
+    with serve(slow) as server:
+        tokens = [sign(ec_key, "ec-1", claims(server, new_id())) for _ in range(20)]
+
+        async def scenario() -> list[BaseException | None]:
+            keys = jwks.SigningKeys(server.url)
+            try:
+                first = asyncio.ensure_future(verify(keys, tokens[0]))
+                for _ in range(3000):  # the first request's fetch is in flight
+                    if asked.is_set():
+                        break
+                    await asyncio.sleep(0.01)
+                others = asyncio.gather(*(verify(keys, token) for token in tokens[1:]), return_exceptions=True)
+                await asyncio.sleep(0.2)  # with the fault, they are all refused by now; with the fix, all waiting
+                answer.set()
+                return [*(await asyncio.gather(first, return_exceptions=True)), *await others]
+            finally:
+                answer.set()
+                await keys.aclose()
+
+        outcomes = asyncio.run(scenario())
+    assert outcomes == [None] * 20
+    assert fetches == 1

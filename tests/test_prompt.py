@@ -34,3 +34,18 @@ def test_budget_keeps_the_newest_turns_and_always_the_current_message() -> None:
     assert texts(build_turns(history, 120)) == [("user", "z" * 40)]
     huge = [message("user", "q" * 100_000)]
     assert texts(build_turns(huge, 10)) == [("user", "q" * 100_000)]
+
+
+def test_user_messages_merged_across_empty_answers_still_keep_to_the_budget() -> None:
+    """Turns stopped with nothing shown (seen_chars 0) or failed before any text leave empty answers, so their user
+    messages merge into one block: that block is cut to the budget like any other history, not kept whole as the
+    current message is (else 49 messages of 10,000 characters made a 120,000-token prompt that one turn's budget
+    reservation, HISTORY_TOKEN_BUDGET, never counted)."""
+    history = []
+    for i in range(24):
+        history += [message("user", f"{i}" + "q" * 9_999, 2 * i), message("assistant", "", 2 * i + 1)]
+    history.append(message("user", "now", 48))
+    turns = build_turns(history, 12_000)
+    sent = "".join(text for _, text in texts(turns))
+    assert len(sent) // 4 <= 12_000
+    assert sent.endswith("now") and turns[-1]["role"] == "user" and len(turns) == 1

@@ -80,8 +80,10 @@ class SigningKeys:
     # -- the key set ------------------------------------------------------------------------------------------------
 
     async def _refresh(self, wanted: str) -> None:
-        """Fetch the set if it is stale or lacks ``wanted``, unless it was tried in the last REFETCH_MIN_SECONDS."""
-        if self._due(wanted):
+        """Fetch the set if it is stale or lacks ``wanted``, unless it was tried in the last REFETCH_MIN_SECONDS.
+        A key id not held while a fetch is in flight waits for that fetch (at most its timeout): it may bring the key,
+        and refusing the token meanwhile would sign out a user whose token is good (a cold worker, a rotation)."""
+        if self._due(wanted) or (wanted not in self._keys and self._fetching.locked()):
             async with self._fetching:
                 if self._due(wanted):  # not fetched by another request while this one waited
                     await self._fetch_keeping()

@@ -66,6 +66,21 @@ class Budgets:
         cost = self._dearest.cost(tokens_in, self._reserve_output)
         return TurnBudget(limits, tokens_in + self._reserve_output, cost)
 
+    def below_one_turn(self) -> list[str]:
+        """Why each budget set below what the smallest turn reserves refuses every turn (startup warns of them)."""
+        least = self.for_turn("")
+        if least is None:
+            return []
+        reasons = []
+        for (period, unit), limit in self.limits.items():
+            reserve = least.reserve_tokens if unit == "tokens" else least.reserve_cost
+            if reserve > limit:
+                what = f"{reserve} tokens" if unit == "tokens" else f"{round(reserve, 6)} USD at the dearest prices"
+                reasons.append(f"BUDGET_{period.upper()}_{unit.upper()} is below what one chat turn reserves ({what}: "
+                               "HISTORY_TOKEN_BUDGET, BEDROCK_MAX_TOKENS and the message): every chat turn is refused "
+                               "with BUDGET_EXCEEDED")
+        return reasons
+
     def refused(self, begun: RunBegun) -> BudgetExceeded:
         """The 429 for a turn ``begin_run`` refused as ``budget_exceeded``, counted in the metrics."""
         assert begun.budget is not None
@@ -87,7 +102,8 @@ class Budgets:
 
     def usage_json(self, period: BudgetPeriod, report: UsageReport, now: datetime) -> dict[str, Any]:
         """``GET /api/usage``: the period's usage (the ledger), what running turns hold reserved, each budget's limit
-        and what remains of it (None when that budget is off), by model and by conversation."""
+        and what remains of it (None when that budget is off), by model and by conversation (the
+        ``USAGE_CONVERSATIONS`` most used, and how many there are)."""
         since, resets = period_bounds(period, now)
         tokens = sum(int(row["input_tokens"]) + int(row["output_tokens"]) + int(row["cache_read_tokens"])
                      + int(row["cache_write_tokens"]) for row in report.by_model)
@@ -101,7 +117,7 @@ class Budgets:
             limits["tokens"], remaining["tokens"] = int(limits["tokens"]), int(remaining["tokens"] or 0)
         return {"period": period, "since": _stamp(since), "resets_at": _stamp(resets), "used": used,
                 "reserved": reserved, "limit": limits, "remaining": remaining, "by_model": report.by_model,
-                "by_conversation": report.by_conversation}
+                "by_conversation": report.by_conversation, "by_conversation_total": report.conversations}
 
 
 def _stamp(moment: datetime) -> str:

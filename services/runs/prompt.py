@@ -18,19 +18,21 @@ from services.store import Message
 
 def build_turns(history: Sequence[Message], token_budget: int) -> list[dict[str, Any]]:
     """Converse ``messages`` from stored history (oldest first, ending with the current user message)."""
-    merged = _merge_roles([m for m in history if m.content.strip()])
-    kept: list[tuple[str, str]] = []
+    # Messages are kept before they are merged: user messages merged across empty answers (turns stopped with nothing
+    # shown, or failed before any text) would otherwise make one block as old as the user liked, kept whole.
+    kept: list[Message] = []
     spent = 0
-    for role, text in reversed(merged):
-        cost = estimate_tokens(text)
+    for message in reversed([m for m in history if m.content.strip()]):
+        cost = estimate_tokens(message.content)
         if kept and spent + cost > token_budget:
             break
-        kept.append((role, text))
+        kept.append(message)
         spent += cost
     kept.reverse()
-    while kept and kept[0][0] != "user":
-        kept.pop(0)
-    return [{"role": role, "content": [{"text": text}]} for role, text in kept]
+    merged = _merge_roles(kept)
+    while merged and merged[0][0] != "user":
+        merged.pop(0)
+    return [{"role": role, "content": [{"text": text}]} for role, text in merged]
 
 
 def _merge_roles(messages: Sequence[Message]) -> list[tuple[str, str]]:

@@ -34,6 +34,9 @@ AUTO_TITLE = "AI Chat"
 # Every timestamp the API shows: ISO 8601 UTC with microseconds and a ``Z``, the format the earlier service's
 # frontend parses (``2026-11-24T01:49:20.911133Z``), whatever the store keeps.
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+# The most conversations a usage report lists (the most tokens first): a month of turns can touch hundreds of
+# thousands, and the report's size must not follow them. migrations/018_usage_report_bounded.sql uses the same.
+USAGE_CONVERSATIONS = 100
 
 # Told how long each store call took: (store kind, operation, seconds). The app's metrics are one.
 QueryObserver = Callable[[str, str, float], None]
@@ -246,9 +249,10 @@ class UsageReport:
     runs still going hold reserved beyond what they have used (``Store.usage_report``)."""
 
     by_model: list[dict[str, Any]]  # model_id, calls, estimated_calls, the four token counts, cost (None: unpriced)
-    by_conversation: list[dict[str, Any]]  # conversation_id, calls, tokens, cost
+    by_conversation: list[dict[str, Any]]  # conversation_id, calls, tokens, cost: the USAGE_CONVERSATIONS most used
     reserved_tokens: int
     reserved_cost: float
+    conversations: int  # how many conversations have usage since then (by_conversation lists at most 100 of them)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from services.store import USAGE_CONVERSATIONS
 from web.fields import UUID_PATTERN
 from web.openapi.shapes import (BEFORE, BOOLEAN, CHANGES, COUNT, CURSOR, STRING, TIMESTAMP, UUID, Schema, closed,
                                 nullable, schema)
@@ -213,8 +214,12 @@ def usage_schemas() -> dict[str, Schema]:
                 "estimated_calls": {**COUNT, "description": "Calls cut short, whose figures are estimated."},
                 "input_tokens": COUNT, "output_tokens": COUNT,
                 "cache_read_tokens": COUNT, "cache_write_tokens": COUNT, "cost": unpriced})},
-            "by_conversation": {"type": "array", "description": "Most tokens first. A deleted conversation's usage "
-                                "stays (its id no longer opens anything).", "items": closed({
+            "by_conversation": {"type": "array", "maxItems": USAGE_CONVERSATIONS,
+                                "description": f"The {USAGE_CONVERSATIONS} conversations that used the most tokens, "
+                                "most first. A deleted conversation's usage stays (its id no longer opens anything).",
+                                "items": closed({
                                     "conversation_id": UUID, "calls": COUNT, "tokens": COUNT, "cost": unpriced})},
+            "by_conversation_total": {**COUNT, "description": "How many conversations used the model this period "
+                                      "(by_conversation lists the most used of them)."},
         }),
     }

@@ -16,9 +16,9 @@ from typing import Any, TypeVar, get_args
 
 from errors import ConversationNotFound, MessageNotFound, UpstreamError, ValidationFailed
 from services.domains import BY_TABLE, Column, Domain
-from services.store import (TIMESTAMP_FORMAT, ActionDone, BeginOutcome, BudgetRefusal, CallUsage, Conversation, Message,
-                            MessageKey, MessagePage, PendingAction, Run, RunBegun, RunControl, RunUpdate, TurnBudget,
-                            UsageReport)
+from services.store import (TIMESTAMP_FORMAT, USAGE_CONVERSATIONS, ActionDone, BeginOutcome, BudgetRefusal, CallUsage,
+                            Conversation, Message, MessageKey, MessagePage, PendingAction, Run, RunBegun, RunControl,
+                            RunUpdate, TurnBudget, UsageReport)
 from services.store.numbers import as_double
 from services.store.shared import from_row, page_of_messages, with_siblings
 
@@ -233,11 +233,14 @@ _COUNTS = frozenset(
 
 
 def usage_report_of(result: Any) -> UsageReport:
-    """``agent_usage_report``'s answer (``migrations/013_usage_ledger.sql``)."""
+    """``agent_usage_report``'s answer (``migrations/018_usage_report_bounded.sql``; ``013``'s, which lists every
+    conversation and no count of them, is cut to the same shape here)."""
     with reading():
+        listed = result["by_conversation"]
         return UsageReport([_numbers(row) for row in result["by_model"]],
-                           [_numbers(row) for row in result["by_conversation"]],
-                           int(result["reserved_tokens"]), float(result["reserved_cost"]))
+                           [_numbers(row) for row in listed[:USAGE_CONVERSATIONS]],
+                           int(result["reserved_tokens"]), float(result["reserved_cost"]),
+                           int(result.get("by_conversation_total", len(listed))))
 
 
 def _numbers(row: dict[str, Any]) -> dict[str, Any]:

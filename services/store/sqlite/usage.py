@@ -12,7 +12,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 
-from services.store import BudgetRefusal, Caller, CallUsage, RunBegun, TurnBudget, UsageReport
+from services.store import USAGE_CONVERSATIONS, BudgetRefusal, Caller, CallUsage, RunBegun, TurnBudget, UsageReport
 
 MIGRATION = """
 CREATE TABLE agent_usage (
@@ -89,9 +89,14 @@ def usage_report(db: sqlite3.Connection, caller: Caller, since: float) -> UsageR
     ).fetchall()
     by_conversation = db.execute(
         f"SELECT conversation_id, count(*) AS calls, sum({TOKENS}) AS tokens, sum(cost) AS cost FROM agent_usage"
-        " WHERE user_id = ? AND created_at >= ? GROUP BY conversation_id ORDER BY tokens DESC, conversation_id",
-        (caller.user_id, since),
+        " WHERE user_id = ? AND created_at >= ? GROUP BY conversation_id ORDER BY tokens DESC, conversation_id"
+        " LIMIT ?",
+        (caller.user_id, since, USAGE_CONVERSATIONS),
     ).fetchall()
+    (conversations,) = db.execute(
+        "SELECT count(DISTINCT conversation_id) FROM agent_usage WHERE user_id = ? AND created_at >= ?",
+        (caller.user_id, since),
+    ).fetchone()
     tokens, cost = db.execute(_RESERVED, (caller.user_id, caller.user_id)).fetchone()
     return UsageReport([dict(row) for row in by_model], [dict(row) for row in by_conversation], int(tokens),
-                       float(cost))
+                       float(cost), int(conversations))
