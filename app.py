@@ -364,16 +364,10 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
             # Runs still generating at shutdown end as interrupted and are saved before the store closes.
             stack.push_async_callback(runs.aclose)
             tune_gc()
-            logger.info(
-                "Started: store=%s (%s) model=%s auth=%s environment=%s trusted_proxies=%s",
-                store.kind,
-                store_location(settings),
-                chat_model.provider,
-                auth.mode,
-                settings.environment,
-                # Named because a wrong value fails silently: every client then shares the proxy's address.
-                settings.forwarded_allow_ips,
-            )
+            # Trusted proxies are named because a wrong value fails silently: every client shares the proxy's address.
+            logger.info("Started: store=%s (%s) model=%s auth=%s environment=%s trusted_proxies=%s", store.kind,
+                        store_location(settings), chat_model.provider, auth.mode, settings.environment,
+                        settings.forwarded_allow_ips)
             if auth.mode == "none" and not _is_loopback(settings.api_host):
                 # Development trusts the user_id a request names: reachable from other machines, anyone there can read
                 # and write every user's conversations.
