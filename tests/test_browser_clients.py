@@ -182,15 +182,106 @@ def front() -> Iterator[LiveServer]:
         yield server
 
 
-def front_page(browser: Browser, front: LiveServer) -> Iterator[Watched]:
+@pytest.fixture
+def front_page(browser: Browser, front: LiveServer) -> Iterator[Page]:
+    """A page of the frontend's origin, checked clean at the end (no CORS refusal or script error in its console)."""
     context = browser.new_context()
     context.set_default_timeout(TIMEOUT_MS)
     watched = Watched(context.new_page())
     watched.page.goto(f"{front.url}/")
     try:
-        yield watched
+        yield watched.page
+        # Allowed: the frontend page's missing favicon, and the stream a test cuts on purpose.
+        expected = ("404 (Not Found)", "net::ERR_INCOMPLETE_CHUNKED_ENCODING")
+        watched.console = [line for line in watched.console if not any(e in line for e in expected)]
+        watched.assert_clean()
     finally:
         context.close()
+
+
+def stored_answer(url: str, user: str, conversation_id: str, headers: dict[str, str]) -> dict[str, Any]:
+    response = httpx.get(f"{url}/api/conversations/{conversation_id}", params={"user_id": user}, headers=headers)
+    assert response.status_code == 200, response.text
+    return response.json()["messages"][-1]  # type: ignore[no-any-return]
+
+
+# -- fetch from another origin, with a token ------------------------------------------------------------------------
+
+# What a frontend's chat client does: POST with a bearer token, read the run id, read the body as it comes, and leave
+# (AbortController) once it has seen the words sent before the model was held.
+FETCH_UNTIL_HELD = """async ([api, token, body, held]) => {
+  const controller = new AbortController();
+  const response = await fetch(api + "/api/chat/stream", {
+    method: "POST", signal: controller.signal,
+    headers: {"Content-Type": "application/json; charset=utf-8", "Authorization": "Bearer " + token},
+    body: JSON.stringify(body)});
+  const seen = {status: response.status, type: response.headers.get("Content-Type"),
+                runId: response.headers.get("X-Run-ID"), text: "", ids: []};
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  while (seen.text.split(" ").length - 1 < held) {
+    const {value, done} = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, {stream: true});
+    for (let end; (end = buffer.indexOf("\\n\\n")) >= 0; buffer = buffer.slice(end + 2)) {
+      for (const line of buffer.slice(0, end).split("\\n")) {
+        if (line.startsWith("id: ")) seen.ids.push(Number(line.slice(4)));
+        if (line.startsWith("data: ")) {
+          const chunk = JSON.parse(line.slice(6));
+          if (chunk.type === "token") seen.text += chunk.content;
+        }
+      }
+    }
+  }
+  controller.abort();
+  return seen;
+}"""
+
+
+@pytest.fixture
+def gated() -> GatedModel:
+    return GatedModel()
+
+
+@pytest.fixture(params=["direct", pytest.param("nginx", marks=pytest.mark.system)])
+def api_url(request: pytest.FixtureRequest, tmp_path: Path, front: LiveServer, gated: GatedModel) -> Iterator[str]:
+    """The service with auth on and the frontend's origin allowed, reached directly or through the shipped nginx."""
+    settings = make_settings(tmp_path, SUPABASE_JWT_SECRET=TEST_JWT_SECRET, CORS_ORIGINS=front.url)
+    with serve(create_app(settings, model=gated)) as server:
+        if request.param == "direct":
+            yield server.url
+            return
+        from tests.test_nginx import run_nginx
+
+        nginx_dir = tmp_path / "nginx"
+        nginx_dir.mkdir()
+        with run_nginx(nginx_dir, int(server.url.rsplit(":", 1)[1])) as proxy:
+            yield proxy
+
+
+@browser_only
+def test_a_cross_origin_fetch_with_a_token_streams_and_an_abort_leaves_the_answer_to_be_saved(
+    front_page: Page, api_url: str, gated: GatedModel
+) -> None:
+    user, conversation_id = new_id(), new_id()
+    token = mint(user, TEST_JWT_SECRET)
+    body = {"message": "hello", "conversation_id": conversation_id, "user_id": user, "history": []}
+    seen = front_page.evaluate(FETCH_UNTIL_HELD, [api_url, token, body, HELD_AT])
+    # The preflight (Authorization, a JSON content type with a charset) passed, the run id is readable from another
+    # origin, and the words sent before the model was held arrived while it was: streamed, not buffered to the end.
+    assert seen["status"] == 200 and seen["type"] == "text/event-stream; charset=utf-8"
+    assert seen["runId"] and seen["ids"] == list(range(1, len(seen["ids"]) + 1))
+    assert seen["text"] == "".join(WORDS[:HELD_AT]) and not gated.gate.is_set()
+    gated.gate.set()  # the client has left: the answer is still generated to its end and saved
+    headers = {"Authorization": f"Bearer {token}"}
+    wait_for(lambda: stored_answer(api_url, user, conversation_id, headers)["metadata"]["status"] != "streaming",
+             "the run to end")
+    stored = stored_answer(api_url, user, conversation_id, headers)
+    assert stored["metadata"]["status"] == "complete" and stored["metadata"]["run_id"] == seen["runId"]
+    assert stored["content"] == "".join(WORDS)
+    again = httpx.post(f"{api_url}/api/chat/stream", json={**body, "message": "and then?"}, headers=headers, timeout=20)
+    assert again.status_code == 200 and '"type":"complete"' in again.text  # the run ended: no 409 RUN_IN_PROGRESS
 
 
 # -- the playground -----------------------------------------------------------------------------------------------
@@ -228,3 +319,44 @@ def test_the_playground_rides_out_a_network_outage_mid_answer(browser: Browser, 
             expect(page.locator("#error")).to_be_hidden()
         finally:
             context.close()
+
+
+# -- EventSource from another origin --------------------------------------------------------------------------------
+
+# The events route as a browser's EventSource follows it: every event (its lastEventId, its chunk's type and text) and
+# every (re)connection, closed on the terminal chunk as the docs ask (EventSource reconnects whenever a stream ends).
+FOLLOW_WITH_EVENT_SOURCE = """([url]) => {
+  window.seen = {events: [], opens: 0, closed: false};
+  const source = new EventSource(url);
+  source.onopen = () => { window.seen.opens += 1; };
+  source.onmessage = (event) => {
+    const chunk = JSON.parse(event.data);
+    window.seen.events.push([Number(event.lastEventId), chunk.type, chunk.content || ""]);
+    if (chunk.type === "complete" || chunk.type === "error") { source.close(); window.seen.closed = true; }
+  };
+}"""
+
+
+@browser_only
+def test_an_event_source_from_another_origin_resumes_after_a_cut_with_last_event_id(
+    front_page: Page, front: LiveServer, tmp_path: Path, gated: GatedModel
+) -> None:
+    settings = make_settings(tmp_path, CORS_ORIGINS=front.url)  # development: EventSource cannot send a token
+    user, conversation_id = new_id(), new_id()
+    with serve(create_app(settings, model=gated)) as server, relay_to(server) as relay:
+        body = {"message": "hello", "conversation_id": conversation_id, "user_id": user}
+        with httpx.stream("POST", f"{server.url}/api/chat/stream", json=body, timeout=20) as started:
+            run_id = started.headers["x-run-id"]  # the run goes on without this client
+        front_page.evaluate(FOLLOW_WITH_EVENT_SOURCE, [f"{relay.url}/api/chat/runs/{run_id}/events?user_id={user}"])
+        front_page.wait_for_function("() => window.seen.events.length > 0")
+        relay.cut()  # the connection drops mid-run; the browser reconnects by itself, sending Last-Event-ID
+        front_page.wait_for_function("() => window.seen.opens >= 2")
+        gated.gate.set()
+        front_page.wait_for_function("() => window.seen.closed")
+        seen = front_page.evaluate("() => window.seen")
+        stored = stored_answer(server.url, user, conversation_id, {})
+    ids = [event[0] for event in seen["events"]]
+    assert ids == sorted(set(ids)), ids  # nothing replayed twice, nothing out of order
+    assert [event[1] for event in seen["events"]][-1] == "complete"
+    assert "".join(event[2] for event in seen["events"]) == stored["content"] == "".join(WORDS)
+    assert relay.accepted >= 2
