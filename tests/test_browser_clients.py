@@ -7,8 +7,9 @@ against a real uvicorn server on 127.0.0.1.
   through the shipped nginx config.
 - An ``EventSource`` from that origin follows a run, and after its connection is cut reconnects with
   ``Last-Event-ID`` and goes on exactly where it was.
-- The playground rides out a network outage mid-answer: it keeps trying to attach to the run and shows the whole
-  stored answer once the network is back.
+- The playground rides out a network outage mid-answer (it keeps trying to attach to the run and shows the whole
+  stored answer once the network is back), and the shutdown of the worker it watches from (a retryable notice with
+  no ``id:`` is a cue to resume, not the run's end).
 
 "While the model is still generating" is shown without timing: a ``GatedModel`` holds its answer after a few words
 until the test releases it, so tokens the browser saw before that were streamed, not buffered.
@@ -79,7 +80,8 @@ class GatedModel:
 
 
 class CuttableRelay:
-    """A TCP relay on 127.0.0.1 in front of ``upstream_port``. ``cut()`` drops every connection it holds; while
+    """A TCP relay on 127.0.0.1 in front of ``upstream_port`` (which a test may change: new connections go to the new
+    port, as a load balancer moves clients between workers). ``cut()`` drops every connection it holds; while
     ``refusing`` is set, a new connection is closed as soon as it is accepted (``refused`` counts them): a network
     outage as a browser meets it."""
 
@@ -310,7 +312,7 @@ def test_the_playground_rides_out_a_network_outage_mid_answer(browser: Browser, 
             relay.cut()
             wait_for(lambda: relay.refused >= 2, "the page to try attaching again during the outage")
             relay.refusing.clear()
-            expect(page.locator("#answer")).to_have_attribute("data-status", "complete")
+            expect(page.locator("#answer")).to_have_attribute("data-status", "complete", timeout=TIMEOUT_MS)
             user = page.locator("#user-id").inner_text()
             conversation_id = page.evaluate("u => localStorage.getItem('canvalo.playground.conversation.' + u)", user)
             stored = httpx.get(f"{server.url}/api/conversations/{conversation_id}", params={"user_id": user}).json()
@@ -360,3 +362,42 @@ def test_an_event_source_from_another_origin_resumes_after_a_cut_with_last_event
     assert [event[1] for event in seen["events"]][-1] == "complete"
     assert "".join(event[2] for event in seen["events"]) == stored["content"] == "".join(WORDS)
     assert relay.accepted >= 2
+
+
+@browser_only
+def test_the_playground_resumes_when_the_worker_it_watches_from_shuts_down(browser: Browser, tmp_path: Path) -> None:
+    """Two servers share one store (two workers, a rolling restart). The page watches a run generating on the first
+    through the second, which is then stopped: its viewers get a retryable ``SERVER_SHUTTING_DOWN`` notice without an
+    ``id:``, which docs/api.md says is not the run's end. The page must attach again (to the first) and show the whole
+    answer, not end it as an error."""
+    settings = make_settings(tmp_path)
+    generating, watching = ScriptedModel(pieces=PIECES, pause=0.1), ScriptedModel(pieces=["unused"])
+    with contextlib.ExitStack() as stack:
+        first = stack.enter_context(serve(create_app(settings, model=generating)))
+        second = stack.enter_context(serve(create_app(settings, model=watching), graceful_timeout=1))
+        relay = stack.enter_context(relay_to(first))
+        context = browser.new_context()
+        context.set_default_timeout(TIMEOUT_MS)
+        stack.callback(context.close)
+        page = context.new_page()
+        page.goto(f"{relay.url}/playground")
+        expect(page.locator("#status")).to_have_text("idle")
+        page.fill("#message", "hello")
+        page.click("#send")
+        page.wait_for_function("n => (document.querySelector('#answer .content')?.textContent || '').length >= n",
+                               arg=6)
+        relay.upstream_port = int(second.url.rsplit(":", 1)[1])  # the page's next connection goes to the second
+        attached = relay.accepted
+        relay.cut()
+        wait_for(lambda: relay.accepted > attached, "the page to attach to the run through the second server")
+        page.wait_for_function("() => document.querySelector('#status').textContent === 'streaming'")
+        relay.upstream_port = int(first.url.rsplit(":", 1)[1])  # the first stays up
+        second.server.should_exit = True  # after its 1 s grace, its viewers get the shutdown notice
+        expect(page.locator("#answer")).to_have_attribute("data-status", "complete", timeout=TIMEOUT_MS)
+        user = page.locator("#user-id").inner_text()
+        conversation_id = page.evaluate("u => localStorage.getItem('canvalo.playground.conversation.' + u)", user)
+        stored = stored_answer(first.url, user, conversation_id, {})
+        assert page.locator("#answer .content").text_content() == stored["content"] == FULL_TEXT
+        assert stored["metadata"]["status"] == "complete"
+        expect(page.locator("#error")).to_be_hidden()
+        assert not watching.requests  # the second server generated nothing
