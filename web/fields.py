@@ -116,8 +116,8 @@ def _absent(field: Field) -> Any:
 def _uuid(field: Field, raw: Any) -> Any:
     if raw is None and not field.required:
         return field.default
-    if raw is None and field.where == "body":
-        raise invalid(field.name, "is required")
+    if raw is None or (raw == "" and field.where == "query"):
+        raise invalid(field.name, "is required")  # not "must be a UUID": the client sent none (?user_id= is none)
     return uuid_value(raw, field.name)
 
 

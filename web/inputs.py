@@ -47,8 +47,7 @@ _UNSTORABLE_ESCAPE = re.compile(r"\\u(?:[dD][89a-fA-F]|0000)")
 async def json_body(request: Request, timeout: float) -> dict[str, Any]:
     """The request's JSON object, read within ``timeout`` seconds: a client trickling its body must not hold a
     connection and its buffer for as long as it likes."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != "application/json":
+    if not is_json_type(request.headers.get("content-type", "")):
         raise UnsupportedMediaType()
     try:
         async with asyncio.timeout(timeout):  # asyncio's own: an anyio scope costs several times more per request
@@ -67,6 +66,15 @@ async def json_body(request: Request, timeout: float) -> dict[str, Any]:
     if _UNSTORABLE_ESCAPE.search(text):
         _refuse_unstorable(body)
     return body
+
+
+def is_json_type(content_type: str) -> bool:
+    """``application/json`` or a ``+json`` type (``application/merge-patch+json``), any parameters, any case: what
+    FastAPI read as JSON. A body without a Content-Type is not: FastAPI read it as JSON, but a browser sends one
+    without preflight (a ``Blob`` body), so accepting it would let any site's page write as a user whenever
+    authentication is off. The types browsers send without preflight (``text/plain``, forms) are refused alike."""
+    media = content_type.split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 def _utf8(raw: bytes) -> str:
