@@ -28,7 +28,7 @@ Kind = Literal["uuid", "int", "text", "choice", "cursor", "list"]
 Where = Literal["path", "query", "header", "body"]
 
 # A query integer declared without an upper bound (the offsets) gets this one: far past any real page, and far
-# inside the 64-bit integers SQLite and PostgreSQL bind (which would refuse 9223372036854775808 as a server error, not a 422).
+# inside the 64-bit integers SQLite and PostgreSQL bind (a value past them would fail there, as a server error).
 DEFAULT_MAX_INT = 1_000_000
 
 UUID_PATTERN = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
