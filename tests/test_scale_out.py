@@ -8,16 +8,21 @@ from __future__ import annotations
 import contextlib
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
+import pytest
 
+from app import create_app
+from services.runs import manager as runs_module
 from tests.conftest import DATABASE, AuthHeaders
 from tests.pg import register_run_secret
-from tests.support import chunks, event_ids, free_port, new_id, streamed_text
-from tests.test_runs import chat_body, conversation, read_until, resume, start_service
+from tests.support import chunks, event_ids, free_port, make_settings, new_id, serve, streamed_text
+from tests.test_runs import chat_body, conversation, read_until, resume, slow_model, start_service
 
 STORES = ("supabase",)
 
@@ -129,3 +134,31 @@ def test_a_worker_stopped_with_sigterm_saves_its_runs_end_for_the_viewers_and_tu
     assert stored["content"] == streamed_text(chunks(received) + followed)
     assert again.status_code == 200, again.text
     assert chunks(again.text)[-1]["type"] == "complete"
+
+
+def test_a_viewer_on_a_worker_whose_clock_runs_ahead_of_the_databases_polls_no_faster(
+    tmp_path: Path, service_env: dict[str, str], auth_headers: AuthHeaders, user_id: str,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker judges a run's heartbeat (the database's clock) by its own clock before asking the database to end
+    it; the database judges by its own. A worker whose clock runs ahead (workers and database are different
+    machines) finds a live run stale, and the database ends nothing: its viewer must go on reading every
+    POLL_SECONDS, not read and ask again at once, in a loop, for as long as the clocks disagree."""
+    token = "m" * 32
+    settings = make_settings(tmp_path, **{**service_env, "METRICS_TOKEN": token})
+    ahead = SimpleNamespace(time=lambda: time.time() + settings.run_stale_seconds + 1, monotonic=time.monotonic,
+                            perf_counter=time.perf_counter)
+    monkeypatch.setattr(runs_module, "time", ahead)  # only the run manager's staleness check reads time.time
+
+    def reads(url: str) -> float:
+        text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=10).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("canvalo_store_query_duration_seconds_count") and 'operation="read_run"' in line)
+
+    model = slow_model(pieces=40, pause=0.05)  # about 2 s: 8 poll intervals
+    with serve(create_app(settings, model=model)) as first, serve(create_app(settings)) as second:
+        _, run_id = read_until(first.url, chat_body(user_id, new_id()), auth_headers(user_id), 1)
+        followed = chunks(resume(second.url, run_id, user_id, auth_headers(user_id)).text)
+        read = reads(second.url)
+    assert followed[-1]["type"] == "complete"
+    assert read <= 30, read  # about 2 s at one read every 0.25 s, with room for a slow machine
