@@ -145,6 +145,7 @@ class StoredFeed:
 
     async def _next_frames(self, after: int, timeout: float) -> tuple[str, int, bool]:
         deadline = time.monotonic() + timeout
+        maintained = False  # the store was asked to end the run as dead since the last pause
         while True:
             view = await self._poll.read(self._caller, after)
             if view.run.status == "stopped":
@@ -159,13 +160,17 @@ class StoredFeed:
                 text = await self._terminal_frame(view.run.last_seq)
             if text or over:
                 return text, after, over and after >= view.run.last_seq
-            if await self._maintain(self._caller, view.run):
+            # This worker judges the heartbeat (the store's clock) by its own clock and the store by its own, so a
+            # run this worker finds dead may not be ended (the clocks differ): the store is asked once per pause.
+            if not maintained and await self._maintain(self._caller, view.run):
+                maintained = True
                 self._poll.forget()
                 continue  # it was dead and has just been ended: read its terminal event
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return "", after, False
             await anyio.sleep(min(POLL_SECONDS, remaining))
+            maintained = False
 
     async def _stopped(self, view: RunView, after: int) -> tuple[str, int, bool]:
         """A stopped run's events after ``after``, cut as its stored answer is (``stopped_replay``): read from its

@@ -20,20 +20,30 @@ from services.store.run_log import (SUPERVISOR, UNSAVED_EVENTS_MAX, chunk, error
 from services.store.text import storable
 
 TEXT_SAVE_SECONDS = 1.0
-HEARTBEAT_SECONDS = 5.0
+HEARTBEAT_SECONDS = 5.0  # the longest time between two heartbeats of a run (see ``heartbeat_seconds``)
+# Heartbeats per RUN_STALE_SECONDS: the default 30 s gets one every 5 s, and a shorter one proportionally more, so
+# that a run whose worker is alive never looks dead to another worker (or to this one's sweep).
+HEARTBEATS_PER_STALE = 6
+
+
+def heartbeat_seconds(stale_seconds: float) -> float:
+    """How often a run's worker shows the store the run is alive: at most ``HEARTBEAT_SECONDS`` apart, and at
+    least ``HEARTBEATS_PER_STALE`` times within ``RUN_STALE_SECONDS``, however short that is set."""
+    return min(HEARTBEAT_SECONDS, stale_seconds / HEARTBEATS_PER_STALE)
 
 
 class LiveRun:
     """A run generating on this worker: its frames (event ``seq`` is ``frames[seq - 1]``), its text, its viewers."""
 
     __slots__ = (
-        "_calls_flushed", "_flushed", "_heartbeat_at", "_pending", "_saved_parts", "_taken_parts", "_text_saved_at",
-        "_salvage_sent", "_waiters", "agent_type", "caller", "cancelled", "deleted", "elsewhere", "ended", "farewell",
-        "farewell_at", "final", "frames", "parts", "refused", "run", "saved", "scope", "shown",
+        "_calls_flushed", "_flushed", "_heartbeat_at", "_heartbeat_every", "_pending", "_saved_parts", "_taken_parts",
+        "_text_saved_at", "_salvage_sent", "_waiters", "agent_type", "caller", "cancelled", "deleted", "elsewhere",
+        "ended", "farewell", "farewell_at", "final", "frames", "parts", "refused", "run", "saved", "scope", "shown",
         "seen_chars", "status", "stop_asked", "task", "usage", "visible",
     )
 
-    def __init__(self, run: Run, caller: Caller, usage: TurnUsage | None = None) -> None:
+    def __init__(self, run: Run, caller: Caller, usage: TurnUsage | None = None,
+                 heartbeat_every: float = HEARTBEAT_SECONDS) -> None:
         self.run = run
         self.caller = caller
         self.usage = usage or TurnUsage()  # the turn's model calls: the usage ledger's rows, written by the flushes
@@ -64,6 +74,7 @@ class LiveRun:
         # waits TEXT_SAVE_SECONDS. Saving at the first flush instead put a burst's text saves (an UPDATE and a
         # re-index for search each) on the writer thread just when the burst's first tokens were going out.
         self._text_saved_at = self._heartbeat_at = time.monotonic()
+        self._heartbeat_every = heartbeat_every  # ``heartbeat_seconds`` of the worker's RUN_STALE_SECONDS
         self._saved_parts = 0
         self._taken_parts = 0
         self._waiters: list[asyncio.Future[None]] = []
@@ -173,7 +184,7 @@ class LiveRun:
         batch = None
         if upto > self._flushed:
             batch = EventBatch(self._flushed + 1, upto, "".join(self.frames[self._flushed:upto]))
-        heartbeat = now - self._heartbeat_at >= HEARTBEAT_SECONDS
+        heartbeat = now - self._heartbeat_at >= self._heartbeat_every
         # The calls finished since the last flush the store took: the ledger rides the flush, no request of its own.
         calls = tuple(self.usage.calls[self._calls_flushed:])
         if self.refused:  # nothing more of what it holds is sent: its end, once generation has stopped
