@@ -266,3 +266,39 @@ async def test_a_timeout_is_retried_on_the_same_model_not_handed_over(
     assert events[:2] == [ModelUsed(PRIMARY), TextDelta("In time.")]
     assert models_called(fake) == [PRIMARY, PRIMARY]
 
+
+
+# -- a fallback that refuses the request, the time a pass may take, a failure after the stop ------------------------
+
+
+@pytest.mark.parametrize(
+    ("refusal", "code"),
+    [
+        (Reply.http_error(403, "AccessDeniedException", "User is not authorized to perform: "
+                          "bedrock:InvokeModelWithResponseStream"), "MODEL_ACCESS_DENIED"),
+        (Reply.http_error(400, "ValidationException", "Input is too long for requested model."),
+         "MODEL_INPUT_TOO_LONG"),
+    ],
+    ids=["access-denied", "input-too-long"],
+)
+def test_a_fallback_that_refuses_the_request_is_passed_over_not_shown_to_the_user(
+    api: tuple[TestClient, FakeBedrock], auth_headers: AuthHeaders, user_id: str, refusal: Reply, code: str
+) -> None:
+    """The configured model is only throttled: a fallback without the permission (or with a smaller context window)
+    must not turn that into a permanent "configuration problem" or "start a new conversation" for the user."""
+    client, fake = api
+    fake.by_model = {PRIMARY: [THROTTLED], FIRST: [refusal], SECOND: [answer("From the second fallback.")]}
+    items = chat(client, auth_headers, user_id, new_id())
+    assert streamed_text(items) == "From the second fallback." and items[-1]["type"] == "complete"
+    assert models_called(fake) == [PRIMARY, FIRST, SECOND]
+    assert metric(client, "canvalo_llm_requests_total", model=FIRST, outcome=code) == 1
+
+    fake.requests.clear()
+    fake.by_model = {PRIMARY: [THROTTLED], FIRST: [refusal], SECOND: [refusal]}
+    conversation = new_id()
+    items = chat(client, auth_headers, user_id, conversation)
+    # What the configured model said, as without fallbacks: retryable, after every pass.
+    assert [(i["type"], i["code"], i["retryable"]) for i in items] == [("error", "MODEL_THROTTLED", True)]
+    assert models_called(fake) == [PRIMARY, FIRST, SECOND] * 3
+    stored = last_message(client, auth_headers, user_id, conversation)
+    assert stored["metadata"]["error_code"] == "MODEL_THROTTLED"

@@ -278,16 +278,29 @@ class BedrockModel:
             reader.close()
 
     async def _first_answer(self, body: bytes) -> tuple[str, _Reader, list[ModelEvent]]:
-        """One attempt: the configured model, then each fallback at once (the module docstring says why)."""
-        for model_id, fallback in zip(self._models, self._models[1:]):
+        """One attempt: the configured model, then each fallback at once (the module docstring says why).
+
+        A fallback that refuses the request itself (an error not retryable: access denied, not enabled, a smaller
+        context window) is passed over, and logged as the configuration problem it is: the configured model was only
+        busy, so if every model fails the call ends with a busy model's retryable error, never with a "configuration
+        problem" or "start a new conversation" that the configured model would not have given."""
+        failed: AppError | None = None  # the latest error that moves the call down the list
+        for index, model_id in enumerate(self._models):
             try:
                 return await self._call(model_id, body)
             except AppError as exc:
-                if not falls_back(exc):
+                if failed is not None and not exc.retryable:
+                    logger.error("Bedrock fallback model %s refused the request with %s; passed over (check its "
+                                 "access and limits)", model_id, exc.code)
+                elif not falls_back(exc):
                     raise
-                logger.warning("Bedrock model %s failed with %s before any output; trying %s", model_id, exc.code,
-                               fallback)
-        return await self._call(self._models[-1], body)
+                else:
+                    failed = exc
+                if index + 1 < len(self._models):
+                    logger.warning("Bedrock model %s failed with %s before any output; trying %s", model_id,
+                                   exc.code, self._models[index + 1])
+        assert failed is not None  # the configured model's error at least: a refusal of its own is raised above
+        raise failed
 
     async def _call(self, model_id: str, body: bytes) -> tuple[str, _Reader, list[ModelEvent]]:
         try:
