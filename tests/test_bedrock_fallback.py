@@ -36,6 +36,7 @@ from tests.test_bedrock import (  # noqa: F401  (fixtures)
     bedrock_env,
     chat,
     collect,
+    failing,
     fake_bedrock,
     last_message,
     settings_for,
@@ -302,3 +303,23 @@ def test_a_fallback_that_refuses_the_request_is_passed_over_not_shown_to_the_use
     assert models_called(fake) == [PRIMARY, FIRST, SECOND] * 3
     stored = last_message(client, auth_headers, user_id, conversation)
     assert stored["metadata"]["error_code"] == "MODEL_THROTTLED"
+
+
+async def test_no_fallback_starts_once_the_call_has_waited_its_time(
+    tmp_path: Any,
+    bedrock_env: dict[str, str],  # noqa: F811
+    fake_bedrock: tuple[FakeBedrock, LiveServer],  # noqa: F811
+) -> None:
+    """Each model may take up to BEDROCK_FIRST_EVENT_TIMEOUT (or longer while it sends events) before failing in a way
+    that falls back: without a bound, one pass over six models would keep a user waiting six first-event timeouts.
+    A fallback starts only while the call has waited less than RETRY_MAX_TOTAL or BEDROCK_FIRST_EVENT_TIMEOUT,
+    whichever is longer (here 2 s; the configured model fails after 2.4 s)."""
+    fake, live = fake_bedrock
+    slow_failure = Reply.stream(message_start(), Pause(1.2), message_start(), Pause(1.2),
+                                exception("serviceUnavailableException", "down"))
+    fake.by_model = {PRIMARY: [slow_failure], FIRST: [answer("Too late to ask me.")]}
+    settings = settings_for(tmp_path, bedrock_env, live, BEDROCK_FIRST_EVENT_TIMEOUT="2", BEDROCK_IDLE_TIMEOUT="2",
+                            RETRY_MAX_TOTAL="0.1", **FALLBACKS)
+    error_, seen = await failing(BedrockModel(settings, credentials=CREDS))
+    assert (error_.code, error_.retryable, seen) == ("MODEL_UNAVAILABLE", True, [])
+    assert models_called(fake) == [PRIMARY]

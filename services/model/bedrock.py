@@ -261,7 +261,10 @@ class BedrockModel:
 
     async def stream(self, request: ModelRequest) -> AsyncIterator[ModelEvent]:
         # The body is not kept in this generator's frame: it would stay in memory for the whole answer.
-        attempt = partial(self._first_answer, request_body(request, self._max_tokens, self._temperature))
+        # No fallback starts once the call has waited this long: each model may take a first-event timeout to fail,
+        # and a pass over six of them would otherwise keep the user waiting six (docs/production.md, the worst case).
+        until = time.monotonic() + max(self._retry.max_total, self._first_event_timeout)
+        attempt = partial(self._first_answer, request_body(request, self._max_tokens, self._temperature), until)
         model_id, reader, events = await with_retry(attempt, self._retry, what="Bedrock ConverseStream")
         del attempt
         try:
@@ -277,13 +280,14 @@ class BedrockModel:
         finally:
             reader.close()
 
-    async def _first_answer(self, body: bytes) -> tuple[str, _Reader, list[ModelEvent]]:
+    async def _first_answer(self, body: bytes, until: float) -> tuple[str, _Reader, list[ModelEvent]]:
         """One attempt: the configured model, then each fallback at once (the module docstring says why).
 
         A fallback that refuses the request itself (an error not retryable: access denied, not enabled, a smaller
         context window) is passed over, and logged as the configuration problem it is: the configured model was only
         busy, so if every model fails the call ends with a busy model's retryable error, never with a "configuration
-        problem" or "start a new conversation" that the configured model would not have given."""
+        problem" or "start a new conversation" that the configured model would not have given. No fallback starts
+        after ``until`` (``stream`` says why)."""
         failed: AppError | None = None  # the latest error that moves the call down the list
         for index, model_id in enumerate(self._models):
             try:
@@ -296,9 +300,14 @@ class BedrockModel:
                     raise
                 else:
                     failed = exc
-                if index + 1 < len(self._models):
-                    logger.warning("Bedrock model %s failed with %s before any output; trying %s", model_id,
-                                   exc.code, self._models[index + 1])
+                if index + 1 == len(self._models):
+                    break
+                if time.monotonic() >= until:
+                    logger.warning("Bedrock model %s failed with %s before any output; too late to try %s",
+                                   model_id, exc.code, self._models[index + 1])
+                    break
+                logger.warning("Bedrock model %s failed with %s before any output; trying %s", model_id, exc.code,
+                               self._models[index + 1])
         assert failed is not None  # the configured model's error at least: a refusal of its own is raised above
         raise failed
 
