@@ -270,12 +270,20 @@ class BedrockModel:
         try:
             yield ModelUsed(model_id)
             decoder = reader.decoder
-            while events is not None:
-                for event in events:
-                    yield event
-                if decoder.failure is not None:
-                    raise decoder.failure
-                events = await reader.read()
+            try:
+                while events is not None:
+                    for event in events:
+                        yield event
+                    if decoder.failure is not None:
+                        raise decoder.failure
+                    events = await reader.read()
+            except AppError as exc:
+                if decoder.stop_reason is None:
+                    raise
+                # messageStop said the answer is whole (only its metadata, the usage, may be missing: the call is
+                # then estimated): a stall, reset or exception before the body's end must not fail a finished answer.
+                logger.warning("Bedrock's stream failed with %s after messageStop; the answer was whole", exc.code)
+                return
             reader.finish()
         finally:
             reader.close()
