@@ -9,13 +9,15 @@ in a worker thread.
 A call has two phases. Until the first model event that would reach the user (text, a tool call, a stop), the call
 is invisible, so the whole attempt (send, HTTP status, in-stream exception frames, time to first event) is retried
 under ``services/retry.py``. After that nothing is retried, so a retry can never duplicate text; later failures end
-the stream with a typed error and the chat layer saves the partial answer.
+the stream with a typed error and the chat layer saves the partial answer (after ``messageStop`` they are only logged:
+the answer is whole).
 
 Fallbacks (``BEDROCK_FALLBACK_MODEL_IDS``, docs/production.md) live in the first phase too: one attempt walks the
 list, trying the next model at once while the one before fails in a way another may not (``Failure.falls_back``);
 only when the last one fails too does the retry policy pause and start again. Why not retries per model: a throttled
 model's backoff is exactly the wait a fallback exists to avoid, and they would multiply the attempts and the wait for
-the first token. The model that answered is the stream's first event (``ModelUsed``).
+the first token. A fallback that refuses the request itself is passed over, and none starts once the call has waited
+its time (``_first_answer``). The model that answered is the stream's first event (``ModelUsed``).
 
 Every Bedrock failure becomes one of our ``AppError``s through ``FAILURES`` (``bedrock_errors.py``; the table in
 docs/production.md, "Production: Amazon Bedrock"). The request and the event stream's decoding are ``converse.py``;
