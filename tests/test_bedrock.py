@@ -905,3 +905,26 @@ def test_a_nul_in_what_an_answers_metadata_keeps_is_saved_as_text_and_costs_no_o
         assert stored_b["metadata"]["stop_reason"] == b[-1]["stop_reason"] == "end\ufffdturn"
     else:
         assert "list_in\ufffdvoices" in [call["name"] for call in stored_b["metadata"]["tool_calls"]]
+
+
+
+@pytest.mark.parametrize(
+    ("tail", "events"),
+    [
+        ([block_stop(), message_stop(), metadata(30, 4)], [Stop("end_turn"), Usage(30, 4)]),
+        ([block_stop(), message_stop(), exception("internalServerException", "after the end")], [Stop("end_turn")]),
+    ],
+    ids=["stalled-after-metadata", "exception-after-messageStop"],
+)
+async def test_a_failure_after_messagestop_leaves_the_finished_answer_whole(
+    tmp_path: Any, bedrock_env: dict[str, str], fake_bedrock: tuple[FakeBedrock, LiveServer], tail: list[bytes],
+    events: list[ModelEvent],
+) -> None:
+    """Bedrock said the answer is whole (messageStop; metadata only counts it): what breaks after that, before the
+    body's end (a stall, an exception, a reset), must not turn a finished answer into an error for the user."""
+    fake, live = fake_bedrock
+    fake.replies = [Reply.stream([message_start(), text_delta("All done."), *tail], Pause(1))]
+    settings = settings_for(tmp_path, bedrock_env, live, BEDROCK_IDLE_TIMEOUT="0.2")
+    seen = await collect(BedrockModel(settings, credentials=CREDS))
+    assert seen == [ModelUsed("amazon.nova-lite-v1:0"), TextDelta("All done."), *events]
+    assert len(fake.requests) == 1

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 from starlette.testclient import TestClient
 
@@ -22,6 +25,7 @@ from services.model.bedrock_errors import FAILURES
 from tests.conftest import AuthHeaders
 from tests.fake_bedrock import (
     FakeBedrock,
+    Gate,
     Pause,
     Reply,
     exception,
@@ -29,13 +33,14 @@ from tests.fake_bedrock import (
     text_delta,
     text_reply,
 )
-from tests.support import LiveServer, new_id, streamed_text
+from tests.support import LiveServer, chunks, new_id, serve, streamed_text
 from tests.test_agents_bedrock import tool_reply
 from tests.test_bedrock import (  # noqa: F401  (fixtures)
     CREDS,
     bedrock_env,
     chat,
     collect,
+    failing,
     fake_bedrock,
     last_message,
     settings_for,
@@ -266,3 +271,146 @@ async def test_a_timeout_is_retried_on_the_same_model_not_handed_over(
     assert events[:2] == [ModelUsed(PRIMARY), TextDelta("In time.")]
     assert models_called(fake) == [PRIMARY, PRIMARY]
 
+
+
+# -- a fallback that refuses the request, the time a pass may take, a failure after the stop ------------------------
+
+
+@pytest.mark.parametrize(
+    ("refusal", "code"),
+    [
+        (Reply.http_error(403, "AccessDeniedException", "User is not authorized to perform: "
+                          "bedrock:InvokeModelWithResponseStream"), "MODEL_ACCESS_DENIED"),
+        (Reply.http_error(400, "ValidationException", "Input is too long for requested model."),
+         "MODEL_INPUT_TOO_LONG"),
+    ],
+    ids=["access-denied", "input-too-long"],
+)
+def test_a_fallback_that_refuses_the_request_is_passed_over_not_shown_to_the_user(
+    api: tuple[TestClient, FakeBedrock], auth_headers: AuthHeaders, user_id: str, refusal: Reply, code: str
+) -> None:
+    """The configured model is only throttled: a fallback without the permission (or with a smaller context window)
+    must not turn that into a permanent "configuration problem" or "start a new conversation" for the user."""
+    client, fake = api
+    fake.by_model = {PRIMARY: [THROTTLED], FIRST: [refusal], SECOND: [answer("From the second fallback.")]}
+    items = chat(client, auth_headers, user_id, new_id())
+    assert streamed_text(items) == "From the second fallback." and items[-1]["type"] == "complete"
+    assert models_called(fake) == [PRIMARY, FIRST, SECOND]
+    assert metric(client, "canvalo_llm_requests_total", model=FIRST, outcome=code) == 1
+
+    fake.requests.clear()
+    fake.by_model = {PRIMARY: [THROTTLED], FIRST: [refusal], SECOND: [refusal]}
+    conversation = new_id()
+    items = chat(client, auth_headers, user_id, conversation)
+    # What the configured model said, as without fallbacks: retryable, after every pass.
+    assert [(i["type"], i["code"], i["retryable"]) for i in items] == [("error", "MODEL_THROTTLED", True)]
+    assert models_called(fake) == [PRIMARY, FIRST, SECOND] * 3
+    stored = last_message(client, auth_headers, user_id, conversation)
+    assert stored["metadata"]["error_code"] == "MODEL_THROTTLED"
+
+
+async def test_no_fallback_starts_once_the_call_has_waited_its_time(
+    tmp_path: Any,
+    bedrock_env: dict[str, str],  # noqa: F811
+    fake_bedrock: tuple[FakeBedrock, LiveServer],  # noqa: F811
+) -> None:
+    """Each model may take up to BEDROCK_FIRST_EVENT_TIMEOUT (or longer while it sends events) before failing in a way
+    that falls back: without a bound, one pass over six models would keep a user waiting six first-event timeouts.
+    A fallback starts only while the call has waited less than RETRY_MAX_TOTAL or BEDROCK_FIRST_EVENT_TIMEOUT,
+    whichever is longer (here 2 s; the configured model fails after 2.4 s)."""
+    fake, live = fake_bedrock
+    slow_failure = Reply.stream(message_start(), Pause(1.2), message_start(), Pause(1.2),
+                                exception("serviceUnavailableException", "down"))
+    fake.by_model = {PRIMARY: [slow_failure], FIRST: [answer("Too late to ask me.")]}
+    settings = settings_for(tmp_path, bedrock_env, live, BEDROCK_FIRST_EVENT_TIMEOUT="2", BEDROCK_IDLE_TIMEOUT="2",
+                            RETRY_MAX_TOTAL="0.1", **FALLBACKS)
+    error_, seen = await failing(BedrockModel(settings, credentials=CREDS))
+    assert (error_.code, error_.retryable, seen) == ("MODEL_UNAVAILABLE", True, [])
+    assert models_called(fake) == [PRIMARY]
+
+
+def test_each_call_of_a_turn_is_billed_to_the_model_that_answered_it_at_its_price(
+    tmp_path: Any,
+    service_env: dict[str, str],
+    bedrock_env: dict[str, str],  # noqa: F811
+    fake_bedrock: tuple[FakeBedrock, LiveServer],  # noqa: F811
+    auth_headers: AuthHeaders,
+    user_id: str,
+) -> None:
+    """Call 1 (the hand-off) by the configured model, call 2 (the tool call) by a fallback, call 3 cut short by a
+    failure after its first text, by the configured model again: the ledger has each call under its own model and
+    price, the stored answer names both, and the error is the configured model's."""
+    fake, live = fake_bedrock
+    fake.by_model = {
+        PRIMARY: [
+            tool_reply("tooluse_h", HANDOFF_TOOL, {"agent": "invoices"}, (40, 8)),
+            THROTTLED,
+            Reply.stream([message_start(), text_delta("None are ")], Pause(0.05),
+                         exception("modelStreamErrorException", "broke")),
+        ],
+        FIRST: [tool_reply("tooluse_1", "list_invoices", {"status": "overdue"}, (90, 12))],
+    }
+    prices = '{"us.amazon.nova-lite-v1:0": {"input": 1.0, "output": 2.0}}'
+    env = {**service_env, **bedrock_env, **FALLBACKS, "MODEL_PRICES": prices}
+    settings = settings_for(tmp_path, env, live)
+    conversation = new_id()
+    with TestClient(create_app(settings, model=BedrockModel(settings, credentials=CREDS))) as client:
+        items = chat(client, auth_headers, user_id, conversation)
+        metadata = last_message(client, auth_headers, user_id, conversation)["metadata"]
+        report = client.get("/api/usage", params={"user_id": user_id}, headers=auth_headers(user_id)).json()
+    assert streamed_text(items) == "None are " and items[-1]["code"] == "MODEL_STREAM_ERROR"
+    assert models_called(fake) == [PRIMARY, PRIMARY, FIRST, PRIMARY]
+    assert (metadata["status"], metadata["model_id"], metadata["model_ids"]) == ("error", PRIMARY, [PRIMARY, FIRST])
+    rows = {row["model_id"]: row for row in report["by_model"]}
+    assert set(rows) == {PRIMARY, FIRST}
+    assert (rows[FIRST]["calls"], rows[FIRST]["input_tokens"], rows[FIRST]["output_tokens"]) == (1, 90, 12)
+    assert rows[FIRST]["cost"] == pytest.approx((90 * 1.0 + 12 * 2.0) / 1e6)
+    assert (rows[PRIMARY]["calls"], rows[PRIMARY]["estimated_calls"]) == (2, 1)  # the cut call estimated
+    primary_cost = (rows[PRIMARY]["input_tokens"] * 0.06 + rows[PRIMARY]["output_tokens"] * 0.24) / 1e6
+    assert rows[PRIMARY]["cost"] == pytest.approx(primary_cost)
+
+
+@pytest.mark.parametrize("where", ["fallback", "backoff"])
+def test_a_stop_during_a_fallback_or_a_backoff_pause_ends_the_run_at_once(
+    tmp_path: Any,
+    service_env: dict[str, str],
+    bedrock_env: dict[str, str],  # noqa: F811
+    fake_bedrock: tuple[FakeBedrock, LiveServer],  # noqa: F811
+    auth_headers: AuthHeaders,
+    user_id: str,
+    where: str,
+) -> None:
+    """Stopped while a fallback is being asked (it hangs) or while every model was throttled and the service pauses
+    before the next pass (a long one here): the run ends stopped with nothing billed, and the fallback is hung up on."""
+    fake, live = fake_bedrock
+    never = threading.Event()
+    hang = Reply.stream(Gate(never), *text_reply("never"))
+    fake.by_model = {PRIMARY: [THROTTLED], FIRST: [hang if where == "fallback" else THROTTLED], SECOND: [THROTTLED]}
+    env = {**service_env, **bedrock_env, **FALLBACKS, "RETRY_BASE_DELAY": "30", "RETRY_MAX_DELAY": "30",
+           "RETRY_MAX_TOTAL": "60", "BEDROCK_FIRST_EVENT_TIMEOUT": "60"}
+    settings = settings_for(tmp_path, env, live)
+    conversation = new_id()
+    body = {"message": "Hi", "conversation_id": conversation, "user_id": user_id}
+    try:
+        with serve(create_app(settings, model=BedrockModel(settings, credentials=CREDS))) as service, \
+                httpx.Client(base_url=service.url, timeout=10) as client:
+            with client.stream("POST", "/api/chat/stream", json=body, headers=auth_headers(user_id)) as response:
+                run_id = response.headers["x-run-id"]
+                fake.wait_for_requests(2 if where == "fallback" else 3)
+                started = time.monotonic()
+                stop = {"user_id": user_id, "seen_chars": 0}
+                stopped = client.post(f"/api/chat/runs/{run_id}/stop", json=stop, headers=auth_headers(user_id))
+                assert stopped.status_code == 200, stopped.text
+                rest = chunks(response.read().decode())
+            assert time.monotonic() - started < 10  # not the fallback's 60 s first-event timeout
+            stored = last_message(client, auth_headers, user_id, conversation)
+    finally:
+        never.set()
+    assert [i["type"] for i in rest if i["type"] in ("token", "error")] == [], rest
+    assert stored["metadata"]["status"] == "stopped" and stored["content"] == ""
+    assert "model_id" not in stored["metadata"] and "usage" not in stored["metadata"]
+    if where == "fallback":
+        assert fake.requests[1].closed_early.wait(5)
+        assert len(fake.requests) == 2
+    else:  # stopped in the pause after the first pass (or, if that pause was a short draw, the second)
+        assert len(fake.requests) in (3, 6)

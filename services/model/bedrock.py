@@ -9,13 +9,15 @@ in a worker thread.
 A call has two phases. Until the first model event that would reach the user (text, a tool call, a stop), the call
 is invisible, so the whole attempt (send, HTTP status, in-stream exception frames, time to first event) is retried
 under ``services/retry.py``. After that nothing is retried, so a retry can never duplicate text; later failures end
-the stream with a typed error and the chat layer saves the partial answer.
+the stream with a typed error and the chat layer saves the partial answer (after ``messageStop`` they are only logged:
+the answer is whole).
 
 Fallbacks (``BEDROCK_FALLBACK_MODEL_IDS``, docs/production.md) live in the first phase too: one attempt walks the
 list, trying the next model at once while the one before fails in a way another may not (``Failure.falls_back``);
 only when the last one fails too does the retry policy pause and start again. Why not retries per model: a throttled
 model's backoff is exactly the wait a fallback exists to avoid, and they would multiply the attempts and the wait for
-the first token. The model that answered is the stream's first event (``ModelUsed``).
+the first token. A fallback that refuses the request itself is passed over, and none starts once the call has waited
+its time (``_first_answer``). The model that answered is the stream's first event (``ModelUsed``).
 
 Every Bedrock failure becomes one of our ``AppError``s through ``FAILURES`` (``bedrock_errors.py``; the table in
 docs/production.md, "Production: Amazon Bedrock"). The request and the event stream's decoding are ``converse.py``;
@@ -261,33 +263,63 @@ class BedrockModel:
 
     async def stream(self, request: ModelRequest) -> AsyncIterator[ModelEvent]:
         # The body is not kept in this generator's frame: it would stay in memory for the whole answer.
-        attempt = partial(self._first_answer, request_body(request, self._max_tokens, self._temperature))
+        # No fallback starts once the call has waited this long: each model may take a first-event timeout to fail,
+        # and a pass over six of them would otherwise keep the user waiting six (docs/production.md, the worst case).
+        until = time.monotonic() + max(self._retry.max_total, self._first_event_timeout)
+        attempt = partial(self._first_answer, request_body(request, self._max_tokens, self._temperature), until)
         model_id, reader, events = await with_retry(attempt, self._retry, what="Bedrock ConverseStream")
         del attempt
         try:
             yield ModelUsed(model_id)
             decoder = reader.decoder
-            while events is not None:
-                for event in events:
-                    yield event
-                if decoder.failure is not None:
-                    raise decoder.failure
-                events = await reader.read()
+            try:
+                while events is not None:
+                    for event in events:
+                        yield event
+                    if decoder.failure is not None:
+                        raise decoder.failure
+                    events = await reader.read()
+            except AppError as exc:
+                if decoder.stop_reason is None:
+                    raise
+                # messageStop said the answer is whole (only its metadata, the usage, may be missing: the call is
+                # then estimated): a stall, reset or exception before the body's end must not fail a finished answer.
+                logger.warning("Bedrock's stream failed with %s after messageStop; the answer was whole", exc.code)
+                return
             reader.finish()
         finally:
             reader.close()
 
-    async def _first_answer(self, body: bytes) -> tuple[str, _Reader, list[ModelEvent]]:
-        """One attempt: the configured model, then each fallback at once (the module docstring says why)."""
-        for model_id, fallback in zip(self._models, self._models[1:]):
+    async def _first_answer(self, body: bytes, until: float) -> tuple[str, _Reader, list[ModelEvent]]:
+        """One attempt: the configured model, then each fallback at once (the module docstring says why).
+
+        A fallback that refuses the request itself (an error not retryable: access denied, not enabled, a smaller
+        context window) is passed over, and logged as the configuration problem it is: the configured model was only
+        busy, so if every model fails the call ends with a busy model's retryable error, never with a "configuration
+        problem" or "start a new conversation" that the configured model would not have given. No fallback starts
+        after ``until`` (``stream`` says why)."""
+        failed: AppError | None = None  # the latest error that moves the call down the list
+        for index, model_id in enumerate(self._models):
             try:
                 return await self._call(model_id, body)
             except AppError as exc:
-                if not falls_back(exc):
+                if failed is not None and not exc.retryable:
+                    logger.error("Bedrock fallback model %s refused the request with %s; passed over (check its "
+                                 "access and limits)", model_id, exc.code)
+                elif not falls_back(exc):
                     raise
+                else:
+                    failed = exc
+                if index + 1 == len(self._models):
+                    break
+                if time.monotonic() >= until:
+                    logger.warning("Bedrock model %s failed with %s before any output; too late to try %s",
+                                   model_id, exc.code, self._models[index + 1])
+                    break
                 logger.warning("Bedrock model %s failed with %s before any output; trying %s", model_id, exc.code,
-                               fallback)
-        return await self._call(self._models[-1], body)
+                               self._models[index + 1])
+        assert failed is not None  # the configured model's error at least: a refusal of its own is raised above
+        raise failed
 
     async def _call(self, model_id: str, body: bytes) -> tuple[str, _Reader, list[ModelEvent]]:
         try:
