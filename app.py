@@ -398,16 +398,17 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
 
 
 def configure_logging(level: str) -> None:
-    """Root logging at ``level``, with the loggers that would write request URLs held at WARNING whatever it is.
+    """Root logging at ``level``, with the loggers that would write request URLs or secrets held at WARNING.
 
     httpx logs every PostgREST request URL at INFO (its filters are user data, ``name=eq.Maria+Lopez``, and ids) and
-    httpcore more at DEBUG; uvicorn's access log writes each request line with its query string (``?user_id=``).
+    httpcore more at DEBUG; botocore's SigV4 signer logs each canonical request at DEBUG, the AWS session token
+    (``x-amz-security-token``) and the signature in it; uvicorn's access log writes each request line with its query.
     ``RequestContext`` logs every request without its query instead. Set here, not only with uvicorn's
     ``access_log=False``, so ``uvicorn app:app`` (which configures uvicorn's loggers before it starts the app) is
     covered too.
     """
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
-    for name in ("httpx", "httpcore", "uvicorn.access"):
+    for name in ("httpx", "httpcore", "botocore", "uvicorn.access"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 

@@ -115,6 +115,7 @@ class Fault:
     after: bool
     times: int
     path: str | None = None
+    body: dict[str, Any] | str | None = None  # what to answer instead of the fault's usual body
 
 
 @dataclass
@@ -165,15 +166,18 @@ class FakePostgrest:
     # -- test controls ---------------------------------------------------------------------------------------------
 
     def fail_next(
-        self, status: int, *, method: str | None = None, after: bool = False, times: int = 1, path: str | None = None
+        self, status: int, *, method: str | None = None, after: bool = False, times: int = 1, path: str | None = None,
+        body: dict[str, Any] | str | None = None,
     ) -> None:
         """Answer the next ``times`` matching requests with ``status`` (503, 504 or 520), before or after running.
+
+        ``body`` replaces the usual one: PostgREST's error JSON (a dict), or a gateway's page (a str, sent as HTML).
 
         ``path`` is what follows ``/rest/v1/`` (``"agent_messages"``, ``"rpc/rate_limit_hit"``). Without it a fault
         matches table requests only: the service calls the rate-limit functions around every request, and they must
         not absorb a fault a test aimed at the data.
         """
-        self.faults.append(Fault(status, method, after, times, path))
+        self.faults.append(Fault(status, method, after, times, path, body))
 
     def reset(self) -> None:
         self.requests.clear()
@@ -833,6 +837,10 @@ def _sql_error(exc: psycopg.Error, auth: Auth) -> ApiError:
 
 
 def _fault_response(fault: Fault) -> Response:
+    if isinstance(fault.body, str):
+        return Response(fault.body.encode(), fault.status, media_type="text/html")
+    if fault.body is not None:
+        return _json(fault.body, fault.status, {"Proxy-Status": f"PostgREST; error={fault.body.get('code')}"})
     if fault.status == 520:
         return Response(b"<html><body>520: Web server is returning an unknown error</body></html>", 520,
                         media_type="text/html")

@@ -117,7 +117,10 @@ def bedrock_error(error_type: str, status: int | None, upstream_message: str = "
     elif code in ("MODEL_ACCESS_DENIED", "MODEL_NOT_FOUND") and _NOT_ENABLED.search(upstream_message):
         code = "MODEL_NOT_ENABLED"
     where = f"HTTP {status}" if status is not None else "in the stream"
-    return failure(code, f"Bedrock returned {name or 'an unnamed error'} ({where}).")
+    # Only a type of AWS's own list is named: the rest is foreign text (an unmodeled frame's :error-code, a proxy's
+    # header), and this message is logged.
+    shown = name if name.lower() in BEDROCK_ERRORS else f"an unknown error type of {len(name)} characters"
+    return failure(code, f"Bedrock returned {shown} ({where}).")
 
 
 # Bedrock's HTTP statuses, for an error type it did not name or that is not in ``BEDROCK_ERRORS``.

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,12 @@ REJECTED_STATUSES = frozenset({400, 409, 413, 422})
 # with options builds a decoder per call.
 _DECODER = json.JSONDecoder(parse_float=json_number, parse_int=json_integer, parse_constant=NumberText)
 
+# PostgreSQL and PostgREST quote what they refuse: ``invalid input syntax for type uuid: "<the value>"`` (22P02, and
+# 22007, 22008, 22003 alike), ``failed to parse filter (<the filter>)`` (PGRST100). What is quoted or bracketed is
+# logged as its length only; the words around it, which name the problem, are kept.
+_QUOTED = re.compile(r'"[^"]*"?|\'[^\']*\'?|\([^)]*\)?|\[[^\]]*\]?|\{[^}]*\}?')
+_CODE = re.compile(r"[^A-Za-z0-9_]")  # a SQLSTATE or PGRST code; anything else in it is dropped
+
 SCHEMA_CODES = frozenset({"PGRST200", "PGRST202", "PGRST204", "PGRST205", "PGRST106", "42P01", "42703", "42883"})
 
 
@@ -65,11 +72,12 @@ class Result:
 class PostgrestFailure(Exception):
     """What PostgREST (or the gateway in front of it) said, kept as the ``__cause__`` of the error we raise.
 
-    Never shown to clients: ``message`` can quote SQL values.
+    Never shown to clients, nor logged whole: ``message`` can quote SQL values, so it stays out of this exception's
+    text too (a traceback prints that of every exception in a chain).
     """
 
     def __init__(self, status: int, code: str, message: str, *, transient: bool, rejected: bool = False) -> None:
-        super().__init__(f"HTTP {status} {code}: {message}")
+        super().__init__(f"HTTP {status} {code}")
         self.status = status
         self.code = code
         self.message = message
@@ -299,13 +307,14 @@ def _rows(response: httpx.Response) -> list[dict[str, Any]]:
 
 def _failure(response: httpx.Response) -> PostgrestFailure:
     """PostgREST's error JSON, or a synthesized one for gateway/proxy bodies (HTML 520, plain-text 414, ...)."""
-    code, message = f"HTTP{response.status_code}", response.text[:200]
+    # A gateway's page (HTML, plain text) may echo the request's URL, whose filters are user data: not kept.
+    code, message = f"HTTP{response.status_code}", ""
     try:
         body = response.json()
     except ValueError:
         body = None
     if isinstance(body, dict):
-        code = str(body.get("code") or body.get("error_code") or code)
+        code = _CODE.sub("", str(body.get("code") or body.get("error_code") or code))[:16] or code
         message = str(body.get("message") or body.get("msg") or "")
     status = response.status_code
     return PostgrestFailure(status, code, message, transient=status in TRANSIENT_STATUSES,
@@ -316,8 +325,8 @@ def _translate(failure: PostgrestFailure, retry_after: str | None = None) -> App
     """PostgREST/PostgreSQL error → ours. Log the detail here, once; clients get only our code and message."""
     status, code = failure.status, failure.code
     log = logger.warning if status < 500 else logger.error
-    # PostgREST's message names tables, constraints and SQL types; row values live in `details`, never read here.
-    log("PostgREST answered %s %s: %s", status, code, failure.message[:200])
+    # Not PostgREST's message as it is: it quotes the values PostgreSQL refused (``_QUOTED``). `details` is never read.
+    log("PostgREST answered %s %s: %s", status, code, redacted(failure.message))
     if status == 401 and code.startswith("PGRST3"):
         # The user's token, as PostgREST judged it. Pre-v13 said PGRST301 for every JWT problem, expiry included.
         if "expired" in failure.message.lower():
@@ -347,6 +356,23 @@ def _translate(failure: PostgrestFailure, retry_after: str | None = None) -> App
             "The database is unavailable.", code="STORE_UNAVAILABLE", retry_after=retry_after_seconds(retry_after)
         )
     return UpstreamError("The database rejected the request.", code="STORE_ERROR")
+
+
+def redacted(message: str) -> str:
+    """``message`` with each quoted or bracketed part replaced by its length: ``invalid input syntax for type uuid:
+    "<7 chars>"``. At most 200 characters."""
+    shown = _QUOTED.sub(_length_only, message)
+    return shown if len(shown) <= 200 else shown[:200] + f"... ({len(message)} characters)"
+
+
+def _length_only(quoted: re.Match[str]) -> str:
+    text = quoted.group()
+    closed = len(text) > 1 and text[-1] == _CLOSING[text[0]]  # a quote left open runs to the end of the message
+    inner = len(text) - (2 if closed else 1)
+    return f"{text[0]}<{inner} chars>{text[-1] if closed else ''}"
+
+
+_CLOSING = {'"': '"', "'": "'", "(": ")", "[": "]", "{": "}"}
 
 
 def _timeout() -> UpstreamTimeout:
