@@ -181,3 +181,23 @@ def test_an_answer_streaming_while_every_request_hangs_is_saved_once_and_new_tur
     assert chunks(text)[-1]["type"] == "complete" and replay == text, (chunks(text)[-1]["code"], chunks(text)[-1]["error"])
     assert (status, content, calls) == ("complete", "".join(PIECES), 1)
 
+
+def test_a_short_run_stale_seconds_does_not_make_live_answers_look_dead_between_heartbeats(
+    tmp_path: Path, service_env: dict[str, str], pg_cluster: Any, auth_headers: AuthHeaders, user_id: str,
+) -> None:
+    """RUN_STALE_SECONDS may be as low as 2, and heartbeats went every 5 s whatever it was: between two heartbeats a
+    live answer looked dead, and the user's next turn (whose admission ends their dead runs) ended it as
+    interrupted. Heartbeats now come at least three times per RUN_STALE_SECONDS."""
+    model = ScriptedModel(pieces=PIECES * 2, pause=0.05)  # about 6 s
+    settings = make_settings(tmp_path, **service_env, RUN_STALE_SECONDS="3")
+    with serve(create_app(settings, model=model)) as server:
+        headers = auth_headers(user_id)
+        reader = Reader(server.url, chat_body(user_id, new_id()), headers)
+        wait_for(lambda: len(event_ids(reader.text)) >= 1)
+        time.sleep(3.5)  # past RUN_STALE_SECONDS since the begin, before a 5 s heartbeat
+        other = httpx.post(f"{server.url}/api/chat/stream", json=chat_body(user_id, new_id()), headers=headers,
+                           timeout=60)
+        text = reader.join()
+    assert other.status_code == 200, other.text
+    assert chunks(text)[-1]["type"] == "complete", chunks(text)[-1]
+    assert stored(pg_cluster, reader.run_id)[:3] == ("complete", "".join(PIECES * 2), "complete")

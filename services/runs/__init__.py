@@ -10,8 +10,8 @@ every ``FLUSH_SECONDS`` writes the new events of every run on this worker, the c
 ledger, ``services/agents/usage.py``) and their controls read back (a stop asked elsewhere, a run gone), in one store
 call: never a write per token. A run's end asks for a flush at once, and its terminal chunk reaches viewers only after
 that flush, so ``complete`` always points at a saved answer. The answer's text is saved every ``TEXT_SAVE_SECONDS``
-and a heartbeat every ``HEARTBEAT_SECONDS``; a run whose heartbeat is older than ``RUN_STALE_SECONDS`` is ended as
-``interrupted`` by whichever worker notices. A store that refuses writes loses nothing a viewer saw: the run stays
+and a heartbeat every ``HEARTBEAT_SECONDS`` (three per ``RUN_STALE_SECONDS`` when that is shorter); a run whose
+heartbeat is older than ``RUN_STALE_SECONDS`` is ended as ``interrupted`` by whichever worker notices. A store that refuses writes loses nothing a viewer saw: the run stays
 here, whole, until a flush goes through (for up to ``UNSAVED_KEEP_SECONDS``). A store that refuses one run's update as
 bad input, which it would refuse again, writes the other runs of the flush all the same, and that run stops and ends
 as an error (``RUN_NOT_SAVED``) with what the store already holds.

@@ -20,21 +20,31 @@ from services.store.run_log import (SUPERVISOR, UNSAVED_EVENTS_MAX, chunk, error
 from services.store.text import storable
 
 TEXT_SAVE_SECONDS = 1.0
-HEARTBEAT_SECONDS = 5.0
+HEARTBEAT_SECONDS = 5.0  # at most; a shorter RUN_STALE_SECONDS makes them closer (``heartbeat_seconds``)
+
+
+def heartbeat_seconds(stale_seconds: float) -> float:
+    """How often a live run's heartbeat is written: every ``HEARTBEAT_SECONDS``, or three times per
+    ``RUN_STALE_SECONDS`` when that is shorter, so a live run never looks dead between two heartbeats (a sweep, the
+    user's next turn, would end it as interrupted)."""
+    return min(HEARTBEAT_SECONDS, stale_seconds / 3)
 
 
 class LiveRun:
     """A run generating on this worker: its frames (event ``seq`` is ``frames[seq - 1]``), its text, its viewers."""
 
     __slots__ = (
-        "_calls_flushed", "_flushed", "_heartbeat_at", "_pending", "_saved_parts", "_taken_parts", "_text_saved_at",
+        "_calls_flushed", "_flushed", "_heartbeat_at", "_heartbeat_every", "_pending", "_saved_parts", "_taken_parts", "_text_saved_at",
         "_salvage_sent", "_waiters", "agent_type", "caller", "cancelled", "deleted", "elsewhere", "ended", "farewell",
         "farewell_at", "final", "frames", "parts", "refused", "run", "saved", "scope", "shown",
         "seen_chars", "status", "stop_asked", "task", "usage", "visible",
     )
 
-    def __init__(self, run: Run, caller: Caller, usage: TurnUsage | None = None) -> None:
+    def __init__(
+        self, run: Run, caller: Caller, usage: TurnUsage | None = None, heartbeat_every: float = HEARTBEAT_SECONDS
+    ) -> None:
         self.run = run
+        self._heartbeat_every = heartbeat_every
         self.caller = caller
         self.usage = usage or TurnUsage()  # the turn's model calls: the usage ledger's rows, written by the flushes
         self._calls_flushed = 0  # the calls the store has taken
@@ -173,7 +183,7 @@ class LiveRun:
         batch = None
         if upto > self._flushed:
             batch = EventBatch(self._flushed + 1, upto, "".join(self.frames[self._flushed:upto]))
-        heartbeat = now - self._heartbeat_at >= HEARTBEAT_SECONDS
+        heartbeat = now - self._heartbeat_at >= self._heartbeat_every
         # The calls finished since the last flush the store took: the ledger rides the flush, no request of its own.
         calls = tuple(self.usage.calls[self._calls_flushed:])
         if self.refused:  # nothing more of what it holds is sent: its end, once generation has stopped

@@ -21,7 +21,7 @@ from services.agents.assistant import Assistant
 from services.agents.usage import KINDS
 from services.metrics import Metrics
 from services.runs.feeds import LiveFeed, RunFeed, RunPoll, StoredFeed, deleted_frame
-from services.runs.live import HEARTBEAT_SECONDS, LiveRun
+from services.runs.live import LiveRun, heartbeat_seconds
 from services.runs.prompt import build_turns
 from services.runs.turn import Turn
 from services.store import Caller, Message, NewRun, Run, RunBegun, RunView, Store, TurnLimits
@@ -60,6 +60,7 @@ class RunManager:
         self._prices = settings.model_prices
         self._max_seconds = settings.run_max_seconds
         self.stale_seconds = settings.run_stale_seconds
+        self._heartbeat_every = heartbeat_seconds(self.stale_seconds)
         self.events_ttl = settings.run_events_ttl
         self._live: dict[str, LiveRun] = {}
         # The reads of runs generating elsewhere, one per run while it has viewers here (their feeds hold it).
@@ -108,7 +109,7 @@ class RunManager:
         not taken (it refuses writes, or the run's token expired), refuse, retryably, rather than let it be ended
         with only what was saved. The caller's fresh token goes to those runs, so a token that expired stops
         blocking their flushes."""
-        now, late = time.monotonic(), max(self.stale_seconds / 2, 2 * HEARTBEAT_SECONDS)
+        now, late = time.monotonic(), max(self.stale_seconds / 2, 2 * self._heartbeat_every)
         held = [live for live in self._live.values()
                 if live.caller.user_id == caller.user_id and live.held_unsaved(now, late)]
         if not held:
@@ -122,7 +123,7 @@ class RunManager:
 
     def _start(self, caller: Caller, run: Run, turns: list[dict[str, Any]], request_started: float) -> None:
         turn = Turn(self._assistant, caller, turns, self._prices)
-        live = LiveRun(run, caller, turn.calls)
+        live = LiveRun(run, caller, turn.calls, self._heartbeat_every)
         self._live[run.id] = live
         live.task = asyncio.get_running_loop().create_task(self._drive(live, turn, request_started))
 
