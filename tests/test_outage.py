@@ -182,6 +182,40 @@ def test_an_answer_streaming_while_every_request_hangs_is_saved_once_and_new_tur
     assert (status, content, calls) == ("complete", "".join(PIECES), 1)
 
 
+@pytest.mark.parametrize("touch", ["usage", "another_conversation"])
+def test_the_users_own_requests_do_not_end_an_answer_this_worker_holds_unsaved_as_dead(
+    live: tuple[LiveServer, ScriptedModel], fake: Any, pg_cluster: Any, auth_headers: AuthHeaders, user_id: str,
+    touch: str,
+) -> None:
+    """While this worker's flushes fail (here only they: a flush past the database's statement timeout, say, or the
+    moments after an outage before the next flush), its answer's heartbeat in the database lapses. The user's other
+    requests end their dead runs: the usage report, or opening a conversation whose run nobody generates (a begin
+    whose answer was lost). They must not end this answer, alive here, with only what was saved."""
+    server, model = live
+    headers = auth_headers(user_id)
+    orphaned = new_id()
+    if touch == "another_conversation":  # its begin commits, every answer is lost: a run nobody generates
+        fake.fail_next(503, after=True, times=3, path="rpc/agent_run_begin")
+        lost = httpx.post(f"{server.url}/api/chat/stream", json=chat_body(user_id, orphaned), headers=headers,
+                          timeout=30)
+        assert lost.status_code == 503
+    reader = Reader(server.url, chat_body(user_id, new_id()), headers)
+    wait_for(lambda: len(event_ids(reader.text)) >= 3)
+    fake.fail_next(503, path="rpc/agent_runs_flush", times=100_000)
+    time.sleep(3)  # past RUN_STALE_SECONDS (2)
+    if touch == "usage":
+        touched = httpx.get(f"{server.url}/api/usage", params={"user_id": user_id}, headers=headers, timeout=30)
+    else:
+        touched = httpx.get(f"{server.url}/api/conversations/{orphaned}", params={"user_id": user_id},
+                            headers=headers, timeout=30)
+    fake.faults.clear()
+    text = reader.join()
+    status, content, answer_status, _, _ = stored(pg_cluster, reader.run_id)
+    assert touched.status_code == 200, touched.text
+    assert chunks(text)[-1]["type"] == "complete", chunks(text)[-1]
+    assert (status, answer_status, content) == ("complete", "complete", "".join(PIECES))
+
+
 def test_a_short_run_stale_seconds_does_not_make_live_answers_look_dead_between_heartbeats(
     tmp_path: Path, service_env: dict[str, str], pg_cluster: Any, auth_headers: AuthHeaders, user_id: str,
 ) -> None:
