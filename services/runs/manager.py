@@ -83,6 +83,12 @@ class RunManager:
         if tasks:
             await asyncio.wait(tasks, timeout=FINAL_SAVE_SECONDS)
             await self._flush()  # a run cancelled while waiting for its final flush is still in the batch
+        lost = [live.run.id for live in self._live.values() if not live.saved.is_set()]
+        if lost:
+            # Nothing will flush them again: what the store did not take is gone, and the store ends them
+            # interrupted with their last saved text once their heartbeat lapses.
+            logger.error("Shutting down with %d chat runs not saved (the store refuses writes); they end interrupted "
+                         "with their last saved text: %s", len(lost), ", ".join(lost))
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
