@@ -58,6 +58,10 @@ class AppError(Exception):
     user_message = "Something went wrong on our side. Please try again."
     suggested_actions: tuple[str, ...] = ("Try again", "Contact support if the problem persists")
     retryable = True
+    # When a client is told to come back if the error does not say (``retry_after`` None): the retry rule wants every
+    # retryable 503/504 to carry ``Retry-After``, and a refused or reset connection, or a request with no answer in
+    # time, says nothing of when the dependency is back.
+    default_retry_after: float | None = None
 
     def __init__(
         self, message: str | None = None, *, code: str | None = None, user_message: str | None = None,
@@ -94,14 +98,23 @@ class AppError(Exception):
             "suggestedActions": list(self.suggested_actions),
             "retryable": self.retryable,
         }
-        if self.retry_after is not None:
-            error["retryAfter"] = whole_seconds(self.retry_after)
+        if (retry_after := self.advised_retry_after) is not None:
+            error["retryAfter"] = whole_seconds(retry_after)
         error.update(self.details)
         return {"error": error}
 
+    @property
+    def advised_retry_after(self) -> float | None:
+        """The seconds a client is told to wait: what the error says, else (when it is worth retrying) its class's
+        default."""
+        if self.retry_after is not None:
+            return self.retry_after
+        return self.default_retry_after if self.retryable else None
+
     def headers(self) -> dict[str, str]:
         """The response's headers: ``Retry-After`` when the error says when to come back."""
-        return {} if self.retry_after is None else {"Retry-After": str(whole_seconds(self.retry_after))}
+        retry_after = self.advised_retry_after
+        return {} if retry_after is None else {"Retry-After": str(whole_seconds(retry_after))}
 
 
 class BadRequest(AppError, status=400, code="BAD_REQUEST", message="The request could not be read.",
@@ -221,14 +234,15 @@ class UpstreamUnavailable(UpstreamError, status=503, code="SERVICE_UNAVAILABLE",
                           message="A service we depend on is unavailable.",
                           user_message="The service is temporarily unavailable. Please try again in a moment.",
                           suggested_actions=("Try again in a moment", "Contact support if the problem persists"),
-                          retryable=True):
+                          retryable=True, default_retry_after=1.0):
     """A dependency is down, overloaded or throttling: worth retrying after a pause."""
 
 
 class UpstreamTimeout(UpstreamError, status=504, code="TIMEOUT",
                       message="A service we depend on did not answer in time.",
                       user_message="The request took too long. Please try again.",
-                      suggested_actions=("Try again in a moment", "Try a shorter or simpler request"), retryable=True):
+                      suggested_actions=("Try again in a moment", "Try a shorter or simpler request"), retryable=True,
+                      default_retry_after=1.0):
     """A dependency did not answer in time: worth retrying."""
 
 

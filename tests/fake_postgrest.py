@@ -41,6 +41,11 @@ What it imitates, and pins (each checked by ``tests/test_postgrest.py``):
   ``Retry-After``), 504 PGRST003 or Cloudflare's 520 HTML, either before running the statement or *after*
   committing it (a lost response, to prove retried writes are idempotent); by method and path (table requests
   only unless an ``rpc/<function>`` path is named).
+* Outages, for every request alike (the service's flushes and rate limits too): ``down("503")`` answers each with
+  PostgREST's own answer while its database is unreachable (503 PGRST001 with ``Retry-After``), ``down("hang")``
+  holds each until ``up()`` (then runs it, as a database that was only slow would: the client may have given up,
+  the statement still commits), and ``delay`` makes each wait that many seconds first (a slow database). A database
+  that cannot be reached (PostgreSQL stopped) is answered as PostgREST does, 503 PGRST001, never a 500.
 
 Every request is recorded (method, path, query and the auth-relevant headers) so tests can assert what was sent.
 """
@@ -75,6 +80,7 @@ COMPARISONS = {"eq": "=", "neq": "<>", "gt": ">", "gte": ">=", "lt": "<", "lte":
 LOGIC = ("or", "and")
 IS_VALUES = {"null": "NULL", "not_null": "NOT NULL", "true": "TRUE", "false": "FALSE", "unknown": "UNKNOWN"}
 JWT_SKEW_SECONDS = 30
+HANG_MAX_SECONDS = 120.0  # the longest a request is held by ``down("hang")``
 
 
 class ApiError(Exception):
@@ -154,6 +160,8 @@ class FakePostgrest:
     db_pool: int | None = None
     requests: list[RecordedRequest] = field(default_factory=list)
     faults: list[Fault] = field(default_factory=list)
+    outage: str | None = None  # "503" or "hang" while ``down``: see the module docstring
+    delay: float = 0.0  # seconds every request waits before it runs (a slow database)
     _pool: list[psycopg.AsyncConnection[Any]] = field(default_factory=list)
     _calls: dict[tuple[str, str, tuple[str, ...]], tuple[bytes, str]] = field(default_factory=dict)
     _db_slots: asyncio.Semaphore | None = None
@@ -179,9 +187,18 @@ class FakePostgrest:
         """
         self.faults.append(Fault(status, method, after, times, path, body))
 
+    def down(self, mode: str = "503") -> None:
+        """Start an outage: every request is answered 503 (``"503"``) or held until ``up`` (``"hang"``)."""
+        assert mode in ("503", "hang"), mode
+        self.outage = mode
+
+    def up(self) -> None:
+        self.outage = None
+
     def reset(self) -> None:
         self.requests.clear()
         self.faults.clear()
+        self.outage, self.delay = None, 0.0
 
     def app(self) -> Starlette:
         @asynccontextmanager
@@ -214,6 +231,15 @@ class FakePostgrest:
             )
         )
         target = request.url.path.removeprefix("/rest/v1/")
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        held = time.monotonic() + HANG_MAX_SECONDS
+        if self.outage == "hang":
+            await request.body()  # read (and kept) now: the statement runs even if the client gives up meanwhile
+        while self.outage == "hang" and time.monotonic() < held:  # bounded: a test that forgets up() still ends
+            await asyncio.sleep(0.02)
+        if self.outage == "503":
+            return _unreachable()
         fault = self._take_fault(method, target, after=False)
         if fault is not None:
             return _fault_response(fault)
@@ -476,9 +502,12 @@ class FakePostgrest:
     async def _connection(
         self, request: Request, auth: Auth, schema: str, *, read_only: bool
     ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        db = self._pool.pop() if self._pool else await psycopg.AsyncConnection.connect(
-            self.cluster.dsn(self.dbname, "authenticator"), autocommit=True
-        )
+        try:
+            db = self._pool.pop() if self._pool else await psycopg.AsyncConnection.connect(
+                self.cluster.dsn(self.dbname, "authenticator"), autocommit=True
+            )
+        except psycopg.OperationalError:
+            raise _unreachable_error() from None
         try:
             # Pipelined, so BEGIN, the settings and the statement go out together: one round trip where there were
             # three. BEGIN and COMMIT are sent as statements, not through psycopg's transaction(), whose bookkeeping
@@ -496,6 +525,8 @@ class FakePostgrest:
                 yield db
                 await db.execute("commit")
         except psycopg.Error as exc:
+            if db.broken:  # the server went away mid-request: PostgREST's answer is its connection error
+                raise _unreachable_error() from None
             raise _sql_error(exc, auth) from None
         finally:
             await self._release(db)
@@ -834,6 +865,19 @@ def _sql_error(exc: psycopg.Error, auth: Auth) -> ApiError:
         {"code": code, "details": diag.message_detail, "hint": diag.message_hint,
          "message": diag.message_primary or str(exc)},
     )
+
+
+def _unreachable_error() -> ApiError:
+    """PostgREST's answer while its database cannot be reached: 503 PGRST001, with its reconnection backoff as
+    ``Retry-After`` (PostgREST 8+)."""
+    error = pgrst(503, "PGRST001", "Database client error. Retrying the connection.")
+    error.headers["Retry-After"] = "1"
+    return error
+
+
+def _unreachable() -> Response:
+    error = _unreachable_error()
+    return _json(error.body, error.status, error.headers)
 
 
 def _fault_response(fault: Fault) -> Response:

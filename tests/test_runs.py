@@ -1190,3 +1190,25 @@ def test_a_run_whose_end_too_the_store_refuses_is_given_up_and_ends_as_a_dead_wo
     assert later == 0 and farewell is not None and chunks(farewell)[-1]["code"] == "RUN_INTERRUPTED"
     assert status == "interrupted"
     assert (other, content) == ("complete", "".join(f"w{i} " for i in range(150)))
+
+
+def test_a_shutdown_while_the_store_refuses_writes_names_the_runs_it_loses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGTERM during an outage: what the store never took is lost (docs/operations.md, Shutdown). It is said once, at
+    ERROR, with the runs' ids, rather than only as a flush failure 'retrying' that no flush will retry."""
+    monkeypatch.setattr(runs_module, "FINAL_SAVE_SECONDS", 0.3)
+
+    async def scenario() -> str:
+        inner, store, manager = await _manager(tmp_path, ScriptedModel(["a "] * 400, pause=0.01))
+        run = await _begin(manager, Caller(new_id()))
+        await asyncio.sleep(0.2)
+        store.refuse = True
+        await manager.aclose()
+        await inner.aclose()
+        return run.id
+
+    with caplog.at_level(logging.WARNING):
+        run_id = asyncio.run(scenario())
+    lost = [r for r in caplog.records if r.levelno == logging.ERROR and run_id in r.getMessage()]
+    assert len(lost) == 1 and "not saved" in lost[0].getMessage(), caplog.text

@@ -83,6 +83,12 @@ class RunManager:
         if tasks:
             await asyncio.wait(tasks, timeout=FINAL_SAVE_SECONDS)
             await self._flush()  # a run cancelled while waiting for its final flush is still in the batch
+        lost = [live.run.id for live in self._live.values() if not live.saved.is_set()]
+        if lost:
+            # Nothing will flush them again: what the store did not take is gone, and the store ends them
+            # interrupted with their last saved text once their heartbeat lapses.
+            logger.error("Shutting down with %d chat runs not saved (the store refuses writes); they end interrupted "
+                         "with their last saved text: %s", len(lost), ", ".join(lost))
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -109,9 +115,7 @@ class RunManager:
         not taken (it refuses writes, or the run's token expired), refuse, retryably, rather than let it be ended
         with only what was saved. The caller's fresh token goes to those runs, so a token that expired stops
         blocking their flushes."""
-        now, late = time.monotonic(), max(self.stale_seconds / 2, 2 * self._heartbeat_every)
-        held = [live for live in self._live.values()
-                if live.caller.user_id == caller.user_id and live.held_unsaved(now, late)]
+        held = self._held_unsaved(caller)
         if not held:
             return
         for live in held:
@@ -120,6 +124,14 @@ class RunManager:
             "An earlier answer of this user is still waiting to be saved.", code="STORE_UNAVAILABLE",
             user_message="Your previous answer is still being saved. Please try again in a moment.", retry_after=1
         )
+
+    def _held_unsaved(self, caller: Caller) -> list[LiveRun]:
+        """The caller's runs on this worker whose heartbeat the store has not taken for half ``RUN_STALE_SECONDS``, or
+        whose end it refused: the store may take them for dead, and a sweep of the caller's runs would end them with
+        only what was saved."""
+        now, late = time.monotonic(), max(self.stale_seconds / 2, 2 * self._heartbeat_every)
+        return [live for live in self._live.values()
+                if live.caller.user_id == caller.user_id and live.held_unsaved(now, late)]
 
     def _start(self, caller: Caller, run: Run, turns: list[dict[str, Any]], request_started: float) -> None:
         turn = Turn(self._assistant, caller, turns, self._prices)
@@ -271,14 +283,19 @@ class RunManager:
     async def _end_if_dead(self, caller: Caller, run: Run) -> bool:
         if run.status != "running" or time.time() - run.heartbeat_at < self.stale_seconds:
             return False
-        await self.end_dead_runs(caller)
-        return True
+        return await self.end_dead_runs(caller)
 
-    async def end_dead_runs(self, caller: Caller) -> None:
+    async def end_dead_runs(self, caller: Caller) -> bool:
         """End the caller's runs whose worker died (heartbeat older than ``RUN_STALE_SECONDS``) as ``interrupted``,
         releasing what they hold: a stream slot, a budget's reservation. On Supabase no worker can do it for every
-        user (it holds no service key), so it happens when the user next touches their runs."""
+        user (it holds no service key), so it happens when the user next touches their runs. False when it did not
+        sweep: never while this worker holds one of the caller's runs unsaved (its flushes fail, or have not caught
+        up since the store came back), which the sweep would end, alive here, as dead with only its saved text; the
+        caller's dead runs then end at a later touch."""
+        if self._held_unsaved(caller):
+            return False
         await self._store.maintain_runs(caller, self.stale_seconds, self.events_ttl)
+        return True
 
     # -- background ----------------------------------------------------------------------------------------------
 

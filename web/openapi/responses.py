@@ -21,7 +21,8 @@ def error_schemas() -> dict[str, Schema]:
                 "userMessage": {**STRING, "description": "Plain language, for the user."},
                 "suggestedActions": {"type": "array", "items": STRING},
                 "retryable": BOOLEAN,
-                "retryAfter": {"type": "integer", "minimum": 1, "description": "Seconds; with 429 (and some 503)."},
+                "retryAfter": {"type": "integer", "minimum": 1,
+                               "description": "Seconds; with 429, and with every 503 and 504 of a dependency."},
                 "runId": {**UUID, "description": "RUN_IN_PROGRESS: the run still generating; attach to it or stop it."},
                 "limit": {"enum": ["chat", "api", "streams", "budget"],
                           "description": "429: which limit (budget: BUDGET_EXCEEDED)."},
@@ -131,11 +132,12 @@ def responses() -> dict[str, Schema]:
         "502": _error("A dependency (database, Supabase Auth) answered with something unusable.",
                       ("STORE_ERROR", "STORE_BAD_RESPONSE", "STORE_SCHEMA", "STORE_MISCONFIGURED",
                        "AUTH_UPSTREAM_ERROR", "UPSTREAM_ERROR"), retryable=False),
-        "503": _error("A dependency is unavailable or throttling; try again (Retry-After when known). Beyond "
+        "503": _error("A dependency is unavailable or throttling; try again after Retry-After (1 s unless the "
+                      "dependency said otherwise). Beyond "
                       "MAX_CONNECTIONS uvicorn itself answers a plain-text 503.", store_codes,
                       retryable=True, headers=header_refs("Retry-After")),
-        "504": _error("A dependency did not answer in time.", ("STORE_TIMEOUT", "AUTH_TIMEOUT", "TIMEOUT"),
-                      retryable=True),
+        "504": _error("A dependency did not answer in time; try again after Retry-After.",
+                      ("STORE_TIMEOUT", "AUTH_TIMEOUT", "TIMEOUT"), retryable=True, headers=header_refs("Retry-After")),
     }
 
 
