@@ -12,9 +12,10 @@
   against the codes that response lists, its headers against the declared ones; SSE events and chunks against
   ``StreamEvent`` and ``StreamChunk``.
 - **Valid OpenAPI 3.1** (openapi-spec-validator).
-- **Fuzz.** schemathesis generates valid and invalid requests for every operation against a live uvicorn server in
-  development (no auth), a bounded number per operation with a fixed seed: no 5xx, every status documented, every
-  body, content type and required header conforms.
+- **Fuzz.** schemathesis generates valid and invalid requests for every operation against a live uvicorn server, a
+  bounded number per operation with a fixed seed: in development (no auth), and on the Supabase store over real
+  PostgreSQL as a signed-in user: no 5xx, every status documented, every body, content type and required header
+  conforms.
 - **/docs** is one self-contained page under a nonce-only CSP; in Chromium it renders every operation and schema.
 """
 
@@ -45,8 +46,10 @@ import app as app_module
 from app import VERSION, create_app
 from settings import Settings
 from tests.conftest import AuthHeaders
+from tests.pg import RUN_SECRET
 from tests.scripted_model import ScriptedCalls, ScriptedModel
 from tests.support import make_settings, new_id, parse_sse, serve
+from tests.tokens import TEST_JWT_SECRET, TEST_PUBLISHABLE_KEY, bearer, mint
 from web.openapi import document
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -531,12 +534,35 @@ EXAMPLES_PER_OPERATION = 10  # per generation mode (valid and invalid requests):
 
 
 def test_schemathesis_finds_no_undocumented_response(tmp_path: Path) -> None:
-    import schemathesis
-    from schemathesis import GenerationMode, checks
-
     # Development without auth settings: no token needed. High limits: the fuzz must not be throttled.
     service = make_settings(tmp_path, MAX_STREAMS_PER_USER="1000", RATE_LIMIT_CHAT_PER_MINUTE="100000",
                             RATE_LIMIT_API_PER_MINUTE="100000")
+    _fuzz(service, {}, None)
+
+
+def test_schemathesis_finds_no_undocumented_response_on_supabase_with_auth(
+    tmp_path: Path, fake_postgrest: Any, supabase_url: str, register_user: Callable[[str], None]
+) -> None:
+    """The production store behind the same fuzz, as a signed-in user: each generated request carries the user's
+    token, and a valid one names that user, so requests reach PostgREST and PostgreSQL rather than stopping at 403."""
+    service = make_settings(tmp_path, STORE="supabase", SUPABASE_URL=supabase_url,
+                            SUPABASE_PUBLISHABLE_KEY=TEST_PUBLISHABLE_KEY, SUPABASE_JWT_SECRET=TEST_JWT_SECRET,
+                            SUPABASE_RUN_SECRET=RUN_SECRET, MAX_STREAMS_PER_USER="1000",
+                            RATE_LIMIT_CHAT_PER_MINUTE="100000", RATE_LIMIT_API_PER_MINUTE="100000")
+    user = new_id()
+    register_user(user)
+    token = mint(user, TEST_JWT_SECRET, issuer=f"{supabase_url.rstrip('/')}/auth/v1")
+    _fuzz(service, bearer(token), user)
+    reached = {r.path.removeprefix("/rest/v1/") for r in fake_postgrest.requests}
+    assert {"agent_conversations", "rpc/agent_run_begin", "rpc/agent_usage_report"} <= reached  # not stopped at auth
+
+
+def _fuzz(service: Settings, headers: dict[str, str], user: str | None) -> None:
+    """schemathesis over every operation, valid and invalid requests, with ``headers`` on each; a valid request's
+    ``user_id`` (query or body) is ``user`` when given."""
+    import schemathesis
+    from schemathesis import GenerationMode, checks
+
     chosen = [checks.not_a_server_error, checks.status_code_conformance, checks.content_type_conformance,
               checks.response_schema_conformance, checks.response_headers_conformance]
     failures: list[str] = []
@@ -553,6 +579,9 @@ def test_schemathesis_finds_no_undocumented_response(tmp_path: Path) -> None:
                                      suppress_health_check=list(HealthCheck))
                 @given(case=operation.as_strategy(generation_mode=mode))
                 def exchange(case: Any) -> None:
+                    case.headers = {**(case.headers or {}), **headers}
+                    if user is not None and mode is GenerationMode.POSITIVE:
+                        _as_user(case, user)
                     case.call_and_validate(base_url=live.url, checks=chosen, timeout=30)
 
                 try:
@@ -566,6 +595,13 @@ def test_schemathesis_finds_no_undocumented_response(tmp_path: Path) -> None:
     # schemathesis leaves out the operation that served it the document (the other tests check that one).
     assert fuzzed == {f"{method.upper()} {path}" for path, method, _ in operations()} - {"GET /openapi.json"}
     assert time.monotonic() - started < 120  # seconds in practice; a bound so a slow regression is noticed
+
+
+def _as_user(case: Any, user: str) -> None:
+    if isinstance(case.query, dict) and "user_id" in case.query:
+        case.query["user_id"] = user
+    if isinstance(case.body, dict) and "user_id" in case.body:
+        case.body["user_id"] = user
 
 
 # -- /docs --------------------------------------------------------------------------------------------------------
