@@ -285,3 +285,54 @@ def test_legacy_rows_are_kept_unaltered_and_delete_works(legacy: Legacy, legacy_
     gone = legacy.client.get(f"/api/conversations/{legacy.ids['long']}", params={"user_id": legacy.user},
                              headers=legacy.headers())
     assert gone.status_code == 404
+
+
+# -- running a file again ----------------------------------------------------------------------------------------
+
+# What a database's migrations made: functions (their definitions and grants), triggers, policies, indexes, table
+# grants and columns, in the service's two schemas.
+SURFACE = """
+select 'function ' || p.oid::regprocedure::text || ' ' || md5(pg_get_functiondef(p.oid)) || ' '
+       || coalesce(array_to_string(p.proacl, ','), '')
+  from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+ where n.nspname in ('api', 'canvalo_private') and p.prokind <> 'a'
+union all select 'trigger ' || tgrelid::regclass || ' ' || tgname || ' ' || md5(pg_get_triggerdef(oid))
+  from pg_trigger where not tgisinternal
+union all select 'policy ' || schemaname || '.' || tablename || ' ' || policyname || ' '
+       || md5(coalesce(qual, '') || coalesce(with_check, '') || roles::text || cmd) from pg_policies
+union all select 'index ' || schemaname || '.' || indexname || ' ' || md5(indexdef)
+  from pg_indexes where schemaname in ('api', 'canvalo_private')
+union all select 'grants ' || c.oid::regclass || ' ' || coalesce(array_to_string(c.relacl, ','), '')
+  from pg_class c join pg_namespace n on n.oid = c.relnamespace
+ where n.nspname in ('api', 'canvalo_private') and c.relkind in ('r', 'v')
+union all select 'column ' || attrelid::regclass || ' ' || attname || ' ' || format_type(atttypid, atttypmod)
+       || ' ' || attnotnull::text
+  from pg_attribute a join pg_class c on c.oid = a.attrelid join pg_namespace n on n.oid = c.relnamespace
+ where n.nspname in ('api', 'canvalo_private') and c.relkind = 'r' and attnum > 0 and not attisdropped
+"""
+
+
+def test_a_file_run_again_then_every_later_file_leaves_the_database_as_it_was(pg_cluster: Any) -> None:
+    """docs/production.md: running one file again alone can bring back its own version of a function a later file
+    replaced (007's flush, granted to `authenticated` only, stops every answer being saved), so every later file is run
+    again after it. For each file: the database after that is exactly the one every file in order made."""
+    from tests.pg import MIGRATIONS_DIR
+
+    files = sorted(MIGRATIONS_DIR.glob("*.sql"))
+    create_supabase_database(pg_cluster, "rerun_base")
+    with pg_cluster.connect("rerun_base") as db:
+        expected = {row[0] for row in db.execute(SURFACE)}
+    with pg_cluster.connect() as admin:
+        for path in files:
+            admin.execute(f'create database "rerun_{path.name[:3]}" template rerun_base')
+    changed = []
+    for index, path in enumerate(files):
+        with pg_cluster.connect(f"rerun_{path.name[:3]}") as db:
+            db.execute(path.read_text())  # type: ignore[arg-type]
+            if {row[0] for row in db.execute(SURFACE)} != expected:
+                changed.append(path.name[:3])
+            for later in files[index + 1:]:
+                db.execute(later.read_text())  # type: ignore[arg-type]
+            assert {row[0] for row in db.execute(SURFACE)} == expected, path.name
+    # The files whose rerun alone changes something (docs/production.md names each, and what to run after it).
+    assert changed == ["001", "003", "004", "005", "006", "007", "008", "009", "012", "013", "014", "015"]
