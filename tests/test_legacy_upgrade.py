@@ -336,3 +336,59 @@ def test_a_file_run_again_then_every_later_file_leaves_the_database_as_it_was(pg
             assert {row[0] for row in db.execute(SURFACE)} == expected, path.name
     # The files whose rerun alone changes something (docs/production.md names each, and what to run after it).
     assert changed == ["001", "003", "004", "005", "006", "007", "008", "009", "012", "013", "014", "015"]
+
+
+# -- a project migrated part-way, runs in flight while the next files are applied ----------------------------------
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("upto", ["013", "016", "017"])  # the earliest this version runs on: 013
+async def test_runs_begun_before_a_later_file_is_applied_are_saved_after_it(pg_cluster: Any, upto: str) -> None:
+    """Answers streaming while 0NN..019 are applied: their keys, flushes and ends keep working."""
+    from services.retry import RetryPolicy
+    from services.store import CallUsage, NewRun, RunUpdate, TurnLimits
+    from services.store.postgrest.client import PostgrestClient
+    from services.store.postgrest.store import PostgrestStore
+    from tests.pg import MIGRATIONS_DIR
+    from services.store import Caller
+
+    name = f"inflight_{upto}"
+    files = sorted(MIGRATIONS_DIR.glob("*.sql"))
+    create_supabase_database(pg_cluster, name, migrate=False)
+    user = new_id()
+    with pg_cluster.connect(name) as db:
+        for path in files:
+            if path.name[:3] < upto or path.name[:3] == upto:
+                db.execute(path.read_text())  # type: ignore[arg-type]
+        if upto >= "017":
+            register_run_secret(db)
+        db.execute("insert into auth.users (id) values (%s)", (user,))
+    fake = FakePostgrest(pg_cluster, name, jwt_secret=TEST_JWT_SECRET, publishable_key=TEST_PUBLISHABLE_KEY)
+    with serve(fake.app()) as live:
+        retry = RetryPolicy(attempts=2, base_delay=0, max_delay=0, max_total=5)
+        store = PostgrestStore(PostgrestClient(live.url, "api", TEST_PUBLISHABLE_KEY, retry=retry, timeout=10),
+                               RUN_SECRET)
+        await store.open()
+        caller = Caller(user, mint(user, TEST_JWT_SECRET, issuer=f"{live.url}/auth/v1"))
+        try:
+            begun = await store.begin_run(caller, NewRun(new_id(), "hello", "AI Chat"),
+                                          TurnLimits(stale_seconds=30, events_ttl=3600), 50)
+            assert begun.outcome == "started" and begun.run is not None
+            run = begun.run
+            await store.flush_runs([RunUpdate(caller, run.id, run.assistant_message_id, content="half",
+                                              metadata={"status": "streaming", "run_id": run.id})])
+            with pg_cluster.connect(name) as db:
+                for path in files:
+                    if path.name[:3] > upto:
+                        db.execute(path.read_text())  # type: ignore[arg-type]
+                register_run_secret(db)
+            await store.flush_runs([RunUpdate(caller, run.id, run.assistant_message_id, content="half and done",
+                                              metadata={"status": "complete", "run_id": run.id},
+                                              agent_type="supervisor", final_status="complete")])
+            view = await store.read_run(caller, run.id, None)
+            assert view.message.content == "half and done" and view.run.status == "complete"
+            again = await store.begin_run(caller, NewRun(run.conversation_id, "next", "AI Chat"),
+                                          TurnLimits(stale_seconds=30, events_ttl=3600), 50)
+            assert again.outcome == "started", again
+            assert [m.content for m in again.history][:2] == ["hello", "half and done"]
+        finally:
+            await store.aclose()
