@@ -30,7 +30,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 from starlette.applications import Starlette
 from starlette.responses import HTMLResponse
 from starlette.routing import Route
@@ -39,7 +39,7 @@ from app import create_app
 from services.model import ModelEvent, ModelRequest, Stop, TextDelta, Usage
 from tests.scripted_model import ScriptedModel
 from tests.support import LiveServer, make_settings, new_id, serve
-from tests.test_playground import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, Watched, browser_only
+from tests.test_playground import TIMEOUT_MS, Watched, browser, browser_only  # noqa: F401 - browser: the fixture
 from tests.tokens import TEST_JWT_SECRET, mint
 
 WORDS = [f"w{i} " for i in range(12)]
@@ -165,15 +165,6 @@ def wait_for(condition: Any, what: str, timeout: float = 15) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    assert CHROMIUM is not None
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
 
 
 @pytest.fixture
