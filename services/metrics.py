@@ -156,15 +156,16 @@ class Metrics:
     def snapshot(self) -> dict[str, Any]:
         return {"instance": self.instance, "written_at": time.time(), "metrics": {m.name: m.dump() for m in self.all}}
 
-    def flush(self) -> None:
-        """Write this worker's snapshot to ``directory`` atomically (write, then rename)."""
+    def flush(self, snapshot: dict[str, Any] | None = None) -> None:
+        """Write this worker's snapshot (``snapshot``, or one taken now) to ``directory`` atomically (write, then
+        rename)."""
         if not self.directory:
             return
         os.makedirs(self.directory, exist_ok=True)
         path = os.path.join(self.directory, f"{self.instance}.json")
         temporary = f"{path}.tmp"
         with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(self.snapshot(), handle, separators=(",", ":"))
+            json.dump(snapshot or self.snapshot(), handle, separators=(",", ":"))
         os.replace(temporary, path)
 
     @contextlib.asynccontextmanager
@@ -184,20 +185,26 @@ class Metrics:
             await anyio.sleep(FLUSH_SECONDS)
             self.flush_quietly()
 
-    def flush_quietly(self) -> None:
+    def flush_quietly(self, snapshot: dict[str, Any] | None = None) -> None:
         try:
-            self.flush()
+            self.flush(snapshot)
         except OSError as exc:
             logger.warning("Could not write the metrics snapshot: %s", exc.strerror)
 
     def render(self) -> str:
-        """The Prometheus text exposition of every worker's numbers merged (this worker's live ones included)."""
-        snapshots = [self.snapshot(), *self._other_snapshots()]
+        """The Prometheus text exposition of every worker's numbers merged (this worker's live ones included).
+
+        The live numbers shown are written first, as they are: a scrape answered next by another worker reads them
+        there, not an older snapshot of this worker. Otherwise a counter could fall from one scrape to the next, which
+        Prometheus takes for a restart and counts its whole value again (a spike in ``rate()``)."""
+        own = self.snapshot()
+        self.flush_quietly(own)
+        snapshots = [own, *self._other_snapshots()]
         now = time.time()
         lines: list[str] = []
         for metric in self.all:
             live = [s for s in snapshots if metric.kind != "gauge" or now - s["written_at"] <= STALE_AFTER]
-            merged = _merge(metric, (s["metrics"].get(metric.name, []) for s in live))
+            merged = _merge(metric, (s["metrics"].get(metric.name) for s in live))
             lines.extend(_exposition(metric, merged))
         return "\n".join(lines) + "\n"
 
@@ -210,16 +217,21 @@ class Metrics:
                 continue
             try:
                 with open(os.path.join(self.directory, name), encoding="utf-8") as handle:
-                    snapshots.append(json.load(handle))
+                    snapshot = json.load(handle)
             except (OSError, ValueError):
                 continue  # a file being replaced right now; the next scrape reads it
+            # Not a snapshot (a stray file): left out, rather than every scrape failing. Rows of another shape (a
+            # previous version's buckets or labels) are left out row by row in _merge.
+            if (isinstance(snapshot, dict) and isinstance(snapshot.get("metrics"), dict)
+                    and isinstance(snapshot.get("written_at"), (int, float))):
+                snapshots.append(snapshot)
         return snapshots
 
 
-def _merge(metric: Counter, dumps: Iterable[list[list[Any]]]) -> dict[Labels, Any]:
+def _merge(metric: Counter, dumps: Iterable[Any]) -> dict[Labels, Any]:
     merged: dict[Labels, Any] = {}
     for dump in dumps:
-        for labels, value in dump:
+        for labels, value in _rows(metric, dump):
             key = tuple(labels)
             if isinstance(value, list):
                 previous = merged.get(key) or [0.0] * len(value)
@@ -229,6 +241,28 @@ def _merge(metric: Counter, dumps: Iterable[list[list[Any]]]) -> dict[Labels, An
     if not merged and not metric.labelnames and metric.kind != "histogram":
         merged[()] = 0.0  # an unlabelled counter or gauge is always shown, so dashboards see 0, not "no data"
     return merged
+
+
+def _rows(metric: Counter, dump: Any) -> Iterable[tuple[list[str], Any]]:
+    """The rows of one metric's dump that have its shape today: as many string labels as it has names, and a number
+    (a histogram: a number per bucket, +Inf's, then the sum)."""
+    if not isinstance(dump, list):
+        return
+    width = len(metric.buckets) + 2 if isinstance(metric, Histogram) else 0
+    for row in dump:
+        if not (isinstance(row, list) and len(row) == 2 and isinstance(row[0], list)):
+            continue
+        labels, value = row
+        if len(labels) != len(metric.labelnames) or not all(isinstance(label, str) for label in labels):
+            continue
+        numbers = value if width and isinstance(value, list) and len(value) == width else [value]
+        if (len(numbers) == 1) == bool(width) or not all(_finite(number) for number in numbers):
+            continue
+        yield labels, value
+
+
+def _finite(number: Any) -> bool:
+    return isinstance(number, (int, float)) and not isinstance(number, bool) and math.isfinite(number)
 
 
 def _exposition(metric: Counter, merged: dict[Labels, Any]) -> list[str]:

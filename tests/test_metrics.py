@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import anyio
+import pytest
 import httpx
 from starlette.testclient import TestClient
 
@@ -170,3 +171,109 @@ def test_a_clients_own_methods_make_no_new_series(tmp_path: Path) -> None:
         text = httpx.get(f"{live.url}/metrics", headers=AUTH).text
     assert "MMMM" not in text
     assert sample(text, "canvalo_http_requests_total", method="OTHER", route="/health", status="405") == 200
+
+
+# -- the exposition, read strictly, and what several workers' scrapes add up to ----------------------------------
+
+_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+_LABEL = r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\\\|\\"|\\n)*)"'
+_SAMPLE = re.compile(rf"^({_NAME})(?:\{{((?:{_LABEL})(?:,{_LABEL})*)?\}})? (\S+)$")
+
+
+def parse_strict(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a text exposition (format 0.0.4), refusing what a strict reader refuses: a sample before its
+    family's HELP and TYPE, a family declared twice, a series twice, a bad label or value, a histogram whose buckets
+    fall, lack +Inf, or disagree with _count."""
+    assert text.endswith("\n") and "\n\n" not in text
+    types: dict[str, str] = {}
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    current = ""
+    for line in text[:-1].split("\n"):
+        if line.startswith("# HELP "):
+            name = line.split(" ")[2]
+            assert re.fullmatch(_NAME, name) and name not in types, line
+            current = name
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert name == current and kind in ("counter", "gauge", "histogram"), line
+            types[name] = kind
+        else:
+            found = _SAMPLE.match(line)
+            assert found, f"not a sample: {line!r}"
+            name, value = found.group(1), found.group(found.lastindex or 0)
+            labels = tuple(re.findall(_LABEL, found.group(2) or ""))
+            family = re.sub(r"_(bucket|sum|count)$", "", name) if types.get(current) == "histogram" else name
+            assert family == current, f"{line!r} outside its family {current!r}"
+            assert len({k for k, _ in labels}) == len(labels), line
+            assert (name, labels) not in samples, f"duplicate series: {line!r}"
+            samples[name, labels] = float(value)  # "+Inf", "NaN" and numbers; anything else raises
+    for (name, labels), count in samples.items():
+        if name.endswith("_count") and types.get(name[:-6]) == "histogram":
+            base = name[:-6]
+            buckets = [(v, le) for (n, ls), v in samples.items() if n == base + "_bucket"
+                       for le in [dict(ls)["le"]] if tuple(p for p in ls if p[0] != "le") == labels]
+            bounds = sorted(buckets, key=lambda b: float(b[1]))
+            assert bounds[-1][1] == "+Inf" and bounds[-1][0] == count, (name, labels)
+            assert all(a[0] <= b[0] for a, b in zip(bounds, bounds[1:])), (name, labels)
+    return samples
+
+
+def test_the_exposition_is_strictly_valid_after_odd_requests(tmp_path: Path) -> None:
+    """404s, 405s, made-up methods, HEAD, a failed turn, and another worker's snapshot: one valid exposition."""
+    failing = ScriptedModel(pieces=["x"], fail_with=UpstreamUnavailable(code="MODEL_THROTTLED"))
+    settings = make_settings(tmp_path, METRICS_TOKEN=TOKEN, METRICS_DIR=str(tmp_path / "metrics"))
+    body = {"message": "hi", "conversation_id": new_id(), "user_id": new_id(), "history": []}
+    with serve(create_app(settings, model=failing)) as live, serve(create_app(settings)) as other:
+        for path in ("/nope", '/a"b\\c', "/api/conversations/x/y/z", "/%00"):
+            httpx.get(f"{live.url}{path}")
+        httpx.request("BREW", f"{live.url}/health")
+        httpx.delete(f"{live.url}/health")
+        httpx.head(f"{live.url}/health")
+        httpx.post(f"{live.url}/api/chat/stream", json=body, timeout=20)
+        httpx.get(f"{other.url}/metrics", headers=AUTH)  # the other worker writes its snapshot
+        text = httpx.get(f"{live.url}/metrics", headers=AUTH).text
+    samples = parse_strict(text)
+    assert samples["canvalo_http_requests_total", (("method", "GET"), ("route", "<unmatched>"), ("status", "404"))] == 4
+    assert samples["canvalo_llm_errors_total", (("code", "MODEL_THROTTLED"),)] == 1
+
+
+def test_a_counter_never_falls_from_one_scrape_to_the_next_whichever_worker_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prometheus reads a counter that falls as a restart and counts its whole value again (a spike in rate()). A
+    worker that shows its live numbers must have written them where the next scrape, on another worker, reads."""
+    monkeypatch.setattr(metrics_module, "FLUSH_SECONDS", 3600.0)  # no periodic snapshot during the test
+    settings = make_settings(tmp_path, METRICS_TOKEN=TOKEN, METRICS_DIR=str(tmp_path / "metrics"))
+    with serve(create_app(settings)) as first, serve(create_app(settings)) as second:
+        for _ in range(3):
+            httpx.get(f"{first.url}/health")
+            httpx.get(f"{first.url}/nowhere")
+        scrapes = [httpx.get(f"{url}/metrics", headers=AUTH).text for url in (first.url, second.url, first.url)]
+    families = {line.split(" ")[2]: line.split(" ")[3] for line in scrapes[0].splitlines() if line.startswith("# TYPE")}
+    for earlier, later in zip(scrapes, scrapes[1:]):
+        before, after = parse_strict(earlier), parse_strict(later)
+        for (name, labels), value in before.items():
+            if families.get(re.sub(r"_(bucket|sum|count)$", "", name)) != "gauge":
+                assert after.get((name, labels), 0.0) >= value, (name, labels, value, after.get((name, labels)))
+
+
+def test_a_snapshot_of_another_shape_does_not_break_the_scrape(tmp_path: Path) -> None:
+    """A previous version's snapshot (other buckets, other labels) or a stray JSON file in METRICS_DIR is left out;
+    the scrape still answers, with every valid worker's numbers."""
+    (tmp_path / "stray.json").write_text("{}")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    old = Metrics(str(tmp_path))
+    old.rate_limited.inc("chat", amount=2)
+    old.store_call("sqlite", "ping", 0.01)
+    old.flush()
+    snapshot = tmp_path / f"{old.instance}.json"
+    data = json.loads(snapshot.read_text())
+    data["metrics"]["canvalo_store_query_duration_seconds"][0][1].append(0.0)  # one bucket more than today
+    data["metrics"]["canvalo_llm_errors_total"] = [[["A", "B"], 1.0], ["x"], [[], "NaN?"]]  # labels of another shape
+    data["metrics"]["canvalo_open_streams"] = "many"
+    snapshot.write_text(json.dumps(data))
+    live = Metrics(str(tmp_path))
+    live.rate_limited.inc("chat")
+    samples = parse_strict(live.render())
+    assert samples["canvalo_rate_limit_rejections_total", (("limit", "chat"),)] == 3
+    assert not any(name == "canvalo_llm_errors_total" for name, _ in samples)

@@ -478,3 +478,17 @@ def test_the_https_variant_serves_tls_with_hsts_and_redirects_plain_http(tmp_pat
     assert secure.headers["strict-transport-security"] == "max-age=31536000"
     assert too_large.status_code == 413 and too_large.headers["strict-transport-security"] == "max-age=31536000"
     assert plain.status_code == 301 and plain.headers["location"] == "https://127.0.0.1/health?probe=1"
+
+
+def test_metrics_stay_refused_at_the_edge_however_the_path_is_spelt(tmp_path: Path) -> None:
+    """Starlette's route patterns end in "$", which also matches before a final newline: "/metrics%0A" reaches the
+    /metrics route. nginx must refuse it as it refuses "/metrics", or the public edge serves the metrics."""
+    token = "metrics-token-0123456789"
+    with serve(create_app(make_settings(tmp_path, METRICS_TOKEN=token))) as live:
+        assert httpx.get(f"{live.url}/metrics%0A", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        with run_nginx(tmp_path, int(live.url.rsplit(":", 1)[1])) as url:
+            spellings = ("/metrics", "/metrics%0A", "/metrics%0a", "/%6detrics%0A", "//metrics%0A", "/metrics%0A?x=1")
+            answers = {path: httpx.get(f"{url}{path}", headers={"Authorization": f"Bearer {token}"})
+                       for path in spellings}
+    assert {path: answer.status_code for path, answer in answers.items()} == dict.fromkeys(spellings, 404)
+    assert not any("canvalo_" in answer.text for answer in answers.values())

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import weakref
+
 import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -28,8 +31,7 @@ async def health(request: Request) -> Response:
     settings: Settings = state.settings
     model: ChatModel = state.model
     store: Store = state.store
-    readable = await _store_reachable(store)
-    writable = await _store_writable(store) if readable else False
+    readable, writable = await _probe_shared(store)
     store_ok = readable and writable is not False
     status = "unhealthy" if not store_ok else "healthy" if model.configured else "degraded"
     body = {
@@ -66,6 +68,28 @@ async def metrics(request: Request) -> Response:
     if not hmac.compare_digest(supplied, f"Bearer {token}".encode()):
         raise Unauthorized("A valid metrics token is required.", code="INVALID_TOKEN")
     return Response(request.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+# The probe in flight per store. /health is public and not rate limited, so a flood of it must not become a flood of
+# store reads and writes (on Supabase, Data API connections taken from users' requests): a call that arrives while a
+# probe runs shares its answer. Nothing is kept once it ends, so every answer is from a probe begun after the call
+# before it ended (a store that recovers shows healthy on the next call).
+_probes: weakref.WeakKeyDictionary[Store, asyncio.Future[tuple[bool, bool | None]]] = weakref.WeakKeyDictionary()
+
+
+async def _probe_shared(store: Store) -> tuple[bool, bool | None]:
+    """(readable, writable) of ``store``, from the probe in flight or a new one."""
+    running = _probes.get(store)
+    if running is None:
+        running = _probes[store] = asyncio.ensure_future(_probe(store))
+        running.add_done_callback(lambda _: _probes.pop(store, None))
+    # Shielded: a caller that leaves (its client disconnected) does not cancel the probe the others wait for.
+    return await asyncio.shield(running)
+
+
+async def _probe(store: Store) -> tuple[bool, bool | None]:
+    readable = await _store_reachable(store)
+    return readable, (await _store_writable(store) if readable else False)
 
 
 async def _store_writable(store: Store) -> bool | None:
