@@ -32,6 +32,7 @@ import functools
 import ipaddress
 import logging
 import os
+import re
 import signal
 import socket
 from collections.abc import AsyncIterator
@@ -333,6 +334,10 @@ routes = [
     Route("/api/usage", get_usage, methods=["GET"]),
     Route("/api/dev/sample-data", pages.load_sample_data, methods=["POST"]),
 ]
+# Whole paths only: Starlette's patterns end in "$", which also matches before a final newline, so "/metrics%0A" was
+# /metrics, past a proxy's exact rule for it. A path parameter still takes what it holds, to be refused as invalid.
+for _route in routes:
+    _route.path_regex = re.compile(_route.path_regex.pattern.removesuffix("$") + r"\Z")
 
 exception_handlers: dict[Any, Any] = {AppError: app_error, HTTPException: http_error, Exception: server_error}
 

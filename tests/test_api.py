@@ -344,6 +344,28 @@ def test_a_trailing_slash_is_an_unknown_route_on_every_route_never_a_redirect(tm
             assert_envelope(response, 404, "NOT_FOUND")
 
 
+def test_a_control_character_after_a_path_never_reaches_the_route_without_it(tmp_path: Path) -> None:
+    """Starlette's route patterns end in ``$``, which also matches before a final newline: ``/metrics%0A`` reached
+    the metrics route, past a proxy's exact rule for ``/metrics``. A path ending in a control character is an unknown
+    route, or, where the path ends in a parameter (an id), that parameter holds it and is refused as invalid."""
+    app = create_app(make_settings(tmp_path))
+    spelt = sorted(
+        (method, route.path.format(**{name: new_id() for name in route.param_convertors}) + ending,
+         route.path.endswith("}"))
+        for route in app.routes if isinstance(route, Route)
+        for method in route.methods or () if method != "HEAD"
+        for ending in ("%0A", "%0D", "%0D%0A", "%00", "%09")
+    )
+    assert ("GET", "/metrics%0A", False) in spelt and ("GET", "/%0A", False) in spelt
+    with serve(app) as live, httpx.Client(base_url=live.url) as client:
+        for method, path, ends_in_id in spelt:
+            response = client.request(method, path, params={"user_id": new_id()}, json={"user_id": new_id()})
+            if ends_in_id:
+                assert_envelope(response, 422, "VALIDATION_ERROR")
+            else:
+                assert_envelope(response, 404, "NOT_FOUND")
+
+
 def test_errors_never_carry_internals(client: TestClient, auth_headers: AuthHeaders, user_id: str) -> None:
     headers = {"content-type": "application/json", **auth_headers(user_id)}
     text = client.post(CHAT, content=b'{"message": ', headers=headers).text
