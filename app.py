@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import errno
 import functools
-import ipaddress
 import logging
 import os
 import re
@@ -48,7 +47,7 @@ from starlette.routing import Match, Route
 from errors import AppError, MethodNotAllowed, NotFound
 from services.agents import actions
 from services.agents.assistant import Assistant
-from services.auth.authenticator import Authenticator, build_authenticator
+from services.auth.authenticator import Authenticator, build_authenticator, open_to_anyone
 from services.limits.budgets import Budgets, period_bounds
 from services.limits.rates import RateLimiter
 from services.metrics import Metrics
@@ -373,12 +372,8 @@ def create_app(settings: Settings | None = None, *, model: ChatModel | None = No
             logger.info("Started: store=%s (%s) model=%s auth=%s environment=%s trusted_proxies=%s", store.kind,
                         store_location(settings), chat_model.provider, auth.mode, settings.environment,
                         settings.forwarded_allow_ips)
-            if auth.mode == "none" and not _is_loopback(settings.api_host):
-                # Development trusts the user_id a request names: reachable from other machines, anyone there can read
-                # and write every user's conversations.
-                logger.warning("Authentication is off and API_HOST is %s: anyone who can reach this port can act as "
-                               "any user_id. Keep it on 127.0.0.1 (in a container, publish it on 127.0.0.1 only), or "
-                               "turn authentication on (SUPABASE_JWT_SECRET or SUPABASE_URL).", settings.api_host)
+            if warning := open_to_anyone(auth, settings.api_host):
+                logger.warning(warning)
             budgets = Budgets(settings, registry)
             for reason in budgets.below_one_turn():
                 logger.warning("%s.", reason)
@@ -454,14 +449,6 @@ def _listen(settings: Settings) -> socket.socket:
         print(f"canvalo: API_PORT {settings.api_port} on API_HOST {settings.api_host} {reason}", file=sys.stderr)
         raise SystemExit(2) from None
     return sock
-
-
-def _is_loopback(host: str) -> bool:
-    """Whether ``host`` (API_HOST) is reachable from this machine only."""
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def _force_quit_on_second_ctrl_c(server: Any) -> None:

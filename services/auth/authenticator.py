@@ -13,6 +13,7 @@ equal ``sub``. Messages never echo the token or its claims, and tokens are never
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -102,6 +103,23 @@ class SupabaseJWTAuth:
         for part in (self._keys, self._remote):
             if part is not None:
                 await part.aclose()
+
+
+def open_to_anyone(auth: Authenticator, host: str) -> str | None:
+    """Startup's warning when authentication is off and ``host`` (API_HOST) is reachable from other machines:
+    development trusts the user_id a request names, so anyone there could read and write every user's conversations."""
+    if auth.mode != "none" or _is_loopback(host):
+        return None
+    return (f"Authentication is off and API_HOST is {host}: anyone who can reach this port can act as any user_id. "
+            "Keep it on 127.0.0.1 (in a container, publish it on 127.0.0.1 only), or turn authentication on "
+            "(SUPABASE_JWT_SECRET or SUPABASE_URL).")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def build_authenticator(settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None) -> Authenticator:
