@@ -326,8 +326,10 @@ def test_the_folding_migration_rebuilds_the_words_007_made_once(pg_cluster: Any)
         column = ("select attnum from pg_attribute where attrelid = 'api.agent_messages'::regclass"
                   " and attname = 'words'")
         assert "İstanbul" in db.execute(words).fetchone()[0]
-        apply_migrations(db)
+        for script in migration_sql()[7:19]:  # through 019: 008's words (020 keeps the dot above in its word)
+            db.execute(script)
         assert db.execute(words).fetchone()[0] == "'i' 'stanbul' 'to' 'trip'"
+        apply_migrations(db)
         rebuilt = db.execute(column).fetchone()
         apply_migrations(db)
         assert db.execute(column).fetchone() == rebuilt

@@ -13,8 +13,9 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
+from errors import ValidationFailed
 from services.store import (TIMESTAMP_FORMAT, Conversation, ConversationKey, ConversationPage, Message, MessageKey,
-                            MessagePage, QueryObserver)
+                            MessagePage, NewRun, QueryObserver)
 
 Row = TypeVar("Row")
 P = ParamSpec("P")
@@ -23,6 +24,16 @@ T = TypeVar("T")
 
 # A field whose column has another name in both stores: ``table`` is a reserved word in SQL.
 _COLUMNS = {"table": "table_name"}
+
+
+def wrong_branch_point(new: NewRun) -> ValidationFailed:
+    """The refusal of a turn whose named message cannot be its branch point (docs/api.md, Branches), worded alike by
+    both stores: each names the field sent and what it must name."""
+    if new.regenerate_id is not None:  # an answer, and one to a user message: a model never answers its own
+        return ValidationFailed("'regenerate_message_id' must name an answer to a user message.")
+    if new.edit_id is not None:
+        return ValidationFailed("'edit_message_id' must name a message of role user.")
+    return ValidationFailed("'parent_message_id' must name a message of role assistant.")
 
 
 def from_row(record: type[T], row: Any, **read: Callable[[Any], Any]) -> T:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from typing import Any, TypeVar, get_args
 
-from errors import ConversationNotFound, MessageNotFound, UpstreamError, ValidationFailed
+from errors import ConversationNotFound, MessageNotFound, UpstreamError
 from services.domains import BY_TABLE, Column, Domain
 from services.store import (TIMESTAMP_FORMAT, USAGE_CONVERSATIONS, ActionDone, BeginOutcome, BudgetRefusal, CallUsage,
                             Conversation, Message, MessageKey, MessagePage, PendingAction, Run, RunBegun, RunControl,
@@ -56,9 +56,6 @@ def settled(result: Any) -> Any:
         raise ConversationNotFound()
     if outcome == "message_not_found":
         raise MessageNotFound()
-    if outcome == "wrong_role":
-        raise ValidationFailed("The message named is not of the role this turn needs (parent_message_id and "
-                               "regenerate_message_id: an answer; edit_message_id: a user message).")
     return result
 
 

@@ -24,7 +24,8 @@ from services.store.postgrest.rows import (action_done_of, bad_response, branch_
                                            conversation_of, message_of, pending_action_of, reading, record_of,
                                            run_begun_of, run_of, settled, update_json, usage_report_of)
 from services.store.search import MAX_TERMS
-from services.store.shared import QueryTiming, columns, observed, page_of_conversations, reads_downwards
+from services.store.shared import (QueryTiming, columns, observed, page_of_conversations, reads_downwards,
+                                   wrong_branch_point)
 
 logger = logging.getLogger(__name__)
 
@@ -368,6 +369,8 @@ class PostgrestStore(QueryTiming):
         except AppError:
             self._unanswered.keep(caller, new, write_key, limits.stale_seconds)
             raise
+        if isinstance(answer, dict) and answer.get("outcome") == "wrong_role":
+            raise wrong_branch_point(new)  # worded as SQLite words it: the field sent, and what it must name
         begun = run_begun_of(settled(answer))
         if begun.outcome == "started":
             self._write_keys[new.id] = write_key

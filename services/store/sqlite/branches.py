@@ -13,9 +13,9 @@ import json
 import sqlite3
 from typing import Any
 
-from errors import MessageNotFound, ValidationFailed
+from errors import MessageNotFound
 from services.store import Message, MessagePage, NewRun, Role, utc_now
-from services.store.shared import columns, from_row
+from services.store.shared import columns, from_row, wrong_branch_point
 
 MESSAGE_COLUMNS = columns(Message)
 
@@ -65,18 +65,18 @@ def target(db: sqlite3.Connection, new: NewRun, active_leaf: str | None) -> tupl
     answers again); with no branch point named, after ``active_leaf`` (the conversation's, None for a new one).
     ``MessageNotFound`` or ``ValidationFailed`` for a branch point that cannot be one."""
     if new.regenerate_id is not None:
-        answer = _named(db, new, new.regenerate_id, "regenerate_message_id", "assistant")
+        answer = _named(db, new, new.regenerate_id, "assistant")
         if answer["parent_role"] != "user":  # a model answers a user's turn, never its own
-            raise ValidationFailed("'regenerate_message_id' must name an answer to a user message.")
+            raise wrong_branch_point(new)
         return None, answer["parent_id"]
     if new.edit_id is not None:
-        return _named(db, new, new.edit_id, "edit_message_id", "user")["parent_id"], None
+        return _named(db, new, new.edit_id, "user")["parent_id"], None
     if new.parent_id is not None:
-        return _named(db, new, new.parent_id, "parent_message_id", "assistant")["id"], None
+        return _named(db, new, new.parent_id, "assistant")["id"], None
     return active_leaf, None
 
 
-def _named(db: sqlite3.Connection, new: NewRun, message_id: str, field: str, role: str) -> sqlite3.Row:
+def _named(db: sqlite3.Connection, new: NewRun, message_id: str, role: str) -> sqlite3.Row:
     row = db.execute(
         "SELECT id, role, parent_id, (SELECT p.role FROM agent_messages p WHERE p.id = m.parent_id) AS parent_role"
         " FROM agent_messages m WHERE id = ? AND conversation_id = ?",
@@ -85,7 +85,7 @@ def _named(db: sqlite3.Connection, new: NewRun, message_id: str, field: str, rol
     if row is None:
         raise MessageNotFound()
     if row["role"] != role:
-        raise ValidationFailed(f"'{field}' must name a message of role {role}.")
+        raise wrong_branch_point(new)
     return row  # type: ignore[no-any-return]
 
 
