@@ -1,0 +1,68 @@
+"""Hostile values in what the service sends PostgREST (a tool's filters, a search's text) mean the same on both
+stores: no value changes a request's meaning, matches more than itself, or fails on one store and not the other."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from services.agents.tools import run_tool, tools_for
+from services.domains import BY_AGENT
+from services.store import Caller
+
+pytestmark = pytest.mark.anyio
+
+CONTACTS = {tool.action: tool for tool in tools_for(BY_AGENT["contacts"])}
+
+# Every reserved character of PostgREST's grammar, its wildcards, what a query string splits on, and text that
+# normalizes differently (NFC "é" and NFD "e" + U+0301 are different values on both stores).
+HOSTILE_NAMES = [
+    "a,b", "x.y", "(p)", "p)", 'say "hi"', "back\\slash", '\\"', "50%", "5_%", "a_b", "a*b", "*", "%", "_",
+    "John Smith", "a+b", "&x=1", "eq.x", "not.eq.x", "in.(a,b)", "or=(a.eq.1)", "caf\u00e9", "cafe\u0301",
+    " padded ", "line\nbreak", "tab\there", "#frag", "?q", "k:v", "{a,b}", "\u202eevil", "\U0001f600" * 3,
+]
+
+
+async def test_a_text_filter_matches_exactly_its_own_value_on_both_stores(
+    store: Any, new_caller: Callable[[], Caller]
+) -> None:
+    caller = new_caller()
+    ids = {}
+    for name in HOSTILE_NAMES:
+        created = await run_tool(store, caller, CONTACTS["create"], {"name": name, "company": name})
+        assert created.status == "success", (name, created.content)
+        ids[name] = created.content["created"]["id"]
+    for name in HOSTILE_NAMES:
+        listed = await run_tool(store, caller, CONTACTS["list"], {"name": name, "limit": 100})
+        assert listed.status == "success", (name, listed.content)
+        assert [row["id"] for row in listed.content["rows"]] == [ids[name]], name
+        both = await run_tool(store, caller, CONTACTS["list"], {"name": name, "company": name, "contact_type": "client"})
+        assert [row["id"] for row in both.content["rows"]] == [ids[name]], name
+    for absent in ("5%", "a%", "a?b", "a.b", "cafe", "padded", "", "x", "a", "\\", '"'):
+        listed = await run_tool(store, caller, CONTACTS["list"], {"name": absent})
+        assert listed.status == "success" and listed.content["rows"] == [], (absent, listed.content)
+
+
+
+# What each search finds of "Kitchen repaint" and "Gazebo stain": its words are its first 32 distinct words, on both
+# stores, however many spaces, separators or repeats the text holds.
+SEARCHES = {
+    "separators-first": ("! " * 32 + "kitchen", ["Kitchen repaint"]),
+    "repeats-first": ("kitchen " * 33 + "gazebo", []),
+    "spaces-only-between-some": ("kit-" * 40 + "rep", ["Kitchen repaint"]),
+    "punctuation-only": ("*%_ \\ \"() ,.:", []),
+}
+
+
+@pytest.mark.parametrize("case", SEARCHES)
+async def test_a_search_takes_the_same_words_on_both_stores(
+    store: Any, new_caller: Callable[[], Caller], case: str
+) -> None:
+    text, titles = SEARCHES[case]
+    caller = new_caller()
+    for title in ("Kitchen repaint", "Gazebo stain"):
+        await store.create_conversation(caller, title)
+    found = await store.list_conversations(caller, 10, 0, search=text)
+    assert ([c.title for c in found.conversations], found.total) == (titles, len(titles))
