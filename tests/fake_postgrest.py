@@ -162,6 +162,10 @@ class FakePostgrest:
     faults: list[Fault] = field(default_factory=list)
     outage: str | None = None  # "503" or "hang" while ``down``: see the module docstring
     delay: float = 0.0  # seconds every request waits before it runs (a slow database)
+    # The gateway's bound on a request's target (path and query string, as sent, percent-encoded): a longer one is
+    # a plain-text 414 before PostgREST sees it. Gateways differ (nginx's default header buffer is 8 KB, Cloudflare
+    # allows 16 KB); the service must stay under the smallest, so the fake refuses what the smallest would.
+    max_target: int = 8 * 1024
     _pool: list[psycopg.AsyncConnection[Any]] = field(default_factory=list)
     _calls: dict[tuple[str, str, tuple[str, ...]], tuple[bytes, str]] = field(default_factory=dict)
     _db_slots: asyncio.Semaphore | None = None
@@ -231,6 +235,8 @@ class FakePostgrest:
             )
         )
         target = request.url.path.removeprefix("/rest/v1/")
+        if len(request.scope["raw_path"]) + 1 + len(request.scope["query_string"]) > self.max_target:
+            return Response("URI Too Long", status_code=414, media_type="text/plain")
         if self.delay:
             await asyncio.sleep(self.delay)
         held = time.monotonic() + HANG_MAX_SECONDS

@@ -66,3 +66,43 @@ async def test_a_search_takes_the_same_words_on_both_stores(
         await store.create_conversation(caller, title)
     found = await store.list_conversations(caller, 10, 0, search=text)
     assert ([c.title for c in found.conversations], found.total) == (titles, len(titles))
+
+
+@pytest.mark.parametrize("char", ["x", "%", "\U0001f600"], ids=["ascii", "percent-encoded", "four-byte"])
+async def test_the_longest_filters_a_tool_takes_answer_alike_on_both_stores(
+    store: Any, new_caller: Callable[[], Caller], char: str
+) -> None:
+    """Every text filter at its longest, in the character that percent-encodes longest: the request stays inside a
+    gateway's URL bound (the fake refuses what the smallest would), so both stores answer, and alike. A longer value
+    is refused to the model on both."""
+    caller = new_caller()
+    schema = CONTACTS["list"].schema["properties"]
+    longest = {name: char * schema[name]["maxLength"] for name in ("name", "company")}
+    created = await run_tool(store, caller, CONTACTS["create"], longest)
+    assert created.status == "success", created.content
+    listed = await run_tool(store, caller, CONTACTS["list"], {**longest, "contact_type": "client", "limit": 100})
+    assert listed.status == "success", listed.content
+    assert [row["id"] for row in listed.content["rows"]] == [created.content["created"]["id"]]
+    too_long = await run_tool(store, caller, CONTACTS["list"], {"name": char * (schema["name"]["maxLength"] + 1)})
+    assert too_long.status == "error" and "at most" in too_long.content["error"], too_long.content
+
+
+def _longest(schema: dict[str, Any]) -> Any:
+    """The argument that makes the longest URL a filter of this schema can: its longest, in four-byte characters."""
+    if "enum" in schema:
+        return max(schema["enum"], key=len)
+    kinds = schema["type"]
+    if "integer" in kinds:
+        return schema["maximum"]
+    samples = {"uuid": "0" * 8 + "-0000-4000-8000-" + "0" * 12, "date": "2026-12-31"}
+    return samples.get(schema.get("format", ""), "\U0001f600" * schema["maxLength"])
+
+
+@pytest.mark.parametrize("agent", sorted(BY_AGENT))
+async def test_every_list_with_every_filter_at_its_longest_is_answered(
+    store: Any, new_caller: Callable[[], Caller], agent: str
+) -> None:
+    tool = next(t for t in tools_for(BY_AGENT[agent]) if t.action == "list")
+    arguments = {name: _longest(schema) for name, schema in tool.schema["properties"].items()}
+    listed = await run_tool(store, new_caller(), tool, arguments)
+    assert listed.status == "success" and listed.content["rows"] == [], listed.content
