@@ -106,3 +106,24 @@ async def test_every_list_with_every_filter_at_its_longest_is_answered(
     arguments = {name: _longest(schema) for name, schema in tool.schema["properties"].items()}
     listed = await run_tool(store, new_caller(), tool, arguments)
     assert listed.status == "success" and listed.content["rows"] == [], listed.content
+
+
+async def test_a_quoted_logic_tree_value_matches_exactly_itself(
+    store: Any, new_caller: Callable[[], Caller]
+) -> None:
+    """``tree_value`` quotes a value for ``or=(...)`` as PostgREST's grammar reads it back: each hostile name, in a
+    tree beside another condition, finds its own contact and nothing else. (SQLite has no such grammar.)"""
+    if store.kind != "supabase":
+        pytest.skip("PostgREST's grammar only")
+    from services.store.postgrest.params import tree_value
+
+    caller = new_caller()
+    ids = {}
+    for name in HOSTILE_NAMES:
+        created = await run_tool(store, caller, CONTACTS["create"], {"name": name})
+        ids[name] = created.content["created"]["id"]
+    for name in HOSTILE_NAMES:
+        params = {"select": "id", "user_id": f"eq.{caller.user_id}",
+                  "or": f"(name.eq.{tree_value(name)},and(name.eq.{tree_value(name + ')')},id.is.null))"}
+        rows = (await store._rest.select(caller, "contacts", params)).rows
+        assert [row["id"] for row in rows] == [ids[name]], name
