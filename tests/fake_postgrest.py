@@ -162,6 +162,10 @@ class FakePostgrest:
     faults: list[Fault] = field(default_factory=list)
     outage: str | None = None  # "503" or "hang" while ``down``: see the module docstring
     delay: float = 0.0  # seconds every request waits before it runs (a slow database)
+    # The gateway's bound on a request's target (path and query string, as sent, percent-encoded): a longer one is
+    # a plain-text 414 before PostgREST sees it. Gateways differ (nginx's default header buffer is 8 KB, Cloudflare
+    # allows 16 KB); the service must stay under the smallest, so the fake refuses what the smallest would.
+    max_target: int = 8 * 1024
     _pool: list[psycopg.AsyncConnection[Any]] = field(default_factory=list)
     _calls: dict[tuple[str, str, tuple[str, ...]], tuple[bytes, str]] = field(default_factory=dict)
     _db_slots: asyncio.Semaphore | None = None
@@ -231,6 +235,8 @@ class FakePostgrest:
             )
         )
         target = request.url.path.removeprefix("/rest/v1/")
+        if len(request.scope["raw_path"]) + 1 + len(request.scope["query_string"]) > self.max_target:
+            return Response("URI Too Long", status_code=414, media_type="text/plain")
         if self.delay:
             await asyncio.sleep(self.delay)
         held = time.monotonic() + HANG_MAX_SECONDS
@@ -712,46 +718,107 @@ def _filter(column: str, expression: str) -> sql.Composable:
 
 def _logic(operator: str, tree: str) -> sql.Composable:
     """``or=(a.lt.1,b.gt."x",and(c.eq.2,d.is.null))``: conditions joined by ``operator``, nested ``and()``/``or()``
-    (with ``not.``), values double-quoted where they hold a reserved character, as PostgREST's logic trees."""
-    if not (tree.startswith("(") and tree.endswith(")")):
-        raise pgrst(400, "PGRST100", f'"failed to parse logic tree ({tree})"')
-    conditions: list[sql.Composable] = []
-    for item in _logic_items(tree[1:-1]):
-        negate = item.startswith("not.")
-        body = item[4:] if negate else item
-        nested = next((op for op in LOGIC if body.startswith(f"{op}(")), None)
-        if nested is not None:
-            condition = _logic(nested, body[len(nested):])
-            conditions.append(sql.SQL("not {}").format(condition) if negate else condition)
-            continue
-        column, _, expression = item.partition(".")
-        prefix = "not." if expression.startswith("not.") else ""
-        operator_name, dot, value = expression.removeprefix("not.").partition(".")
-        if len(value) >= 2 and value[0] == value[-1] == '"':
-            value = value[1:-1]
-        conditions.append(_filter(column, f"{prefix}{operator_name}{dot}{value}"))
-    if not conditions:
-        raise pgrst(400, "PGRST100", f'"failed to parse logic tree ({tree})"')
-    return sql.SQL("({})").format(sql.SQL(f" {operator} ").join(conditions))
+    (with ``not.``), as PostgREST's ``pLogicTree`` reads them (``QueryParams.hs``): a value is double-quoted (``\\"``
+    and ``\\\\`` inside), a ``{...}`` array, or bare up to the next ``,`` or ``)``, which it then cannot hold."""
+    text = f"{operator}{tree}"
+    condition, end = _LogicTree(text).expression(0)
+    if end != len(text):
+        raise _tree_error(tree)
+    return condition
 
 
-def _logic_items(text: str) -> list[str]:
-    """Split a logic tree's members on the commas outside parentheses and double quotes."""
-    items, current, depth, quoted = [], "", 0, False
-    for char in text:
-        if char == '"':
-            quoted = not quoted
-        elif not quoted and char == "(":
-            depth += 1
-        elif not quoted and char == ")":
-            depth -= 1
-        elif not quoted and depth == 0 and char == ",":
-            items.append(current)
-            current = ""
-            continue
-        current += char
-    items.append(current)
-    return [item for item in items if item]
+def _tree_error(tree: str) -> ApiError:
+    return pgrst(400, "PGRST100", f'"failed to parse logic tree ({tree})"')
+
+
+class _LogicTree:
+    """A recursive-descent reader of one logic tree (PostgREST's ``pLogicTree``): each method takes a position and
+    answers what it read and where it stopped, or raises PGRST100."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def expression(self, at: int) -> tuple[sql.Composable, int]:
+        negate = self.text.startswith("not.", at)
+        body = at + 4 if negate else at
+        operator = next((op for op in ("and", "or") if self.text.startswith(f"{op}(", body)), None)
+        if operator is None:
+            return self.statement(at)
+        conditions, at = [], body + len(operator) + 1
+        while True:
+            condition, at = self.expression(at)
+            conditions.append(condition)
+            if self.text.startswith(",", at):
+                at += 1
+            elif self.text.startswith(")", at):
+                break
+            else:
+                raise _tree_error(self.text)
+        joined = sql.SQL("({})").format(sql.SQL(f" {operator} ").join(conditions))
+        return (sql.SQL("not {}").format(joined) if negate else joined), at + 1
+
+    def statement(self, at: int) -> tuple[sql.Composable, int]:
+        """``column.[not.]operator.value``."""
+        match = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\.(not\.)?([a-z_]+)\.").match(self.text, at)
+        if match is None:
+            raise _tree_error(self.text)
+        column, negate, operator = match.group(1), match.group(2) or "", match.group(3)
+        at = match.end()
+        if operator == "in":
+            items, end = self.list_value(at)
+            return _filter(column, f"{negate}in.({','.join(_requote(i) for i in items)})"), end
+        value, at = self.single_value(at)
+        return _filter(column, f"{negate}{operator}.{value}"), at
+
+    def single_value(self, at: int) -> tuple[str, int]:
+        if self.text.startswith('"', at):
+            quoted = self.quoted(at)
+            if quoted is not None:
+                return quoted
+        if self.text.startswith("{", at):
+            end = self.text.find("}", at)
+            if end != -1 and "{" not in self.text[at + 1:end]:
+                return self.text[at:end + 1], end + 1
+        end = at
+        while end < len(self.text) and self.text[end] not in ",)":
+            end += 1
+        return self.text[at:end], end
+
+    def quoted(self, at: int) -> tuple[str, int] | None:
+        """A ``"..."`` value (``\\x`` is x) that the next ``,`` or ``)`` (or the end) follows; else None."""
+        value, at = "", at + 1
+        while at < len(self.text) and self.text[at] != '"':
+            if self.text[at] == "\\" and at + 1 < len(self.text):
+                at += 1
+            value, at = value + self.text[at], at + 1
+        if at >= len(self.text) or (at + 1 < len(self.text) and self.text[at + 1] not in ",)"):
+            return None
+        return value, at + 1
+
+    def list_value(self, at: int) -> tuple[list[str], int]:
+        if not self.text.startswith("(", at):
+            raise _tree_error(self.text)
+        items, at = [], at + 1
+        while True:
+            item = self.quoted(at) if self.text.startswith('"', at) else None
+            if item is None:
+                end = at
+                while end < len(self.text) and self.text[end] not in ",)":
+                    end += 1
+                item = (self.text[at:end], end)
+            items.append(item[0])
+            at = item[1]
+            if self.text.startswith(",", at):
+                at += 1
+            elif self.text.startswith(")", at):
+                return items, at + 1
+            else:
+                raise _tree_error(self.text)
+
+
+def _requote(item: str) -> str:
+    """``item`` as one element of ``in.(...)`` again, for ``_list_items``."""
+    return '"' + item.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _list_items(text: str) -> list[str]:

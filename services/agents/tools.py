@@ -40,6 +40,10 @@ Action = Literal["list", "get", "create", "update", "delete"]
 MAX_LIST_LIMIT = 100
 DEFAULT_LIST_LIMIT = 20
 MAX_TEXT = 2000  # also the bound of a string whose schema gives none
+# A list filter's text: every filter of a list goes in the URL of one PostgREST request, percent-encoded (up to 12
+# characters for one), and a gateway refuses a long URL (414; nginx's default bound is 8 KB). Two filters this long
+# stay far inside it, whatever their characters, and SQLite is held to the same bound.
+MAX_FILTER_TEXT = 200
 MAX_JSON_ITEMS = 100
 MAX_NAME = 64  # an undeclared property name (a line item's keys)
 MAX_DEPTH = 8  # our deepest schema is 4 (input, changes, line_items, an item)
@@ -134,6 +138,13 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
     return {**schema, "type": [schema["type"], "null"]}
 
 
+def _filter_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A column's schema as a list filter: its text no longer than ``MAX_FILTER_TEXT``."""
+    if schema["type"] != "string":
+        return schema
+    return {**schema, "maxLength": min(schema["maxLength"], MAX_FILTER_TEXT)}
+
+
 def _clearable(column: Column) -> bool:
     """Whether an update may set the column to null: not a required field, a vocabulary or one with a default."""
     return not column.required and not column.enum and column.default is None
@@ -145,7 +156,7 @@ ID_SCHEMA = {"type": "string", "format": "uuid", "maxLength": 36, "description":
 def tools_for(domain: Domain) -> list[Tool]:
     columns = {c.name: column_schema(c) for c in domain.columns}
     # In a list or a create, null means "not given": no filter, or the column's default.
-    filters = {name: _nullable(columns[name]) for name in domain.filters}
+    filters = {name: _nullable(_filter_schema(columns[name])) for name in domain.filters}
     optional = {c.name: columns[c.name] if c.required else _nullable(columns[c.name]) for c in domain.columns}
     limit = {"type": "integer", "minimum": 1, "maximum": MAX_LIST_LIMIT, "description": f"At most {MAX_LIST_LIMIT}"}
     changeable = {c.name: _nullable(columns[c.name]) if _clearable(c) else columns[c.name] for c in domain.columns}

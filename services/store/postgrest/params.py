@@ -31,9 +31,16 @@ def branch_seek(before: MessageKey | None, after: MessageKey | None) -> dict[str
 
 def _seek(column: str, stamp: str, side: str, tie: str) -> dict[str, str]:
     """The rows on one ``side`` (``lt``, ``gt``) of a key: the first filter bounds the index range, ``or`` breaks ties
-    on ``column`` by ``tie``. In the logic tree the timestamp is double-quoted (``:`` and ``.`` are reserved there;
-    cursors' timestamps hold no quote)."""
-    return {column: f"{side}e.{stamp}", "or": f'({column}.{side}."{stamp}",{tie})'}
+    on ``column`` by ``tie``. In the logic tree the timestamp is quoted (``tree_value``)."""
+    return {column: f"{side}e.{stamp}", "or": f"({column}.{side}.{tree_value(stamp)},{tie})"}
+
+
+def tree_value(value: str) -> str:
+    """``value`` as one value of a logic tree (``or=(...)``, ``and=(...)``) or an ``in.(...)`` list, which PostgREST
+    reads up to the next ``,`` or ``)`` unless it is double-quoted (``pQuotedValue``): always quoted, with ``\\`` and
+    ``"`` escaped by a backslash, so no character of it is read as grammar. (A ``col=eq.<value>`` filter takes its
+    value verbatim instead: ``filter_value``.)"""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 # -- business records -------------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ from services.store.postgrest.params import (branch_seek, conversation_seek, fil
 from services.store.postgrest.rows import (action_done_of, bad_response, branch_page_of, budget_json, controls_of,
                                            conversation_of, message_of, pending_action_of, reading, record_of,
                                            run_begun_of, run_of, settled, update_json, usage_report_of)
-from services.store.search import MAX_TERMS
 from services.store.shared import (QueryTiming, columns, observed, page_of_conversations, reads_downwards,
                                    wrong_branch_point)
 
@@ -161,11 +160,14 @@ class PostgrestStore(QueryTiming):
         search: str,
     ) -> ConversationPage:
         """``agent_conversations_search`` (``migrations/007_checked_writes.sql``): one request, as the caller. The
-        text goes as typed, split at spaces (NUL, which PostgreSQL's text cannot hold, is a space): the database folds
-        it into words with the function that folded the stored text (``migrations/008_search_folding.sql``)."""
-        terms = search.replace("\x00", " ").split()[:MAX_TERMS]
-        if not terms:
+        text goes as typed, whole, as one term (NUL, which PostgreSQL's text cannot hold, is a space): the database
+        folds it into words with the function that folded the stored text and takes the first 32 distinct ones
+        (``migrations/008_search_folding.sql``), as SQLite does (``MAX_TERMS``). Split here at spaces and cut at 32
+        pieces, as it was, separators or repeats could fill the pieces and a word after them went unsearched."""
+        text = search.replace("\x00", " ")
+        if not text.strip():
             return ConversationPage([], 0)
+        terms = [text]
         args = {"p_terms": terms, "p_limit": limit + 1, "p_offset": offset,
                 "p_before_at": before.updated_at if before else None, "p_before_id": before.id if before else None,
                 "p_after_at": after.updated_at if after else None, "p_after_id": after.id if after else None}
