@@ -160,7 +160,7 @@ def test_greetings_thanks_and_questions_out_of_scope(live: LiveServer, user: str
     assert ask(live, user, "hi")[1].startswith("Hello! I can help with your invoices")
     assert ask(live, user, "Thanks!")[1].startswith("You're welcome.")
     items, weather = ask(live, user, "what's the weather?")
-    assert not tool_calls(items) and "I can only help with your invoices" in weather
+    assert not tool_calls(items) and "I couldn't tell which of your records" in weather
 
 
 # -- follow-ups: it does not read earlier turns, and says so ------------------------------------------------------
@@ -199,3 +199,34 @@ def test_a_change_for_a_record_that_is_not_there_prepares_nothing(live: LiveServ
         items, text = ask(live, user, message)
         assert not prepared(items), message
         assert "couldn't find" in text, text
+
+
+@pytest.mark.parametrize(("message", "said"), [
+    ("Set the priority of the primer task to urgent", "I can't make that change"),
+    ("mark invoice 1043 as payed", "I can't make that change"),
+    ("Reply to Maria's review saying thanks", "I can't make that change"),
+    ("Mark all invoices as paid", "one record at a time"),
+    ("Delete all my contacts", "one record at a time"),
+])
+def test_a_change_it_cannot_make_is_said_not_answered_with_a_list(
+    live: LiveServer, user: str, message: str, said: str
+) -> None:
+    """Asked for a change these rules do not read, it once answered with a list ("You don't have any tasks with
+    priority urgent") or "I couldn't find that invoice among your invoices (INV-1043, ...)"."""
+    items, text = ask(live, user, message)
+    assert not prepared(items) and said in text, text
+    assert "You have" not in text and "You don't have" not in text and "couldn't find" not in text, text
+
+
+def test_a_record_named_without_for_narrows_a_question(live: LiveServer, user: str) -> None:
+    _, project = ask(live, user, "Show me the Oakridge project")
+    assert records_named(project) == {"Oakridge clubhouse repaint"}, project
+    _, proposal = ask(live, user, "What is the status of the deck staining proposal?")
+    assert records_named(proposal) == {"Deck staining"}, proposal
+
+
+@pytest.mark.parametrize("message", ["What's Maria Lopez's phone number?", "What did I bill Oakridge?"])
+def test_a_question_it_cannot_place_says_so_and_how_to_ask(live: LiveServer, user: str, message: str) -> None:
+    items, text = ask(live, user, message)
+    assert not tool_calls(items) and "I couldn't tell which of your records" in text, text
+    assert "Show my contacts" in text

@@ -72,7 +72,7 @@ class LocalModel:
         wanted = changes.intent(domain, text, _today()) if domain is not None else None
         result = _tool_result(request.messages[-1])
         if result is None:
-            if refusal := reading.cannot(domain, text):
+            if refusal := reading.cannot(domain, text) or reading.cannot_change(domain, text, wanted is not None):
                 return f"{refusal} {DISCLAIMER}"
             if wanted is None or domain is None:
                 return changes.Call(spec["name"], _list_arguments(spec, domain, text))
@@ -131,7 +131,8 @@ def reply_to(text: str) -> str:
     elif "help" in lowered:
         opening = f"I can look up and update your business records: {areas}."
     else:
-        opening = f"I can only help with your {areas}. Try asking, for example, \"What invoices do I have?\""
+        opening = (f"I couldn't tell which of your records that is about. I can help with your {areas}: name the "
+                   "kind, for example \"What invoices do I have?\" or \"Show my contacts\".")
     return f"{opening} {DISCLAIMER}"
 
 

@@ -35,6 +35,12 @@ _NOT_NAMES = frozenset(
     "yesterday now all any every each and or is are was were do does did have has due it them one ones please "
     "soon upcoming coming time what which who how many much".split()
 )
+_REPLIES = frozenset({"reply", "respond"})
+_MANY = re.compile(r"\b(?:all|every|each)\s+(?:of\s+)?(?:my\s+|the\s+|your\s+)?(?P<what>[a-z]+)|\beverything\b")
+_ASKING = frozenset(
+    "show list give tell find see view get display when where status details detail info information about "
+    "there have got open".split()
+)
 _NAMED_BY = re.compile(r"\b(?:for|with|from|by|named|called|about)\s+([^?.!,;]+)")
 
 
@@ -47,7 +53,7 @@ class Narrowed:
 def narrows(domain: Domain, text: str, today: date) -> bool:
     """Whether ``text`` asks for only some rows (so the list must be read whole, 100 rows, not the first page)."""
     probe = narrow(domain, [], text, today)
-    return bool(probe.said)
+    return bool(probe.said or _named_plainly(domain, text.lower()))
 
 
 def narrow(domain: Domain, rows: list[dict[str, Any]], text: str, today: date) -> Narrowed:
@@ -69,6 +75,9 @@ def narrow(domain: Domain, rows: list[dict[str, Any]], text: str, today: date) -
     if words := _named(domain, lowered):
         rows = [r for r in rows if words <= _words_of(domain, r)]
         said.append(f"for {' '.join(sorted(words, key=lowered.find))}")
+    elif (words := _named_plainly(domain, lowered)) and (kept := [r for r in rows if words <= _words_of(domain, r)]):
+        rows = kept  # "the Oakridge project": only when some record has every such word, since any word may be one
+        said.append(f"named {' '.join(sorted(words, key=lowered.find))}")
     return Narrowed(rows, said)
 
 
@@ -97,6 +106,31 @@ def cannot(domain: Domain | None, text: str) -> str:
         return (f"Which {kind} do you mean? I don't read earlier messages, so \"it\" or \"the second one\" tells me "
                 f"nothing; name it by its number or name, for example: \"{example}\".")
     return ""
+
+
+def cannot_change(domain: Domain | None, text: str, understood: bool) -> str:
+    """What to say when ``text`` asks for a change these rules do not make: to many records at once ("mark all
+    invoices as paid"), or one they did not understand (``understood`` false: "set the priority to urgent", "mark
+    it as payed", "reply to the review"); "" otherwise."""
+    lowered = text.lower()
+    if domain is None or changes._QUESTION.match(lowered):
+        return ""
+    opening = set(re.findall(r"[a-z]+", lowered)[:3])  # an order starts with its verb: "mark ...", "can you mark ..."
+    verbs = changes.CHANGE_VERBS | changes.DELETE_VERBS | changes.DATE_VERBS | set(changes.STATUS_VERBS) | _REPLIES
+    if not opening & verbs:
+        return ""
+    many = _MANY.search(lowered)
+    if many and (many["what"] in domain.keywords or many["what"] in ("them", "records", "of")):
+        return (f"I change one record at a time, so each change can be checked before you confirm it: name the "
+                f"{domain.singular}, for example \"{example_for(domain)}\". Nothing was changed.")
+    if understood:
+        return ""
+    vocabulary = changes._vocabulary(domain)
+    statuses = f" ({', '.join(vocabulary.enum)})" if vocabulary is not None else ""
+    article = "an" if domain.singular[0] in "aeiou" else "a"
+    return (f"I can't make that change: for {article} {domain.singular} I can only prepare a new "
+            f"{vocabulary.name.replace('_', ' ') if vocabulary else 'status'}{statuses}, a new date or a delete, "
+            f"for you to confirm, for example \"{example_for(domain)}\". Nothing was changed.")
 
 
 def refers_back(domain: Domain | None, text: str) -> bool:
@@ -143,6 +177,12 @@ def _named(domain: Domain, lowered: str) -> set[str]:
     vocabulary = {part for c in domain.columns for value in c.enum for part in value.split("_")}
     words = {w for phrase in phrases for w in re.findall(r"[a-z0-9]+", phrase)}
     return {w for w in words - common - vocabulary - set(changes.STATUS_VERBS) if len(w) >= 2 and not w.isdigit()}
+
+
+def _named_plainly(domain: Domain, lowered: str) -> set[str]:
+    """The words of a question that are not a question word, a routing word, a status, a date or a time."""
+    words = changes._distinctive(domain, changes._without_times(lowered))
+    return {w for w in words - _NOT_NAMES - _ASKING if not w.isdigit()}
 
 
 def _words_of(domain: Domain, row: dict[str, Any]) -> set[str]:
