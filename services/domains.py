@@ -106,7 +106,7 @@ DOMAINS: tuple[Domain, ...] = (
             Column("payment_method"),
         ),
         order_by=(("created_at", "desc"),),
-        also_routed_by=("billing", "billed", "unpaid", "payment", "paid"),
+        also_routed_by=("billing", "billed", "unpaid", "payment", "paid", "inv", "owed", "owing"),
         filters=("status", "client_name", "invoice_number", "client_id"),
         shown=("invoice_number", "client_name", "status", "total_amount", "amount_paid", "due_date", "paid_date"),
     ),

@@ -23,6 +23,7 @@ import anyio
 from services.domains import DOMAINS, Domain
 from services.model import ModelEvent, ModelRequest, Stop, TextDelta, ToolUse, Usage, estimate_tokens, prompt_tokens
 from services.model import local_changes as changes
+from services.model import local_reading as reading
 from settings import LOCAL_MODEL_ID
 
 DISCLAIMER = "(Canvalo's built-in local responder, not an AI model.)"
@@ -71,20 +72,27 @@ class LocalModel:
         wanted = changes.intent(domain, text, _today()) if domain is not None else None
         result = _tool_result(request.messages[-1])
         if result is None:
+            if refusal := reading.cannot(domain, text) or reading.cannot_change(domain, text, wanted is not None):
+                return f"{refusal} {DISCLAIMER}"
             if wanted is None or domain is None:
-                return changes.Call(spec["name"], _filters(spec, text))
+                return changes.Call(spec["name"], _list_arguments(spec, domain, text))
             return f"{wanted.question} {DISCLAIMER}" if wanted.question else changes.list_call(domain, text)
         used = _last_use(request.messages)
         found = result.get("rows") if used.get("name") == spec["name"] else None
         if wanted is not None and domain is not None and isinstance(found, list):
             step = changes.change_call(domain, wanted, found, text, _today())
             return step if isinstance(step, changes.Call) else f"{step} {DISCLAIMER}"
-        return describe_result(result, used.get("input"), domain)
+        return describe_result(result, used.get("input"), domain, text)
 
     def route(self, text: str) -> list[str]:
-        """The agents whose keywords appear in ``text``, in declaration order."""
-        words = set(re.findall(r"[a-z][a-z_-]*", text.lower()))
-        return [agent for agent, keywords in self._keywords.items() if words & set(keywords)]
+        """The agents whose keywords appear in ``text``, in declaration order; else those a word misspells by one
+        letter ("invocies"); an invoice's number ("INV-1042") names invoices."""
+        words = {word.rstrip("-") for word in re.findall(r"[a-z][a-z_-]*", text.lower())}
+        exact = [agent for agent, keywords in self._keywords.items() if words & set(keywords)]
+        if exact:
+            return exact
+        return [agent for agent, keywords in self._keywords.items()
+                if any(_misspells(word, keyword) for word in words for keyword in keywords)]
 
     async def _say(self, reply: str, request: ModelRequest) -> AsyncIterator[ModelEvent]:
         for index, word in enumerate(re.findall(r"\S+\s*", reply)):
@@ -101,16 +109,30 @@ async def _call(call: changes.Call, request: ModelRequest) -> AsyncIterator[Mode
     yield Usage(prompt_tokens(request), estimate_tokens(json.dumps(call.arguments)))
 
 
+_AREAS = "invoices, appointments, projects, proposals, contacts, reviews, campaigns, tasks and goals"
+_WHAT_ARE_YOU = re.compile(r"\b(ai|a\.i|llm|gpt|chatgpt|claude|gemini|model|bot|robot|human|person|real|"
+                           r"artificial|intelligence|who are you|what are you)\b")
+
+
 def reply_to(text: str) -> str:
     """The rule-based answer to a message no specialist owns."""
     lowered = text.lower()
-    areas = "invoices, appointments, projects, proposals, contacts, reviews, campaigns, tasks and goals"
-    if re.search(r"\b(hi|hello|hey|good (morning|afternoon|evening))\b", lowered):
+    areas = _AREAS
+    if _WHAT_ARE_YOU.search(lowered):
+        opening = (f"I'm Canvalo's built-in local responder: a fixed set of rules, not an AI model or an LLM. I match "
+                   f"words in your message to your {areas}, list them from your own records, and prepare simple "
+                   "changes (a status, a date, a delete) for you to confirm.")
+    elif refusal := reading.cannot(None, text):
+        opening = refusal
+    elif re.search(r"\b(hi|hello|hey|good (morning|afternoon|evening))\b", lowered):
         opening = f"Hello! I can help with your {areas}."
+    elif re.search(r"\b(thanks|thank you|thx|cheers)\b", lowered):
+        opening = f"You're welcome. Ask me about your {areas} any time."
     elif "help" in lowered:
         opening = f"I can look up and update your business records: {areas}."
     else:
-        opening = f"I can only help with your {areas}. Try asking, for example, \"What invoices do I have?\""
+        opening = (f"I couldn't tell which of your records that is about. I can help with your {areas}: name the "
+                   "kind, for example \"What invoices do I have?\" or \"Show my contacts\".")
     return f"{opening} {DISCLAIMER}"
 
 
@@ -121,9 +143,9 @@ def clarify(agents: list[str]) -> str:
 
 
 def describe_result(result: dict[str, Any], arguments: dict[str, Any] | None = None,
-                    domain: Domain | None = None) -> str:
+                    domain: Domain | None = None, text: str = "") -> str:
     """Write an answer from a tool result, the way a model would summarise the rows it was given (a list's filters
-    are said: "with status overdue")."""
+    are said: "with status overdue"; so is what the question narrowed them by, ``local_reading.py``)."""
     if result.get("status") == "error":
         return f"I couldn't get that information: {result.get('error', 'the lookup failed')} {DISCLAIMER}"
     if result.get("status") == "confirmation_required":
@@ -132,18 +154,27 @@ def describe_result(result: dict[str, Any], arguments: dict[str, Any] | None = N
     table = str(result.get("table", "records"))
     if not isinstance(rows, list):
         return f"Done. {DISCLAIMER}"
-    filters = [f"{name.replace('_', ' ')} {value}" for name, value in (arguments or {}).items()
+    filters = [f"with {name.replace('_', ' ')} {value}" for name, value in (arguments or {}).items()
                if name != "limit" and value is not None]
-    which = f" with {' and '.join(filters)}" if filters else ""
+    read = len(rows)
+    if domain is not None and text:
+        narrowed = reading.narrow(domain, rows, text, _today())
+        rows, filters = narrowed.rows, filters + narrowed.said
+    which = f" {' and '.join(filters)}" if filters else ""
+    cut = (f" (I could read only the first {read} of your {result.get('found')} {table}; ask for fewer or filter "
+           "them by status)") if result.get("truncated") and len(rows) != read else ""
     if not rows:
-        return f"You don't have any {table}{which or ' yet'}. {DISCLAIMER}"
+        return f"You don't have any {table}{which or ' yet'}{cut}. {DISCLAIMER}"
     one = domain.singular if domain is not None else table.rstrip("s")
     lines = [f"You have {len(rows)} {table if len(rows) != 1 else one}{which}:"]
-    if result.get("truncated"):  # services/agents/results.py cut the list to what a tool result holds
+    if result.get("truncated") and not cut:  # services/agents/results.py cut the list to what a tool result holds
         lines = [f"Here are the first {len(rows)} of the {result.get('found')} {table}{which} I found; the others did "
                  "not fit in one answer, so ask for fewer or filter them:"]
+    elif cut:
+        lines = [f"{lines[0][:-1]}{cut}:"]
     lines += [f"- {_summarise_row(row, domain)}" for row in rows]
-    return "\n".join(lines) + f"\n{DISCLAIMER}"
+    together = reading.total(domain, rows, text) if domain is not None else ""
+    return "\n".join(lines + [together] * bool(together)) + f"\n{DISCLAIMER}"
 
 
 def _summarise_row(row: dict[str, Any], domain: Domain | None) -> str:
@@ -164,15 +195,40 @@ def _summarise_row(row: dict[str, Any], domain: Domain | None) -> str:
 _NEVER_SHOWN = frozenset({"id", "user_id", "created_at", "updated_at", "line_items", "notes", "terms", "description"})
 
 
+def _list_arguments(spec: dict[str, Any], domain: Domain | None, text: str) -> dict[str, Any]:
+    """The list call for a question: its filters, and every row the list may give when the question narrows them
+    further (``local_reading.py``), so a record past the first page is not missed."""
+    arguments = _filters(spec, text)
+    if domain is not None and reading.narrows(domain, text, _today()):
+        arguments["limit"] = 100
+    return arguments
+
+
 def _filters(spec: dict[str, Any], text: str) -> dict[str, Any]:
-    """Vocabulary words in the message become filters: "my overdue invoices" lists status=overdue."""
+    """Vocabulary words in the message become filters: "my overdue invoices" lists status=overdue, "my suppliers"
+    contact_type=supplier, "5 star reviews" rating=5."""
     lowered = text.lower()
-    filters = {}
+    filters: dict[str, Any] = {}
     for name, prop in spec["inputSchema"]["json"].get("properties", {}).items():
-        matches = [v for v in prop.get("enum", []) if re.search(rf"\b{re.escape(v.replace('_', ' '))}\b", lowered)]
+        matches = [v for v in prop.get("enum", []) if re.search(rf"\b{re.escape(v.replace('_', ' '))}s?\b", lowered)]
         if len(matches) == 1:
             filters[name] = matches[0]
+    stars = re.search(r"\b([1-5])[ -]?stars?\b", lowered)
+    if stars and "rating" in spec["inputSchema"]["json"].get("properties", {}):
+        filters["rating"] = int(stars.group(1))
     return filters
+
+
+def _misspells(word: str, keyword: str) -> bool:
+    """Whether ``word`` is ``keyword`` with one letter wrong, missing, added or two swapped (five letters or more)."""
+    if min(len(word), len(keyword)) < 5 or abs(len(word) - len(keyword)) > 1 or word == keyword:
+        return False
+    if len(word) == len(keyword):
+        wrong = [i for i, (a, b) in enumerate(zip(word, keyword)) if a != b]
+        return len(wrong) == 1 or (len(wrong) == 2 and wrong[1] == wrong[0] + 1
+                                   and word[wrong[0]] == keyword[wrong[1]] and word[wrong[1]] == keyword[wrong[0]])
+    short, long = sorted((word, keyword), key=len)
+    return any(long[:i] + long[i + 1:] == short for i in range(len(long)))
 
 
 def _text_of(message: dict[str, Any]) -> str:
