@@ -39,7 +39,7 @@ _FILLER = frozenset(
 )
 # Said with a change verb, these name a status word: "mark the task as done".
 ALIASES = {"done": "completed", "finished": "completed", "canceled": "cancelled"}
-_QUESTION = re.compile(r"^\s*(what|which|who|when|where|how|do|does|did|is|are|any|have|has)\b.*\?\s*$", re.S)
+QUESTION = re.compile(r"^\s*(what|which|who|when|where|how|do|does|did|is|are|any|have|has)\b.*\?\s*$", re.S)
 _ISO_DATE = re.compile(r"\b(\d{4}-\d{2}-\d{2})\b")
 _CLOCK = re.compile(r"\b([01]?\d|2[0-3]):([0-5]\d)(?:\s*([ap])\.?m\b\.?)?")
 _HOUR = re.compile(r"\b(1[0-2]|0?[1-9])\s*([ap])\.?m\b")
@@ -67,7 +67,7 @@ class Call:
 def intent(domain: Domain, text: str, today: date) -> Intent | None:
     """The change ``text`` asks for in ``domain``, or None when it asks for none."""
     lowered = text.lower()
-    if _QUESTION.match(lowered):
+    if QUESTION.match(lowered):
         return None
     words = set(re.findall(r"[a-z]+", lowered))
     if words & NEGATIONS:
@@ -76,7 +76,7 @@ def intent(domain: Domain, text: str, today: date) -> Intent | None:
         return Intent("delete")
     if words & DELETE_VERBS:
         return None  # "remove the note from invoice INV-1043" takes something off a record, not the record
-    vocabulary = _vocabulary(domain)
+    vocabulary = status_column(domain)
     status = _vocabulary_word(vocabulary, lowered) if vocabulary and words & CHANGE_VERBS else None
     if status is None and vocabulary:
         named = [STATUS_VERBS[word] for word in sorted(words & set(STATUS_VERBS))]
@@ -105,7 +105,7 @@ def _deletes_record(domain: Domain, lowered: str) -> bool:
 def list_call(domain: Domain, text: str) -> Call:
     """The list call that finds the record: by its number where the list filters on it, else the first page."""
     arguments: dict[str, Any] = {"limit": 100}
-    prefixed = [written for written, _ in _numbers(text) if written]
+    prefixed = [written for written, _ in numbers_in(text) if written]
     if len(prefixed) == 1 and domain.label in domain.filters:
         arguments[domain.label] = prefixed[0]
     return Call(f"list_{domain.table}", arguments)
@@ -135,14 +135,14 @@ def matching(domain: Domain, rows: list[dict[str, Any]], text: str) -> list[dict
     else those whose name, title or client holds every distinctive word of it. Sharing only some of those words is
     no match: "Maria Gonzalez" does not name Maria Lopez, and a change is only prepared for the record named."""
     lowered = text.lower()
-    names = _naming(domain)
-    numbers = {digits for _, digits in _numbers(lowered)}
+    names = naming_columns(domain)
+    numbers = {digits for _, digits in numbers_in(lowered)}
     if numbers:
         return [r for r in rows if any(re.sub(r"\D", "", str(r.get(n) or "")) in numbers for n in names)]
     whole = [r for r in rows if any(_holds(lowered, r.get(n)) for n in names)]
     if whole:
         return whole
-    wanted = _distinctive(domain, _without_times(lowered))
+    wanted = distinctive_words(domain, without_times(lowered))
     if not wanted:
         return []
     return [r for r in rows
@@ -234,7 +234,7 @@ def find_time(lowered: str) -> str | None:
     return f"{hour:02d}:{minute:02d}"
 
 
-def _vocabulary(domain: Domain) -> Column | None:
+def status_column(domain: Domain) -> Column | None:
     """The column a status word sets: ``status``, or a domain's only vocabulary (a contact's type)."""
     return domain.column("status") or next((c for c in domain.columns if c.enum), None)
 
@@ -261,7 +261,7 @@ def _with_payment(domain: Domain, row: dict[str, Any], changes: dict[str, Any], 
     return {**changes, "paid_date": row.get("paid_date") or today.isoformat(), "amount_paid": row.get("total_amount")}
 
 
-def _naming(domain: Domain) -> list[str]:
+def naming_columns(domain: Domain) -> list[str]:
     """The columns a user names a record by: its required text columns (number, name, client) and its title."""
     names = [c.name for c in domain.columns if c.required and c.type == "text"]
     return names + ["title"] * (domain.column("title") is not None and "title" not in names)
@@ -279,7 +279,7 @@ def _described(domain: Domain, row: dict[str, Any]) -> str:
 
 def _reference(domain: Domain, text: str) -> str:
     """How the user named the record they meant, for "I couldn't find ...": its number, or "that invoice"."""
-    numbers = _numbers(text)
+    numbers = numbers_in(text)
     return f"{domain.singular} {numbers[0][0] or numbers[0][1]}" if numbers else f"that {domain.singular}"
 
 
@@ -289,9 +289,9 @@ def _holds(lowered: str, value: Any) -> bool:
     return re.search(rf"\b{re.escape(value.lower())}\b", lowered) is not None
 
 
-def _distinctive(domain: Domain, lowered: str) -> set[str]:
+def distinctive_words(domain: Domain, lowered: str) -> set[str]:
     """The words of ``lowered`` that can only name a record: not a verb, a routing word, a status or a date."""
-    vocabulary = _vocabulary(domain)
+    vocabulary = status_column(domain)
     common = (_FILLER | DELETE_VERBS | CHANGE_VERBS | DATE_VERBS | set(STATUS_VERBS) | set(WEEKDAYS) | set(MONTHS)
               | set(domain.keywords))
     if vocabulary is not None:
@@ -300,13 +300,13 @@ def _distinctive(domain: Domain, lowered: str) -> set[str]:
     return {w for w in words if len(w) >= 3 and w not in common}
 
 
-def _numbers(text: str) -> list[tuple[str, str]]:
+def numbers_in(text: str) -> list[tuple[str, str]]:
     """The record numbers ``text`` gives: each as written with its prefix ("INV-1043", or "" when bare) and its
     digits."""
-    return [(f"{p.rstrip('-').upper()}-{d}" if p else "", d) for p, d in _NUMBER.findall(_without_times(text))]
+    return [(f"{p.rstrip('-').upper()}-{d}" if p else "", d) for p, d in _NUMBER.findall(without_times(text))]
 
 
-def _without_times(text: str) -> str:
+def without_times(text: str) -> str:
     """``text``, lowered, without its dates and times, whose digits are no record number and whose words name no
     record."""
     lowered = _HOUR.sub(" ", _CLOCK.sub(" ", _ISO_DATE.sub(" ", text.lower())))

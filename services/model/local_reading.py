@@ -59,9 +59,9 @@ def narrows(domain: Domain, text: str, today: date) -> bool:
 def narrow(domain: Domain, rows: list[dict[str, Any]], text: str, today: date) -> Narrowed:
     """The rows ``text`` asks about, and what it asked in words; all of them when it asks nothing more."""
     lowered, said = text.lower(), []
-    numbers = {digits for _, digits in changes._numbers(lowered)}
+    numbers = {digits for _, digits in changes.numbers_in(lowered)}
     if numbers:
-        names = changes._naming(domain)
+        names = changes.naming_columns(domain)
         rows = [r for r in rows if any(re.sub(r"\D", "", str(r.get(n) or "")) in numbers for n in names)]
         said.append(f"numbered {', '.join(sorted(numbers))}")
     if domain.agent_type == "invoices" and set(re.findall(r"[a-z]+", lowered)) & UNPAID:
@@ -97,7 +97,7 @@ def cannot(domain: Domain | None, text: str) -> str:
     """What to say instead of acting, when ``text`` asks what these rules cannot do; "" when they can try."""
     lowered = text.lower()
     kind = domain.singular if domain is not None else "record"
-    if CREATE_VERBS.search(lowered) and not changes._QUESTION.match(lowered):
+    if CREATE_VERBS.search(lowered) and not changes.QUESTION.match(lowered):
         table = domain.table if domain is not None else "records"
         return (f"I can't add anything yet: the built-in responder only lists your {table} and prepares a new "
                 f"status, a new date or a delete of a {kind} that exists, for you to confirm. Add it in the app.")
@@ -113,7 +113,7 @@ def cannot_change(domain: Domain | None, text: str, understood: bool) -> str:
     invoices as paid"), or one they did not understand (``understood`` false: "set the priority to urgent", "mark
     it as payed", "reply to the review"); "" otherwise."""
     lowered = text.lower()
-    if domain is None or changes._QUESTION.match(lowered):
+    if domain is None or changes.QUESTION.match(lowered):
         return ""
     opening = set(re.findall(r"[a-z]+", lowered)[:3])  # an order starts with its verb: "mark ...", "can you mark ..."
     verbs = changes.CHANGE_VERBS | changes.DELETE_VERBS | changes.DATE_VERBS | set(changes.STATUS_VERBS) | _REPLIES
@@ -125,7 +125,7 @@ def cannot_change(domain: Domain | None, text: str, understood: bool) -> str:
                 f"{domain.singular}, for example \"{example_for(domain)}\". Nothing was changed.")
     if understood:
         return ""
-    vocabulary = changes._vocabulary(domain)
+    vocabulary = changes.status_column(domain)
     statuses = f" ({', '.join(vocabulary.enum)})" if vocabulary is not None else ""
     article = "an" if domain.singular[0] in "aeiou" else "a"
     return (f"I can't make that change: for {article} {domain.singular} I can only prepare a new "
@@ -138,9 +138,9 @@ def refers_back(domain: Domain | None, text: str) -> bool:
     lowered = text.lower()
     if ORDINALS.match(lowered):
         return True
-    if not REFERENCES.search(lowered) or changes._numbers(lowered):
+    if not REFERENCES.search(lowered) or changes.numbers_in(lowered):
         return False
-    return domain is None or not changes._distinctive(domain, changes._without_times(lowered)) - {"one", "ones"}
+    return domain is None or not changes.distinctive_words(domain, changes.without_times(lowered)) - {"one", "ones"}
 
 
 def example_for(domain: Domain | None) -> str:
@@ -171,7 +171,7 @@ def _days_asked(domain: Domain, lowered: str, today: date) -> tuple[str, date, d
 
 def _named(domain: Domain, lowered: str) -> set[str]:
     """The words that say who or what the question is about: after "for", "with", "from", ..., or before "'s"."""
-    phrases = [m.group(1) for m in _NAMED_BY.finditer(changes._without_times(lowered))]
+    phrases = [m.group(1) for m in _NAMED_BY.finditer(changes.without_times(lowered))]
     phrases += re.findall(r"\b([a-z]+)['\u2019]s\b", lowered)
     common = _NOT_NAMES | {k for d in DOMAINS for k in d.keywords} | set(changes.WEEKDAYS) | set(changes.MONTHS)
     vocabulary = {part for c in domain.columns for value in c.enum for part in value.split("_")}
@@ -181,12 +181,12 @@ def _named(domain: Domain, lowered: str) -> set[str]:
 
 def _named_plainly(domain: Domain, lowered: str) -> set[str]:
     """The words of a question that are not a question word, a routing word, a status, a date or a time."""
-    words = changes._distinctive(domain, changes._without_times(lowered))
+    words = changes.distinctive_words(domain, changes.without_times(lowered))
     return {w for w in words - _NOT_NAMES - _ASKING if not w.isdigit()}
 
 
 def _words_of(domain: Domain, row: dict[str, Any]) -> set[str]:
     """The words of what names a row and the other plain text it shows (a client, a company, a review's source)."""
     shown = [c.name for c in domain.columns if c.name in domain.shown and c.type in ("text", "email") and not c.enum]
-    texts = [str(row.get(name) or "") for name in {*changes._naming(domain), *shown}]
+    texts = [str(row.get(name) or "") for name in {*changes.naming_columns(domain), *shown}]
     return set(re.findall(r"[a-z0-9]+", " ".join(texts).lower()))
