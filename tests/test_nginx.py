@@ -481,11 +481,21 @@ def test_the_https_variant_serves_tls_with_hsts_and_redirects_plain_http(tmp_pat
 
 
 def test_metrics_stay_refused_at_the_edge_however_the_path_is_spelt(tmp_path: Path) -> None:
-    """Starlette's route patterns end in "$", which also matches before a final newline: "/metrics%0A" reaches the
-    /metrics route. nginx must refuse it as it refuses "/metrics", or the public edge serves the metrics."""
+    """A router whose patterns end in "$" (Starlette's, which also matches before a final newline) serves
+    "/metrics%0A" as /metrics. The service now matches whole paths only; nginx must refuse every spelling anyway,
+    whatever the upstream does: here an upstream that answers metrics on every path."""
+
+    async def metrics_everywhere(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"canvalo_requests_total 1\n"})
+
     token = "metrics-token-0123456789"
-    with serve(create_app(make_settings(tmp_path, METRICS_TOKEN=token))) as live:
-        assert httpx.get(f"{live.url}/metrics%0A", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    with serve(create_app(make_settings(tmp_path, METRICS_TOKEN=token))) as service:
+        assert httpx.get(f"{service.url}/metrics%0A", headers={"Authorization": f"Bearer {token}"}).status_code == 404
+    with serve(metrics_everywhere) as live:
+        assert httpx.get(f"{live.url}/metrics%0A").status_code == 200
         with run_nginx(tmp_path, int(live.url.rsplit(":", 1)[1])) as url:
             spellings = ("/metrics", "/metrics%0A", "/metrics%0a", "/%6detrics%0A", "//metrics%0A", "/metrics%0A?x=1")
             answers = {path: httpx.get(f"{url}{path}", headers={"Authorization": f"Bearer {token}"})
