@@ -117,21 +117,20 @@ _WHAT_ARE_YOU = re.compile(r"\b(ai|a\.i|llm|gpt|chatgpt|claude|gemini|model|bot|
 def reply_to(text: str) -> str:
     """The rule-based answer to a message no specialist owns."""
     lowered = text.lower()
-    areas = _AREAS
     if _WHAT_ARE_YOU.search(lowered):
         opening = (f"I'm Canvalo's built-in local responder: a fixed set of rules, not an AI model or an LLM. I match "
-                   f"words in your message to your {areas}, list them from your own records, and prepare simple "
+                   f"words in your message to your {_AREAS}, list them from your own records, and prepare simple "
                    "changes (a status, a date, a delete) for you to confirm.")
     elif refusal := reading.cannot(None, text):
         opening = refusal
     elif re.search(r"\b(hi|hello|hey|good (morning|afternoon|evening))\b", lowered):
-        opening = f"Hello! I can help with your {areas}."
+        opening = f"Hello! I can help with your {_AREAS}."
     elif re.search(r"\b(thanks|thank you|thx|cheers)\b", lowered):
-        opening = f"You're welcome. Ask me about your {areas} any time."
+        opening = f"You're welcome. Ask me about your {_AREAS} any time."
     elif "help" in lowered:
-        opening = f"I can look up and update your business records: {areas}."
+        opening = f"I can look up and update your business records: {_AREAS}."
     else:
-        opening = (f"I couldn't tell which of your records that is about. I can help with your {areas}: name the "
+        opening = (f"I couldn't tell which of your records that is about. I can help with your {_AREAS}: name the "
                    "kind, for example \"What invoices do I have?\" or \"Show my contacts\".")
     return f"{opening} {DISCLAIMER}"
 
@@ -166,13 +165,11 @@ def describe_result(result: dict[str, Any], arguments: dict[str, Any] | None = N
     if not rows:
         return f"You don't have any {table}{which or ' yet'}{cut}. {DISCLAIMER}"
     one = domain.singular if domain is not None else table.rstrip("s")
-    lines = [f"You have {len(rows)} {table if len(rows) != 1 else one}{which}:"]
+    heading = f"You have {len(rows)} {table if len(rows) != 1 else one}{which}{cut}:"
     if result.get("truncated") and not cut:  # services/agents/results.py cut the list to what a tool result holds
-        lines = [f"Here are the first {len(rows)} of the {result.get('found')} {table}{which} I found; the others did "
-                 "not fit in one answer, so ask for fewer or filter them:"]
-    elif cut:
-        lines = [f"{lines[0][:-1]}{cut}:"]
-    lines += [f"- {_summarise_row(row, domain)}" for row in rows]
+        heading = (f"Here are the first {len(rows)} of the {result.get('found')} {table}{which} I found; the others "
+                   "did not fit in one answer, so ask for fewer or filter them:")
+    lines = [heading] + [f"- {_summarise_row(row, domain)}" for row in rows]
     together = reading.total(domain, rows, text) if domain is not None else ""
     return "\n".join(lines + [together] * bool(together)) + f"\n{DISCLAIMER}"
 
@@ -200,7 +197,7 @@ def _list_arguments(spec: dict[str, Any], domain: Domain | None, text: str) -> d
     further (``local_reading.py``), so a record past the first page is not missed."""
     arguments = _filters(spec, text)
     if domain is not None and reading.narrows(domain, text, _today()):
-        arguments["limit"] = 100
+        arguments["limit"] = spec["inputSchema"]["json"]["properties"]["limit"]["maximum"]  # the tool's own bound
     return arguments
 
 
