@@ -162,13 +162,12 @@ class PostgrestStore(QueryTiming):
         """``agent_conversations_search`` (``migrations/007_checked_writes.sql``): one request, as the caller. The
         text goes as typed, whole, as one term (NUL, which PostgreSQL's text cannot hold, is a space): the database
         folds it into words with the function that folded the stored text and takes the first 32 distinct ones
-        (``migrations/008_search_folding.sql``), as SQLite does (``MAX_TERMS``). Split here at spaces and cut at 32
-        pieces, as it was, separators or repeats could fill the pieces and a word after them went unsearched."""
+        (``migrations/008_search_folding.sql``), as SQLite does (``MAX_TERMS``). Not split here: pieces cut at spaces
+        count separators and repeats, which would push a later word out of the 32."""
         text = search.replace("\x00", " ")
         if not text.strip():
             return ConversationPage([], 0)
-        terms = [text]
-        args = {"p_terms": terms, "p_limit": limit + 1, "p_offset": offset,
+        args = {"p_terms": [text], "p_limit": limit + 1, "p_offset": offset,
                 "p_before_at": before.updated_at if before else None, "p_before_id": before.id if before else None,
                 "p_after_at": after.updated_at if after else None, "p_after_id": after.id if after else None}
         result = await self._rest.rpc(caller, "agent_conversations_search", args, idempotent=True)
